@@ -1,0 +1,70 @@
+# Tessera: one-command set-up, demo, tests and benches on a fresh machine.
+#
+#   make demo   fetch the default pool, build everything, answer a prompt
+#               through the majority-vote strategy on the real model
+#   make test   the same set-up, then the whole test suite
+#
+# Everything fetched or built lives outside the checkout, under
+# $(TESSERA_HOME) (models, installed modules, component cache) and
+# $(CARGO_TARGET_DIR) (one shared target dir, reused between runs).
+
+export TESSERA_HOME ?= $(HOME)/.cache/tessera
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/tessera/target
+CARGO ?= cargo
+WASM_DIR := $(CARGO_TARGET_DIR)/wasm32-wasip2/guest
+MODULES_DIR := $(TESSERA_HOME)/modules
+
+STD_MODULES := majority-vote prompt-router
+EXAMPLES := first-responder
+HOSTILE := $(notdir $(wildcard tests/hostile/*))
+GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
+
+.PHONY: setup target pool modules demo test bench lint clean-cache
+
+setup: target pool modules
+
+target:
+	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+pool:
+	@bash scripts/fetch-pool.sh
+
+# Build every guest component and install it with its manifest:
+# standard modules and examples by name, hostile test modules under hostile/.
+modules: target
+	$(CARGO) build --target wasm32-wasip2 --profile guest $(addprefix -p ,$(GUEST_PKGS))
+	@mkdir -p $(MODULES_DIR)/hostile
+	@for m in $(STD_MODULES); do \
+	  cp $(WASM_DIR)/$$(echo $$m | tr - _).wasm $(MODULES_DIR)/$$m.wasm; \
+	  cp modules/$$m/manifest.toml $(MODULES_DIR)/$$m.toml; done
+	@for m in $(EXAMPLES); do \
+	  cp $(WASM_DIR)/$$(echo $$m | tr - _).wasm $(MODULES_DIR)/$$m.wasm; \
+	  cp examples/$$m/manifest.toml $(MODULES_DIR)/$$m.toml; done
+	@for m in $(HOSTILE); do \
+	  cp $(WASM_DIR)/hostile_$$(echo $$m | tr - _).wasm $(MODULES_DIR)/hostile/$$m.wasm; \
+	  cp tests/hostile/$$m/manifest.toml $(MODULES_DIR)/hostile/$$m.toml; done
+	@mkdir -p $(MODULES_DIR)/bench
+	@cp $(WASM_DIR)/bench_ping.wasm $(MODULES_DIR)/bench/ping.wasm
+	@cp benches/guests/ping/manifest.toml $(MODULES_DIR)/bench/ping.toml
+	@echo "installed modules in $(MODULES_DIR)"
+
+demo: setup
+	$(CARGO) build -p tessera --bin tessera
+	$(CARGO_TARGET_DIR)/debug/tessera pool list
+	$(CARGO_TARGET_DIR)/debug/tessera run --strategy majority-vote \
+	  --prompt "What is the capital of France? Answer with one word." --seed 7
+
+test: setup
+	$(CARGO) test -p tessera -p tessera-sdk -p prompt-router
+
+# Criterion benches (dependencies optimised; see benches/RESULTS.md).
+bench: setup
+	$(CARGO) bench -p tessera --profile dev --bench sandbox
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy -p tessera -p tessera-sdk --all-targets -- -D warnings
+	$(CARGO) clippy --target wasm32-wasip2 $(addprefix -p ,$(GUEST_PKGS)) -- -D warnings
+
+clean-cache:
+	rm -rf $(TESSERA_HOME)/components

@@ -1,0 +1,155 @@
+//! Answer extraction, normalisation and voting: what nearly every strategy
+//! needs to compare free-text answers from different members.
+
+/// The content of the last `\boxed{...}` or `\box{...}`, with nested braces
+/// kept whole (`\boxed{\frac{1}{2}}` gives `\frac{1}{2}`).
+pub fn last_boxed(text: &str) -> Option<String> {
+    let mut found: Option<(usize, String)> = None;
+    for marker in ["\\boxed{", "\\box{"] {
+        for (pos, _) in text.match_indices(marker) {
+            let start = pos + marker.len();
+            let mut depth = 1usize;
+            for (i, ch) in text[start..].char_indices() {
+                match ch {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    _ => continue,
+                }
+                if depth == 0 {
+                    if found.as_ref().is_none_or(|(p, _)| pos > *p) {
+                        found = Some((pos, text[start..start + i].to_string()));
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    found.map(|(_, s)| s)
+}
+
+/// The final answer in a model's reply: the last `\boxed{}`, else what
+/// follows the last "answer is" / "final answer:", else the first line.
+/// The result is trimmed of surrounding punctuation and markdown.
+pub fn extract(text: &str) -> String {
+    if let Some(b) = last_boxed(text) {
+        return clean(&b);
+    }
+    let lower = text.to_lowercase();
+    for marker in ["final answer:", "final answer is", "the answer is", "answer:"] {
+        if let Some(pos) = lower.rfind(marker) {
+            let rest = &text[pos + marker.len()..];
+            let line = rest.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+            let sentence = line.split(['.', ';']).next().unwrap_or(line);
+            let c = clean(sentence);
+            if !c.is_empty() {
+                return c;
+            }
+        }
+    }
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    clean(first)
+}
+
+fn clean(s: &str) -> String {
+    s.trim()
+        .trim_matches(|c: char| c == '*' || c == '"' || c == '\'' || c == '`' || c == ':' || c.is_whitespace())
+        .trim_end_matches(['.', '!', ','])
+        .trim()
+        .to_string()
+}
+
+/// SQuAD-style normalisation: lowercase, drop punctuation and the articles
+/// a/an/the, collapse whitespace. Two answers are "the same" when their
+/// normal forms are equal.
+pub fn normalize(s: &str) -> String {
+    let lowered: String = s
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_alphanumeric() || c.is_whitespace() { c } else { ' ' })
+        .collect();
+    lowered
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The result of a vote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tally {
+    /// Index (into the votes) of the first vote for the winner.
+    pub winner: usize,
+    /// The winner's normal form.
+    pub answer: String,
+    /// Votes for the winner.
+    pub votes: usize,
+    /// All normal forms with their counts, most votes first.
+    pub counts: Vec<(String, usize)>,
+}
+
+/// Plurality vote over normalised answers. Empty answers do not vote. Ties
+/// go to the answer ranked first by `priority` (lower is better; e.g. the
+/// voter's dev rank), then to the one seen first.
+pub fn vote(answers: &[String], priority: &[usize]) -> Option<Tally> {
+    let mut counts: Vec<(String, usize, usize, usize)> = Vec::new(); // (norm, count, first index, best priority)
+    for (i, a) in answers.iter().enumerate() {
+        let n = normalize(a);
+        if n.is_empty() {
+            continue;
+        }
+        let p = priority.get(i).copied().unwrap_or(usize::MAX);
+        match counts.iter_mut().find(|c| c.0 == n) {
+            Some(c) => {
+                c.1 += 1;
+                c.3 = c.3.min(p);
+            }
+            None => counts.push((n, 1, i, p)),
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.3.cmp(&b.3)).then(a.2.cmp(&b.2)));
+    let top = counts.first()?.clone();
+    Some(Tally {
+        winner: top.2,
+        answer: top.0,
+        votes: top.1,
+        counts: counts.into_iter().map(|c| (c.0, c.1)).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boxed_keeps_nested_braces_and_takes_the_last() {
+        assert_eq!(last_boxed(r"so \boxed{\frac{1}{2}} done").as_deref(), Some(r"\frac{1}{2}"));
+        assert_eq!(last_boxed(r"\boxed{1} then \boxed{2}").as_deref(), Some("2"));
+        assert_eq!(last_boxed(r"\box{7}").as_deref(), Some("7"));
+        assert_eq!(last_boxed(r"\boxed{unclosed"), None);
+    }
+
+    #[test]
+    fn extract_prefers_box_then_answer_is_then_first_line() {
+        assert_eq!(extract("Work... The answer is **Paris**."), "Paris");
+        assert_eq!(extract("Final Answer: 42\nmore"), "42");
+        assert_eq!(extract("Paris.\nIt is the capital."), "Paris");
+        assert_eq!(extract(r"x \boxed{12} and the answer is 13"), "12");
+    }
+
+    #[test]
+    fn normalize_is_squad_style() {
+        assert_eq!(normalize("The  Eiffel-Tower!"), "eiffel tower");
+        assert_eq!(normalize("an Apple"), "apple");
+    }
+
+    #[test]
+    fn vote_counts_normal_forms_and_breaks_ties_by_priority() {
+        let a: Vec<String> = ["Paris", "paris.", "Lyon", "", "Lyon"].iter().map(|s| s.to_string()).collect();
+        let t = vote(&a, &[]).unwrap();
+        assert_eq!((t.answer.as_str(), t.votes, t.winner), ("paris", 2, 0));
+        // Tie 2-2: priority says voter 2 (Lyon) is the better-ranked member.
+        let t = vote(&a, &[5, 5, 0, 5, 5]).unwrap();
+        assert_eq!(t.answer, "lyon");
+        assert!(vote(&[String::new()], &[]).is_none());
+    }
+}

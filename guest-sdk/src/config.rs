@@ -1,0 +1,49 @@
+//! Hyperparameters: `key = value` strings from the module's manifest,
+//! overlaid with the caller's. Typed getters turn a bad value into an
+//! `invalid-params` error that names the key, instead of a silent default.
+
+use crate::Error;
+
+/// A request's hyperparameters.
+#[derive(Debug, Clone, Default)]
+pub struct Config(Vec<(String, String)>);
+
+impl Config {
+    /// From the request's pairs; later pairs win.
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+        Config(pairs)
+    }
+
+    /// The raw value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// `key` parsed as `T`, or `default` when unset. A value that does not
+    /// parse is an error naming the key.
+    pub fn parse<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, Error> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| Error::InvalidParams(format!("config `{key}` = `{v}` is not a valid {}", std::any::type_name::<T>()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_pairs_win_and_bad_values_name_the_key() {
+        let c = Config::from_pairs(vec![("k".into(), "3".into()), ("k".into(), "5".into()), ("t".into(), "x".into())]);
+        assert_eq!(c.parse::<u32>("k", 1).unwrap(), 5);
+        assert_eq!(c.parse::<u32>("missing", 7).unwrap(), 7);
+        match c.parse::<f32>("t", 0.0) {
+            Err(Error::InvalidParams(m)) => assert!(m.contains("`t`")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

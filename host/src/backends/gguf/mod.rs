@@ -1,0 +1,331 @@
+//! Quantized GGUF models run with candle on the CPU.
+//!
+//! One [`GgufModel`] owns one member's weights, its tokenizer (rebuilt from
+//! the GGUF metadata, see [`tokenizer`]) and its chat format (see
+//! [`template`]). It is driven by exactly one pool worker thread, so its
+//! methods take `&mut self` and need no locking.
+//!
+//! Supported architecture: `llama` (candle-transformers' `quantized_llama`,
+//! which cites Meta's reference implementation). It keeps its KV cache inside
+//! the weights struct and resets it when a forward starts at position 0;
+//! cloning the struct shares the cached tensors, which is how `score` reuses
+//! one prompt prefill for every continuation. More architectures (qwen2,
+//! gemma3) come with the full pool.
+
+pub mod template;
+pub mod tokenizer;
+
+use std::fs::File;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor, D};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::quantized_llama;
+
+use crate::inference::{
+    CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Scored, TokenLogprob, Usage,
+    DEFAULT_MAX_TOKENS,
+};
+use template::ChatFormat;
+use tokenizer::GgufTokenizer;
+
+/// candle's quantized llama precomputes rotary tables for this many positions.
+const LLAMA_MAX_POSITIONS: usize = quantized_llama::MAX_SEQ_LEN;
+
+#[derive(Clone)]
+enum Weights {
+    Llama(quantized_llama::ModelWeights),
+}
+
+impl Weights {
+    fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Llama(m) => m.forward(x, pos),
+        }
+    }
+}
+
+/// Facts read from the file, for the member's card.
+#[derive(Debug, Clone)]
+pub struct GgufFacts {
+    /// `general.architecture`.
+    pub architecture: String,
+    /// Total parameters (sum of tensor element counts).
+    pub parameters: u64,
+    /// Usable context in tokens.
+    pub context_length: u32,
+    /// Whether the file carried a chat template.
+    pub has_chat_template: bool,
+}
+
+/// A loaded GGUF member.
+pub struct GgufModel {
+    id: String,
+    weights: Weights,
+    tok: GgufTokenizer,
+    chat: ChatFormat,
+    device: Device,
+    facts: GgufFacts,
+}
+
+fn failed(e: impl std::fmt::Display) -> InferenceError {
+    InferenceError::Failed(e.to_string())
+}
+
+impl GgufModel {
+    /// Loads `path`. The error names the file and what is wrong with it.
+    pub fn load(id: &str, path: &Path) -> Result<Self, String> {
+        let shown = path.display();
+        let mut file = File::open(path).map_err(|e| format!("{shown}: cannot open: {e}"))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| format!("{shown}: not a readable GGUF file: {e}"))?;
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| format!("{shown}: metadata `general.architecture` is missing"))?;
+        let parameters: u64 = content
+            .tensor_infos
+            .values()
+            .map(|t| t.shape.elem_count() as u64)
+            .sum();
+        let ctx_key = format!("{arch}.context_length");
+        let meta_ctx = content
+            .metadata
+            .get(&ctx_key)
+            .and_then(|v| v.to_u32().ok())
+            .unwrap_or(2048) as usize;
+        let tok = tokenizer::from_gguf(&content).map_err(|e| format!("{shown}: tokenizer: {e}"))?;
+        let template = content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        let device = Device::Cpu;
+        let (weights, context_length) = match arch.as_str() {
+            "llama" => {
+                let w = quantized_llama::ModelWeights::from_gguf(content, &mut file, &device)
+                    .map_err(|e| format!("{shown}: loading llama weights: {e}"))?;
+                (Weights::Llama(w), meta_ctx.min(LLAMA_MAX_POSITIONS))
+            }
+            other => {
+                return Err(format!(
+                    "{shown}: architecture `{other}` is not supported (supported: llama)"
+                ))
+            }
+        };
+        let chat = match template {
+            Some(src) => ChatFormat::from_template(
+                &src,
+                tok.bos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+                tok.eos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+            )
+            .map_err(|e| format!("{shown}: {e}"))?,
+            None => ChatFormat::Plain,
+        };
+        let facts = GgufFacts {
+            architecture: arch,
+            parameters,
+            context_length: context_length as u32,
+            has_chat_template: chat.is_template(),
+        };
+        Ok(Self { id: id.to_string(), weights, tok, chat, device, facts })
+    }
+
+    /// What the file says about the model.
+    pub fn facts(&self) -> &GgufFacts {
+        &self.facts
+    }
+
+    /// Turns an input into token ids: chats through the chat format, raw
+    /// prompts verbatim (with BOS when the model wants one).
+    pub fn encode_input(&self, input: &Input) -> Result<Vec<u32>, InferenceError> {
+        let (text, add_bos) = match input {
+            Input::Chat(msgs) => {
+                if msgs.is_empty() {
+                    return Err(InferenceError::InvalidParams(
+                        "the chat has no messages: send at least one user turn".into(),
+                    ));
+                }
+                (self.chat.render(msgs).map_err(InferenceError::InvalidParams)?, false)
+            }
+            Input::Prompt(p) => (p.clone(), self.tok.add_bos),
+        };
+        let mut ids = Vec::new();
+        if add_bos {
+            if let Some((bos, _)) = &self.tok.bos {
+                ids.push(*bos);
+            }
+        }
+        ids.extend(self.encode_text(&text)?);
+        if ids.is_empty() {
+            return Err(InferenceError::InvalidParams("the prompt is empty".into()));
+        }
+        Ok(ids)
+    }
+
+    fn encode_text(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
+        let enc = self.tok.tokenizer.encode(text, false).map_err(failed)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String, InferenceError> {
+        self.tok.tokenizer.decode(ids, true).map_err(failed)
+    }
+
+    fn check_context(&self, needed: usize) -> Result<(), InferenceError> {
+        let ctx = self.facts.context_length as usize;
+        if needed > ctx {
+            return Err(InferenceError::InvalidParams(format!(
+                "prompt plus new tokens need {needed} positions but `{}` has a context of {ctx}: \
+                 shorten the prompt or lower max_tokens",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `ids` from position `pos` and returns the last position's logits.
+    fn step(weights: &mut Weights, device: &Device, ids: &[u32], pos: usize) -> Result<Tensor, InferenceError> {
+        let x = Tensor::new(ids, device).and_then(|t| t.unsqueeze(0)).map_err(failed)?;
+        let logits = weights.forward(&x, pos).map_err(failed)?;
+        logits.squeeze(0).map_err(failed)
+    }
+
+    /// Generates a completion.
+    pub fn generate(&mut self, ctx: CallCtx, input: &Input, params: &GenParams) -> Result<Generation, InferenceError> {
+        params.validate()?;
+        let prompt = self.encode_input(input)?;
+        let max_new = params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize;
+        let room = (self.facts.context_length as usize).saturating_sub(prompt.len());
+        self.check_context(prompt.len() + 1)?;
+        let max_new = max_new.min(room);
+
+        let temperature = params.temperature.unwrap_or(0.0) as f64;
+        let sampling = if temperature <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match (params.top_k, params.top_p) {
+                (Some(k), Some(p)) => Sampling::TopKThenTopP { k: k as usize, p: p as f64, temperature },
+                (Some(k), None) => Sampling::TopK { k: k as usize, temperature },
+                (None, Some(p)) => Sampling::TopP { p: p as f64, temperature },
+                (None, None) => Sampling::All { temperature },
+            }
+        };
+        let seed = params.seed.unwrap_or_else(rand::random);
+        let mut sampler = LogitsProcessor::from_sampling(seed, sampling);
+
+        let mut logits = Self::step(&mut self.weights, &self.device, &prompt, 0)?;
+        let mut out: Vec<u32> = Vec::new();
+        let mut finish = FinishReason::Length;
+        let mut text = String::new();
+        while out.len() < max_new {
+            if Instant::now() >= ctx.deadline {
+                return Err(InferenceError::Deadline);
+            }
+            let next = sampler.sample(&logits).map_err(failed)?;
+            if self.tok.end_of_turn.contains(&next) {
+                finish = FinishReason::Eos;
+                break;
+            }
+            out.push(next);
+            text = self.decode(&out)?;
+            if let Some(cut) = earliest_stop(&text, &params.stop) {
+                text.truncate(cut);
+                finish = FinishReason::StopSequence;
+                break;
+            }
+            if out.len() == max_new {
+                break;
+            }
+            logits = Self::step(&mut self.weights, &self.device, &[next], prompt.len() + out.len() - 1)?;
+        }
+        Ok(Generation {
+            model: self.id.clone(),
+            text,
+            finish,
+            usage: Usage { prompt_tokens: prompt.len() as u32, completion_tokens: out.len() as u32 },
+        })
+    }
+
+    /// Log-likelihood of each continuation after `prompt`. The prompt is run
+    /// once; each continuation extends a copy of its KV cache.
+    pub fn score(&mut self, ctx: CallCtx, prompt: &Input, continuations: &[String]) -> Result<Vec<Scored>, InferenceError> {
+        let prompt_ids = self.encode_input(prompt)?;
+        let first = Self::step(&mut self.weights, &self.device, &prompt_ids, 0)?;
+        let first = log_softmax(&first)?;
+        let mut out = Vec::with_capacity(continuations.len());
+        for cont in continuations {
+            let ids = self.encode_text(cont)?;
+            if ids.is_empty() {
+                return Err(InferenceError::InvalidParams(
+                    "an empty continuation has no likelihood: give each choice some text".into(),
+                ));
+            }
+            self.check_context(prompt_ids.len() + ids.len())?;
+            let mut weights = self.weights.clone();
+            let mut lp = first[ids[0] as usize] as f64;
+            for (i, w) in ids.windows(2).enumerate() {
+                if Instant::now() >= ctx.deadline {
+                    return Err(InferenceError::Deadline);
+                }
+                let logits = Self::step(&mut weights, &self.device, &[w[0]], prompt_ids.len() + i)?;
+                lp += log_softmax(&logits)?[w[1] as usize] as f64;
+            }
+            out.push(Scored { logprob: lp, tokens: ids.len() as u32 });
+        }
+        Ok(out)
+    }
+
+    /// The `top_k` most likely next tokens after `prompt`.
+    pub fn next_token(&mut self, _ctx: CallCtx, prompt: &Input, top_k: u32) -> Result<Vec<TokenLogprob>, InferenceError> {
+        if top_k == 0 {
+            return Err(InferenceError::InvalidParams("top_k must be at least 1".into()));
+        }
+        let ids = self.encode_input(prompt)?;
+        self.check_context(ids.len())?;
+        let logits = Self::step(&mut self.weights, &self.device, &ids, 0)?;
+        let lp = log_softmax(&logits)?;
+        let mut idx: Vec<usize> = (0..lp.len()).collect();
+        let k = (top_k as usize).min(lp.len());
+        idx.select_nth_unstable_by(k.saturating_sub(1), |a, b| lp[*b].total_cmp(&lp[*a]));
+        idx.truncate(k);
+        idx.sort_by(|a, b| lp[*b].total_cmp(&lp[*a]));
+        idx.into_iter()
+            .map(|i| {
+                Ok(TokenLogprob {
+                    token: i as u32,
+                    text: self.tok.tokenizer.decode(&[i as u32], false).map_err(failed)?,
+                    logprob: lp[i] as f64,
+                })
+            })
+            .collect()
+    }
+}
+
+fn log_softmax(logits: &Tensor) -> Result<Vec<f32>, InferenceError> {
+    candle_nn::ops::log_softmax(logits, D::Minus1)
+        .and_then(|t| t.to_dtype(candle_core::DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(failed)
+}
+
+/// Byte offset of the earliest stop sequence in `text`, if any.
+fn earliest_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::earliest_stop;
+
+    #[test]
+    fn earliest_stop_picks_first_occurrence() {
+        let stops = vec!["\n\n".to_string(), "Q:".to_string()];
+        assert_eq!(earliest_stop("Paris.\nQ: next\n\nx", &stops), Some(7));
+        assert_eq!(earliest_stop("Paris.", &stops), None);
+    }
+}

@@ -1,0 +1,103 @@
+//! Chat templates: the model's own Jinja template from its metadata, rendered
+//! with minijinja.
+//!
+//! Templates written for Hugging Face's Python renderer call Python string
+//! methods (`.strip()`, `.startswith()`); minijinja-contrib's pycompat layer
+//! provides those. A model without a template (a base model) gets a plain
+//! completion format instead, and its card says so.
+
+use minijinja::{context, Environment};
+use serde::Serialize;
+
+use crate::inference::Message;
+
+/// How a member turns chat turns into a prompt.
+pub enum ChatFormat {
+    /// The model's own Jinja template.
+    Template {
+        env: Environment<'static>,
+        bos: String,
+        eos: String,
+    },
+    /// No template: turns are joined as `role: content` lines and the prompt
+    /// ends with `assistant:`, a format base models continue reasonably.
+    Plain,
+}
+
+#[derive(Serialize)]
+struct TemplateMessage<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+impl ChatFormat {
+    /// Compiles `source`; the error names the template problem.
+    pub fn from_template(source: &str, bos: String, eos: String) -> Result<Self, String> {
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| format!("the chat template does not compile: {e}"))?;
+        Ok(ChatFormat::Template { env, bos, eos })
+    }
+
+    /// Whether this is the model's own template.
+    pub fn is_template(&self) -> bool {
+        matches!(self, ChatFormat::Template { .. })
+    }
+
+    /// Renders `messages` ending with the prompt for the assistant's turn.
+    pub fn render(&self, messages: &[Message]) -> Result<String, String> {
+        match self {
+            ChatFormat::Template { env, bos, eos } => {
+                let msgs: Vec<TemplateMessage> = messages
+                    .iter()
+                    .map(|m| TemplateMessage { role: &m.role, content: &m.content })
+                    .collect();
+                let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+                tmpl.render(context! {
+                    messages => msgs,
+                    add_generation_prompt => true,
+                    bos_token => bos,
+                    eos_token => eos,
+                })
+                .map_err(|e| format!("rendering the chat template failed: {e}"))
+            }
+            ChatFormat::Plain => {
+                let mut out = String::new();
+                for m in messages {
+                    out.push_str(&m.role);
+                    out.push_str(": ");
+                    out.push_str(&m.content);
+                    out.push('\n');
+                }
+                out.push_str("assistant:");
+                Ok(out)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_template_renders_with_python_methods() {
+        let src = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.strip() }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let f = ChatFormat::from_template(src, "".into(), "<|im_end|>".into()).unwrap();
+        let out = f.render(&[Message::user("  hi  ")]).unwrap();
+        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn plain_format_ends_with_assistant_turn() {
+        let out = ChatFormat::Plain.render(&[Message::user("2+2?")]).unwrap();
+        assert_eq!(out, "user: 2+2?\nassistant:");
+    }
+
+    #[test]
+    fn broken_template_is_a_readable_error() {
+        let err = ChatFormat::from_template("{% for %}", "".into(), "".into()).err().unwrap();
+        assert!(err.contains("does not compile"), "{err}");
+    }
+}

@@ -1,0 +1,150 @@
+//! Builds a `tokenizers::Tokenizer` from a GGUF file's metadata.
+//!
+//! None of the GGUF files in the default pool ships a `tokenizer.json`, so the
+//! tokenizer is reconstructed from the `tokenizer.ggml.*` keys that llama.cpp's
+//! converter writes. For `tokenizer.ggml.model = gpt2` that is a byte-level
+//! BPE: the vocabulary is `tokens` (index = id), the merge list is `merges`
+//! (`"a b"` strings, in priority order) and the pre-tokenizer is chosen from
+//! `tokenizer.ggml.pre`. Control and user-defined tokens (`token_type` 3 and 4)
+//! are registered as special added tokens so that chat markers such as
+//! `<|im_start|>` are never split.
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// The pre-tokenizer regex Qwen2 uses (from its tokenizer.json's `Split`).
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A tokenizer plus the special-token facts generation needs.
+pub struct GgufTokenizer {
+    /// The reconstructed tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Beginning-of-sequence token, if the model uses one.
+    pub bos: Option<(u32, String)>,
+    /// End-of-sequence token.
+    pub eos: Option<(u32, String)>,
+    /// Whether a BOS token should be prepended to raw prompts.
+    pub add_bos: bool,
+    /// Every control token id: generation ends on any end-of-turn marker.
+    pub end_of_turn: Vec<u32>,
+}
+
+fn meta<'a>(content: &'a Content, key: &str) -> Option<&'a Value> {
+    content.metadata.get(key)
+}
+
+fn string_array(content: &Content, key: &str) -> Result<Vec<String>, String> {
+    let v = meta(content, key).ok_or_else(|| format!("metadata key `{key}` is missing"))?;
+    let arr = v.to_vec().map_err(|e| format!("metadata key `{key}`: {e}"))?;
+    arr.iter()
+        .map(|x| x.to_string().cloned().map_err(|e| format!("metadata key `{key}`: {e}")))
+        .collect()
+}
+
+fn token_types(content: &Content, n: usize) -> Vec<i32> {
+    meta(content, "tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+        .map(|arr| arr.iter().map(|x| x.to_i32().unwrap_or(1)).collect())
+        .unwrap_or_else(|| vec![1; n])
+}
+
+fn opt_u32(content: &Content, key: &str) -> Option<u32> {
+    meta(content, key).and_then(|v| v.to_u32().ok())
+}
+
+/// Reads the tokenizer out of `content`. Errors name the missing or bad key.
+pub fn from_gguf(content: &Content) -> Result<GgufTokenizer, String> {
+    let model = meta(content, "tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or("metadata key `tokenizer.ggml.model` is missing: the file carries no tokenizer")?;
+    if model != "gpt2" {
+        return Err(format!(
+            "tokenizer type `{model}` is not supported yet (supported: gpt2 byte-level BPE)"
+        ));
+    }
+    let tokens = string_array(content, "tokenizer.ggml.tokens")?;
+    let merges_raw = string_array(content, "tokenizer.ggml.merges")?;
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut merges = Vec::with_capacity(merges_raw.len());
+    for m in &merges_raw {
+        let (a, b) = m
+            .split_once(' ')
+            .ok_or_else(|| format!("merge `{m}` is not two tokens separated by a space"))?;
+        merges.push((a.to_string(), b.to_string()));
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| format!("building the BPE model failed: {e}"))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+
+    let pre = meta(content, "tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+        .unwrap_or("default");
+    let pre_tokenizer: PreTokenizerWrapper = match pre {
+        // SmolLM: every digit on its own, then GPT-2's byte-level split.
+        "smollm" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
+        "qwen2" => Sequence::new(vec![
+            Split::new(SplitPattern::Regex(QWEN2_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| format!("bad qwen2 pattern: {e}"))?
+                .into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        _ => ByteLevel::new(false, true, true).into(),
+    };
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+
+    let types = token_types(content, tokens.len());
+    let mut specials = Vec::new();
+    let mut end_of_turn = Vec::new();
+    for (i, (t, ty)) in tokens.iter().zip(types.iter()).enumerate() {
+        if *ty == TOKEN_TYPE_CONTROL || *ty == TOKEN_TYPE_USER_DEFINED {
+            specials.push(AddedToken::from(t.clone(), true));
+        }
+        if *ty == TOKEN_TYPE_CONTROL && is_end_marker(t) {
+            end_of_turn.push(i as u32);
+        }
+    }
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|e| format!("registering special tokens failed: {e}"))?;
+
+    let name_of = |id: u32| tokens.get(id as usize).map(|t| (id, t.clone()));
+    let bos = opt_u32(content, "tokenizer.ggml.bos_token_id").and_then(name_of);
+    let eos = opt_u32(content, "tokenizer.ggml.eos_token_id").and_then(name_of);
+    if let Some((id, _)) = &eos {
+        if !end_of_turn.contains(id) {
+            end_of_turn.push(*id);
+        }
+    }
+    let add_bos = meta(content, "tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(false);
+    Ok(GgufTokenizer { tokenizer, bos, eos, add_bos, end_of_turn })
+}
+
+/// Control tokens that end a turn or a document.
+fn is_end_marker(token: &str) -> bool {
+    matches!(
+        token,
+        "<|im_end|>" | "<|endoftext|>" | "<end_of_turn>" | "<eos>" | "</s>" | "<|eot_id|>" | "<|end|>"
+    )
+}

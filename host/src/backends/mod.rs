@@ -1,0 +1,60 @@
+//! Backends: the code that actually runs a model. Each backend is driven by
+//! one pool worker thread and knows nothing of WebAssembly or policy.
+//!
+//! - [`gguf`]: quantized GGUF files (llama, qwen2) through candle.
+//! - [`bert`]: sentence embeddings from a Hugging Face BERT directory.
+
+pub mod bert;
+pub mod gguf;
+
+use crate::inference::{CallCtx, GenParams, Generation, InferenceError, Input, Scored, TokenLogprob};
+
+/// One loaded member, whatever runs it.
+pub enum Backend {
+    /// A generative GGUF model.
+    Gguf(Box<gguf::GgufModel>),
+    /// A sentence-embedding model.
+    Bert(Box<bert::BertEmbedder>),
+}
+
+impl Backend {
+    fn unsupported(&self, what: &str) -> InferenceError {
+        let kind = match self {
+            Backend::Gguf(_) => "a generative model",
+            Backend::Bert(_) => "an embedding model",
+        };
+        InferenceError::Unsupported(format!("{kind} cannot `{what}`: pick a member whose card lists `{what}`"))
+    }
+
+    /// See [`gguf::GgufModel::generate`].
+    pub fn generate(&mut self, ctx: CallCtx, input: &Input, params: &GenParams) -> Result<Generation, InferenceError> {
+        match self {
+            Backend::Gguf(m) => m.generate(ctx, input, params),
+            _ => Err(self.unsupported("generate")),
+        }
+    }
+
+    /// See [`gguf::GgufModel::score`].
+    pub fn score(&mut self, ctx: CallCtx, prompt: &Input, conts: &[String]) -> Result<Vec<Scored>, InferenceError> {
+        match self {
+            Backend::Gguf(m) => m.score(ctx, prompt, conts),
+            _ => Err(self.unsupported("score")),
+        }
+    }
+
+    /// See [`gguf::GgufModel::next_token`].
+    pub fn next_token(&mut self, ctx: CallCtx, prompt: &Input, k: u32) -> Result<Vec<TokenLogprob>, InferenceError> {
+        match self {
+            Backend::Gguf(m) => m.next_token(ctx, prompt, k),
+            _ => Err(self.unsupported("next-token")),
+        }
+    }
+
+    /// See [`bert::BertEmbedder::embed`].
+    pub fn embed(&mut self, ctx: CallCtx, texts: &[String]) -> Result<Vec<Vec<f32>>, InferenceError> {
+        match self {
+            Backend::Bert(m) => m.embed(ctx, texts),
+            _ => Err(self.unsupported("embed")),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `tessera`: the command-line face of the runtime.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tessera::inference::{GenParams, Input, Message};
+use tessera::policy::Policy;
+use tessera::pool::PoolConfig;
+use tessera::{Error, Paths, RunRequest, Runtime};
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "Run collaboration strategies over a pool of contributed models, sandboxed")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer a prompt through a strategy module.
+    Run(RunArgs),
+    /// Inspect the model pool.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// List the pool's members and their contributor cards.
+    List {
+        #[command(flatten)]
+        setup: Setup,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct Setup {
+    /// Pool declaration (TOML); default: the embedded default pool.
+    #[arg(long, env = "TESSERA_POOL")]
+    pool: Option<PathBuf>,
+    /// Operator policy (TOML); default: built-in limits, every member allowed.
+    #[arg(long, env = "TESSERA_POLICY")]
+    policy: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Installed module name (e.g. `majority-vote`) or path to a `.wasm`.
+    #[arg(long)]
+    strategy: String,
+    /// The user's prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Optional system message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most new tokens per model call.
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Top-k sampling.
+    #[arg(long)]
+    top_k: Option<u32>,
+    /// Sampling seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Hyperparameter for the strategy, `key=value` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print a JSON object (text, annotations, provenance, usage) or, on
+    /// failure, `{"error": {"kind", "message"}}`.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    setup: Setup,
+}
+
+fn load_setup(setup: &Setup) -> Result<(PoolConfig, Policy), Error> {
+    let pool = match &setup.pool {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::config(format!("pool file {}: {e}", p.display())))?;
+            PoolConfig::from_toml(&text).map_err(|e| Error::config(format!("{}: {e}", p.display())))?
+        }
+        None => PoolConfig::from_toml(tessera::pool::DEFAULT_POOL_TOML).map_err(|e| Error::config(e.to_string()))?,
+    };
+    let policy = match &setup.policy {
+        Some(p) => Policy::from_file(p).map_err(Error::config)?,
+        None => Policy::default(),
+    };
+    Ok((pool, policy))
+}
+
+fn runtime(setup: &Setup) -> Result<Runtime, Error> {
+    let (pool, policy) = load_setup(setup)?;
+    let rt = Runtime::new(Paths::from_env(), &pool, policy)?;
+    for f in rt.pool_failures() {
+        eprintln!("warning: {f}");
+    }
+    Ok(rt)
+}
+
+fn fail(json: bool, e: &Error) -> ExitCode {
+    if json {
+        let v = serde_json::json!({ "error": { "kind": e.kind(), "message": e.to_string() } });
+        println!("{v}");
+    } else {
+        eprintln!("error [{}]: {e}", e.kind());
+    }
+    ExitCode::FAILURE
+}
+
+async fn run(args: RunArgs) -> Result<String, Error> {
+    let mut config = BTreeMap::new();
+    for kv in &args.set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::config(format!("--set `{kv}` is not KEY=VALUE")))?;
+        config.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(Message { role: "system".into(), content: s.clone() });
+    }
+    messages.push(Message::user(args.prompt.clone()));
+    let params = GenParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        stop: Vec::new(),
+    };
+    let rt = runtime(&args.setup)?;
+    if rt.cards().iter().all(|c| !c.capabilities.iter().any(|x| x == "generate")) {
+        return Err(Error::config("no generative member loaded: run `make setup` to fetch the default pool"));
+    }
+    let module = rt.load_module(&args.strategy)?;
+    let out = rt.run(&module, RunRequest { input: Input::Chat(messages), params, config }).await?;
+    if args.json {
+        Ok(serde_json::to_string_pretty(&out).map_err(|e| Error::config(e.to_string()))?)
+    } else {
+        let mut s = out.text.trim().to_string();
+        for (k, v) in &out.annotations {
+            s.push_str(&format!("\n  [{k}: {v}]"));
+        }
+        Ok(s)
+    }
+}
+
+fn pool_list(setup: &Setup, json: bool) -> Result<String, Error> {
+    let rt = runtime(setup)?;
+    let cards = rt.cards();
+    if json {
+        return serde_json::to_string_pretty(&cards).map_err(|e| Error::config(e.to_string()));
+    }
+    let mut s = format!("{:<24} {:<8} {:>7} {:>6}  {:<28} {}\n", "ID", "ARCH", "PARAMS", "CTX", "CAPABILITIES", "CONTRIBUTOR / LICENSE");
+    for c in &cards {
+        s.push_str(&format!(
+            "{:<24} {:<8} {:>6.0}M {:>6}  {:<28} {} / {}\n    {}\n",
+            c.id,
+            c.architecture,
+            c.parameters as f64 / 1e6,
+            c.context_length,
+            c.capabilities.join(","),
+            c.contributor,
+            c.license,
+            c.description
+        ));
+    }
+    Ok(s.trim_end().to_string())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(false, &Error::config(format!("cannot start the async runtime: {e}"))),
+    };
+    let (json, result) = match cli.command {
+        Command::Run(args) => {
+            let json = args.json;
+            (json, rt.block_on(run(args)))
+        }
+        Command::Pool { command: PoolCommand::List { setup, json } } => (json, pool_list(&setup, json)),
+    };
+    match result {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(json, &e),
+    }
+}

@@ -1,0 +1,241 @@
+//! The host's own vocabulary for inference, and the one trait through which
+//! the sandbox reaches models.
+//!
+//! These types deliberately mirror the WIT contract but do not depend on it:
+//! the pool and its backends know nothing of WebAssembly, and the sandbox
+//! knows models only through [`Models`]. Either side can be tested without
+//! the other (the sandbox's unit tests use a scripted `Models`; the pool's
+//! tests drive real models without any guest).
+
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+/// One chat turn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The turn's text.
+    pub content: String,
+}
+
+impl Message {
+    /// A `user` turn.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self { role: "user".into(), content: content.into() }
+    }
+}
+
+/// What a model is asked: a chat, rendered with the member's chat template,
+/// or a raw prompt fed verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Input {
+    /// Chat turns; the member's template turns them into a prompt.
+    Chat(Vec<Message>),
+    /// A raw prompt.
+    Prompt(String),
+}
+
+/// Decoding parameters; `None` means the member's default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenParams {
+    /// Most new tokens for this call.
+    pub max_tokens: Option<u32>,
+    /// 0 or `None`: greedy.
+    pub temperature: Option<f32>,
+    /// Nucleus mass in (0, 1].
+    pub top_p: Option<f32>,
+    /// Keep only the k most likely tokens.
+    pub top_k: Option<u32>,
+    /// Sampling seed; same seed, same text.
+    pub seed: Option<u64>,
+    /// Stop before the first occurrence of any of these.
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+/// The default number of new tokens when a call does not say.
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+
+impl GenParams {
+    /// Checks ranges; the message names the parameter and the valid range.
+    pub fn validate(&self) -> Result<(), InferenceError> {
+        if let Some(t) = self.temperature {
+            if !t.is_finite() || !(0.0..=10.0).contains(&t) {
+                return Err(InferenceError::InvalidParams(format!(
+                    "temperature {t} is out of range: use a value in [0, 10] (0 = greedy)"
+                )));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !p.is_finite() || p <= 0.0 || p > 1.0 {
+                return Err(InferenceError::InvalidParams(format!(
+                    "top_p {p} is out of range: use a value in (0, 1]"
+                )));
+            }
+        }
+        if self.top_k == Some(0) {
+            return Err(InferenceError::InvalidParams(
+                "top_k 0 keeps no token: use 1 or more, or leave it unset".into(),
+            ));
+        }
+        if self.max_tokens == Some(0) {
+            return Err(InferenceError::InvalidParams(
+                "max_tokens 0 asks for nothing: use 1 or more".into(),
+            ));
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return Err(InferenceError::InvalidParams(
+                "an empty stop sequence would stop at once: remove it".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-turn token.
+    Eos,
+    /// Token limit reached.
+    Length,
+    /// A stop sequence appeared (not included in the text).
+    StopSequence,
+}
+
+/// Tokens consumed by one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens of the rendered prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// The member that wrote it.
+    pub model: String,
+    /// The generated text.
+    pub text: String,
+    /// Why it stopped.
+    pub finish: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// Log-likelihood of one continuation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Scored {
+    /// Sum of natural-log token probabilities.
+    pub logprob: f64,
+    /// Number of continuation tokens.
+    pub tokens: u32,
+}
+
+/// One candidate next token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// Token id in the member's vocabulary.
+    pub token: u32,
+    /// The token's text.
+    pub text: String,
+    /// Natural-log probability.
+    pub logprob: f64,
+}
+
+/// A pool member as its contributor card describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// Unique id within the pool.
+    pub id: String,
+    /// Who contributed it.
+    pub contributor: String,
+    /// What it is good at, in a sentence or two (routers read this).
+    pub description: String,
+    /// Domain tags, e.g. `general`, `code`.
+    pub domains: Vec<String>,
+    /// Model architecture, e.g. `llama`.
+    pub architecture: String,
+    /// Parameter count.
+    pub parameters: u64,
+    /// Context window in tokens.
+    pub context_length: u32,
+    /// License of the weights.
+    pub license: String,
+    /// `generate`, `score`, `next-token`, `embed`.
+    pub capabilities: Vec<String>,
+}
+
+/// Why an inference call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum InferenceError {
+    /// No member with this id.
+    #[error("unknown model `{0}`: `tessera pool list` shows the members")]
+    UnknownModel(String),
+    /// A parameter is out of range.
+    #[error("invalid parameters: {0}")]
+    InvalidParams(String),
+    /// The backend failed.
+    #[error("inference failed: {0}")]
+    Failed(String),
+    /// The member cannot do this kind of call.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The call's deadline passed before it finished.
+    #[error("deadline passed before the model finished")]
+    Deadline,
+}
+
+/// Per-call context the sandbox hands down: when to give up.
+#[derive(Debug, Clone, Copy)]
+pub struct CallCtx {
+    /// The request's wall-clock deadline; backends stop decoding past it.
+    pub deadline: Instant,
+}
+
+/// The pool as the sandbox sees it. Implemented by [`crate::pool::Pool`] and
+/// by test doubles. Every method returns a future that does not borrow
+/// `self`, so the caller can await many at once (that is how fan-out gets
+/// host-side parallelism).
+pub trait Models: Send + Sync + 'static {
+    /// Every member's card.
+    fn cards(&self) -> Vec<ModelCard>;
+    /// One generation.
+    fn generate(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        input: Input,
+        params: GenParams,
+    ) -> BoxFuture<'static, Result<Generation, InferenceError>>;
+    /// Log-likelihood of each continuation after `prompt`.
+    fn score(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        prompt: Input,
+        continuations: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>>;
+    /// The `top_k` most likely next tokens after `prompt`.
+    fn next_token(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        prompt: Input,
+        top_k: u32,
+    ) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>>;
+    /// L2-normalised sentence embeddings.
+    fn embed(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        texts: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>>;
+}

@@ -1,0 +1,31 @@
+//! # Tessera
+//!
+//! A runtime for *participatory* AI: many small contributed models, combined
+//! by collaboration strategies that untrusted people write, run safely.
+//!
+//! Strategies are WebAssembly components implementing the WIT contract in
+//! `wit/` (`tessera:collab@0.1.0`). The host does all model inference (candle
+//! on the CPU) and lends the pool to each strategy instance through the
+//! `models` import, checking every call against a [`policy::Grant`].
+//!
+//! One request's path: a face (CLI) calls [`Runtime::run`]; the
+//! [`sandbox`] creates a fresh instance with its limits armed; the guest
+//! calls `models.generate` / `fan-out` / `score` / ...; the host checks the
+//! grant and budgets, queues the job on the member's worker in the [`pool`],
+//! whose [`backends`] run the model; results and trace events come back,
+//! and the response carries `text`, `provenance` and `usage`, or a typed
+//! [`Error`].
+
+pub mod backends;
+pub mod bindings;
+pub mod error;
+pub mod inference;
+pub mod policy;
+pub mod pool;
+pub mod request;
+pub mod runtime;
+pub mod sandbox;
+
+pub use error::Error;
+pub use request::{ProvenanceEvent, RunOutcome, RunRequest, UsageReport};
+pub use runtime::{Paths, Runtime};

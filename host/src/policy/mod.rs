@@ -1,0 +1,269 @@
+//! Policy: what a module asks for (its [`Manifest`]), what the operator allows
+//! ([`Policy`]), and what a request actually gets ([`Grant`]), the
+//! intersection of the two.
+//!
+//! Every budget has three numbers: the operator's default (used when the
+//! module does not ask), the operator's maximum, and the module's ask. The
+//! grant is `min(ask or default, maximum)`. Models are granted when the module
+//! wants them (`"*"` = every member) *and* the operator allows them for that
+//! module.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The world a module implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum World {
+    /// A whole strategy (`run`, `fit`).
+    Strategy,
+    /// Picks members (`route`).
+    Router,
+    /// Scores candidates (`judge`).
+    Judge,
+    /// Combines candidates (`aggregate`).
+    Aggregator,
+}
+
+/// A module's manifest: the TOML file beside its `.wasm`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Module name (what `--strategy NAME` finds).
+    pub name: String,
+    /// Semantic version.
+    pub version: String,
+    /// Who wrote it.
+    pub author: String,
+    /// Which world it implements.
+    pub world: World,
+    /// What it does.
+    pub description: String,
+    /// Members it wants; `["*"]` means every member of the pool.
+    #[serde(default = "all_models")]
+    pub models: Vec<String>,
+    /// Budgets it asks for; anything unset gets the operator's default.
+    #[serde(default)]
+    pub budgets: Budgets,
+    /// Default hyperparameters, overridable per request.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+fn all_models() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// Per-request budgets. In a manifest every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budgets {
+    /// Wall-clock deadline for the whole request, in milliseconds.
+    pub deadline_ms: Option<u64>,
+    /// Linear memory the module may grow to, in MiB.
+    pub memory_mib: Option<u64>,
+    /// WebAssembly fuel (roughly, instructions executed).
+    pub fuel: Option<u64>,
+    /// Model calls (each fan-out job counts as one).
+    pub host_calls: Option<u32>,
+    /// Tokens generated across all calls.
+    pub tokens: Option<u32>,
+    /// Bytes of the final response (text plus annotations).
+    pub output_bytes: Option<u64>,
+    /// Trace events the module may emit.
+    pub trace_events: Option<u32>,
+    /// Host resources (WASI handles) the module may hold at once.
+    pub resources: Option<u32>,
+}
+
+/// The operator's side: defaults, maxima and model allow-lists.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Budgets for modules that do not ask.
+    #[serde(default = "Policy::builtin_defaults")]
+    pub defaults: Budgets,
+    /// The most any module gets.
+    #[serde(default = "Policy::builtin_maxima")]
+    pub maxima: Budgets,
+    /// Members every module may use; `["*"]` = the whole pool.
+    #[serde(default = "all_models")]
+    pub models: Vec<String>,
+    /// Per-module overrides of the allow-list, by module name.
+    #[serde(default)]
+    pub modules: BTreeMap<String, ModulePolicy>,
+}
+
+/// Per-module operator rules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModulePolicy {
+    /// Members this module may use, replacing the global allow-list.
+    pub models: Option<Vec<String>>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            defaults: Self::builtin_defaults(),
+            maxima: Self::builtin_maxima(),
+            models: all_models(),
+            modules: BTreeMap::new(),
+        }
+    }
+}
+
+impl Policy {
+    /// Defaults: enough for a few generations on a CPU.
+    pub fn builtin_defaults() -> Budgets {
+        Budgets {
+            deadline_ms: Some(120_000),
+            memory_mib: Some(64),
+            fuel: Some(2_000_000_000),
+            host_calls: Some(64),
+            tokens: Some(4_096),
+            output_bytes: Some(1 << 20),
+            trace_events: Some(256),
+            resources: Some(64),
+        }
+    }
+
+    /// Maxima: no module gets more than this, whatever it asks.
+    pub fn builtin_maxima() -> Budgets {
+        Budgets {
+            deadline_ms: Some(600_000),
+            memory_mib: Some(512),
+            fuel: Some(50_000_000_000),
+            host_calls: Some(1_024),
+            tokens: Some(65_536),
+            output_bytes: Some(16 << 20),
+            trace_events: Some(4_096),
+            resources: Some(1_024),
+        }
+    }
+
+    /// Reads a policy file; the error names the file and the problem.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The grant for `manifest` over a pool with members `pool`.
+    pub fn grant(&self, manifest: &Manifest, pool: &[String]) -> Grant {
+        let pick = |ask: Option<u64>, def: Option<u64>, max: Option<u64>, fallback: u64| -> u64 {
+            let want = ask.or(def).unwrap_or(fallback);
+            match max {
+                Some(m) => want.min(m),
+                None => want,
+            }
+        };
+        let d = &self.defaults;
+        let m = &self.maxima;
+        let a = &manifest.budgets;
+        let b = Policy::builtin_defaults();
+        let u = |x: Option<u32>| x.map(u64::from);
+        let allowed = self
+            .modules
+            .get(&manifest.name)
+            .and_then(|p| p.models.clone())
+            .unwrap_or_else(|| self.models.clone());
+        let matches = |list: &[String], id: &str| list.iter().any(|x| x == "*" || x == id);
+        let models = pool
+            .iter()
+            .filter(|id| matches(&manifest.models, id) && matches(&allowed, id))
+            .cloned()
+            .collect();
+        Grant {
+            models,
+            deadline: Duration::from_millis(pick(a.deadline_ms, d.deadline_ms, m.deadline_ms, 120_000)),
+            memory_bytes: pick(a.memory_mib, d.memory_mib, m.memory_mib, 64) << 20,
+            fuel: pick(a.fuel, d.fuel, m.fuel, b.fuel.unwrap_or(1)),
+            host_calls: pick(u(a.host_calls), u(d.host_calls), u(m.host_calls), 64) as u32,
+            tokens: pick(u(a.tokens), u(d.tokens), u(m.tokens), 4096) as u32,
+            output_bytes: pick(a.output_bytes, d.output_bytes, m.output_bytes, 1 << 20),
+            trace_events: pick(u(a.trace_events), u(d.trace_events), u(m.trace_events), 256) as u32,
+            resources: pick(u(a.resources), u(d.resources), u(m.resources), 64) as u32,
+        }
+    }
+}
+
+/// What one request of one module is allowed: the intersection of its
+/// manifest and the operator's policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Members it may call.
+    pub models: Vec<String>,
+    /// Wall-clock limit for the request.
+    pub deadline: Duration,
+    /// Linear-memory cap in bytes.
+    pub memory_bytes: u64,
+    /// Fuel.
+    pub fuel: u64,
+    /// Model calls.
+    pub host_calls: u32,
+    /// Generated tokens.
+    pub tokens: u32,
+    /// Response size in bytes.
+    pub output_bytes: u64,
+    /// Trace events.
+    pub trace_events: u32,
+    /// Simultaneous host resources.
+    pub resources: u32,
+}
+
+impl Manifest {
+    /// Reads a manifest; the error names the file and the problem.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(models: &[&str], budgets: Budgets) -> Manifest {
+        Manifest {
+            name: "m".into(),
+            version: "0.1.0".into(),
+            author: "a".into(),
+            world: World::Strategy,
+            description: "d".into(),
+            models: models.iter().map(|s| s.to_string()).collect(),
+            budgets,
+            config: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn grant_is_the_intersection() {
+        let mut policy = Policy::default();
+        policy.modules.insert("m".into(), ModulePolicy { models: Some(vec!["a".into(), "b".into()]) });
+        let pool = vec!["a".to_string(), "b".into(), "c".into()];
+        let g = policy.grant(&manifest(&["b", "c"], Budgets::default()), &pool);
+        assert_eq!(g.models, vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn asks_are_capped_by_maxima_and_defaults_fill_gaps() {
+        let policy = Policy::default();
+        let ask = Budgets { tokens: Some(10_000_000), host_calls: Some(3), ..Default::default() };
+        let g = policy.grant(&manifest(&["*"], ask), &[]);
+        assert_eq!(g.tokens, 65_536);
+        assert_eq!(g.host_calls, 3);
+        assert_eq!(g.memory_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn manifest_rejects_unknown_keys() {
+        let err = toml::from_str::<Manifest>(
+            "name='x'\nversion='1'\nauthor='a'\nworld='strategy'\ndescription='d'\nbudgetz={}\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("budgetz"), "{err}");
+    }
+}

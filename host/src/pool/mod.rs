@@ -1,0 +1,413 @@
+//! The pool of contributed models.
+//!
+//! A pool is declared in TOML ([`PoolConfig`]): each member has an id, a
+//! contributor card and a backend with the file it loads from and that file's
+//! sha256. [`Pool::load`] verifies and loads every member on its own worker
+//! thread; a member that fails to load is reported by name and the rest of
+//! the pool still serves.
+//!
+//! Concurrency: one worker thread per member owns that member's backend and
+//! takes jobs from a queue. Jobs for different members run in parallel; jobs
+//! for the same member queue. There is no global inference lock.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::backends::{bert::BertEmbedder, gguf::GgufModel, Backend};
+use crate::inference::{
+    CallCtx, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TokenLogprob,
+};
+
+/// The default pool's declaration, embedded in the binary.
+pub const DEFAULT_POOL_TOML: &str = include_str!("default-pool.toml");
+
+/// A pool declaration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The members, in the order they are listed.
+    #[serde(rename = "member")]
+    pub members: Vec<MemberConfig>,
+}
+
+/// Which backend runs a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// A GGUF file run by candle.
+    Gguf,
+    /// A BERT sentence embedder (Hugging Face directory).
+    Bert,
+}
+
+/// One member's declaration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// Unique id within the pool.
+    pub id: String,
+    /// Which backend runs it.
+    pub backend: BackendKind,
+    /// File (GGUF) or directory (BERT), relative to the models directory.
+    pub path: PathBuf,
+    /// Expected sha256 of the file, or of `sha256_file` inside a directory.
+    pub sha256: String,
+    /// For directory members: which file inside it the sha256 covers.
+    #[serde(default)]
+    pub sha256_file: Option<String>,
+    /// Who made it and what it is for.
+    pub card: CardConfig,
+}
+
+/// The human part of a contributor card; the technical part (architecture,
+/// size, context) is read from the model file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardConfig {
+    /// Who contributed it.
+    pub contributor: String,
+    /// What it is good at (routers read this).
+    pub description: String,
+    /// Domain tags.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// License of the weights.
+    pub license: String,
+    /// Where the weights came from.
+    #[serde(default)]
+    pub source: String,
+}
+
+impl PoolConfig {
+    /// Parses a pool declaration; the error names the problem.
+    pub fn from_toml(text: &str) -> Result<Self, PoolError> {
+        let cfg: PoolConfig = toml::from_str(text).map_err(|e| PoolError::Config(e.to_string()))?;
+        let mut seen = std::collections::HashSet::new();
+        for m in &cfg.members {
+            if !seen.insert(m.id.as_str()) {
+                return Err(PoolError::Config(format!("member id `{}` appears twice: ids must be unique", m.id)));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The embedded default pool.
+    pub fn default_pool() -> Self {
+        // The embedded file is part of the binary and covered by a unit test.
+        Self::from_toml(DEFAULT_POOL_TOML).unwrap_or(PoolConfig { members: Vec::new() })
+    }
+}
+
+/// Why a pool or member could not be set up.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PoolError {
+    /// The declaration itself is wrong.
+    #[error("pool declaration: {0}")]
+    Config(String),
+    /// A member's file is missing.
+    #[error("member `{id}`: {path} is missing: run `make setup` to fetch the default pool")]
+    Missing {
+        /// Member id.
+        id: String,
+        /// The missing path.
+        path: String,
+    },
+    /// A member's file does not match its declared sha256.
+    #[error("member `{id}`: {path} has sha256 {actual}, expected {expected}: the file is damaged or not the declared one; delete it and fetch again")]
+    Checksum {
+        /// Member id.
+        id: String,
+        /// The file.
+        path: String,
+        /// Declared hash.
+        expected: String,
+        /// Hash found.
+        actual: String,
+    },
+    /// The file is there but does not load.
+    #[error("member `{id}`: {message}")]
+    Load {
+        /// Member id.
+        id: String,
+        /// What went wrong, naming the file.
+        message: String,
+    },
+}
+
+type Job = Box<dyn FnOnce(&mut Backend) + Send>;
+
+/// A member's worker: a thread owning the backend, fed through a queue.
+struct Worker {
+    card: ModelCard,
+    queue: mpsc::Sender<Job>,
+}
+
+impl Worker {
+    /// Queues `f` and resolves with its result. Jobs whose deadline passed
+    /// while they waited are dropped without running.
+    fn call<T: Send + 'static>(
+        &self,
+        ctx: CallCtx,
+        f: impl FnOnce(&mut Backend) -> Result<T, InferenceError> + Send + 'static,
+    ) -> BoxFuture<'static, Result<T, InferenceError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |backend: &mut Backend| {
+            if tx.is_closed() {
+                return;
+            }
+            let result = if Instant::now() >= ctx.deadline {
+                Err(InferenceError::Deadline)
+            } else {
+                // A panic inside a backend must not kill the worker.
+                std::panic::catch_unwind(AssertUnwindSafe(|| f(backend))).unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into());
+                    Err(InferenceError::Failed(format!("backend panicked: {msg}")))
+                })
+            };
+            let _ = tx.send(result);
+        });
+        let sent = self.queue.send(job);
+        Box::pin(async move {
+            sent.map_err(|_| InferenceError::Failed("the member's worker has stopped".into()))?;
+            rx.await.map_err(|_| InferenceError::Failed("the member's worker dropped the job".into()))?
+        })
+    }
+}
+
+/// A loaded pool. Cheap to share (`Arc<Pool>`); dropping the last handle
+/// stops the workers.
+pub struct Pool {
+    workers: BTreeMap<String, Worker>,
+    order: Vec<String>,
+}
+
+/// What loading a pool produced: the pool, plus every member that failed.
+pub struct Loaded {
+    /// The members that loaded.
+    pub pool: Arc<Pool>,
+    /// The members that did not, each with a reason naming the file.
+    pub failures: Vec<PoolError>,
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn verify(m: &MemberConfig, full: &Path) -> Result<(), PoolError> {
+    let hashed = match &m.sha256_file {
+        Some(inner) => full.join(inner),
+        None => full.to_path_buf(),
+    };
+    if !hashed.exists() {
+        return Err(PoolError::Missing { id: m.id.clone(), path: hashed.display().to_string() });
+    }
+    let actual = sha256_file(&hashed).map_err(|e| PoolError::Load {
+        id: m.id.clone(),
+        message: format!("{}: cannot read: {e}", hashed.display()),
+    })?;
+    if !actual.eq_ignore_ascii_case(&m.sha256) {
+        return Err(PoolError::Checksum {
+            id: m.id.clone(),
+            path: hashed.display().to_string(),
+            expected: m.sha256.clone(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn load_member(m: &MemberConfig, models_dir: &Path) -> Result<(Backend, ModelCard), PoolError> {
+    let full = models_dir.join(&m.path);
+    verify(m, &full)?;
+    let load_err = |message: String| PoolError::Load { id: m.id.clone(), message };
+    let mut card = ModelCard {
+        id: m.id.clone(),
+        contributor: m.card.contributor.clone(),
+        description: m.card.description.clone(),
+        domains: m.card.domains.clone(),
+        architecture: String::new(),
+        parameters: 0,
+        context_length: 0,
+        license: m.card.license.clone(),
+        capabilities: Vec::new(),
+    };
+    let backend = match m.backend {
+        BackendKind::Gguf => {
+            let model = GgufModel::load(&m.id, &full).map_err(load_err)?;
+            let f = model.facts();
+            card.architecture = f.architecture.clone();
+            card.parameters = f.parameters;
+            card.context_length = f.context_length;
+            card.capabilities = ["generate", "score", "next-token"].map(String::from).to_vec();
+            if !f.has_chat_template {
+                card.description.push_str(" (base model: no chat template, chats use a plain completion format)");
+            }
+            Backend::Gguf(Box::new(model))
+        }
+        BackendKind::Bert => {
+            let model = BertEmbedder::load(&full).map_err(load_err)?;
+            card.architecture = "bert".into();
+            card.parameters = model.parameters;
+            card.context_length = 256;
+            card.capabilities = vec!["embed".into()];
+            Backend::Bert(Box::new(model))
+        }
+    };
+    Ok((backend, card))
+}
+
+impl Pool {
+    /// Verifies and loads every member, each on its own worker thread (so
+    /// members load in parallel). Members that fail are returned in
+    /// [`Loaded::failures`]; the rest serve.
+    pub fn load(config: &PoolConfig, models_dir: &Path) -> Loaded {
+        let mut pending = Vec::new();
+        for m in config.members.clone() {
+            let (ready_tx, ready_rx) = mpsc::channel::<Result<ModelCard, PoolError>>();
+            let (queue, jobs) = mpsc::channel::<Job>();
+            let dir = models_dir.to_path_buf();
+            let name = format!("tessera-model-{}", m.id);
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                let mut backend = match load_member(&m, &dir) {
+                    Ok((b, card)) => {
+                        let _ = ready_tx.send(Ok(card));
+                        b
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(job) = jobs.recv() {
+                    job(&mut backend);
+                }
+            });
+            pending.push((spawned, ready_rx, queue));
+        }
+        let mut workers = BTreeMap::new();
+        let mut order = Vec::new();
+        let mut failures = Vec::new();
+        for (spawned, ready, queue) in pending {
+            if let Err(e) = spawned {
+                failures.push(PoolError::Load { id: "?".into(), message: format!("cannot start worker: {e}") });
+                continue;
+            }
+            match ready.recv() {
+                Ok(Ok(card)) => {
+                    order.push(card.id.clone());
+                    workers.insert(card.id.clone(), Worker { card, queue });
+                }
+                Ok(Err(e)) => failures.push(e),
+                Err(_) => failures.push(PoolError::Load {
+                    id: "?".into(),
+                    message: "a worker died while loading".into(),
+                }),
+            }
+        }
+        Loaded { pool: Arc::new(Pool { workers, order }), failures }
+    }
+
+    /// Member ids in declaration order.
+    pub fn ids(&self) -> &[String] {
+        &self.order
+    }
+
+    fn worker(&self, id: &str) -> Result<&Worker, InferenceError> {
+        self.workers.get(id).ok_or_else(|| InferenceError::UnknownModel(id.to_string()))
+    }
+
+    fn dispatch<T: Send + 'static>(
+        &self,
+        ctx: CallCtx,
+        id: &str,
+        f: impl FnOnce(&mut Backend) -> Result<T, InferenceError> + Send + 'static,
+    ) -> BoxFuture<'static, Result<T, InferenceError>> {
+        match self.worker(id) {
+            Ok(w) => w.call(ctx, f),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+}
+
+impl Models for Pool {
+    fn cards(&self) -> Vec<ModelCard> {
+        self.order.iter().filter_map(|id| self.workers.get(id)).map(|w| w.card.clone()).collect()
+    }
+
+    fn generate(&self, ctx: CallCtx, model: &str, input: Input, params: GenParams) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        self.dispatch(ctx, model, move |b| b.generate(ctx, &input, &params))
+    }
+
+    fn score(&self, ctx: CallCtx, model: &str, prompt: Input, continuations: Vec<String>) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
+        self.dispatch(ctx, model, move |b| b.score(ctx, &prompt, &continuations))
+    }
+
+    fn next_token(&self, ctx: CallCtx, model: &str, prompt: Input, top_k: u32) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
+        self.dispatch(ctx, model, move |b| b.next_token(ctx, &prompt, top_k))
+    }
+
+    fn embed(&self, ctx: CallCtx, model: &str, texts: Vec<String>) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
+        self.dispatch(ctx, model, move |b| b.embed(ctx, &texts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_pool_parses() {
+        let cfg = PoolConfig::from_toml(DEFAULT_POOL_TOML).unwrap();
+        assert!(cfg.members.iter().any(|m| m.backend == BackendKind::Gguf));
+    }
+
+    #[test]
+    fn duplicate_ids_are_rejected() {
+        let one = "[[member]]\nid='a'\nbackend='gguf'\npath='x'\nsha256='0'\n[member.card]\ncontributor='c'\ndescription='d'\nlicense='l'\n";
+        let err = PoolConfig::from_toml(&format!("{one}{one}")).unwrap_err();
+        assert!(err.to_string().contains("appears twice"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_the_fix_and_pool_still_loads() {
+        let cfg = PoolConfig::from_toml("[[member]]\nid='ghost'\nbackend='gguf'\npath='nope.gguf'\nsha256='00'\n[member.card]\ncontributor='c'\ndescription='d'\nlicense='l'\n").unwrap();
+        let loaded = Pool::load(&cfg, Path::new("/nonexistent"));
+        assert!(loaded.pool.ids().is_empty());
+        let msg = loaded.failures[0].to_string();
+        assert!(msg.contains("ghost") && msg.contains("make setup"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_checksum_is_named() {
+        let dir = std::env::temp_dir().join(format!("tessera-pool-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bad.gguf"), b"not a model").unwrap();
+        let cfg = PoolConfig::from_toml("[[member]]\nid='bad'\nbackend='gguf'\npath='bad.gguf'\nsha256='00'\n[member.card]\ncontributor='c'\ndescription='d'\nlicense='l'\n").unwrap();
+        let loaded = Pool::load(&cfg, &dir);
+        let msg = loaded.failures[0].to_string();
+        assert!(msg.contains("sha256") && msg.contains("bad.gguf"), "{msg}");
+    }
+}

@@ -1,0 +1,89 @@
+//! What a face hands the runtime, and what it gets back.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::inference::{GenParams, Input};
+
+/// One request to a collaboration system.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRequest {
+    /// The question or chat.
+    pub input: Input,
+    /// Decoding defaults for the module to pass on.
+    #[serde(default)]
+    pub params: GenParams,
+    /// Hyperparameters, overlaid on the manifest's `[config]`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+impl RunRequest {
+    /// A single-turn chat with default parameters.
+    pub fn chat(prompt: impl Into<String>) -> Self {
+        RunRequest {
+            input: Input::Chat(vec![crate::inference::Message::user(prompt)]),
+            params: GenParams::default(),
+            config: BTreeMap::new(),
+        }
+    }
+}
+
+/// One entry of a response's provenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "kebab-case")]
+pub enum ProvenanceEvent {
+    /// A model call the host served.
+    HostCall {
+        /// `generate`, `score`, `next-token`, `embed`.
+        call: String,
+        /// The member.
+        model: String,
+        /// Prompt tokens (generate) or continuation tokens scored (score).
+        prompt_tokens: u32,
+        /// Tokens generated.
+        completion_tokens: u32,
+        /// Wall time of the call.
+        ms: u64,
+        /// `ok`, or the error kind.
+        outcome: String,
+    },
+    /// A step the module reported through `trace.emit`.
+    ModuleStep {
+        /// The member concerned, if any.
+        model: Option<String>,
+        /// Its role in this step.
+        role: String,
+        /// Why / what was decided.
+        note: String,
+    },
+}
+
+/// What a request consumed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// Host calls made (each fan-out job counts).
+    pub host_calls: u32,
+    /// Prompt tokens across generate calls.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+    /// Fuel the module burned.
+    pub fuel: u64,
+    /// Wall time of the whole request.
+    pub wall_ms: u64,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunOutcome {
+    /// The answer.
+    pub text: String,
+    /// Method-specific facts (e.g. `agreement`).
+    pub annotations: BTreeMap<String, String>,
+    /// Who did what, in order.
+    pub provenance: Vec<ProvenanceEvent>,
+    /// What it cost.
+    pub usage: UsageReport,
+}

@@ -1,0 +1,167 @@
+//! [`Runtime`]: the sandbox, the pool and the policy wired together once.
+//! Every face (the CLI today; the server and the eval harness later) calls
+//! this and nothing below it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::inference::{ModelCard, Models};
+use crate::policy::{Manifest, Policy};
+use crate::pool::{Pool, PoolConfig, PoolError};
+use crate::request::{RunOutcome, RunRequest};
+use crate::sandbox::{Example, Module, Sandbox, StrategyRequest};
+use crate::Error;
+
+/// Where Tessera keeps its files. Everything lives under one home directory
+/// (`$TESSERA_HOME`, default `~/.cache/tessera`), outside any git checkout.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// Model files of the pool.
+    pub models: PathBuf,
+    /// Installed modules (`NAME.wasm` + `NAME.toml`).
+    pub modules: PathBuf,
+    /// Precompiled components.
+    pub components: PathBuf,
+    /// Persisted `fit` state, one file per module sha256.
+    pub state: PathBuf,
+}
+
+impl Paths {
+    /// The layout under `home`.
+    pub fn under(home: &Path) -> Self {
+        Paths {
+            models: home.join("models"),
+            modules: home.join("modules"),
+            components: home.join("components"),
+            state: home.join("state"),
+        }
+    }
+
+    /// `$TESSERA_HOME`, else `~/.cache/tessera`.
+    pub fn from_env() -> Self {
+        let home = std::env::var_os("TESSERA_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+            base.join(".cache").join("tessera")
+        });
+        Self::under(&home)
+    }
+}
+
+/// The runtime: one per process.
+pub struct Runtime {
+    sandbox: Sandbox,
+    models: Arc<dyn Models>,
+    policy: Policy,
+    paths: Paths,
+    pool_failures: Vec<PoolError>,
+}
+
+impl Runtime {
+    /// Loads `pool` from `paths.models` and builds the sandbox. Members that
+    /// fail to load are kept in [`Runtime::pool_failures`]; the rest serve.
+    pub fn new(paths: Paths, pool: &PoolConfig, policy: Policy) -> Result<Self, Error> {
+        let loaded = Pool::load(pool, &paths.models);
+        Self::with_models(paths, loaded.pool, policy, loaded.failures)
+    }
+
+    /// A runtime over any [`Models`] (tests use doubles).
+    pub fn with_models(
+        paths: Paths,
+        models: Arc<dyn Models>,
+        policy: Policy,
+        pool_failures: Vec<PoolError>,
+    ) -> Result<Self, Error> {
+        let sandbox = Sandbox::new(&paths.components)?;
+        Ok(Runtime { sandbox, models, policy, paths, pool_failures })
+    }
+
+    /// Members that did not load, with reasons.
+    pub fn pool_failures(&self) -> &[PoolError] {
+        &self.pool_failures
+    }
+
+    /// The pool's cards.
+    pub fn cards(&self) -> Vec<ModelCard> {
+        self.models.cards()
+    }
+
+    /// The pool as the sandbox sees it (for tests, benches and native
+    /// baselines).
+    pub fn models(&self) -> Arc<dyn Models> {
+        self.models.clone()
+    }
+
+    /// Where this runtime keeps its files.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    /// The sandbox (for benches).
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// Loads a module by installed name (`majority-vote`) or by path to a
+    /// `.wasm` whose manifest sits beside it (`x.wasm` + `x.toml`).
+    pub fn load_module(&self, spec: &str) -> Result<Arc<Module>, Error> {
+        let wasm = if spec.ends_with(".wasm") || spec.contains('/') {
+            PathBuf::from(spec)
+        } else {
+            self.paths.modules.join(format!("{spec}.wasm"))
+        };
+        if !wasm.exists() {
+            return Err(Error::config(format!(
+                "no module `{spec}` at {}: give a path to a .wasm, or run `make setup` to install the standard modules",
+                wasm.display()
+            )));
+        }
+        let manifest_path = wasm.with_extension("toml");
+        let manifest = Manifest::from_file(&manifest_path).map_err(|e| {
+            Error::config(format!("module manifest: {e} (every .wasm needs a manifest NAME.toml beside it)"))
+        })?;
+        self.sandbox.load(&wasm, manifest).map(Arc::new)
+    }
+
+    fn pool_ids(&self) -> Vec<String> {
+        self.models.cards().into_iter().map(|c| c.id).collect()
+    }
+
+    fn state_path(&self, module: &Module) -> PathBuf {
+        self.paths.state.join(format!("{}.state", module.sha256))
+    }
+
+    /// Answers `req` with `module` on a fresh sandboxed instance.
+    pub async fn run(&self, module: &Module, req: RunRequest) -> Result<RunOutcome, Error> {
+        req.params.validate()?;
+        let grant = Arc::new(self.policy.grant(&module.manifest, &self.pool_ids()));
+        let mut config: BTreeMap<String, String> = module.manifest.config.clone();
+        config.extend(req.config);
+        let state = std::fs::read(self.state_path(module)).ok();
+        let sreq = StrategyRequest { input: req.input, params: req.params, config, state };
+        let inv = self.sandbox.run_strategy(module, self.models.clone(), grant, sreq).await;
+        let (text, annotations) = inv.result?;
+        Ok(RunOutcome { text, annotations, provenance: inv.provenance, usage: inv.usage })
+    }
+
+    /// Runs the module's `fit` on `dev` and persists the returned state
+    /// (atomically), so later `run`s receive it.
+    pub async fn fit(&self, module: &Module, dev: Vec<Example>, config: BTreeMap<String, String>) -> Result<bool, Error> {
+        let grant = Arc::new(self.policy.grant(&module.manifest, &self.pool_ids()));
+        let mut cfg = module.manifest.config.clone();
+        cfg.extend(config);
+        let inv = self.sandbox.fit_strategy(module, self.models.clone(), grant, dev, cfg).await;
+        match inv.result? {
+            None => Ok(false),
+            Some(bytes) => {
+                let path = self.state_path(module);
+                std::fs::create_dir_all(&self.paths.state).map_err(|e| Error::config(format!("{}: {e}", self.paths.state.display())))?;
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, &bytes)
+                    .and_then(|_| std::fs::rename(&tmp, &path))
+                    .map_err(|e| Error::config(format!("saving state to {}: {e}", path.display())))?;
+                Ok(true)
+            }
+        }
+    }
+}

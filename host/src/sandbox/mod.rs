@@ -1,0 +1,411 @@
+//! The sandbox: where untrusted collaboration modules run.
+//!
+//! - One [`wasmtime::Engine`] with epoch interruption, fuel and a capped wasm
+//!   stack; a ticker thread advances the epoch every [`TICK`].
+//! - Each module is compiled once: the precompiled artifact is cached on disk
+//!   under the sha256 of the `.wasm` and the engine's compatibility hash, and
+//!   its imports are resolved once into an `InstancePre`.
+//! - Every request gets a **fresh store and instance**: fresh WASI context
+//!   with nothing granted (no files, no env, no sockets, stdout discarded,
+//!   stderr captured up to 64 KiB for error reports), its own memory cap, fuel,
+//!   deadline and resource-table cap. Nothing leaks between requests.
+//! - Model access goes through [`crate::inference::Models`] only.
+//!
+//! Whatever a module does (loop, allocate, recurse, trap, flood the resource
+//! table, call what it was not granted) ends *that* request with a typed
+//! [`crate::Error`] naming the limit; the host keeps serving.
+
+mod convert;
+mod host;
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::WasiCtxBuilder;
+
+use crate::bindings::{aggregator, judge, router, strategy, types as w};
+use crate::inference::{Input, Models};
+use crate::policy::{Grant, Manifest, World};
+use crate::request::{ProvenanceEvent, UsageReport};
+use crate::Error;
+pub use host::RequestState;
+
+/// How often the epoch advances; the deadline is checked at this grain.
+pub const TICK: Duration = Duration::from_millis(5);
+/// Wasm stack cap for every module.
+pub const MAX_WASM_STACK: usize = 512 << 10;
+/// Bytes of stderr kept from a module for error reports.
+const STDERR_CAPTURE: usize = 64 << 10;
+
+/// A module compiled, linked and ready to instantiate.
+pub struct Module {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// sha256 of the `.wasm`.
+    pub sha256: String,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+    pre: WorldPre,
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module")
+            .field("name", &self.manifest.name)
+            .field("world", &self.manifest.world)
+            .field("sha256", &self.sha256)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// The pre-linked instance of a module. Router, judge and aggregator modules
+/// are validated against their world at load; invoking them is the pipeline's
+/// job (host-side composition), which builds on this.
+enum WorldPre {
+    Strategy(strategy::StrategyPre<RequestState>),
+    Router,
+    Judge,
+    Aggregator,
+}
+
+/// The result of one sandboxed call: the value and everything the host
+/// recorded while producing it.
+pub struct Invocation<T> {
+    /// What the export returned, or the typed error that ended the call.
+    pub result: Result<T, Error>,
+    /// Host calls and module trace steps, in order.
+    pub provenance: Vec<ProvenanceEvent>,
+    /// What was consumed.
+    pub usage: UsageReport,
+}
+
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The engine, the linker and the on-disk component cache.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<RequestState>,
+    cache_dir: PathBuf,
+    _ticker: Ticker,
+}
+
+fn wasm_err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Sandbox {
+    /// Builds the engine and starts the epoch ticker. `cache_dir` holds
+    /// precompiled components.
+    pub fn new(cache_dir: &Path) -> Result<Self, Error> {
+        let mut cfg = Config::new();
+        cfg.wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(true)
+            .max_wasm_stack(MAX_WASM_STACK)
+            .async_stack_size(MAX_WASM_STACK + (1 << 20));
+        let engine = Engine::new(&cfg).map_err(|e| Error::config(format!("wasm engine: {e}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| Error::config(wasm_err(e)))?;
+        strategy::Strategy::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| Error::config(wasm_err(e)))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let (weak_engine, flag) = (engine.weak(), stop.clone());
+        std::thread::Builder::new()
+            .name("tessera-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    match weak_engine.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| Error::config(format!("cannot start the epoch ticker: {e}")))?;
+        std::fs::create_dir_all(cache_dir)
+            .map_err(|e| Error::config(format!("cache directory {}: {e}", cache_dir.display())))?;
+        Ok(Sandbox { engine, linker, cache_dir: cache_dir.to_path_buf(), _ticker: Ticker { stop } })
+    }
+
+    /// The engine (for benches and tools).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles (or loads from cache) the component at `path`, checks that it
+    /// implements `manifest.world`, and resolves its imports once.
+    pub fn load(&self, path: &Path, manifest: Manifest) -> Result<Module, Error> {
+        let invalid = |message: String| Error::InvalidModule { path: path.display().to_string(), message };
+        let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read: {e}")))?;
+        if !is_component(&bytes) {
+            return Err(invalid(if is_core_module(&bytes) {
+                "this is a core wasm module, not a component: build it with `cargo build --target wasm32-wasip2`".into()
+            } else {
+                "not a WebAssembly component".into()
+            }));
+        }
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let component = self.component(&bytes, &sha256).map_err(invalid)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| invalid(format!("imports something Tessera does not provide: {e:#}")))?;
+        let world_err = |e: wasmtime::Error| {
+            invalid(format!(
+                "does not implement the `{:?}` world its manifest declares: {e:#}",
+                manifest.world
+            ))
+        };
+        let pre = match manifest.world {
+            World::Strategy => WorldPre::Strategy(strategy::StrategyPre::new(pre).map_err(world_err)?),
+            World::Router => router::RouterPre::new(pre).map(|_| WorldPre::Router).map_err(world_err)?,
+            World::Judge => judge::JudgePre::new(pre).map(|_| WorldPre::Judge).map_err(world_err)?,
+            World::Aggregator => aggregator::AggregatorPre::new(pre).map(|_| WorldPre::Aggregator).map_err(world_err)?,
+        };
+        Ok(Module { manifest, sha256, path: path.to_path_buf(), pre })
+    }
+
+    fn component(&self, bytes: &[u8], sha256: &str) -> Result<Component, String> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let cached = self.cache_dir.join(format!("{sha256}-{:016x}.cwasm", h.finish()));
+        if cached.exists() {
+            // SAFETY: files in the cache directory are written only by
+            // `precompile_component` below, under a name that binds them to
+            // the source's sha256 and this engine's compatibility hash.
+            if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, &cached) } {
+                return Ok(c);
+            }
+        }
+        let artifact = self.engine.precompile_component(bytes).map_err(|e| format!("does not compile: {e:#}"))?;
+        // Write atomically: a crash mid-write must not leave a torn artifact.
+        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &artifact).is_ok() {
+            let _ = std::fs::rename(&tmp, &cached);
+        }
+        // SAFETY: `artifact` was produced by this engine just above.
+        unsafe { Component::deserialize(&self.engine, &artifact) }.map_err(|e| format!("does not load: {e:#}"))
+    }
+
+    fn store(&self, models: Arc<dyn Models>, grant: Arc<Grant>) -> Result<Store<RequestState>, Error> {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        // Nothing is granted: no preopened directories, no environment, no
+        // arguments, no network, stdin closed, stdout discarded.
+        let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(grant.resources as usize);
+        let deadline = Instant::now() + grant.deadline;
+        let fuel = grant.fuel;
+        let state = RequestState::new(wasi, table, stderr, models, grant, deadline);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        store.set_fuel(fuel).map_err(|e| Error::config(wasm_err(e)))?;
+        // Check the wall clock every tick; yield to the executor in between so
+        // a spinning module never starves other requests on this thread.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |ctx| {
+            if Instant::now() >= ctx.data().deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        Ok(store)
+    }
+
+    /// Runs `f` against a fresh instance under `grant`, and turns whatever
+    /// happened into an [`Invocation`].
+    async fn invoke<T, F>(&self, module: &Module, models: Arc<dyn Models>, grant: Arc<Grant>, f: F) -> Invocation<T>
+    where
+        F: for<'a> FnOnce(
+            &'a WorldPre,
+            &'a mut Store<RequestState>,
+        ) -> futures::future::BoxFuture<'a, wasmtime::Result<Result<T, w::Error>>>,
+    {
+        let started = Instant::now();
+        let mut store = match self.store(models, grant.clone()) {
+            Ok(s) => s,
+            Err(e) => return Invocation { result: Err(e), provenance: Vec::new(), usage: UsageReport::default() },
+        };
+        let deadline = store.data().deadline;
+        // Belt and braces: the epoch callback stops wasm and host calls carry
+        // their own timeouts; this outer timeout bounds anything else.
+        let outcome = tokio::time::timeout_at((deadline + TICK * 20).into(), f(&module.pre, &mut store)).await;
+        let fuel_left = store.get_fuel().unwrap_or(0);
+        let state = store.data_mut();
+        let mut usage = std::mem::take(&mut state.usage);
+        usage.fuel = grant.fuel.saturating_sub(fuel_left);
+        usage.wall_ms = started.elapsed().as_millis() as u64;
+        let provenance = std::mem::take(&mut state.provenance);
+        let result = match outcome {
+            Err(_) => Err(Error::Deadline { limit_ms: grant.deadline.as_millis() as u64 }),
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(guest))) => Err(convert::module_error_in(guest)),
+            Ok(Err(trap)) => Err(classify(trap, state, &grant)),
+        };
+        let result = result.map_err(|e| match e {
+            Error::Deadline { .. } => Error::Deadline { limit_ms: grant.deadline.as_millis() as u64 },
+            other => other,
+        });
+        Invocation { result, provenance, usage }
+    }
+
+    /// Runs a `strategy` module's `run` on a fresh instance.
+    pub async fn run_strategy(
+        &self,
+        module: &Module,
+        models: Arc<dyn Models>,
+        grant: Arc<Grant>,
+        request: StrategyRequest,
+    ) -> Invocation<(String, BTreeMap<String, String>)> {
+        if !matches!(module.pre, WorldPre::Strategy(_)) {
+            return not_world(module, "strategy");
+        }
+        let out_cap = grant.output_bytes;
+        let req = request.to_wit();
+        let inv = self
+            .invoke(module, models, grant, move |pre, store| {
+                Box::pin(async move {
+                    let WorldPre::Strategy(pre) = pre else { unreachable!("checked above") };
+                    let inst = pre.instantiate_async(&mut *store).await?;
+                    inst.call_run(&mut *store, &req).await
+                })
+            })
+            .await;
+        let result = inv.result.and_then(|r| {
+            let size = r.text.len() as u64 + r.annotations.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+            if size > out_cap {
+                return Err(Error::budget("output-size", out_cap));
+            }
+            Ok((r.text, r.annotations.into_iter().collect()))
+        });
+        Invocation { result, provenance: inv.provenance, usage: inv.usage }
+    }
+
+    /// Runs a `strategy` module's `fit` on a fresh instance.
+    pub async fn fit_strategy(
+        &self,
+        module: &Module,
+        models: Arc<dyn Models>,
+        grant: Arc<Grant>,
+        dev: Vec<Example>,
+        config: BTreeMap<String, String>,
+    ) -> Invocation<Option<Vec<u8>>> {
+        if !matches!(module.pre, WorldPre::Strategy(_)) {
+            return not_world(module, "strategy");
+        }
+        let dev: Vec<w::Example> = dev
+            .into_iter()
+            .map(|e| w::Example { input: convert::input_out(&e.input), answer: e.answer, choices: e.choices })
+            .collect();
+        let config: Vec<(String, String)> = config.into_iter().collect();
+        self.invoke(module, models, grant, move |pre, store| {
+            Box::pin(async move {
+                let WorldPre::Strategy(pre) = pre else { unreachable!("checked above") };
+                let inst = pre.instantiate_async(&mut *store).await?;
+                inst.call_fit(&mut *store, &dev, &config).await
+            })
+        })
+        .await
+    }
+}
+
+/// The binary preamble: `\0asm`, then a version and a layer. Layer 0 is a core
+/// module, layer 1 a component.
+fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
+}
+
+fn is_core_module(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0]
+}
+
+fn not_world<T>(module: &Module, world: &str) -> Invocation<T> {
+    Invocation {
+        result: Err(Error::InvalidModule {
+            path: module.path.display().to_string(),
+            message: format!("is a {:?} module; this call needs a `{world}` module", module.manifest.world),
+        }),
+        provenance: Vec::new(),
+        usage: UsageReport::default(),
+    }
+}
+
+/// Turns a wasmtime error into the typed cause.
+fn classify(err: wasmtime::Error, state: &mut RequestState, grant: &Grant) -> Error {
+    if let Some(v) = state.violation.take() {
+        return v;
+    }
+    let stderr = String::from_utf8_lossy(&state.stderr.contents()).trim().to_string();
+    if let Some(trap) = err.downcast_ref::<Trap>() {
+        match trap {
+            Trap::OutOfFuel => return Error::Fuel { limit: grant.fuel },
+            Trap::Interrupt => return Error::Deadline { limit_ms: grant.deadline.as_millis() as u64 },
+            Trap::StackOverflow => return Error::Stack { limit: MAX_WASM_STACK as u64 },
+            _ => {}
+        }
+    }
+    if let Some(wasmtime::component::ResourceTableError::Full) = err.downcast_ref::<wasmtime::component::ResourceTableError>() {
+        return Error::budget("resources", grant.resources as u64);
+    }
+    let mut message = format!("{err:#}");
+    if !stderr.is_empty() {
+        message.push_str("; module stderr: ");
+        message.push_str(&stderr);
+    }
+    Error::Trap { message }
+}
+
+/// A request as a strategy sees it.
+#[derive(Debug, Clone)]
+pub struct StrategyRequest {
+    /// The question.
+    pub input: Input,
+    /// Decoding defaults.
+    pub params: crate::inference::GenParams,
+    /// Hyperparameters (manifest defaults overlaid with the caller's).
+    pub config: BTreeMap<String, String>,
+    /// Persisted `fit` state, if any.
+    pub state: Option<Vec<u8>>,
+}
+
+impl StrategyRequest {
+    fn to_wit(&self) -> w::Request {
+        w::Request {
+            input: convert::input_out(&self.input),
+            params: convert::params_out(&self.params),
+            config: self.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// One labelled dev example for `fit`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Example {
+    /// The question.
+    pub input: Input,
+    /// The reference answer.
+    pub answer: String,
+    /// Options, for multiple choice.
+    #[serde(default)]
+    pub choices: Vec<String>,
+}

@@ -1,0 +1,53 @@
+//! Shared set-up: one runtime over the real default pool for the whole
+//! binary (loading models once), and helpers to find installed modules.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use tessera::policy::Policy;
+use tessera::pool::PoolConfig;
+use tessera::sandbox::Module;
+use tessera::{Paths, Runtime};
+
+/// The chat model of the default pool.
+pub const SMOL: &str = "smollm2-135m-instruct";
+/// The embedder of the default pool.
+pub const MINILM: &str = "all-minilm-l6-v2";
+
+/// The shared runtime. Panics with the fix if the pool was not fetched.
+pub fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        let rt = Runtime::new(Paths::from_env(), &PoolConfig::default_pool(), Policy::default())
+            .expect("runtime starts");
+        assert!(
+            rt.pool_failures().is_empty(),
+            "the default pool must load (run `make setup`): {:?}",
+            rt.pool_failures().iter().map(|e| e.to_string()).collect::<Vec<_>>()
+        );
+        rt
+    })
+}
+
+/// Path of an installed hostile test module.
+pub fn hostile_path(name: &str) -> PathBuf {
+    Paths::from_env().modules.join("hostile").join(format!("{name}.wasm"))
+}
+
+/// Loads an installed hostile test module.
+pub fn hostile(name: &str) -> Arc<Module> {
+    runtime().load_module(&hostile_path(name).display().to_string()).expect("hostile module loads")
+}
+
+/// Loads an installed standard module or example by name.
+pub fn module(name: &str) -> Arc<Module> {
+    runtime().load_module(name).expect("module loads (run `make setup`)")
+}
+
+/// A fresh scratch directory.
+pub fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tessera-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}

@@ -1,0 +1,9 @@
+//! Tessera's integration tests: one binary, one module per topic. They run
+//! against the real default pool and the real compiled modules that
+//! `make setup` installs (under `$TESSERA_HOME`).
+
+mod cli;
+mod common;
+mod hostile;
+mod inference;
+mod strategies;

@@ -1,0 +1,123 @@
+//! The standard strategies and the SDK example, end to end on the real model.
+
+use tessera::{ProvenanceEvent, RunRequest};
+
+use crate::common::{module, runtime, SMOL};
+
+fn calls(p: &[ProvenanceEvent], call: &str) -> usize {
+    p.iter().filter(|e| matches!(e, ProvenanceEvent::HostCall { call: c, .. } if c == call)).count()
+}
+
+fn steps<'a>(p: &'a [ProvenanceEvent], role: &str) -> Vec<&'a str> {
+    p.iter()
+        .filter_map(|e| match e {
+            ProvenanceEvent::ModuleStep { role: r, note, .. } if r == role => Some(note.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn capital_question() -> RunRequest {
+    let mut req = RunRequest::chat("What is the capital of France? Answer with one word.");
+    req.params.seed = Some(7);
+    req.config.insert("k".into(), "3".into());
+    req.config.insert("max_tokens".into(), "16".into());
+    req
+}
+
+#[tokio::test]
+async fn majority_vote_votes_over_k_samples_and_reports_agreement() {
+    let m = module("majority-vote");
+    let out = runtime().run(&m, capital_question()).await.unwrap();
+    assert!(out.text.contains("Paris"), "{out:?}");
+    assert_eq!(calls(&out.provenance, "generate"), 3, "{:?}", out.provenance);
+    assert_eq!(steps(&out.provenance, "voter").len(), 3);
+    assert_eq!(steps(&out.provenance, "aggregator").len(), 1);
+    let agreement: f64 = out.annotations["agreement"].parse().unwrap();
+    assert!(agreement > 0.5 && agreement <= 1.0, "{:?}", out.annotations);
+    assert_eq!(out.annotations["answer"], "paris");
+    assert!(out.usage.completion_tokens > 0 && out.usage.host_calls >= 4);
+}
+
+#[tokio::test]
+async fn majority_vote_is_deterministic_under_a_seed() {
+    let m = module("majority-vote");
+    let a = runtime().run(&m, capital_question()).await.unwrap();
+    let b = runtime().run(&m, capital_question()).await.unwrap();
+    assert_eq!(a.text, b.text);
+    assert_eq!(a.annotations, b.annotations);
+}
+
+#[tokio::test]
+async fn majority_vote_rejects_bad_hyperparameters_by_name() {
+    let m = module("majority-vote");
+    let mut req = capital_question();
+    req.config.insert("k".into(), "lots".into());
+    let err = runtime().run(&m, req).await.unwrap_err();
+    assert_eq!(err.kind(), "invalid-params");
+    assert!(err.to_string().contains("`k`"), "{err}");
+}
+
+#[tokio::test]
+async fn prompt_router_routes_then_answers() {
+    let m = module("prompt-router");
+    let mut req = RunRequest::chat("What is the capital of France?");
+    req.params.max_tokens = Some(24);
+    let out = runtime().run(&m, req).await.unwrap();
+    assert_eq!(out.annotations["routed_to"], SMOL);
+    assert!(out.text.contains("Paris"), "{out:?}");
+    assert_eq!(steps(&out.provenance, "router").len(), 1, "{:?}", out.provenance);
+    assert_eq!(steps(&out.provenance, "answerer").len(), 1);
+    assert_eq!(calls(&out.provenance, "generate"), 2);
+}
+
+#[tokio::test]
+async fn prompt_router_rejects_an_unknown_router() {
+    let m = module("prompt-router");
+    let mut req = RunRequest::chat("hi");
+    req.config.insert("router".into(), "ghost".into());
+    let err = runtime().run(&m, req).await.unwrap_err();
+    assert_eq!(err.kind(), "invalid-params");
+}
+
+#[tokio::test]
+async fn the_sdk_example_answers() {
+    let m = module("first-responder");
+    let mut req = RunRequest::chat("What is the capital of France?");
+    req.params.max_tokens = Some(24);
+    let out = runtime().run(&m, req).await.unwrap();
+    assert!(out.text.contains("Paris"), "{out:?}");
+    assert_eq!(calls(&out.provenance, "generate"), 1);
+}
+
+#[tokio::test]
+async fn majority_vote_fit_state_is_persisted_and_handed_back() {
+    use tessera::inference::{Input, Message};
+    use tessera::policy::Policy;
+    use tessera::pool::PoolConfig;
+    use tessera::sandbox::Example;
+    use tessera::{Paths, Runtime};
+
+    // Own state directory, so other tests never see this state.
+    let mut paths = Paths::from_env();
+    paths.state = crate::common::scratch("fit-state");
+    let rt = Runtime::new(paths.clone(), &PoolConfig::default_pool(), Policy::default()).unwrap();
+    let m = rt.load_module("majority-vote").unwrap();
+    let q = |s: &str| Input::Chat(vec![Message::user(s)]);
+    let dev = vec![
+        Example { input: q("What is the capital of France? Answer with one word."), answer: "Paris".into(), choices: vec![] },
+        Example { input: q("What is 2 + 2? Answer with a number only."), answer: "4".into(), choices: vec![] },
+    ];
+    let config = [("max_tokens".to_string(), "8".to_string())].into();
+    assert!(rt.fit(&m, dev, config).await.unwrap(), "majority-vote keeps state");
+    let saved = std::fs::read(paths.state.join(format!("{}.state", m.sha256))).unwrap();
+    assert!(String::from_utf8_lossy(&saved).starts_with(SMOL), "{saved:?}");
+
+    // A new runtime (a restart) hands the state back to `run`.
+    let rt2 = Runtime::new(paths, &PoolConfig::default_pool(), Policy::default()).unwrap();
+    let m2 = rt2.load_module("majority-vote").unwrap();
+    let out = rt2.run(&m2, capital_question()).await.unwrap();
+    let tie = steps(&out.provenance, "tie-break");
+    assert_eq!(tie.len(), 1, "{:?}", out.provenance);
+    assert!(tie[0].contains(SMOL) && tie[0].contains("/2"), "{tie:?}");
+}
