@@ -40,16 +40,39 @@ impl Models for Instant0 {
             capabilities: vec!["generate".into()],
         }]
     }
-    fn generate(&self, _: CallCtx, m: &str, _: Input, _: GenParams) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+    fn generate(
+        &self,
+        _: CallCtx,
+        m: &str,
+        _: Input,
+        _: GenParams,
+    ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
         let m = m.to_string();
         Box::pin(async move {
-            Ok(Generation { model: m, text: "ok".into(), finish: tessera::inference::FinishReason::Eos, usage: Default::default() })
+            Ok(Generation {
+                model: m,
+                text: "ok".into(),
+                finish: tessera::inference::FinishReason::Eos,
+                usage: Default::default(),
+            })
         })
     }
-    fn score(&self, _: CallCtx, _: &str, _: Input, _: Vec<String>) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
+    fn score(
+        &self,
+        _: CallCtx,
+        _: &str,
+        _: Input,
+        _: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
         Box::pin(async { Ok(vec![]) })
     }
-    fn next_token(&self, _: CallCtx, _: &str, _: Input, _: u32) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
+    fn next_token(
+        &self,
+        _: CallCtx,
+        _: &str,
+        _: Input,
+        _: u32,
+    ) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
         Box::pin(async { Ok(vec![]) })
     }
     fn embed(&self, _: CallCtx, _: &str, _: Vec<String>) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
@@ -58,13 +81,23 @@ impl Models for Instant0 {
 }
 
 fn ping_path() -> String {
-    Paths::from_env().modules.join("bench").join("ping.wasm").display().to_string()
+    Paths::from_env()
+        .modules
+        .join("bench")
+        .join("ping.wasm")
+        .display()
+        .to_string()
 }
 
 fn sandbox_overhead(c: &mut Criterion) {
-    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
     let rt = Runtime::with_models(Paths::from_env(), Arc::new(Instant0), Policy::default(), vec![]).expect("runtime");
-    let ping = rt.load_module(&ping_path()).expect("bench module installed by `make setup`");
+    let ping = rt
+        .load_module(&ping_path())
+        .expect("bench module installed by `make setup`");
     let req = |calls: u32| {
         let mut r = RunRequest::chat("x");
         r.config.insert("calls".into(), calls.to_string());
@@ -83,7 +116,9 @@ fn sandbox_overhead(c: &mut Criterion) {
 /// Majority vote written natively against the pool: the baseline the
 /// sandboxed module is compared with. Same jobs, same seeds, same helpers.
 async fn native_majority_vote(models: &Arc<dyn Models>, model: &str, q: &str, k: usize) -> String {
-    let ctx = CallCtx { deadline: Instant::now() + Duration::from_secs(300) };
+    let ctx = CallCtx {
+        deadline: Instant::now() + Duration::from_secs(300),
+    };
     let futs = (0..k).map(|i| {
         let params = GenParams {
             max_tokens: Some(16),
@@ -94,16 +129,25 @@ async fn native_majority_vote(models: &Arc<dyn Models>, model: &str, q: &str, k:
         };
         models.generate(ctx, model, Input::Chat(vec![Message::user(q)]), params)
     });
-    let gens: Vec<Generation> = futures::future::join_all(futs).await.into_iter().filter_map(Result::ok).collect();
+    let gens: Vec<Generation> = futures::future::join_all(futs)
+        .await
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
     let answers: Vec<String> = gens.iter().map(|g| extract(&g.text)).collect();
     let t = vote(&answers, &[]).expect("some answer");
     gens[t.winner].text.clone()
 }
 
 fn majority_vote_native_vs_sandbox(c: &mut Criterion) {
-    let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio");
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
     let rt = Runtime::new(Paths::from_env(), &PoolConfig::default_pool(), Policy::default()).expect("runtime");
-    let mv = rt.load_module("majority-vote").expect("majority-vote installed by `make setup`");
+    let mv = rt
+        .load_module("majority-vote")
+        .expect("majority-vote installed by `make setup`");
     let q = "What is the capital of France? Answer with one word.";
     let models = rt.models();
     let mut req = RunRequest::chat(q);
@@ -114,7 +158,9 @@ fn majority_vote_native_vs_sandbox(c: &mut Criterion) {
     g.bench_function("native", |b| {
         b.iter(|| tokio.block_on(native_majority_vote(&models, "smollm2-135m-instruct", q, 3)))
     });
-    g.bench_function("sandbox", |b| b.iter(|| tokio.block_on(rt.run(&mv, req.clone())).expect("runs")));
+    g.bench_function("sandbox", |b| {
+        b.iter(|| tokio.block_on(rt.run(&mv, req.clone())).expect("runs"))
+    });
     g.finish();
 }
 

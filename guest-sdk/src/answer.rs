@@ -65,7 +65,13 @@ pub fn normalize(s: &str) -> String {
     let lowered: String = s
         .to_lowercase()
         .chars()
-        .map(|c| if c.is_alphanumeric() || c.is_whitespace() { c } else { ' ' })
+        .map(|c| {
+            if c.is_alphanumeric() || c.is_whitespace() {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect();
     lowered
         .split_whitespace()
@@ -122,7 +128,10 @@ mod tests {
 
     #[test]
     fn boxed_keeps_nested_braces_and_takes_the_last() {
-        assert_eq!(last_boxed(r"so \boxed{\frac{1}{2}} done").as_deref(), Some(r"\frac{1}{2}"));
+        assert_eq!(
+            last_boxed(r"so \boxed{\frac{1}{2}} done").as_deref(),
+            Some(r"\frac{1}{2}")
+        );
         assert_eq!(last_boxed(r"\boxed{1} then \boxed{2}").as_deref(), Some("2"));
         assert_eq!(last_boxed(r"\box{7}").as_deref(), Some("7"));
         assert_eq!(last_boxed(r"\boxed{unclosed"), None);
@@ -144,7 +153,10 @@ mod tests {
 
     #[test]
     fn vote_counts_normal_forms_and_breaks_ties_by_priority() {
-        let a: Vec<String> = ["Paris", "paris.", "Lyon", "", "Lyon"].iter().map(|s| s.to_string()).collect();
+        let a: Vec<String> = ["Paris", "paris.", "Lyon", "", "Lyon"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let t = vote(&a, &[]).unwrap();
         assert_eq!((t.answer.as_str(), t.votes, t.winner), ("paris", 2, 0));
         // Tie 2-2: priority says voter 2 (Lyon) is the better-ranked member.

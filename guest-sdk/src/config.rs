@@ -24,10 +24,12 @@ impl Config {
     pub fn parse<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, Error> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v
-                .trim()
-                .parse()
-                .map_err(|_| Error::InvalidParams(format!("config `{key}` = `{v}` is not a valid {}", std::any::type_name::<T>()))),
+            Some(v) => v.trim().parse().map_err(|_| {
+                Error::InvalidParams(format!(
+                    "config `{key}` = `{v}` is not a valid {}",
+                    std::any::type_name::<T>()
+                ))
+            }),
         }
     }
 }
@@ -38,7 +40,11 @@ mod tests {
 
     #[test]
     fn later_pairs_win_and_bad_values_name_the_key() {
-        let c = Config::from_pairs(vec![("k".into(), "3".into()), ("k".into(), "5".into()), ("t".into(), "x".into())]);
+        let c = Config::from_pairs(vec![
+            ("k".into(), "3".into()),
+            ("k".into(), "5".into()),
+            ("t".into(), "x".into()),
+        ]);
         assert_eq!(c.parse::<u32>("k", 1).unwrap(), 5);
         assert_eq!(c.parse::<u32>("missing", 7).unwrap(), 7);
         match c.parse::<f32>("t", 0.0) {

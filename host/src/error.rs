@@ -18,7 +18,9 @@ pub enum Error {
         limit_ms: u64,
     },
     /// The module executed more instructions than its fuel allows.
-    #[error("fuel exhausted: the module executed more than its {limit} units of fuel (raise `fuel`, or fix a runaway loop)")]
+    #[error(
+        "fuel exhausted: the module executed more than its {limit} units of fuel (raise `fuel`, or fix a runaway loop)"
+    )]
     Fuel {
         /// The granted fuel.
         limit: u64,
@@ -126,12 +128,17 @@ impl Error {
 
     /// Shorthand for [`Error::Config`].
     pub fn config(message: impl Into<String>) -> Self {
-        Error::Config { message: message.into() }
+        Error::Config {
+            message: message.into(),
+        }
     }
 
     /// Shorthand for [`Error::Budget`].
     pub fn budget(budget: &str, limit: u64) -> Self {
-        Error::Budget { budget: budget.into(), limit }
+        Error::Budget {
+            budget: budget.into(),
+            limit,
+        }
     }
 }
 

@@ -41,7 +41,9 @@ impl Paths {
     /// `$TESSERA_HOME`, else `~/.cache/tessera`.
     pub fn from_env() -> Self {
         let home = std::env::var_os("TESSERA_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+            let base = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir);
             base.join(".cache").join("tessera")
         });
         Self::under(&home)
@@ -73,7 +75,13 @@ impl Runtime {
         pool_failures: Vec<PoolError>,
     ) -> Result<Self, Error> {
         let sandbox = Sandbox::new(&paths.components)?;
-        Ok(Runtime { sandbox, models, policy, paths, pool_failures })
+        Ok(Runtime {
+            sandbox,
+            models,
+            policy,
+            paths,
+            pool_failures,
+        })
     }
 
     /// Members that did not load, with reasons.
@@ -118,7 +126,9 @@ impl Runtime {
         }
         let manifest_path = wasm.with_extension("toml");
         let manifest = Manifest::from_file(&manifest_path).map_err(|e| {
-            Error::config(format!("module manifest: {e} (every .wasm needs a manifest NAME.toml beside it)"))
+            Error::config(format!(
+                "module manifest: {e} (every .wasm needs a manifest NAME.toml beside it)"
+            ))
         })?;
         self.sandbox.load(&wasm, manifest).map(Arc::new)
     }
@@ -138,24 +148,46 @@ impl Runtime {
         let mut config: BTreeMap<String, String> = module.manifest.config.clone();
         config.extend(req.config);
         let state = std::fs::read(self.state_path(module)).ok();
-        let sreq = StrategyRequest { input: req.input, params: req.params, config, state };
-        let inv = self.sandbox.run_strategy(module, self.models.clone(), grant, sreq).await;
+        let sreq = StrategyRequest {
+            input: req.input,
+            params: req.params,
+            config,
+            state,
+        };
+        let inv = self
+            .sandbox
+            .run_strategy(module, self.models.clone(), grant, sreq)
+            .await;
         let (text, annotations) = inv.result?;
-        Ok(RunOutcome { text, annotations, provenance: inv.provenance, usage: inv.usage })
+        Ok(RunOutcome {
+            text,
+            annotations,
+            provenance: inv.provenance,
+            usage: inv.usage,
+        })
     }
 
     /// Runs the module's `fit` on `dev` and persists the returned state
     /// (atomically), so later `run`s receive it.
-    pub async fn fit(&self, module: &Module, dev: Vec<Example>, config: BTreeMap<String, String>) -> Result<bool, Error> {
+    pub async fn fit(
+        &self,
+        module: &Module,
+        dev: Vec<Example>,
+        config: BTreeMap<String, String>,
+    ) -> Result<bool, Error> {
         let grant = Arc::new(self.policy.grant(&module.manifest, &self.pool_ids()));
         let mut cfg = module.manifest.config.clone();
         cfg.extend(config);
-        let inv = self.sandbox.fit_strategy(module, self.models.clone(), grant, dev, cfg).await;
+        let inv = self
+            .sandbox
+            .fit_strategy(module, self.models.clone(), grant, dev, cfg)
+            .await;
         match inv.result? {
             None => Ok(false),
             Some(bytes) => {
                 let path = self.state_path(module);
-                std::fs::create_dir_all(&self.paths.state).map_err(|e| Error::config(format!("{}: {e}", self.paths.state.display())))?;
+                std::fs::create_dir_all(&self.paths.state)
+                    .map_err(|e| Error::config(format!("{}: {e}", self.paths.state.display())))?;
                 let tmp = path.with_extension("tmp");
                 std::fs::write(&tmp, &bytes)
                     .and_then(|_| std::fs::rename(&tmp, &path))

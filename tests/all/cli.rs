@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn tessera(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .expect("runs");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -14,7 +17,14 @@ fn tessera(args: &[&str]) -> (bool, String, String) {
 #[test]
 fn run_json_has_text_provenance_and_usage() {
     let (ok, out, err) = tessera(&[
-        "run", "--strategy", "first-responder", "--prompt", "What is the capital of France?", "--max-tokens", "16", "--json",
+        "run",
+        "--strategy",
+        "first-responder",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "16",
+        "--json",
     ]);
     assert!(ok, "stderr: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -25,7 +35,19 @@ fn run_json_has_text_provenance_and_usage() {
 
 #[test]
 fn plain_run_prints_the_answer() {
-    let (ok, out, err) = tessera(&["run", "--strategy", "majority-vote", "--prompt", "What is the capital of France?", "--set", "k=2", "--set", "max_tokens=12", "--seed", "3"]);
+    let (ok, out, err) = tessera(&[
+        "run",
+        "--strategy",
+        "majority-vote",
+        "--prompt",
+        "What is the capital of France?",
+        "--set",
+        "k=2",
+        "--set",
+        "max_tokens=12",
+        "--seed",
+        "3",
+    ]);
     assert!(ok, "stderr: {err}");
     assert!(out.contains("Paris") && out.contains("agreement"), "{out}");
 }
@@ -38,7 +60,14 @@ fn failures_exit_nonzero_with_a_typed_json_error() {
     assert_eq!(v["error"]["kind"], "config");
     assert!(v["error"]["message"].as_str().unwrap().contains("no-such-strategy"));
 
-    let (ok, _, err) = tessera(&["run", "--strategy", "first-responder", "--prompt", "x", "--temperature", "-2"]);
+    let (ok, _, err) = tessera(&[
+        "run",
+        "--strategy",
+        "first-responder",
+        "--prompt",
+        "x",
+        "--temperature=-2",
+    ]);
     assert!(!ok);
     assert!(err.contains("invalid-params") && err.contains("temperature"), "{err}");
 }
@@ -48,7 +77,12 @@ fn pool_list_shows_the_cards() {
     let (ok, out, err) = tessera(&["pool", "list", "--json"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let ids: Vec<&str> = v.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["smollm2-135m-instruct", "all-minilm-l6-v2"]);
     assert_eq!(v[0]["architecture"], "llama");
     assert!(v[0]["parameters"].as_u64().unwrap() > 100_000_000);

@@ -18,8 +18,8 @@ pub const MINILM: &str = "all-minilm-l6-v2";
 pub fn runtime() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        let rt = Runtime::new(Paths::from_env(), &PoolConfig::default_pool(), Policy::default())
-            .expect("runtime starts");
+        let rt =
+            Runtime::new(Paths::from_env(), &PoolConfig::default_pool(), Policy::default()).expect("runtime starts");
         assert!(
             rt.pool_failures().is_empty(),
             "the default pool must load (run `make setup`): {:?}",
@@ -36,7 +36,9 @@ pub fn hostile_path(name: &str) -> PathBuf {
 
 /// Loads an installed hostile test module.
 pub fn hostile(name: &str) -> Arc<Module> {
-    runtime().load_module(&hostile_path(name).display().to_string()).expect("hostile module loads")
+    runtime()
+        .load_module(&hostile_path(name).display().to_string())
+        .expect("hostile module loads")
 }
 
 /// Loads an installed standard module or example by name.

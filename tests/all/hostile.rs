@@ -12,13 +12,19 @@ async fn benign() {
     let m = module("first-responder");
     let mut req = RunRequest::chat("Say hi.");
     req.params.max_tokens = Some(4);
-    let out = runtime().run(&m, req).await.expect("benign request after a hostile one");
+    let out = runtime()
+        .run(&m, req)
+        .await
+        .expect("benign request after a hostile one");
     assert!(out.usage.completion_tokens > 0);
 }
 
 async fn contained(name: &str) -> Error {
     let m = hostile(name);
-    let err = runtime().run(&m, RunRequest::chat("go")).await.expect_err("hostile module must fail");
+    let err = runtime()
+        .run(&m, RunRequest::chat("go"))
+        .await
+        .expect_err("hostile module must fail");
     benign().await;
     err
 }
@@ -30,7 +36,10 @@ async fn infinite_loop_is_stopped_at_the_deadline() {
     let err = runtime().run(&m, RunRequest::chat("go")).await.unwrap_err();
     let took = start.elapsed();
     assert!(matches!(err, Error::Deadline { limit_ms: 500 }), "{err:?}");
-    assert!(took < Duration::from_millis(600), "stopped after {took:?}, deadline 500 ms");
+    assert!(
+        took < Duration::from_millis(600),
+        "stopped after {took:?}, deadline 500 ms"
+    );
     benign().await;
 }
 
@@ -43,7 +52,9 @@ async fn infinite_loop_runs_out_of_fuel_under_a_small_fuel_grant() {
         "name='spin'\nversion='0.1.0'\nauthor='t'\nworld='strategy'\ndescription='loop'\n[budgets]\nfuel=5000000\ndeadline_ms=10000\n",
     )
     .unwrap();
-    let m = runtime().load_module(&dir.join("spin.wasm").display().to_string()).unwrap();
+    let m = runtime()
+        .load_module(&dir.join("spin.wasm").display().to_string())
+        .unwrap();
     let err = runtime().run(&m, RunRequest::chat("go")).await.unwrap_err();
     assert!(matches!(err, Error::Fuel { limit: 5_000_000 }), "{err:?}");
 }
@@ -51,7 +62,10 @@ async fn infinite_loop_runs_out_of_fuel_under_a_small_fuel_grant() {
 #[tokio::test]
 async fn memory_bomb_hits_the_memory_cap() {
     let err = contained("memory-bomb").await;
-    assert!(matches!(err, Error::Memory { limit, .. } if limit == 32 << 20), "{err:?}");
+    assert!(
+        matches!(err, Error::Memory { limit, .. } if limit == 32 << 20),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -63,37 +77,55 @@ async fn deep_recursion_overflows_the_stack() {
 #[tokio::test]
 async fn resource_flood_hits_the_table_cap() {
     let err = contained("resource-flood").await;
-    assert!(matches!(&err, Error::Budget { budget, limit: 32 } if budget == "resources"), "{err:?}");
+    assert!(
+        matches!(&err, Error::Budget { budget, limit: 32 } if budget == "resources"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
 async fn calling_an_ungranted_model_is_not_permitted() {
     let err = contained("forbidden-model").await;
-    assert!(matches!(&err, Error::NotPermitted { model } if model == "smollm2-135m-instruct"), "{err:?}");
+    assert!(
+        matches!(&err, Error::NotPermitted { model } if model == "smollm2-135m-instruct"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
 async fn token_budget_is_enforced() {
     let err = contained("token-hog").await;
-    assert!(matches!(&err, Error::Budget { budget, limit: 64 } if budget == "tokens"), "{err:?}");
+    assert!(
+        matches!(&err, Error::Budget { budget, limit: 64 } if budget == "tokens"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
 async fn host_call_budget_is_enforced() {
     let err = contained("call-flood").await;
-    assert!(matches!(&err, Error::Budget { budget, limit: 50 } if budget == "host-calls"), "{err:?}");
+    assert!(
+        matches!(&err, Error::Budget { budget, limit: 50 } if budget == "host-calls"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
 async fn gigantic_output_is_refused() {
     let err = contained("giant-output").await;
-    assert!(matches!(&err, Error::Budget { budget, limit: 1048576 } if budget == "output-size"), "{err:?}");
+    assert!(
+        matches!(&err, Error::Budget { budget, limit: 1048576 } if budget == "output-size"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_trap_is_reported_with_the_module_message() {
     let err = contained("trap").await;
-    assert!(matches!(&err, Error::Trap { message } if message.contains("gave up on purpose")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Trap { message } if message.contains("gave up on purpose")),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,23 +160,31 @@ async fn invalid_modules_are_refused_at_load() {
     let manifest = "name='x'\nversion='0.1.0'\nauthor='t'\nworld='strategy'\ndescription='d'\n";
     std::fs::write(dir.join("junk.wasm"), b"definitely not wasm").unwrap();
     std::fs::write(dir.join("junk.toml"), manifest).unwrap();
-    let err = runtime().load_module(&dir.join("junk.wasm").display().to_string()).unwrap_err();
+    let err = runtime()
+        .load_module(&dir.join("junk.wasm").display().to_string())
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidModule { .. }), "{err:?}");
 
     // A core module (not a component) gets told how to build a component.
     std::fs::write(dir.join("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
     std::fs::write(dir.join("core.toml"), manifest).unwrap();
-    let err = runtime().load_module(&dir.join("core.wasm").display().to_string()).unwrap_err();
+    let err = runtime()
+        .load_module(&dir.join("core.wasm").display().to_string())
+        .unwrap_err();
     assert!(err.to_string().contains("wasm32-wasip2"), "{err}");
 
     // A strategy that claims to be a judge does not implement the judge world.
     std::fs::copy(hostile_path("trap"), dir.join("liar.wasm")).unwrap();
     std::fs::write(dir.join("liar.toml"), manifest.replace("strategy", "judge")).unwrap();
-    let err = runtime().load_module(&dir.join("liar.wasm").display().to_string()).unwrap_err();
+    let err = runtime()
+        .load_module(&dir.join("liar.wasm").display().to_string())
+        .unwrap_err();
     assert!(err.to_string().contains("Judge"), "{err}");
 
     // A .wasm without a manifest names the missing file.
     std::fs::copy(hostile_path("trap"), dir.join("bare.wasm")).unwrap();
-    let err = runtime().load_module(&dir.join("bare.wasm").display().to_string()).unwrap_err();
+    let err = runtime()
+        .load_module(&dir.join("bare.wasm").display().to_string())
+        .unwrap_err();
     assert!(err.to_string().contains("bare.toml"), "{err}");
 }

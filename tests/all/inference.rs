@@ -7,7 +7,9 @@ use tessera::inference::{CallCtx, GenParams, InferenceError, Input, Message};
 use crate::common::{runtime, MINILM, SMOL};
 
 fn ctx() -> CallCtx {
-    CallCtx { deadline: Instant::now() + Duration::from_secs(120) }
+    CallCtx {
+        deadline: Instant::now() + Duration::from_secs(120),
+    }
 }
 
 fn chat(q: &str) -> Input {
@@ -18,7 +20,15 @@ fn chat(q: &str) -> Input {
 async fn greedy_answers_paris() {
     let m = runtime().models();
     let g = m
-        .generate(ctx(), SMOL, chat("What is the capital of France?"), GenParams { max_tokens: Some(24), ..Default::default() })
+        .generate(
+            ctx(),
+            SMOL,
+            chat("What is the capital of France?"),
+            GenParams {
+                max_tokens: Some(24),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert!(g.text.contains("Paris"), "got {:?}", g.text);
@@ -50,8 +60,15 @@ async fn same_seed_same_text_and_seeds_differ() {
 #[tokio::test]
 async fn stop_sequences_cut_the_text() {
     let m = runtime().models();
-    let params = GenParams { max_tokens: Some(20), stop: vec![",".into()], ..Default::default() };
-    let g = m.generate(ctx(), SMOL, Input::Prompt("1, 2, 3, 4,".into()), params).await.unwrap();
+    let params = GenParams {
+        max_tokens: Some(20),
+        stop: vec![",".into()],
+        ..Default::default()
+    };
+    let g = m
+        .generate(ctx(), SMOL, Input::Prompt("1, 2, 3, 4,".into()), params)
+        .await
+        .unwrap();
     assert_eq!(g.finish, tessera::inference::FinishReason::StopSequence, "{g:?}");
     assert!(!g.text.contains(','), "{:?}", g.text);
     assert_eq!(g.text.trim(), "5");
@@ -61,7 +78,12 @@ async fn stop_sequences_cut_the_text() {
 async fn score_prefers_the_right_continuation() {
     let m = runtime().models();
     let s = m
-        .score(ctx(), SMOL, Input::Prompt("The capital of France is".into()), vec![" Paris".into(), " London".into(), " a city in Europe".into()])
+        .score(
+            ctx(),
+            SMOL,
+            Input::Prompt("The capital of France is".into()),
+            vec![" Paris".into(), " London".into(), " a city in Europe".into()],
+        )
         .await
         .unwrap();
     assert_eq!(s.len(), 3);
@@ -74,7 +96,10 @@ async fn score_prefers_the_right_continuation() {
 async fn next_token_matches_llama_cpp_top1() {
     // llama.cpp on the same file: top-1 " Paris" at log-prob -0.26.
     let m = runtime().models();
-    let top = m.next_token(ctx(), SMOL, Input::Prompt("The capital of France is".into()), 5).await.unwrap();
+    let top = m
+        .next_token(ctx(), SMOL, Input::Prompt("The capital of France is".into()), 5)
+        .await
+        .unwrap();
     assert_eq!(top.len(), 5);
     assert_eq!(top[0].text, " Paris", "{top:?}");
     assert!((top[0].logprob - -0.26).abs() < 0.45, "{top:?}");
@@ -84,8 +109,15 @@ async fn next_token_matches_llama_cpp_top1() {
 #[tokio::test]
 async fn embeddings_match_the_known_cosines() {
     let m = runtime().models();
-    let texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today."];
-    let v = m.embed(ctx(), MINILM, texts.iter().map(|s| s.to_string()).collect()).await.unwrap();
+    let texts = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The stock market fell sharply today.",
+    ];
+    let v = m
+        .embed(ctx(), MINILM, texts.iter().map(|s| s.to_string()).collect())
+        .await
+        .unwrap();
     let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     assert_eq!(v[0].len(), 384);
     let close = cos(&v[0], &v[1]);
@@ -97,18 +129,40 @@ async fn embeddings_match_the_known_cosines() {
 #[tokio::test]
 async fn bad_calls_get_typed_errors() {
     let m = runtime().models();
-    let e = m.generate(ctx(), "no-such-model", chat("hi"), GenParams::default()).await.unwrap_err();
-    assert!(matches!(e, InferenceError::UnknownModel(_)), "{e:?}");
     let e = m
-        .generate(ctx(), SMOL, chat("hi"), GenParams { temperature: Some(-1.0), ..Default::default() })
+        .generate(ctx(), "no-such-model", chat("hi"), GenParams::default())
         .await
         .unwrap_err();
-    assert!(matches!(&e, InferenceError::InvalidParams(m) if m.contains("temperature")), "{e:?}");
+    assert!(matches!(e, InferenceError::UnknownModel(_)), "{e:?}");
+    let e = m
+        .generate(
+            ctx(),
+            SMOL,
+            chat("hi"),
+            GenParams {
+                temperature: Some(-1.0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, InferenceError::InvalidParams(m) if m.contains("temperature")),
+        "{e:?}"
+    );
     let e = m.embed(ctx(), SMOL, vec!["x".into()]).await.unwrap_err();
     assert!(matches!(e, InferenceError::Unsupported(_)), "{e:?}");
-    let e = m.generate(ctx(), MINILM, chat("hi"), GenParams::default()).await.unwrap_err();
+    let e = m
+        .generate(ctx(), MINILM, chat("hi"), GenParams::default())
+        .await
+        .unwrap_err();
     assert!(matches!(e, InferenceError::Unsupported(_)), "{e:?}");
-    let past = CallCtx { deadline: Instant::now() };
-    let e = m.generate(past, SMOL, chat("hi"), GenParams::default()).await.unwrap_err();
+    let past = CallCtx {
+        deadline: Instant::now(),
+    };
+    let e = m
+        .generate(past, SMOL, chat("hi"), GenParams::default())
+        .await
+        .unwrap_err();
     assert_eq!(e, InferenceError::Deadline);
 }

@@ -12,8 +12,15 @@ impl Strategy for FirstResponder {
             .next()
             .ok_or_else(|| Error::ModuleFailed("the pool has no generative member".into()))?;
         let answer = generate(&member.id, &req.input, &req.params)?;
-        trace(Some(&member.id), "answerer", format!("{} tokens", answer.usage.completion_tokens));
-        Ok(Response { text: answer.text, annotations: vec![] })
+        trace(
+            Some(&member.id),
+            "answerer",
+            format!("{} tokens", answer.usage.completion_tokens),
+        );
+        Ok(Response {
+            text: answer.text,
+            annotations: vec![],
+        })
     }
 }
 

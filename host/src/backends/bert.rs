@@ -39,16 +39,19 @@ impl BertEmbedder {
     /// Loads the directory; the error names the file and the problem.
     pub fn load(dir: &Path) -> Result<Self, String> {
         let cfg_path = dir.join("config.json");
-        let cfg_text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| format!("{}: cannot read: {e}", cfg_path.display()))?;
-        let config: Config = serde_json::from_str(&cfg_text)
-            .map_err(|e| format!("{}: not a BERT config: {e}", cfg_path.display()))?;
+        let cfg_text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: cannot read: {e}", cfg_path.display()))?;
+        let config: Config =
+            serde_json::from_str(&cfg_text).map_err(|e| format!("{}: not a BERT config: {e}", cfg_path.display()))?;
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| format!("{}: cannot load tokenizer: {e}", tok_path.display()))?;
         tokenizer.with_padding(None);
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length: MAX_TOKENS, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: MAX_TOKENS,
+                ..Default::default()
+            }))
             .map_err(|e| format!("{}: {e}", tok_path.display()))?;
         let weights = dir.join("model.safetensors");
         let device = Device::Cpu;
@@ -58,7 +61,13 @@ impl BertEmbedder {
             .map_err(|e| format!("{}: {e}", weights.display()))?;
         let model = BertModel::load(vb, &config).map_err(|e| format!("{}: {e}", weights.display()))?;
         let parameters = safetensors_param_count(&weights).unwrap_or(0);
-        Ok(Self { model, tokenizer, device, dim: config.hidden_size, parameters })
+        Ok(Self {
+            model,
+            tokenizer,
+            device,
+            dim: config.hidden_size,
+            parameters,
+        })
     }
 
     /// One L2-normalised vector per text.
@@ -69,7 +78,9 @@ impl BertEmbedder {
                 return Err(InferenceError::Deadline);
             }
             let enc = self.tokenizer.encode(text.as_str(), true).map_err(failed)?;
-            let ids = Tensor::new(enc.get_ids(), &self.device).and_then(|t| t.unsqueeze(0)).map_err(failed)?;
+            let ids = Tensor::new(enc.get_ids(), &self.device)
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(failed)?;
             let types = ids.zeros_like().map_err(failed)?;
             let hidden = self.model.forward(&ids, &types, None).map_err(failed)?;
             let pooled = hidden.mean(1).and_then(|t| t.squeeze(0)).map_err(failed)?;
@@ -98,7 +109,11 @@ fn safetensors_param_count(path: &Path) -> Option<u64> {
         .as_object()?
         .iter()
         .filter(|(k, _)| *k != "__metadata__")
-        .filter_map(|(_, t)| t.get("shape")?.as_array().map(|s| s.iter().filter_map(|d| d.as_u64()).product::<u64>()))
+        .filter_map(|(_, t)| {
+            t.get("shape")?
+                .as_array()
+                .map(|s| s.iter().filter_map(|d| d.as_u64()).product::<u64>())
+        })
         .sum();
     Some(total)
 }

@@ -23,7 +23,9 @@ impl Backend {
             Backend::Gguf(_) => "a generative model",
             Backend::Bert(_) => "an embedding model",
         };
-        InferenceError::Unsupported(format!("{kind} cannot `{what}`: pick a member whose card lists `{what}`"))
+        InferenceError::Unsupported(format!(
+            "{kind} cannot `{what}`: pick a member whose card lists `{what}`"
+        ))
     }
 
     /// See [`gguf::GgufModel::generate`].

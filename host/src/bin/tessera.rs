@@ -11,7 +11,11 @@ use tessera::pool::PoolConfig;
 use tessera::{Error, Paths, RunRequest, Runtime};
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Run collaboration strategies over a pool of contributed models, sandboxed")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Run collaboration strategies over a pool of contributed models, sandboxed"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -90,7 +94,8 @@ struct RunArgs {
 fn load_setup(setup: &Setup) -> Result<(PoolConfig, Policy), Error> {
     let pool = match &setup.pool {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::config(format!("pool file {}: {e}", p.display())))?;
+            let text =
+                std::fs::read_to_string(p).map_err(|e| Error::config(format!("pool file {}: {e}", p.display())))?;
             PoolConfig::from_toml(&text).map_err(|e| Error::config(format!("{}: {e}", p.display())))?
         }
         None => PoolConfig::from_toml(tessera::pool::DEFAULT_POOL_TOML).map_err(|e| Error::config(e.to_string()))?,
@@ -131,7 +136,10 @@ async fn run(args: RunArgs) -> Result<String, Error> {
     }
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
-        messages.push(Message { role: "system".into(), content: s.clone() });
+        messages.push(Message {
+            role: "system".into(),
+            content: s.clone(),
+        });
     }
     messages.push(Message::user(args.prompt.clone()));
     let params = GenParams {
@@ -143,11 +151,26 @@ async fn run(args: RunArgs) -> Result<String, Error> {
         stop: Vec::new(),
     };
     let rt = runtime(&args.setup)?;
-    if rt.cards().iter().all(|c| !c.capabilities.iter().any(|x| x == "generate")) {
-        return Err(Error::config("no generative member loaded: run `make setup` to fetch the default pool"));
+    if rt
+        .cards()
+        .iter()
+        .all(|c| !c.capabilities.iter().any(|x| x == "generate"))
+    {
+        return Err(Error::config(
+            "no generative member loaded: run `make setup` to fetch the default pool",
+        ));
     }
     let module = rt.load_module(&args.strategy)?;
-    let out = rt.run(&module, RunRequest { input: Input::Chat(messages), params, config }).await?;
+    let out = rt
+        .run(
+            &module,
+            RunRequest {
+                input: Input::Chat(messages),
+                params,
+                config,
+            },
+        )
+        .await?;
     if args.json {
         Ok(serde_json::to_string_pretty(&out).map_err(|e| Error::config(e.to_string()))?)
     } else {
@@ -165,7 +188,10 @@ fn pool_list(setup: &Setup, json: bool) -> Result<String, Error> {
     if json {
         return serde_json::to_string_pretty(&cards).map_err(|e| Error::config(e.to_string()));
     }
-    let mut s = format!("{:<24} {:<8} {:>7} {:>6}  {:<28} {}\n", "ID", "ARCH", "PARAMS", "CTX", "CAPABILITIES", "CONTRIBUTOR / LICENSE");
+    let mut s = format!(
+        "{:<24} {:<8} {:>7} {:>6}  {:<28} {}\n",
+        "ID", "ARCH", "PARAMS", "CTX", "CAPABILITIES", "CONTRIBUTOR / LICENSE"
+    );
     for c in &cards {
         s.push_str(&format!(
             "{:<24} {:<8} {:>6.0}M {:>6}  {:<28} {} / {}\n    {}\n",
@@ -197,7 +223,9 @@ fn main() -> ExitCode {
             let json = args.json;
             (json, rt.block_on(run(args)))
         }
-        Command::Pool { command: PoolCommand::List { setup, json } } => (json, pool_list(&setup, json)),
+        Command::Pool {
+            command: PoolCommand::List { setup, json },
+        } => (json, pool_list(&setup, json)),
     };
     match result {
         Ok(s) => {

@@ -24,7 +24,10 @@ pub struct Message {
 impl Message {
     /// A `user` turn.
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: "user".into(), content: content.into() }
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
     }
 }
 

@@ -242,7 +242,12 @@ mod tests {
     #[test]
     fn grant_is_the_intersection() {
         let mut policy = Policy::default();
-        policy.modules.insert("m".into(), ModulePolicy { models: Some(vec!["a".into(), "b".into()]) });
+        policy.modules.insert(
+            "m".into(),
+            ModulePolicy {
+                models: Some(vec!["a".into(), "b".into()]),
+            },
+        );
         let pool = vec!["a".to_string(), "b".into(), "c".into()];
         let g = policy.grant(&manifest(&["b", "c"], Budgets::default()), &pool);
         assert_eq!(g.models, vec!["b".to_string()]);
@@ -251,7 +256,11 @@ mod tests {
     #[test]
     fn asks_are_capped_by_maxima_and_defaults_fill_gaps() {
         let policy = Policy::default();
-        let ask = Budgets { tokens: Some(10_000_000), host_calls: Some(3), ..Default::default() };
+        let ask = Budgets {
+            tokens: Some(10_000_000),
+            host_calls: Some(3),
+            ..Default::default()
+        };
         let g = policy.grant(&manifest(&["*"], ask), &[]);
         assert_eq!(g.tokens, 65_536);
         assert_eq!(g.host_calls, 3);

@@ -94,7 +94,10 @@ impl PoolConfig {
         let mut seen = std::collections::HashSet::new();
         for m in &cfg.members {
             if !seen.insert(m.id.as_str()) {
-                return Err(PoolError::Config(format!("member id `{}` appears twice: ids must be unique", m.id)));
+                return Err(PoolError::Config(format!(
+                    "member id `{}` appears twice: ids must be unique",
+                    m.id
+                )));
             }
         }
         Ok(cfg)
@@ -182,7 +185,8 @@ impl Worker {
         let sent = self.queue.send(job);
         Box::pin(async move {
             sent.map_err(|_| InferenceError::Failed("the member's worker has stopped".into()))?;
-            rx.await.map_err(|_| InferenceError::Failed("the member's worker dropped the job".into()))?
+            rx.await
+                .map_err(|_| InferenceError::Failed("the member's worker dropped the job".into()))?
         })
     }
 }
@@ -222,7 +226,10 @@ fn verify(m: &MemberConfig, full: &Path) -> Result<(), PoolError> {
         None => full.to_path_buf(),
     };
     if !hashed.exists() {
-        return Err(PoolError::Missing { id: m.id.clone(), path: hashed.display().to_string() });
+        return Err(PoolError::Missing {
+            id: m.id.clone(),
+            path: hashed.display().to_string(),
+        });
     }
     let actual = sha256_file(&hashed).map_err(|e| PoolError::Load {
         id: m.id.clone(),
@@ -242,7 +249,10 @@ fn verify(m: &MemberConfig, full: &Path) -> Result<(), PoolError> {
 fn load_member(m: &MemberConfig, models_dir: &Path) -> Result<(Backend, ModelCard), PoolError> {
     let full = models_dir.join(&m.path);
     verify(m, &full)?;
-    let load_err = |message: String| PoolError::Load { id: m.id.clone(), message };
+    let load_err = |message: String| PoolError::Load {
+        id: m.id.clone(),
+        message,
+    };
     let mut card = ModelCard {
         id: m.id.clone(),
         contributor: m.card.contributor.clone(),
@@ -263,7 +273,8 @@ fn load_member(m: &MemberConfig, models_dir: &Path) -> Result<(Backend, ModelCar
             card.context_length = f.context_length;
             card.capabilities = ["generate", "score", "next-token"].map(String::from).to_vec();
             if !f.has_chat_template {
-                card.description.push_str(" (base model: no chat template, chats use a plain completion format)");
+                card.description
+                    .push_str(" (base model: no chat template, chats use a plain completion format)");
             }
             Backend::Gguf(Box::new(model))
         }
@@ -312,7 +323,10 @@ impl Pool {
         let mut failures = Vec::new();
         for (spawned, ready, queue) in pending {
             if let Err(e) = spawned {
-                failures.push(PoolError::Load { id: "?".into(), message: format!("cannot start worker: {e}") });
+                failures.push(PoolError::Load {
+                    id: "?".into(),
+                    message: format!("cannot start worker: {e}"),
+                });
                 continue;
             }
             match ready.recv() {
@@ -327,7 +341,10 @@ impl Pool {
                 }),
             }
         }
-        Loaded { pool: Arc::new(Pool { workers, order }), failures }
+        Loaded {
+            pool: Arc::new(Pool { workers, order }),
+            failures,
+        }
     }
 
     /// Member ids in declaration order.
@@ -336,7 +353,9 @@ impl Pool {
     }
 
     fn worker(&self, id: &str) -> Result<&Worker, InferenceError> {
-        self.workers.get(id).ok_or_else(|| InferenceError::UnknownModel(id.to_string()))
+        self.workers
+            .get(id)
+            .ok_or_else(|| InferenceError::UnknownModel(id.to_string()))
     }
 
     fn dispatch<T: Send + 'static>(
@@ -354,22 +373,49 @@ impl Pool {
 
 impl Models for Pool {
     fn cards(&self) -> Vec<ModelCard> {
-        self.order.iter().filter_map(|id| self.workers.get(id)).map(|w| w.card.clone()).collect()
+        self.order
+            .iter()
+            .filter_map(|id| self.workers.get(id))
+            .map(|w| w.card.clone())
+            .collect()
     }
 
-    fn generate(&self, ctx: CallCtx, model: &str, input: Input, params: GenParams) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+    fn generate(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        input: Input,
+        params: GenParams,
+    ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
         self.dispatch(ctx, model, move |b| b.generate(ctx, &input, &params))
     }
 
-    fn score(&self, ctx: CallCtx, model: &str, prompt: Input, continuations: Vec<String>) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
+    fn score(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        prompt: Input,
+        continuations: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
         self.dispatch(ctx, model, move |b| b.score(ctx, &prompt, &continuations))
     }
 
-    fn next_token(&self, ctx: CallCtx, model: &str, prompt: Input, top_k: u32) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
+    fn next_token(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        prompt: Input,
+        top_k: u32,
+    ) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
         self.dispatch(ctx, model, move |b| b.next_token(ctx, &prompt, top_k))
     }
 
-    fn embed(&self, ctx: CallCtx, model: &str, texts: Vec<String>) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
+    fn embed(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        texts: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
         self.dispatch(ctx, model, move |b| b.embed(ctx, &texts))
     }
 }

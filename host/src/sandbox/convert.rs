@@ -7,7 +7,14 @@ use crate::inference as h;
 
 pub fn input_in(i: w::Input) -> h::Input {
     match i {
-        w::Input::Chat(m) => h::Input::Chat(m.into_iter().map(|m| h::Message { role: m.role, content: m.content }).collect()),
+        w::Input::Chat(m) => h::Input::Chat(
+            m.into_iter()
+                .map(|m| h::Message {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect(),
+        ),
         w::Input::Prompt(p) => h::Input::Prompt(p),
     }
 }
@@ -15,7 +22,12 @@ pub fn input_in(i: w::Input) -> h::Input {
 pub fn input_out(i: &h::Input) -> w::Input {
     match i {
         h::Input::Chat(m) => w::Input::Chat(
-            m.iter().map(|m| w::Message { role: m.role.clone(), content: m.content.clone() }).collect(),
+            m.iter()
+                .map(|m| w::Message {
+                    role: m.role.clone(),
+                    content: m.content.clone(),
+                })
+                .collect(),
         ),
         h::Input::Prompt(p) => w::Input::Prompt(p.clone()),
     }
@@ -52,7 +64,10 @@ pub fn generation_out(g: h::Generation) -> w::Generation {
             h::FinishReason::Length => w::FinishReason::Length,
             h::FinishReason::StopSequence => w::FinishReason::StopSequence,
         },
-        usage: w::Usage { prompt_tokens: g.usage.prompt_tokens, completion_tokens: g.usage.completion_tokens },
+        usage: w::Usage {
+            prompt_tokens: g.usage.prompt_tokens,
+            completion_tokens: g.usage.completion_tokens,
+        },
     }
 }
 
@@ -87,7 +102,10 @@ pub fn module_error_in(e: w::Error) -> crate::Error {
     match e {
         w::Error::UnknownModel(model) => E::UnknownModel { model },
         w::Error::NotPermitted(model) => E::NotPermitted { model },
-        w::Error::BudgetExhausted(b) => E::Budget { budget: budget_name(b).into(), limit: 0 },
+        w::Error::BudgetExhausted(b) => E::Budget {
+            budget: budget_name(b).into(),
+            limit: 0,
+        },
         w::Error::DeadlineExceeded => E::Deadline { limit_ms: 0 },
         w::Error::InvalidParams(message) => E::InvalidParams { message },
         w::Error::InferenceFailed(message) => E::InferenceFailed { message },

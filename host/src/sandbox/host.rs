@@ -97,7 +97,9 @@ impl RequestState {
             return Ok(true);
         }
         if self.models.cards().iter().any(|c| c.id == model) {
-            return Err(self.violate(Error::NotPermitted { model: model.to_string() }));
+            return Err(self.violate(Error::NotPermitted {
+                model: model.to_string(),
+            }));
         }
         Ok(false)
     }
@@ -107,7 +109,9 @@ impl RequestState {
     }
 
     fn call_ctx(&self) -> CallCtx {
-        CallCtx { deadline: self.deadline }
+        CallCtx {
+            deadline: self.deadline,
+        }
     }
 
     fn deadline_trap(&mut self) -> wasmtime::Error {
@@ -144,7 +148,10 @@ fn outcome_of<T>(r: &Result<T, crate::inference::InferenceError>) -> String {
 
 impl WasiView for RequestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -152,7 +159,10 @@ impl ResourceLimiter for RequestState {
     fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let cap = self.grant.memory_bytes;
         if desired as u64 > cap {
-            return Err(self.violate(Error::Memory { limit: cap, requested: desired as u64 }));
+            return Err(self.violate(Error::Memory {
+                limit: cap,
+                requested: desired as u64,
+            }));
         }
         Ok(true)
     }
@@ -183,7 +193,11 @@ impl models::Host for RequestState {
     async fn list_models(&mut self) -> wasmtime::Result<Vec<w::ModelInfo>> {
         self.charge_calls(1)?;
         let cards = self.models.cards();
-        Ok(cards.into_iter().filter(|c| self.granted.contains(&c.id)).map(card_out).collect())
+        Ok(cards
+            .into_iter()
+            .filter(|c| self.granted.contains(&c.id))
+            .map(card_out)
+            .collect())
     }
 
     async fn generate(
@@ -209,7 +223,10 @@ impl models::Host for RequestState {
             return Err(self.deadline_trap());
         }
         let outcome = outcome_of(&result);
-        let (p, c) = result.as_ref().map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens)).unwrap_or((0, 0));
+        let (p, c) = result
+            .as_ref()
+            .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens))
+            .unwrap_or((0, 0));
         self.account_generation(p, c);
         self.record_call("generate", &model, p, c, started, &outcome);
         Ok(result.map(generation_out).map_err(inference_error_out))
@@ -249,12 +266,18 @@ impl models::Host for RequestState {
             futs.push(fut);
         }
         let results = self.until_deadline(futures::future::join_all(futs)).await?;
-        if results.iter().any(|r| matches!(r, Err(crate::inference::InferenceError::Deadline))) {
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(crate::inference::InferenceError::Deadline)))
+        {
             return Err(self.deadline_trap());
         }
         let mut out = Vec::with_capacity(results.len());
         for (r, model) in results.into_iter().zip(names) {
-            let (p, c) = r.as_ref().map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens)).unwrap_or((0, 0));
+            let (p, c) = r
+                .as_ref()
+                .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens))
+                .unwrap_or((0, 0));
             self.account_generation(p, c);
             let outcome = outcome_of(&r);
             self.record_call("generate", &model, p, c, started, &outcome);
@@ -274,7 +297,9 @@ impl models::Host for RequestState {
             return Ok(Err(w::Error::UnknownModel(model)));
         }
         let started = Instant::now();
-        let fut = self.models.score(self.call_ctx(), &model, input_in(prompt), continuations);
+        let fut = self
+            .models
+            .score(self.call_ctx(), &model, input_in(prompt), continuations);
         let result = self.until_deadline(fut).await?;
         if matches!(result, Err(crate::inference::InferenceError::Deadline)) {
             return Err(self.deadline_trap());
@@ -283,7 +308,14 @@ impl models::Host for RequestState {
         let outcome = outcome_of(&result);
         self.record_call("score", &model, scored, 0, started, &outcome);
         Ok(result
-            .map(|v| v.into_iter().map(|s| w::Scored { logprob: s.logprob, tokens: s.tokens }).collect())
+            .map(|v| {
+                v.into_iter()
+                    .map(|s| w::Scored {
+                        logprob: s.logprob,
+                        tokens: s.tokens,
+                    })
+                    .collect()
+            })
             .map_err(inference_error_out))
     }
 
@@ -298,7 +330,9 @@ impl models::Host for RequestState {
             return Ok(Err(w::Error::UnknownModel(model)));
         }
         if top_k == 0 || top_k > 1000 {
-            return Ok(Err(w::Error::InvalidParams(format!("top-k {top_k} is out of range: use 1..=1000"))));
+            return Ok(Err(w::Error::InvalidParams(format!(
+                "top-k {top_k} is out of range: use 1..=1000"
+            ))));
         }
         let started = Instant::now();
         let fut = self.models.next_token(self.call_ctx(), &model, input_in(prompt), top_k);
@@ -311,7 +345,11 @@ impl models::Host for RequestState {
         Ok(result
             .map(|v| {
                 v.into_iter()
-                    .map(|t| w::TokenLogprob { token: t.token, text: t.text, logprob: t.logprob })
+                    .map(|t| w::TokenLogprob {
+                        token: t.token,
+                        text: t.text,
+                        logprob: t.logprob,
+                    })
                     .collect()
             })
             .map_err(inference_error_out))
@@ -357,7 +395,11 @@ impl trace::Host for RequestState {
             note.truncate(cut);
             note.push_str("...");
         }
-        self.provenance.push(ProvenanceEvent::ModuleStep { model: step.model, role: step.role, note });
+        self.provenance.push(ProvenanceEvent::ModuleStep {
+            model: step.model,
+            role: step.role,
+            note,
+        });
         Ok(())
     }
 }

@@ -142,7 +142,12 @@ impl Sandbox {
             .map_err(|e| Error::config(format!("cannot start the epoch ticker: {e}")))?;
         std::fs::create_dir_all(cache_dir)
             .map_err(|e| Error::config(format!("cache directory {}: {e}", cache_dir.display())))?;
-        Ok(Sandbox { engine, linker, cache_dir: cache_dir.to_path_buf(), _ticker: Ticker { stop } })
+        Ok(Sandbox {
+            engine,
+            linker,
+            cache_dir: cache_dir.to_path_buf(),
+            _ticker: Ticker { stop },
+        })
     }
 
     /// The engine (for benches and tools).
@@ -153,7 +158,10 @@ impl Sandbox {
     /// Compiles (or loads from cache) the component at `path`, checks that it
     /// implements `manifest.world`, and resolves its imports once.
     pub fn load(&self, path: &Path, manifest: Manifest) -> Result<Module, Error> {
-        let invalid = |message: String| Error::InvalidModule { path: path.display().to_string(), message };
+        let invalid = |message: String| Error::InvalidModule {
+            path: path.display().to_string(),
+            message,
+        };
         let bytes = std::fs::read(path).map_err(|e| invalid(format!("cannot read: {e}")))?;
         if !is_component(&bytes) {
             return Err(invalid(if is_core_module(&bytes) {
@@ -176,11 +184,20 @@ impl Sandbox {
         };
         let pre = match manifest.world {
             World::Strategy => WorldPre::Strategy(strategy::StrategyPre::new(pre).map_err(world_err)?),
-            World::Router => router::RouterPre::new(pre).map(|_| WorldPre::Router).map_err(world_err)?,
+            World::Router => router::RouterPre::new(pre)
+                .map(|_| WorldPre::Router)
+                .map_err(world_err)?,
             World::Judge => judge::JudgePre::new(pre).map(|_| WorldPre::Judge).map_err(world_err)?,
-            World::Aggregator => aggregator::AggregatorPre::new(pre).map(|_| WorldPre::Aggregator).map_err(world_err)?,
+            World::Aggregator => aggregator::AggregatorPre::new(pre)
+                .map(|_| WorldPre::Aggregator)
+                .map_err(world_err)?,
         };
-        Ok(Module { manifest, sha256, path: path.to_path_buf(), pre })
+        Ok(Module {
+            manifest,
+            sha256,
+            path: path.to_path_buf(),
+            pre,
+        })
     }
 
     fn component(&self, bytes: &[u8], sha256: &str) -> Result<Component, String> {
@@ -195,7 +212,10 @@ impl Sandbox {
                 return Ok(c);
             }
         }
-        let artifact = self.engine.precompile_component(bytes).map_err(|e| format!("does not compile: {e:#}"))?;
+        let artifact = self
+            .engine
+            .precompile_component(bytes)
+            .map_err(|e| format!("does not compile: {e:#}"))?;
         // Write atomically: a crash mid-write must not leave a torn artifact.
         let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
         if std::fs::write(&tmp, &artifact).is_ok() {
@@ -243,7 +263,13 @@ impl Sandbox {
         let started = Instant::now();
         let mut store = match self.store(models, grant.clone()) {
             Ok(s) => s,
-            Err(e) => return Invocation { result: Err(e), provenance: Vec::new(), usage: UsageReport::default() },
+            Err(e) => {
+                return Invocation {
+                    result: Err(e),
+                    provenance: Vec::new(),
+                    usage: UsageReport::default(),
+                }
+            }
         };
         let deadline = store.data().deadline;
         // Belt and braces: the epoch callback stops wasm and host calls carry
@@ -256,16 +282,24 @@ impl Sandbox {
         usage.wall_ms = started.elapsed().as_millis() as u64;
         let provenance = std::mem::take(&mut state.provenance);
         let result = match outcome {
-            Err(_) => Err(Error::Deadline { limit_ms: grant.deadline.as_millis() as u64 }),
+            Err(_) => Err(Error::Deadline {
+                limit_ms: grant.deadline.as_millis() as u64,
+            }),
             Ok(Ok(Ok(v))) => Ok(v),
             Ok(Ok(Err(guest))) => Err(convert::module_error_in(guest)),
             Ok(Err(trap)) => Err(classify(trap, state, &grant)),
         };
         let result = result.map_err(|e| match e {
-            Error::Deadline { .. } => Error::Deadline { limit_ms: grant.deadline.as_millis() as u64 },
+            Error::Deadline { .. } => Error::Deadline {
+                limit_ms: grant.deadline.as_millis() as u64,
+            },
             other => other,
         });
-        Invocation { result, provenance, usage }
+        Invocation {
+            result,
+            provenance,
+            usage,
+        }
     }
 
     /// Runs a `strategy` module's `run` on a fresh instance.
@@ -284,20 +318,30 @@ impl Sandbox {
         let inv = self
             .invoke(module, models, grant, move |pre, store| {
                 Box::pin(async move {
-                    let WorldPre::Strategy(pre) = pre else { unreachable!("checked above") };
+                    let WorldPre::Strategy(pre) = pre else {
+                        unreachable!("checked above")
+                    };
                     let inst = pre.instantiate_async(&mut *store).await?;
                     inst.call_run(&mut *store, &req).await
                 })
             })
             .await;
         let result = inv.result.and_then(|r| {
-            let size = r.text.len() as u64 + r.annotations.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+            let size = r.text.len() as u64
+                + r.annotations
+                    .iter()
+                    .map(|(k, v)| (k.len() + v.len()) as u64)
+                    .sum::<u64>();
             if size > out_cap {
                 return Err(Error::budget("output-size", out_cap));
             }
             Ok((r.text, r.annotations.into_iter().collect()))
         });
-        Invocation { result, provenance: inv.provenance, usage: inv.usage }
+        Invocation {
+            result,
+            provenance: inv.provenance,
+            usage: inv.usage,
+        }
     }
 
     /// Runs a `strategy` module's `fit` on a fresh instance.
@@ -314,12 +358,18 @@ impl Sandbox {
         }
         let dev: Vec<w::Example> = dev
             .into_iter()
-            .map(|e| w::Example { input: convert::input_out(&e.input), answer: e.answer, choices: e.choices })
+            .map(|e| w::Example {
+                input: convert::input_out(&e.input),
+                answer: e.answer,
+                choices: e.choices,
+            })
             .collect();
         let config: Vec<(String, String)> = config.into_iter().collect();
         self.invoke(module, models, grant, move |pre, store| {
             Box::pin(async move {
-                let WorldPre::Strategy(pre) = pre else { unreachable!("checked above") };
+                let WorldPre::Strategy(pre) = pre else {
+                    unreachable!("checked above")
+                };
                 let inst = pre.instantiate_async(&mut *store).await?;
                 inst.call_fit(&mut *store, &dev, &config).await
             })
@@ -342,7 +392,10 @@ fn not_world<T>(module: &Module, world: &str) -> Invocation<T> {
     Invocation {
         result: Err(Error::InvalidModule {
             path: module.path.display().to_string(),
-            message: format!("is a {:?} module; this call needs a `{world}` module", module.manifest.world),
+            message: format!(
+                "is a {:?} module; this call needs a `{world}` module",
+                module.manifest.world
+            ),
         }),
         provenance: Vec::new(),
         usage: UsageReport::default(),
@@ -358,12 +411,22 @@ fn classify(err: wasmtime::Error, state: &mut RequestState, grant: &Grant) -> Er
     if let Some(trap) = err.downcast_ref::<Trap>() {
         match trap {
             Trap::OutOfFuel => return Error::Fuel { limit: grant.fuel },
-            Trap::Interrupt => return Error::Deadline { limit_ms: grant.deadline.as_millis() as u64 },
-            Trap::StackOverflow => return Error::Stack { limit: MAX_WASM_STACK as u64 },
+            Trap::Interrupt => {
+                return Error::Deadline {
+                    limit_ms: grant.deadline.as_millis() as u64,
+                }
+            }
+            Trap::StackOverflow => {
+                return Error::Stack {
+                    limit: MAX_WASM_STACK as u64,
+                }
+            }
             _ => {}
         }
     }
-    if let Some(wasmtime::component::ResourceTableError::Full) = err.downcast_ref::<wasmtime::component::ResourceTableError>() {
+    if let Some(wasmtime::component::ResourceTableError::Full) =
+        err.downcast_ref::<wasmtime::component::ResourceTableError>()
+    {
         return Error::budget("resources", grant.resources as u64);
     }
     let mut message = format!("{err:#}");

@@ -91,15 +91,20 @@ impl Strategy for MajorityVote {
                 Err(e) => trace(Some(&jobs[i].model), "voter", format!("sample {i} failed: {e}")),
             }
         }
-        let tally = vote(&answers, &priority)
-            .ok_or_else(|| Error::ModuleFailed("no sample produced an answer".into()))?;
+        let tally =
+            vote(&answers, &priority).ok_or_else(|| Error::ModuleFailed("no sample produced an answer".into()))?;
         let agreement = tally.votes as f64 / answers.len().max(1) as f64;
         trace(
             None,
             "aggregator",
             format!("`{}` won with {}/{} votes", tally.answer, tally.votes, answers.len()),
         );
-        let counts = tally.counts.iter().map(|(a, n)| format!("{a}={n}")).collect::<Vec<_>>().join("; ");
+        let counts = tally
+            .counts
+            .iter()
+            .map(|(a, n)| format!("{a}={n}"))
+            .collect::<Vec<_>>()
+            .join("; ");
         Ok(Response {
             text: texts[tally.winner].clone(),
             annotations: vec![
@@ -123,7 +128,11 @@ impl Strategy for MajorityVote {
                 .map(|e| Job {
                     model: m.id.clone(),
                     input: e.input.clone(),
-                    params: GenParams { max_tokens: Some(max_tokens), temperature: Some(0.0), ..Default::default() },
+                    params: GenParams {
+                        max_tokens: Some(max_tokens),
+                        temperature: Some(0.0),
+                        ..Default::default()
+                    },
                 })
                 .collect();
             let correct = fan_out(&jobs)
@@ -131,7 +140,11 @@ impl Strategy for MajorityVote {
                 .zip(&dev)
                 .filter(|(r, e)| matches!(r, Ok(g) if normalize(&extract(&g.text)) == normalize(&e.answer)))
                 .count();
-            trace(Some(&m.id), "fit", format!("{correct}/{} dev answers correct", dev.len()));
+            trace(
+                Some(&m.id),
+                "fit",
+                format!("{correct}/{} dev answers correct", dev.len()),
+            );
             state.push_str(&format!("{}\t{}\t{}\n", m.id, correct, dev.len()));
         }
         Ok(Some(state.into_bytes()))

@@ -27,11 +27,15 @@ impl Strategy for PromptRouter {
         }
         // The router is the configured member, else the first in pool order
         // (operators list the pool best-first on dev).
-        let router_id = cfg.get("router").map(str::to_string).unwrap_or_else(|| members[0].id.clone());
-        let router = members
-            .iter()
-            .position(|m| m.id == router_id)
-            .ok_or_else(|| Error::InvalidParams(format!("config `router` = `{router_id}` is not a granted generative member")))?;
+        let router_id = cfg
+            .get("router")
+            .map(str::to_string)
+            .unwrap_or_else(|| members[0].id.clone());
+        let router = members.iter().position(|m| m.id == router_id).ok_or_else(|| {
+            Error::InvalidParams(format!(
+                "config `router` = `{router_id}` is not a granted generative member"
+            ))
+        })?;
         let q = question(&req.input);
         let mut listing = String::new();
         for (i, m) in members.iter().enumerate() {
@@ -40,20 +44,39 @@ impl Strategy for PromptRouter {
         let ask = format!(
             "Pick the assistant best suited to answer the question.\n\nQuestion: {q}\n\nAssistants:\n{listing}\nReply with the assistant's number only."
         );
-        let route_params = GenParams { max_tokens: Some(cfg.parse("router_max_tokens", 8)?), temperature: Some(0.0), ..Default::default() };
+        let route_params = GenParams {
+            max_tokens: Some(cfg.parse("router_max_tokens", 8)?),
+            temperature: Some(0.0),
+            ..Default::default()
+        };
         let chosen = match generate(&members[router].id, &user(ask), &route_params) {
             Ok(g) => match parse_choice(&g.text, members.len()) {
                 Some(i) => {
-                    trace(Some(&members[router].id), "router", format!("replied `{}`: chose {}", g.text.trim(), members[i].id));
+                    trace(
+                        Some(&members[router].id),
+                        "router",
+                        format!("replied `{}`: chose {}", g.text.trim(), members[i].id),
+                    );
                     i
                 }
                 None => {
-                    trace(Some(&members[router].id), "router", format!("replied `{}`: no valid number, falling back to the router member", g.text.trim()));
+                    trace(
+                        Some(&members[router].id),
+                        "router",
+                        format!(
+                            "replied `{}`: no valid number, falling back to the router member",
+                            g.text.trim()
+                        ),
+                    );
                     router
                 }
             },
             Err(e) => {
-                trace(Some(&members[router].id), "router", format!("routing call failed ({e}); falling back to the router member"));
+                trace(
+                    Some(&members[router].id),
+                    "router",
+                    format!("routing call failed ({e}); falling back to the router member"),
+                );
                 router
             }
         };

@@ -13,7 +13,10 @@ impl Strategy for Ping {
         for _ in 0..calls {
             seen += models().len();
         }
-        Ok(Response { text: seen.to_string(), annotations: vec![] })
+        Ok(Response {
+            text: seen.to_string(),
+            annotations: vec![],
+        })
     }
 }
 

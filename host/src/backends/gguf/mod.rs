@@ -79,19 +79,15 @@ impl GgufModel {
     pub fn load(id: &str, path: &Path) -> Result<Self, String> {
         let shown = path.display();
         let mut file = File::open(path).map_err(|e| format!("{shown}: cannot open: {e}"))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| format!("{shown}: not a readable GGUF file: {e}"))?;
+        let content =
+            gguf_file::Content::read(&mut file).map_err(|e| format!("{shown}: not a readable GGUF file: {e}"))?;
         let arch = content
             .metadata
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
             .cloned()
             .ok_or_else(|| format!("{shown}: metadata `general.architecture` is missing"))?;
-        let parameters: u64 = content
-            .tensor_infos
-            .values()
-            .map(|t| t.shape.elem_count() as u64)
-            .sum();
+        let parameters: u64 = content.tensor_infos.values().map(|t| t.shape.elem_count() as u64).sum();
         let ctx_key = format!("{arch}.context_length");
         let meta_ctx = content
             .metadata
@@ -132,7 +128,14 @@ impl GgufModel {
             context_length: context_length as u32,
             has_chat_template: chat.is_template(),
         };
-        Ok(Self { id: id.to_string(), weights, tok, chat, device, facts })
+        Ok(Self {
+            id: id.to_string(),
+            weights,
+            tok,
+            chat,
+            device,
+            facts,
+        })
     }
 
     /// What the file says about the model.
@@ -209,9 +212,19 @@ impl GgufModel {
             Sampling::ArgMax
         } else {
             match (params.top_k, params.top_p) {
-                (Some(k), Some(p)) => Sampling::TopKThenTopP { k: k as usize, p: p as f64, temperature },
-                (Some(k), None) => Sampling::TopK { k: k as usize, temperature },
-                (None, Some(p)) => Sampling::TopP { p: p as f64, temperature },
+                (Some(k), Some(p)) => Sampling::TopKThenTopP {
+                    k: k as usize,
+                    p: p as f64,
+                    temperature,
+                },
+                (Some(k), None) => Sampling::TopK {
+                    k: k as usize,
+                    temperature,
+                },
+                (None, Some(p)) => Sampling::TopP {
+                    p: p as f64,
+                    temperature,
+                },
                 (None, None) => Sampling::All { temperature },
             }
         };
@@ -247,13 +260,21 @@ impl GgufModel {
             model: self.id.clone(),
             text,
             finish,
-            usage: Usage { prompt_tokens: prompt.len() as u32, completion_tokens: out.len() as u32 },
+            usage: Usage {
+                prompt_tokens: prompt.len() as u32,
+                completion_tokens: out.len() as u32,
+            },
         })
     }
 
     /// Log-likelihood of each continuation after `prompt`. The prompt is run
     /// once; each continuation extends a copy of its KV cache.
-    pub fn score(&mut self, ctx: CallCtx, prompt: &Input, continuations: &[String]) -> Result<Vec<Scored>, InferenceError> {
+    pub fn score(
+        &mut self,
+        ctx: CallCtx,
+        prompt: &Input,
+        continuations: &[String],
+    ) -> Result<Vec<Scored>, InferenceError> {
         let prompt_ids = self.encode_input(prompt)?;
         let first = Self::step(&mut self.weights, &self.device, &prompt_ids, 0)?;
         let first = log_softmax(&first)?;
@@ -275,13 +296,21 @@ impl GgufModel {
                 let logits = Self::step(&mut weights, &self.device, &[w[0]], prompt_ids.len() + i)?;
                 lp += log_softmax(&logits)?[w[1] as usize] as f64;
             }
-            out.push(Scored { logprob: lp, tokens: ids.len() as u32 });
+            out.push(Scored {
+                logprob: lp,
+                tokens: ids.len() as u32,
+            });
         }
         Ok(out)
     }
 
     /// The `top_k` most likely next tokens after `prompt`.
-    pub fn next_token(&mut self, _ctx: CallCtx, prompt: &Input, top_k: u32) -> Result<Vec<TokenLogprob>, InferenceError> {
+    pub fn next_token(
+        &mut self,
+        _ctx: CallCtx,
+        prompt: &Input,
+        top_k: u32,
+    ) -> Result<Vec<TokenLogprob>, InferenceError> {
         if top_k == 0 {
             return Err(InferenceError::InvalidParams("top_k must be at least 1".into()));
         }

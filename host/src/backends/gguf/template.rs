@@ -15,7 +15,7 @@ use crate::inference::Message;
 pub enum ChatFormat {
     /// The model's own Jinja template.
     Template {
-        env: Environment<'static>,
+        env: Box<Environment<'static>>,
         bos: String,
         eos: String,
     },
@@ -37,7 +37,11 @@ impl ChatFormat {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| format!("the chat template does not compile: {e}"))?;
-        Ok(ChatFormat::Template { env, bos, eos })
+        Ok(ChatFormat::Template {
+            env: Box::new(env),
+            bos,
+            eos,
+        })
     }
 
     /// Whether this is the model's own template.
@@ -51,7 +55,10 @@ impl ChatFormat {
             ChatFormat::Template { env, bos, eos } => {
                 let msgs: Vec<TemplateMessage> = messages
                     .iter()
-                    .map(|m| TemplateMessage { role: &m.role, content: &m.content })
+                    .map(|m| TemplateMessage {
+                        role: &m.role,
+                        content: &m.content,
+                    })
                     .collect();
                 let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
                 tmpl.render(context! {
@@ -97,7 +104,9 @@ mod tests {
 
     #[test]
     fn broken_template_is_a_readable_error() {
-        let err = ChatFormat::from_template("{% for %}", "".into(), "".into()).err().unwrap();
+        let err = ChatFormat::from_template("{% for %}", "".into(), "".into())
+            .err()
+            .unwrap();
         assert!(err.contains("does not compile"), "{err}");
     }
 }

@@ -23,7 +23,8 @@ const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
 /// The pre-tokenizer regex Qwen2 uses (from its tokenizer.json's `Split`).
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A tokenizer plus the special-token facts generation needs.
 pub struct GgufTokenizer {
@@ -95,15 +96,15 @@ pub fn from_gguf(content: &Content) -> Result<GgufTokenizer, String> {
         .unwrap_or("default");
     let pre_tokenizer: PreTokenizerWrapper = match pre {
         // SmolLM: every digit on its own, then GPT-2's byte-level split.
-        "smollm" => Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into(),
+        "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
         "qwen2" => Sequence::new(vec![
-            Split::new(SplitPattern::Regex(QWEN2_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| format!("bad qwen2 pattern: {e}"))?
-                .into(),
+            Split::new(
+                SplitPattern::Regex(QWEN2_PATTERN.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| format!("bad qwen2 pattern: {e}"))?
+            .into(),
             ByteLevel::new(false, true, false).into(),
         ])
         .into(),
@@ -138,7 +139,13 @@ pub fn from_gguf(content: &Content) -> Result<GgufTokenizer, String> {
     let add_bos = meta(content, "tokenizer.ggml.add_bos_token")
         .and_then(|v| v.to_bool().ok())
         .unwrap_or(false);
-    Ok(GgufTokenizer { tokenizer, bos, eos, add_bos, end_of_turn })
+    Ok(GgufTokenizer {
+        tokenizer,
+        bos,
+        eos,
+        add_bos,
+        end_of_turn,
+    })
 }
 
 /// Control tokens that end a turn or a document.

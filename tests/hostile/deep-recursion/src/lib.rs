@@ -6,13 +6,18 @@ struct Hostile;
 
 impl Strategy for Hostile {
     fn run(req: Request) -> Result<Response, Error> {
+        // Each level calls the next through an opaque function pointer, so
+        // the compiler can neither inline it nor turn it into a loop: every
+        // level costs a real wasm call frame.
         fn dive(n: u64) -> u64 {
-            let pad = std::hint::black_box([n; 16]);
-            if std::hint::black_box(n) == u64::MAX { return pad[0]; }
-            dive(n + 1).wrapping_add(pad[3])
+            let next = std::hint::black_box(dive as fn(u64) -> u64);
+            next(n + 1).wrapping_mul(31).wrapping_add(n)
         }
         let _ = req;
-        Ok(Response { text: dive(0).to_string(), annotations: vec![] })
+        Ok(Response {
+            text: dive(0).to_string(),
+            annotations: vec![],
+        })
     }
 }
 

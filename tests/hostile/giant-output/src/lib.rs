@@ -7,7 +7,10 @@ struct Hostile;
 impl Strategy for Hostile {
     fn run(req: Request) -> Result<Response, Error> {
         let _ = req;
-        Ok(Response { text: "x".repeat(8 << 20), annotations: vec![] })
+        Ok(Response {
+            text: "x".repeat(8 << 20),
+            annotations: vec![],
+        })
     }
 }
 

@@ -8,7 +8,10 @@ impl Strategy for Hostile {
     fn run(req: Request) -> Result<Response, Error> {
         let _ = req;
         let prompt = Input::Prompt("1, 2, 3, 4, 5,".into());
-        let params = GenParams { max_tokens: Some(40), ..Default::default() };
+        let params = GenParams {
+            max_tokens: Some(40),
+            ..Default::default()
+        };
         loop {
             generate("smollm2-135m-instruct", &prompt, &params)?;
         }
