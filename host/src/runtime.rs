@@ -3,8 +3,9 @@
 //! this and nothing below it.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::inference::{ModelCard, Models};
 use crate::policy::{Manifest, Policy};
@@ -54,9 +55,13 @@ impl Paths {
 pub struct Runtime {
     sandbox: Sandbox,
     models: Arc<dyn Models>,
+    /// Member ids, fixed for the runtime's life (grants are computed from them).
+    pool_ids: Vec<String>,
     policy: Policy,
     paths: Paths,
     pool_failures: Vec<PoolError>,
+    /// `fit` state by module sha256, read from disk once.
+    states: Mutex<HashMap<String, Option<Arc<Vec<u8>>>>>,
 }
 
 impl Runtime {
@@ -75,9 +80,12 @@ impl Runtime {
         pool_failures: Vec<PoolError>,
     ) -> Result<Self, Error> {
         let sandbox = Sandbox::new(&paths.components)?;
+        let pool_ids = models.cards().into_iter().map(|c| c.id).collect();
         Ok(Runtime {
             sandbox,
             models,
+            pool_ids,
+            states: Mutex::new(HashMap::new()),
             policy,
             paths,
             pool_failures,
@@ -133,8 +141,17 @@ impl Runtime {
         self.sandbox.load(&wasm, manifest).map(Arc::new)
     }
 
-    fn pool_ids(&self) -> Vec<String> {
-        self.models.cards().into_iter().map(|c| c.id).collect()
+    fn pool_ids(&self) -> &[String] {
+        &self.pool_ids
+    }
+
+    /// The module's persisted `fit` state, cached after the first read.
+    fn state(&self, module: &Module) -> Option<Arc<Vec<u8>>> {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states
+            .entry(module.sha256.clone())
+            .or_insert_with(|| std::fs::read(self.state_path(module)).ok().map(Arc::new))
+            .clone()
     }
 
     fn state_path(&self, module: &Module) -> PathBuf {
@@ -144,10 +161,10 @@ impl Runtime {
     /// Answers `req` with `module` on a fresh sandboxed instance.
     pub async fn run(&self, module: &Module, req: RunRequest) -> Result<RunOutcome, Error> {
         req.params.validate()?;
-        let grant = Arc::new(self.policy.grant(&module.manifest, &self.pool_ids()));
+        let grant = Arc::new(self.policy.grant(&module.manifest, self.pool_ids()));
         let mut config: BTreeMap<String, String> = module.manifest.config.clone();
         config.extend(req.config);
-        let state = std::fs::read(self.state_path(module)).ok();
+        let state = self.state(module).map(|s| s.as_ref().clone());
         let sreq = StrategyRequest {
             input: req.input,
             params: req.params,
@@ -175,7 +192,7 @@ impl Runtime {
         dev: Vec<Example>,
         config: BTreeMap<String, String>,
     ) -> Result<bool, Error> {
-        let grant = Arc::new(self.policy.grant(&module.manifest, &self.pool_ids()));
+        let grant = Arc::new(self.policy.grant(&module.manifest, self.pool_ids()));
         let mut cfg = module.manifest.config.clone();
         cfg.extend(config);
         let inv = self
@@ -192,6 +209,8 @@ impl Runtime {
                 std::fs::write(&tmp, &bytes)
                     .and_then(|_| std::fs::rename(&tmp, &path))
                     .map_err(|e| Error::config(format!("saving state to {}: {e}", path.display())))?;
+                let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+                states.insert(module.sha256.clone(), Some(Arc::new(bytes)));
                 Ok(true)
             }
         }
