@@ -188,3 +188,11 @@ async fn invalid_modules_are_refused_at_load() {
         .unwrap_err();
     assert!(err.to_string().contains("bare.toml"), "{err}");
 }
+
+#[tokio::test]
+async fn oversized_prompts_are_refused_before_reaching_a_model() {
+    let start = Instant::now();
+    let err = contained("prompt-bomb").await;
+    assert!(matches!(&err, Error::InvalidParams { message } if message.contains("bytes")), "{err:?}");
+    assert!(start.elapsed() < Duration::from_secs(20));
+}

@@ -26,6 +26,37 @@ use crate::Error;
 
 /// Longest trace note kept; longer notes are cut.
 const MAX_NOTE_BYTES: usize = 4096;
+/// Largest prompt (all chat turns together) a module may send in one call.
+/// Bigger inputs are refused before they reach a model worker, where
+/// tokenizing them would hold up every other request on that member.
+pub const MAX_INPUT_BYTES: usize = 256 << 10;
+/// Most continuations in one `score` call, or texts in one `embed` call.
+pub const MAX_BATCH_ITEMS: usize = 256;
+
+fn input_bytes(i: &w::Input) -> usize {
+    match i {
+        w::Input::Prompt(p) => p.len(),
+        w::Input::Chat(m) => m.iter().map(|m| m.role.len() + m.content.len()).sum(),
+    }
+}
+
+/// `Some(error)` when the input is too large to send to a model.
+fn oversized(i: &w::Input, extra: usize) -> Option<w::Error> {
+    let n = input_bytes(i) + extra;
+    (n > MAX_INPUT_BYTES).then(|| {
+        w::Error::InvalidParams(format!(
+            "the input is {n} bytes; a model call takes at most {MAX_INPUT_BYTES}: shorten or split it"
+        ))
+    })
+}
+
+fn too_many(what: &str, n: usize) -> Option<w::Error> {
+    (n > MAX_BATCH_ITEMS).then(|| {
+        w::Error::InvalidParams(format!(
+            "{n} {what} in one call; the limit is {MAX_BATCH_ITEMS}: split the call"
+        ))
+    })
+}
 
 /// Everything one request's store holds. Created fresh per request and
 /// dropped with it: nothing survives between requests.
@@ -210,6 +241,9 @@ impl models::Host for RequestState {
         if !self.check_model(&model)? {
             return Ok(Err(w::Error::UnknownModel(model)));
         }
+        if let Some(e) = oversized(&input, 0) {
+            return Ok(Err(e));
+        }
         let remaining = self.remaining_tokens();
         if remaining == 0 {
             return Err(self.violate(Error::budget("tokens", self.grant.tokens as u64)));
@@ -257,11 +291,13 @@ impl models::Host for RequestState {
             names.push(j.model.clone());
             let mut params = params_in(j.params);
             params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(share));
-            let fut = if ok {
-                self.models.generate(ctx, &j.model, input_in(j.input), params)
-            } else {
+            let fut = if !ok {
                 let m = j.model.clone();
                 Box::pin(async move { Err(crate::inference::InferenceError::UnknownModel(m)) })
+            } else if let Some(w::Error::InvalidParams(msg)) = oversized(&j.input, 0) {
+                Box::pin(async move { Err(crate::inference::InferenceError::InvalidParams(msg)) })
+            } else {
+                self.models.generate(ctx, &j.model, input_in(j.input), params)
             };
             futs.push(fut);
         }
@@ -295,6 +331,10 @@ impl models::Host for RequestState {
         self.charge_calls(1)?;
         if !self.check_model(&model)? {
             return Ok(Err(w::Error::UnknownModel(model)));
+        }
+        let extra = continuations.iter().map(String::len).sum();
+        if let Some(e) = too_many("continuations", continuations.len()).or_else(|| oversized(&prompt, extra)) {
+            return Ok(Err(e));
         }
         let started = Instant::now();
         let fut = self
@@ -334,6 +374,9 @@ impl models::Host for RequestState {
                 "top-k {top_k} is out of range: use 1..=1000"
             ))));
         }
+        if let Some(e) = oversized(&prompt, 0) {
+            return Ok(Err(e));
+        }
         let started = Instant::now();
         let fut = self.models.next_token(self.call_ctx(), &model, input_in(prompt), top_k);
         let result = self.until_deadline(fut).await?;
@@ -359,6 +402,10 @@ impl models::Host for RequestState {
         self.charge_calls(1)?;
         if !self.check_model(&model)? {
             return Ok(Err(w::Error::UnknownModel(model)));
+        }
+        let bytes = texts.iter().map(String::len).sum();
+        if let Some(e) = too_many("texts", texts.len()).or_else(|| oversized(&w::Input::Prompt(String::new()), bytes)) {
+            return Ok(Err(e));
         }
         let started = Instant::now();
         let fut = self.models.embed(self.call_ctx(), &model, texts);
