@@ -33,10 +33,12 @@ pub enum Error {
         /// What it asked for.
         requested: u64,
     },
-    /// The module overflowed its stack (e.g. unbounded recursion).
-    #[error("stack overflow: the module exceeded its {limit} byte stack (unbounded recursion?)")]
+    /// The module overflowed a stack (e.g. unbounded recursion): the
+    /// engine's wasm stack (`limit` = its cap in bytes) or its own stack in
+    /// linear memory (`limit` = 0: the size the module was linked with).
+    #[error("stack overflow: the module ran out of stack (unbounded recursion?){}", if *limit > 0 { format!("; the wasm stack is capped at {limit} bytes") } else { "; its own linear-memory stack ran off the bottom of memory".to_string() })]
     Stack {
-        /// Stack cap in bytes.
+        /// The wasm stack cap in bytes, or 0 for the module's own stack.
         limit: u64,
     },
     /// A counted budget ran out.

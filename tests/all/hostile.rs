@@ -69,9 +69,22 @@ async fn memory_bomb_hits_the_memory_cap() {
 }
 
 #[tokio::test]
-async fn deep_recursion_overflows_the_stack() {
+async fn deep_recursion_overflows_the_guest_shadow_stack() {
     let err = contained("deep-recursion").await;
     assert!(matches!(err, Error::Stack { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn deep_recursion_overflows_the_wasm_stack() {
+    let m = hostile("deep-recursion");
+    let mut req = RunRequest::chat("go");
+    req.config.insert("mode".into(), "wasm".into());
+    let err = runtime().run(&m, req).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Stack { limit } if limit == tessera::sandbox::MAX_WASM_STACK as u64),
+        "{err:?}"
+    );
+    benign().await;
 }
 
 #[tokio::test]
@@ -193,6 +206,9 @@ async fn invalid_modules_are_refused_at_load() {
 async fn oversized_prompts_are_refused_before_reaching_a_model() {
     let start = Instant::now();
     let err = contained("prompt-bomb").await;
-    assert!(matches!(&err, Error::InvalidParams { message } if message.contains("bytes")), "{err:?}");
+    assert!(
+        matches!(&err, Error::InvalidParams { message } if message.contains("bytes")),
+        "{err:?}"
+    );
     assert!(start.elapsed() < Duration::from_secs(20));
 }

@@ -10,7 +10,10 @@ impl Strategy for Hostile {
         let _ = req;
         let prompt = Input::Prompt("word ".repeat((8 << 20) / 5));
         let g = generate("smollm2-135m-instruct", &prompt, &GenParams::default())?;
-        Ok(Response { text: g.text, annotations: vec![] })
+        Ok(Response {
+            text: g.text,
+            annotations: vec![],
+        })
     }
 }
 
