@@ -6,4 +6,5 @@ mod cli;
 mod common;
 mod hostile;
 mod inference;
+mod reference;
 mod strategies;

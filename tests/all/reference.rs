@@ -1,0 +1,108 @@
+//! Tessera against the reference engine: llama.cpp's answers on the same
+//! GGUF file, recorded by `scripts/llama-cpp-reference.py` into
+//! `tests/fixtures/smollm2-llama-cpp.json` (so CI needs no Python).
+//!
+//! Tolerances: token ids must be identical; the top-1 next token must be
+//! the same (either of two near-tied ones, see `NEAR_TIE`); on llama.cpp's top-5 tokens our log-probs must be within 0.45
+//! (llama.cpp quantizes activations inside its matmuls and candle does not,
+//! so exact equality is not expected; 0.45 is the spread measured for this
+//! stack).
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tessera::backends::gguf::GgufModel;
+use tessera::inference::{CallCtx, Input, Message};
+use tessera::Paths;
+
+const LOGPROB_TOLERANCE: f64 = 0.45;
+/// Log-prob gap under which llama.cpp's top two count as tied.
+const NEAR_TIE: f64 = 0.05;
+
+fn fixture() -> Value {
+    let text = include_str!("../fixtures/smollm2-llama-cpp.json");
+    serde_json::from_str(text).expect("fixture parses")
+}
+
+fn model() -> GgufModel {
+    let path = Paths::from_env().models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    GgufModel::load("smollm2", &path).expect("model loads (run `make setup`)")
+}
+
+#[test]
+fn chat_token_ids_match_llama_cpp() {
+    let m = model();
+    for (q, ids) in fixture()["chat_token_ids"].as_object().unwrap() {
+        let want: Vec<u32> = ids
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = m.encode_input(&Input::Chat(vec![Message::user(q.clone())])).unwrap();
+        assert_eq!(got, want, "tokens differ for {q:?}");
+    }
+}
+
+#[test]
+fn next_token_logprobs_match_llama_cpp() {
+    let mut m = model();
+    let ctx = CallCtx {
+        deadline: Instant::now() + Duration::from_secs(120),
+    };
+    for (prompt, top) in fixture()["next_token_top5"].as_object().unwrap() {
+        let ours = m.next_token(ctx, &Input::Prompt(prompt.clone()), 50).unwrap();
+        let theirs = top.as_array().unwrap();
+        // Top-1 must agree, except on a near-tie in llama.cpp's own numbers
+        // (its first two within NEAR_TIE), where either of the two is right.
+        let lp = |i: usize| theirs[i]["logprob"].as_f64().unwrap();
+        let id = |i: usize| theirs[i]["token"].as_u64().unwrap() as u32;
+        let acceptable: Vec<u32> = if lp(0) - lp(1) < NEAR_TIE {
+            vec![id(0), id(1)]
+        } else {
+            vec![id(0)]
+        };
+        assert!(
+            acceptable.contains(&ours[0].token),
+            "top-1 differs for {prompt:?}: ours {:?}, llama.cpp {:?}",
+            ours[0],
+            theirs[0]
+        );
+        for t in theirs {
+            let id = t["token"].as_u64().unwrap() as u32;
+            let want = t["logprob"].as_f64().unwrap();
+            let got = ours.iter().find(|o| o.token == id).map(|o| o.logprob);
+            let got = got.unwrap_or_else(|| panic!("llama.cpp's token {id} is not in our top-50 for {prompt:?}"));
+            assert!(
+                (got - want).abs() < LOGPROB_TOLERANCE,
+                "{prompt:?} token {id}: ours {got:.3}, llama.cpp {want:.3}"
+            );
+        }
+    }
+}
+
+/// llama.cpp's greedy answers on the same chats. With the question mark the
+/// 135M model, in both engines, drifts into French landmarks (the model's
+/// own behaviour at Q4_1, not a template or tokenizer fault: the token ids
+/// above are identical); with the model card's full stop both answer Paris.
+#[test]
+fn greedy_chat_starts_like_llama_cpp() {
+    let mut m = model();
+    let ctx = CallCtx {
+        deadline: Instant::now() + Duration::from_secs(120),
+    };
+    for (q, answer) in fixture()["greedy_chat"].as_object().unwrap() {
+        let want = answer.as_str().unwrap();
+        let params = tessera::inference::GenParams {
+            max_tokens: Some(16),
+            ..Default::default()
+        };
+        let got = m
+            .generate(ctx, &Input::Chat(vec![Message::user(q.clone())]), &params)
+            .unwrap()
+            .text;
+        // The first few words must agree; later tokens may drift on near-ties.
+        let head = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        assert_eq!(head(&got), head(want), "{q:?}: ours {got:?}, llama.cpp {want:?}");
+    }
+}
