@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
@@ -150,13 +150,13 @@ impl RequestState {
         self.violate(Error::Deadline { limit_ms: ms })
     }
 
-    fn record_call(&mut self, call: &str, model: &str, prompt: u32, completion: u32, started: Instant, outcome: &str) {
+    fn record_call(&mut self, call: &str, model: &str, prompt: u32, completion: u32, took: Duration, outcome: &str) {
         self.provenance.push(ProvenanceEvent::HostCall {
             call: call.into(),
             model: model.into(),
             prompt_tokens: prompt,
             completion_tokens: completion,
-            ms: started.elapsed().as_millis() as u64,
+            ms: took.as_millis() as u64,
             outcome: outcome.into(),
         });
     }
@@ -262,7 +262,7 @@ impl models::Host for RequestState {
             .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens))
             .unwrap_or((0, 0));
         self.account_generation(p, c);
-        self.record_call("generate", &model, p, c, started, &outcome);
+        self.record_call("generate", &model, p, c, started.elapsed(), &outcome);
         Ok(result.map(generation_out).map_err(inference_error_out))
     }
 
@@ -299,24 +299,28 @@ impl models::Host for RequestState {
             } else {
                 self.models.generate(ctx, &j.model, input_in(j.input), params)
             };
-            futs.push(fut);
+            // Each job's own latency, not the whole fan-out's.
+            futs.push(async move {
+                let r = fut.await;
+                (r, started.elapsed())
+            });
         }
         let results = self.until_deadline(futures::future::join_all(futs)).await?;
         if results
             .iter()
-            .any(|r| matches!(r, Err(crate::inference::InferenceError::Deadline)))
+            .any(|(r, _)| matches!(r, Err(crate::inference::InferenceError::Deadline)))
         {
             return Err(self.deadline_trap());
         }
         let mut out = Vec::with_capacity(results.len());
-        for (r, model) in results.into_iter().zip(names) {
+        for ((r, took), model) in results.into_iter().zip(names) {
             let (p, c) = r
                 .as_ref()
                 .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens))
                 .unwrap_or((0, 0));
             self.account_generation(p, c);
             let outcome = outcome_of(&r);
-            self.record_call("generate", &model, p, c, started, &outcome);
+            self.record_call("generate", &model, p, c, took, &outcome);
             out.push(r.map(generation_out).map_err(inference_error_out));
         }
         Ok(out)
@@ -346,7 +350,7 @@ impl models::Host for RequestState {
         }
         let scored: u32 = result.as_ref().map(|v| v.iter().map(|s| s.tokens).sum()).unwrap_or(0);
         let outcome = outcome_of(&result);
-        self.record_call("score", &model, scored, 0, started, &outcome);
+        self.record_call("score", &model, scored, 0, started.elapsed(), &outcome);
         Ok(result
             .map(|v| {
                 v.into_iter()
@@ -384,7 +388,7 @@ impl models::Host for RequestState {
             return Err(self.deadline_trap());
         }
         let outcome = outcome_of(&result);
-        self.record_call("next-token", &model, 0, 0, started, &outcome);
+        self.record_call("next-token", &model, 0, 0, started.elapsed(), &outcome);
         Ok(result
             .map(|v| {
                 v.into_iter()
@@ -414,7 +418,7 @@ impl models::Host for RequestState {
             return Err(self.deadline_trap());
         }
         let outcome = outcome_of(&result);
-        self.record_call("embed", &model, 0, 0, started, &outcome);
+        self.record_call("embed", &model, 0, 0, started.elapsed(), &outcome);
         Ok(result.map_err(inference_error_out))
     }
 }
