@@ -212,3 +212,15 @@ async fn oversized_prompts_are_refused_before_reaching_a_model() {
     );
     assert!(start.elapsed() < Duration::from_secs(20));
 }
+
+#[tokio::test]
+async fn wasi_grants_nothing() {
+    let m = hostile("snoop");
+    let out = runtime().run(&m, RunRequest::chat("go")).await.unwrap();
+    let a = &out.annotations;
+    assert!(a["fs"].starts_with("denied"), "{a:?}");
+    assert!(a["dir"].starts_with("denied"), "{a:?}");
+    assert_eq!(a["env"], "0", "{a:?}");
+    assert_eq!(a["args"], "0", "{a:?}");
+    assert!(a["net"].starts_with("denied"), "{a:?}");
+}
