@@ -15,49 +15,40 @@ pub mod strategy {
     });
 }
 
-/// The `router` world.
-pub mod router {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "router",
-        imports: { default: async | trappable },
-        exports: { default: async },
-        with: {
-            "tessera:collab/types": super::strategy::tessera::collab::types,
-            "tessera:collab/models": super::strategy::tessera::collab::models,
-            "tessera:collab/trace": super::strategy::tessera::collab::trace,
-        },
-    });
+/// Binds a narrow world, sharing the interfaces bound for `strategy`.
+macro_rules! narrow_world {
+    ($(#[$doc:meta])* $module:ident, $world:tt) => {
+        $(#[$doc])*
+        pub mod $module {
+            wasmtime::component::bindgen!({
+                path: "../wit",
+                world: $world,
+                imports: { default: async | trappable },
+                exports: { default: async },
+                with: {
+                    "tessera:collab/types": super::strategy::tessera::collab::types,
+                    "tessera:collab/models": super::strategy::tessera::collab::models,
+                    "tessera:collab/trace": super::strategy::tessera::collab::trace,
+                },
+            });
+        }
+    };
 }
 
-/// The `judge` world.
-pub mod judge {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "judge",
-        imports: { default: async | trappable },
-        exports: { default: async },
-        with: {
-            "tessera:collab/types": super::strategy::tessera::collab::types,
-            "tessera:collab/models": super::strategy::tessera::collab::models,
-            "tessera:collab/trace": super::strategy::tessera::collab::trace,
-        },
-    });
-}
-
-/// The `aggregator` world.
-pub mod aggregator {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "aggregator",
-        imports: { default: async | trappable },
-        exports: { default: async },
-        with: {
-            "tessera:collab/types": super::strategy::tessera::collab::types,
-            "tessera:collab/models": super::strategy::tessera::collab::models,
-            "tessera:collab/trace": super::strategy::tessera::collab::trace,
-        },
-    });
-}
+narrow_world!(
+    /// The `router` world.
+    router,
+    "router"
+);
+narrow_world!(
+    /// The `judge` world.
+    judge,
+    "judge"
+);
+narrow_world!(
+    /// The `aggregator` world.
+    aggregator,
+    "aggregator"
+);
 
 pub use strategy::tessera::collab::{models, trace, types};

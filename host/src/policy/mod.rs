@@ -176,16 +176,45 @@ impl Policy {
             .filter(|id| matches(&manifest.models, id) && matches(&allowed, id))
             .cloned()
             .collect();
+        // Unset everywhere: the built-in default.
+        let or_builtin = |x: Option<u64>, builtin: Option<u64>| x.or(builtin);
         Grant {
             models,
-            deadline: Duration::from_millis(pick(a.deadline_ms, d.deadline_ms, m.deadline_ms, 120_000)),
-            memory_bytes: pick(a.memory_mib, d.memory_mib, m.memory_mib, 64) << 20,
-            fuel: pick(a.fuel, d.fuel, m.fuel, b.fuel.unwrap_or(1)),
-            host_calls: pick(u(a.host_calls), u(d.host_calls), u(m.host_calls), 64) as u32,
-            tokens: pick(u(a.tokens), u(d.tokens), u(m.tokens), 4096) as u32,
-            output_bytes: pick(a.output_bytes, d.output_bytes, m.output_bytes, 1 << 20),
-            trace_events: pick(u(a.trace_events), u(d.trace_events), u(m.trace_events), 256) as u32,
-            resources: pick(u(a.resources), u(d.resources), u(m.resources), 64) as u32,
+            deadline: Duration::from_millis(pick(
+                a.deadline_ms,
+                or_builtin(d.deadline_ms, b.deadline_ms),
+                m.deadline_ms,
+                0,
+            )),
+            // The sandbox's memory pool bounds every grant, whatever the policy says.
+            memory_bytes: (pick(a.memory_mib, or_builtin(d.memory_mib, b.memory_mib), m.memory_mib, 0) << 20)
+                .min(crate::sandbox::MAX_MEMORY_BYTES as u64),
+            fuel: pick(a.fuel, or_builtin(d.fuel, b.fuel), m.fuel, 0),
+            host_calls: pick(
+                u(a.host_calls),
+                or_builtin(u(d.host_calls), u(b.host_calls)),
+                u(m.host_calls),
+                0,
+            ) as u32,
+            tokens: pick(u(a.tokens), or_builtin(u(d.tokens), u(b.tokens)), u(m.tokens), 0) as u32,
+            output_bytes: pick(
+                a.output_bytes,
+                or_builtin(d.output_bytes, b.output_bytes),
+                m.output_bytes,
+                0,
+            ),
+            trace_events: pick(
+                u(a.trace_events),
+                or_builtin(u(d.trace_events), u(b.trace_events)),
+                u(m.trace_events),
+                0,
+            ) as u32,
+            resources: pick(
+                u(a.resources),
+                or_builtin(u(d.resources), u(b.resources)),
+                u(m.resources),
+                0,
+            ) as u32,
         }
     }
 }
@@ -265,6 +294,40 @@ mod tests {
         assert_eq!(g.tokens, 65_536);
         assert_eq!(g.host_calls, 3);
         assert_eq!(g.memory_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn example_policy_parses_and_applies() {
+        let policy: Policy = toml::from_str(include_str!("../../../examples/policy.toml")).unwrap();
+        let mut m = manifest(
+            &["*"],
+            Budgets {
+                tokens: Some(1_000_000),
+                ..Default::default()
+            },
+        );
+        m.name = "prompt-router".into();
+        let g = policy.grant(&m, &["smollm2-135m-instruct".into(), "all-minilm-l6-v2".into()]);
+        assert_eq!(g.models, vec!["smollm2-135m-instruct".to_string()]);
+        assert_eq!(g.tokens, 32_768);
+        assert_eq!(g.deadline, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn memory_grants_never_exceed_the_sandbox_pool() {
+        let mut policy = Policy::default();
+        policy.maxima.memory_mib = Some(1 << 20);
+        let g = policy.grant(
+            &manifest(
+                &["*"],
+                Budgets {
+                    memory_mib: Some(1 << 20),
+                    ..Default::default()
+                },
+            ),
+            &[],
+        );
+        assert_eq!(g.memory_bytes, crate::sandbox::MAX_MEMORY_BYTES as u64);
     }
 
     #[test]

@@ -161,6 +161,19 @@ impl RequestState {
         });
     }
 
+    /// Awaits one model call; running past the deadline (while queued or
+    /// while decoding) ends the request.
+    async fn await_model<T>(
+        &mut self,
+        fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
+    ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
+        let result = self.until_deadline(fut).await?;
+        if matches!(result, Err(crate::inference::InferenceError::Deadline)) {
+            return Err(self.deadline_trap());
+        }
+        Ok(result)
+    }
+
     /// Awaits `fut` but no later than the request's deadline.
     async fn until_deadline<T>(&mut self, fut: impl std::future::Future<Output = T>) -> wasmtime::Result<T> {
         match tokio::time::timeout_at(self.deadline.into(), fut).await {
@@ -252,10 +265,7 @@ impl models::Host for RequestState {
         params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(remaining));
         let started = Instant::now();
         let fut = self.models.generate(self.call_ctx(), &model, input_in(input), params);
-        let result = self.until_deadline(fut).await?;
-        if matches!(result, Err(crate::inference::InferenceError::Deadline)) {
-            return Err(self.deadline_trap());
-        }
+        let result = self.await_model(fut).await?;
         let outcome = outcome_of(&result);
         let (p, c) = result
             .as_ref()
@@ -344,10 +354,7 @@ impl models::Host for RequestState {
         let fut = self
             .models
             .score(self.call_ctx(), &model, input_in(prompt), continuations);
-        let result = self.until_deadline(fut).await?;
-        if matches!(result, Err(crate::inference::InferenceError::Deadline)) {
-            return Err(self.deadline_trap());
-        }
+        let result = self.await_model(fut).await?;
         let scored: u32 = result.as_ref().map(|v| v.iter().map(|s| s.tokens).sum()).unwrap_or(0);
         let outcome = outcome_of(&result);
         self.record_call("score", &model, scored, 0, started.elapsed(), &outcome);
@@ -383,10 +390,7 @@ impl models::Host for RequestState {
         }
         let started = Instant::now();
         let fut = self.models.next_token(self.call_ctx(), &model, input_in(prompt), top_k);
-        let result = self.until_deadline(fut).await?;
-        if matches!(result, Err(crate::inference::InferenceError::Deadline)) {
-            return Err(self.deadline_trap());
-        }
+        let result = self.await_model(fut).await?;
         let outcome = outcome_of(&result);
         self.record_call("next-token", &model, 0, 0, started.elapsed(), &outcome);
         Ok(result
@@ -413,10 +417,7 @@ impl models::Host for RequestState {
         }
         let started = Instant::now();
         let fut = self.models.embed(self.call_ctx(), &model, texts);
-        let result = self.until_deadline(fut).await?;
-        if matches!(result, Err(crate::inference::InferenceError::Deadline)) {
-            return Err(self.deadline_trap());
-        }
+        let result = self.await_model(fut).await?;
         let outcome = outcome_of(&result);
         self.record_call("embed", &model, 0, 0, started.elapsed(), &outcome);
         Ok(result.map_err(inference_error_out))
