@@ -224,3 +224,30 @@ async fn wasi_grants_nothing() {
     assert_eq!(a["args"], "0", "{a:?}");
     assert!(a["net"].starts_with("denied"), "{a:?}");
 }
+
+#[tokio::test]
+async fn no_state_survives_between_requests() {
+    let m = hostile("state-leak");
+    for _ in 0..3 {
+        let out = runtime().run(&m, RunRequest::chat("go")).await.unwrap();
+        assert_eq!(out.text, "request number 1 in this instance");
+    }
+}
+
+#[tokio::test]
+async fn compiled_modules_are_cached_by_hash_and_engine() {
+    let m = hostile("state-leak");
+    let dir = tessera::Paths::from_env().components;
+    let cached: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&m.sha256) && n.ends_with(".cwasm"))
+        .collect();
+    assert!(!cached.is_empty(), "no artifact for {} in {}", m.sha256, dir.display());
+    // A second load deserializes the artifact instead of compiling: much faster.
+    let start = Instant::now();
+    let again = hostile("state-leak");
+    assert_eq!(again.sha256, m.sha256);
+    assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+}
