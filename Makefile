@@ -26,8 +26,10 @@ setup: target pool modules
 target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-pool:
-	@bash scripts/fetch-pool.sh
+# Fetch and verify the default pool (idempotent: verified members are skipped).
+pool: target
+	$(CARGO) build -p tessera --bin tessera
+	$(CARGO_TARGET_DIR)/debug/tessera pool fetch
 
 # Build every guest component and install it with its manifest:
 # standard modules and examples by name, hostile test modules under hostile/.
@@ -49,7 +51,6 @@ modules: target
 	@echo "installed modules in $(MODULES_DIR)"
 
 demo: setup
-	$(CARGO) build -p tessera --bin tessera
 	$(CARGO_TARGET_DIR)/debug/tessera pool list
 	$(CARGO_TARGET_DIR)/debug/tessera run --strategy majority-vote \
 	  --prompt "What is the capital of France? Answer with one word." --seed 7

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/smollm2-llama-cpp.json: what llama.cpp (the
-llama-cpp-python package) says about SmolLM2-135M-Instruct Q4_1 on a few fixed
-inputs, so the Rust tests can compare Tessera's tokenizer and inference with
-the reference engine without Python in CI.
+"""Writes tests/fixtures/<member>-llama-cpp.json: what llama.cpp (the
+llama-cpp-python package) says about each GGUF member of the default pool on a
+few fixed inputs, so the Rust tests can compare Tessera's tokenizer and
+inference with the reference engine without Python in CI. Chat prompts are
+rendered by llama-cpp-python's own Jinja2 formatter from the file's template.
 
 Usage: pip install llama-cpp-python==0.3.36 && python3 scripts/llama-cpp-reference.py
 """
@@ -14,8 +15,11 @@ import sys
 from llama_cpp import Llama
 
 HOME = os.environ.get("TESSERA_HOME", os.path.expanduser("~/.cache/tessera"))
-MODEL = os.path.join(HOME, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
-OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "smollm2-llama-cpp.json")
+MODELS = {
+    "smollm2-135m-instruct": ("SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    "qwen2.5-coder-0.5b-instruct": ("Qwen2.5-Coder-0.5B-Instruct.gguf", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+}
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 
 CHATS = [
     "What is the capital of France?",
@@ -31,11 +35,16 @@ GREEDY = ["What is the capital of France?", "What is the capital of France."]
 
 
 def render(m, q):
-    # The GGUF's own template (ChatML with SmolLM's default system turn).
-    return (
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    meta = m.metadata
+    tokens = lambda key: m.detokenize([int(meta[key])], special=True).decode() if key in meta else ""
+    fmt = Jinja2ChatFormatter(
+        template=meta["tokenizer.chat_template"],
+        eos_token=tokens("tokenizer.ggml.eos_token_id"),
+        bos_token=tokens("tokenizer.ggml.bos_token_id"),
     )
+    return fmt(messages=[{"role": "user", "content": q}]).prompt
 
 
 def top5(m, text):
@@ -49,9 +58,9 @@ def top5(m, text):
     return toks, [{"token": i, "logprob": float(logits[i] - lse)} for i in best]
 
 
-def main():
-    m = Llama(model_path=MODEL, n_ctx=512, n_threads=2, verbose=False, logits_all=True)
-    out = {"engine": "llama-cpp-python 0.3.36", "model_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+def one(member, file, sha):
+    m = Llama(model_path=os.path.join(HOME, "models", file), n_ctx=512, n_threads=2, verbose=False, logits_all=True)
+    out = {"engine": "llama-cpp-python 0.3.36", "member": member, "model_sha256": sha,
            "chat_token_ids": {}, "next_token_top5": {}, "greedy_chat": {}}
     for q in CHATS:
         out["chat_token_ids"][q] = m.tokenize(render(m, q).encode(), add_bos=False, special=True)
@@ -61,10 +70,17 @@ def main():
     for q in GREEDY:
         r = m.create_chat_completion(messages=[{"role": "user", "content": q}], temperature=0.0, top_k=1, max_tokens=16)
         out["greedy_chat"][q] = r["choices"][0]["message"]["content"]
-    with open(OUT, "w") as f:
+    os.makedirs(FIXTURES, exist_ok=True)
+    path = os.path.join(FIXTURES, f"{member}-llama-cpp.json")
+    with open(path, "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)
         f.write("\n")
-    print("wrote", os.path.normpath(OUT), file=sys.stderr)
+    print("wrote", os.path.normpath(path), file=sys.stderr)
+
+
+def main():
+    for member, (file, sha) in MODELS.items():
+        one(member, file, sha)
 
 
 if __name__ == "__main__":

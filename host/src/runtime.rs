@@ -26,6 +26,8 @@ pub struct Paths {
     pub components: PathBuf,
     /// Persisted `fit` state, one file per module sha256.
     pub state: PathBuf,
+    /// Downloaded packages, kept so that fetching can resume.
+    pub wheels: PathBuf,
 }
 
 impl Paths {
@@ -36,6 +38,7 @@ impl Paths {
             modules: home.join("modules"),
             components: home.join("components"),
             state: home.join("state"),
+            wheels: home.join("wheels"),
         }
     }
 

@@ -83,9 +83,20 @@ fn pool_list_shows_the_cards() {
         .iter()
         .map(|c| c["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["smollm2-135m-instruct", "all-minilm-l6-v2"]);
+    assert_eq!(
+        ids,
+        [
+            "smollm2-135m-instruct",
+            "qwen2.5-coder-0.5b-instruct",
+            "all-minilm-l6-v2"
+        ]
+    );
+    assert_eq!(v[1]["architecture"], "qwen2");
     assert_eq!(v[0]["architecture"], "llama");
     assert!(v[0]["parameters"].as_u64().unwrap() > 100_000_000);
+    let (ok, out, err) = tessera(&["pool", "fetch", "--quiet"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("3 members verified"), "{out}");
     let (ok, table, _) = tessera(&["pool", "list"]);
     assert!(ok && table.contains("Apache-2.0"), "{table}");
 }

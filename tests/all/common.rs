@@ -9,8 +9,10 @@ use tessera::pool::PoolConfig;
 use tessera::sandbox::Module;
 use tessera::{Paths, Runtime};
 
-/// The chat model of the default pool.
+/// The first chat model of the default pool.
 pub const SMOL: &str = "smollm2-135m-instruct";
+/// The code model of the default pool.
+pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
 /// The embedder of the default pool.
 pub const MINILM: &str = "all-minilm-l6-v2";
 

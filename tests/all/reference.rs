@@ -1,6 +1,7 @@
 //! Tessera against the reference engine: llama.cpp's answers on the same
-//! GGUF file, recorded by `scripts/llama-cpp-reference.py` into
-//! `tests/fixtures/smollm2-llama-cpp.json` (so CI needs no Python).
+//! GGUF files, recorded by `scripts/llama-cpp-reference.py` into
+//! `tests/fixtures/<member>-llama-cpp.json` (so CI needs no Python), for
+//! every GGUF member of the default pool.
 //!
 //! Tolerances: token ids must be identical; the top-1 next token must be
 //! the same (either of two near-tied ones, see `NEAR_TIE`); on llama.cpp's top-5 tokens our log-probs must be within 0.45
@@ -19,20 +20,36 @@ const LOGPROB_TOLERANCE: f64 = 0.45;
 /// Log-prob gap under which llama.cpp's top two count as tied.
 const NEAR_TIE: f64 = 0.05;
 
-fn fixture() -> Value {
-    let text = include_str!("../fixtures/smollm2-llama-cpp.json");
-    serde_json::from_str(text).expect("fixture parses")
-}
+/// (member, file, fixture) for every GGUF member of the default pool.
+const MEMBERS: &[(&str, &str, &str)] = &[
+    (
+        "smollm2-135m-instruct",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        include_str!("../fixtures/smollm2-135m-instruct-llama-cpp.json"),
+    ),
+    (
+        "qwen2.5-coder-0.5b-instruct",
+        "Qwen2.5-Coder-0.5B-Instruct.gguf",
+        include_str!("../fixtures/qwen2.5-coder-0.5b-instruct-llama-cpp.json"),
+    ),
+];
 
-fn model() -> GgufModel {
-    let path = Paths::from_env().models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    GgufModel::load("smollm2", &path).expect("model loads (run `make setup`)")
+fn each_member(mut check: impl FnMut(&str, &mut GgufModel, &Value)) {
+    for (id, file, fixture) in MEMBERS {
+        let fixture: Value = serde_json::from_str(fixture).expect("fixture parses");
+        let path = Paths::from_env().models.join(file);
+        let mut model = GgufModel::load(id, &path).expect("model loads (run `make setup`)");
+        check(id, &mut model, &fixture);
+    }
 }
 
 #[test]
 fn chat_token_ids_match_llama_cpp() {
-    let m = model();
-    for (q, ids) in fixture()["chat_token_ids"].as_object().unwrap() {
+    each_member(|id, m, fixture| chat_ids(id, m, fixture));
+}
+
+fn chat_ids(id: &str, m: &mut GgufModel, fixture: &Value) {
+    for (q, ids) in fixture["chat_token_ids"].as_object().unwrap() {
         let want: Vec<u32> = ids
             .as_array()
             .unwrap()
@@ -40,31 +57,34 @@ fn chat_token_ids_match_llama_cpp() {
             .map(|v| v.as_u64().unwrap() as u32)
             .collect();
         let got = m.encode_input(&Input::Chat(vec![Message::user(q.clone())])).unwrap();
-        assert_eq!(got, want, "tokens differ for {q:?}");
+        assert_eq!(got, want, "{id}: tokens differ for {q:?}");
     }
 }
 
 #[test]
 fn next_token_logprobs_match_llama_cpp() {
-    let mut m = model();
+    each_member(|id, m, fixture| next_tokens(id, m, fixture));
+}
+
+fn next_tokens(id: &str, m: &mut GgufModel, fixture: &Value) {
     let ctx = CallCtx {
         deadline: Instant::now() + Duration::from_secs(120),
     };
-    for (prompt, top) in fixture()["next_token_top5"].as_object().unwrap() {
+    for (prompt, top) in fixture["next_token_top5"].as_object().unwrap() {
         let ours = m.next_token(ctx, &Input::Prompt(prompt.clone()), 50).unwrap();
         let theirs = top.as_array().unwrap();
         // Top-1 must agree, except on a near-tie in llama.cpp's own numbers
         // (its first two within NEAR_TIE), where either of the two is right.
         let lp = |i: usize| theirs[i]["logprob"].as_f64().unwrap();
-        let id = |i: usize| theirs[i]["token"].as_u64().unwrap() as u32;
+        let tok = |i: usize| theirs[i]["token"].as_u64().unwrap() as u32;
         let acceptable: Vec<u32> = if lp(0) - lp(1) < NEAR_TIE {
-            vec![id(0), id(1)]
+            vec![tok(0), tok(1)]
         } else {
-            vec![id(0)]
+            vec![tok(0)]
         };
         assert!(
             acceptable.contains(&ours[0].token),
-            "top-1 differs for {prompt:?}: ours {:?}, llama.cpp {:?}",
+            "{id}: top-1 differs for {prompt:?}: ours {:?}, llama.cpp {:?}",
             ours[0],
             theirs[0]
         );
@@ -87,11 +107,14 @@ fn next_token_logprobs_match_llama_cpp() {
 /// above are identical); with the model card's full stop both answer Paris.
 #[test]
 fn greedy_chat_starts_like_llama_cpp() {
-    let mut m = model();
+    each_member(|id, m, fixture| greedy(id, m, fixture));
+}
+
+fn greedy(id: &str, m: &mut GgufModel, fixture: &Value) {
     let ctx = CallCtx {
         deadline: Instant::now() + Duration::from_secs(120),
     };
-    for (q, answer) in fixture()["greedy_chat"].as_object().unwrap() {
+    for (q, answer) in fixture["greedy_chat"].as_object().unwrap() {
         let want = answer.as_str().unwrap();
         let params = tessera::inference::GenParams {
             max_tokens: Some(16),
@@ -103,6 +126,6 @@ fn greedy_chat_starts_like_llama_cpp() {
             .text;
         // The first few words must agree; later tokens may drift on near-ties.
         let head = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-        assert_eq!(head(&got), head(want), "{q:?}: ours {got:?}, llama.cpp {want:?}");
+        assert_eq!(head(&got), head(want), "{id} {q:?}: ours {got:?}, llama.cpp {want:?}");
     }
 }

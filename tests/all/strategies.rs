@@ -2,7 +2,7 @@
 
 use tessera::{ProvenanceEvent, RunRequest};
 
-use crate::common::{module, runtime, SMOL};
+use crate::common::{module, runtime, QWEN, SMOL};
 
 fn calls(p: &[ProvenanceEvent], call: &str) -> usize {
     p.iter()
@@ -33,6 +33,16 @@ async fn majority_vote_votes_over_k_samples_and_reports_agreement() {
     let out = runtime().run(&m, capital_question()).await.unwrap();
     assert!(out.text.contains("Paris"), "{out:?}");
     assert_eq!(calls(&out.provenance, "generate"), 3, "{:?}", out.provenance);
+    // Samples go round-robin over the pool's generative members.
+    let voters: std::collections::BTreeSet<&str> = out
+        .provenance
+        .iter()
+        .filter_map(|e| match e {
+            ProvenanceEvent::HostCall { model, .. } => Some(model.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(voters, [QWEN, SMOL].into_iter().collect(), "{:?}", out.provenance);
     assert_eq!(steps(&out.provenance, "voter").len(), 3);
     assert_eq!(steps(&out.provenance, "aggregator").len(), 1);
     let agreement: f64 = out.annotations["agreement"].parse().unwrap();
@@ -70,7 +80,8 @@ async fn prompt_router_routes_then_answers() {
     let mut req = RunRequest::chat("What is the capital of France? Answer with one word.");
     req.params.max_tokens = Some(24);
     let out = runtime().run(&m, req).await.unwrap();
-    assert_eq!(out.annotations["routed_to"], SMOL);
+    let routed = out.annotations["routed_to"].as_str();
+    assert!(routed == SMOL || routed == QWEN, "{routed}");
     assert!(out.text.contains("Paris"), "{out:?}");
     assert_eq!(steps(&out.provenance, "router").len(), 1, "{:?}", out.provenance);
     assert_eq!(steps(&out.provenance, "answerer").len(), 1);
@@ -125,7 +136,8 @@ async fn majority_vote_fit_state_is_persisted_and_handed_back() {
     let config = [("max_tokens".to_string(), "8".to_string())].into();
     assert!(rt.fit(&m, dev, config).await.unwrap(), "majority-vote keeps state");
     let saved = std::fs::read(paths.state.join(format!("{}.state", m.sha256))).unwrap();
-    assert!(String::from_utf8_lossy(&saved).starts_with(SMOL), "{saved:?}");
+    let saved = String::from_utf8_lossy(&saved);
+    assert!(saved.starts_with(SMOL) && saved.contains(QWEN), "{saved:?}");
 
     // A new runtime (a restart) hands the state back to `run`.
     let rt2 = Runtime::new(paths, &PoolConfig::default_pool(), Policy::default()).unwrap();
@@ -133,5 +145,8 @@ async fn majority_vote_fit_state_is_persisted_and_handed_back() {
     let out = rt2.run(&m2, capital_question()).await.unwrap();
     let tie = steps(&out.provenance, "tie-break");
     assert_eq!(tie.len(), 1, "{:?}", out.provenance);
-    assert!(tie[0].contains(SMOL) && tie[0].contains("/2"), "{tie:?}");
+    assert!(
+        tie[0].contains(SMOL) && tie[0].contains(QWEN) && tie[0].contains("/2"),
+        "{tie:?}"
+    );
 }

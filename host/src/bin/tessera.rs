@@ -34,6 +34,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PoolCommand {
+    /// Download, assemble and verify every member's files (idempotent, resumable).
+    Fetch {
+        #[command(flatten)]
+        setup: Setup,
+        /// No progress bars (for logs).
+        #[arg(long)]
+        quiet: bool,
+    },
     /// List the pool's members and their contributor cards.
     List {
         #[command(flatten)]
@@ -189,12 +197,12 @@ fn pool_list(setup: &Setup, json: bool) -> Result<String, Error> {
         return serde_json::to_string_pretty(&cards).map_err(|e| Error::config(e.to_string()));
     }
     let mut s = format!(
-        "{:<24} {:<8} {:>7} {:>6}  {:<28} {}\n",
+        "{:<28} {:<6} {:>7} {:>6}  {:<26} {}\n",
         "ID", "ARCH", "PARAMS", "CTX", "CAPABILITIES", "CONTRIBUTOR / LICENSE"
     );
     for c in &cards {
         s.push_str(&format!(
-            "{:<24} {:<8} {:>6.0}M {:>6}  {:<28} {} / {}\n    {}\n",
+            "{:<28} {:<6} {:>6.0}M {:>6}  {:<26} {} / {}\n    {}\n",
             c.id,
             c.architecture,
             c.parameters as f64 / 1e6,
@@ -206,6 +214,39 @@ fn pool_list(setup: &Setup, json: bool) -> Result<String, Error> {
         ));
     }
     Ok(s.trim_end().to_string())
+}
+
+fn pool_fetch(setup: &Setup, quiet: bool) -> Result<String, Error> {
+    let (pool, _) = load_setup(setup)?;
+    let paths = Paths::from_env();
+    let show = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut lines = Vec::new();
+    let mut failed = Vec::new();
+    for (id, r) in tessera::pool::fetch::fetch_pool(&pool, &paths.models, &paths.wheels, show) {
+        match r {
+            Ok(tessera::pool::fetch::Fetched::AlreadyPresent) => lines.push(format!("ok   {id} (verified)")),
+            Ok(tessera::pool::fetch::Fetched::Installed) => lines.push(format!("got  {id} (verified)")),
+            Err(e) => {
+                lines.push(format!("FAIL {id}: {e}"));
+                failed.push(id);
+            }
+        }
+        if !quiet {
+            eprintln!("{}", lines.last().map(String::as_str).unwrap_or(""));
+        }
+    }
+    if !failed.is_empty() {
+        return Err(Error::config(format!(
+            "{} member(s) could not be fetched: {}",
+            failed.len(),
+            failed.join(", ")
+        )));
+    }
+    Ok(format!(
+        "{} members verified in {}",
+        lines.len(),
+        paths.models.display()
+    ))
 }
 
 fn main() -> ExitCode {
@@ -226,6 +267,9 @@ fn main() -> ExitCode {
         Command::Pool {
             command: PoolCommand::List { setup, json },
         } => (json, pool_list(&setup, json)),
+        Command::Pool {
+            command: PoolCommand::Fetch { setup, quiet },
+        } => (false, pool_fetch(&setup, quiet)),
     };
     match result {
         Ok(s) => {

@@ -10,6 +10,8 @@
 //! takes jobs from a queue. Jobs for different members run in parallel; jobs
 //! for the same member queue. There is no global inference lock.
 
+pub mod fetch;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::panic::AssertUnwindSafe;
@@ -66,6 +68,9 @@ pub struct MemberConfig {
     pub sha256_file: Option<String>,
     /// Who made it and what it is for.
     pub card: CardConfig,
+    /// Where `tessera pool fetch` gets its files.
+    #[serde(default)]
+    pub fetch: Option<fetch::FetchSpec>,
 }
 
 /// The human part of a contributor card; the technical part (architecture,

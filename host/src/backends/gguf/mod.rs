@@ -5,12 +5,12 @@
 //! [`template`]). It is driven by exactly one pool worker thread, so its
 //! methods take `&mut self` and need no locking.
 //!
-//! Supported architecture: `llama` (candle-transformers' `quantized_llama`,
-//! which cites Meta's reference implementation). It keeps its KV cache inside
-//! the weights struct and resets it when a forward starts at position 0;
-//! cloning the struct shares the cached tensors, which is how `score` reuses
-//! one prompt prefill for every continuation. More architectures (qwen2,
-//! gemma3) come with the full pool.
+//! Supported architectures: `llama` (candle-transformers' `quantized_llama`)
+//! and `qwen2` (`quantized_qwen2`). Both keep their KV cache inside the
+//! weights struct and reset it when a forward starts at position 0. For
+//! llama, cloning the struct shares the cached tensors, which is how `score`
+//! reuses one prompt prefill for every continuation; candle's qwen2 struct
+//! cannot be cloned, so there each continuation re-runs the prompt.
 
 pub mod template;
 pub mod tokenizer;
@@ -22,7 +22,7 @@ use std::time::Instant;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama;
+use candle_transformers::models::{quantized_llama, quantized_qwen2};
 
 use crate::inference::{
     CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Scored, TokenLogprob, Usage,
@@ -33,16 +33,28 @@ use tokenizer::GgufTokenizer;
 
 /// candle's quantized llama precomputes rotary tables for this many positions.
 const LLAMA_MAX_POSITIONS: usize = quantized_llama::MAX_SEQ_LEN;
+/// qwen2 files declare 32k positions; the KV cache for that is more than a
+/// small CPU host should hold per member, so we serve up to this many.
+const QWEN2_MAX_POSITIONS: usize = 8192;
 
-#[derive(Clone)]
 enum Weights {
     Llama(quantized_llama::ModelWeights),
+    Qwen2(quantized_qwen2::ModelWeights),
 }
 
 impl Weights {
     fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
             Weights::Llama(m) => m.forward(x, pos),
+            Weights::Qwen2(m) => m.forward(x, pos),
+        }
+    }
+
+    /// A copy sharing the current KV cache, where the architecture allows it.
+    fn fork(&self) -> Option<Weights> {
+        match self {
+            Weights::Llama(m) => Some(Weights::Llama(m.clone())),
+            Weights::Qwen2(_) => None,
         }
     }
 }
@@ -107,9 +119,14 @@ impl GgufModel {
                     .map_err(|e| format!("{shown}: loading llama weights: {e}"))?;
                 (Weights::Llama(w), meta_ctx.min(LLAMA_MAX_POSITIONS))
             }
+            "qwen2" => {
+                let w = quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &device)
+                    .map_err(|e| format!("{shown}: loading qwen2 weights: {e}"))?;
+                (Weights::Qwen2(w), meta_ctx.min(QWEN2_MAX_POSITIONS))
+            }
             other => {
                 return Err(format!(
-                    "{shown}: architecture `{other}` is not supported (supported: llama)"
+                    "{shown}: architecture `{other}` is not supported (supported: llama, qwen2)"
                 ))
             }
         };
@@ -279,7 +296,7 @@ impl GgufModel {
         let first = Self::step(&mut self.weights, &self.device, &prompt_ids, 0)?;
         let first = log_softmax(&first)?;
         let mut out = Vec::with_capacity(continuations.len());
-        for cont in continuations {
+        for (n, cont) in continuations.iter().enumerate() {
             let ids = self.encode_text(cont)?;
             if ids.is_empty() {
                 return Err(InferenceError::InvalidParams(
@@ -287,13 +304,24 @@ impl GgufModel {
                 ));
             }
             self.check_context(prompt_ids.len() + ids.len())?;
-            let mut weights = self.weights.clone();
+            // Extend a fork of the prompt's cache; without forks, rebuild the
+            // prompt's cache before every continuation but the first.
+            let mut forked = self.weights.fork();
+            let weights = match forked.as_mut() {
+                Some(w) => w,
+                None => {
+                    if n > 0 && ids.len() > 1 {
+                        Self::step(&mut self.weights, &self.device, &prompt_ids, 0)?;
+                    }
+                    &mut self.weights
+                }
+            };
             let mut lp = first[ids[0] as usize] as f64;
             for (i, w) in ids.windows(2).enumerate() {
                 if Instant::now() >= ctx.deadline {
                     return Err(InferenceError::Deadline);
                 }
-                let logits = Self::step(&mut weights, &self.device, &[w[0]], prompt_ids.len() + i)?;
+                let logits = Self::step(weights, &self.device, &[w[0]], prompt_ids.len() + i)?;
                 lp += log_softmax(&logits)?[w[1] as usize] as f64;
             }
             out.push(Scored {
