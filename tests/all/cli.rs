@@ -88,15 +88,18 @@ fn pool_list_shows_the_cards() {
         [
             "smollm2-135m-instruct",
             "qwen2.5-coder-0.5b-instruct",
+            "gemma-3-270m",
             "all-minilm-l6-v2"
         ]
     );
+    assert_eq!(v[2]["architecture"], "gemma3");
+    assert!(v[2]["description"].as_str().unwrap().contains("base model"), "{}", v[2]);
     assert_eq!(v[1]["architecture"], "qwen2");
     assert_eq!(v[0]["architecture"], "llama");
     assert!(v[0]["parameters"].as_u64().unwrap() > 100_000_000);
     let (ok, out, err) = tessera(&["pool", "fetch", "--quiet"]);
     assert!(ok, "{err}");
-    assert!(out.contains("3 members verified"), "{out}");
+    assert!(out.contains("4 members verified"), "{out}");
     let (ok, table, _) = tessera(&["pool", "list"]);
     assert!(ok && table.contains("Apache-2.0"), "{table}");
 }

@@ -13,6 +13,8 @@ use tessera::{Paths, Runtime};
 pub const SMOL: &str = "smollm2-135m-instruct";
 /// The code model of the default pool.
 pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
+/// The base (completion) model of the default pool.
+pub const GEMMA: &str = "gemma-3-270m";
 /// The embedder of the default pool.
 pub const MINILM: &str = "all-minilm-l6-v2";
 

@@ -2,7 +2,7 @@
 
 use tessera::{ProvenanceEvent, RunRequest};
 
-use crate::common::{module, runtime, QWEN, SMOL};
+use crate::common::{module, runtime, GEMMA, QWEN, SMOL};
 
 fn calls(p: &[ProvenanceEvent], call: &str) -> usize {
     p.iter()
@@ -24,6 +24,8 @@ fn capital_question() -> RunRequest {
     req.params.seed = Some(7);
     req.config.insert("k".into(), "3".into());
     req.config.insert("max_tokens".into(), "16".into());
+    // Greedy samples: one per member, so the vote is over the members' views.
+    req.config.insert("temperature".into(), "0".into());
     req
 }
 
@@ -42,17 +44,33 @@ async fn majority_vote_votes_over_k_samples_and_reports_agreement() {
             _ => None,
         })
         .collect();
-    assert_eq!(voters, [QWEN, SMOL].into_iter().collect(), "{:?}", out.provenance);
+    assert_eq!(
+        voters,
+        [QWEN, SMOL, GEMMA].into_iter().collect(),
+        "{:?}",
+        out.provenance
+    );
     assert_eq!(steps(&out.provenance, "voter").len(), 3);
     assert_eq!(steps(&out.provenance, "aggregator").len(), 1);
+    // The tally is consistent: every answer counted once, the winner has the
+    // most votes, and the agreement is its share.
+    let counts: Vec<(String, usize)> = out.annotations["counts"]
+        .split("; ")
+        .map(|c| {
+            let (a, n) = c.rsplit_once('=').unwrap();
+            (a.to_string(), n.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(counts.iter().map(|c| c.1).sum::<usize>(), 3, "{:?}", out.annotations);
+    let top = counts.iter().map(|c| c.1).max().unwrap();
+    assert_eq!(out.annotations["votes"], format!("{top}/3"));
     let agreement: f64 = out.annotations["agreement"].parse().unwrap();
-    assert!(agreement > 0.5 && agreement <= 1.0, "{:?}", out.annotations);
+    assert!((agreement - top as f64 / 3.0).abs() < 0.01, "{:?}", out.annotations);
     assert!(
         out.annotations["answer"].to_lowercase().contains("paris"),
         "{:?}",
         out.annotations
     );
-    assert!(out.usage.completion_tokens > 0 && out.usage.host_calls >= 4);
 }
 
 #[tokio::test]
@@ -81,8 +99,11 @@ async fn prompt_router_routes_then_answers() {
     req.params.max_tokens = Some(24);
     let out = runtime().run(&m, req).await.unwrap();
     let routed = out.annotations["routed_to"].as_str();
-    assert!(routed == SMOL || routed == QWEN, "{routed}");
-    assert!(out.text.contains("Paris"), "{out:?}");
+    assert!([SMOL, QWEN, GEMMA].contains(&routed), "{routed}");
+    if routed != GEMMA {
+        // The instruction-tuned members answer; the base model just continues.
+        assert!(out.text.contains("Paris"), "{out:?}");
+    }
     assert_eq!(steps(&out.provenance, "router").len(), 1, "{:?}", out.provenance);
     assert_eq!(steps(&out.provenance, "answerer").len(), 1);
     assert_eq!(calls(&out.provenance, "generate"), 2);

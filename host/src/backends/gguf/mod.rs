@@ -5,13 +5,14 @@
 //! [`template`]). It is driven by exactly one pool worker thread, so its
 //! methods take `&mut self` and need no locking.
 //!
-//! Supported architectures: `llama` (candle-transformers' `quantized_llama`)
-//! and `qwen2` (`quantized_qwen2`). Both keep their KV cache inside the
+//! Supported architectures: `llama` (candle-transformers' `quantized_llama`),
+//! `qwen2` (`quantized_qwen2`) and `gemma3` (our own [`gemma3`]). All keep their KV cache inside the
 //! weights struct and reset it when a forward starts at position 0. For
-//! llama, cloning the struct shares the cached tensors, which is how `score`
+//! llama and gemma3, cloning the struct shares the cached tensors, which is how `score`
 //! reuses one prompt prefill for every continuation; candle's qwen2 struct
 //! cannot be cloned, so there each continuation re-runs the prompt.
 
+pub mod gemma3;
 pub mod template;
 pub mod tokenizer;
 
@@ -36,10 +37,13 @@ const LLAMA_MAX_POSITIONS: usize = quantized_llama::MAX_SEQ_LEN;
 /// qwen2 files declare 32k positions; the KV cache for that is more than a
 /// small CPU host should hold per member, so we serve up to this many.
 const QWEN2_MAX_POSITIONS: usize = 8192;
+/// Likewise for gemma3 (the file declares 32k).
+const GEMMA3_MAX_POSITIONS: usize = 8192;
 
 enum Weights {
     Llama(quantized_llama::ModelWeights),
     Qwen2(quantized_qwen2::ModelWeights),
+    Gemma3(Box<gemma3::Gemma3>),
 }
 
 impl Weights {
@@ -47,6 +51,7 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.forward(x, pos),
             Weights::Qwen2(m) => m.forward(x, pos),
+            Weights::Gemma3(m) => m.forward(x, pos),
         }
     }
 
@@ -55,6 +60,7 @@ impl Weights {
         match self {
             Weights::Llama(m) => Some(Weights::Llama(m.clone())),
             Weights::Qwen2(_) => None,
+            Weights::Gemma3(m) => Some(Weights::Gemma3(m.clone())),
         }
     }
 }
@@ -124,9 +130,15 @@ impl GgufModel {
                     .map_err(|e| format!("{shown}: loading qwen2 weights: {e}"))?;
                 (Weights::Qwen2(w), meta_ctx.min(QWEN2_MAX_POSITIONS))
             }
+            "gemma3" => {
+                let positions = meta_ctx.min(GEMMA3_MAX_POSITIONS);
+                let w = gemma3::Gemma3::from_gguf(&content, &mut file, positions, &device)
+                    .map_err(|e| format!("{shown}: loading gemma3 weights: {e}"))?;
+                (Weights::Gemma3(Box::new(w)), positions)
+            }
             other => {
                 return Err(format!(
-                    "{shown}: architecture `{other}` is not supported (supported: llama, qwen2)"
+                    "{shown}: architecture `{other}` is not supported (supported: llama, qwen2, gemma3)"
                 ))
             }
         };
@@ -170,7 +182,10 @@ impl GgufModel {
                         "the chat has no messages: send at least one user turn".into(),
                     ));
                 }
-                (self.chat.render(msgs).map_err(InferenceError::InvalidParams)?, false)
+                // A model's own template writes its BOS itself; the plain
+                // format for base models does not.
+                let add_bos = !self.chat.is_template() && self.tok.add_bos;
+                (self.chat.render(msgs).map_err(InferenceError::InvalidParams)?, add_bos)
             }
             Input::Prompt(p) => (p.clone(), self.tok.add_bos),
         };

@@ -2,15 +2,31 @@
 //!
 //! None of the GGUF files in the default pool ships a `tokenizer.json`, so the
 //! tokenizer is reconstructed from the `tokenizer.ggml.*` keys that llama.cpp's
-//! converter writes. For `tokenizer.ggml.model = gpt2` that is a byte-level
-//! BPE: the vocabulary is `tokens` (index = id), the merge list is `merges`
-//! (`"a b"` strings, in priority order) and the pre-tokenizer is chosen from
-//! `tokenizer.ggml.pre`. Control and user-defined tokens (`token_type` 3 and 4)
-//! are registered as special added tokens so that chat markers such as
-//! `<|im_start|>` are never split.
+//! converter writes:
+//! - `tokenizer.ggml.model = gpt2`: a byte-level BPE. The vocabulary is
+//!   `tokens` (index = id), the merge list is `merges` (`"a b"` strings, in
+//!   priority order) and the pre-tokenizer is chosen from `tokenizer.ggml.pre`.
+//! - `tokenizer.ggml.model = llama`: a SentencePiece-style vocabulary with a
+//!   score per token and no merge list (Gemma). SentencePiece's BPE merges, at
+//!   each step, the adjacent pair whose joined piece has the highest score.
+//!   A BPE whose merge ranks follow the joined pieces' scores does exactly
+//!   that, so the merge list is derived from the scores: every way of
+//!   splitting a vocabulary piece into two vocabulary pieces is a merge,
+//!   ranked by the piece's score. Spaces become `▁`, unknown bytes fall back
+//!   to the `<0xNN>` byte tokens.
+//!
+//! Control and user-defined tokens (`token_type` 3 and 4) are registered as
+//! special added tokens so that chat markers such as `<|im_start|>` are never
+//! split.
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -69,12 +85,85 @@ pub fn from_gguf(content: &Content) -> Result<GgufTokenizer, String> {
         .and_then(|v| v.to_string().ok())
         .cloned()
         .ok_or("metadata key `tokenizer.ggml.model` is missing: the file carries no tokenizer")?;
-    if model != "gpt2" {
-        return Err(format!(
-            "tokenizer type `{model}` is not supported yet (supported: gpt2 byte-level BPE)"
-        ));
-    }
     let tokens = string_array(content, "tokenizer.ggml.tokens")?;
+    let tokenizer = match model.as_str() {
+        "gpt2" => gpt2_bpe(content, &tokens)?,
+        "llama" => sentencepiece_bpe(content, &tokens)?,
+        other => {
+            return Err(format!(
+                "tokenizer type `{other}` is not supported (supported: gpt2 byte-level BPE, llama SentencePiece)"
+            ))
+        }
+    };
+    finish(content, tokenizer, tokens)
+}
+
+/// SentencePiece-style vocabulary (tokens + scores) as a score-ranked BPE.
+fn sentencepiece_bpe(content: &Content, tokens: &[String]) -> Result<Tokenizer, String> {
+    let scores: Vec<f32> = meta(content, "tokenizer.ggml.scores")
+        .and_then(|v| v.to_vec().ok())
+        .map(|a| a.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect())
+        .ok_or("metadata key `tokenizer.ggml.scores` is missing: a SentencePiece vocabulary needs scores")?;
+    let types = token_types(content, tokens.len());
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut ranked: Vec<(f32, u32, String, String)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        // Only ordinary pieces are reachable by merging.
+        if types.get(id).copied().unwrap_or(1) != 1 {
+            continue;
+        }
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (a, b) = piece.split_at(cut);
+            if vocab.contains_key(a) && vocab.contains_key(b) {
+                ranked.push((
+                    scores.get(id).copied().unwrap_or(0.0),
+                    id as u32,
+                    a.to_string(),
+                    b.to_string(),
+                ));
+            }
+        }
+    }
+    // Highest score first; ties by id (earlier pieces were learned first).
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+    let merges = ranked.into_iter().map(|(_, _, a, b)| (a, b)).collect();
+    let unk = opt_u32(content, "tokenizer.ggml.unknown_token_id")
+        .and_then(|id| tokens.get(id as usize).cloned())
+        .unwrap_or_else(|| "<unk>".into());
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .unk_token(unk)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| format!("building the SentencePiece BPE failed: {e}"))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    let add_space_prefix = meta(content, "tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    let replace = Replace::new(" ", "\u{2581}").map_err(|e| e.to_string())?;
+    let normalizer: NormalizerWrapper = if add_space_prefix {
+        NormalizerSequence::new(vec![Prepend::new("\u{2581}".into()).into(), replace.clone().into()]).into()
+    } else {
+        replace.clone().into()
+    };
+    tokenizer
+        .with_normalizer(Some(normalizer))
+        .map_err(|e| format!("setting the normalizer failed: {e}"))?;
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![replace_back()?.into(), ByteFallback::new().into(), Fuse::new().into()];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(tokenizer)
+}
+
+fn replace_back() -> Result<Replace, String> {
+    Replace::new("\u{2581}", " ").map_err(|e| e.to_string())
+}
+
+/// GPT-2 style byte-level BPE from tokens + merges.
+fn gpt2_bpe(content: &Content, tokens: &[String]) -> Result<Tokenizer, String> {
     let merges_raw = string_array(content, "tokenizer.ggml.merges")?;
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let mut merges = Vec::with_capacity(merges_raw.len());
@@ -112,13 +201,21 @@ pub fn from_gguf(content: &Content) -> Result<GgufTokenizer, String> {
     };
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevel::default()));
+    Ok(tokenizer)
+}
 
+/// Special tokens and BOS/EOS facts, common to both vocabulary kinds.
+fn finish(content: &Content, mut tokenizer: Tokenizer, tokens: Vec<String>) -> Result<GgufTokenizer, String> {
     let types = token_types(content, tokens.len());
     let mut specials = Vec::new();
     let mut end_of_turn = Vec::new();
     for (i, (t, ty)) in tokens.iter().zip(types.iter()).enumerate() {
-        if *ty == TOKEN_TYPE_CONTROL || *ty == TOKEN_TYPE_USER_DEFINED {
+        // Control tokens are special (dropped when decoding); user-defined
+        // ones (Gemma's whitespace runs, say) are never split but are text.
+        if *ty == TOKEN_TYPE_CONTROL {
             specials.push(AddedToken::from(t.clone(), true));
+        } else if *ty == TOKEN_TYPE_USER_DEFINED {
+            specials.push(AddedToken::from(t.clone(), false));
         }
         if *ty == TOKEN_TYPE_CONTROL && is_end_marker(t) {
             end_of_turn.push(i as u32);
