@@ -261,7 +261,6 @@ pub fn fetch_pool(
 mod tests {
     use super::*;
     use crate::pool::{BackendKind, CardConfig};
-    use std::io::Write as _;
 
     /// A wheel named like pip would name it, holding `entries`.
     fn fake_wheel(dir: &Path, name: &str, entries: &[(&str, &[u8])]) {
