@@ -50,7 +50,7 @@ fn each_member(mut check: impl FnMut(&str, &mut GgufModel, &Value)) {
 
 #[test]
 fn chat_token_ids_match_llama_cpp() {
-    each_member(|id, m, fixture| chat_ids(id, m, fixture));
+    each_member(chat_ids);
 }
 
 #[test]
@@ -84,7 +84,7 @@ fn chat_ids(id: &str, m: &mut GgufModel, fixture: &Value) {
 
 #[test]
 fn next_token_logprobs_match_llama_cpp() {
-    each_member(|id, m, fixture| next_tokens(id, m, fixture));
+    each_member(next_tokens);
 }
 
 fn next_tokens(id: &str, m: &mut GgufModel, fixture: &Value) {
@@ -128,7 +128,7 @@ fn next_tokens(id: &str, m: &mut GgufModel, fixture: &Value) {
 /// above are identical); with the model card's full stop both answer Paris.
 #[test]
 fn greedy_chat_starts_like_llama_cpp() {
-    each_member(|id, m, fixture| greedy(id, m, fixture));
+    each_member(greedy);
 }
 
 fn greedy(id: &str, m: &mut GgufModel, fixture: &Value) {
