@@ -61,6 +61,7 @@ test: setup
 # Criterion benches (dependencies optimised; see benches/RESULTS.md).
 bench: setup
 	$(CARGO) bench -p tessera --profile dev --bench sandbox
+	$(CARGO) bench -p tessera --profile dev --bench speed
 
 lint:
 	$(CARGO) fmt --all -- --check

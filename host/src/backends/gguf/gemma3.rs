@@ -31,14 +31,18 @@ const LOCAL_ROPE_BASE: f32 = 10_000.0;
 /// One layer in this many is global.
 const GLOBAL_EVERY: usize = 6;
 
+/// Rotary position tables, applied in rotate-half form (`interleaved =
+/// false`, Gemma, Qwen2) or to adjacent pairs (`true`, llama.cpp's layout for
+/// llama weights).
 #[derive(Debug, Clone)]
-struct Rope {
+pub(super) struct Rope {
     cos: Tensor,
     sin: Tensor,
+    interleaved: bool,
 }
 
 impl Rope {
-    fn new(head_dim: usize, base: f32, positions: usize, device: &Device) -> Result<Self> {
+    pub(super) fn new(head_dim: usize, base: f32, positions: usize, device: &Device) -> Result<Self> {
         let inv: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32))
             .collect();
@@ -50,14 +54,26 @@ impl Rope {
         Ok(Rope {
             cos: angles.cos()?,
             sin: angles.sin()?,
+            interleaved: false,
         })
     }
 
-    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+    /// The same tables, applied to adjacent pairs.
+    pub(super) fn interleaved(mut self) -> Self {
+        self.interleaved = true;
+        self
+    }
+
+    /// Rotates `x` (`[b, heads, t, head_dim]`) for positions `pos..pos+t`.
+    pub(super) fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        }
     }
 }
 
@@ -133,7 +149,7 @@ impl Gemma3 {
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
-            let mut mm = |s: &str| -> Result<QMatMul> { QMatMul::from_qtensor(qt(&p(s))?) };
+            let mut mm = |s: &str| -> Result<QMatMul> { super::quant::matmul(qt(&p(s))?, device) };
             let (q, k, v, o) = (mm("attn_q")?, mm("attn_k")?, mm("attn_v")?, mm("attn_output")?);
             let (gate, up, down) = (mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
             let mut vec = |s: &str| -> Result<Tensor> { qt(&p(s))?.dequantize(device) };
@@ -172,7 +188,7 @@ impl Gemma3 {
 
     /// Additive mask for queries at `pos..pos+t` over keys `0..pos+t`:
     /// causal, and for local layers limited to the last `window` positions.
-    fn mask(t: usize, pos: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
+    pub(super) fn mask(t: usize, pos: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
         let total = pos + t;
         let needs = t > 1 || window.is_some_and(|w| total > w);
         if !needs {

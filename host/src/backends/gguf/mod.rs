@@ -5,14 +5,16 @@
 //! [`template`]). It is driven by exactly one pool worker thread, so its
 //! methods take `&mut self` and need no locking.
 //!
-//! Supported architectures: `llama` (candle-transformers' `quantized_llama`),
-//! `qwen2` (`quantized_qwen2`) and `gemma3` (our own [`gemma3`]). All keep their KV cache inside the
-//! weights struct and reset it when a forward starts at position 0. For
-//! llama and gemma3, cloning the struct shares the cached tensors, which is how `score`
-//! reuses one prompt prefill for every continuation; candle's qwen2 struct
-//! cannot be cloned, so there each continuation re-runs the prompt.
+//! Supported architectures, each in its own file written for Tessera: the
+//! llama family ([`llama`]: `llama`, `qwen2`) and [`gemma3`]. Both keep
+//! their KV cache inside the model struct and reset it when a forward starts
+//! at position 0; cloning the struct shares the cached tensors, which is how
+//! `score` reuses one prompt prefill for every continuation. Weight formats
+//! candle only has scalar kernels for are re-encoded at load ([`quant`]).
 
 pub mod gemma3;
+pub mod llama;
+pub mod quant;
 pub mod template;
 pub mod tokenizer;
 
@@ -23,7 +25,6 @@ use std::time::Instant;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
 
 use crate::inference::{
     CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Scored, TokenLogprob, Usage,
@@ -32,17 +33,14 @@ use crate::inference::{
 use template::ChatFormat;
 use tokenizer::GgufTokenizer;
 
-/// candle's quantized llama precomputes rotary tables for this many positions.
-const LLAMA_MAX_POSITIONS: usize = quantized_llama::MAX_SEQ_LEN;
-/// qwen2 files declare 32k positions; the KV cache for that is more than a
-/// small CPU host should hold per member, so we serve up to this many.
-const QWEN2_MAX_POSITIONS: usize = 8192;
-/// Likewise for gemma3 (the file declares 32k).
-const GEMMA3_MAX_POSITIONS: usize = 8192;
+/// Files declare up to 32k positions; rotary tables and a KV cache that long
+/// are more than a small CPU host should hold per member, so we serve up to
+/// this many (the card reports it).
+const MAX_POSITIONS: usize = 8192;
 
+#[derive(Clone)]
 enum Weights {
-    Llama(quantized_llama::ModelWeights),
-    Qwen2(quantized_qwen2::ModelWeights),
+    Llama(Box<llama::Llama>),
     Gemma3(Box<gemma3::Gemma3>),
 }
 
@@ -50,18 +48,13 @@ impl Weights {
     fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
             Weights::Llama(m) => m.forward(x, pos),
-            Weights::Qwen2(m) => m.forward(x, pos),
             Weights::Gemma3(m) => m.forward(x, pos),
         }
     }
 
-    /// A copy sharing the current KV cache, where the architecture allows it.
-    fn fork(&self) -> Option<Weights> {
-        match self {
-            Weights::Llama(m) => Some(Weights::Llama(m.clone())),
-            Weights::Qwen2(_) => None,
-            Weights::Gemma3(m) => Some(Weights::Gemma3(m.clone())),
-        }
+    /// A copy sharing the current KV cache (tensors are reference-counted).
+    fn fork(&self) -> Weights {
+        self.clone()
     }
 }
 
@@ -120,18 +113,14 @@ impl GgufModel {
             .cloned();
         let device = Device::Cpu;
         let (weights, context_length) = match arch.as_str() {
-            "llama" => {
-                let w = quantized_llama::ModelWeights::from_gguf(content, &mut file, &device)
-                    .map_err(|e| format!("{shown}: loading llama weights: {e}"))?;
-                (Weights::Llama(w), meta_ctx.min(LLAMA_MAX_POSITIONS))
-            }
-            "qwen2" => {
-                let w = quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &device)
-                    .map_err(|e| format!("{shown}: loading qwen2 weights: {e}"))?;
-                (Weights::Qwen2(w), meta_ctx.min(QWEN2_MAX_POSITIONS))
+            "llama" | "qwen2" => {
+                let positions = meta_ctx.min(MAX_POSITIONS);
+                let w = llama::Llama::from_gguf(&arch, &content, &mut file, positions, &device)
+                    .map_err(|e| format!("{shown}: loading {arch} weights: {e}"))?;
+                (Weights::Llama(Box::new(w)), positions)
             }
             "gemma3" => {
-                let positions = meta_ctx.min(GEMMA3_MAX_POSITIONS);
+                let positions = meta_ctx.min(MAX_POSITIONS);
                 let w = gemma3::Gemma3::from_gguf(&content, &mut file, positions, &device)
                     .map_err(|e| format!("{shown}: loading gemma3 weights: {e}"))?;
                 (Weights::Gemma3(Box::new(w)), positions)
@@ -311,7 +300,7 @@ impl GgufModel {
         let first = Self::step(&mut self.weights, &self.device, &prompt_ids, 0)?;
         let first = log_softmax(&first)?;
         let mut out = Vec::with_capacity(continuations.len());
-        for (n, cont) in continuations.iter().enumerate() {
+        for cont in continuations {
             let ids = self.encode_text(cont)?;
             if ids.is_empty() {
                 return Err(InferenceError::InvalidParams(
@@ -319,18 +308,9 @@ impl GgufModel {
                 ));
             }
             self.check_context(prompt_ids.len() + ids.len())?;
-            // Extend a fork of the prompt's cache; without forks, rebuild the
-            // prompt's cache before every continuation but the first.
+            // Extend a fork of the prompt's cache: the prompt runs once.
             let mut forked = self.weights.fork();
-            let weights = match forked.as_mut() {
-                Some(w) => w,
-                None => {
-                    if n > 0 && ids.len() > 1 {
-                        Self::step(&mut self.weights, &self.device, &prompt_ids, 0)?;
-                    }
-                    &mut self.weights
-                }
-            };
+            let weights = &mut forked;
             let mut lp = first[ids[0] as usize] as f64;
             for (i, w) in ids.windows(2).enumerate() {
                 if Instant::now() >= ctx.deadline {

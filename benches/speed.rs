@@ -1,0 +1,114 @@
+//! Inference speed of every GGUF member, side by side with llama.cpp on the
+//! same file, prompt and thread count, in one run. Run with `make bench`
+//! (or `cargo bench -p tessera --profile dev --bench speed`); figures go in
+//! benches/RESULTS.md.
+//!
+//! Prefill: a ~100-token prompt (benches/speed-prompt.txt), tokens per
+//! second of the forward pass over it. Decode: greedy generation, tokens per
+//! second of the steps after the first. Median of `REPS` runs each. The
+//! llama.cpp side runs through `benches/llama_cpp_speed.py` (llama-cpp-python);
+//! without it, only Tessera's figures are printed.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tessera::backends::gguf::GgufModel;
+use tessera::inference::{CallCtx, GenParams, Input};
+use tessera::pool::{BackendKind, PoolConfig};
+use tessera::Paths;
+
+const REPS: usize = 3;
+const DECODE: u32 = 64;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// (prefill tok/s, decode tok/s) for Tessera.
+fn ours(path: &Path, prompt: &str) -> (f64, f64, usize) {
+    let mut m = GgufModel::load("bench", path).expect("model loads (run `make setup`)");
+    let ctx = || CallCtx {
+        deadline: Instant::now() + Duration::from_secs(600),
+    };
+    let input = Input::Prompt(prompt.to_string());
+    let n = m.encode_input(&input).expect("encodes").len();
+    let one = GenParams {
+        max_tokens: Some(1),
+        ..Default::default()
+    };
+    let many = GenParams {
+        max_tokens: Some(DECODE + 1),
+        ..Default::default()
+    };
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for _ in 0..REPS {
+        let t = Instant::now();
+        m.generate(ctx(), &input, &one).expect("generates");
+        let t1 = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let g = m.generate(ctx(), &input, &many).expect("generates");
+        let tn = t.elapsed().as_secs_f64();
+        prefill.push(n as f64 / t1);
+        let steps = g.usage.completion_tokens.saturating_sub(1).max(1) as f64;
+        decode.push(steps / (tn - t1).max(1e-9));
+    }
+    (median(prefill), median(decode), n)
+}
+
+/// (prefill tok/s, decode tok/s) for llama.cpp, if llama-cpp-python is there.
+fn llama_cpp(path: &Path, prompt_file: &Path, threads: usize) -> Option<(f64, f64)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/llama_cpp_speed.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(path)
+        .arg(threads.to_string())
+        .arg(prompt_file)
+        .arg(DECODE.to_string())
+        .arg(REPS.to_string())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "llama.cpp side skipped: {}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        );
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some((v["prefill_tok_s"].as_f64()?, v["decode_tok_s"].as_f64()?))
+}
+
+fn main() {
+    // `cargo bench` passes filter arguments; this bench has no sub-benches.
+    let paths = Paths::from_env();
+    let prompt_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/speed-prompt.txt");
+    let prompt = std::fs::read_to_string(&prompt_file).expect("prompt file");
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("threads: {threads} (candle's pool and llama.cpp's n_threads)");
+    println!(
+        "{:<28} {:>7} {:>12} {:>12} {:>7} {:>12} {:>12} {:>7}",
+        "member", "prompt", "prefill t/s", "llama.cpp", "ratio", "decode t/s", "llama.cpp", "ratio"
+    );
+    for m in PoolConfig::default_pool()
+        .members
+        .iter()
+        .filter(|m| m.backend == BackendKind::Gguf)
+    {
+        let file = paths.models.join(&m.path);
+        let (pf, dc, n) = ours(&file, &prompt);
+        let (lpf, ldc) = llama_cpp(&file, &prompt_file, threads).map_or((f64::NAN, f64::NAN), |x| x);
+        println!(
+            "{:<28} {:>7} {:>12.1} {:>12.1} {:>6.2}x {:>12.1} {:>12.1} {:>6.2}x",
+            m.id,
+            n,
+            pf,
+            lpf,
+            pf / lpf,
+            dc,
+            ldc,
+            dc / ldc
+        );
+    }
+}

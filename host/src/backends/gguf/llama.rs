@@ -1,0 +1,175 @@
+//! The llama family (Llama, SmolLM, Qwen2) over quantized GGUF weights.
+//!
+//! Written for Tessera from the published architecture (Touvron et al.,
+//! "LLaMA", 2023; Qwen2 adds biases to the query/key/value projections) and
+//! llama.cpp's GGUF tensor layout. We use our own file rather than
+//! candle-transformers' loaders so that slow weight formats can be
+//! re-encoded at load ([`super::quant`]) and so that every architecture's
+//! state can be forked to share a prompt's KV cache.
+//!
+//! Per layer, with `x` the residual stream:
+//! ```text
+//! h   = x + o(attn(rope(q(n)), rope(k(n)), v(n)))      n = attn_norm(x)
+//! out = h + down(silu(gate(m)) * up(m))                m = ffn_norm(h)
+//! ```
+//! llama.cpp stores llama's query/key weights permuted for rotary embedding
+//! on adjacent pairs; Qwen2's are stored for the rotate-half form.
+
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+use super::gemma3::{Gemma3, Rope};
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attn_norm: Tensor,
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    /// Qwen2's query/key/value biases.
+    bias: Option<(Tensor, Tensor, Tensor)>,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    kv: Option<(Tensor, Tensor)>,
+}
+
+/// A loaded llama-family model with its KV cache; clones share weights and
+/// the cached prefix.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed: Tensor,
+    output: QMatMul,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    rope: Rope,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+}
+
+impl Llama {
+    /// Loads `arch` (`llama` or `qwen2`) weights; `positions` bounds the
+    /// context this instance serves.
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        arch: &str,
+        content: &gguf_file::Content,
+        reader: &mut R,
+        positions: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let md = |k: &str| {
+            content
+                .metadata
+                .get(&format!("{arch}.{k}"))
+                .ok_or_else(|| candle_core::Error::Msg(format!("metadata `{arch}.{k}` is missing")))
+        };
+        let heads = md("attention.head_count")?.to_u32()? as usize;
+        let kv_heads = md("attention.head_count_kv")?.to_u32()? as usize;
+        let hidden = md("embedding_length")?.to_u32()? as usize;
+        let layers_n = md("block_count")?.to_u32()? as usize;
+        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
+        let base = md("rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.0);
+        let head_dim = hidden / heads;
+
+        let mut qt = |name: &str| content.tensor(reader, name, device);
+        let embed_q = qt("token_embd.weight")?;
+        let embed = embed_q.dequantize_f16(device)?;
+        let output = match content.tensor_infos.contains_key("output.weight") {
+            true => super::quant::matmul(qt("output.weight")?, device)?,
+            false => super::quant::matmul(embed_q, device)?,
+        };
+        let norm = qt("output_norm.weight")?.dequantize(device)?;
+        let mut layers = Vec::with_capacity(layers_n);
+        for i in 0..layers_n {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let mut mm = |s: &str| super::quant::matmul(qt(&p(&format!("{s}.weight")))?, device);
+            let (q, k, v, o) = (mm("attn_q")?, mm("attn_k")?, mm("attn_v")?, mm("attn_output")?);
+            let (gate, up, down) = (mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
+            let has_bias = content.tensor_infos.contains_key(&p("attn_q.bias"));
+            let mut dense = |s: &str| qt(&p(s))?.dequantize(device);
+            let bias = match has_bias {
+                true => Some((dense("attn_q.bias")?, dense("attn_k.bias")?, dense("attn_v.bias")?)),
+                false => None,
+            };
+            layers.push(Layer {
+                attn_norm: dense("attn_norm.weight")?,
+                ffn_norm: dense("ffn_norm.weight")?,
+                q,
+                k,
+                v,
+                o,
+                bias,
+                gate,
+                up,
+                down,
+                kv: None,
+            });
+        }
+        let rope = Rope::new(head_dim, base, positions, device)?;
+        let rope = if arch == "llama" { rope.interleaved() } else { rope };
+        Ok(Llama {
+            embed,
+            output,
+            layers,
+            norm,
+            rope,
+            heads,
+            kv_heads,
+            head_dim,
+            eps,
+        })
+    }
+
+    /// Runs tokens `ids` (`[1, t]`) at positions `pos..pos+t`; returns the
+    /// last position's logits (`[1, vocab]`). `pos == 0` starts afresh.
+    pub fn forward(&mut self, ids: &Tensor, pos: usize) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let device = ids.device().clone();
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((b, t, ()))?;
+        let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
+        let mask = Gemma3::mask(t, pos, None, &device)?;
+        for layer in self.layers.iter_mut() {
+            let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let (mut q, mut k, mut v) = (layer.q.forward(&n)?, layer.k.forward(&n)?, layer.v.forward(&n)?);
+            if let Some((bq, bk, bv)) = &layer.bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let q = q.reshape((b, t, heads, hd))?.transpose(1, 2)?;
+            let k = k.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
+            let v = v.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = (self.rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
+            let k = self.rope.apply(&k, pos)?;
+            let (k, v) = match (&layer.kv, pos) {
+                (Some((pk, pv)), p) if p > 0 => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                _ => (k, v),
+            };
+            layer.kv = Some((k.clone(), v.clone()));
+            let rep = heads / kv_heads;
+            let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+            let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+            let mut scores = q.contiguous()?.matmul(&k.t()?)?;
+            if let Some(mask) = &mask {
+                scores = scores.broadcast_add(mask)?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+            let h = (layer.o.forward(&attn)? + &x)?;
+            let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
+            let ff = (candle_nn::ops::silu(&layer.gate.forward(&m)?)? * layer.up.forward(&m)?)?;
+            x = (layer.down.forward(&ff)? + h)?;
+        }
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+        self.output.forward(&last)?.to_dtype(DType::F32)
+    }
+}
