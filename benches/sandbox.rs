@@ -6,7 +6,7 @@
 //! - `host_call/list_models_x100`: the same with 100 host calls that need no
 //!   inference; (this - trivial) / 100 is one host-call round trip.
 //! - `majority_vote/{native,sandbox}`: identical majority-vote logic (k = 3,
-//!   same seeds, real SmolLM2) written natively against the pool vs running
+//!   same seeds, round-robin over the real pool) written natively against the pool vs running
 //!   as the sandboxed module. Goal: sandbox overhead < 1% of the request.
 
 use std::collections::BTreeMap;
@@ -115,7 +115,7 @@ fn sandbox_overhead(c: &mut Criterion) {
 
 /// Majority vote written natively against the pool: the baseline the
 /// sandboxed module is compared with. Same jobs, same seeds, same helpers.
-async fn native_majority_vote(models: &Arc<dyn Models>, model: &str, q: &str, k: usize) -> String {
+async fn native_majority_vote(models: &Arc<dyn Models>, members: &[String], q: &str, k: usize) -> String {
     let ctx = CallCtx {
         deadline: Instant::now() + Duration::from_secs(300),
     };
@@ -127,7 +127,8 @@ async fn native_majority_vote(models: &Arc<dyn Models>, model: &str, q: &str, k:
             seed: Some(7 + i as u64),
             ..Default::default()
         };
-        models.generate(ctx, model, Input::Chat(vec![Message::user(q)]), params)
+        // Round-robin over the generative members, as the module does.
+        models.generate(ctx, &members[i % members.len()], Input::Chat(vec![Message::user(q)]), params)
     });
     let gens: Vec<Generation> = futures::future::join_all(futs)
         .await
@@ -150,13 +151,19 @@ fn majority_vote_native_vs_sandbox(c: &mut Criterion) {
         .expect("majority-vote installed by `make setup`");
     let q = "What is the capital of France? Answer with one word.";
     let models = rt.models();
+    let members: Vec<String> = rt
+        .cards()
+        .into_iter()
+        .filter(|c| c.capabilities.iter().any(|x| x == "generate"))
+        .map(|c| c.id)
+        .collect();
     let mut req = RunRequest::chat(q);
     req.params.seed = Some(7);
     req.config = BTreeMap::from([("k".into(), "3".into()), ("max_tokens".into(), "16".into())]);
     let mut g = c.benchmark_group("majority_vote");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
     g.bench_function("native", |b| {
-        b.iter(|| tokio.block_on(native_majority_vote(&models, "smollm2-135m-instruct", q, 3)))
+        b.iter(|| tokio.block_on(native_majority_vote(&models, &members, q, 3)))
     });
     g.bench_function("sandbox", |b| {
         b.iter(|| tokio.block_on(rt.run(&mv, req.clone())).expect("runs"))
