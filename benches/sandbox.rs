@@ -128,7 +128,12 @@ async fn native_majority_vote(models: &Arc<dyn Models>, members: &[String], q: &
             ..Default::default()
         };
         // Round-robin over the generative members, as the module does.
-        models.generate(ctx, &members[i % members.len()], Input::Chat(vec![Message::user(q)]), params)
+        models.generate(
+            ctx,
+            &members[i % members.len()],
+            Input::Chat(vec![Message::user(q)]),
+            params,
+        )
     });
     let gens: Vec<Generation> = futures::future::join_all(futs)
         .await

@@ -26,56 +26,12 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+use super::attention::{attend, causal_mask, Meta, Rope};
+
 /// Rotary base of the sliding-window (local) layers.
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
 /// One layer in this many is global.
 const GLOBAL_EVERY: usize = 6;
-
-/// Rotary position tables, applied in rotate-half form (`interleaved =
-/// false`, Gemma, Qwen2) or to adjacent pairs (`true`, llama.cpp's layout for
-/// llama weights).
-#[derive(Debug, Clone)]
-pub(super) struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    interleaved: bool,
-}
-
-impl Rope {
-    pub(super) fn new(head_dim: usize, base: f32, positions: usize, device: &Device) -> Result<Self> {
-        let inv: Vec<f32> = (0..head_dim / 2)
-            .map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32))
-            .collect();
-        let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
-        let pos = Tensor::arange(0u32, positions as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((positions, 1))?;
-        let angles = pos.matmul(&inv)?;
-        Ok(Rope {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
-            interleaved: false,
-        })
-    }
-
-    /// The same tables, applied to adjacent pairs.
-    pub(super) fn interleaved(mut self) -> Self {
-        self.interleaved = true;
-        self
-    }
-
-    /// Rotates `x` (`[b, heads, t, head_dim]`) for positions `pos..pos+t`.
-    pub(super) fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
-        } else {
-            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -123,20 +79,18 @@ impl Gemma3 {
         positions: usize,
         device: &Device,
     ) -> Result<Self> {
-        let md = |k: &str| {
-            content
-                .metadata
-                .get(&format!("gemma3.{k}"))
-                .ok_or_else(|| candle_core::Error::Msg(format!("metadata `gemma3.{k}` is missing")))
+        let md = Meta {
+            content,
+            arch: "gemma3",
         };
-        let heads = md("attention.head_count")?.to_u32()? as usize;
-        let kv_heads = md("attention.head_count_kv")?.to_u32()? as usize;
-        let head_dim = md("attention.key_length")?.to_u32()? as usize;
-        let layers_n = md("block_count")?.to_u32()? as usize;
-        let hidden = md("embedding_length")?.to_u32()? as usize;
-        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
-        let window = md("attention.sliding_window")?.to_u32()? as usize;
-        let global_base = md("rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(1_000_000.0);
+        let heads = md.usize("attention.head_count")?;
+        let kv_heads = md.usize("attention.head_count_kv")?;
+        let head_dim = md.usize("attention.key_length")?;
+        let layers_n = md.usize("block_count")?;
+        let hidden = md.usize("embedding_length")?;
+        let eps = md.get("attention.layer_norm_rms_epsilon")?.to_f32()?;
+        let window = md.usize("attention.sliding_window")?;
+        let global_base = md.f32_or("rope.freq_base", 1_000_000.0);
 
         let mut qt = |name: &str| -> Result<QTensor> { content.tensor(reader, name, device) };
         let embed_q = Arc::new(qt("token_embd.weight")?);
@@ -186,28 +140,6 @@ impl Gemma3 {
         })
     }
 
-    /// Additive mask for queries at `pos..pos+t` over keys `0..pos+t`:
-    /// causal, and for local layers limited to the last `window` positions.
-    pub(super) fn mask(t: usize, pos: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
-        let total = pos + t;
-        let needs = t > 1 || window.is_some_and(|w| total > w);
-        if !needs {
-            return Ok(None);
-        }
-        let mut m = vec![0f32; t * total];
-        for qi in 0..t {
-            let qp = pos + qi;
-            for kp in 0..total {
-                let future = kp > qp;
-                let too_far = window.is_some_and(|w| qp - kp.min(qp) >= w);
-                if future || too_far {
-                    m[qi * total + kp] = f32::NEG_INFINITY;
-                }
-            }
-        }
-        Ok(Some(Tensor::from_vec(m, (1, 1, t, total), device)?))
-    }
-
     /// Runs tokens `ids` (shape `[1, t]`) placed at positions `pos..pos+t`
     /// and returns the logits of the last one (`[1, vocab]`). `pos == 0`
     /// starts a new sequence.
@@ -232,20 +164,8 @@ impl Gemma3 {
             let k = candle_nn::ops::rms_norm(&k.contiguous()?, &layer.k_norm, eps)?;
             let q = (rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = rope.apply(&k, pos)?;
-            let (k, v) = match (&layer.kv, pos) {
-                (Some((pk, pv)), p) if p > 0 => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v.contiguous()?], 2)?),
-                _ => (k, v.contiguous()?),
-            };
-            layer.kv = Some((k.clone(), v.clone()));
-            let rep = heads / kv_heads;
-            let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-            let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-            let mut scores = q.contiguous()?.matmul(&k.t()?)?;
-            if let Some(mask) = Self::mask(t, pos, layer.window, &device)? {
-                scores = scores.broadcast_add(&mask)?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+            let mask = causal_mask(t, pos, layer.window, &device)?;
+            let attn = attend(&q, k, v, &mut layer.kv, pos, mask.as_ref())?;
             let attn = layer.o.forward(&attn)?;
             let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;

@@ -18,7 +18,7 @@
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::gemma3::{Gemma3, Rope};
+use super::attention::{attend, causal_mask, Meta, Rope};
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -61,18 +61,13 @@ impl Llama {
         positions: usize,
         device: &Device,
     ) -> Result<Self> {
-        let md = |k: &str| {
-            content
-                .metadata
-                .get(&format!("{arch}.{k}"))
-                .ok_or_else(|| candle_core::Error::Msg(format!("metadata `{arch}.{k}` is missing")))
-        };
-        let heads = md("attention.head_count")?.to_u32()? as usize;
-        let kv_heads = md("attention.head_count_kv")?.to_u32()? as usize;
-        let hidden = md("embedding_length")?.to_u32()? as usize;
-        let layers_n = md("block_count")?.to_u32()? as usize;
-        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
-        let base = md("rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.0);
+        let md = Meta { content, arch };
+        let heads = md.usize("attention.head_count")?;
+        let kv_heads = md.usize("attention.head_count_kv")?;
+        let hidden = md.usize("embedding_length")?;
+        let layers_n = md.usize("block_count")?;
+        let eps = md.get("attention.layer_norm_rms_epsilon")?.to_f32()?;
+        let base = md.f32_or("rope.freq_base", 10_000.0);
         let head_dim = hidden / heads;
 
         let mut qt = |name: &str| content.tensor(reader, name, device);
@@ -135,7 +130,7 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((b, t, ()))?;
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
-        let mask = Gemma3::mask(t, pos, None, &device)?;
+        let mask = causal_mask(t, pos, None, &device)?;
         for layer in self.layers.iter_mut() {
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let (mut q, mut k, mut v) = (layer.q.forward(&n)?, layer.k.forward(&n)?, layer.v.forward(&n)?);
@@ -149,20 +144,7 @@ impl Llama {
             let v = v.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
             let q = (self.rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = self.rope.apply(&k, pos)?;
-            let (k, v) = match (&layer.kv, pos) {
-                (Some((pk, pv)), p) if p > 0 => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                _ => (k, v),
-            };
-            layer.kv = Some((k.clone(), v.clone()));
-            let rep = heads / kv_heads;
-            let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-            let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-            let mut scores = q.contiguous()?.matmul(&k.t()?)?;
-            if let Some(mask) = &mask {
-                scores = scores.broadcast_add(mask)?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+            let attn = attend(&q, k, v, &mut layer.kv, pos, mask.as_ref())?;
             let h = (layer.o.forward(&attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
             let ff = (candle_nn::ops::silu(&layer.gate.forward(&m)?)? * layer.up.forward(&m)?)?;

@@ -12,6 +12,7 @@
 //! `score` reuses one prompt prefill for every continuation. Weight formats
 //! candle only has scalar kernels for are re-encoded at load ([`quant`]).
 
+mod attention;
 pub mod gemma3;
 pub mod llama;
 pub mod quant;

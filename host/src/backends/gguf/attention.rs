@@ -1,0 +1,128 @@
+//! Pieces every decoder in this folder shares: metadata lookup, rotary
+//! embedding, the causal (optionally sliding-window) mask, and grouped-query
+//! attention over a KV cache that forks cheaply.
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// `{arch}.{key}` from a GGUF file's metadata, with errors naming the key.
+pub(super) struct Meta<'a> {
+    pub(super) content: &'a gguf_file::Content,
+    pub(super) arch: &'a str,
+}
+
+impl Meta<'_> {
+    pub(super) fn get(&self, key: &str) -> Result<&gguf_file::Value> {
+        let full = format!("{}.{key}", self.arch);
+        self.content
+            .metadata
+            .get(&full)
+            .ok_or_else(|| candle_core::Error::Msg(format!("metadata `{full}` is missing")))
+    }
+
+    pub(super) fn usize(&self, key: &str) -> Result<usize> {
+        Ok(self.get(key)?.to_u32()? as usize)
+    }
+
+    pub(super) fn f32_or(&self, key: &str, default: f32) -> f32 {
+        self.get(key).and_then(|v| v.to_f32()).unwrap_or(default)
+    }
+}
+
+/// Rotary position tables, applied in rotate-half form (`interleaved =
+/// false`, Gemma, Qwen2) or to adjacent pairs (`true`, llama.cpp's layout for
+/// llama weights).
+#[derive(Debug, Clone)]
+pub(super) struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    interleaved: bool,
+}
+
+impl Rope {
+    pub(super) fn new(head_dim: usize, base: f32, positions: usize, device: &Device) -> Result<Self> {
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
+        let pos = Tensor::arange(0u32, positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((positions, 1))?;
+        let angles = pos.matmul(&inv)?;
+        Ok(Rope {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+            interleaved: false,
+        })
+    }
+
+    /// The same tables, applied to adjacent pairs.
+    pub(super) fn interleaved(mut self) -> Self {
+        self.interleaved = true;
+        self
+    }
+
+    /// Rotates `x` (`[b, heads, t, head_dim]`) for positions `pos..pos+t`.
+    pub(super) fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        }
+    }
+}
+
+/// Additive mask for queries at `pos..pos+t` over keys `0..pos+t`:
+/// causal, and for local layers limited to the last `window` positions.
+pub(super) fn causal_mask(t: usize, pos: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
+    let total = pos + t;
+    let needs = t > 1 || window.is_some_and(|w| total > w);
+    if !needs {
+        return Ok(None);
+    }
+    let mut m = vec![0f32; t * total];
+    for qi in 0..t {
+        let qp = pos + qi;
+        for kp in 0..total {
+            let future = kp > qp;
+            let too_far = window.is_some_and(|w| qp - kp.min(qp) >= w);
+            if future || too_far {
+                m[qi * total + kp] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (1, 1, t, total), device)?))
+}
+
+/// Attends queries `q` (`[b, heads, t, d]`, rotated and scaled) to the cached
+/// keys/values plus this step's `k`, `v` (`[b, kv_heads, t, d]`), updating
+/// the cache; `pos == 0` starts a new cache. Returns `[b, t, heads * d]`.
+pub(super) fn attend(
+    q: &Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache: &mut Option<(Tensor, Tensor)>,
+    pos: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let v = v.contiguous()?;
+    let (k, v) = match (cache.as_ref(), pos) {
+        (Some((pk, pv)), p) if p > 0 => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+        _ => (k, v),
+    };
+    *cache = Some((k.clone(), v.clone()));
+    let rep = heads / kv_heads;
+    let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+    let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+    let mut scores = q.contiguous()?.matmul(&k.t()?)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * d))
+}
