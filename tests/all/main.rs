@@ -2,6 +2,7 @@
 //! against the real default pool and the real compiled modules that
 //! `make setup` installs (under `$TESSERA_HOME`).
 
+mod bad_files;
 mod cli;
 mod common;
 mod hostile;

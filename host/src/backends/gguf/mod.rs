@@ -106,6 +106,11 @@ impl GgufModel {
             .get(&ctx_key)
             .and_then(|v| v.to_u32().ok())
             .unwrap_or(2048) as usize;
+        if !matches!(arch.as_str(), "llama" | "qwen2" | "gemma3") {
+            return Err(format!(
+                "{shown}: architecture `{arch}` is not supported (supported: llama, qwen2, gemma3)"
+            ));
+        }
         let tok = tokenizer::from_gguf(&content).map_err(|e| format!("{shown}: tokenizer: {e}"))?;
         let template = content
             .metadata
