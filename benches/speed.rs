@@ -5,7 +5,9 @@
 //!
 //! Prefill: a ~100-token prompt (benches/speed-prompt.txt), tokens per
 //! second of the forward pass over it. Decode: greedy generation, tokens per
-//! second of the steps after the first. Median of `REPS` runs each. The
+//! second of the steps after the first. MCQ: items per second scoring the
+//! four options of a multiple-choice question, with the question's KV cache
+//! shared across options and without. Median of `REPS` runs each. The
 //! llama.cpp side runs through `benches/llama_cpp_speed.py` (llama-cpp-python);
 //! without it, only Tessera's figures are printed.
 
@@ -111,4 +113,68 @@ fn main() {
             dc / ldc
         );
     }
+    println!();
+    println!(
+        "{:<28} {:>14} {:>14} {:>7}",
+        "member", "MCQ items/s", "no reuse", "ratio"
+    );
+    for m in PoolConfig::default_pool()
+        .members
+        .iter()
+        .filter(|m| m.backend == BackendKind::Gguf)
+    {
+        let file = paths.models.join(&m.path);
+        let (with, without) = (mcq_items_per_s(&file, true), mcq_items_per_s(&file, false));
+        println!("{:<28} {:>14.2} {:>14.2} {:>6.2}x", m.id, with, without, with / without);
+    }
+}
+
+/// Multiple-choice items (ARC-style, written for this bench): question and
+/// four options. Scored as `score(prompt, [" A) ...", ...])`.
+const MCQ: &[(&str, [&str; 4])] = &[
+    (
+        "Which gas do plants take in from the air to make their food?",
+        ["oxygen", "carbon dioxide", "nitrogen", "helium"],
+    ),
+    (
+        "What force pulls objects toward the center of the Earth?",
+        ["magnetism", "friction", "gravity", "inertia"],
+    ),
+    ("Which of these is a mammal?", ["shark", "frog", "whale", "eagle"]),
+    (
+        "What is the boiling point of water at sea level in degrees Celsius?",
+        ["50", "90", "100", "212"],
+    ),
+    (
+        "Which organ pumps blood through the human body?",
+        ["lungs", "heart", "liver", "kidney"],
+    ),
+    (
+        "What do we call a scientist who studies rocks?",
+        ["biologist", "geologist", "chemist", "astronomer"],
+    ),
+];
+
+/// Items per second scoring every option of every MCQ item, with the
+/// prompt's KV cache shared across options (`reuse`) or not.
+fn mcq_items_per_s(path: &Path, reuse: bool) -> f64 {
+    let mut m = GgufModel::load("bench", path).expect("model loads");
+    m.set_prefix_reuse(reuse);
+    let ctx = CallCtx {
+        deadline: Instant::now() + Duration::from_secs(600),
+    };
+    let mut rates = Vec::new();
+    for _ in 0..REPS {
+        let t = Instant::now();
+        for (q, options) in MCQ {
+            let prompt = format!(
+                "Answer the question with the correct option.\nQuestion: {q}\nA) {}\nB) {}\nC) {}\nD) {}\nAnswer:",
+                options[0], options[1], options[2], options[3]
+            );
+            let conts: Vec<String> = options.iter().map(|o| format!(" {o}")).collect();
+            m.score(ctx, &Input::Prompt(prompt), &conts).expect("scores");
+        }
+        rates.push(MCQ.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    median(rates)
 }

@@ -172,3 +172,25 @@ fn head(s: &str) -> String {
     let word = s.split_whitespace().next().unwrap_or("");
     word.trim_end_matches(|c: char| c.is_ascii_punctuation()).to_string()
 }
+
+/// Sharing the prompt's KV cache across continuations changes the cost, not
+/// the numbers.
+#[test]
+fn prefix_reuse_gives_the_same_scores() {
+    each_member(|id, m, _| {
+        let ctx = CallCtx {
+            deadline: Instant::now() + Duration::from_secs(120),
+        };
+        let prompt = Input::Prompt("Question: Which organ pumps blood?\nAnswer:".into());
+        let conts: Vec<String> = [" the heart", " the lungs", " a kidney, mostly"]
+            .map(String::from)
+            .to_vec();
+        let shared = m.score(ctx, &prompt, &conts).unwrap();
+        m.set_prefix_reuse(false);
+        let fresh = m.score(ctx, &prompt, &conts).unwrap();
+        for (a, b) in shared.iter().zip(&fresh) {
+            assert_eq!(a.tokens, b.tokens);
+            assert!((a.logprob - b.logprob).abs() < 1e-3, "{id}: {a:?} vs {b:?}");
+        }
+    });
+}

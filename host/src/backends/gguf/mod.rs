@@ -80,6 +80,9 @@ pub struct GgufModel {
     chat: ChatFormat,
     device: Device,
     facts: GgufFacts,
+    /// Whether `score` runs the prompt once and forks its KV cache for each
+    /// continuation (the default), or re-runs the prompt per continuation.
+    prefix_reuse: bool,
 }
 
 fn failed(e: impl std::fmt::Display) -> InferenceError {
@@ -159,7 +162,14 @@ impl GgufModel {
             chat,
             device,
             facts,
+            prefix_reuse: true,
         })
+    }
+
+    /// Turns prefix reuse in `score` on or off (benches compare the two;
+    /// results are the same either way).
+    pub fn set_prefix_reuse(&mut self, on: bool) {
+        self.prefix_reuse = on;
     }
 
     /// What the file says about the model.
@@ -315,9 +325,14 @@ impl GgufModel {
             }
             self.check_context(prompt_ids.len() + ids.len())?;
             // Extend a fork of the prompt's cache: the prompt runs once.
+            // Without reuse, every continuation pays for the prompt again.
             let mut forked = self.weights.fork();
             let weights = &mut forked;
-            let mut lp = first[ids[0] as usize] as f64;
+            let mut lp = if self.prefix_reuse {
+                first[ids[0] as usize] as f64
+            } else {
+                log_softmax(&Self::step(weights, &self.device, &prompt_ids, 0)?)?[ids[0] as usize] as f64
+            };
             for (i, w) in ids.windows(2).enumerate() {
                 if Instant::now() >= ctx.deadline {
                     return Err(InferenceError::Deadline);
