@@ -103,3 +103,12 @@ fn pool_list_shows_the_cards() {
     let (ok, table, _) = tessera(&["pool", "list"]);
     assert!(ok && table.contains("Apache-2.0"), "{table}");
 }
+
+#[test]
+fn a_thread_budget_is_accepted_and_zero_is_refused() {
+    let (ok, out, err) = tessera(&["--threads", "1", "pool", "list", "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("smollm2-135m-instruct"));
+    let (ok, _, err) = tessera(&["--threads", "0", "pool", "list"]);
+    assert!(!ok && err.contains("--threads 0"), "{err}");
+}

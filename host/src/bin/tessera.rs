@@ -17,6 +17,11 @@ use tessera::{Error, Paths, RunRequest, Runtime};
     about = "Run collaboration strategies over a pool of contributed models, sandboxed"
 )]
 struct Cli {
+    /// CPU threads for inference, shared by every member's worker (default:
+    /// all cores). Members take turns on one thread pool, so the budget holds
+    /// however many members run at once.
+    #[arg(long, global = true, env = "TESSERA_THREADS")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -255,6 +260,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            return fail(
+                false,
+                &Error::config("--threads 0 leaves nothing to run on: use 1 or more"),
+            );
+        }
+        // candle sizes its (global, shared) thread pool from this variable;
+        // it must be set before the first model loads.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(false, &Error::config(format!("cannot start the async runtime: {e}"))),
