@@ -93,16 +93,34 @@ pub struct Tally {
     pub counts: Vec<(String, usize)>,
 }
 
-/// Plurality vote over normalised answers. Empty answers do not vote. Ties
-/// go to the answer ranked first by `priority` (lower is better; e.g. the
-/// voter's dev rank), then to the one seen first.
+/// The short form a sentence-style answer ends with: "capital of france is
+/// paris" counts as "paris" when another voter answered just "paris". Small
+/// models state answers as sentences as often as bare words, and the answer
+/// is what the sentence ends with. Only forms some voter actually gave are
+/// used, and only whole trailing words, so "paris" never absorbs "not paris"
+/// unless a voter said exactly "paris" and another said "... not paris".
+fn canonical(n: &str, forms: &[String]) -> String {
+    forms
+        .iter()
+        .filter(|f| f.len() < n.len() && n.ends_with(&format!(" {f}")))
+        .min_by_key(|f| f.len())
+        .cloned()
+        .unwrap_or_else(|| n.to_string())
+}
+
+/// Plurality vote over normalised answers. Empty answers do not vote; a
+/// sentence that ends with another voter's whole answer votes for that
+/// answer. Ties go to the answer ranked first by `priority` (lower is better;
+/// e.g. the voter's dev rank), then to the one seen first.
 pub fn vote(answers: &[String], priority: &[usize]) -> Option<Tally> {
+    let forms: Vec<String> = answers.iter().map(|a| normalize(a)).filter(|n| !n.is_empty()).collect();
     let mut counts: Vec<(String, usize, usize, usize)> = Vec::new(); // (norm, count, first index, best priority)
     for (i, a) in answers.iter().enumerate() {
         let n = normalize(a);
         if n.is_empty() {
             continue;
         }
+        let n = canonical(&n, &forms);
         let p = priority.get(i).copied().unwrap_or(usize::MAX);
         match counts.iter_mut().find(|c| c.0 == n) {
             Some(c) => {
@@ -163,5 +181,18 @@ mod tests {
         let t = vote(&a, &[5, 5, 0, 5, 5]).unwrap();
         assert_eq!(t.answer, "lyon");
         assert!(vote(&[String::new()], &[]).is_none());
+    }
+
+    #[test]
+    fn sentences_vote_for_the_bare_answer_they_end_with() {
+        let a: Vec<String> = ["The capital of France is Paris", "Paris", "Lyon", "paris."]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let t = vote(&a, &[]).unwrap();
+        assert_eq!((t.answer.as_str(), t.votes), ("paris", 3));
+        // Without a bare "paris" among the answers, sentences stay as they are.
+        let b: Vec<String> = ["It is Paris", "Lyon"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(vote(&b, &[]).unwrap().answer, "it is paris");
     }
 }

@@ -108,7 +108,7 @@ impl Strategy for MajorityVote {
         Ok(Response {
             text: texts[tally.winner].clone(),
             annotations: vec![
-                ("answer".into(), answers[tally.winner].clone()),
+                ("answer".into(), tally.answer.clone()),
                 ("agreement".into(), format!("{agreement:.2}")),
                 ("votes".into(), format!("{}/{}", tally.votes, answers.len())),
                 ("counts".into(), counts),
