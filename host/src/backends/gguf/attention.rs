@@ -5,6 +5,23 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
 
+/// The token embedding (kept as f16 for row lookup) and the output
+/// projection: `output.weight` when the file has one, else the embedding
+/// matrix itself (tied weights), in a fast matmul format.
+pub(super) fn embedding_and_output<R: std::io::Read + std::io::Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+    device: &Device,
+) -> Result<(Tensor, candle_core::quantized::QMatMul)> {
+    let embed_q = content.tensor(reader, "token_embd.weight", device)?;
+    let embed = embed_q.dequantize_f16(device)?;
+    let output = match content.tensor_infos.contains_key("output.weight") {
+        true => content.tensor(reader, "output.weight", device)?,
+        false => embed_q,
+    };
+    Ok((embed, super::quant::matmul(output, device)?))
+}
+
 /// `{arch}.{key}` from a GGUF file's metadata, with errors naming the key.
 pub(super) struct Meta<'a> {
     pub(super) content: &'a gguf_file::Content,

@@ -21,12 +21,10 @@
 //! The GGUF converter has already folded Gemma's `1 + weight` into the norm
 //! weights, so every norm here is a plain RMSNorm.
 
-use std::sync::Arc;
-
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::attention::{attend, causal_mask, Meta, Rope};
+use super::attention::{attend, causal_mask, embedding_and_output, Meta, Rope};
 
 /// Rotary base of the sliding-window (local) layers.
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
@@ -92,13 +90,8 @@ impl Gemma3 {
         let window = md.usize("attention.sliding_window")?;
         let global_base = md.f32_or("rope.freq_base", 1_000_000.0);
 
+        let (embed, output) = embedding_and_output(content, reader, device)?;
         let mut qt = |name: &str| -> Result<QTensor> { content.tensor(reader, name, device) };
-        let embed_q = Arc::new(qt("token_embd.weight")?);
-        let embed = embed_q.dequantize_f16(device)?;
-        let output = match content.tensor_infos.contains_key("output.weight") {
-            true => QMatMul::from_qtensor(qt("output.weight")?)?,
-            false => QMatMul::from_arc(embed_q)?,
-        };
         let norm = qt("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {

@@ -18,7 +18,7 @@
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::attention::{attend, causal_mask, Meta, Rope};
+use super::attention::{attend, causal_mask, embedding_and_output, Meta, Rope};
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -70,13 +70,8 @@ impl Llama {
         let base = md.f32_or("rope.freq_base", 10_000.0);
         let head_dim = hidden / heads;
 
+        let (embed, output) = embedding_and_output(content, reader, device)?;
         let mut qt = |name: &str| content.tensor(reader, name, device);
-        let embed_q = qt("token_embd.weight")?;
-        let embed = embed_q.dequantize_f16(device)?;
-        let output = match content.tensor_infos.contains_key("output.weight") {
-            true => super::quant::matmul(qt("output.weight")?, device)?,
-            false => super::quant::matmul(embed_q, device)?,
-        };
         let norm = qt("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
