@@ -282,16 +282,23 @@ impl GgufModel {
                 break;
             }
             out.push(next);
-            text = self.decode(&out)?;
-            if let Some(cut) = earliest_stop(&text, &params.stop) {
-                text.truncate(cut);
-                finish = FinishReason::StopSequence;
-                break;
+            // Stop sequences are matched on text, so only then is the text
+            // rebuilt every step; otherwise it is decoded once at the end.
+            if !params.stop.is_empty() {
+                text = self.decode(&out)?;
+                if let Some(cut) = earliest_stop(&text, &params.stop) {
+                    text.truncate(cut);
+                    finish = FinishReason::StopSequence;
+                    break;
+                }
             }
             if out.len() == max_new {
                 break;
             }
             logits = Self::step(&mut self.weights, &self.device, &[next], prompt.len() + out.len() - 1)?;
+        }
+        if finish != FinishReason::StopSequence {
+            text = self.decode(&out)?;
         }
         Ok(Generation {
             model: self.id.clone(),
