@@ -153,17 +153,14 @@ impl Policy {
 
     /// The grant for `manifest` over a pool with members `pool`.
     pub fn grant(&self, manifest: &Manifest, pool: &[String]) -> Grant {
-        let pick = |ask: Option<u64>, def: Option<u64>, max: Option<u64>, fallback: u64| -> u64 {
-            let want = ask.or(def).unwrap_or(fallback);
-            match max {
-                Some(m) => want.min(m),
-                None => want,
-            }
+        // Wanted: the module's ask, else the operator's default (which falls
+        // back to the built-in one); granted: that, capped by the maximum.
+        let d = self.defaults.or(&Policy::builtin_defaults());
+        let (a, m) = (&manifest.budgets, &self.maxima);
+        let pick = |ask: Option<u64>, def: Option<u64>, max: Option<u64>| -> u64 {
+            let want = ask.or(def).unwrap_or(0);
+            max.map_or(want, |m| want.min(m))
         };
-        let d = &self.defaults;
-        let m = &self.maxima;
-        let a = &manifest.budgets;
-        let b = Policy::builtin_defaults();
         let u = |x: Option<u32>| x.map(u64::from);
         let allowed = self
             .modules
@@ -176,45 +173,34 @@ impl Policy {
             .filter(|id| matches(&manifest.models, id) && matches(&allowed, id))
             .cloned()
             .collect();
-        // Unset everywhere: the built-in default.
-        let or_builtin = |x: Option<u64>, builtin: Option<u64>| x.or(builtin);
         Grant {
             models,
-            deadline: Duration::from_millis(pick(
-                a.deadline_ms,
-                or_builtin(d.deadline_ms, b.deadline_ms),
-                m.deadline_ms,
-                0,
-            )),
+            deadline: Duration::from_millis(pick(a.deadline_ms, d.deadline_ms, m.deadline_ms)),
             // The sandbox's memory pool bounds every grant, whatever the policy says.
-            memory_bytes: (pick(a.memory_mib, or_builtin(d.memory_mib, b.memory_mib), m.memory_mib, 0) << 20)
+            memory_bytes: (pick(a.memory_mib, d.memory_mib, m.memory_mib) << 20)
                 .min(crate::sandbox::MAX_MEMORY_BYTES as u64),
-            fuel: pick(a.fuel, or_builtin(d.fuel, b.fuel), m.fuel, 0),
-            host_calls: pick(
-                u(a.host_calls),
-                or_builtin(u(d.host_calls), u(b.host_calls)),
-                u(m.host_calls),
-                0,
-            ) as u32,
-            tokens: pick(u(a.tokens), or_builtin(u(d.tokens), u(b.tokens)), u(m.tokens), 0) as u32,
-            output_bytes: pick(
-                a.output_bytes,
-                or_builtin(d.output_bytes, b.output_bytes),
-                m.output_bytes,
-                0,
-            ),
-            trace_events: pick(
-                u(a.trace_events),
-                or_builtin(u(d.trace_events), u(b.trace_events)),
-                u(m.trace_events),
-                0,
-            ) as u32,
-            resources: pick(
-                u(a.resources),
-                or_builtin(u(d.resources), u(b.resources)),
-                u(m.resources),
-                0,
-            ) as u32,
+            fuel: pick(a.fuel, d.fuel, m.fuel),
+            host_calls: pick(u(a.host_calls), u(d.host_calls), u(m.host_calls)) as u32,
+            tokens: pick(u(a.tokens), u(d.tokens), u(m.tokens)) as u32,
+            output_bytes: pick(a.output_bytes, d.output_bytes, m.output_bytes),
+            trace_events: pick(u(a.trace_events), u(d.trace_events), u(m.trace_events)) as u32,
+            resources: pick(u(a.resources), u(d.resources), u(m.resources)) as u32,
+        }
+    }
+}
+
+impl Budgets {
+    /// Every unset field taken from `fallback`.
+    pub fn or(&self, fallback: &Budgets) -> Budgets {
+        Budgets {
+            deadline_ms: self.deadline_ms.or(fallback.deadline_ms),
+            memory_mib: self.memory_mib.or(fallback.memory_mib),
+            fuel: self.fuel.or(fallback.fuel),
+            host_calls: self.host_calls.or(fallback.host_calls),
+            tokens: self.tokens.or(fallback.tokens),
+            output_bytes: self.output_bytes.or(fallback.output_bytes),
+            trace_events: self.trace_events.or(fallback.trace_events),
+            resources: self.resources.or(fallback.resources),
         }
     }
 }
