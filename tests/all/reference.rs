@@ -57,12 +57,7 @@ fn chat_token_ids_match_llama_cpp() {
 fn prompt_token_ids_match_llama_cpp() {
     each_member(|id, m, fixture| {
         for (p, ids) in fixture["prompt_token_ids"].as_object().unwrap() {
-            let want: Vec<u32> = ids
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let want = token_ids(ids);
             let got = m.encode_input(&Input::Prompt(p.clone())).unwrap();
             assert_eq!(got, want, "{id}: tokens differ for {p:?}");
         }
@@ -71,12 +66,7 @@ fn prompt_token_ids_match_llama_cpp() {
 
 fn chat_ids(id: &str, m: &mut GgufModel, fixture: &Value) {
     for (q, ids) in fixture["chat_token_ids"].as_object().unwrap() {
-        let want: Vec<u32> = ids
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want = token_ids(ids);
         let got = m.encode_input(&Input::Chat(vec![Message::user(q.clone())])).unwrap();
         assert_eq!(got, want, "{id}: tokens differ for {q:?}");
     }
@@ -88,9 +78,7 @@ fn next_token_logprobs_match_llama_cpp() {
 }
 
 fn next_tokens(id: &str, m: &mut GgufModel, fixture: &Value) {
-    let ctx = CallCtx {
-        deadline: Instant::now() + Duration::from_secs(120),
-    };
+    let ctx = ctx();
     for (prompt, top) in fixture["next_token_top5"].as_object().unwrap() {
         let ours = m.next_token(ctx, &Input::Prompt(prompt.clone()), 50).unwrap();
         let theirs = top.as_array().unwrap();
@@ -132,15 +120,13 @@ fn greedy_chat_starts_like_llama_cpp() {
 }
 
 fn greedy(id: &str, m: &mut GgufModel, fixture: &Value) {
-    let ctx = CallCtx {
-        deadline: Instant::now() + Duration::from_secs(120),
+    let ctx = ctx();
+    let params = tessera::inference::GenParams {
+        max_tokens: Some(16),
+        ..Default::default()
     };
     for (q, answer) in fixture["greedy_chat"].as_object().unwrap() {
         let want = answer.as_str().unwrap();
-        let params = tessera::inference::GenParams {
-            max_tokens: Some(16),
-            ..Default::default()
-        };
         let got = m
             .generate(ctx, &Input::Chat(vec![Message::user(q.clone())]), &params)
             .unwrap()
@@ -156,13 +142,25 @@ fn greedy(id: &str, m: &mut GgufModel, fixture: &Value) {
             continue;
         }
         let want = answer.as_str().unwrap();
-        let params = tessera::inference::GenParams {
-            max_tokens: Some(16),
-            ..Default::default()
-        };
         let got = m.generate(ctx, &Input::Prompt(p.clone()), &params).unwrap().text;
         assert_eq!(head(&got), head(want), "{id} {p:?}: ours {got:?}, llama.cpp {want:?}");
     }
+}
+
+/// A deadline far enough away for any of these checks.
+fn ctx() -> CallCtx {
+    CallCtx {
+        deadline: Instant::now() + Duration::from_secs(120),
+    }
+}
+
+/// A fixture's token-id array.
+fn token_ids(ids: &Value) -> Vec<u32> {
+    ids.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// The first word of a text, without trailing punctuation: both engines
@@ -178,9 +176,7 @@ fn head(s: &str) -> String {
 #[test]
 fn prefix_reuse_gives_the_same_scores() {
     each_member(|id, m, _| {
-        let ctx = CallCtx {
-            deadline: Instant::now() + Duration::from_secs(120),
-        };
+        let ctx = ctx();
         let prompt = Input::Prompt("Question: Which organ pumps blood?\nAnswer:".into());
         let conts: Vec<String> = [" the heart", " the lungs", " a kidney, mostly"]
             .map(String::from)
