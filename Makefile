@@ -14,14 +14,14 @@ CARGO ?= cargo
 WASM_DIR := $(CARGO_TARGET_DIR)/wasm32-wasip2/guest
 MODULES_DIR := $(TESSERA_HOME)/modules
 
-STD_MODULES := majority-vote prompt-router
+STD_MODULES := $(notdir $(wildcard modules/*))
 EXAMPLES := first-responder
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool modules demo test bench lint clean-cache
+.PHONY: setup target pool tasks modules demo test bench lint clean-cache
 
-setup: target pool modules
+setup: target pool tasks modules
 
 target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -30,6 +30,10 @@ target:
 pool: target
 	$(CARGO) build -p tessera --bin tessera
 	$(CARGO_TARGET_DIR)/debug/tessera pool fetch
+
+# Fetch, verify and extract the evaluation data (idempotent).
+tasks: pool
+	$(CARGO_TARGET_DIR)/debug/tessera tasks fetch
 
 # Build every guest component and install it with its manifest:
 # standard modules and examples by name, hostile test modules under hostile/.

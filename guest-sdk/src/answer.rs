@@ -140,6 +140,91 @@ pub fn vote(answers: &[String], priority: &[usize]) -> Option<Tally> {
     })
 }
 
+/// The option a multiple-choice reply picks, as an index into `n` options
+/// labelled `A`, `B`, ... Stricter than the reference's lenient parser: it
+/// accepts a reply that *starts* with the letter (`B`, `B)`, `B.`, `(B)`,
+/// `B:`), or names it after "answer is" / "answer:" anywhere, and otherwise
+/// the single option whose text the reply contains. A reply that mentions
+/// several options, or none, picks nothing instead of guessing.
+pub fn choice(reply: &str, options: &[String]) -> Option<usize> {
+    let n = options.len();
+    let letter_at = |s: &str| -> Option<usize> {
+        let s = s.trim_start_matches(|c: char| c.is_whitespace() || c == '*' || c == '(' || c == '[');
+        let mut chars = s.chars();
+        let c = chars.next()?;
+        let next = chars.next();
+        let idx = (c.to_ascii_uppercase() as u32).checked_sub('A' as u32)? as usize;
+        let bounded = next.is_none_or(|d| !d.is_alphanumeric());
+        (c.is_ascii_alphabetic() && idx < n && bounded).then_some(idx)
+    };
+    if let Some(i) = letter_at(reply) {
+        // "A" alone or "A)" etc.; but not the article "A good ..."
+        let after = reply.trim_start().get(1..).unwrap_or("");
+        let article = reply.trim_start().starts_with(['A', 'a'])
+            && after.starts_with(' ')
+            && !after.trim().is_empty()
+            && !after.trim_start().starts_with(['-', ':', ')']);
+        if !article {
+            return Some(i);
+        }
+    }
+    let lower = reply.to_lowercase();
+    for marker in ["answer is", "answer:", "option"] {
+        if let Some(pos) = lower.rfind(marker) {
+            if let Some(i) = letter_at(&reply[pos + marker.len()..]) {
+                return Some(i);
+            }
+        }
+    }
+    let norm = normalize(reply);
+    let mut hits = options
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| {
+            let o = normalize(o);
+            !o.is_empty() && format!(" {norm} ").contains(&format!(" {o} "))
+        })
+        .map(|(i, _)| i);
+    match (hits.next(), hits.next()) {
+        (Some(i), None) => Some(i),
+        _ => None,
+    }
+}
+
+/// The letter of option `i` (`0` is `A`).
+pub fn letter(i: usize) -> char {
+    (b'A' + (i as u8 % 26)) as char
+}
+
+/// Whether `reply` answers `example` correctly. Multiple choice (the example
+/// has `choices`; its `answer` is the letter or the option text): the option
+/// [`choice`] picks must be the right one. Otherwise the [`extract`]ed answer
+/// must equal the reference after [`normalize`], or equal it as a number
+/// (`"4.0"` is `4`), or end with it as whole words ("the capital is paris").
+pub fn is_correct(reply: &str, example: &crate::Example) -> bool {
+    if !example.choices.is_empty() {
+        let want = example.answer.trim();
+        let right = if want.len() == 1 {
+            want.chars()
+                .next()
+                .and_then(|c| (c.to_ascii_uppercase() as usize).checked_sub('A' as usize))
+        } else {
+            example.choices.iter().position(|c| normalize(c) == normalize(want))
+        };
+        return right.is_some() && choice(reply, &example.choices) == right;
+    }
+    let got = normalize(&extract(reply));
+    let want = normalize(&example.answer);
+    if want.is_empty() {
+        return false;
+    }
+    if got == want || got.ends_with(&format!(" {want}")) {
+        return true;
+    }
+    let num = |s: &str| s.replace(',', "").trim().parse::<f64>().ok();
+    matches!((num(&extract(reply)), num(&example.answer)), (Some(a), Some(b)) if (a - b).abs() < 1e-6)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +279,51 @@ mod tests {
         // Without a bare "paris" among the answers, sentences stay as they are.
         let b: Vec<String> = ["It is Paris", "Lyon"].iter().map(|s| s.to_string()).collect();
         assert_eq!(vote(&b, &[]).unwrap().answer, "it is paris");
+    }
+    fn opts() -> Vec<String> {
+        ["Paris", "Lyon", "Marseille", "Nice"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn choice_reads_a_leading_letter_or_an_answer_marker() {
+        let o = opts();
+        assert_eq!(choice("B", &o), Some(1));
+        assert_eq!(choice("(C) Marseille", &o), Some(2));
+        assert_eq!(choice("d.", &o), Some(3));
+        assert_eq!(choice("A) Paris", &o), Some(0));
+        assert_eq!(choice("I think the answer is C.", &o), Some(2));
+        assert_eq!(choice("Answer: b", &o), Some(1));
+        // An option's text, alone, counts; two options' texts do not.
+        assert_eq!(choice("It must be Lyon.", &o), Some(1));
+        assert_eq!(choice("Paris or Lyon", &o), None);
+        // The article "A" is not option A; letters past the options are nothing.
+        assert_eq!(choice("A city in the south", &o), None);
+        assert_eq!(choice("E", &o), None);
+        assert_eq!(choice("Because", &o), None);
+    }
+
+    #[test]
+    fn is_correct_handles_letters_texts_and_numbers() {
+        let mcq = |a: &str| crate::Example {
+            input: crate::Input::Prompt(String::new()),
+            answer: a.into(),
+            choices: opts(),
+        };
+        assert!(is_correct("B) Lyon", &mcq("B")));
+        assert!(is_correct("Lyon", &mcq("Lyon")));
+        assert!(!is_correct("A", &mcq("B")));
+        let open = |a: &str| crate::Example {
+            input: crate::Input::Prompt(String::new()),
+            answer: a.into(),
+            choices: vec![],
+        };
+        assert!(is_correct("The answer is 4.0", &open("4")));
+        assert!(is_correct(r"so \boxed{1,200}", &open("1200")));
+        assert!(is_correct("The capital of France is Paris.", &open("Paris")));
+        assert!(!is_correct("Lyon", &open("Paris")));
+        assert!(!is_correct("anything", &open("")));
     }
 }

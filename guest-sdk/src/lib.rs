@@ -30,17 +30,87 @@
 
 pub mod answer;
 pub mod config;
+pub mod dev;
+pub mod rand;
+pub mod state;
 
 /// The raw bindings of the contract, generated in this one place.
+///
+/// The shared imports (`types`, `models`, `trace`) are generated once, from a
+/// selector world that exports nothing; each exporting world of the contract
+/// then gets its own module that reuses them. This matters for linking: the
+/// component type of a world is a custom section that the linker keeps only
+/// when something refers to it, so a router built with this crate carries
+/// the imports and the router world and nothing of the strategy world.
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "strategy",
-        pub_export_macro: true,
-        export_macro_name: "__export_strategy_world",
+        inline: "package tessera:sdk; world imports { import tessera:collab/models@0.1.0; import tessera:collab/trace@0.1.0; }",
+        world: "tessera:sdk/imports",
+        generate_all,
         default_bindings_module: "tessera_sdk::bindings",
     });
+
+    pub mod strategy {
+        wit_bindgen::generate!({
+            path: "../wit",
+            world: "tessera:collab/strategy@0.1.0",
+            with: {
+                "tessera:collab/types@0.1.0": crate::bindings::tessera::collab::types,
+                "tessera:collab/models@0.1.0": crate::bindings::tessera::collab::models,
+                "tessera:collab/trace@0.1.0": crate::bindings::tessera::collab::trace,
+            },
+            pub_export_macro: true,
+            export_macro_name: "__export_strategy_world",
+            default_bindings_module: "tessera_sdk::bindings::strategy",
+        });
+    }
+
+    pub mod router {
+        wit_bindgen::generate!({
+            path: "../wit",
+            world: "tessera:collab/router@0.1.0",
+            with: {
+                "tessera:collab/types@0.1.0": crate::bindings::tessera::collab::types,
+                "tessera:collab/models@0.1.0": crate::bindings::tessera::collab::models,
+                "tessera:collab/trace@0.1.0": crate::bindings::tessera::collab::trace,
+            },
+            pub_export_macro: true,
+            export_macro_name: "__export_router_world",
+            default_bindings_module: "tessera_sdk::bindings::router",
+        });
+    }
+
+    pub mod judge {
+        wit_bindgen::generate!({
+            path: "../wit",
+            world: "tessera:collab/judge@0.1.0",
+            with: {
+                "tessera:collab/types@0.1.0": crate::bindings::tessera::collab::types,
+                "tessera:collab/models@0.1.0": crate::bindings::tessera::collab::models,
+                "tessera:collab/trace@0.1.0": crate::bindings::tessera::collab::trace,
+            },
+            pub_export_macro: true,
+            export_macro_name: "__export_judge_world",
+            default_bindings_module: "tessera_sdk::bindings::judge",
+        });
+    }
+
+    pub mod aggregator {
+        wit_bindgen::generate!({
+            path: "../wit",
+            world: "tessera:collab/aggregator@0.1.0",
+            with: {
+                "tessera:collab/types@0.1.0": crate::bindings::tessera::collab::types,
+                "tessera:collab/models@0.1.0": crate::bindings::tessera::collab::models,
+                "tessera:collab/trace@0.1.0": crate::bindings::tessera::collab::trace,
+            },
+            pub_export_macro: true,
+            export_macro_name: "__export_aggregator_world",
+            default_bindings_module: "tessera_sdk::bindings::aggregator",
+        });
+    }
 }
 
 pub use bindings::tessera::collab::trace::Step;
@@ -64,13 +134,32 @@ pub trait Strategy {
     }
 }
 
+/// A router: picks which members should answer, best first. Used as the
+/// first stage of a host-side pipeline.
+pub trait Router {
+    /// Member ids, best first, chosen from `members`.
+    fn route(req: Request, members: Vec<ModelInfo>) -> Result<Vec<String>, Error>;
+}
+
+/// A judge: one score per candidate, higher is better.
+pub trait Judge {
+    /// Scores `candidates` (same order).
+    fn judge(req: Request, candidates: Vec<Candidate>) -> Result<Vec<f64>, Error>;
+}
+
+/// An aggregator: combines candidates into one response.
+pub trait Aggregator {
+    /// The combined answer.
+    fn aggregate(req: Request, candidates: Vec<Candidate>) -> Result<Response, Error>;
+}
+
 /// Exports a [`Strategy`] implementation as the component's `strategy` world.
 #[macro_export]
 macro_rules! export_strategy {
     ($t:ty) => {
         #[doc(hidden)]
         pub struct __TesseraExport;
-        impl $crate::bindings::Guest for __TesseraExport {
+        impl $crate::bindings::strategy::Guest for __TesseraExport {
             fn run(req: $crate::Request) -> ::core::result::Result<$crate::Response, $crate::Error> {
                 <$t as $crate::Strategy>::run(req)
             }
@@ -81,7 +170,74 @@ macro_rules! export_strategy {
                 <$t as $crate::Strategy>::fit(dev, $crate::Config::from_pairs(config))
             }
         }
-        $crate::bindings::__export_strategy_world!(__TesseraExport with_types_in $crate::bindings);
+        // Keeps the world's component type in the link (see `bindings`).
+        #[used]
+        #[doc(hidden)]
+        static __TESSERA_WORLD: fn() = $crate::bindings::strategy::__link_custom_section_describing_imports;
+        $crate::bindings::strategy::__export_strategy_world!(__TesseraExport with_types_in $crate::bindings::strategy);
+    };
+}
+
+/// Exports a [`Router`] implementation as the component's `router` world.
+#[macro_export]
+macro_rules! export_router {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __TesseraExport;
+        impl $crate::bindings::router::Guest for __TesseraExport {
+            fn route(
+                req: $crate::Request,
+                members: ::std::vec::Vec<$crate::ModelInfo>,
+            ) -> ::core::result::Result<::std::vec::Vec<::std::string::String>, $crate::Error> {
+                <$t as $crate::Router>::route(req, members)
+            }
+        }
+        #[used]
+        #[doc(hidden)]
+        static __TESSERA_WORLD: fn() = $crate::bindings::router::__link_custom_section_describing_imports;
+        $crate::bindings::router::__export_router_world!(__TesseraExport with_types_in $crate::bindings::router);
+    };
+}
+
+/// Exports a [`Judge`] implementation as the component's `judge` world.
+#[macro_export]
+macro_rules! export_judge {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __TesseraExport;
+        impl $crate::bindings::judge::Guest for __TesseraExport {
+            fn judge(
+                req: $crate::Request,
+                candidates: ::std::vec::Vec<$crate::Candidate>,
+            ) -> ::core::result::Result<::std::vec::Vec<f64>, $crate::Error> {
+                <$t as $crate::Judge>::judge(req, candidates)
+            }
+        }
+        #[used]
+        #[doc(hidden)]
+        static __TESSERA_WORLD: fn() = $crate::bindings::judge::__link_custom_section_describing_imports;
+        $crate::bindings::judge::__export_judge_world!(__TesseraExport with_types_in $crate::bindings::judge);
+    };
+}
+
+/// Exports an [`Aggregator`] implementation as the component's `aggregator` world.
+#[macro_export]
+macro_rules! export_aggregator {
+    ($t:ty) => {
+        #[doc(hidden)]
+        pub struct __TesseraExport;
+        impl $crate::bindings::aggregator::Guest for __TesseraExport {
+            fn aggregate(
+                req: $crate::Request,
+                candidates: ::std::vec::Vec<$crate::Candidate>,
+            ) -> ::core::result::Result<$crate::Response, $crate::Error> {
+                <$t as $crate::Aggregator>::aggregate(req, candidates)
+            }
+        }
+        #[used]
+        #[doc(hidden)]
+        static __TESSERA_WORLD: fn() = $crate::bindings::aggregator::__link_custom_section_describing_imports;
+        $crate::bindings::aggregator::__export_aggregator_world!(__TesseraExport with_types_in $crate::bindings::aggregator);
     };
 }
 

@@ -20,12 +20,14 @@ pub mod backends;
 pub mod bindings;
 pub mod error;
 pub mod inference;
+pub mod pipeline;
 pub mod policy;
 pub mod pool;
 pub mod request;
 pub mod runtime;
 pub mod sandbox;
+pub mod tasks;
 
 pub use error::Error;
 pub use request::{ProvenanceEvent, RunOutcome, RunRequest, UsageReport};
-pub use runtime::{Paths, Runtime};
+pub use runtime::{installed_modules, InstalledModule, Paths, Runtime};

@@ -28,6 +28,8 @@ pub struct Paths {
     pub state: PathBuf,
     /// Downloaded packages, kept so that fetching can resume.
     pub wheels: PathBuf,
+    /// Evaluation data extracted from its packages (`tessera tasks fetch`).
+    pub data: PathBuf,
 }
 
 impl Paths {
@@ -39,6 +41,7 @@ impl Paths {
             components: home.join("components"),
             state: home.join("state"),
             wheels: home.join("wheels"),
+            data: home.join("data"),
         }
     }
 
@@ -52,6 +55,37 @@ impl Paths {
         });
         Self::under(&home)
     }
+}
+
+/// One installed module, as `tessera strategies list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstalledModule {
+    /// The name it is run by.
+    pub name: String,
+    /// Its manifest, or why the manifest could not be read.
+    pub manifest: Result<Manifest, String>,
+}
+
+/// The modules installed in `paths.modules` (`NAME.wasm` with `NAME.toml`),
+/// sorted by name. Subfolders (test and bench modules) are not listed.
+pub fn installed_modules(paths: &Paths) -> Vec<InstalledModule> {
+    let Ok(dir) = std::fs::read_dir(&paths.modules) else {
+        return Vec::new();
+    };
+    let mut out: Vec<InstalledModule> = dir
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+        .filter_map(|p| {
+            let name = p.file_stem()?.to_str()?.to_string();
+            Some(InstalledModule {
+                name,
+                manifest: Manifest::from_file(&p.with_extension("toml")),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 /// The runtime: one per process.
@@ -146,6 +180,23 @@ impl Runtime {
 
     fn pool_ids(&self) -> &[String] {
         &self.pool_ids
+    }
+
+    pub(crate) fn member_ids(&self) -> Vec<String> {
+        self.pool_ids.clone()
+    }
+
+    pub(crate) fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Whether the operator's global allow-list admits member `id`.
+    pub(crate) fn policy_allows(&self, id: &str) -> bool {
+        self.policy.models.iter().any(|m| m == "*" || m == id)
+    }
+
+    pub(crate) fn models_arc(&self) -> Arc<dyn Models> {
+        self.models.clone()
     }
 
     /// The module's persisted `fit` state, cached after the first read.

@@ -57,3 +57,32 @@ pub fn scratch(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
 }
+
+/// A runtime over the default pool with its own, empty `fit`-state
+/// directory: for tests of `fit`, and of state surviving a restart (build a
+/// second one over the same `Paths`).
+pub fn fresh_runtime(paths: &Paths) -> Runtime {
+    Runtime::new(paths.clone(), &PoolConfig::default_pool(), Policy::default()).expect("runtime starts")
+}
+
+/// `Paths` from the environment with a fresh scratch state directory.
+pub fn scratch_paths(tag: &str) -> Paths {
+    let mut p = Paths::from_env();
+    p.state = scratch(tag);
+    p
+}
+
+/// The first `n` items of ARC-Easy's validation split, in the harness's
+/// multiple-choice format: a chat whose user turn holds the question, the
+/// options as `A) ...` lines and an instruction to answer with the letter;
+/// `answer` is the letter, `choices` the option texts. `skip` items are
+/// skipped first, so a dev slice and a test slice can be taken apart.
+pub fn arc_easy(skip: usize, n: usize) -> Vec<tessera::sandbox::Example> {
+    let task = tessera::tasks::Task::load(&Paths::from_env(), "arc-easy").expect("ARC-Easy (run `make setup`)");
+    task.items
+        .iter()
+        .skip(skip)
+        .take(n)
+        .map(|item| item.example())
+        .collect()
+}

@@ -7,5 +7,7 @@ mod cli;
 mod common;
 mod hostile;
 mod inference;
+mod library;
+mod pipeline;
 mod reference;
 mod strategies;

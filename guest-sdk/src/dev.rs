@@ -1,0 +1,103 @@
+//! Dev-set evaluation: how well each member answers the dev examples `fit`
+//! receives. Almost every method of the reference library starts here: the
+//! best dev member summarises, routes, fuses or breaks ties.
+
+use serde::{Deserialize, Serialize};
+
+use crate::answer::is_correct;
+use crate::{fan_out, trace, Error, Example, GenParams, Job, ModelInfo};
+
+/// One member's dev results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberScore {
+    /// The member's id.
+    pub model: String,
+    /// Whether its greedy answer to each dev example was correct, in order.
+    pub correct: Vec<bool>,
+}
+
+impl MemberScore {
+    /// Share of dev examples answered correctly (0 for an empty dev set).
+    pub fn accuracy(&self) -> f64 {
+        if self.correct.is_empty() {
+            0.0
+        } else {
+            self.correct.iter().filter(|c| **c).count() as f64 / self.correct.len() as f64
+        }
+    }
+}
+
+/// Greedy answers of every member in `members` to every dev example, graded
+/// with [`is_correct`]. One fan-out per member (the host runs members in
+/// parallel); a failed call counts as wrong and is traced.
+pub fn evaluate(dev: &[Example], members: &[ModelInfo], max_tokens: u32) -> Vec<MemberScore> {
+    let mut jobs = Vec::with_capacity(dev.len() * members.len());
+    for m in members {
+        for e in dev {
+            jobs.push(Job {
+                model: m.id.clone(),
+                input: e.input.clone(),
+                params: GenParams {
+                    max_tokens: Some(max_tokens),
+                    temperature: Some(0.0),
+                    ..Default::default()
+                },
+            });
+        }
+    }
+    let results = fan_out(&jobs);
+    members
+        .iter()
+        .enumerate()
+        .map(|(mi, m)| {
+            let correct: Vec<bool> = dev
+                .iter()
+                .enumerate()
+                .map(|(ei, e)| match &results[mi * dev.len() + ei] {
+                    Ok(g) => is_correct(&g.text, e),
+                    Err(err) => {
+                        trace(Some(&m.id), "fit", format!("dev example {ei} failed: {err}"));
+                        false
+                    }
+                })
+                .collect();
+            let s = MemberScore {
+                model: m.id.clone(),
+                correct,
+            };
+            trace(
+                Some(&m.id),
+                "fit",
+                format!(
+                    "{}/{} dev answers correct",
+                    s.correct.iter().filter(|c| **c).count(),
+                    dev.len()
+                ),
+            );
+            s
+        })
+        .collect()
+}
+
+/// Member ids ordered best dev accuracy first; ties keep pool order.
+pub fn ranking(scores: &[MemberScore]) -> Vec<String> {
+    let mut order: Vec<&MemberScore> = scores.iter().collect();
+    order.sort_by(|a, b| b.accuracy().total_cmp(&a.accuracy()));
+    order.into_iter().map(|s| s.model.clone()).collect()
+}
+
+/// The best member by a dev ranking when one exists and names a granted
+/// member, else the first granted one (operators list pools best first).
+pub fn best_member(ranking: Option<&[String]>, members: &[ModelInfo]) -> Result<ModelInfo, Error> {
+    if let Some(r) = ranking {
+        for id in r {
+            if let Some(m) = members.iter().find(|m| &m.id == id) {
+                return Ok(m.clone());
+            }
+        }
+    }
+    members
+        .first()
+        .cloned()
+        .ok_or_else(|| Error::ModuleFailed("no generative member was granted".into()))
+}
