@@ -140,6 +140,31 @@ pub fn vote(answers: &[String], priority: &[usize]) -> Option<Tally> {
     })
 }
 
+/// SQuAD token F1 between a predicted and a gold answer, after
+/// [`normalize`]: the harmonic mean of token precision and recall (bag of
+/// tokens). 1.0 for equal normal forms, 0.0 when nothing is shared.
+pub fn f1(pred: &str, gold: &str) -> f64 {
+    let p: Vec<String> = normalize(pred).split_whitespace().map(str::to_string).collect();
+    let g: Vec<String> = normalize(gold).split_whitespace().map(str::to_string).collect();
+    if p.is_empty() || g.is_empty() {
+        return if p == g { 1.0 } else { 0.0 };
+    }
+    let mut left = g.clone();
+    let mut common = 0usize;
+    for t in &p {
+        if let Some(i) = left.iter().position(|x| x == t) {
+            left.swap_remove(i);
+            common += 1;
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let precision = common as f64 / p.len() as f64;
+    let recall = common as f64 / g.len() as f64;
+    2.0 * precision * recall / (precision + recall)
+}
+
 /// The option a multiple-choice reply picks, as an index into `n` options
 /// labelled `A`, `B`, ... Stricter than the reference's lenient parser: it
 /// accepts a reply that *starts* with the letter (`B`, `B)`, `B.`, `(B)`,
@@ -325,5 +350,14 @@ mod tests {
         assert!(is_correct("The capital of France is Paris.", &open("Paris")));
         assert!(!is_correct("Lyon", &open("Paris")));
         assert!(!is_correct("anything", &open("")));
+    }
+    #[test]
+    fn f1_is_squad_token_overlap() {
+        assert_eq!(f1("The Eiffel Tower", "eiffel tower"), 1.0);
+        assert_eq!(f1("Paris", "Lyon"), 0.0);
+        let x = f1("the tower in paris", "eiffel tower");
+        // 1 common token; precision 1/3 ("tower in paris"), recall 1/2.
+        assert!((x - 0.4).abs() < 1e-9, "{x}");
+        assert_eq!(f1("", ""), 1.0);
     }
 }

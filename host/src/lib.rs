@@ -19,6 +19,7 @@
 pub mod backends;
 pub mod bindings;
 pub mod error;
+pub mod eval;
 pub mod inference;
 pub mod pipeline;
 pub mod policy;

@@ -256,17 +256,40 @@ impl Runtime {
         match inv.result? {
             None => Ok(false),
             Some(bytes) => {
-                let path = self.state_path(module);
-                std::fs::create_dir_all(&self.paths.state)
-                    .map_err(|e| Error::config(format!("{}: {e}", self.paths.state.display())))?;
-                let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, &bytes)
-                    .and_then(|_| std::fs::rename(&tmp, &path))
-                    .map_err(|e| Error::config(format!("saving state to {}: {e}", path.display())))?;
-                let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-                states.insert(module.sha256.clone(), Some(Arc::new(bytes)));
+                self.install_state(module, Some(bytes))?;
                 Ok(true)
             }
         }
+    }
+
+    /// The module's current `fit` state, as `run` would receive it.
+    pub fn stored_state(&self, module: &Module) -> Option<Vec<u8>> {
+        self.state(module).map(|s| s.as_ref().clone())
+    }
+
+    /// Replaces the module's `fit` state (e.g. with one cached from an
+    /// earlier fit on the same dev set); `None` removes it. Written
+    /// atomically: a crash leaves the old state or the new one.
+    pub fn install_state(&self, module: &Module, bytes: Option<Vec<u8>>) -> Result<(), Error> {
+        let path = self.state_path(module);
+        match &bytes {
+            Some(b) => {
+                std::fs::create_dir_all(&self.paths.state)
+                    .map_err(|e| Error::config(format!("{}: {e}", self.paths.state.display())))?;
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, b)
+                    .and_then(|_| std::fs::rename(&tmp, &path))
+                    .map_err(|e| Error::config(format!("saving state to {}: {e}", path.display())))?;
+            }
+            None => {
+                if path.exists() {
+                    std::fs::remove_file(&path)
+                        .map_err(|e| Error::config(format!("removing state {}: {e}", path.display())))?;
+                }
+            }
+        }
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.insert(module.sha256.clone(), bytes.map(Arc::new));
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@
 mod bad_files;
 mod cli;
 mod common;
+mod eval;
 mod hostile;
 mod inference;
 mod library;

@@ -40,11 +40,60 @@ enum Command {
         #[command(subcommand)]
         command: StrategiesCommand,
     },
+    /// Compare every member, the best single member, the monolith and
+    /// strategies on real tasks; write JSON + Markdown reports with plots.
+    Eval(EvalArgs),
     /// Evaluation tasks and their data.
     Tasks {
         #[command(subcommand)]
         command: TasksCommand,
     },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Tasks, comma-separated (see `tessera tasks list`).
+    #[arg(long, value_delimiter = ',', default_value = "arc-easy")]
+    tasks: Vec<String>,
+    /// Strategy modules, comma-separated (installed names or paths).
+    #[arg(long, value_delimiter = ',')]
+    strategies: Vec<String>,
+    /// Test items per task (default: the whole test split).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Dev items per task (best-member choice and strategies' fit).
+    #[arg(long, default_value_t = 20)]
+    dev_limit: usize,
+    /// How single members answer multiple choice: `generate` (parse the
+    /// letter of a reply) or `loglik` (most likely option letter).
+    #[arg(long, default_value = "generate")]
+    mcq: String,
+    /// New tokens per answer (default by metric: choice 16, F1 32, exact 256).
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Seed for every strategy request.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Items in flight at once per system.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Hyperparameter for every strategy, `key=value` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Where to write report.json, report.md and the plots.
+    #[arg(long, default_value = "eval-report")]
+    out: PathBuf,
+    /// Recompute everything instead of reading the result cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+    /// Print the report JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    setup: Setup,
 }
 
 #[derive(Subcommand)]
@@ -322,6 +371,55 @@ fn strategies_list(json: bool) -> Result<String, Error> {
     Ok(s.trim_end().to_string())
 }
 
+async fn eval(args: EvalArgs) -> Result<String, Error> {
+    let mcq = match args.mcq.as_str() {
+        "generate" => tessera::eval::McqMode::Generate,
+        "loglik" => tessera::eval::McqMode::Loglik,
+        other => return Err(Error::config(format!("--mcq `{other}`: use `generate` or `loglik`"))),
+    };
+    let mut strategy_config = BTreeMap::new();
+    for kv in &args.set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::config(format!("--set `{kv}` is not KEY=VALUE")))?;
+        strategy_config.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let rt = runtime(&args.setup)?;
+    let cache = if args.no_cache {
+        tessera::eval::cache::Cache::disabled()
+    } else {
+        tessera::eval::cache::Cache::open(&rt.paths().data.join("..").join("eval-cache.sqlite"))
+            .map_err(Error::config)?
+    };
+    let cfg = tessera::eval::EvalConfig {
+        tasks: args.tasks.clone(),
+        strategies: args.strategies.clone(),
+        limit: args.limit,
+        dev_limit: args.dev_limit,
+        mcq,
+        max_tokens: args.max_tokens,
+        seed: args.seed,
+        concurrency: args.concurrency,
+        strategy_config,
+        progress: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let report = tessera::eval::run(&rt, cfg, &cache).await?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let written = tessera::eval::report::write(&report, &args.out, &command).map_err(Error::config)?;
+    if args.json {
+        return serde_json::to_string_pretty(&report).map_err(|e| Error::config(e.to_string()));
+    }
+    Ok(format!(
+        "{}\nwrote {}",
+        tessera::eval::report::table(&report).trim_end(),
+        written
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
 fn tasks_fetch() -> Result<String, Error> {
     let paths = Paths::from_env();
     let got = tessera::tasks::fetch(&paths).map_err(|e| Error::config(e.to_string()))?;
@@ -410,6 +508,10 @@ fn main() -> ExitCode {
         Command::Pool {
             command: PoolCommand::Fetch { setup, quiet },
         } => (false, pool_fetch(&setup, quiet)),
+        Command::Eval(args) => {
+            let json = args.json;
+            (json, rt.block_on(eval(args)))
+        }
         Command::Strategies {
             command: StrategiesCommand::List { json },
         } => (json, strategies_list(json)),

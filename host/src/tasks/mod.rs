@@ -16,7 +16,7 @@ pub mod columns;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::inference::{Input, Message};
@@ -40,7 +40,7 @@ const EXTRACT: &[&str] = &[
 pub const SPLIT_SEED: u64 = 20_261_122;
 
 /// How a task is scored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Metric {
     /// Multiple choice: the picked option must be the gold one.

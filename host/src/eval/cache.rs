@@ -1,0 +1,100 @@
+//! The content-addressed result cache of `tessera eval` (SQLite).
+//!
+//! Every answer the harness obtains is stored under the sha256 of everything
+//! that determines it: who answered (a member id, or a module's sha256 with
+//! its config and its fit state), the exact input, the decoding parameters
+//! and the seed. A re-run with the same inputs reads instead of computing,
+//! and an interrupted run resumes where it stopped because each answer is
+//! committed as soon as it exists. Values are JSON.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{de::DeserializeOwned, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A cache file, safe to share between the harness's concurrent tasks.
+pub struct Cache {
+    conn: Option<Mutex<Connection>>,
+}
+
+/// The key of a value: sha256 of the JSON of `parts`.
+pub fn key<T: Serialize>(parts: &T) -> String {
+    let json = serde_json::to_vec(parts).unwrap_or_default();
+    hex::encode(Sha256::digest(&json))
+}
+
+impl Cache {
+    /// Opens (creating if needed) the cache at `path`.
+    pub fn open(path: &Path) -> Result<Self, String> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let conn = Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // WAL: readers never block the writer, and a crash mid-write loses at
+        // most the answer being written.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Cache {
+            conn: Some(Mutex::new(conn)),
+        })
+    }
+
+    /// A cache that stores nothing (`--no-cache`).
+    pub fn disabled() -> Self {
+        Cache { conn: None }
+    }
+
+    /// The value under `key`, if any (and if it still decodes).
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let conn = self.conn.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
+        let text: Option<String> = conn
+            .query_row("SELECT value FROM results WHERE key = ?1", params![key], |r| r.get(0))
+            .optional()
+            .ok()
+            .flatten();
+        text.and_then(|t| serde_json::from_str(&t).ok())
+    }
+
+    /// Stores `value` under `key` (replacing any older one).
+    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), String> {
+        let Some(conn) = &self.conn else { return Ok(()) };
+        let text = serde_json::to_string(value).map_err(|e| e.to_string())?;
+        let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.execute(
+            "INSERT OR REPLACE INTO results (key, value) VALUES (?1, ?2)",
+            params![key, text],
+        )
+        .map_err(|e| format!("writing the eval cache: {e}"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_survive_reopening_and_disabled_stores_nothing() {
+        let dir = std::env::temp_dir().join(format!("tessera-cache-test-{}", std::process::id()));
+        let path = dir.join("c.sqlite");
+        let k = key(&("member", "m1", "prompt", 7u64));
+        {
+            let c = Cache::open(&path).unwrap();
+            assert_eq!(c.get::<String>(&k), None);
+            c.put(&k, &"answer".to_string()).unwrap();
+        }
+        let c = Cache::open(&path).unwrap();
+        assert_eq!(c.get::<String>(&k).as_deref(), Some("answer"));
+        assert_ne!(k, key(&("member", "m1", "prompt", 8u64)));
+        let d = Cache::disabled();
+        d.put(&k, &"x".to_string()).unwrap();
+        assert_eq!(d.get::<String>(&k), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

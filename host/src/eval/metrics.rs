@@ -1,0 +1,149 @@
+//! Grading one reply against one item, and the statistics of a run.
+//!
+//! Grading reuses the SDK's answer functions (the same code strategies use
+//! to compare answers), so a strategy and the harness never disagree on
+//! what "the answer" in a reply is.
+
+use tessera_sdk::answer;
+
+use crate::tasks::{Gold, Item, Metric};
+
+/// The score of `reply` on `item`, in `[0, 1]`.
+///
+/// - multiple choice: 1 when the strict parser ([`answer::choice`]) picks the
+///   gold option; a reply that names no option, or several, scores 0;
+/// - exact match: 1 when the extracted final answer equals the gold one
+///   after normalisation, or as a number;
+/// - token F1: the best SQuAD F1 of the extracted answer over the aliases.
+pub fn grade(item: &Item, reply: &str) -> f64 {
+    match (&item.metric, &item.gold) {
+        (Metric::Choice, Gold::Choice(g)) => f64::from(u8::from(answer::choice(reply, &item.choices) == Some(*g))),
+        (Metric::ExactMatch, Gold::Answers(golds)) => {
+            let ex = |a: &str| tessera_sdk::Example {
+                input: tessera_sdk::Input::Prompt(String::new()),
+                answer: a.to_string(),
+                choices: vec![],
+            };
+            f64::from(u8::from(golds.iter().any(|g| answer::is_correct(reply, &ex(g)))))
+        }
+        (Metric::TokenF1, Gold::Answers(golds)) => {
+            let got = answer::extract(reply);
+            golds.iter().map(|g| answer::f1(&got, g)).fold(0.0, f64::max)
+        }
+        // A task always pairs its metric with its kind of gold; anything else
+        // is a bug in a loader, and scores nothing rather than panicking.
+        _ => 0.0,
+    }
+}
+
+/// The score of a log-likelihood pick: 1 when the most likely option is the
+/// gold one.
+pub fn grade_pick(item: &Item, picked: usize) -> f64 {
+    f64::from(u8::from(matches!(item.gold, Gold::Choice(g) if g == picked)))
+}
+
+/// Mean of `xs` (0 for none).
+pub fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}
+
+/// A 95% percentile-bootstrap interval of the mean: `resamples` resamples
+/// with replacement, drawn from a SplitMix64 stream seeded by `seed` so the
+/// interval is reproducible.
+pub fn bootstrap_ci(xs: &[f64], resamples: usize, seed: u64) -> (f64, f64) {
+    if xs.len() < 2 {
+        let m = mean(xs);
+        return (m, m);
+    }
+    let mut state = seed ^ 0xB007_5742;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let n = xs.len();
+    let mut means: Vec<f64> = (0..resamples.max(1))
+        .map(|_| (0..n).map(|_| xs[(next() % n as u64) as usize]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
+    (at(0.025), at(0.975))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mcq(gold: usize) -> Item {
+        Item {
+            id: "q".into(),
+            question: "Which is a planet?".into(),
+            choices: vec!["Sun".into(), "Mars".into(), "Moon".into(), "Comet".into()],
+            gold: Gold::Choice(gold),
+            metric: Metric::Choice,
+        }
+    }
+
+    fn open(metric: Metric, golds: &[&str]) -> Item {
+        Item {
+            id: "q".into(),
+            question: "?".into(),
+            choices: vec![],
+            gold: Gold::Answers(golds.iter().map(|s| s.to_string()).collect()),
+            metric,
+        }
+    }
+
+    #[test]
+    fn multiple_choice_is_strict() {
+        let item = mcq(1);
+        assert_eq!(grade(&item, "B"), 1.0);
+        assert_eq!(grade(&item, "B) Mars"), 1.0);
+        assert_eq!(grade(&item, "The answer is B."), 1.0);
+        assert_eq!(grade(&item, "Mars"), 1.0);
+        assert_eq!(grade(&item, "A"), 0.0);
+        // Naming two options is not an answer, and neither is silence.
+        assert_eq!(grade(&item, "Mars or the Moon"), 0.0);
+        assert_eq!(grade(&item, ""), 0.0);
+        assert_eq!(grade_pick(&item, 1), 1.0);
+        assert_eq!(grade_pick(&item, 0), 0.0);
+    }
+
+    #[test]
+    fn exact_match_reads_the_final_number() {
+        let item = open(Metric::ExactMatch, &["18"]);
+        assert_eq!(grade(&item, "9 * 2 = 18. The answer is 18."), 1.0);
+        assert_eq!(grade(&item, "so she makes \\boxed{18} dollars"), 1.0);
+        assert_eq!(grade(&item, "The answer is $18."), 1.0);
+        assert_eq!(grade(&item, "The answer is 18.0"), 1.0);
+        assert_eq!(grade(&item, "The answer is 19."), 0.0);
+        // Nested braces in a box survive extraction.
+        let frac = open(Metric::ExactMatch, &["\\frac{1}{2}"]);
+        assert_eq!(grade(&frac, "so \\boxed{\\frac{1}{2}}"), 1.0);
+    }
+
+    #[test]
+    fn f1_takes_the_best_alias() {
+        let item = open(Metric::TokenF1, &["Eiffel Tower", "La tour Eiffel"]);
+        assert_eq!(grade(&item, "The Eiffel Tower."), 1.0);
+        let partial = grade(&item, "the tower");
+        assert!(partial > 0.0 && partial < 1.0, "{partial}");
+        assert_eq!(grade(&item, "Big Ben"), 0.0);
+    }
+
+    #[test]
+    fn bootstrap_interval_brackets_the_mean_and_is_reproducible() {
+        let xs: Vec<f64> = (0..200).map(|i| f64::from(u8::from(i % 4 == 0))).collect();
+        let (lo, hi) = bootstrap_ci(&xs, 1000, 7);
+        assert!(lo < 0.25 && 0.25 < hi, "{lo} {hi}");
+        assert!(hi - lo < 0.15, "{lo} {hi}");
+        assert_eq!(bootstrap_ci(&xs, 1000, 7), (lo, hi));
+        assert_eq!(bootstrap_ci(&[1.0], 100, 1), (1.0, 1.0));
+    }
+}

@@ -1,0 +1,600 @@
+//! `tessera eval`: does the composed system beat its contributors?
+//!
+//! For every task the harness answers the dev and test items with every
+//! single generative member (greedy), picks the **best single member** on
+//! dev, takes the member with the most parameters as the **monolith**, then
+//! fits each strategy on the dev items and runs it on the test items. It
+//! reports accuracy with a 95% bootstrap interval, macro averages per domain
+//! and overall, **emergent solves** (test items every single member gets
+//! wrong and the system gets right) and cost (host calls, tokens, wall
+//! time). Every answer goes through [`cache::Cache`], so a re-run is instant
+//! and an interrupted run resumes.
+//!
+//! The harness is a face over [`Runtime`]: members are asked through
+//! [`Runtime::models`], strategies through [`Runtime::fit`] and
+//! [`Runtime::run`], exactly as the CLI and a server would.
+
+pub mod cache;
+pub mod metrics;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::inference::{CallCtx, GenParams, Input, Message, ModelCard};
+use crate::tasks::{Item, Metric, Task};
+use crate::{Error, RunRequest, Runtime};
+
+use cache::Cache;
+
+/// How single members answer multiple-choice items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum McqMode {
+    /// Generate a reply and parse the letter (what strategies do too).
+    Generate,
+    /// Pick the option letter with the highest log-likelihood (`score`).
+    Loglik,
+}
+
+/// What to evaluate.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalConfig {
+    /// Task names (see [`crate::tasks::TASKS`]).
+    pub tasks: Vec<String>,
+    /// Strategy modules (installed names or paths).
+    pub strategies: Vec<String>,
+    /// Test items per task (default: the whole test split).
+    pub limit: Option<usize>,
+    /// Dev items per task used to pick the best member and to fit strategies.
+    pub dev_limit: usize,
+    /// How single members answer multiple choice.
+    pub mcq: McqMode,
+    /// New tokens per answer; default by metric (choice 16, F1 32, exact
+    /// match 256).
+    pub max_tokens: Option<u32>,
+    /// Seed handed to every strategy request.
+    pub seed: u64,
+    /// Items in flight at once per system.
+    pub concurrency: usize,
+    /// Hyperparameters for every strategy (`key=value`).
+    pub strategy_config: BTreeMap<String, String>,
+    /// Draw progress bars.
+    #[serde(skip)]
+    pub progress: bool,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            tasks: vec!["arc-easy".into()],
+            strategies: Vec::new(),
+            limit: None,
+            dev_limit: 20,
+            mcq: McqMode::Generate,
+            max_tokens: None,
+            seed: 0,
+            concurrency: 4,
+            strategy_config: BTreeMap::new(),
+            progress: false,
+        }
+    }
+}
+
+/// One item's outcome for one system.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ItemResult {
+    /// The item's id.
+    pub item: String,
+    /// Its score in `[0, 1]`.
+    pub score: f64,
+    /// The reply (cut to 2,000 characters).
+    pub text: String,
+    /// Host calls spent (1 for a single member).
+    pub host_calls: u32,
+    /// Prompt tokens (generate) and tokens scored.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+    /// Wall time when it was computed (a cached re-run keeps the original).
+    pub wall_ms: u64,
+    /// Why the system failed on this item, if it did (scored 0).
+    pub error: Option<String>,
+}
+
+/// One system on one task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SystemResult {
+    /// `member:<id>`, `best-single`, `monolith` or `strategy:<name>`.
+    pub system: String,
+    /// `member`, `best-single`, `monolith` or `strategy`.
+    pub kind: String,
+    /// The member behind `best-single` / `monolith`.
+    pub member: Option<String>,
+    /// The task.
+    pub task: String,
+    /// Mean test score.
+    pub accuracy: f64,
+    /// 95% bootstrap interval of the accuracy.
+    pub ci95: (f64, f64),
+    /// Test items.
+    pub n: usize,
+    /// Mean dev score (single members only).
+    pub dev_accuracy: Option<f64>,
+    /// Share of test items that every single member gets wrong and this
+    /// system gets right (strategies only).
+    pub emergent: Option<f64>,
+    /// Items every single member gets wrong (the emergent denominator is n).
+    pub all_fail: Option<usize>,
+    /// Totals over the test items.
+    pub host_calls: u64,
+    /// Prompt plus generated tokens over the test items.
+    pub tokens: u64,
+    /// Wall time over the test items (sum of per-item times).
+    pub wall_ms: u64,
+    /// Items that ended in an error.
+    pub errors: usize,
+    /// Per-item outcomes.
+    pub items: Vec<ItemResult>,
+}
+
+/// A task as evaluated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskSummary {
+    /// Name.
+    pub name: String,
+    /// Domain.
+    pub domain: String,
+    /// Metric.
+    pub metric: Metric,
+    /// Dev items used.
+    pub dev: usize,
+    /// Test items used.
+    pub test: usize,
+}
+
+/// The whole run, as written to `report.json` (schema `tessera-eval/1`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Schema tag; bumped on incompatible changes.
+    pub schema: String,
+    /// What was asked.
+    pub config: EvalConfig,
+    /// The pool's members.
+    pub pool: Vec<ModelCard>,
+    /// The tasks.
+    pub tasks: Vec<TaskSummary>,
+    /// Every system on every task.
+    pub results: Vec<SystemResult>,
+    /// Macro averages: system -> domain -> mean accuracy over its tasks,
+    /// plus the `overall` mean over domains.
+    pub macro_avg: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Wall time of the whole run.
+    pub wall_s: f64,
+}
+
+fn default_max_tokens(metric: Metric) -> u32 {
+    match metric {
+        Metric::Choice => 16,
+        Metric::TokenF1 => 32,
+        Metric::ExactMatch => 256,
+    }
+}
+
+fn cut(s: &str) -> String {
+    match s.char_indices().nth(2000) {
+        Some((i, _)) => s[..i].to_string(),
+        None => s.to_string(),
+    }
+}
+
+fn bar(mp: &MultiProgress, show: bool, len: usize, msg: String) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = mp.add(ProgressBar::new(len as u64));
+    b.set_style(
+        ProgressStyle::with_template("{msg:44} [{bar:25}] {pos}/{len} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b.set_message(msg);
+    b
+}
+
+/// The prompt for log-likelihood multiple choice: the question and options,
+/// then `Answer:`, continued by each option letter.
+fn loglik_input(item: &Item) -> Input {
+    let mut s = format!("{}\n", item.question.trim());
+    for (i, c) in item.choices.iter().enumerate() {
+        s.push_str(&format!("{}) {}\n", crate::tasks::letter(i), c.trim()));
+    }
+    s.push_str("Answer:");
+    Input::Prompt(s)
+}
+
+/// One single member answering one item (cached).
+async fn member_answer(rt: &Runtime, cache: &Cache, member: &str, item: &Item, cfg: &EvalConfig) -> ItemResult {
+    let max_tokens = cfg.max_tokens.unwrap_or(default_max_tokens(item.metric));
+    let loglik = cfg.mcq == McqMode::Loglik && item.metric == Metric::Choice;
+    let prompt = if loglik { loglik_input(item) } else { item.input() };
+    let key = cache::key(&("member/1", member, &prompt, max_tokens, loglik));
+    if let Some(mut r) = cache.get::<ItemResult>(&key) {
+        // Grading may have improved since the answer was cached.
+        if !loglik {
+            r.score = metrics::grade(item, &r.text);
+        }
+        r.item = item.id.clone();
+        return r;
+    }
+    let started = Instant::now();
+    let ctx = CallCtx {
+        deadline: Instant::now() + Duration::from_secs(600),
+    };
+    let models = rt.models();
+    let r = if loglik {
+        let conts: Vec<String> = (0..item.choices.len())
+            .map(|i| format!(" {}", crate::tasks::letter(i)))
+            .collect();
+        match models.score(ctx, member, prompt, conts).await {
+            Ok(scored) => {
+                let pick = scored
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.logprob.total_cmp(&b.1.logprob))
+                    .map(|(i, _)| i)
+                    .unwrap_or(0);
+                ItemResult {
+                    item: item.id.clone(),
+                    score: metrics::grade_pick(item, pick),
+                    text: crate::tasks::letter(pick).to_string(),
+                    host_calls: 1,
+                    prompt_tokens: scored.iter().map(|s| u64::from(s.tokens)).sum(),
+                    completion_tokens: 0,
+                    wall_ms: started.elapsed().as_millis() as u64,
+                    error: None,
+                }
+            }
+            Err(e) => failed(item, e.to_string(), started),
+        }
+    } else {
+        let params = GenParams {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        match models.generate(ctx, member, prompt, params).await {
+            Ok(g) => ItemResult {
+                item: item.id.clone(),
+                score: metrics::grade(item, &g.text),
+                text: cut(&g.text),
+                host_calls: 1,
+                prompt_tokens: u64::from(g.usage.prompt_tokens),
+                completion_tokens: u64::from(g.usage.completion_tokens),
+                wall_ms: started.elapsed().as_millis() as u64,
+                error: None,
+            },
+            Err(e) => failed(item, e.to_string(), started),
+        }
+    };
+    if r.error.is_none() {
+        if let Err(e) = cache.put(&key, &r) {
+            tracing::warn!("{e}");
+        }
+    }
+    r
+}
+
+fn failed(item: &Item, error: String, started: Instant) -> ItemResult {
+    ItemResult {
+        item: item.id.clone(),
+        score: 0.0,
+        text: String::new(),
+        host_calls: 0,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        wall_ms: started.elapsed().as_millis() as u64,
+        error: Some(error),
+    }
+}
+
+fn summarize(
+    system: String,
+    kind: &str,
+    member: Option<String>,
+    task: &str,
+    items: Vec<ItemResult>,
+    seed: u64,
+) -> SystemResult {
+    let scores: Vec<f64> = items.iter().map(|r| r.score).collect();
+    SystemResult {
+        system,
+        kind: kind.to_string(),
+        member,
+        task: task.to_string(),
+        accuracy: metrics::mean(&scores),
+        ci95: metrics::bootstrap_ci(&scores, 1000, seed),
+        n: items.len(),
+        dev_accuracy: None,
+        emergent: None,
+        all_fail: None,
+        host_calls: items.iter().map(|r| u64::from(r.host_calls)).sum(),
+        tokens: items.iter().map(|r| r.prompt_tokens + r.completion_tokens).sum(),
+        wall_ms: items.iter().map(|r| r.wall_ms).sum(),
+        errors: items.iter().filter(|r| r.error.is_some()).count(),
+        items,
+    }
+}
+
+/// Runs the evaluation. Errors are about the set-up (unknown task, missing
+/// data or module); a system failing on an item scores 0 there and is
+/// counted in `errors`.
+pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Report, Error> {
+    let started = Instant::now();
+    let cfg = &config;
+    let members: Vec<ModelCard> = rt
+        .cards()
+        .into_iter()
+        .filter(|c| c.capabilities.iter().any(|x| x == "generate"))
+        .collect();
+    if members.is_empty() {
+        return Err(Error::config(
+            "no generative member loaded: run `make setup` to fetch the default pool",
+        ));
+    }
+    let monolith = members
+        .iter()
+        .max_by_key(|c| c.parameters)
+        .map(|c| c.id.clone())
+        .unwrap_or_default();
+    let modules = cfg
+        .strategies
+        .iter()
+        .map(|s| rt.load_module(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tasks = cfg
+        .tasks
+        .iter()
+        .map(|t| Task::load(rt.paths(), t).map_err(|e| Error::config(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mp = MultiProgress::new();
+    let mut results = Vec::new();
+    let mut summaries = Vec::new();
+    for task in &tasks {
+        let dev: Vec<Item> = task.dev().iter().take(cfg.dev_limit).cloned().collect();
+        let test: Vec<Item> = task
+            .test()
+            .iter()
+            .take(cfg.limit.unwrap_or(usize::MAX))
+            .cloned()
+            .collect();
+        summaries.push(TaskSummary {
+            name: task.info.name.to_string(),
+            domain: task.info.domain.to_string(),
+            metric: task.info.metric,
+            dev: dev.len(),
+            test: test.len(),
+        });
+        // Single members, dev then test.
+        let mut singles: Vec<SystemResult> = Vec::new();
+        for m in &members {
+            let all: Vec<&Item> = dev.iter().chain(test.iter()).collect();
+            let b = bar(&mp, cfg.progress, all.len(), format!("{} · {}", task.info.name, m.id));
+            let out: Vec<ItemResult> = futures::stream::iter(all)
+                .map(|item| {
+                    let b = b.clone();
+                    async move {
+                        let r = member_answer(rt, cache, &m.id, item, cfg).await;
+                        b.inc(1);
+                        r
+                    }
+                })
+                .buffered(cfg.concurrency.max(1))
+                .collect()
+                .await;
+            b.finish_and_clear();
+            let (dev_out, test_out) = out.split_at(dev.len());
+            let mut s = summarize(
+                format!("member:{}", m.id),
+                "member",
+                Some(m.id.clone()),
+                task.info.name,
+                test_out.to_vec(),
+                cfg.seed,
+            );
+            s.dev_accuracy = Some(metrics::mean(&dev_out.iter().map(|r| r.score).collect::<Vec<_>>()));
+            singles.push(s);
+        }
+        // Best single member on dev (ties: pool order), and the monolith.
+        let best = singles
+            .iter()
+            .enumerate()
+            .max_by(|a, b| {
+                a.1.dev_accuracy
+                    .unwrap_or(0.0)
+                    .total_cmp(&b.1.dev_accuracy.unwrap_or(0.0))
+                    .then(b.0.cmp(&a.0))
+            })
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let mut derived = Vec::new();
+        let mut b = singles[best].clone();
+        b.system = "best-single".into();
+        b.kind = "best-single".into();
+        derived.push(b);
+        if let Some(m) = singles.iter().find(|s| s.member.as_deref() == Some(monolith.as_str())) {
+            let mut m = m.clone();
+            m.system = "monolith".into();
+            m.kind = "monolith".into();
+            derived.push(m);
+        }
+        // Items every single member gets wrong.
+        let all_fail: Vec<bool> = (0..test.len())
+            .map(|i| singles.iter().all(|s| s.items[i].score < 0.5))
+            .collect();
+        let n_fail = all_fail.iter().filter(|x| **x).count();
+        // Strategies: fit on dev, run on test.
+        let dev_examples: Vec<crate::sandbox::Example> = dev.iter().map(Item::example).collect();
+        for module in &modules {
+            let name = module.manifest.name.clone();
+            let fit_key = cache::key(&(
+                "fit/1",
+                &module.sha256,
+                &cfg.strategy_config,
+                dev_examples.iter().map(|e| (&e.input, &e.answer)).collect::<Vec<_>>(),
+            ));
+            match cache.get::<Option<Vec<u8>>>(&fit_key) {
+                Some(state) => rt.install_state(module, state)?,
+                None => {
+                    let b = bar(&mp, cfg.progress, 1, format!("{} · fit {name}", task.info.name));
+                    match rt.fit(module, dev_examples.clone(), cfg.strategy_config.clone()).await {
+                        Ok(_) => {
+                            let state = rt.stored_state(module);
+                            if let Err(e) = cache.put(&fit_key, &state) {
+                                tracing::warn!("{e}");
+                            }
+                        }
+                        Err(e) => {
+                            // A failed fit leaves the strategy on its defaults.
+                            tracing::warn!("fit of {name} on {} failed: {e}", task.info.name);
+                            rt.install_state(module, None)?;
+                        }
+                    }
+                    b.finish_and_clear();
+                }
+            }
+            let state = rt.stored_state(module);
+            let b = bar(&mp, cfg.progress, test.len(), format!("{} · {name}", task.info.name));
+            let out: Vec<ItemResult> = futures::stream::iter(test.iter())
+                .map(|item| {
+                    let b = b.clone();
+                    let state = &state;
+                    let module = module.clone();
+                    async move {
+                        let r = strategy_answer(rt, cache, &module, state, item, cfg).await;
+                        b.inc(1);
+                        r
+                    }
+                })
+                .buffered(cfg.concurrency.max(1))
+                .collect()
+                .await;
+            b.finish_and_clear();
+            let emergent = out.iter().zip(&all_fail).filter(|(r, f)| **f && r.score >= 0.5).count();
+            let mut s = summarize(
+                format!("strategy:{name}"),
+                "strategy",
+                None,
+                task.info.name,
+                out,
+                cfg.seed,
+            );
+            s.emergent = Some(if test.is_empty() {
+                0.0
+            } else {
+                emergent as f64 / test.len() as f64
+            });
+            s.all_fail = Some(n_fail);
+            derived.push(s);
+        }
+        results.extend(singles);
+        results.extend(derived);
+    }
+    let macro_avg = macro_averages(&results, &summaries);
+    Ok(Report {
+        schema: "tessera-eval/1".into(),
+        config: config.clone(),
+        pool: rt.cards(),
+        tasks: summaries,
+        results,
+        macro_avg,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn strategy_answer(
+    rt: &Runtime,
+    cache: &Cache,
+    module: &Arc<crate::sandbox::Module>,
+    state: &Option<Vec<u8>>,
+    item: &Item,
+    cfg: &EvalConfig,
+) -> ItemResult {
+    let max_tokens = cfg.max_tokens.unwrap_or(default_max_tokens(item.metric));
+    let input = Input::Chat(vec![Message::user(item.prompt())]);
+    let key = cache::key(&(
+        "strategy/1",
+        &module.sha256,
+        &cfg.strategy_config,
+        state,
+        &input,
+        max_tokens,
+        cfg.seed,
+    ));
+    if let Some(mut r) = cache.get::<ItemResult>(&key) {
+        r.score = metrics::grade(item, &r.text);
+        r.item = item.id.clone();
+        return r;
+    }
+    let started = Instant::now();
+    let mut req = RunRequest {
+        input,
+        params: GenParams::default(),
+        config: cfg.strategy_config.clone(),
+    };
+    req.params.max_tokens = Some(max_tokens);
+    req.params.seed = Some(cfg.seed);
+    let r = match rt.run(module, req).await {
+        Ok(out) => ItemResult {
+            item: item.id.clone(),
+            score: metrics::grade(item, &out.text),
+            text: cut(&out.text),
+            host_calls: out.usage.host_calls,
+            prompt_tokens: out.usage.prompt_tokens,
+            completion_tokens: out.usage.completion_tokens,
+            wall_ms: started.elapsed().as_millis() as u64,
+            error: None,
+        },
+        Err(e) => failed(item, format!("{}: {e}", e.kind()), started),
+    };
+    // Failures are cached too when they are the module's own doing (a
+    // deterministic error); a deadline may pass on a quieter machine.
+    let retry = matches!(&r.error, Some(e) if e.starts_with("deadline"));
+    if !retry {
+        if let Err(e) = cache.put(&key, &r) {
+            tracing::warn!("{e}");
+        }
+    }
+    r
+}
+
+/// system -> domain -> mean over the domain's tasks, and `overall` (mean
+/// over domains).
+fn macro_averages(results: &[SystemResult], tasks: &[TaskSummary]) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let mut out: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    let systems: Vec<String> = {
+        let mut v: Vec<String> = results.iter().map(|r| r.system.clone()).collect();
+        v.dedup();
+        v.sort();
+        v.dedup();
+        v
+    };
+    for sys in systems {
+        let mut by_domain: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for t in tasks {
+            if let Some(r) = results.iter().find(|r| r.system == sys && r.task == t.name) {
+                by_domain.entry(t.domain.clone()).or_default().push(r.accuracy);
+            }
+        }
+        let mut m: BTreeMap<String, f64> = by_domain.iter().map(|(d, v)| (d.clone(), metrics::mean(v))).collect();
+        let overall = metrics::mean(&m.values().copied().collect::<Vec<_>>());
+        m.insert("overall".into(), overall);
+        out.insert(sys, m);
+    }
+    out
+}

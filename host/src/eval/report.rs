@@ -1,0 +1,291 @@
+//! Writing an eval [`Report`]: `report.json` (the stable, machine-readable
+//! schema), `report.md` (a self-contained page with tables and the plots),
+//! two SVG plots drawn with plotters, and a table for the terminal.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+
+use super::{Report, SystemResult};
+
+/// The systems in report order: members, best-single, monolith, strategies.
+fn systems(r: &Report) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for kind in ["member", "best-single", "monolith", "strategy"] {
+        for x in r.results.iter().filter(|x| x.kind == kind) {
+            if !out.contains(&x.system) {
+                out.push(x.system.clone());
+            }
+        }
+    }
+    out
+}
+
+fn find<'a>(r: &'a Report, system: &str, task: &str) -> Option<&'a SystemResult> {
+    r.results.iter().find(|x| x.system == system && x.task == task)
+}
+
+fn label(r: &Report, system: &str) -> String {
+    let member = r.results.iter().find(|x| x.system == system).and_then(|x| {
+        if x.kind == "member" {
+            None
+        } else {
+            x.member.clone()
+        }
+    });
+    match member {
+        Some(m) => format!("{system} ({m})"),
+        None => system.to_string(),
+    }
+}
+
+/// The terminal table: accuracy per task, overall macro average, cost.
+pub fn table(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = write!(s, "{:<40}", "SYSTEM");
+    for t in &r.tasks {
+        let _ = write!(s, " {:>14}", t.name);
+    }
+    let _ = writeln!(
+        s,
+        " {:>8} {:>9} {:>10} {:>9}",
+        "OVERALL", "EMERGENT", "TOKENS/IT", "S/ITEM"
+    );
+    for sys in systems(r) {
+        let _ = write!(s, "{:<40}", label(r, &sys));
+        let (mut tokens, mut n, mut ms, mut emergent) = (0u64, 0usize, 0u64, Vec::new());
+        for t in &r.tasks {
+            match find(r, &sys, &t.name) {
+                Some(x) => {
+                    let _ = write!(s, " {:>14}", format!("{:.1}", 100.0 * x.accuracy));
+                    tokens += x.tokens;
+                    n += x.n;
+                    ms += x.wall_ms;
+                    if let Some(e) = x.emergent {
+                        emergent.push(e);
+                    }
+                }
+                None => {
+                    let _ = write!(s, " {:>14}", "-");
+                }
+            }
+        }
+        let overall = r
+            .macro_avg
+            .get(&sys)
+            .and_then(|m| m.get("overall"))
+            .copied()
+            .unwrap_or(0.0);
+        let em = if emergent.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1}", 100.0 * super::metrics::mean(&emergent))
+        };
+        let _ = writeln!(
+            s,
+            " {:>8.1} {:>9} {:>10.0} {:>9.2}",
+            100.0 * overall,
+            em,
+            tokens as f64 / n.max(1) as f64,
+            ms as f64 / 1000.0 / n.max(1) as f64
+        );
+    }
+    s
+}
+
+/// Writes `report.json`, `report.md` and the plots into `dir`; returns the
+/// paths written.
+pub fn write(r: &Report, dir: &Path, command: &str) -> Result<Vec<PathBuf>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut written = Vec::new();
+    let json = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
+    let p = dir.join("report.json");
+    atomic_write(&p, json.as_bytes())?;
+    written.push(p);
+    let acc_svg = dir.join("accuracy.svg");
+    plot_accuracy(r, &acc_svg)?;
+    written.push(acc_svg);
+    let cost_svg = dir.join("cost.svg");
+    plot_cost(r, &cost_svg)?;
+    written.push(cost_svg);
+    let md = markdown(r, command);
+    let p = dir.join("report.md");
+    atomic_write(&p, md.as_bytes())?;
+    written.push(p);
+    Ok(written)
+}
+
+fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn markdown(r: &Report, command: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Tessera evaluation\n");
+    let _ = writeln!(s, "Reproduce with:\n\n```\n{command}\n```\n");
+    let _ = writeln!(
+        s,
+        "Wall time {:.0} s. Pool: {}.\n",
+        r.wall_s,
+        r.pool.iter().map(|c| c.id.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "## Tasks\n\n| task | domain | metric | dev items | test items |\n|---|---|---|---|---|"
+    );
+    for t in &r.tasks {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:?} | {} | {} |",
+            t.name, t.domain, t.metric, t.dev, t.test
+        );
+    }
+    let _ = writeln!(s, "\n## Accuracy (%, test split, 95% bootstrap interval)\n");
+    let _ = write!(s, "| system |");
+    for t in &r.tasks {
+        let _ = write!(s, " {} |", t.name);
+    }
+    let _ = writeln!(s, " overall (macro) |");
+    let _ = writeln!(s, "|---|{}---|", "---|".repeat(r.tasks.len()));
+    for sys in systems(r) {
+        let _ = write!(s, "| {} |", label(r, &sys));
+        for t in &r.tasks {
+            match find(r, &sys, &t.name) {
+                Some(x) => {
+                    let _ = write!(
+                        s,
+                        " {:.1} [{:.1}, {:.1}] |",
+                        100.0 * x.accuracy,
+                        100.0 * x.ci95.0,
+                        100.0 * x.ci95.1
+                    );
+                }
+                None => s.push_str(" - |"),
+            }
+        }
+        let overall = r
+            .macro_avg
+            .get(&sys)
+            .and_then(|m| m.get("overall"))
+            .copied()
+            .unwrap_or(0.0);
+        let _ = writeln!(s, " {:.1} |", 100.0 * overall);
+    }
+    let _ = writeln!(
+        s,
+        "\n## Emergent solves and cost (test split)\n\n\"Emergent\" is the share of test items that every single member gets wrong and the system gets right.\n\n| system | task | emergent | all members wrong | host calls / item | tokens / item | s / item | errors |\n|---|---|---|---|---|---|---|---|"
+    );
+    for x in &r.results {
+        let n = x.n.max(1) as f64;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {:.1} | {:.0} | {:.2} | {} |",
+            label(r, &x.system),
+            x.task,
+            x.emergent.map_or("-".into(), |e| format!("{:.1}%", 100.0 * e)),
+            x.all_fail.map_or("-".into(), |a| a.to_string()),
+            x.host_calls as f64 / n,
+            x.tokens as f64 / n,
+            x.wall_ms as f64 / 1000.0 / n,
+            x.errors
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n## Plots\n\n![accuracy by system](accuracy.svg)\n\n![accuracy vs cost](cost.svg)\n"
+    );
+    let _ = writeln!(s, "## Terminal table\n\n```\n{}```", table(r));
+    s
+}
+
+fn plot_accuracy(r: &Report, path: &Path) -> Result<(), String> {
+    let sys = systems(r);
+    let overall: Vec<f64> = sys
+        .iter()
+        .map(|s| {
+            100.0
+                * r.macro_avg
+                    .get(s)
+                    .and_then(|m| m.get("overall"))
+                    .copied()
+                    .unwrap_or(0.0)
+        })
+        .collect();
+    let height = 80 + 28 * sys.len() as u32;
+    let root = SVGBackend::new(path, (900, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Accuracy by system (macro average over tasks, %)", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(330)
+        .build_cartesian_2d(0.0..100.0, 0..sys.len())
+        .map_err(|e| e.to_string())?;
+    let labels: Vec<String> = sys.iter().map(|s| label(r, s)).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(sys.len() + 1)
+        .y_label_formatter(&|i| labels.get(*i).cloned().unwrap_or_default())
+        .draw()
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(overall.iter().enumerate().map(|(i, v)| {
+            let kind = r.results.iter().find(|x| x.system == sys[i]).map(|x| x.kind.as_str());
+            let color = match kind {
+                Some("strategy") => RGBColor(31, 119, 180),
+                Some("best-single") | Some("monolith") => RGBColor(255, 127, 14),
+                _ => RGBColor(150, 150, 150),
+            };
+            Rectangle::new([(0.0, i), (*v, i + 1)], color.filled())
+        }))
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+fn plot_cost(r: &Report, path: &Path) -> Result<(), String> {
+    let sys = systems(r);
+    let points: Vec<(f64, f64, String)> = sys
+        .iter()
+        .map(|s| {
+            let rs: Vec<&SystemResult> = r.results.iter().filter(|x| &x.system == s).collect();
+            let n: usize = rs.iter().map(|x| x.n).sum();
+            let tokens: u64 = rs.iter().map(|x| x.tokens).sum();
+            let acc = 100.0
+                * r.macro_avg
+                    .get(s)
+                    .and_then(|m| m.get("overall"))
+                    .copied()
+                    .unwrap_or(0.0);
+            (tokens as f64 / n.max(1) as f64, acc, label(r, s))
+        })
+        .collect();
+    let max_x = points.iter().map(|p| p.0).fold(1.0, f64::max) * 1.15;
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Accuracy vs cost", ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..max_x, 0.0..100.0)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("tokens per item (prompt + generated)")
+        .y_desc("macro accuracy, %")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(points.iter().map(|(x, y, l)| {
+            EmptyElement::at((*x, *y))
+                + Circle::new((0, 0), 5, BLUE.filled())
+                + Text::new(l.clone(), (8, -8), ("sans-serif", 12))
+        }))
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}

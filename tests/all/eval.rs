@@ -1,0 +1,106 @@
+//! `tessera eval` end to end on the real pool and real ARC-Easy items: the
+//! report's arithmetic (best single member, monolith, emergent solves,
+//! macro averages), the files it writes, and the cache that makes a re-run
+//! instant.
+
+use tessera::eval::cache::Cache;
+use tessera::eval::{report, EvalConfig, McqMode};
+
+use crate::common::{runtime, scratch, QWEN};
+
+fn config() -> EvalConfig {
+    EvalConfig {
+        tasks: vec!["arc-easy".into()],
+        strategies: vec!["first-responder".into()],
+        limit: Some(3),
+        dev_limit: 2,
+        mcq: McqMode::Loglik,
+        max_tokens: Some(4),
+        seed: 1,
+        concurrency: 2,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn eval_reports_members_best_single_monolith_and_strategies_and_caches() {
+    let dir = scratch("eval");
+    let cache = Cache::open(&dir.join("cache.sqlite")).unwrap();
+    let rep = tessera::eval::run(runtime(), config(), &cache).await.unwrap();
+    assert_eq!(rep.schema, "tessera-eval/1");
+    assert_eq!(rep.tasks[0].test, 3);
+    assert_eq!(rep.tasks[0].dev, 2);
+    let members: Vec<_> = rep.results.iter().filter(|r| r.kind == "member").collect();
+    assert_eq!(members.len(), 3, "every generative member is evaluated");
+    for m in &members {
+        assert_eq!(m.n, 3);
+        // Log-likelihood multiple choice: one score call per item, a letter back.
+        assert!(
+            m.items.iter().all(|i| i.host_calls == 1 && i.text.len() == 1),
+            "{:?}",
+            m.items
+        );
+        let acc = m.items.iter().map(|i| i.score).sum::<f64>() / 3.0;
+        assert!((acc - m.accuracy).abs() < 1e-9);
+        assert!(m.ci95.0 <= m.accuracy && m.accuracy <= m.ci95.1);
+    }
+    // The best single member is the one with the best dev score.
+    let best = rep.results.iter().find(|r| r.kind == "best-single").unwrap();
+    let top_dev = members.iter().map(|m| m.dev_accuracy.unwrap()).fold(f64::MIN, f64::max);
+    let chosen = members
+        .iter()
+        .find(|m| m.member == best.member)
+        .expect("best-single names a member");
+    assert_eq!(chosen.dev_accuracy.unwrap(), top_dev);
+    assert_eq!(best.accuracy, chosen.accuracy);
+    // The monolith is the member with the most parameters.
+    let mono = rep.results.iter().find(|r| r.kind == "monolith").unwrap();
+    assert_eq!(mono.member.as_deref(), Some(QWEN));
+    // Emergent solves: the strategy's right answers on items every member missed.
+    let strat = rep.results.iter().find(|r| r.kind == "strategy").unwrap();
+    let all_fail: Vec<bool> = (0..3).map(|i| members.iter().all(|m| m.items[i].score < 0.5)).collect();
+    assert_eq!(strat.all_fail, Some(all_fail.iter().filter(|x| **x).count()));
+    let emergent = (0..3).filter(|&i| all_fail[i] && strat.items[i].score >= 0.5).count() as f64 / 3.0;
+    assert_eq!(strat.emergent, Some(emergent));
+    assert!(strat.items.iter().all(|i| i.error.is_none()), "{:?}", strat.items);
+    let overall = rep.macro_avg["strategy:first-responder"]["overall"];
+    assert!((overall - strat.accuracy).abs() < 1e-9);
+
+    // The files a person reads.
+    let written = report::write(&rep, &dir.join("out"), "tessera eval ...").unwrap();
+    assert_eq!(written.len(), 4);
+    let md = std::fs::read_to_string(dir.join("out/report.md")).unwrap();
+    assert!(md.contains("best-single") && md.contains("accuracy.svg"), "{md}");
+    let svg = std::fs::read_to_string(dir.join("out/accuracy.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..50.min(svg.len())]);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/report.json")).unwrap()).unwrap();
+    assert_eq!(json["schema"], "tessera-eval/1");
+
+    // A re-run reads the cache: same numbers, and much faster.
+    let t = std::time::Instant::now();
+    let again = tessera::eval::run(runtime(), config(), &cache).await.unwrap();
+    let took = t.elapsed();
+    for (a, b) in rep.results.iter().zip(&again.results) {
+        assert_eq!((&a.system, a.accuracy), (&b.system, b.accuracy));
+        let ta: Vec<&str> = a.items.iter().map(|i| i.text.as_str()).collect();
+        let tb: Vec<&str> = b.items.iter().map(|i| i.text.as_str()).collect();
+        assert_eq!(ta, tb);
+    }
+    assert!(took.as_secs_f64() < 5.0, "cached re-run took {took:?}");
+}
+
+#[tokio::test]
+async fn eval_names_an_unknown_task_and_missing_module() {
+    let mut c = config();
+    c.tasks = vec!["arc-medium".into()];
+    let err = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("arc-medium") && err.to_string().contains("arc-easy"),
+        "{err}"
+    );
+    let mut c = config();
+    c.strategies = vec!["no-such-strategy".into()];
+    let err = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap_err();
+    assert!(err.to_string().contains("no-such-strategy"), "{err}");
+}
