@@ -182,6 +182,22 @@ impl Runtime {
         &self.pool_ids
     }
 
+    fn narrowed_grant(&self, module: &Module, members: Option<&[String]>) -> crate::policy::Grant {
+        let mut g = self.policy.grant(&module.manifest, self.pool_ids());
+        if let Some(keep) = members {
+            // The embedder is infrastructure, not a contributor: sub-pools
+            // keep it so that embedding-based methods still work.
+            let cards = self.cards();
+            let is_embedder = |id: &str| {
+                cards
+                    .iter()
+                    .any(|c| c.id == id && !c.capabilities.iter().any(|x| x == "generate"))
+            };
+            g.models.retain(|m| keep.contains(m) || is_embedder(m));
+        }
+        g
+    }
+
     pub(crate) fn member_ids(&self) -> Vec<String> {
         self.pool_ids.clone()
     }
@@ -214,8 +230,20 @@ impl Runtime {
 
     /// Answers `req` with `module` on a fresh sandboxed instance.
     pub async fn run(&self, module: &Module, req: RunRequest) -> Result<RunOutcome, Error> {
+        self.run_with_members(module, req, None).await
+    }
+
+    /// [`Runtime::run`] with the module's grant narrowed to `members` (the
+    /// policy still applies): how a sub-pool is evaluated without loading a
+    /// second pool.
+    pub async fn run_with_members(
+        &self,
+        module: &Module,
+        req: RunRequest,
+        members: Option<&[String]>,
+    ) -> Result<RunOutcome, Error> {
         req.params.validate()?;
-        let grant = Arc::new(self.policy.grant(&module.manifest, self.pool_ids()));
+        let grant = Arc::new(self.narrowed_grant(module, members));
         let mut config: BTreeMap<String, String> = module.manifest.config.clone();
         config.extend(req.config);
         let state = self.state(module).map(|s| s.as_ref().clone());
@@ -246,7 +274,18 @@ impl Runtime {
         dev: Vec<Example>,
         config: BTreeMap<String, String>,
     ) -> Result<bool, Error> {
-        let grant = Arc::new(self.policy.grant(&module.manifest, self.pool_ids()));
+        self.fit_with_members(module, dev, config, None).await
+    }
+
+    /// [`Runtime::fit`] with the grant narrowed to `members`.
+    pub async fn fit_with_members(
+        &self,
+        module: &Module,
+        dev: Vec<Example>,
+        config: BTreeMap<String, String>,
+        members: Option<&[String]>,
+    ) -> Result<bool, Error> {
+        let grant = Arc::new(self.narrowed_grant(module, members));
         let mut cfg = module.manifest.config.clone();
         cfg.extend(config);
         let inv = self

@@ -104,3 +104,32 @@ async fn eval_names_an_unknown_task_and_missing_module() {
     let err = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap_err();
     assert!(err.to_string().contains("no-such-strategy"), "{err}");
 }
+
+#[tokio::test]
+async fn scaling_runs_the_strategy_on_every_sub_pool() {
+    let dir = scratch("eval-scaling");
+    let cache = Cache::open(&dir.join("cache.sqlite")).unwrap();
+    let mut cfg = config();
+    cfg.mcq = McqMode::Generate;
+    cfg.limit = Some(2);
+    cfg.scaling = true;
+    let rep = tessera::eval::run(runtime(), cfg, &cache).await.unwrap();
+    // 3 members: 3 + 3 + 1 sub-pools.
+    assert_eq!(rep.scaling.len(), 7, "{:?}", rep.scaling);
+    let sizes: Vec<usize> = rep.scaling.iter().map(|p| p.members.len()).collect();
+    assert_eq!(sizes, [1, 1, 1, 2, 2, 2, 3]);
+    // first-responder on a one-member pool *is* that member, asked the same
+    // way: its accuracy must equal the member's own.
+    for p in rep.scaling.iter().filter(|p| p.members.len() == 1) {
+        let own = rep
+            .results
+            .iter()
+            .find(|r| r.kind == "member" && r.member.as_deref() == Some(p.members[0].as_str()))
+            .unwrap();
+        assert_eq!(p.accuracy, own.accuracy, "{p:?}");
+        assert_eq!(p.best_single, own.accuracy);
+        assert_eq!(p.diversity, 2, "one architecture, one contributor");
+    }
+    let written = report::write(&rep, &dir.join("out"), "tessera eval --scaling").unwrap();
+    assert!(written.iter().any(|p| p.ends_with("scaling.svg")));
+}

@@ -83,6 +83,13 @@ struct EvalArgs {
     /// Where to write report.json, report.md and the plots.
     #[arg(long, default_value = "eval-report")]
     out: PathBuf,
+    /// Also run every strategy over sub-pools of size 1..N (accuracy vs pool
+    /// size, with each sub-pool's diversity).
+    #[arg(long)]
+    scaling: bool,
+    /// Sub-pools per size for --scaling (all of them when there are fewer).
+    #[arg(long, default_value_t = 3)]
+    subsets_per_size: usize,
     /// Recompute everything instead of reading the result cache.
     #[arg(long)]
     no_cache: bool,
@@ -401,6 +408,8 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         seed: args.seed,
         concurrency: args.concurrency,
         strategy_config,
+        scaling: args.scaling,
+        subsets_per_size: args.subsets_per_size,
         progress: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let report = tessera::eval::run(&rt, cfg, &cache).await?;

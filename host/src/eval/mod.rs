@@ -64,6 +64,10 @@ pub struct EvalConfig {
     pub concurrency: usize,
     /// Hyperparameters for every strategy (`key=value`).
     pub strategy_config: BTreeMap<String, String>,
+    /// Also run every strategy over sub-pools of size 1..N.
+    pub scaling: bool,
+    /// Sub-pools drawn per size (all of them when there are fewer).
+    pub subsets_per_size: usize,
     /// Draw progress bars.
     #[serde(skip)]
     pub progress: bool,
@@ -81,6 +85,8 @@ impl Default for EvalConfig {
             seed: 0,
             concurrency: 4,
             strategy_config: BTreeMap::new(),
+            scaling: false,
+            subsets_per_size: 3,
             progress: false,
         }
     }
@@ -143,6 +149,24 @@ pub struct SystemResult {
     pub items: Vec<ItemResult>,
 }
 
+/// One strategy on one sub-pool of one task (`--scaling`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScalingPoint {
+    /// `strategy:<name>`.
+    pub system: String,
+    /// The task.
+    pub task: String,
+    /// The sub-pool.
+    pub members: Vec<String>,
+    /// Distinct architectures plus distinct contributors in the sub-pool: a
+    /// crude diversity index for `--diversity` comparisons at equal size.
+    pub diversity: usize,
+    /// The strategy's test accuracy on this sub-pool.
+    pub accuracy: f64,
+    /// Test accuracy of the sub-pool's best member on dev.
+    pub best_single: f64,
+}
+
 /// A task as evaluated.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskSummary {
@@ -174,6 +198,8 @@ pub struct Report {
     /// Macro averages: system -> domain -> mean accuracy over its tasks,
     /// plus the `overall` mean over domains.
     pub macro_avg: BTreeMap<String, BTreeMap<String, f64>>,
+    /// `--scaling`: each strategy over sub-pools of every size.
+    pub scaling: Vec<ScalingPoint>,
     /// Wall time of the whole run.
     pub wall_s: f64,
 }
@@ -365,6 +391,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
     let mp = MultiProgress::new();
     let mut results = Vec::new();
     let mut summaries = Vec::new();
+    let mut scaling = Vec::new();
     for task in &tasks {
         let dev: Vec<Item> = task.dev().iter().take(cfg.dev_limit).cloned().collect();
         let test: Vec<Item> = task
@@ -442,49 +469,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
         let dev_examples: Vec<crate::sandbox::Example> = dev.iter().map(Item::example).collect();
         for module in &modules {
             let name = module.manifest.name.clone();
-            let fit_key = cache::key(&(
-                "fit/1",
-                &module.sha256,
-                &cfg.strategy_config,
-                dev_examples.iter().map(|e| (&e.input, &e.answer)).collect::<Vec<_>>(),
-            ));
-            match cache.get::<Option<Vec<u8>>>(&fit_key) {
-                Some(state) => rt.install_state(module, state)?,
-                None => {
-                    let b = bar(&mp, cfg.progress, 1, format!("{} · fit {name}", task.info.name));
-                    match rt.fit(module, dev_examples.clone(), cfg.strategy_config.clone()).await {
-                        Ok(_) => {
-                            let state = rt.stored_state(module);
-                            if let Err(e) = cache.put(&fit_key, &state) {
-                                tracing::warn!("{e}");
-                            }
-                        }
-                        Err(e) => {
-                            // A failed fit leaves the strategy on its defaults.
-                            tracing::warn!("fit of {name} on {} failed: {e}", task.info.name);
-                            rt.install_state(module, None)?;
-                        }
-                    }
-                    b.finish_and_clear();
-                }
-            }
-            let state = rt.stored_state(module);
-            let b = bar(&mp, cfg.progress, test.len(), format!("{} · {name}", task.info.name));
-            let out: Vec<ItemResult> = futures::stream::iter(test.iter())
-                .map(|item| {
-                    let b = b.clone();
-                    let state = &state;
-                    let module = module.clone();
-                    async move {
-                        let r = strategy_answer(rt, cache, &module, state, item, cfg).await;
-                        b.inc(1);
-                        r
-                    }
-                })
-                .buffered(cfg.concurrency.max(1))
-                .collect()
-                .await;
-            b.finish_and_clear();
+            let out = strategy_on(rt, cache, &mp, module, task.info.name, &dev_examples, &test, cfg, None).await?;
             let emergent = out.iter().zip(&all_fail).filter(|(r, f)| **f && r.score >= 0.5).count();
             let mut s = summarize(
                 format!("strategy:{name}"),
@@ -502,6 +487,24 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
             s.all_fail = Some(n_fail);
             derived.push(s);
         }
+        if cfg.scaling {
+            for module in &modules {
+                scaling.extend(
+                    scale(
+                        rt,
+                        cache,
+                        &mp,
+                        module,
+                        task.info.name,
+                        &dev_examples,
+                        &test,
+                        &singles,
+                        cfg,
+                    )
+                    .await?,
+                );
+            }
+        }
         results.extend(singles);
         results.extend(derived);
     }
@@ -513,8 +516,154 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
         tasks: summaries,
         results,
         macro_avg,
+        scaling,
         wall_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Fits `module` on `dev` (cached) and runs it on `test`, optionally on a
+/// sub-pool.
+#[allow(clippy::too_many_arguments)]
+async fn strategy_on(
+    rt: &Runtime,
+    cache: &Cache,
+    mp: &MultiProgress,
+    module: &Arc<crate::sandbox::Module>,
+    task: &str,
+    dev: &[crate::sandbox::Example],
+    test: &[Item],
+    cfg: &EvalConfig,
+    members: Option<&[String]>,
+) -> Result<Vec<ItemResult>, Error> {
+    let name = &module.manifest.name;
+    let fit_key = cache::key(&(
+        "fit/2",
+        &module.sha256,
+        &cfg.strategy_config,
+        members,
+        dev.iter().map(|e| (&e.input, &e.answer)).collect::<Vec<_>>(),
+    ));
+    match cache.get::<Option<Vec<u8>>>(&fit_key) {
+        Some(state) => rt.install_state(module, state)?,
+        None => {
+            let b = bar(mp, cfg.progress, 1, format!("{task} · fit {name}"));
+            match rt
+                .fit_with_members(module, dev.to_vec(), cfg.strategy_config.clone(), members)
+                .await
+            {
+                Ok(_) => {
+                    let state = rt.stored_state(module);
+                    if let Err(e) = cache.put(&fit_key, &state) {
+                        tracing::warn!("{e}");
+                    }
+                }
+                Err(e) => {
+                    // A failed fit leaves the strategy on its defaults.
+                    tracing::warn!("fit of {name} on {task} failed: {e}");
+                    rt.install_state(module, None)?;
+                }
+            }
+            b.finish_and_clear();
+        }
+    }
+    let state = rt.stored_state(module);
+    let label = match members {
+        Some(m) => format!("{task} · {name} [{}]", m.len()),
+        None => format!("{task} · {name}"),
+    };
+    let b = bar(mp, cfg.progress, test.len(), label);
+    let out: Vec<ItemResult> = futures::stream::iter(test.iter())
+        .map(|item| {
+            let b = b.clone();
+            let state = &state;
+            async move {
+                let r = strategy_answer(rt, cache, module, state, item, cfg, members).await;
+                b.inc(1);
+                r
+            }
+        })
+        .buffered(cfg.concurrency.max(1))
+        .collect()
+        .await;
+    b.finish_and_clear();
+    Ok(out)
+}
+
+/// Sub-pools of every size 1..N: all of them when a size has at most
+/// `subsets_per_size`, else that many drawn with the run's seed.
+fn subsets(ids: &[String], per_size: usize, seed: u64) -> Vec<Vec<String>> {
+    let n = ids.len();
+    let mut out = Vec::new();
+    let mut rng = seed ^ 0x5CA1_AB1E;
+    let mut next = move || {
+        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for k in 1..=n {
+        let all: Vec<Vec<String>> = (0u64..(1u64 << n.min(20)))
+            .filter(|m| m.count_ones() as usize == k)
+            .map(|m| (0..n).filter(|i| m & (1 << i) != 0).map(|i| ids[i].clone()).collect())
+            .collect();
+        if all.len() <= per_size {
+            out.extend(all);
+        } else {
+            let mut pool = all;
+            for _ in 0..per_size {
+                let i = (next() % pool.len() as u64) as usize;
+                out.push(pool.swap_remove(i));
+            }
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn scale(
+    rt: &Runtime,
+    cache: &Cache,
+    mp: &MultiProgress,
+    module: &Arc<crate::sandbox::Module>,
+    task: &str,
+    dev: &[crate::sandbox::Example],
+    test: &[Item],
+    singles: &[SystemResult],
+    cfg: &EvalConfig,
+) -> Result<Vec<ScalingPoint>, Error> {
+    let ids: Vec<String> = singles.iter().filter_map(|s| s.member.clone()).collect();
+    let cards = rt.cards();
+    let mut points = Vec::new();
+    for sub in subsets(&ids, cfg.subsets_per_size.max(1), cfg.seed) {
+        let out = strategy_on(rt, cache, mp, module, task, dev, test, cfg, Some(&sub)).await?;
+        let acc = metrics::mean(&out.iter().map(|r| r.score).collect::<Vec<_>>());
+        let best = singles
+            .iter()
+            .filter(|s| s.member.as_ref().is_some_and(|m| sub.contains(m)))
+            .max_by(|a, b| a.dev_accuracy.unwrap_or(0.0).total_cmp(&b.dev_accuracy.unwrap_or(0.0)))
+            .map(|s| s.accuracy)
+            .unwrap_or(0.0);
+        let mut archs: Vec<&str> = Vec::new();
+        let mut contributors: Vec<&str> = Vec::new();
+        for c in cards.iter().filter(|c| sub.contains(&c.id)) {
+            if !archs.contains(&c.architecture.as_str()) {
+                archs.push(&c.architecture);
+            }
+            if !contributors.contains(&c.contributor.as_str()) {
+                contributors.push(&c.contributor);
+            }
+        }
+        points.push(ScalingPoint {
+            system: format!("strategy:{}", module.manifest.name),
+            task: task.to_string(),
+            diversity: archs.len() + contributors.len(),
+            members: sub,
+            accuracy: acc,
+            best_single: best,
+        });
+    }
+    Ok(points)
 }
 
 async fn strategy_answer(
@@ -524,11 +673,13 @@ async fn strategy_answer(
     state: &Option<Vec<u8>>,
     item: &Item,
     cfg: &EvalConfig,
+    members: Option<&[String]>,
 ) -> ItemResult {
     let max_tokens = cfg.max_tokens.unwrap_or(default_max_tokens(item.metric));
     let input = Input::Chat(vec![Message::user(item.prompt())]);
     let key = cache::key(&(
-        "strategy/1",
+        "strategy/2",
+        members,
         &module.sha256,
         &cfg.strategy_config,
         state,
@@ -549,7 +700,7 @@ async fn strategy_answer(
     };
     req.params.max_tokens = Some(max_tokens);
     req.params.seed = Some(cfg.seed);
-    let r = match rt.run(module, req).await {
+    let r = match rt.run_with_members(module, req, members).await {
         Ok(out) => ItemResult {
             item: item.id.clone(),
             score: metrics::grade(item, &out.text),

@@ -109,6 +109,11 @@ pub fn write(r: &Report, dir: &Path, command: &str) -> Result<Vec<PathBuf>, Stri
     let cost_svg = dir.join("cost.svg");
     plot_cost(r, &cost_svg)?;
     written.push(cost_svg);
+    if !r.scaling.is_empty() {
+        let p = dir.join("scaling.svg");
+        plot_scaling(r, &p)?;
+        written.push(p);
+    }
     let md = markdown(r, command);
     let p = dir.join("report.md");
     atomic_write(&p, md.as_bytes())?;
@@ -198,6 +203,26 @@ fn markdown(r: &Report, command: &str) -> String {
         s,
         "\n## Plots\n\n![accuracy by system](accuracy.svg)\n\n![accuracy vs cost](cost.svg)\n"
     );
+    if !r.scaling.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Scaling (sub-pools)\n\n![accuracy vs pool size](scaling.svg)\n\n| system | task | pool size | members | diversity | accuracy | best single of the sub-pool |\n|---|---|---|---|---|---|---|"
+        );
+        for p in &r.scaling {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {:.1} | {:.1} |",
+                p.system,
+                p.task,
+                p.members.len(),
+                p.members.join(", "),
+                p.diversity,
+                100.0 * p.accuracy,
+                100.0 * p.best_single
+            );
+        }
+        s.push('\n');
+    }
     let _ = writeln!(s, "## Terminal table\n\n```\n{}```", table(r));
     s
 }
@@ -286,6 +311,61 @@ fn plot_cost(r: &Report, path: &Path) -> Result<(), String> {
                 + Circle::new((0, 0), 5, BLUE.filled())
                 + Text::new(l.clone(), (8, -8), ("sans-serif", 12))
         }))
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Mean accuracy over sub-pools (and tasks) of each size, per strategy.
+fn plot_scaling(r: &Report, path: &Path) -> Result<(), String> {
+    let mut systems: Vec<String> = r.scaling.iter().map(|p| p.system.clone()).collect();
+    systems.sort();
+    systems.dedup();
+    let max_size = r.scaling.iter().map(|p| p.members.len()).max().unwrap_or(1);
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Accuracy vs pool size (mean over sub-pools and tasks)",
+            ("sans-serif", 18),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.5..(max_size as f64 + 0.5), 0.0..100.0)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("members in the pool")
+        .y_desc("accuracy, %")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, sys) in systems.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let line: Vec<(f64, f64)> = (1..=max_size)
+            .filter_map(|k| {
+                let xs: Vec<f64> = r
+                    .scaling
+                    .iter()
+                    .filter(|p| &p.system == sys && p.members.len() == k)
+                    .map(|p| 100.0 * p.accuracy)
+                    .collect();
+                (!xs.is_empty()).then(|| (k as f64, super::metrics::mean(&xs)))
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(sys.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart
+            .draw_series(line.iter().map(|p| Circle::new(*p, 4, color.filled())))
+            .map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }
