@@ -54,17 +54,24 @@ modules: target
 	@cp benches/guests/ping/manifest.toml $(MODULES_DIR)/bench/ping.toml
 	@echo "installed modules in $(MODULES_DIR)"
 
+# The main job on the embedded default pool: one answer through a strategy,
+# then a small evaluation (every member, the best single member, the
+# monolith and two strategies on real ARC-Easy items) printed as a table.
 demo: setup
 	$(CARGO_TARGET_DIR)/debug/tessera pool list
+	$(CARGO_TARGET_DIR)/debug/tessera strategies list
 	$(CARGO_TARGET_DIR)/debug/tessera run --strategy majority-vote \
 	  --prompt "What is the capital of France? Answer with one word." --seed 7
+	$(CARGO_TARGET_DIR)/debug/tessera eval --tasks arc-easy --limit 20 --dev-limit 10 \
+	  --strategies majority-vote,llm-blender --out $(TESSERA_HOME)/demo-report
 
 test: setup
-	$(CARGO) test -p tessera -p tessera-sdk -p prompt-router
+	$(CARGO) test -p tessera -p tessera-sdk $(addprefix -p ,$(STD_MODULES))
 
 # Criterion benches (dependencies optimised; see benches/RESULTS.md).
 bench: setup
 	$(CARGO) bench -p tessera --profile dev --bench sandbox
+	$(CARGO) bench -p tessera --profile dev --bench fanout
 	$(CARGO) bench -p tessera --profile dev --bench speed
 
 lint:
