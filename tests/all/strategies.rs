@@ -119,6 +119,60 @@ async fn prompt_router_rejects_an_unknown_router() {
 }
 
 #[tokio::test]
+async fn prompt_router_fit_routes_with_the_best_dev_member_after_a_restart() {
+    let paths = crate::common::scratch_paths("prompt-router-fit");
+    let rt = crate::common::fresh_runtime(&paths);
+    let m = rt.load_module("prompt-router").unwrap();
+    let config = [("fit_max_tokens".to_string(), "4".to_string())].into();
+    assert!(
+        rt.fit(&m, crate::common::arc_easy(0, 2), config).await.unwrap(),
+        "prompt-router keeps its dev ranking"
+    );
+
+    let rt2 = crate::common::fresh_runtime(&paths);
+    let m2 = rt2.load_module("prompt-router").unwrap();
+    let mut req = RunRequest::chat("What is the capital of France? Answer with one word.");
+    req.params.max_tokens = Some(24);
+    let out = rt2.run(&m2, req).await.unwrap();
+    let router = out.annotations["router"].as_str();
+    // The trace says who routed and why: the best dev member, with the ranking.
+    let note = steps(&out.provenance, "router");
+    assert_eq!(note.len(), 1, "{:?}", out.provenance);
+    assert!(note[0].contains("best dev member; dev ranking: "), "{note:?}");
+    let ranking: Vec<(&str, usize)> = note[0]
+        .split("dev ranking: ")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap()
+        .split(", ")
+        .map(|r| {
+            let (id, score) = r.rsplit_once(' ').unwrap();
+            (id, score.split('/').next().unwrap().parse().unwrap())
+        })
+        .collect();
+    assert_eq!(ranking.len(), 3, "{note:?}");
+    assert_eq!(ranking[0].0, router, "{note:?}");
+    assert!(ranking.iter().all(|r| r.1 <= ranking[0].1), "{ranking:?}");
+    // The router's call comes first, then the chosen member answers.
+    let models: Vec<&str> = out
+        .provenance
+        .iter()
+        .filter_map(|e| match e {
+            ProvenanceEvent::HostCall { call, model, .. } if call == "generate" => Some(model.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(models, vec![router, out.annotations["routed_to"].as_str()]);
+    // On a bad reply the fallback is the best dev member, so either way the
+    // answer comes from a member and `fallback` says which path was taken.
+    if out.annotations["fallback"] == "true" {
+        assert_eq!(out.annotations["routed_to"], router);
+    }
+}
+
+#[tokio::test]
 async fn the_sdk_example_answers() {
     let m = module("first-responder");
     let mut req = RunRequest::chat("What is the capital of France? Answer with one word.");
