@@ -14,6 +14,30 @@ impl Config {
         Config(pairs)
     }
 
+    /// A request's hyperparameters, with its decoding parameters
+    /// (`max_tokens`, `temperature`, `top_p`, `top_k`) as the defaults of
+    /// the keys of the same name: an explicit `key = value` from the caller
+    /// still wins, and a module's own default applies only when neither is
+    /// set. Manifests should therefore not list these keys in `[config]`.
+    pub fn for_request(req: &crate::Request) -> Self {
+        let p = &req.params;
+        let mut pairs = Vec::new();
+        if let Some(v) = p.max_tokens {
+            pairs.push(("max_tokens".to_string(), v.to_string()));
+        }
+        if let Some(v) = p.temperature {
+            pairs.push(("temperature".to_string(), v.to_string()));
+        }
+        if let Some(v) = p.top_p {
+            pairs.push(("top_p".to_string(), v.to_string()));
+        }
+        if let Some(v) = p.top_k {
+            pairs.push(("top_k".to_string(), v.to_string()));
+        }
+        pairs.extend(req.config.iter().cloned());
+        Config(pairs)
+    }
+
     /// The raw value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())

@@ -9,7 +9,7 @@ struct FuseAggregator;
 
 impl Aggregator for FuseAggregator {
     fn aggregate(req: Request, candidates: Vec<Candidate>) -> Result<Response, Error> {
-        let cfg = Config::from_pairs(req.config.clone());
+        let cfg = Config::for_request(&req);
         let top_k: usize = cfg.parse("top_k", 3)?;
         if top_k == 0 {
             return Err(Error::InvalidParams(
@@ -41,7 +41,7 @@ impl Aggregator for FuseAggregator {
         }
         prompt.push_str("\nWrite one short, correct answer to the question, using the candidates.");
         let params = GenParams {
-            max_tokens: Some(cfg.parse("max_tokens", req.params.max_tokens.unwrap_or(128))?),
+            max_tokens: Some(cfg.parse("max_tokens", 128)?),
             temperature: Some(0.0),
             seed: req.params.seed,
             ..Default::default()

@@ -354,7 +354,7 @@ fn fitness(
 
 impl Strategy for HeterogeneousSwarm {
     fn run(req: Request) -> Result<Response, Error> {
-        let cfg = Config::from_pairs(req.config.clone());
+        let cfg = Config::for_request(&req);
         let max_tokens = run_max_tokens(&cfg)?;
         search_settings(&cfg)?;
         let members: Vec<String> = generators().into_iter().map(|m| m.id).collect();

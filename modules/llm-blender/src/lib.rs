@@ -208,7 +208,7 @@ fn fmt_points(p: f64) -> String {
 
 impl Strategy for LlmBlender {
     fn run(req: Request) -> Result<Response, Error> {
-        let cfg = Config::from_pairs(req.config.clone());
+        let cfg = Config::for_request(&req);
         let s = settings(&cfg)?;
         let members = generators();
         if members.is_empty() {

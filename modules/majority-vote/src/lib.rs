@@ -40,7 +40,7 @@ fn ranks(voters: &[ModelInfo], state: Option<&[u8]>) -> Vec<usize> {
 
 impl Strategy for MajorityVote {
     fn run(req: Request) -> Result<Response, Error> {
-        let cfg = Config::from_pairs(req.config.clone());
+        let cfg = Config::for_request(&req);
         let k: u32 = cfg.parse("k", 5)?;
         if k == 0 || k > 64 {
             return Err(Error::InvalidParams(format!("k = {k}: use 1..=64 samples")));

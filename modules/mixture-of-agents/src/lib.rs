@@ -1,0 +1,345 @@
+//! mixture-of-agents: layers of proposers, each layer after the first
+//! reading the previous layer's answers and synthesising its own; an
+//! aggregator writes the final answer from the last layer. See README.md.
+
+use tessera_sdk::dev::{evaluate, ranking, MemberScore};
+use tessera_sdk::*;
+
+struct MixtureOfAgents;
+
+/// Format version of the persisted `fit` state (the members' dev scores).
+const STATE_VERSION: u8 = 1;
+
+/// Base models without a chat template see a chat as `role: content` lines;
+/// stopping at the next `user:` line keeps them from writing the next turn
+/// themselves. Instruction-tuned members never produce it.
+const PLAIN_TURN_STOP: &str = "\nuser:";
+
+/// The hyperparameters of one request.
+struct Settings {
+    layers: u32,
+    max_tokens: u32,
+    temperature: f32,
+    top_p: f32,
+}
+
+fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> Error {
+    Error::InvalidParams(format!("config `{key}` = `{value}`: {why}"))
+}
+
+fn settings(cfg: &Config) -> Result<Settings, Error> {
+    let layers: u32 = cfg.parse("layers", 2)?;
+    if !(1..=8).contains(&layers) {
+        return Err(invalid("layers", layers, "use 1..=8 proposer layers"));
+    }
+    let max_tokens: u32 = cfg.parse("max_tokens", 128)?;
+    if !(1..=4096).contains(&max_tokens) {
+        return Err(invalid("max_tokens", max_tokens, "use 1..=4096 tokens"));
+    }
+    let temperature: f32 = cfg.parse("temperature", 0.7)?;
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(invalid("temperature", temperature, "use 0 (greedy) to 2"));
+    }
+    let top_p: f32 = cfg.parse("top_p", 0.9)?;
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(invalid("top_p", top_p, "use a mass in (0, 1]"));
+    }
+    Ok(Settings {
+        layers,
+        max_tokens,
+        temperature,
+        top_p,
+    })
+}
+
+/// The proposers of every layer: the `proposers` list when given (granted
+/// generative members, each once), else every generative member.
+fn pick_proposers(cfg: &Config, pool: &[ModelInfo]) -> Result<Vec<ModelInfo>, Error> {
+    let list = cfg.get("proposers").unwrap_or("").trim();
+    if list.is_empty() {
+        return Ok(pool.to_vec());
+    }
+    let mut out: Vec<ModelInfo> = Vec::new();
+    for id in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let m = pool
+            .iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| invalid("proposers", list, &format!("`{id}` is not a granted generative member")))?;
+        if out.iter().any(|o| o.id == id) {
+            return Err(invalid("proposers", list, &format!("`{id}` is listed twice")));
+        }
+        out.push(m.clone());
+    }
+    Ok(out)
+}
+
+/// The aggregator and why it was chosen: the `aggregator` config when set,
+/// else the best dev member from `fit`, else the first generative member.
+fn pick_aggregator(
+    cfg: &Config,
+    pool: &[ModelInfo],
+    scores: Option<&[MemberScore]>,
+) -> Result<(ModelInfo, String), Error> {
+    let wanted = cfg.get("aggregator").unwrap_or("").trim();
+    if !wanted.is_empty() {
+        let m = pool
+            .iter()
+            .find(|m| m.id == wanted)
+            .ok_or_else(|| invalid("aggregator", wanted, "not a granted generative member"))?;
+        return Ok((m.clone(), "config".into()));
+    }
+    if let Some(scores) = scores {
+        for id in ranking(scores) {
+            if let Some(m) = pool.iter().find(|m| m.id == id) {
+                return Ok((m.clone(), format!("fit ({})", describe(scores))));
+            }
+        }
+    }
+    let first = pool
+        .first()
+        .ok_or_else(|| Error::ModuleFailed("no generative member was granted".into()))?;
+    Ok((first.clone(), "pool order".into()))
+}
+
+/// `id c/t` per member, best first.
+fn describe(scores: &[MemberScore]) -> String {
+    ranking(scores)
+        .iter()
+        .filter_map(|id| scores.iter().find(|s| &s.model == id))
+        .map(|s| {
+            format!(
+                "{} {}/{}",
+                s.model,
+                s.correct.iter().filter(|c| **c).count(),
+                s.correct.len()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn message(role: &str, content: impl Into<String>) -> Message {
+    Message {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+/// The request as a chat; a raw prompt becomes one user turn.
+fn base_chat(input: &Input) -> Result<Vec<Message>, Error> {
+    let msgs = match input {
+        Input::Chat(m) => m.clone(),
+        Input::Prompt(p) => vec![message("user", p.clone())],
+    };
+    if !msgs.iter().any(|m| m.role == "user") {
+        return Err(Error::InvalidParams("the request has no user turn".into()));
+    }
+    Ok(msgs)
+}
+
+/// `chat` with `extra` added to its last user turn (or as a new user turn
+/// when the chat does not end with one). The question stays first, so every
+/// layer's prompts share it as a prefix.
+fn append_to_last_user(chat: &[Message], extra: &str) -> Vec<Message> {
+    let mut out = chat.to_vec();
+    match out.last_mut() {
+        Some(last) if last.role == "user" => {
+            last.content.push_str("\n\n");
+            last.content.push_str(extra);
+        }
+        _ => out.push(message("user", extra)),
+    }
+    out
+}
+
+fn shown(answer: &str) -> &str {
+    let t = answer.trim();
+    if t.is_empty() {
+        "(no answer)"
+    } else {
+        t
+    }
+}
+
+/// The aggregate-and-synthesise instruction over the previous layer's
+/// answers, numbered (the writers stay anonymous to the reader).
+fn synthesis(answers: &[(String, String)]) -> String {
+    let mut s = String::from("Answers from other assistants:\n");
+    for (i, (_, a)) in answers.iter().enumerate() {
+        s.push_str(&format!("{}. {}\n", i + 1, shown(a)));
+    }
+    s.push_str(
+        "\nSome of them may be wrong. Judge them critically and write one accurate answer of your own. Reply with the answer.",
+    );
+    s
+}
+
+/// A distinct, repeatable seed per layer and member.
+fn seed_for(base: u64, layer: u32, slot: usize) -> u64 {
+    base.wrapping_add(u64::from(layer) * 1_000 + slot as u64)
+}
+
+fn gen_params(s: &Settings, req: &Request, seed: u64) -> GenParams {
+    let mut stop = req.params.stop.clone();
+    if !stop.iter().any(|x| x == PLAIN_TURN_STOP) {
+        stop.push(PLAIN_TURN_STOP.into());
+    }
+    GenParams {
+        max_tokens: Some(s.max_tokens),
+        temperature: Some(s.temperature),
+        top_p: Some(s.top_p),
+        top_k: req.params.top_k,
+        seed: Some(seed),
+        stop,
+    }
+}
+
+fn ids(answers: &[(String, String)]) -> String {
+    answers.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+impl Strategy for MixtureOfAgents {
+    fn run(req: Request) -> Result<Response, Error> {
+        let cfg = Config::for_request(&req);
+        let s = settings(&cfg)?;
+        let scores: Option<Vec<MemberScore>> = state::load(STATE_VERSION, req.state.as_deref())?;
+        let base = base_chat(&req.input)?;
+        let pool = generators();
+        if pool.is_empty() {
+            return Err(Error::ModuleFailed("no generative member was granted".into()));
+        }
+        let proposers = pick_proposers(&cfg, &pool)?;
+        let (aggregator, chosen_by) = pick_aggregator(&cfg, &pool, scores.as_deref())?;
+        let seed = req.params.seed.unwrap_or(0);
+
+        // `(member, answer)` of the latest layer that produced any.
+        let mut previous: Vec<(String, String)> = Vec::new();
+        for layer in 1..=s.layers {
+            let input = if layer == 1 {
+                Input::Chat(base.clone())
+            } else {
+                Input::Chat(append_to_last_user(&base, &synthesis(&previous)))
+            };
+            let jobs: Vec<Job> = proposers
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Job {
+                    model: m.id.clone(),
+                    input: input.clone(),
+                    params: gen_params(&s, &req, seed_for(seed, layer, i)),
+                })
+                .collect();
+            // One fan-out per layer: the proposers run in parallel.
+            let read = if layer == 1 {
+                "the question".to_string()
+            } else {
+                format!("the layer-{} answers of {}", layer - 1, ids(&previous))
+            };
+            let mut current = Vec::with_capacity(jobs.len());
+            for (m, result) in proposers.iter().zip(fan_out(&jobs)) {
+                match result {
+                    Ok(g) => {
+                        trace(
+                            Some(&m.id),
+                            "proposer",
+                            format!("layer {layer} (read {read}): {}", shown(&g.text)),
+                        );
+                        current.push((m.id.clone(), g.text.trim().to_string()));
+                    }
+                    Err(e) => trace(Some(&m.id), "proposer", format!("layer {layer} failed: {e}")),
+                }
+            }
+            if current.is_empty() {
+                if previous.is_empty() {
+                    return Err(Error::ModuleFailed("no proposer answered in layer 1".into()));
+                }
+                trace(
+                    None,
+                    "proposer",
+                    format!("layer {layer}: no proposer answered; keeping layer {}", layer - 1),
+                );
+            } else {
+                previous = current;
+            }
+        }
+
+        let chat = append_to_last_user(&base, &synthesis(&previous));
+        let params = gen_params(&s, &req, seed_for(seed, s.layers + 1, 0));
+        let (text, aggregated) = match generate(&aggregator.id, &Input::Chat(chat), &params) {
+            Ok(g) => {
+                trace(
+                    Some(&aggregator.id),
+                    "aggregator",
+                    format!(
+                        "chosen by {chosen_by}; synthesised the answers of {}: {}",
+                        ids(&previous),
+                        shown(&g.text)
+                    ),
+                );
+                (g.text.trim().to_string(), true)
+            }
+            Err(e) => {
+                // Fall back to the aggregator's own last answer, else the
+                // first one of the last layer.
+                let (id, a) = previous
+                    .iter()
+                    .find(|(id, _)| *id == aggregator.id)
+                    .or_else(|| previous.first())
+                    .cloned()
+                    .unwrap_or_default();
+                trace(
+                    Some(&aggregator.id),
+                    "aggregator",
+                    format!("aggregation failed ({e}); returning the last-layer answer of {id}"),
+                );
+                (a, false)
+            }
+        };
+        Ok(Response {
+            text,
+            annotations: vec![
+                ("layers".into(), s.layers.to_string()),
+                (
+                    "proposers".into(),
+                    proposers.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(","),
+                ),
+                ("aggregator".into(), aggregator.id.clone()),
+                ("aggregator_chosen_by".into(), chosen_by),
+                ("aggregated".into(), aggregated.to_string()),
+            ],
+        })
+    }
+
+    /// Scores every generative member on the dev examples (greedy); `run`
+    /// lets the best one aggregate.
+    fn fit(dev: Vec<Example>, config: Config) -> Result<Option<Vec<u8>>, Error> {
+        if dev.is_empty() {
+            return Err(Error::InvalidParams("fit needs at least one dev example".into()));
+        }
+        let max_tokens: u32 = config.parse("fit_max_tokens", 64)?;
+        if !(1..=4096).contains(&max_tokens) {
+            return Err(invalid("fit_max_tokens", max_tokens, "use 1..=4096 tokens"));
+        }
+        let pool = generators();
+        if pool.is_empty() {
+            return Err(Error::ModuleFailed("no generative member was granted".into()));
+        }
+        let scores = evaluate(&dev, &pool, max_tokens);
+        trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
+        Ok(Some(state::save(STATE_VERSION, &scores)?))
+    }
+}
+
+export_strategy!(MixtureOfAgents);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthesis_numbers_the_answers_without_names() {
+        let s = synthesis(&[("a".into(), " Paris ".into()), ("b".into(), String::new())]);
+        assert!(s.contains("1. Paris\n") && s.contains("2. (no answer)\n"), "{s}");
+        assert!(!s.contains("[a]"));
+    }
+}

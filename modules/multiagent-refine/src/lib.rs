@@ -1,0 +1,415 @@
+//! multiagent-refine: every member answers, then for a few rounds every
+//! member reads the others' latest answers and refines its own; a summariser
+//! writes the final answer from the last round. See README.md.
+//!
+//! Each member keeps one growing chat: round `r` appends a user turn with the
+//! others' round `r - 1` answers to the chat that already holds the member's
+//! own earlier answers, so its own previous answer is never repeated in the
+//! prompt and the earlier turns stay a reusable prefix for the host.
+
+use tessera_sdk::dev::{evaluate, ranking, MemberScore};
+use tessera_sdk::*;
+
+struct MultiagentRefine;
+
+/// Format version of the persisted `fit` state (the members' dev scores).
+const STATE_VERSION: u8 = 1;
+
+/// Base models without a chat template see a chat as `role: content` lines;
+/// stopping at the next `user:` line keeps them from writing the next turn
+/// themselves. Instruction-tuned members never produce it.
+const PLAIN_TURN_STOP: &str = "\nuser:";
+
+/// The hyperparameters of one request.
+struct Settings {
+    rounds: u32,
+    max_tokens: u32,
+    temperature: f32,
+    top_p: f32,
+}
+
+fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> Error {
+    Error::InvalidParams(format!("config `{key}` = `{value}`: {why}"))
+}
+
+fn settings(cfg: &Config) -> Result<Settings, Error> {
+    let rounds: u32 = cfg.parse("rounds", 2)?;
+    if !(1..=8).contains(&rounds) {
+        return Err(invalid(
+            "rounds",
+            rounds,
+            "use 1..=8 rounds (1 = answer once, then summarise)",
+        ));
+    }
+    let max_tokens: u32 = cfg.parse("max_tokens", 128)?;
+    if !(1..=4096).contains(&max_tokens) {
+        return Err(invalid("max_tokens", max_tokens, "use 1..=4096 tokens"));
+    }
+    let temperature: f32 = cfg.parse("temperature", 0.7)?;
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(invalid("temperature", temperature, "use 0 (greedy) to 2"));
+    }
+    let top_p: f32 = cfg.parse("top_p", 0.9)?;
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(invalid("top_p", top_p, "use a mass in (0, 1]"));
+    }
+    Ok(Settings {
+        rounds,
+        max_tokens,
+        temperature,
+        top_p,
+    })
+}
+
+/// The debating members: the `members` list when given (granted generative
+/// members, each once), else every generative member in pool order.
+fn pick_members(cfg: &Config, pool: &[ModelInfo]) -> Result<Vec<ModelInfo>, Error> {
+    let list = cfg.get("members").unwrap_or("").trim();
+    if list.is_empty() {
+        return Ok(pool.to_vec());
+    }
+    let mut out: Vec<ModelInfo> = Vec::new();
+    for id in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let m = pool
+            .iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| invalid("members", list, &format!("`{id}` is not a granted generative member")))?;
+        if out.iter().any(|o| o.id == id) {
+            return Err(invalid("members", list, &format!("`{id}` is listed twice")));
+        }
+        out.push(m.clone());
+    }
+    Ok(out)
+}
+
+/// The summariser and why it was chosen: the `summarizer` config when set,
+/// else the best dev member from `fit`, else the first generative member.
+fn pick_summarizer(
+    cfg: &Config,
+    pool: &[ModelInfo],
+    scores: Option<&[MemberScore]>,
+) -> Result<(ModelInfo, String), Error> {
+    let wanted = cfg.get("summarizer").unwrap_or("").trim();
+    if !wanted.is_empty() {
+        let m = pool
+            .iter()
+            .find(|m| m.id == wanted)
+            .ok_or_else(|| invalid("summarizer", wanted, "not a granted generative member"))?;
+        return Ok((m.clone(), "config".into()));
+    }
+    if let Some(scores) = scores {
+        for id in ranking(scores) {
+            if let Some(m) = pool.iter().find(|m| m.id == id) {
+                return Ok((m.clone(), format!("fit ({})", describe(scores))));
+            }
+        }
+    }
+    let first = pool
+        .first()
+        .ok_or_else(|| Error::ModuleFailed("no generative member was granted".into()))?;
+    Ok((first.clone(), "pool order".into()))
+}
+
+/// `id c/t` per member, best first.
+fn describe(scores: &[MemberScore]) -> String {
+    ranking(scores)
+        .iter()
+        .filter_map(|id| scores.iter().find(|s| &s.model == id))
+        .map(|s| {
+            format!(
+                "{} {}/{}",
+                s.model,
+                s.correct.iter().filter(|c| **c).count(),
+                s.correct.len()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn message(role: &str, content: impl Into<String>) -> Message {
+    Message {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+/// The request as a chat; a raw prompt becomes one user turn.
+fn base_chat(input: &Input) -> Result<Vec<Message>, Error> {
+    let msgs = match input {
+        Input::Chat(m) => m.clone(),
+        Input::Prompt(p) => vec![message("user", p.clone())],
+    };
+    if !msgs.iter().any(|m| m.role == "user") {
+        return Err(Error::InvalidParams("the request has no user turn".into()));
+    }
+    Ok(msgs)
+}
+
+/// `chat` with `extra` added to its last user turn (or as a new user turn
+/// when the chat does not end with one).
+fn append_to_last_user(chat: &[Message], extra: &str) -> Vec<Message> {
+    let mut out = chat.to_vec();
+    match out.last_mut() {
+        Some(last) if last.role == "user" => {
+            last.content.push_str("\n\n");
+            last.content.push_str(extra);
+        }
+        _ => out.push(message("user", extra)),
+    }
+    out
+}
+
+fn shown(answer: &str) -> &str {
+    let t = answer.trim();
+    if t.is_empty() {
+        "(no answer)"
+    } else {
+        t
+    }
+}
+
+/// `[member] answer` lines.
+fn tagged(answers: &[(&str, &str)]) -> String {
+    answers.iter().map(|(id, a)| format!("[{id}] {}\n", shown(a))).collect()
+}
+
+/// The user turn of a refinement round: the other members' previous answers
+/// (the member's own is already in its chat).
+fn refine_turn(others: &[(&str, &str)]) -> String {
+    if others.is_empty() {
+        return "Check your answer above and improve it. Reply with your refined answer.".into();
+    }
+    format!(
+        "Other agents answered the same question:\n{}\nUse their answers to check and improve yours. Reply with your refined answer.",
+        tagged(others)
+    )
+}
+
+/// The summariser's instruction, with every member's final answer.
+fn summary_turn(finals: &[(&str, &str)]) -> String {
+    format!(
+        "Final answers of the agents:\n{}\nCombine them into the single best answer to the question. Reply with the final answer.",
+        tagged(finals)
+    )
+}
+
+/// A distinct, repeatable seed per round and member.
+fn seed_for(base: u64, round: u32, slot: usize) -> u64 {
+    base.wrapping_add(u64::from(round) * 1_000 + slot as u64)
+}
+
+fn gen_params(s: &Settings, req: &Request, seed: u64) -> GenParams {
+    let mut stop = req.params.stop.clone();
+    if !stop.iter().any(|x| x == PLAIN_TURN_STOP) {
+        stop.push(PLAIN_TURN_STOP.into());
+    }
+    GenParams {
+        max_tokens: Some(s.max_tokens),
+        temperature: Some(s.temperature),
+        top_p: Some(s.top_p),
+        top_k: req.params.top_k,
+        seed: Some(seed),
+        stop,
+    }
+}
+
+impl Strategy for MultiagentRefine {
+    fn run(req: Request) -> Result<Response, Error> {
+        let cfg = Config::for_request(&req);
+        let s = settings(&cfg)?;
+        let scores: Option<Vec<MemberScore>> = state::load(STATE_VERSION, req.state.as_deref())?;
+        let base = base_chat(&req.input)?;
+        let pool = generators();
+        if pool.is_empty() {
+            return Err(Error::ModuleFailed("no generative member was granted".into()));
+        }
+        let members = pick_members(&cfg, &pool)?;
+        let (summarizer, chosen_by) = pick_summarizer(&cfg, &pool, scores.as_deref())?;
+        let seed = req.params.seed.unwrap_or(0);
+        let n = members.len();
+
+        // Each member's own conversation and latest answer; `None` = the
+        // member failed in round 0 and takes no further part.
+        let mut chats: Vec<Vec<Message>> = vec![base.clone(); n];
+        let mut answers: Vec<Option<String>> = vec![None; n];
+        for round in 0..s.rounds {
+            let mut jobs = Vec::with_capacity(n);
+            let mut slots = Vec::with_capacity(n);
+            let mut turns = Vec::with_capacity(n);
+            for (i, m) in members.iter().enumerate() {
+                let mut chat = chats[i].clone();
+                let mut turn = String::new();
+                if round > 0 {
+                    if answers[i].is_none() {
+                        continue;
+                    }
+                    let others: Vec<(&str, &str)> = (0..n)
+                        .filter(|&j| j != i)
+                        .filter_map(|j| answers[j].as_deref().map(|a| (members[j].id.as_str(), a)))
+                        .collect();
+                    turn = refine_turn(&others);
+                    chat.push(message("user", turn.clone()));
+                }
+                jobs.push(Job {
+                    model: m.id.clone(),
+                    input: Input::Chat(chat),
+                    params: gen_params(&s, &req, seed_for(seed, round, i)),
+                });
+                slots.push(i);
+                turns.push(turn);
+            }
+            // One fan-out per round: the members run in parallel.
+            let results = fan_out(&jobs);
+            let mut next = answers.clone();
+            for (((i, result), job), turn) in slots.into_iter().zip(results).zip(jobs).zip(turns) {
+                let id = members[i].id.as_str();
+                let role = if round == 0 { "proposer" } else { "refiner" };
+                match result {
+                    Ok(g) => {
+                        let note = if round == 0 {
+                            format!("round 0 answer: {}", shown(&g.text))
+                        } else {
+                            format!("round {round} answer: {}\nprompt: {turn}", shown(&g.text))
+                        };
+                        trace(Some(id), role, note);
+                        if let Input::Chat(mut chat) = job.input {
+                            chat.push(message("assistant", g.text.trim()));
+                            chats[i] = chat;
+                        }
+                        next[i] = Some(g.text.trim().to_string());
+                    }
+                    Err(e) if round == 0 => {
+                        trace(Some(id), role, format!("round 0 failed ({e}); dropped from the debate"));
+                    }
+                    Err(e) => {
+                        trace(
+                            Some(id),
+                            role,
+                            format!("round {round} failed ({e}); keeps its previous answer"),
+                        );
+                    }
+                }
+            }
+            answers = next;
+            if answers.iter().all(Option::is_none) {
+                return Err(Error::ModuleFailed("no member answered in round 0".into()));
+            }
+        }
+
+        let finals: Vec<(&str, &str)> = members
+            .iter()
+            .zip(&answers)
+            .filter_map(|(m, a)| a.as_deref().map(|a| (m.id.as_str(), a)))
+            .collect();
+        let turn = summary_turn(&finals);
+        // A summariser that took part continues its own chat (its earlier
+        // turns are a shared prefix); any other member gets the question with
+        // the answers appended.
+        let own = members
+            .iter()
+            .position(|m| m.id == summarizer.id)
+            .filter(|&i| answers[i].is_some());
+        let chat = match own {
+            Some(i) => {
+                let mut c = chats[i].clone();
+                c.push(message("user", turn));
+                c
+            }
+            None => append_to_last_user(&base, &turn),
+        };
+        let summary_params = gen_params(&s, &req, seed_for(seed, s.rounds, 0));
+        let (text, summarized) = match generate(&summarizer.id, &Input::Chat(chat), &summary_params) {
+            Ok(g) => {
+                trace(
+                    Some(&summarizer.id),
+                    "summarizer",
+                    format!(
+                        "chosen by {chosen_by}; summarised {} answers: {}",
+                        finals.len(),
+                        shown(&g.text)
+                    ),
+                );
+                (g.text.trim().to_string(), true)
+            }
+            Err(e) => {
+                // Fall back to the summariser's own last answer, else the
+                // first member's.
+                let (id, a) = own
+                    .and_then(|i| finals.iter().find(|(id, _)| *id == members[i].id))
+                    .or_else(|| finals.first())
+                    .copied()
+                    .unwrap_or(("", ""));
+                trace(
+                    Some(&summarizer.id),
+                    "summarizer",
+                    format!("summary failed ({e}); returning the last answer of {id}"),
+                );
+                (a.to_string(), false)
+            }
+        };
+        let dropped: Vec<&str> = members
+            .iter()
+            .zip(&answers)
+            .filter(|(_, a)| a.is_none())
+            .map(|(m, _)| m.id.as_str())
+            .collect();
+        let mut annotations = vec![
+            ("rounds".to_string(), s.rounds.to_string()),
+            (
+                "members".to_string(),
+                members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(","),
+            ),
+            ("summarizer".to_string(), summarizer.id.clone()),
+            ("summarizer_chosen_by".to_string(), chosen_by),
+            ("summarized".to_string(), summarized.to_string()),
+        ];
+        if !dropped.is_empty() {
+            annotations.push(("dropped".into(), dropped.join(",")));
+        }
+        Ok(Response { text, annotations })
+    }
+
+    /// Scores every generative member on the dev examples (greedy); `run`
+    /// lets the best one summarise.
+    fn fit(dev: Vec<Example>, config: Config) -> Result<Option<Vec<u8>>, Error> {
+        if dev.is_empty() {
+            return Err(Error::InvalidParams("fit needs at least one dev example".into()));
+        }
+        let max_tokens: u32 = config.parse("fit_max_tokens", 64)?;
+        if !(1..=4096).contains(&max_tokens) {
+            return Err(invalid("fit_max_tokens", max_tokens, "use 1..=4096 tokens"));
+        }
+        let pool = generators();
+        if pool.is_empty() {
+            return Err(Error::ModuleFailed("no generative member was granted".into()));
+        }
+        let scores = evaluate(&dev, &pool, max_tokens);
+        trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
+        Ok(Some(state::save(STATE_VERSION, &scores)?))
+    }
+}
+
+export_strategy!(MultiagentRefine);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refine_turn_tags_every_other_answer() {
+        let t = refine_turn(&[("a", " Paris "), ("b", "")]);
+        assert!(t.contains("[a] Paris\n") && t.contains("[b] (no answer)\n"), "{t}");
+        assert!(refine_turn(&[]).contains("improve"));
+    }
+
+    #[test]
+    fn appends_to_the_last_user_turn() {
+        let c = vec![message("user", "q")];
+        let out = append_to_last_user(&c, "more");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].content, "q\n\nmore");
+        let c = vec![message("user", "q"), message("assistant", "a")];
+        assert_eq!(append_to_last_user(&c, "more").len(), 3);
+    }
+}

@@ -1,0 +1,457 @@
+//! switch-generation: the answer is written in short segments; before each
+//! segment a selector member reads the question and the segments so far
+//! (tagged by author) and names the member that writes the next one. See
+//! README.md.
+//!
+//! Continuing text another member started: the guest cannot render a
+//! member's own chat template, so by default (`continuation = raw`) every
+//! writer after the first gets the host's plain chat format written out as a
+//! raw prompt (`role: content` lines, then `assistant: ` and the answer so
+//! far) and simply continues the text. The alternative (`continuation =
+//! chat`) gives an instruction-tuned writer the answer so far as its own
+//! assistant turn plus a user turn asking it to go on; the small chat models
+//! of the default pool restart the answer instead of continuing it, so it is
+//! not the default. Base members (no chat template) always continue raw.
+
+use tessera_sdk::dev::{evaluate, ranking, MemberScore};
+use tessera_sdk::*;
+
+struct SwitchGeneration;
+
+/// Format version of the persisted `fit` state (the members' dev scores).
+const STATE_VERSION: u8 = 1;
+
+/// Base models see a chat as `role: content` lines; stopping at the next
+/// `user:` line keeps them from writing the next turn themselves.
+const PLAIN_TURN_STOP: &str = "\nuser:";
+
+/// What the host appends to the card of a member without a chat template.
+const PLAIN_FORMAT_MARK: &str = "plain completion format";
+
+const CONTINUE: &str = "Continue your answer from exactly where it stops. Do not repeat any of it.";
+
+/// How a writer continues text it did not start.
+#[derive(Clone, Copy, PartialEq)]
+enum Continuation {
+    /// A raw prompt in the plain `role: content` format ending in the text.
+    Raw,
+    /// A chat with the text as the assistant's turn and a request to go on.
+    Chat,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Policy {
+    /// The selector names each segment's writer.
+    Select,
+    /// Writers take turns in pool order; no selector.
+    Alternate,
+}
+
+/// The hyperparameters of one request.
+struct Settings {
+    patch_size: u32,
+    max_segments: u32,
+    temperature: f32,
+    top_p: f32,
+    selector_max_tokens: u32,
+    policy: Policy,
+    continuation: Continuation,
+}
+
+fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> Error {
+    Error::InvalidParams(format!("config `{key}` = `{value}`: {why}"))
+}
+
+fn settings(cfg: &Config) -> Result<Settings, Error> {
+    let patch_size: u32 = cfg.parse("patch_size", 25)?;
+    if !(1..=512).contains(&patch_size) {
+        return Err(invalid("patch_size", patch_size, "use 1..=512 tokens per segment"));
+    }
+    let max_segments: u32 = cfg.parse("max_segments", 8)?;
+    if !(1..=64).contains(&max_segments) {
+        return Err(invalid("max_segments", max_segments, "use 1..=64 segments"));
+    }
+    let temperature: f32 = cfg.parse("temperature", 0.7)?;
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(invalid("temperature", temperature, "use 0 (greedy) to 2"));
+    }
+    let top_p: f32 = cfg.parse("top_p", 0.9)?;
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(invalid("top_p", top_p, "use a mass in (0, 1]"));
+    }
+    let selector_max_tokens: u32 = cfg.parse("selector_max_tokens", 8)?;
+    if !(1..=64).contains(&selector_max_tokens) {
+        return Err(invalid("selector_max_tokens", selector_max_tokens, "use 1..=64 tokens"));
+    }
+    let policy = match cfg.get("policy").unwrap_or("select").trim() {
+        "select" => Policy::Select,
+        "alternate" => Policy::Alternate,
+        other => return Err(invalid("policy", other, "use `select` or `alternate`")),
+    };
+    let continuation = match cfg.get("continuation").unwrap_or("raw").trim() {
+        "raw" => Continuation::Raw,
+        "chat" => Continuation::Chat,
+        other => return Err(invalid("continuation", other, "use `raw` or `chat`")),
+    };
+    Ok(Settings {
+        continuation,
+        patch_size,
+        max_segments,
+        temperature,
+        top_p,
+        selector_max_tokens,
+        policy,
+    })
+}
+
+/// The selector and why it was chosen: the `selector` config when set, else
+/// the best dev member from `fit`, else the first generative member.
+fn pick_selector(cfg: &Config, pool: &[ModelInfo], scores: Option<&[MemberScore]>) -> Result<(usize, String), Error> {
+    let wanted = cfg.get("selector").unwrap_or("").trim();
+    if !wanted.is_empty() {
+        let i = pool
+            .iter()
+            .position(|m| m.id == wanted)
+            .ok_or_else(|| invalid("selector", wanted, "not a granted generative member"))?;
+        return Ok((i, "config".into()));
+    }
+    if let Some(scores) = scores {
+        for id in ranking(scores) {
+            if let Some(i) = pool.iter().position(|m| m.id == id) {
+                return Ok((i, format!("fit ({})", describe(scores))));
+            }
+        }
+    }
+    Ok((0, "pool order".into()))
+}
+
+/// `id c/t` per member, best first.
+fn describe(scores: &[MemberScore]) -> String {
+    ranking(scores)
+        .iter()
+        .filter_map(|id| scores.iter().find(|s| &s.model == id))
+        .map(|s| {
+            format!(
+                "{} {}/{}",
+                s.model,
+                s.correct.iter().filter(|c| **c).count(),
+                s.correct.len()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn message(role: &str, content: impl Into<String>) -> Message {
+    Message {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+/// The request as a chat; a raw prompt becomes one user turn.
+fn base_chat(input: &Input) -> Result<Vec<Message>, Error> {
+    let msgs = match input {
+        Input::Chat(m) => m.clone(),
+        Input::Prompt(p) => vec![message("user", p.clone())],
+    };
+    if !msgs.iter().any(|m| m.role == "user") {
+        return Err(Error::InvalidParams("the request has no user turn".into()));
+    }
+    Ok(msgs)
+}
+
+/// Whether the member has no chat template (the host renders chats for it
+/// in the plain `role: content` format).
+fn is_plain(m: &ModelInfo) -> bool {
+    m.description.contains(PLAIN_FORMAT_MARK)
+}
+
+/// What the writer of the next segment is given, and how it was built.
+fn continuation(base: &[Message], so_far: &str, writer: &ModelInfo, mode: Continuation) -> (Input, &'static str) {
+    if so_far.is_empty() {
+        return (Input::Chat(base.to_vec()), "start");
+    }
+    if mode == Continuation::Raw || is_plain(writer) {
+        // The host's plain chat format, written out, ending in the answer so
+        // far: every member simply continues the text.
+        let mut p = String::new();
+        for m in base {
+            p.push_str(&format!("{}: {}\n", m.role, m.content));
+        }
+        p.push_str("assistant: ");
+        p.push_str(so_far);
+        return (Input::Prompt(p), "raw continuation");
+    }
+    let mut chat = base.to_vec();
+    chat.push(message("assistant", so_far));
+    chat.push(message("user", CONTINUE));
+    (Input::Chat(chat), "asked to continue")
+}
+
+/// Appends a segment, adding the space a fresh turn leaves out between two
+/// words or after punctuation (a raw continuation keeps its own spacing).
+fn join(so_far: &mut String, segment: &str, raw: bool) {
+    if so_far.is_empty() {
+        so_far.push_str(segment.trim_start());
+        return;
+    }
+    let seg = if raw { segment } else { segment.trim_start() };
+    let last = so_far.chars().last().unwrap_or(' ');
+    let first = seg.chars().next().unwrap_or(' ');
+    let word_end = last.is_alphanumeric() || ".,;:!?)".contains(last);
+    let word_start = first.is_alphanumeric() || first == '(';
+    if !raw && word_end && word_start {
+        so_far.push(' ');
+    }
+    so_far.push_str(seg);
+}
+
+/// The selector's prompt: the question, the segments so far tagged by their
+/// writer's number, and the numbered writers.
+fn selector_prompt(question: &str, writers: &[ModelInfo], segments: &[(usize, String)]) -> String {
+    let mut s = format!("Question: {question}\n\nAnswer so far, by writer:\n");
+    if segments.is_empty() {
+        s.push_str("(nothing yet)\n");
+    }
+    for (w, text) in segments {
+        s.push_str(&format!("[writer {}] {}\n", w + 1, text.trim()));
+    }
+    s.push_str("\nWriters:\n");
+    for (i, m) in writers.iter().enumerate() {
+        s.push_str(&format!("{}. {}: {}\n", i + 1, m.id, m.description));
+    }
+    s.push_str("\nWhich writer should write the next part of the answer? Reply with the writer's number only.");
+    s
+}
+
+/// The writer a selector reply names: the first number that is a valid
+/// writer number, else the one writer whose id the reply mentions.
+fn parse_choice(reply: &str, writers: &[ModelInfo]) -> Option<usize> {
+    let by_number = reply
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty() && s.len() < 4)
+        .filter_map(|s| s.parse::<usize>().ok())
+        .find(|&i| i >= 1 && i <= writers.len())
+        .map(|i| i - 1);
+    if by_number.is_some() {
+        return by_number;
+    }
+    let lower = reply.to_lowercase();
+    let mut named = writers
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| lower.contains(&m.id.to_lowercase()))
+        .map(|(i, _)| i);
+    match (named.next(), named.next()) {
+        (Some(i), None) => Some(i),
+        _ => None,
+    }
+}
+
+fn finish_name(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Eos => "eos",
+        FinishReason::Length => "length",
+        FinishReason::StopSequence => "stop-sequence",
+    }
+}
+
+impl Strategy for SwitchGeneration {
+    fn run(req: Request) -> Result<Response, Error> {
+        let cfg = Config::for_request(&req);
+        let s = settings(&cfg)?;
+        let scores: Option<Vec<MemberScore>> = state::load(STATE_VERSION, req.state.as_deref())?;
+        let base = base_chat(&req.input)?;
+        let writers = generators();
+        if writers.is_empty() {
+            return Err(Error::ModuleFailed("no generative member was granted".into()));
+        }
+        let (selector, chosen_by) = pick_selector(&cfg, &writers, scores.as_deref())?;
+        let n = writers.len();
+        let seed = req.params.seed.unwrap_or(0);
+        let question = question(&req.input);
+        let mut stop = req.params.stop.clone();
+        if !stop.iter().any(|x| x == PLAIN_TURN_STOP) {
+            stop.push(PLAIN_TURN_STOP.into());
+        }
+        let select_params = GenParams {
+            max_tokens: Some(s.selector_max_tokens),
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+
+        let mut so_far = String::new();
+        let mut segments: Vec<(usize, String)> = Vec::new();
+        let mut fallbacks = 0u32;
+        let mut stopped = "max_segments";
+        for k in 0..s.max_segments as usize {
+            let writer = match s.policy {
+                Policy::Alternate => k % n,
+                Policy::Select => {
+                    let ask = selector_prompt(&question, &writers, &segments);
+                    let sel = &writers[selector].id;
+                    let round_robin = k % n;
+                    match generate(sel, &user(ask), &select_params) {
+                        Ok(g) => match parse_choice(&g.text, &writers) {
+                            Some(i) => {
+                                trace(
+                                    Some(sel),
+                                    "selector",
+                                    format!("segment {k}: replied `{}`: chose {}", g.text.trim(), writers[i].id),
+                                );
+                                i
+                            }
+                            None => {
+                                fallbacks += 1;
+                                trace(
+                                    Some(sel),
+                                    "selector",
+                                    format!(
+                                        "segment {k}: replied `{}`: no valid writer; fallback to round-robin: {}",
+                                        g.text.trim(),
+                                        writers[round_robin].id
+                                    ),
+                                );
+                                round_robin
+                            }
+                        },
+                        Err(e) => {
+                            fallbacks += 1;
+                            trace(
+                                Some(sel),
+                                "selector",
+                                format!(
+                                    "segment {k}: selector call failed ({e}); fallback to round-robin: {}",
+                                    writers[round_robin].id
+                                ),
+                            );
+                            round_robin
+                        }
+                    }
+                }
+            };
+            let w = &writers[writer];
+            let (input, mode) = continuation(&base, &so_far, w, s.continuation);
+            let params = GenParams {
+                max_tokens: Some(s.patch_size),
+                temperature: Some(s.temperature),
+                top_p: Some(s.top_p),
+                top_k: req.params.top_k,
+                seed: Some(seed.wrapping_add(k as u64)),
+                stop: stop.clone(),
+            };
+            match generate(&w.id, &input, &params) {
+                Ok(g) => {
+                    let finish = finish_name(g.finish);
+                    trace(
+                        Some(&w.id),
+                        "writer",
+                        format!("segment {k} ({mode}, {finish}): {}", g.text),
+                    );
+                    join(&mut so_far, &g.text, matches!(input, Input::Prompt(_)));
+                    segments.push((writer, g.text));
+                    if g.finish != FinishReason::Length {
+                        stopped = finish;
+                        break;
+                    }
+                }
+                Err(e) => {
+                    trace(Some(&w.id), "writer", format!("segment {k} failed: {e}"));
+                    if segments.is_empty() {
+                        return Err(e);
+                    }
+                    stopped = "writer-failed";
+                    break;
+                }
+            }
+        }
+
+        let authors: Vec<&str> = segments.iter().map(|(w, _)| writers[*w].id.as_str()).collect();
+        let mut annotations = vec![
+            (
+                "policy".to_string(),
+                match s.policy {
+                    Policy::Select => "select",
+                    Policy::Alternate => "alternate",
+                }
+                .to_string(),
+            ),
+            ("authors".to_string(), authors.join(",")),
+            ("segments".to_string(), segments.len().to_string()),
+            ("stopped".to_string(), stopped.to_string()),
+        ];
+        if s.policy == Policy::Select {
+            annotations.push(("selector".into(), writers[selector].id.clone()));
+            annotations.push(("selector_chosen_by".into(), chosen_by));
+            annotations.push(("fallbacks".into(), fallbacks.to_string()));
+        }
+        Ok(Response {
+            text: so_far.trim().to_string(),
+            annotations,
+        })
+    }
+
+    /// Scores every generative member on the dev examples (greedy); `run`
+    /// lets the best one select.
+    fn fit(dev: Vec<Example>, config: Config) -> Result<Option<Vec<u8>>, Error> {
+        if dev.is_empty() {
+            return Err(Error::InvalidParams("fit needs at least one dev example".into()));
+        }
+        let max_tokens: u32 = config.parse("fit_max_tokens", 64)?;
+        if !(1..=4096).contains(&max_tokens) {
+            return Err(invalid("fit_max_tokens", max_tokens, "use 1..=4096 tokens"));
+        }
+        let pool = generators();
+        if pool.is_empty() {
+            return Err(Error::ModuleFailed("no generative member was granted".into()));
+        }
+        let scores = evaluate(&dev, &pool, max_tokens);
+        trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
+        Ok(Some(state::save(STATE_VERSION, &scores)?))
+    }
+}
+
+export_strategy!(SwitchGeneration);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str) -> ModelInfo {
+        ModelInfo {
+            id: id.into(),
+            contributor: String::new(),
+            description: String::new(),
+            domains: vec![],
+            architecture: String::new(),
+            parameters: 0,
+            context_length: 0,
+            license: String::new(),
+            capabilities: vec![],
+        }
+    }
+
+    #[test]
+    fn selector_replies_parse_numbers_then_names() {
+        let w = [member("smol"), member("qwen"), member("gemma")];
+        assert_eq!(parse_choice("2", &w), Some(1));
+        assert_eq!(parse_choice("Writer 3.", &w), Some(2));
+        assert_eq!(parse_choice("7, no: 1", &w), Some(0));
+        assert_eq!(parse_choice("let qwen write", &w), Some(1));
+        assert_eq!(parse_choice("smol or qwen", &w), None);
+        assert_eq!(parse_choice("nobody", &w), None);
+    }
+
+    #[test]
+    fn join_spaces_fresh_turns_but_not_raw_continuations() {
+        let mut s = String::new();
+        join(&mut s, " Paris is", false);
+        join(&mut s, "the capital.", false);
+        assert_eq!(s, "Paris is the capital.");
+        join(&mut s, "It", false);
+        assert_eq!(s, "Paris is the capital. It");
+        join(&mut s, "s river", true);
+        assert_eq!(s, "Paris is the capital. Its river");
+    }
+}
