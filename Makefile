@@ -62,7 +62,7 @@ demo: setup
 	$(CARGO_TARGET_DIR)/debug/tessera strategies list
 	$(CARGO_TARGET_DIR)/debug/tessera run --strategy majority-vote \
 	  --prompt "What is the capital of France? Answer with one word." --seed 7
-	$(CARGO_TARGET_DIR)/debug/tessera eval --tasks arc-easy --limit 20 --dev-limit 10 \
+	$(CARGO_TARGET_DIR)/debug/tessera eval --tasks arc-easy --limit 12 --dev-limit 8 \
 	  --strategies majority-vote,llm-blender --out $(TESSERA_HOME)/demo-report
 
 test: setup
