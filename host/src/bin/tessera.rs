@@ -476,7 +476,10 @@ fn tasks_list(json: bool) -> Result<String, Error> {
             "{:<14} {:<10} {:<12} {:>5} {:>6}  {}\n",
             info.name,
             info.domain,
-            format!("{:?}", info.metric).to_lowercase(),
+            serde_json::to_value(info.metric)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
             d,
             t,
             info.description
