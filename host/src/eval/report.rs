@@ -26,17 +26,21 @@ fn find<'a>(r: &'a Report, system: &str, task: &str) -> Option<&'a SystemResult>
     r.results.iter().find(|x| x.system == system && x.task == task)
 }
 
+/// The system's name, with the member(s) behind `best-single` / `monolith`
+/// (the best single member is chosen per task, so it may name several).
 fn label(r: &Report, system: &str) -> String {
-    let member = r.results.iter().find(|x| x.system == system).and_then(|x| {
-        if x.kind == "member" {
-            None
-        } else {
-            x.member.clone()
+    let mut members: Vec<&str> = Vec::new();
+    for x in r.results.iter().filter(|x| x.system == system && x.kind != "member") {
+        if let Some(m) = x.member.as_deref() {
+            if !members.contains(&m) {
+                members.push(m);
+            }
         }
-    });
-    match member {
-        Some(m) => format!("{system} ({m})"),
-        None => system.to_string(),
+    }
+    if members.is_empty() {
+        system.to_string()
+    } else {
+        format!("{system} ({})", members.join(" / "))
     }
 }
 
