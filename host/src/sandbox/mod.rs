@@ -349,17 +349,7 @@ impl Sandbox {
                 })
             })
             .await;
-        let result = inv.result.and_then(|r| {
-            let size = r.text.len() as u64
-                + r.annotations
-                    .iter()
-                    .map(|(k, v)| (k.len() + v.len()) as u64)
-                    .sum::<u64>();
-            if size > out_cap {
-                return Err(Error::budget("output-size", out_cap));
-            }
-            Ok((r.text, r.annotations.into_iter().collect()))
-        });
+        let result = inv.result.and_then(|r| within_output_cap(r, out_cap));
         Invocation {
             result,
             provenance: inv.provenance,
@@ -451,17 +441,7 @@ impl Sandbox {
                 })
             })
             .await;
-        let result = inv.result.and_then(|r| {
-            let size = r.text.len() as u64
-                + r.annotations
-                    .iter()
-                    .map(|(k, v)| (k.len() + v.len()) as u64)
-                    .sum::<u64>();
-            if size > out_cap {
-                return Err(Error::budget("output-size", out_cap));
-            }
-            Ok((r.text, r.annotations.into_iter().collect()))
-        });
+        let result = inv.result.and_then(|r| within_output_cap(r, out_cap));
         Invocation {
             result,
             provenance: inv.provenance,
@@ -501,6 +481,21 @@ impl Sandbox {
         })
         .await
     }
+}
+
+/// A module's response as text and annotations, or the output-size error
+/// when together they exceed the grant's cap (strategies and aggregators
+/// answer the caller directly, so both are held to it).
+fn within_output_cap(r: w::Response, cap: u64) -> Result<(String, BTreeMap<String, String>), Error> {
+    let size = r.text.len() as u64
+        + r.annotations
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum::<u64>();
+    if size > cap {
+        return Err(Error::budget("output-size", cap));
+    }
+    Ok((r.text, r.annotations.into_iter().collect()))
 }
 
 /// The binary preamble: `\0asm`, then a version and a layer. Layer 0 is a core
