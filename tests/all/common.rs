@@ -22,8 +22,11 @@ pub const MINILM: &str = "all-minilm-l6-v2";
 pub fn runtime() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        let rt =
-            Runtime::new(Paths::from_env(), &PoolConfig::default_pool(), Policy::default()).expect("runtime starts");
+        // Its fit-state directory is a scratch one: state that `make demo` or
+        // an earlier eval left in `$TESSERA_HOME/state` must not change what
+        // a test without `fit` sees (a stored ranking picks other members).
+        let rt = Runtime::new(scratch_paths("shared"), &PoolConfig::default_pool(), Policy::default())
+            .expect("runtime starts");
         assert!(
             rt.pool_failures().is_empty(),
             "the default pool must load (run `make setup`): {:?}",
