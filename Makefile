@@ -19,9 +19,18 @@ EXAMPLES := first-responder
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool tasks modules demo test bench lint clean-cache
+.PHONY: setup target pool tasks modules pyclient demo test bench lint clean-cache
 
-setup: target pool tasks modules
+setup: target pool tasks modules pyclient
+
+# The official `openai` Python client in its own venv, for the test that
+# checks the server's compatibility with it (tests/openai/).
+PYTHON ?= python3
+export TESSERA_PYTHON := $(TESSERA_HOME)/venv/bin/python
+pyclient:
+	@$(TESSERA_PYTHON) -c "import openai" 2>/dev/null || { \
+	  $(PYTHON) -m venv $(TESSERA_HOME)/venv && \
+	  $(TESSERA_PYTHON) -m pip install --quiet -r tests/openai/requirements.txt; }
 
 target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2

@@ -24,9 +24,11 @@ pub mod inference;
 pub mod pipeline;
 pub mod policy;
 pub mod pool;
+pub mod registry;
 pub mod request;
 pub mod runtime;
 pub mod sandbox;
+pub mod server;
 pub mod tasks;
 
 pub use error::Error;

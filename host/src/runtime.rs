@@ -30,6 +30,8 @@ pub struct Paths {
     pub wheels: PathBuf,
     /// Evaluation data extracted from its packages (`tessera tasks fetch`).
     pub data: PathBuf,
+    /// Published modules, tenants and their usage (`tessera serve`).
+    pub registry: PathBuf,
 }
 
 impl Paths {
@@ -42,6 +44,7 @@ impl Paths {
             state: home.join("state"),
             wheels: home.join("wheels"),
             data: home.join("data"),
+            registry: home.join("registry"),
         }
     }
 

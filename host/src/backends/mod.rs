@@ -36,6 +36,20 @@ impl Backend {
         }
     }
 
+    /// See [`gguf::GgufModel::generate_streaming`].
+    pub fn generate_streaming(
+        &mut self,
+        ctx: CallCtx,
+        input: &Input,
+        params: &GenParams,
+        sink: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, InferenceError> {
+        match self {
+            Backend::Gguf(m) => m.generate_streaming(ctx, input, params, Some(sink)),
+            _ => Err(self.unsupported("generate")),
+        }
+    }
+
     /// See [`gguf::GgufModel::score`].
     pub fn score(&mut self, ctx: CallCtx, prompt: &Input, conts: &[String]) -> Result<Vec<Scored>, InferenceError> {
         match self {

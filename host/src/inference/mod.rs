@@ -203,6 +203,9 @@ pub struct CallCtx {
     pub deadline: Instant,
 }
 
+/// Where a streaming generation sends its text; `false` back means "stop".
+pub type TextSink = Box<dyn FnMut(&str) -> bool + Send + 'static>;
+
 /// The pool as the sandbox sees it. Implemented by [`crate::pool::Pool`] and
 /// by test doubles. Every method returns a future that does not borrow
 /// `self`, so the caller can await many at once (that is how fan-out gets
@@ -218,6 +221,25 @@ pub trait Models: Send + Sync + 'static {
         input: Input,
         params: GenParams,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>>;
+    /// One generation whose text is handed to `sink` piece by piece as it
+    /// is decoded (`sink` returns `false` to stop early). The default sends
+    /// the whole text once, at the end: right for doubles and for backends
+    /// that cannot stream.
+    fn generate_stream(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        input: Input,
+        params: GenParams,
+        mut sink: TextSink,
+    ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        let call = self.generate(ctx, model, input, params);
+        Box::pin(async move {
+            let g = call.await?;
+            sink(&g.text);
+            Ok(g)
+        })
+    }
     /// Log-likelihood of each continuation after `prompt`.
     fn score(
         &self,

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backends::{bert::BertEmbedder, gguf::GgufModel, Backend};
 use crate::inference::{
-    CallCtx, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TokenLogprob,
+    CallCtx, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob,
 };
 
 /// The default pool's declaration, embedded in the binary.
@@ -149,6 +149,16 @@ pub enum PoolError {
         /// What went wrong, naming the file.
         message: String,
     },
+}
+
+impl PoolError {
+    /// The member concerned, if the error is about one.
+    pub fn member(&self) -> Option<&str> {
+        match self {
+            PoolError::Config(_) => None,
+            PoolError::Missing { id, .. } | PoolError::Checksum { id, .. } | PoolError::Load { id, .. } => Some(id),
+        }
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut Backend) + Send>;
@@ -393,6 +403,17 @@ impl Models for Pool {
         params: GenParams,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
         self.dispatch(ctx, model, move |b| b.generate(ctx, &input, &params))
+    }
+
+    fn generate_stream(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        input: Input,
+        params: GenParams,
+        mut sink: TextSink,
+    ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        self.dispatch(ctx, model, move |b| b.generate_streaming(ctx, &input, &params, &mut sink))
     }
 
     fn score(

@@ -237,6 +237,21 @@ impl GgufModel {
 
     /// Generates a completion.
     pub fn generate(&mut self, ctx: CallCtx, input: &Input, params: &GenParams) -> Result<Generation, InferenceError> {
+        self.generate_streaming(ctx, input, params, None)
+    }
+
+    /// [`GgufModel::generate`], handing each new piece of text to `sink` as
+    /// soon as it is final: text that could still turn out to be the start
+    /// of a stop sequence, or half of a multi-byte character, is held back
+    /// until it is settled. `sink` returning `false` (the listener went
+    /// away) ends decoding early, so an abandoned stream stops costing CPU.
+    pub fn generate_streaming(
+        &mut self,
+        ctx: CallCtx,
+        input: &Input,
+        params: &GenParams,
+        mut sink: Option<&mut dyn FnMut(&str) -> bool>,
+    ) -> Result<Generation, InferenceError> {
         params.validate()?;
         let prompt = self.encode_input(input)?;
         let max_new = params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize;
@@ -272,6 +287,7 @@ impl GgufModel {
         let mut out: Vec<u32> = Vec::new();
         let mut finish = FinishReason::Length;
         let mut text = String::new();
+        let mut sent = 0usize;
         while out.len() < max_new {
             if Instant::now() >= ctx.deadline {
                 return Err(InferenceError::Deadline);
@@ -284,12 +300,21 @@ impl GgufModel {
             out.push(next);
             // Stop sequences are matched on text, so only then is the text
             // rebuilt every step; otherwise it is decoded once at the end.
-            if !params.stop.is_empty() {
+            if !params.stop.is_empty() || sink.is_some() {
                 text = self.decode(&out)?;
                 if let Some(cut) = earliest_stop(&text, &params.stop) {
                     text.truncate(cut);
                     finish = FinishReason::StopSequence;
                     break;
+                }
+            }
+            if let Some(sink) = sink.as_deref_mut() {
+                let settled = settled_len(&text, &params.stop);
+                if settled > sent && text.is_char_boundary(sent) {
+                    if !sink(&text[sent..settled]) {
+                        break;
+                    }
+                    sent = settled;
                 }
             }
             if out.len() == max_new {
@@ -299,6 +324,11 @@ impl GgufModel {
         }
         if finish != FinishReason::StopSequence {
             text = self.decode(&out)?;
+        }
+        if let Some(sink) = sink {
+            if text.len() > sent && text.is_char_boundary(sent) {
+                sink(&text[sent..]);
+            }
         }
         Ok(Generation {
             model: self.id.clone(),
@@ -393,6 +423,26 @@ fn log_softmax(logits: &Tensor) -> Result<Vec<f32>, InferenceError> {
         .map_err(failed)
 }
 
+/// How much of `text` a stream may send now: all of it, less a tail that is
+/// the beginning of some stop sequence (it may yet be cut) or ends in the
+/// replacement character (a multi-byte character whose other bytes are in
+/// the next token).
+fn settled_len(text: &str, stops: &[String]) -> usize {
+    let mut end = text.len();
+    if text.ends_with('\u{FFFD}') {
+        end -= '\u{FFFD}'.len_utf8();
+    }
+    let mut hold = 0;
+    for stop in stops {
+        for (k, _) in stop.char_indices().skip(1) {
+            if text[..end].ends_with(&stop[..k]) {
+                hold = hold.max(k);
+            }
+        }
+    }
+    end - hold
+}
+
 /// Byte offset of the earliest stop sequence in `text`, if any.
 fn earliest_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter_map(|s| text.find(s.as_str())).min()
@@ -400,7 +450,16 @@ fn earliest_stop(text: &str, stops: &[String]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::earliest_stop;
+    use super::{earliest_stop, settled_len};
+
+    #[test]
+    fn streaming_holds_back_a_possible_stop_and_a_split_character() {
+        let stops = vec!["\n\nQ:".to_string()];
+        assert_eq!(settled_len("Paris.\n", &stops), "Paris.".len());
+        assert_eq!(settled_len("Paris.\n\nQ", &stops), "Paris.".len());
+        assert_eq!(settled_len("Paris. Yes", &stops), "Paris. Yes".len());
+        assert_eq!(settled_len("caf\u{FFFD}", &[]), 3);
+    }
 
     #[test]
     fn earliest_stop_picks_first_occurrence() {

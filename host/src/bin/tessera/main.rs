@@ -1,5 +1,7 @@
 //! `tessera`: the command-line face of the runtime.
 
+mod service;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +49,18 @@ enum Command {
     Tasks {
         #[command(subcommand)]
         command: TasksCommand,
+    },
+    /// Serve members and systems over an OpenAI-compatible HTTP API.
+    Serve(service::ServeArgs),
+    /// The module registry: publish, list, show, remove; publisher keys.
+    Modules {
+        #[command(subcommand)]
+        command: service::ModulesCommand,
+    },
+    /// API keys and per-tenant limits for `serve`.
+    Tenants {
+        #[command(subcommand)]
+        command: service::TenantsCommand,
     },
 }
 
@@ -146,7 +160,7 @@ enum PoolCommand {
 }
 
 #[derive(Args)]
-struct Setup {
+pub(crate) struct Setup {
     /// Pool declaration (TOML); default: the embedded default pool.
     #[arg(long, env = "TESSERA_POOL")]
     pool: Option<PathBuf>,
@@ -212,7 +226,7 @@ fn load_setup(setup: &Setup) -> Result<(PoolConfig, Policy), Error> {
     Ok((pool, policy))
 }
 
-fn runtime(setup: &Setup) -> Result<Runtime, Error> {
+pub(crate) fn runtime(setup: &Setup) -> Result<Runtime, Error> {
     let (pool, policy) = load_setup(setup)?;
     let rt = Runtime::new(Paths::from_env(), &pool, policy)?;
     for f in rt.pool_failures() {
@@ -533,6 +547,9 @@ fn main() -> ExitCode {
         Command::Tasks {
             command: TasksCommand::List { json },
         } => (json, tasks_list(json)),
+        Command::Serve(args) => (false, rt.block_on(service::serve(args))),
+        Command::Modules { command } => (false, service::modules(command)),
+        Command::Tenants { command } => (false, service::tenants(command)),
     };
     match result {
         Ok(s) => {

@@ -1,0 +1,189 @@
+//! Who gets in, and when: per-tenant quotas and the server-wide queue.
+//!
+//! Every request passes two gates before it may use a model:
+//!
+//! 1. Its tenant's quotas: requests per rolling minute, tokens per UTC
+//!    day, requests in flight. Over any of them is a 429 with a
+//!    `Retry-After` that says when trying again can succeed.
+//! 2. The server's own capacity: at most `max_inflight` requests execute at
+//!    once and at most `max_queue` more wait. A request that finds the
+//!    queue full is refused with a 503 at once: the server answers "busy"
+//!    quickly rather than letting memory and latency grow without bound.
+//!
+//! The permits are RAII guards held for the whole life of the request,
+//! streams included, so capacity is given back however a request ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::ApiError;
+use crate::registry::tenants::{day_of, Tenant};
+use crate::registry::Registry;
+
+/// Quota state of one tenant, kept in memory (the token count is in the
+/// registry, so it survives restarts).
+struct TenantGate {
+    recent: VecDeque<Instant>,
+    concurrent: Arc<Semaphore>,
+    limit: u32,
+}
+
+/// The two gates.
+pub struct Admission {
+    inflight: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_queue: usize,
+    tenants: Mutex<HashMap<String, TenantGate>>,
+}
+
+/// Held while a request runs; dropping it frees its places.
+pub struct Admitted {
+    _tenant: Option<OwnedSemaphorePermit>,
+    _global: OwnedSemaphorePermit,
+}
+
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn seconds_to_next_utc_day(now_unix: i64) -> u64 {
+    (86_400 - now_unix.rem_euclid(86_400)).max(1) as u64
+}
+
+impl Admission {
+    /// `max_inflight` requests at once, `max_queue` more waiting.
+    pub fn new(max_inflight: usize, max_queue: usize) -> Self {
+        Admission {
+            inflight: Arc::new(Semaphore::new(max_inflight.max(1))),
+            waiting: AtomicUsize::new(0),
+            max_queue,
+            tenants: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Requests waiting for a place right now.
+    pub fn queued(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Checks `tenant`'s quotas and takes one of its concurrent places.
+    /// `None` tenant: the open (no-tenants, loopback) mode, no quotas.
+    fn tenant_gate(&self, tenant: &Tenant, registry: &Registry) -> Result<Option<OwnedSemaphorePermit>, ApiError> {
+        let p = &tenant.policy;
+        if p.tokens_per_day > 0 {
+            let now = super::now_unix() as i64;
+            let used = registry.tokens_used(&tenant.name, day_of(now)).map_err(ApiError::from)?;
+            if used >= p.tokens_per_day {
+                return Err(ApiError::rate_limited(
+                    "tokens_per_day",
+                    &format!(
+                        "tenant `{}` used {used} of its {} tokens for today (UTC)",
+                        tenant.name, p.tokens_per_day
+                    ),
+                    seconds_to_next_utc_day(now),
+                ));
+            }
+        }
+        let mut gates = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = if p.max_concurrent == 0 {
+            Semaphore::MAX_PERMITS as u32
+        } else {
+            p.max_concurrent
+        };
+        let gate = gates.entry(tenant.name.clone()).or_insert_with(|| TenantGate {
+            recent: VecDeque::new(),
+            concurrent: Arc::new(Semaphore::new(limit as usize)),
+            limit,
+        });
+        // A changed policy takes effect for the next request.
+        if gate.limit != limit {
+            gate.concurrent = Arc::new(Semaphore::new(limit as usize));
+            gate.limit = limit;
+        }
+        let now = Instant::now();
+        while gate
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            gate.recent.pop_front();
+        }
+        if p.requests_per_minute > 0 && gate.recent.len() >= p.requests_per_minute as usize {
+            let oldest = gate.recent.front().copied().unwrap_or(now);
+            let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
+            return Err(ApiError::rate_limited(
+                "requests_per_minute",
+                &format!(
+                    "tenant `{}` sent {} requests in the last minute, its limit",
+                    tenant.name, p.requests_per_minute
+                ),
+                wait.as_secs().max(1),
+            ));
+        }
+        let permit = gate.concurrent.clone().try_acquire_owned().map_err(|_| {
+            ApiError::rate_limited(
+                "max_concurrent",
+                &format!("tenant `{}` already has {} requests in flight, its limit", tenant.name, limit),
+                1,
+            )
+        })?;
+        gate.recent.push_back(now);
+        Ok(Some(permit))
+    }
+
+    /// Passes both gates, waiting (bounded by `wait`) for a server-wide place.
+    pub async fn admit(
+        &self,
+        tenant: Option<&Tenant>,
+        registry: &Registry,
+        wait: Duration,
+    ) -> Result<Admitted, ApiError> {
+        let tenant_permit = match tenant {
+            Some(t) => self.tenant_gate(t, registry)?,
+            None => None,
+        };
+        if let Ok(p) = self.inflight.clone().try_acquire_owned() {
+            return Ok(Admitted {
+                _tenant: tenant_permit,
+                _global: p,
+            });
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::overloaded(&format!(
+                "the server is at capacity ({} requests waiting): try again shortly",
+                self.max_queue
+            )));
+        }
+        let _waiting = Waiting(&self.waiting);
+        match tokio::time::timeout(wait, self.inflight.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(Admitted {
+                _tenant: tenant_permit,
+                _global: p,
+            }),
+            _ => Err(ApiError::overloaded(
+                "waited too long for a free place: the server is saturated, try again shortly",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seconds_to_next_utc_day;
+
+    #[test]
+    fn retry_after_for_the_daily_quota_is_the_next_utc_midnight() {
+        assert_eq!(seconds_to_next_utc_day(0), 86_400);
+        assert_eq!(seconds_to_next_utc_day(86_400 - 5), 5);
+        assert_eq!(seconds_to_next_utc_day(86_400 * 3 + 100), 86_300);
+    }
+}

@@ -1,0 +1,954 @@
+//! `tessera serve`: the runtime as an OpenAI-compatible HTTP service.
+//!
+//! Applications call it with the clients they already use; platforms let
+//! strangers publish strategies to it. Routes:
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /v1/models` | every pool member (with its status) and every system the caller may use |
+//! | `POST /v1/chat/completions` | a chat answered by a member or a system; `stream: true` for SSE |
+//! | `POST /v1/completions` | the same for a raw prompt |
+//! | `POST /v1/embeddings` | embeddings from an embedding member |
+//! | `GET /v1/tessera/modules[/{name}]` | the registry |
+//! | `POST /v1/tessera/modules` | publish (admin tenants) |
+//! | `DELETE /v1/tessera/modules/{name}` | remove (admin tenants) |
+//! | `GET /health` | liveness, queue depth |
+//!
+//! A *system* is a strategy module bound to the pool: a standard module
+//! installed by `make setup`, or one published to the [`crate::registry`].
+//! Its response carries a `provenance` extension: the members that took
+//! part, every host call and module step, and the usage.
+//!
+//! Every failure is an OpenAI-shaped error body (`error.message`, `type`,
+//! `param`, `code`) with a status that says whose fault it is: 4xx for the
+//! caller, 429/503 with `Retry-After` for capacity, 502 for a module that
+//! broke (its typed sandbox error in `code`), 504 for a deadline. A hostile
+//! module never takes the connection down with it.
+//!
+//! Streaming: a member streams its tokens as they are decoded. A system
+//! cannot (its answer exists only when the module returns), so its first
+//! event says so (`tessera.streaming = "final-answer"`) and the answer
+//! follows in one chunk; SSE keep-alive comments flow meanwhile.
+
+pub mod admission;
+pub mod openai;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::inference::{CallCtx, GenParams, Input};
+use crate::policy::World;
+use crate::registry::signing::TrustedKeys;
+use crate::registry::tenants::{day_of, Tenant, TenantPolicy};
+use crate::registry::{Publication, Registry};
+use crate::sandbox::Module;
+use crate::{Error, ProvenanceEvent, RunRequest, Runtime};
+
+use admission::{Admission, Admitted};
+
+/// How the service runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on. Loopback by default; any other address needs
+    /// at least one tenant (no open service on a network).
+    pub addr: SocketAddr,
+    /// Requests executing at once.
+    pub max_inflight: usize,
+    /// Requests waiting for a place beyond those; more get a 503 at once.
+    pub max_queue: usize,
+    /// Longest a request may take, waiting included (504 past it).
+    pub request_timeout: Duration,
+    /// After a shutdown signal, how long in-flight requests may finish.
+    pub shutdown_grace: Duration,
+    /// Largest request body (module uploads included).
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_inflight: 4,
+            max_queue: 64,
+            request_timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(30),
+            max_body_bytes: 64 << 20,
+        }
+    }
+}
+
+/// An API failure: status, OpenAI error `type`, `code`, `param`, message.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: String,
+    param: Option<String>,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, code: &str, message: &str) -> Self {
+        ApiError {
+            status,
+            kind,
+            code: code.into(),
+            param: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A 400 about one request field.
+    pub fn invalid(param: &str, message: &str) -> Self {
+        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message);
+        e.param = Some(param.into());
+        e
+    }
+
+    /// A 429 with `Retry-After`.
+    pub fn rate_limited(code: &str, message: &str, retry_after: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code, message);
+        e.retry_after = Some(retry_after);
+        e
+    }
+
+    /// A 503 with `Retry-After: 1`.
+    pub fn overloaded(message: &str) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", "overloaded", message);
+        e.retry_after = Some(1);
+        e
+    }
+
+    fn unauthorized(message: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+    }
+
+    fn forbidden(message: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", "forbidden", message)
+    }
+
+    fn not_found(code: &str, message: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", code, message)
+    }
+
+    fn timeout(limit: Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout_error",
+            "deadline",
+            &format!("the request took longer than the server's {} s limit", limit.as_secs()),
+        )
+    }
+
+    /// The JSON body.
+    fn body(&self) -> Value {
+        json!({ "error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, kind) = match &e {
+            Error::InvalidParams { .. } | Error::Unsupported { .. } | Error::Config { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
+            }
+            Error::InvalidModule { .. } => (StatusCode::BAD_REQUEST, "invalid_module_error"),
+            Error::UnknownModel { .. } => (StatusCode::NOT_FOUND, "invalid_request_error"),
+            Error::NotPermitted { .. } => (StatusCode::FORBIDDEN, "permission_error"),
+            Error::Deadline { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout_error"),
+            Error::InferenceFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+            // The module broke or hit a limit: the fault is upstream of the
+            // host, and the typed cause is in `code`.
+            Error::Fuel { .. }
+            | Error::Memory { .. }
+            | Error::Stack { .. }
+            | Error::Budget { .. }
+            | Error::ModuleFailed { .. }
+            | Error::Trap { .. } => (StatusCode::BAD_GATEWAY, "module_error"),
+        };
+        ApiError::new(status, kind, e.kind(), &e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                r.headers_mut().insert("retry-after", v);
+            }
+        }
+        r
+    }
+}
+
+pub(crate) fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    rt: Arc<Runtime>,
+    registry: Arc<Registry>,
+    cfg: ServeConfig,
+    admission: Admission,
+    /// Loaded systems by name, with the sha256 they were loaded from.
+    modules: Mutex<HashMap<String, Arc<Module>>>,
+    draining: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// State over a runtime and a registry.
+    pub fn new(rt: Arc<Runtime>, registry: Arc<Registry>, cfg: ServeConfig) -> Self {
+        AppState {
+            admission: Admission::new(cfg.max_inflight, cfg.max_queue),
+            rt,
+            registry,
+            cfg,
+            modules: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn id(&self, prefix: &str) -> String {
+        format!("{prefix}-{:x}{:06x}", now_unix(), self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The caller's tenant. `Ok(None)`: open mode (no tenant exists yet).
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Tenant>, ApiError> {
+        if !self.registry.has_tenants()? {
+            return Ok(None);
+        }
+        let key = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::unauthorized("no API key: send `Authorization: Bearer <key>`"))?;
+        self.registry
+            .tenant_by_key(key)?
+            .map(Some)
+            .ok_or_else(|| ApiError::unauthorized("the API key is not valid: ask the operator for a key (`tessera tenants add`)"))
+    }
+
+    fn policy_of(tenant: &Option<Tenant>) -> TenantPolicy {
+        match tenant {
+            Some(t) => t.policy.clone(),
+            None => TenantPolicy {
+                requests_per_minute: 0,
+                tokens_per_day: 0,
+                max_concurrent: 0,
+                admin: true,
+                ..TenantPolicy::default()
+            },
+        }
+    }
+
+    async fn admit(&self, tenant: &Option<Tenant>) -> Result<Admitted, ApiError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ApiError::overloaded("the server is shutting down: retry on another instance"));
+        }
+        self.admission
+            .admit(tenant.as_ref(), &self.registry, self.cfg.request_timeout)
+            .await
+    }
+
+    fn charge(&self, tenant: &Option<Tenant>, tokens: u64) {
+        if let Some(t) = tenant {
+            if let Err(e) = self.registry.add_tokens(&t.name, day_of(now_unix() as i64), tokens) {
+                tracing::warn!("could not record usage of tenant `{}`: {e}", t.name);
+            }
+        }
+    }
+
+    /// Names of the standard strategy modules installed by `make setup`.
+    fn standard_systems(&self) -> Vec<(String, String, String)> {
+        crate::installed_modules(self.rt.paths())
+            .into_iter()
+            .filter_map(|m| {
+                let man = m.manifest.ok()?;
+                (man.world == World::Strategy).then(|| (m.name, man.author, man.description))
+            })
+            .collect()
+    }
+
+    /// The system called `name`: a published module first, else a
+    /// standard one. Loaded modules are kept, keyed by their sha256, so a
+    /// republished module is picked up and an unchanged one is not reloaded.
+    fn system(&self, name: &str) -> Result<Option<Arc<Module>>, ApiError> {
+        let entry = self.registry.get(name)?;
+        let cached = self
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
+        let module = match entry {
+            Some(e) => {
+                if e.world != "strategy" {
+                    return Err(ApiError::invalid(
+                        "model",
+                        &format!(
+                            "`{name}` is a {} module, not a strategy: it runs as a pipeline stage, not as a model",
+                            e.world
+                        ),
+                    ));
+                }
+                match cached.filter(|m| m.sha256 == e.sha256) {
+                    Some(m) => m,
+                    None => Arc::new(self.registry.load(self.rt.sandbox(), &e)?),
+                }
+            }
+            None => {
+                if !self.standard_systems().iter().any(|(n, _, _)| n == name) {
+                    return Ok(None);
+                }
+                match cached {
+                    Some(m) => m,
+                    None => self.rt.load_module(name)?,
+                }
+            }
+        };
+        self.modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), module.clone());
+        Ok(Some(module))
+    }
+}
+
+/// The routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/tessera/modules", get(modules_list).post(modules_publish))
+        .route("/v1/tessera/modules/{name}", get(modules_show).delete(modules_remove))
+        .fallback(|| async { ApiError::not_found("not_found", "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings") })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then stops
+/// accepting, lets in-flight requests finish for up to `shutdown_grace`,
+/// and returns.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let grace = state.cfg.shutdown_grace;
+    let draining = Arc::new(tokio::sync::Notify::new());
+    let notify = draining.clone();
+    let st = state.clone();
+    let app = router(state);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        st.draining.store(true, Ordering::SeqCst);
+        notify.notify_waiters();
+    });
+    let deadline = async move {
+        draining.notified().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = server => r.map_err(|e| Error::config(format!("server: {e}"))),
+        _ = deadline => {
+            tracing::warn!("shutdown grace of {} s passed with requests still in flight; stopping", grace.as_secs());
+            Ok(())
+        }
+    }
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "status": if st.draining.load(Ordering::SeqCst) { "draining" } else { "ok" },
+        "queued": st.admission.queued(),
+        "members": st.rt.cards().len(),
+        "unavailable_members": st.rt.pool_failures().len(),
+    }))
+}
+
+async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let tenant = st.authenticate(&headers)?;
+    let policy = AppState::policy_of(&tenant);
+    let created = now_unix();
+    let mut data = Vec::new();
+    for c in st.rt.cards() {
+        if !TenantPolicy::allows(&policy.members, &c.id) || !st.rt.policy_allows(&c.id) {
+            continue;
+        }
+        data.push(json!({
+            "id": c.id, "object": "model", "created": created, "owned_by": c.contributor,
+            "tessera": { "kind": "member", "status": "ready", "capabilities": c.capabilities,
+                         "architecture": c.architecture, "parameters": c.parameters,
+                         "description": c.description, "license": c.license },
+        }));
+    }
+    for f in st.rt.pool_failures() {
+        let id = f.member().unwrap_or("?");
+        if !TenantPolicy::allows(&policy.members, id) {
+            continue;
+        }
+        data.push(json!({
+            "id": id, "object": "model", "created": created, "owned_by": "tessera",
+            "tessera": { "kind": "member", "status": "unavailable", "reason": f.to_string() },
+        }));
+    }
+    let published = st.registry.list()?;
+    for (name, author, description) in st.standard_systems() {
+        if published.iter().any(|e| e.name == name) || !TenantPolicy::allows(&policy.modules, &name) {
+            continue;
+        }
+        data.push(json!({
+            "id": name, "object": "model", "created": created, "owned_by": author,
+            "tessera": { "kind": "system", "source": "standard", "description": description },
+        }));
+    }
+    for e in published.into_iter().filter(|e| e.world == "strategy") {
+        if !TenantPolicy::allows(&policy.modules, &e.name) {
+            continue;
+        }
+        data.push(json!({
+            "id": e.name, "object": "model", "created": e.published_at, "owned_by": e.author,
+            "tessera": { "kind": "system", "source": "registry", "description": e.description, "sha256": e.sha256 },
+        }));
+    }
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", &format!("the request body is not valid: {e}")))
+}
+
+/// What a chat or completion asks, whichever route it came by.
+struct Ask {
+    chat: bool,
+    model: String,
+    input: Input,
+    params: GenParams,
+    config: std::collections::BTreeMap<String, String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let ask = (|| {
+        let req: openai::ChatRequest = parse(&body)?;
+        Ok::<_, ApiError>(Ask {
+            chat: true,
+            input: Input::Chat(req.messages()?),
+            params: req.sampling.params()?,
+            config: req.sampling.config(),
+            stream: req.sampling.stream,
+            include_usage: req.sampling.include_usage(),
+            model: req.model,
+        })
+    })();
+    match ask {
+        Ok(ask) => answer(st, headers, ask).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let ask = (|| {
+        let req: openai::CompletionRequest = parse(&body)?;
+        Ok::<_, ApiError>(Ask {
+            chat: false,
+            input: Input::Prompt(req.prompt()?),
+            params: req.sampling.params()?,
+            config: req.sampling.config(),
+            stream: req.sampling.stream,
+            include_usage: req.sampling.include_usage(),
+            model: req.model,
+        })
+    })();
+    match ask {
+        Ok(ask) => answer(st, headers, ask).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Who answers a request.
+enum Target {
+    Member(String),
+    System(Arc<Module>),
+}
+
+fn resolve(st: &AppState, policy: &TenantPolicy, model: &str, need: &str) -> Result<Target, ApiError> {
+    if let Some(card) = st.rt.cards().into_iter().find(|c| c.id == model) {
+        if !TenantPolicy::allows(&policy.members, model) || !st.rt.policy_allows(model) {
+            return Err(ApiError::forbidden(&format!("this key may not use member `{model}`")));
+        }
+        if !card.capabilities.iter().any(|c| c == need) {
+            return Err(ApiError::invalid(
+                "model",
+                &format!(
+                    "member `{model}` cannot `{need}` (it can: {}): pick another member from /v1/models",
+                    card.capabilities.join(", ")
+                ),
+            ));
+        }
+        return Ok(Target::Member(model.to_string()));
+    }
+    if let Some(f) = st.rt.pool_failures().iter().find(|f| f.member() == Some(model)) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "member_unavailable",
+            &format!("member `{model}` is unavailable: {f}"),
+        ));
+    }
+    if need != "generate" {
+        return Err(ApiError::not_found(
+            "model_not_found",
+            &format!("no member `{model}` that can `{need}`: see /v1/models"),
+        ));
+    }
+    if !TenantPolicy::allows(&policy.modules, model) {
+        // Do not reveal whether a system the key may not use exists.
+        if st.system(model)?.is_some() {
+            return Err(ApiError::forbidden(&format!("this key may not use system `{model}`")));
+        }
+    }
+    match st.system(model)? {
+        Some(m) => Ok(Target::System(m)),
+        None => Err(ApiError::not_found(
+            "model_not_found",
+            &format!("no member or system `{model}`: GET /v1/models lists them"),
+        )),
+    }
+}
+
+fn member_provenance(member: &str, prompt: u32, completion: u32, ms: u64) -> Value {
+    json!({
+        "members": [member],
+        "events": [ProvenanceEvent::HostCall {
+            call: "generate".into(), model: member.into(), prompt_tokens: prompt,
+            completion_tokens: completion, ms, outcome: "ok".into(),
+        }],
+    })
+}
+
+fn system_provenance(out: &crate::RunOutcome) -> Value {
+    let mut members: Vec<&str> = Vec::new();
+    for e in &out.provenance {
+        if let ProvenanceEvent::HostCall { model, .. } = e {
+            if !members.contains(&model.as_str()) {
+                members.push(model);
+            }
+        }
+    }
+    json!({
+        "members": members,
+        "events": out.provenance,
+        "annotations": out.annotations,
+        "usage": out.usage,
+    })
+}
+
+fn finish_name(f: crate::inference::FinishReason) -> &'static str {
+    match f {
+        crate::inference::FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+async fn answer(st: Arc<AppState>, headers: HeaderMap, ask: Ask) -> Response {
+    let tenant = match st.authenticate(&headers) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let policy = AppState::policy_of(&tenant);
+    let target = match resolve(&st, &policy, &ask.model, "generate") {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let admitted = match st.admit(&tenant).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    if ask.stream {
+        return stream(st, tenant, policy, target, ask, admitted);
+    }
+    let limit = st.cfg.request_timeout;
+    let work = run_target(&st, &policy, &target, &ask, None);
+    let result = match tokio::time::timeout(limit, work).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::timeout(limit)),
+    };
+    drop(admitted);
+    match result {
+        Ok(done) => {
+            st.charge(&tenant, done.prompt + done.completion);
+            let id = st.id(if ask.chat { "chatcmpl" } else { "cmpl" });
+            let usage = openai::usage(done.prompt, done.completion);
+            let body = if ask.chat {
+                openai::chat_completion(&id, now_unix(), &ask.model, &done.text, done.finish, usage, done.provenance)
+            } else {
+                openai::text_completion(&id, now_unix(), &ask.model, &done.text, done.finish, usage, done.provenance)
+            };
+            Json(body).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A finished answer, whoever gave it.
+struct Done {
+    text: String,
+    finish: &'static str,
+    prompt: u64,
+    completion: u64,
+    provenance: Value,
+}
+
+/// Runs the member or system. With `sink`, a member's text is streamed
+/// into it as it is decoded.
+async fn run_target(
+    st: &AppState,
+    policy: &TenantPolicy,
+    target: &Target,
+    ask: &Ask,
+    sink: Option<crate::inference::TextSink>,
+) -> Result<Done, ApiError> {
+    match target {
+        Target::Member(id) => {
+            let ctx = CallCtx {
+                deadline: Instant::now() + st.cfg.request_timeout,
+            };
+            let started = Instant::now();
+            let models = st.rt.models();
+            let g = match sink {
+                Some(s) => models.generate_stream(ctx, id, ask.input.clone(), ask.params.clone(), s).await,
+                None => models.generate(ctx, id, ask.input.clone(), ask.params.clone()).await,
+            }
+            .map_err(|e| ApiError::from(Error::from(e)))?;
+            let ms = started.elapsed().as_millis() as u64;
+            Ok(Done {
+                provenance: member_provenance(id, g.usage.prompt_tokens, g.usage.completion_tokens, ms),
+                text: g.text,
+                finish: finish_name(g.finish),
+                prompt: g.usage.prompt_tokens as u64,
+                completion: g.usage.completion_tokens as u64,
+            })
+        }
+        Target::System(module) => {
+            let req = RunRequest {
+                input: ask.input.clone(),
+                params: ask.params.clone(),
+                config: ask.config.clone(),
+            };
+            let members: Option<Vec<String>> = (!policy.members.iter().any(|m| m == "*")).then(|| policy.members.clone());
+            let out = st.rt.run_with_members(module, req, members.as_deref()).await?;
+            Ok(Done {
+                provenance: system_provenance(&out),
+                text: out.text.clone(),
+                finish: "stop",
+                prompt: out.usage.prompt_tokens,
+                completion: out.usage.completion_tokens,
+            })
+        }
+    }
+}
+
+fn event(v: &Value) -> Result<Event, Infallible> {
+    Ok(Event::default().data(v.to_string()))
+}
+
+fn stream(
+    st: Arc<AppState>,
+    tenant: Option<Tenant>,
+    policy: TenantPolicy,
+    target: Target,
+    ask: Ask,
+    admitted: Admitted,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Event, Infallible>>();
+    let id = st.id(if ask.chat { "chatcmpl" } else { "cmpl" });
+    let created = now_unix();
+    let model = ask.model.clone();
+    let chat = ask.chat;
+    // The first event: the role, and for a system, that it will not stream.
+    let mut first = openai::chunk(chat, &id, created, &model, Some(""), true, None);
+    if let Target::System(m) = &target {
+        first["tessera"] = json!({
+            "streaming": "final-answer",
+            "note": format!("system `{}` answers only when its strategy finishes: the answer arrives as one chunk", m.manifest.name),
+        });
+    }
+    let _ = tx.send(event(&first));
+    let pieces = tx.clone();
+    let (id2, model2) = (id.clone(), model.clone());
+    let sink: crate::inference::TextSink = Box::new(move |piece: &str| {
+        pieces
+            .send(event(&openai::chunk(chat, &id2, created, &model2, Some(piece), false, None)))
+            .is_ok()
+    });
+    tokio::spawn(async move {
+        let _admitted = admitted;
+        let limit = st.cfg.request_timeout;
+        let streams_itself = matches!(target, Target::Member(_));
+        let work = run_target(&st, &policy, &target, &ask, streams_itself.then_some(sink));
+        let result = match tokio::time::timeout(limit, work).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::timeout(limit)),
+        };
+        match result {
+            Ok(done) => {
+                st.charge(&tenant, done.prompt + done.completion);
+                if !streams_itself {
+                    let _ = tx.send(event(&openai::chunk(chat, &id, created, &model, Some(&done.text), false, None)));
+                }
+                let mut last = openai::chunk(chat, &id, created, &model, None, false, Some(done.finish));
+                last["provenance"] = done.provenance;
+                let _ = tx.send(event(&last));
+                if ask.include_usage {
+                    let mut u = openai::chunk(chat, &id, created, &model, None, false, None);
+                    u["choices"] = json!([]);
+                    u["usage"] = openai::usage(done.prompt, done.completion);
+                    let _ = tx.send(event(&u));
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(event(&e.body()));
+            }
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]")));
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+    Sse::new(body)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)))
+        .into_response()
+}
+
+async fn embeddings(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let work = async {
+        let req: openai::EmbeddingRequest = parse(&body)?;
+        let texts = req.texts()?;
+        if req.dimensions.is_some() {
+            return Err(ApiError::invalid("dimensions", "the embedding size is fixed by the model: leave `dimensions` unset"));
+        }
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "encoding_format",
+                    &format!("encoding_format `{other}`: use `float` or `base64`"),
+                ))
+            }
+        };
+        let tenant = st.authenticate(&headers)?;
+        let policy = AppState::policy_of(&tenant);
+        let Target::Member(id) = resolve(&st, &policy, &req.model, "embed")? else {
+            return Err(ApiError::invalid("model", "systems do not embed: use an embedding member"));
+        };
+        let _admitted = st.admit(&tenant).await?;
+        let ctx = CallCtx {
+            deadline: Instant::now() + st.cfg.request_timeout,
+        };
+        let tokens: u64 = texts.iter().map(|t| t.split_whitespace().count() as u64).sum();
+        let vectors = tokio::time::timeout(st.cfg.request_timeout, st.rt.models().embed(ctx, &id, texts))
+            .await
+            .map_err(|_| ApiError::timeout(st.cfg.request_timeout))?
+            .map_err(|e| ApiError::from(Error::from(e)))?;
+        st.charge(&tenant, tokens);
+        let data: Vec<Value> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let embedding = if base64 {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(v)
+                };
+                json!({ "object": "embedding", "index": i, "embedding": embedding })
+            })
+            .collect();
+        Ok(Json(json!({
+            "object": "list", "data": data, "model": id,
+            // Whitespace words, an approximation: the embedder's own
+            // tokenizer count is not returned by the backend.
+            "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+        })))
+    };
+    match work.await {
+        Ok(j) => j.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn require_admin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let tenant = st.authenticate(headers)?;
+    if AppState::policy_of(&tenant).admin {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("only an admin key may publish or remove modules (`tessera tenants add NAME --admin`)"))
+    }
+}
+
+async fn modules_list(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    st.authenticate(&headers)?;
+    Ok(Json(json!({ "object": "list", "data": st.registry.list()? })))
+}
+
+async fn modules_show(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    st.authenticate(&headers)?;
+    let e = st
+        .registry
+        .get(&name)?
+        .ok_or_else(|| ApiError::not_found("module_not_found", &format!("no published module `{name}`")))?;
+    let mut v = serde_json::to_value(&e).map_err(|e| ApiError::from(Error::config(e.to_string())))?;
+    v["manifest"] = Value::String(e.manifest_toml.clone());
+    Ok(Json(v))
+}
+
+/// The upload body of `POST /v1/tessera/modules`.
+#[derive(serde::Deserialize)]
+struct Upload {
+    /// The component, base64.
+    wasm_base64: String,
+    /// The manifest, TOML text.
+    manifest: String,
+    /// The publisher's signature (hex), if signed.
+    signature: Option<String>,
+}
+
+async fn modules_publish(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    require_admin(&st, &headers)?;
+    let up: Upload = parse(&body)?;
+    let wasm = base64::engine::general_purpose::STANDARD
+        .decode(up.wasm_base64.trim())
+        .map_err(|e| ApiError::invalid("wasm_base64", &format!("not base64: {e}")))?;
+    let st2 = st.clone();
+    // Validation and precompilation are CPU work: off the async threads.
+    let entry = tokio::task::spawn_blocking(move || {
+        publish_checked(&st2.registry, st2.rt.as_ref(), &wasm, &up.manifest, up.signature.as_deref())
+    })
+    .await
+    .map_err(|e| ApiError::from(Error::config(format!("publish task: {e}"))))??;
+    Ok((StatusCode::CREATED, Json(serde_json::to_value(&entry).unwrap_or(Value::Null))))
+}
+
+async fn modules_remove(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&st, &headers)?;
+    if !st.registry.remove(&name)? {
+        return Err(ApiError::not_found("module_not_found", &format!("no published module `{name}`")));
+    }
+    st.modules.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+    Ok(Json(json!({ "removed": name })))
+}
+
+/// Publishes with the checks both faces (CLI and HTTP) apply: a published
+/// module may not take the name of a standard one, and the trusted keys are
+/// read fresh, so a key the operator just trusted counts at once.
+pub fn publish_checked(
+    registry: &Registry,
+    rt_or_sandbox: &dyn PublishHost,
+    wasm: &[u8],
+    manifest_toml: &str,
+    signature: Option<&str>,
+) -> Result<crate::registry::Entry, Error> {
+    let name = toml::from_str::<crate::policy::Manifest>(manifest_toml)
+        .map(|m| m.name)
+        .unwrap_or_default();
+    if crate::installed_modules(rt_or_sandbox.paths())
+        .iter()
+        .any(|m| m.name == name)
+    {
+        return Err(Error::config(format!(
+            "`{name}` is the name of a standard module: choose another `name` in the manifest"
+        )));
+    }
+    let trusted = TrustedKeys::load(&registry.dir().join("trusted-keys"))?;
+    registry.publish(
+        rt_or_sandbox.sandbox(),
+        &trusted,
+        Publication {
+            wasm,
+            manifest_toml,
+            signature: signature.map(str::as_bytes),
+        },
+    )
+}
+
+/// What publishing needs from its caller: a sandbox to validate and
+/// precompile with, and the paths (to see the standard modules).
+pub trait PublishHost {
+    /// The sandbox.
+    fn sandbox(&self) -> &crate::sandbox::Sandbox;
+    /// The paths.
+    fn paths(&self) -> &crate::Paths;
+}
+
+impl PublishHost for Runtime {
+    fn sandbox(&self) -> &crate::sandbox::Sandbox {
+        Runtime::sandbox(self)
+    }
+    fn paths(&self) -> &crate::Paths {
+        Runtime::paths(self)
+    }
+}
+
+/// A sandbox without a pool, for the CLI's `modules publish`.
+pub struct SandboxHost {
+    /// The sandbox.
+    pub sandbox: crate::sandbox::Sandbox,
+    /// The paths.
+    pub paths: crate::Paths,
+}
+
+impl PublishHost for SandboxHost {
+    fn sandbox(&self) -> &crate::sandbox::Sandbox {
+        &self.sandbox
+    }
+    fn paths(&self) -> &crate::Paths {
+        &self.paths
+    }
+}
