@@ -20,7 +20,16 @@ pub const MINILM: &str = "all-minilm-l6-v2";
 
 /// The shared runtime. Panics with the fix if the pool was not fetched.
 pub fn runtime() -> &'static Runtime {
-    static RT: OnceLock<Runtime> = OnceLock::new();
+    shared().as_ref()
+}
+
+/// The shared runtime as an `Arc`, for the server tests.
+pub fn runtime_arc() -> Arc<Runtime> {
+    shared().clone()
+}
+
+fn shared() -> &'static Arc<Runtime> {
+    static RT: OnceLock<Arc<Runtime>> = OnceLock::new();
     RT.get_or_init(|| {
         // Its fit-state directory is a scratch one: state that `make demo` or
         // an earlier eval left in `$TESSERA_HOME/state` must not change what
@@ -32,7 +41,7 @@ pub fn runtime() -> &'static Runtime {
             "the default pool must load (run `make setup`): {:?}",
             rt.pool_failures().iter().map(|e| e.to_string()).collect::<Vec<_>>()
         );
-        rt
+        Arc::new(rt)
     })
 }
 

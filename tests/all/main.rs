@@ -11,4 +11,5 @@ mod inference;
 mod library;
 mod pipeline;
 mod reference;
+mod serve;
 mod strategies;
