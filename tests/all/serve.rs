@@ -473,6 +473,19 @@ async fn hostile_published_modules_get_typed_errors_and_the_server_keeps_serving
     }
     let (status, _, v) = post(&client, &url, None, &chat(SMOL, "hi", 2)).await;
     assert_eq!(status, 200, "a member still answers: {v}");
+    // Three faults in a row quarantine a module: it is refused without
+    // running (no more CPU burnt on it), with a Retry-After.
+    for _ in 0..2 {
+        let (status, _, _) = post(&client, &url, None, &chat("crasher", "hi", 4)).await;
+        assert_eq!(status, 502);
+    }
+    let started = Instant::now();
+    let (status, headers, v) = post(&client, &url, None, &chat("crasher", "hi", 4)).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "module_quarantined");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "{retry}");
     srv.stop().await;
 }
 

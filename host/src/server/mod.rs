@@ -31,6 +31,7 @@
 //! follows in one chunk; SSE keep-alive comments flow meanwhile.
 
 pub mod admission;
+pub mod breaker;
 pub mod openai;
 
 use std::collections::HashMap;
@@ -77,6 +78,11 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Largest request body (module uploads included).
     pub max_body_bytes: usize,
+    /// Consecutive module faults (fuel, memory, deadline, trap, ...) after
+    /// which a module is quarantined ([`breaker`]).
+    pub quarantine_after: u32,
+    /// The first quarantine; it doubles per relapse, up to ten minutes.
+    pub quarantine: Duration,
 }
 
 impl Default for ServeConfig {
@@ -88,6 +94,8 @@ impl Default for ServeConfig {
             request_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             max_body_bytes: 64 << 20,
+            quarantine_after: 3,
+            quarantine: Duration::from_secs(30),
         }
     }
 }
@@ -221,6 +229,7 @@ pub struct AppState {
     modules: Mutex<HashMap<String, Arc<Module>>>,
     draining: AtomicBool,
     next_id: AtomicU64,
+    breaker: breaker::Breaker,
 }
 
 impl AppState {
@@ -228,6 +237,7 @@ impl AppState {
     pub fn new(rt: Arc<Runtime>, registry: Arc<Registry>, cfg: ServeConfig) -> Self {
         AppState {
             admission: Admission::new(cfg.max_inflight, cfg.max_queue),
+            breaker: breaker::Breaker::new(cfg.quarantine_after, cfg.quarantine, Duration::from_secs(600)),
             rt,
             registry,
             cfg,
@@ -544,7 +554,21 @@ fn resolve(st: &AppState, policy: &TenantPolicy, model: &str, need: &str) -> Res
         }
     }
     match st.system(model)? {
-        Some(m) => Ok(Target::System(m)),
+        Some(m) => {
+            if let Some(left) = st.breaker.check(&m.sha256) {
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "module_error",
+                    "module_quarantined",
+                    &format!(
+                        "system `{model}` keeps failing inside its sandbox and is quarantined for {left} s; its publisher should fix it"
+                    ),
+                );
+                e.retry_after = Some(left);
+                return Err(e);
+            }
+            Ok(Target::System(m))
+        }
         None => Err(ApiError::not_found(
             "model_not_found",
             &format!("no member or system `{model}`: GET /v1/models lists them"),
@@ -672,7 +696,9 @@ async fn run_target(
                 config: ask.config.clone(),
             };
             let members: Option<Vec<String>> = (!policy.members.iter().any(|m| m == "*")).then(|| policy.members.clone());
-            let out = st.rt.run_with_members(module, req, members.as_deref()).await?;
+            let out = st.rt.run_with_members(module, req, members.as_deref()).await;
+            st.breaker.record(&module.sha256, out.as_ref().map(|_| ()));
+            let out = out?;
             Ok(Done {
                 provenance: system_provenance(&out),
                 text: out.text.clone(),

@@ -1,0 +1,125 @@
+//! Quarantine for modules that keep breaking.
+//!
+//! The sandbox already stops a hostile module (fuel, memory, deadline,
+//! trap), but stopping it is not free: an infinite loop burns a core until
+//! its deadline, on every request. A tenant that sends such requests in a
+//! loop would take CPU from everyone else. So the server counts, per module
+//! (by sha256), consecutive failures that are the module's fault; after
+//! `threshold` of them the module is quarantined: requests for it are
+//! refused with a 503 and `Retry-After` without running it. The
+//! quarantine doubles on each relapse up to `max`, and one success clears
+//! the record.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::Error;
+
+struct Record {
+    consecutive: u32,
+    strikes: u32,
+    until: Option<Instant>,
+}
+
+/// The breaker.
+pub struct Breaker {
+    threshold: u32,
+    base: Duration,
+    max: Duration,
+    records: Mutex<HashMap<String, Record>>,
+}
+
+/// Whether an error is the module's own doing (as opposed to the caller's
+/// or the host's).
+pub fn module_fault(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Fuel { .. }
+            | Error::Memory { .. }
+            | Error::Stack { .. }
+            | Error::Trap { .. }
+            | Error::Deadline { .. }
+            | Error::Budget { .. }
+    )
+}
+
+impl Breaker {
+    /// Quarantine after `threshold` consecutive faults, for `base`, doubling
+    /// per relapse up to `max`.
+    pub fn new(threshold: u32, base: Duration, max: Duration) -> Self {
+        Breaker {
+            threshold: threshold.max(1),
+            base,
+            max,
+            records: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(seconds left)` while `module` is quarantined.
+    pub fn check(&self, module: &str) -> Option<u64> {
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let until = records.get(module)?.until?;
+        let left = until.checked_duration_since(Instant::now())?;
+        Some(left.as_secs().max(1))
+    }
+
+    /// Records how a run of `module` ended.
+    pub fn record(&self, module: &str, result: Result<(), &Error>) {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) => {
+                records.remove(module);
+            }
+            Err(e) if module_fault(e) => {
+                let r = records.entry(module.to_string()).or_insert(Record {
+                    consecutive: 0,
+                    strikes: 0,
+                    until: None,
+                });
+                r.consecutive += 1;
+                if r.consecutive >= self.threshold {
+                    let factor = 1u32 << r.strikes.min(16);
+                    r.until = Some(Instant::now() + (self.base * factor).min(self.max));
+                    r.strikes += 1;
+                    r.consecutive = 0;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_faults_quarantine_and_a_success_clears() {
+        let b = Breaker::new(3, Duration::from_secs(30), Duration::from_secs(600));
+        let fuel = Error::Fuel { limit: 1 };
+        let caller = Error::InvalidParams { message: "x".into() };
+        b.record("m", Err(&fuel));
+        b.record("m", Err(&caller)); // not the module's fault: not counted
+        b.record("m", Err(&fuel));
+        assert_eq!(b.check("m"), None);
+        b.record("m", Err(&fuel));
+        let left = b.check("m").expect("quarantined");
+        assert!((29..=30).contains(&left), "{left}");
+        assert_eq!(b.check("other"), None);
+        b.record("m", Ok(()));
+        assert_eq!(b.check("m"), None);
+    }
+
+    #[test]
+    fn relapses_double_the_quarantine_up_to_the_cap() {
+        let b = Breaker::new(1, Duration::from_secs(30), Duration::from_secs(100));
+        let trap = Error::Trap { message: "x".into() };
+        b.record("m", Err(&trap));
+        assert!(b.check("m").unwrap() <= 30);
+        b.record("m", Err(&trap));
+        assert!(b.check("m").unwrap() > 30);
+        b.record("m", Err(&trap));
+        assert!(b.check("m").unwrap() <= 100);
+    }
+}
