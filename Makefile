@@ -82,6 +82,7 @@ bench: setup
 	$(CARGO) bench -p tessera --profile dev --bench sandbox
 	$(CARGO) bench -p tessera --profile dev --bench fanout
 	$(CARGO) bench -p tessera --profile dev --bench speed
+	$(CARGO) bench -p tessera --profile dev --bench serve_load
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -34,7 +34,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = Arc::new(AppState::new(rt, registry, cfg));
+        let state = Arc::new(AppState::new(rt, registry, cfg).expect("server state"));
         let task = tokio::spawn(server::serve(state, listener, async {
             let _ = rx.await;
         }));

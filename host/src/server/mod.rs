@@ -32,6 +32,7 @@
 
 pub mod admission;
 pub mod breaker;
+pub mod guests;
 pub mod openai;
 
 use std::collections::HashMap;
@@ -230,12 +231,17 @@ pub struct AppState {
     draining: AtomicBool,
     next_id: AtomicU64,
     breaker: breaker::Breaker,
+    guests: guests::Guests,
 }
 
 impl AppState {
     /// State over a runtime and a registry.
-    pub fn new(rt: Arc<Runtime>, registry: Arc<Registry>, cfg: ServeConfig) -> Self {
-        AppState {
+    pub fn new(rt: Arc<Runtime>, registry: Arc<Registry>, cfg: ServeConfig) -> Result<Self, Error> {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let guests = guests::Guests::start(threads)
+            .map_err(|e| Error::config(format!("cannot start the module runtime: {e}")))?;
+        Ok(AppState {
+            guests,
             admission: Admission::new(cfg.max_inflight, cfg.max_queue),
             breaker: breaker::Breaker::new(cfg.quarantine_after, cfg.quarantine, Duration::from_secs(600)),
             rt,
@@ -244,7 +250,7 @@ impl AppState {
             modules: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
-        }
+        })
     }
 
     fn id(&self, prefix: &str) -> String {
@@ -696,7 +702,12 @@ async fn run_target(
                 config: ask.config.clone(),
             };
             let members: Option<Vec<String>> = (!policy.members.iter().any(|m| m == "*")).then(|| policy.members.clone());
-            let out = st.rt.run_with_members(module, req, members.as_deref()).await;
+            let (rt, m) = (st.rt.clone(), module.clone());
+            let out = st
+                .guests
+                .run(async move { rt.run_with_members(&m, req, members.as_deref()).await })
+                .await
+                .map_err(|e| ApiError::from(Error::config(format!("the module runtime stopped: {e}"))))?;
             st.breaker.record(&module.sha256, out.as_ref().map(|_| ()));
             let out = out?;
             Ok(Done {

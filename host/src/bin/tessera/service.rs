@@ -216,7 +216,7 @@ pub async fn serve(args: ServeArgs) -> Result<String, Error> {
     // Tests and scripts read this line to find the port.
     println!("tessera: listening on http://{local}");
     let _ = std::io::stdout().flush();
-    let state = Arc::new(AppState::new(rt, registry, cfg));
+    let state = Arc::new(AppState::new(rt, registry, cfg)?);
     server::serve(state, listener, shutdown_signal()).await?;
     Ok("tessera: stopped".into())
 }

@@ -1,0 +1,251 @@
+//! Load and isolation figures for `tessera serve` (a load generator, not a
+//! criterion bench: what matters is latency percentiles under concurrency).
+//! Figures: benches/RESULTS.md. Run with `make bench` or
+//! `cargo bench -p tessera --profile dev --bench serve_load`.
+//!
+//! Everything runs over loopback against an in-process server on the real
+//! default pool, bounded in count:
+//!
+//! 1. **Load**: `CLIENTS` concurrent clients each send `PER_CLIENT` chat
+//!    requests (16 new tokens, greedy) round-robin over the three chat
+//!    members. Throughput, p50/p99 latency and errors.
+//! 2. **Isolation**: a benign tenant sends `BENIGN` short requests one after
+//!    another, first alone, then while a hostile tenant hammers the server
+//!    with published hostile modules (an infinite loop and a memory bomb)
+//!    from `HAMMERS` concurrent loops. Run twice: with the quarantine
+//!    breaker as shipped, and with it disabled, to show what it buys.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tessera::policy::Policy;
+use tessera::pool::PoolConfig;
+use tessera::registry::tenants::TenantPolicy;
+use tessera::registry::Registry;
+use tessera::server::{self, AppState, ServeConfig};
+use tessera::{Paths, Runtime};
+
+const CLIENTS: usize = 8;
+const PER_CLIENT: usize = 6;
+const BENIGN: usize = 40;
+const HAMMERS: usize = 4;
+const MEMBERS: [&str; 3] = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"];
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn stats(mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    (percentile(&ms, 50.0), percentile(&ms, 99.0))
+}
+
+async fn chat(client: &reqwest::Client, base: &str, key: &str, model: &str, prompt: &str, max_tokens: u32) -> (u16, f64) {
+    let started = Instant::now();
+    let body = json!({ "model": model, "messages": [{ "role": "user", "content": prompt }],
+                       "max_tokens": max_tokens, "temperature": 0 });
+    let status = match client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            let _ = r.bytes().await;
+            s
+        }
+        Err(_) => 0,
+    };
+    (status, started.elapsed().as_secs_f64() * 1000.0)
+}
+
+struct Served {
+    base: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start(rt: Arc<Runtime>, registry: Arc<Registry>, cfg: ServeConfig) -> Served {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let state = Arc::new(AppState::new(rt, registry, cfg).expect("server state"));
+    tokio::spawn(server::serve(state, listener, async {
+        let _ = rx.await;
+    }));
+    Served { base, stop }
+}
+
+async fn benign_run(client: &reqwest::Client, base: &str, key: &str) -> (Vec<f64>, usize) {
+    let mut ms = Vec::new();
+    let mut errors = 0;
+    for i in 0..BENIGN {
+        let (status, t) = chat(client, base, key, MEMBERS[0], &format!("Give one word for the number {i}."), 8).await;
+        if status == 200 {
+            ms.push(t);
+        } else {
+            errors += 1;
+        }
+    }
+    (ms, errors)
+}
+
+async fn isolation(rt: Arc<Runtime>, quarantine_after: u32, label: &str) {
+    let dir = std::env::temp_dir().join(format!("tessera-bench-iso-{}-{quarantine_after}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let registry = Arc::new(Registry::open(&dir).expect("registry"));
+    let paths = Paths::from_env();
+    for (src, name) in [("infinite-loop", "spinner"), ("memory-bomb", "bomber")] {
+        let wasm = paths.modules.join("hostile").join(format!("{src}.wasm"));
+        let text = std::fs::read_to_string(wasm.with_extension("toml")).expect("hostile manifest (make setup)");
+        let mut man: toml::Table = toml::from_str(&text).expect("manifest");
+        man.insert("name".into(), toml::Value::String(name.into()));
+        server::publish_checked(
+            &registry,
+            rt.as_ref(),
+            &std::fs::read(&wasm).expect("hostile module"),
+            &toml::to_string(&man).expect("toml"),
+            None,
+        )
+        .expect("publish");
+    }
+    let open = TenantPolicy {
+        requests_per_minute: 0,
+        tokens_per_day: 0,
+        max_concurrent: 0,
+        ..TenantPolicy::default()
+    };
+    let benign = registry.add_tenant("benign", &open).expect("tenant");
+    let hostile = registry
+        .add_tenant(
+            "hostile",
+            &TenantPolicy {
+                max_concurrent: 2,
+                ..open.clone()
+            },
+        )
+        .expect("tenant");
+    let served = start(
+        rt,
+        registry,
+        ServeConfig {
+            quarantine_after,
+            ..ServeConfig::default()
+        },
+    )
+    .await;
+    let client = reqwest::Client::new();
+    // Warm-up (compiles, caches) then the benign tenant alone.
+    let _ = benign_run(&client, &served.base, &benign).await;
+    let (alone, alone_err) = benign_run(&client, &served.base, &benign).await;
+    // Now with the hostile tenant hammering.
+    let stop = Arc::new(AtomicBool::new(false));
+    let hostile_sent = Arc::new(AtomicU64::new(0));
+    let mut hammers = Vec::new();
+    for h in 0..HAMMERS {
+        let (client, base, key, stop, sent) =
+            (client.clone(), served.base.clone(), hostile.clone(), stop.clone(), hostile_sent.clone());
+        hammers.push(tokio::spawn(async move {
+            let mut codes = std::collections::BTreeMap::<u16, u64>::new();
+            while !stop.load(Ordering::Relaxed) {
+                let model = if h % 2 == 0 { "spinner" } else { "bomber" };
+                let (status, _) = chat(&client, &base, &key, model, "x", 4).await;
+                *codes.entry(status).or_default() += 1;
+                sent.fetch_add(1, Ordering::Relaxed);
+                if status == 429 || status == 503 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            codes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (loaded, loaded_err) = benign_run(&client, &served.base, &benign).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut codes = std::collections::BTreeMap::<u16, u64>::new();
+    for h in hammers {
+        if let Ok(c) = h.await {
+            for (k, v) in c {
+                *codes.entry(k).or_default() += v;
+            }
+        }
+    }
+    let _ = served.stop.send(());
+    let (a50, a99) = stats(alone);
+    let (l50, l99) = stats(loaded);
+    println!(
+        "isolation [{label}]: benign alone p50 {a50:.0} ms p99 {a99:.0} ms ({alone_err} errors); \
+         with {HAMMERS} hostile loops p50 {l50:.0} ms p99 {l99:.0} ms ({loaded_err} errors); \
+         p99 ratio {:.2}x; hostile requests {} with statuses {codes:?}",
+        l99 / a99,
+        hostile_sent.load(Ordering::Relaxed)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn load(rt: Arc<Runtime>) {
+    let dir = std::env::temp_dir().join(format!("tessera-bench-load-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let registry = Arc::new(Registry::open(&dir).expect("registry"));
+    let served = start(rt, registry, ServeConfig::default()).await;
+    let client = reqwest::Client::new();
+    let _ = chat(&client, &served.base, "-", MEMBERS[0], "warm up", 2).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let (client, base) = (client.clone(), served.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..PER_CLIENT {
+                let model = MEMBERS[(c + i) % MEMBERS.len()];
+                out.push(chat(&client, &base, "-", model, &format!("Write a sentence about the number {}.", c * 100 + i), 16).await);
+            }
+            out
+        }));
+    }
+    let mut ms = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        for (status, t) in t.await.unwrap_or_default() {
+            if status == 200 {
+                ms.push(t);
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let n = ms.len();
+    let (p50, p99) = stats(ms);
+    println!(
+        "load: {CLIENTS} clients x {PER_CLIENT} chat requests (16 tokens, 3 members, max_inflight 4): \
+         {n} ok, {errors} errors in {wall:.1} s = {:.2} req/s, p50 {p50:.0} ms, p99 {p99:.0} ms",
+        n as f64 / wall
+    );
+    let _ = served.stop.send(());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is accepted and ignored.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    rt.block_on(async {
+        let runtime = Arc::new(
+            Runtime::new(Paths::from_env(), &PoolConfig::default_pool(), Policy::default()).expect("runtime"),
+        );
+        assert!(runtime.pool_failures().is_empty(), "run `make setup` first");
+        load(runtime.clone()).await;
+        isolation(runtime.clone(), 3, "quarantine after 3 faults (as shipped)").await;
+        isolation(runtime, u32::MAX, "quarantine off").await;
+    });
+}
