@@ -540,3 +540,51 @@ async fn a_member_whose_file_is_missing_is_unavailable_and_the_rest_serve() {
     assert_eq!(status, 200, "{v}");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn admins_publish_and_remove_over_http_and_others_may_not() {
+    use base64::Engine as _;
+    let dir = scratch("serve-http-publish");
+    let registry = Arc::new(Registry::open(&dir.join("registry")).unwrap());
+    let admin = registry
+        .add_tenant(
+            "ops",
+            &TenantPolicy {
+                admin: true,
+                requests_per_minute: 0,
+                ..TenantPolicy::default()
+            },
+        )
+        .unwrap();
+    let user = registry.add_tenant("user", &TenantPolicy::default()).unwrap();
+    let srv = TestServer::start(runtime_arc(), registry.clone(), cfg()).await;
+    let client = reqwest::Client::new();
+    let (wasm, man) = renamed(&installed("first-responder"), "http-responder", &dir);
+    let upload = json!({
+        "wasm_base64": base64::engine::general_purpose::STANDARD.encode(std::fs::read(&wasm).unwrap()),
+        "manifest": std::fs::read_to_string(&man).unwrap(),
+    });
+    let url = srv.url("/v1/tessera/modules");
+    let (status, _, v) = post(&client, &url, Some(&user), &upload).await;
+    assert_eq!(status, 403, "{v}");
+    let (status, _, v) = post(&client, &url, Some(&admin), &json!({ "wasm_base64": "!!", "manifest": "" })).await;
+    assert_eq!(status, 400, "{v}");
+    let (status, _, v) = post(&client, &url, Some(&admin), &upload).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["name"], "http-responder");
+    // Served at once, to anyone allowed.
+    let (status, _, v) = post(&client, &srv.url("/v1/chat/completions"), Some(&user), &chat("http-responder", "Capital of France?", 6)).await;
+    assert_eq!(status, 200, "{v}");
+    let del = |key: &str| {
+        client
+            .delete(srv.url("/v1/tessera/modules/http-responder"))
+            .bearer_auth(key.to_string())
+            .send()
+    };
+    assert_eq!(del(&user).await.unwrap().status().as_u16(), 403);
+    assert_eq!(del(&admin).await.unwrap().status().as_u16(), 200);
+    assert_eq!(del(&admin).await.unwrap().status().as_u16(), 404);
+    let (status, _, v) = post(&client, &srv.url("/v1/chat/completions"), Some(&user), &chat("http-responder", "hi", 2)).await;
+    assert_eq!(status, 404, "{v}");
+    srv.stop().await;
+}
