@@ -46,7 +46,14 @@ fn stats(mut ms: Vec<f64>) -> (f64, f64) {
     (percentile(&ms, 50.0), percentile(&ms, 99.0))
 }
 
-async fn chat(client: &reqwest::Client, base: &str, key: &str, model: &str, prompt: &str, max_tokens: u32) -> (u16, f64) {
+async fn chat(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+) -> (u16, f64) {
     let started = Instant::now();
     let body = json!({ "model": model, "messages": [{ "role": "user", "content": prompt }],
                        "max_tokens": max_tokens, "temperature": 0 });
@@ -87,7 +94,15 @@ async fn benign_run(client: &reqwest::Client, base: &str, key: &str) -> (Vec<f64
     let mut ms = Vec::new();
     let mut errors = 0;
     for i in 0..BENIGN {
-        let (status, t) = chat(client, base, key, MEMBERS[0], &format!("Give one word for the number {i}."), 8).await;
+        let (status, t) = chat(
+            client,
+            base,
+            key,
+            MEMBERS[0],
+            &format!("Give one word for the number {i}."),
+            8,
+        )
+        .await;
         if status == 200 {
             ms.push(t);
         } else {
@@ -150,8 +165,13 @@ async fn isolation(rt: Arc<Runtime>, quarantine_after: u32, label: &str) {
     let hostile_sent = Arc::new(AtomicU64::new(0));
     let mut hammers = Vec::new();
     for h in 0..HAMMERS {
-        let (client, base, key, stop, sent) =
-            (client.clone(), served.base.clone(), hostile.clone(), stop.clone(), hostile_sent.clone());
+        let (client, base, key, stop, sent) = (
+            client.clone(),
+            served.base.clone(),
+            hostile.clone(),
+            stop.clone(),
+            hostile_sent.clone(),
+        );
         hammers.push(tokio::spawn(async move {
             let mut codes = std::collections::BTreeMap::<u16, u64>::new();
             while !stop.load(Ordering::Relaxed) {
@@ -205,7 +225,17 @@ async fn load(rt: Arc<Runtime>) {
             let mut out = Vec::new();
             for i in 0..PER_CLIENT {
                 let model = MEMBERS[(c + i) % MEMBERS.len()];
-                out.push(chat(&client, &base, "-", model, &format!("Write a sentence about the number {}.", c * 100 + i), 16).await);
+                out.push(
+                    chat(
+                        &client,
+                        &base,
+                        "-",
+                        model,
+                        &format!("Write a sentence about the number {}.", c * 100 + i),
+                        16,
+                    )
+                    .await,
+                );
             }
             out
         }));
@@ -240,9 +270,8 @@ fn main() {
         .build()
         .expect("tokio");
     rt.block_on(async {
-        let runtime = Arc::new(
-            Runtime::new(Paths::from_env(), &PoolConfig::default_pool(), Policy::default()).expect("runtime"),
-        );
+        let runtime =
+            Arc::new(Runtime::new(Paths::from_env(), &PoolConfig::default_pool(), Policy::default()).expect("runtime"));
         assert!(runtime.pool_failures().is_empty(), "run `make setup` first");
         load(runtime.clone()).await;
         isolation(runtime.clone(), 3, "quarantine after 3 faults (as shipped)").await;

@@ -69,7 +69,12 @@ fn chat(model: &str, prompt: &str, max_tokens: u32) -> Value {
     json!({ "model": model, "messages": [{ "role": "user", "content": prompt }], "max_tokens": max_tokens, "temperature": 0 })
 }
 
-async fn post(client: &reqwest::Client, url: &str, key: Option<&str>, body: &Value) -> (u16, reqwest::header::HeaderMap, Value) {
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let mut req = client.post(url).json(body);
     if let Some(k) = key {
         req = req.bearer_auth(k);
@@ -166,7 +171,15 @@ fn installed(name: &str) -> PathBuf {
 fn the_official_openai_python_client_works_against_tessera_serve() {
     let dir = scratch("serve-openai");
     let reg = dir.join("registry");
-    let (ok, out, err) = cli(&["tenants", "add", "app", "--rpm", "0", "--registry", reg.to_str().unwrap()]);
+    let (ok, out, err) = cli(&[
+        "tenants",
+        "add",
+        "app",
+        "--rpm",
+        "0",
+        "--registry",
+        reg.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let key = out.lines().next().unwrap().trim().to_string();
     assert!(key.starts_with("tsk-"), "{out}");
@@ -178,7 +191,10 @@ fn the_official_openai_python_client_works_against_tessera_serve() {
         .status()
         .expect("python runs");
     terminate(child);
-    assert!(status.success(), "the openai client checks failed (see their output above)");
+    assert!(
+        status.success(),
+        "the openai client checks failed (see their output above)"
+    );
 }
 
 #[test]
@@ -229,7 +245,11 @@ fn publish_serve_restart_remove_through_the_cli() {
     assert!(ok);
     let (ok, _, err) = cli(&["modules", "remove", "team-vote", "--registry", r]);
     assert!(!ok && err.contains("no published module"), "{err}");
-    assert_eq!(std::fs::read_dir(reg.join("blobs")).unwrap().count(), 0, "the blob went with the row");
+    assert_eq!(
+        std::fs::read_dir(reg.join("blobs")).unwrap().count(),
+        0,
+        "the blob went with the row"
+    );
 }
 
 fn mkdir(p: PathBuf) -> PathBuf {
@@ -245,14 +265,26 @@ fn signatures_are_required_once_a_publisher_key_is_trusted() {
     let prefix = dir.join("alice");
     let (ok, _, err) = cli(&["modules", "keygen", "--out", prefix.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let (ok, out, err) = cli(&["modules", "trust", dir.join("alice.pub").to_str().unwrap(), "--registry", r]);
+    let (ok, out, err) = cli(&[
+        "modules",
+        "trust",
+        dir.join("alice.pub").to_str().unwrap(),
+        "--registry",
+        r,
+    ]);
     assert!(ok && out.contains("1 trusted key"), "{out} {err}");
     let (wasm, _) = renamed(&installed("majority-vote"), "alice-vote", &dir);
     // Unsigned: refused.
     let (ok, _, err) = cli(&["modules", "publish", wasm.to_str().unwrap(), "--registry", r]);
     assert!(!ok && err.contains("only signed modules"), "{err}");
     // Signed: accepted, and the key is recorded.
-    let (ok, _, err) = cli(&["modules", "sign", wasm.to_str().unwrap(), "--key", dir.join("alice.key").to_str().unwrap()]);
+    let (ok, _, err) = cli(&[
+        "modules",
+        "sign",
+        wasm.to_str().unwrap(),
+        "--key",
+        dir.join("alice.key").to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let (ok, out, err) = cli(&["modules", "publish", wasm.to_str().unwrap(), "--registry", r]);
     assert!(ok && out.contains("signed by"), "{out} {err}");
@@ -369,7 +401,12 @@ async fn tenants_need_keys_and_meet_their_quotas_and_allow_lists() {
         .json()
         .await
         .unwrap();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec![SMOL, "first-responder"], "{models}");
 
     // Requests per minute: 2 refusals above already counted nothing (they
@@ -418,7 +455,13 @@ async fn a_saturated_server_answers_503_at_once_instead_of_queueing_without_boun
         let (client, url) = (client.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             let started = Instant::now();
-            let r = post(&client, &url, None, &chat(QWEN, &format!("Write a long story about the number {i}."), 24)).await;
+            let r = post(
+                &client,
+                &url,
+                None,
+                &chat(QWEN, &format!("Write a long story about the number {i}."), 24),
+            )
+            .await;
             (r.0, r.1, started.elapsed())
         }));
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -446,7 +489,11 @@ async fn hostile_published_modules_get_typed_errors_and_the_server_keeps_serving
     let dir = scratch("serve-hostile");
     let registry = Arc::new(Registry::open(&dir.join("registry")).unwrap());
     let rt = runtime_arc();
-    for (src, name) in [("infinite-loop", "spinner"), ("memory-bomb", "bomber"), ("trap", "crasher")] {
+    for (src, name) in [
+        ("infinite-loop", "spinner"),
+        ("memory-bomb", "bomber"),
+        ("trap", "crasher"),
+    ] {
         let (wasm, man) = renamed(&hostile_path(src), name, &dir);
         server::publish_checked(
             &registry,
@@ -529,10 +576,25 @@ async fn a_member_whose_file_is_missing_is_unavailable_and_the_rest_serve() {
     let registry = Arc::new(Registry::open(&dir).unwrap());
     let srv = TestServer::start(rt, registry, cfg()).await;
     let client = reqwest::Client::new();
-    let models: Value = client.get(srv.url("/v1/models")).send().await.unwrap().json().await.unwrap();
-    let ghost = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "ghost").expect("listed");
+    let models: Value = client
+        .get(srv.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ghost = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "ghost")
+        .expect("listed");
     assert_eq!(ghost["tessera"]["status"], "unavailable", "{ghost}");
-    assert!(ghost["tessera"]["reason"].as_str().unwrap().contains("missing"), "{ghost}");
+    assert!(
+        ghost["tessera"]["reason"].as_str().unwrap().contains("missing"),
+        "{ghost}"
+    );
     let (status, _, v) = post(&client, &srv.url("/v1/chat/completions"), None, &chat("ghost", "hi", 2)).await;
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["error"]["code"], "member_unavailable");
@@ -567,13 +629,25 @@ async fn admins_publish_and_remove_over_http_and_others_may_not() {
     let url = srv.url("/v1/tessera/modules");
     let (status, _, v) = post(&client, &url, Some(&user), &upload).await;
     assert_eq!(status, 403, "{v}");
-    let (status, _, v) = post(&client, &url, Some(&admin), &json!({ "wasm_base64": "!!", "manifest": "" })).await;
+    let (status, _, v) = post(
+        &client,
+        &url,
+        Some(&admin),
+        &json!({ "wasm_base64": "!!", "manifest": "" }),
+    )
+    .await;
     assert_eq!(status, 400, "{v}");
     let (status, _, v) = post(&client, &url, Some(&admin), &upload).await;
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["name"], "http-responder");
     // Served at once, to anyone allowed.
-    let (status, _, v) = post(&client, &srv.url("/v1/chat/completions"), Some(&user), &chat("http-responder", "Capital of France?", 6)).await;
+    let (status, _, v) = post(
+        &client,
+        &srv.url("/v1/chat/completions"),
+        Some(&user),
+        &chat("http-responder", "Capital of France?", 6),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     let del = |key: &str| {
         client
@@ -584,7 +658,13 @@ async fn admins_publish_and_remove_over_http_and_others_may_not() {
     assert_eq!(del(&user).await.unwrap().status().as_u16(), 403);
     assert_eq!(del(&admin).await.unwrap().status().as_u16(), 200);
     assert_eq!(del(&admin).await.unwrap().status().as_u16(), 404);
-    let (status, _, v) = post(&client, &srv.url("/v1/chat/completions"), Some(&user), &chat("http-responder", "hi", 2)).await;
+    let (status, _, v) = post(
+        &client,
+        &srv.url("/v1/chat/completions"),
+        Some(&user),
+        &chat("http-responder", "hi", 2),
+    )
+    .await;
     assert_eq!(status, 404, "{v}");
     srv.stop().await;
 }

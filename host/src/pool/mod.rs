@@ -413,7 +413,9 @@ impl Models for Pool {
         params: GenParams,
         mut sink: TextSink,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
-        self.dispatch(ctx, model, move |b| b.generate_streaming(ctx, &input, &params, &mut sink))
+        self.dispatch(ctx, model, move |b| {
+            b.generate_streaming(ctx, &input, &params, &mut sink)
+        })
     }
 
     fn score(

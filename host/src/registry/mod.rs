@@ -215,8 +215,11 @@ impl Registry {
         trusted: &signing::TrustedKeys,
         p: Publication<'_>,
     ) -> Result<Entry, Error> {
-        let manifest: Manifest = toml::from_str(p.manifest_toml)
-            .map_err(|e| Error::config(format!("module manifest: {e} (see modules/*/manifest.toml for examples)")))?;
+        let manifest: Manifest = toml::from_str(p.manifest_toml).map_err(|e| {
+            Error::config(format!(
+                "module manifest: {e} (see modules/*/manifest.toml for examples)"
+            ))
+        })?;
         check_name(&manifest.name)?;
         let publisher_key = trusted.check(p.wasm, p.signature)?;
         let sha256 = hex::encode(Sha256::digest(p.wasm));
@@ -265,7 +268,9 @@ impl Registry {
             let mut conn = self.conn();
             let tx = conn.transaction().map_err(db_err)?;
             let old: Option<String> = tx
-                .query_row("SELECT sha256 FROM modules WHERE name = ?1", [&entry.name], |r| r.get(0))
+                .query_row("SELECT sha256 FROM modules WHERE name = ?1", [&entry.name], |r| {
+                    r.get(0)
+                })
                 .optional()
                 .map_err(db_err)?;
             tx.execute(

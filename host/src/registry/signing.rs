@@ -24,8 +24,8 @@ pub struct TrustedKeys {
 }
 
 fn parse_hex<const N: usize>(text: &str, what: &str, file: &Path) -> Result<[u8; N], Error> {
-    let bytes = hex::decode(text.trim())
-        .map_err(|e| Error::config(format!("{}: not a hex {what}: {e}", file.display())))?;
+    let bytes =
+        hex::decode(text.trim()).map_err(|e| Error::config(format!("{}: not a hex {what}: {e}", file.display())))?;
     bytes.try_into().map_err(|b: Vec<u8>| {
         Error::config(format!(
             "{}: a {what} is {N} bytes, this is {} (make one with `tessera modules keygen`)",
@@ -151,7 +151,10 @@ mod tests {
         std::fs::write(&key_file, &secret).unwrap();
         let sig = sign(b"component bytes", &key_file).unwrap();
         let trusted = trusted_with(&public);
-        assert_eq!(trusted.check(b"component bytes", Some(sig.as_bytes())).unwrap(), Some(public));
+        assert_eq!(
+            trusted.check(b"component bytes", Some(sig.as_bytes())).unwrap(),
+            Some(public)
+        );
         let err = trusted.check(b"component bytez", Some(sig.as_bytes())).unwrap_err();
         assert!(err.to_string().contains("does not verify"), "{err}");
         let err = trusted.check(b"component bytes", None).unwrap_err();

@@ -73,7 +73,9 @@ pub fn day_of(unix: i64) -> i64 {
 impl Registry {
     /// Makes a tenant and returns its API key (shown once, never stored).
     pub fn add_tenant(&self, name: &str, policy: &TenantPolicy) -> Result<String, Error> {
-        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             return Err(Error::config(format!(
                 "tenant name `{name}`: use 1-64 characters of letters, digits, `-` and `_`"

@@ -80,7 +80,9 @@ impl Admission {
         let p = &tenant.policy;
         if p.tokens_per_day > 0 {
             let now = super::now_unix() as i64;
-            let used = registry.tokens_used(&tenant.name, day_of(now)).map_err(ApiError::from)?;
+            let used = registry
+                .tokens_used(&tenant.name, day_of(now))
+                .map_err(ApiError::from)?;
             if used >= p.tokens_per_day {
                 return Err(ApiError::rate_limited(
                     "tokens_per_day",
@@ -131,7 +133,10 @@ impl Admission {
         let permit = gate.concurrent.clone().try_acquire_owned().map_err(|_| {
             ApiError::rate_limited(
                 "max_concurrent",
-                &format!("tenant `{}` already has {} requests in flight, its limit", tenant.name, limit),
+                &format!(
+                    "tenant `{}` already has {} requests in flight, its limit",
+                    tenant.name, limit
+                ),
                 1,
             )
         })?;

@@ -126,7 +126,12 @@ impl ApiError {
 
     /// A 400 about one request field.
     pub fn invalid(param: &str, message: &str) -> Self {
-        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request", message);
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+            message,
+        );
         e.param = Some(param.into());
         e
     }
@@ -140,13 +145,23 @@ impl ApiError {
 
     /// A 503 with `Retry-After: 1`.
     pub fn overloaded(message: &str) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_overloaded", "overloaded", message);
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_overloaded",
+            "overloaded",
+            message,
+        );
         e.retry_after = Some(1);
         e
     }
 
     fn unauthorized(message: &str) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+            message,
+        )
     }
 
     fn forbidden(message: &str) -> Self {
@@ -254,7 +269,11 @@ impl AppState {
     }
 
     fn id(&self, prefix: &str) -> String {
-        format!("{prefix}-{:x}{:06x}", now_unix(), self.next_id.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{prefix}-{:x}{:06x}",
+            now_unix(),
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     /// The caller's tenant. `Ok(None)`: open mode (no tenant exists yet).
@@ -268,10 +287,9 @@ impl AppState {
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim)
             .ok_or_else(|| ApiError::unauthorized("no API key: send `Authorization: Bearer <key>`"))?;
-        self.registry
-            .tenant_by_key(key)?
-            .map(Some)
-            .ok_or_else(|| ApiError::unauthorized("the API key is not valid: ask the operator for a key (`tessera tenants add`)"))
+        self.registry.tenant_by_key(key)?.map(Some).ok_or_else(|| {
+            ApiError::unauthorized("the API key is not valid: ask the operator for a key (`tessera tenants add`)")
+        })
     }
 
     fn policy_of(tenant: &Option<Tenant>) -> TenantPolicy {
@@ -289,7 +307,9 @@ impl AppState {
 
     async fn admit(&self, tenant: &Option<Tenant>) -> Result<Admitted, ApiError> {
         if self.draining.load(Ordering::SeqCst) {
-            return Err(ApiError::overloaded("the server is shutting down: retry on another instance"));
+            return Err(ApiError::overloaded(
+                "the server is shutting down: retry on another instance",
+            ));
         }
         self.admission
             .admit(tenant.as_ref(), &self.registry, self.cfg.request_timeout)
@@ -310,7 +330,7 @@ impl AppState {
             .into_iter()
             .filter_map(|m| {
                 let man = m.manifest.ok()?;
-                (man.world == World::Strategy).then(|| (m.name, man.author, man.description))
+                (man.world == World::Strategy).then_some((m.name, man.author, man.description))
             })
             .collect()
     }
@@ -371,7 +391,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/tessera/modules", get(modules_list).post(modules_publish))
         .route("/v1/tessera/modules/{name}", get(modules_show).delete(modules_remove))
-        .fallback(|| async { ApiError::not_found("not_found", "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings") })
+        .fallback(|| async {
+            ApiError::not_found(
+                "not_found",
+                "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings",
+            )
+        })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -646,9 +671,25 @@ async fn answer(st: Arc<AppState>, headers: HeaderMap, ask: Ask) -> Response {
             let id = st.id(if ask.chat { "chatcmpl" } else { "cmpl" });
             let usage = openai::usage(done.prompt, done.completion);
             let body = if ask.chat {
-                openai::chat_completion(&id, now_unix(), &ask.model, &done.text, done.finish, usage, done.provenance)
+                openai::chat_completion(
+                    &id,
+                    now_unix(),
+                    &ask.model,
+                    &done.text,
+                    done.finish,
+                    usage,
+                    done.provenance,
+                )
             } else {
-                openai::text_completion(&id, now_unix(), &ask.model, &done.text, done.finish, usage, done.provenance)
+                openai::text_completion(
+                    &id,
+                    now_unix(),
+                    &ask.model,
+                    &done.text,
+                    done.finish,
+                    usage,
+                    done.provenance,
+                )
             };
             Json(body).into_response()
         }
@@ -682,7 +723,11 @@ async fn run_target(
             let started = Instant::now();
             let models = st.rt.models();
             let g = match sink {
-                Some(s) => models.generate_stream(ctx, id, ask.input.clone(), ask.params.clone(), s).await,
+                Some(s) => {
+                    models
+                        .generate_stream(ctx, id, ask.input.clone(), ask.params.clone(), s)
+                        .await
+                }
                 None => models.generate(ctx, id, ask.input.clone(), ask.params.clone()).await,
             }
             .map_err(|e| ApiError::from(Error::from(e)))?;
@@ -701,7 +746,8 @@ async fn run_target(
                 params: ask.params.clone(),
                 config: ask.config.clone(),
             };
-            let members: Option<Vec<String>> = (!policy.members.iter().any(|m| m == "*")).then(|| policy.members.clone());
+            let members: Option<Vec<String>> =
+                (!policy.members.iter().any(|m| m == "*")).then(|| policy.members.clone());
             let (rt, m) = (st.rt.clone(), module.clone());
             let out = st
                 .guests
@@ -751,7 +797,15 @@ fn stream(
     let (id2, model2) = (id.clone(), model.clone());
     let sink: crate::inference::TextSink = Box::new(move |piece: &str| {
         pieces
-            .send(event(&openai::chunk(chat, &id2, created, &model2, Some(piece), false, None)))
+            .send(event(&openai::chunk(
+                chat,
+                &id2,
+                created,
+                &model2,
+                Some(piece),
+                false,
+                None,
+            )))
             .is_ok()
     });
     tokio::spawn(async move {
@@ -767,7 +821,15 @@ fn stream(
             Ok(done) => {
                 st.charge(&tenant, done.prompt + done.completion);
                 if !streams_itself {
-                    let _ = tx.send(event(&openai::chunk(chat, &id, created, &model, Some(&done.text), false, None)));
+                    let _ = tx.send(event(&openai::chunk(
+                        chat,
+                        &id,
+                        created,
+                        &model,
+                        Some(&done.text),
+                        false,
+                        None,
+                    )));
                 }
                 let mut last = openai::chunk(chat, &id, created, &model, None, false, Some(done.finish));
                 last["provenance"] = done.provenance;
@@ -796,7 +858,10 @@ async fn embeddings(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
         let req: openai::EmbeddingRequest = parse(&body)?;
         let texts = req.texts()?;
         if req.dimensions.is_some() {
-            return Err(ApiError::invalid("dimensions", "the embedding size is fixed by the model: leave `dimensions` unset"));
+            return Err(ApiError::invalid(
+                "dimensions",
+                "the embedding size is fixed by the model: leave `dimensions` unset",
+            ));
         }
         let base64 = match req.encoding_format.as_deref() {
             None | Some("float") => false,
@@ -811,7 +876,10 @@ async fn embeddings(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
         let tenant = st.authenticate(&headers)?;
         let policy = AppState::policy_of(&tenant);
         let Target::Member(id) = resolve(&st, &policy, &req.model, "embed")? else {
-            return Err(ApiError::invalid("model", "systems do not embed: use an embedding member"));
+            return Err(ApiError::invalid(
+                "model",
+                "systems do not embed: use an embedding member",
+            ));
         };
         let _admitted = st.admit(&tenant).await?;
         let ctx = CallCtx {
@@ -854,7 +922,9 @@ fn require_admin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if AppState::policy_of(&tenant).admin {
         Ok(())
     } else {
-        Err(ApiError::forbidden("only an admin key may publish or remove modules (`tessera tenants add NAME --admin`)"))
+        Err(ApiError::forbidden(
+            "only an admin key may publish or remove modules (`tessera tenants add NAME --admin`)",
+        ))
     }
 }
 
@@ -902,11 +972,20 @@ async fn modules_publish(
     let st2 = st.clone();
     // Validation and precompilation are CPU work: off the async threads.
     let entry = tokio::task::spawn_blocking(move || {
-        publish_checked(&st2.registry, st2.rt.as_ref(), &wasm, &up.manifest, up.signature.as_deref())
+        publish_checked(
+            &st2.registry,
+            st2.rt.as_ref(),
+            &wasm,
+            &up.manifest,
+            up.signature.as_deref(),
+        )
     })
     .await
     .map_err(|e| ApiError::from(Error::config(format!("publish task: {e}"))))??;
-    Ok((StatusCode::CREATED, Json(serde_json::to_value(&entry).unwrap_or(Value::Null))))
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::to_value(&entry).unwrap_or(Value::Null)),
+    ))
 }
 
 async fn modules_remove(
@@ -916,7 +995,10 @@ async fn modules_remove(
 ) -> Result<Json<Value>, ApiError> {
     require_admin(&st, &headers)?;
     if !st.registry.remove(&name)? {
-        return Err(ApiError::not_found("module_not_found", &format!("no published module `{name}`")));
+        return Err(ApiError::not_found(
+            "module_not_found",
+            &format!("no published module `{name}`"),
+        ));
     }
     st.modules.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
     Ok(Json(json!({ "removed": name })))

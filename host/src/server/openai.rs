@@ -70,9 +70,16 @@ impl Sampling {
     /// The host's decoding parameters, or a 400 naming the field.
     pub fn params(&self) -> Result<GenParams, ApiError> {
         if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid("n", "only n = 1 is supported: send one request per choice"));
+            return Err(ApiError::invalid(
+                "n",
+                "only n = 1 is supported: send one request per choice",
+            ));
         }
-        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != Value::Bool(false)) {
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
+        {
             return Err(ApiError::invalid(
                 "logprobs",
                 "this server does not return token log-probabilities: leave `logprobs` unset",
@@ -142,7 +149,10 @@ impl ChatRequest {
     /// The host's chat turns.
     pub fn messages(&self) -> Result<Vec<Message>, ApiError> {
         if self.messages.is_empty() {
-            return Err(ApiError::invalid("messages", "`messages` is empty: send at least one user message"));
+            return Err(ApiError::invalid(
+                "messages",
+                "`messages` is empty: send at least one user message",
+            ));
         }
         self.messages
             .iter()
@@ -164,7 +174,10 @@ impl ChatRequest {
                     Value::Array(parts) => {
                         let mut text = String::new();
                         for p in parts {
-                            match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                            match (
+                                p.get("type").and_then(Value::as_str),
+                                p.get("text").and_then(Value::as_str),
+                            ) {
                                 (Some("text"), Some(t)) => text.push_str(t),
                                 _ => {
                                     return Err(ApiError::invalid(
@@ -278,14 +291,25 @@ impl EmbeddingRequest {
             return Err(ApiError::invalid("input", "`input` is empty: send at least one text"));
         }
         if texts.len() > 256 {
-            return Err(ApiError::invalid("input", "at most 256 texts per request: split the batch"));
+            return Err(ApiError::invalid(
+                "input",
+                "at most 256 texts per request: split the batch",
+            ));
         }
         Ok(texts)
     }
 }
 
 /// A chat completion, as a JSON body.
-pub fn chat_completion(id: &str, created: u64, model: &str, text: &str, finish: &str, usage: Value, provenance: Value) -> Value {
+pub fn chat_completion(
+    id: &str,
+    created: u64,
+    model: &str,
+    text: &str,
+    finish: &str,
+    usage: Value,
+    provenance: Value,
+) -> Value {
     json!({
         "id": id,
         "object": "chat.completion",
@@ -303,7 +327,15 @@ pub fn chat_completion(id: &str, created: u64, model: &str, text: &str, finish: 
 }
 
 /// A text completion, as a JSON body.
-pub fn text_completion(id: &str, created: u64, model: &str, text: &str, finish: &str, usage: Value, provenance: Value) -> Value {
+pub fn text_completion(
+    id: &str,
+    created: u64,
+    model: &str,
+    text: &str,
+    finish: &str,
+    usage: Value,
+    provenance: Value,
+) -> Value {
     json!({
         "id": id,
         "object": "text_completion",
@@ -321,7 +353,15 @@ pub fn usage(prompt: u64, completion: u64) -> Value {
 }
 
 /// One streamed chunk of a chat (`delta`) or a completion (`text`).
-pub fn chunk(chat: bool, id: &str, created: u64, model: &str, piece: Option<&str>, role: bool, finish: Option<&str>) -> Value {
+pub fn chunk(
+    chat: bool,
+    id: &str,
+    created: u64,
+    model: &str,
+    piece: Option<&str>,
+    role: bool,
+    finish: Option<&str>,
+) -> Value {
     if chat {
         let mut delta = serde_json::Map::new();
         if role {

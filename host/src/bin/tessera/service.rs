@@ -211,7 +211,9 @@ pub async fn serve(args: ServeArgs) -> Result<String, Error> {
         .local_addr()
         .map_err(|e| Error::config(format!("listener: {e}")))?;
     if !registry.has_tenants()? {
-        eprintln!("warning: no tenants: serving without API keys (loopback only). `tessera tenants add NAME` turns keys on");
+        eprintln!(
+            "warning: no tenants: serving without API keys (loopback only). `tessera tenants add NAME` turns keys on"
+        );
     }
     // Tests and scripts read this line to find the port.
     println!("tessera: listening on http://{local}");
@@ -257,9 +259,7 @@ pub fn modules(cmd: ModulesCommand) -> Result<String, Error> {
                 e.version,
                 e.size,
                 e.sha256,
-                e.publisher_key
-                    .map(|k| format!(", signed by {k}"))
-                    .unwrap_or_default()
+                e.publisher_key.map(|k| format!(", signed by {k}")).unwrap_or_default()
             ))
         }
         ModulesCommand::List { json, registry } => {
@@ -267,7 +267,10 @@ pub fn modules(cmd: ModulesCommand) -> Result<String, Error> {
             if json {
                 return serde_json::to_string_pretty(&list).map_err(|e| Error::config(e.to_string()));
             }
-            let mut s = format!("{:<24} {:<10} {:<9} {:<16} description\n", "name", "world", "version", "sha256");
+            let mut s = format!(
+                "{:<24} {:<10} {:<9} {:<16} description\n",
+                "name", "world", "version", "sha256"
+            );
             for e in list {
                 s.push_str(&format!(
                     "{:<24} {:<10} {:<9} {:<16} {}\n",
@@ -293,7 +296,9 @@ pub fn modules(cmd: ModulesCommand) -> Result<String, Error> {
             if registry.open()?.remove(&name)? {
                 Ok(format!("removed {name}"))
             } else {
-                Err(Error::config(format!("no published module `{name}` (`tessera modules list`)")))
+                Err(Error::config(format!(
+                    "no published module `{name}` (`tessera modules list`)"
+                )))
             }
         }
         ModulesCommand::Keygen { out } => {
@@ -333,9 +338,12 @@ pub fn modules(cmd: ModulesCommand) -> Result<String, Error> {
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_else(|| "publisher.pub".into());
-            let dest = dir.join(if name.ends_with(".pub") { name } else { format!("{name}.pub") });
-            signing::check_public_key(&text)
-                .map_err(|e| Error::config(format!("{}: {e}", key.display())))?;
+            let dest = dir.join(if name.ends_with(".pub") {
+                name
+            } else {
+                format!("{name}.pub")
+            });
+            signing::check_public_key(&text).map_err(|e| Error::config(format!("{}: {e}", key.display())))?;
             let tmp = dest.with_extension("pub.tmp");
             std::fs::write(&tmp, text.trim()).map_err(|e| Error::config(format!("{}: {e}", tmp.display())))?;
             std::fs::rename(&tmp, &dest).map_err(|e| Error::config(format!("{}: {e}", dest.display())))?;
@@ -369,7 +377,9 @@ pub fn tenants(cmd: TenantsCommand) -> Result<String, Error> {
                 admin,
             };
             let key = registry.open()?.add_tenant(&name, &policy)?;
-            Ok(format!("{key}\n(tenant `{name}`: this key is shown once; only its hash is stored)"))
+            Ok(format!(
+                "{key}\n(tenant `{name}`: this key is shown once; only its hash is stored)"
+            ))
         }
         TenantsCommand::List { json, registry } => {
             let list = registry.open()?.tenants()?;
