@@ -11,5 +11,6 @@ mod inference;
 mod library;
 mod pipeline;
 mod reference;
+mod remote;
 mod serve;
 mod strategies;

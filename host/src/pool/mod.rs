@@ -24,6 +24,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::backends::remote::{RemoteConfig, RemoteMember};
 use crate::backends::{bert::BertEmbedder, gguf::GgufModel, Backend};
 use crate::inference::{
     CallCtx, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob,
@@ -49,6 +50,8 @@ pub enum BackendKind {
     Gguf,
     /// A BERT sentence embedder (Hugging Face directory).
     Bert,
+    /// A model behind an OpenAI-compatible HTTP API (`[member.remote]`).
+    Openai,
 }
 
 /// One member's declaration.
@@ -59,9 +62,13 @@ pub struct MemberConfig {
     pub id: String,
     /// Which backend runs it.
     pub backend: BackendKind,
-    /// File (GGUF) or directory (BERT), relative to the models directory.
+    /// File (GGUF) or directory (BERT), relative to the models directory
+    /// (empty for remote members).
+    #[serde(default)]
     pub path: PathBuf,
-    /// Expected sha256 of the file, or of `sha256_file` inside a directory.
+    /// Expected sha256 of the file, or of `sha256_file` inside a directory
+    /// (empty for remote members).
+    #[serde(default)]
     pub sha256: String,
     /// For directory members: which file inside it the sha256 covers.
     #[serde(default)]
@@ -71,6 +78,9 @@ pub struct MemberConfig {
     /// Where `tessera pool fetch` gets its files.
     #[serde(default)]
     pub fetch: Option<fetch::FetchSpec>,
+    /// For `backend = "openai"`: where and how to reach it.
+    #[serde(default)]
+    pub remote: Option<RemoteConfig>,
 }
 
 /// The human part of a contributor card; the technical part (architecture,
@@ -101,6 +111,19 @@ impl PoolConfig {
             if !seen.insert(m.id.as_str()) {
                 return Err(PoolError::Config(format!(
                     "member id `{}` appears twice: ids must be unique",
+                    m.id
+                )));
+            }
+            let remote = m.backend == BackendKind::Openai;
+            if remote != m.remote.is_some() {
+                return Err(PoolError::Config(format!(
+                    "member `{}`: `[member.remote]` goes with `backend = \"openai\"` and only with it",
+                    m.id
+                )));
+            }
+            if !remote && (m.path.as_os_str().is_empty() || m.sha256.is_empty()) {
+                return Err(PoolError::Config(format!(
+                    "member `{}`: a local member needs `path` and `sha256`",
                     m.id
                 )));
             }
@@ -163,10 +186,16 @@ impl PoolError {
 
 type Job = Box<dyn FnOnce(&mut Backend) + Send>;
 
-/// A member's worker: a thread owning the backend, fed through a queue.
+/// A member's worker: a thread owning the backend, fed through a queue; or,
+/// for a remote member, the client that calls it (concurrently).
 struct Worker {
     card: ModelCard,
-    queue: mpsc::Sender<Job>,
+    exec: Exec,
+}
+
+enum Exec {
+    Local(mpsc::Sender<Job>),
+    Remote(Arc<RemoteMember>),
 }
 
 impl Worker {
@@ -197,7 +226,15 @@ impl Worker {
             };
             let _ = tx.send(result);
         });
-        let sent = self.queue.send(job);
+        let sent = match &self.exec {
+            Exec::Local(queue) => queue.send(job).map_err(|_| ()),
+            // Remote members are called directly (see `Pool::remote`); a job
+            // for one is a capability it does not have.
+            Exec::Remote(_) => {
+                let what = "a remote member can only `generate` and `embed`: pick a local member for this call";
+                return Box::pin(async move { Err(InferenceError::Unsupported(what.into())) });
+            }
+        };
         Box::pin(async move {
             sent.map_err(|_| InferenceError::Failed("the member's worker has stopped".into()))?;
             rx.await
@@ -301,8 +338,33 @@ fn load_member(m: &MemberConfig, models_dir: &Path) -> Result<(Backend, ModelCar
             card.capabilities = vec!["embed".into()];
             Backend::Bert(Box::new(model))
         }
+        BackendKind::Openai => {
+            // Remote members are set up by `remote_member`, never here.
+            return Err(load_err("a remote member has no file to load".into()));
+        }
     };
     Ok((backend, card))
+}
+
+/// A remote member and its card (from the declaration: nothing is fetched
+/// at load, so an unreachable server does not stop the pool from starting).
+fn remote_member(m: &MemberConfig, r: RemoteConfig) -> Result<(ModelCard, Arc<RemoteMember>), PoolError> {
+    let member = RemoteMember::new(&m.id, r.clone()).map_err(|message| PoolError::Load {
+        id: m.id.clone(),
+        message,
+    })?;
+    let card = ModelCard {
+        id: m.id.clone(),
+        contributor: m.card.contributor.clone(),
+        description: m.card.description.clone(),
+        domains: m.card.domains.clone(),
+        architecture: format!("remote ({} at {})", r.model, r.url),
+        parameters: r.parameters,
+        context_length: r.context_length,
+        license: m.card.license.clone(),
+        capabilities: r.capabilities.clone(),
+    };
+    Ok((card, Arc::new(member)))
 }
 
 impl Pool {
@@ -310,8 +372,20 @@ impl Pool {
     /// members load in parallel). Members that fail are returned in
     /// [`Loaded::failures`]; the rest serve.
     pub fn load(config: &PoolConfig, models_dir: &Path) -> Loaded {
+        enum Pending {
+            Local(
+                std::io::Result<std::thread::JoinHandle<()>>,
+                mpsc::Receiver<Result<ModelCard, PoolError>>,
+                mpsc::Sender<Job>,
+            ),
+            Remote(Result<(ModelCard, Arc<RemoteMember>), PoolError>),
+        }
         let mut pending = Vec::new();
         for m in config.members.clone() {
+            if let Some(r) = &m.remote {
+                pending.push(Pending::Remote(remote_member(&m, r.clone())));
+                continue;
+            }
             let (ready_tx, ready_rx) = mpsc::channel::<Result<ModelCard, PoolError>>();
             let (queue, jobs) = mpsc::channel::<Job>();
             let dir = models_dir.to_path_buf();
@@ -331,12 +405,30 @@ impl Pool {
                     job(&mut backend);
                 }
             });
-            pending.push((spawned, ready_rx, queue));
+            pending.push(Pending::Local(spawned, ready_rx, queue));
         }
         let mut workers = BTreeMap::new();
         let mut order = Vec::new();
         let mut failures = Vec::new();
-        for (spawned, ready, queue) in pending {
+        for p in pending {
+            let (spawned, ready, queue) = match p {
+                Pending::Local(s, r, q) => (s, r, q),
+                Pending::Remote(Ok((card, member))) => {
+                    order.push(card.id.clone());
+                    workers.insert(
+                        card.id.clone(),
+                        Worker {
+                            card,
+                            exec: Exec::Remote(member),
+                        },
+                    );
+                    continue;
+                }
+                Pending::Remote(Err(e)) => {
+                    failures.push(e);
+                    continue;
+                }
+            };
             if let Err(e) = spawned {
                 failures.push(PoolError::Load {
                     id: "?".into(),
@@ -347,7 +439,13 @@ impl Pool {
             match ready.recv() {
                 Ok(Ok(card)) => {
                     order.push(card.id.clone());
-                    workers.insert(card.id.clone(), Worker { card, queue });
+                    workers.insert(
+                        card.id.clone(),
+                        Worker {
+                            card,
+                            exec: Exec::Local(queue),
+                        },
+                    );
                 }
                 Ok(Err(e)) => failures.push(e),
                 Err(_) => failures.push(PoolError::Load {
@@ -365,6 +463,13 @@ impl Pool {
     /// Member ids in declaration order.
     pub fn ids(&self) -> &[String] {
         &self.order
+    }
+
+    fn remote(&self, id: &str) -> Option<Arc<RemoteMember>> {
+        match &self.workers.get(id)?.exec {
+            Exec::Remote(r) => Some(r.clone()),
+            Exec::Local(_) => None,
+        }
     }
 
     fn worker(&self, id: &str) -> Result<&Worker, InferenceError> {
@@ -402,6 +507,9 @@ impl Models for Pool {
         input: Input,
         params: GenParams,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        if let Some(r) = self.remote(model) {
+            return Box::pin(async move { r.generate(ctx, input, params).await });
+        }
         self.dispatch(ctx, model, move |b| b.generate(ctx, &input, &params))
     }
 
@@ -413,6 +521,13 @@ impl Models for Pool {
         params: GenParams,
         mut sink: TextSink,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        if let Some(r) = self.remote(model) {
+            return Box::pin(async move {
+                let g = r.generate(ctx, input, params).await?;
+                sink(&g.text);
+                Ok(g)
+            });
+        }
         self.dispatch(ctx, model, move |b| {
             b.generate_streaming(ctx, &input, &params, &mut sink)
         })
@@ -444,6 +559,13 @@ impl Models for Pool {
         model: &str,
         texts: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
+        if let Some(r) = self.remote(model) {
+            if !r.config().capabilities.iter().any(|c| c == "embed") {
+                let what = format!("remote member `{model}` is not declared to `embed`");
+                return Box::pin(async move { Err(InferenceError::Unsupported(what)) });
+            }
+            return Box::pin(async move { r.embed(ctx, texts).await });
+        }
         self.dispatch(ctx, model, move |b| b.embed(ctx, &texts))
     }
 }

@@ -504,42 +504,37 @@ struct Ask {
     include_usage: bool,
 }
 
-async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let ask = (|| {
-        let req: openai::ChatRequest = parse(&body)?;
-        Ok::<_, ApiError>(Ask {
-            chat: true,
-            input: Input::Chat(req.messages()?),
-            params: req.sampling.params()?,
-            config: req.sampling.config(),
-            stream: req.sampling.stream,
-            include_usage: req.sampling.include_usage(),
-            model: req.model,
+impl Ask {
+    fn new(chat: bool, model: String, input: Input, sampling: &openai::Sampling) -> Result<Self, ApiError> {
+        Ok(Ask {
+            chat,
+            model,
+            input,
+            params: sampling.params()?,
+            config: sampling.config(),
+            stream: sampling.stream,
+            include_usage: sampling.include_usage(),
         })
-    })();
+    }
+}
+
+async fn respond(st: Arc<AppState>, headers: HeaderMap, ask: Result<Ask, ApiError>) -> Response {
     match ask {
         Ok(ask) => answer(st, headers, ask).await,
         Err(e) => e.into_response(),
     }
 }
 
+async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let ask = parse::<openai::ChatRequest>(&body)
+        .and_then(|req| Ask::new(true, req.model.clone(), Input::Chat(req.messages()?), &req.sampling));
+    respond(st, headers, ask).await
+}
+
 async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let ask = (|| {
-        let req: openai::CompletionRequest = parse(&body)?;
-        Ok::<_, ApiError>(Ask {
-            chat: false,
-            input: Input::Prompt(req.prompt()?),
-            params: req.sampling.params()?,
-            config: req.sampling.config(),
-            stream: req.sampling.stream,
-            include_usage: req.sampling.include_usage(),
-            model: req.model,
-        })
-    })();
-    match ask {
-        Ok(ask) => answer(st, headers, ask).await,
-        Err(e) => e.into_response(),
-    }
+    let ask = parse::<openai::CompletionRequest>(&body)
+        .and_then(|req| Ask::new(false, req.model.clone(), Input::Prompt(req.prompt()?), &req.sampling));
+    respond(st, headers, ask).await
 }
 
 /// Who answers a request.
@@ -670,27 +665,15 @@ async fn answer(st: Arc<AppState>, headers: HeaderMap, ask: Ask) -> Response {
             st.charge(&tenant, done.prompt + done.completion);
             let id = st.id(if ask.chat { "chatcmpl" } else { "cmpl" });
             let usage = openai::usage(done.prompt, done.completion);
-            let body = if ask.chat {
-                openai::chat_completion(
-                    &id,
-                    now_unix(),
-                    &ask.model,
-                    &done.text,
-                    done.finish,
-                    usage,
-                    done.provenance,
-                )
-            } else {
-                openai::text_completion(
-                    &id,
-                    now_unix(),
-                    &ask.model,
-                    &done.text,
-                    done.finish,
-                    usage,
-                    done.provenance,
-                )
-            };
+            let body = openai::completion(
+                ask.chat,
+                &id,
+                now_unix(),
+                &ask.model,
+                (&done.text, done.finish),
+                usage,
+                done.provenance,
+            );
             Json(body).into_response()
         }
         Err(e) => e.into_response(),

@@ -300,48 +300,34 @@ impl EmbeddingRequest {
     }
 }
 
-/// A chat completion, as a JSON body.
-pub fn chat_completion(
+/// A finished chat completion (`chat`) or text completion, as a JSON body.
+pub fn completion(
+    chat: bool,
     id: &str,
     created: u64,
     model: &str,
-    text: &str,
-    finish: &str,
+    done: (&str, &str),
     usage: Value,
     provenance: Value,
 ) -> Value {
+    let (text, finish) = done;
+    let (object, choice) = if chat {
+        (
+            "chat.completion",
+            json!({ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish, "logprobs": null }),
+        )
+    } else {
+        (
+            "text_completion",
+            json!({ "index": 0, "text": text, "finish_reason": finish, "logprobs": null }),
+        )
+    };
     json!({
         "id": id,
-        "object": "chat.completion",
+        "object": object,
         "created": created,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "finish_reason": finish,
-            "logprobs": null,
-        }],
-        "usage": usage,
-        "provenance": provenance,
-    })
-}
-
-/// A text completion, as a JSON body.
-pub fn text_completion(
-    id: &str,
-    created: u64,
-    model: &str,
-    text: &str,
-    finish: &str,
-    usage: Value,
-    provenance: Value,
-) -> Value {
-    json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{ "index": 0, "text": text, "finish_reason": finish, "logprobs": null }],
+        "choices": [choice],
         "usage": usage,
         "provenance": provenance,
     })

@@ -343,6 +343,7 @@ fn pool_fetch(setup: &Setup, quiet: bool) -> Result<String, Error> {
         match r {
             Ok(tessera::pool::fetch::Fetched::AlreadyPresent) => lines.push(format!("ok   {id} (verified)")),
             Ok(tessera::pool::fetch::Fetched::Installed) => lines.push(format!("got  {id} (verified)")),
+            Ok(tessera::pool::fetch::Fetched::Remote) => lines.push(format!("--   {id} (remote: nothing to fetch)")),
             Err(e) => {
                 lines.push(format!("FAIL {id}: {e}"));
                 failed.push(id);

@@ -1,0 +1,388 @@
+//! Remote members: a model served elsewhere behind an OpenAI-compatible API
+//! (another `tessera serve`, vLLM, llama.cpp's server, a hosted endpoint).
+//!
+//! A remote member generates (`/chat/completions` for chats,
+//! `/completions` for raw prompts) and, when its config says so, embeds
+//! (`/embeddings`). It cannot `score` or give `next-token` distributions:
+//! the OpenAI API has no portable way to ask for prompt log-probabilities,
+//! so its card lists only what it can do and strategies see `unsupported`
+//! for the rest, as with any member.
+//!
+//! The network fails in ways a local model does not, so every call is
+//! bounded three ways:
+//!
+//! - **Timeouts**: each attempt gets `timeout_ms`, and never more than the
+//!   request's own deadline leaves.
+//! - **Retries**: connection errors, timeouts, 5xx and 429 are retried up to
+//!   `retries` times with doubling back-off (200 ms, 400 ms, ... capped at
+//!   2 s; a 429's `Retry-After` is honoured when the deadline allows). A 4xx
+//!   is the caller's fault and is not retried.
+//! - **Circuit breaker**: after `breaker_failures` calls in a row fail
+//!   (retries exhausted), the member fails fast for `breaker_cooldown_ms`
+//!   instead of making every request wait out its timeouts; then one call is
+//!   let through, and a success closes the circuit.
+//!
+//! Unlike local members, which decode one request at a time on their worker
+//! thread, a remote member's calls run concurrently: the server at the other
+//! end does its own scheduling.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::inference::{CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Usage};
+
+fn default_timeout_ms() -> u64 {
+    120_000
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_cooldown_ms() -> u64 {
+    30_000
+}
+fn default_context() -> u32 {
+    4096
+}
+fn default_caps() -> Vec<String> {
+    vec!["generate".into()]
+}
+
+/// `[member.remote]` of a pool declaration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// Base URL of the API, up to and including `/v1`.
+    pub url: String,
+    /// The model name at the other end.
+    pub model: String,
+    /// Environment variable holding the API key, if the server needs one
+    /// (keys never go in pool files).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Longest one attempt may take.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Retries after a failed attempt.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Failed calls in a row that open the circuit.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open circuit fails fast.
+    #[serde(default = "default_cooldown_ms")]
+    pub breaker_cooldown_ms: u64,
+    /// Context window to put on the card.
+    #[serde(default = "default_context")]
+    pub context_length: u32,
+    /// Parameter count to put on the card, if known.
+    #[serde(default)]
+    pub parameters: u64,
+    /// What it can do: `generate` and/or `embed`.
+    #[serde(default = "default_caps")]
+    pub capabilities: Vec<String>,
+}
+
+impl RemoteConfig {
+    /// Checks what can be checked without the network.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(format!("remote url `{}` must start with http:// or https://", self.url));
+        }
+        if let Some(c) = self.capabilities.iter().find(|c| *c != "generate" && *c != "embed") {
+            return Err(format!(
+                "remote capability `{c}`: a remote member can `generate` and `embed` only"
+            ));
+        }
+        if self.timeout_ms == 0 {
+            return Err("remote timeout_ms 0 would fail every call: use 1000 or more".into());
+        }
+        Ok(())
+    }
+}
+
+struct Circuit {
+    failures: u32,
+    open_until: Option<Instant>,
+    last_error: String,
+}
+
+/// One remote member.
+pub struct RemoteMember {
+    id: String,
+    cfg: RemoteConfig,
+    key: Option<String>,
+    client: reqwest::Client,
+    circuit: Mutex<Circuit>,
+}
+
+/// Why one attempt failed, and whether another may succeed.
+struct Attempt {
+    error: InferenceError,
+    retry: bool,
+    wait: Option<Duration>,
+}
+
+impl RemoteMember {
+    /// A member for `cfg`. The key is read from the environment now, so a
+    /// missing variable is reported at load, naming it.
+    pub fn new(id: &str, cfg: RemoteConfig) -> Result<Self, String> {
+        cfg.validate()?;
+        let key = match &cfg.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                format!("remote member needs its API key in the environment variable `{var}`, which is not set")
+            })?),
+            None => None,
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(10_000)))
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(RemoteMember {
+            id: id.to_string(),
+            cfg,
+            key,
+            client,
+            circuit: Mutex::new(Circuit {
+                failures: 0,
+                open_until: None,
+                last_error: String::new(),
+            }),
+        })
+    }
+
+    /// The member's configuration.
+    pub fn config(&self) -> &RemoteConfig {
+        &self.cfg
+    }
+
+    fn endpoint(&self, path: &str) -> String {
+        format!("{}/{path}", self.cfg.url.trim_end_matches('/'))
+    }
+
+    fn circuit_check(&self) -> Result<(), InferenceError> {
+        let c = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(until) = c.open_until {
+            if let Some(left) = until.checked_duration_since(Instant::now()) {
+                return Err(InferenceError::Failed(format!(
+                    "remote member `{}` at {} failed {} calls in a row (last: {}); failing fast for {} s more",
+                    self.id,
+                    self.cfg.url,
+                    c.failures,
+                    c.last_error,
+                    left.as_secs().max(1)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn circuit_record(&self, result: Result<(), &InferenceError>) {
+        let mut c = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) => {
+                c.failures = 0;
+                c.open_until = None;
+            }
+            // The caller's own mistakes say nothing about the server's health.
+            Err(InferenceError::InvalidParams(_)) | Err(InferenceError::Unsupported(_)) => {}
+            Err(e) => {
+                c.failures += 1;
+                c.last_error = e.to_string();
+                if c.failures >= self.cfg.breaker_failures.max(1) {
+                    c.open_until = Some(Instant::now() + Duration::from_millis(self.cfg.breaker_cooldown_ms));
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, path: &str, body: &Value, deadline: Instant) -> Result<Value, Attempt> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Attempt {
+                error: InferenceError::Deadline,
+                retry: false,
+                wait: None,
+            });
+        }
+        let mut req = self
+            .client
+            .post(self.endpoint(path))
+            .timeout(left.min(Duration::from_millis(self.cfg.timeout_ms)))
+            .json(body);
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.map_err(|e| Attempt {
+            error: InferenceError::Failed(format!(
+                "remote member `{}` at {}: {}",
+                self.id,
+                self.cfg.url,
+                if e.is_timeout() {
+                    format!(
+                        "no answer within {} ms",
+                        left.min(Duration::from_millis(self.cfg.timeout_ms)).as_millis()
+                    )
+                } else if e.is_connect() {
+                    "cannot connect".to_string()
+                } else {
+                    e.to_string()
+                }
+            )),
+            retry: true,
+            wait: None,
+        })?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = resp.text().await.map_err(|e| Attempt {
+            error: InferenceError::Failed(format!("remote member `{}`: reading the answer: {e}", self.id)),
+            retry: true,
+            wait: None,
+        })?;
+        if status.is_success() {
+            return serde_json::from_str(&text).map_err(|e| Attempt {
+                error: InferenceError::Failed(format!("remote member `{}`: the answer is not JSON: {e}", self.id)),
+                retry: false,
+                wait: None,
+            });
+        }
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| text.chars().take(200).collect());
+        let what = format!("remote member `{}` answered {}: {message}", self.id, status.as_u16());
+        Err(match status.as_u16() {
+            400 | 422 => Attempt {
+                error: InferenceError::InvalidParams(what),
+                retry: false,
+                wait: None,
+            },
+            429 => Attempt {
+                error: InferenceError::Failed(what),
+                retry: true,
+                wait: retry_after,
+            },
+            s if s >= 500 => Attempt {
+                error: InferenceError::Failed(what),
+                retry: true,
+                wait: retry_after,
+            },
+            _ => Attempt {
+                error: InferenceError::Failed(what),
+                retry: false,
+                wait: None,
+            },
+        })
+    }
+
+    /// POSTs `body` to `path` under the timeout, retry and breaker rules.
+    async fn call(&self, path: &str, body: Value, ctx: CallCtx) -> Result<Value, InferenceError> {
+        self.circuit_check()?;
+        let mut backoff = Duration::from_millis(200);
+        let mut tries = 0;
+        let result = loop {
+            match self.attempt(path, &body, ctx.deadline).await {
+                Ok(v) => break Ok(v),
+                Err(a) => {
+                    let wait = a.wait.unwrap_or(backoff);
+                    let in_time = Instant::now() + wait < ctx.deadline;
+                    if !a.retry || tries >= self.cfg.retries || !in_time {
+                        break Err(a.error);
+                    }
+                    tries += 1;
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        self.circuit_record(result.as_ref().map(|_| ()));
+        result
+    }
+
+    /// One generation.
+    pub async fn generate(&self, ctx: CallCtx, input: Input, params: GenParams) -> Result<Generation, InferenceError> {
+        params.validate()?;
+        let mut body = json!({ "model": self.cfg.model, "stream": false });
+        let path = match input {
+            Input::Chat(messages) => {
+                body["messages"] = json!(messages);
+                "chat/completions"
+            }
+            Input::Prompt(p) => {
+                body["prompt"] = json!(p);
+                "completions"
+            }
+        };
+        if let Some(m) = params.max_tokens {
+            body["max_tokens"] = json!(m);
+        }
+        if let Some(t) = params.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(p) = params.top_p {
+            body["top_p"] = json!(p);
+        }
+        if let Some(k) = params.top_k {
+            body["top_k"] = json!(k);
+        }
+        if let Some(s) = params.seed {
+            body["seed"] = json!(s);
+        }
+        if !params.stop.is_empty() {
+            body["stop"] = json!(params.stop);
+        }
+        let v = self.call(path, body, ctx).await?;
+        let choice = &v["choices"][0];
+        let text = choice["message"]["content"]
+            .as_str()
+            .or_else(|| choice["text"].as_str())
+            .ok_or_else(|| InferenceError::Failed(format!("remote member `{}`: the answer has no text", self.id)))?
+            .to_string();
+        let finish = match choice["finish_reason"].as_str() {
+            Some("length") => FinishReason::Length,
+            _ => FinishReason::Eos,
+        };
+        Ok(Generation {
+            model: self.id.clone(),
+            text,
+            finish,
+            usage: Usage {
+                prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32,
+                completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as u32,
+            },
+        })
+    }
+
+    /// Embeddings, in input order.
+    pub async fn embed(&self, ctx: CallCtx, texts: Vec<String>) -> Result<Vec<Vec<f32>>, InferenceError> {
+        let n = texts.len();
+        let body = json!({ "model": self.cfg.model, "input": texts, "encoding_format": "float" });
+        let v = self.call("embeddings", body, ctx).await?;
+        let bad = || InferenceError::Failed(format!("remote member `{}`: malformed embeddings answer", self.id));
+        let mut out = vec![Vec::new(); n];
+        for item in v["data"].as_array().ok_or_else(bad)? {
+            let i = item["index"].as_u64().ok_or_else(bad)? as usize;
+            let vec: Vec<f32> = item["embedding"]
+                .as_array()
+                .ok_or_else(bad)?
+                .iter()
+                .map(|x| x.as_f64().map(|f| f as f32).ok_or_else(bad))
+                .collect::<Result<_, _>>()?;
+            *out.get_mut(i).ok_or_else(bad)? = vec;
+        }
+        if out.iter().any(Vec::is_empty) {
+            return Err(bad());
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,239 @@
+//! Remote members: models behind an OpenAI-compatible API, here a real
+//! `tessera serve` over the real pool on loopback. A pool made of remote
+//! members runs a standard strategy; timeouts, retries and the circuit
+//! breaker are checked against a server that accepts and never answers.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera::inference::{CallCtx, GenParams, Input, Message};
+use tessera::policy::Policy;
+use tessera::pool::PoolConfig;
+use tessera::registry::tenants::TenantPolicy;
+use tessera::registry::Registry;
+use tessera::server::{self, AppState, ServeConfig};
+use tessera::{Paths, ProvenanceEvent, RunRequest, Runtime};
+
+use crate::common::{runtime, runtime_arc, scratch, scratch_paths, MINILM, QWEN, SMOL};
+
+/// A pool declaration of remote members, `(id, remote model, capability)`.
+fn remote_pool(url: &str, key_env: Option<&str>, members: &[(&str, &str, &str)], extra: &str) -> PoolConfig {
+    let mut toml = String::new();
+    for (id, model, cap) in members {
+        toml.push_str(&format!(
+            "[[member]]\nid = '{id}'\nbackend = 'openai'\n[member.remote]\nurl = '{url}'\nmodel = '{model}'\ncapabilities = ['{cap}']\n{}{extra}\n[member.card]\ncontributor = 'a remote contributor'\ndescription = 'served elsewhere'\nlicense = 'Apache-2.0'\n",
+            key_env.map(|k| format!("api_key_env = '{k}'\n")).unwrap_or_default()
+        ));
+    }
+    PoolConfig::from_toml(&toml).expect("pool parses")
+}
+
+fn ctx(secs: u64) -> CallCtx {
+    CallCtx {
+        deadline: Instant::now() + Duration::from_secs(secs),
+    }
+}
+
+#[tokio::test]
+async fn a_pool_of_remote_members_runs_a_strategy_through_another_tessera() {
+    let dir = scratch("remote-serve");
+    let registry = Arc::new(Registry::open(&dir).unwrap());
+    let key = registry
+        .add_tenant(
+            "peer",
+            &TenantPolicy {
+                requests_per_minute: 0,
+                ..TenantPolicy::default()
+            },
+        )
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let state = Arc::new(AppState::new(runtime_arc(), registry, ServeConfig::default()).unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(server::serve(state, listener, async {
+        let _ = stopped.await;
+    }));
+
+    // The key travels by environment variable, never in the pool file.
+    std::env::set_var("TESSERA_TEST_REMOTE_KEY", &key);
+    let pool = remote_pool(
+        &url,
+        Some("TESSERA_TEST_REMOTE_KEY"),
+        &[
+            ("far-smol", SMOL, "generate"),
+            ("far-qwen", QWEN, "generate"),
+            ("far-minilm", MINILM, "embed"),
+        ],
+        "",
+    );
+    let mut paths = Paths::from_env();
+    paths.state = dir.join("state");
+    let rt = Runtime::new(paths, &pool, Policy::default()).unwrap();
+    assert!(rt.pool_failures().is_empty(), "{:?}", rt.pool_failures());
+    let cards = rt.cards();
+    assert_eq!(cards.len(), 3);
+    assert!(cards[0].architecture.contains("remote"), "{:?}", cards[0]);
+    assert_eq!(cards[0].capabilities, vec!["generate"]);
+
+    // One generation: the same greedy text the member gives locally.
+    let chat = Input::Chat(vec![Message::user(
+        "What is the capital of France? Answer in one word.",
+    )]);
+    let params = GenParams {
+        max_tokens: Some(6),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    let far = rt
+        .models()
+        .generate(ctx(120), "far-qwen", chat.clone(), params.clone())
+        .await
+        .unwrap();
+    let near = runtime().models().generate(ctx(120), QWEN, chat, params).await.unwrap();
+    assert_eq!(far.text, near.text);
+    assert_eq!(far.model, "far-qwen");
+    assert_eq!(far.usage, near.usage);
+
+    // A standard strategy over the remote pool.
+    let mut req = RunRequest::chat("What is 2 + 2? Answer with a number.");
+    req.params.max_tokens = Some(6);
+    req.params.seed = Some(1);
+    req.config.insert("k".into(), "2".into());
+    let vote = rt.load_module("majority-vote").unwrap();
+    let out = rt.run(&vote, req).await.unwrap();
+    let called: Vec<&str> = out
+        .provenance
+        .iter()
+        .filter_map(|e| match e {
+            ProvenanceEvent::HostCall { model, outcome, .. } if outcome == "ok" => Some(model.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        called.contains(&"far-smol") && called.contains(&"far-qwen"),
+        "{called:?}"
+    );
+
+    // Remote embeddings match the local embedder's.
+    let texts = vec!["a cat sat on the mat".to_string(), "stock markets fell".to_string()];
+    let far = rt.models().embed(ctx(60), "far-minilm", texts.clone()).await.unwrap();
+    let near = runtime().models().embed(ctx(60), MINILM, texts).await.unwrap();
+    for (a, b) in far.iter().zip(&near) {
+        assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5));
+    }
+    // What a remote member cannot do is `unsupported`, by name.
+    let err = rt
+        .models()
+        .score(ctx(10), "far-smol", Input::Prompt("x".into()), vec!["y".into()])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("remote member"), "{err}");
+
+    let _ = stop.send(());
+    let _ = served.await;
+}
+
+#[tokio::test]
+async fn a_silent_server_costs_timeouts_and_retries_then_the_circuit_opens() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(sock);
+        }
+    });
+    let pool = remote_pool(
+        &url,
+        None,
+        &[("mute", "whatever", "generate")],
+        "timeout_ms = 300\nretries = 2\nbreaker_failures = 2\nbreaker_cooldown_ms = 60000\n",
+    );
+    let rt = Runtime::new(scratch_paths("remote-silent"), &pool, Policy::default()).unwrap();
+    let call = || {
+        rt.models()
+            .generate(ctx(30), "mute", Input::Prompt("hi".into()), GenParams::default())
+    };
+
+    let started = Instant::now();
+    let err = call().await.unwrap_err().to_string();
+    let took = started.elapsed();
+    assert!(err.contains("no answer within 300 ms"), "{err}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "one attempt and two retries");
+    // 3 x 300 ms of timeouts plus 200 + 400 ms of back-off.
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+
+    let _ = call().await.unwrap_err();
+    assert_eq!(accepted.load(Ordering::SeqCst), 6);
+    // Two failed calls in a row: the circuit is open and calls fail at once.
+    let started = Instant::now();
+    let err = call().await.unwrap_err().to_string();
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("failing fast") && err.contains("2 calls in a row"),
+        "{err}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 6, "no connection while open");
+    silent.abort();
+}
+
+#[tokio::test]
+async fn an_unreachable_or_misdeclared_remote_member_is_named_and_the_pool_still_loads() {
+    // Nothing listens on port 9 here: the member loads (nothing is fetched
+    // at start) and a call fails quickly, naming it.
+    let pool = remote_pool(
+        "http://127.0.0.1:9/v1",
+        None,
+        &[("nobody", "m", "generate")],
+        "retries = 0\n",
+    );
+    let rt = Runtime::new(scratch_paths("remote-unreachable"), &pool, Policy::default()).unwrap();
+    assert!(rt.pool_failures().is_empty());
+    let err = rt
+        .models()
+        .generate(ctx(10), "nobody", Input::Prompt("hi".into()), GenParams::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`nobody`") && err.contains("cannot connect"), "{err}");
+
+    // A key variable that is not set fails that member at load, by name.
+    let pool = remote_pool(
+        "http://127.0.0.1:9/v1",
+        Some("TESSERA_TEST_UNSET_VARIABLE"),
+        &[("keyless", "m", "generate")],
+        "",
+    );
+    let rt = Runtime::new(scratch_paths("remote-keyless"), &pool, Policy::default()).unwrap();
+    let failures: Vec<String> = rt.pool_failures().iter().map(|e| e.to_string()).collect();
+    assert_eq!(failures.len(), 1);
+    assert!(failures[0].contains("TESSERA_TEST_UNSET_VARIABLE"), "{failures:?}");
+
+    // `[member.remote]` without `backend = "openai"` (and the reverse) is
+    // refused when the pool is parsed.
+    let err = PoolConfig::from_toml(
+        "[[member]]\nid='x'\nbackend='openai'\n[member.card]\ncontributor='c'\ndescription='d'\nlicense='l'\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("[member.remote]"), "{err}");
+    let err = PoolConfig::from_toml(
+        "[[member]]\nid='x'\nbackend='openai'\n[member.remote]\nurl='ftp://x'\nmodel='m'\n[member.card]\ncontributor='c'\ndescription='d'\nlicense='l'\n",
+    )
+    .map(|p| Runtime::new(scratch_paths("remote-ftp"), &p, Policy::default()).unwrap().pool_failures().iter().map(|e| e.to_string()).collect::<Vec<_>>())
+    .unwrap();
+    assert!(err[0].contains("http://"), "{err:?}");
+}
