@@ -668,3 +668,54 @@ async fn admins_publish_and_remove_over_http_and_others_may_not() {
     assert_eq!(status, 404, "{v}");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_past_its_timeout_is_504_and_a_tenants_concurrency_is_capped() {
+    let dir = scratch("serve-timeout");
+    let registry = Arc::new(Registry::open(&dir).unwrap());
+    let solo = registry
+        .add_tenant(
+            "solo",
+            &TenantPolicy {
+                max_concurrent: 1,
+                requests_per_minute: 0,
+                ..TenantPolicy::default()
+            },
+        )
+        .unwrap();
+    let srv = TestServer::start(
+        runtime_arc(),
+        registry,
+        ServeConfig {
+            request_timeout: Duration::from_secs(2),
+            ..cfg()
+        },
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let url = srv.url("/v1/chat/completions");
+    // A long answer cannot finish in 2 s on this CPU.
+    let slow = {
+        let (client, url, key) = (client.clone(), url.clone(), solo.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = post(&client, &url, Some(&key), &chat(QWEN, "Write a long essay about the sea.", 400)).await;
+            (r, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile the same tenant's second request is over its concurrency.
+    let (status, headers, v) = post(&client, &url, Some(&solo), &chat(SMOL, "hi", 2)).await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["code"], "max_concurrent");
+    assert_eq!(headers["retry-after"], "1");
+    let ((status, _, v), took) = slow.await.unwrap();
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["error"]["type"], "timeout_error");
+    assert!(v["error"]["message"].as_str().unwrap().contains("2 s limit"), "{v}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // The place is given back: the next request is served.
+    let (status, _, v) = post(&client, &url, Some(&solo), &chat(SMOL, "hi", 2)).await;
+    assert_eq!(status, 200, "{v}");
+    srv.stop().await;
+}

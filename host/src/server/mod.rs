@@ -713,7 +713,10 @@ async fn run_target(
                 }
                 None => models.generate(ctx, id, ask.input.clone(), ask.params.clone()).await,
             }
-            .map_err(|e| ApiError::from(Error::from(e)))?;
+            .map_err(|e| match e {
+                crate::inference::InferenceError::Deadline => ApiError::timeout(st.cfg.request_timeout),
+                e => ApiError::from(Error::from(e)),
+            })?;
             let ms = started.elapsed().as_millis() as u64;
             Ok(Done {
                 provenance: member_provenance(id, g.usage.prompt_tokens, g.usage.completion_tokens, ms),
