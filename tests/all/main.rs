@@ -6,6 +6,7 @@ mod bad_files;
 mod cli;
 mod common;
 mod eval;
+mod hf_dirs;
 mod hostile;
 mod inference;
 mod library;

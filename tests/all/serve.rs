@@ -699,7 +699,13 @@ async fn a_request_past_its_timeout_is_504_and_a_tenants_concurrency_is_capped()
         let (client, url, key) = (client.clone(), url.clone(), solo.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            let r = post(&client, &url, Some(&key), &chat(QWEN, "Write a long essay about the sea.", 400)).await;
+            let r = post(
+                &client,
+                &url,
+                Some(&key),
+                &chat(QWEN, "Write a long essay about the sea.", 400),
+            )
+            .await;
             (r, started.elapsed())
         })
     };

@@ -50,6 +50,9 @@ pub enum BackendKind {
     Gguf,
     /// A BERT sentence embedder (Hugging Face directory).
     Bert,
+    /// A Hugging Face directory (`config.json`, safetensors, `tokenizer.json`)
+    /// of a llama-family model; `sha256` covers `sha256_file` inside it.
+    Hf,
     /// A model behind an OpenAI-compatible HTTP API (`[member.remote]`).
     Openai,
 }
@@ -317,8 +320,13 @@ fn load_member(m: &MemberConfig, models_dir: &Path) -> Result<(Backend, ModelCar
         capabilities: Vec::new(),
     };
     let backend = match m.backend {
-        BackendKind::Gguf => {
-            let model = GgufModel::load(&m.id, &full).map_err(load_err)?;
+        BackendKind::Gguf | BackendKind::Hf => {
+            let model = if m.backend == BackendKind::Hf {
+                GgufModel::load_hf(&m.id, &full)
+            } else {
+                GgufModel::load(&m.id, &full)
+            }
+            .map_err(load_err)?;
             let f = model.facts();
             card.architecture = f.architecture.clone();
             card.parameters = f.parameters;

@@ -14,6 +14,7 @@
 
 mod attention;
 pub mod gemma3;
+pub mod hf;
 pub mod llama;
 pub mod quant;
 pub mod template;
@@ -92,10 +93,35 @@ fn failed(e: impl std::fmt::Display) -> InferenceError {
 impl GgufModel {
     /// Loads `path`. The error names the file and what is wrong with it.
     pub fn load(id: &str, path: &Path) -> Result<Self, String> {
-        let shown = path.display();
+        let shown = path.display().to_string();
         let mut file = File::open(path).map_err(|e| format!("{shown}: cannot open: {e}"))?;
         let content =
             gguf_file::Content::read(&mut file).map_err(|e| format!("{shown}: not a readable GGUF file: {e}"))?;
+        let tok = tokenizer::from_gguf(&content).map_err(|e| format!("{shown}: tokenizer: {e}"))?;
+        let template = content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        Self::build(id, &shown, &content, &mut file, tok, template)
+    }
+
+    /// Loads a Hugging Face model directory (see [`hf`]).
+    pub fn load_hf(id: &str, dir: &Path) -> Result<Self, String> {
+        let shown = dir.display().to_string();
+        let mut parts = hf::read_dir(dir)?;
+        let content = gguf_file::Content::read(&mut parts.gguf).map_err(|e| format!("{shown}: {e}"))?;
+        Self::build(id, &shown, &content, &mut parts.gguf, parts.tok, parts.template)
+    }
+
+    fn build<R: std::io::Read + std::io::Seek>(
+        id: &str,
+        shown: &str,
+        content: &gguf_file::Content,
+        file: &mut R,
+        tok: GgufTokenizer,
+        template: Option<String>,
+    ) -> Result<Self, String> {
         let arch = content
             .metadata
             .get("general.architecture")
@@ -114,23 +140,17 @@ impl GgufModel {
                 "{shown}: architecture `{arch}` is not supported (supported: llama, qwen2, gemma3)"
             ));
         }
-        let tok = tokenizer::from_gguf(&content).map_err(|e| format!("{shown}: tokenizer: {e}"))?;
-        let template = content
-            .metadata
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .cloned();
         let device = Device::Cpu;
         let (weights, context_length) = match arch.as_str() {
             "llama" | "qwen2" => {
                 let positions = meta_ctx.min(MAX_POSITIONS);
-                let w = llama::Llama::from_gguf(&arch, &content, &mut file, positions, &device)
+                let w = llama::Llama::from_gguf(&arch, content, file, positions, &device)
                     .map_err(|e| format!("{shown}: loading {arch} weights: {e}"))?;
                 (Weights::Llama(Box::new(w)), positions)
             }
             "gemma3" => {
                 let positions = meta_ctx.min(MAX_POSITIONS);
-                let w = gemma3::Gemma3::from_gguf(&content, &mut file, positions, &device)
+                let w = gemma3::Gemma3::from_gguf(content, file, positions, &device)
                     .map_err(|e| format!("{shown}: loading gemma3 weights: {e}"))?;
                 (Weights::Gemma3(Box::new(w)), positions)
             }

@@ -157,6 +157,19 @@ enum PoolCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a GGUF member (llama or qwen2) out as a Hugging Face directory
+    /// (f16 safetensors, config.json, tokenizer.json, tokenizer_config.json),
+    /// e.g. to fine-tune it; `backend = "hf"` loads such a directory.
+    Export {
+        #[command(flatten)]
+        setup: Setup,
+        /// The member's id.
+        #[arg(long)]
+        member: String,
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -331,6 +344,23 @@ fn pool_list(setup: &Setup, json: bool) -> Result<String, Error> {
         ));
     }
     Ok(s.trim_end().to_string())
+}
+
+fn pool_export(setup: &Setup, member: &str, out: &std::path::Path) -> Result<String, Error> {
+    let (pool, _) = load_setup(setup)?;
+    let m = pool
+        .members
+        .iter()
+        .find(|m| m.id == member)
+        .ok_or_else(|| Error::config(format!("no member `{member}` in the pool (`tessera pool list`)")))?;
+    if m.backend != tessera::pool::BackendKind::Gguf {
+        return Err(Error::config(format!(
+            "member `{member}` is not a GGUF member: only those can be exported"
+        )));
+    }
+    let path = Paths::from_env().models.join(&m.path);
+    tessera::backends::gguf::hf::export(&path, out).map_err(Error::config)?;
+    Ok(format!("exported {member} to {}", out.display()))
 }
 
 fn pool_fetch(setup: &Setup, quiet: bool) -> Result<String, Error> {
@@ -535,6 +565,9 @@ fn main() -> ExitCode {
         Command::Pool {
             command: PoolCommand::Fetch { setup, quiet },
         } => (false, pool_fetch(&setup, quiet)),
+        Command::Pool {
+            command: PoolCommand::Export { setup, member, out },
+        } => (false, pool_export(&setup, &member, &out)),
         Command::Eval(args) => {
             let json = args.json;
             (json, rt.block_on(eval(args)))
