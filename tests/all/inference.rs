@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tessera::inference::{CallCtx, GenParams, InferenceError, Input, Message};
 
-use crate::common::{runtime, MINILM, SMOL};
+use crate::common::{runtime, MINILM, QWEN, SMOL};
 
 fn ctx() -> CallCtx {
     CallCtx {
@@ -168,4 +168,49 @@ async fn bad_calls_get_typed_errors() {
         .await
         .unwrap_err();
     assert_eq!(e, InferenceError::Deadline);
+}
+
+#[tokio::test]
+async fn concurrent_generations_are_decoded_together_and_answer_as_one_at_a_time() {
+    use tessera::backends::gguf::decode::batched_steps;
+    let prompts = [
+        "What is the capital of France? Answer with one word.",
+        "Name three colours.",
+        "Write a haiku about rain on a tin roof in the early morning.",
+        "2 + 2 =",
+    ];
+    let params = |seed| GenParams {
+        max_tokens: Some(12),
+        temperature: Some(0.7),
+        seed: Some(seed),
+        ..Default::default()
+    };
+    for member in [SMOL, QWEN] {
+        let mut alone = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let g = runtime()
+                .models()
+                .generate(ctx(), member, chat(p), params(i as u64))
+                .await
+                .unwrap();
+            alone.push(g.text);
+        }
+        let before = batched_steps();
+        let together = futures::future::join_all(
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| runtime().models().generate(ctx(), member, chat(p), params(i as u64))),
+        )
+        .await;
+        let together: Vec<String> = together.into_iter().map(|g| g.unwrap().text).collect();
+        assert_eq!(
+            together, alone,
+            "{member}: batching must not change any answer (sampled, seeded)"
+        );
+        assert!(
+            batched_steps() > before,
+            "{member}: queued generations were decoded together"
+        );
+    }
 }

@@ -187,7 +187,79 @@ impl PoolError {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut Backend) + Send>;
+/// Work for a member's worker thread.
+enum Job {
+    /// Any call, run on its own.
+    Run(Box<dyn FnOnce(&mut Backend) + Send>),
+    /// A generation, which the worker may decode together with other
+    /// generations waiting in its queue ([`crate::backends::gguf::decode`]).
+    Generate(GenerateJob),
+}
+
+struct GenerateJob {
+    ctx: CallCtx,
+    input: Input,
+    params: GenParams,
+    sink: Option<TextSink>,
+    reply: tokio::sync::oneshot::Sender<Result<Generation, InferenceError>>,
+}
+
+/// The message of a caught panic.
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// Runs generations together (the backend decides whether it can batch),
+/// answering each as its result is known. Jobs whose caller is gone or
+/// whose deadline passed while queued are dropped without running.
+fn run_generations(backend: &mut Backend, batch: Vec<GenerateJob>) {
+    let now = Instant::now();
+    let mut live = Vec::with_capacity(batch.len());
+    for job in batch {
+        if job.reply.is_closed() {
+            continue;
+        }
+        if now >= job.ctx.deadline {
+            let _ = job.reply.send(Err(InferenceError::Deadline));
+            continue;
+        }
+        live.push(job);
+    }
+    if live.is_empty() {
+        return;
+    }
+    let (mut sinks, mut rest): (Vec<Option<TextSink>>, Vec<_>) = live
+        .into_iter()
+        .map(|j| (j.sink, (j.ctx, j.input, j.params, j.reply)))
+        .unzip();
+    let results = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut jobs = Vec::with_capacity(rest.len());
+        for ((ctx, input, params, _), sink) in rest.iter().zip(sinks.iter_mut()) {
+            let sink: Option<&mut (dyn FnMut(&str) -> bool + Send)> = match sink {
+                Some(b) => Some(&mut **b),
+                None => None,
+            };
+            jobs.push((*ctx, input, params, sink));
+        }
+        backend.generate_batch(jobs)
+    }));
+    match results {
+        Ok(results) => {
+            for ((_, _, _, reply), r) in rest.drain(..).zip(results) {
+                let _ = reply.send(r);
+            }
+        }
+        Err(p) => {
+            let msg = panic_message(p);
+            for (_, _, _, reply) in rest.drain(..) {
+                let _ = reply.send(Err(InferenceError::Failed(format!("backend panicked: {msg}"))));
+            }
+        }
+    }
+}
 
 /// A member's worker: a thread owning the backend, fed through a queue; or,
 /// for a remote member, the client that calls it (concurrently).
@@ -210,7 +282,7 @@ impl Worker {
         f: impl FnOnce(&mut Backend) -> Result<T, InferenceError> + Send + 'static,
     ) -> BoxFuture<'static, Result<T, InferenceError>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |backend: &mut Backend| {
+        let job = Job::Run(Box::new(move |backend: &mut Backend| {
             if tx.is_closed() {
                 return;
             }
@@ -219,16 +291,14 @@ impl Worker {
             } else {
                 // A panic inside a backend must not kill the worker.
                 std::panic::catch_unwind(AssertUnwindSafe(|| f(backend))).unwrap_or_else(|p| {
-                    let msg = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "panic".into());
-                    Err(InferenceError::Failed(format!("backend panicked: {msg}")))
+                    Err(InferenceError::Failed(format!(
+                        "backend panicked: {}",
+                        panic_message(p)
+                    )))
                 })
             };
             let _ = tx.send(result);
-        });
+        }));
         let sent = match &self.exec {
             Exec::Local(queue) => queue.send(job).map_err(|_| ()),
             // Remote members are called directly (see `Pool::remote`); a job
@@ -251,7 +321,12 @@ impl Worker {
 pub struct Pool {
     workers: BTreeMap<String, Worker>,
     order: Vec<String>,
+    max_batch: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Generations a member decodes together at most, unless
+/// `TESSERA_MAX_BATCH` or [`Pool::set_max_batch`] says otherwise.
+pub const DEFAULT_MAX_BATCH: usize = 8;
 
 /// What loading a pool produced: the pool, plus every member that failed.
 pub struct Loaded {
@@ -388,6 +463,13 @@ impl Pool {
             ),
             Remote(Result<(ModelCard, Arc<RemoteMember>), PoolError>),
         }
+        let max_batch = Arc::new(std::sync::atomic::AtomicUsize::new(
+            std::env::var("TESSERA_MAX_BATCH")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_MAX_BATCH)
+                .max(1),
+        ));
         let mut pending = Vec::new();
         for m in config.members.clone() {
             if let Some(r) = &m.remote {
@@ -396,6 +478,7 @@ impl Pool {
             }
             let (ready_tx, ready_rx) = mpsc::channel::<Result<ModelCard, PoolError>>();
             let (queue, jobs) = mpsc::channel::<Job>();
+            let max_batch = max_batch.clone();
             let dir = models_dir.to_path_buf();
             let name = format!("tessera-model-{}", m.id);
             let spawned = std::thread::Builder::new().name(name).spawn(move || {
@@ -410,7 +493,31 @@ impl Pool {
                     }
                 };
                 while let Ok(job) = jobs.recv() {
-                    job(&mut backend);
+                    match job {
+                        Job::Run(f) => f(&mut backend),
+                        Job::Generate(g) => {
+                            // Whatever else is already waiting joins this
+                            // batch (up to the limit); other calls wait
+                            // until it is done.
+                            let mut batch = vec![g];
+                            let mut later = Vec::new();
+                            let limit = max_batch.load(std::sync::atomic::Ordering::Relaxed);
+                            while backend.batches() && batch.len() < limit {
+                                match jobs.try_recv() {
+                                    Ok(Job::Generate(g)) => batch.push(g),
+                                    Ok(other) => later.push(other),
+                                    Err(_) => break,
+                                }
+                            }
+                            run_generations(&mut backend, batch);
+                            for job in later {
+                                match job {
+                                    Job::Run(f) => f(&mut backend),
+                                    Job::Generate(g) => run_generations(&mut backend, vec![g]),
+                                }
+                            }
+                        }
+                    }
                 }
             });
             pending.push(Pending::Local(spawned, ready_rx, queue));
@@ -463,14 +570,56 @@ impl Pool {
             }
         }
         Loaded {
-            pool: Arc::new(Pool { workers, order }),
+            pool: Arc::new(Pool {
+                workers,
+                order,
+                max_batch,
+            }),
             failures,
         }
+    }
+
+    /// Sets how many queued generations a member may decode together
+    /// (1 turns batching off); takes effect from the next batch.
+    pub fn set_max_batch(&self, n: usize) {
+        self.max_batch.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Member ids in declaration order.
     pub fn ids(&self) -> &[String] {
         &self.order
+    }
+
+    /// Queues a generation on a local member's worker, where it may be
+    /// decoded in a batch with others.
+    fn queue_generation(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        input: Input,
+        params: GenParams,
+        sink: Option<TextSink>,
+    ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        let queue = match self.worker(model).map(|w| &w.exec) {
+            Ok(Exec::Local(q)) => q.clone(),
+            Ok(Exec::Remote(_)) => {
+                return Box::pin(async { Err(InferenceError::Failed("remote members are called directly".into())) })
+            }
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let sent = queue.send(Job::Generate(GenerateJob {
+            ctx,
+            input,
+            params,
+            sink,
+            reply,
+        }));
+        Box::pin(async move {
+            sent.map_err(|_| InferenceError::Failed("the member's worker has stopped".into()))?;
+            rx.await
+                .map_err(|_| InferenceError::Failed("the member's worker dropped the job".into()))?
+        })
     }
 
     fn remote(&self, id: &str) -> Option<Arc<RemoteMember>> {
@@ -518,7 +667,7 @@ impl Models for Pool {
         if let Some(r) = self.remote(model) {
             return Box::pin(async move { r.generate(ctx, input, params).await });
         }
-        self.dispatch(ctx, model, move |b| b.generate(ctx, &input, &params))
+        self.queue_generation(ctx, model, input, params, None)
     }
 
     fn generate_stream(
@@ -527,18 +676,17 @@ impl Models for Pool {
         model: &str,
         input: Input,
         params: GenParams,
-        mut sink: TextSink,
+        sink: TextSink,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
         if let Some(r) = self.remote(model) {
+            let mut sink = sink;
             return Box::pin(async move {
                 let g = r.generate(ctx, input, params).await?;
                 sink(&g.text);
                 Ok(g)
             });
         }
-        self.dispatch(ctx, model, move |b| {
-            b.generate_streaming(ctx, &input, &params, &mut sink)
-        })
+        self.queue_generation(ctx, model, input, params, Some(sink))
     }
 
     fn score(

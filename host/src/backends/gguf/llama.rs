@@ -36,6 +36,10 @@ struct Layer {
     kv: Option<(Tensor, Tensor)>,
 }
 
+/// One sequence's KV caches, one per layer, held outside the model while
+/// other sequences of a batch run ([`super::decode`]).
+pub type KvState = Vec<Option<(Tensor, Tensor)>>;
+
 /// A loaded llama-family model with its KV cache; clones share weights and
 /// the cached prefix.
 #[derive(Debug, Clone)]
@@ -112,6 +116,72 @@ impl Llama {
             head_dim,
             eps,
         })
+    }
+
+    /// Moves the model's KV caches out (leaving it empty).
+    pub fn take_state(&mut self) -> KvState {
+        self.layers.iter_mut().map(|l| l.kv.take()).collect()
+    }
+
+    /// Puts a sequence's KV caches back into the model.
+    pub fn put_state(&mut self, state: KvState) {
+        for (l, kv) in self.layers.iter_mut().zip(state) {
+            l.kv = kv;
+        }
+    }
+
+    /// One decode step for several sequences: token `ids[i]` at position
+    /// `pos[i]`, continuing the caches in `states[i]` (updated in place).
+    /// Projections and MLPs run once over all rows, attention per sequence.
+    /// Returns logits `[n, vocab]`.
+    pub fn forward_batch(
+        &mut self,
+        ids: &[u32],
+        pos: &[usize],
+        states: &mut [KvState],
+        device: &Device,
+    ) -> Result<Tensor> {
+        let n = ids.len();
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(ids, device)?, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((n, 1, ()))?;
+        let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            let h_in = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let (mut q, mut k, mut v) = (
+                layer.q.forward(&h_in)?,
+                layer.k.forward(&h_in)?,
+                layer.v.forward(&h_in)?,
+            );
+            if let Some((bq, bk, bv)) = &layer.bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let mut rows = Vec::with_capacity(n);
+            for (i, state) in states.iter_mut().enumerate() {
+                let qi = q.narrow(0, i, 1)?.reshape((1, 1, heads, hd))?.transpose(1, 2)?;
+                let ki = k.narrow(0, i, 1)?.reshape((1, 1, kv_heads, hd))?.transpose(1, 2)?;
+                let vi = v
+                    .narrow(0, i, 1)?
+                    .reshape((1, 1, kv_heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let qi = (self.rope.apply(&qi, pos[i])? * scale)?;
+                let ki = self.rope.apply(&ki, pos[i])?;
+                rows.push(attend(&qi, ki, vi, &mut state[li], pos[i], None)?);
+            }
+            let attn = Tensor::cat(&rows, 0)?;
+            let h = (layer.o.forward(&attn)? + &x)?;
+            let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
+            let ff = (candle_nn::ops::silu(&layer.gate.forward(&m)?)? * layer.up.forward(&m)?)?;
+            x = (layer.down.forward(&ff)? + h)?;
+        }
+        let last = candle_nn::ops::rms_norm(&x.squeeze(1)?, &self.norm, eps)?;
+        self.output.forward(&last)?.to_dtype(DType::F32)
     }
 
     /// Runs tokens `ids` (`[1, t]`) at positions `pos..pos+t`; returns the

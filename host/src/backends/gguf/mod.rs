@@ -13,6 +13,7 @@
 //! candle only has scalar kernels for are re-encoded at load ([`quant`]).
 
 mod attention;
+pub mod decode;
 pub mod gemma3;
 pub mod hf;
 pub mod llama;
@@ -26,12 +27,8 @@ use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor, D};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 
-use crate::inference::{
-    CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Scored, TokenLogprob, Usage,
-    DEFAULT_MAX_TOKENS,
-};
+use crate::inference::{CallCtx, GenParams, Generation, InferenceError, Input, Scored, TokenLogprob};
 use template::ChatFormat;
 use tokenizer::GgufTokenizer;
 
@@ -265,100 +262,29 @@ impl GgufModel {
     /// of a stop sequence, or half of a multi-byte character, is held back
     /// until it is settled. `sink` returning `false` (the listener went
     /// away) ends decoding early, so an abandoned stream stops costing CPU.
-    pub fn generate_streaming(
+    pub fn generate_streaming<'a>(
         &mut self,
         ctx: CallCtx,
-        input: &Input,
-        params: &GenParams,
-        mut sink: Option<&mut dyn FnMut(&str) -> bool>,
+        input: &'a Input,
+        params: &'a GenParams,
+        sink: Option<&'a mut (dyn FnMut(&str) -> bool + 'a)>,
     ) -> Result<Generation, InferenceError> {
-        params.validate()?;
-        let prompt = self.encode_input(input)?;
-        let max_new = params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize;
-        let room = (self.facts.context_length as usize).saturating_sub(prompt.len());
-        self.check_context(prompt.len() + 1)?;
-        let max_new = max_new.min(room);
-
-        let temperature = params.temperature.unwrap_or(0.0) as f64;
-        let sampling = if temperature <= 0.0 {
-            Sampling::ArgMax
-        } else {
-            match (params.top_k, params.top_p) {
-                (Some(k), Some(p)) => Sampling::TopKThenTopP {
-                    k: k as usize,
-                    p: p as f64,
-                    temperature,
-                },
-                (Some(k), None) => Sampling::TopK {
-                    k: k as usize,
-                    temperature,
-                },
-                (None, Some(p)) => Sampling::TopP {
-                    p: p as f64,
-                    temperature,
-                },
-                (None, None) => Sampling::All { temperature },
-            }
+        let job = decode::GenJob {
+            ctx,
+            input,
+            params,
+            sink,
         };
-        let seed = params.seed.unwrap_or_else(rand::random);
-        let mut sampler = LogitsProcessor::from_sampling(seed, sampling);
+        self.generate_batch(vec![job])
+            .pop()
+            .unwrap_or_else(|| Err(InferenceError::Failed("no result".into())))
+    }
 
-        let mut logits = Self::step(&mut self.weights, &self.device, &prompt, 0)?;
-        let mut out: Vec<u32> = Vec::new();
-        let mut finish = FinishReason::Length;
-        let mut text = String::new();
-        let mut sent = 0usize;
-        while out.len() < max_new {
-            if Instant::now() >= ctx.deadline {
-                return Err(InferenceError::Deadline);
-            }
-            let next = sampler.sample(&logits).map_err(failed)?;
-            if self.tok.end_of_turn.contains(&next) {
-                finish = FinishReason::Eos;
-                break;
-            }
-            out.push(next);
-            // Stop sequences are matched on text, so only then is the text
-            // rebuilt every step; otherwise it is decoded once at the end.
-            if !params.stop.is_empty() || sink.is_some() {
-                text = self.decode(&out)?;
-                if let Some(cut) = earliest_stop(&text, &params.stop) {
-                    text.truncate(cut);
-                    finish = FinishReason::StopSequence;
-                    break;
-                }
-            }
-            if let Some(sink) = sink.as_deref_mut() {
-                let settled = settled_len(&text, &params.stop);
-                if settled > sent && text.is_char_boundary(sent) {
-                    if !sink(&text[sent..settled]) {
-                        break;
-                    }
-                    sent = settled;
-                }
-            }
-            if out.len() == max_new {
-                break;
-            }
-            logits = Self::step(&mut self.weights, &self.device, &[next], prompt.len() + out.len() - 1)?;
-        }
-        if finish != FinishReason::StopSequence {
-            text = self.decode(&out)?;
-        }
-        if let Some(sink) = sink {
-            if text.len() > sent && text.is_char_boundary(sent) {
-                sink(&text[sent..]);
-            }
-        }
-        Ok(Generation {
-            model: self.id.clone(),
-            text,
-            finish,
-            usage: Usage {
-                prompt_tokens: prompt.len() as u32,
-                completion_tokens: out.len() as u32,
-            },
-        })
+    /// Whether [`GgufModel::generate_batch`] decodes several sequences in
+    /// one forward pass for this architecture (otherwise it runs them one
+    /// after another).
+    pub fn batches(&self) -> bool {
+        matches!(self.weights, Weights::Llama(_))
     }
 
     /// Log-likelihood of each continuation after `prompt`. The prompt is run
@@ -441,50 +367,4 @@ fn log_softmax(logits: &Tensor) -> Result<Vec<f32>, InferenceError> {
         .and_then(|t| t.to_dtype(candle_core::DType::F32))
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(failed)
-}
-
-/// How much of `text` a stream may send now: all of it, less a tail that is
-/// the beginning of some stop sequence (it may yet be cut) or ends in the
-/// replacement character (a multi-byte character whose other bytes are in
-/// the next token).
-fn settled_len(text: &str, stops: &[String]) -> usize {
-    let mut end = text.len();
-    if text.ends_with('\u{FFFD}') {
-        end -= '\u{FFFD}'.len_utf8();
-    }
-    let mut hold = 0;
-    for stop in stops {
-        for (k, _) in stop.char_indices().skip(1) {
-            if text[..end].ends_with(&stop[..k]) {
-                hold = hold.max(k);
-            }
-        }
-    }
-    end - hold
-}
-
-/// Byte offset of the earliest stop sequence in `text`, if any.
-fn earliest_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter_map(|s| text.find(s.as_str())).min()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{earliest_stop, settled_len};
-
-    #[test]
-    fn streaming_holds_back_a_possible_stop_and_a_split_character() {
-        let stops = vec!["\n\nQ:".to_string()];
-        assert_eq!(settled_len("Paris.\n", &stops), "Paris.".len());
-        assert_eq!(settled_len("Paris.\n\nQ", &stops), "Paris.".len());
-        assert_eq!(settled_len("Paris. Yes", &stops), "Paris. Yes".len());
-        assert_eq!(settled_len("caf\u{FFFD}", &[]), 3);
-    }
-
-    #[test]
-    fn earliest_stop_picks_first_occurrence() {
-        let stops = vec!["\n\n".to_string(), "Q:".to_string()];
-        assert_eq!(earliest_stop("Paris.\nQ: next\n\nx", &stops), Some(7));
-        assert_eq!(earliest_stop("Paris.", &stops), None);
-    }
 }
