@@ -8,7 +8,9 @@
 //!
 //! 1. **Load**: `CLIENTS` concurrent clients each send `PER_CLIENT` chat
 //!    requests (16 new tokens, greedy) round-robin over the three chat
-//!    members. Throughput, p50/p99 latency and errors.
+//!    members. Throughput, p50/p99 latency and errors, run twice in one
+//!    process: each member decoding one generation at a time, and decoding
+//!    the generations queued for it together (as shipped).
 //! 2. **Isolation**: a benign tenant sends `BENIGN` short requests one after
 //!    another, first alone, then while a hostile tenant hammers the server
 //!    with published hostile modules (an infinite loop and a memory bomb)
@@ -21,13 +23,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tessera::policy::Policy;
-use tessera::pool::PoolConfig;
+use tessera::pool::{Pool, PoolConfig};
 use tessera::registry::tenants::TenantPolicy;
 use tessera::registry::Registry;
 use tessera::server::{self, AppState, ServeConfig};
 use tessera::{Paths, Runtime};
 
 const CLIENTS: usize = 8;
+const INFLIGHT: usize = 8;
 const PER_CLIENT: usize = 6;
 const BENIGN: usize = 40;
 const HAMMERS: usize = 4;
@@ -210,11 +213,19 @@ async fn isolation(rt: Arc<Runtime>, quarantine_after: u32, label: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-async fn load(rt: Arc<Runtime>) {
+async fn load(rt: Arc<Runtime>, label: &str) {
     let dir = std::env::temp_dir().join(format!("tessera-bench-load-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let registry = Arc::new(Registry::open(&dir).expect("registry"));
-    let served = start(rt, registry, ServeConfig::default()).await;
+    let served = start(
+        rt,
+        registry,
+        ServeConfig {
+            max_inflight: INFLIGHT,
+            ..ServeConfig::default()
+        },
+    )
+    .await;
     let client = reqwest::Client::new();
     let _ = chat(&client, &served.base, "-", MEMBERS[0], "warm up", 2).await;
     let started = Instant::now();
@@ -255,7 +266,7 @@ async fn load(rt: Arc<Runtime>) {
     let n = ms.len();
     let (p50, p99) = stats(ms);
     println!(
-        "load: {CLIENTS} clients x {PER_CLIENT} chat requests (16 tokens, 3 members, max_inflight 4): \
+        "load [{label}]: {CLIENTS} clients x {PER_CLIENT} chat requests (16 tokens, 3 members, max_inflight {INFLIGHT}): \
          {n} ok, {errors} errors in {wall:.1} s = {:.2} req/s, p50 {p50:.0} ms, p99 {p99:.0} ms",
         n as f64 / wall
     );
@@ -270,10 +281,20 @@ fn main() {
         .build()
         .expect("tokio");
     rt.block_on(async {
-        let runtime =
-            Arc::new(Runtime::new(Paths::from_env(), &PoolConfig::default_pool(), Policy::default()).expect("runtime"));
-        assert!(runtime.pool_failures().is_empty(), "run `make setup` first");
-        load(runtime.clone()).await;
+        let paths = Paths::from_env();
+        let loaded = Pool::load(&PoolConfig::default_pool(), &paths.models);
+        assert!(loaded.failures.is_empty(), "run `make setup` first");
+        let pool = loaded.pool.clone();
+        let runtime = Arc::new(Runtime::with_models(paths, loaded.pool, Policy::default(), Vec::new()).expect("runtime"));
+        pool.set_max_batch(1);
+        load(runtime.clone(), "one generation at a time per member").await;
+        pool.set_max_batch(tessera::pool::DEFAULT_MAX_BATCH);
+        let before = tessera::backends::gguf::decode::batched_steps();
+        load(runtime.clone(), "queued generations decoded together (as shipped)").await;
+        println!(
+            "  batched decode steps in that run: {}",
+            tessera::backends::gguf::decode::batched_steps() - before
+        );
         isolation(runtime.clone(), 3, "quarantine after 3 faults (as shipped)").await;
         isolation(runtime, u32::MAX, "quarantine off").await;
     });
