@@ -94,6 +94,9 @@ impl GgufModel {
         let mut file = File::open(path).map_err(|e| format!("{shown}: cannot open: {e}"))?;
         let content =
             gguf_file::Content::read(&mut file).map_err(|e| format!("{shown}: not a readable GGUF file: {e}"))?;
+        // An unsupported architecture is the more useful error than
+        // whatever else such a file lacks.
+        architecture(&content, &shown)?;
         let tok = tokenizer::from_gguf(&content).map_err(|e| format!("{shown}: tokenizer: {e}"))?;
         let template = content
             .metadata
@@ -119,12 +122,7 @@ impl GgufModel {
         tok: GgufTokenizer,
         template: Option<String>,
     ) -> Result<Self, String> {
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .ok_or_else(|| format!("{shown}: metadata `general.architecture` is missing"))?;
+        let arch = architecture(content, shown)?;
         let parameters: u64 = content.tensor_infos.values().map(|t| t.shape.elem_count() as u64).sum();
         let ctx_key = format!("{arch}.context_length");
         let meta_ctx = content
@@ -132,11 +130,6 @@ impl GgufModel {
             .get(&ctx_key)
             .and_then(|v| v.to_u32().ok())
             .unwrap_or(2048) as usize;
-        if !matches!(arch.as_str(), "llama" | "qwen2" | "gemma3") {
-            return Err(format!(
-                "{shown}: architecture `{arch}` is not supported (supported: llama, qwen2, gemma3)"
-            ));
-        }
         let device = Device::Cpu;
         let (weights, context_length) = match arch.as_str() {
             "llama" | "qwen2" => {
@@ -360,6 +353,22 @@ impl GgufModel {
             })
             .collect()
     }
+}
+
+/// The file's architecture, if it is one Tessera runs.
+fn architecture(content: &gguf_file::Content, shown: &str) -> Result<String, String> {
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| format!("{shown}: metadata `general.architecture` is missing"))?;
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "gemma3") {
+        return Err(format!(
+            "{shown}: architecture `{arch}` is not supported (supported: llama, qwen2, gemma3)"
+        ));
+    }
+    Ok(arch)
 }
 
 fn log_softmax(logits: &Tensor) -> Result<Vec<f32>, InferenceError> {
