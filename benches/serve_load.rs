@@ -285,7 +285,8 @@ fn main() {
         let loaded = Pool::load(&PoolConfig::default_pool(), &paths.models);
         assert!(loaded.failures.is_empty(), "run `make setup` first");
         let pool = loaded.pool.clone();
-        let runtime = Arc::new(Runtime::with_models(paths, loaded.pool, Policy::default(), Vec::new()).expect("runtime"));
+        let runtime =
+            Arc::new(Runtime::with_models(paths, loaded.pool, Policy::default(), Vec::new()).expect("runtime"));
         pool.set_max_batch(1);
         load(runtime.clone(), "one generation at a time per member").await;
         pool.set_max_batch(tessera::pool::DEFAULT_MAX_BATCH);
