@@ -58,6 +58,12 @@ impl Config {
     }
 }
 
+/// The error for a hyperparameter out of range: names the key, the value
+/// and what to use instead.
+pub fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> Error {
+    Error::InvalidParams(format!("config `{key}` = `{value}`: {why}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,6 +86,74 @@ pub fn ranking(scores: &[MemberScore]) -> Vec<String> {
     order.into_iter().map(|s| s.model.clone()).collect()
 }
 
+/// `id correct/total` per member, best first (for trace notes).
+pub fn describe(scores: &[MemberScore]) -> String {
+    ranking(scores)
+        .iter()
+        .filter_map(|id| scores.iter().find(|s| &s.model == id))
+        .map(|s| {
+            format!(
+                "{} {}/{}",
+                s.model,
+                s.correct.iter().filter(|c| **c).count(),
+                s.correct.len()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The members listed in config `key` (comma-separated ids of granted
+/// members in `pool`, each once), or all of `pool` when the key is unset.
+pub fn pick_list(cfg: &crate::Config, key: &str, pool: &[ModelInfo]) -> Result<Vec<ModelInfo>, Error> {
+    let list = cfg.get(key).unwrap_or("").trim();
+    if list.is_empty() {
+        return Ok(pool.to_vec());
+    }
+    let mut out: Vec<ModelInfo> = Vec::new();
+    for id in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let m = pool
+            .iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| crate::config::invalid(key, list, &format!("`{id}` is not a granted generative member")))?;
+        if out.iter().any(|o| o.id == id) {
+            return Err(crate::config::invalid(key, list, &format!("`{id}` is listed twice")));
+        }
+        out.push(m.clone());
+    }
+    Ok(out)
+}
+
+/// The index in `pool` of the member for one role, and why: config `key`
+/// when set, else the best dev member from `fit` scores, else the first
+/// member (operators list pools best first).
+pub fn pick_one(
+    cfg: &crate::Config,
+    key: &str,
+    pool: &[ModelInfo],
+    scores: Option<&[MemberScore]>,
+) -> Result<(usize, String), Error> {
+    let wanted = cfg.get(key).unwrap_or("").trim();
+    if !wanted.is_empty() {
+        let i = pool
+            .iter()
+            .position(|m| m.id == wanted)
+            .ok_or_else(|| crate::config::invalid(key, wanted, "not a granted generative member"))?;
+        return Ok((i, "config".into()));
+    }
+    if let Some(scores) = scores {
+        for id in ranking(scores) {
+            if let Some(i) = pool.iter().position(|m| m.id == id) {
+                return Ok((i, format!("fit ({})", describe(scores))));
+            }
+        }
+    }
+    if pool.is_empty() {
+        return Err(Error::ModuleFailed("no generative member was granted".into()));
+    }
+    Ok((0, "pool order".into()))
+}
+
 /// The best member by a dev ranking when one exists and names a granted
 /// member, else the first granted one (operators list pools best first).
 pub fn best_member(ranking: Option<&[String]>, members: &[ModelInfo]) -> Result<ModelInfo, Error> {

@@ -29,6 +29,7 @@
 //! manifest (`NAME.toml`, see the README) beside the `.wasm`.
 
 pub mod answer;
+pub mod chat;
 pub mod config;
 pub mod dev;
 pub mod rand;

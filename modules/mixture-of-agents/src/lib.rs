@@ -2,7 +2,9 @@
 //! reading the previous layer's answers and synthesising its own; an
 //! aggregator writes the final answer from the last layer. See README.md.
 
-use tessera_sdk::dev::{evaluate, ranking, MemberScore};
+use tessera_sdk::chat::{append_to_last_user, base_chat, shown};
+use tessera_sdk::config::invalid;
+use tessera_sdk::dev::{describe, evaluate, pick_list, pick_one, MemberScore};
 use tessera_sdk::*;
 
 struct MixtureOfAgents;
@@ -21,10 +23,6 @@ struct Settings {
     max_tokens: u32,
     temperature: f32,
     top_p: f32,
-}
-
-fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> Error {
-    Error::InvalidParams(format!("config `{key}` = `{value}`: {why}"))
 }
 
 fn settings(cfg: &Config) -> Result<Settings, Error> {
@@ -50,115 +48,6 @@ fn settings(cfg: &Config) -> Result<Settings, Error> {
         temperature,
         top_p,
     })
-}
-
-/// The proposers of every layer: the `proposers` list when given (granted
-/// generative members, each once), else every generative member.
-fn pick_proposers(cfg: &Config, pool: &[ModelInfo]) -> Result<Vec<ModelInfo>, Error> {
-    let list = cfg.get("proposers").unwrap_or("").trim();
-    if list.is_empty() {
-        return Ok(pool.to_vec());
-    }
-    let mut out: Vec<ModelInfo> = Vec::new();
-    for id in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let m = pool
-            .iter()
-            .find(|m| m.id == id)
-            .ok_or_else(|| invalid("proposers", list, &format!("`{id}` is not a granted generative member")))?;
-        if out.iter().any(|o| o.id == id) {
-            return Err(invalid("proposers", list, &format!("`{id}` is listed twice")));
-        }
-        out.push(m.clone());
-    }
-    Ok(out)
-}
-
-/// The aggregator and why it was chosen: the `aggregator` config when set,
-/// else the best dev member from `fit`, else the first generative member.
-fn pick_aggregator(
-    cfg: &Config,
-    pool: &[ModelInfo],
-    scores: Option<&[MemberScore]>,
-) -> Result<(ModelInfo, String), Error> {
-    let wanted = cfg.get("aggregator").unwrap_or("").trim();
-    if !wanted.is_empty() {
-        let m = pool
-            .iter()
-            .find(|m| m.id == wanted)
-            .ok_or_else(|| invalid("aggregator", wanted, "not a granted generative member"))?;
-        return Ok((m.clone(), "config".into()));
-    }
-    if let Some(scores) = scores {
-        for id in ranking(scores) {
-            if let Some(m) = pool.iter().find(|m| m.id == id) {
-                return Ok((m.clone(), format!("fit ({})", describe(scores))));
-            }
-        }
-    }
-    let first = pool
-        .first()
-        .ok_or_else(|| Error::ModuleFailed("no generative member was granted".into()))?;
-    Ok((first.clone(), "pool order".into()))
-}
-
-/// `id c/t` per member, best first.
-fn describe(scores: &[MemberScore]) -> String {
-    ranking(scores)
-        .iter()
-        .filter_map(|id| scores.iter().find(|s| &s.model == id))
-        .map(|s| {
-            format!(
-                "{} {}/{}",
-                s.model,
-                s.correct.iter().filter(|c| **c).count(),
-                s.correct.len()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn message(role: &str, content: impl Into<String>) -> Message {
-    Message {
-        role: role.into(),
-        content: content.into(),
-    }
-}
-
-/// The request as a chat; a raw prompt becomes one user turn.
-fn base_chat(input: &Input) -> Result<Vec<Message>, Error> {
-    let msgs = match input {
-        Input::Chat(m) => m.clone(),
-        Input::Prompt(p) => vec![message("user", p.clone())],
-    };
-    if !msgs.iter().any(|m| m.role == "user") {
-        return Err(Error::InvalidParams("the request has no user turn".into()));
-    }
-    Ok(msgs)
-}
-
-/// `chat` with `extra` added to its last user turn (or as a new user turn
-/// when the chat does not end with one). The question stays first, so every
-/// layer's prompts share it as a prefix.
-fn append_to_last_user(chat: &[Message], extra: &str) -> Vec<Message> {
-    let mut out = chat.to_vec();
-    match out.last_mut() {
-        Some(last) if last.role == "user" => {
-            last.content.push_str("\n\n");
-            last.content.push_str(extra);
-        }
-        _ => out.push(message("user", extra)),
-    }
-    out
-}
-
-fn shown(answer: &str) -> &str {
-    let t = answer.trim();
-    if t.is_empty() {
-        "(no answer)"
-    } else {
-        t
-    }
 }
 
 /// The aggregate-and-synthesise instruction over the previous layer's
@@ -208,8 +97,9 @@ impl Strategy for MixtureOfAgents {
         if pool.is_empty() {
             return Err(Error::ModuleFailed("no generative member was granted".into()));
         }
-        let proposers = pick_proposers(&cfg, &pool)?;
-        let (aggregator, chosen_by) = pick_aggregator(&cfg, &pool, scores.as_deref())?;
+        let proposers = pick_list(&cfg, "proposers", &pool)?;
+        let (i, chosen_by) = pick_one(&cfg, "aggregator", &pool, scores.as_deref())?;
+        let aggregator = pool[i].clone();
         let seed = req.params.seed.unwrap_or(0);
 
         // `(member, answer)` of the latest layer that produced any.

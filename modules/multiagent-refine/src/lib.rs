@@ -7,7 +7,9 @@
 //! own earlier answers, so its own previous answer is never repeated in the
 //! prompt and the earlier turns stay a reusable prefix for the host.
 
-use tessera_sdk::dev::{evaluate, ranking, MemberScore};
+use tessera_sdk::chat::{append_to_last_user, base_chat, message, shown};
+use tessera_sdk::config::invalid;
+use tessera_sdk::dev::{describe, evaluate, pick_list, pick_one, MemberScore};
 use tessera_sdk::*;
 
 struct MultiagentRefine;
@@ -26,10 +28,6 @@ struct Settings {
     max_tokens: u32,
     temperature: f32,
     top_p: f32,
-}
-
-fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> Error {
-    Error::InvalidParams(format!("config `{key}` = `{value}`: {why}"))
 }
 
 fn settings(cfg: &Config) -> Result<Settings, Error> {
@@ -59,114 +57,6 @@ fn settings(cfg: &Config) -> Result<Settings, Error> {
         temperature,
         top_p,
     })
-}
-
-/// The debating members: the `members` list when given (granted generative
-/// members, each once), else every generative member in pool order.
-fn pick_members(cfg: &Config, pool: &[ModelInfo]) -> Result<Vec<ModelInfo>, Error> {
-    let list = cfg.get("members").unwrap_or("").trim();
-    if list.is_empty() {
-        return Ok(pool.to_vec());
-    }
-    let mut out: Vec<ModelInfo> = Vec::new();
-    for id in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let m = pool
-            .iter()
-            .find(|m| m.id == id)
-            .ok_or_else(|| invalid("members", list, &format!("`{id}` is not a granted generative member")))?;
-        if out.iter().any(|o| o.id == id) {
-            return Err(invalid("members", list, &format!("`{id}` is listed twice")));
-        }
-        out.push(m.clone());
-    }
-    Ok(out)
-}
-
-/// The summariser and why it was chosen: the `summarizer` config when set,
-/// else the best dev member from `fit`, else the first generative member.
-fn pick_summarizer(
-    cfg: &Config,
-    pool: &[ModelInfo],
-    scores: Option<&[MemberScore]>,
-) -> Result<(ModelInfo, String), Error> {
-    let wanted = cfg.get("summarizer").unwrap_or("").trim();
-    if !wanted.is_empty() {
-        let m = pool
-            .iter()
-            .find(|m| m.id == wanted)
-            .ok_or_else(|| invalid("summarizer", wanted, "not a granted generative member"))?;
-        return Ok((m.clone(), "config".into()));
-    }
-    if let Some(scores) = scores {
-        for id in ranking(scores) {
-            if let Some(m) = pool.iter().find(|m| m.id == id) {
-                return Ok((m.clone(), format!("fit ({})", describe(scores))));
-            }
-        }
-    }
-    let first = pool
-        .first()
-        .ok_or_else(|| Error::ModuleFailed("no generative member was granted".into()))?;
-    Ok((first.clone(), "pool order".into()))
-}
-
-/// `id c/t` per member, best first.
-fn describe(scores: &[MemberScore]) -> String {
-    ranking(scores)
-        .iter()
-        .filter_map(|id| scores.iter().find(|s| &s.model == id))
-        .map(|s| {
-            format!(
-                "{} {}/{}",
-                s.model,
-                s.correct.iter().filter(|c| **c).count(),
-                s.correct.len()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn message(role: &str, content: impl Into<String>) -> Message {
-    Message {
-        role: role.into(),
-        content: content.into(),
-    }
-}
-
-/// The request as a chat; a raw prompt becomes one user turn.
-fn base_chat(input: &Input) -> Result<Vec<Message>, Error> {
-    let msgs = match input {
-        Input::Chat(m) => m.clone(),
-        Input::Prompt(p) => vec![message("user", p.clone())],
-    };
-    if !msgs.iter().any(|m| m.role == "user") {
-        return Err(Error::InvalidParams("the request has no user turn".into()));
-    }
-    Ok(msgs)
-}
-
-/// `chat` with `extra` added to its last user turn (or as a new user turn
-/// when the chat does not end with one).
-fn append_to_last_user(chat: &[Message], extra: &str) -> Vec<Message> {
-    let mut out = chat.to_vec();
-    match out.last_mut() {
-        Some(last) if last.role == "user" => {
-            last.content.push_str("\n\n");
-            last.content.push_str(extra);
-        }
-        _ => out.push(message("user", extra)),
-    }
-    out
-}
-
-fn shown(answer: &str) -> &str {
-    let t = answer.trim();
-    if t.is_empty() {
-        "(no answer)"
-    } else {
-        t
-    }
 }
 
 /// `[member] answer` lines.
@@ -224,8 +114,9 @@ impl Strategy for MultiagentRefine {
         if pool.is_empty() {
             return Err(Error::ModuleFailed("no generative member was granted".into()));
         }
-        let members = pick_members(&cfg, &pool)?;
-        let (summarizer, chosen_by) = pick_summarizer(&cfg, &pool, scores.as_deref())?;
+        let members = pick_list(&cfg, "members", &pool)?;
+        let (i, chosen_by) = pick_one(&cfg, "summarizer", &pool, scores.as_deref())?;
+        let summarizer = pool[i].clone();
         let seed = req.params.seed.unwrap_or(0);
         let n = members.len();
 

@@ -13,7 +13,9 @@
 //! of the default pool restart the answer instead of continuing it, so it is
 //! not the default. Base members (no chat template) always continue raw.
 
-use tessera_sdk::dev::{evaluate, ranking, MemberScore};
+use tessera_sdk::chat::{base_chat, message};
+use tessera_sdk::config::invalid;
+use tessera_sdk::dev::{describe, evaluate, pick_one, MemberScore};
 use tessera_sdk::*;
 
 struct SwitchGeneration;
@@ -58,10 +60,6 @@ struct Settings {
     continuation: Continuation,
 }
 
-fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> Error {
-    Error::InvalidParams(format!("config `{key}` = `{value}`: {why}"))
-}
-
 fn settings(cfg: &Config) -> Result<Settings, Error> {
     let patch_size: u32 = cfg.parse("patch_size", 25)?;
     if !(1..=512).contains(&patch_size) {
@@ -102,63 +100,6 @@ fn settings(cfg: &Config) -> Result<Settings, Error> {
         selector_max_tokens,
         policy,
     })
-}
-
-/// The selector and why it was chosen: the `selector` config when set, else
-/// the best dev member from `fit`, else the first generative member.
-fn pick_selector(cfg: &Config, pool: &[ModelInfo], scores: Option<&[MemberScore]>) -> Result<(usize, String), Error> {
-    let wanted = cfg.get("selector").unwrap_or("").trim();
-    if !wanted.is_empty() {
-        let i = pool
-            .iter()
-            .position(|m| m.id == wanted)
-            .ok_or_else(|| invalid("selector", wanted, "not a granted generative member"))?;
-        return Ok((i, "config".into()));
-    }
-    if let Some(scores) = scores {
-        for id in ranking(scores) {
-            if let Some(i) = pool.iter().position(|m| m.id == id) {
-                return Ok((i, format!("fit ({})", describe(scores))));
-            }
-        }
-    }
-    Ok((0, "pool order".into()))
-}
-
-/// `id c/t` per member, best first.
-fn describe(scores: &[MemberScore]) -> String {
-    ranking(scores)
-        .iter()
-        .filter_map(|id| scores.iter().find(|s| &s.model == id))
-        .map(|s| {
-            format!(
-                "{} {}/{}",
-                s.model,
-                s.correct.iter().filter(|c| **c).count(),
-                s.correct.len()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn message(role: &str, content: impl Into<String>) -> Message {
-    Message {
-        role: role.into(),
-        content: content.into(),
-    }
-}
-
-/// The request as a chat; a raw prompt becomes one user turn.
-fn base_chat(input: &Input) -> Result<Vec<Message>, Error> {
-    let msgs = match input {
-        Input::Chat(m) => m.clone(),
-        Input::Prompt(p) => vec![message("user", p.clone())],
-    };
-    if !msgs.iter().any(|m| m.role == "user") {
-        return Err(Error::InvalidParams("the request has no user turn".into()));
-    }
-    Ok(msgs)
 }
 
 /// Whether the member has no chat template (the host renders chats for it
@@ -267,7 +208,7 @@ impl Strategy for SwitchGeneration {
         if writers.is_empty() {
             return Err(Error::ModuleFailed("no generative member was granted".into()));
         }
-        let (selector, chosen_by) = pick_selector(&cfg, &writers, scores.as_deref())?;
+        let (selector, chosen_by) = pick_one(&cfg, "selector", &writers, scores.as_deref())?;
         let n = writers.len();
         let seed = req.params.seed.unwrap_or(0);
         let question = question(&req.input);
