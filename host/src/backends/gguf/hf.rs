@@ -65,6 +65,20 @@ fn permute(w: &Tensor, heads: usize, to_gguf: bool) -> candle_core::Result<Tenso
     w.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))
 }
 
+/// `(GGUF name, HF name)` of every tensor of a `layers`-layer model.
+fn tensor_names(layers: u32) -> Vec<(String, String)> {
+    let mut names: Vec<(String, String)> = GLOBAL_TENSORS
+        .iter()
+        .map(|(g, h)| (g.to_string(), h.to_string()))
+        .collect();
+    for i in 0..layers {
+        for (g, h) in LAYER_TENSORS {
+            names.push((format!("blk.{i}.{g}"), format!("model.layers.{i}.{h}")));
+        }
+    }
+    names
+}
+
 fn read_json(path: &Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))
@@ -153,15 +167,7 @@ pub fn read_dir(dir: &Path) -> Result<HfParts, String> {
             .map_err(|e| format!("{}: not a readable safetensors file: {e}", f.display()))?;
         hf.extend(part);
     }
-    let mut names: Vec<(String, String)> = GLOBAL_TENSORS
-        .iter()
-        .map(|(g, h)| (g.to_string(), h.to_string()))
-        .collect();
-    for i in 0..layers {
-        for (g, h) in LAYER_TENSORS {
-            names.push((format!("blk.{i}.{g}"), format!("model.layers.{i}.{h}")));
-        }
-    }
+    let names = tensor_names(layers);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (gguf_name, hf_name) in names {
         let Some(t) = hf.remove(&hf_name) else {
@@ -251,15 +257,7 @@ pub fn export(gguf_path: &Path, out: &Path) -> Result<(), String> {
     let kv_heads = u("attention.head_count_kv")? as usize;
     let layers = u("block_count")?;
     let device = Device::Cpu;
-    let mut names: Vec<(String, String)> = GLOBAL_TENSORS
-        .iter()
-        .map(|(g, h)| (g.to_string(), h.to_string()))
-        .collect();
-    for i in 0..layers {
-        for (g, h) in LAYER_TENSORS {
-            names.push((format!("blk.{i}.{g}"), format!("model.layers.{i}.{h}")));
-        }
-    }
+    let names = tensor_names(layers);
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (gguf_name, hf_name) in names {
         if !content.tensor_infos.contains_key(&gguf_name) {
