@@ -56,6 +56,26 @@ impl Config {
             }),
         }
     }
+
+    /// [`Config::parse`], then a range check: a value outside `ok` is an
+    /// error naming the key, the value and `why` (what to use instead).
+    pub fn parse_within<T>(
+        &self,
+        key: &str,
+        default: T,
+        ok: impl std::ops::RangeBounds<T>,
+        why: &str,
+    ) -> Result<T, Error>
+    where
+        T: std::str::FromStr + PartialOrd + std::fmt::Display,
+    {
+        let v = self.parse(key, default)?;
+        if ok.contains(&v) {
+            Ok(v)
+        } else {
+            Err(invalid(key, v, why))
+        }
+    }
 }
 
 /// The error for a hyperparameter out of range: names the key, the value
@@ -67,6 +87,19 @@ pub fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_within_names_the_key_value_and_fix() {
+        let c = Config::from_pairs(vec![("n".into(), "9".into()), ("p".into(), "0".into())]);
+        assert_eq!(c.parse_within("m", 3u32, 1..=8, "use 1..=8").unwrap(), 3);
+        let e = c.parse_within("n", 3u32, 1..=8, "use 1..=8").unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidParams(m) if m.contains("`n` = `9`") && m.contains("use 1..=8")),
+            "{e:?}"
+        );
+        let open = (std::ops::Bound::Excluded(0.0f32), std::ops::Bound::Included(1.0f32));
+        assert!(c.parse_within("p", 0.5f32, open, "use (0, 1]").is_err());
+    }
 
     #[test]
     fn later_pairs_win_and_bad_values_name_the_key() {

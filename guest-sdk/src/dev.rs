@@ -86,6 +86,24 @@ pub fn ranking(scores: &[MemberScore]) -> Vec<String> {
     order.into_iter().map(|s| s.model.clone()).collect()
 }
 
+/// The whole `fit` of methods whose state is the members' dev scores:
+/// every granted generative member answers the dev examples greedily
+/// (`fit_max_tokens` per answer, default 64), the ranking is traced, and
+/// the scores are saved as state format `version`.
+pub fn fit_scores(dev: &[Example], config: &crate::Config, version: u8) -> Result<Option<Vec<u8>>, Error> {
+    if dev.is_empty() {
+        return Err(Error::InvalidParams("fit needs at least one dev example".into()));
+    }
+    let max_tokens: u32 = config.parse_within("fit_max_tokens", 64, 1..=4096, "use 1..=4096 tokens")?;
+    let pool = crate::generators();
+    if pool.is_empty() {
+        return Err(Error::ModuleFailed("no generative member was granted".into()));
+    }
+    let scores = evaluate(dev, &pool, max_tokens);
+    trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
+    Ok(Some(crate::state::save(version, &scores)?))
+}
+
 /// `id correct/total` per member, best first (for trace notes).
 pub fn describe(scores: &[MemberScore]) -> String {
     ranking(scores)

@@ -8,8 +8,7 @@
 //! prompt and the earlier turns stay a reusable prefix for the host.
 
 use tessera_sdk::chat::{append_to_last_user, base_chat, message, shown};
-use tessera_sdk::config::invalid;
-use tessera_sdk::dev::{describe, evaluate, pick_list, pick_one, MemberScore};
+use tessera_sdk::dev::{fit_scores, pick_list, pick_one, MemberScore};
 use tessera_sdk::*;
 
 struct MultiagentRefine;
@@ -31,26 +30,15 @@ struct Settings {
 }
 
 fn settings(cfg: &Config) -> Result<Settings, Error> {
-    let rounds: u32 = cfg.parse("rounds", 2)?;
-    if !(1..=8).contains(&rounds) {
-        return Err(invalid(
-            "rounds",
-            rounds,
-            "use 1..=8 rounds (1 = answer once, then summarise)",
-        ));
-    }
-    let max_tokens: u32 = cfg.parse("max_tokens", 128)?;
-    if !(1..=4096).contains(&max_tokens) {
-        return Err(invalid("max_tokens", max_tokens, "use 1..=4096 tokens"));
-    }
-    let temperature: f32 = cfg.parse("temperature", 0.7)?;
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(invalid("temperature", temperature, "use 0 (greedy) to 2"));
-    }
-    let top_p: f32 = cfg.parse("top_p", 0.9)?;
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(invalid("top_p", top_p, "use a mass in (0, 1]"));
-    }
+    let rounds: u32 = cfg.parse_within("rounds", 2, 1..=8, "use 1..=8 rounds (1 = answer once, then summarise)")?;
+    let max_tokens: u32 = cfg.parse_within("max_tokens", 128, 1..=4096, "use 1..=4096 tokens")?;
+    let temperature: f32 = cfg.parse_within("temperature", 0.7, 0.0..=2.0, "use 0 (greedy) to 2")?;
+    let top_p: f32 = cfg.parse_within(
+        "top_p",
+        0.9,
+        (std::ops::Bound::Excluded(0.0), std::ops::Bound::Included(1.0)),
+        "use a mass in (0, 1]",
+    )?;
     Ok(Settings {
         rounds,
         max_tokens,
@@ -264,20 +252,7 @@ impl Strategy for MultiagentRefine {
     /// Scores every generative member on the dev examples (greedy); `run`
     /// lets the best one summarise.
     fn fit(dev: Vec<Example>, config: Config) -> Result<Option<Vec<u8>>, Error> {
-        if dev.is_empty() {
-            return Err(Error::InvalidParams("fit needs at least one dev example".into()));
-        }
-        let max_tokens: u32 = config.parse("fit_max_tokens", 64)?;
-        if !(1..=4096).contains(&max_tokens) {
-            return Err(invalid("fit_max_tokens", max_tokens, "use 1..=4096 tokens"));
-        }
-        let pool = generators();
-        if pool.is_empty() {
-            return Err(Error::ModuleFailed("no generative member was granted".into()));
-        }
-        let scores = evaluate(&dev, &pool, max_tokens);
-        trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
-        Ok(Some(state::save(STATE_VERSION, &scores)?))
+        fit_scores(&dev, &config, STATE_VERSION)
     }
 }
 

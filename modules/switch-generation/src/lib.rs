@@ -15,7 +15,7 @@
 
 use tessera_sdk::chat::{base_chat, message};
 use tessera_sdk::config::invalid;
-use tessera_sdk::dev::{describe, evaluate, pick_one, MemberScore};
+use tessera_sdk::dev::{fit_scores, pick_one, MemberScore};
 use tessera_sdk::*;
 
 struct SwitchGeneration;
@@ -61,26 +61,16 @@ struct Settings {
 }
 
 fn settings(cfg: &Config) -> Result<Settings, Error> {
-    let patch_size: u32 = cfg.parse("patch_size", 25)?;
-    if !(1..=512).contains(&patch_size) {
-        return Err(invalid("patch_size", patch_size, "use 1..=512 tokens per segment"));
-    }
-    let max_segments: u32 = cfg.parse("max_segments", 8)?;
-    if !(1..=64).contains(&max_segments) {
-        return Err(invalid("max_segments", max_segments, "use 1..=64 segments"));
-    }
-    let temperature: f32 = cfg.parse("temperature", 0.7)?;
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(invalid("temperature", temperature, "use 0 (greedy) to 2"));
-    }
-    let top_p: f32 = cfg.parse("top_p", 0.9)?;
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(invalid("top_p", top_p, "use a mass in (0, 1]"));
-    }
-    let selector_max_tokens: u32 = cfg.parse("selector_max_tokens", 8)?;
-    if !(1..=64).contains(&selector_max_tokens) {
-        return Err(invalid("selector_max_tokens", selector_max_tokens, "use 1..=64 tokens"));
-    }
+    let patch_size: u32 = cfg.parse_within("patch_size", 25, 1..=512, "use 1..=512 tokens per segment")?;
+    let max_segments: u32 = cfg.parse_within("max_segments", 8, 1..=64, "use 1..=64 segments")?;
+    let temperature: f32 = cfg.parse_within("temperature", 0.7, 0.0..=2.0, "use 0 (greedy) to 2")?;
+    let top_p: f32 = cfg.parse_within(
+        "top_p",
+        0.9,
+        (std::ops::Bound::Excluded(0.0), std::ops::Bound::Included(1.0)),
+        "use a mass in (0, 1]",
+    )?;
+    let selector_max_tokens: u32 = cfg.parse_within("selector_max_tokens", 8, 1..=64, "use 1..=64 tokens")?;
     let policy = match cfg.get("policy").unwrap_or("select").trim() {
         "select" => Policy::Select,
         "alternate" => Policy::Alternate,
@@ -336,20 +326,7 @@ impl Strategy for SwitchGeneration {
     /// Scores every generative member on the dev examples (greedy); `run`
     /// lets the best one select.
     fn fit(dev: Vec<Example>, config: Config) -> Result<Option<Vec<u8>>, Error> {
-        if dev.is_empty() {
-            return Err(Error::InvalidParams("fit needs at least one dev example".into()));
-        }
-        let max_tokens: u32 = config.parse("fit_max_tokens", 64)?;
-        if !(1..=4096).contains(&max_tokens) {
-            return Err(invalid("fit_max_tokens", max_tokens, "use 1..=4096 tokens"));
-        }
-        let pool = generators();
-        if pool.is_empty() {
-            return Err(Error::ModuleFailed("no generative member was granted".into()));
-        }
-        let scores = evaluate(&dev, &pool, max_tokens);
-        trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
-        Ok(Some(state::save(STATE_VERSION, &scores)?))
+        fit_scores(&dev, &config, STATE_VERSION)
     }
 }
 
