@@ -1,18 +1,6 @@
 //! The `tessera` binary as a user runs it.
 
-use std::process::Command;
-
-fn tessera(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(args)
-        .output()
-        .expect("runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::common::tessera;
 
 #[test]
 fn run_json_has_text_provenance_and_usage() {

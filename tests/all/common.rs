@@ -98,3 +98,16 @@ pub fn arc_easy(skip: usize, n: usize) -> Vec<tessera::sandbox::Example> {
         .map(|item| item.example())
         .collect()
 }
+
+/// Runs the `tessera` binary: `(success, stdout, stderr)`.
+pub fn tessera(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

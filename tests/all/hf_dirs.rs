@@ -4,7 +4,6 @@
 //! ways, Qwen2 the attention biases); broken directories are named.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -13,7 +12,7 @@ use tessera::policy::Policy;
 use tessera::pool::PoolConfig;
 use tessera::Runtime;
 
-use crate::common::{runtime, scratch, scratch_paths, QWEN, SMOL};
+use crate::common::{runtime, scratch, scratch_paths, tessera, QWEN, SMOL};
 
 fn ctx() -> CallCtx {
     CallCtx {
@@ -22,12 +21,15 @@ fn ctx() -> CallCtx {
 }
 
 fn export(member: &str, out: &Path) {
-    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["pool", "export", "--member", member, "--out"])
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ok, _, err) = tessera(&[
+        "pool",
+        "export",
+        "--member",
+        member,
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
 }
 
 fn hf_member(id: &str, dir: &Path) -> String {

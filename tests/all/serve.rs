@@ -18,7 +18,7 @@ use tessera::registry::Registry;
 use tessera::server::{self, AppState, ServeConfig};
 use tessera::{Paths, Runtime};
 
-use crate::common::{hostile_path, runtime_arc, scratch, MINILM, QWEN, SMOL};
+use crate::common::{hostile_path, runtime_arc, scratch, tessera, MINILM, QWEN, SMOL};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
@@ -129,15 +129,6 @@ fn terminate(mut child: Child) {
     panic!("tessera serve did not stop within 60 s of SIGTERM");
 }
 
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn python() -> PathBuf {
     let p = std::env::var_os("TESSERA_PYTHON")
         .map(PathBuf::from)
@@ -171,7 +162,7 @@ fn installed(name: &str) -> PathBuf {
 fn the_official_openai_python_client_works_against_tessera_serve() {
     let dir = scratch("serve-openai");
     let reg = dir.join("registry");
-    let (ok, out, err) = cli(&[
+    let (ok, out, err) = tessera(&[
         "tenants",
         "add",
         "app",
@@ -203,21 +194,21 @@ fn publish_serve_restart_remove_through_the_cli() {
     let reg = dir.join("registry");
     let r = reg.to_str().unwrap();
     let (wasm, _) = renamed(&installed("majority-vote"), "team-vote", &dir);
-    let (ok, out, err) = cli(&["modules", "publish", wasm.to_str().unwrap(), "--registry", r]);
+    let (ok, out, err) = tessera(&["modules", "publish", wasm.to_str().unwrap(), "--registry", r]);
     assert!(ok, "{err}");
     assert!(out.contains("published team-vote"), "{out}");
     // A standard module's name cannot be taken.
     let (clash, _) = renamed(&installed("majority-vote"), "majority-vote", &mkdir(dir.join("clash")));
-    let (ok, _, err) = cli(&["modules", "publish", clash.to_str().unwrap(), "--registry", r]);
+    let (ok, _, err) = tessera(&["modules", "publish", clash.to_str().unwrap(), "--registry", r]);
     assert!(!ok && err.contains("standard module"), "{err}");
     // Not a component: refused by name, nothing registered.
     let junk = dir.join("junk.wasm");
     std::fs::write(&junk, b"not wasm").unwrap();
     std::fs::copy(dir.join("team-vote.toml"), dir.join("junk.toml")).unwrap();
-    let (ok, _, err) = cli(&["modules", "publish", junk.to_str().unwrap(), "--registry", r]);
+    let (ok, _, err) = tessera(&["modules", "publish", junk.to_str().unwrap(), "--registry", r]);
     assert!(!ok && err.contains("not a WebAssembly component"), "{err}");
 
-    let (ok, out, _) = cli(&["modules", "list", "--json", "--registry", r]);
+    let (ok, out, _) = tessera(&["modules", "list", "--json", "--registry", r]);
     assert!(ok);
     let list: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
@@ -239,11 +230,11 @@ fn publish_serve_restart_remove_through_the_cli() {
         assert!(v["provenance"]["annotations"].is_object(), "{v}");
         assert!(v["provenance"]["events"].as_array().unwrap().len() >= 2, "{v}");
     }
-    let (ok, out, _) = cli(&["modules", "show", "team-vote", "--registry", r]);
+    let (ok, out, _) = tessera(&["modules", "show", "team-vote", "--registry", r]);
     assert!(ok && out.contains("\"manifest\""), "{out}");
-    let (ok, _, _) = cli(&["modules", "remove", "team-vote", "--registry", r]);
+    let (ok, _, _) = tessera(&["modules", "remove", "team-vote", "--registry", r]);
     assert!(ok);
-    let (ok, _, err) = cli(&["modules", "remove", "team-vote", "--registry", r]);
+    let (ok, _, err) = tessera(&["modules", "remove", "team-vote", "--registry", r]);
     assert!(!ok && err.contains("no published module"), "{err}");
     assert_eq!(
         std::fs::read_dir(reg.join("blobs")).unwrap().count(),
@@ -263,9 +254,9 @@ fn signatures_are_required_once_a_publisher_key_is_trusted() {
     let reg = dir.join("registry");
     let r = reg.to_str().unwrap();
     let prefix = dir.join("alice");
-    let (ok, _, err) = cli(&["modules", "keygen", "--out", prefix.to_str().unwrap()]);
+    let (ok, _, err) = tessera(&["modules", "keygen", "--out", prefix.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let (ok, out, err) = cli(&[
+    let (ok, out, err) = tessera(&[
         "modules",
         "trust",
         dir.join("alice.pub").to_str().unwrap(),
@@ -275,10 +266,10 @@ fn signatures_are_required_once_a_publisher_key_is_trusted() {
     assert!(ok && out.contains("1 trusted key"), "{out} {err}");
     let (wasm, _) = renamed(&installed("majority-vote"), "alice-vote", &dir);
     // Unsigned: refused.
-    let (ok, _, err) = cli(&["modules", "publish", wasm.to_str().unwrap(), "--registry", r]);
+    let (ok, _, err) = tessera(&["modules", "publish", wasm.to_str().unwrap(), "--registry", r]);
     assert!(!ok && err.contains("only signed modules"), "{err}");
     // Signed: accepted, and the key is recorded.
-    let (ok, _, err) = cli(&[
+    let (ok, _, err) = tessera(&[
         "modules",
         "sign",
         wasm.to_str().unwrap(),
@@ -286,7 +277,7 @@ fn signatures_are_required_once_a_publisher_key_is_trusted() {
         dir.join("alice.key").to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
-    let (ok, out, err) = cli(&["modules", "publish", wasm.to_str().unwrap(), "--registry", r]);
+    let (ok, out, err) = tessera(&["modules", "publish", wasm.to_str().unwrap(), "--registry", r]);
     assert!(ok && out.contains("signed by"), "{out} {err}");
     // Changed after signing: refused.
     let mut bytes = std::fs::read(&wasm).unwrap();
@@ -295,7 +286,7 @@ fn signatures_are_required_once_a_publisher_key_is_trusted() {
     std::fs::write(&tampered, &bytes).unwrap();
     std::fs::copy(dir.join("alice-vote.toml"), dir.join("tampered.toml")).unwrap();
     std::fs::copy(format!("{}.sig", wasm.display()), format!("{}.sig", tampered.display())).unwrap();
-    let (ok, _, err) = cli(&["modules", "publish", tampered.to_str().unwrap(), "--registry", r]);
+    let (ok, _, err) = tessera(&["modules", "publish", tampered.to_str().unwrap(), "--registry", r]);
     assert!(!ok && err.contains("does not verify"), "{err}");
 }
 
@@ -318,7 +309,7 @@ fn kill_9_at_any_point_of_a_publish_leaves_the_old_or_the_new_module() {
     let r = reg.to_str().unwrap();
     // The old state: version A published.
     let (a, _) = renamed(&installed("majority-vote"), "crashy", &dir);
-    let (ok, _, err) = cli(&["modules", "publish", a.to_str().unwrap(), "--registry", r]);
+    let (ok, _, err) = tessera(&["modules", "publish", a.to_str().unwrap(), "--registry", r]);
     assert!(ok, "{err}");
     let old_sha = Registry::open(&reg).unwrap().get("crashy").unwrap().unwrap().sha256;
     // The new state: a different component under the same name.
@@ -340,12 +331,12 @@ fn kill_9_at_any_point_of_a_publish_leaves_the_old_or_the_new_module() {
         *outcomes.entry(if sha == old_sha { "old" } else { "new" }).or_insert(0) += 1;
         // Back to the old state for the next round.
         if sha != old_sha {
-            let (ok, _, err) = cli(&["modules", "publish", a.to_str().unwrap(), "--registry", r]);
+            let (ok, _, err) = tessera(&["modules", "publish", a.to_str().unwrap(), "--registry", r]);
             assert!(ok, "{err}");
         }
     }
     // Whatever the kills hit, a clean publish afterwards works.
-    let (ok, _, err) = cli(&["modules", "publish", b.to_str().unwrap(), "--registry", r]);
+    let (ok, _, err) = tessera(&["modules", "publish", b.to_str().unwrap(), "--registry", r]);
     assert!(ok, "{err}");
     assert_eq!(assert_consistent(&reg), 1);
     eprintln!("kill -9 outcomes: {outcomes:?}");
