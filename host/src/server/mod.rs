@@ -362,15 +362,18 @@ impl AppState {
                     None => Arc::new(self.registry.load(self.rt.sandbox(), &e)?),
                 }
             }
-            None => {
-                if !self.standard_systems().iter().any(|(n, _, _)| n == name) {
-                    return Ok(None);
+            // A standard module loaded before is served from the cache while
+            // its file is still installed (one stat, not a manifest scan per
+            // request); otherwise it must be an installed strategy.
+            None => match cached {
+                Some(m) if self.rt.paths().modules.join(format!("{name}.wasm")).exists() => m,
+                _ => {
+                    if !self.standard_systems().iter().any(|(n, _, _)| n == name) {
+                        return Ok(None);
+                    }
+                    self.rt.load_module(name)?
                 }
-                match cached {
-                    Some(m) => m,
-                    None => self.rt.load_module(name)?,
-                }
-            }
+            },
         };
         self.modules
             .lock()
@@ -573,13 +576,10 @@ fn resolve(st: &AppState, policy: &TenantPolicy, model: &str, need: &str) -> Res
             &format!("no member `{model}` that can `{need}`: see /v1/models"),
         ));
     }
-    if !TenantPolicy::allows(&policy.modules, model) {
-        // Do not reveal whether a system the key may not use exists.
-        if st.system(model)?.is_some() {
-            return Err(ApiError::forbidden(&format!("this key may not use system `{model}`")));
-        }
-    }
     match st.system(model)? {
+        Some(_) if !TenantPolicy::allows(&policy.modules, model) => {
+            Err(ApiError::forbidden(&format!("this key may not use system `{model}`")))
+        }
         Some(m) => {
             if let Some(left) = st.breaker.check(&m.sha256) {
                 let mut e = ApiError::new(
