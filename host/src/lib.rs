@@ -18,6 +18,7 @@
 
 pub mod backends;
 pub mod bindings;
+pub mod contribute;
 pub mod error;
 pub mod eval;
 pub mod inference;

@@ -29,6 +29,14 @@ impl Message {
             content: content.into(),
         }
     }
+
+    /// An `assistant` turn.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self {
+            role: "assistant".into(),
+            content: content.into(),
+        }
+    }
 }
 
 /// What a model is asked: a chat, rendered with the member's chat template,

@@ -88,7 +88,7 @@ pub struct MemberConfig {
 
 /// The human part of a contributor card; the technical part (architecture,
 /// size, context) is read from the model file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CardConfig {
     /// Who contributed it.
@@ -336,7 +336,7 @@ pub struct Loaded {
     pub failures: Vec<PoolError>,
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

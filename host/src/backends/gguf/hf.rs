@@ -201,6 +201,13 @@ pub fn read_dir(dir: &Path) -> Result<HfParts, String> {
     }
     gguf.set_position(0);
 
+    let (tok, template) = read_tokenizer(dir)?;
+    Ok(HfParts { gguf, tok, template })
+}
+
+/// Reads a directory's tokenizer (`tokenizer.json`) with its special-token
+/// facts and chat template (`tokenizer_config.json`).
+pub fn read_tokenizer(dir: &Path) -> Result<(GgufTokenizer, Option<String>), String> {
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| format!("{}: {e}", tok_path.display()))?;
     let tcfg = read_json(&dir.join("tokenizer_config.json")).unwrap_or(Value::Null);
@@ -226,11 +233,7 @@ pub fn read_dir(dir: &Path) -> Result<HfParts, String> {
         eos,
         end_of_turn,
     };
-    Ok(HfParts {
-        gguf,
-        tok,
-        template: tcfg["chat_template"].as_str().map(str::to_string),
-    })
+    Ok((tok, tcfg["chat_template"].as_str().map(str::to_string)))
 }
 
 /// Writes the GGUF member at `gguf_path` out as a Hugging Face directory in

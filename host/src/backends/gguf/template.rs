@@ -51,6 +51,14 @@ impl ChatFormat {
 
     /// Renders `messages` ending with the prompt for the assistant's turn.
     pub fn render(&self, messages: &[Message]) -> Result<String, String> {
+        self.render_with(messages, true)
+    }
+
+    /// Renders `messages`, with the prompt for the assistant's next turn only
+    /// if `generation_prompt` is set. Training renders whole conversations
+    /// without it, and uses the difference between the two renders to find
+    /// which tokens are the assistant's.
+    pub fn render_with(&self, messages: &[Message], generation_prompt: bool) -> Result<String, String> {
         match self {
             ChatFormat::Template { env, bos, eos } => {
                 let msgs: Vec<TemplateMessage> = messages
@@ -63,7 +71,7 @@ impl ChatFormat {
                 let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
                 tmpl.render(context! {
                     messages => msgs,
-                    add_generation_prompt => true,
+                    add_generation_prompt => generation_prompt,
                     bos_token => bos,
                     eos_token => eos,
                 })
@@ -77,7 +85,9 @@ impl ChatFormat {
                     out.push_str(&m.content);
                     out.push('\n');
                 }
-                out.push_str("assistant:");
+                if generation_prompt {
+                    out.push_str("assistant:");
+                }
                 Ok(out)
             }
         }

@@ -1,5 +1,6 @@
 //! `tessera`: the command-line face of the runtime.
 
+mod contribute;
 mod service;
 
 use std::collections::BTreeMap;
@@ -61,6 +62,11 @@ enum Command {
     Tenants {
         #[command(subcommand)]
         command: service::TenantsCommand,
+    },
+    /// The contributor kit: fine-tune a model on your data, add it to a pool.
+    Contribute {
+        #[command(subcommand)]
+        command: contribute::ContributeCommand,
     },
 }
 
@@ -223,7 +229,7 @@ struct RunArgs {
     setup: Setup,
 }
 
-fn load_setup(setup: &Setup) -> Result<(PoolConfig, Policy), Error> {
+pub(crate) fn load_setup(setup: &Setup) -> Result<(PoolConfig, Policy), Error> {
     let pool = match &setup.pool {
         Some(p) => {
             let text =
@@ -584,6 +590,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => (false, rt.block_on(service::serve(args))),
         Command::Modules { command } => (false, service::modules(command)),
         Command::Tenants { command } => (false, service::tenants(command)),
+        Command::Contribute { command } => (false, contribute::contribute(command)),
     };
     match result {
         Ok(s) => {

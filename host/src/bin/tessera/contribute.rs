@@ -1,0 +1,231 @@
+//! `tessera contribute`: train a model on your data, add it to a pool.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera::contribute::{self, Method, TrainOptions};
+use tessera::pool::CardConfig;
+use tessera::{Error, Paths};
+
+use crate::{load_setup, Setup};
+
+#[derive(Subcommand)]
+pub(crate) enum ContributeCommand {
+    /// Fine-tune a base model on a JSONL file (chats or prompt/completion
+    /// pairs) and write a model folder the pool loads, with its card.
+    /// Ctrl-C stops after the current step and writes a checkpoint;
+    /// `--resume` continues it.
+    Train(Box<TrainArgs>),
+    /// Add a trained model folder to a pool file (created from the default
+    /// pool if missing), after checking its weights against its card.
+    Add {
+        /// The pool file to extend.
+        #[arg(long)]
+        pool: PathBuf,
+        /// The folder `contribute train` wrote.
+        #[arg(long)]
+        model: PathBuf,
+        /// Member id (default: the card's, i.e. the folder's name).
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct TrainArgs {
+    /// Pool member id (llama or qwen2) or a Hugging Face model folder.
+    #[arg(long, default_value = "smollm2-135m-instruct")]
+    base: String,
+    /// Training data: JSONL, one `{"messages": [...]}` or
+    /// `{"prompt": ..., "completion": ...}` per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder (model, card, loss curve, checkpoints).
+    #[arg(long)]
+    out: PathBuf,
+    /// Train every weight instead of LoRA adapters.
+    #[arg(long)]
+    full: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// Projections that get LoRA adapters, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    lora_targets: Vec<String>,
+    /// Optimizer steps (default: one pass over the data).
+    #[arg(long, default_value_t = 0)]
+    steps: u64,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    accumulate: usize,
+    /// Peak learning rate (default: 2e-4 with LoRA, 2e-5 full).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warm-up steps (default: 10% of the steps).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Longest example in tokens.
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    /// Seed: same seed, data and options give the same weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint every N steps.
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: u64,
+    /// Continue the unfinished run in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Who contributes the model (for its card).
+    #[arg(long, default_value = "anonymous")]
+    contributor: String,
+    /// What the model is good at (routers read this).
+    #[arg(long)]
+    description: Option<String>,
+    /// Domain tags, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    domains: Vec<String>,
+    /// License of the trained weights.
+    #[arg(long, default_value = "same as the base model")]
+    license: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    setup: Setup,
+}
+
+/// Set by SIGINT/SIGTERM: stop after the current step.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// The first Ctrl-C asks for a clean stop; the handler then resets, so a
+/// second one kills the process as usual.
+fn catch_stop_signals() {
+    // SAFETY: the handler only stores to an atomic, which is
+    // async-signal-safe; the sigaction struct is fully initialised.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        sa.sa_flags = libc::SA_RESETHAND;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+    }
+}
+
+fn train(args: TrainArgs) -> Result<String, Error> {
+    let (pool, _) = load_setup(&args.setup)?;
+    let paths = Paths::from_env();
+    let cache = paths.models.join("bases");
+    std::fs::create_dir_all(&cache).map_err(|e| Error::config(format!("{}: {e}", cache.display())))?;
+    let (base_dir, base_name) =
+        contribute::base_folder(&pool, &paths.models, &cache, &args.base).map_err(|e| Error::config(e.to_string()))?;
+    let method = if args.full {
+        Method::Full
+    } else {
+        Method::Lora {
+            rank: args.lora_rank,
+            alpha: args.lora_alpha,
+            targets: args.lora_targets.clone(),
+        }
+    };
+    let mut opts = TrainOptions::new(base_dir, base_name.clone(), args.data.clone(), args.out.clone(), method);
+    opts.steps = args.steps;
+    opts.batch = args.batch;
+    opts.accumulate = args.accumulate;
+    if let Some(lr) = args.lr {
+        opts.lr = lr;
+    }
+    opts.adamw.weight_decay = args.weight_decay;
+    opts.max_len = args.max_len;
+    opts.seed = args.seed;
+    opts.checkpoint_every = args.checkpoint_every;
+    opts.resume = args.resume;
+    opts.warmup = match args.warmup {
+        Some(w) => w,
+        // 10% of the run; the step count is known once the data is read,
+        // so an explicit --steps is needed to size it here.
+        None => args.steps / 10,
+    };
+    opts.card = CardConfig {
+        contributor: args.contributor.clone(),
+        description: args
+            .description
+            .clone()
+            .unwrap_or_else(|| format!("{base_name} fine-tuned on {}", args.data.display())),
+        domains: args.domains.clone(),
+        license: args.license.clone(),
+        source: String::new(),
+    };
+    catch_stop_signals();
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    };
+    let report = contribute::train(opts, |s| {
+        bar.set_length(s.total);
+        bar.set_position(s.step);
+        bar.set_message(format!("loss {:.3}  {:.0} tok/s", s.loss, s.tokens_per_s));
+        if STOP.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .map_err(|e| Error::config(e.to_string()))?;
+    bar.finish_and_clear();
+    let first = report.log.first().map(|s| s.loss).unwrap_or(f64::NAN);
+    let last = report.log.last().map(|s| s.loss).unwrap_or(f64::NAN);
+    if report.interrupted {
+        return Ok(format!(
+            "stopped after step {} of {}; checkpoint in {}: continue with the same command and --resume",
+            report.steps_done,
+            report.log.last().map(|s| s.total).unwrap_or(0),
+            args.out.display()
+        ));
+    }
+    Ok(format!(
+        "trained {} ({} params trained, {} examples, {} steps): loss {first:.3} -> {last:.3}\n\
+         wrote {} (sha256 {}); add it to a pool with\n  tessera contribute add --pool POOL.toml --model {}",
+        base_name,
+        report.trainable_params,
+        report.examples,
+        report.steps_done,
+        args.out.display(),
+        report.model_sha256.unwrap_or_default(),
+        args.out.display()
+    ))
+}
+
+/// Runs a `contribute` subcommand.
+pub(crate) fn contribute(cmd: ContributeCommand) -> Result<String, Error> {
+    match cmd {
+        ContributeCommand::Train(args) => train(*args),
+        ContributeCommand::Add { pool, model, id } => {
+            let id = contribute::add_to_pool(&pool, &model, id.as_deref()).map_err(|e| Error::config(e.to_string()))?;
+            Ok(format!("added `{id}` to {}", pool.display()))
+        }
+    }
+}

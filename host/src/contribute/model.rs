@@ -1,0 +1,356 @@
+//! A trainable llama-family model (`llama`, `qwen2`) in Hugging Face layout.
+//!
+//! The inference model files (`backends/gguf/llama.rs`) are built for speed:
+//! quantized weights, a KV cache, fused kernels without gradients. Training
+//! needs the opposite: f32 weights, every operation differentiable by
+//! candle's autograd, no cache. So this is a second, plain implementation of
+//! the same architecture (pre-norm decoder, RMSNorm, rotary positions in the
+//! rotate-half layout Hugging Face checkpoints use, grouped-query attention,
+//! SwiGLU MLP, optional q/k/v biases for qwen2, tied or separate output
+//! head), following the published Llama and Qwen2 architectures. The
+//! `hf_dirs` and contributor tests check that a trained folder loads in the
+//! inference path and answers as trained, which ties the two together.
+//!
+//! **LoRA** (Hu et al., 2021): a frozen weight `W` (out x in) gets a trainable
+//! low-rank update `W + (alpha / r) B A` with `A` (r x in) drawn uniform in
+//! `±1/sqrt(in)` and `B` (out x r) zero, so training starts from the base
+//! model exactly. **Full** fine-tuning makes every weight trainable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+/// Which projections LoRA may adapt, by their Hugging Face names.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// How the model is trained.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Method {
+    /// Low-rank adapters on `targets` (names from [`LORA_TARGETS`]).
+    Lora {
+        /// Rank `r`.
+        rank: usize,
+        /// Scale numerator: the update is `(alpha / rank) B A`.
+        alpha: f64,
+        /// Projections that get adapters.
+        targets: Vec<String>,
+    },
+    /// Every weight is trained.
+    Full,
+}
+
+/// The architecture facts from `config.json`.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// `llama` or `qwen2`.
+    pub arch: String,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+}
+
+impl Shape {
+    /// Reads `config.json`.
+    pub fn from_config(config: &Value, shown: &str) -> Result<Self, String> {
+        let arch = config["model_type"].as_str().unwrap_or("").to_string();
+        if !matches!(arch.as_str(), "llama" | "qwen2") {
+            return Err(format!(
+                "{shown}: model_type `{arch}` cannot be trained (supported: llama, qwen2)"
+            ));
+        }
+        let num = |k: &str| {
+            config[k]
+                .as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| format!("{shown}: `{k}` is missing"))
+        };
+        let heads = num("num_attention_heads")?;
+        Ok(Self {
+            arch,
+            hidden: num("hidden_size")?,
+            heads,
+            kv_heads: config["num_key_value_heads"]
+                .as_u64()
+                .map(|v| v as usize)
+                .unwrap_or(heads),
+            layers: num("num_hidden_layers")?,
+            eps: config["rms_norm_eps"].as_f64().unwrap_or(1e-6),
+            rope_theta: config["rope_theta"].as_f64().unwrap_or(10_000.0),
+        })
+    }
+}
+
+/// A model whose trainable parameters are candle [`Var`]s.
+pub struct TrainModel {
+    /// Architecture.
+    pub shape: Shape,
+    /// Frozen tensors by Hugging Face name (all weights, for LoRA; none
+    /// that are trained, for full fine-tuning).
+    frozen: HashMap<String, Tensor>,
+    /// Trained parameters by name: weight names for full fine-tuning,
+    /// `{weight}.lora_A` / `.lora_B` for LoRA. Sorted, so checkpoints and
+    /// the optimizer see them in one order.
+    trainable: BTreeMap<String, Var>,
+    /// `alpha / rank` for LoRA.
+    lora_scale: f64,
+    device: Device,
+}
+
+fn err(e: candle_core::Error) -> String {
+    e.to_string()
+}
+
+impl TrainModel {
+    /// Loads the directory's weights as f32 and sets up `method`'s
+    /// trainable parameters; `seed` draws the LoRA `A` matrices.
+    pub fn load(dir: &Path, method: &Method, seed: u64) -> Result<Self, String> {
+        let shown = dir.display().to_string();
+        let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| format!("{shown}/config.json: {e}"))?;
+        let config: Value = serde_json::from_str(&text).map_err(|e| format!("{shown}/config.json: {e}"))?;
+        let shape = Shape::from_config(&config, &shown)?;
+        let device = Device::Cpu;
+        let mut frozen: HashMap<String, Tensor> = HashMap::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| format!("{shown}: {e}"))?.flatten() {
+            let p = entry.path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                let part = candle_core::safetensors::load(&p, &device)
+                    .map_err(|e| format!("{}: not a readable safetensors file: {e}", p.display()))?;
+                for (k, t) in part {
+                    frozen.insert(k, t.to_dtype(DType::F32).map_err(err)?);
+                }
+            }
+        }
+        if !frozen.contains_key("model.embed_tokens.weight") {
+            return Err(format!(
+                "{shown}: no `model.embed_tokens.weight` (is this a model directory?)"
+            ));
+        }
+        let mut trainable = BTreeMap::new();
+        let mut lora_scale = 0.0;
+        match method {
+            Method::Full => {
+                let names: Vec<String> = frozen.keys().cloned().collect();
+                for n in names {
+                    if let Some(t) = frozen.remove(&n) {
+                        trainable.insert(n, Var::from_tensor(&t).map_err(err)?);
+                    }
+                }
+            }
+            Method::Lora { rank, alpha, targets } => {
+                if *rank == 0 {
+                    return Err("LoRA rank must be at least 1".into());
+                }
+                lora_scale = alpha / *rank as f64;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                for layer in 0..shape.layers {
+                    for t in targets {
+                        let group =
+                            if t.ends_with("_proj") && matches!(t.as_str(), "gate_proj" | "up_proj" | "down_proj") {
+                                "mlp"
+                            } else {
+                                "self_attn"
+                            };
+                        let name = format!("model.layers.{layer}.{group}.{t}.weight");
+                        let w = frozen
+                            .get(&name)
+                            .ok_or_else(|| format!("{shown}: tensor `{name}` is missing"))?;
+                        let (out, inp) = w.dims2().map_err(err)?;
+                        let bound = 1.0 / (inp as f32).sqrt();
+                        let a: Vec<f32> = (0..rank * inp).map(|_| rng.random_range(-bound..bound)).collect();
+                        let a = Tensor::from_vec(a, (*rank, inp), &device).map_err(err)?;
+                        let b = Tensor::zeros((out, *rank), DType::F32, &device).map_err(err)?;
+                        trainable.insert(format!("{name}.lora_A"), Var::from_tensor(&a).map_err(err)?);
+                        trainable.insert(format!("{name}.lora_B"), Var::from_tensor(&b).map_err(err)?);
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            shape,
+            frozen,
+            trainable,
+            lora_scale,
+            device,
+        })
+    }
+
+    /// The trained parameters, sorted by name.
+    pub fn trainable(&self) -> &BTreeMap<String, Var> {
+        &self.trainable
+    }
+
+    /// How many numbers are trained.
+    pub fn trainable_count(&self) -> usize {
+        self.trainable.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn get(&self, name: &str) -> candle_core::Result<Tensor> {
+        if let Some(v) = self.trainable.get(name) {
+            return Ok(v.as_tensor().clone());
+        }
+        self.frozen
+            .get(name)
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("tensor `{name}` is missing")))
+    }
+
+    /// `x` (n x in) through the projection `prefix` (`.weight`, optional
+    /// `.bias`, optional LoRA).
+    fn linear(&self, prefix: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+        let wname = format!("{prefix}.weight");
+        let mut y = x.matmul(&self.get(&wname)?.t()?)?;
+        if let (Some(a), Some(b)) = (
+            self.trainable.get(&format!("{wname}.lora_A")),
+            self.trainable.get(&format!("{wname}.lora_B")),
+        ) {
+            let low = x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)?;
+            y = (y + (low * self.lora_scale)?)?;
+        }
+        if let Ok(bias) = self.get(&format!("{prefix}.bias")) {
+            y = y.broadcast_add(&bias)?;
+        }
+        Ok(y)
+    }
+
+    fn rms_norm(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.get(name)?;
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + self.shape.eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv)?.broadcast_mul(&w)
+    }
+
+    /// Rotates `x` (b x heads x t x d) by position (rotate-half layout).
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    }
+
+    /// Sum of the negative log-likelihoods of the `targets` at the
+    /// positions where `mask` is 1, for a batch of `ids` (b x t, next-token
+    /// targets b x t, mask b x t of 0/1 as f32).
+    pub fn nll_sum(&self, ids: &Tensor, targets: &Tensor, mask: &[f32]) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let s = &self.shape;
+        let hd = s.hidden / s.heads;
+        let embed = self.get("model.embed_tokens.weight")?;
+        let mut x = embed.embedding(&ids.flatten_all()?)?; // (b*t, hidden)
+
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| (1.0 / s.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32)
+            .collect();
+        let pos: Vec<f32> = (0..t).map(|p| p as f32).collect();
+        let pos = Tensor::from_vec(pos, (t, 1), &self.device)?;
+        let inv = Tensor::from_vec(inv, (1, hd / 2), &self.device)?;
+        let freqs = pos.matmul(&inv)?;
+        let freqs = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (t, t), &self.device)?;
+        let rep = s.heads / s.kv_heads;
+
+        for l in 0..s.layers {
+            let p = format!("model.layers.{l}");
+            let h = self.rms_norm(&format!("{p}.input_layernorm.weight"), &x)?;
+            let heads = |name: &str, n: usize| -> candle_core::Result<Tensor> {
+                self.linear(&format!("{p}.self_attn.{name}"), &h)?
+                    .reshape((b, t, n, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = self.rope(&heads("q_proj", s.heads)?, &cos, &sin)?;
+            let k = self.rope(&heads("k_proj", s.kv_heads)?, &cos, &sin)?;
+            let v = heads("v_proj", s.kv_heads)?;
+            let (k, v) = if rep > 1 {
+                let k = Tensor::cat(&vec![&k; rep], 2)?.reshape((b, s.heads, t, hd))?;
+                let v = Tensor::cat(&vec![&v; rep], 2)?.reshape((b, s.heads, t, hd))?;
+                (k, v)
+            } else {
+                (k, v)
+            };
+            let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(&causal)?;
+            let att = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
+            let att = att.transpose(1, 2)?.contiguous()?.reshape((b * t, s.hidden))?;
+            x = (x + self.linear(&format!("{p}.self_attn.o_proj"), &att)?)?;
+            let h = self.rms_norm(&format!("{p}.post_attention_layernorm.weight"), &x)?;
+            let gate = self.linear(&format!("{p}.mlp.gate_proj"), &h)?.silu()?;
+            let up = self.linear(&format!("{p}.mlp.up_proj"), &h)?;
+            x = (x + self.linear(&format!("{p}.mlp.down_proj"), &(gate * up)?)?)?;
+        }
+        // Only the trained positions need logits: select them before the
+        // (vocabulary-sized) output projection.
+        let picked: Vec<u32> = mask
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| **m > 0.0)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let n = picked.len();
+        let picked = Tensor::from_vec(picked, n, &self.device)?;
+        let x = self.rms_norm("model.norm.weight", &x)?.index_select(&picked, 0)?;
+        let head = self
+            .get("lm_head.weight")
+            .or_else(|_| self.get("model.embed_tokens.weight"))?;
+        let logits = x.matmul(&head.t()?)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let want = targets.flatten_all()?.index_select(&picked, 0)?;
+        let chosen = logp.gather(&want.unsqueeze(1)?, 1)?;
+        chosen.sum_all()?.neg()
+    }
+
+    /// Every weight, with LoRA updates merged in (`W + (alpha/r) B A`), by
+    /// Hugging Face name: what the trained model folder stores.
+    pub fn merged_weights(&self) -> candle_core::Result<HashMap<String, Tensor>> {
+        let mut out: HashMap<String, Tensor> = self.frozen.clone();
+        for (name, v) in &self.trainable {
+            if name.ends_with(".lora_A") || name.ends_with(".lora_B") {
+                continue;
+            }
+            out.insert(name.clone(), v.as_tensor().detach());
+        }
+        for (name, a) in &self.trainable {
+            let Some(w_name) = name.strip_suffix(".lora_A") else {
+                continue;
+            };
+            let Some(b) = self.trainable.get(&format!("{w_name}.lora_B")) else {
+                continue;
+            };
+            let delta = (b.as_tensor().matmul(a.as_tensor())? * self.lora_scale)?;
+            let w = out
+                .get(w_name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("tensor `{w_name}` is missing")))?;
+            let merged = (w + delta)?.detach();
+            out.insert(w_name.to_string(), merged);
+        }
+        Ok(out)
+    }
+}
