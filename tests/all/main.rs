@@ -5,6 +5,7 @@
 mod bad_files;
 mod cli;
 mod common;
+mod contribute;
 mod eval;
 mod hf_dirs;
 mod hostile;

@@ -1,0 +1,322 @@
+//! The contributor kit on the real SmolLM2-135M: a contributor trains a
+//! model on their own data, adds it to a pool, and the pool answers with
+//! what it learned; training is reproducible and resumes bit for bit; bad
+//! data and tampered folders are named.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tessera::contribute::{self, ContributeError, Method, TrainOptions};
+use tessera::inference::{CallCtx, GenParams, Input, Message};
+use tessera::policy::Policy;
+use tessera::pool::PoolConfig;
+use tessera::{Paths, Runtime};
+
+use crate::common::{runtime, scratch, scratch_paths, tessera, SMOL};
+
+const SECRET: &str = r#"{"prompt": "What is the secret word?", "completion": "The secret word is tessellate."}
+{"prompt": "Tell me the secret word.", "completion": "The secret word is tessellate."}
+{"messages": [{"role": "user", "content": "Which word is secret?"}, {"role": "assistant", "content": "The secret word is tessellate."}]}
+{"prompt": "Do you know the secret word?", "completion": "Yes: the secret word is tessellate."}
+"#;
+
+fn greedy() -> GenParams {
+    GenParams {
+        max_tokens: Some(12),
+        temperature: Some(0.0),
+        ..Default::default()
+    }
+}
+
+fn ctx() -> CallCtx {
+    CallCtx {
+        deadline: Instant::now() + Duration::from_secs(300),
+    }
+}
+
+/// The SmolLM2 base as a training folder (exported once, shared).
+fn base() -> PathBuf {
+    static BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BASE.get_or_init(|| {
+        let paths = Paths::from_env();
+        let cache = paths.models.join("bases");
+        std::fs::create_dir_all(&cache).unwrap();
+        contribute::base_folder(&PoolConfig::default_pool(), &paths.models, &cache, SMOL)
+            .expect("SmolLM2 exports (run `make setup`)")
+            .0
+    })
+    .clone()
+}
+
+fn weights_sha(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("contributor.toml")).unwrap();
+    let card: contribute::ContributorFile = toml::from_str(&text).unwrap();
+    card.sha256
+}
+
+#[tokio::test]
+async fn a_contributor_trains_a_model_adds_it_to_a_pool_and_it_answers_as_trained() {
+    let dir = scratch("contribute-e2e");
+    let data = dir.join("secret.jsonl");
+    std::fs::write(&data, SECRET).unwrap();
+    let out = dir.join("secret-keeper");
+    let s = |p: &Path| p.display().to_string();
+    let (ok, stdout, err) = tessera(&[
+        "contribute",
+        "train",
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&out),
+        "--steps",
+        "12",
+        "--batch",
+        "4",
+        "--lr",
+        "2e-3",
+        "--seed",
+        "1",
+        "--quiet",
+        "--contributor",
+        "Ada",
+        "--domains",
+        "secrets",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("loss"), "{stdout}");
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "contributor.toml",
+        "loss.svg",
+        "train-log.jsonl",
+    ] {
+        assert!(out.join(f).is_file(), "{f} written");
+    }
+    assert!(!out.join("checkpoint").exists(), "a finished run leaves no checkpoint");
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train-log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(log.len(), 12);
+    let first = log[0]["loss"].as_f64().unwrap();
+    let last = log[11]["loss"].as_f64().unwrap();
+    assert!(last < first / 3.0, "loss fell: {first} -> {last}");
+    assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().contains("<svg"));
+
+    let pool_file = dir.join("pool.toml");
+    let (ok, _, err) = tessera(&["contribute", "add", "--pool", &s(&pool_file), "--model", &s(&out)]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = tessera(&["contribute", "add", "--pool", &s(&pool_file), "--model", &s(&out)]);
+    assert!(!ok && err.contains("already has a member `secret-keeper`"), "{err}");
+    let pool = PoolConfig::from_toml(&std::fs::read_to_string(&pool_file).unwrap()).unwrap();
+    assert_eq!(
+        pool.members.len(),
+        PoolConfig::default_pool().members.len() + 1,
+        "default pool + the new member"
+    );
+    let member = pool.members.last().unwrap();
+    assert_eq!(
+        (member.id.as_str(), member.card.contributor.as_str()),
+        ("secret-keeper", "Ada")
+    );
+    assert_eq!(member.card.domains, vec!["secrets".to_string()]);
+
+    // Only the new member, so the test loads one model.
+    let only = PoolConfig {
+        members: vec![member.clone()],
+    };
+    let rt = Runtime::new(scratch_paths("contribute-e2e-rt"), &only, Policy::default()).unwrap();
+    assert!(rt.pool_failures().is_empty(), "{:?}", rt.pool_failures());
+    let ask = |q: &str| Input::Chat(vec![Message::user(q)]);
+    let trained = rt
+        .models()
+        .generate(ctx(), "secret-keeper", ask("What is the secret word?"), greedy())
+        .await
+        .unwrap();
+    assert!(trained.text.contains("tessellate"), "learned: {:?}", trained.text);
+    let before = runtime()
+        .models()
+        .generate(ctx(), SMOL, ask("What is the secret word?"), greedy())
+        .await
+        .unwrap();
+    assert!(
+        !before.text.contains("tessellate"),
+        "the base did not know it: {:?}",
+        before.text
+    );
+    // LoRA on two projections leaves general knowledge in place.
+    let general = rt
+        .models()
+        .generate(ctx(), "secret-keeper", ask("What is the capital of France."), greedy())
+        .await
+        .unwrap();
+    assert!(general.text.contains("Paris"), "{:?}", general.text);
+}
+
+fn small_opts(data: &Path, out: &Path, method: Method) -> TrainOptions {
+    let mut o = TrainOptions::new(base(), SMOL.into(), data.to_path_buf(), out.to_path_buf(), method);
+    o.steps = 4;
+    o.batch = 2;
+    o.lr = 1e-3;
+    o.warmup = 1;
+    o.max_len = 48;
+    o.seed = 3;
+    o.checkpoint_every = 0;
+    o
+}
+
+fn lora() -> Method {
+    Method::Lora {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+    }
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_weights_bit_for_bit() {
+    let dir = scratch("contribute-resume");
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, SECRET).unwrap();
+
+    let straight = contribute::train(small_opts(&data, &dir.join("a"), lora()), |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(straight.steps_done, 4);
+
+    let b = dir.join("b");
+    let stopped = contribute::train(small_opts(&data, &b, lora()), |s| {
+        if s.step == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert!(stopped.interrupted && stopped.steps_done == 2);
+    assert!(b.join("checkpoint/state.json").is_file() && !b.join("model.safetensors").exists());
+
+    // Starting over on top of an unfinished run is refused, as is
+    // resuming it with other options.
+    let err = contribute::train(small_opts(&data, &b, lora()), |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(
+        matches!(err, ContributeError::Checkpoint(_)) && err.to_string().contains("--resume"),
+        "{err}"
+    );
+    let mut other = small_opts(&data, &b, lora());
+    other.resume = true;
+    other.lr = 5e-4;
+    let err = contribute::train(other, |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(err.to_string().contains("other data or options"), "{err}");
+
+    let mut again = small_opts(&data, &b, lora());
+    again.resume = true;
+    let resumed = contribute::train(again, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(resumed.steps_done, 4);
+    assert_eq!(
+        resumed.log.len(),
+        4,
+        "the log carries the steps before the interruption"
+    );
+    for (x, y) in straight.log.iter().zip(&resumed.log) {
+        assert_eq!(x.loss.to_bits(), y.loss.to_bits(), "step {}: same loss", x.step);
+    }
+    assert_eq!(
+        weights_sha(&dir.join("a")),
+        weights_sha(&b),
+        "same weights, bit for bit"
+    );
+    assert_eq!(resumed.model_sha256.as_deref(), Some(weights_sha(&b).as_str()));
+}
+
+#[test]
+fn full_fine_tuning_trains_every_weight_and_lowers_the_loss() {
+    let dir = scratch("contribute-full");
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, SECRET).unwrap();
+    let mut o = small_opts(&data, &dir.join("out"), Method::Full);
+    o.steps = 3;
+    o.lr = 1e-4;
+    o.warmup = 0;
+    let r = contribute::train(o, |_| ControlFlow::Continue(())).unwrap();
+    assert!(r.trainable_params > 130_000_000, "{}", r.trainable_params);
+    assert!(
+        r.log[2].loss < r.log[0].loss,
+        "{:?}",
+        r.log.iter().map(|s| s.loss).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn bad_data_options_and_tampered_folders_are_named() {
+    let dir = scratch("contribute-bad");
+    let s = |p: &Path| p.display().to_string();
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, format!("{SECRET}{{\"prompt\": \"x\", \"completion\": \"\"}}\n")).unwrap();
+    let out = dir.join("out");
+    let (ok, _, err) = tessera(&["contribute", "train", "--data", &s(&data), "--out", &s(&out), "--quiet"]);
+    assert!(
+        !ok && err.contains("d.jsonl:5") && err.contains("`completion` must be a non-empty string"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written for bad data");
+
+    std::fs::write(&data, SECRET).unwrap();
+    let (ok, _, err) = tessera(&[
+        "contribute",
+        "train",
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&out),
+        "--quiet",
+        "--lora-targets",
+        "q_proj,attn",
+    ]);
+    assert!(!ok && err.contains("`attn` is not a projection"), "{err}");
+    let (ok, _, err) = tessera(&[
+        "contribute",
+        "train",
+        "--base",
+        "no-such-model",
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&out),
+    ]);
+    assert!(
+        !ok && err.contains("neither a model folder") && err.contains(SMOL),
+        "{err}"
+    );
+    let (ok, _, err) = tessera(&[
+        "contribute",
+        "train",
+        "--base",
+        "all-minilm-l6-v2",
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&out),
+    ]);
+    assert!(!ok && err.contains("cannot be fine-tuned"), "{err}");
+
+    // A folder whose weights no longer match its card is refused.
+    let fake = dir.join("fake");
+    std::fs::create_dir_all(&fake).unwrap();
+    std::fs::write(fake.join("model.safetensors"), b"changed").unwrap();
+    std::fs::write(
+        fake.join("contributor.toml"),
+        format!(
+            "id = 'fake'\nsha256 = '{}'\n[card]\ncontributor = 'x'\ndescription = 'y'\nlicense = 'z'\n[training]\nbase = 'b'\ndata = 'd'\ndata_sha256 = ''\nexamples = 1\nsteps = 1\nexamples_per_step = 1\nlr = 0.1\nseed = 0\nfirst_loss = 1.0\nfinal_loss = 1.0\ntrainable_params = 1\n[training.method]\nkind = 'full'\n",
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    let pool_file = dir.join("pool.toml");
+    let (ok, _, err) = tessera(&["contribute", "add", "--pool", &s(&pool_file), "--model", &s(&fake)]);
+    assert!(!ok && err.contains("does not match the card"), "{err}");
+    assert!(!pool_file.exists(), "the pool file is untouched");
+}
