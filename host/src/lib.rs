@@ -22,6 +22,7 @@ pub mod contribute;
 pub mod error;
 pub mod eval;
 pub mod inference;
+pub mod merge;
 pub mod pipeline;
 pub mod policy;
 pub mod pool;

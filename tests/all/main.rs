@@ -11,6 +11,7 @@ mod hf_dirs;
 mod hostile;
 mod inference;
 mod library;
+mod merge;
 mod pipeline;
 mod reference;
 mod remote;

@@ -61,8 +61,12 @@ pub struct ContributorFile {
     pub sha256: String,
     /// The human card.
     pub card: CardConfig,
-    /// How the weights were made.
-    pub training: TrainingFacts,
+    /// How the weights were trained (`tessera contribute train`).
+    #[serde(default)]
+    pub training: Option<TrainingFacts>,
+    /// How the weights were merged (`tessera merge`).
+    #[serde(default)]
+    pub merge: Option<crate::merge::MergeFacts>,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> ContributeError {
@@ -109,7 +113,8 @@ pub(crate) fn write_model(
         id,
         sha256: sha.clone(),
         card,
-        training: TrainingFacts {
+        merge: None,
+        training: Some(TrainingFacts {
             base: opts.base_name.clone(),
             data: opts.data.display().to_string(),
             data_sha256: data_sha.to_string(),
@@ -122,7 +127,7 @@ pub(crate) fn write_model(
             first_loss: report.log.first().map(|s| s.loss).unwrap_or(f64::NAN),
             final_loss: report.log.last().map(|s| s.loss).unwrap_or(f64::NAN),
             trainable_params: report.trainable_params,
-        },
+        }),
     };
     let text = toml::to_string(&file).map_err(|e| ContributeError::Io(format!("{CARD}: {e}")))?;
     write_atomic(&out.join(CARD), text.as_bytes())?;

@@ -229,3 +229,118 @@ pub(crate) fn contribute(cmd: ContributeCommand) -> Result<String, Error> {
         }
     }
 }
+
+#[derive(Args)]
+pub(crate) struct MergeArgs {
+    /// linear, task_arithmetic, ties, dare, dare_ties, slerp or expo.
+    #[arg(long)]
+    method: String,
+    /// A model to merge: pool member id or model folder (repeat; the order
+    /// matches --weights; slerp goes from the first to the second).
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    /// The common base (task vectors are model - base); for expo, the
+    /// weaker model to extrapolate away from.
+    #[arg(long)]
+    base: Option<String>,
+    /// One weight per model, comma-separated (default 1 each).
+    #[arg(long, value_delimiter = ',')]
+    weights: Option<Vec<f64>>,
+    /// ties / dare / dare_ties: share of each task vector kept.
+    #[arg(long, default_value_t = 0.5)]
+    density: f64,
+    /// slerp: interpolation point, 0 = first model, 1 = second.
+    #[arg(long, default_value_t = 0.5)]
+    t: f64,
+    /// expo: extrapolation strength.
+    #[arg(long, default_value_t = 0.3)]
+    alpha: f64,
+    /// Scale of the merged task vector.
+    #[arg(long, default_value_t = 1.0)]
+    lambda: f64,
+    /// Seed of DARE's random drops.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Who made the merge (for its card).
+    #[arg(long, default_value = "anonymous")]
+    contributor: String,
+    /// What the merged model is good at.
+    #[arg(long)]
+    description: Option<String>,
+    /// Domain tags, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    domains: Vec<String>,
+    /// License of the merged weights.
+    #[arg(long, default_value = "same as the merged models")]
+    license: String,
+    #[command(flatten)]
+    setup: Setup,
+}
+
+/// `tessera merge`.
+pub(crate) fn merge(args: MergeArgs) -> Result<String, Error> {
+    use tessera::merge::{self, MergeSpec, Method as M};
+    let method = match args.method.as_str() {
+        "linear" => M::Linear,
+        "task_arithmetic" => M::TaskArithmetic,
+        "ties" => M::Ties { density: args.density },
+        "dare" => M::Dare { density: args.density },
+        "dare_ties" => M::DareTies { density: args.density },
+        "slerp" => M::Slerp { t: args.t },
+        "expo" => M::Expo { alpha: args.alpha },
+        other => {
+            return Err(Error::config(format!(
+                "unknown merge method `{other}`: use linear, task_arithmetic, ties, dare, dare_ties, slerp or expo"
+            )))
+        }
+    };
+    let (pool, _) = load_setup(&args.setup)?;
+    let paths = Paths::from_env();
+    let cache = paths.models.join("bases");
+    std::fs::create_dir_all(&cache).map_err(|e| Error::config(format!("{}: {e}", cache.display())))?;
+    let resolve = |name: &str| {
+        contribute::base_folder(&pool, &paths.models, &cache, name)
+            .map(|(dir, _)| dir)
+            .map_err(|e| Error::config(e.to_string()))
+    };
+    let mut dirs = Vec::new();
+    for m in &args.models {
+        dirs.push(resolve(m)?);
+    }
+    let base = match &args.base {
+        Some(b) => Some(resolve(b)?),
+        None => None,
+    };
+    let mut names = args.models.clone();
+    names.extend(args.base.clone());
+    let spec = MergeSpec {
+        method,
+        weights: args.weights.clone(),
+        lambda: args.lambda,
+        seed: args.seed,
+    };
+    let card = CardConfig {
+        contributor: args.contributor.clone(),
+        description: args
+            .description
+            .clone()
+            .unwrap_or_else(|| format!("{} merge of {}", args.method, args.models.join(", "))),
+        domains: args.domains.clone(),
+        license: args.license.clone(),
+        source: String::new(),
+    };
+    let report = merge::merge(&dirs, base.as_deref(), &names, &spec, card, &args.out)
+        .map_err(|e| Error::config(e.to_string()))?;
+    Ok(format!(
+        "merged {} ({} tensors, {} parameters) into {} (sha256 {}); add it to a pool with\n  tessera contribute add --pool POOL.toml --model {}",
+        args.models.join(" + "),
+        report.tensors,
+        report.parameters,
+        args.out.display(),
+        report.sha256,
+        args.out.display()
+    ))
+}

@@ -63,6 +63,10 @@ enum Command {
         #[command(subcommand)]
         command: service::TenantsCommand,
     },
+    /// Merge models that share a base into one (linear soup, task
+    /// arithmetic, TIES, DARE, DARE-TIES, SLERP, ExPO); the folder it writes
+    /// joins a pool with `contribute add`.
+    Merge(Box<contribute::MergeArgs>),
     /// The contributor kit: fine-tune a model on your data, add it to a pool.
     Contribute {
         #[command(subcommand)]
@@ -591,6 +595,7 @@ fn main() -> ExitCode {
         Command::Modules { command } => (false, service::modules(command)),
         Command::Tenants { command } => (false, service::tenants(command)),
         Command::Contribute { command } => (false, contribute::contribute(command)),
+        Command::Merge(args) => (false, contribute::merge(*args)),
     };
     match result {
         Ok(s) => {

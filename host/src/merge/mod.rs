@@ -1,0 +1,423 @@
+//! Weight-level collaboration: merge models that share an architecture and
+//! a base into one model.
+//!
+//! Contributors who fine-tune the same base (with [`crate::contribute`])
+//! produce models whose weights live in one space, so they can be combined
+//! parameter by parameter instead of only by their outputs. [`merge`] reads
+//! Hugging Face folders (a pool member id is resolved to one by the CLI),
+//! checks they share every tensor name and shape, merges each tensor with
+//! one of the [`methods`], and writes a folder the pool loads
+//! (`backend = "hf"`) with a card saying what was merged and how.
+//!
+//! Runs on the CPU, one tensor at a time, so peak memory is the input
+//! models plus one tensor; a 135M model merges in a few seconds.
+
+pub mod methods;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::contribute::output::{ContributorFile, CARD, WEIGHTS};
+use crate::contribute::write_atomic;
+use crate::pool::CardConfig;
+
+/// A merge method and its own parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum Method {
+    /// Weighted average of the models (a "soup"); no base.
+    Linear,
+    /// `base + sum w_i (model_i - base)`.
+    TaskArithmetic,
+    /// TIES: trim each delta to `density`, elect signs, disjoint mean.
+    Ties {
+        /// Share of each delta kept, by magnitude, in (0, 1].
+        density: f64,
+    },
+    /// DARE: drop delta entries with probability `1 - density`, rescale,
+    /// then task arithmetic.
+    Dare {
+        /// Keep probability, in (0, 1].
+        density: f64,
+    },
+    /// DARE's drop, then TIES's sign election.
+    DareTies {
+        /// Keep probability, in (0, 1].
+        density: f64,
+    },
+    /// Spherical interpolation between exactly two models.
+    Slerp {
+        /// 0 = the first model, 1 = the second.
+        t: f64,
+    },
+    /// ExPO: `model + alpha (model - base)`, one model, the base being the
+    /// weaker model to move away from.
+    Expo {
+        /// Extrapolation strength (> 0).
+        alpha: f64,
+    },
+}
+
+impl Method {
+    /// Whether the method needs a base model (task vectors or a source).
+    pub fn needs_base(&self) -> bool {
+        !matches!(self, Method::Linear | Method::Slerp { .. })
+    }
+
+    /// The CLI name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Linear => "linear",
+            Method::TaskArithmetic => "task_arithmetic",
+            Method::Ties { .. } => "ties",
+            Method::Dare { .. } => "dare",
+            Method::DareTies { .. } => "dare_ties",
+            Method::Slerp { .. } => "slerp",
+            Method::Expo { .. } => "expo",
+        }
+    }
+}
+
+/// What to merge and how.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MergeSpec {
+    /// The method.
+    #[serde(flatten)]
+    pub method: Method,
+    /// One weight per model (default: 1 each; linear divides by the sum).
+    pub weights: Option<Vec<f64>>,
+    /// Scale of the merged delta for the task-vector methods.
+    pub lambda: f64,
+    /// Seed of DARE's drops.
+    pub seed: u64,
+}
+
+impl MergeSpec {
+    /// `method` with default weights, lambda 1, seed 0.
+    pub fn new(method: Method) -> Self {
+        Self {
+            method,
+            weights: None,
+            lambda: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Why a merge could not be done. Each names the model, tensor or option.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MergeError {
+    /// The request does not fit the method.
+    #[error("invalid merge: {0}")]
+    Invalid(String),
+    /// The models do not share an architecture and base.
+    #[error("incompatible models: {0}")]
+    Incompatible(String),
+    /// Reading or writing failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// What [`merge`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeReport {
+    /// Tensors merged.
+    pub tensors: usize,
+    /// Numbers merged.
+    pub parameters: usize,
+    /// sha256 of the merged weights.
+    pub sha256: String,
+}
+
+/// How a merged model was made: written on its card.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MergeFacts {
+    /// The spec.
+    #[serde(flatten)]
+    pub spec: MergeSpec,
+    /// The models, as named by the caller.
+    pub models: Vec<String>,
+    /// The base, if the method has one.
+    pub base: Option<String>,
+}
+
+fn io(p: &Path, e: impl std::fmt::Display) -> MergeError {
+    MergeError::Io(format!("{}: {e}", p.display()))
+}
+
+fn load(dir: &Path) -> Result<(serde_json::Value, HashMap<String, Tensor>), MergeError> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| io(&cfg_path, e))?;
+    let mut tensors = HashMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))?.flatten() {
+        let p = entry.path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let part = candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| io(&p, e))?;
+            tensors.extend(part);
+        }
+    }
+    if tensors.is_empty() {
+        return Err(MergeError::Io(format!("{}: no .safetensors weights", dir.display())));
+    }
+    Ok((config, tensors))
+}
+
+fn check(spec: &MergeSpec, models: usize, base: bool) -> Result<Vec<f64>, MergeError> {
+    let bad = |m: String| Err(MergeError::Invalid(m));
+    let name = spec.method.name();
+    if models == 0 {
+        return bad("no models to merge".into());
+    }
+    if spec.method.needs_base() != base {
+        return if base {
+            bad(format!("{name} takes no base model: drop --base"))
+        } else {
+            bad(format!(
+                "{name} needs a base model (--base): the models' common ancestor, or for expo the weaker model"
+            ))
+        };
+    }
+    let unit = |v: f64, what: &str| {
+        if v > 0.0 && v <= 1.0 {
+            Ok(())
+        } else {
+            Err(MergeError::Invalid(format!("{what} {v} is out of range: use (0, 1]")))
+        }
+    };
+    match &spec.method {
+        Method::Linear if models < 2 => return bad("linear needs at least two models".into()),
+        Method::Slerp { .. } if models != 2 => return bad(format!("slerp merges exactly two models, got {models}")),
+        Method::Slerp { t } if !(0.0..=1.0).contains(t) => {
+            return bad(format!("slerp t {t} is out of range: use [0, 1]"))
+        }
+        Method::Expo { .. } if models != 1 => {
+            return bad(format!("expo extrapolates one model from the base, got {models}"))
+        }
+        Method::Expo { alpha } if !(*alpha > 0.0 && *alpha <= 10.0) => {
+            return bad(format!("expo alpha {alpha} is out of range: use (0, 10], e.g. 0.3"))
+        }
+        Method::Ties { density } | Method::Dare { density } | Method::DareTies { density } => {
+            unit(*density, "density")?
+        }
+        _ => {}
+    }
+    let weights = spec.weights.clone().unwrap_or_else(|| vec![1.0; models]);
+    if weights.len() != models {
+        return bad(format!(
+            "{} weights for {models} models: give one per model",
+            weights.len()
+        ));
+    }
+    if weights.iter().any(|w| !w.is_finite()) {
+        return bad("weights must be finite numbers".into());
+    }
+    if !spec.lambda.is_finite() {
+        return bad("lambda must be a finite number".into());
+    }
+    Ok(weights)
+}
+
+/// A stable per-tensor, per-model seed for DARE's drops.
+fn drop_seed(seed: u64, name: &str, model: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (model as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+}
+
+/// Merges one tensor of every model.
+fn merge_tensor(spec: &MergeSpec, weights: &[f64], name: &str, models: &[Vec<f32>], base: Option<&[f32]>) -> Vec<f32> {
+    let refs: Vec<&[f32]> = models.iter().map(|m| m.as_slice()).collect();
+    let deltas = |b: &[f32]| -> Vec<Vec<f32>> {
+        models
+            .iter()
+            .map(|m| m.iter().zip(b).map(|(x, y)| x - y).collect())
+            .collect()
+    };
+    match (&spec.method, base) {
+        (Method::Linear, _) => methods::linear(&refs, weights, true),
+        (Method::Slerp { t }, _) => methods::slerp(refs[0], refs[1], *t),
+        (Method::Expo { alpha }, Some(b)) => methods::expo(refs[0], b, *alpha),
+        (Method::TaskArithmetic, Some(b)) => methods::combine_deltas(b, &deltas(b), weights, false, false, spec.lambda),
+        (Method::Ties { density }, Some(b)) => {
+            let trimmed: Vec<Vec<f32>> = deltas(b)
+                .into_iter()
+                .map(|d| {
+                    let mask = methods::magnitude_mask(&d, *density);
+                    d.iter().zip(mask).map(|(x, k)| if k { *x } else { 0.0 }).collect()
+                })
+                .collect();
+            methods::combine_deltas(b, &trimmed, weights, true, true, spec.lambda)
+        }
+        (Method::Dare { density } | Method::DareTies { density }, Some(b)) => {
+            let mut ds = deltas(b);
+            for (i, d) in ds.iter_mut().enumerate() {
+                methods::dare_drop(d, *density, drop_seed(spec.seed, name, i));
+            }
+            let ties = matches!(spec.method, Method::DareTies { .. });
+            methods::combine_deltas(b, &ds, weights, ties, false, spec.lambda)
+        }
+        // `check` guarantees a base for the methods that need one.
+        (_, None) => models[0].clone(),
+    }
+}
+
+fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Merges the model folders `models` (over `base` where the method needs
+/// one) into the folder `out`, per `spec`. `names` are how the models and
+/// base are shown on the card (same order, base last if any). The
+/// tokenizer and config come from the first model.
+pub fn merge(
+    models: &[PathBuf],
+    base: Option<&Path>,
+    names: &[String],
+    spec: &MergeSpec,
+    card: CardConfig,
+    out: &Path,
+) -> Result<MergeReport, MergeError> {
+    let weights = check(spec, models.len(), base.is_some())?;
+    let mut loaded = Vec::new();
+    for m in models {
+        loaded.push(load(m)?);
+    }
+    let base_loaded = match base {
+        Some(b) => Some(load(b)?),
+        None => None,
+    };
+    // Same architecture and the same tensors everywhere.
+    let (cfg0, t0) = &loaded[0];
+    let arch_keys = [
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+    ];
+    let others = loaded
+        .iter()
+        .map(|l| (&l.0, &l.1))
+        .chain(base_loaded.iter().map(|l| (&l.0, &l.1)));
+    for (i, (cfg, tensors)) in others.enumerate().skip(1) {
+        let who = names.get(i).cloned().unwrap_or_else(|| format!("model {}", i + 1));
+        for k in arch_keys {
+            if cfg[k] != cfg0[k] {
+                return Err(MergeError::Incompatible(format!(
+                    "{who} has {k} = {} but {} has {}: merging needs one architecture",
+                    cfg[k], names[0], cfg0[k]
+                )));
+            }
+        }
+        for (name, t) in t0 {
+            match tensors.get(name) {
+                None => return Err(MergeError::Incompatible(format!("{who} has no tensor `{name}`"))),
+                Some(u) if u.dims() != t.dims() => {
+                    return Err(MergeError::Incompatible(format!(
+                        "tensor `{name}` is {:?} in {who} but {:?} in {}",
+                        u.dims(),
+                        t.dims(),
+                        names[0]
+                    )))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    let sorted: BTreeMap<&String, &Tensor> = t0.iter().collect();
+    let mut merged: HashMap<String, Tensor> = HashMap::new();
+    let mut parameters = 0;
+    let err = |e: candle_core::Error| MergeError::Io(e.to_string());
+    for (name, t) in sorted {
+        let mut xs = Vec::with_capacity(loaded.len());
+        for (_, tensors) in &loaded {
+            // Present in every model: checked above.
+            if let Some(u) = tensors.get(name) {
+                xs.push(flat(u).map_err(err)?);
+            }
+        }
+        let b = match &base_loaded {
+            Some((_, bt)) => Some(flat(bt.get(name).unwrap_or(t)).map_err(err)?),
+            None => None,
+        };
+        let out_values = merge_tensor(spec, &weights, name, &xs, b.as_deref());
+        parameters += out_values.len();
+        merged.insert(
+            name.clone(),
+            Tensor::from_vec(out_values, t.dims(), &Device::Cpu).map_err(err)?,
+        );
+    }
+
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    let tmp = crate::contribute::tmp_path(&out.join(WEIGHTS));
+    candle_core::safetensors::save(&merged, &tmp).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, out.join(WEIGHTS)).map_err(|e| io(out, e))?;
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let bytes = std::fs::read(models[0].join(f)).map_err(|e| io(&models[0].join(f), e))?;
+        write_atomic(&out.join(f), &bytes).map_err(|e| MergeError::Io(e.to_string()))?;
+    }
+    let mut config = cfg0.clone();
+    config["torch_dtype"] = "float32".into();
+    let text = serde_json::to_vec_pretty(&config).map_err(|e| MergeError::Io(e.to_string()))?;
+    write_atomic(&out.join("config.json"), &text).map_err(|e| MergeError::Io(e.to_string()))?;
+    let sha = crate::pool::sha256_file(&out.join(WEIGHTS)).map_err(|e| io(out, e))?;
+    let facts = MergeFacts {
+        spec: spec.clone(),
+        models: names[..models.len()].to_vec(),
+        base: base.map(|_| names.get(models.len()).cloned().unwrap_or_default()),
+    };
+    let mut card = card;
+    if card.source.is_empty() {
+        card.source = format!(
+            "{} merge of {} with `tessera merge`",
+            spec.method.name(),
+            facts.models.join(", ")
+        );
+    }
+    let file = ContributorFile {
+        id: out
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "merged".into()),
+        sha256: sha.clone(),
+        card,
+        training: None,
+        merge: Some(facts),
+    };
+    let text = toml::to_string(&file).map_err(|e| MergeError::Io(format!("{CARD}: {e}")))?;
+    write_atomic(&out.join(CARD), text.as_bytes()).map_err(|e| MergeError::Io(e.to_string()))?;
+    Ok(MergeReport {
+        tensors: merged.len(),
+        parameters,
+        sha256: sha,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_that_do_not_fit_the_method_are_named() {
+        let spec = |m: Method| MergeSpec::new(m);
+        let e = |s: MergeSpec, n: usize, b: bool| check(&s, n, b).unwrap_err().to_string();
+        assert!(e(spec(Method::Linear), 1, false).contains("at least two"));
+        assert!(e(spec(Method::Linear), 2, true).contains("takes no base"));
+        assert!(e(spec(Method::Ties { density: 0.5 }), 2, false).contains("needs a base"));
+        assert!(e(spec(Method::Ties { density: 1.5 }), 2, true).contains("density 1.5"));
+        assert!(e(spec(Method::Slerp { t: 0.5 }), 3, false).contains("exactly two"));
+        assert!(e(spec(Method::Expo { alpha: 0.3 }), 2, true).contains("one model"));
+        let mut s = spec(Method::TaskArithmetic);
+        s.weights = Some(vec![1.0]);
+        assert!(e(s, 2, true).contains("one per model"));
+        assert_eq!(check(&spec(Method::TaskArithmetic), 3, true).unwrap(), vec![1.0; 3]);
+    }
+}
