@@ -83,6 +83,7 @@ bench: setup
 	$(CARGO) bench -p tessera --profile dev --bench fanout
 	$(CARGO) bench -p tessera --profile dev --bench speed
 	$(CARGO) bench -p tessera --profile dev --bench serve_load
+	$(CARGO) bench -p tessera --profile dev --bench train_speed
 
 lint:
 	$(CARGO) fmt --all -- --check

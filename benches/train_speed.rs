@@ -1,0 +1,77 @@
+//! Training speed of the contributor kit (`tessera contribute train`) on the
+//! real SmolLM2-135M base: tokens per second, forward + backward + AdamW,
+//! for LoRA (rank 8 on q/v, the default) and full fine-tuning. A timed run,
+//! not a criterion bench: one step takes seconds and mutates the model.
+//! Figures: benches/RESULTS.md. Run with `make bench` or
+//! `cargo bench -p tessera --profile dev --bench train_speed`.
+//!
+//! Data: 16 synthetic prompt/completion pairs of about 100 tokens each
+//! (batch 4, so every step sees ~400 tokens); 6 steps per method, the first
+//! dropped as warm-up.
+
+use std::ops::ControlFlow;
+
+use tessera::contribute::{self, Method, TrainOptions};
+use tessera::pool::PoolConfig;
+use tessera::Paths;
+
+const STEPS: u64 = 6;
+
+fn main() {
+    let paths = Paths::from_env();
+    let cache = paths.models.join("bases");
+    std::fs::create_dir_all(&cache).expect("cache dir");
+    let (base, _) = contribute::base_folder(
+        &PoolConfig::default_pool(),
+        &paths.models,
+        &cache,
+        "smollm2-135m-instruct",
+    )
+    .expect("SmolLM2 base (run `make setup`)");
+    let dir = std::env::temp_dir().join(format!("tessera-train-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch");
+    let data = dir.join("data.jsonl");
+    let filler = "Tiles of many colours fit together into one picture, and each tile was laid by a different hand.";
+    let lines: String = (0..16)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("Question {i}: describe the mosaic in two sentences. {filler}"),
+                "completion": format!("{filler} {filler} Number {i}."),
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, lines).expect("data");
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    println!("train_speed: SmolLM2-135M, batch 4, threads {threads}, {STEPS} steps (first dropped)");
+    for (label, method) in [
+        (
+            "lora r8 q,v",
+            Method::Lora {
+                rank: 8,
+                alpha: 16.0,
+                targets: vec!["q_proj".into(), "v_proj".into()],
+            },
+        ),
+        ("full", Method::Full),
+    ] {
+        let out = dir.join(label.replace([' ', ','], "-"));
+        let mut o = TrainOptions::new(base.clone(), "smollm2".into(), data.clone(), out, method);
+        o.steps = STEPS;
+        o.checkpoint_every = 0;
+        let report = contribute::train(o, |_| ControlFlow::Continue(())).expect("trains");
+        let timed = &report.log[1..];
+        let tokens: usize = timed.iter().map(|s| s.tokens).sum();
+        let secs: f64 = timed.iter().map(|s| s.tokens as f64 / s.tokens_per_s).sum();
+        println!(
+            "  {label:12} {:>8.1} tok/s  ({tokens} tokens in {secs:.1} s; {} numbers trained; loss {:.3} -> {:.3})",
+            tokens as f64 / secs,
+            report.trainable_params,
+            report.log[0].loss,
+            report.log.last().map(|s| s.loss).unwrap_or(f64::NAN)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
