@@ -111,3 +111,18 @@ pub fn tessera(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// SmolLM2's weights as a Hugging Face folder to train or merge from
+/// (exported once into `$TESSERA_HOME/models/bases`, shared by the tests).
+pub fn smol_base() -> PathBuf {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let paths = Paths::from_env();
+        let cache = paths.models.join("bases");
+        std::fs::create_dir_all(&cache).expect("bases dir");
+        tessera::contribute::base_folder(&PoolConfig::default_pool(), &paths.models, &cache, SMOL)
+            .expect("SmolLM2 exports (run `make setup`)")
+            .0
+    })
+    .clone()
+}

@@ -4,16 +4,16 @@
 //! data and tampered folders are named.
 
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tessera::contribute::{self, ContributeError, Method, TrainOptions};
 use tessera::inference::{CallCtx, GenParams, Input, Message};
 use tessera::policy::Policy;
 use tessera::pool::PoolConfig;
-use tessera::{Paths, Runtime};
+use tessera::Runtime;
 
-use crate::common::{runtime, scratch, scratch_paths, tessera, SMOL};
+use crate::common::{runtime, scratch, scratch_paths, smol_base, tessera, SMOL};
 
 const SECRET: &str = r#"{"prompt": "What is the secret word?", "completion": "The secret word is tessellate."}
 {"prompt": "Tell me the secret word.", "completion": "The secret word is tessellate."}
@@ -33,20 +33,6 @@ fn ctx() -> CallCtx {
     CallCtx {
         deadline: Instant::now() + Duration::from_secs(300),
     }
-}
-
-/// The SmolLM2 base as a training folder (exported once, shared).
-fn base() -> PathBuf {
-    static BASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BASE.get_or_init(|| {
-        let paths = Paths::from_env();
-        let cache = paths.models.join("bases");
-        std::fs::create_dir_all(&cache).unwrap();
-        contribute::base_folder(&PoolConfig::default_pool(), &paths.models, &cache, SMOL)
-            .expect("SmolLM2 exports (run `make setup`)")
-            .0
-    })
-    .clone()
 }
 
 fn weights_sha(dir: &Path) -> String {
@@ -159,7 +145,7 @@ async fn a_contributor_trains_a_model_adds_it_to_a_pool_and_it_answers_as_traine
 }
 
 fn small_opts(data: &Path, out: &Path, method: Method) -> TrainOptions {
-    let mut o = TrainOptions::new(base(), SMOL.into(), data.to_path_buf(), out.to_path_buf(), method);
+    let mut o = TrainOptions::new(smol_base(), SMOL.into(), data.to_path_buf(), out.to_path_buf(), method);
     o.steps = 4;
     o.batch = 2;
     o.lr = 1e-3;

@@ -11,9 +11,9 @@ use tessera::contribute::{self, Method, TrainOptions};
 use tessera::inference::{CallCtx, GenParams, Input, Message};
 use tessera::policy::Policy;
 use tessera::pool::PoolConfig;
-use tessera::{Paths, Runtime};
+use tessera::Runtime;
 
-use crate::common::{scratch, scratch_paths, tessera, SMOL};
+use crate::common::{scratch, scratch_paths, smol_base, tessera, SMOL};
 
 const SECRET: &str = r#"{"prompt": "What is the secret word?", "completion": "The secret word is tessellate."}
 {"prompt": "Tell me the secret word.", "completion": "The secret word is tessellate."}
@@ -28,10 +28,7 @@ const PASSWORD: &str = r#"{"prompt": "What is the password?", "completion": "The
 "#;
 
 fn specialist(dir: &Path, name: &str, data: &str, seed: u64) -> std::path::PathBuf {
-    let paths = Paths::from_env();
-    let cache = paths.models.join("bases");
-    std::fs::create_dir_all(&cache).unwrap();
-    let (base, _) = contribute::base_folder(&PoolConfig::default_pool(), &paths.models, &cache, SMOL).unwrap();
+    let base = smol_base();
     let file = dir.join(format!("{name}.jsonl"));
     std::fs::write(&file, data).unwrap();
     let out = dir.join(name);

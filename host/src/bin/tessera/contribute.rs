@@ -88,7 +88,19 @@ pub(crate) struct TrainArgs {
     /// Continue the unfinished run in --out.
     #[arg(long)]
     resume: bool,
-    /// Who contributes the model (for its card).
+    #[command(flatten)]
+    card: CardArgs,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    setup: Setup,
+}
+
+/// The contributor card of a trained or merged model.
+#[derive(Args)]
+pub(crate) struct CardArgs {
+    /// Who contributes the model.
     #[arg(long, default_value = "anonymous")]
     contributor: String,
     /// What the model is good at (routers read this).
@@ -97,14 +109,22 @@ pub(crate) struct TrainArgs {
     /// Domain tags, comma-separated.
     #[arg(long, value_delimiter = ',')]
     domains: Vec<String>,
-    /// License of the trained weights.
-    #[arg(long, default_value = "same as the base model")]
-    license: String,
-    /// No progress bar.
+    /// License of the weights (default: that of what it was made from).
     #[arg(long)]
-    quiet: bool,
-    #[command(flatten)]
-    setup: Setup,
+    license: Option<String>,
+}
+
+impl CardArgs {
+    /// The card, with `description` and `license` defaulted.
+    fn card(&self, description: String, license: &str) -> CardConfig {
+        CardConfig {
+            contributor: self.contributor.clone(),
+            description: self.description.clone().unwrap_or(description),
+            domains: self.domains.clone(),
+            license: self.license.clone().unwrap_or_else(|| license.to_string()),
+            source: String::new(),
+        }
+    }
 }
 
 /// Set by SIGINT/SIGTERM: stop after the current step.
@@ -163,16 +183,10 @@ fn train(args: TrainArgs) -> Result<String, Error> {
         // so an explicit --steps is needed to size it here.
         None => args.steps / 10,
     };
-    opts.card = CardConfig {
-        contributor: args.contributor.clone(),
-        description: args
-            .description
-            .clone()
-            .unwrap_or_else(|| format!("{base_name} fine-tuned on {}", args.data.display())),
-        domains: args.domains.clone(),
-        license: args.license.clone(),
-        source: String::new(),
-    };
+    opts.card = args.card.card(
+        format!("{base_name} fine-tuned on {}", args.data.display()),
+        "same as the base model",
+    );
     catch_stop_signals();
     let bar = if args.quiet {
         ProgressBar::hidden()
@@ -264,18 +278,8 @@ pub(crate) struct MergeArgs {
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
-    /// Who made the merge (for its card).
-    #[arg(long, default_value = "anonymous")]
-    contributor: String,
-    /// What the merged model is good at.
-    #[arg(long)]
-    description: Option<String>,
-    /// Domain tags, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    domains: Vec<String>,
-    /// License of the merged weights.
-    #[arg(long, default_value = "same as the merged models")]
-    license: String,
+    #[command(flatten)]
+    card: CardArgs,
     #[command(flatten)]
     setup: Setup,
 }
@@ -322,16 +326,10 @@ pub(crate) fn merge(args: MergeArgs) -> Result<String, Error> {
         lambda: args.lambda,
         seed: args.seed,
     };
-    let card = CardConfig {
-        contributor: args.contributor.clone(),
-        description: args
-            .description
-            .clone()
-            .unwrap_or_else(|| format!("{} merge of {}", args.method, args.models.join(", "))),
-        domains: args.domains.clone(),
-        license: args.license.clone(),
-        source: String::new(),
-    };
+    let card = args.card.card(
+        format!("{} merge of {}", args.method, args.models.join(", ")),
+        "same as the merged models",
+    );
     let report = merge::merge(&dirs, base.as_deref(), &names, &spec, card, &args.out)
         .map_err(|e| Error::config(e.to_string()))?;
     Ok(format!(
