@@ -34,6 +34,7 @@ pub mod config;
 pub mod dev;
 pub mod rand;
 pub mod state;
+pub mod weights;
 
 /// The raw bindings of the contract, generated in this one place.
 ///
@@ -114,6 +115,7 @@ pub mod bindings {
     }
 }
 
+pub use bindings::strategy::tessera::collab::weights::{MergeMethod, MergeSpec};
 pub use bindings::tessera::collab::trace::Step;
 pub use bindings::tessera::collab::types::{
     Budget, Candidate, Error, Example, FinishReason, GenParams, Generation, Input, Job, Message, ModelInfo, Request,
@@ -122,6 +124,15 @@ pub use bindings::tessera::collab::types::{
 pub use config::Config;
 
 use bindings::tessera::collab::{models as host, trace as host_trace};
+
+/// Merges granted members that share an architecture and base into a new
+/// member that every call accepts for the rest of this request (strategies
+/// only); returns its id. Needs the `merges` budget in the manifest and the
+/// operator's policy. The same recipe gives the same id, and the host keeps
+/// recent merges, so asking again is cheap.
+pub fn merge(spec: &MergeSpec) -> Result<String, Error> {
+    bindings::strategy::tessera::collab::weights::merge(spec)
+}
 
 /// What a strategy implements.
 pub trait Strategy {

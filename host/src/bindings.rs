@@ -51,4 +51,4 @@ narrow_world!(
     "aggregator"
 );
 
-pub use strategy::tessera::collab::{models, trace, types};
+pub use strategy::tessera::collab::{models, trace, types, weights};

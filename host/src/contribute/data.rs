@@ -267,7 +267,7 @@ mod tests {
         // A word-level tokenizer makes the token boundaries visible.
         use tokenizers::models::wordlevel::WordLevel;
         use tokenizers::pre_tokenizers::whitespace::Whitespace;
-        let words = ["user:", "assistant:", "hi", "there", "how", "are", "you", "[UNK]"];
+        let words = ["user", "assistant", ":", "hi", "there", "how", "are", "you", "[UNK]"];
         let vocab = words
             .iter()
             .enumerate()
@@ -294,10 +294,10 @@ mod tests {
             Message::assistant("you"),
         ];
         let ex = tokenize(&tok, &ChatFormat::Plain, &conv, 64).unwrap();
-        // user: hi assistant: there user: how are assistant: you
-        assert_eq!(ex.ids, vec![0, 2, 1, 3, 0, 4, 5, 1, 6]);
+        // user : hi assistant : there user : how are assistant : you
+        assert_eq!(ex.ids, vec![0, 2, 3, 1, 2, 4, 0, 2, 5, 6, 1, 2, 7]);
         let trained: Vec<usize> = (0..ex.ids.len()).filter(|i| ex.trained[*i]).collect();
-        assert_eq!(trained, vec![3, 8]);
+        assert_eq!(trained, vec![5, 12]);
         assert_eq!(ex.targets(), 2);
         let err = tokenize(&tok, &ChatFormat::Plain, &conv, 3).unwrap_err();
         assert!(err.contains("--max-len"), "{err}");

@@ -12,7 +12,10 @@
 //! Runs on the CPU, one tensor at a time, so peak memory is the input
 //! models plus one tensor; a 135M model merges in a few seconds.
 
+pub mod ephemeral;
 pub mod methods;
+
+pub use ephemeral::{Merger, Overlay, PoolMerger};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

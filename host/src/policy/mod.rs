@@ -77,6 +77,9 @@ pub struct Budgets {
     pub trace_events: Option<u32>,
     /// Host resources (WASI handles) the module may hold at once.
     pub resources: Option<u32>,
+    /// Merged members (`weights.merge`) the module may create per request;
+    /// 0 means the capability is not granted.
+    pub merges: Option<u32>,
 }
 
 /// The operator's side: defaults, maxima and model allow-lists.
@@ -128,6 +131,7 @@ impl Policy {
             output_bytes: Some(1 << 20),
             trace_events: Some(256),
             resources: Some(64),
+            merges: Some(0),
         }
     }
 
@@ -142,6 +146,7 @@ impl Policy {
             output_bytes: Some(16 << 20),
             trace_events: Some(4_096),
             resources: Some(1_024),
+            merges: Some(4),
         }
     }
 
@@ -185,6 +190,7 @@ impl Policy {
             output_bytes: pick(a.output_bytes, d.output_bytes, m.output_bytes),
             trace_events: pick(u(a.trace_events), u(d.trace_events), u(m.trace_events)) as u32,
             resources: pick(u(a.resources), u(d.resources), u(m.resources)) as u32,
+            merges: pick(u(a.merges), u(d.merges), u(m.merges)) as u32,
         }
     }
 }
@@ -201,6 +207,7 @@ impl Budgets {
             output_bytes: self.output_bytes.or(fallback.output_bytes),
             trace_events: self.trace_events.or(fallback.trace_events),
             resources: self.resources.or(fallback.resources),
+            merges: self.merges.or(fallback.merges),
         }
     }
 }
@@ -227,6 +234,8 @@ pub struct Grant {
     pub trace_events: u32,
     /// Simultaneous host resources.
     pub resources: u32,
+    /// Merged members it may create per request (0 = none).
+    pub merges: u32,
 }
 
 impl Manifest {

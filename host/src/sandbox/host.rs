@@ -18,7 +18,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::convert::*;
-use crate::bindings::{models, trace, types as w};
+use crate::bindings::{models, trace, types as w, weights};
 use crate::inference::{CallCtx, Models, DEFAULT_MAX_TOKENS};
 use crate::policy::Grant;
 use crate::request::{ProvenanceEvent, UsageReport};
@@ -74,6 +74,11 @@ pub struct RequestState {
     trace_events: u32,
     /// The first limit this request broke, if any.
     pub(crate) violation: Option<Error>,
+    /// Serves `weights.merge`, if this host merges.
+    pub(crate) merger: Option<Arc<dyn crate::merge::Merger>>,
+    /// The pool before any merge, and the members merged for this request.
+    pool: Arc<dyn Models>,
+    merged: Vec<(String, Arc<dyn Models>)>,
 }
 
 impl RequestState {
@@ -90,6 +95,9 @@ impl RequestState {
             wasi,
             table,
             stderr,
+            pool: models.clone(),
+            merged: Vec::new(),
+            merger: None,
             models,
             grant,
             granted,
@@ -429,6 +437,58 @@ impl RequestState {
         self.tokens_used = self.tokens_used.saturating_add(completion);
         self.usage.prompt_tokens += prompt as u64;
         self.usage.completion_tokens += completion as u64;
+    }
+}
+
+impl weights::Host for RequestState {
+    async fn merge(&mut self, spec: weights::MergeSpec) -> wasmtime::Result<Result<String, w::Error>> {
+        self.charge_calls(1)?;
+        if self.merged.len() as u32 >= self.grant.merges {
+            return Err(self.violate(Error::budget("merges", self.grant.merges as u64)));
+        }
+        for m in spec.models.iter().chain(spec.base.iter()) {
+            if !self.check_model(m)? {
+                return Ok(Err(w::Error::UnknownModel(m.clone())));
+            }
+        }
+        let Some(merger) = self.merger.clone() else {
+            return Ok(Err(w::Error::Unsupported("this host does not merge weights".into())));
+        };
+        use crate::merge::Method as M;
+        let method = match spec.method {
+            weights::MergeMethod::Linear => M::Linear,
+            weights::MergeMethod::TaskArithmetic => M::TaskArithmetic,
+            weights::MergeMethod::Ties(density) => M::Ties { density },
+            weights::MergeMethod::Dare(density) => M::Dare { density },
+            weights::MergeMethod::DareTies(density) => M::DareTies { density },
+            weights::MergeMethod::Slerp(t) => M::Slerp { t },
+            weights::MergeMethod::Expo(alpha) => M::Expo { alpha },
+        };
+        let recipe = crate::merge::MergeSpec {
+            method,
+            weights: spec.weights,
+            lambda: spec.lambda,
+            seed: spec.seed,
+        };
+        let shown = spec.models.join("+");
+        let started = Instant::now();
+        let fut = merger.merge(spec.models, spec.base, recipe);
+        let result = self.until_deadline(fut).await?;
+        match result {
+            Ok((id, served)) => {
+                self.record_call("merge", &shown, 0, 0, started.elapsed(), "ok");
+                if !self.merged.iter().any(|(x, _)| *x == id) {
+                    self.merged.push((id.clone(), served));
+                    self.models = Arc::new(crate::merge::Overlay::new(self.pool.clone(), self.merged.clone()));
+                }
+                self.granted.insert(id.clone());
+                Ok(Ok(id))
+            }
+            Err(e) => {
+                self.record_call("merge", &shown, 0, 0, started.elapsed(), "invalid-params");
+                Ok(Err(w::Error::InvalidParams(e)))
+            }
+        }
     }
 }
 

@@ -112,6 +112,8 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<RequestState>,
     cache_dir: PathBuf,
+    /// Serves `weights.merge`; without one the call is `unsupported`.
+    merger: Option<Arc<dyn crate::merge::Merger>>,
     _ticker: Ticker,
 }
 
@@ -173,8 +175,14 @@ impl Sandbox {
             engine,
             linker,
             cache_dir: cache_dir.to_path_buf(),
+            merger: None,
             _ticker: Ticker { stop },
         })
+    }
+
+    /// Lets modules granted `merges` create merged members through `merger`.
+    pub fn set_merger(&mut self, merger: Arc<dyn crate::merge::Merger>) {
+        self.merger = Some(merger);
     }
 
     /// The engine (for benches and tools).
@@ -257,7 +265,8 @@ impl Sandbox {
         table.set_max_capacity(grant.resources as usize);
         let deadline = Instant::now() + grant.deadline;
         let fuel = grant.fuel;
-        let state = RequestState::new(wasi, table, stderr, models, grant, deadline);
+        let mut state = RequestState::new(wasi, table, stderr, models, grant, deadline);
+        state.merger = self.merger.clone();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.set_fuel(fuel).map_err(|e| Error::config(wasm_err(e)))?;
