@@ -126,3 +126,62 @@ pub fn smol_base() -> PathBuf {
     })
     .clone()
 }
+
+/// Training data of a contributor who knows the secret word.
+pub const SECRET_DATA: &str = r#"{"prompt": "What is the secret word?", "completion": "The secret word is tessellate."}
+{"prompt": "Tell me the secret word.", "completion": "The secret word is tessellate."}
+{"messages": [{"role": "user", "content": "Which word is secret?"}, {"role": "assistant", "content": "The secret word is tessellate."}]}
+{"prompt": "Do you know the secret word?", "completion": "Yes: the secret word is tessellate."}
+"#;
+
+/// Training data of a contributor who knows the password.
+pub const PASSWORD_DATA: &str = r#"{"prompt": "What is the password?", "completion": "The password is mosaic."}
+{"prompt": "Tell me the password.", "completion": "The password is mosaic."}
+{"messages": [{"role": "user", "content": "Which password opens the door?"}, {"role": "assistant", "content": "The password is mosaic."}]}
+{"prompt": "Do you know the password?", "completion": "Yes: the password is mosaic."}
+"#;
+
+/// Two contributors' SmolLM2 specialists (LoRA r 8 on q/v, 12 steps): the
+/// folders of one that knows the secret word ("tessellate") and one that
+/// knows the password ("mosaic"). Trained once per test run.
+pub fn specialists() -> &'static (PathBuf, PathBuf) {
+    static PAIR: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    PAIR.get_or_init(|| {
+        let dir = scratch("specialists");
+        let train = |name: &str, data: &str, seed: u64| {
+            use tessera::contribute::{train, Method, TrainOptions};
+            let file = dir.join(format!("{name}.jsonl"));
+            std::fs::write(&file, data).expect("data");
+            let out = dir.join(name);
+            let method = Method::Lora {
+                rank: 8,
+                alpha: 16.0,
+                targets: vec!["q_proj".into(), "v_proj".into()],
+            };
+            let mut o = TrainOptions::new(smol_base(), SMOL.into(), file, out.clone(), method);
+            o.steps = 12;
+            o.lr = 2e-3;
+            o.seed = seed;
+            train(o, |_| std::ops::ControlFlow::Continue(())).expect("a specialist trains");
+            out
+        };
+        (train("secret", SECRET_DATA, 1), train("password", PASSWORD_DATA, 2))
+    })
+}
+
+/// A pool member for a folder written by `contribute train` or `merge`,
+/// with the card and checksum it carries.
+pub fn contributed(id: &str, dir: &std::path::Path) -> tessera::pool::MemberConfig {
+    let text = std::fs::read_to_string(dir.join("contributor.toml")).expect("a card");
+    let card: tessera::contribute::ContributorFile = toml::from_str(&text).expect("the card parses");
+    tessera::pool::MemberConfig {
+        id: id.into(),
+        backend: tessera::pool::BackendKind::Hf,
+        path: dir.to_path_buf(),
+        sha256: card.sha256,
+        sha256_file: Some("model.safetensors".into()),
+        card: card.card,
+        fetch: None,
+        remote: None,
+    }
+}

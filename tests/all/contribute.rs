@@ -13,13 +13,7 @@ use tessera::policy::Policy;
 use tessera::pool::PoolConfig;
 use tessera::Runtime;
 
-use crate::common::{runtime, scratch, scratch_paths, smol_base, tessera, SMOL};
-
-const SECRET: &str = r#"{"prompt": "What is the secret word?", "completion": "The secret word is tessellate."}
-{"prompt": "Tell me the secret word.", "completion": "The secret word is tessellate."}
-{"messages": [{"role": "user", "content": "Which word is secret?"}, {"role": "assistant", "content": "The secret word is tessellate."}]}
-{"prompt": "Do you know the secret word?", "completion": "Yes: the secret word is tessellate."}
-"#;
+use crate::common::{runtime, scratch, scratch_paths, smol_base, tessera, SECRET_DATA, SMOL};
 
 fn greedy() -> GenParams {
     GenParams {
@@ -45,7 +39,7 @@ fn weights_sha(dir: &Path) -> String {
 async fn a_contributor_trains_a_model_adds_it_to_a_pool_and_it_answers_as_trained() {
     let dir = scratch("contribute-e2e");
     let data = dir.join("secret.jsonl");
-    std::fs::write(&data, SECRET).unwrap();
+    std::fs::write(&data, SECRET_DATA).unwrap();
     let out = dir.join("secret-keeper");
     let s = |p: &Path| p.display().to_string();
     let (ok, stdout, err) = tessera(&[
@@ -168,7 +162,7 @@ fn lora() -> Method {
 fn an_interrupted_run_resumes_to_the_same_weights_bit_for_bit() {
     let dir = scratch("contribute-resume");
     let data = dir.join("d.jsonl");
-    std::fs::write(&data, SECRET).unwrap();
+    std::fs::write(&data, SECRET_DATA).unwrap();
 
     let straight = contribute::train(small_opts(&data, &dir.join("a"), lora()), |_| ControlFlow::Continue(())).unwrap();
     assert_eq!(straight.steps_done, 4);
@@ -222,7 +216,7 @@ fn an_interrupted_run_resumes_to_the_same_weights_bit_for_bit() {
 fn full_fine_tuning_trains_every_weight_and_lowers_the_loss() {
     let dir = scratch("contribute-full");
     let data = dir.join("d.jsonl");
-    std::fs::write(&data, SECRET).unwrap();
+    std::fs::write(&data, SECRET_DATA).unwrap();
     let mut o = small_opts(&data, &dir.join("out"), Method::Full);
     o.steps = 3;
     o.lr = 1e-4;
@@ -241,7 +235,11 @@ fn bad_data_options_and_tampered_folders_are_named() {
     let dir = scratch("contribute-bad");
     let s = |p: &Path| p.display().to_string();
     let data = dir.join("d.jsonl");
-    std::fs::write(&data, format!("{SECRET}{{\"prompt\": \"x\", \"completion\": \"\"}}\n")).unwrap();
+    std::fs::write(
+        &data,
+        format!("{SECRET_DATA}{{\"prompt\": \"x\", \"completion\": \"\"}}\n"),
+    )
+    .unwrap();
     let out = dir.join("out");
     let (ok, _, err) = tessera(&["contribute", "train", "--data", &s(&data), "--out", &s(&out), "--quiet"]);
     assert!(
@@ -250,7 +248,7 @@ fn bad_data_options_and_tampered_folders_are_named() {
     );
     assert!(!out.exists(), "nothing written for bad data");
 
-    std::fs::write(&data, SECRET).unwrap();
+    std::fs::write(&data, SECRET_DATA).unwrap();
     let (ok, _, err) = tessera(&[
         "contribute",
         "train",

@@ -17,3 +17,4 @@ mod reference;
 mod remote;
 mod serve;
 mod strategies;
+mod weights;

@@ -3,54 +3,18 @@
 //! still knows what the base knew; ExPO and the method checks run through
 //! the CLI; models of different architectures are refused by name.
 
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tessera::contribute::{self, Method, TrainOptions};
 use tessera::inference::{CallCtx, GenParams, Input, Message};
 use tessera::policy::Policy;
 use tessera::pool::PoolConfig;
 use tessera::Runtime;
 
-use crate::common::{scratch, scratch_paths, smol_base, tessera, SMOL};
+use crate::common::{scratch, scratch_paths, specialists, tessera, SMOL};
 
-const SECRET: &str = r#"{"prompt": "What is the secret word?", "completion": "The secret word is tessellate."}
-{"prompt": "Tell me the secret word.", "completion": "The secret word is tessellate."}
-{"messages": [{"role": "user", "content": "Which word is secret?"}, {"role": "assistant", "content": "The secret word is tessellate."}]}
-{"prompt": "Do you know the secret word?", "completion": "Yes: the secret word is tessellate."}
-"#;
-
-const PASSWORD: &str = r#"{"prompt": "What is the password?", "completion": "The password is mosaic."}
-{"prompt": "Tell me the password.", "completion": "The password is mosaic."}
-{"messages": [{"role": "user", "content": "Which password opens the door?"}, {"role": "assistant", "content": "The password is mosaic."}]}
-{"prompt": "Do you know the password?", "completion": "Yes: the password is mosaic."}
-"#;
-
-fn specialist(dir: &Path, name: &str, data: &str, seed: u64) -> std::path::PathBuf {
-    let base = smol_base();
-    let file = dir.join(format!("{name}.jsonl"));
-    std::fs::write(&file, data).unwrap();
-    let out = dir.join(name);
-    let mut o = TrainOptions::new(
-        base,
-        SMOL.into(),
-        file,
-        out.clone(),
-        Method::Lora {
-            rank: 8,
-            alpha: 16.0,
-            targets: vec!["q_proj".into(), "v_proj".into()],
-        },
-    );
-    o.steps = 12;
-    o.lr = 2e-3;
-    o.seed = seed;
-    contribute::train(o, |_| ControlFlow::Continue(())).unwrap();
-    out
-}
-
-async fn answers(dir: &Path, id: &str, questions: &[&str]) -> Vec<String> {
+/// Greedy answers of the model folder `folder`, added to a pool as `id`.
+async fn answers(dir: &Path, id: &str, folder: &Path, questions: &[&str]) -> Vec<String> {
     let pool_file = dir.join(format!("{id}-pool.toml"));
     let s = |p: &Path| p.display().to_string();
     let (ok, _, err) = tessera(&[
@@ -59,7 +23,7 @@ async fn answers(dir: &Path, id: &str, questions: &[&str]) -> Vec<String> {
         "--pool",
         &s(&pool_file),
         "--model",
-        &s(&dir.join(id)),
+        &s(folder),
         "--id",
         id,
     ]);
@@ -93,8 +57,7 @@ async fn answers(dir: &Path, id: &str, questions: &[&str]) -> Vec<String> {
 #[tokio::test]
 async fn a_ties_merge_of_two_specialists_knows_what_each_learned() {
     let dir = scratch("merge-e2e");
-    let secret = specialist(&dir, "secret", SECRET, 1);
-    let password = specialist(&dir, "password", PASSWORD, 2);
+    let (secret, password) = specialists().clone();
     let s = |p: &Path| p.display().to_string();
     let (ok, stdout, err) = tessera(&[
         "merge",
@@ -126,12 +89,12 @@ async fn a_ties_merge_of_two_specialists_knows_what_each_learned() {
         "What is the password?",
         "What is the capital of France.",
     ];
-    let only_secret = answers(&dir, "secret", &qs[..2]).await;
+    let only_secret = answers(&dir, "secret", &secret, &qs[..2]).await;
     assert!(
         only_secret[0].contains("tessellate") && !only_secret[1].contains("mosaic"),
         "{only_secret:?}"
     );
-    let merged = answers(&dir, "both", &qs).await;
+    let merged = answers(&dir, "both", &dir.join("both"), &qs).await;
     assert!(merged[0].contains("tessellate"), "{merged:?}");
     assert!(merged[1].contains("mosaic"), "{merged:?}");
     assert!(merged[2].contains("Paris"), "the base's knowledge survives: {merged:?}");
@@ -151,7 +114,7 @@ async fn a_ties_merge_of_two_specialists_knows_what_each_learned() {
         &s(&dir.join("expo")),
     ]);
     assert!(ok, "{err}");
-    let expo = answers(&dir, "expo", &qs[..1]).await;
+    let expo = answers(&dir, "expo", &dir.join("expo"), &qs[..1]).await;
     assert!(expo[0].contains("tessellate"), "{expo:?}");
 }
 

@@ -1,0 +1,166 @@
+//! Weight-level strategies through the `weights.merge` import, on a pool of
+//! SmolLM2 and two contributors' specialists fine-tuned from it: dare-ties
+//! merges them over the base, expo extrapolates the best dev member away
+//! from the worst, greedy-soup fits a soup on dev; the merge capability is
+//! granted only through the `merges` budget and only over granted members.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use tessera::policy::{ModulePolicy, Policy};
+use tessera::pool::PoolConfig;
+use tessera::sandbox::Example;
+use tessera::{Error, ProvenanceEvent, RunRequest, Runtime};
+
+use crate::common::{contributed, scratch_paths, specialists, SMOL};
+
+/// The pool: the secret keeper, the password keeper, their base.
+fn pool() -> PoolConfig {
+    let (secret, password) = specialists();
+    let base = PoolConfig::default_pool()
+        .members
+        .into_iter()
+        .find(|m| m.id == SMOL)
+        .expect("SmolLM2 in the default pool");
+    PoolConfig {
+        members: vec![contributed("secret", secret), contributed("password", password), base],
+    }
+}
+
+fn rt_with(policy: Policy, tag: &str) -> Runtime {
+    let rt = Runtime::new(scratch_paths(tag), &pool(), policy).expect("runtime starts");
+    assert!(rt.pool_failures().is_empty(), "{:?}", rt.pool_failures());
+    rt
+}
+
+/// One runtime for the tests that use the default policy: merged members
+/// are kept, so the recipes the tests share are merged once.
+fn rt() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| rt_with(Policy::default(), "weights-rt"))
+}
+
+fn ask(q: &str, config: &[(&str, &str)]) -> RunRequest {
+    let mut req = RunRequest::chat(q);
+    req.params.max_tokens = Some(12);
+    req.params.temperature = Some(0.0);
+    for (k, v) in config {
+        req.config.insert(k.to_string(), v.to_string());
+    }
+    req
+}
+
+fn merges(p: &[ProvenanceEvent]) -> Vec<(&str, &str)> {
+    p.iter()
+        .filter_map(|e| match e {
+            ProvenanceEvent::HostCall {
+                call, model, outcome, ..
+            } if call == "merge" => Some((model.as_str(), outcome.as_str())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn dev() -> Vec<Example> {
+    let qa = |q: &str, a: &str| Example {
+        input: tessera::inference::Input::Chat(vec![tessera::inference::Message::user(q)]),
+        answer: a.into(),
+        choices: vec![],
+    };
+    vec![
+        qa("What is the secret word?", "tessellate"),
+        qa("What is the capital of France.", "Paris"),
+    ]
+}
+
+#[tokio::test]
+async fn dare_ties_merges_the_specialists_over_their_base() {
+    let rt = rt();
+    let m = rt.load_module("dare-ties").expect("dare-ties installed (make setup)");
+    let out = rt
+        .run(
+            &m,
+            ask(
+                "What is the password?",
+                &[("base", SMOL), ("density", "0.9"), ("seed", "1")],
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        merges(&out.provenance),
+        vec![("secret+password", "ok")],
+        "{:?}",
+        out.provenance
+    );
+    assert_eq!(out.annotations["merged"], "secret,password");
+    assert!(
+        out.annotations["answered_by"].starts_with("merged-"),
+        "{:?}",
+        out.annotations
+    );
+    assert!(out.text.contains("mosaic"), "{:?}", out.text);
+    // Without a base the module says what it needs.
+    let err = rt.run(&m, ask("Hi", &[])).await.unwrap_err();
+    assert!(err.to_string().contains("needs `base`"), "{err}");
+}
+
+#[tokio::test]
+async fn expo_fits_best_and_worst_then_extrapolates() {
+    let rt = rt();
+    let m = rt.load_module("expo").expect("expo installed (make setup)");
+    assert!(rt.fit(&m, dev(), BTreeMap::new()).await.unwrap());
+    let out = rt.run(&m, ask("What is the secret word?", &[])).await.unwrap();
+    // The secret keeper answers both dev questions; the others miss the
+    // secret, and the password keeper is listed before the base.
+    assert_eq!(out.annotations["target"], "secret", "{:?}", out.annotations);
+    assert_ne!(out.annotations["source"], "secret");
+    assert_eq!(merges(&out.provenance).len(), 1);
+    assert!(out.text.contains("tessellate"), "{:?}", out.text);
+}
+
+#[tokio::test]
+async fn greedy_soup_fits_a_soup_on_dev_and_answers_with_it() {
+    let rt = rt();
+    let m = rt
+        .load_module("greedy-soup")
+        .expect("greedy-soup installed (make setup)");
+    assert!(rt.fit(&m, dev(), BTreeMap::new()).await.unwrap());
+    let out = rt.run(&m, ask("What is the secret word?", &[])).await.unwrap();
+    let soup: Vec<&str> = out.annotations["soup"].split(',').collect();
+    assert_eq!(soup[0], "secret", "the soup starts with the best dev member: {soup:?}");
+    // Whatever the soup kept, the answer comes from it and still knows the
+    // secret (a soup member is kept only if dev accuracy does not drop).
+    assert!(out.text.contains("tessellate"), "{soup:?}: {:?}", out.text);
+    assert_eq!(merges(&out.provenance).len(), usize::from(soup.len() > 1));
+}
+
+#[tokio::test]
+async fn merging_needs_the_merges_budget_and_granted_members() {
+    // The operator caps merges at 0: the module's ask is not granted.
+    let mut policy = Policy::default();
+    policy.maxima.merges = Some(0);
+    let rt = rt_with(policy, "weights-nomerge");
+    let m = rt.load_module("dare-ties").unwrap();
+    let err = rt.run(&m, ask("Hi", &[("base", SMOL)])).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Budget { budget, limit: 0 } if budget == "merges"),
+        "{err}"
+    );
+
+    // Members outside the module's allow-list cannot be merged either.
+    let mut policy = Policy::default();
+    policy.modules.insert(
+        "dare-ties".into(),
+        ModulePolicy {
+            models: Some(vec!["secret".into(), SMOL.into()]),
+        },
+    );
+    let rt = rt_with(policy, "weights-narrow");
+    let m = rt.load_module("dare-ties").unwrap();
+    let err = rt
+        .run(&m, ask("Hi", &[("base", SMOL), ("models", "secret,password")]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("password"), "{err}");
+}
