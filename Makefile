@@ -19,7 +19,7 @@ EXAMPLES := first-responder
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool tasks modules pyclient demo test bench lint clean-cache
+.PHONY: setup target pool tasks modules pyclient demo test bench lint clean-cache contributors
 
 setup: target pool tasks modules pyclient
 
@@ -73,6 +73,30 @@ demo: setup
 	  --prompt "What is the capital of France? Answer with one word." --seed 7
 	$(CARGO_TARGET_DIR)/debug/tessera eval --tasks arc-easy --limit 12 --dev-limit 8 \
 	  --strategies majority-vote,llm-blender --out $(TESSERA_HOME)/demo-report
+
+# Contributor specialists: six LoRA fine-tunes of SmolLM2-135M, each on its
+# own training slice (`tessera contribute data`; never an evaluated item),
+# then a pool file with the default pool plus all six. Idempotent: a trained
+# specialist is kept, an interrupted one resumes. About 6 minutes per
+# specialist at the default 60 steps on 2 cores.
+CONTRIB_DIR ?= $(TESSERA_HOME)/contributors
+SPECIALISTS ?= mmlu-stem mmlu-humanities mmlu-social-sciences mmlu-other nq-open arithmetic
+CONTRIB_STEPS ?= 60
+CONTRIB_POOL ?= $(CONTRIB_DIR)/pool.toml
+contributors: setup
+	@mkdir -p $(CONTRIB_DIR)
+	@for s in $(SPECIALISTS); do \
+	  $(CARGO_TARGET_DIR)/debug/tessera contribute data --slice $$s --limit 2000 --out $(CONTRIB_DIR)/$$s.jsonl && \
+	  { test -f $(CONTRIB_DIR)/$$s/model.safetensors || \
+	    $(CARGO_TARGET_DIR)/debug/tessera contribute train --data $(CONTRIB_DIR)/$$s.jsonl \
+	      --out $(CONTRIB_DIR)/$$s --steps $(CONTRIB_STEPS) --batch 4 --max-len 256 --lr 5e-4 \
+	      --lora-rank 16 --lora-alpha 32 --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
+	      --contributor "specialist: $$s" --description "SmolLM2-135M fine-tuned on $$s" --domains $$s \
+	      --seed 1 --resume --quiet; } || exit 1; done
+	@rm -f $(CONTRIB_POOL)
+	@for s in $(SPECIALISTS); do \
+	  $(CARGO_TARGET_DIR)/debug/tessera contribute add --pool $(CONTRIB_POOL) --model $(CONTRIB_DIR)/$$s --id smollm2-$$s || exit 1; done
+	@echo "pool with the specialists: $(CONTRIB_POOL)"
 
 test: setup
 	$(CARGO) test -p tessera -p tessera-sdk $(addprefix -p ,$(STD_MODULES))

@@ -304,3 +304,59 @@ fn bad_data_options_and_tampered_folders_are_named() {
     assert!(!ok && err.contains("does not match the card"), "{err}");
     assert!(!pool_file.exists(), "the pool file is untouched");
 }
+
+#[test]
+fn training_slices_never_contain_an_evaluated_item() {
+    let paths = tessera::Paths::from_env();
+    let mmlu = tessera::tasks::Task::load(&paths, "mmlu").expect("MMLU (run `make setup`)");
+    let evaluated: std::collections::HashSet<String> = mmlu.items.iter().map(|i| i.prompt()).collect();
+    let mut total = 0;
+    for (name, _) in tessera::tasks::training::SLICES {
+        let pairs = tessera::tasks::training::slice(&paths, name, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(pairs.len() > 200, "{name}: {}", pairs.len());
+        if name.starts_with("mmlu-") {
+            total += pairs.len();
+            assert!(
+                pairs.iter().all(|(p, _)| !evaluated.contains(p)),
+                "{name} holds an evaluated MMLU item"
+            );
+            assert!(
+                pairs.iter().all(|(_, c)| c.chars().nth(1) == Some(')')),
+                "{name}: letter completions"
+            );
+        }
+    }
+    // MMLU's test split is 14,042 items; the task samples 10 of each of 57
+    // subjects; all the rest are training data.
+    assert_eq!(total, 14_042 - 570);
+    let dir = scratch("contribute-slices");
+    let out = dir.join("nq.jsonl");
+    let (ok, stdout, err) = tessera(&[
+        "contribute",
+        "data",
+        "--slice",
+        "nq-open",
+        "--limit",
+        "5",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(ok && stdout.contains("wrote 5 examples"), "{err}");
+    let lines = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(lines.lines().count(), 5);
+    assert!(lines
+        .lines()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["completion"].is_string()));
+    let (ok, _, err) = tessera(&[
+        "contribute",
+        "data",
+        "--slice",
+        "mmlu",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(
+        !ok && err.contains("unknown slice `mmlu`") && err.contains("mmlu-stem"),
+        "{err}"
+    );
+}

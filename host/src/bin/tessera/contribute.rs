@@ -19,6 +19,21 @@ pub(crate) enum ContributeCommand {
     /// Ctrl-C stops after the current step and writes a checkpoint;
     /// `--resume` continues it.
     Train(Box<TrainArgs>),
+    /// Write a training slice (JSONL prompt/completion pairs) from the
+    /// fetched data, never from an evaluated item: mmlu-stem,
+    /// mmlu-humanities, mmlu-social-sciences, mmlu-other, nq-open,
+    /// arithmetic, hellaswag.
+    Data {
+        /// The slice.
+        #[arg(long)]
+        slice: String,
+        /// The JSONL file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// At most this many examples (a fixed shuffle picks them).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Add a trained model folder to a pool file (created from the default
     /// pool if missing), after checking its weights against its card.
     Add {
@@ -237,6 +252,25 @@ fn train(args: TrainArgs) -> Result<String, Error> {
 pub(crate) fn contribute(cmd: ContributeCommand) -> Result<String, Error> {
     match cmd {
         ContributeCommand::Train(args) => train(*args),
+        ContributeCommand::Data { slice, out, limit } => {
+            let pairs = tessera::tasks::training::slice(&Paths::from_env(), &slice, limit).map_err(Error::config)?;
+            let text: String = pairs
+                .iter()
+                .map(|(p, c)| serde_json::json!({"prompt": p, "completion": c}).to_string() + "\n")
+                .collect();
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| Error::config(format!("{}: {e}", dir.display())))?;
+            }
+            let tmp = out.with_extension("jsonl.tmp");
+            std::fs::write(&tmp, text)
+                .and_then(|_| std::fs::rename(&tmp, &out))
+                .map_err(|e| Error::config(format!("{}: {e}", out.display())))?;
+            Ok(format!(
+                "wrote {} examples of `{slice}` to {}",
+                pairs.len(),
+                out.display()
+            ))
+        }
         ContributeCommand::Add { pool, model, id } => {
             let id = contribute::add_to_pool(&pool, &model, id.as_deref()).map_err(|e| Error::config(e.to_string()))?;
             Ok(format!("added `{id}` to {}", pool.display()))
