@@ -89,7 +89,7 @@ contributors: setup
 	  $(CARGO_TARGET_DIR)/debug/tessera contribute data --slice $$s --limit 2000 --out $(CONTRIB_DIR)/$$s.jsonl && \
 	  { test -f $(CONTRIB_DIR)/$$s/model.safetensors || \
 	    $(CARGO_TARGET_DIR)/debug/tessera contribute train --data $(CONTRIB_DIR)/$$s.jsonl \
-	      --out $(CONTRIB_DIR)/$$s --steps $(CONTRIB_STEPS) --batch 4 --max-len 256 --lr 5e-4 \
+	      --out $(CONTRIB_DIR)/$$s --steps $(CONTRIB_STEPS) --batch 4 --max-len 320 --lr 5e-4 \
 	      --lora-rank 16 --lora-alpha 32 --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
 	      --contributor "specialist: $$s" --description "SmolLM2-135M fine-tuned on $$s" --domains $$s \
 	      --seed 1 --resume --quiet; } || exit 1; done

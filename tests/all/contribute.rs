@@ -327,8 +327,9 @@ fn training_slices_never_contain_an_evaluated_item() {
         }
     }
     // MMLU's test split is 14,042 items; the task samples 10 of each of 57
-    // subjects; all the rest are training data.
-    assert_eq!(total, 14_042 - 570);
+    // subjects; the rest, less repeats of evaluated questions and items
+    // too long for a training window, are training data.
+    assert!(total > 9_000 && total <= 14_042 - 570, "{total}");
     let dir = scratch("contribute-slices");
     let out = dir.join("nq.jsonl");
     let (ok, stdout, err) = tessera(&[

@@ -96,6 +96,10 @@ pub const SLICES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Longest example kept, in characters (about 200 tokens): it fits a
+/// 256-token training window with its answer.
+pub const MAX_CHARS: usize = 800;
+
 /// The completion a specialist learns for `item`.
 fn completion(item: &Item) -> String {
     match &item.gold {
@@ -160,8 +164,8 @@ fn load_hellaswag(path: &Path) -> Result<Vec<Item>, String> {
     Ok(items)
 }
 
-/// The prompt/completion pairs of `slice`, shuffled by a fixed seed, at
-/// most `limit`. The error names the unknown slice or the missing file.
+/// The prompt/completion pairs of `slice` up to [`MAX_CHARS`] long,
+/// shuffled by a fixed seed, at most `limit`. The error names the unknown slice or the missing file.
 pub fn slice(paths: &Paths, name: &str, limit: Option<usize>) -> Result<Vec<(String, String)>, String> {
     let mut items: Vec<Item> = match name {
         "mmlu-stem" | "mmlu-humanities" | "mmlu-social-sciences" | "mmlu-other" => {
@@ -169,7 +173,11 @@ pub fn slice(paths: &Paths, name: &str, limit: Option<usize>) -> Result<Vec<(Str
             if !dir.exists() {
                 return Err(format!("{} is missing: run `tessera tasks fetch`", dir.display()));
             }
-            let (_, _, rest) = mmlu_splits(&dir)?;
+            let (dev, test, rest) = mmlu_splits(&dir)?;
+            // MMLU repeats some questions across splits and subjects: an
+            // unsampled test item that reads like an evaluated one is out.
+            let evaluated: std::collections::HashSet<String> =
+                dev.iter().chain(test.iter()).map(|i| i.prompt()).collect();
             let area = |s: &str| {
                 if STEM.contains(&s) {
                     "mmlu-stem"
@@ -184,6 +192,7 @@ pub fn slice(paths: &Paths, name: &str, limit: Option<usize>) -> Result<Vec<(Str
             rest.into_iter()
                 .filter(|(subject, _)| area(subject) == name)
                 .flat_map(|(_, items)| items)
+                .filter(|i| !evaluated.contains(&i.prompt()))
                 .collect()
         }
         "nq-open" => load_nq(&arrow(paths, "nq_open/none/validation")?)?,
@@ -194,6 +203,9 @@ pub fn slice(paths: &Paths, name: &str, limit: Option<usize>) -> Result<Vec<(Str
             return Err(format!("unknown slice `{other}`: use one of {}", names.join(", ")));
         }
     };
+    // Long items (a law case, a history passage) would not fit a short
+    // training window with their answer: left out.
+    items.retain(|i| i.prompt().len() + completion(i).len() <= MAX_CHARS);
     SplitMix(SPLIT_SEED ^ 0x5eed).shuffle(&mut items);
     if let Some(n) = limit {
         items.truncate(n);
