@@ -77,11 +77,11 @@ demo: setup
 # Contributor specialists: six LoRA fine-tunes of SmolLM2-135M, each on its
 # own training slice (`tessera contribute data`; never an evaluated item),
 # then a pool file with the default pool plus all six. Idempotent: a trained
-# specialist is kept, an interrupted one resumes. About 6 minutes per
-# specialist at the default 60 steps on 2 cores.
+# specialist is kept, an interrupted one resumes. About 29 minutes for all
+# six at the default 40 steps on 2 cores (measured).
 CONTRIB_DIR ?= $(TESSERA_HOME)/contributors
 SPECIALISTS ?= mmlu-stem mmlu-humanities mmlu-social-sciences mmlu-other nq-open arithmetic
-CONTRIB_STEPS ?= 60
+CONTRIB_STEPS ?= 40
 CONTRIB_POOL ?= $(CONTRIB_DIR)/pool.toml
 contributors: setup
 	@mkdir -p $(CONTRIB_DIR)
