@@ -73,16 +73,19 @@ impl Strategy for Expo {
         let scores = evaluate(&dev, &pool, max_tokens);
         trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
         let order = ranking(&scores);
-        let best = pool
-            .iter()
-            .find(|m| Some(&m.id) == order.first())
-            .ok_or_else(|| Error::ModuleFailed("no generative member was granted".into()))?;
-        let mergeable: Vec<String> = compatible(best, &pool).into_iter().map(|m| m.id).collect();
-        let Some(worst) = order.iter().rev().find(|id| **id != best.id && mergeable.contains(id)) else {
-            return Err(Error::ModuleFailed(format!(
-                "no other member shares {}'s architecture ({}): nothing to extrapolate from",
-                best.id, best.architecture
-            )));
+        // The best member that has a partner of its architecture and size
+        // (a member alone of its kind cannot be extrapolated), and the
+        // worst such partner.
+        let pair = order.iter().find_map(|id| {
+            let best = pool.iter().find(|m| &m.id == id)?;
+            let mergeable: Vec<String> = compatible(best, &pool).into_iter().map(|m| m.id).collect();
+            let worst = order.iter().rev().find(|o| **o != best.id && mergeable.contains(o))?;
+            Some((best, worst))
+        });
+        let Some((best, worst)) = pair else {
+            return Err(Error::ModuleFailed(
+                "no two granted members share an architecture and size: nothing to extrapolate from".into(),
+            ));
         };
         trace(None, "fit", format!("target {} (best on dev), source {worst}", best.id));
         Ok(Some(state::save(
