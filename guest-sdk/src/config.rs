@@ -78,6 +78,44 @@ impl Config {
     }
 }
 
+/// Sampling settings read by [`Config::sampling`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// New tokens per generation (`max_tokens`, 1..=4096).
+    pub max_tokens: u32,
+    /// Softmax temperature (`temperature`, 0 = greedy, up to 2).
+    pub temperature: f32,
+    /// Nucleus mass (`top_p`, in (0, 1]).
+    pub top_p: f32,
+}
+
+impl Config {
+    /// `temperature` (0..=2) and `top_p` ((0, 1]) with these defaults,
+    /// range-checked with one wording for every module.
+    pub fn temperature_top_p(&self, temperature: f32, top_p: f32) -> Result<(f32, f32), Error> {
+        let t = self.parse_within("temperature", temperature, 0.0..=2.0, "use 0 (greedy) to 2")?;
+        let p = self.parse_within(
+            "top_p",
+            top_p,
+            (std::ops::Bound::Excluded(0.0), std::ops::Bound::Included(1.0)),
+            "use a mass in (0, 1]",
+        )?;
+        Ok((t, p))
+    }
+
+    /// `max_tokens`, `temperature` and `top_p`, with `defaults` for the
+    /// unset ones (see [`Config::temperature_top_p`] for the ranges).
+    pub fn sampling(&self, defaults: Sampling) -> Result<Sampling, Error> {
+        let max_tokens = self.parse_within("max_tokens", defaults.max_tokens, 1..=4096, "use 1..=4096 tokens")?;
+        let (temperature, top_p) = self.temperature_top_p(defaults.temperature, defaults.top_p)?;
+        Ok(Sampling {
+            max_tokens,
+            temperature,
+            top_p,
+        })
+    }
+}
+
 /// The error for a hyperparameter out of range: names the key, the value
 /// and what to use instead.
 pub fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> Error {

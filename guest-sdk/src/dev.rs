@@ -86,22 +86,73 @@ pub fn ranking(scores: &[MemberScore]) -> Vec<String> {
     order.into_iter().map(|s| s.model.clone()).collect()
 }
 
+/// Members ranked on dev, as the start of a `fit`.
+#[derive(Debug, Clone)]
+pub struct Ranked {
+    /// Every member's dev results, in the order given.
+    pub scores: Vec<MemberScore>,
+    /// Member ids, best dev accuracy first (ties keep the given order).
+    pub order: Vec<String>,
+    /// Tokens per dev answer (config `fit_max_tokens`), for measuring more
+    /// candidates (such as merges) the same way.
+    pub max_tokens: u32,
+}
+
+impl Ranked {
+    /// The dev accuracy of member `id` (0 when it was not ranked).
+    pub fn accuracy(&self, id: &str) -> f64 {
+        self.scores
+            .iter()
+            .find(|s| s.model == id)
+            .map_or(0.0, MemberScore::accuracy)
+    }
+}
+
+/// The usual start of a `fit`: checks that there are dev examples and
+/// members, reads `fit_max_tokens` (default 64), lets every member in
+/// `members` answer the dev examples greedily, and traces the ranking.
+pub fn rank(dev: &[Example], members: &[ModelInfo], config: &crate::Config) -> Result<Ranked, Error> {
+    let max_tokens = fit_max_tokens(dev, config)?;
+    if members.is_empty() {
+        return Err(Error::ModuleFailed("no generative member was granted".into()));
+    }
+    let scores = evaluate(dev, members, max_tokens);
+    trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
+    Ok(Ranked {
+        order: ranking(&scores),
+        scores,
+        max_tokens,
+    })
+}
+
+/// Checks that `fit` got dev examples and reads `fit_max_tokens` (tokens
+/// per dev answer, default 64).
+pub fn fit_max_tokens(dev: &[Example], config: &crate::Config) -> Result<u32, Error> {
+    if dev.is_empty() {
+        return Err(Error::InvalidParams("fit needs at least one dev example".into()));
+    }
+    config.parse_within("fit_max_tokens", 64, 1..=4096, "use 1..=4096 tokens")
+}
+
+/// Dev accuracy of one member (a merged one, typically) answering the way
+/// [`evaluate`] does. `like` supplies the rest of its description.
+pub fn accuracy_of(dev: &[Example], id: &str, like: &ModelInfo, max_tokens: u32) -> f64 {
+    let probe = ModelInfo {
+        id: id.to_string(),
+        ..like.clone()
+    };
+    evaluate(dev, &[probe], max_tokens)
+        .first()
+        .map_or(0.0, MemberScore::accuracy)
+}
+
 /// The whole `fit` of methods whose state is the members' dev scores:
 /// every granted generative member answers the dev examples greedily
 /// (`fit_max_tokens` per answer, default 64), the ranking is traced, and
 /// the scores are saved as state format `version`.
 pub fn fit_scores(dev: &[Example], config: &crate::Config, version: u8) -> Result<Option<Vec<u8>>, Error> {
-    if dev.is_empty() {
-        return Err(Error::InvalidParams("fit needs at least one dev example".into()));
-    }
-    let max_tokens: u32 = config.parse_within("fit_max_tokens", 64, 1..=4096, "use 1..=4096 tokens")?;
-    let pool = crate::generators();
-    if pool.is_empty() {
-        return Err(Error::ModuleFailed("no generative member was granted".into()));
-    }
-    let scores = evaluate(dev, &pool, max_tokens);
-    trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
-    Ok(Some(crate::state::save(version, &scores)?))
+    let ranked = rank(dev, &crate::generators(), config)?;
+    Ok(Some(crate::state::save(version, &ranked.scores)?))
 }
 
 /// `id correct/total` per member, best first (for trace notes).

@@ -32,6 +32,7 @@ pub mod answer;
 pub mod chat;
 pub mod config;
 pub mod dev;
+pub mod pso;
 pub mod rand;
 pub mod state;
 pub mod weights;
@@ -121,7 +122,7 @@ pub use bindings::tessera::collab::types::{
     Budget, Candidate, Error, Example, FinishReason, GenParams, Generation, Input, Job, Message, ModelInfo, Request,
     Response, Scored, TokenLogprob, Usage,
 };
-pub use config::Config;
+pub use config::{Config, Sampling};
 
 use bindings::tessera::collab::{models as host, trace as host_trace};
 
@@ -132,6 +133,14 @@ use bindings::tessera::collab::{models as host, trace as host_trace};
 /// recent merges, so asking again is cheap.
 pub fn merge(spec: &MergeSpec) -> Result<String, Error> {
     bindings::strategy::tessera::collab::weights::merge(spec)
+}
+
+/// Tells the host this request is done with merged member `id`: the id
+/// stops answering and its weights can be freed. A search that tries many
+/// merges releases each one after measuring it, so it holds one at a time.
+/// Releasing does not give back `merges` budget.
+pub fn release(id: &str) -> Result<(), Error> {
+    bindings::strategy::tessera::collab::weights::release(id)
 }
 
 /// What a strategy implements.

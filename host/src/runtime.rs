@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use crate::inference::{ModelCard, Models};
 use crate::policy::{Manifest, Policy};
 use crate::pool::{Pool, PoolConfig, PoolError};
-use crate::request::{RunOutcome, RunRequest};
+use crate::request::{ProvenanceEvent, RunOutcome, RunRequest};
 use crate::sandbox::{Example, Module, Sandbox, StrategyRequest};
 use crate::Error;
 
@@ -298,6 +298,19 @@ impl Runtime {
         config: BTreeMap<String, String>,
         members: Option<&[String]>,
     ) -> Result<bool, Error> {
+        self.fit_traced(module, dev, config, members).await.0
+    }
+
+    /// [`Runtime::fit_with_members`], also returning what the module did
+    /// during `fit` (its host calls and trace steps, in order): a search
+    /// that merges, measures and releases candidates shows each step.
+    pub async fn fit_traced(
+        &self,
+        module: &Module,
+        dev: Vec<Example>,
+        config: BTreeMap<String, String>,
+        members: Option<&[String]>,
+    ) -> (Result<bool, Error>, Vec<ProvenanceEvent>) {
         let grant = Arc::new(self.narrowed_grant(module, members));
         let mut cfg = module.manifest.config.clone();
         cfg.extend(config);
@@ -305,13 +318,12 @@ impl Runtime {
             .sandbox
             .fit_strategy(module, self.models.clone(), grant, dev, cfg)
             .await;
-        match inv.result? {
-            None => Ok(false),
-            Some(bytes) => {
-                self.install_state(module, Some(bytes))?;
-                Ok(true)
-            }
-        }
+        let fitted = match inv.result {
+            Err(e) => Err(e),
+            Ok(None) => Ok(false),
+            Ok(Some(bytes)) => self.install_state(module, Some(bytes)).map(|_| true),
+        };
+        (fitted, inv.provenance)
     }
 
     /// The module's current `fit` state, as `run` would receive it.

@@ -64,10 +64,39 @@ pub fn module(name: &str) -> Arc<Module> {
 
 /// A fresh scratch directory.
 pub fn scratch(tag: &str) -> PathBuf {
+    sweep_stale_scratch();
     let d = std::env::temp_dir().join(format!("tessera-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
+}
+
+/// Removes the scratch folders earlier test runs left in the temp dir
+/// (`tessera-...-PID` whose process is gone): trained specialists, merged
+/// and exported models make one run's folders several GB, and a machine
+/// that runs the suite again and again would fill its disk. The folders of
+/// the latest run stay for inspection until the next one starts.
+fn sweep_stale_scratch() {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("tessera-")
+                .and_then(|rest| rest.rsplit('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+            if pid != std::process::id() && !alive {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
 }
 
 /// A runtime over the default pool with its own, empty `fit`-state

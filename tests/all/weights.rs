@@ -164,3 +164,159 @@ async fn merging_needs_the_merges_budget_and_granted_members() {
         .unwrap_err();
     assert!(err.to_string().contains("password"), "{err}");
 }
+
+/// Two facts, each known to one specialist only.
+fn facts() -> Vec<Example> {
+    let qa = |q: &str, a: &str| Example {
+        input: tessera::inference::Input::Chat(vec![tessera::inference::Message::user(q)]),
+        answer: a.into(),
+        choices: vec![],
+    };
+    vec![
+        qa("What is the secret word?", "tessellate"),
+        qa("What is the password?", "mosaic"),
+    ]
+}
+
+fn config(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Host calls named `call` in `steps`, with their outcomes.
+fn calls<'a>(steps: &'a [ProvenanceEvent], call: &str) -> Vec<(&'a str, &'a str)> {
+    steps
+        .iter()
+        .filter_map(|e| match e {
+            ProvenanceEvent::HostCall {
+                call: c,
+                model,
+                outcome,
+                ..
+            } if c == call => Some((model.as_str(), outcome.as_str())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The dev accuracies a search's trace notes report (`... -> dev 0.500`).
+fn measured(steps: &[ProvenanceEvent]) -> Vec<f64> {
+    steps
+        .iter()
+        .filter_map(|e| match e {
+            ProvenanceEvent::ModuleStep { role, note, .. } if role == "particle" => {
+                note.rsplit("-> dev ").next()?.trim().parse().ok()
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// How many of the facts' questions the system answers with the fact.
+async fn facts_answered(rt: &Runtime, m: &tessera::sandbox::Module, cfg: &[(&str, &str)]) -> usize {
+    let mut right = 0;
+    for e in facts() {
+        let tessera::inference::Input::Chat(msgs) = &e.input else {
+            unreachable!()
+        };
+        let out = rt.run(m, ask(&msgs[0].content, cfg)).await.unwrap();
+        right += usize::from(out.text.to_lowercase().contains(&e.answer));
+    }
+    right
+}
+
+#[tokio::test]
+async fn model_swarms_searches_the_experts_span_and_answers_with_the_global_best() {
+    let rt = rt();
+    let m = rt
+        .load_module("model-swarms")
+        .expect("model-swarms installed (make setup)");
+    let err = rt.run(&m, ask("Hi", &[])).await.unwrap_err();
+    assert!(err.to_string().contains("fit it first"), "{err}");
+
+    let (fitted, steps) = rt
+        .fit_traced(
+            &m,
+            facts(),
+            config(&[
+                ("population", "4"),
+                ("iterations", "2"),
+                ("fit_max_tokens", "12"),
+                ("seed", "3"),
+            ]),
+            None,
+        )
+        .await;
+    assert!(fitted.unwrap(), "fit keeps state");
+    // The three experts start as themselves (no merge); the fourth particle
+    // and every moved one are merged, measured, and released at once.
+    let (merged, released) = (calls(&steps, "merge"), calls(&steps, "release"));
+    assert!(!merged.is_empty() && merged.len() <= 5, "{merged:?}");
+    assert!(merged.iter().all(|(_, o)| *o == "ok"), "{merged:?}");
+    assert_eq!(released.len(), merged.len(), "every merged particle is released");
+    let seen = measured(&steps);
+    assert!(seen.len() >= 4, "{steps:?}");
+
+    let out = rt.run(&m, ask("What is the secret word?", &[])).await.unwrap();
+    let members: Vec<&str> = out.annotations["members"].split(',').collect();
+    assert_eq!(members.len(), 3, "{:?}", out.annotations);
+    for id in ["secret", "password", SMOL] {
+        assert!(members.contains(&id), "{members:?}");
+    }
+    let coefficients: Vec<f64> = out.annotations["coefficients"]
+        .split(',')
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert!(
+        (coefficients.iter().sum::<f64>() - 1.0).abs() < 1e-3,
+        "{coefficients:?}"
+    );
+    let best: f64 = out.annotations["dev_accuracy"].parse().unwrap();
+    // The global best is the best position measured, and no worse than the
+    // secret keeper alone (one of the two facts).
+    let top = seen.iter().cloned().fold(f64::MIN, f64::max);
+    assert!((best - top).abs() < 1e-3, "{best} vs {seen:?}");
+    assert!(best >= 0.5, "{best}: {steps:?}");
+    // At test time it answers at least as well as it measured on dev.
+    let right = facts_answered(rt, &m, &[]).await;
+    assert!(right as f64 >= (best * 2.0).round(), "{right} facts vs dev {best}");
+}
+
+#[tokio::test]
+async fn dare_ties_fit_searches_the_weights_by_particle_swarm() {
+    let rt = rt_with(Policy::default(), "weights-dare-fit");
+    let m = rt.load_module("dare-ties").unwrap();
+    let cfg = [("base", SMOL), ("density", "0.9"), ("seed", "1")];
+    let mut fit_cfg = config(&cfg);
+    fit_cfg.extend(config(&[
+        ("population", "3"),
+        ("iterations", "2"),
+        ("fit_max_tokens", "12"),
+    ]));
+    let (fitted, steps) = rt.fit_traced(&m, facts(), fit_cfg, None).await;
+    assert!(fitted.unwrap());
+    let merged = calls(&steps, "merge");
+    assert!(!merged.is_empty() && merged.len() <= 6, "{merged:?}");
+    assert_eq!(calls(&steps, "release").len(), merged.len());
+    let seen = measured(&steps);
+
+    let out = rt.run(&m, ask("What is the password?", &cfg)).await.unwrap();
+    let weights: Vec<f64> = out.annotations["weights"]
+        .split(',')
+        .map(|w| w.parse().unwrap())
+        .collect();
+    assert_eq!(weights.len(), 2, "{:?}", out.annotations);
+    assert!(weights.iter().all(|w| (0.0..=1.0).contains(w)), "{weights:?}");
+    let best: f64 = out.annotations["dev_accuracy"].parse().unwrap();
+    // Never worse than the first particle, the uniform merge.
+    assert!(
+        best >= seen[0] && best >= seen.iter().cloned().fold(f64::MIN, f64::max) - 1e-3,
+        "{best} vs {seen:?}"
+    );
+    assert!(facts_answered(&rt, &m, &cfg).await as f64 >= (best * 2.0).round());
+    // Weights in the request win over the fitted ones.
+    let mut own: Vec<(&str, &str)> = cfg.to_vec();
+    own.push(("weights", "1,0.5"));
+    let out = rt.run(&m, ask("Hi", &own)).await.unwrap();
+    assert_eq!(out.annotations["weights"], "1.000,0.500");
+    assert!(!out.annotations.contains_key("dev_accuracy"));
+}

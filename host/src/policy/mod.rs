@@ -146,7 +146,9 @@ impl Policy {
             output_bytes: Some(16 << 20),
             trace_events: Some(4_096),
             resources: Some(1_024),
-            merges: Some(4),
+            // A swarm search merges one candidate per particle and round;
+            // memory stays bounded because a released merge is freed.
+            merges: Some(64),
         }
     }
 

@@ -79,6 +79,8 @@ pub struct RequestState {
     /// The pool before any merge, and the members merged for this request.
     pool: Arc<dyn Models>,
     merged: Vec<(String, Arc<dyn Models>)>,
+    /// Merges made so far (releasing one does not refund the budget).
+    merges_made: u32,
 }
 
 impl RequestState {
@@ -97,6 +99,7 @@ impl RequestState {
             stderr,
             pool: models.clone(),
             merged: Vec::new(),
+            merges_made: 0,
             merger: None,
             models,
             grant,
@@ -443,7 +446,7 @@ impl RequestState {
 impl weights::Host for RequestState {
     async fn merge(&mut self, spec: weights::MergeSpec) -> wasmtime::Result<Result<String, w::Error>> {
         self.charge_calls(1)?;
-        if self.merged.len() as u32 >= self.grant.merges {
+        if self.merges_made >= self.grant.merges {
             return Err(self.violate(Error::budget("merges", self.grant.merges as u64)));
         }
         for m in spec.models.iter().chain(spec.base.iter()) {
@@ -478,6 +481,7 @@ impl weights::Host for RequestState {
             Ok((id, served)) => {
                 self.record_call("merge", &shown, 0, 0, started.elapsed(), "ok");
                 if !self.merged.iter().any(|(x, _)| *x == id) {
+                    self.merges_made += 1;
                     self.merged.push((id.clone(), served));
                     self.models = Arc::new(crate::merge::Overlay::new(self.pool.clone(), self.merged.clone()));
                 }
@@ -489,6 +493,19 @@ impl weights::Host for RequestState {
                 Ok(Err(w::Error::InvalidParams(e)))
             }
         }
+    }
+
+    async fn release(&mut self, model: String) -> wasmtime::Result<Result<(), w::Error>> {
+        let Some(at) = self.merged.iter().position(|(x, _)| *x == model) else {
+            return Ok(Err(w::Error::UnknownModel(model)));
+        };
+        // Dropping the request's handle lets the merger free the weights
+        // once it no longer keeps the recipe itself.
+        self.merged.remove(at);
+        self.granted.remove(&model);
+        self.models = Arc::new(crate::merge::Overlay::new(self.pool.clone(), self.merged.clone()));
+        self.record_call("release", &model, 0, 0, Duration::ZERO, "ok");
+        Ok(Ok(()))
     }
 }
 

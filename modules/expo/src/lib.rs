@@ -2,7 +2,7 @@
 //! `best + alpha (best - worst)` (ExPO). See README.md.
 
 use serde::{Deserialize, Serialize};
-use tessera_sdk::dev::{describe, evaluate, ranking};
+use tessera_sdk::dev::rank;
 use tessera_sdk::weights::{answer_with, compatible, members_from};
 use tessera_sdk::*;
 
@@ -65,14 +65,8 @@ impl Strategy for Expo {
     }
 
     fn fit(dev: Vec<Example>, cfg: Config) -> Result<Option<Vec<u8>>, Error> {
-        if dev.is_empty() {
-            return Err(Error::InvalidParams("fit needs at least one dev example".into()));
-        }
-        let max_tokens: u32 = cfg.parse_within("fit_max_tokens", 64, 1..=4096, "use 1..=4096 tokens")?;
         let pool = generators();
-        let scores = evaluate(&dev, &pool, max_tokens);
-        trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
-        let order = ranking(&scores);
+        let order = rank(&dev, &pool, &cfg)?.order;
         // The best member that has a partner of its architecture and size
         // (a member alone of its kind cannot be extrapolated), and the
         // worst such partner.

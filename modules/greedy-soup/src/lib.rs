@@ -2,7 +2,7 @@
 //! members that help on dev, added best first. See README.md.
 
 use serde::{Deserialize, Serialize};
-use tessera_sdk::dev::{describe, evaluate, ranking};
+use tessera_sdk::dev::{accuracy_of, rank};
 use tessera_sdk::weights::{answer_with, compatible, members_from};
 use tessera_sdk::*;
 
@@ -56,37 +56,30 @@ impl Strategy for GreedySoup {
     }
 
     fn fit(dev: Vec<Example>, cfg: Config) -> Result<Option<Vec<u8>>, Error> {
-        if dev.is_empty() {
-            return Err(Error::InvalidParams("fit needs at least one dev example".into()));
-        }
-        let max_tokens: u32 = cfg.parse_within("fit_max_tokens", 64, 1..=4096, "use 1..=4096 tokens")?;
         let trials: usize = cfg.parse_within("max_trials", 3, 1..=16, "use 1..=16 (each trial is one merge)")?;
         let pool = generators();
         let candidates: Vec<ModelInfo> = match members_from(&cfg, "models", &pool)? {
             Some(ids) => pool.iter().filter(|m| ids.contains(&m.id)).cloned().collect(),
             None => pool,
         };
-        let scores = evaluate(&dev, &candidates, max_tokens);
-        trace(None, "fit", format!("dev ranking: {}", describe(&scores)));
-        let order = ranking(&scores);
+        let ranked = rank(&dev, &candidates, &cfg)?;
         let best = candidates
             .iter()
-            .find(|m| Some(&m.id) == order.first())
+            .find(|m| Some(&m.id) == ranked.order.first())
             .ok_or_else(|| Error::ModuleFailed("no generative member was granted".into()))?
             .clone();
-        let accuracy = |id: &str| {
-            scores
-                .iter()
-                .find(|s| s.model == id)
-                .map(|s| s.accuracy())
-                .unwrap_or(0.0)
-        };
         let mergeable: Vec<String> = compatible(&best, &candidates).into_iter().map(|m| m.id).collect();
         let mut soup = vec![best.id.clone()];
-        let mut acc = accuracy(&best.id);
+        let mut acc = ranked.accuracy(&best.id);
         // Greedy soup: try each member in dev order; keep it if the soup
         // with it does at least as well on dev.
-        for id in order.iter().skip(1).filter(|id| mergeable.contains(id)).take(trials) {
+        for id in ranked
+            .order
+            .iter()
+            .skip(1)
+            .filter(|id| mergeable.contains(id))
+            .take(trials)
+        {
             let trial: Vec<String> = soup.iter().cloned().chain([id.clone()]).collect();
             let merged = match cook(&trial) {
                 Ok(m) => m,
@@ -95,11 +88,12 @@ impl Strategy for GreedySoup {
                     continue;
                 }
             };
-            let probe = ModelInfo {
-                id: merged.clone(),
-                ..best.clone()
-            };
-            let got = evaluate(&dev, &[probe], max_tokens)[0].accuracy();
+            let got = accuracy_of(&dev, &merged, &best, ranked.max_tokens);
+            // `run` merges the kept recipe again (the host keeps recent
+            // merges, so that is cheap): hold no trial past its measurement.
+            if let Err(e) = release(&merged) {
+                trace(Some(&merged), "fit", format!("release failed: {e}"));
+            }
             let keep = got >= acc;
             trace(
                 Some(id),

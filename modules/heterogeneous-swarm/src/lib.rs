@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use tessera_sdk::answer::is_correct;
+use tessera_sdk::pso::Swarm;
 use tessera_sdk::rand::Rng;
 use tessera_sdk::*;
 
@@ -226,21 +227,9 @@ fn cache_key(model: &str, input: &Input) -> String {
 /// Search hyperparameters, validated.
 struct Search {
     population: usize,
-    iterations: usize,
-    inertia: f64,
-    cognitive: f64,
-    social: f64,
-    repel: f64,
+    swarm: Swarm,
     seed: u64,
     fit_max_tokens: u32,
-}
-
-fn coefficient(cfg: &Config, key: &str, default: f64) -> Result<f64, Error> {
-    let v: f64 = cfg.parse(key, default)?;
-    if !v.is_finite() || !(0.0..=4.0).contains(&v) {
-        return Err(Error::InvalidParams(format!("config `{key}` = {v}: use 0..=4")));
-    }
-    Ok(v)
 }
 
 fn search_settings(cfg: &Config) -> Result<Search, Error> {
@@ -250,25 +239,21 @@ fn search_settings(cfg: &Config) -> Result<Search, Error> {
             "config `population` = {population}: use 1..=64"
         )));
     }
-    let iterations: usize = cfg.parse("iterations", 5)?;
-    if !(1..=64).contains(&iterations) {
-        return Err(Error::InvalidParams(format!(
-            "config `iterations` = {iterations}: use 1..=64"
-        )));
-    }
     let fit_max_tokens: u32 = cfg.parse("fit_max_tokens", 32)?;
     if !(1..=4096).contains(&fit_max_tokens) {
         return Err(Error::InvalidParams(format!(
             "config `fit_max_tokens` = {fit_max_tokens}: use 1..=4096"
         )));
     }
+    // Adjacency weights live in [0, 1]; the reference's constants.
+    let swarm = Swarm {
+        bounds: Some((0.0, 1.0)),
+        ..Swarm::default()
+    }
+    .configured(cfg, 64)?;
     Ok(Search {
         population,
-        iterations,
-        inertia: coefficient(cfg, "inertia", 0.2)?,
-        cognitive: coefficient(cfg, "cognitive", 0.3)?,
-        social: coefficient(cfg, "social", 0.4)?,
-        repel: coefficient(cfg, "repel", 0.05)?,
+        swarm,
         seed: cfg.parse("seed", 0)?,
         fit_max_tokens,
     })
@@ -492,68 +477,45 @@ impl Strategy for HeterogeneousSwarm {
         if n == 0 {
             return Err(Error::ModuleFailed("no generative member was granted".into()));
         }
-        let worst_calls = s.population * s.iterations * dev.len() * n;
+        let worst_calls = s.population * s.swarm.rounds * dev.len() * n;
         if worst_calls > FIT_MAX_CALLS || worst_calls * s.fit_max_tokens as usize > FIT_MAX_TOKENS_TOTAL {
             return Err(Error::InvalidParams(format!(
                 "config `population` x `iterations` = {} x {} over {} dev examples and {n} members plans up to {worst_calls} generations of {} tokens; keep it within {FIT_MAX_CALLS} generations and {FIT_MAX_TOKENS_TOTAL} tokens (fewer dev examples, or lower `population`, `iterations` or `fit_max_tokens`)",
-                s.population, s.iterations, dev.len(), s.fit_max_tokens
+                s.population, s.swarm.rounds, dev.len(), s.fit_max_tokens
             )));
         }
         let d = n * n;
         let mut rng = Rng::new(s.seed);
-        let mut x: Vec<Vec<f64>> = (0..s.population).map(|_| (0..d).map(|_| rng.f64()).collect()).collect();
-        let mut v: Vec<Vec<f64>> = (0..s.population)
+        let x: Vec<Vec<f64>> = (0..s.population).map(|_| (0..d).map(|_| rng.f64()).collect()).collect();
+        let v: Vec<Vec<f64>> = (0..s.population)
             .map(|_| (0..d).map(|_| rng.range(-0.1, 0.1)).collect())
             .collect();
-        let mut pbest: Vec<(Vec<f64>, f64)> = Vec::new();
-        let mut gbest: Option<(Vec<f64>, f64)> = None;
-        let mut gworst: Option<(Vec<f64>, f64)> = None;
         let mut cache = BTreeMap::new();
-        let mut calls = 0usize;
-        for round in 0..s.iterations {
-            if round > 0 {
-                // Move every particle: inertia, pull towards its own and the
-                // global best, push away from the global worst.
-                let (Some(gb), Some(gw)) = (&gbest, &gworst) else { break };
-                for p in 0..s.population {
-                    for k in 0..d {
-                        let (r1, r2, r3) = (rng.f64(), rng.f64(), rng.f64());
-                        v[p][k] = s.inertia * v[p][k]
-                            + s.cognitive * r1 * (pbest[p].0[k] - x[p][k])
-                            + s.social * r2 * (gb.0[k] - x[p][k])
-                            - s.repel * r3 * (gw.0[k] - x[p][k]);
-                        x[p][k] = (x[p][k] + v[p][k]).clamp(0.0, 1.0);
-                    }
-                }
-            }
-            let mut shown_fit = Vec::new();
-            for p in 0..s.population {
-                let graph = decode(&x[p], &members);
-                let f = fitness(&graph, &dev, s.fit_max_tokens, &mut cache, &mut calls);
-                shown_fit.push(format!("{f:.2}"));
-                if round == 0 {
-                    pbest.push((x[p].clone(), f));
-                } else if f > pbest[p].1 {
-                    pbest[p] = (x[p].clone(), f);
-                }
-                if gbest.as_ref().is_none_or(|g| f > g.1) {
-                    gbest = Some((x[p].clone(), f));
-                }
-                if gworst.as_ref().is_none_or(|g| f < g.1) {
-                    gworst = Some((x[p].clone(), f));
-                }
-            }
-            trace(
-                None,
-                "fit",
-                format!(
-                    "round {round}: particle fitness {}; best so far {:.2}; {calls} generations so far",
-                    shown_fit.join(", "),
-                    gbest.as_ref().map_or(0.0, |g| g.1)
-                ),
-            );
-        }
-        let (best_x, best_f) = gbest.ok_or_else(|| Error::ModuleFailed("the swarm evaluated no particle".into()))?;
+        let calls = std::cell::Cell::new(0usize);
+        let found = s.swarm.search(
+            &mut rng,
+            x,
+            v,
+            |_, _, position| {
+                let mut c = calls.get();
+                let f = fitness(&decode(position, &members), &dev, s.fit_max_tokens, &mut cache, &mut c);
+                calls.set(c);
+                Ok(f)
+            },
+            |round, seen, best| {
+                let shown: Vec<String> = seen.iter().map(|f| format!("{f:.2}")).collect();
+                trace(
+                    None,
+                    "fit",
+                    format!(
+                        "round {round}: particle fitness {}; best so far {best:.2}; {} generations so far",
+                        shown.join(", "),
+                        calls.get()
+                    ),
+                );
+            },
+        )?;
+        let (best_x, best_f) = (found.position, found.fitness);
         let graph = decode(&best_x, &members);
         trace(
             None,

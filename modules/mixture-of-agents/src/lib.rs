@@ -19,27 +19,17 @@ const PLAIN_TURN_STOP: &str = "\nuser:";
 /// The hyperparameters of one request.
 struct Settings {
     layers: u32,
-    max_tokens: u32,
-    temperature: f32,
-    top_p: f32,
+    sampling: Sampling,
 }
 
 fn settings(cfg: &Config) -> Result<Settings, Error> {
     let layers: u32 = cfg.parse_within("layers", 2, 1..=8, "use 1..=8 proposer layers")?;
-    let max_tokens: u32 = cfg.parse_within("max_tokens", 128, 1..=4096, "use 1..=4096 tokens")?;
-    let temperature: f32 = cfg.parse_within("temperature", 0.7, 0.0..=2.0, "use 0 (greedy) to 2")?;
-    let top_p: f32 = cfg.parse_within(
-        "top_p",
-        0.9,
-        (std::ops::Bound::Excluded(0.0), std::ops::Bound::Included(1.0)),
-        "use a mass in (0, 1]",
-    )?;
-    Ok(Settings {
-        layers,
-        max_tokens,
-        temperature,
-        top_p,
-    })
+    let sampling = cfg.sampling(Sampling {
+        max_tokens: 128,
+        temperature: 0.7,
+        top_p: 0.9,
+    })?;
+    Ok(Settings { layers, sampling })
 }
 
 /// The aggregate-and-synthesise instruction over the previous layer's
@@ -66,9 +56,9 @@ fn gen_params(s: &Settings, req: &Request, seed: u64) -> GenParams {
         stop.push(PLAIN_TURN_STOP.into());
     }
     GenParams {
-        max_tokens: Some(s.max_tokens),
-        temperature: Some(s.temperature),
-        top_p: Some(s.top_p),
+        max_tokens: Some(s.sampling.max_tokens),
+        temperature: Some(s.sampling.temperature),
+        top_p: Some(s.sampling.top_p),
         top_k: req.params.top_k,
         seed: Some(seed),
         stop,

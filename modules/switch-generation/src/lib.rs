@@ -63,13 +63,7 @@ struct Settings {
 fn settings(cfg: &Config) -> Result<Settings, Error> {
     let patch_size: u32 = cfg.parse_within("patch_size", 25, 1..=512, "use 1..=512 tokens per segment")?;
     let max_segments: u32 = cfg.parse_within("max_segments", 8, 1..=64, "use 1..=64 segments")?;
-    let temperature: f32 = cfg.parse_within("temperature", 0.7, 0.0..=2.0, "use 0 (greedy) to 2")?;
-    let top_p: f32 = cfg.parse_within(
-        "top_p",
-        0.9,
-        (std::ops::Bound::Excluded(0.0), std::ops::Bound::Included(1.0)),
-        "use a mass in (0, 1]",
-    )?;
+    let (temperature, top_p) = cfg.temperature_top_p(0.7, 0.9)?;
     let selector_max_tokens: u32 = cfg.parse_within("selector_max_tokens", 8, 1..=64, "use 1..=64 tokens")?;
     let policy = match cfg.get("policy").unwrap_or("select").trim() {
         "select" => Policy::Select,
