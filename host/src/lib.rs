@@ -16,6 +16,7 @@
 //! and the response carries `text`, `provenance` and `usage`, or a typed
 //! [`Error`].
 
+pub mod alloc;
 pub mod backends;
 pub mod bindings;
 pub mod contribute;

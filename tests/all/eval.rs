@@ -133,3 +133,52 @@ async fn scaling_runs_the_strategy_on_every_sub_pool() {
     let written = report::write(&rep, &dir.join("out"), "tessera eval --scaling").unwrap();
     assert!(written.iter().any(|p| p.ends_with("scaling.svg")));
 }
+
+#[test]
+fn every_task_loads_with_its_documented_split() {
+    let paths = tessera::Paths::from_env();
+    for info in tessera::tasks::TASKS {
+        let task = tessera::tasks::Task::load(&paths, info.name).unwrap_or_else(|e| panic!("{}: {e}", info.name));
+        assert_eq!(task.dev_len, info.dev_size, "{}", info.name);
+        assert!(task.items.len() > task.dev_len, "{} has test items", info.name);
+        for it in &task.items {
+            if let tessera::tasks::Gold::Choice(g) = it.gold {
+                assert!(
+                    g < it.choices.len() && it.choices.len() >= 2,
+                    "{}: {}",
+                    info.name,
+                    it.id
+                );
+            }
+        }
+    }
+    // TruthfulQA: 299 MC1 questions, the right option not always first.
+    let tqa = tessera::tasks::Task::load(&paths, "truthfulqa").unwrap();
+    assert_eq!((tqa.items.len(), tqa.dev_len), (299, 99));
+    let first = tqa
+        .items
+        .iter()
+        .filter(|i| i.gold == tessera::tasks::Gold::Choice(0))
+        .count();
+    assert!(first < 299 / 2, "{first} of 299 have the right answer first");
+    assert!(tqa.items.iter().any(|i| i.choices.len() > 4));
+}
+
+#[tokio::test]
+async fn truthfulqa_evaluates_members_by_option_likelihood() {
+    let mut c = config();
+    c.tasks = vec!["truthfulqa".into()];
+    c.strategies = vec![];
+    let rep = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap();
+    assert_eq!((rep.tasks[0].dev, rep.tasks[0].test), (2, 3));
+    let members: Vec<_> = rep.results.iter().filter(|r| r.kind == "member").collect();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        assert!(
+            m.items.iter().all(|i| i.error.is_none() && i.text.len() == 1),
+            "{:?}",
+            m.items
+        );
+    }
+    assert!(rep.macro_avg.values().all(|d| d.contains_key("truthfulness")));
+}

@@ -67,26 +67,6 @@ impl From<candle_core::Error> for ContributeError {
     }
 }
 
-/// Keeps freed memory in the process instead of handing it back to the
-/// operating system after every free.
-///
-/// A training step allocates and frees hundreds of activation-sized
-/// buffers; glibc serves the larger ones with `mmap` and unmaps them on
-/// free, so every step page-faults its working set in again. Measured on
-/// SmolLM2-135M with LoRA: 40 s of 52 s wall in the kernel, and 1.6x the
-/// tokens/s with this set. Process-wide, and only about when memory is
-/// returned, so harmless to the rest of the runtime.
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts allocator thresholds.
-    unsafe {
-        // 32 MiB is the largest mmap threshold glibc accepts.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
-}
-
 /// Writes `bytes` to `path` through a temporary file and a rename, so a
 /// crash leaves the old file or the new one, never half of one.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ContributeError> {

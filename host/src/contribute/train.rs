@@ -350,7 +350,7 @@ pub fn train(
     mut opts: TrainOptions,
     mut on_step: impl FnMut(&StepStats) -> ControlFlow<()>,
 ) -> Result<TrainReport, ContributeError> {
-    super::keep_freed_memory();
+    crate::alloc::keep_freed_memory();
     let examples_raw = data::read_jsonl(&opts.data)?;
     let data_sha = crate::pool::sha256_file(&opts.data).map_err(|e| io(&opts.data, e))?;
     let (tok, template) = hf::read_tokenizer(&opts.base_dir).map_err(ContributeError::Base)?;

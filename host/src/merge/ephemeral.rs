@@ -144,8 +144,9 @@ impl Inner {
             }
         })();
         // The weights are in memory now (or the merge failed): the folder
-        // is not needed either way.
+        // is not needed either way, nor the merge's working buffers.
         let _ = std::fs::remove_dir_all(&out);
+        crate::alloc::return_freed_memory();
         let pool = result?;
         if let Ok(mut kept) = self.kept.lock() {
             kept.push_front(Kept {

@@ -151,22 +151,64 @@ fn io(p: &Path, e: impl std::fmt::Display) -> MergeError {
     MergeError::Io(format!("{}: {e}", p.display()))
 }
 
-fn load(dir: &Path) -> Result<(serde_json::Value, HashMap<String, Tensor>), MergeError> {
+/// One model's weights, mapped rather than read: a merge reads one tensor
+/// of every model at a time, so memory holds one tensor per model plus the
+/// result instead of every model whole (seven 135M models in f32 would be
+/// 3.8 GB before a single tensor is merged).
+struct Weights {
+    files: candle_core::safetensors::MmapedSafetensors,
+    shapes: HashMap<String, Vec<usize>>,
+    dir: PathBuf,
+}
+
+impl Weights {
+    fn dims(&self, name: &str) -> Option<&[usize]> {
+        self.shapes.get(name).map(Vec::as_slice)
+    }
+
+    /// Tensor `name` as flat f32 values.
+    fn values(&self, name: &str) -> Result<Vec<f32>, MergeError> {
+        let t = self
+            .files
+            .load(name, &Device::Cpu)
+            .map_err(|e| MergeError::Io(format!("{}: tensor `{name}`: {e}", self.dir.display())))?;
+        flat(&t).map_err(|e| MergeError::Io(format!("{}: tensor `{name}`: {e}", self.dir.display())))
+    }
+}
+
+fn load(dir: &Path) -> Result<(serde_json::Value, Weights), MergeError> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
     let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| io(&cfg_path, e))?;
-    let mut tensors = HashMap::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))?.flatten() {
-        let p = entry.path();
-        if p.extension().is_some_and(|x| x == "safetensors") {
-            let part = candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| io(&p, e))?;
-            tensors.extend(part);
-        }
-    }
-    if tensors.is_empty() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
         return Err(MergeError::Io(format!("{}: no .safetensors weights", dir.display())));
     }
-    Ok((config, tensors))
+    // SAFETY: the files are mapped read-only for the length of one merge;
+    // they are model folders that nothing writes while a merge reads them
+    // (contributor outputs and the dequantized-base cache are written once,
+    // through a rename).
+    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|e| MergeError::Io(format!("{}: {e}", dir.display())))?;
+    let shapes = mapped
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect();
+    Ok((
+        config,
+        Weights {
+            files: mapped,
+            shapes,
+            dir: dir.to_path_buf(),
+        },
+    ))
 }
 
 fn check(spec: &MergeSpec, models: usize, base: bool) -> Result<Vec<f64>, MergeError> {
@@ -319,14 +361,12 @@ pub fn merge(
                 )));
             }
         }
-        for (name, t) in t0 {
-            match tensors.get(name) {
+        for (name, t) in &t0.shapes {
+            match tensors.dims(name) {
                 None => return Err(MergeError::Incompatible(format!("{who} has no tensor `{name}`"))),
-                Some(u) if u.dims() != t.dims() => {
+                Some(u) if u != t.as_slice() => {
                     return Err(MergeError::Incompatible(format!(
-                        "tensor `{name}` is {:?} in {who} but {:?} in {}",
-                        u.dims(),
-                        t.dims(),
+                        "tensor `{name}` is {u:?} in {who} but {t:?} in {}",
                         names[0]
                     )))
                 }
@@ -335,27 +375,26 @@ pub fn merge(
         }
     }
 
-    let sorted: BTreeMap<&String, &Tensor> = t0.iter().collect();
+    let sorted: BTreeMap<&String, &Vec<usize>> = t0.shapes.iter().collect();
     let mut merged: HashMap<String, Tensor> = HashMap::new();
     let mut parameters = 0;
     let err = |e: candle_core::Error| MergeError::Io(e.to_string());
-    for (name, t) in sorted {
-        let mut xs = Vec::with_capacity(loaded.len());
-        for (_, tensors) in &loaded {
-            // Present in every model: checked above.
-            if let Some(u) = tensors.get(name) {
-                xs.push(flat(u).map_err(err)?);
-            }
-        }
+    for (name, dims) in sorted {
+        // Present in every model: checked above.
+        let xs = loaded
+            .iter()
+            .map(|(_, w)| w.values(name))
+            .collect::<Result<Vec<_>, _>>()?;
         let b = match &base_loaded {
-            Some((_, bt)) => Some(flat(bt.get(name).unwrap_or(t)).map_err(err)?),
+            Some((_, bw)) if bw.dims(name).is_some() => Some(bw.values(name)?),
+            Some(_) => Some(t0.values(name)?),
             None => None,
         };
         let out_values = merge_tensor(spec, &weights, name, &xs, b.as_deref());
         parameters += out_values.len();
         merged.insert(
             name.clone(),
-            Tensor::from_vec(out_values, t.dims(), &Device::Cpu).map_err(err)?,
+            Tensor::from_vec(out_values, dims.as_slice(), &Device::Cpu).map_err(err)?,
         );
     }
 

