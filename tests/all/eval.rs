@@ -182,3 +182,19 @@ async fn truthfulqa_evaluates_members_by_option_likelihood() {
     }
     assert!(rep.macro_avg.values().all(|d| d.contains_key("truthfulness")));
 }
+
+#[tokio::test]
+async fn a_failed_fit_is_reported_with_its_reason() {
+    // model-swarms needs two members of one architecture; the default pool
+    // has none, so its fit fails and it refuses every item.
+    let mut c = config();
+    c.strategies = vec!["model-swarms".into()];
+    c.limit = Some(1);
+    c.dev_limit = 1;
+    let rep = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap();
+    let s = rep.results.iter().find(|r| r.kind == "strategy").unwrap();
+    let why = s.fit_error.as_deref().expect("the fit error is in the report");
+    assert!(why.contains("at least two granted members"), "{why}");
+    assert_eq!(s.errors, 1);
+    assert!(report::table(&rep).contains("fit of strategy:model-swarms on arc-easy failed"));
+}

@@ -61,12 +61,16 @@ fn merges(p: &[ProvenanceEvent]) -> Vec<(&str, &str)> {
         .collect()
 }
 
-fn dev() -> Vec<Example> {
-    let qa = |q: &str, a: &str| Example {
+/// An open question and its answer, as a dev example.
+fn qa(q: &str, a: &str) -> Example {
+    Example {
         input: tessera::inference::Input::Chat(vec![tessera::inference::Message::user(q)]),
         answer: a.into(),
         choices: vec![],
-    };
+    }
+}
+
+fn dev() -> Vec<Example> {
     vec![
         qa("What is the secret word?", "tessellate"),
         qa("What is the capital of France.", "Paris"),
@@ -167,11 +171,6 @@ async fn merging_needs_the_merges_budget_and_granted_members() {
 
 /// Two facts, each known to one specialist only.
 fn facts() -> Vec<Example> {
-    let qa = |q: &str, a: &str| Example {
-        input: tessera::inference::Input::Chat(vec![tessera::inference::Message::user(q)]),
-        answer: a.into(),
-        choices: vec![],
-    };
     vec![
         qa("What is the secret word?", "tessellate"),
         qa("What is the password?", "mosaic"),

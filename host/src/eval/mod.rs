@@ -145,6 +145,11 @@ pub struct SystemResult {
     pub wall_ms: u64,
     /// Items that ended in an error.
     pub errors: usize,
+    /// Why the strategy's `fit` failed, when it did: it then ran on its
+    /// defaults (or refused, for methods that need a fit), and the report
+    /// says so instead of showing an unexplained score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit_error: Option<String>,
     /// Per-item outcomes.
     pub items: Vec<ItemResult>,
 }
@@ -353,6 +358,7 @@ fn summarize(
         tokens: items.iter().map(|r| r.prompt_tokens + r.completion_tokens).sum(),
         wall_ms: items.iter().map(|r| r.wall_ms).sum(),
         errors: items.iter().filter(|r| r.error.is_some()).count(),
+        fit_error: None,
         items,
     }
 }
@@ -469,7 +475,8 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
         let dev_examples: Vec<crate::sandbox::Example> = dev.iter().map(Item::example).collect();
         for module in &modules {
             let name = module.manifest.name.clone();
-            let out = strategy_on(rt, cache, &mp, module, task.info.name, &dev_examples, &test, cfg, None).await?;
+            let (out, fit_error) =
+                strategy_on(rt, cache, &mp, module, task.info.name, &dev_examples, &test, cfg, None).await?;
             let emergent = out.iter().zip(&all_fail).filter(|(r, f)| **f && r.score >= 0.5).count();
             let mut s = summarize(
                 format!("strategy:{name}"),
@@ -485,6 +492,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
                 emergent as f64 / test.len() as f64
             });
             s.all_fail = Some(n_fail);
+            s.fit_error = fit_error;
             derived.push(s);
         }
         if cfg.scaling {
@@ -522,7 +530,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
 }
 
 /// Fits `module` on `dev` (cached) and runs it on `test`, optionally on a
-/// sub-pool.
+/// sub-pool. Returns the test outcomes and, if `fit` failed, why.
 #[allow(clippy::too_many_arguments)]
 async fn strategy_on(
     rt: &Runtime,
@@ -534,8 +542,9 @@ async fn strategy_on(
     test: &[Item],
     cfg: &EvalConfig,
     members: Option<&[String]>,
-) -> Result<Vec<ItemResult>, Error> {
+) -> Result<(Vec<ItemResult>, Option<String>), Error> {
     let name = &module.manifest.name;
+    let mut fit_error = None;
     let fit_key = cache::key(&(
         "fit/2",
         &module.sha256,
@@ -560,6 +569,7 @@ async fn strategy_on(
                 Err(e) => {
                     // A failed fit leaves the strategy on its defaults.
                     tracing::warn!("fit of {name} on {task} failed: {e}");
+                    fit_error = Some(e.to_string());
                     rt.install_state(module, None)?;
                 }
             }
@@ -586,7 +596,7 @@ async fn strategy_on(
         .collect()
         .await;
     b.finish_and_clear();
-    Ok(out)
+    Ok((out, fit_error))
 }
 
 /// Sub-pools of every size 1..N: all of them when a size has at most
@@ -636,7 +646,7 @@ async fn scale(
     let cards = rt.cards();
     let mut points = Vec::new();
     for sub in subsets(&ids, cfg.subsets_per_size.max(1), cfg.seed) {
-        let out = strategy_on(rt, cache, mp, module, task, dev, test, cfg, Some(&sub)).await?;
+        let (out, _) = strategy_on(rt, cache, mp, module, task, dev, test, cfg, Some(&sub)).await?;
         let acc = metrics::mean(&out.iter().map(|r| r.score).collect::<Vec<_>>());
         let best = singles
             .iter()

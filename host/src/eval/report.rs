@@ -95,6 +95,15 @@ pub fn table(r: &Report) -> String {
             ms as f64 / 1000.0 / n.max(1) as f64
         );
     }
+    for x in r.results.iter().filter(|x| x.fit_error.is_some()) {
+        let _ = writeln!(
+            s,
+            "fit of {} on {} failed (ran without it): {}",
+            x.system,
+            x.task,
+            x.fit_error.as_deref().unwrap_or_default()
+        );
+    }
     s
 }
 
@@ -202,6 +211,22 @@ fn markdown(r: &Report, command: &str) -> String {
             x.wall_ms as f64 / 1000.0 / n,
             x.errors
         );
+    }
+    let failed: Vec<&SystemResult> = r.results.iter().filter(|x| x.fit_error.is_some()).collect();
+    if !failed.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Fits that failed\n\nThese strategies ran without their fitted state.\n"
+        );
+        for x in failed {
+            let _ = writeln!(
+                s,
+                "- {} on {}: {}",
+                label(r, &x.system),
+                x.task,
+                x.fit_error.as_deref().unwrap_or_default()
+            );
+        }
     }
     let _ = writeln!(
         s,

@@ -180,13 +180,7 @@ fn load(dir: &Path) -> Result<(serde_json::Value, Weights), MergeError> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
     let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| io(&cfg_path, e))?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| io(dir, e))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
+    let files = crate::backends::gguf::hf::safetensors_files(dir).map_err(|e| io(dir, e))?;
     if files.is_empty() {
         return Err(MergeError::Io(format!("{}: no .safetensors weights", dir.display())));
     }

