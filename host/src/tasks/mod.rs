@@ -214,8 +214,8 @@ impl Task {
             task: name.to_string(),
             message,
         };
-        let hf = |rel: &str| -> Result<PathBuf, TaskError> {
-            let p = root.join("hf_datasets").join(rel).join("data-00000-of-00001.arrow");
+        // A fetched file or folder, or the error that says to fetch.
+        let present = |p: PathBuf| -> Result<PathBuf, TaskError> {
             if p.exists() {
                 Ok(p)
             } else {
@@ -225,6 +225,7 @@ impl Task {
                 })
             }
         };
+        let hf = |rel: &str| present(root.join("hf_datasets").join(rel).join("data-00000-of-00001.arrow"));
         let (dev, test) = match name {
             "arc-easy" | "arc-challenge" => {
                 let sub = if name == "arc-easy" {
@@ -245,35 +246,14 @@ impl Task {
                 info.dev_size,
             ),
             "gsm8k" => {
-                let p = root.join("oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz");
-                if !p.exists() {
-                    return Err(TaskError::Missing {
-                        task: name.to_string(),
-                        path: p.display().to_string(),
-                    });
-                }
+                let p = present(root.join("oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"))?;
                 split(load_gsm8k(&p).map_err(corrupt)?, info.dev_size)
             }
-            "mmlu" => {
-                let dir = root.join("hf_datasets/hails/mmlu_no_train");
-                if !dir.exists() {
-                    return Err(TaskError::Missing {
-                        task: name.to_string(),
-                        path: dir.display().to_string(),
-                    });
-                }
-                load_mmlu(&dir).map_err(corrupt)?
-            }
-            "truthfulqa" => {
-                let p = truthfulqa::path(paths);
-                if !p.exists() {
-                    return Err(TaskError::Missing {
-                        task: name.to_string(),
-                        path: p.display().to_string(),
-                    });
-                }
-                split(truthfulqa::load(&p).map_err(corrupt)?, info.dev_size)
-            }
+            "mmlu" => load_mmlu(&present(root.join("hf_datasets/hails/mmlu_no_train"))?).map_err(corrupt)?,
+            "truthfulqa" => split(
+                truthfulqa::load(&present(truthfulqa::path(paths))?).map_err(corrupt)?,
+                info.dev_size,
+            ),
             _ => return Err(TaskError::Unknown(name.to_string())),
         };
         let dev_len = dev.len();

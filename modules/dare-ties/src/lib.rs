@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tessera_sdk::dev::{accuracy_of, fit_max_tokens};
 use tessera_sdk::pso::{key, Swarm};
 use tessera_sdk::rand::Rng;
-use tessera_sdk::weights::{answer_with, members_from};
+use tessera_sdk::weights::{answer_with, compatible, members_from};
 use tessera_sdk::*;
 
 struct DareTies;
@@ -53,16 +53,11 @@ fn plan(cfg: &Config, pool: &[ModelInfo], seed: u64) -> Result<Plan, Error> {
     let models = match members_from(cfg, "models", pool)? {
         Some(ids) => ids,
         // Every other member of the base's architecture and size.
-        None => {
-            let info = pool.iter().find(|m| m.id == base);
-            pool.iter()
-                .filter(|m| {
-                    m.id != base
-                        && info.is_some_and(|b| m.architecture == b.architecture && m.parameters == b.parameters)
-                })
-                .map(|m| m.id.clone())
-                .collect()
-        }
+        None => pool
+            .iter()
+            .find(|m| m.id == base)
+            .map(|info| compatible(info, pool).into_iter().skip(1).map(|m| m.id).collect())
+            .unwrap_or_default(),
     };
     if models.is_empty() {
         return Err(Error::ModuleFailed(format!("no member to merge over `{base}`")));
