@@ -6,7 +6,7 @@
 use tessera::eval::cache::Cache;
 use tessera::eval::{report, EvalConfig, McqMode};
 
-use crate::common::{runtime, scratch, QWEN};
+use crate::common::{runtime, scratch, QWEN, SMOL};
 
 fn config() -> EvalConfig {
     EvalConfig {
@@ -197,4 +197,119 @@ async fn a_failed_fit_is_reported_with_its_reason() {
     assert!(why.contains("at least two granted members"), "{why}");
     assert_eq!(s.errors, 1);
     assert!(report::table(&rep).contains("fit of strategy:model-swarms on arc-easy failed"));
+}
+
+#[test]
+fn every_multiple_choice_prompt_parses_back_into_its_options() {
+    // option-fusion reads the question and options out of the prompt a
+    // strategy receives; for every item of every task the harness renders,
+    // that must give back exactly what the harness scores in `--mcq option`.
+    let paths = tessera::Paths::from_env();
+    for info in tessera::tasks::TASKS {
+        let task = tessera::tasks::Task::load(&paths, info.name).unwrap();
+        for it in task.items.iter().filter(|i| !i.choices.is_empty()) {
+            let q = tessera_sdk::mcq::parse(&it.prompt())
+                .unwrap_or_else(|| panic!("{} {}: the prompt does not parse", info.name, it.id));
+            let want: Vec<&str> = it.choices.iter().map(|c| c.trim()).collect();
+            assert_eq!(q.options, want, "{} {}", info.name, it.id);
+            assert_eq!(
+                tessera_sdk::mcq::prompt(&q.text),
+                tessera_sdk::mcq::prompt(&it.question),
+                "{} {}",
+                info.name,
+                it.id
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn option_mode_scores_option_texts_and_option_fusion_of_one_member_agrees() {
+    let mut c = config();
+    c.mcq = McqMode::Option;
+    c.limit = Some(4);
+    c.strategies = vec!["option-fusion".into()];
+    c.strategy_config = [("models".to_string(), SMOL.to_string())].into();
+    let rep = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap();
+    let member = rep
+        .results
+        .iter()
+        .find(|r| r.member.as_deref() == Some(SMOL) && r.kind == "member")
+        .unwrap();
+    let fusion = rep.results.iter().find(|r| r.kind == "strategy").unwrap();
+    assert_eq!(fusion.errors, 0, "{:?}", fusion.items);
+    for (m, f) in member.items.iter().zip(&fusion.items) {
+        // One score call per item (all options behind one prefix), a letter back.
+        assert_eq!((m.host_calls, m.text.len()), (1, 1), "{m:?}");
+        // The strategy answers "B) option text": the same pick as the member.
+        assert!(f.text.starts_with(&format!("{})", m.text)), "{m:?} vs {f:?}");
+        assert_eq!(m.score, f.score);
+    }
+}
+
+#[tokio::test]
+async fn option_fusion_fits_weights_never_worse_than_its_members_on_dev() {
+    use tessera::ProvenanceEvent;
+    let paths = crate::common::scratch_paths("option-fusion-fit");
+    let rt = crate::common::fresh_runtime(&paths);
+    let m = rt.load_module("option-fusion").unwrap();
+    let dev = crate::common::arc_easy(0, 6);
+    let (fitted, steps) = rt.fit_traced(&m, dev.clone(), Default::default(), None).await;
+    assert!(fitted.unwrap(), "option-fusion keeps its weights");
+    let notes: Vec<&str> = steps
+        .iter()
+        .filter_map(|e| match e {
+            ProvenanceEvent::ModuleStep { note, .. } => Some(note.as_str()),
+            _ => None,
+        })
+        .collect();
+    // "weights a=..., b=...; fused dev accuracy X (best member alone Y)"
+    let last = notes.last().copied().unwrap_or_default();
+    let num = |key: &str| -> f64 {
+        last.split(key)
+            .nth(1)
+            .unwrap()
+            .trim_start()
+            .split([' ', ')'])
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(num("fused dev accuracy") >= num("best member alone"), "{notes:#?}");
+    // One score call per member and dev item, nothing generated.
+    let calls: Vec<&str> = steps
+        .iter()
+        .filter_map(|e| match e {
+            ProvenanceEvent::HostCall { call, .. } => Some(call.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls.iter().filter(|c| **c == "score").count(), 3 * 6, "{calls:?}");
+    assert!(calls.iter().all(|c| *c == "score" || *c == "list-models"), "{calls:?}");
+
+    // Run uses the fitted weights over all three members.
+    let test = crate::common::arc_easy(10, 1).remove(0);
+    let ask = |input: &tessera::inference::Input| tessera::RunRequest {
+        input: input.clone(),
+        params: Default::default(),
+        config: Default::default(),
+    };
+    let out = rt.run(&m, ask(&test.input)).await.unwrap();
+    assert_eq!(out.annotations["weights_from"], "fit", "{:?}", out.annotations);
+    assert_eq!(out.annotations["weights"].split("; ").count(), 3);
+    let letter = out.annotations["answer"].clone();
+    assert!(out.text.starts_with(&format!("{letter}) ")), "{}", out.text);
+
+    // A prompt without options is refused with what it expects.
+    let err = rt
+        .run(&m, tessera::RunRequest::chat("What is the capital of France?"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("one option per line"), "{err}");
+    // Weights that do not match the members are named.
+    let mut req = ask(&test.input);
+    req.config.insert("weights".into(), "1,2".into());
+    let err = rt.run(&m, req).await.unwrap_err();
+    assert!(err.to_string().contains("one weight per member"), "{err}");
 }

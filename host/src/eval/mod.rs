@@ -31,6 +31,7 @@ use crate::tasks::{Item, Metric, Task};
 use crate::{Error, RunRequest, Runtime};
 
 use cache::Cache;
+use tessera_sdk::mcq;
 
 /// How single members answer multiple-choice items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,7 +40,12 @@ pub enum McqMode {
     /// Generate a reply and parse the letter (what strategies do too).
     Generate,
     /// Pick the option letter with the highest log-likelihood (`score`).
+    /// Cheap, but small models mostly reveal a preferred letter.
     Loglik,
+    /// Pick the option whose *text* is most likely after the question, per
+    /// byte (`score`; see [`tessera_sdk::mcq`]): no letter bias, the usual
+    /// way benchmark suites grade small models.
+    Option,
 }
 
 /// What to evaluate.
@@ -238,23 +244,50 @@ fn bar(mp: &MultiProgress, show: bool, len: usize, msg: String) -> ProgressBar {
     b
 }
 
-/// The prompt for log-likelihood multiple choice: the question and options,
-/// then `Answer:`, continued by each option letter.
-fn loglik_input(item: &Item) -> Input {
-    let mut s = format!("{}\n", item.question.trim());
-    for (i, c) in item.choices.iter().enumerate() {
-        s.push_str(&format!("{}) {}\n", crate::tasks::letter(i), c.trim()));
+/// What a member scores for a multiple-choice item under `mode`: the
+/// prompt, the continuations, and whether each continuation's log-likelihood
+/// is divided by its option's length in bytes. `None` when the item is
+/// answered by generation.
+fn scoring(item: &Item, mode: McqMode) -> Option<(Input, Vec<String>, bool)> {
+    if item.metric != Metric::Choice {
+        return None;
     }
-    s.push_str("Answer:");
-    Input::Prompt(s)
+    match mode {
+        McqMode::Generate => None,
+        // The question and options, then `Answer:`, continued by each letter.
+        McqMode::Loglik => {
+            let mut s = format!("{}\n", item.question.trim());
+            for (i, c) in item.choices.iter().enumerate() {
+                s.push_str(&format!("{}) {}\n", crate::tasks::letter(i), c.trim()));
+            }
+            s.push_str("Answer:");
+            let conts = (0..item.choices.len())
+                .map(|i| format!(" {}", crate::tasks::letter(i)))
+                .collect();
+            Some((Input::Prompt(s), conts, false))
+        }
+        McqMode::Option => Some((
+            Input::Prompt(mcq::prompt(&item.question)),
+            mcq::continuations(&item.choices),
+            true,
+        )),
+    }
 }
 
 /// One single member answering one item (cached).
 async fn member_answer(rt: &Runtime, cache: &Cache, member: &str, item: &Item, cfg: &EvalConfig) -> ItemResult {
     let max_tokens = cfg.max_tokens.unwrap_or(default_max_tokens(item.metric));
-    let loglik = cfg.mcq == McqMode::Loglik && item.metric == Metric::Choice;
-    let prompt = if loglik { loglik_input(item) } else { item.input() };
-    let key = cache::key(&("member/1", member, &prompt, max_tokens, loglik));
+    let scored = scoring(item, cfg.mcq);
+    let loglik = scored.is_some();
+    let prompt = scored.as_ref().map_or_else(|| item.input(), |(p, _, _)| p.clone());
+    // The option mode's per-byte pick is part of the key, so its answers
+    // never mix with the letter mode's (same prompt shape, other picks).
+    let per_byte = scored.as_ref().is_some_and(|s| s.2);
+    let key = if per_byte {
+        cache::key(&("member/2", member, &prompt, &scored.as_ref().map(|s| &s.1), "per-byte"))
+    } else {
+        cache::key(&("member/1", member, &prompt, max_tokens, loglik))
+    };
     if let Some(mut r) = cache.get::<ItemResult>(&key) {
         // Grading may have improved since the answer was cached.
         if !loglik {
@@ -268,18 +301,22 @@ async fn member_answer(rt: &Runtime, cache: &Cache, member: &str, item: &Item, c
         deadline: Instant::now() + Duration::from_secs(600),
     };
     let models = rt.models();
-    let r = if loglik {
-        let conts: Vec<String> = (0..item.choices.len())
-            .map(|i| format!(" {}", crate::tasks::letter(i)))
-            .collect();
+    let r = if let Some((_, conts, per_byte)) = scored {
         match models.score(ctx, member, prompt, conts).await {
             Ok(scored) => {
-                let pick = scored
+                let values: Vec<f64> = scored
                     .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.logprob.total_cmp(&b.1.logprob))
-                    .map(|(i, _)| i)
-                    .unwrap_or(0);
+                    .zip(&item.choices)
+                    .map(|(s, c)| {
+                        let lp = s.logprob;
+                        if per_byte {
+                            mcq::per_byte(lp, c)
+                        } else {
+                            lp
+                        }
+                    })
+                    .collect();
+                let pick = mcq::pick(&values).unwrap_or(0);
                 ItemResult {
                     item: item.id.clone(),
                     score: metrics::grade_pick(item, pick),

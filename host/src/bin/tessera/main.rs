@@ -89,7 +89,8 @@ struct EvalArgs {
     #[arg(long, default_value_t = 20)]
     dev_limit: usize,
     /// How single members answer multiple choice: `generate` (parse the
-    /// letter of a reply) or `loglik` (most likely option letter).
+    /// letter of a reply), `loglik` (most likely option letter) or
+    /// `option` (most likely option text per byte: no letter bias).
     #[arg(long, default_value = "generate")]
     mcq: String,
     /// New tokens per answer (default by metric: choice 16, F1 32, exact 256).
@@ -437,7 +438,10 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
     let mcq = match args.mcq.as_str() {
         "generate" => tessera::eval::McqMode::Generate,
         "loglik" => tessera::eval::McqMode::Loglik,
-        other => return Err(Error::config(format!("--mcq `{other}`: use `generate` or `loglik`"))),
+        "option" => tessera::eval::McqMode::Option,
+        other => return Err(Error::config(format!(
+            "--mcq `{other}`: use `generate`, `loglik` (score the option letters) or `option` (score the option texts)"
+        ))),
     };
     let mut strategy_config = BTreeMap::new();
     for kv in &args.set {
