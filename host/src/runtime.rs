@@ -152,6 +152,17 @@ impl Runtime {
         self.models.cards()
     }
 
+    /// From now on, answers a repeated `score` call (same member, prompt
+    /// and continuations) from memory, keeping up to `capacity` results;
+    /// see [`crate::inference::memo`]. Evaluation turns this on: every
+    /// strategy that consults the members by likelihood then reuses the
+    /// members' own scores. Returns the memo, for its hit counts.
+    pub fn memoize_scores(&mut self, capacity: usize) -> Arc<crate::inference::memo::ScoreMemo> {
+        let memo = Arc::new(crate::inference::memo::ScoreMemo::new(self.models.clone(), capacity));
+        self.models = memo.clone();
+        memo
+    }
+
     /// The pool as the sandbox sees it (for tests, benches and native
     /// baselines).
     pub fn models(&self) -> Arc<dyn Models> {

@@ -313,3 +313,56 @@ async fn option_fusion_fits_weights_never_worse_than_its_members_on_dev() {
     let err = rt.run(&m, req).await.unwrap_err();
     assert!(err.to_string().contains("one weight per member"), "{err}");
 }
+
+#[tokio::test]
+async fn diversity_compares_equal_size_pools_of_one_family_and_of_many() {
+    use tessera::policy::Policy;
+    use tessera::pool::PoolConfig;
+    // Two contributors' fine-tunes of SmolLM2, SmolLM2 itself and Qwen: the
+    // least diverse pairs are SmolLM2 family only, the most diverse has Qwen.
+    let (secret, password) = crate::common::specialists();
+    let mut members = vec![
+        crate::common::contributed("secret", secret),
+        crate::common::contributed("password", password),
+    ];
+    members.extend(
+        PoolConfig::default_pool()
+            .members
+            .into_iter()
+            .filter(|m| m.id == SMOL || m.id == QWEN),
+    );
+    let mut rt = tessera::Runtime::new(
+        crate::common::scratch_paths("eval-diversity"),
+        &PoolConfig { members },
+        Policy::default(),
+    )
+    .unwrap();
+    let memo = rt.memoize_scores(10_000);
+    let mut c = config();
+    c.mcq = McqMode::Option;
+    c.limit = Some(2);
+    c.strategies = vec!["option-fusion".into()];
+    c.diversity = true;
+    let rep = tessera::eval::run(&rt, c, &Cache::disabled()).await.unwrap();
+    // Sizes 2 and 3 each give a (least, most) diverse pair.
+    assert_eq!(rep.diversity.len(), 4, "{:#?}", rep.diversity);
+    let cards = rt.cards();
+    let arch = |id: &str| cards.iter().find(|c| c.id == id).unwrap().architecture.clone();
+    for pair in rep.diversity.chunks(2) {
+        let (lo, hi) = (&pair[0], &pair[1]);
+        assert_eq!(lo.members.len(), hi.members.len());
+        assert!(lo.diversity < hi.diversity, "{pair:?}");
+        assert!(lo.members.iter().all(|m| arch(m) == "llama"), "{lo:?}");
+        assert!(hi.members.iter().any(|m| m == QWEN), "{hi:?}");
+        assert!((0.0..=1.0).contains(&lo.accuracy) && (0.0..=1.0).contains(&hi.accuracy));
+    }
+    // The sub-pools' fusion re-asked what the members were asked alone:
+    // every such score came from memory.
+    let (hits, misses) = memo.counts();
+    assert_eq!(misses, 4 * (2 + 2), "one score call per member and item");
+    assert!(hits > 0);
+    let dir = scratch("eval-diversity-report");
+    report::write(&rep, &dir, "tessera eval --diversity").unwrap();
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains("## Diversity at equal pool size"), "{md}");
+}

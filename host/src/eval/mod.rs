@@ -74,6 +74,11 @@ pub struct EvalConfig {
     pub scaling: bool,
     /// Sub-pools drawn per size (all of them when there are fewer).
     pub subsets_per_size: usize,
+    /// Also run every strategy over the least and the most diverse
+    /// sub-pool of each size (diversity: distinct architectures plus
+    /// distinct contributors).
+    #[serde(default)]
+    pub diversity: bool,
     /// Draw progress bars.
     #[serde(skip)]
     pub progress: bool,
@@ -93,6 +98,7 @@ impl Default for EvalConfig {
             strategy_config: BTreeMap::new(),
             scaling: false,
             subsets_per_size: 3,
+            diversity: false,
             progress: false,
         }
     }
@@ -211,6 +217,10 @@ pub struct Report {
     pub macro_avg: BTreeMap<String, BTreeMap<String, f64>>,
     /// `--scaling`: each strategy over sub-pools of every size.
     pub scaling: Vec<ScalingPoint>,
+    /// `--diversity`: each strategy over the least and the most diverse
+    /// sub-pool of each size where the two differ, in that order.
+    #[serde(default)]
+    pub diversity: Vec<ScalingPoint>,
     /// Wall time of the whole run.
     pub wall_s: f64,
 }
@@ -435,6 +445,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
     let mut results = Vec::new();
     let mut summaries = Vec::new();
     let mut scaling = Vec::new();
+    let mut diversity = Vec::new();
     for task in &tasks {
         let dev: Vec<Item> = task.dev().iter().take(cfg.dev_limit).cloned().collect();
         let test: Vec<Item> = task
@@ -532,22 +543,29 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
             s.fit_error = fit_error;
             derived.push(s);
         }
+        let ids: Vec<String> = singles.iter().filter_map(|s| s.member.clone()).collect();
+        let mut sweeps: Vec<(Vec<Vec<String>>, &mut Vec<ScalingPoint>)> = Vec::new();
         if cfg.scaling {
+            sweeps.push((subsets(&ids, cfg.subsets_per_size.max(1), cfg.seed), &mut scaling));
+        }
+        if cfg.diversity {
+            let pairs = diversity_pairs(&ids, &rt.cards())?;
+            sweeps.push((pairs.into_iter().flatten().collect(), &mut diversity));
+        }
+        for (subs, into) in sweeps {
             for module in &modules {
-                scaling.extend(
-                    scale(
-                        rt,
-                        cache,
-                        &mp,
-                        module,
-                        task.info.name,
-                        &dev_examples,
-                        &test,
-                        &singles,
-                        cfg,
-                    )
-                    .await?,
-                );
+                let ctx = SweepCtx {
+                    rt,
+                    cache,
+                    mp: &mp,
+                    module,
+                    task: task.info.name,
+                    dev: &dev_examples,
+                    test: &test,
+                    singles: &singles,
+                    cfg,
+                };
+                into.extend(ctx.sweep(&subs).await?);
             }
         }
         results.extend(singles);
@@ -562,6 +580,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
         results,
         macro_avg,
         scaling,
+        diversity,
         wall_s: started.elapsed().as_secs_f64(),
     })
 }
@@ -667,50 +686,114 @@ fn subsets(ids: &[String], per_size: usize, seed: u64) -> Vec<Vec<String>> {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn scale(
-    rt: &Runtime,
-    cache: &Cache,
-    mp: &MultiProgress,
-    module: &Arc<crate::sandbox::Module>,
-    task: &str,
-    dev: &[crate::sandbox::Example],
-    test: &[Item],
-    singles: &[SystemResult],
-    cfg: &EvalConfig,
-) -> Result<Vec<ScalingPoint>, Error> {
-    let ids: Vec<String> = singles.iter().filter_map(|s| s.member.clone()).collect();
-    let cards = rt.cards();
-    let mut points = Vec::new();
-    for sub in subsets(&ids, cfg.subsets_per_size.max(1), cfg.seed) {
-        let (out, _) = strategy_on(rt, cache, mp, module, task, dev, test, cfg, Some(&sub)).await?;
-        let acc = metrics::mean(&out.iter().map(|r| r.score).collect::<Vec<_>>());
-        let best = singles
-            .iter()
-            .filter(|s| s.member.as_ref().is_some_and(|m| sub.contains(m)))
-            .max_by(|a, b| a.dev_accuracy.unwrap_or(0.0).total_cmp(&b.dev_accuracy.unwrap_or(0.0)))
-            .map(|s| s.accuracy)
-            .unwrap_or(0.0);
-        let mut archs: Vec<&str> = Vec::new();
-        let mut contributors: Vec<&str> = Vec::new();
-        for c in cards.iter().filter(|c| sub.contains(&c.id)) {
-            if !archs.contains(&c.architecture.as_str()) {
-                archs.push(&c.architecture);
+/// The sub-pool diversity index: distinct architectures plus distinct
+/// contributors among `members`.
+fn diversity_of(members: &[String], cards: &[ModelCard]) -> usize {
+    let mut archs: Vec<&str> = Vec::new();
+    let mut contributors: Vec<&str> = Vec::new();
+    for c in cards.iter().filter(|c| members.contains(&c.id)) {
+        if !archs.contains(&c.architecture.as_str()) {
+            archs.push(&c.architecture);
+        }
+        if !contributors.contains(&c.contributor.as_str()) {
+            contributors.push(&c.contributor);
+        }
+    }
+    archs.len() + contributors.len()
+}
+
+/// For each sub-pool size from 2 to N-1, the least and the most diverse
+/// sub-pool ([`diversity_of`]; ties go to the first in pool order), for the
+/// sizes where the two differ: equal-size pools that differ only in how
+/// varied their members are. Every sub-pool is enumerated, so the pool may
+/// have at most 16 members.
+fn diversity_pairs(ids: &[String], cards: &[ModelCard]) -> Result<Vec<[Vec<String>; 2]>, Error> {
+    let n = ids.len();
+    if n > 16 {
+        return Err(Error::config(format!(
+            "--diversity compares every sub-pool of the pool; {n} members is more than 16: \
+             evaluate a smaller pool (e.g. --pool with fewer members)"
+        )));
+    }
+    let mut out = Vec::new();
+    for k in 2..n {
+        let mut lo: Option<(usize, Vec<String>)> = None;
+        let mut hi: Option<(usize, Vec<String>)> = None;
+        for mask in 0u32..(1 << n) {
+            if mask.count_ones() as usize != k {
+                continue;
             }
-            if !contributors.contains(&c.contributor.as_str()) {
-                contributors.push(&c.contributor);
+            let sub: Vec<String> = (0..n)
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| ids[i].clone())
+                .collect();
+            let d = diversity_of(&sub, cards);
+            if lo.as_ref().is_none_or(|(x, s)| d < *x || (d == *x && sub < *s)) {
+                lo = Some((d, sub.clone()));
+            }
+            if hi.as_ref().is_none_or(|(x, s)| d > *x || (d == *x && sub < *s)) {
+                hi = Some((d, sub));
             }
         }
-        points.push(ScalingPoint {
-            system: format!("strategy:{}", module.manifest.name),
-            task: task.to_string(),
-            diversity: archs.len() + contributors.len(),
-            members: sub,
-            accuracy: acc,
-            best_single: best,
-        });
+        if let (Some((dl, l)), Some((dh, h))) = (lo, hi) {
+            if dh > dl {
+                out.push([l, h]);
+            }
+        }
     }
-    Ok(points)
+    Ok(out)
+}
+
+/// What running one strategy over sub-pools needs.
+struct SweepCtx<'a> {
+    rt: &'a Runtime,
+    cache: &'a Cache,
+    mp: &'a MultiProgress,
+    module: &'a Arc<crate::sandbox::Module>,
+    task: &'a str,
+    dev: &'a [crate::sandbox::Example],
+    test: &'a [Item],
+    singles: &'a [SystemResult],
+    cfg: &'a EvalConfig,
+}
+
+impl SweepCtx<'_> {
+    /// Fits and runs the strategy on each sub-pool in `subs`.
+    async fn sweep(&self, subs: &[Vec<String>]) -> Result<Vec<ScalingPoint>, Error> {
+        let cards = self.rt.cards();
+        let mut points = Vec::new();
+        for sub in subs {
+            let (out, _) = strategy_on(
+                self.rt,
+                self.cache,
+                self.mp,
+                self.module,
+                self.task,
+                self.dev,
+                self.test,
+                self.cfg,
+                Some(sub),
+            )
+            .await?;
+            let acc = metrics::mean(&out.iter().map(|r| r.score).collect::<Vec<_>>());
+            let best = self
+                .singles
+                .iter()
+                .filter(|s| s.member.as_ref().is_some_and(|m| sub.contains(m)))
+                .max_by(|a, b| a.dev_accuracy.unwrap_or(0.0).total_cmp(&b.dev_accuracy.unwrap_or(0.0)))
+                .map(|s| s.accuracy)
+                .unwrap_or(0.0);
+            points.push(ScalingPoint {
+                system: format!("strategy:{}", self.module.manifest.name),
+                task: self.task.to_string(),
+                diversity: diversity_of(sub, &cards),
+                members: sub.clone(),
+                accuracy: acc,
+                best_single: best,
+            });
+        }
+        Ok(points)
+    }
 }
 
 async fn strategy_answer(
@@ -795,4 +878,48 @@ fn macro_averages(results: &[SystemResult], tasks: &[TaskSummary]) -> BTreeMap<S
         out.insert(sys, m);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn card(id: &str, arch: &str, contributor: &str) -> ModelCard {
+        ModelCard {
+            id: id.into(),
+            contributor: contributor.into(),
+            description: String::new(),
+            domains: Vec::new(),
+            architecture: arch.into(),
+            parameters: 1,
+            context_length: 1,
+            license: String::new(),
+            capabilities: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn diversity_pairs_contrast_equal_sizes() {
+        // Three specialists of one base by one lab, and two other families.
+        let cards = vec![
+            card("s1", "llama", "lab"),
+            card("s2", "llama", "lab"),
+            card("s3", "llama", "lab"),
+            card("q", "qwen2", "alibaba"),
+            card("g", "gemma3", "google"),
+        ];
+        let ids: Vec<String> = cards.iter().map(|c| c.id.clone()).collect();
+        let pairs = diversity_pairs(&ids, &cards).unwrap();
+        // Sizes 2, 3 and 4 (the whole pool has no alternative).
+        assert_eq!(pairs.len(), 3);
+        let [lo, hi] = &pairs[1];
+        assert_eq!(lo, &["s1", "s2", "s3"]);
+        assert_eq!(diversity_of(lo, &cards), 2);
+        assert_eq!(hi, &["s1", "q", "g"]);
+        assert_eq!(diversity_of(hi, &cards), 6);
+        // A pool where every sub-pool of a size is equally diverse has no pairs.
+        let same = vec![card("a", "x", "1"), card("b", "y", "2"), card("c", "z", "3")];
+        let ids: Vec<String> = same.iter().map(|c| c.id.clone()).collect();
+        assert!(diversity_pairs(&ids, &same).unwrap().is_empty());
+    }
 }

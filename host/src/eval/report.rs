@@ -252,6 +252,35 @@ fn markdown(r: &Report, command: &str) -> String {
         }
         s.push('\n');
     }
+    if !r.diversity.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Diversity at equal pool size\n\nFor each size, the least and the most diverse sub-pool \
+             (diversity = distinct architectures + distinct contributors).\n\n\
+             | system | task | size | least diverse | div. | accuracy | its best single | most diverse | div. | accuracy | its best single |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for pair in r.diversity.chunks(2) {
+            if let [lo, hi] = pair {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {:.1} | {:.1} |",
+                    lo.system,
+                    lo.task,
+                    lo.members.len(),
+                    lo.members.join(", "),
+                    lo.diversity,
+                    100.0 * lo.accuracy,
+                    100.0 * lo.best_single,
+                    hi.members.join(", "),
+                    hi.diversity,
+                    100.0 * hi.accuracy,
+                    100.0 * hi.best_single
+                );
+            }
+        }
+        s.push('\n');
+    }
     let _ = writeln!(s, "## Terminal table\n\n```\n{}```", table(r));
     s
 }

@@ -7,6 +7,8 @@
 //! the other (the sandbox's unit tests use a scripted `Models`; the pool's
 //! tests drive real models without any guest).
 
+pub mod memo;
+
 use std::time::Instant;
 
 use futures::future::BoxFuture;

@@ -115,6 +115,10 @@ struct EvalArgs {
     /// Sub-pools per size for --scaling (all of them when there are fewer).
     #[arg(long, default_value_t = 3)]
     subsets_per_size: usize,
+    /// Also run every strategy over the least and the most diverse sub-pool
+    /// of each size (distinct architectures + contributors), where they differ.
+    #[arg(long)]
+    diversity: bool,
     /// Recompute everything instead of reading the result cache.
     #[arg(long)]
     no_cache: bool,
@@ -439,9 +443,11 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         "generate" => tessera::eval::McqMode::Generate,
         "loglik" => tessera::eval::McqMode::Loglik,
         "option" => tessera::eval::McqMode::Option,
-        other => return Err(Error::config(format!(
+        other => {
+            return Err(Error::config(format!(
             "--mcq `{other}`: use `generate`, `loglik` (score the option letters) or `option` (score the option texts)"
-        ))),
+        )))
+        }
     };
     let mut strategy_config = BTreeMap::new();
     for kv in &args.set {
@@ -450,7 +456,11 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
             .ok_or_else(|| Error::config(format!("--set `{kv}` is not KEY=VALUE")))?;
         strategy_config.insert(k.trim().to_string(), v.trim().to_string());
     }
-    let rt = runtime(&args.setup)?;
+    let mut rt = runtime(&args.setup)?;
+    // Strategies that consult members by likelihood ask what the members
+    // were already asked alone; scores are deterministic, so they are
+    // answered from memory (200,000 results: tens of MB at most).
+    let memo = rt.memoize_scores(200_000);
     let cache = if args.no_cache {
         tessera::eval::cache::Cache::disabled()
     } else {
@@ -469,6 +479,7 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         strategy_config,
         scaling: args.scaling,
         subsets_per_size: args.subsets_per_size,
+        diversity: args.diversity,
         progress: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let report = tessera::eval::run(&rt, cfg, &cache).await?;
@@ -477,9 +488,11 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
     if args.json {
         return serde_json::to_string_pretty(&report).map_err(|e| Error::config(e.to_string()));
     }
+    let (hits, misses) = memo.counts();
     Ok(format!(
-        "{}\nwrote {}",
+        "{}\nscore calls answered from memory: {hits} of {}\nwrote {}",
         tessera::eval::report::table(&report).trim_end(),
+        hits + misses,
         written
             .iter()
             .map(|p| p.display().to_string())
