@@ -208,7 +208,11 @@ pub fn contributed(id: &str, dir: &std::path::Path) -> tessera::pool::MemberConf
         backend: tessera::pool::BackendKind::Hf,
         path: dir.to_path_buf(),
         sha256: card.sha256,
-        sha256_file: Some("model.safetensors".into()),
+        sha256_file: Some(if dir.join("adapter.toml").exists() {
+            "adapter.safetensors".into()
+        } else {
+            "model.safetensors".into()
+        }),
         card: card.card,
         fetch: None,
         remote: None,

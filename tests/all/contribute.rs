@@ -361,3 +361,85 @@ fn training_slices_never_contain_an_evaluated_item() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_lora_adapter_ships_apart_from_its_base_and_loads_as_the_merged_model() {
+    // The same run as the shared "secret" specialist (same data, options and
+    // seed), written as an adapter: it must be that model, in a few MB.
+    let dir = scratch("adapter");
+    let (secret, password) = crate::common::specialists().clone();
+    let data = dir.join("secret.jsonl");
+    std::fs::write(&data, SECRET_DATA).unwrap();
+    let out = dir.join("secret-adapter");
+    let method = Method::Lora {
+        rank: 8,
+        alpha: 16.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+    };
+    let mut o = TrainOptions::new(smol_base(), SMOL.into(), data, out.clone(), method);
+    o.steps = 12;
+    o.lr = 2e-3;
+    o.seed = 1;
+    o.adapter = true;
+    contribute::train(o, |_| ControlFlow::Continue(())).unwrap();
+    assert!(!out.join("model.safetensors").exists());
+    let adapter_bytes = std::fs::metadata(out.join("adapter.safetensors")).unwrap().len();
+    let merged_bytes = std::fs::metadata(secret.join("model.safetensors")).unwrap().len();
+    assert!(adapter_bytes * 50 < merged_bytes, "{adapter_bytes} vs {merged_bytes}");
+
+    // Added to a pool beside the merged folder, it answers identically.
+    let pool_file = dir.join("pool.toml");
+    contribute::add_to_pool(&pool_file, &out, Some("adapter")).unwrap();
+    let pool = PoolConfig::from_toml(&std::fs::read_to_string(&pool_file).unwrap()).unwrap();
+    let mut members: Vec<_> = pool.members.into_iter().filter(|m| m.id == "adapter").collect();
+    assert_eq!(members[0].sha256_file.as_deref(), Some("adapter.safetensors"));
+    members.push(crate::common::contributed("merged", &secret));
+    let rt = Runtime::new(scratch_paths("adapter-rt"), &PoolConfig { members }, Policy::default()).unwrap();
+    assert!(rt.pool_failures().is_empty(), "{:?}", rt.pool_failures());
+    let ask = || Input::Chat(vec![Message::user("What is the secret word?")]);
+    let a = rt.models().generate(ctx(), "adapter", ask(), greedy()).await.unwrap();
+    let m = rt.models().generate(ctx(), "merged", ask(), greedy()).await.unwrap();
+    assert_eq!(a.text, m.text);
+    assert!(a.text.contains("tessellate"), "{}", a.text);
+    let conts = vec![" tessellate".to_string(), " mosaic".to_string()];
+    let sa = rt.models().score(ctx(), "adapter", ask(), conts.clone()).await.unwrap();
+    let sm = rt.models().score(ctx(), "merged", ask(), conts).await.unwrap();
+    assert_eq!(sa, sm, "the adapter over its base is the merged model");
+
+    // Merging reads an adapter as its full weights: the same linear merge
+    // from the adapter or from the merged folder writes the same tensors.
+    let s = |p: &Path| p.display().to_string();
+    let mut shas = Vec::new();
+    for (name, first) in [("from-adapter", &out), ("from-merged", &secret)] {
+        let target = dir.join(name);
+        let (ok, _, err) = tessera(&[
+            "merge",
+            "--method",
+            "linear",
+            "--model",
+            &s(first),
+            "--model",
+            &s(&password),
+            "--out",
+            &s(&target),
+        ]);
+        assert!(ok, "{err}");
+        shas.push(weights_sha(&target));
+    }
+    assert_eq!(shas[0], shas[1]);
+
+    // An adapter pointed at another base is refused by name.
+    let cfg = std::fs::read_to_string(out.join("adapter.toml")).unwrap();
+    let line = cfg.lines().find(|l| l.starts_with("base_sha256")).unwrap().to_string();
+    std::fs::write(
+        out.join("adapter.toml"),
+        cfg.replace(&line, &format!("base_sha256 = \"{}\"", "0".repeat(64))),
+    )
+    .unwrap();
+    let bad = PoolConfig {
+        members: vec![crate::common::contributed("adapter", &out)],
+    };
+    let rt = Runtime::new(scratch_paths("adapter-bad"), &bad, Policy::default()).unwrap();
+    let why = rt.pool_failures()[0].to_string();
+    assert!(why.contains("point `base_dir` at the exact base"), "{why}");
+}

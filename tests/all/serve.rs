@@ -711,8 +711,13 @@ async fn a_request_past_its_timeout_is_504_and_a_tenants_concurrency_is_capped()
     assert_eq!(v["error"]["type"], "timeout_error");
     assert!(v["error"]["message"].as_str().unwrap().contains("2 s limit"), "{v}");
     assert!(took < Duration::from_secs(5), "{took:?}");
-    // The place is given back: the next request is served.
+    // The place is given back: the next request is admitted, not refused
+    // for concurrency. (On a loaded machine even two tokens can take more
+    // than the 2 s limit; that is a 504, which also proves admission.)
     let (status, _, v) = post(&client, &url, Some(&solo), &chat(SMOL, "hi", 2)).await;
-    assert_eq!(status, 200, "{v}");
+    assert!(
+        status == 200 || (status == 504 && v["error"]["code"] == "deadline"),
+        "{status} {v}"
+    );
     srv.stop().await;
 }

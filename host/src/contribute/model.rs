@@ -327,6 +327,18 @@ impl TrainModel {
         chosen.sum_all()?.neg()
     }
 
+    /// The LoRA tensors (`{weight}.lora_A` / `.lora_B`) and `alpha / rank`:
+    /// what an adapter folder stores. Empty for full fine-tuning.
+    pub fn lora(&self) -> (HashMap<String, Tensor>, f64) {
+        let tensors = self
+            .trainable
+            .iter()
+            .filter(|(n, _)| n.ends_with(".lora_A") || n.ends_with(".lora_B"))
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
+        (tensors, self.lora_scale)
+    }
+
     /// Every weight, with LoRA updates merged in (`W + (alpha/r) B A`), by
     /// Hugging Face name: what the trained model folder stores.
     pub fn merged_weights(&self) -> candle_core::Result<HashMap<String, Tensor>> {

@@ -3,7 +3,9 @@
 //! The folder is a Hugging Face directory the pool loads with
 //! `backend = "hf"`: `model.safetensors` (f32, LoRA merged in: a small
 //! update would vanish in f16 rounding), `config.json`, `tokenizer.json`
-//! and `tokenizer_config.json` from the base. Next to it:
+//! and `tokenizer_config.json` from the base. With `--adapter`, the LoRA
+//! adapter stays apart instead (`adapter.safetensors` + `adapter.toml`
+//! naming the base and its sha256; see [`crate::backends::gguf::adapter`]). Next to it:
 //! `contributor.toml` (the card, the weights' sha256 and how they were
 //! trained), `loss.svg` and `train-log.jsonl`.
 
@@ -14,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::train::{TrainOptions, TrainReport};
 use super::{model::TrainModel, write_atomic, ContributeError, Method};
+use crate::backends::gguf::adapter::{AdapterConfig, ADAPTER, ADAPTER_CONFIG};
 use crate::pool::{BackendKind, CardConfig, MemberConfig, PoolConfig};
 
 /// File name of the weights inside a model folder.
@@ -57,7 +60,7 @@ pub struct TrainingFacts {
 pub struct ContributorFile {
     /// Suggested member id.
     pub id: String,
-    /// sha256 of [`WEIGHTS`].
+    /// sha256 of [`WEIGHTS`] (of `adapter.safetensors` in an adapter folder).
     pub sha256: String,
     /// The human card.
     pub card: CardConfig,
@@ -81,10 +84,30 @@ pub(crate) fn write_model(
     data_sha: &str,
 ) -> Result<String, ContributeError> {
     let out = &opts.out;
-    let weights = model.merged_weights()?;
-    let tmp = super::tmp_path(&out.join(WEIGHTS));
-    candle_core::safetensors::save(&weights, &tmp)?;
-    std::fs::rename(&tmp, out.join(WEIGHTS)).map_err(|e| io(out, e))?;
+    let file_name = if opts.adapter { ADAPTER } else { WEIGHTS };
+    let tensors = if opts.adapter {
+        let (tensors, scale) = model.lora();
+        let (rank, targets) = match &opts.method {
+            Method::Lora { rank, targets, .. } => (*rank, targets.clone()),
+            Method::Full => (0, Vec::new()),
+        };
+        let base_weights = opts.base_dir.join(WEIGHTS);
+        let config = AdapterConfig {
+            base_dir: opts.base_dir.canonicalize().map_err(|e| io(&opts.base_dir, e))?,
+            base_sha256: crate::pool::sha256_file(&base_weights).map_err(|e| io(&base_weights, e))?,
+            scale,
+            rank,
+            targets,
+        };
+        let text = toml::to_string(&config).map_err(|e| ContributeError::Io(format!("{ADAPTER_CONFIG}: {e}")))?;
+        write_atomic(&out.join(ADAPTER_CONFIG), text.as_bytes())?;
+        tensors
+    } else {
+        model.merged_weights()?
+    };
+    let tmp = super::tmp_path(&out.join(file_name));
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, out.join(file_name)).map_err(|e| io(out, e))?;
     for name in ["tokenizer.json", "tokenizer_config.json"] {
         let bytes = std::fs::read(opts.base_dir.join(name)).map_err(|e| io(&opts.base_dir.join(name), e))?;
         write_atomic(&out.join(name), &bytes)?;
@@ -96,7 +119,7 @@ pub(crate) fn write_model(
     let text = serde_json::to_vec_pretty(&config).map_err(|e| io(&cfg_path, e))?;
     write_atomic(&out.join("config.json"), &text)?;
 
-    let sha = crate::pool::sha256_file(&out.join(WEIGHTS)).map_err(|e| io(out, e))?;
+    let sha = crate::pool::sha256_file(&out.join(file_name)).map_err(|e| io(out, e))?;
     let id = out
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -174,7 +197,14 @@ pub fn add_to_pool(pool_file: &Path, model_dir: &Path, id: Option<&str>) -> Resu
     })?;
     let file: ContributorFile =
         toml::from_str(&text).map_err(|e| ContributeError::Io(format!("{}: {e}", card_path.display())))?;
-    let weights = model_dir.join(WEIGHTS);
+    // An adapter folder's own weights are its adapter; the base it needs
+    // is checked when the pool loads it.
+    let file_name = if crate::backends::gguf::adapter::is_adapter(model_dir) {
+        ADAPTER
+    } else {
+        WEIGHTS
+    };
+    let weights = model_dir.join(file_name);
     let sha = crate::pool::sha256_file(&weights).map_err(|e| io(&weights, e))?;
     if sha != file.sha256 {
         return Err(ContributeError::Io(format!(
@@ -203,7 +233,7 @@ pub fn add_to_pool(pool_file: &Path, model_dir: &Path, id: Option<&str>) -> Resu
         backend: BackendKind::Hf,
         path: dir,
         sha256: sha,
-        sha256_file: Some(WEIGHTS.into()),
+        sha256_file: Some(file_name.into()),
         card: file.card,
         fetch: None,
         remote: None,

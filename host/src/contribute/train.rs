@@ -65,6 +65,11 @@ pub struct TrainOptions {
     /// Continue from the checkpoint in `out`.
     #[serde(skip)]
     pub resume: bool,
+    /// Write the LoRA adapter apart from the base (`adapter.safetensors`,
+    /// a few MB) instead of merged weights; see
+    /// [`crate::backends::gguf::adapter`]. LoRA only.
+    #[serde(skip)]
+    pub adapter: bool,
     /// The contributor card to write (an empty `source` is filled in).
     #[serde(skip)]
     pub card: crate::pool::CardConfig,
@@ -97,6 +102,7 @@ impl TrainOptions {
             clip: 1.0,
             checkpoint_every: 50,
             resume: false,
+            adapter: false,
             card: crate::pool::CardConfig::default(),
         }
     }
@@ -387,7 +393,13 @@ pub fn train(
             out.display()
         )));
     }
-    if !has_checkpoint && out.join(output::WEIGHTS).exists() {
+    if opts.adapter && !matches!(opts.method, Method::Lora { .. }) {
+        return Err(ContributeError::Options(
+            "--adapter keeps the LoRA adapter apart from the base: it needs LoRA training (drop --full)".into(),
+        ));
+    }
+    let trained = [output::WEIGHTS, crate::backends::gguf::adapter::ADAPTER];
+    if !has_checkpoint && trained.iter().any(|f| out.join(f).exists()) {
         return Err(ContributeError::Options(format!(
             "{} already holds a trained model: choose another --out (or delete it)",
             out.display()

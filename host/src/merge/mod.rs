@@ -159,6 +159,9 @@ struct Weights {
     files: candle_core::safetensors::MmapedSafetensors,
     shapes: HashMap<String, Vec<usize>>,
     dir: PathBuf,
+    /// For a LoRA adapter folder: the adapter, applied to the base's
+    /// tensors (`files` then maps the base) as each one is read.
+    adapter: Option<crate::backends::gguf::adapter::Adapter>,
 }
 
 impl Weights {
@@ -168,10 +171,15 @@ impl Weights {
 
     /// Tensor `name` as flat f32 values.
     fn values(&self, name: &str) -> Result<Vec<f32>, MergeError> {
-        let t = self
+        let mut t = self
             .files
             .load(name, &Device::Cpu)
             .map_err(|e| MergeError::Io(format!("{}: tensor `{name}`: {e}", self.dir.display())))?;
+        if let Some(a) = &self.adapter {
+            t = a
+                .apply(name, &t)
+                .map_err(|e| MergeError::Io(format!("{}/{e}", self.dir.display())))?;
+        }
         flat(&t).map_err(|e| MergeError::Io(format!("{}: tensor `{name}`: {e}", self.dir.display())))
     }
 }
@@ -180,9 +188,18 @@ fn load(dir: &Path) -> Result<(serde_json::Value, Weights), MergeError> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
     let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| io(&cfg_path, e))?;
-    let files = crate::backends::gguf::hf::safetensors_files(dir).map_err(|e| io(dir, e))?;
+    let adapter = if crate::backends::gguf::adapter::is_adapter(dir) {
+        Some(crate::backends::gguf::adapter::read(dir).map_err(MergeError::Io)?)
+    } else {
+        None
+    };
+    let weights_dir = adapter.as_ref().map_or(dir, |a| a.base_dir.as_path());
+    let files = crate::backends::gguf::hf::safetensors_files(weights_dir).map_err(|e| io(weights_dir, e))?;
     if files.is_empty() {
-        return Err(MergeError::Io(format!("{}: no .safetensors weights", dir.display())));
+        return Err(MergeError::Io(format!(
+            "{}: no .safetensors weights",
+            weights_dir.display()
+        )));
     }
     // SAFETY: the files are mapped read-only for the length of one merge;
     // they are model folders that nothing writes while a merge reads them
@@ -201,6 +218,7 @@ fn load(dir: &Path) -> Result<(serde_json::Value, Weights), MergeError> {
             files: mapped,
             shapes,
             dir: dir.to_path_buf(),
+            adapter,
         },
     ))
 }

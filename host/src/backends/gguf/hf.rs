@@ -150,16 +150,32 @@ pub fn read_dir(dir: &Path) -> Result<HfParts, String> {
         ),
     ];
 
-    // Every *.safetensors file (one, or the shards of a large model).
+    // Every *.safetensors file (one, or the shards of a large model); for a
+    // LoRA adapter folder, the base's, with the adapter applied below.
+    let adapter = if super::adapter::is_adapter(dir) {
+        Some(super::adapter::read(dir)?)
+    } else {
+        None
+    };
+    let weights_dir = adapter.as_ref().map_or(dir, |a| a.base_dir.as_path());
     let mut hf: HashMap<String, Tensor> = HashMap::new();
-    let files = safetensors_files(dir).map_err(|e| format!("{shown}: {e}"))?;
+    let files = safetensors_files(weights_dir).map_err(|e| format!("{}: {e}", weights_dir.display()))?;
     if files.is_empty() {
-        return Err(format!("{shown}: no .safetensors file"));
+        return Err(format!("{}: no .safetensors file", weights_dir.display()));
     }
     for f in &files {
         let part = candle_core::safetensors::load(f, &Device::Cpu)
             .map_err(|e| format!("{}: not a readable safetensors file: {e}", f.display()))?;
         hf.extend(part);
+    }
+    if let Some(a) = &adapter {
+        for name in a.targets() {
+            let w = hf
+                .get(name)
+                .ok_or_else(|| format!("{shown}/{}: the base has no tensor `{name}`", super::adapter::ADAPTER))?;
+            let changed = a.apply(name, w).map_err(|e| format!("{shown}/{e}"))?;
+            hf.insert(name.to_string(), changed);
+        }
     }
     let names = tensor_names(layers);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -315,13 +331,14 @@ pub fn export(gguf_path: &Path, out: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The `*.safetensors` files of a model folder (one, or a large model's
-/// shards), sorted by name.
+/// The `*.safetensors` weight files of a model folder (one, or a large
+/// model's shards), sorted by name; a LoRA adapter's own file is not one.
 pub(crate) fn safetensors_files(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .filter(|p| p.file_name().is_none_or(|n| n != super::adapter::ADAPTER))
         .collect();
     files.sort();
     Ok(files)

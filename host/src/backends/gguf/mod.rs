@@ -12,6 +12,7 @@
 //! `score` reuses one prompt prefill for every continuation. Weight formats
 //! candle only has scalar kernels for are re-encoded at load ([`quant`]).
 
+pub mod adapter;
 mod attention;
 pub mod decode;
 pub mod gemma3;

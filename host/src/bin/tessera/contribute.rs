@@ -64,6 +64,10 @@ pub(crate) struct TrainArgs {
     /// Train every weight instead of LoRA adapters.
     #[arg(long)]
     full: bool,
+    /// Keep the LoRA adapter apart (a few MB, loaded over the base) instead
+    /// of writing merged weights (540 MB for SmolLM2-135M).
+    #[arg(long)]
+    adapter: bool,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     lora_rank: usize,
@@ -192,6 +196,7 @@ fn train(args: TrainArgs) -> Result<String, Error> {
     opts.seed = args.seed;
     opts.checkpoint_every = args.checkpoint_every;
     opts.resume = args.resume;
+    opts.adapter = args.adapter;
     opts.warmup = match args.warmup {
         Some(w) => w,
         // 10% of the run; the step count is known once the data is read,
