@@ -67,7 +67,10 @@ pub fn is_adapter(dir: &Path) -> bool {
 /// Bases verified in this process, by path, with the size and modification
 /// time they had: a merge search loads the same adapters many times, and
 /// hashing a 540 MB base each time would cost more than the merge.
-static VERIFIED: Mutex<Option<HashMap<PathBuf, (u64, Option<SystemTime>, String)>>> = Mutex::new(None);
+static VERIFIED: Mutex<Option<HashMap<PathBuf, Verified>>> = Mutex::new(None);
+
+/// A verified base file: its size and modification time then, and its sha256.
+type Verified = (u64, Option<SystemTime>, String);
 
 fn base_sha256(weights: &Path) -> Result<String, String> {
     let meta = std::fs::metadata(weights).map_err(|e| format!("{}: {e}", weights.display()))?;
