@@ -69,6 +69,10 @@ pub struct UsageReport {
     pub prompt_tokens: u64,
     /// Tokens generated.
     pub completion_tokens: u64,
+    /// Continuation tokens the module had members `score` (likelihood
+    /// methods cost these instead of generated tokens).
+    #[serde(default)]
+    pub scored_tokens: u64,
     /// Fuel the module burned.
     pub fuel: u64,
     /// Wall time of the whole request.

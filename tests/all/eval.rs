@@ -244,6 +244,9 @@ async fn option_mode_scores_option_texts_and_option_fusion_of_one_member_agrees(
         // The strategy answers "B) option text": the same pick as the member.
         assert!(f.text.starts_with(&format!("{})", m.text)), "{m:?} vs {f:?}");
         assert_eq!(m.score, f.score);
+        // Its cost is the tokens it had scored: the member's, once.
+        assert_eq!(f.prompt_tokens, m.prompt_tokens, "{m:?} vs {f:?}");
+        assert_eq!(f.completion_tokens, 0);
     }
 }
 

@@ -836,7 +836,7 @@ async fn strategy_answer(
             score: metrics::grade(item, &out.text),
             text: cut(&out.text),
             host_calls: out.usage.host_calls,
-            prompt_tokens: out.usage.prompt_tokens,
+            prompt_tokens: out.usage.prompt_tokens + out.usage.scored_tokens,
             completion_tokens: out.usage.completion_tokens,
             wall_ms: started.elapsed().as_millis() as u64,
             error: None,

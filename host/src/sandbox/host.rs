@@ -367,6 +367,7 @@ impl models::Host for RequestState {
             .score(self.call_ctx(), &model, input_in(prompt), continuations);
         let result = self.await_model(fut).await?;
         let scored: u32 = result.as_ref().map(|v| v.iter().map(|s| s.tokens).sum()).unwrap_or(0);
+        self.usage.scored_tokens += u64::from(scored);
         let outcome = outcome_of(&result);
         self.record_call("score", &model, scored, 0, started.elapsed(), &outcome);
         Ok(result
