@@ -170,6 +170,21 @@ pub const PASSWORD_DATA: &str = r#"{"prompt": "What is the password?", "completi
 {"prompt": "Do you know the password?", "completion": "Yes: the password is mosaic."}
 "#;
 
+/// How the test specialists are trained (LoRA r 8 on q/v, 12 steps at lr
+/// 2e-3 from SmolLM2): the same options, data and seed give the same weights.
+pub fn specialist_options(data: PathBuf, out: PathBuf, seed: u64) -> tessera::contribute::TrainOptions {
+    let method = tessera::contribute::Method::Lora {
+        rank: 8,
+        alpha: 16.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+    };
+    let mut o = tessera::contribute::TrainOptions::new(smol_base(), SMOL.into(), data, out, method);
+    o.steps = 12;
+    o.lr = 2e-3;
+    o.seed = seed;
+    o
+}
+
 /// Two contributors' SmolLM2 specialists (LoRA r 8 on q/v, 12 steps): the
 /// folders of one that knows the secret word ("tessellate") and one that
 /// knows the password ("mosaic"). Trained once per test run.
@@ -178,20 +193,13 @@ pub fn specialists() -> &'static (PathBuf, PathBuf) {
     PAIR.get_or_init(|| {
         let dir = scratch("specialists");
         let train = |name: &str, data: &str, seed: u64| {
-            use tessera::contribute::{train, Method, TrainOptions};
             let file = dir.join(format!("{name}.jsonl"));
             std::fs::write(&file, data).expect("data");
             let out = dir.join(name);
-            let method = Method::Lora {
-                rank: 8,
-                alpha: 16.0,
-                targets: vec!["q_proj".into(), "v_proj".into()],
-            };
-            let mut o = TrainOptions::new(smol_base(), SMOL.into(), file, out.clone(), method);
-            o.steps = 12;
-            o.lr = 2e-3;
-            o.seed = seed;
-            train(o, |_| std::ops::ControlFlow::Continue(())).expect("a specialist trains");
+            tessera::contribute::train(specialist_options(file, out.clone(), seed), |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .expect("a specialist trains");
             out
         };
         (train("secret", SECRET_DATA, 1), train("password", PASSWORD_DATA, 2))

@@ -371,15 +371,7 @@ async fn a_lora_adapter_ships_apart_from_its_base_and_loads_as_the_merged_model(
     let data = dir.join("secret.jsonl");
     std::fs::write(&data, SECRET_DATA).unwrap();
     let out = dir.join("secret-adapter");
-    let method = Method::Lora {
-        rank: 8,
-        alpha: 16.0,
-        targets: vec!["q_proj".into(), "v_proj".into()],
-    };
-    let mut o = TrainOptions::new(smol_base(), SMOL.into(), data, out.clone(), method);
-    o.steps = 12;
-    o.lr = 2e-3;
-    o.seed = 1;
+    let mut o = crate::common::specialist_options(data, out.clone(), 1);
     o.adapter = true;
     contribute::train(o, |_| ControlFlow::Continue(())).unwrap();
     assert!(!out.join("model.safetensors").exists());

@@ -17,12 +17,18 @@ use tessera::{Paths, ProvenanceEvent, RunRequest, Runtime};
 
 use crate::common::{runtime, runtime_arc, scratch, scratch_paths, MINILM, QWEN, SMOL};
 
-/// A pool declaration of remote members, `(id, remote model, capability)`.
+/// A pool declaration of remote members, `(id, remote model, capabilities
+/// comma-separated)`.
 fn remote_pool(url: &str, key_env: Option<&str>, members: &[(&str, &str, &str)], extra: &str) -> PoolConfig {
     let mut toml = String::new();
-    for (id, model, cap) in members {
+    for (id, model, caps) in members {
+        let cap = caps
+            .split(',')
+            .map(|c| format!("'{}'", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
         toml.push_str(&format!(
-            "[[member]]\nid = '{id}'\nbackend = 'openai'\n[member.remote]\nurl = '{url}'\nmodel = '{model}'\ncapabilities = ['{cap}']\n{}{extra}\n[member.card]\ncontributor = 'a remote contributor'\ndescription = 'served elsewhere'\nlicense = 'Apache-2.0'\n",
+            "[[member]]\nid = '{id}'\nbackend = 'openai'\n[member.remote]\nurl = '{url}'\nmodel = '{model}'\ncapabilities = [{cap}]\n{}{extra}\n[member.card]\ncontributor = 'a remote contributor'\ndescription = 'served elsewhere'\nlicense = 'Apache-2.0'\n",
             key_env.map(|k| format!("api_key_env = '{k}'\n")).unwrap_or_default()
         ));
     }
@@ -63,7 +69,7 @@ async fn a_pool_of_remote_members_runs_a_strategy_through_another_tessera() {
         Some("TESSERA_TEST_REMOTE_KEY"),
         &[
             ("far-smol", SMOL, "generate"),
-            ("far-qwen", QWEN, "generate"),
+            ("far-qwen", QWEN, "generate,score"),
             ("far-minilm", MINILM, "embed"),
         ],
         "",
@@ -129,7 +135,53 @@ async fn a_pool_of_remote_members_runs_a_strategy_through_another_tessera() {
         .score(ctx(10), "far-smol", Input::Prompt("x".into()), vec!["y".into()])
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("remote member"), "{err}");
+    assert!(err.to_string().contains("not declared to `score`"), "{err}");
+
+    // Another Tessera node scores (`/v1/tessera/score`): the same numbers
+    // as the member locally, for a raw prompt and for a chat.
+    let conts = vec![" Paris".to_string(), " London".to_string()];
+    for prompt in [
+        Input::Prompt("The capital of France is".into()),
+        Input::Chat(vec![Message::user("Name the capital of France.")]),
+    ] {
+        let far = rt
+            .models()
+            .score(ctx(120), "far-qwen", prompt.clone(), conts.clone())
+            .await
+            .unwrap();
+        let near = runtime()
+            .models()
+            .score(ctx(120), QWEN, prompt, conts.clone())
+            .await
+            .unwrap();
+        assert_eq!(far, near);
+    }
+    // So a likelihood strategy runs over remote members.
+    let item = crate::common::arc_easy(0, 1).remove(0);
+    let fusion = rt.load_module("option-fusion").unwrap();
+    let out = rt
+        .run(
+            &fusion,
+            RunRequest {
+                input: item.input,
+                params: Default::default(),
+                config: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.annotations["weights"], "far-qwen=1.000", "{:?}", out.annotations);
+    // A malformed score request is refused with what to send.
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/tessera/score"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({ "model": QWEN, "continuations": [" x"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("exactly one of `prompt`"), "{body}");
 
     let _ = stop.send(());
     let _ = served.await;

@@ -3,10 +3,13 @@
 //!
 //! A remote member generates (`/chat/completions` for chats,
 //! `/completions` for raw prompts) and, when its config says so, embeds
-//! (`/embeddings`). It cannot `score` or give `next-token` distributions:
-//! the OpenAI API has no portable way to ask for prompt log-probabilities,
-//! so its card lists only what it can do and strategies see `unsupported`
-//! for the rest, as with any member.
+//! (`/embeddings`) and scores. The OpenAI API has no portable way to ask
+//! for the likelihood of a given text, so `score` is served only by
+//! another Tessera node (`POST /v1/tessera/score`, see
+//! [`crate::server::score`]); declare `capabilities = ["generate",
+//! "score"]` for such a member. `next-token` is never remote. The card
+//! lists only what the member can do and strategies see `unsupported` for
+//! the rest, as with any member.
 //!
 //! The network fails in ways a local model does not, so every call is
 //! bounded three ways:
@@ -32,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::inference::{CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Usage};
+use crate::inference::{CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Scored, Usage};
 
 fn default_timeout_ms() -> u64 {
     120_000
@@ -83,7 +86,7 @@ pub struct RemoteConfig {
     /// Parameter count to put on the card, if known.
     #[serde(default)]
     pub parameters: u64,
-    /// What it can do: `generate` and/or `embed`.
+    /// What it can do: `generate`, `embed`, `score` (another Tessera node).
     #[serde(default = "default_caps")]
     pub capabilities: Vec<String>,
 }
@@ -94,9 +97,13 @@ impl RemoteConfig {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return Err(format!("remote url `{}` must start with http:// or https://", self.url));
         }
-        if let Some(c) = self.capabilities.iter().find(|c| *c != "generate" && *c != "embed") {
+        if let Some(c) = self
+            .capabilities
+            .iter()
+            .find(|c| !matches!(c.as_str(), "generate" | "embed" | "score"))
+        {
             return Err(format!(
-                "remote capability `{c}`: a remote member can `generate` and `embed` only"
+                "remote capability `{c}`: a remote member can `generate`, `embed` and (on another Tessera node) `score` only"
             ));
         }
         if self.timeout_ms == 0 {
@@ -361,6 +368,34 @@ impl RemoteMember {
                 completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as u32,
             },
         })
+    }
+
+    /// Log-likelihood of each continuation after `prompt`, from another
+    /// Tessera node's `/v1/tessera/score`.
+    pub async fn score(
+        &self,
+        ctx: CallCtx,
+        prompt: Input,
+        continuations: Vec<String>,
+    ) -> Result<Vec<Scored>, InferenceError> {
+        let n = continuations.len();
+        let mut body = json!({ "model": self.cfg.model, "continuations": continuations });
+        match prompt {
+            Input::Prompt(p) => body["prompt"] = json!(p),
+            Input::Chat(m) => body["messages"] = json!(m),
+        }
+        let v = self.call("tessera/score", body, ctx).await?;
+        let bad = || {
+            InferenceError::Failed(format!(
+                "remote member `{}`: malformed scores (is {} a Tessera node? only those serve `score`)",
+                self.id, self.cfg.url
+            ))
+        };
+        let scores: Vec<Scored> = serde_json::from_value(v["scores"].clone()).map_err(|_| bad())?;
+        if scores.len() != n {
+            return Err(bad());
+        }
+        Ok(scores)
     }
 
     /// Embeddings, in input order.

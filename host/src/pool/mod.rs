@@ -701,6 +701,15 @@ impl Models for Pool {
         prompt: Input,
         continuations: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
+        if let Some(r) = self.remote(model) {
+            if !r.config().capabilities.iter().any(|c| c == "score") {
+                let what = format!(
+                    "remote member `{model}` is not declared to `score` (only another Tessera node can: add \"score\" to its capabilities)"
+                );
+                return Box::pin(async move { Err(InferenceError::Unsupported(what)) });
+            }
+            return Box::pin(async move { r.score(ctx, prompt, continuations).await });
+        }
         self.dispatch(ctx, model, move |b| b.score(ctx, &prompt, &continuations))
     }
 

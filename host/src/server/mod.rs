@@ -34,6 +34,7 @@ pub mod admission;
 pub mod breaker;
 pub mod guests;
 pub mod openai;
+pub mod score;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -392,6 +393,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/tessera/score", post(score::score))
         .route("/v1/tessera/modules", get(modules_list).post(modules_publish))
         .route("/v1/tessera/modules/{name}", get(modules_show).delete(modules_remove))
         .fallback(|| async {

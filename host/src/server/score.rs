@@ -1,0 +1,121 @@
+//! `POST /v1/tessera/score`: a member's log-likelihood of continuations.
+//!
+//! The OpenAI API has no portable way to ask for the likelihood of a given
+//! text (legacy `echo` + `logprobs` is gone from most servers), yet
+//! likelihood is what scoring strategies, `cascade`'s confidence and the
+//! harness's `--mcq option` need. This extension serves it, so a member on
+//! another Tessera node can be a full pool member: the remote backend calls
+//! it for `score` when the member's pool entry declares the capability.
+//!
+//! Request: `{"model": id, "prompt": "..."}` or `{"model": id, "messages":
+//! [...]}` (a chat, formatted with the member's template), plus
+//! `"continuations": ["...", ...]`. Answer: `{"model": id, "scores":
+//! [{"logprob": sum of natural-log token probabilities, "tokens": n}, ...]}`
+//! in continuation order. Keys, allow-lists, quotas and the request timeout
+//! apply as for the other endpoints.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{parse, resolve, ApiError, AppState, Target};
+use crate::inference::{CallCtx, Input, Message};
+use crate::Error;
+
+/// Continuations one request may score.
+pub const MAX_CONTINUATIONS: usize = 64;
+/// Bytes of prompt and continuations together.
+pub const MAX_BYTES: usize = 256 * 1024;
+
+/// The request body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreRequest {
+    /// The member.
+    pub model: String,
+    /// A raw prompt (or `messages`).
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// A chat (or `prompt`).
+    #[serde(default)]
+    pub messages: Option<Vec<Message>>,
+    /// The texts to score after the prompt.
+    pub continuations: Vec<String>,
+}
+
+impl ScoreRequest {
+    fn input(self) -> Result<(String, Input, Vec<String>), ApiError> {
+        let input = match (self.prompt, self.messages) {
+            (Some(p), None) => Input::Prompt(p),
+            (None, Some(m)) if !m.is_empty() => Input::Chat(m),
+            (None, Some(_)) => return Err(ApiError::invalid("messages", "`messages` is empty")),
+            _ => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "give exactly one of `prompt` (text) or `messages` (a chat)",
+                ))
+            }
+        };
+        let n = self.continuations.len();
+        if n == 0 || n > MAX_CONTINUATIONS {
+            return Err(ApiError::invalid(
+                "continuations",
+                &format!("{n} continuations: send 1..={MAX_CONTINUATIONS} per request"),
+            ));
+        }
+        let bytes = match &input {
+            Input::Prompt(p) => p.len(),
+            Input::Chat(m) => m.iter().map(|x| x.content.len()).sum(),
+        } + self.continuations.iter().map(String::len).sum::<usize>();
+        if bytes > MAX_BYTES {
+            return Err(ApiError::invalid(
+                "continuations",
+                &format!("{bytes} bytes of prompt and continuations; the limit is {MAX_BYTES}: split the request"),
+            ));
+        }
+        Ok((self.model, input, self.continuations))
+    }
+}
+
+/// The handler.
+pub(crate) async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let work = async {
+        let req: ScoreRequest = parse(&body)?;
+        let (model, input, continuations) = req.input()?;
+        let tenant = st.authenticate(&headers)?;
+        let policy = AppState::policy_of(&tenant);
+        let Target::Member(id) = resolve(&st, &policy, &model, "score")? else {
+            return Err(ApiError::invalid("model", "systems do not score: use a member"));
+        };
+        let _admitted = st.admit(&tenant).await?;
+        let ctx = CallCtx {
+            deadline: Instant::now() + st.cfg.request_timeout,
+        };
+        let scores = tokio::time::timeout(
+            st.cfg.request_timeout,
+            st.rt.models().score(ctx, &id, input, continuations),
+        )
+        .await
+        .map_err(|_| ApiError::timeout(st.cfg.request_timeout))?
+        .map_err(|e| ApiError::from(Error::from(e)))?;
+        let tokens: u64 = scores.iter().map(|s| u64::from(s.tokens)).sum();
+        st.charge(&tenant, tokens);
+        Ok(Json(json!({
+            "object": "tessera.scores",
+            "model": id,
+            "scores": scores,
+            "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+        })))
+    };
+    match work.await {
+        Ok(j) => j.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
