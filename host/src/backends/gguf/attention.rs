@@ -12,7 +12,7 @@ pub(super) fn embedding_and_output<R: std::io::Read + std::io::Seek>(
     content: &gguf_file::Content,
     reader: &mut R,
     device: &Device,
-) -> Result<(Tensor, candle_core::quantized::QMatMul)> {
+) -> Result<(Tensor, super::quant::Linear)> {
     let embed_q = content.tensor(reader, "token_embd.weight", device)?;
     let embed = embed_q.dequantize_f16(device)?;
     let output = match content.tensor_infos.contains_key("output.weight") {

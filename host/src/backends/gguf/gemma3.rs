@@ -21,7 +21,8 @@
 //! The GGUF converter has already folded Gemma's `1 + weight` into the norm
 //! weights, so every norm here is a plain RMSNorm.
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use super::quant::Linear;
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::attention::{attend, causal_mask, embedding_and_output, Meta, Rope};
@@ -34,17 +35,17 @@ const GLOBAL_EVERY: usize = 6;
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     q_norm: Tensor,
     k_norm: Tensor,
     post_attn_norm: Tensor,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     post_ffn_norm: Tensor,
     /// `Some(window)` for a local layer.
     window: Option<usize>,
@@ -58,7 +59,7 @@ struct Layer {
 pub struct Gemma3 {
     embed: Tensor,
     embed_scale: f64,
-    output: QMatMul,
+    output: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
     local_rope: Rope,
@@ -96,7 +97,7 @@ impl Gemma3 {
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
-            let mut mm = |s: &str| -> Result<QMatMul> { super::quant::matmul(qt(&p(s))?, device) };
+            let mut mm = |s: &str| -> Result<Linear> { super::quant::matmul(qt(&p(s))?, device) };
             let (q, k, v, o) = (mm("attn_q")?, mm("attn_k")?, mm("attn_v")?, mm("attn_output")?);
             let (gate, up, down) = (mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
             let mut vec = |s: &str| -> Result<Tensor> { qt(&p(s))?.dequantize(device) };

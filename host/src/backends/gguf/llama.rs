@@ -15,7 +15,8 @@
 //! llama.cpp stores llama's query/key weights permuted for rotary embedding
 //! on adjacent pairs; Qwen2's are stored for the rotate-half form.
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use super::quant::Linear;
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::attention::{attend, causal_mask, embedding_and_output, Meta, Rope};
@@ -23,16 +24,16 @@ use super::attention::{attend, causal_mask, embedding_and_output, Meta, Rope};
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     /// Qwen2's query/key/value biases.
     bias: Option<(Tensor, Tensor, Tensor)>,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     kv: Option<(Tensor, Tensor)>,
 }
 
@@ -45,7 +46,7 @@ pub type KvState = Vec<Option<(Tensor, Tensor)>>;
 #[derive(Debug, Clone)]
 pub struct Llama {
     embed: Tensor,
-    output: QMatMul,
+    output: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
     rope: Rope,

@@ -1,16 +1,24 @@
-//! Weight formats candle computes fast on the CPU.
+//! Weight formats and kernels that multiply fast on the CPU.
 //!
-//! candle has SIMD dot products for Q4_0, Q8_0 and the K-quants, but only
-//! scalar code for Q4_1, Q5_0 and Q5_1, which the default pool's files use
-//! (SmolLM2 is Q4_1 throughout; Qwen and Gemma use Q5_0 for many matrices).
-//! Profiling showed those scalar loops taking over half of all decode time.
-//! Such tensors are re-encoded once at load as Q8_0: every Q4_1/Q5_x value
-//! sits within 1/254 of its block's range of a Q8_0 level, far below the
-//! models' own quantization error, and the matmul then runs on AVX2. The
-//! price is memory: those tensors grow from 5-6 to 8.5 bits per weight.
+//! * **Format.** candle has SIMD dot products for Q4_0, Q8_0 and the
+//!   K-quants, but only scalar code for Q4_1, Q5_0 and Q5_1, which the default
+//!   pool's files use (SmolLM2 is Q4_1 throughout; Qwen and Gemma use Q5_0 for
+//!   many matrices). Profiling showed those scalar loops taking over half of
+//!   all decode time. Such tensors are re-encoded once at load as Q8_0: every
+//!   Q4_1/Q5_x value sits within 1/254 of its block's range of a Q8_0 level,
+//!   far below the models' own quantization error. The price is memory: those
+//!   tensors grow from 5-6 to 8.5 bits per weight.
+//! * **Kernel.** Q8_0 matrices go to our AVX-512 VNNI kernel
+//!   ([`tessera_kernels::vnni`]) where the CPU has it: candle's own VNNI path needs
+//!   input widths that are multiples of 256, which the default pool's hidden
+//!   sizes are not, and its one-row-at-a-time AVX2 fallback was 70% of all
+//!   inference time. Everything else (K-quants, other CPUs, other devices)
+//!   stays on candle's `QMatMul`.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Result};
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+use tessera_kernels::vnni;
 
 /// Whether candle's CPU kernels for `dtype` are scalar-only.
 fn is_slow(dtype: GgmlDType) -> bool {
@@ -26,7 +34,108 @@ pub fn fast(qt: QTensor, device: &Device) -> Result<QTensor> {
     QTensor::quantize(&dense, GgmlDType::Q8_0)
 }
 
-/// A matmul over `qt`, re-encoded first if its format is slow.
-pub fn matmul(qt: QTensor, device: &Device) -> Result<QMatMul> {
-    QMatMul::from_qtensor(fast(qt, device)?)
+/// A quantized projection `x -> x W^T` on the fastest kernel for its format
+/// and this CPU (see the module docs).
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// candle's quantized matmul.
+    Candle(QMatMul),
+    /// Q8_0 weights repacked for the VNNI kernel.
+    Vnni(std::sync::Arc<vnni::Packed>),
+}
+
+impl Linear {
+    /// `qt` re-encoded if its format is slow, on the VNNI kernel where it
+    /// applies.
+    pub fn new(qt: QTensor, device: &Device) -> Result<Self> {
+        Self::choose(qt, device, vnni::available())
+    }
+
+    /// As [`Linear::new`], with the kernel choice given (tests compare both).
+    pub fn choose(qt: QTensor, device: &Device, vnni: bool) -> Result<Self> {
+        let qt = fast(qt, device)?;
+        let (n, k) = qt.shape().dims2()?;
+        if vnni && device.is_cpu() && qt.dtype() == GgmlDType::Q8_0 && vnni::fits(n, k) {
+            if let Some(packed) = vnni::Packed::from_q8_0(&qt.data()?, n, k) {
+                return Ok(Linear::Vnni(std::sync::Arc::new(packed)));
+            }
+        }
+        Ok(Linear::Candle(QMatMul::from_qtensor(qt)?))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Candle(mm) => mm.forward(x),
+            Linear::Vnni(w) => {
+                let mut dims = x.dims().to_vec();
+                let k = dims.pop().unwrap_or(0);
+                if k != w.cols() {
+                    candle_core::bail!("projection expects {} inputs, got shape {:?}", w.cols(), x.dims());
+                }
+                let m = dims.iter().product::<usize>();
+                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                dims.push(w.rows());
+                Tensor::from_vec(vnni::matmul(w, &xs, m), dims, x.device())
+            }
+        }
+    }
+}
+
+/// A projection over `qt`, on the kernel [`Linear::new`] picks.
+pub fn matmul(qt: QTensor, device: &Device) -> Result<Linear> {
+    Linear::new(qt, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_kernels_give_the_same_products() {
+        let dev = Device::Cpu;
+        for (rows, cols, dtype) in [
+            (64, 576, GgmlDType::Q8_0),
+            (32, 640, GgmlDType::Q4_1),
+            (48, 896, GgmlDType::Q5_0),
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).expect("randn");
+            let q = || QTensor::quantize(&w, dtype).expect("quantizes");
+            let plain = Linear::choose(q(), &dev, false).expect("plain");
+            let fast = Linear::new(q(), &dev).expect("fast");
+            assert!(matches!(plain, Linear::Candle(_)));
+            if vnni::available() {
+                assert!(
+                    matches!(fast, Linear::Vnni(_)),
+                    "{rows}x{cols} {dtype:?} not on the VNNI kernel"
+                );
+            }
+            for shape in [vec![1, cols], vec![2, 3, cols]] {
+                let x = Tensor::randn(0f32, 1.0, shape.clone(), &dev).expect("randn");
+                let y0 = plain.forward(&x).expect("plain forward");
+                let y1 = fast.forward(&x).expect("fast forward");
+                assert_eq!(y0.dims(), y1.dims());
+                let scale = y0
+                    .abs()
+                    .expect("abs")
+                    .max_all()
+                    .expect("max")
+                    .to_scalar::<f32>()
+                    .expect("scalar");
+                let err = (y0 - y1).expect("sub").abs().expect("abs").max_all().expect("max");
+                assert!(err.to_scalar::<f32>().expect("scalar") <= 2e-3 * scale.max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn k_quants_and_odd_shapes_stay_on_candle() {
+        let dev = Device::Cpu;
+        for (rows, cols, dtype) in [(64, 512, GgmlDType::Q4K), (8, 576, GgmlDType::Q8_0)] {
+            let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).expect("randn");
+            let l = Linear::new(QTensor::quantize(&w, dtype).expect("quantizes"), &dev).expect("linear");
+            assert!(matches!(l, Linear::Candle(_)), "{rows}x{cols} {dtype:?}");
+        }
+    }
 }

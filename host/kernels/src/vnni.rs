@@ -1,0 +1,282 @@
+//! Q8_0 matrix products with AVX-512 VNNI, for any input width.
+//!
+//! candle multiplies quantized weights with `vpdpbusd` only when the input
+//! width is a multiple of 256, and then quantizes each activation row with one
+//! scale per 256 values. The default pool's hidden sizes (576, 640, 896) miss
+//! the first condition, so most of their matrices ran on a one-row-at-a-time
+//! AVX2 dot product; padding them to 768/1024 met it but lost too much
+//! precision (one scale per 256 activations moved SmolLM2's next-token
+//! log-probs by over a nat against llama.cpp, which quantizes activations per
+//! 32 values like the weights).
+//!
+//! This kernel keeps llama.cpp's numerics and takes the fast instruction:
+//!
+//! * Weights are repacked once at load into tiles of 16 output rows by one
+//!   32-value block: the 16 rows' block scales as f32, then the quants stored
+//!   as `q + 128` (unsigned, as `vpdpbusd` wants its first operand), grouped
+//!   by 4 consecutive inputs so that one 64-byte load holds 4 inputs of all 16
+//!   rows.
+//! * Each activation row is quantized per 32 values (scale = max |x| / 127,
+//!   as Q8_0), keeping the sum of its quants.
+//! * One `vpdpbusd` multiplies 4 inputs, broadcast, into 16 rows at once;
+//!   after a block's 8 groups the `+128` is taken back out with the block's
+//!   quant sum (`sum((q+128) a) - 128 sum(a)`), and the integer result is
+//!   scaled by the weight scales and the activation scale into 16 f32
+//!   accumulators.
+//! * Up to four activation rows share every weight load (prefill, scoring,
+//!   batched decoding), and tiles are spread over candle's thread pool, so the
+//!   thread budget is the one the rest of inference uses.
+//!
+//! Results equal candle's AVX2 Q8_0 path up to the activation scale's
+//! precision (f32 here, f16 there) and float summation order.
+
+/// Output rows per tile: one 512-bit register of i32/f32 lanes.
+const TILE: usize = 16;
+/// Values per quantization block (Q8_0's block size).
+const BLOCK: usize = 32;
+
+/// One 32-input block of 16 output rows.
+#[repr(C, align(64))]
+#[derive(Clone)]
+struct Tile {
+    /// Quants + 128: `[group of 4 inputs (8)][row (16)][input in group (4)]`.
+    qs: [u8; BLOCK * TILE],
+    /// Each row's block scale.
+    d: [f32; TILE],
+}
+
+/// A Q8_0 weight matrix (`n` rows of `k` inputs) repacked for [`matmul`].
+pub struct Packed {
+    n: usize,
+    k: usize,
+    /// `[tile (n / 16)][block (k / 32)]`.
+    tiles: Vec<Tile>,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "vnni::Packed({}x{})", self.n, self.k)
+    }
+}
+
+/// Whether this CPU runs the kernel (checked once; the answer is cached by
+/// the standard library).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether a `n x k` matrix fits the tile layout.
+pub fn fits(n: usize, k: usize) -> bool {
+    n > 0 && k > 0 && n.is_multiple_of(TILE) && k.is_multiple_of(BLOCK)
+}
+
+impl Packed {
+    /// Repacks GGML Q8_0 data (`n * k / 32` blocks of an f16 scale and 32
+    /// i8 quants, row-major) into tiles. `None` if the shape does not fit or
+    /// the data is not that many blocks.
+    pub fn from_q8_0(bytes: &[u8], n: usize, k: usize) -> Option<Packed> {
+        const BLOCK_BYTES: usize = 2 + BLOCK;
+        let kb = k / BLOCK;
+        if !fits(n, k) || bytes.len() != n * kb * BLOCK_BYTES {
+            return None;
+        }
+        let mut tiles = Vec::with_capacity(n / TILE * kb);
+        for t in 0..n / TILE {
+            for b in 0..kb {
+                let mut tile = Tile {
+                    qs: [0; BLOCK * TILE],
+                    d: [0.0; TILE],
+                };
+                for r in 0..TILE {
+                    let at = ((t * TILE + r) * kb + b) * BLOCK_BYTES;
+                    let block = &bytes[at..at + BLOCK_BYTES];
+                    tile.d[r] = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    for (i, &q) in block[2..].iter().enumerate() {
+                        let (group, lane) = (i / 4, i % 4);
+                        tile.qs[(group * TILE + r) * 4 + lane] = (q as i8 as i16 + 128) as u8;
+                    }
+                }
+                tiles.push(tile);
+            }
+        }
+        Some(Packed { n, k, tiles })
+    }
+
+    /// Output width (rows of the weight matrix).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input width.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+}
+
+/// One activation block quantized as Q8_0, with its quant sum.
+#[derive(Clone, Copy)]
+struct Act {
+    d: f32,
+    sum: i32,
+    qs: [i8; BLOCK],
+}
+
+/// Quantizes rows of whole 32-value blocks, block by block.
+fn quantize(x: &[f32]) -> Vec<Act> {
+    x.chunks_exact(BLOCK)
+        .map(|xs| {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut qs = [0i8; BLOCK];
+            for (q, v) in qs.iter_mut().zip(xs) {
+                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+            let sum = qs.iter().map(|&q| q as i32).sum();
+            Act { d, sum, qs }
+        })
+        .collect()
+}
+
+/// `x (m x k) -> x W^T (m x n)`, row-major, for a matrix packed by
+/// [`Packed::from_q8_0`]. The caller checks [`available`] first.
+pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * w.k);
+    let acts = quantize(x);
+    let mut out = vec![0f32; m * w.n];
+    let kb = w.k / BLOCK;
+    let out_at = out.as_mut_ptr() as usize;
+    let (n, tiles, acts) = (w.n, &w.tiles, &acts);
+    candle_core::utils::barrier_pool().execute_chunked(w.n / TILE, |range| {
+        for t in range {
+            let blocks = &tiles[t * kb..(t + 1) * kb];
+            let mut row = 0;
+            while row < m {
+                let take = (m - row).min(4);
+                // SAFETY: `available()` was checked by the caller; each tile
+                // writes only its own 16 columns of the rows it is given, so
+                // workers never write the same element, and `out` outlives
+                // the pool call.
+                unsafe {
+                    let dst = out_at as *mut f32;
+                    match take {
+                        4 => rows::<4>(blocks, acts, kb, row, dst, n, t * TILE),
+                        3 => rows::<3>(blocks, acts, kb, row, dst, n, t * TILE),
+                        2 => rows::<2>(blocks, acts, kb, row, dst, n, t * TILE),
+                        _ => rows::<1>(blocks, acts, kb, row, dst, n, t * TILE),
+                    }
+                }
+                row += take;
+            }
+        }
+    });
+    out
+}
+
+/// `R` activation rows from `row` against one tile column: writes
+/// `dst[(row + r) * n + col .. + 16]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn rows<const R: usize>(
+    blocks: &[Tile],
+    acts: &[Act],
+    kb: usize,
+    row: usize,
+    dst: *mut f32,
+    n: usize,
+    col: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut sums = [_mm512_setzero_ps(); R];
+    for (b, tile) in blocks.iter().enumerate() {
+        let mut acc = [_mm512_setzero_si512(); R];
+        for g in 0..BLOCK / 4 {
+            // SAFETY: qs holds 8 groups of 64 bytes.
+            let w = unsafe { _mm512_loadu_si512(tile.qs.as_ptr().add(g * 64) as *const _) };
+            for r in 0..R {
+                let a = &acts[(row + r) * kb + b].qs;
+                // SAFETY: g * 4 + 4 <= 32; the 4 quants are read as one lane.
+                let a4 = _mm512_set1_epi32(unsafe { std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32) });
+                acc[r] = _mm512_dpbusd_epi32(acc[r], w, a4);
+            }
+        }
+        // SAFETY: d holds 16 f32.
+        let dw = unsafe { _mm512_loadu_ps(tile.d.as_ptr()) };
+        for r in 0..R {
+            let a = &acts[(row + r) * kb + b];
+            let exact = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(128 * a.sum));
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(a.d));
+            sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, sums[r]);
+        }
+    }
+    for (r, s) in sums.iter().enumerate() {
+        // SAFETY: the caller gives rows < m and col + 16 <= n of an m x n buffer.
+        unsafe { _mm512_storeu_ps(dst.add((row + r) * n + col), *s) };
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn rows<const R: usize>(_: &[Tile], _: &[Act], _: usize, _: usize, _: *mut f32, _: usize, _: usize) {
+    unreachable!("vnni::matmul is only called where vnni::available() holds")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    /// The same product through candle's own Q8_0 kernels and through ours.
+    /// Widths are kept off multiples of 256, where candle itself switches to
+    /// its VNNI path with coarser activation scales.
+    #[test]
+    fn matches_candle_on_odd_widths_and_row_counts() {
+        if !available() {
+            eprintln!("no AVX-512 VNNI here: kernel not exercised");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (n, k) in [(48, 576), (16, 32), (64, 896), (32, 1568)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
+            let qt = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantizes");
+            let packed = Packed::from_q8_0(&qt.data().expect("data"), n, k).expect("packs");
+            let reference = QMatMul::from_qtensor(qt).expect("qmatmul");
+            for m in [1, 2, 3, 4, 5, 9] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).expect("randn");
+                let want = reference.forward(&x).expect("forward").flatten_all().expect("flat");
+                let want: Vec<f32> = want.to_vec1().expect("vec");
+                let xs: Vec<f32> = x.flatten_all().expect("flat").to_vec1().expect("vec");
+                let got = matmul(&packed, &xs, m);
+                let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    // f16 vs f32 activation scales: ~1e-3 relative.
+                    assert!((g - w).abs() <= 2e-3 * scale, "{n}x{k} m={m} [{i}]: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_shapes_and_data_that_do_not_fit() {
+        assert!(
+            Packed::from_q8_0(&[0; 34 * 18], 8, 576).is_none(),
+            "8 rows is not a tile"
+        );
+        assert!(
+            Packed::from_q8_0(&[0; 34 * 18 * 16], 16, 570).is_none(),
+            "570 is not whole blocks"
+        );
+        assert!(
+            Packed::from_q8_0(&[0; 34 * 18 * 16 - 1], 16, 576).is_none(),
+            "short data"
+        );
+        assert!(Packed::from_q8_0(&[0; 34 * 18 * 16], 16, 576).is_some());
+    }
+}
