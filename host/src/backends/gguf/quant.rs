@@ -8,6 +8,11 @@
 //!   Q4_1/Q5_x value sits within 1/254 of its block's range of a Q8_0 level,
 //!   far below the models' own quantization error. The price is memory: those
 //!   tensors grow from 5-6 to 8.5 bits per weight.
+//! * **Batch independence.** Batched decoding promises each sequence the
+//!   logits it would get alone, so a row's product must not depend on the
+//!   other rows of the call. candle multiplies a single row of Q6_K by a
+//!   different kernel (and float summation order) than several rows; a
+//!   single row is therefore sent with a zero row beside it.
 //! * **Kernel.** Q8_0 matrices go to our AVX-512 VNNI kernel
 //!   ([`tessera_kernels::vnni`]) where the CPU has it: candle's own VNNI path needs
 //!   input widths that are multiples of 256, which the default pool's hidden
@@ -16,7 +21,7 @@
 //!   stays on candle's `QMatMul`.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use tessera_kernels::vnni;
 
@@ -38,8 +43,8 @@ pub fn fast(qt: QTensor, device: &Device) -> Result<QTensor> {
 /// and this CPU (see the module docs).
 #[derive(Debug, Clone)]
 pub enum Linear {
-    /// candle's quantized matmul.
-    Candle(QMatMul),
+    /// candle's quantized matmul; single rows padded to `min_rows`.
+    Candle { mm: QMatMul, min_rows: usize },
     /// Q8_0 weights repacked for the VNNI kernel.
     Vnni(std::sync::Arc<vnni::Packed>),
 }
@@ -60,14 +65,34 @@ impl Linear {
                 return Ok(Linear::Vnni(std::sync::Arc::new(packed)));
             }
         }
-        Ok(Linear::Candle(QMatMul::from_qtensor(qt)?))
+        let min_rows = if device.is_cpu() && qt.dtype() == GgmlDType::Q6K {
+            2
+        } else {
+            1
+        };
+        Ok(Linear::Candle {
+            mm: QMatMul::from_qtensor(qt)?,
+            min_rows,
+        })
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Linear::Candle(mm) => mm.forward(x),
+            Linear::Candle { mm, min_rows } => {
+                let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+                if rows >= *min_rows {
+                    return mm.forward(x);
+                }
+                let (mut dims, k) = (x.dims().to_vec(), x.dim(D::Minus1)?);
+                let padded = x.reshape((rows, k))?.pad_with_zeros(0, 0, min_rows - rows)?;
+                let y = mm.forward(&padded)?.narrow(0, 0, rows)?;
+                if let Some(last) = dims.last_mut() {
+                    *last = y.dim(1)?;
+                }
+                y.reshape(dims)
+            }
             Linear::Vnni(w) => {
                 let mut dims = x.dims().to_vec();
                 let k = dims.pop().unwrap_or(0);
@@ -104,7 +129,7 @@ mod tests {
             let q = || QTensor::quantize(&w, dtype).expect("quantizes");
             let plain = Linear::choose(q(), &dev, false).expect("plain");
             let fast = Linear::new(q(), &dev).expect("fast");
-            assert!(matches!(plain, Linear::Candle(_)));
+            assert!(matches!(plain, Linear::Candle { .. }));
             if vnni::available() {
                 assert!(
                     matches!(fast, Linear::Vnni(_)),
@@ -129,13 +154,39 @@ mod tests {
         }
     }
 
+    /// Batched decoding relies on this: a row's product must not depend on
+    /// which other rows share the call.
+    #[test]
+    fn rows_do_not_depend_on_their_batch() {
+        let dev = Device::Cpu;
+        for (rows, cols, dtype) in [
+            (64, 576, GgmlDType::Q8_0),
+            (64, 896, GgmlDType::Q5_0),
+            (64, 512, GgmlDType::Q4K),
+            (64, 512, GgmlDType::Q6K),
+        ] {
+            let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).expect("randn");
+            let l = Linear::new(QTensor::quantize(&w, dtype).expect("quantizes"), &dev).expect("linear");
+            let x = Tensor::randn(0f32, 1.0, (17, cols), &dev).expect("randn");
+            let together: Vec<Vec<f32>> = l.forward(&x).expect("forward").to_vec2().expect("vec");
+            for (i, row) in together.iter().enumerate() {
+                let alone: Vec<Vec<f32>> = l
+                    .forward(&x.narrow(0, i, 1).expect("row"))
+                    .expect("forward")
+                    .to_vec2()
+                    .expect("vec");
+                assert_eq!(&alone[0], row, "{rows}x{cols} {dtype:?} row {i}");
+            }
+        }
+    }
+
     #[test]
     fn k_quants_and_odd_shapes_stay_on_candle() {
         let dev = Device::Cpu;
         for (rows, cols, dtype) in [(64, 512, GgmlDType::Q4K), (8, 576, GgmlDType::Q8_0)] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).expect("randn");
             let l = Linear::new(QTensor::quantize(&w, dtype).expect("quantizes"), &dev).expect("linear");
-            assert!(matches!(l, Linear::Candle(_)), "{rows}x{cols} {dtype:?}");
+            assert!(matches!(l, Linear::Candle { .. }), "{rows}x{cols} {dtype:?}");
         }
     }
 }
