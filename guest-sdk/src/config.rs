@@ -78,6 +78,31 @@ impl Config {
     }
 }
 
+impl Config {
+    /// `key` as a comma-separated list of exactly `count` numbers (one per
+    /// member, say), or `None` when unset or blank. `what` names what each
+    /// number belongs to, for the error when the count is wrong (e.g. "member
+    /// (a, b, c)"); a value that does not parse names the key either way.
+    pub fn numbers(&self, key: &str, count: usize, what: &str) -> Result<Option<Vec<f64>>, Error> {
+        let Some(raw) = self.get(key).map(str::trim).filter(|s| !s.is_empty()) else {
+            return Ok(None);
+        };
+        let list: Vec<f64> = raw
+            .split(',')
+            .map(|x| x.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| invalid(key, raw, "use comma-separated numbers"))?;
+        if list.len() != count {
+            return Err(invalid(
+                key,
+                raw,
+                &format!("give {count} numbers, one per {what} (got {})", list.len()),
+            ));
+        }
+        Ok(Some(list))
+    }
+}
+
 /// Sampling settings read by [`Config::sampling`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampling {
@@ -125,6 +150,25 @@ pub fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_checks_count_and_syntax() {
+        let cfg = |v: &str| Config::from_pairs(vec![("weights".into(), v.into())]);
+        assert_eq!(Config::default().numbers("weights", 2, "member").unwrap(), None);
+        assert_eq!(cfg(" ").numbers("weights", 2, "member").unwrap(), None);
+        assert_eq!(
+            cfg("1, 0.5").numbers("weights", 2, "member").unwrap(),
+            Some(vec![1.0, 0.5])
+        );
+        let Err(Error::InvalidParams(e)) = cfg("1,x").numbers("weights", 2, "member") else {
+            panic!("bad number accepted")
+        };
+        assert!(e.contains("`weights`") && e.contains("comma-separated"), "{e}");
+        let Err(Error::InvalidParams(e)) = cfg("1").numbers("weights", 2, "member (a, b)") else {
+            panic!("short list accepted")
+        };
+        assert!(e.contains("give 2 numbers, one per member (a, b) (got 1)"), "{e}");
+    }
 
     #[test]
     fn parse_within_names_the_key_value_and_fix() {

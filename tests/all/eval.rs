@@ -314,7 +314,7 @@ async fn option_fusion_fits_weights_never_worse_than_its_members_on_dev() {
     let mut req = ask(&test.input);
     req.config.insert("weights".into(), "1,2".into());
     let err = rt.run(&m, req).await.unwrap_err();
-    assert!(err.to_string().contains("one weight per member"), "{err}");
+    assert!(err.to_string().contains("one per member ("), "{err}");
 }
 
 #[tokio::test]

@@ -69,21 +69,7 @@ fn plan(cfg: &Config, pool: &[ModelInfo], seed: u64) -> Result<Plan, Error> {
         "use a keep probability in (0, 1]",
     )?;
     let lambda: f64 = cfg.parse_within("lambda", 1.0, 0.0..=4.0, "use a scale in [0, 4]")?;
-    let weights = match cfg.get("weights") {
-        None => None,
-        Some(list) => {
-            let w: Result<Vec<f64>, _> = list.split(',').map(|x| x.trim().parse::<f64>()).collect();
-            let w = w.map_err(|_| config::invalid("weights", list, "use comma-separated numbers"))?;
-            if w.len() != models.len() {
-                return Err(config::invalid(
-                    "weights",
-                    list,
-                    "give one weight per member in `models`",
-                ));
-            }
-            Some(w)
-        }
-    };
+    let weights = cfg.numbers("weights", models.len(), "member in `models`")?;
     Ok(Plan {
         base,
         models,

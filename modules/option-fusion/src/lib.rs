@@ -98,24 +98,18 @@ fn accuracy(table: &[(Vec<Option<Vec<f64>>>, usize)], weights: &[f64]) -> f64 {
 
 /// Config `weights`: one number >= 0 per member, not all 0.
 fn configured_weights(cfg: &Config, members: &[ModelInfo]) -> Result<Option<Vec<f64>>, Error> {
-    let Some(raw) = cfg.get("weights").map(str::trim).filter(|s| !s.is_empty()) else {
+    let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
+    let what = format!("member ({})", ids.join(", "));
+    let Some(w) = cfg.numbers("weights", members.len(), &what)? else {
         return Ok(None);
     };
-    let bad = |why: &str| config::invalid("weights", raw, why);
-    let w: Vec<f64> = raw
-        .split(',')
-        .map(|x| x.trim().parse::<f64>())
-        .collect::<Result<_, _>>()
-        .map_err(|_| bad("use comma-separated numbers"))?;
-    if w.len() != members.len() {
-        return Err(bad(&format!(
-            "give one weight per member ({} members: {})",
-            members.len(),
-            members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
-        )));
-    }
     if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().all(|x| *x == 0.0) {
-        return Err(bad("weights must be finite, >= 0 and not all 0"));
+        let raw = cfg.get("weights").unwrap_or_default();
+        return Err(config::invalid(
+            "weights",
+            raw,
+            "weights must be finite, >= 0 and not all 0",
+        ));
     }
     Ok(Some(w))
 }
