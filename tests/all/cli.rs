@@ -100,3 +100,21 @@ fn a_thread_budget_is_accepted_and_zero_is_refused() {
     let (ok, _, err) = tessera(&["--threads", "0", "pool", "list"]);
     assert!(!ok && err.contains("--threads 0"), "{err}");
 }
+
+/// `--device cpu` loads the pool as before; a device this build cannot
+/// open, or one it does not know, fails before any work with the fix named.
+#[test]
+fn a_device_is_chosen_and_unusable_ones_are_named() {
+    let (ok, out, err) = tessera(&["--device", "cpu", "pool", "list", "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("smollm2-135m-instruct"));
+    let (ok, _, err) = tessera(&["--device", "tpu", "pool", "list"]);
+    assert!(
+        !ok && err.contains("unknown device `tpu`") && err.contains("cuda:N"),
+        "{err}"
+    );
+    if !cfg!(feature = "cuda") {
+        let (ok, _, err) = tessera(&["--device", "cuda", "pool", "list"]);
+        assert!(!ok && err.contains("--features cuda"), "{err}");
+    }
+}

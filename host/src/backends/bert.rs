@@ -54,7 +54,7 @@ impl BertEmbedder {
             }))
             .map_err(|e| format!("{}: {e}", tok_path.display()))?;
         let weights = dir.join("model.safetensors");
-        let device = Device::Cpu;
+        let device = super::device::selected().map_err(|e| format!("{}: {e}", dir.display()))?;
         // SAFETY: the file is memory-mapped read-only; the pool verified its
         // sha256 before loading and nothing in this process writes to it.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }

@@ -4,8 +4,12 @@
 //! - [`gguf`]: quantized GGUF files (llama, qwen2) through candle.
 //! - [`bert`]: sentence embeddings from a Hugging Face BERT directory.
 //! - [`remote`]: a model behind an OpenAI-compatible HTTP API.
+//!
+//! [`device`] says where the local ones run (CPU by default, CUDA with the
+//! `cuda` feature).
 
 pub mod bert;
+pub mod device;
 pub mod gguf;
 pub mod remote;
 

@@ -129,7 +129,7 @@ impl TrainModel {
         let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| format!("{shown}/config.json: {e}"))?;
         let config: Value = serde_json::from_str(&text).map_err(|e| format!("{shown}/config.json: {e}"))?;
         let shape = Shape::from_config(&config, &shown)?;
-        let device = Device::Cpu;
+        let device = crate::backends::device::selected().map_err(|e| format!("{shown}: {e}"))?;
         let mut frozen: HashMap<String, Tensor> = HashMap::new();
         for entry in std::fs::read_dir(dir).map_err(|e| format!("{shown}: {e}"))?.flatten() {
             let p = entry.path();

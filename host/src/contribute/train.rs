@@ -333,7 +333,12 @@ fn load_checkpoint(
             dir.display()
         )));
     }
-    let tensors = candle_core::safetensors::load(dir.join("tensors.safetensors"), &candle_core::Device::Cpu)
+    // Onto the device the parameters live on (the CPU, or a GPU with `cuda`).
+    let device = params
+        .values()
+        .next()
+        .map_or(candle_core::Device::Cpu, |v| v.device().clone());
+    let tensors = candle_core::safetensors::load(dir.join("tensors.safetensors"), &device)
         .map_err(|e| ContributeError::Checkpoint(format!("{}/tensors.safetensors: {e}", dir.display())))?;
     let missing = |k: &str| ContributeError::Checkpoint(format!("{}: tensor `{k}` is missing", dir.display()));
     for (name, v) in params {

@@ -131,7 +131,7 @@ impl GgufModel {
             .get(&ctx_key)
             .and_then(|v| v.to_u32().ok())
             .unwrap_or(2048) as usize;
-        let device = Device::Cpu;
+        let device = super::device::selected().map_err(|e| format!("{shown}: {e}"))?;
         let (weights, context_length) = match arch.as_str() {
             "llama" | "qwen2" => {
                 let positions = meta_ctx.min(MAX_POSITIONS);

@@ -25,6 +25,10 @@ struct Cli {
     /// however many members run at once.
     #[arg(long, global = true, env = "TESSERA_THREADS")]
     threads: Option<usize>,
+    /// Where local members run and contributors train: `cpu` (default),
+    /// `cuda` or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, global = true, env = "TESSERA_DEVICE")]
+    device: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -576,6 +580,14 @@ fn main() -> ExitCode {
         // candle sizes its (global, shared) thread pool from this variable;
         // it must be set before the first model loads.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if let Some(spec) = &cli.device {
+        // Checked and opened now, so a wrong device fails before any work;
+        // loaders read the same variable.
+        std::env::set_var(tessera::backends::device::ENV, spec);
+        if let Err(e) = tessera::backends::device::selected() {
+            return fail(false, &Error::config(e));
+        }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -1,0 +1,105 @@
+//! Which compute device members load on and contributors train on.
+//!
+//! The CPU is the default and needs nothing beyond this crate. A build with
+//! the `cuda` cargo feature (`cargo build --features cuda`, which needs the
+//! CUDA toolkit to compile candle's kernels) can put models on an NVIDIA GPU
+//! with `--device cuda` or `--device cuda:N` (`TESSERA_DEVICE` in the
+//! environment). The choice is process-wide: every member of a pool, merged
+//! members and training use the same device, made once and shared, so
+//! loading many members does not open many GPU contexts.
+//!
+//! On the CPU, Q8_0 projections use Tessera's own VNNI kernel where the CPU
+//! has it (see `gguf::quant`); on a GPU they use candle's CUDA kernels.
+
+use std::sync::OnceLock;
+
+use candle_core::Device;
+
+/// The environment variable `--device` sets (read at the first model load).
+pub const ENV: &str = "TESSERA_DEVICE";
+
+/// A parsed `--device` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The CPU (default).
+    Cpu,
+    /// The CUDA GPU with this ordinal.
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// Parses `cpu`, `cuda` (GPU 0) or `cuda:N`, with an error that lists
+    /// what is accepted.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let s = spec.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "" | "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device `{spec}`: use `cpu`, `cuda` or `cuda:N` (N = GPU number)"
+                )),
+            },
+        }
+    }
+
+    /// Opens the device. Asking for CUDA from a build without the `cuda`
+    /// feature, or without a usable GPU, is an error that says how to fix it.
+    pub fn open(self) -> Result<Device, String> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => {
+                if !cfg!(feature = "cuda") {
+                    return Err(format!(
+                        "device `cuda:{n}`: this tessera was built without CUDA support; rebuild with \
+                         `cargo build --release --features cuda` (needs the CUDA toolkit) or use `--device cpu`"
+                    ));
+                }
+                Device::new_cuda(n).map_err(|e| {
+                    format!("device `cuda:{n}` cannot be opened ({e}): check the GPU number and driver, or use `--device cpu`")
+                })
+            }
+        }
+    }
+}
+
+static SELECTED: OnceLock<Result<Device, String>> = OnceLock::new();
+
+/// The process's device: `TESSERA_DEVICE` (set by `--device`) parsed and
+/// opened on first use, the CPU when unset. Every later call returns the
+/// same device (or the same error).
+pub fn selected() -> Result<Device, String> {
+    SELECTED
+        .get_or_init(|| {
+            let spec = std::env::var(ENV).unwrap_or_default();
+            DeviceSpec::parse(&spec)?.open()
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_forms() {
+        assert_eq!(DeviceSpec::parse("cpu"), Ok(DeviceSpec::Cpu));
+        assert_eq!(DeviceSpec::parse(""), Ok(DeviceSpec::Cpu));
+        assert_eq!(DeviceSpec::parse("CUDA"), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!(DeviceSpec::parse("cuda:1"), Ok(DeviceSpec::Cuda(1)));
+        let e = DeviceSpec::parse("tpu").unwrap_err();
+        assert!(e.contains("`tpu`") && e.contains("cuda:N"), "{e}");
+        assert!(DeviceSpec::parse("cuda:x").is_err());
+    }
+
+    #[test]
+    fn cuda_without_the_feature_says_how_to_get_it() {
+        if cfg!(feature = "cuda") {
+            return;
+        }
+        let e = DeviceSpec::Cuda(0).open().unwrap_err();
+        assert!(e.contains("--features cuda") && e.contains("--device cpu"), "{e}");
+        assert!(matches!(DeviceSpec::Cpu.open(), Ok(Device::Cpu)));
+    }
+}
