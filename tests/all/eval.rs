@@ -91,7 +91,7 @@ async fn eval_reports_members_best_single_monolith_and_strategies_and_caches() {
 }
 
 #[tokio::test]
-async fn eval_names_an_unknown_task_and_missing_module() {
+async fn eval_names_an_unknown_task_a_missing_module_and_a_non_strategy() {
     let mut c = config();
     c.tasks = vec!["arc-medium".into()];
     let err = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap_err();
@@ -103,6 +103,14 @@ async fn eval_names_an_unknown_task_and_missing_module() {
     c.strategies = vec!["no-such-strategy".into()];
     let err = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap_err();
     assert!(err.to_string().contains("no-such-strategy"), "{err}");
+    // A pipeline stage is not a system to evaluate: refused up front.
+    let mut c = config();
+    c.strategies = vec!["embed-router".into()];
+    let err = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("`embed-router` is a Router module") && err.to_string().contains("--pipeline"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

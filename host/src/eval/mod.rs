@@ -434,7 +434,20 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
     let modules = cfg
         .strategies
         .iter()
-        .map(|s| rt.load_module(s))
+        .map(|s| {
+            let m = rt.load_module(s)?;
+            // A router, judge or aggregator is one stage of a pipeline, not
+            // a whole system: refuse it before any work rather than report
+            // it as a strategy that failed every item.
+            if m.manifest.world != crate::policy::World::Strategy {
+                return Err(Error::config(format!(
+                    "`{s}` is a {:?} module, not a strategy: --strategies takes strategy modules; \
+                     use it as a stage of a pipeline (`tessera run --pipeline`) instead",
+                    m.manifest.world
+                )));
+            }
+            Ok(m)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let tasks = cfg
         .tasks
