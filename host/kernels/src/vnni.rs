@@ -146,10 +146,18 @@ fn quantize(x: &[f32]) -> Vec<Act> {
 }
 
 /// `x (m x k) -> x W^T (m x n)`, row-major, for a matrix packed by
-/// [`Packed::from_q8_0`]. The caller checks [`available`] first.
+/// [`Packed::from_q8_0`]. On a CPU without AVX-512 VNNI ([`available`] is
+/// false) the same arithmetic runs in plain Rust, slowly but with the same
+/// results, so calling it is always sound.
+///
+/// # Panics
+/// If `x` is not `m` rows of the matrix's input width.
 pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
-    debug_assert_eq!(x.len(), m * w.k);
+    assert_eq!(x.len(), m * w.k, "vnni::matmul: expected {m} rows of {} values", w.k);
     let acts = quantize(x);
+    if !available() {
+        return portable(w, &acts, m);
+    }
     let mut out = vec![0f32; m * w.n];
     let kb = w.k / BLOCK;
     let out_at = out.as_mut_ptr() as usize;
@@ -160,7 +168,7 @@ pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
             let mut row = 0;
             while row < m {
                 let take = (m - row).min(4);
-                // SAFETY: `available()` was checked by the caller; each tile
+                // SAFETY: `available()` was checked above; each tile
                 // writes only its own 16 columns of the rows it is given, so
                 // workers never write the same element, and `out` outlives
                 // the pool call.
@@ -177,6 +185,29 @@ pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
             }
         }
     });
+    out
+}
+
+/// The kernel's arithmetic without SIMD: exact integer block sums, then the
+/// same fused multiply-adds in the same order, so the results are identical.
+fn portable(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
+    let kb = w.k / BLOCK;
+    let mut out = vec![0f32; m * w.n];
+    for (i, row) in out.chunks_exact_mut(w.n).enumerate() {
+        for (t, cols) in row.chunks_exact_mut(TILE).enumerate() {
+            for (b, tile) in w.tiles[t * kb..(t + 1) * kb].iter().enumerate() {
+                let a = &acts[i * kb + b];
+                for (r, y) in cols.iter_mut().enumerate() {
+                    let mut dot = 0i32;
+                    for (j, &q) in a.qs.iter().enumerate() {
+                        dot += tile.qs[((j / 4) * TILE + r) * 4 + j % 4] as i32 * q as i32;
+                    }
+                    let exact = dot - 128 * a.sum;
+                    *y = (exact as f32).mul_add(tile.d[r] * a.d, *y);
+                }
+            }
+        }
+    }
     out
 }
 
@@ -260,6 +291,39 @@ mod tests {
                     assert!((g - w).abs() <= 2e-3 * scale, "{n}x{k} m={m} [{i}]: {g} vs {w}");
                 }
             }
+        }
+    }
+
+    /// The fallback for CPUs without VNNI gives the kernel's numbers.
+    #[test]
+    fn portable_path_gives_the_same_numbers() {
+        let dev = Device::Cpu;
+        let (n, k, m) = (32, 576, 3);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
+        let qt = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantizes");
+        let packed = Packed::from_q8_0(&qt.data().expect("data"), n, k).expect("packs");
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)
+            .expect("randn")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        let slow = portable(&packed, &quantize(&x), m);
+        if available() {
+            assert_eq!(slow, matmul(&packed, &x, m));
+        }
+        let reference = QMatMul::from_qtensor(qt).expect("qmatmul");
+        let xt = Tensor::from_vec(x, (m, k), &dev).expect("tensor");
+        let want: Vec<f32> = reference
+            .forward(&xt)
+            .expect("forward")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        for (g, w) in slow.iter().zip(&want) {
+            assert!((g - w).abs() <= 2e-3 * scale, "{g} vs {w}");
         }
     }
 
