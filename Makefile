@@ -99,7 +99,7 @@ contributors: setup
 	@echo "pool with the specialists: $(CONTRIB_POOL)"
 
 test: setup
-	$(CARGO) test -p tessera -p tessera-sdk $(addprefix -p ,$(STD_MODULES))
+	$(CARGO) test -p tessera -p tessera-kernels -p tessera-sdk $(addprefix -p ,$(STD_MODULES))
 
 # Criterion benches (dependencies optimised; see benches/RESULTS.md).
 bench: setup
@@ -111,7 +111,7 @@ bench: setup
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy -p tessera -p tessera-sdk --all-targets -- -D warnings
+	$(CARGO) clippy -p tessera -p tessera-kernels -p tessera-sdk --all-targets -- -D warnings
 	$(CARGO) clippy --target wasm32-wasip2 $(addprefix -p ,$(GUEST_PKGS)) -- -D warnings
 
 clean-cache:
