@@ -97,7 +97,7 @@ impl Gemma3 {
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
-            let mut mm = |s: &str| -> Result<Linear> { super::quant::matmul(qt(&p(s))?, device) };
+            let mut mm = |s: &str| -> Result<Linear> { Linear::new(qt(&p(s))?, device) };
             let (q, k, v, o) = (mm("attn_q")?, mm("attn_k")?, mm("attn_v")?, mm("attn_output")?);
             let (gate, up, down) = (mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
             let mut vec = |s: &str| -> Result<Tensor> { qt(&p(s))?.dequantize(device) };

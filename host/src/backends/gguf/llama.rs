@@ -81,7 +81,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
             let p = |s: &str| format!("blk.{i}.{s}");
-            let mut mm = |s: &str| super::quant::matmul(qt(&p(&format!("{s}.weight")))?, device);
+            let mut mm = |s: &str| Linear::new(qt(&p(&format!("{s}.weight")))?, device);
             let (q, k, v, o) = (mm("attn_q")?, mm("attn_k")?, mm("attn_v")?, mm("attn_output")?);
             let (gate, up, down) = (mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
             let has_bias = content.tensor_infos.contains_key(&p("attn_q.bias"));

@@ -81,11 +81,12 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Candle { mm, min_rows } => {
-                let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+                let k = x.dim(D::Minus1)?;
+                let rows = x.elem_count() / k.max(1);
                 if rows >= *min_rows {
                     return mm.forward(x);
                 }
-                let (mut dims, k) = (x.dims().to_vec(), x.dim(D::Minus1)?);
+                let mut dims = x.dims().to_vec();
                 let padded = x.reshape((rows, k))?.pad_with_zeros(0, 0, min_rows - rows)?;
                 let y = mm.forward(&padded)?.narrow(0, 0, rows)?;
                 if let Some(last) = dims.last_mut() {
@@ -106,11 +107,6 @@ impl Module for Linear {
             }
         }
     }
-}
-
-/// A projection over `qt`, on the kernel [`Linear::new`] picks.
-pub fn matmul(qt: QTensor, device: &Device) -> Result<Linear> {
-    Linear::new(qt, device)
 }
 
 #[cfg(test)]
