@@ -19,7 +19,7 @@ EXAMPLES := first-responder
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool tasks modules pyclient demo test bench lint clean-cache contributors
+.PHONY: setup target pool tasks modules pyclient demo test bench lint clean-cache contributors gpu-sw
 
 setup: target pool tasks modules pyclient
 
@@ -98,7 +98,18 @@ contributors: setup
 	  $(CARGO_TARGET_DIR)/debug/tessera contribute add --pool $(CONTRIB_POOL) --model $(CONTRIB_DIR)/$$s --id smollm2-$$s || exit 1; done
 	@echo "pool with the specialists: $(CONTRIB_POOL)"
 
-test: setup
+# A wgpu adapter for the merge shaders' tests: where no GPU driver is
+# installed, Mesa's llvmpipe software Vulkan device (Debian package
+# mesa-vulkan-drivers; installed here when apt-get can, as root).
+VULKAN_ICDS := /usr/share/vulkan/icd.d /etc/vulkan/icd.d
+gpu-sw:
+	@ls $(VULKAN_ICDS) 2>/dev/null | grep -q '\.json$$' || { \
+	  echo "installing mesa-vulkan-drivers (llvmpipe) for the wgpu merge tests"; \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q mesa-vulkan-drivers >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mesa-vulkan-drivers >/dev/null 2>&1; }; } || \
+	  echo "warning: could not install mesa-vulkan-drivers; the wgpu merge tests need a Vulkan driver"; }
+
+test: setup gpu-sw
 	$(CARGO) test -p tessera -p tessera-kernels -p tessera-sdk $(addprefix -p ,$(STD_MODULES))
 
 # Criterion benches (dependencies optimised; see benches/RESULTS.md).

@@ -8,6 +8,11 @@
 //! Data: 16 synthetic prompt/completion pairs of about 100 tokens each
 //! (batch 4, so every step sees ~400 tokens); 6 steps per method, the first
 //! dropped as warm-up.
+//!
+//! The peer: with `TESSERA_TORCH_PYTHON` naming a Python that has torch,
+//! transformers and peft, `scripts/torch-train-peer.py` trains the same
+//! base folder on the same data, batch and steps right after, and the bench
+//! prints both figures and the ratio (one run, so machine load affects both).
 
 use std::ops::ControlFlow;
 
@@ -46,6 +51,7 @@ fn main() {
     std::fs::write(&data, lines).expect("data");
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!("train_speed: SmolLM2-135M, batch 4, threads {threads}, {STEPS} steps (first dropped)");
+    let mut ours = Vec::new();
     for (label, method) in [
         (
             "lora r8 q,v",
@@ -65,6 +71,7 @@ fn main() {
         let timed = &report.log[1..];
         let tokens: usize = timed.iter().map(|s| s.tokens).sum();
         let secs: f64 = timed.iter().map(|s| s.tokens as f64 / s.tokens_per_s).sum();
+        ours.push(tokens as f64 / secs);
         println!(
             "  {label:12} {:>8.1} tok/s  ({tokens} tokens in {secs:.1} s; {} numbers trained; loss {:.3} -> {:.3})",
             tokens as f64 / secs,
@@ -74,4 +81,36 @@ fn main() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+    if let Ok(python) = std::env::var("TESSERA_TORCH_PYTHON") {
+        peer(&python, &base, &ours);
+    }
+}
+
+/// Runs the PyTorch peer on `base` and prints its figures beside `ours`
+/// (LoRA, then full fine-tuning).
+fn peer(python: &str, base: &std::path::Path, ours: &[f64]) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/torch-train-peer.py");
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.to_string()))
+        .unwrap_or_else(|| "1".into());
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(base)
+        .arg(&threads)
+        .output()
+        .expect("runs the PyTorch peer");
+    if !out.status.success() {
+        eprintln!("PyTorch peer failed: {}", String::from_utf8_lossy(&out.stderr));
+        return;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let theirs: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("peer "))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    for ((label, o), t) in ["lora r8 q,v", "full"].iter().zip(ours).zip(&theirs) {
+        println!("  {label:12} PyTorch {t:>8.1} tok/s  tessera/PyTorch = {:.2}x", o / t);
+    }
 }

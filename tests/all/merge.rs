@@ -175,3 +175,136 @@ fn merges_that_cannot_work_are_refused_by_name() {
     );
     assert!(!dir.join("x").exists(), "nothing written");
 }
+
+/// The tiny checkpoints and mergekit's merges of them
+/// (`scripts/mergekit-fixtures.py`).
+fn mergekit_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mergekit")
+}
+
+/// The wgpu backend on whatever adapter is here; `make test` installs
+/// Mesa's llvmpipe software device where there is no GPU.
+fn wgpu_backend() -> tessera::merge::gpu::Gpu {
+    tessera::merge::gpu::Gpu::open(true).unwrap_or_else(|e| {
+        panic!("{e}\n(the merge shaders are tested on any wgpu adapter: `apt-get install mesa-vulkan-drivers`)")
+    })
+}
+
+fn read_all(file: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    candle_core::safetensors::load(file, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+/// Every case of the fixtures, merged by Tessera on `compute`: the largest
+/// difference from mergekit per case, after checking every tensor.
+fn against_mergekit(compute: &dyn tessera::merge::compute::Compute, tag: &str) -> Vec<(String, f32)> {
+    use tessera::merge::{MergeSpec, Method};
+    let dir = mergekit_dir();
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    assert_eq!(cases.len(), 8, "every method has a case");
+    let out = scratch(&format!("mergekit-{tag}"));
+    let mut worst = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap().to_string();
+        let method: Method = serde_json::from_value(case.clone()).unwrap();
+        let spec = MergeSpec {
+            method,
+            weights: case
+                .get("weights")
+                .map(|w| w.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()),
+            lambda: case.get("lambda").and_then(|l| l.as_f64()).unwrap_or(1.0),
+            seed: 0,
+        };
+        let models: Vec<std::path::PathBuf> = case["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| dir.join(m.as_str().unwrap()))
+            .collect();
+        let base = case.get("base").map(|b| dir.join(b.as_str().unwrap()));
+        let names: Vec<String> = (0..models.len() + 1).map(|i| format!("in{i}")).collect();
+        let target = out.join(&name);
+        tessera::merge::merge_on(
+            compute,
+            &models,
+            base.as_deref(),
+            &names,
+            &spec,
+            Default::default(),
+            &target,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ours = read_all(&target.join("model.safetensors"));
+        let theirs = read_all(&dir.join("expected").join(format!("{name}.safetensors")));
+        assert_eq!(ours.len(), theirs.len(), "{name}: tensors");
+        let mut max = 0.0f32;
+        for (k, want) in &theirs {
+            let got = &ours[k];
+            assert_eq!(got.len(), want.len(), "{name}/{k}");
+            for (g, w) in got.iter().zip(want) {
+                let d = (g - w).abs();
+                assert!(d <= 1e-6 + 1e-5 * w.abs(), "{tag} {name}/{k}: {g} vs mergekit {w}");
+                max = max.max(d);
+            }
+        }
+        worst.push((name, max));
+    }
+    worst
+}
+
+#[test]
+fn every_method_matches_mergekit_on_the_cpu_and_through_wgpu() {
+    let cpu = against_mergekit(&tessera::merge::compute::Cpu, "cpu");
+    let gpu = wgpu_backend();
+    let on_gpu = against_mergekit(&gpu, "wgpu");
+    eprintln!(
+        "largest |tessera - mergekit|: cpu {cpu:?}; wgpu ({}) {on_gpu:?}",
+        gpu.describe()
+    );
+}
+
+#[test]
+fn the_gpu_keeps_exactly_the_entries_the_cpu_keeps() {
+    use tessera::merge::methods::{combine, Combine, Keep};
+    // Large enough for several chunks of the shader and many ties and
+    // coins; every value on a grid of eighths, so deltas, weighted deltas
+    // and their sums are exact in f32 and f64 alike (magnitudes tie, sums
+    // hit zero) and any difference is a rule applied differently.
+    let n = 3 * (1 << 22) / 2 + 77;
+    let val = |i: usize, k: u64| ((i as u64).wrapping_mul(2654435761).wrapping_add(k * 97) % 41) as f32 / 8.0 - 2.5;
+    let base: Vec<f32> = (0..n).map(|i| val(i, 0)).collect();
+    let ms: Vec<Vec<f32>> = (1..4).map(|k| (0..n).map(|i| base[i] + val(i, k)).collect()).collect();
+    let deltas = |m: &Vec<f32>| m.iter().zip(&base).map(|(x, b)| x - b).collect::<Vec<f32>>();
+    let gpu = wgpu_backend();
+    for (keep, elect) in [
+        (
+            ms.iter().map(|m| Keep::magnitude(&deltas(m), 0.3)).collect::<Vec<_>>(),
+            true,
+        ),
+        ((0..3).map(|i| Keep::random(99 + i, 0.4)).collect(), true),
+        ((0..3).map(|i| Keep::random(7 + i, 0.6)).collect(), false),
+    ] {
+        let job = Combine {
+            base: Some(&base),
+            models: ms.iter().map(|m| m.as_slice()).collect(),
+            keep,
+            weights: vec![1.0, 0.5, 0.75],
+            elect_sign: elect,
+            normalize: elect,
+            lambda: 1.0,
+        };
+        let want = combine(&job);
+        let got = gpu.combine(&job).unwrap();
+        let differ = want.iter().zip(&got).filter(|(a, b)| (*a - *b).abs() > 1e-5).count();
+        assert_eq!(differ, 0, "{:?}: entries that differ", job.keep[0]);
+    }
+    let (a, b) = (&ms[0], &ms[1]);
+    let (x, y) = (tessera::merge::methods::dots(a, b), gpu.dots(a, b).unwrap());
+    for (p, q) in [(x.0, y.0), (x.1, y.1), (x.2, y.2)] {
+        assert!((p - q).abs() <= 1e-4 * p.abs().max(1.0), "dots {x:?} vs {y:?}");
+    }
+}

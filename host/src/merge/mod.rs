@@ -9,10 +9,13 @@
 //! one of the [`methods`], and writes a folder the pool loads
 //! (`backend = "hf"`) with a card saying what was merged and how.
 //!
-//! Runs on the CPU, one tensor at a time, so peak memory is the input
-//! models plus one tensor; a 135M model merges in a few seconds.
+//! Runs one tensor at a time, so peak memory is one tensor of every input
+//! plus the result; the arithmetic runs on the CPU or, through wgpu, on a
+//! GPU ([`compute`]: `--merge-device`). A 135M model merges in seconds.
 
+pub mod compute;
 pub mod ephemeral;
+pub mod gpu;
 pub mod methods;
 
 pub use ephemeral::{Merger, Overlay, PoolMerger};
@@ -278,52 +281,6 @@ fn check(spec: &MergeSpec, models: usize, base: bool) -> Result<Vec<f64>, MergeE
     Ok(weights)
 }
 
-/// A stable per-tensor, per-model seed for DARE's drops.
-fn drop_seed(seed: u64, name: &str, model: usize) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (model as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
-}
-
-/// Merges one tensor of every model.
-fn merge_tensor(spec: &MergeSpec, weights: &[f64], name: &str, models: &[Vec<f32>], base: Option<&[f32]>) -> Vec<f32> {
-    let refs: Vec<&[f32]> = models.iter().map(|m| m.as_slice()).collect();
-    let deltas = |b: &[f32]| -> Vec<Vec<f32>> {
-        models
-            .iter()
-            .map(|m| m.iter().zip(b).map(|(x, y)| x - y).collect())
-            .collect()
-    };
-    match (&spec.method, base) {
-        (Method::Linear, _) => methods::linear(&refs, weights, true),
-        (Method::Slerp { t }, _) => methods::slerp(refs[0], refs[1], *t),
-        (Method::Expo { alpha }, Some(b)) => methods::expo(refs[0], b, *alpha),
-        (Method::TaskArithmetic, Some(b)) => methods::combine_deltas(b, &deltas(b), weights, false, false, spec.lambda),
-        (Method::Ties { density }, Some(b)) => {
-            let trimmed: Vec<Vec<f32>> = deltas(b)
-                .into_iter()
-                .map(|d| {
-                    let mask = methods::magnitude_mask(&d, *density);
-                    d.iter().zip(mask).map(|(x, k)| if k { *x } else { 0.0 }).collect()
-                })
-                .collect();
-            methods::combine_deltas(b, &trimmed, weights, true, true, spec.lambda)
-        }
-        (Method::Dare { density } | Method::DareTies { density }, Some(b)) => {
-            let mut ds = deltas(b);
-            for (i, d) in ds.iter_mut().enumerate() {
-                methods::dare_drop(d, *density, drop_seed(spec.seed, name, i));
-            }
-            let ties = matches!(spec.method, Method::DareTies { .. });
-            methods::combine_deltas(b, &ds, weights, ties, false, spec.lambda)
-        }
-        // `check` guarantees a base for the methods that need one.
-        (_, None) => models[0].clone(),
-    }
-}
-
 fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
@@ -333,6 +290,20 @@ fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 /// base are shown on the card (same order, base last if any). The
 /// tokenizer and config come from the first model.
 pub fn merge(
+    models: &[PathBuf],
+    base: Option<&Path>,
+    names: &[String],
+    spec: &MergeSpec,
+    card: CardConfig,
+    out: &Path,
+) -> Result<MergeReport, MergeError> {
+    let compute = compute::selected().map_err(MergeError::Invalid)?;
+    merge_on(compute.as_ref(), models, base, names, spec, card, out)
+}
+
+/// [`merge`] on the given backend rather than the process's.
+pub fn merge_on(
+    compute: &dyn compute::Compute,
     models: &[PathBuf],
     base: Option<&Path>,
     names: &[String],
@@ -402,7 +373,7 @@ pub fn merge(
             Some(_) => Some(t0.values(name)?),
             None => None,
         };
-        let out_values = merge_tensor(spec, &weights, name, &xs, b.as_deref());
+        let out_values = compute::merge_tensor(compute, spec, &weights, name, &xs, b.as_deref())?;
         parameters += out_values.len();
         merged.insert(
             name.clone(),

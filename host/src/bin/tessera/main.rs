@@ -29,6 +29,11 @@ struct Cli {
     /// `cuda` or `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, global = true, env = "TESSERA_DEVICE")]
     device: Option<String>,
+    /// Where weight merges compute: `auto` (default: a hardware GPU through
+    /// wgpu when there is one, else the CPU), `cpu`, or `gpu` (any wgpu
+    /// adapter, software ones such as llvmpipe included).
+    #[arg(long, global = true, env = "TESSERA_MERGE_DEVICE")]
+    merge_device: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -588,6 +593,14 @@ fn main() -> ExitCode {
         if let Err(e) = tessera::backends::device::selected() {
             return fail(false, &Error::config(e));
         }
+    }
+    if let Some(choice) = &cli.merge_device {
+        // Parsed now so a typo fails before any work; the backend itself
+        // opens at the first merge (opening a GPU costs time).
+        if let Err(e) = tessera::merge::compute::Choice::parse(choice) {
+            return fail(false, &Error::config(e));
+        }
+        std::env::set_var(tessera::merge::compute::ENV, choice);
     }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -1,0 +1,426 @@
+//! Merging on a GPU through wgpu compute shaders.
+//!
+//! [`Gpu`] runs the two merge primitives of [`super::methods`] as WGSL
+//! kernels (`merge.wgsl`) on whatever adapter wgpu finds: a discrete or
+//! integrated GPU through Vulkan, Metal or DX12, or a software Vulkan
+//! device such as Mesa's llvmpipe (`apt-get install mesa-vulkan-drivers`),
+//! which is how the kernels are tested on machines without a GPU.
+//!
+//! Tensors stream through in chunks: one chunk of the base and of every
+//! model is uploaded, combined, and read back before the next, so device
+//! memory holds a few tens of MB however large the tensor (an embedding
+//! matrix of a 0.5B model is 540 MB in f32, more than many devices let one
+//! binding address). Arithmetic is `f32` where the CPU path accumulates in
+//! `f64`, so results agree to floating-point tolerance rather than bit for
+//! bit; which entries TIES and DARE keep is decided identically (the same
+//! threshold, the same integer hash), so the two never disagree on a mask.
+
+use std::sync::{mpsc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use super::methods::{mix32, Combine, Keep};
+use super::MergeError;
+
+/// Threads per workgroup in `merge.wgsl`.
+const GROUP: usize = 256;
+/// Largest chunk per input tensor, in floats (16 MB).
+const MAX_CHUNK: usize = 1 << 22;
+
+/// The merge kernels on one wgpu device.
+pub struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    layout: wgpu::BindGroupLayout,
+    combine: wgpu::ComputePipeline,
+    dots: wgpu::ComputePipeline,
+    info: wgpu::AdapterInfo,
+    max_binding: u64,
+    /// One merge on the device at a time keeps its memory bounded.
+    busy: Mutex<()>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Header {
+    n: u32,
+    models: u32,
+    offset: u32,
+    flags: u32,
+    lambda: f32,
+    stride: u32,
+    pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Rule {
+    weight: f32,
+    kind: u32,
+    threshold: f32,
+    ties_until: u32,
+    key_lo: u32,
+    key_hi: u32,
+    density: f32,
+    scale: f32,
+}
+
+impl Rule {
+    fn new(weight: f64, keep: Keep) -> Rule {
+        let mut r = Rule {
+            weight: weight as f32,
+            kind: 0,
+            threshold: 0.0,
+            ties_until: 0,
+            key_lo: 0,
+            key_hi: 0,
+            density: 1.0,
+            scale: 1.0,
+        };
+        match keep {
+            Keep::All => {}
+            Keep::Magnitude { threshold, ties_until } => {
+                r.kind = 1;
+                r.threshold = threshold;
+                r.ties_until = ties_until;
+            }
+            Keep::Random { seed, density } => {
+                r.kind = 2;
+                r.key_lo = mix32(seed as u32);
+                r.key_hi = (seed >> 32) as u32;
+                r.density = density;
+                r.scale = 1.0 / density;
+            }
+        }
+        r
+    }
+}
+
+fn gpu_err(what: &str, e: impl std::fmt::Display) -> MergeError {
+    MergeError::Io(format!("GPU merge: {what}: {e}"))
+}
+
+/// How good an adapter is for merging: hardware GPUs first.
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 4,
+        wgpu::DeviceType::IntegratedGpu => 3,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 1,
+        wgpu::DeviceType::Cpu => 0,
+    }
+}
+
+impl Gpu {
+    /// Opens the best adapter wgpu finds. With `allow_software` false, a
+    /// software adapter (llvmpipe and the like) is refused, so that `auto`
+    /// only moves merges off the CPU when a real GPU is there.
+    pub fn open(allow_software: bool) -> Result<Gpu, String> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            flags: wgpu::InstanceFlags::empty().with_env(),
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let adapter = adapters
+            .into_iter()
+            .filter(|a| {
+                a.get_downlevel_capabilities()
+                    .flags
+                    .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+            })
+            .max_by_key(|a| rank(a.get_info().device_type))
+            .ok_or_else(|| {
+                "no GPU adapter with compute shaders was found: install a GPU driver with Vulkan, Metal or DX12 \
+                 support (without a GPU, `apt-get install mesa-vulkan-drivers` gives the llvmpipe software \
+                 device), or merge on the CPU with `--merge-device cpu`"
+                    .to_string()
+            })?;
+        let info = adapter.get_info();
+        if !allow_software && info.device_type == wgpu::DeviceType::Cpu {
+            return Err(format!(
+                "the only adapter is `{}`, a software device: merging on the CPU directly is faster",
+                info.name
+            ));
+        }
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("tessera-merge"),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| format!("GPU `{}` refused a device: {e}", info.name))?;
+        // Errors are caught per merge with error scopes; anything that
+        // escapes them is logged rather than aborting the host.
+        device.on_uncaptured_error(std::sync::Arc::new(|e| tracing::error!("wgpu: {e}")));
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("merge.wgsl"),
+            source: wgpu::ShaderSource::Wgsl(include_str!("merge.wgsl").into()),
+        });
+        let entry = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("merge"),
+            entries: &[entry(0, true), entry(1, true), entry(2, true), entry(3, false)],
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("merge"),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = |entry_point: &str| {
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry_point),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(entry_point),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        };
+        let (combine, dots) = (pipeline("combine"), pipeline("dots"));
+        Ok(Gpu {
+            max_binding: (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size),
+            device,
+            queue,
+            layout,
+            combine,
+            dots,
+            info,
+            busy: Mutex::new(()),
+        })
+    }
+
+    /// The adapter, as a person would name it.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?})",
+            self.info.name, self.info.device_type, self.info.backend
+        )
+    }
+
+    /// Whether the adapter is a software rasteriser on the CPU.
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// The chunk length for `arrays` inputs: bounded by what one binding
+    /// may address and a multiple of the workgroup size.
+    fn chunk(&self, arrays: usize, n: usize) -> usize {
+        let fit = (self.max_binding as usize / 4 / arrays.max(1)).min(MAX_CHUNK);
+        let c = n.min(fit).max(1);
+        c.div_ceil(GROUP) * GROUP
+    }
+
+    /// Runs `entry` over `inputs` (each `n` long) in chunks; `each` gets
+    /// every chunk's offset and the output buffer's first `read` floats.
+    fn run(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        inputs: &[&[f32]],
+        rules: &[Rule],
+        mut header: Header,
+        read: impl Fn(usize) -> usize,
+        mut each: impl FnMut(usize, &[f32]),
+    ) -> Result<(), MergeError> {
+        let _busy = self
+            .busy
+            .lock()
+            .map_err(|_| gpu_err("device", "a previous merge panicked"))?;
+        let n = inputs.first().map_or(0, |x| x.len());
+        if n > u32::MAX as usize {
+            return Err(gpu_err("tensor", format!("{n} values is more than 2^32")));
+        }
+        let chunk = self.chunk(inputs.len(), n);
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        let data = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("inputs"),
+            size: (chunk * inputs.len() * 4) as u64,
+            usage: storage,
+            mapped_at_creation: false,
+        });
+        let out = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("out"),
+            size: (chunk * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("staging"),
+            size: (chunk * 4) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let head = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("header"),
+            size: std::mem::size_of::<Header>() as u64,
+            usage: storage,
+            mapped_at_creation: false,
+        });
+        // A binding may not be empty: a placeholder rule when none are used.
+        let placeholder = [Rule::new(0.0, Keep::All)];
+        let rules_buf = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("rules"),
+            contents: bytemuck::cast_slice(if rules.is_empty() { &placeholder } else { rules }),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("merge"),
+            layout: &self.layout,
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: head.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: rules_buf.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: data.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 3,
+                    resource: out.as_entire_binding(),
+                },
+            ],
+        });
+        if let Some(e) = pollster::block_on(memory.pop()) {
+            return Err(gpu_err(
+                &format!("{} MB of buffers", chunk * (inputs.len() + 2) * 4 >> 20),
+                e,
+            ));
+        }
+        header.stride = chunk as u32;
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            for (a, x) in inputs.iter().enumerate() {
+                self.queue.write_buffer(
+                    &data,
+                    (a * chunk * 4) as u64,
+                    bytemuck::cast_slice(&x[start..start + len]),
+                );
+            }
+            header.n = len as u32;
+            header.offset = start as u32;
+            self.queue.write_buffer(&head, 0, bytemuck::bytes_of(&header));
+            let groups = len.div_ceil(GROUP);
+            let want = read(len);
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, &bind, &[]);
+                pass.dispatch_workgroups(groups as u32, 1, 1);
+            }
+            enc.copy_buffer_to_buffer(&out, 0, &staging, 0, (want * 4) as u64);
+            self.queue.submit([enc.finish()]);
+            let slice = staging.slice(..(want * 4) as u64);
+            let (tx, rx) = mpsc::channel();
+            slice.map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| gpu_err("waiting for the device", e))?;
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(gpu_err("reading back", e)),
+                Err(e) => return Err(gpu_err("reading back", e)),
+            }
+            {
+                let view = slice.get_mapped_range().map_err(|e| gpu_err("reading back", e))?;
+                each(start, bytemuck::cast_slice(&view));
+            }
+            staging.unmap();
+            start += len;
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(gpu_err("kernel", e));
+        }
+        Ok(())
+    }
+
+    /// [`Combine`] on the device.
+    pub fn combine(&self, job: &Combine) -> Result<Vec<f32>, MergeError> {
+        let mut inputs: Vec<&[f32]> = Vec::with_capacity(job.models.len() + 1);
+        inputs.extend(job.base);
+        inputs.extend(job.models.iter().copied());
+        let n = inputs.first().map_or(0, |x| x.len());
+        if inputs.iter().any(|x| x.len() != n) || job.keep.len() != job.models.len() {
+            return Err(MergeError::Invalid("GPU merge: inputs of different lengths".into()));
+        }
+        let rules: Vec<Rule> = job
+            .weights
+            .iter()
+            .zip(&job.keep)
+            .map(|(w, k)| Rule::new(*w, *k))
+            .collect();
+        let flags = job.base.is_some() as u32 | (job.elect_sign as u32) << 1 | (job.normalize as u32) << 2;
+        let header = Header {
+            n: 0,
+            models: job.models.len() as u32,
+            offset: 0,
+            flags,
+            lambda: job.lambda as f32,
+            stride: 0,
+            pad: [0; 2],
+        };
+        let mut result = vec![0.0f32; n];
+        self.run(
+            &self.combine,
+            &inputs,
+            &rules,
+            header,
+            |len| len,
+            |start, part| {
+                result[start..start + part.len()].copy_from_slice(part);
+            },
+        )?;
+        Ok(result)
+    }
+
+    /// `(a . a, b . b, a . b)`: `f32` sums per workgroup on the device,
+    /// added up in `f64` here.
+    pub fn dots(&self, a: &[f32], b: &[f32]) -> Result<(f64, f64, f64), MergeError> {
+        if a.len() != b.len() {
+            return Err(MergeError::Invalid("GPU merge: inputs of different lengths".into()));
+        }
+        let header = Header {
+            n: 0,
+            models: 0,
+            offset: 0,
+            flags: 0,
+            lambda: 0.0,
+            stride: 0,
+            pad: [0; 2],
+        };
+        let mut sums = (0.0f64, 0.0f64, 0.0f64);
+        self.run(
+            &self.dots,
+            &[a, b],
+            &[],
+            header,
+            |len| len.div_ceil(GROUP) * 3,
+            |_, part| {
+                for p in part.chunks_exact(3) {
+                    sums.0 += p[0] as f64;
+                    sums.1 += p[1] as f64;
+                    sums.2 += p[2] as f64;
+                }
+            },
+        )?;
+        Ok(sums)
+    }
+}
