@@ -224,7 +224,7 @@ impl TrainModel {
     /// `.bias`, optional LoRA).
     fn linear(&self, prefix: &str, x: &Tensor) -> candle_core::Result<Tensor> {
         let wname = format!("{prefix}.weight");
-        let mut y = x.matmul(&self.get(&wname)?.t()?)?;
+        let mut y = self.project(&wname, x)?;
         if let (Some(a), Some(b)) = (
             self.trainable.get(&format!("{wname}.lora_A")),
             self.trainable.get(&format!("{wname}.lora_B")),
@@ -236,6 +236,17 @@ impl TrainModel {
             y = y.broadcast_add(&bias)?;
         }
         Ok(y)
+    }
+
+    /// `x W^T` for the weight `name`: through [`FrozenLinear`] when the
+    /// weight is frozen and on the CPU, a plain matmul otherwise.
+    fn project(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.get(name)?;
+        if self.trainable.contains_key(name) || !self.device.is_cpu() || x.dtype() != DType::F32 {
+            x.matmul(&w.t()?)
+        } else {
+            x.apply_op1(FrozenLinear(w))
+        }
     }
 
     fn rms_norm(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -317,10 +328,12 @@ impl TrainModel {
         let n = picked.len();
         let picked = Tensor::from_vec(picked, n, &self.device)?;
         let x = self.rms_norm("model.norm.weight", &x)?.index_select(&picked, 0)?;
-        let head = self
-            .get("lm_head.weight")
-            .or_else(|_| self.get("model.embed_tokens.weight"))?;
-        let logits = x.matmul(&head.t()?)?;
+        let head = if self.get("lm_head.weight").is_ok() {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        };
+        let logits = self.project(head, &x)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let want = targets.flatten_all()?.index_select(&picked, 0)?;
         let chosen = logp.gather(&want.unsqueeze(1)?, 1)?;
@@ -364,5 +377,64 @@ impl TrainModel {
             out.insert(w_name.to_string(), merged);
         }
         Ok(out)
+    }
+}
+
+/// `x W^T` for a weight nothing trains (LoRA's frozen base, the output
+/// head). candle's backward pass of a plain matmul computes the gradient of
+/// both operands, so with LoRA every frozen projection cost a second matmul
+/// as large as its forward one for a gradient that was thrown away; this
+/// op's backward returns only the input's gradient, `dY W`. CPU and `f32`
+/// only (the model uses the plain matmul elsewhere).
+struct FrozenLinear(Tensor);
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(values) = storage else {
+            candle_core::bail!("frozen-linear takes f32 inputs");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-linear takes a contiguous input");
+        };
+        let x = Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)?;
+        let y = x.matmul(&self.0.t()?)?;
+        let shape = y.shape().clone();
+        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.0)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_linear_matches_a_plain_matmul_and_its_input_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::arange(0f32, 15.0, &dev).unwrap().reshape((3, 5)).unwrap()).unwrap();
+        let w = ((Tensor::arange(0f32, 20.0, &dev).unwrap().reshape((4, 5)).unwrap() * 0.1).unwrap() - 0.7).unwrap();
+        let c = Tensor::new(&[[1f32, -2.0, 0.5, 3.0]], &dev).unwrap();
+        let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let frozen = x.as_tensor().apply_op1(FrozenLinear(w.clone())).unwrap();
+        assert_eq!(plain.to_vec2::<f32>().unwrap(), frozen.to_vec2::<f32>().unwrap());
+        let grad = |y: Tensor| {
+            let g = y.broadcast_mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap()
+        };
+        let (a, b) = (grad(plain), grad(frozen));
+        for (r, s) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((r - s).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
     }
 }
