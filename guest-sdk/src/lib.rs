@@ -144,6 +144,13 @@ pub fn release(id: &str) -> Result<(), Error> {
     bindings::strategy::tessera::collab::weights::release(id)
 }
 
+/// Keeps merged member `id` after this request as pool member `name`, for
+/// later requests, where the operator's policy allows kept merges
+/// (`keep-merged`); otherwise an `unsupported` error.
+pub fn keep(id: &str, name: &str) -> Result<(), Error> {
+    bindings::strategy::tessera::collab::weights::keep(id, name)
+}
+
 /// What a strategy implements.
 pub trait Strategy {
     /// Answer one request.

@@ -95,7 +95,8 @@ pub fn installed_modules(paths: &Paths) -> Vec<InstalledModule> {
 pub struct Runtime {
     sandbox: Sandbox,
     models: Arc<dyn Models>,
-    /// Member ids, fixed for the runtime's life (grants are computed from them).
+    /// The loaded members' ids (grants are computed from them and from the
+    /// merged members kept by name, which join later).
     pool_ids: Vec<String>,
     policy: Policy,
     paths: Paths,
@@ -117,8 +118,13 @@ impl Runtime {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(2);
-        rt.sandbox
-            .set_merger(Arc::new(crate::merge::PoolMerger::new(pool.clone(), models_dir, keep)));
+        let named = rt.policy.keep_merged as usize;
+        rt.sandbox.set_merger(Arc::new(crate::merge::PoolMerger::new(
+            pool.clone(),
+            models_dir,
+            keep,
+            named,
+        )));
         Ok(rt)
     }
 
@@ -149,7 +155,7 @@ impl Runtime {
 
     /// The pool's cards.
     pub fn cards(&self) -> Vec<ModelCard> {
-        self.models.cards()
+        self.models_arc().cards()
     }
 
     /// From now on, answers a repeated `score` call (same member, prompt
@@ -166,7 +172,7 @@ impl Runtime {
     /// The pool as the sandbox sees it (for tests, benches and native
     /// baselines).
     pub fn models(&self) -> Arc<dyn Models> {
-        self.models.clone()
+        self.models_arc()
     }
 
     /// Where this runtime keeps its files.
@@ -202,12 +208,19 @@ impl Runtime {
         self.sandbox.load(&wasm, manifest).map(Arc::new)
     }
 
-    fn pool_ids(&self) -> &[String] {
-        &self.pool_ids
+    fn pool_ids(&self) -> Vec<String> {
+        let mut ids = self.pool_ids.clone();
+        ids.extend(self.kept().into_iter().map(|n| n.name));
+        ids
+    }
+
+    /// Merged members kept by name (`weights.keep`), oldest first.
+    pub fn kept(&self) -> Vec<crate::merge::Named> {
+        self.sandbox.merger().map(|m| m.kept()).unwrap_or_default()
     }
 
     fn narrowed_grant(&self, module: &Module, members: Option<&[String]>) -> crate::policy::Grant {
-        let mut g = self.policy.grant(&module.manifest, self.pool_ids());
+        let mut g = self.policy.grant(&module.manifest, &self.pool_ids());
         if let Some(keep) = members {
             // The embedder is infrastructure, not a contributor: sub-pools
             // keep it so that embedding-based methods still work.
@@ -223,7 +236,7 @@ impl Runtime {
     }
 
     pub(crate) fn member_ids(&self) -> Vec<String> {
-        self.pool_ids.clone()
+        self.pool_ids()
     }
 
     pub(crate) fn policy(&self) -> &Policy {
@@ -236,7 +249,12 @@ impl Runtime {
     }
 
     pub(crate) fn models_arc(&self) -> Arc<dyn Models> {
-        self.models.clone()
+        let kept = self.kept();
+        if kept.is_empty() {
+            self.models.clone()
+        } else {
+            Arc::new(crate::merge::Overlay::with_kept(self.models.clone(), kept))
+        }
     }
 
     /// The module's persisted `fit` state, cached after the first read.
@@ -277,10 +295,7 @@ impl Runtime {
             config,
             state,
         };
-        let inv = self
-            .sandbox
-            .run_strategy(module, self.models.clone(), grant, sreq)
-            .await;
+        let inv = self.sandbox.run_strategy(module, self.models_arc(), grant, sreq).await;
         let (text, annotations) = inv.result?;
         Ok(RunOutcome {
             text,
@@ -327,7 +342,7 @@ impl Runtime {
         cfg.extend(config);
         let inv = self
             .sandbox
-            .fit_strategy(module, self.models.clone(), grant, dev, cfg)
+            .fit_strategy(module, self.models_arc(), grant, dev, cfg)
             .await;
         let fitted = match inv.result {
             Err(e) => Err(e),

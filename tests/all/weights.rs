@@ -169,6 +169,73 @@ async fn merging_needs_the_merges_budget_and_granted_members() {
     assert!(err.to_string().contains("password"), "{err}");
 }
 
+#[tokio::test]
+async fn a_merged_member_is_kept_by_name_only_where_the_operator_allows() {
+    let cfg = |name: &str| {
+        ask(
+            "What is the password?",
+            &[("base", SMOL), ("density", "0.9"), ("seed", "1"), ("keep_as", name)],
+        )
+    };
+    // The default policy keeps nothing: the module's ask fails, named.
+    let rt = rt();
+    let m = rt.load_module("dare-ties").unwrap();
+    let err = rt.run(&m, cfg("both-facts")).await.unwrap_err();
+    assert!(err.to_string().contains("keep_merged"), "{err}");
+    assert!(!rt.cards().iter().any(|c| c.id == "both-facts"));
+
+    // An operator that allows one kept member.
+    let mut policy = Policy::default();
+    policy.keep_merged = 1;
+    let rt = rt_with(policy, "weights-keep");
+    let m = rt.load_module("dare-ties").unwrap();
+    for bad in ["Has Spaces", SMOL] {
+        let err = rt.run(&m, cfg(bad)).await.unwrap_err();
+        assert!(
+            err.to_string().contains("lowercase") || err.to_string().contains("already a member"),
+            "{bad}: {err}"
+        );
+    }
+    let out = rt.run(&m, cfg("both-facts")).await.unwrap();
+    assert_eq!(out.annotations["kept_as"], "both-facts");
+    // Later requests see it as a member of the pool, by its name, and it
+    // answers as the merge did.
+    assert!(rt.cards().iter().any(|c| c.id == "both-facts"), "{:?}", rt.cards());
+    let g = rt
+        .models()
+        .generate(
+            tessera::inference::CallCtx {
+                deadline: std::time::Instant::now() + std::time::Duration::from_secs(120),
+            },
+            "both-facts",
+            tessera::inference::Input::Chat(vec![tessera::inference::Message::user("What is the password?")]),
+            tessera::inference::GenParams {
+                max_tokens: Some(12),
+                temperature: Some(0.0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(g.text.contains("mosaic"), "{:?}", g.text);
+    // Modules are granted it like any member: a vote over it alone.
+    let vote = rt.load_module("majority-vote").unwrap();
+    let out = rt
+        .run_with_members(
+            &vote,
+            ask("What is the password?", &[]),
+            Some(&["both-facts".to_string()]),
+        )
+        .await
+        .unwrap();
+    assert!(out.text.contains("mosaic"), "{:?}", out.text);
+    // The operator's count holds: a second name is refused.
+    let mut other = cfg("second");
+    other.config.insert("density".into(), "0.8".into());
+    let err = rt.run(&m, other).await.unwrap_err();
+    assert!(err.to_string().contains("allows 1 kept"), "{err}");
+}
+
 /// Two facts, each known to one specialist only.
 fn facts() -> Vec<Example> {
     vec![

@@ -12,6 +12,12 @@
 //! request that asks for the same recipe; a member evicted while a request
 //! still uses it lives until that request ends. With SmolLM2-135M a merged
 //! member holds about 540 MB (f32).
+//!
+//! Where the operator allows it (policy `keep_merged`, a count), a module
+//! may keep a merged member beyond its request under a name
+//! ([`Merger::keep`]); kept members join the pool every later request sees
+//! (through [`Overlay::with_kept`]) and stay loaded until the process ends,
+//! so the count bounds their memory.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -30,6 +36,35 @@ use crate::pool::{BackendKind, CardConfig, MemberConfig, Pool, PoolConfig};
 /// A merged member's id and the [`Models`] that serve it.
 pub type Merged = (String, Arc<dyn Models>);
 
+/// A merged member kept beyond its request under a name.
+#[derive(Clone)]
+pub struct Named {
+    /// The name later requests call it by.
+    pub name: String,
+    /// The id it was merged as (what `models` serves it under).
+    pub id: String,
+    /// What serves it.
+    pub models: Arc<dyn Models>,
+}
+
+/// Why [`Merger::keep`] refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeepRefused {
+    /// The operator does not allow kept members (module gets `unsupported`).
+    NotAllowed(String),
+    /// The name or the count is wrong (module gets `invalid-params`).
+    Invalid(String),
+}
+
+/// Whether `name` may name a kept member: 1-64 characters of lowercase
+/// ASCII letters, digits, `-`, `_` and `.` (what pool ids look like).
+pub fn valid_member_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+}
+
 /// Creates merged members on demand.
 pub trait Merger: Send + Sync + 'static {
     /// Merges `models` (over `base`) per `spec`; returns the new member's id
@@ -41,12 +76,29 @@ pub trait Merger: Send + Sync + 'static {
         base: Option<String>,
         spec: MergeSpec,
     ) -> BoxFuture<'static, Result<Merged, String>>;
+
+    /// Keeps merged member `id` (served by `served`) beyond the request as
+    /// `name`. The caller has checked that `name` is not a pool member.
+    /// The default refuses: a merger keeps nothing unless it says so.
+    fn keep(&self, name: &str, id: &str, served: Arc<dyn Models>) -> Result<(), KeepRefused> {
+        let _ = (name, id, served);
+        Err(KeepRefused::NotAllowed("this host does not keep merged members".into()))
+    }
+
+    /// The members kept so far, oldest first.
+    fn kept(&self) -> Vec<Named> {
+        Vec::new()
+    }
 }
 
 struct Kept {
     key: String,
     id: String,
     pool: Arc<Pool>,
+    /// The merged folder, held while the recipe is kept loaded so that
+    /// [`Merger::keep`] can move it under a name (kept members can then be
+    /// merged in turn); removed when the recipe is evicted.
+    dir: Option<PathBuf>,
 }
 
 /// The [`Merger`] over a declared pool: members are resolved to weight
@@ -62,14 +114,19 @@ struct Inner {
     scratch: PathBuf,
     keep: usize,
     kept: Mutex<VecDeque<Kept>>,
+    /// How many members may be kept by name (the operator's `keep_merged`).
+    max_named: usize,
+    /// Kept members and their folders.
+    named: Mutex<Vec<(Named, PathBuf)>>,
     /// Held while merging: one merge at a time bounds memory.
     gate: Mutex<()>,
 }
 
 impl PoolMerger {
     /// A merger for `config`'s members under `models_dir`; keeps up to
-    /// `keep` merged members loaded.
-    pub fn new(config: PoolConfig, models_dir: PathBuf, keep: usize) -> Self {
+    /// `keep` merged members loaded for reuse, and up to `max_named` kept
+    /// by name when modules ask ([`Merger::keep`]).
+    pub fn new(config: PoolConfig, models_dir: PathBuf, keep: usize, max_named: usize) -> Self {
         PoolMerger(Arc::new(Inner {
             bases: models_dir.join("bases"),
             scratch: models_dir.join("merged"),
@@ -77,6 +134,8 @@ impl PoolMerger {
             models_dir,
             keep: keep.max(1),
             kept: Mutex::new(VecDeque::new()),
+            max_named,
+            named: Mutex::new(Vec::new()),
             gate: Mutex::new(()),
         }))
     }
@@ -106,7 +165,15 @@ impl Inner {
         }
         std::fs::create_dir_all(&self.bases).map_err(|e| format!("{}: {e}", self.bases.display()))?;
         std::fs::create_dir_all(&self.scratch).map_err(|e| format!("{}: {e}", self.scratch.display()))?;
+        let named: Vec<(String, PathBuf)> = self
+            .named
+            .lock()
+            .map(|n| n.iter().map(|(k, d)| (k.name.clone(), d.clone())).collect())
+            .unwrap_or_default();
         let resolve = |m: &str| {
+            if let Some((_, dir)) = named.iter().find(|(n, _)| n == m) {
+                return Ok(dir.clone());
+            }
             crate::contribute::base_folder(&self.config, &self.models_dir, &self.bases, m)
                 .map(|(dir, _)| dir)
                 .map_err(|e| format!("member `{m}`: {e}"))
@@ -143,20 +210,51 @@ impl Inner {
                 None => Ok(loaded.pool),
             }
         })();
-        // The weights are in memory now (or the merge failed): the folder
-        // is not needed either way, nor the merge's working buffers.
-        let _ = std::fs::remove_dir_all(&out);
+        // The weights are in memory now; the folder stays while the recipe
+        // is kept (for `keep`), and the merge's working buffers go back.
         crate::alloc::return_freed_memory();
-        let pool = result?;
+        let pool = match result {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&out);
+                return Err(e);
+            }
+        };
         if let Ok(mut kept) = self.kept.lock() {
             kept.push_front(Kept {
                 key,
                 id,
                 pool: pool.clone(),
+                dir: Some(out),
             });
-            kept.truncate(self.keep);
+            let held = self.keep.min(kept.len());
+            for gone in kept.drain(held..) {
+                if let Some(d) = gone.dir {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(&out);
         }
         Ok(pool)
+    }
+}
+
+impl Drop for Inner {
+    /// Kept and held merge folders live as long as the process's merger.
+    fn drop(&mut self) {
+        if let Ok(kept) = self.kept.get_mut() {
+            for k in kept.drain(..) {
+                if let Some(d) = k.dir {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+            }
+        }
+        if let Ok(named) = self.named.get_mut() {
+            for (_, d) in named.drain(..) {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
     }
 }
 
@@ -189,35 +287,126 @@ impl Merger for PoolMerger {
             .map_err(|e| format!("the merge task failed: {e}"))?
         })
     }
+
+    fn keep(&self, name: &str, id: &str, served: Arc<dyn Models>) -> Result<(), KeepRefused> {
+        let max = self.0.max_named;
+        if max == 0 {
+            return Err(KeepRefused::NotAllowed(
+                "the operator does not let modules keep merged members (policy `keep_merged` is 0)".into(),
+            ));
+        }
+        if !valid_member_name(name) {
+            return Err(KeepRefused::Invalid(format!(
+                "`{name}` cannot name a member: use 1-64 lowercase letters, digits, `-`, `_` or `.`"
+            )));
+        }
+        let mut named = self
+            .0
+            .named
+            .lock()
+            .map_err(|_| KeepRefused::Invalid("the kept members' list is poisoned".into()))?;
+        if named.iter().any(|(n, _)| n.name == name) {
+            return Err(KeepRefused::Invalid(format!(
+                "`{name}` is already a kept member: choose another name"
+            )));
+        }
+        if named.len() >= max {
+            let names: Vec<&str> = named.iter().map(|(n, _)| n.name.as_str()).collect();
+            return Err(KeepRefused::Invalid(format!(
+                "the operator allows {max} kept merged member(s) and {} are kept ({})",
+                named.len(),
+                names.join(", ")
+            )));
+        }
+        // The folder moves under the name, so the kept member can be an
+        // ingredient of later merges.
+        let held = self
+            .0
+            .kept
+            .lock()
+            .ok()
+            .and_then(|mut k| k.iter_mut().find(|k| k.id == id).and_then(|k| k.dir.take()));
+        let Some(held) = held else {
+            return Err(KeepRefused::Invalid(format!(
+                "`{id}` is no longer held by the merger (evicted or already kept): merge it again, then keep it"
+            )));
+        };
+        let dir = self
+            .0
+            .models_dir
+            .join("kept")
+            .join(format!("{name}.{}", std::process::id()));
+        let moved = dir
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|_| std::fs::rename(&held, &dir));
+        if let Err(e) = moved {
+            let _ = std::fs::remove_dir_all(&held);
+            return Err(KeepRefused::Invalid(format!(
+                "cannot keep `{name}`: {}: {e}",
+                dir.display()
+            )));
+        }
+        named.push((
+            Named {
+                name: name.to_string(),
+                id: id.to_string(),
+                models: served,
+            },
+            dir,
+        ));
+        tracing::info!(name, id, "merged member kept by name");
+        Ok(())
+    }
+
+    fn kept(&self) -> Vec<Named> {
+        self.0
+            .named
+            .lock()
+            .map(|n| n.iter().map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// The pool as one request sees it after merging: the pool's members plus
 /// the request's merged members, each call routed by member id.
 pub struct Overlay {
     base: Arc<dyn Models>,
-    extra: Vec<(String, Arc<dyn Models>)>,
+    /// Shown id, the id the serving models know it by, the serving models.
+    extra: Vec<(String, String, Arc<dyn Models>)>,
 }
 
 impl Overlay {
     /// `base` with the merged members `extra` (id, serving models).
     pub fn new(base: Arc<dyn Models>, extra: Vec<(String, Arc<dyn Models>)>) -> Self {
+        let extra = extra.into_iter().map(|(id, m)| (id.clone(), id, m)).collect();
         Self { base, extra }
     }
 
-    fn route(&self, id: &str) -> &Arc<dyn Models> {
+    /// `base` with the members kept by name, each answering to its name.
+    pub fn with_kept(base: Arc<dyn Models>, kept: Vec<Named>) -> Self {
+        let extra = kept.into_iter().map(|n| (n.name, n.id, n.models)).collect();
+        Self { base, extra }
+    }
+
+    /// The models serving `id`, and the id they know it by.
+    fn route<'a>(&'a self, id: &'a str) -> (&'a Arc<dyn Models>, &'a str) {
         self.extra
             .iter()
-            .find(|(x, _)| x == id)
-            .map(|(_, m)| m)
-            .unwrap_or(&self.base)
+            .find(|(x, _, _)| x == id)
+            .map(|(_, inner, m)| (m, inner.as_str()))
+            .unwrap_or((&self.base, id))
     }
 }
 
 impl Models for Overlay {
     fn cards(&self) -> Vec<ModelCard> {
         let mut cards = self.base.cards();
-        for (id, m) in &self.extra {
-            cards.extend(m.cards().into_iter().filter(|c| &c.id == id));
+        for (shown, inner, m) in &self.extra {
+            cards.extend(m.cards().into_iter().filter(|c| &c.id == inner).map(|mut c| {
+                c.id = shown.clone();
+                c
+            }));
         }
         cards
     }
@@ -229,7 +418,8 @@ impl Models for Overlay {
         input: Input,
         params: GenParams,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
-        self.route(model).generate(ctx, model, input, params)
+        let (m, id) = self.route(model);
+        m.generate(ctx, id, input, params)
     }
 
     fn generate_stream(
@@ -240,7 +430,8 @@ impl Models for Overlay {
         params: GenParams,
         sink: TextSink,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
-        self.route(model).generate_stream(ctx, model, input, params, sink)
+        let (m, id) = self.route(model);
+        m.generate_stream(ctx, id, input, params, sink)
     }
 
     fn score(
@@ -250,7 +441,8 @@ impl Models for Overlay {
         prompt: Input,
         continuations: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
-        self.route(model).score(ctx, model, prompt, continuations)
+        let (m, id) = self.route(model);
+        m.score(ctx, id, prompt, continuations)
     }
 
     fn next_token(
@@ -260,7 +452,8 @@ impl Models for Overlay {
         prompt: Input,
         top_k: u32,
     ) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
-        self.route(model).next_token(ctx, model, prompt, top_k)
+        let (m, id) = self.route(model);
+        m.next_token(ctx, id, prompt, top_k)
     }
 
     fn embed(
@@ -269,6 +462,7 @@ impl Models for Overlay {
         model: &str,
         texts: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
-        self.route(model).embed(ctx, model, texts)
+        let (m, id) = self.route(model);
+        m.embed(ctx, id, texts)
     }
 }

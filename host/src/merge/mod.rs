@@ -18,7 +18,7 @@ pub mod ephemeral;
 pub mod gpu;
 pub mod methods;
 
-pub use ephemeral::{Merger, Overlay, PoolMerger};
+pub use ephemeral::{KeepRefused, Merger, Named, Overlay, PoolMerger};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -98,6 +98,12 @@ pub struct Policy {
     /// Per-module overrides of the allow-list, by module name.
     #[serde(default)]
     pub modules: BTreeMap<String, ModulePolicy>,
+    /// How many merged members modules may keep beyond their request as
+    /// named pool members (`weights.keep`); each holds its weights in memory
+    /// (about 540 MB for a 135M model in f32) until the process ends. 0, the
+    /// default, refuses every `keep`.
+    #[serde(default)]
+    pub keep_merged: u32,
 }
 
 /// Per-module operator rules.
@@ -115,6 +121,7 @@ impl Default for Policy {
             maxima: Self::builtin_maxima(),
             models: all_models(),
             modules: BTreeMap::new(),
+            keep_merged: 0,
         }
     }
 }

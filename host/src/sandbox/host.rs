@@ -508,6 +508,28 @@ impl weights::Host for RequestState {
         self.record_call("release", &model, 0, 0, Duration::ZERO, "ok");
         Ok(Ok(()))
     }
+
+    async fn keep(&mut self, model: String, name: String) -> wasmtime::Result<Result<(), w::Error>> {
+        let Some((_, served)) = self.merged.iter().find(|(x, _)| *x == model).cloned() else {
+            return Ok(Err(w::Error::UnknownModel(model)));
+        };
+        let Some(merger) = self.merger.clone() else {
+            return Ok(Err(w::Error::Unsupported("this host does not merge weights".into())));
+        };
+        if self.pool.cards().iter().any(|c| c.id == name) {
+            return Ok(Err(w::Error::InvalidParams(format!(
+                "`{name}` is already a member of the pool: choose another name"
+            ))));
+        }
+        match merger.keep(&name, &model, served) {
+            Ok(()) => {
+                self.record_call("keep", &format!("{model} as {name}"), 0, 0, Duration::ZERO, "ok");
+                Ok(Ok(()))
+            }
+            Err(crate::merge::KeepRefused::NotAllowed(why)) => Ok(Err(w::Error::Unsupported(why))),
+            Err(crate::merge::KeepRefused::Invalid(why)) => Ok(Err(w::Error::InvalidParams(why))),
+        }
+    }
 }
 
 impl trace::Host for RequestState {

@@ -180,6 +180,11 @@ impl Sandbox {
         })
     }
 
+    /// The merger, if this host merges.
+    pub fn merger(&self) -> Option<&Arc<dyn crate::merge::Merger>> {
+        self.merger.as_ref()
+    }
+
     /// Lets modules granted `merges` create merged members through `merger`.
     pub fn set_merger(&mut self, merger: Arc<dyn crate::merge::Merger>) {
         self.merger = Some(merger);

@@ -137,6 +137,14 @@ impl Strategy for DareTies {
             r.annotations
                 .push(("dev_accuracy".into(), format!("{:.4}", f.dev_accuracy)));
         }
+        // The merge outlives the request under a name, where the operator
+        // allows kept merges; a refusal fails the request, since the caller
+        // asked for it.
+        if let Some(name) = cfg.get("keep_as") {
+            keep(&id, name)?;
+            trace(Some(&id), "kept", format!("kept in the pool as `{name}`"));
+            r.annotations.push(("kept_as".into(), name.to_string()));
+        }
         Ok(r)
     }
 
