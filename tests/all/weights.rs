@@ -185,8 +185,10 @@ async fn a_merged_member_is_kept_by_name_only_where_the_operator_allows() {
     assert!(!rt.cards().iter().any(|c| c.id == "both-facts"));
 
     // An operator that allows one kept member.
-    let mut policy = Policy::default();
-    policy.keep_merged = 1;
+    let policy = Policy {
+        keep_merged: 1,
+        ..Default::default()
+    };
     let rt = rt_with(policy, "weights-keep");
     let m = rt.load_module("dare-ties").unwrap();
     for bad in ["Has Spaces", SMOL] {

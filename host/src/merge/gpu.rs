@@ -297,7 +297,7 @@ impl Gpu {
         });
         if let Some(e) = pollster::block_on(memory.pop()) {
             return Err(gpu_err(
-                &format!("{} MB of buffers", chunk * (inputs.len() + 2) * 4 >> 20),
+                &format!("{} MB of buffers", (chunk * (inputs.len() + 2) * 4) >> 20),
                 e,
             ));
         }
