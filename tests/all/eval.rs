@@ -377,3 +377,21 @@ async fn diversity_compares_equal_size_pools_of_one_family_and_of_many() {
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.contains("## Diversity at equal pool size"), "{md}");
 }
+
+#[tokio::test]
+async fn a_task_limit_overrides_the_limit_for_its_task_only() {
+    let dir = scratch("eval-task-limit");
+    let cache = Cache::open(&dir.join("cache.sqlite")).unwrap();
+    let mut cfg = config();
+    cfg.strategies.clear();
+    cfg.tasks = vec!["arc-easy".into(), "sciq".into()];
+    cfg.task_limits.insert("arc-easy".into(), 1);
+    let rep = tessera::eval::run(runtime(), cfg, &cache).await.unwrap();
+    let sizes: Vec<(&str, usize)> = rep.tasks.iter().map(|t| (t.name.as_str(), t.test)).collect();
+    assert_eq!(sizes, vec![("arc-easy", 1), ("sciq", 3)]);
+    // The CLI checks what it is given.
+    let (ok, _, err) = crate::common::tessera(&["eval", "--tasks", "arc-easy", "--task-limit", "gsm8k=2"]);
+    assert!(!ok && err.contains("`gsm8k` is not among --tasks"), "{err}");
+    let (ok, _, err) = crate::common::tessera(&["eval", "--tasks", "arc-easy", "--task-limit", "arc-easy"]);
+    assert!(!ok && err.contains("TASK=N"), "{err}");
+}

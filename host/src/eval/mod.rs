@@ -57,6 +57,10 @@ pub struct EvalConfig {
     pub strategies: Vec<String>,
     /// Test items per task (default: the whole test split).
     pub limit: Option<usize>,
+    /// Test items for particular tasks, overriding `limit` (an expensive
+    /// task can run fewer items than the rest in the same report).
+    #[serde(default)]
+    pub task_limits: BTreeMap<String, usize>,
     /// Dev items per task used to pick the best member and to fit strategies.
     pub dev_limit: usize,
     /// How single members answer multiple choice.
@@ -90,6 +94,7 @@ impl Default for EvalConfig {
             tasks: vec!["arc-easy".into()],
             strategies: Vec::new(),
             limit: None,
+            task_limits: BTreeMap::new(),
             dev_limit: 20,
             mcq: McqMode::Generate,
             max_tokens: None,
@@ -464,7 +469,13 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
         let test: Vec<Item> = task
             .test()
             .iter()
-            .take(cfg.limit.unwrap_or(usize::MAX))
+            .take(
+                cfg.task_limits
+                    .get(task.info.name)
+                    .copied()
+                    .or(cfg.limit)
+                    .unwrap_or(usize::MAX),
+            )
             .cloned()
             .collect();
         summaries.push(TaskSummary {

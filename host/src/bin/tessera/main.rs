@@ -94,6 +94,10 @@ struct EvalArgs {
     /// Test items per task (default: the whole test split).
     #[arg(long)]
     limit: Option<usize>,
+    /// Test items for one task, overriding --limit: `TASK=N` (repeatable),
+    /// e.g. `--task-limit gsm8k=6` when long answers make a task costly.
+    #[arg(long = "task-limit", value_name = "TASK=N")]
+    task_limit: Vec<String>,
     /// Dev items per task (best-member choice and strategies' fit).
     #[arg(long, default_value_t = 20)]
     dev_limit: usize,
@@ -476,10 +480,33 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         tessera::eval::cache::Cache::open(&rt.paths().data.join("..").join("eval-cache.sqlite"))
             .map_err(Error::config)?
     };
+    let mut task_limits = std::collections::BTreeMap::new();
+    for kv in &args.task_limit {
+        let parsed = kv
+            .split_once('=')
+            .and_then(|(t, n)| Some((t.trim().to_string(), n.trim().parse::<usize>().ok()?)));
+        match parsed {
+            Some((t, n)) if args.tasks.contains(&t) => {
+                task_limits.insert(t, n);
+            }
+            Some((t, _)) => {
+                return Err(Error::config(format!(
+                    "--task-limit {kv}: `{t}` is not among --tasks ({})",
+                    args.tasks.join(",")
+                )))
+            }
+            None => {
+                return Err(Error::config(format!(
+                    "--task-limit {kv}: write TASK=N, e.g. gsm8k=6"
+                )))
+            }
+        }
+    }
     let cfg = tessera::eval::EvalConfig {
         tasks: args.tasks.clone(),
         strategies: args.strategies.clone(),
         limit: args.limit,
+        task_limits,
         dev_limit: args.dev_limit,
         mcq,
         max_tokens: args.max_tokens,
