@@ -308,3 +308,33 @@ fn the_gpu_keeps_exactly_the_entries_the_cpu_keeps() {
         assert!((p - q).abs() <= 1e-4 * p.abs().max(1.0), "dots {x:?} vs {y:?}");
     }
 }
+
+#[test]
+fn the_cli_merges_on_the_device_asked_for_and_names_it() {
+    let dir = scratch("merge-device");
+    let f = mergekit_dir();
+    let s = |p: &Path| p.display().to_string();
+    let merge = |device: &str, out: &str| {
+        tessera(&[
+            "--merge-device",
+            device,
+            "merge",
+            "--method",
+            "linear",
+            "--model",
+            &s(&f.join("m1")),
+            "--model",
+            &s(&f.join("m2")),
+            "--out",
+            &s(&dir.join(out)),
+        ])
+    };
+    let (ok, out, err) = merge("gpu", "gpu");
+    assert!(ok && out.contains("on wgpu: "), "{out}{err}");
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "driver noise kept out: {err}");
+    let (ok, out, err) = merge("cpu", "cpu");
+    assert!(ok && out.contains("on cpu"), "{out}{err}");
+    let (ok, _, err) = merge("tpu", "tpu");
+    assert!(!ok && err.contains("use `auto`, `cpu` or `gpu`"), "{err}");
+    assert!(!dir.join("tpu").exists());
+}

@@ -136,6 +136,8 @@ pub struct MergeReport {
     pub parameters: usize,
     /// sha256 of the merged weights.
     pub sha256: String,
+    /// What computed it ([`compute::Compute::describe`]).
+    pub device: String,
 }
 
 /// How a merged model was made: written on its card.
@@ -423,6 +425,7 @@ pub fn merge_on(
         tensors: merged.len(),
         parameters,
         sha256: sha,
+        device: compute.describe(),
     })
 }
 

@@ -372,10 +372,11 @@ pub(crate) fn merge(args: MergeArgs) -> Result<String, Error> {
     let report = merge::merge(&dirs, base.as_deref(), &names, &spec, card, &args.out)
         .map_err(|e| Error::config(e.to_string()))?;
     Ok(format!(
-        "merged {} ({} tensors, {} parameters) into {} (sha256 {}); add it to a pool with\n  tessera contribute add --pool POOL.toml --model {}",
+        "merged {} ({} tensors, {} parameters, on {}) into {} (sha256 {}); add it to a pool with\n  tessera contribute add --pool POOL.toml --model {}",
         args.models.join(" + "),
         report.tensors,
         report.parameters,
+        report.device,
         args.out.display(),
         report.sha256,
         args.out.display()

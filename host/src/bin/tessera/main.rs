@@ -495,11 +495,7 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
                     args.tasks.join(",")
                 )))
             }
-            None => {
-                return Err(Error::config(format!(
-                    "--task-limit {kv}: write TASK=N, e.g. gsm8k=6"
-                )))
-            }
+            None => return Err(Error::config(format!("--task-limit {kv}: write TASK=N, e.g. gsm8k=6"))),
         }
     }
     let cfg = tessera::eval::EvalConfig {
@@ -619,6 +615,17 @@ fn main() -> ExitCode {
         std::env::set_var(tessera::backends::device::ENV, spec);
         if let Err(e) = tessera::backends::device::selected() {
             return fail(false, &Error::config(e));
+        }
+    }
+    // Mesa's Vulkan drivers (which wgpu may probe for merges) print
+    // "XDG_RUNTIME_DIR is invalid" on headless machines where it is unset;
+    // a private directory of our own keeps that noise out of the output.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join(format!("tessera-runtime-{}", unsafe { libc::getuid() }));
+        if std::fs::create_dir_all(&dir).is_ok() {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
         }
     }
     if let Some(choice) = &cli.merge_device {
