@@ -14,6 +14,9 @@
 //! - **DARE** (Yu et al. 2024): drop each delta entry with probability
 //!   `1 - density` and rescale survivors by `1 / density`, then task
 //!   arithmetic; **DARE-TIES** uses TIES's sign election after the drop.
+//!   (mergekit 0.1.5 instead rescales each sparsified delta to keep its L1
+//!   norm exactly; both keep the delta's expected size. The drops are
+//!   random in both, so the mergekit fixtures compare DARE at density 1.)
 //! - **SLERP**: spherical interpolation between two models by the angle of
 //!   their flattened tensors; nearly parallel tensors fall back to linear.
 //! - **ExPO** (Zheng et al. 2024): `target + alpha (target - source)`,
