@@ -181,38 +181,52 @@ pub struct Combine<'a> {
     pub lambda: f64,
 }
 
-/// [`Combine`] on the CPU: the reference the other backends match.
+/// [`Combine`] on the CPU: the reference the other backends match. Large
+/// tensors are split across the machine's cores (each parameter is
+/// independent, so the result does not depend on the split).
 pub fn combine(job: &Combine) -> Vec<f32> {
     let n = job
         .base
         .map_or_else(|| job.models.first().map_or(0, |m| m.len()), |b| b.len());
+    let mut out = vec![0.0f32; n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    // Below ~64k parameters a thread costs more than it saves.
+    let per = n.div_ceil(threads.min(n / 65_536 + 1).max(1)).max(1);
+    std::thread::scope(|s| {
+        for (k, part) in out.chunks_mut(per).enumerate() {
+            s.spawn(move || combine_range(job, k * per, part));
+        }
+    });
+    out
+}
+
+/// Parameters `start..start + out.len()` of [`combine`].
+fn combine_range(job: &Combine, start: usize, out: &mut [f32]) {
     let mut wd = vec![0.0f64; job.models.len()];
-    (0..n)
-        .map(|j| {
-            let b = job.base.map_or(0.0, |b| b[j]);
-            let mut total = 0.0f64;
-            for (i, m) in job.models.iter().enumerate() {
-                wd[i] = job.weights[i] * job.keep[i].apply(j, m[j] - b) as f64;
-                total += wd[i];
+    for (o, j) in out.iter_mut().zip(start..) {
+        let b = job.base.map_or(0.0, |b| b[j]);
+        let mut total = 0.0f64;
+        for (i, m) in job.models.iter().enumerate() {
+            wd[i] = job.weights[i] * job.keep[i].apply(j, m[j] - b) as f64;
+            total += wd[i];
+        }
+        let sign = total.signum();
+        let mut sum = 0.0f64;
+        let mut div = 0.0f64;
+        for (x, w) in wd.iter().zip(&job.weights) {
+            if !job.elect_sign || (*x != 0.0 && x.signum() == sign) {
+                sum += x;
+                div += w;
             }
-            let sign = total.signum();
-            let mut sum = 0.0f64;
-            let mut div = 0.0f64;
-            for (x, w) in wd.iter().zip(&job.weights) {
-                if !job.elect_sign || (*x != 0.0 && x.signum() == sign) {
-                    sum += x;
-                    div += w;
-                }
+        }
+        if job.normalize {
+            if div.abs() < 1e-8 {
+                div = 1.0;
             }
-            if job.normalize {
-                if div.abs() < 1e-8 {
-                    div = 1.0;
-                }
-                sum /= div;
-            }
-            (b as f64 + job.lambda * sum) as f32
-        })
-        .collect()
+            sum /= div;
+        }
+        *o = (b as f64 + job.lambda * sum) as f32;
+    }
 }
 
 /// `(a . a, b . b, a . b)` in `f64` on the CPU.
