@@ -40,6 +40,9 @@ pub struct Gpu {
     busy: Mutex<()>,
 }
 
+// `Header` and `Rule` are the byte layout of the structs of the same names
+// in merge.wgsl: field for field, 32-bit each, in the same order.
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Header {

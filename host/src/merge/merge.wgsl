@@ -6,6 +6,7 @@
 // `header.offset` is the chunk's first position in the whole tensor, so
 // position-dependent rules (TIES ties, DARE's coins) see global indices.
 
+// Header and Rule mirror the #[repr(C)] structs in gpu.rs byte for byte.
 struct Header {
     n: u32,
     models: u32,
