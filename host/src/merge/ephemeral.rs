@@ -56,15 +56,6 @@ pub enum KeepRefused {
     Invalid(String),
 }
 
-/// Whether `name` may name a kept member: 1-64 characters of lowercase
-/// ASCII letters, digits, `-`, `_` and `.` (what pool ids look like).
-pub fn valid_member_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-}
-
 /// Creates merged members on demand.
 pub trait Merger: Send + Sync + 'static {
     /// Merges `models` (over `base`) per `spec`; returns the new member's id
@@ -295,9 +286,9 @@ impl Merger for PoolMerger {
                 "the operator does not let modules keep merged members (policy `keep_merged` is 0)".into(),
             ));
         }
-        if !valid_member_name(name) {
+        if !crate::registry::is_plain_name(name) {
             return Err(KeepRefused::Invalid(format!(
-                "`{name}` cannot name a member: use 1-64 lowercase letters, digits, `-`, `_` or `.`"
+                "`{name}` cannot name a member: use 1-64 lowercase letters, digits, `-`, `_` or `.`, not starting with `.`"
             )));
         }
         let mut named = self

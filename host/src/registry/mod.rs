@@ -86,15 +86,22 @@ fn io_err(what: &Path, e: std::io::Error) -> Error {
     Error::config(format!("registry: {}: {e}", what.display()))
 }
 
-/// Module names are URL path segments and file-name-like: keep them plain.
-fn check_name(name: &str) -> Result<(), Error> {
-    let ok = !name.is_empty()
+/// Whether `name` is plain: 1-64 lowercase ASCII letters, digits, `-`,
+/// `_` and `.`, not starting with `.`. Module names (URL path segments and
+/// file names) and names of kept merged members (pool ids and folder names)
+/// both follow it.
+pub(crate) fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 64
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.')
-        && !name.starts_with('.');
-    if ok {
+        && !name.starts_with('.')
+}
+
+/// Module names are URL path segments and file-name-like: keep them plain.
+fn check_name(name: &str) -> Result<(), Error> {
+    if is_plain_name(name) {
         Ok(())
     } else {
         Err(Error::config(format!(
