@@ -66,11 +66,29 @@ async fn eval_reports_members_best_single_monolith_and_strategies_and_caches() {
     let overall = rep.macro_avg["strategy:first-responder"]["overall"];
     assert!((overall - strat.accuracy).abs() < 1e-9);
 
+    // Letter bias: the best constant answer is read off the test labels, and
+    // each system's most named letter is counted from its own answer sheet.
+    let task = &rep.tasks[0];
+    let always = task.always.as_ref().expect("ARC-Easy is multiple choice");
+    assert!(always.share >= 1.0 / 3.0 - 1e-9 && always.share <= 1.0, "{always:?}");
+    assert!(task.chance.is_some_and(|c| c > 0.0 && c < 1.0));
+    for m in &members {
+        let pick = m.top_pick.as_ref().expect("log-likelihood always names a letter");
+        let named = m.items.iter().filter(|i| i.text == pick.letter).count() as f64 / 3.0;
+        assert!((pick.share - named).abs() < 1e-9, "{pick:?} {:?}", m.items);
+        assert!(pick.share >= 1.0 / 3.0 - 1e-9);
+        // A sheet of one letter cannot beat that letter's share of the golds.
+        if pick.share == 1.0 {
+            assert!(m.accuracy <= always.share + 1e-9);
+        }
+    }
+
     // The files a person reads.
     let written = report::write(&rep, &dir.join("out"), "tessera eval ...").unwrap();
     assert_eq!(written.len(), 4);
     let md = std::fs::read_to_string(dir.join("out/report.md")).unwrap();
     assert!(md.contains("best-single") && md.contains("accuracy.svg"), "{md}");
+    assert!(md.contains("## Answer spread") && md.contains("| always |"), "{md}");
     let svg = std::fs::read_to_string(dir.join("out/accuracy.svg")).unwrap();
     assert!(svg.starts_with("<svg"), "{}", &svg[..50.min(svg.len())]);
     let json: serde_json::Value =

@@ -42,6 +42,65 @@ pub fn grade_pick(item: &Item, picked: usize) -> f64 {
     f64::from(u8::from(matches!(item.gold, Gold::Choice(g) if g == picked)))
 }
 
+/// The option a multiple-choice reply names, as the grader reads it: a
+/// log-likelihood pick is stored as its bare letter, which parses the same.
+pub fn picked(item: &Item, reply: &str) -> Option<usize> {
+    answer::choice(reply, &item.choices)
+}
+
+/// The best score a constant answer reaches on `items` (multiple choice
+/// only): the option position that is right most often, and how often.
+///
+/// This is a reference, not a system: it reads the test labels. A system that
+/// collapses onto one letter scores about this much without knowing anything,
+/// so a strategy or member near it has shown no knowledge (ties go to the
+/// earlier position; `None` when no item is multiple choice).
+pub fn constant_baseline(items: &[Item]) -> Option<(usize, f64)> {
+    let golds: Vec<usize> = items
+        .iter()
+        .filter_map(|i| match i.gold {
+            Gold::Choice(g) => Some(g),
+            Gold::Answers(_) => None,
+        })
+        .collect();
+    let width = golds.iter().max()? + 1;
+    let mut counts = vec![0usize; width];
+    for g in &golds {
+        counts[*g] += 1;
+    }
+    let best = (0..width).max_by(|a, b| counts[*a].cmp(&counts[*b]).then(b.cmp(a)))?;
+    Some((best, counts[best] as f64 / items.len() as f64))
+}
+
+/// The accuracy of answering uniformly at random: the mean of
+/// 1 / (number of options) over the multiple-choice items.
+pub fn chance(items: &[Item]) -> Option<f64> {
+    let mcq: Vec<f64> = items
+        .iter()
+        .filter(|i| !i.choices.is_empty())
+        .map(|i| 1.0 / i.choices.len() as f64)
+        .collect();
+    (!mcq.is_empty()).then(|| mean(&mcq))
+}
+
+/// How a system's replies spread over the option positions: the position it
+/// named most often (ties: the earlier one) and on what share of `items`.
+/// Replies that name no option count in the denominator only. `None` when
+/// the task is not multiple choice or no reply named an option.
+pub fn top_pick<'a>(items: &[Item], replies: impl IntoIterator<Item = &'a str>) -> Option<(usize, f64)> {
+    let mut counts: Vec<usize> = Vec::new();
+    for (item, reply) in items.iter().zip(replies) {
+        if let Some(p) = picked(item, reply) {
+            if counts.len() <= p {
+                counts.resize(p + 1, 0);
+            }
+            counts[p] += 1;
+        }
+    }
+    let best = (0..counts.len()).max_by(|a, b| counts[*a].cmp(&counts[*b]).then(b.cmp(a)))?;
+    (counts[best] > 0).then(|| (best, counts[best] as f64 / items.len().max(1) as f64))
+}
+
 /// Mean of `xs` (0 for none).
 pub fn mean(xs: &[f64]) -> f64 {
     if xs.is_empty() {
@@ -135,6 +194,25 @@ mod tests {
         let partial = grade(&item, "the tower");
         assert!(partial > 0.0 && partial < 1.0, "{partial}");
         assert_eq!(grade(&item, "Big Ben"), 0.0);
+    }
+
+    #[test]
+    fn constant_answers_and_spread_are_measured_against_the_labels() {
+        // Golds C, C, A, D: always answering C scores half.
+        let items: Vec<Item> = [2, 2, 0, 3].into_iter().map(mcq).collect();
+        assert_eq!(constant_baseline(&items), Some((2, 0.5)));
+        assert_eq!(chance(&items), Some(0.25));
+        // A sheet that says C three times and nothing once.
+        let replies = ["C) Moon", "C", "I am not sure", "(C)"];
+        assert_eq!(top_pick(&items, replies), Some((2, 0.75)));
+        // Ties go to the earlier letter; silence is not a pick.
+        assert_eq!(top_pick(&items, ["B", "A", "x", "y"]), Some((0, 0.25)));
+        assert_eq!(top_pick(&items, ["", "", "", ""]), None);
+        // Open questions have neither.
+        let open_items = [open(Metric::TokenF1, &["Paris"])];
+        assert_eq!(constant_baseline(&open_items), None);
+        assert_eq!(chance(&open_items), None);
+        assert_eq!(top_pick(&open_items, ["Paris"]), None);
     }
 
     #[test]

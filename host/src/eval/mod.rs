@@ -7,7 +7,11 @@
 //! reports accuracy with a 95% bootstrap interval, macro averages per domain
 //! and overall, **emergent solves** (test items every single member gets
 //! wrong and the system gets right) and cost (host calls, tokens, wall
-//! time). Every answer goes through [`cache::Cache`], so a re-run is instant
+//! time). On multiple choice it also reports **letter bias**: chance, the
+//! best constant answer on the test labels, and each system's most named
+//! letter with its share of the items, because small models often answer
+//! one letter whatever the question and score that letter's frequency among
+//! the golds. Every answer goes through [`cache::Cache`], so a re-run is instant
 //! and an interrupted run resumes.
 //!
 //! The harness is a face over [`Runtime`]: members are asked through
@@ -167,6 +171,12 @@ pub struct SystemResult {
     /// says so instead of showing an unexplained score.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fit_error: Option<String>,
+    /// Multiple choice only: the option letter this system named most often
+    /// and on what share of the test items. A share near 1 means the answer
+    /// sheet is one letter, so the accuracy measures that letter's frequency
+    /// among the golds (compare the task's `always`), not knowledge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_pick: Option<LetterShare>,
     /// Per-item outcomes.
     pub items: Vec<ItemResult>,
 }
@@ -202,6 +212,34 @@ pub struct TaskSummary {
     pub dev: usize,
     /// Test items used.
     pub test: usize,
+    /// Multiple choice only: the accuracy of answering uniformly at random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chance: Option<f64>,
+    /// Multiple choice only: the best constant answer on the test items and
+    /// its accuracy. A reference read off the labels, not a system: a member
+    /// or strategy that always names one letter scores at most this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub always: Option<LetterShare>,
+}
+
+/// An option letter and a share of a task's test items: the letter a system
+/// names most often ([`SystemResult::top_pick`]) or the best constant answer
+/// ([`TaskSummary::always`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LetterShare {
+    /// The option's letter (`A` for the first).
+    pub letter: String,
+    /// Its share of the test items, in `[0, 1]`.
+    pub share: f64,
+}
+
+impl LetterShare {
+    fn new((position, share): (usize, f64)) -> Self {
+        LetterShare {
+            letter: crate::tasks::letter(position).to_string(),
+            share,
+        }
+    }
 }
 
 /// The whole run, as written to `report.json` (schema `tessera-eval/1`).
@@ -411,6 +449,7 @@ fn summarize(
         wall_ms: items.iter().map(|r| r.wall_ms).sum(),
         errors: items.iter().filter(|r| r.error.is_some()).count(),
         fit_error: None,
+        top_pick: None,
         items,
     }
 }
@@ -484,6 +523,8 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
             metric: task.info.metric,
             dev: dev.len(),
             test: test.len(),
+            chance: metrics::chance(&test),
+            always: metrics::constant_baseline(&test).map(LetterShare::new),
         });
         // Single members, dev then test.
         let mut singles: Vec<SystemResult> = Vec::new();
@@ -591,6 +632,9 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
                 };
                 into.extend(ctx.sweep(&subs).await?);
             }
+        }
+        for s in singles.iter_mut().chain(derived.iter_mut()) {
+            s.top_pick = metrics::top_pick(&test, s.items.iter().map(|r| r.text.as_str())).map(LetterShare::new);
         }
         results.extend(singles);
         results.extend(derived);

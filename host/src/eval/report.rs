@@ -153,13 +153,23 @@ fn markdown(r: &Report, command: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "## Tasks\n\n| task | domain | metric | dev items | test items |\n|---|---|---|---|---|"
+        "## Tasks\n\n\"Always\" is the best constant answer on the test items, read off the labels: \
+         a reference for letter bias, not a system.\n\n\
+         | task | domain | metric | dev items | test items | chance | always |\n|---|---|---|---|---|---|---|"
     );
     for t in &r.tasks {
         let _ = writeln!(
             s,
-            "| {} | {} | {:?} | {} | {} |",
-            t.name, t.domain, t.metric, t.dev, t.test
+            "| {} | {} | {:?} | {} | {} | {} | {} |",
+            t.name,
+            t.domain,
+            t.metric,
+            t.dev,
+            t.test,
+            t.chance.map_or("-".into(), |c| format!("{:.1}", 100.0 * c)),
+            t.always
+                .as_ref()
+                .map_or("-".into(), |a| format!("{:.1} ({})", 100.0 * a.share, a.letter))
         );
     }
     let _ = writeln!(s, "\n## Accuracy (%, test split, 95% bootstrap interval)\n");
@@ -211,6 +221,35 @@ fn markdown(r: &Report, command: &str) -> String {
             x.wall_ms as f64 / 1000.0 / n,
             x.errors
         );
+    }
+    if r.results.iter().any(|x| x.top_pick.is_some()) {
+        let _ = writeln!(
+            s,
+            "\n## Answer spread (multiple choice)\n\nThe letter each system named most often and on what share \
+             of the test items. A system near 100% answers one letter whatever the question; its accuracy is \
+             then that letter's share of the golds (the task's \"always\" is the most any one letter gets).\n\n\
+             | system | task | accuracy | most named | share of items | always (task) |\n|---|---|---|---|---|---|"
+        );
+        for x in r.results.iter().filter(|x| x.top_pick.is_some()) {
+            let always = r
+                .tasks
+                .iter()
+                .find(|t| t.name == x.task)
+                .and_then(|t| t.always.as_ref())
+                .map_or("-".into(), |a| format!("{:.1} ({})", 100.0 * a.share, a.letter));
+            if let Some(p) = &x.top_pick {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.1} | {} | {:.0}% | {} |",
+                    label(r, &x.system),
+                    x.task,
+                    100.0 * x.accuracy,
+                    p.letter,
+                    100.0 * p.share,
+                    always
+                );
+            }
+        }
     }
     let failed: Vec<&SystemResult> = r.results.iter().filter(|x| x.fit_error.is_some()).collect();
     if !failed.is_empty() {
