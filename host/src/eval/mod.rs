@@ -424,6 +424,20 @@ fn failed(item: &Item, error: String, started: Instant) -> ItemResult {
     }
 }
 
+/// The single member with the best dev score; ties go to the one listed
+/// first in the pool. The report's `best-single` and every sub-pool's best
+/// single in `--scaling` / `--diversity` use this one rule, so the full
+/// pool's sub-pool point agrees with the report.
+fn best_on_dev<'a>(singles: impl IntoIterator<Item = &'a SystemResult>) -> Option<&'a SystemResult> {
+    let dev = |s: &SystemResult| s.dev_accuracy.unwrap_or(0.0);
+    singles
+        .into_iter()
+        .fold(None, |best: Option<&SystemResult>, s| match best {
+            Some(b) if dev(b) >= dev(s) => Some(b),
+            _ => Some(s),
+        })
+}
+
 fn summarize(
     system: String,
     kind: &str,
@@ -556,23 +570,14 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
             s.dev_accuracy = Some(metrics::mean(&dev_out.iter().map(|r| r.score).collect::<Vec<_>>()));
             singles.push(s);
         }
-        // Best single member on dev (ties: pool order), and the monolith.
-        let best = singles
-            .iter()
-            .enumerate()
-            .max_by(|a, b| {
-                a.1.dev_accuracy
-                    .unwrap_or(0.0)
-                    .total_cmp(&b.1.dev_accuracy.unwrap_or(0.0))
-                    .then(b.0.cmp(&a.0))
-            })
-            .map(|(i, _)| i)
-            .unwrap_or(0);
+        // Best single member on dev, and the monolith.
         let mut derived = Vec::new();
-        let mut b = singles[best].clone();
-        b.system = "best-single".into();
-        b.kind = "best-single".into();
-        derived.push(b);
+        if let Some(b) = best_on_dev(&singles) {
+            let mut b = b.clone();
+            b.system = "best-single".into();
+            b.kind = "best-single".into();
+            derived.push(b);
+        }
         if let Some(m) = singles.iter().find(|s| s.member.as_deref() == Some(monolith.as_str())) {
             let mut m = m.clone();
             m.system = "monolith".into();
@@ -844,13 +849,12 @@ impl SweepCtx<'_> {
             )
             .await?;
             let acc = metrics::mean(&out.iter().map(|r| r.score).collect::<Vec<_>>());
-            let best = self
-                .singles
-                .iter()
-                .filter(|s| s.member.as_ref().is_some_and(|m| sub.contains(m)))
-                .max_by(|a, b| a.dev_accuracy.unwrap_or(0.0).total_cmp(&b.dev_accuracy.unwrap_or(0.0)))
-                .map(|s| s.accuracy)
-                .unwrap_or(0.0);
+            let best = best_on_dev(
+                self.singles
+                    .iter()
+                    .filter(|s| s.member.as_ref().is_some_and(|m| sub.contains(m))),
+            )
+            .map_or(0.0, |s| s.accuracy);
             points.push(ScalingPoint {
                 system: format!("strategy:{}", self.module.manifest.name),
                 task: self.task.to_string(),
@@ -951,6 +955,21 @@ fn macro_averages(results: &[SystemResult], tasks: &[TaskSummary]) -> BTreeMap<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn best_on_dev_breaks_ties_by_pool_order() {
+        let member = |id: &str, dev: f64, test: f64| {
+            let mut s = summarize(format!("member:{id}"), "member", Some(id.into()), "t", vec![], 0);
+            s.dev_accuracy = Some(dev);
+            s.accuracy = test;
+            s
+        };
+        let singles = [member("a", 0.25, 0.1), member("b", 0.5, 0.2), member("c", 0.5, 0.3)];
+        let best = best_on_dev(&singles).and_then(|s| s.member.clone());
+        assert_eq!(best.as_deref(), Some("b"), "the earlier of two equal dev scores");
+        assert_eq!(best_on_dev(&singles[2..]).map(|s| s.accuracy), Some(0.3));
+        assert!(best_on_dev(&[]).is_none());
+    }
 
     fn card(id: &str, arch: &str, contributor: &str) -> ModelCard {
         ModelCard {
