@@ -42,10 +42,18 @@ pub fn grade_pick(item: &Item, picked: usize) -> f64 {
     f64::from(u8::from(matches!(item.gold, Gold::Choice(g) if g == picked)))
 }
 
-/// The option a multiple-choice reply names, as the grader reads it: a
-/// log-likelihood pick is stored as its bare letter, which parses the same.
-pub fn picked(item: &Item, reply: &str) -> Option<usize> {
-    answer::choice(reply, &item.choices)
+/// The most frequent of `positions` and how often it occurs (ties: the
+/// smaller position); `None` for none.
+fn most_common(positions: impl IntoIterator<Item = usize>) -> Option<(usize, usize)> {
+    let mut counts: Vec<usize> = Vec::new();
+    for p in positions {
+        if counts.len() <= p {
+            counts.resize(p + 1, 0);
+        }
+        counts[p] += 1;
+    }
+    let best = (0..counts.len()).max_by(|a, b| counts[*a].cmp(&counts[*b]).then(b.cmp(a)))?;
+    Some((best, counts[best]))
 }
 
 /// The best score a constant answer reaches on `items` (multiple choice
@@ -56,20 +64,11 @@ pub fn picked(item: &Item, reply: &str) -> Option<usize> {
 /// so a strategy or member near it has shown no knowledge (ties go to the
 /// earlier position; `None` when no item is multiple choice).
 pub fn constant_baseline(items: &[Item]) -> Option<(usize, f64)> {
-    let golds: Vec<usize> = items
-        .iter()
-        .filter_map(|i| match i.gold {
-            Gold::Choice(g) => Some(g),
-            Gold::Answers(_) => None,
-        })
-        .collect();
-    let width = golds.iter().max()? + 1;
-    let mut counts = vec![0usize; width];
-    for g in &golds {
-        counts[*g] += 1;
-    }
-    let best = (0..width).max_by(|a, b| counts[*a].cmp(&counts[*b]).then(b.cmp(a)))?;
-    Some((best, counts[best] as f64 / items.len() as f64))
+    let golds = items.iter().filter_map(|i| match i.gold {
+        Gold::Choice(g) => Some(g),
+        Gold::Answers(_) => None,
+    });
+    most_common(golds).map(|(g, n)| (g, n as f64 / items.len() as f64))
 }
 
 /// The accuracy of answering uniformly at random: the mean of
@@ -85,20 +84,16 @@ pub fn chance(items: &[Item]) -> Option<f64> {
 
 /// How a system's replies spread over the option positions: the position it
 /// named most often (ties: the earlier one) and on what share of `items`.
-/// Replies that name no option count in the denominator only. `None` when
+/// Replies are read by the grader's parser ([`answer::choice`]; a
+/// log-likelihood pick is stored as its bare letter, which parses the same);
+/// replies that name no option count in the denominator only. `None` when
 /// the task is not multiple choice or no reply named an option.
 pub fn top_pick<'a>(items: &[Item], replies: impl IntoIterator<Item = &'a str>) -> Option<(usize, f64)> {
-    let mut counts: Vec<usize> = Vec::new();
-    for (item, reply) in items.iter().zip(replies) {
-        if let Some(p) = picked(item, reply) {
-            if counts.len() <= p {
-                counts.resize(p + 1, 0);
-            }
-            counts[p] += 1;
-        }
-    }
-    let best = (0..counts.len()).max_by(|a, b| counts[*a].cmp(&counts[*b]).then(b.cmp(a)))?;
-    (counts[best] > 0).then(|| (best, counts[best] as f64 / items.len().max(1) as f64))
+    let picks = items
+        .iter()
+        .zip(replies)
+        .filter_map(|(item, reply)| answer::choice(reply, &item.choices));
+    most_common(picks).map(|(p, n)| (p, n as f64 / items.len() as f64))
 }
 
 /// Mean of `xs` (0 for none).

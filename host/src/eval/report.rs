@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use super::{Report, SystemResult};
+use super::{Report, SystemResult, TaskSummary};
 
 /// The systems in report order: members, best-single, monolith, strategies.
 fn systems(r: &Report) -> Vec<String> {
@@ -141,6 +141,13 @@ fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// A task's best constant answer as a table cell: `30.0 (C)`, or `-`.
+fn always_cell(t: &TaskSummary) -> String {
+    t.always
+        .as_ref()
+        .map_or("-".into(), |a| format!("{:.1} ({})", 100.0 * a.share, a.letter))
+}
+
 fn markdown(r: &Report, command: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Tessera evaluation\n");
@@ -167,9 +174,7 @@ fn markdown(r: &Report, command: &str) -> String {
             t.dev,
             t.test,
             t.chance.map_or("-".into(), |c| format!("{:.1}", 100.0 * c)),
-            t.always
-                .as_ref()
-                .map_or("-".into(), |a| format!("{:.1} ({})", 100.0 * a.share, a.letter))
+            always_cell(t)
         );
     }
     let _ = writeln!(s, "\n## Accuracy (%, test split, 95% bootstrap interval)\n");
@@ -230,25 +235,18 @@ fn markdown(r: &Report, command: &str) -> String {
              then that letter's share of the golds (the task's \"always\" is the most any one letter gets).\n\n\
              | system | task | accuracy | most named | share of items | always (task) |\n|---|---|---|---|---|---|"
         );
-        for x in r.results.iter().filter(|x| x.top_pick.is_some()) {
-            let always = r
-                .tasks
-                .iter()
-                .find(|t| t.name == x.task)
-                .and_then(|t| t.always.as_ref())
-                .map_or("-".into(), |a| format!("{:.1} ({})", 100.0 * a.share, a.letter));
-            if let Some(p) = &x.top_pick {
-                let _ = writeln!(
-                    s,
-                    "| {} | {} | {:.1} | {} | {:.0}% | {} |",
-                    label(r, &x.system),
-                    x.task,
-                    100.0 * x.accuracy,
-                    p.letter,
-                    100.0 * p.share,
-                    always
-                );
-            }
+        for (x, p) in r.results.iter().filter_map(|x| Some((x, x.top_pick.as_ref()?))) {
+            let task = r.tasks.iter().find(|t| t.name == x.task);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.1} | {} | {:.0}% | {} |",
+                label(r, &x.system),
+                x.task,
+                100.0 * x.accuracy,
+                p.letter,
+                100.0 * p.share,
+                task.map_or("-".into(), always_cell)
+            );
         }
     }
     let failed: Vec<&SystemResult> = r.results.iter().filter(|x| x.fit_error.is_some()).collect();
