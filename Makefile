@@ -19,7 +19,7 @@ EXAMPLES := first-responder
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool tasks modules pyclient demo test bench lint clean-cache contributors gpu-sw
+.PHONY: setup target pool tasks modules pyclient demo test test-fast bench lint clean-cache contributors gpu-sw
 
 setup: target pool tasks modules pyclient
 
@@ -111,6 +111,13 @@ gpu-sw:
 
 test: setup gpu-sw
 	$(CARGO) test -p tessera -p tessera-kernels -p tessera-sdk $(addprefix -p ,$(STD_MODULES))
+	$(CARGO) run -q -p tessera --example limit
+	$(CARGO) run -q -p tessera --example embed
+
+# The fast tier alone: containment, budgets, limits and the server's
+# routing over a scripted model double; needs the modules, not the pool.
+test-fast: target modules
+	$(CARGO) test -p tessera --test all hardening
 
 # Criterion benches (dependencies optimised; see benches/RESULTS.md).
 bench: setup

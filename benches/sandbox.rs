@@ -118,6 +118,7 @@ fn sandbox_overhead(c: &mut Criterion) {
 async fn native_majority_vote(models: &Arc<dyn Models>, members: &[String], q: &str, k: usize) -> String {
     let ctx = CallCtx {
         deadline: Instant::now() + Duration::from_secs(300),
+        requester: 0,
     };
     let futs = (0..k).map(|i| {
         let params = GenParams {

@@ -16,6 +16,12 @@
 //!    with published hostile modules (an infinite loop and a memory bomb)
 //!    from `HAMMERS` concurrent loops. Run twice: with the quarantine
 //!    breaker as shipped, and with it disabled, to show what it buys.
+//! 3. **Attacks** (issue 18): the same benign tenant while a hostile one
+//!    cycles through the attacks an outside test found: fan-outs of long
+//!    prompts to the benign tenant's own member under a 3 s deadline, a
+//!    provenance flood, 50 MB bodies without a key, oversized member chats,
+//!    a chat of 100,000 empty turns, 50 MB stop strings and clients that
+//!    disconnect from long generations.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -274,6 +280,144 @@ async fn load(rt: Arc<Runtime>, label: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One attack of the hostile tenant; returns the status (0: no answer, as
+/// meant for the disconnecting client).
+async fn attack(client: &reqwest::Client, base: &str, key: &str, n: u64) -> u16 {
+    let post = |body: serde_json::Value, key: Option<&str>| {
+        let mut r = client.post(format!("{base}/v1/chat/completions")).json(&body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r
+    };
+    let msg = |text: String| json!([{ "role": "user", "content": text }]);
+    let req = match n % 7 {
+        0 => post(json!({ "model": "prefiller", "messages": msg("x".into()) }), Some(key)),
+        1 => post(
+            json!({ "model": "flooder", "messages": msg("x".into()), "tessera": { "mode": "notes" } }),
+            Some(key),
+        ),
+        2 => client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(vec![b' '; 50 << 20]),
+        3 => post(
+            json!({ "model": MEMBERS[0], "messages": msg("word ".repeat(60_000)) }),
+            Some(key),
+        ),
+        4 => {
+            let turns: Vec<_> = (0..100_000).map(|_| json!({ "role": "user", "content": "" })).collect();
+            post(json!({ "model": MEMBERS[0], "messages": turns }), Some(key))
+        }
+        5 => post(
+            json!({ "model": MEMBERS[0], "messages": msg("hi".into()), "stop": ["s".repeat(50 << 20)] }),
+            Some(key),
+        ),
+        _ => post(
+            json!({ "model": MEMBERS[0], "messages": msg("Tell a long story.".into()), "max_tokens": 2000 }),
+            Some(key),
+        )
+        .timeout(Duration::from_millis(300)),
+    };
+    match req.send().await {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            let _ = r.bytes().await;
+            s
+        }
+        Err(_) => 0,
+    }
+}
+
+async fn attacks(rt: Arc<Runtime>) {
+    let dir = std::env::temp_dir().join(format!("tessera-bench-attacks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let registry = Arc::new(Registry::open(&dir).expect("registry"));
+    let paths = Paths::from_env();
+    for (src, name) in [("long-prefill", "prefiller"), ("provenance-bomb", "flooder")] {
+        let wasm = paths.modules.join("hostile").join(format!("{src}.wasm"));
+        let text = std::fs::read_to_string(wasm.with_extension("toml")).expect("hostile manifest (make setup)");
+        let mut man: toml::Table = toml::from_str(&text).expect("manifest");
+        man.insert("name".into(), toml::Value::String(name.into()));
+        server::publish_checked(
+            &registry,
+            rt.as_ref(),
+            &std::fs::read(&wasm).expect("hostile module"),
+            &toml::to_string(&man).expect("toml"),
+            None,
+        )
+        .expect("publish");
+    }
+    let open = TenantPolicy {
+        requests_per_minute: 0,
+        tokens_per_day: 0,
+        max_concurrent: 0,
+        ..TenantPolicy::default()
+    };
+    let benign = registry.add_tenant("benign", &open).expect("tenant");
+    let hostile = registry
+        .add_tenant(
+            "hostile",
+            &TenantPolicy {
+                max_concurrent: 2,
+                ..open.clone()
+            },
+        )
+        .expect("tenant");
+    let served = start(rt, registry, ServeConfig::default()).await;
+    let client = reqwest::Client::new();
+    let _ = benign_run(&client, &served.base, &benign).await;
+    let (alone, alone_err) = benign_run(&client, &served.base, &benign).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut hammers = Vec::new();
+    for h in 0..HAMMERS {
+        let (client, base, key, stop, sent) = (
+            client.clone(),
+            served.base.clone(),
+            hostile.clone(),
+            stop.clone(),
+            sent.clone(),
+        );
+        hammers.push(tokio::spawn(async move {
+            let mut codes = std::collections::BTreeMap::<String, u64>::new();
+            let mut n = h as u64;
+            while !stop.load(Ordering::Relaxed) {
+                let status = attack(&client, &base, &key, n).await;
+                *codes.entry(format!("{}:{status}", n % 7)).or_default() += 1;
+                sent.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+                if status == 429 || status == 503 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            codes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (loaded, loaded_err) = benign_run(&client, &served.base, &benign).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut codes = std::collections::BTreeMap::<String, u64>::new();
+    for h in hammers {
+        if let Ok(c) = h.await {
+            for (k, v) in c {
+                *codes.entry(k).or_default() += v;
+            }
+        }
+    }
+    let _ = served.stop.send(());
+    let (a50, a99) = stats(alone);
+    let (l50, l99) = stats(loaded);
+    println!(
+        "attacks: benign alone p50 {a50:.0} ms p99 {a99:.0} ms ({alone_err} errors); \
+         with {HAMMERS} attack loops p50 {l50:.0} ms p99 {l99:.0} ms ({loaded_err} errors); \
+         p99 ratio {:.2}x; attack requests {} as attack:status {codes:?}",
+        l99 / a99,
+        sent.load(Ordering::Relaxed)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument is accepted and ignored.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -287,6 +431,11 @@ fn main() {
         let pool = loaded.pool.clone();
         let runtime =
             Arc::new(Runtime::with_models(paths, loaded.pool, Policy::default(), Vec::new()).expect("runtime"));
+        if std::env::args().any(|a| a == "attacks") {
+            // `cargo bench ... --bench serve_load -- attacks`: only this part.
+            attacks(runtime).await;
+            return;
+        }
         pool.set_max_batch(1);
         load(runtime.clone(), "one generation at a time per member").await;
         pool.set_max_batch(tessera::pool::DEFAULT_MAX_BATCH);
@@ -297,6 +446,7 @@ fn main() {
             tessera::backends::gguf::decode::batched_steps() - before
         );
         isolation(runtime.clone(), 3, "quarantine after 3 faults (as shipped)").await;
-        isolation(runtime, u32::MAX, "quarantine off").await;
+        isolation(runtime.clone(), u32::MAX, "quarantine off").await;
+        attacks(runtime).await;
     });
 }

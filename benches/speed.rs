@@ -33,6 +33,7 @@ fn ours(path: &Path, prompt: &str) -> (f64, f64, usize) {
     let mut m = GgufModel::load("bench", path).expect("model loads (run `make setup`)");
     let ctx = || CallCtx {
         deadline: Instant::now() + Duration::from_secs(600),
+        requester: 0,
     };
     let input = Input::Prompt(prompt.to_string());
     let n = m.encode_input(&input).expect("encodes").len();
@@ -162,6 +163,7 @@ fn mcq_items_per_s(path: &Path, reuse: bool) -> f64 {
     m.set_prefix_reuse(reuse);
     let ctx = CallCtx {
         deadline: Instant::now() + Duration::from_secs(600),
+        requester: 0,
     };
     let mut rates = Vec::new();
     for _ in 0..REPS {

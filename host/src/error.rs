@@ -99,10 +99,19 @@ pub enum Error {
         /// What is wrong and how to fix it.
         message: String,
     },
-    /// Configuration (pool, policy, manifest, request) is wrong.
+    /// Configuration (pool, policy, manifest, request) is wrong: what an
+    /// operator or a user wrote.
     #[error("configuration: {message}")]
     Config {
         /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A fault of the host itself, not of what anyone asked: a database
+    /// that cannot be read, a file that cannot be written, a runtime that
+    /// stopped. The server answers 500 and the operator has to act.
+    #[error("internal error: {message}")]
+    Internal {
+        /// What failed, with its cause.
         message: String,
     },
 }
@@ -125,12 +134,20 @@ impl Error {
             Error::Trap { .. } => "trap",
             Error::InvalidModule { .. } => "invalid-module",
             Error::Config { .. } => "config",
+            Error::Internal { .. } => "internal",
         }
     }
 
     /// Shorthand for [`Error::Config`].
     pub fn config(message: impl Into<String>) -> Self {
         Error::Config {
+            message: message.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Internal`].
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::Internal {
             message: message.into(),
         }
     }

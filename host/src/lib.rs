@@ -22,6 +22,7 @@ pub mod bindings;
 pub mod contribute;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod inference;
 pub mod merge;
 pub mod pipeline;

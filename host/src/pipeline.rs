@@ -157,6 +157,7 @@ impl Runtime {
             params: req.params.clone(),
             config,
             state: None,
+            cancel: None,
         }
     }
 
@@ -239,7 +240,12 @@ impl Runtime {
         let deadline = Instant::now() + Duration::from_millis(p.config.deadline_ms.unwrap_or(120_000));
         let models = self.models_arc();
         let calls = chosen.iter().map(|id| {
-            let fut = models.generate(CallCtx { deadline }, id, req.input.clone(), req.params.clone());
+            let fut = models.generate(
+                CallCtx { deadline, requester: 0 },
+                id,
+                req.input.clone(),
+                req.params.clone(),
+            );
             async move {
                 let t = Instant::now();
                 let r = tokio::time::timeout_at(deadline.into(), fut).await;

@@ -91,3 +91,47 @@ pub struct RunOutcome {
     /// What it cost.
     pub usage: UsageReport,
 }
+
+/// One labelled dev example for `fit`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Example {
+    /// The question.
+    pub input: Input,
+    /// The reference answer.
+    pub answer: String,
+    /// Options, for multiple choice.
+    #[serde(default)]
+    pub choices: Vec<String>,
+}
+
+/// `text` safe to print on a terminal: control characters other than
+/// newline and tab (escape sequences that could move the cursor, rewrite
+/// earlier lines or retitle the window) are shown as `\u{..}` instead of
+/// being sent. Module text is untrusted, so every face that prints it to a
+/// terminal passes it through here; JSON output is escaped by its encoder.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn terminal_escapes_are_shown_not_sent() {
+        let hostile = "ok\u{1b}]0;pwned\u{7}\u{1b}[2J\r\nline\ttab";
+        let shown = super::printable(hostile);
+        assert!(
+            !shown.chars().any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{shown:?}"
+        );
+        assert!(shown.starts_with("ok\\u{1b}]0;pwned"), "{shown}");
+        assert!(shown.ends_with("\nline\ttab"), "{shown}");
+    }
+}

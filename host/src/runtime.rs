@@ -148,6 +148,13 @@ impl Runtime {
         })
     }
 
+    /// Serves modules' `weights.merge` with `merger` (the runtime over the
+    /// default pool merges with a [`crate::merge::PoolMerger`]; embedders
+    /// and tests may bring their own).
+    pub fn set_merger(&mut self, merger: Arc<dyn crate::merge::Merger>) {
+        self.sandbox.set_merger(merger);
+    }
+
     /// Members that did not load, with reasons.
     pub fn pool_failures(&self) -> &[PoolError] {
         &self.pool_failures
@@ -262,7 +269,14 @@ impl Runtime {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         states
             .entry(module.sha256.clone())
-            .or_insert_with(|| std::fs::read(self.state_path(module)).ok().map(Arc::new))
+            .or_insert_with(|| {
+                std::fs::read(self.state_path(module))
+                    .ok()
+                    // A file over the limit (written by hand, or by an older
+                    // version) is not handed to the module.
+                    .filter(|b| b.len() <= crate::policy::MAX_STATE_BYTES)
+                    .map(Arc::new)
+            })
             .clone()
     }
 
@@ -284,7 +298,23 @@ impl Runtime {
         req: RunRequest,
         members: Option<&[String]>,
     ) -> Result<RunOutcome, Error> {
-        req.params.validate()?;
+        self.run_metered(module, req, members, None).await.0
+    }
+
+    /// [`Runtime::run_with_members`] for a face that bills its caller: the
+    /// usage comes back whether or not the run succeeded (a module that
+    /// fails after generating thousands of tokens used them), and `cancel`,
+    /// once set, stops the module as at its deadline (the caller went away).
+    pub async fn run_metered(
+        &self,
+        module: &Module,
+        req: RunRequest,
+        members: Option<&[String]>,
+        cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    ) -> (Result<RunOutcome, Error>, crate::UsageReport) {
+        if let Err(e) = req.params.validate().and_then(|_| req.input.check_size(0)) {
+            return (Err(e.into()), crate::UsageReport::default());
+        }
         let grant = Arc::new(self.narrowed_grant(module, members));
         let mut config: BTreeMap<String, String> = module.manifest.config.clone();
         config.extend(req.config);
@@ -294,15 +324,17 @@ impl Runtime {
             params: req.params,
             config,
             state,
+            cancel,
         };
         let inv = self.sandbox.run_strategy(module, self.models_arc(), grant, sreq).await;
-        let (text, annotations) = inv.result?;
-        Ok(RunOutcome {
+        let usage = inv.usage.clone();
+        let out = inv.result.map(|(text, annotations)| RunOutcome {
             text,
             annotations,
             provenance: inv.provenance,
             usage: inv.usage,
-        })
+        });
+        (out, usage)
     }
 
     /// Runs the module's `fit` on `dev` and persists the returned state
@@ -347,6 +379,10 @@ impl Runtime {
         let fitted = match inv.result {
             Err(e) => Err(e),
             Ok(None) => Ok(false),
+            // Persisted and handed to every later run: bounded on its own.
+            Ok(Some(bytes)) if bytes.len() > crate::policy::MAX_STATE_BYTES => {
+                Err(Error::budget("state-bytes", crate::policy::MAX_STATE_BYTES as u64))
+            }
             Ok(Some(bytes)) => self.install_state(module, Some(bytes)).map(|_| true),
         };
         (fitted, inv.provenance)
@@ -365,16 +401,14 @@ impl Runtime {
         match &bytes {
             Some(b) => {
                 std::fs::create_dir_all(&self.paths.state)
-                    .map_err(|e| Error::config(format!("{}: {e}", self.paths.state.display())))?;
-                let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, b)
-                    .and_then(|_| std::fs::rename(&tmp, &path))
-                    .map_err(|e| Error::config(format!("saving state to {}: {e}", path.display())))?;
+                    .map_err(|e| Error::internal(format!("state directory {}: {e}", self.paths.state.display())))?;
+                crate::files::write_atomic(&path, b, crate::files::Durability::Durable)
+                    .map_err(|e| Error::internal(format!("saving state to {}: {e}", path.display())))?;
             }
             None => {
                 if path.exists() {
                     std::fs::remove_file(&path)
-                        .map_err(|e| Error::config(format!("removing state {}: {e}", path.display())))?;
+                        .map_err(|e| Error::internal(format!("removing state {}: {e}", path.display())))?;
                 }
             }
         }

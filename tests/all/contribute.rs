@@ -26,6 +26,7 @@ fn greedy() -> GenParams {
 fn ctx() -> CallCtx {
     CallCtx {
         deadline: Instant::now() + Duration::from_secs(300),
+        requester: 0,
     }
 }
 

@@ -17,6 +17,7 @@ use crate::common::{runtime, scratch, scratch_paths, tessera, QWEN, SMOL};
 fn ctx() -> CallCtx {
     CallCtx {
         deadline: Instant::now() + Duration::from_secs(300),
+        requester: 0,
     }
 }
 

@@ -251,3 +251,17 @@ async fn compiled_modules_are_cached_by_hash_and_engine() {
     assert_eq!(again.sha256, m.sha256);
     assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
 }
+
+#[tokio::test]
+async fn long_prefills_stop_at_their_requests_deadline() {
+    // Sixteen prompts of about 6,000 tokens each, fanned out to one member
+    // under a 3 s deadline: before prefill checked the deadline, the batch
+    // prefilled them all (about a minute) after the request had ended.
+    let m = hostile("long-prefill");
+    let started = Instant::now();
+    let err = runtime().run(&m, RunRequest::chat("go")).await.unwrap_err();
+    assert!(matches!(err, Error::Deadline { limit_ms: 3000 }), "{err:?}");
+    benign().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "the member was busy for {took:?}");
+}

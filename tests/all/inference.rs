@@ -9,6 +9,7 @@ use crate::common::{runtime, MINILM, QWEN, SMOL};
 fn ctx() -> CallCtx {
     CallCtx {
         deadline: Instant::now() + Duration::from_secs(120),
+        requester: 0,
     }
 }
 
@@ -162,6 +163,7 @@ async fn bad_calls_get_typed_errors() {
     assert!(matches!(e, InferenceError::Unsupported(_)), "{e:?}");
     let past = CallCtx {
         deadline: Instant::now(),
+        requester: 0,
     };
     let e = m
         .generate(past, SMOL, chat("hi"), GenParams::default())

@@ -43,6 +43,7 @@ async fn answers(dir: &Path, id: &str, folder: &Path, questions: &[&str]) -> Vec
         };
         let ctx = CallCtx {
             deadline: Instant::now() + Duration::from_secs(300),
+            requester: 0,
         };
         let g = rt
             .models()

@@ -151,6 +151,7 @@ fn greedy(id: &str, m: &mut GgufModel, fixture: &Value) {
 fn ctx() -> CallCtx {
     CallCtx {
         deadline: Instant::now() + Duration::from_secs(120),
+        requester: 0,
     }
 }
 

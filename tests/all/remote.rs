@@ -38,6 +38,7 @@ fn remote_pool(url: &str, key_env: Option<&str>, members: &[(&str, &str, &str)],
 fn ctx(secs: u64) -> CallCtx {
     CallCtx {
         deadline: Instant::now() + Duration::from_secs(secs),
+        requester: 0,
     }
 }
 

@@ -288,6 +288,21 @@ fn signatures_are_required_once_a_publisher_key_is_trusted() {
     std::fs::copy(format!("{}.sig", wasm.display()), format!("{}.sig", tampered.display())).unwrap();
     let (ok, _, err) = tessera(&["modules", "publish", tampered.to_str().unwrap(), "--registry", r]);
     assert!(!ok && err.contains("does not verify"), "{err}");
+    // The signed component under another name and author, with its
+    // signature: refused, because the signature covers the manifest too.
+    let spoofed = dir.join("spoofed.wasm");
+    std::fs::copy(&wasm, &spoofed).unwrap();
+    let manifest = std::fs::read_to_string(dir.join("alice-vote.toml"))
+        .unwrap()
+        .replace("name = \"alice-vote\"", "name = \"spoofed\"");
+    std::fs::write(
+        dir.join("spoofed.toml"),
+        format!("{manifest}\n# republished by mallory\n"),
+    )
+    .unwrap();
+    std::fs::copy(format!("{}.sig", wasm.display()), format!("{}.sig", spoofed.display())).unwrap();
+    let (ok, _, err) = tessera(&["modules", "publish", spoofed.to_str().unwrap(), "--registry", r]);
+    assert!(!ok && err.contains("does not verify"), "{err}");
 }
 
 /// Every listed module has its blob, and the blob hashes to its sha256.

@@ -208,6 +208,7 @@ async fn a_merged_member_is_kept_by_name_only_where_the_operator_allows() {
         .generate(
             tessera::inference::CallCtx {
                 deadline: std::time::Instant::now() + std::time::Duration::from_secs(120),
+                requester: 0,
             },
             "both-facts",
             tessera::inference::Input::Chat(vec![tessera::inference::Message::user("What is the password?")]),

@@ -70,9 +70,8 @@ impl From<candle_core::Error> for ContributeError {
 /// Writes `bytes` to `path` through a temporary file and a rename, so a
 /// crash leaves the old file or the new one, never half of one.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ContributeError> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).map_err(|e| ContributeError::Io(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| ContributeError::Io(format!("{}: {e}", path.display())))
+    crate::files::write_atomic(path, bytes, crate::files::Durability::Durable)
+        .map_err(|e| ContributeError::Io(format!("{}: {e}", path.display())))
 }
 
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {

@@ -94,7 +94,7 @@ pub(crate) fn write_model(
         let base_weights = opts.base_dir.join(WEIGHTS);
         let config = AdapterConfig {
             base_dir: opts.base_dir.canonicalize().map_err(|e| io(&opts.base_dir, e))?,
-            base_sha256: crate::pool::sha256_file(&base_weights).map_err(|e| io(&base_weights, e))?,
+            base_sha256: crate::files::sha256_file(&base_weights).map_err(|e| io(&base_weights, e))?,
             scale,
             rank,
             targets,
@@ -119,7 +119,7 @@ pub(crate) fn write_model(
     let text = serde_json::to_vec_pretty(&config).map_err(|e| io(&cfg_path, e))?;
     write_atomic(&out.join("config.json"), &text)?;
 
-    let sha = crate::pool::sha256_file(&out.join(file_name)).map_err(|e| io(out, e))?;
+    let sha = crate::files::sha256_file(&out.join(file_name)).map_err(|e| io(out, e))?;
     let id = out
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -205,7 +205,7 @@ pub fn add_to_pool(pool_file: &Path, model_dir: &Path, id: Option<&str>) -> Resu
         WEIGHTS
     };
     let weights = model_dir.join(file_name);
-    let sha = crate::pool::sha256_file(&weights).map_err(|e| io(&weights, e))?;
+    let sha = crate::files::sha256_file(&weights).map_err(|e| io(&weights, e))?;
     if sha != file.sha256 {
         return Err(ContributeError::Io(format!(
             "{}: sha256 {sha} does not match the card's {}: the weights changed after training",

@@ -363,7 +363,7 @@ pub fn train(
 ) -> Result<TrainReport, ContributeError> {
     crate::alloc::keep_freed_memory();
     let examples_raw = data::read_jsonl(&opts.data)?;
-    let data_sha = crate::pool::sha256_file(&opts.data).map_err(|e| io(&opts.data, e))?;
+    let data_sha = crate::files::sha256_file(&opts.data).map_err(|e| io(&opts.data, e))?;
     let (tok, template) = hf::read_tokenizer(&opts.base_dir).map_err(ContributeError::Base)?;
     let chat = match template {
         Some(src) => ChatFormat::from_template(

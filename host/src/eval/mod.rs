@@ -352,6 +352,7 @@ async fn member_answer(rt: &Runtime, cache: &Cache, member: &str, item: &Item, c
     let started = Instant::now();
     let ctx = CallCtx {
         deadline: Instant::now() + Duration::from_secs(600),
+        requester: 0,
     };
     let models = rt.models();
     let r = if let Some((_, conts, per_byte)) = scored {
@@ -590,7 +591,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
             .collect();
         let n_fail = all_fail.iter().filter(|x| **x).count();
         // Strategies: fit on dev, run on test.
-        let dev_examples: Vec<crate::sandbox::Example> = dev.iter().map(Item::example).collect();
+        let dev_examples: Vec<crate::request::Example> = dev.iter().map(Item::example).collect();
         for module in &modules {
             let name = module.manifest.name.clone();
             let (out, fit_error) =
@@ -667,7 +668,7 @@ async fn strategy_on(
     mp: &MultiProgress,
     module: &Arc<crate::sandbox::Module>,
     task: &str,
-    dev: &[crate::sandbox::Example],
+    dev: &[crate::request::Example],
     test: &[Item],
     cfg: &EvalConfig,
     members: Option<&[String]>,
@@ -824,7 +825,7 @@ struct SweepCtx<'a> {
     mp: &'a MultiProgress,
     module: &'a Arc<crate::sandbox::Module>,
     task: &'a str,
-    dev: &'a [crate::sandbox::Example],
+    dev: &'a [crate::request::Example],
     test: &'a [Item],
     singles: &'a [SystemResult],
     cfg: &'a EvalConfig,

@@ -229,6 +229,7 @@ mod tests {
     fn ctx() -> CallCtx {
         CallCtx {
             deadline: Instant::now() + Duration::from_secs(5),
+            requester: 0,
         }
     }
 

@@ -8,6 +8,7 @@
 //! tests drive real models without any guest).
 
 pub mod memo;
+pub mod weights;
 
 use std::time::Instant;
 
@@ -52,6 +53,63 @@ pub enum Input {
     Prompt(String),
 }
 
+/// Largest input one model call takes, counted by [`Input::counted_bytes`].
+/// Every face (a module's host call, an HTTP request to a member, the score
+/// route, a pipeline stage) is held to it, and the pool checks it again
+/// before queuing, so an oversized input never reaches a worker, where
+/// tokenizing it would hold up every other request on that member.
+pub const MAX_INPUT_BYTES: usize = 256 << 10;
+/// What each chat turn counts on top of its text: the chat template wraps
+/// every turn in markers (`<|im_start|>user\n ... <|im_end|>\n`), so a chat
+/// of many empty turns is not free.
+pub const TURN_OVERHEAD_BYTES: usize = 32;
+/// Most turns in one chat.
+pub const MAX_TURNS: usize = 2048;
+/// Most stop sequences in one call.
+pub const MAX_STOP_SEQUENCES: usize = 16;
+/// Longest stop sequence, in bytes (matched against the text every step).
+pub const MAX_STOP_BYTES: usize = 256;
+/// Smallest positive temperature: below it the scaled logits overflow, so
+/// sampling would fail; 0 asks for greedy decoding.
+pub const MIN_TEMPERATURE: f32 = 0.01;
+
+impl Input {
+    /// The size the input rule counts: the text of a prompt, or of every
+    /// turn (role and content) plus [`TURN_OVERHEAD_BYTES`] per turn.
+    pub fn counted_bytes(&self) -> usize {
+        match self {
+            Input::Prompt(p) => p.len(),
+            Input::Chat(m) => m
+                .iter()
+                .map(|m| m.role.len() + m.content.len() + TURN_OVERHEAD_BYTES)
+                .sum(),
+        }
+    }
+
+    /// The input rule: at most [`MAX_TURNS`] turns and, with `extra` bytes
+    /// that travel with it (score continuations), at most
+    /// [`MAX_INPUT_BYTES`]. Checked without tokenizing, so it is cheap
+    /// whatever the caller sent.
+    pub fn check_size(&self, extra: usize) -> Result<(), InferenceError> {
+        if let Input::Chat(m) = self {
+            if m.len() > MAX_TURNS {
+                return Err(InferenceError::InvalidParams(format!(
+                    "the chat has {} turns; a model call takes at most {MAX_TURNS}: shorten the conversation",
+                    m.len()
+                )));
+            }
+        }
+        let n = self.counted_bytes().saturating_add(extra);
+        if n > MAX_INPUT_BYTES {
+            return Err(InferenceError::InvalidParams(format!(
+                "the input is {n} bytes (chat turns count {TURN_OVERHEAD_BYTES} bytes each for their template); \
+                 a model call takes at most {MAX_INPUT_BYTES}: shorten or split it"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Decoding parameters; `None` means the member's default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GenParams {
@@ -77,9 +135,9 @@ impl GenParams {
     /// Checks ranges; the message names the parameter and the valid range.
     pub fn validate(&self) -> Result<(), InferenceError> {
         if let Some(t) = self.temperature {
-            if !t.is_finite() || !(0.0..=10.0).contains(&t) {
+            if !t.is_finite() || !(0.0..=10.0).contains(&t) || (t > 0.0 && t < MIN_TEMPERATURE) {
                 return Err(InferenceError::InvalidParams(format!(
-                    "temperature {t} is out of range: use a value in [0, 10] (0 = greedy)"
+                    "temperature {t} is out of range: use 0 (greedy) or a value in [{MIN_TEMPERATURE}, 10]"
                 )));
             }
         }
@@ -99,6 +157,18 @@ impl GenParams {
             return Err(InferenceError::InvalidParams(
                 "max_tokens 0 asks for nothing: use 1 or more".into(),
             ));
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(InferenceError::InvalidParams(format!(
+                "{} stop sequences; at most {MAX_STOP_SEQUENCES} are allowed: drop some",
+                self.stop.len()
+            )));
+        }
+        if let Some(s) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(InferenceError::InvalidParams(format!(
+                "a stop sequence of {} bytes; each may be at most {MAX_STOP_BYTES}: shorten it",
+                s.len()
+            )));
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(InferenceError::InvalidParams(
@@ -206,11 +276,30 @@ pub enum InferenceError {
     Deadline,
 }
 
-/// Per-call context the sandbox hands down: when to give up.
+/// Per-call context the sandbox hands down: when to give up, and on whose
+/// behalf the call runs.
 #[derive(Debug, Clone, Copy)]
 pub struct CallCtx {
-    /// The request's wall-clock deadline; backends stop decoding past it.
+    /// The request's wall-clock deadline; backends stop queued work,
+    /// prefill and decoding past it.
     pub deadline: Instant,
+    /// The request this call belongs to (0: anonymous). A member's worker
+    /// shares its time between requests by this id, so one request's
+    /// fan-out of many calls cannot hold a member for everyone else.
+    pub requester: u64,
+}
+
+impl CallCtx {
+    /// A call on behalf of request `requester` that gives up at `deadline`.
+    pub fn new(deadline: Instant, requester: u64) -> Self {
+        CallCtx { deadline, requester }
+    }
+
+    /// A fresh requester id, unique in this process.
+    pub fn next_requester() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Where a streaming generation sends its text; `false` back means "stop".

@@ -3,7 +3,7 @@
 //! A module asks for a merge recipe; the host merges the members' weights
 //! (with [`super::merge`]), loads the result as a one-member pool on its own
 //! worker thread, and lets the module call it by id for the rest of the
-//! request through an [`Overlay`] of the pool. The capability sits behind
+//! request through an [`super::Overlay`] of the pool. The capability sits behind
 //! the [`Merger`] trait so that the sandbox does not care where weights come
 //! from (and tests can swap it).
 //!
@@ -16,7 +16,7 @@
 //! Where the operator allows it (policy `keep_merged`, a count), a module
 //! may keep a merged member beyond its request under a name
 //! ([`Merger::keep`]); kept members join the pool every later request sees
-//! (through [`Overlay::with_kept`]) and stay loaded until the process ends,
+//! (through [`super::Overlay::with_kept`]) and stay loaded until the process ends,
 //! so the count bounds their memory.
 
 use std::collections::VecDeque;
@@ -26,66 +26,16 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-use super::{merge, MergeSpec};
+use super::{merge, KeepRefused, MergeSpec, Merged, Merger, Named};
 use crate::contribute::output::WEIGHTS;
-use crate::inference::{
-    CallCtx, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob,
-};
+use crate::inference::Models;
 use crate::pool::{BackendKind, CardConfig, MemberConfig, Pool, PoolConfig};
-
-/// A merged member's id and the [`Models`] that serve it.
-pub type Merged = (String, Arc<dyn Models>);
-
-/// A merged member kept beyond its request under a name.
-#[derive(Clone)]
-pub struct Named {
-    /// The name later requests call it by.
-    pub name: String,
-    /// The id it was merged as (what `models` serves it under).
-    pub id: String,
-    /// What serves it.
-    pub models: Arc<dyn Models>,
-}
-
-/// Why [`Merger::keep`] refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeepRefused {
-    /// The operator does not allow kept members (module gets `unsupported`).
-    NotAllowed(String),
-    /// The name or the count is wrong (module gets `invalid-params`).
-    Invalid(String),
-}
-
-/// Creates merged members on demand.
-pub trait Merger: Send + Sync + 'static {
-    /// Merges `models` (over `base`) per `spec`; returns the new member's id
-    /// and a [`Models`] that serves it. The error says what is wrong, for
-    /// the module.
-    fn merge(
-        &self,
-        models: Vec<String>,
-        base: Option<String>,
-        spec: MergeSpec,
-    ) -> BoxFuture<'static, Result<Merged, String>>;
-
-    /// Keeps merged member `id` (served by `served`) beyond the request as
-    /// `name`. The caller has checked that `name` is not a pool member.
-    /// The default refuses: a merger keeps nothing unless it says so.
-    fn keep(&self, name: &str, id: &str, served: Arc<dyn Models>) -> Result<(), KeepRefused> {
-        let _ = (name, id, served);
-        Err(KeepRefused::NotAllowed("this host does not keep merged members".into()))
-    }
-
-    /// The members kept so far, oldest first.
-    fn kept(&self) -> Vec<Named> {
-        Vec::new()
-    }
-}
 
 struct Kept {
     key: String,
     id: String,
     pool: Arc<Pool>,
+    bytes: u64,
     /// The merged folder, held while the recipe is kept loaded so that
     /// [`Merger::keep`] can move it under a name (kept members can then be
     /// merged in turn); removed when the recipe is evicted.
@@ -118,6 +68,11 @@ impl PoolMerger {
     /// `keep` merged members loaded for reuse, and up to `max_named` kept
     /// by name when modules ask ([`Merger::keep`]).
     pub fn new(config: PoolConfig, models_dir: PathBuf, keep: usize, max_named: usize) -> Self {
+        // Folders a crashed process left behind (`NAME.PID` of a PID that
+        // is gone) hold hundreds of MB each and nothing else removes them.
+        for dir in [models_dir.join("merged"), models_dir.join("kept")] {
+            sweep_stale(&dir);
+        }
         PoolMerger(Arc::new(Inner {
             bases: models_dir.join("bases"),
             scratch: models_dir.join("merged"),
@@ -133,11 +88,11 @@ impl PoolMerger {
 }
 
 impl Inner {
-    fn lookup(&self, key: &str) -> Option<(String, Arc<Pool>)> {
+    fn lookup(&self, key: &str) -> Option<(String, Arc<Pool>, u64)> {
         let mut kept = self.kept.lock().ok()?;
         let i = kept.iter().position(|k| k.key == key)?;
         let k = kept.remove(i)?;
-        let out = (k.id.clone(), k.pool.clone());
+        let out = (k.id.clone(), k.pool.clone(), k.bytes);
         kept.push_front(k);
         Some(out)
     }
@@ -149,10 +104,10 @@ impl Inner {
         models: Vec<String>,
         base: Option<String>,
         spec: MergeSpec,
-    ) -> Result<Arc<Pool>, String> {
+    ) -> Result<(Arc<Pool>, u64), String> {
         let _gate = self.gate.lock().map_err(|_| "a previous merge panicked".to_string())?;
-        if let Some((_, pool)) = self.lookup(&key) {
-            return Ok(pool);
+        if let Some((_, pool, bytes)) = self.lookup(&key) {
+            return Ok((pool, bytes));
         }
         std::fs::create_dir_all(&self.bases).map_err(|e| format!("{}: {e}", self.bases.display()))?;
         std::fs::create_dir_all(&self.scratch).map_err(|e| format!("{}: {e}", self.scratch.display()))?;
@@ -211,11 +166,15 @@ impl Inner {
                 return Err(e);
             }
         };
+        // The merged weights are loaded as written (f32), so the file's size
+        // is their size in memory.
+        let bytes = std::fs::metadata(out.join(WEIGHTS)).map(|m| m.len()).unwrap_or(0);
         if let Ok(mut kept) = self.kept.lock() {
             kept.push_front(Kept {
                 key,
                 id,
                 pool: pool.clone(),
+                bytes,
                 dir: Some(out),
             });
             let held = self.keep.min(kept.len());
@@ -227,7 +186,7 @@ impl Inner {
         } else {
             let _ = std::fs::remove_dir_all(&out);
         }
-        Ok(pool)
+        Ok((pool, bytes))
     }
 }
 
@@ -249,6 +208,30 @@ impl Drop for Inner {
     }
 }
 
+/// Removes the `NAME.PID` folders under `dir` whose process is no longer
+/// running. Returns how many it removed.
+pub fn sweep_stale(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let pid = path
+            .extension()
+            .and_then(|x| x.to_str())
+            .and_then(|x| x.split('.').next())
+            .and_then(|x| x.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        let alive = pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && std::fs::remove_dir_all(&path).is_ok() {
+            tracing::info!(path = %path.display(), "removed a merge folder a stopped process left behind");
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// The id of a recipe: the same recipe always gets the same id.
 fn recipe_id(key: &str) -> String {
     let h = hex::encode(Sha256::digest(key.as_bytes()));
@@ -264,15 +247,20 @@ impl Merger for PoolMerger {
     ) -> BoxFuture<'static, Result<Merged, String>> {
         let key = serde_json::to_string(&(&models, &base, &spec)).unwrap_or_default();
         let id = recipe_id(&key);
-        if let Some((id, pool)) = self.0.lookup(&key) {
-            return Box::pin(async move { Ok((id, pool as Arc<dyn Models>)) });
+        if let Some((id, pool, bytes)) = self.0.lookup(&key) {
+            let models = pool as Arc<dyn Models>;
+            return Box::pin(async move { Ok(Merged { id, models, bytes }) });
         }
         let inner = self.0.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 inner
                     .build(key, id.clone(), models, base, spec)
-                    .map(|p| (id, p as Arc<dyn Models>))
+                    .map(|(p, bytes)| Merged {
+                        id,
+                        models: p as Arc<dyn Models>,
+                        bytes,
+                    })
             })
             .await
             .map_err(|e| format!("the merge task failed: {e}"))?
@@ -286,7 +274,7 @@ impl Merger for PoolMerger {
                 "the operator does not let modules keep merged members (policy `keep_merged` is 0)".into(),
             ));
         }
-        if !crate::registry::is_plain_name(name) {
+        if !crate::policy::is_plain_name(name) {
             return Err(KeepRefused::Invalid(format!(
                 "`{name}` cannot name a member: use 1-64 lowercase letters, digits, `-`, `_` or `.`, not starting with `.`"
             )));
@@ -356,104 +344,5 @@ impl Merger for PoolMerger {
             .lock()
             .map(|n| n.iter().map(|(k, _)| k.clone()).collect())
             .unwrap_or_default()
-    }
-}
-
-/// The pool as one request sees it after merging: the pool's members plus
-/// the request's merged members, each call routed by member id.
-pub struct Overlay {
-    base: Arc<dyn Models>,
-    /// Shown id, the id the serving models know it by, the serving models.
-    extra: Vec<(String, String, Arc<dyn Models>)>,
-}
-
-impl Overlay {
-    /// `base` with the merged members `extra` (id, serving models).
-    pub fn new(base: Arc<dyn Models>, extra: Vec<(String, Arc<dyn Models>)>) -> Self {
-        let extra = extra.into_iter().map(|(id, m)| (id.clone(), id, m)).collect();
-        Self { base, extra }
-    }
-
-    /// `base` with the members kept by name, each answering to its name.
-    pub fn with_kept(base: Arc<dyn Models>, kept: Vec<Named>) -> Self {
-        let extra = kept.into_iter().map(|n| (n.name, n.id, n.models)).collect();
-        Self { base, extra }
-    }
-
-    /// The models serving `id`, and the id they know it by.
-    fn route<'a>(&'a self, id: &'a str) -> (&'a Arc<dyn Models>, &'a str) {
-        self.extra
-            .iter()
-            .find(|(x, _, _)| x == id)
-            .map(|(_, inner, m)| (m, inner.as_str()))
-            .unwrap_or((&self.base, id))
-    }
-}
-
-impl Models for Overlay {
-    fn cards(&self) -> Vec<ModelCard> {
-        let mut cards = self.base.cards();
-        for (shown, inner, m) in &self.extra {
-            cards.extend(m.cards().into_iter().filter(|c| &c.id == inner).map(|mut c| {
-                c.id = shown.clone();
-                c
-            }));
-        }
-        cards
-    }
-
-    fn generate(
-        &self,
-        ctx: CallCtx,
-        model: &str,
-        input: Input,
-        params: GenParams,
-    ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
-        let (m, id) = self.route(model);
-        m.generate(ctx, id, input, params)
-    }
-
-    fn generate_stream(
-        &self,
-        ctx: CallCtx,
-        model: &str,
-        input: Input,
-        params: GenParams,
-        sink: TextSink,
-    ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
-        let (m, id) = self.route(model);
-        m.generate_stream(ctx, id, input, params, sink)
-    }
-
-    fn score(
-        &self,
-        ctx: CallCtx,
-        model: &str,
-        prompt: Input,
-        continuations: Vec<String>,
-    ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
-        let (m, id) = self.route(model);
-        m.score(ctx, id, prompt, continuations)
-    }
-
-    fn next_token(
-        &self,
-        ctx: CallCtx,
-        model: &str,
-        prompt: Input,
-        top_k: u32,
-    ) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
-        let (m, id) = self.route(model);
-        m.next_token(ctx, id, prompt, top_k)
-    }
-
-    fn embed(
-        &self,
-        ctx: CallCtx,
-        model: &str,
-        texts: Vec<String>,
-    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
-        let (m, id) = self.route(model);
-        m.embed(ctx, id, texts)
     }
 }

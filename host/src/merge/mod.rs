@@ -18,7 +18,10 @@ pub mod ephemeral;
 pub mod gpu;
 pub mod methods;
 
-pub use ephemeral::{KeepRefused, Merger, Named, Overlay, PoolMerger};
+pub use ephemeral::{sweep_stale, PoolMerger};
+// The capability's vocabulary and trait live beside `Models`, where the
+// sandbox finds them without depending on this module.
+pub use crate::inference::weights::{KeepRefused, MergeSpec, Merged, Merger, Method, Named, Overlay};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -29,89 +32,6 @@ use serde::{Deserialize, Serialize};
 use crate::contribute::output::{ContributorFile, CARD, WEIGHTS};
 use crate::contribute::write_atomic;
 use crate::pool::CardConfig;
-
-/// A merge method and its own parameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "method", rename_all = "snake_case")]
-pub enum Method {
-    /// Weighted average of the models (a "soup"); no base.
-    Linear,
-    /// `base + sum w_i (model_i - base)`.
-    TaskArithmetic,
-    /// TIES: trim each delta to `density`, elect signs, disjoint mean.
-    Ties {
-        /// Share of each delta kept, by magnitude, in (0, 1].
-        density: f64,
-    },
-    /// DARE: drop delta entries with probability `1 - density`, rescale,
-    /// then task arithmetic.
-    Dare {
-        /// Keep probability, in (0, 1].
-        density: f64,
-    },
-    /// DARE's drop, then TIES's sign election.
-    DareTies {
-        /// Keep probability, in (0, 1].
-        density: f64,
-    },
-    /// Spherical interpolation between exactly two models.
-    Slerp {
-        /// 0 = the first model, 1 = the second.
-        t: f64,
-    },
-    /// ExPO: `model + alpha (model - base)`, one model, the base being the
-    /// weaker model to move away from.
-    Expo {
-        /// Extrapolation strength (> 0).
-        alpha: f64,
-    },
-}
-
-impl Method {
-    /// Whether the method needs a base model (task vectors or a source).
-    pub fn needs_base(&self) -> bool {
-        !matches!(self, Method::Linear | Method::Slerp { .. })
-    }
-
-    /// The CLI name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Method::Linear => "linear",
-            Method::TaskArithmetic => "task_arithmetic",
-            Method::Ties { .. } => "ties",
-            Method::Dare { .. } => "dare",
-            Method::DareTies { .. } => "dare_ties",
-            Method::Slerp { .. } => "slerp",
-            Method::Expo { .. } => "expo",
-        }
-    }
-}
-
-/// What to merge and how.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MergeSpec {
-    /// The method.
-    #[serde(flatten)]
-    pub method: Method,
-    /// One weight per model (default: 1 each; linear divides by the sum).
-    pub weights: Option<Vec<f64>>,
-    /// Scale of the merged delta for the task-vector methods.
-    pub lambda: f64,
-    /// Seed of DARE's drops.
-    pub seed: u64,
-}
-
-impl MergeSpec {
-    /// `method` with default weights, lambda 1, seed 0.
-    pub fn new(method: Method) -> Self {
-        Self {
-            method,
-            weights: None,
-            lambda: 1.0,
-            seed: 0,
-        }
-    }
-}
 
 /// Why a merge could not be done. Each names the model, tensor or option.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -395,7 +315,7 @@ pub fn merge_on(
     config["torch_dtype"] = "float32".into();
     let text = serde_json::to_vec_pretty(&config).map_err(|e| MergeError::Io(e.to_string()))?;
     write_atomic(&out.join("config.json"), &text).map_err(|e| MergeError::Io(e.to_string()))?;
-    let sha = crate::pool::sha256_file(&out.join(WEIGHTS)).map_err(|e| io(out, e))?;
+    let sha = crate::files::sha256_file(&out.join(WEIGHTS)).map_err(|e| io(out, e))?;
     let facts = MergeFacts {
         spec: spec.clone(),
         models: names[..models.len()].to_vec(),

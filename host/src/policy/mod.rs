@@ -14,6 +14,28 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The most linear memory any module can be granted: the sandbox reserves
+/// slots of this size, so no policy can grant more.
+pub const MAX_MEMORY_BYTES: usize = 512 << 20;
+
+/// The largest `fit` state a module may return. The host persists it and
+/// hands it to every later run of the module, so it is bounded on its own,
+/// whatever the module's memory grant.
+pub const MAX_STATE_BYTES: usize = 8 << 20;
+
+/// Whether `name` is plain: 1-64 lowercase ASCII letters, digits, `-`,
+/// `_` and `.`, not starting with `.`. Module names (URL path segments and
+/// file names) and names of kept merged members (pool ids and folder names)
+/// both follow it.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.')
+}
+
 /// The world a module implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -80,6 +102,15 @@ pub struct Budgets {
     /// Merged members (`weights.merge`) the module may create per request;
     /// 0 means the capability is not granted.
     pub merges: Option<u32>,
+    /// Bytes of provenance (trace steps and the host's record of each call)
+    /// one request may accumulate; it is returned to the caller, so it is
+    /// bounded like the output.
+    #[serde(default)]
+    pub provenance_bytes: Option<u64>,
+    /// Memory, in MiB, that the merged members a request holds at once (not
+    /// yet released) may take together; a merge past it is refused.
+    #[serde(default)]
+    pub merge_memory_mib: Option<u64>,
 }
 
 /// The operator's side: defaults, maxima and model allow-lists.
@@ -139,6 +170,8 @@ impl Policy {
             trace_events: Some(256),
             resources: Some(64),
             merges: Some(0),
+            provenance_bytes: Some(256 << 10),
+            merge_memory_mib: Some(2048),
         }
     }
 
@@ -156,6 +189,10 @@ impl Policy {
             // A swarm search merges one candidate per particle and round;
             // memory stays bounded because a released merge is freed.
             merges: Some(64),
+            provenance_bytes: Some(4 << 20),
+            // Four SmolLM2-135M merges in f32 held at once; a search that
+            // releases each candidate holds one.
+            merge_memory_mib: Some(4096),
         }
     }
 
@@ -170,7 +207,10 @@ impl Policy {
         // Wanted: the module's ask, else the operator's default (which falls
         // back to the built-in one); granted: that, capped by the maximum.
         let d = self.defaults.or(&Policy::builtin_defaults());
-        let (a, m) = (&manifest.budgets, &self.maxima);
+        // A `[maxima]` table that names only some budgets caps the others at
+        // the built-in maxima: leaving a budget out never uncaps it.
+        let m = self.maxima.or(&Policy::builtin_maxima());
+        let (a, m) = (&manifest.budgets, &m);
         let pick = |ask: Option<u64>, def: Option<u64>, max: Option<u64>| -> u64 {
             let want = ask.or(def).unwrap_or(0);
             max.map_or(want, |m| want.min(m))
@@ -191,8 +231,7 @@ impl Policy {
             models,
             deadline: Duration::from_millis(pick(a.deadline_ms, d.deadline_ms, m.deadline_ms)),
             // The sandbox's memory pool bounds every grant, whatever the policy says.
-            memory_bytes: (pick(a.memory_mib, d.memory_mib, m.memory_mib) << 20)
-                .min(crate::sandbox::MAX_MEMORY_BYTES as u64),
+            memory_bytes: (pick(a.memory_mib, d.memory_mib, m.memory_mib) << 20).min(MAX_MEMORY_BYTES as u64),
             fuel: pick(a.fuel, d.fuel, m.fuel),
             host_calls: pick(u(a.host_calls), u(d.host_calls), u(m.host_calls)) as u32,
             tokens: pick(u(a.tokens), u(d.tokens), u(m.tokens)) as u32,
@@ -200,6 +239,8 @@ impl Policy {
             trace_events: pick(u(a.trace_events), u(d.trace_events), u(m.trace_events)) as u32,
             resources: pick(u(a.resources), u(d.resources), u(m.resources)) as u32,
             merges: pick(u(a.merges), u(d.merges), u(m.merges)) as u32,
+            provenance_bytes: pick(a.provenance_bytes, d.provenance_bytes, m.provenance_bytes),
+            merge_memory_bytes: pick(a.merge_memory_mib, d.merge_memory_mib, m.merge_memory_mib) << 20,
         }
     }
 }
@@ -217,6 +258,8 @@ impl Budgets {
             trace_events: self.trace_events.or(fallback.trace_events),
             resources: self.resources.or(fallback.resources),
             merges: self.merges.or(fallback.merges),
+            provenance_bytes: self.provenance_bytes.or(fallback.provenance_bytes),
+            merge_memory_mib: self.merge_memory_mib.or(fallback.merge_memory_mib),
         }
     }
 }
@@ -245,6 +288,10 @@ pub struct Grant {
     pub resources: u32,
     /// Merged members it may create per request (0 = none).
     pub merges: u32,
+    /// Provenance bytes the request may accumulate.
+    pub provenance_bytes: u64,
+    /// Bytes the merged members it holds at once may take together.
+    pub merge_memory_bytes: u64,
 }
 
 impl Manifest {
@@ -331,7 +378,24 @@ mod tests {
             ),
             &[],
         );
-        assert_eq!(g.memory_bytes, crate::sandbox::MAX_MEMORY_BYTES as u64);
+        assert_eq!(g.memory_bytes, MAX_MEMORY_BYTES as u64);
+    }
+
+    #[test]
+    fn maxima_left_out_of_a_policy_stay_at_the_builtin_ones() {
+        // An operator who caps only tokens must not uncap host calls.
+        let policy: Policy = toml::from_str("[maxima]\ntokens = 100\n").unwrap();
+        let ask = Budgets {
+            host_calls: Some(50_000),
+            deadline_ms: Some(10_000_000),
+            provenance_bytes: Some(u64::MAX),
+            ..Default::default()
+        };
+        let g = policy.grant(&manifest(&["*"], ask), &[]);
+        assert_eq!(g.tokens, 100);
+        assert_eq!(g.host_calls, 1_024);
+        assert_eq!(g.deadline, Duration::from_millis(600_000));
+        assert_eq!(g.provenance_bytes, 4 << 20);
     }
 
     #[test]

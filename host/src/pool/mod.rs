@@ -13,7 +13,6 @@
 pub mod fetch;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -22,7 +21,6 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::backends::remote::{RemoteConfig, RemoteMember};
 use crate::backends::{bert::BertEmbedder, gguf::GgufModel, Backend};
@@ -189,8 +187,8 @@ impl PoolError {
 
 /// Work for a member's worker thread.
 enum Job {
-    /// Any call, run on its own.
-    Run(Box<dyn FnOnce(&mut Backend) + Send>),
+    /// Any call, run on its own, on behalf of a requester.
+    Run(u64, Box<dyn FnOnce(&mut Backend) + Send>),
     /// A generation, which the worker may decode together with other
     /// generations waiting in its queue ([`crate::backends::gguf::decode`]).
     Generate(GenerateJob),
@@ -202,6 +200,82 @@ struct GenerateJob {
     params: GenParams,
     sink: Option<TextSink>,
     reply: tokio::sync::oneshot::Sender<Result<Generation, InferenceError>>,
+}
+
+impl Job {
+    fn requester(&self) -> u64 {
+        match self {
+            Job::Run(r, _) => *r,
+            Job::Generate(g) => g.ctx.requester,
+        }
+    }
+}
+
+/// A member's waiting jobs, served fairly between requests: the next job
+/// is the oldest of the request served longest ago, so a request that
+/// queued a fan-out of many long calls takes turns with the others instead
+/// of holding the member until all of its calls are done.
+#[derive(Default)]
+struct FairQueue {
+    jobs: std::collections::VecDeque<Job>,
+    /// Per requester, the turn it was last served on.
+    last: std::collections::HashMap<u64, u64>,
+    turn: u64,
+}
+
+impl FairQueue {
+    fn push(&mut self, job: Job) {
+        self.jobs.push_back(job);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// The index of the next job among those `keep` accepts.
+    fn pick(&self, keep: impl Fn(&Job) -> bool) -> Option<usize> {
+        self.jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, j)| keep(j))
+            .min_by_key(|(i, j)| (self.last.get(&j.requester()).copied().unwrap_or(0), *i))
+            .map(|(i, _)| i)
+    }
+
+    fn take(&mut self, i: usize) -> Option<Job> {
+        let job = self.jobs.remove(i)?;
+        self.turn += 1;
+        self.last.insert(job.requester(), self.turn);
+        if self.last.len() > 4096 {
+            // Forget requesters with nothing waiting; they start level again.
+            let waiting: std::collections::HashSet<u64> = self.jobs.iter().map(Job::requester).collect();
+            self.last.retain(|r, _| waiting.contains(r));
+        }
+        Some(job)
+    }
+
+    /// The next job, fairly.
+    fn pop(&mut self) -> Option<Job> {
+        let i = self.pick(|_| true)?;
+        self.take(i)
+    }
+
+    /// Up to `n` more generations to decode with one already taken, picked
+    /// fairly (one turn each).
+    fn generations(&mut self, n: usize) -> Vec<GenerateJob> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Some(i) = self.pick(|j| matches!(j, Job::Generate(_))) else {
+                break;
+            };
+            match self.take(i) {
+                Some(Job::Generate(g)) => out.push(g),
+                Some(other) => self.jobs.push_front(other),
+                None => break,
+            }
+        }
+        out
+    }
 }
 
 /// The message of a caught panic.
@@ -282,23 +356,26 @@ impl Worker {
         f: impl FnOnce(&mut Backend) -> Result<T, InferenceError> + Send + 'static,
     ) -> BoxFuture<'static, Result<T, InferenceError>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job = Job::Run(Box::new(move |backend: &mut Backend| {
-            if tx.is_closed() {
-                return;
-            }
-            let result = if Instant::now() >= ctx.deadline {
-                Err(InferenceError::Deadline)
-            } else {
-                // A panic inside a backend must not kill the worker.
-                std::panic::catch_unwind(AssertUnwindSafe(|| f(backend))).unwrap_or_else(|p| {
-                    Err(InferenceError::Failed(format!(
-                        "backend panicked: {}",
-                        panic_message(p)
-                    )))
-                })
-            };
-            let _ = tx.send(result);
-        }));
+        let job = Job::Run(
+            ctx.requester,
+            Box::new(move |backend: &mut Backend| {
+                if tx.is_closed() {
+                    return;
+                }
+                let result = if Instant::now() >= ctx.deadline {
+                    Err(InferenceError::Deadline)
+                } else {
+                    // A panic inside a backend must not kill the worker.
+                    std::panic::catch_unwind(AssertUnwindSafe(|| f(backend))).unwrap_or_else(|p| {
+                        Err(InferenceError::Failed(format!(
+                            "backend panicked: {}",
+                            panic_message(p)
+                        )))
+                    })
+                };
+                let _ = tx.send(result);
+            }),
+        );
         let sent = match &self.exec {
             Exec::Local(queue) => queue.send(job).map_err(|_| ()),
             // Remote members are called directly (see `Pool::remote`); a job
@@ -336,19 +413,7 @@ pub struct Loaded {
     pub failures: Vec<PoolError>,
 }
 
-pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
+pub(crate) use crate::files::sha256_file;
 
 fn verify(m: &MemberConfig, full: &Path) -> Result<(), PoolError> {
     let hashed = match &m.sha256_file {
@@ -492,31 +557,31 @@ impl Pool {
                         return;
                     }
                 };
-                while let Ok(job) = jobs.recv() {
-                    match job {
-                        Job::Run(f) => f(&mut backend),
-                        Job::Generate(g) => {
-                            // Whatever else is already waiting joins this
-                            // batch (up to the limit); other calls wait
-                            // until it is done.
+                let mut waiting = FairQueue::default();
+                loop {
+                    if waiting.is_empty() {
+                        match jobs.recv() {
+                            Ok(job) => waiting.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    while let Ok(job) = jobs.try_recv() {
+                        waiting.push(job);
+                    }
+                    match waiting.pop() {
+                        Some(Job::Run(_, f)) => f(&mut backend),
+                        Some(Job::Generate(g)) => {
+                            // Other generations waiting join this batch (up
+                            // to the limit, fairly between requests); other
+                            // calls wait until it is done.
                             let mut batch = vec![g];
-                            let mut later = Vec::new();
                             let limit = max_batch.load(std::sync::atomic::Ordering::Relaxed);
-                            while backend.batches() && batch.len() < limit {
-                                match jobs.try_recv() {
-                                    Ok(Job::Generate(g)) => batch.push(g),
-                                    Ok(other) => later.push(other),
-                                    Err(_) => break,
-                                }
+                            if backend.batches() {
+                                batch.extend(waiting.generations(limit.saturating_sub(1)));
                             }
                             run_generations(&mut backend, batch);
-                            for job in later {
-                                match job {
-                                    Job::Run(f) => f(&mut backend),
-                                    Job::Generate(g) => run_generations(&mut backend, vec![g]),
-                                }
-                            }
                         }
+                        None => {}
                     }
                 }
                 // The pool was dropped (a merged member released, say): the
@@ -653,6 +718,13 @@ impl Pool {
     }
 }
 
+/// The pool's own check of every generation before it is queued, whatever
+/// face it came from: the input rule and the parameter ranges, both cheap.
+fn admissible(input: &Input, extra: usize, params: &GenParams) -> Result<(), InferenceError> {
+    input.check_size(extra)?;
+    params.validate()
+}
+
 impl Models for Pool {
     fn cards(&self) -> Vec<ModelCard> {
         self.order
@@ -669,6 +741,9 @@ impl Models for Pool {
         input: Input,
         params: GenParams,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        if let Err(e) = admissible(&input, 0, &params) {
+            return Box::pin(async move { Err(e) });
+        }
         if let Some(r) = self.remote(model) {
             return Box::pin(async move { r.generate(ctx, input, params).await });
         }
@@ -683,6 +758,9 @@ impl Models for Pool {
         params: GenParams,
         sink: TextSink,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        if let Err(e) = admissible(&input, 0, &params) {
+            return Box::pin(async move { Err(e) });
+        }
         if let Some(r) = self.remote(model) {
             let mut sink = sink;
             return Box::pin(async move {
@@ -701,6 +779,10 @@ impl Models for Pool {
         prompt: Input,
         continuations: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
+        let extra = continuations.iter().map(String::len).sum();
+        if let Err(e) = prompt.check_size(extra) {
+            return Box::pin(async move { Err(e) });
+        }
         if let Some(r) = self.remote(model) {
             if !r.config().capabilities.iter().any(|c| c == "score") {
                 let what = format!(
@@ -720,6 +802,9 @@ impl Models for Pool {
         prompt: Input,
         top_k: u32,
     ) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
+        if let Err(e) = prompt.check_size(0) {
+            return Box::pin(async move { Err(e) });
+        }
         self.dispatch(ctx, model, move |b| b.next_token(ctx, &prompt, top_k))
     }
 
@@ -729,6 +814,10 @@ impl Models for Pool {
         model: &str,
         texts: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
+        let bytes = texts.iter().map(String::len).sum();
+        if let Err(e) = Input::Prompt(String::new()).check_size(bytes) {
+            return Box::pin(async move { Err(e) });
+        }
         if let Some(r) = self.remote(model) {
             if !r.config().capabilities.iter().any(|c| c == "embed") {
                 let what = format!("remote member `{model}` is not declared to `embed`");
@@ -743,6 +832,24 @@ impl Models for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_job(requester: u64) -> Job {
+        Job::Run(requester, Box::new(|_| {}))
+    }
+
+    #[test]
+    fn a_members_queue_takes_turns_between_requests() {
+        let mut q = FairQueue::default();
+        for _ in 0..5 {
+            q.push(run_job(1));
+        }
+        q.push(run_job(2));
+        q.push(run_job(3));
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop().map(|j| j.requester())).collect();
+        // Request 1 queued five calls first, yet 2 and 3 are served after
+        // its first one, not after all five.
+        assert_eq!(order, vec![1, 2, 3, 1, 1, 1, 1]);
+    }
 
     #[test]
     fn default_pool_parses() {

@@ -68,7 +68,8 @@ pub struct Publication<'a> {
     pub wasm: &'a [u8],
     /// Its manifest (TOML); its `name` is the name the module is served by.
     pub manifest_toml: &'a str,
-    /// A detached ed25519 signature over `wasm`, if the publisher signed.
+    /// A detached ed25519 signature over `wasm` and `manifest_toml`
+    /// ([`signing::signed_message`]), if the publisher signed.
     pub signature: Option<&'a [u8]>,
 }
 
@@ -79,25 +80,14 @@ pub struct Registry {
 }
 
 fn db_err(e: rusqlite::Error) -> Error {
-    Error::config(format!("registry database: {e}"))
+    Error::internal(format!("registry database: {e}"))
 }
 
 fn io_err(what: &Path, e: std::io::Error) -> Error {
-    Error::config(format!("registry: {}: {e}", what.display()))
+    Error::internal(format!("registry: {}: {e}", what.display()))
 }
 
-/// Whether `name` is plain: 1-64 lowercase ASCII letters, digits, `-`,
-/// `_` and `.`, not starting with `.`. Module names (URL path segments and
-/// file names) and names of kept merged members (pool ids and folder names)
-/// both follow it.
-pub(crate) fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.')
-        && !name.starts_with('.')
-}
+pub(crate) use crate::policy::is_plain_name;
 
 /// Module names are URL path segments and file-name-like: keep them plain.
 fn check_name(name: &str) -> Result<(), Error> {
@@ -228,7 +218,7 @@ impl Registry {
             ))
         })?;
         check_name(&manifest.name)?;
-        let publisher_key = trusted.check(p.wasm, p.signature)?;
+        let publisher_key = trusted.check(p.wasm, p.manifest_toml, p.signature)?;
         let sha256 = hex::encode(Sha256::digest(p.wasm));
 
         // 1. The bytes, durable under a temporary name.

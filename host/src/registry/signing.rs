@@ -1,8 +1,15 @@
-//! Publisher signatures: ed25519 over the component's bytes.
+//! Publisher signatures: ed25519 over the component *and its manifest*.
+//!
+//! The manifest says what the module is called, who wrote it and which
+//! budgets it asks for, so a signature over the component alone would let
+//! anyone republish a signed component under another name, a spoofed
+//! author and maximum budgets. The signed message ([`signed_message`]) binds
+//! both: a domain tag, then the sha256 of the component and the sha256 of
+//! the manifest text, byte for byte.
 //!
 //! A publisher makes a key pair once (`tessera modules keygen`), signs each
-//! component (`tessera modules sign`, which writes `x.wasm.sig`), and gives
-//! the operator the public key. The operator trusts it by putting it in
+//! module (`tessera modules sign x.wasm`, which reads `x.toml` beside it and
+//! writes `x.wasm.sig`), and gives the operator the public key. The operator trusts it by putting it in
 //! the registry's `trusted-keys/` folder (`tessera modules trust`).
 //!
 //! The rule is simple on purpose: when the operator trusts any key, every
@@ -72,7 +79,7 @@ impl TrustedKeys {
 
     /// Applies the rule above to one publish. Returns the hex key that
     /// verified, or `None` when no signature is required and none was sent.
-    pub fn check(&self, wasm: &[u8], signature: Option<&[u8]>) -> Result<Option<String>, Error> {
+    pub fn check(&self, wasm: &[u8], manifest_toml: &str, signature: Option<&[u8]>) -> Result<Option<String>, Error> {
         let bad = |message: String| Error::InvalidModule {
             path: "(upload)".into(),
             message,
@@ -93,12 +100,13 @@ impl TrustedKeys {
                     .and_then(|b| b.try_into().ok())
                     .ok_or_else(|| bad("the signature is not 64 bytes of hex (as `tessera modules sign` writes)".into()))?;
                 let sig = Signature::from_bytes(&bytes);
+                let message = signed_message(wasm, manifest_toml);
                 self.keys
                     .iter()
-                    .find(|(_, k)| k.verify(wasm, &sig).is_ok())
+                    .find(|(_, k)| k.verify(&message, &sig).is_ok())
                     .map(|(hex, _)| Some(hex.clone()))
                     .ok_or_else(|| {
-                        bad("the signature does not verify against any trusted publisher key: the module was changed after signing, or signed with a key the operator does not trust".into())
+                        bad("the signature does not verify against any trusted publisher key: the component or its manifest was changed after signing, or it was signed with a key the operator does not trust".into())
                     })
             }
         }
@@ -124,11 +132,24 @@ pub fn keygen() -> (String, String) {
     (hex::encode(seed), hex::encode(key.verifying_key().to_bytes()))
 }
 
-/// Signs `wasm` with the secret key in `key_file`; the signature as hex.
-pub fn sign(wasm: &[u8], key_file: &Path) -> Result<String, Error> {
+/// What a publisher signs: a domain tag, the sha256 of the component and
+/// the sha256 of the manifest text. Changing either invalidates the
+/// signature.
+pub fn signed_message(wasm: &[u8], manifest_toml: &str) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut m = b"tessera-module-signature-v2\0".to_vec();
+    m.extend_from_slice(&Sha256::digest(wasm));
+    m.extend_from_slice(&Sha256::digest(manifest_toml.as_bytes()));
+    m
+}
+
+/// Signs the module (`wasm` with `manifest_toml`) with the secret key in
+/// `key_file`; the signature as hex.
+pub fn sign(wasm: &[u8], manifest_toml: &str, key_file: &Path) -> Result<String, Error> {
     let text = std::fs::read_to_string(key_file).map_err(|e| Error::config(format!("{}: {e}", key_file.display())))?;
     let seed = parse_hex::<32>(&text, "secret key", key_file)?;
-    Ok(hex::encode(SigningKey::from_bytes(&seed).sign(wasm).to_bytes()))
+    let message = signed_message(wasm, manifest_toml);
+    Ok(hex::encode(SigningKey::from_bytes(&seed).sign(&message).to_bytes()))
 }
 
 #[cfg(test)]
@@ -143,25 +164,38 @@ mod tests {
     }
 
     #[test]
-    fn a_signature_verifies_and_a_changed_module_does_not() {
+    fn a_signature_verifies_and_a_changed_module_or_manifest_does_not() {
         let dir = std::env::temp_dir().join(format!("tessera-sign-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (secret, public) = keygen();
         let key_file = dir.join("k.key");
         std::fs::write(&key_file, &secret).unwrap();
-        let sig = sign(b"component bytes", &key_file).unwrap();
+        let manifest = "name = 'alice-vote'\nauthor = 'alice'\n";
+        let sig = sign(b"component bytes", manifest, &key_file).unwrap();
         let trusted = trusted_with(&public);
         assert_eq!(
-            trusted.check(b"component bytes", Some(sig.as_bytes())).unwrap(),
+            trusted
+                .check(b"component bytes", manifest, Some(sig.as_bytes()))
+                .unwrap(),
             Some(public)
         );
-        let err = trusted.check(b"component bytez", Some(sig.as_bytes())).unwrap_err();
+        let err = trusted
+            .check(b"component bytez", manifest, Some(sig.as_bytes()))
+            .unwrap_err();
         assert!(err.to_string().contains("does not verify"), "{err}");
-        let err = trusted.check(b"component bytes", None).unwrap_err();
+        // The same component under another name, author or budgets: refused.
+        let spoofed = "name = 'other-vote'\nauthor = 'mallory'\n[budgets]\nhost_calls = 1024\n";
+        let err = trusted
+            .check(b"component bytes", spoofed, Some(sig.as_bytes()))
+            .unwrap_err();
+        assert!(err.to_string().contains("manifest"), "{err}");
+        let err = trusted.check(b"component bytes", manifest, None).unwrap_err();
         assert!(err.to_string().contains("only signed modules"), "{err}");
         // Nobody trusted: unsigned is fine, signed is refused with the fix.
-        assert_eq!(TrustedKeys::default().check(b"x", None).unwrap(), None);
-        let err = TrustedKeys::default().check(b"x", Some(sig.as_bytes())).unwrap_err();
+        assert_eq!(TrustedKeys::default().check(b"x", manifest, None).unwrap(), None);
+        let err = TrustedKeys::default()
+            .check(b"x", manifest, Some(sig.as_bytes()))
+            .unwrap_err();
         assert!(err.to_string().contains("modules trust"), "{err}");
     }
 

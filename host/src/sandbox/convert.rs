@@ -97,20 +97,33 @@ pub fn inference_error_out(e: h::InferenceError) -> w::Error {
 }
 
 /// An error a module returned from its export, as a host error.
+///
+/// Only the host enforces limits, and it reports its own (a deadline, a
+/// member not granted, a spent budget) by trapping the module, never
+/// through this path. So an error a module *returns* that looks like one of
+/// the host's is the module's claim, not the host's decision: it becomes
+/// [`crate::Error::ModuleFailed`] naming what the module reported, so that
+/// no module can pass off a 403 blaming the caller's key or a deadline
+/// after 0 s. Parameter and member errors stay the caller's: a strategy
+/// refusing a hyperparameter, or naming a member the caller chose.
 pub fn module_error_in(e: w::Error) -> crate::Error {
     use crate::Error as E;
+    let reported = |kind: &str, detail: String| E::ModuleFailed {
+        message: if detail.is_empty() {
+            format!("the module reported `{kind}` (a claim of the module, not a limit the host enforced)")
+        } else {
+            format!("the module reported `{kind}`: {detail} (a claim of the module, not a limit the host enforced)")
+        },
+    };
     match e {
         w::Error::UnknownModel(model) => E::UnknownModel { model },
-        w::Error::NotPermitted(model) => E::NotPermitted { model },
-        w::Error::BudgetExhausted(b) => E::Budget {
-            budget: budget_name(b).into(),
-            limit: 0,
-        },
-        w::Error::DeadlineExceeded => E::Deadline { limit_ms: 0 },
         w::Error::InvalidParams(message) => E::InvalidParams { message },
-        w::Error::InferenceFailed(message) => E::InferenceFailed { message },
-        w::Error::Unsupported(message) => E::Unsupported { message },
         w::Error::ModuleFailed(message) => E::ModuleFailed { message },
+        w::Error::NotPermitted(model) => reported("not-permitted", model),
+        w::Error::BudgetExhausted(b) => reported("budget-exhausted", budget_name(b).into()),
+        w::Error::DeadlineExceeded => reported("deadline-exceeded", String::new()),
+        w::Error::InferenceFailed(message) => reported("inference-failed", message),
+        w::Error::Unsupported(message) => reported("unsupported", message),
     }
 }
 

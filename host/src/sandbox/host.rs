@@ -26,28 +26,35 @@ use crate::Error;
 
 /// Longest trace note kept; longer notes are cut.
 const MAX_NOTE_BYTES: usize = 4096;
-/// Largest prompt (all chat turns together) a module may send in one call.
-/// Bigger inputs are refused before they reach a model worker, where
-/// tokenizing them would hold up every other request on that member.
-pub const MAX_INPUT_BYTES: usize = 256 << 10;
+/// Longest trace role kept (`proposer`, `judge`, ...); longer ones are cut.
+const MAX_ROLE_BYTES: usize = 64;
+/// Longest member id kept in a provenance event (real ids are at most 64
+/// bytes; a module can name anything, e.g. an unknown member in a fan-out).
+const MAX_MODEL_BYTES: usize = 128;
+/// What each provenance event counts against the request's provenance
+/// budget on top of its strings: its fixed fields, as serialised.
+const EVENT_OVERHEAD_BYTES: u64 = 96;
 /// Most continuations in one `score` call, or texts in one `embed` call.
 pub const MAX_BATCH_ITEMS: usize = 256;
 
-fn input_bytes(i: &w::Input) -> usize {
-    match i {
-        w::Input::Prompt(p) => p.len(),
-        w::Input::Chat(m) => m.iter().map(|m| m.role.len() + m.content.len()).sum(),
+/// `text` cut to at most `max` bytes (on a character boundary), marked
+/// with `...` when cut.
+fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("...");
     }
+    text
 }
 
-/// `Some(error)` when the input is too large to send to a model.
-fn oversized(i: &w::Input, extra: usize) -> Option<w::Error> {
-    let n = input_bytes(i) + extra;
-    (n > MAX_INPUT_BYTES).then(|| {
-        w::Error::InvalidParams(format!(
-            "the input is {n} bytes; a model call takes at most {MAX_INPUT_BYTES}: shorten or split it"
-        ))
-    })
+/// `Some(error)` when the input breaks the input rule
+/// ([`crate::inference::Input::check_size`]).
+fn oversized(i: &crate::inference::Input, extra: usize) -> Option<w::Error> {
+    i.check_size(extra).err().map(inference_error_out)
 }
 
 fn too_many(what: &str, n: usize) -> Option<w::Error> {
@@ -56,6 +63,19 @@ fn too_many(what: &str, n: usize) -> Option<w::Error> {
             "{n} {what} in one call; the limit is {MAX_BATCH_ITEMS}: split the call"
         ))
     })
+}
+
+/// Bytes a provenance event counts against the provenance budget.
+fn event_bytes(e: &ProvenanceEvent) -> u64 {
+    let strings = match e {
+        ProvenanceEvent::HostCall {
+            call, model, outcome, ..
+        } => call.len() + model.len() + outcome.len(),
+        ProvenanceEvent::ModuleStep { model, role, note } => {
+            model.as_ref().map_or(0, String::len) + role.len() + note.len()
+        }
+    };
+    strings as u64 + EVENT_OVERHEAD_BYTES
 }
 
 /// Everything one request's store holds. Created fresh per request and
@@ -71,14 +91,20 @@ pub struct RequestState {
     pub(crate) usage: UsageReport,
     tokens_used: u32,
     pub(crate) provenance: Vec<ProvenanceEvent>,
+    /// Bytes of `provenance` so far (see [`event_bytes`]).
+    provenance_bytes: u64,
     trace_events: u32,
+    /// This request's id for the members' fair sharing.
+    requester: u64,
     /// The first limit this request broke, if any.
     pub(crate) violation: Option<Error>,
     /// Serves `weights.merge`, if this host merges.
-    pub(crate) merger: Option<Arc<dyn crate::merge::Merger>>,
+    pub(crate) merger: Option<Arc<dyn crate::inference::weights::Merger>>,
+    /// Set when the caller gave up: the request stops as at its deadline.
+    pub(crate) cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The pool before any merge, and the members merged for this request.
     pool: Arc<dyn Models>,
-    merged: Vec<(String, Arc<dyn Models>)>,
+    merged: Vec<crate::inference::weights::Merged>,
     /// Merges made so far (releasing one does not refund the budget).
     merges_made: u32,
 }
@@ -101,6 +127,7 @@ impl RequestState {
             merged: Vec::new(),
             merges_made: 0,
             merger: None,
+            cancel: None,
             models,
             grant,
             granted,
@@ -108,7 +135,9 @@ impl RequestState {
             usage: UsageReport::default(),
             tokens_used: 0,
             provenance: Vec::new(),
+            provenance_bytes: 0,
             trace_events: 0,
+            requester: CallCtx::next_requester(),
             violation: None,
         }
     }
@@ -151,9 +180,7 @@ impl RequestState {
     }
 
     fn call_ctx(&self) -> CallCtx {
-        CallCtx {
-            deadline: self.deadline,
-        }
+        CallCtx::new(self.deadline, self.requester)
     }
 
     fn deadline_trap(&mut self) -> wasmtime::Error {
@@ -161,15 +188,36 @@ impl RequestState {
         self.violate(Error::Deadline { limit_ms: ms })
     }
 
-    fn record_call(&mut self, call: &str, model: &str, prompt: u32, completion: u32, took: Duration, outcome: &str) {
-        self.provenance.push(ProvenanceEvent::HostCall {
+    fn record_call(
+        &mut self,
+        call: &str,
+        model: &str,
+        prompt: u32,
+        completion: u32,
+        took: Duration,
+        outcome: &str,
+    ) -> wasmtime::Result<()> {
+        self.push_event(ProvenanceEvent::HostCall {
             call: call.into(),
-            model: model.into(),
+            model: clip(model.to_string(), MAX_MODEL_BYTES),
             prompt_tokens: prompt,
             completion_tokens: completion,
             ms: took.as_millis() as u64,
             outcome: outcome.into(),
-        });
+        })
+    }
+
+    /// Appends `e` to the provenance, counting it against the request's
+    /// provenance budget; past the budget the request ends (`budget-exhausted:
+    /// provenance-bytes`), since the provenance goes back to the caller.
+    fn push_event(&mut self, e: ProvenanceEvent) -> wasmtime::Result<()> {
+        let next = self.provenance_bytes.saturating_add(event_bytes(&e));
+        if next > self.grant.provenance_bytes {
+            return Err(self.violate(Error::budget("provenance-bytes", self.grant.provenance_bytes)));
+        }
+        self.provenance_bytes = next;
+        self.provenance.push(e);
+        Ok(())
     }
 
     /// Awaits one model call; running past the deadline (while queued or
@@ -265,6 +313,7 @@ impl models::Host for RequestState {
         if !self.check_model(&model)? {
             return Ok(Err(w::Error::UnknownModel(model)));
         }
+        let input = input_in(input);
         if let Some(e) = oversized(&input, 0) {
             return Ok(Err(e));
         }
@@ -275,7 +324,7 @@ impl models::Host for RequestState {
         let mut params = params_in(params);
         params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(remaining));
         let started = Instant::now();
-        let fut = self.models.generate(self.call_ctx(), &model, input_in(input), params);
+        let fut = self.models.generate(self.call_ctx(), &model, input, params);
         let result = self.await_model(fut).await?;
         let outcome = outcome_of(&result);
         let (p, c) = result
@@ -283,7 +332,7 @@ impl models::Host for RequestState {
             .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens))
             .unwrap_or((0, 0));
         self.account_generation(p, c);
-        self.record_call("generate", &model, p, c, started.elapsed(), &outcome);
+        self.record_call("generate", &model, p, c, started.elapsed(), &outcome)?;
         Ok(result.map(generation_out).map_err(inference_error_out))
     }
 
@@ -312,13 +361,14 @@ impl models::Host for RequestState {
             names.push(j.model.clone());
             let mut params = params_in(j.params);
             params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(share));
+            let input = input_in(j.input);
             let fut = if !ok {
                 let m = j.model.clone();
                 Box::pin(async move { Err(crate::inference::InferenceError::UnknownModel(m)) })
-            } else if let Some(w::Error::InvalidParams(msg)) = oversized(&j.input, 0) {
-                Box::pin(async move { Err(crate::inference::InferenceError::InvalidParams(msg)) })
+            } else if let Err(e) = input.check_size(0) {
+                Box::pin(async move { Err(e) })
             } else {
-                self.models.generate(ctx, &j.model, input_in(j.input), params)
+                self.models.generate(ctx, &j.model, input, params)
             };
             // Each job's own latency, not the whole fan-out's.
             futs.push(async move {
@@ -341,7 +391,7 @@ impl models::Host for RequestState {
                 .unwrap_or((0, 0));
             self.account_generation(p, c);
             let outcome = outcome_of(&r);
-            self.record_call("generate", &model, p, c, took, &outcome);
+            self.record_call("generate", &model, p, c, took, &outcome)?;
             out.push(r.map(generation_out).map_err(inference_error_out));
         }
         Ok(out)
@@ -358,18 +408,17 @@ impl models::Host for RequestState {
             return Ok(Err(w::Error::UnknownModel(model)));
         }
         let extra = continuations.iter().map(String::len).sum();
+        let prompt = input_in(prompt);
         if let Some(e) = too_many("continuations", continuations.len()).or_else(|| oversized(&prompt, extra)) {
             return Ok(Err(e));
         }
         let started = Instant::now();
-        let fut = self
-            .models
-            .score(self.call_ctx(), &model, input_in(prompt), continuations);
+        let fut = self.models.score(self.call_ctx(), &model, prompt, continuations);
         let result = self.await_model(fut).await?;
         let scored: u32 = result.as_ref().map(|v| v.iter().map(|s| s.tokens).sum()).unwrap_or(0);
         self.usage.scored_tokens += u64::from(scored);
         let outcome = outcome_of(&result);
-        self.record_call("score", &model, scored, 0, started.elapsed(), &outcome);
+        self.record_call("score", &model, scored, 0, started.elapsed(), &outcome)?;
         Ok(result
             .map(|v| {
                 v.into_iter()
@@ -397,14 +446,15 @@ impl models::Host for RequestState {
                 "top-k {top_k} is out of range: use 1..=1000"
             ))));
         }
+        let prompt = input_in(prompt);
         if let Some(e) = oversized(&prompt, 0) {
             return Ok(Err(e));
         }
         let started = Instant::now();
-        let fut = self.models.next_token(self.call_ctx(), &model, input_in(prompt), top_k);
+        let fut = self.models.next_token(self.call_ctx(), &model, prompt, top_k);
         let result = self.await_model(fut).await?;
         let outcome = outcome_of(&result);
-        self.record_call("next-token", &model, 0, 0, started.elapsed(), &outcome);
+        self.record_call("next-token", &model, 0, 0, started.elapsed(), &outcome)?;
         Ok(result
             .map(|v| {
                 v.into_iter()
@@ -424,14 +474,15 @@ impl models::Host for RequestState {
             return Ok(Err(w::Error::UnknownModel(model)));
         }
         let bytes = texts.iter().map(String::len).sum();
-        if let Some(e) = too_many("texts", texts.len()).or_else(|| oversized(&w::Input::Prompt(String::new()), bytes)) {
+        let empty = crate::inference::Input::Prompt(String::new());
+        if let Some(e) = too_many("texts", texts.len()).or_else(|| oversized(&empty, bytes)) {
             return Ok(Err(e));
         }
         let started = Instant::now();
         let fut = self.models.embed(self.call_ctx(), &model, texts);
         let result = self.await_model(fut).await?;
         let outcome = outcome_of(&result);
-        self.record_call("embed", &model, 0, 0, started.elapsed(), &outcome);
+        self.record_call("embed", &model, 0, 0, started.elapsed(), &outcome)?;
         Ok(result.map_err(inference_error_out))
     }
 }
@@ -441,6 +492,20 @@ impl RequestState {
         self.tokens_used = self.tokens_used.saturating_add(completion);
         self.usage.prompt_tokens += prompt as u64;
         self.usage.completion_tokens += completion as u64;
+    }
+}
+
+impl RequestState {
+    /// The overlay every `models` call goes through: the pool plus the
+    /// merged members this request holds.
+    fn overlay(&self) -> Arc<dyn Models> {
+        let extra = self.merged.iter().map(|m| (m.id.clone(), m.models.clone())).collect();
+        Arc::new(crate::inference::weights::Overlay::new(self.pool.clone(), extra))
+    }
+
+    /// Bytes the merged members this request holds take together.
+    fn held_merge_bytes(&self) -> u64 {
+        self.merged.iter().map(|m| m.bytes).sum()
     }
 }
 
@@ -455,10 +520,24 @@ impl weights::Host for RequestState {
                 return Ok(Err(w::Error::UnknownModel(m.clone())));
             }
         }
+        // Merges of the same members have the same size, so the largest one
+        // held so far predicts the next: a merge that would take the held
+        // members past the request's merge memory is refused before it
+        // costs anything. (The first merge is one member's worth.)
+        let largest = self.merged.iter().map(|m| m.bytes).max().unwrap_or(0);
+        if largest > 0 && self.held_merge_bytes() + largest > self.grant.merge_memory_bytes {
+            let held = self.merged.len();
+            let cap_mib = self.grant.merge_memory_bytes >> 20;
+            return Ok(Err(w::Error::InvalidParams(format!(
+                "{held} merged member(s) held take {} MiB and another would pass this request's \
+                 merge memory of {cap_mib} MiB: `release` one first",
+                self.held_merge_bytes() >> 20
+            ))));
+        }
         let Some(merger) = self.merger.clone() else {
             return Ok(Err(w::Error::Unsupported("this host does not merge weights".into())));
         };
-        use crate::merge::Method as M;
+        use crate::inference::weights::Method as M;
         let method = match spec.method {
             weights::MergeMethod::Linear => M::Linear,
             weights::MergeMethod::TaskArithmetic => M::TaskArithmetic,
@@ -468,7 +547,7 @@ impl weights::Host for RequestState {
             weights::MergeMethod::Slerp(t) => M::Slerp { t },
             weights::MergeMethod::Expo(alpha) => M::Expo { alpha },
         };
-        let recipe = crate::merge::MergeSpec {
+        let recipe = crate::inference::weights::MergeSpec {
             method,
             weights: spec.weights,
             lambda: spec.lambda,
@@ -479,38 +558,42 @@ impl weights::Host for RequestState {
         let fut = merger.merge(spec.models, spec.base, recipe);
         let result = self.until_deadline(fut).await?;
         match result {
-            Ok((id, served)) => {
-                self.record_call("merge", &shown, 0, 0, started.elapsed(), "ok");
-                if !self.merged.iter().any(|(x, _)| *x == id) {
+            Ok(merged) => {
+                self.record_call("merge", &shown, 0, 0, started.elapsed(), "ok")?;
+                let id = merged.id.clone();
+                if !self.merged.iter().any(|m| m.id == id) {
                     self.merges_made += 1;
-                    self.merged.push((id.clone(), served));
-                    self.models = Arc::new(crate::merge::Overlay::new(self.pool.clone(), self.merged.clone()));
+                    self.merged.push(merged);
+                    self.models = self.overlay();
                 }
                 self.granted.insert(id.clone());
                 Ok(Ok(id))
             }
             Err(e) => {
-                self.record_call("merge", &shown, 0, 0, started.elapsed(), "invalid-params");
+                self.record_call("merge", &shown, 0, 0, started.elapsed(), "invalid-params")?;
                 Ok(Err(w::Error::InvalidParams(e)))
             }
         }
     }
 
     async fn release(&mut self, model: String) -> wasmtime::Result<Result<(), w::Error>> {
-        let Some(at) = self.merged.iter().position(|(x, _)| *x == model) else {
+        self.charge_calls(1)?;
+        let Some(at) = self.merged.iter().position(|m| m.id == model) else {
             return Ok(Err(w::Error::UnknownModel(model)));
         };
         // Dropping the request's handle lets the merger free the weights
-        // once it no longer keeps the recipe itself.
+        // once it no longer keeps the recipe itself. Whatever the module
+        // does not release is dropped with the request's store.
         self.merged.remove(at);
         self.granted.remove(&model);
-        self.models = Arc::new(crate::merge::Overlay::new(self.pool.clone(), self.merged.clone()));
-        self.record_call("release", &model, 0, 0, Duration::ZERO, "ok");
+        self.models = self.overlay();
+        self.record_call("release", &model, 0, 0, Duration::ZERO, "ok")?;
         Ok(Ok(()))
     }
 
     async fn keep(&mut self, model: String, name: String) -> wasmtime::Result<Result<(), w::Error>> {
-        let Some((_, served)) = self.merged.iter().find(|(x, _)| *x == model).cloned() else {
+        self.charge_calls(1)?;
+        let Some(served) = self.merged.iter().find(|m| m.id == model).map(|m| m.models.clone()) else {
             return Ok(Err(w::Error::UnknownModel(model)));
         };
         let Some(merger) = self.merger.clone() else {
@@ -518,16 +601,17 @@ impl weights::Host for RequestState {
         };
         if self.pool.cards().iter().any(|c| c.id == name) {
             return Ok(Err(w::Error::InvalidParams(format!(
-                "`{name}` is already a member of the pool: choose another name"
+                "`{}` is already a member of the pool: choose another name",
+                clip(name, MAX_MODEL_BYTES)
             ))));
         }
         match merger.keep(&name, &model, served) {
             Ok(()) => {
-                self.record_call("keep", &format!("{model} as {name}"), 0, 0, Duration::ZERO, "ok");
+                self.record_call("keep", &format!("{model} as {name}"), 0, 0, Duration::ZERO, "ok")?;
                 Ok(Ok(()))
             }
-            Err(crate::merge::KeepRefused::NotAllowed(why)) => Ok(Err(w::Error::Unsupported(why))),
-            Err(crate::merge::KeepRefused::Invalid(why)) => Ok(Err(w::Error::InvalidParams(why))),
+            Err(crate::inference::weights::KeepRefused::NotAllowed(why)) => Ok(Err(w::Error::Unsupported(why))),
+            Err(crate::inference::weights::KeepRefused::Invalid(why)) => Ok(Err(w::Error::InvalidParams(why))),
         }
     }
 }
@@ -538,20 +622,12 @@ impl trace::Host for RequestState {
             return Err(self.violate(Error::budget("trace-events", self.grant.trace_events as u64)));
         }
         self.trace_events += 1;
-        let mut note = step.note;
-        if note.len() > MAX_NOTE_BYTES {
-            let mut cut = MAX_NOTE_BYTES;
-            while !note.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            note.truncate(cut);
-            note.push_str("...");
-        }
-        self.provenance.push(ProvenanceEvent::ModuleStep {
-            model: step.model,
-            role: step.role,
-            note,
-        });
-        Ok(())
+        // Every field is bounded, and the whole event counts against the
+        // provenance budget: a module cannot grow the reply without limit.
+        self.push_event(ProvenanceEvent::ModuleStep {
+            model: step.model.map(|m| clip(m, MAX_MODEL_BYTES)),
+            role: clip(step.role, MAX_ROLE_BYTES),
+            note: clip(step.note, MAX_NOTE_BYTES),
+        })
     }
 }

@@ -44,9 +44,7 @@ pub const TICK: Duration = Duration::from_millis(5);
 pub const MAX_WASM_STACK: usize = 512 << 10;
 /// Requests that can hold a live instance at the same time.
 pub const MAX_CONCURRENT_INSTANCES: u32 = 256;
-/// The most linear memory any module can be granted (the policy's maxima
-/// cannot exceed this).
-pub const MAX_MEMORY_BYTES: usize = 512 << 20;
+pub use crate::policy::MAX_MEMORY_BYTES;
 /// Bytes at the start of each pooled linear memory kept resident between
 /// requests. Our guests link with a 128 KiB stack (see .cargo/config.toml),
 /// so this covers their stack, data and first heap pages.
@@ -113,7 +111,7 @@ pub struct Sandbox {
     linker: Linker<RequestState>,
     cache_dir: PathBuf,
     /// Serves `weights.merge`; without one the call is `unsupported`.
-    merger: Option<Arc<dyn crate::merge::Merger>>,
+    merger: Option<Arc<dyn crate::inference::weights::Merger>>,
     _ticker: Ticker,
 }
 
@@ -181,12 +179,12 @@ impl Sandbox {
     }
 
     /// The merger, if this host merges.
-    pub fn merger(&self) -> Option<&Arc<dyn crate::merge::Merger>> {
+    pub fn merger(&self) -> Option<&Arc<dyn crate::inference::weights::Merger>> {
         self.merger.as_ref()
     }
 
     /// Lets modules granted `merges` create merged members through `merger`.
-    pub fn set_merger(&mut self, merger: Arc<dyn crate::merge::Merger>) {
+    pub fn set_merger(&mut self, merger: Arc<dyn crate::inference::weights::Merger>) {
         self.merger = Some(merger);
     }
 
@@ -252,16 +250,19 @@ impl Sandbox {
             .engine
             .precompile_component(bytes)
             .map_err(|e| format!("does not compile: {e:#}"))?;
-        // Write atomically: a crash mid-write must not leave a torn artifact.
-        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &artifact).is_ok() {
-            let _ = std::fs::rename(&tmp, &cached);
-        }
+        // Atomically (a torn artifact must never be deserialized); a cache,
+        // so no fsync, and a failed write only costs a recompile later.
+        let _ = crate::files::write_atomic(&cached, &artifact, crate::files::Durability::Cache);
         // SAFETY: `artifact` was produced by this engine just above.
         unsafe { Component::deserialize(&self.engine, &artifact) }.map_err(|e| format!("does not load: {e:#}"))
     }
 
-    fn store(&self, models: Arc<dyn Models>, grant: Arc<Grant>) -> Result<Store<RequestState>, Error> {
+    fn store(
+        &self,
+        models: Arc<dyn Models>,
+        grant: Arc<Grant>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Store<RequestState>, Error> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         // Nothing is granted: no preopened directories, no environment, no
         // arguments, no network, stdin closed, stdout discarded.
@@ -272,6 +273,7 @@ impl Sandbox {
         let fuel = grant.fuel;
         let mut state = RequestState::new(wasi, table, stderr, models, grant, deadline);
         state.merger = self.merger.clone();
+        state.cancel = cancel;
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.set_fuel(fuel).map_err(|e| Error::config(wasm_err(e)))?;
@@ -279,7 +281,8 @@ impl Sandbox {
         // a spinning module never starves other requests on this thread.
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |ctx| {
-            if Instant::now() >= ctx.data().deadline {
+            let cancelled = ctx.data().cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
+            if cancelled || Instant::now() >= ctx.data().deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
                 Ok(UpdateDeadline::Yield(1))
@@ -290,7 +293,14 @@ impl Sandbox {
 
     /// Runs `f` against a fresh instance under `grant`, and turns whatever
     /// happened into an [`Invocation`].
-    async fn invoke<T, F>(&self, module: &Module, models: Arc<dyn Models>, grant: Arc<Grant>, f: F) -> Invocation<T>
+    async fn invoke<T, F>(
+        &self,
+        module: &Module,
+        models: Arc<dyn Models>,
+        grant: Arc<Grant>,
+        cancel: Option<Arc<AtomicBool>>,
+        f: F,
+    ) -> Invocation<T>
     where
         F: for<'a> FnOnce(
             &'a WorldPre,
@@ -298,7 +308,7 @@ impl Sandbox {
         ) -> futures::future::BoxFuture<'a, wasmtime::Result<Result<T, w::Error>>>,
     {
         let started = Instant::now();
-        let mut store = match self.store(models, grant.clone()) {
+        let mut store = match self.store(models, grant.clone(), cancel) {
             Ok(s) => s,
             Err(e) => {
                 return Invocation {
@@ -352,8 +362,9 @@ impl Sandbox {
         }
         let out_cap = grant.output_bytes;
         let req = request.to_wit();
+        let cancel = request.cancel.clone();
         let inv = self
-            .invoke(module, models, grant, move |pre, store| {
+            .invoke(module, models, grant, cancel, move |pre, store| {
                 Box::pin(async move {
                     let WorldPre::Strategy(pre) = pre else {
                         unreachable!("checked above")
@@ -384,8 +395,9 @@ impl Sandbox {
             return not_world(module, "router");
         }
         let req = request.to_wit();
+        let cancel = request.cancel.clone();
         let members: Vec<w::ModelInfo> = members.into_iter().map(convert::card_out).collect();
-        self.invoke(module, models, grant, move |pre, store| {
+        self.invoke(module, models, grant, cancel, move |pre, store| {
             Box::pin(async move {
                 let WorldPre::Router(pre) = pre else {
                     unreachable!("checked above")
@@ -410,11 +422,12 @@ impl Sandbox {
             return not_world(module, "judge");
         }
         let req = request.to_wit();
+        let cancel = request.cancel.clone();
         let cands: Vec<w::Candidate> = candidates
             .into_iter()
             .map(|(model, text)| w::Candidate { model, text })
             .collect();
-        self.invoke(module, models, grant, move |pre, store| {
+        self.invoke(module, models, grant, cancel, move |pre, store| {
             Box::pin(async move {
                 let WorldPre::Judge(pre) = pre else {
                     unreachable!("checked above")
@@ -440,12 +453,13 @@ impl Sandbox {
         }
         let out_cap = grant.output_bytes;
         let req = request.to_wit();
+        let cancel = request.cancel.clone();
         let cands: Vec<w::Candidate> = candidates
             .into_iter()
             .map(|(model, text)| w::Candidate { model, text })
             .collect();
         let inv = self
-            .invoke(module, models, grant, move |pre, store| {
+            .invoke(module, models, grant, cancel, move |pre, store| {
                 Box::pin(async move {
                     let WorldPre::Aggregator(pre) = pre else {
                         unreachable!("checked above")
@@ -475,6 +489,7 @@ impl Sandbox {
         if !matches!(module.pre, WorldPre::Strategy(_)) {
             return not_world(module, "strategy");
         }
+        let cancel = None;
         let dev: Vec<w::Example> = dev
             .into_iter()
             .map(|e| w::Example {
@@ -484,7 +499,7 @@ impl Sandbox {
             })
             .collect();
         let config: Vec<(String, String)> = config.into_iter().collect();
-        self.invoke(module, models, grant, move |pre, store| {
+        self.invoke(module, models, grant, cancel, move |pre, store| {
             Box::pin(async move {
                 let WorldPre::Strategy(pre) = pre else {
                     unreachable!("checked above")
@@ -598,6 +613,10 @@ pub struct StrategyRequest {
     pub config: BTreeMap<String, String>,
     /// Persisted `fit` state, if any.
     pub state: Option<Vec<u8>>,
+    /// Set by the caller when nobody waits for the answer any more (an HTTP
+    /// client that went away): the module is stopped at its next epoch
+    /// tick, as at its deadline, and its usage so far is reported.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl StrategyRequest {
@@ -611,14 +630,6 @@ impl StrategyRequest {
     }
 }
 
-/// One labelled dev example for `fit`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Example {
-    /// The question.
-    pub input: Input,
-    /// The reference answer.
-    pub answer: String,
-    /// Options, for multiple choice.
-    #[serde(default)]
-    pub choices: Vec<String>,
-}
+/// Dev examples are plain data of the request vocabulary; re-exported here
+/// where `fit` takes them.
+pub use crate::request::Example;

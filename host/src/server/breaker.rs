@@ -3,12 +3,19 @@
 //! The sandbox already stops a hostile module (fuel, memory, deadline,
 //! trap), but stopping it is not free: an infinite loop burns a core until
 //! its deadline, on every request. A tenant that sends such requests in a
-//! loop would take CPU from everyone else. So the server counts, per module
-//! (by sha256), consecutive failures that are the module's fault; after
-//! `threshold` of them the module is quarantined: requests for it are
-//! refused with a 503 and `Retry-After` without running it. The
-//! quarantine doubles on each relapse up to `max`, and one success clears
-//! the record.
+//! loop would take CPU from everyone else. So the server counts consecutive
+//! failed runs of a module; after `threshold` of them the module is
+//! quarantined: requests for it are refused with a 503 and `Retry-After`
+//! without running it. The quarantine doubles on each relapse up to `max`,
+//! and one success clears the record.
+//!
+//! Records are kept per *caller and module* (the server's key is
+//! `tenant/sha256`), because a caller can make even a sound module fail
+//! fast (parameters it refuses, inputs it cannot handle): counted per
+//! module alone, three such requests from one tenant would deny a standard
+//! system to every other tenant. Counted per caller, a tenant can only
+//! quarantine a module for itself, so every failure of a run counts,
+//! including errors the module returns after burning its budget.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,8 +37,9 @@ pub struct Breaker {
     records: Mutex<HashMap<String, Record>>,
 }
 
-/// Whether an error is the module's own doing (as opposed to the caller's
-/// or the host's).
+/// Whether a failed run counts towards quarantine: anything the module
+/// did or returned. A failure of the host itself (its configuration, a
+/// backend fault, a stopped runtime) does not.
 pub fn module_fault(e: &Error) -> bool {
     matches!(
         e,
@@ -41,6 +49,9 @@ pub fn module_fault(e: &Error) -> bool {
             | Error::Trap { .. }
             | Error::Deadline { .. }
             | Error::Budget { .. }
+            | Error::ModuleFailed { .. }
+            | Error::InvalidParams { .. }
+            | Error::UnknownModel { .. }
     )
 }
 
@@ -98,9 +109,9 @@ mod tests {
     fn three_faults_quarantine_and_a_success_clears() {
         let b = Breaker::new(3, Duration::from_secs(30), Duration::from_secs(600));
         let fuel = Error::Fuel { limit: 1 };
-        let caller = Error::InvalidParams { message: "x".into() };
+        let host = Error::InferenceFailed { message: "x".into() };
         b.record("m", Err(&fuel));
-        b.record("m", Err(&caller)); // not the module's fault: not counted
+        b.record("m", Err(&host)); // the host's own failure: not counted
         b.record("m", Err(&fuel));
         assert_eq!(b.check("m"), None);
         b.record("m", Err(&fuel));

@@ -44,9 +44,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Extension, Path as UrlPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -85,7 +86,20 @@ pub struct ServeConfig {
     pub quarantine_after: u32,
     /// The first quarantine; it doubles per relapse, up to ten minutes.
     pub quarantine: Duration,
+    /// Longest a client may take to send its request body (408 past it).
+    pub body_read_timeout: Duration,
+    /// Requests being received (authenticated and their bodies read) at
+    /// once, before admission; more get a 503 at once. Bounds the work
+    /// callers without a valid key can cause.
+    pub max_receiving: usize,
 }
+
+/// Largest body of a generation, embedding or score request. The input
+/// rule allows 256 KiB of text ([`crate::inference::MAX_INPUT_BYTES`]);
+/// JSON escapes may grow it several times, and nothing larger can pass.
+pub const GENERATION_BODY_BYTES: usize = 2 << 20;
+/// Largest body of any other request (module uploads excepted).
+pub const SMALL_BODY_BYTES: usize = 64 << 10;
 
 impl Default for ServeConfig {
     fn default() -> Self {
@@ -98,6 +112,8 @@ impl Default for ServeConfig {
             max_body_bytes: 64 << 20,
             quarantine_after: 3,
             quarantine: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
+            max_receiving: 64,
         }
     }
 }
@@ -169,6 +185,16 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "permission_error", "forbidden", message)
     }
 
+    /// A 413 naming the route's limit.
+    fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "body_too_large",
+            &format!("the request body is over this route's limit of {limit} bytes: send less"),
+        )
+    }
+
     fn not_found(code: &str, message: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", code, message)
     }
@@ -180,6 +206,11 @@ impl ApiError {
             "deadline",
             &format!("the request took longer than the server's {} s limit", limit.as_secs()),
         )
+    }
+
+    /// The HTTP status it answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
 
     /// The JSON body.
@@ -203,7 +234,9 @@ impl From<Error> for ApiError {
             Error::UnknownModel { .. } => (StatusCode::NOT_FOUND, "invalid_request_error"),
             Error::NotPermitted { .. } => (StatusCode::FORBIDDEN, "permission_error"),
             Error::Deadline { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout_error"),
-            Error::InferenceFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+            Error::InferenceFailed { .. } | Error::Internal { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "server_error")
+            }
             // The module broke or hit a limit: the fault is upstream of the
             // host, and the typed cause is in `code`.
             Error::Fuel { .. }
@@ -213,8 +246,39 @@ impl From<Error> for ApiError {
             | Error::ModuleFailed { .. }
             | Error::Trap { .. } => (StatusCode::BAD_GATEWAY, "module_error"),
         };
-        ApiError::new(status, kind, e.kind(), &e.to_string())
+        ApiError::new(status, kind, e.kind(), &scrub(&e.to_string()))
     }
+}
+
+/// A message fit for the wire: no backtrace, and no file system paths (the
+/// host's layout, its build paths and its registry are nobody's business);
+/// a path is shown by its file name.
+pub fn scrub(message: &str) -> String {
+    let mut text = message;
+    for marker in ["\nStack backtrace:", "\nstack backtrace:", "\n   0: "] {
+        if let Some(at) = text.find(marker) {
+            text = &text[..at];
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('/') {
+        // A path starts at a `/` that begins a word and has another `/`.
+        let starts_word = at == 0 || rest[..at].ends_with(|c: char| c.is_whitespace() || "('\"`=[".contains(c));
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || "'\"`)],;".contains(c))
+            .map_or(rest.len(), |e| at + e);
+        let word = &rest[at..end];
+        out.push_str(&rest[..at]);
+        if starts_word && word[1..].contains('/') {
+            out.push_str(word.rsplit('/').next().unwrap_or(""));
+        } else {
+            out.push_str(word);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl IntoResponse for ApiError {
@@ -229,7 +293,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-pub(crate) fn now_unix() -> u64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -248,6 +313,24 @@ pub struct AppState {
     next_id: AtomicU64,
     breaker: breaker::Breaker,
     guests: guests::Guests,
+    /// Whether the server runs without keys: decided once, at start, from
+    /// whether any tenant exists then. Removing the last tenant of a keyed
+    /// server leaves it keyed (nobody gets in) rather than open.
+    open: bool,
+    /// Places for requests being received (see [`ServeConfig::max_receiving`]).
+    receiving: Arc<tokio::sync::Semaphore>,
+}
+
+/// Who is calling, as the front door authenticated them from the headers
+/// (`None`: the server runs without keys).
+#[derive(Clone)]
+pub struct Caller(pub Option<Tenant>);
+
+impl Caller {
+    /// The key the breaker counts this caller's failures under.
+    fn name(&self) -> &str {
+        self.0.as_ref().map_or("", |t| t.name.as_str())
+    }
 }
 
 impl AppState {
@@ -255,8 +338,11 @@ impl AppState {
     pub fn new(rt: Arc<Runtime>, registry: Arc<Registry>, cfg: ServeConfig) -> Result<Self, Error> {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         let guests = guests::Guests::start(threads)
-            .map_err(|e| Error::config(format!("cannot start the module runtime: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot start the module runtime: {e}")))?;
+        let open = !registry.has_tenants()?;
         Ok(AppState {
+            open,
+            receiving: Arc::new(tokio::sync::Semaphore::new(cfg.max_receiving.max(1))),
             guests,
             admission: Admission::new(cfg.max_inflight, cfg.max_queue),
             breaker: breaker::Breaker::new(cfg.quarantine_after, cfg.quarantine, Duration::from_secs(600)),
@@ -279,7 +365,9 @@ impl AppState {
 
     /// The caller's tenant. `Ok(None)`: open mode (no tenant exists yet).
     fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Tenant>, ApiError> {
-        if !self.registry.has_tenants()? {
+        // Keys are required once any tenant exists, and always on a server
+        // that started with tenants (see `open`).
+        if self.open && !self.registry.has_tenants()? {
             return Ok(None);
         }
         let key = headers
@@ -402,8 +490,119 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings",
             )
         })
-        .layer(DefaultBodyLimit::max(limit))
+        // The front door has read the body already, within the route's cap.
+        .layer(DefaultBodyLimit::max(limit.max(GENERATION_BODY_BYTES)))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), front_door))
         .with_state(state)
+}
+
+/// The largest body `method path` may carry for a caller (`admin` or not).
+fn body_cap(method: &Method, path: &str, admin: bool, upload: usize) -> usize {
+    match (method, path) {
+        (&Method::POST, "/v1/tessera/modules") if admin => upload,
+        (&Method::POST, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/tessera/score") => {
+            GENERATION_BODY_BYTES
+        }
+        _ => SMALL_BODY_BYTES,
+    }
+}
+
+/// Every request passes here first, in this order, each step cheap:
+/// a place among the requests being received (503 if none), the caller
+/// authenticated from the headers alone (401 before a byte of the body is
+/// read), the route's body cap checked against `Content-Length` (413) and
+/// then enforced while the body is read under a timeout (408). Only then
+/// does the handler run, with the caller in the request's extensions.
+/// Errors the router itself makes (405, 413) leave in the OpenAI shape.
+async fn front_door(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/health" {
+        return openai_shaped(next.run(req).await);
+    }
+    let Ok(place) = st.receiving.clone().try_acquire_owned() else {
+        return ApiError::overloaded("too many requests are being received at once: retry shortly").into_response();
+    };
+    let caller = match st.authenticate(req.headers()) {
+        Ok(t) => Caller(t),
+        Err(e) => return e.into_response(),
+    };
+    let admin = AppState::policy_of(&caller.0).admin;
+    if req.method() == Method::POST && req.uri().path() == "/v1/tessera/modules" && !admin {
+        return ApiError::forbidden(
+            "only an admin key may publish or remove modules (`tessera tenants add NAME --admin`)",
+        )
+        .into_response();
+    }
+    let cap = body_cap(req.method(), req.uri().path(), admin, st.cfg.max_body_bytes);
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap as u64) {
+        return ApiError::too_large(cap).into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(st.cfg.body_read_timeout, axum::body::to_bytes(body, cap)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            // axum reports the cap as "length limit exceeded".
+            let too_long = format!("{e:#}").contains("length limit");
+            return if too_long {
+                ApiError::too_large(cap).into_response()
+            } else {
+                ApiError::invalid("body", &format!("the request body could not be read: {e}")).into_response()
+            };
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "body_timeout",
+                &format!(
+                    "the request body took longer than {} s to arrive",
+                    st.cfg.body_read_timeout.as_secs()
+                ),
+            )
+            .into_response()
+        }
+    };
+    drop(place);
+    let mut req = Request::from_parts(parts, Body::from(bytes));
+    req.extensions_mut().insert(caller);
+    openai_shaped(next.run(req).await)
+}
+
+/// Replaces the router's own plain-text rejections (a method the route
+/// does not have, a body over a limit) with OpenAI-shaped error bodies.
+fn openai_shaped(r: Response) -> Response {
+    let json = r
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json") || v.contains("event-stream"));
+    if json {
+        return r;
+    }
+    match r.status() {
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            "this route does not take that method: see the API reference for its method",
+        )
+        .into_response(),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "body_too_large",
+            "the request body is too large",
+        )
+        .into_response(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::UNPROCESSABLE_ENTITY | StatusCode::BAD_REQUEST => {
+            ApiError::invalid("body", "the request body is not valid JSON for this route").into_response()
+        }
+        _ => r,
+    }
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then stops
@@ -429,7 +628,7 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        r = server => r.map_err(|e| Error::config(format!("server: {e}"))),
+        r = server => r.map_err(|e| Error::internal(format!("server: {e}"))),
         _ = deadline => {
             tracing::warn!("shutdown grace of {} s passed with requests still in flight; stopping", grace.as_secs());
             Ok(())
@@ -446,8 +645,11 @@ async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    let tenant = st.authenticate(&headers)?;
+async fn models(
+    State(st): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.0;
     let policy = AppState::policy_of(&tenant);
     let created = now_unix();
     let mut data = Vec::new();
@@ -473,8 +675,14 @@ async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<J
         }));
     }
     let published = st.registry.list()?;
+    // A member's id answers as the member (see `resolve`): a system of the
+    // same name is not listed twice.
+    let member_ids: Vec<String> = st.rt.cards().into_iter().map(|c| c.id).collect();
     for (name, author, description) in st.standard_systems() {
-        if published.iter().any(|e| e.name == name) || !TenantPolicy::allows(&policy.modules, &name) {
+        if published.iter().any(|e| e.name == name)
+            || member_ids.contains(&name)
+            || !TenantPolicy::allows(&policy.modules, &name)
+        {
             continue;
         }
         data.push(json!({
@@ -483,7 +691,7 @@ async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<J
         }));
     }
     for e in published.into_iter().filter(|e| e.world == "strategy") {
-        if !TenantPolicy::allows(&policy.modules, &e.name) {
+        if member_ids.contains(&e.name) || !TenantPolicy::allows(&policy.modules, &e.name) {
             continue;
         }
         data.push(json!({
@@ -511,6 +719,11 @@ struct Ask {
 
 impl Ask {
     fn new(chat: bool, model: String, input: Input, sampling: &openai::Sampling) -> Result<Self, ApiError> {
+        // The input rule every face applies, before anything is queued:
+        // the pool would refuse it too, but only after admission.
+        input
+            .check_size(0)
+            .map_err(|e| ApiError::invalid(if chat { "messages" } else { "prompt" }, &e.to_string()))?;
         Ok(Ask {
             chat,
             model,
@@ -523,23 +736,23 @@ impl Ask {
     }
 }
 
-async fn respond(st: Arc<AppState>, headers: HeaderMap, ask: Result<Ask, ApiError>) -> Response {
+async fn respond(st: Arc<AppState>, caller: Caller, ask: Result<Ask, ApiError>) -> Response {
     match ask {
-        Ok(ask) => answer(st, headers, ask).await,
+        Ok(ask) => answer(st, caller, ask).await,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(State(st): State<Arc<AppState>>, Extension(caller): Extension<Caller>, body: Bytes) -> Response {
     let ask = parse::<openai::ChatRequest>(&body)
         .and_then(|req| Ask::new(true, req.model.clone(), Input::Chat(req.messages()?), &req.sampling));
-    respond(st, headers, ask).await
+    respond(st, caller, ask).await
 }
 
-async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(State(st): State<Arc<AppState>>, Extension(caller): Extension<Caller>, body: Bytes) -> Response {
     let ask = parse::<openai::CompletionRequest>(&body)
         .and_then(|req| Ask::new(false, req.model.clone(), Input::Prompt(req.prompt()?), &req.sampling));
-    respond(st, headers, ask).await
+    respond(st, caller, ask).await
 }
 
 /// Who answers a request.
@@ -548,7 +761,7 @@ enum Target {
     System(Arc<Module>),
 }
 
-fn resolve(st: &AppState, policy: &TenantPolicy, model: &str, need: &str) -> Result<Target, ApiError> {
+fn resolve(st: &AppState, caller: &Caller, policy: &TenantPolicy, model: &str, need: &str) -> Result<Target, ApiError> {
     if let Some(card) = st.rt.cards().into_iter().find(|c| c.id == model) {
         if !TenantPolicy::allows(&policy.members, model) || !st.rt.policy_allows(model) {
             return Err(ApiError::forbidden(&format!("this key may not use member `{model}`")));
@@ -583,13 +796,14 @@ fn resolve(st: &AppState, policy: &TenantPolicy, model: &str, need: &str) -> Res
             Err(ApiError::forbidden(&format!("this key may not use system `{model}`")))
         }
         Some(m) => {
-            if let Some(left) = st.breaker.check(&m.sha256) {
+            if let Some(left) = st.breaker.check(&breaker_key(caller, &m.sha256)) {
                 let mut e = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "module_error",
                     "module_quarantined",
                     &format!(
-                        "system `{model}` keeps failing inside its sandbox and is quarantined for {left} s; its publisher should fix it"
+                        "system `{model}` kept failing on this key's requests and is quarantined for it for {left} s \
+                         (other keys are not affected): check the request's parameters, or ask its publisher to fix it"
                     ),
                 );
                 e.retry_after = Some(left);
@@ -602,6 +816,11 @@ fn resolve(st: &AppState, policy: &TenantPolicy, model: &str, need: &str) -> Res
             &format!("no member or system `{model}`: GET /v1/models lists them"),
         )),
     }
+}
+
+/// The breaker's record of `caller` running the module with `sha256`.
+fn breaker_key(caller: &Caller, sha256: &str) -> String {
+    format!("{}/{sha256}", caller.name())
 }
 
 fn member_provenance(member: &str, prompt: u32, completion: u32, ms: u64) -> Value {
@@ -638,40 +857,58 @@ fn finish_name(f: crate::inference::FinishReason) -> &'static str {
     }
 }
 
-async fn answer(st: Arc<AppState>, headers: HeaderMap, ask: Ask) -> Response {
-    let tenant = match st.authenticate(&headers) {
+async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Response {
+    let policy = AppState::policy_of(&caller.0);
+    let target = match resolve(&st, &caller, &policy, &ask.model, "generate") {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    let policy = AppState::policy_of(&tenant);
-    let target = match resolve(&st, &policy, &ask.model, "generate") {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
-    let admitted = match st.admit(&tenant).await {
+    let admitted = match st.admit(&caller.0).await {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
     if ask.stream {
-        return stream(st, tenant, policy, target, ask, admitted);
+        return stream(st, caller, policy, target, ask, admitted);
     }
-    let limit = st.cfg.request_timeout;
-    let work = run_target(&st, &policy, &target, &ask, None);
-    let result = match tokio::time::timeout(limit, work).await {
+    // The work runs in a task of its own, which holds the admission place
+    // and bills the tenant when it ends. If the client goes away, this
+    // handler is dropped and `_stop` raises `cancel`: a member stops
+    // decoding at its next token and a module at its next epoch tick; what
+    // was used until then is still charged.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _stop = CancelOnDrop(cancel.clone());
+    let chat = ask.chat;
+    let model = ask.model.clone();
+    let st2 = st.clone();
+    let work = tokio::spawn(async move {
+        let _admitted = admitted;
+        let limit = st2.cfg.request_timeout;
+        let flag = cancel.clone();
+        let sink: crate::inference::TextSink = Box::new(move |_: &str| !flag.load(Ordering::Relaxed));
+        let sink = matches!(target, Target::Member(_)).then_some(sink);
+        let run = run_target(&st2, &caller, &policy, &target, &ask, sink, Some(cancel));
+        let (result, used) = match tokio::time::timeout(limit, run).await {
+            Ok(r) => r,
+            Err(_) => (Err(ApiError::timeout(limit)), 0),
+        };
+        st2.charge(&caller.0, used);
+        result
+    });
+    let result = match work.await {
         Ok(r) => r,
-        Err(_) => Err(ApiError::timeout(limit)),
+        Err(e) => Err(ApiError::from(Error::internal(format!(
+            "the request's task failed: {e}"
+        )))),
     };
-    drop(admitted);
     match result {
         Ok(done) => {
-            st.charge(&tenant, done.prompt + done.completion);
-            let id = st.id(if ask.chat { "chatcmpl" } else { "cmpl" });
+            let id = st.id(if chat { "chatcmpl" } else { "cmpl" });
             let usage = openai::usage(done.prompt, done.completion);
             let body = openai::completion(
-                ask.chat,
+                chat,
                 &id,
                 now_unix(),
-                &ask.model,
+                &model,
                 (&done.text, done.finish),
                 usage,
                 done.provenance,
@@ -679,6 +916,16 @@ async fn answer(st: Arc<AppState>, headers: HeaderMap, ask: Ask) -> Response {
             Json(body).into_response()
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// Raises its flag when dropped: the handler of a request whose client
+/// went away is dropped, and the work it started sees the flag.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -691,20 +938,22 @@ struct Done {
     provenance: Value,
 }
 
-/// Runs the member or system. With `sink`, a member's text is streamed
-/// into it as it is decoded.
+/// Runs the member or system, and says how many tokens it used (billed
+/// whether or not it succeeded). With `sink`, a member's text is streamed
+/// into it as it is decoded (returning `false` stops it); `cancel` stops a
+/// system's module.
 async fn run_target(
     st: &AppState,
+    caller: &Caller,
     policy: &TenantPolicy,
     target: &Target,
     ask: &Ask,
     sink: Option<crate::inference::TextSink>,
-) -> Result<Done, ApiError> {
+    cancel: Option<Arc<AtomicBool>>,
+) -> (Result<Done, ApiError>, u64) {
     match target {
         Target::Member(id) => {
-            let ctx = CallCtx {
-                deadline: Instant::now() + st.cfg.request_timeout,
-            };
+            let ctx = CallCtx::new(Instant::now() + st.cfg.request_timeout, CallCtx::next_requester());
             let started = Instant::now();
             let models = st.rt.models();
             let g = match sink {
@@ -714,19 +963,24 @@ async fn run_target(
                         .await
                 }
                 None => models.generate(ctx, id, ask.input.clone(), ask.params.clone()).await,
-            }
-            .map_err(|e| match e {
-                crate::inference::InferenceError::Deadline => ApiError::timeout(st.cfg.request_timeout),
-                e => ApiError::from(Error::from(e)),
-            })?;
+            };
+            let g = match g {
+                Ok(g) => g,
+                Err(crate::inference::InferenceError::Deadline) => {
+                    return (Err(ApiError::timeout(st.cfg.request_timeout)), 0)
+                }
+                Err(e) => return (Err(ApiError::from(Error::from(e))), 0),
+            };
             let ms = started.elapsed().as_millis() as u64;
-            Ok(Done {
+            let used = u64::from(g.usage.prompt_tokens) + u64::from(g.usage.completion_tokens);
+            let done = Done {
                 provenance: member_provenance(id, g.usage.prompt_tokens, g.usage.completion_tokens, ms),
                 text: g.text,
                 finish: finish_name(g.finish),
                 prompt: g.usage.prompt_tokens as u64,
                 completion: g.usage.completion_tokens as u64,
-            })
+            };
+            (Ok(done), used)
         }
         Target::System(module) => {
             let req = RunRequest {
@@ -737,20 +991,32 @@ async fn run_target(
             let members: Option<Vec<String>> =
                 (!policy.members.iter().any(|m| m == "*")).then(|| policy.members.clone());
             let (rt, m) = (st.rt.clone(), module.clone());
-            let out = st
+            let ran = st
                 .guests
-                .run(async move { rt.run_with_members(&m, req, members.as_deref()).await })
-                .await
-                .map_err(|e| ApiError::from(Error::config(format!("the module runtime stopped: {e}"))))?;
-            st.breaker.record(&module.sha256, out.as_ref().map(|_| ()));
-            let out = out?;
-            Ok(Done {
+                .run(async move { rt.run_metered(&m, req, members.as_deref(), cancel).await })
+                .await;
+            let (out, usage) = match ran {
+                Ok(r) => r,
+                Err(e) => {
+                    let e = Error::internal(format!("the module runtime stopped: {e}"));
+                    return (Err(ApiError::from(e)), 0);
+                }
+            };
+            let used = usage.prompt_tokens + usage.completion_tokens;
+            st.breaker
+                .record(&breaker_key(caller, &module.sha256), out.as_ref().map(|_| ()));
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => return (Err(ApiError::from(e)), used),
+            };
+            let done = Done {
                 provenance: system_provenance(&out),
                 text: out.text.clone(),
                 finish: "stop",
                 prompt: out.usage.prompt_tokens,
                 completion: out.usage.completion_tokens,
-            })
+            };
+            (Ok(done), used)
         }
     }
 }
@@ -761,7 +1027,7 @@ fn event(v: &Value) -> Result<Event, Infallible> {
 
 fn stream(
     st: Arc<AppState>,
-    tenant: Option<Tenant>,
+    caller: Caller,
     policy: TenantPolicy,
     target: Target,
     ask: Ask,
@@ -800,14 +1066,31 @@ fn stream(
         let _admitted = admitted;
         let limit = st.cfg.request_timeout;
         let streams_itself = matches!(target, Target::Member(_));
-        let work = run_target(&st, &policy, &target, &ask, streams_itself.then_some(sink));
-        let result = match tokio::time::timeout(limit, work).await {
+        // A system's module is stopped when the client goes away: the
+        // stream's channel closes, which `watch` turns into `cancel`.
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (flag, watch) = (cancel.clone(), tx.clone());
+        let watcher = tokio::spawn(async move {
+            watch.closed().await;
+            flag.store(true, Ordering::Relaxed);
+        });
+        let work = run_target(
+            &st,
+            &caller,
+            &policy,
+            &target,
+            &ask,
+            streams_itself.then_some(sink),
+            Some(cancel),
+        );
+        let (result, used) = match tokio::time::timeout(limit, work).await {
             Ok(r) => r,
-            Err(_) => Err(ApiError::timeout(limit)),
+            Err(_) => (Err(ApiError::timeout(limit)), 0),
         };
+        watcher.abort();
+        st.charge(&caller.0, used);
         match result {
             Ok(done) => {
-                st.charge(&tenant, done.prompt + done.completion);
                 if !streams_itself {
                     let _ = tx.send(event(&openai::chunk(
                         chat,
@@ -841,7 +1124,7 @@ fn stream(
         .into_response()
 }
 
-async fn embeddings(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn embeddings(State(st): State<Arc<AppState>>, Extension(caller): Extension<Caller>, body: Bytes) -> Response {
     let work = async {
         let req: openai::EmbeddingRequest = parse(&body)?;
         let texts = req.texts()?;
@@ -861,18 +1144,16 @@ async fn embeddings(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
                 ))
             }
         };
-        let tenant = st.authenticate(&headers)?;
+        let tenant = caller.0.clone();
         let policy = AppState::policy_of(&tenant);
-        let Target::Member(id) = resolve(&st, &policy, &req.model, "embed")? else {
+        let Target::Member(id) = resolve(&st, &caller, &policy, &req.model, "embed")? else {
             return Err(ApiError::invalid(
                 "model",
                 "systems do not embed: use an embedding member",
             ));
         };
         let _admitted = st.admit(&tenant).await?;
-        let ctx = CallCtx {
-            deadline: Instant::now() + st.cfg.request_timeout,
-        };
+        let ctx = CallCtx::new(Instant::now() + st.cfg.request_timeout, CallCtx::next_requester());
         let tokens: u64 = texts.iter().map(|t| t.split_whitespace().count() as u64).sum();
         let vectors = tokio::time::timeout(st.cfg.request_timeout, st.rt.models().embed(ctx, &id, texts))
             .await
@@ -905,9 +1186,8 @@ async fn embeddings(State(st): State<Arc<AppState>>, headers: HeaderMap, body: B
     }
 }
 
-fn require_admin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let tenant = st.authenticate(headers)?;
-    if AppState::policy_of(&tenant).admin {
+fn require_admin(caller: &Caller) -> Result<(), ApiError> {
+    if AppState::policy_of(&caller.0).admin {
         Ok(())
     } else {
         Err(ApiError::forbidden(
@@ -916,22 +1196,19 @@ fn require_admin(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-async fn modules_list(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    st.authenticate(&headers)?;
+async fn modules_list(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "object": "list", "data": st.registry.list()? })))
 }
 
 async fn modules_show(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    st.authenticate(&headers)?;
     let e = st
         .registry
         .get(&name)?
         .ok_or_else(|| ApiError::not_found("module_not_found", &format!("no published module `{name}`")))?;
-    let mut v = serde_json::to_value(&e).map_err(|e| ApiError::from(Error::config(e.to_string())))?;
+    let mut v = serde_json::to_value(&e).map_err(|e| ApiError::from(Error::internal(e.to_string())))?;
     v["manifest"] = Value::String(e.manifest_toml.clone());
     Ok(Json(v))
 }
@@ -949,10 +1226,10 @@ struct Upload {
 
 async fn modules_publish(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    require_admin(&st, &headers)?;
+    require_admin(&caller)?;
     let up: Upload = parse(&body)?;
     let wasm = base64::engine::general_purpose::STANDARD
         .decode(up.wasm_base64.trim())
@@ -969,7 +1246,7 @@ async fn modules_publish(
         )
     })
     .await
-    .map_err(|e| ApiError::from(Error::config(format!("publish task: {e}"))))??;
+    .map_err(|e| ApiError::from(Error::internal(format!("publish task: {e}"))))??;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::to_value(&entry).unwrap_or(Value::Null)),
@@ -978,10 +1255,10 @@ async fn modules_publish(
 
 async fn modules_remove(
     State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    require_admin(&st, &headers)?;
+    require_admin(&caller)?;
     if !st.registry.remove(&name)? {
         return Err(ApiError::not_found(
             "module_not_found",
@@ -1013,6 +1290,11 @@ pub fn publish_checked(
             "`{name}` is the name of a standard module: choose another `name` in the manifest"
         )));
     }
+    if rt_or_sandbox.member_ids().iter().any(|m| *m == name) {
+        return Err(Error::config(format!(
+            "`{name}` is the id of a pool member: choose another `name` in the manifest"
+        )));
+    }
     let trusted = TrustedKeys::load(&registry.dir().join("trusted-keys"))?;
     registry.publish(
         rt_or_sandbox.sandbox(),
@@ -1032,9 +1314,16 @@ pub trait PublishHost {
     fn sandbox(&self) -> &crate::sandbox::Sandbox;
     /// The paths.
     fn paths(&self) -> &crate::Paths;
+    /// The pool's member ids, which no module may take (none without a pool).
+    fn member_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl PublishHost for Runtime {
+    fn member_ids(&self) -> Vec<String> {
+        self.cards().into_iter().map(|c| c.id).collect()
+    }
     fn sandbox(&self) -> &crate::sandbox::Sandbox {
         Runtime::sandbox(self)
     }

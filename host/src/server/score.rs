@@ -18,21 +18,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{parse, resolve, ApiError, AppState, Target};
+use super::{parse, resolve, ApiError, AppState, Caller, Target};
 use crate::inference::{CallCtx, Input, Message};
 use crate::Error;
 
 /// Continuations one request may score.
 pub const MAX_CONTINUATIONS: usize = 64;
-/// Bytes of prompt and continuations together.
-pub const MAX_BYTES: usize = 256 * 1024;
+/// Bytes of prompt and continuations together (the input rule's limit).
+pub const MAX_BYTES: usize = crate::inference::MAX_INPUT_BYTES;
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -70,34 +69,31 @@ impl ScoreRequest {
                 &format!("{n} continuations: send 1..={MAX_CONTINUATIONS} per request"),
             ));
         }
-        let bytes = match &input {
-            Input::Prompt(p) => p.len(),
-            Input::Chat(m) => m.iter().map(|x| x.content.len()).sum(),
-        } + self.continuations.iter().map(String::len).sum::<usize>();
-        if bytes > MAX_BYTES {
-            return Err(ApiError::invalid(
-                "continuations",
-                &format!("{bytes} bytes of prompt and continuations; the limit is {MAX_BYTES}: split the request"),
-            ));
-        }
+        // The input rule of every face, continuations included.
+        let extra = self.continuations.iter().map(String::len).sum::<usize>();
+        input
+            .check_size(extra)
+            .map_err(|e| ApiError::invalid("continuations", &e.to_string()))?;
         Ok((self.model, input, self.continuations))
     }
 }
 
 /// The handler.
-pub(crate) async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn score(
+    State(st): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Response {
     let work = async {
         let req: ScoreRequest = parse(&body)?;
         let (model, input, continuations) = req.input()?;
-        let tenant = st.authenticate(&headers)?;
+        let tenant = caller.0.clone();
         let policy = AppState::policy_of(&tenant);
-        let Target::Member(id) = resolve(&st, &policy, &model, "score")? else {
+        let Target::Member(id) = resolve(&st, &caller, &policy, &model, "score")? else {
             return Err(ApiError::invalid("model", "systems do not score: use a member"));
         };
         let _admitted = st.admit(&tenant).await?;
-        let ctx = CallCtx {
-            deadline: Instant::now() + st.cfg.request_timeout,
-        };
+        let ctx = CallCtx::new(Instant::now() + st.cfg.request_timeout, CallCtx::next_requester());
         let scores = tokio::time::timeout(
             st.cfg.request_timeout,
             st.rt.models().score(ctx, &id, input, continuations),

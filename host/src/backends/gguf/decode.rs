@@ -179,7 +179,7 @@ impl GgufModel {
         let max_new = (job.params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize).min(room);
         let seed = job.params.seed.unwrap_or_else(rand::random);
         let sampler = LogitsProcessor::from_sampling(seed, sampling(job.params));
-        let logits = Self::step(&mut self.weights, &self.device, &prompt, 0)?;
+        let logits = Self::prefill(&mut self.weights, &self.device, &prompt, job.ctx)?;
         let state = match &mut self.weights {
             Weights::Llama(m) => m.take_state(),
             _ => Vec::new(),

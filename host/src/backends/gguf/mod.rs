@@ -37,6 +37,9 @@ use tokenizer::GgufTokenizer;
 /// are more than a small CPU host should hold per member, so we serve up to
 /// this many (the card reports it).
 const MAX_POSITIONS: usize = 8192;
+/// Prompt tokens run in one forward pass during prefill; the deadline is
+/// checked between chunks (about a second of a 0.5B model on 2 cores).
+const PREFILL_CHUNK: usize = 512;
 
 #[derive(Clone)]
 enum Weights {
@@ -239,6 +242,21 @@ impl GgufModel {
         Ok(())
     }
 
+    /// Runs a whole prompt from position 0 in chunks of [`PREFILL_CHUNK`]
+    /// tokens, checking the deadline before each: a long prompt whose
+    /// request has given up stops within one chunk instead of holding the
+    /// member until it is done. Returns the last position's logits.
+    fn prefill(weights: &mut Weights, device: &Device, ids: &[u32], ctx: CallCtx) -> Result<Tensor, InferenceError> {
+        let mut logits = None;
+        for (i, chunk) in ids.chunks(PREFILL_CHUNK).enumerate() {
+            if Instant::now() >= ctx.deadline {
+                return Err(InferenceError::Deadline);
+            }
+            logits = Some(Self::step(weights, device, chunk, i * PREFILL_CHUNK)?);
+        }
+        logits.ok_or_else(|| InferenceError::InvalidParams("the prompt is empty: give the model some text".into()))
+    }
+
     /// Runs `ids` from position `pos` and returns the last position's logits.
     fn step(weights: &mut Weights, device: &Device, ids: &[u32], pos: usize) -> Result<Tensor, InferenceError> {
         let x = Tensor::new(ids, device).and_then(|t| t.unsqueeze(0)).map_err(failed)?;
@@ -290,7 +308,8 @@ impl GgufModel {
         continuations: &[String],
     ) -> Result<Vec<Scored>, InferenceError> {
         let prompt_ids = self.encode_input(prompt)?;
-        let first = Self::step(&mut self.weights, &self.device, &prompt_ids, 0)?;
+        self.check_context(prompt_ids.len())?;
+        let first = Self::prefill(&mut self.weights, &self.device, &prompt_ids, ctx)?;
         let first = log_softmax(&first)?;
         let mut out = Vec::with_capacity(continuations.len());
         for cont in continuations {
@@ -308,7 +327,7 @@ impl GgufModel {
             let mut lp = if self.prefix_reuse {
                 first[ids[0] as usize] as f64
             } else {
-                log_softmax(&Self::step(weights, &self.device, &prompt_ids, 0)?)?[ids[0] as usize] as f64
+                log_softmax(&Self::prefill(weights, &self.device, &prompt_ids, ctx)?)?[ids[0] as usize] as f64
             };
             for (i, w) in ids.windows(2).enumerate() {
                 if Instant::now() >= ctx.deadline {
@@ -328,7 +347,7 @@ impl GgufModel {
     /// The `top_k` most likely next tokens after `prompt`.
     pub fn next_token(
         &mut self,
-        _ctx: CallCtx,
+        ctx: CallCtx,
         prompt: &Input,
         top_k: u32,
     ) -> Result<Vec<TokenLogprob>, InferenceError> {
@@ -337,7 +356,7 @@ impl GgufModel {
         }
         let ids = self.encode_input(prompt)?;
         self.check_context(ids.len())?;
-        let logits = Self::step(&mut self.weights, &self.device, &ids, 0)?;
+        let logits = Self::prefill(&mut self.weights, &self.device, &ids, ctx)?;
         let lp = log_softmax(&logits)?;
         let mut idx: Vec<usize> = (0..lp.len()).collect();
         let k = (top_k as usize).min(lp.len());

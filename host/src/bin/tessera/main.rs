@@ -281,7 +281,7 @@ fn fail(json: bool, e: &Error) -> ExitCode {
         let v = serde_json::json!({ "error": { "kind": e.kind(), "message": e.to_string() } });
         println!("{v}");
     } else {
-        eprintln!("error [{}]: {e}", e.kind());
+        eprintln!("error [{}]: {}", e.kind(), tessera::request::printable(&e.to_string()));
     }
     ExitCode::FAILURE
 }
@@ -675,7 +675,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(s) => {
-            println!("{s}");
+            // Module text reaches the terminal here: no escape codes.
+            println!("{}", tessera::request::printable(&s));
             ExitCode::SUCCESS
         }
         Err(e) => fail(json, &e),

@@ -103,13 +103,17 @@ pub enum ModulesCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Sign a component with a secret key; writes `PATH.sig`.
+    /// Sign a module (the component and its manifest together) with a
+    /// secret key; writes `PATH.sig`.
     Sign {
         /// The component.
         path: PathBuf,
         /// The secret key file.
         #[arg(long)]
         key: PathBuf,
+        /// Its manifest (default: the `.toml` beside the `.wasm`).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
     },
     /// Trust a publisher's public key (from then on, every publish must be
     /// signed by a trusted key).
@@ -323,9 +327,16 @@ pub fn modules(cmd: ModulesCommand) -> Result<String, Error> {
                 pub_path.display()
             ))
         }
-        ModulesCommand::Sign { path, key } => {
+        ModulesCommand::Sign { path, key, manifest } => {
             let wasm = std::fs::read(&path).map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
-            let sig = signing::sign(&wasm, &key)?;
+            let manifest_path = manifest.unwrap_or_else(|| path.with_extension("toml"));
+            let manifest_toml = std::fs::read_to_string(&manifest_path).map_err(|e| {
+                Error::config(format!(
+                    "{}: {e} (the signature covers the manifest too: give it with --manifest)",
+                    manifest_path.display()
+                ))
+            })?;
+            let sig = signing::sign(&wasm, &manifest_toml, &key)?;
             let out = PathBuf::from(format!("{}.sig", path.display()));
             std::fs::write(&out, sig).map_err(|e| Error::config(format!("{}: {e}", out.display())))?;
             Ok(format!("signature: {}", out.display()))

@@ -1,0 +1,93 @@
+//! Small file helpers every layer shares, kept at the bottom of the module
+//! graph so that no two layers import each other for them: one way to hash
+//! a file and one way to replace a file atomically.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// The sha256 of the file at `path`, as lowercase hex, read in 1 MiB pieces.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// How hard [`write_atomic`] works for the new file to survive a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The file and its directory are fsynced before returning: after a
+    /// power loss the new content is there. For records that must not be
+    /// lost (registry blobs, persisted `fit` state, trained models).
+    Durable,
+    /// Renamed into place without fsync: a crash leaves the old file or the
+    /// new one, never half of one, but the new one may be lost. For caches
+    /// that can be rebuilt (precompiled components).
+    Cache,
+}
+
+/// `path` with `.tmp` appended to its file name, where [`write_atomic`]
+/// writes before renaming.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".{}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Replaces `path` with `bytes` through a temporary file beside it and a
+/// rename, so a reader or a crash sees the old file or the new one, never
+/// half of one. A failed write removes its temporary file.
+pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> std::io::Result<()> {
+    let tmp = tmp_path(path);
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        if durability == Durability::Durable {
+            f.sync_all()?;
+        }
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if durability == Durability::Durable {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+        }
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_atomic_write_replaces_and_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("tessera-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("x.bin");
+        write_atomic(&f, b"one", Durability::Durable).unwrap();
+        write_atomic(&f, b"two", Durability::Cache).unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"two");
+        assert!(!tmp_path(&f).exists());
+        assert_eq!(
+            sha256_file(&f).unwrap(),
+            "3fc4ccfe745870e2c0d99f71f30ff0656c8dedd41cc1d7d3d376b0dbe685e2f3"
+        );
+        // Into a folder that does not exist: an error, and nothing left.
+        assert!(write_atomic(&dir.join("no/such/x"), b"z", Durability::Durable).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

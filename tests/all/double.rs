@@ -1,0 +1,223 @@
+//! The fast tier's model double: a scripted [`Models`] with no weights, so
+//! that containment, budgets, limits and the server's routing and status
+//! mapping are tested in seconds, without the 850 MB pool.
+//!
+//! Members: `echo` (generates, scores, next-token; answers at once),
+//! `slow` (generates one token per 20 ms and stops when its sink says so or
+//! its deadline passes, like a real member) and `embedder` (embeds). Every
+//! call is counted, so a test can prove that a refused request never
+//! reached a member.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use tessera::inference::{
+    CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink,
+    TokenLogprob, Usage, DEFAULT_MAX_TOKENS,
+};
+use tessera::policy::Policy;
+use tessera::{Paths, Runtime};
+
+/// Counters a test reads.
+#[derive(Default)]
+pub struct Counts {
+    /// Calls that reached a member.
+    pub calls: AtomicU64,
+    /// Tokens the `slow` member generated, over all calls.
+    pub slow_tokens: AtomicU64,
+    /// `slow` generations that ended (finished, stopped or past deadline).
+    pub slow_ended: AtomicU64,
+}
+
+/// The double.
+pub struct Scripted {
+    /// Its counters.
+    pub counts: Arc<Counts>,
+}
+
+fn card(id: &str, caps: &[&str]) -> ModelCard {
+    ModelCard {
+        id: id.into(),
+        contributor: "test double".into(),
+        description: format!("scripted member `{id}`"),
+        domains: vec!["general".into()],
+        architecture: "scripted".into(),
+        parameters: 1,
+        context_length: 8192,
+        license: "test".into(),
+        capabilities: caps.iter().map(|c| c.to_string()).collect(),
+    }
+}
+
+impl Scripted {
+    /// A fresh double.
+    pub fn new() -> Self {
+        Scripted {
+            counts: Arc::new(Counts::default()),
+        }
+    }
+
+    fn slow(
+        &self,
+        ctx: CallCtx,
+        params: GenParams,
+        mut sink: Option<TextSink>,
+    ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        let counts = self.counts.clone();
+        Box::pin(async move {
+            let max = params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+            let mut text = String::new();
+            let mut n = 0;
+            let mut result = Ok(());
+            while n < max {
+                if Instant::now() >= ctx.deadline {
+                    result = Err(InferenceError::Deadline);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                n += 1;
+                counts.slow_tokens.fetch_add(1, Ordering::SeqCst);
+                text.push('x');
+                if let Some(s) = sink.as_mut() {
+                    if !s("x") {
+                        break;
+                    }
+                }
+            }
+            counts.slow_ended.fetch_add(1, Ordering::SeqCst);
+            result.map(|_| Generation {
+                model: "slow".into(),
+                text,
+                finish: FinishReason::Length,
+                usage: Usage {
+                    prompt_tokens: 1,
+                    completion_tokens: n,
+                },
+            })
+        })
+    }
+}
+
+impl Models for Scripted {
+    fn cards(&self) -> Vec<ModelCard> {
+        vec![
+            card("echo", &["generate", "score", "next-token"]),
+            card("slow", &["generate"]),
+            card("embedder", &["embed"]),
+        ]
+    }
+
+    fn generate(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        input: Input,
+        params: GenParams,
+    ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        self.counts.calls.fetch_add(1, Ordering::SeqCst);
+        if let Err(e) = params.validate().and_then(|_| input.check_size(0)) {
+            return Box::pin(async move { Err(e) });
+        }
+        match model {
+            "slow" => self.slow(ctx, params, None),
+            "echo" => {
+                let text = match &input {
+                    Input::Prompt(p) => p.chars().take(32).collect(),
+                    Input::Chat(m) => m
+                        .last()
+                        .map(|m| m.content.chars().take(32).collect())
+                        .unwrap_or_default(),
+                };
+                Box::pin(async move {
+                    Ok(Generation {
+                        model: "echo".into(),
+                        text,
+                        finish: FinishReason::Eos,
+                        usage: Usage {
+                            prompt_tokens: 3,
+                            completion_tokens: 2,
+                        },
+                    })
+                })
+            }
+            other => {
+                let e = InferenceError::UnknownModel(other.into());
+                Box::pin(async move { Err(e) })
+            }
+        }
+    }
+
+    fn generate_stream(
+        &self,
+        ctx: CallCtx,
+        model: &str,
+        input: Input,
+        params: GenParams,
+        mut sink: TextSink,
+    ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
+        if model == "slow" {
+            self.counts.calls.fetch_add(1, Ordering::SeqCst);
+            return self.slow(ctx, params, Some(sink));
+        }
+        let call = self.generate(ctx, model, input, params);
+        Box::pin(async move {
+            let g = call.await?;
+            sink(&g.text);
+            Ok(g)
+        })
+    }
+
+    fn score(
+        &self,
+        _: CallCtx,
+        _: &str,
+        _: Input,
+        continuations: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
+        self.counts.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            Ok(continuations
+                .iter()
+                .map(|c| Scored {
+                    logprob: -(c.len() as f64),
+                    tokens: c.len() as u32,
+                })
+                .collect())
+        })
+    }
+
+    fn next_token(
+        &self,
+        _: CallCtx,
+        _: &str,
+        _: Input,
+        _: u32,
+    ) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
+        self.counts.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(vec![]) })
+    }
+
+    fn embed(
+        &self,
+        _: CallCtx,
+        _: &str,
+        texts: Vec<String>,
+    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
+        self.counts.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move { Ok(texts.iter().map(|_| vec![1.0, 0.0]).collect()) })
+    }
+}
+
+/// A runtime over a fresh double (and the double's counters), with its own
+/// scratch state and registry directories; modules are the installed ones.
+pub fn runtime(tag: &str, policy: Policy) -> (Runtime, Arc<Counts>) {
+    let mut paths = Paths::from_env();
+    paths.state = crate::common::scratch(&format!("{tag}-state"));
+    paths.registry = crate::common::scratch(&format!("{tag}-registry"));
+    let double = Scripted::new();
+    let counts = double.counts.clone();
+    let rt = Runtime::with_models(paths, Arc::new(double), policy, Vec::new()).expect("runtime over the double");
+    (rt, counts)
+}

@@ -1,0 +1,548 @@
+//! The fast tier: what an outside attack found, each class with a
+//! regression test, over the scripted double (`double.rs`) instead of the
+//! real pool. Everything here runs in seconds and needs no model file; the
+//! hostile modules are the compiled ones `make setup` installs.
+//!
+//! `cargo test --test all hardening` runs just these.
+
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+use tessera::inference::{GenParams, Input, Message, Models};
+use tessera::merge::{MergeSpec, Merged, Merger};
+use tessera::policy::Policy;
+use tessera::registry::tenants::{day_of, TenantPolicy};
+use tessera::registry::Registry;
+use tessera::server::{self, AppState, ServeConfig};
+use tessera::{Error, RunRequest, Runtime};
+
+use crate::common::{hostile_path, scratch};
+use crate::double::{self, Scripted};
+
+fn load(rt: &Runtime, name: &str) -> Arc<tessera::sandbox::Module> {
+    rt.load_module(&hostile_path(name).display().to_string())
+        .expect("hostile module loads (run `make setup`)")
+}
+
+fn with(config: &[(&str, &str)]) -> RunRequest {
+    let mut r = RunRequest::chat("go");
+    for (k, v) in config {
+        r.config.insert(k.to_string(), v.to_string());
+    }
+    r
+}
+
+// ---- 1. provenance -------------------------------------------------------
+
+#[tokio::test]
+async fn trace_fields_are_bounded_and_provenance_counts_against_a_budget() {
+    let (rt, _) = double::runtime("prov", Policy::default());
+    let m = load(&rt, "provenance-bomb");
+    // Megabyte roles and member ids are cut; the reply stays small.
+    let out = rt.run(&m, with(&[("mode", "role")])).await.expect("bounded steps pass");
+    let bytes = serde_json::to_vec(&out.provenance).unwrap().len();
+    assert!(bytes < 300 << 10, "provenance of {bytes} bytes");
+    for e in &out.provenance {
+        if let tessera::ProvenanceEvent::ModuleStep { model, role, .. } = e {
+            assert!(
+                role.len() <= 67 && model.as_ref().is_some_and(|m| m.len() <= 131),
+                "{role}"
+            );
+        }
+    }
+    // Unknown members with 20 KB ids: recorded, but clipped.
+    let out = rt.run(&m, with(&[("mode", "fanout")])).await.expect("fan-out answers");
+    assert!(serde_json::to_vec(&out.provenance).unwrap().len() < 300 << 10);
+    // 4,000 notes of 4 KiB: the provenance budget ends the request, typed.
+    let err = rt.run(&m, with(&[("mode", "notes")])).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Budget { budget, limit } if budget == "provenance-bytes" && *limit == 256 << 10),
+        "{err:?}"
+    );
+}
+
+// ---- 2, 6. the input rule --------------------------------------------------
+
+#[test]
+fn the_input_rule_counts_turns_and_their_template() {
+    let empty = |n: usize| {
+        Input::Chat(
+            (0..n)
+                .map(|_| Message {
+                    role: String::new(),
+                    content: String::new(),
+                })
+                .collect(),
+        )
+    };
+    assert!(empty(100).check_size(0).is_ok());
+    // Empty turns are not free: 2,000 of them are 64,000 bytes of template.
+    assert_eq!(
+        empty(2000).counted_bytes(),
+        2000 * tessera::inference::TURN_OVERHEAD_BYTES
+    );
+    let e = empty(1_000_000).check_size(0).unwrap_err().to_string();
+    assert!(e.contains("turns"), "{e}");
+    let e = Input::Prompt("x".repeat(300 << 10))
+        .check_size(0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at most 262144"), "{e}");
+}
+
+#[tokio::test]
+async fn an_oversized_request_input_is_refused_before_any_model_call() {
+    let (rt, counts) = double::runtime("input", Policy::default());
+    let m = rt.load_module("first-responder").expect("first-responder installed");
+    let mut req = RunRequest::chat("x".repeat(300 << 10));
+    req.params.max_tokens = Some(2);
+    let err = rt.run(&m, req).await.unwrap_err();
+    assert_eq!(err.kind(), "invalid-params", "{err}");
+    assert_eq!(counts.calls.load(Ordering::SeqCst), 0);
+}
+
+// ---- 10. partial maxima ----------------------------------------------------
+
+#[test]
+fn maxima_a_policy_leaves_out_stay_at_the_builtin_ones() {
+    let policy: Policy = toml::from_str("[maxima]\ntokens = 100\n").unwrap();
+    let manifest = tessera::policy::Manifest::from_file(&hostile_path("call-flood").with_extension("toml")).unwrap();
+    let mut m = manifest.clone();
+    m.budgets.host_calls = Some(50_000);
+    let g = policy.grant(&m, &[]);
+    assert_eq!(g.host_calls, 1_024);
+    assert_eq!(g.tokens, 100);
+}
+
+// ---- 12. module-reported errors ---------------------------------------------
+
+#[tokio::test]
+async fn errors_a_module_returns_are_not_passed_off_as_the_hosts() {
+    let (rt, _) = double::runtime("liar", Policy::default());
+    let m = load(&rt, "liar");
+    for claim in ["deadline", "not-permitted", "budget", "inference-failed", "unsupported"] {
+        let err = rt.run(&m, with(&[("claim", claim)])).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::ModuleFailed { message } if message.contains("reported") && message.contains(claim)),
+            "{claim}: {err:?}"
+        );
+    }
+}
+
+// ---- 13. fit state ---------------------------------------------------------
+
+#[tokio::test]
+async fn a_fit_state_over_the_limit_is_refused_and_not_persisted() {
+    let (rt, _) = double::runtime("statebomb", Policy::default());
+    let m = load(&rt, "state-bomb");
+    let err = rt.fit(&m, Vec::new(), Default::default()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Budget { budget, .. } if budget == "state-bytes"),
+        "{err:?}"
+    );
+    assert!(rt.stored_state(&m).is_none());
+    let out = rt.run(&m, RunRequest::chat("go")).await.unwrap();
+    assert_eq!(out.text, "state of 0 bytes");
+}
+
+#[tokio::test]
+async fn a_failed_state_write_is_an_internal_error() {
+    let (rt, _) = double::runtime("statewrite", Policy::default());
+    let m = rt.load_module("first-responder").unwrap();
+    // The state directory is a file: the write fails on the host's side.
+    let blocked = rt.paths().state.clone();
+    std::fs::remove_dir_all(&blocked).unwrap();
+    std::fs::write(&blocked, b"not a directory").unwrap();
+    let err = rt.install_state(&m, Some(vec![1, 2, 3])).unwrap_err();
+    assert_eq!(err.kind(), "internal", "{err}");
+    let api = server::ApiError::from(err);
+    assert_eq!(api.status().as_u16(), 500);
+}
+
+// ---- 5. merges ---------------------------------------------------------------
+
+/// A merger whose merged members are the double, each said to take 600 MiB;
+/// it keeps weak handles to see that nothing outlives the request.
+struct FakeMerger {
+    live: Mutex<Vec<Weak<dyn Models>>>,
+}
+
+impl Merger for FakeMerger {
+    fn merge(
+        &self,
+        _models: Vec<String>,
+        _base: Option<String>,
+        spec: MergeSpec,
+    ) -> BoxFuture<'static, Result<Merged, String>> {
+        let models: Arc<dyn Models> = Arc::new(Scripted::new());
+        self.live.lock().unwrap().push(Arc::downgrade(&models));
+        let id = format!("merged-{}", spec.seed);
+        Box::pin(async move {
+            Ok(Merged {
+                id,
+                models,
+                bytes: 600 << 20,
+            })
+        })
+    }
+}
+
+#[tokio::test]
+async fn merged_members_are_bounded_by_memory_and_released_with_the_request() {
+    let (mut rt, _) = double::runtime("hoard", Policy::default());
+    let merger = Arc::new(FakeMerger {
+        live: Mutex::new(Vec::new()),
+    });
+    rt.set_merger(merger.clone());
+    let m = load(&rt, "merge-hoarder");
+    let out = rt.run(&m, RunRequest::chat("go")).await.unwrap();
+    // 2,048 MiB of merge memory by default: three of 600 MiB, not 64.
+    assert_eq!(out.text, "held 3", "{out:?}");
+    assert!(out.annotations["refused"].contains("release"), "{out:?}");
+    let alive = merger
+        .live
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.strong_count() > 0)
+        .count();
+    assert_eq!(alive, 0, "merged members outlived their request");
+}
+
+#[test]
+fn stale_merge_folders_are_swept() {
+    let dir = scratch("sweep");
+    // PID 1 is always alive; a PID past the kernel's maximum never is.
+    std::fs::create_dir_all(dir.join("merged-abc.4194305")).unwrap();
+    std::fs::create_dir_all(dir.join("merged-def.1")).unwrap();
+    std::fs::create_dir_all(dir.join("plain")).unwrap();
+    assert_eq!(tessera::merge::sweep_stale(&dir), 1);
+    assert!(!dir.join("merged-abc.4194305").exists());
+    assert!(dir.join("merged-def.1").exists() && dir.join("plain").exists());
+}
+
+// ---- 14, 15. parameters -------------------------------------------------------
+
+#[test]
+fn stop_sequences_and_tiny_temperatures_are_refused_by_name() {
+    let many = GenParams {
+        stop: (0..17).map(|i| i.to_string()).collect(),
+        ..Default::default()
+    };
+    assert!(many.validate().unwrap_err().to_string().contains("stop sequences"));
+    let long = GenParams {
+        stop: vec!["s".repeat(257)],
+        ..Default::default()
+    };
+    assert!(long
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("stop sequence of 257"));
+    let tiny = GenParams {
+        temperature: Some(1e-30),
+        ..Default::default()
+    };
+    assert!(tiny.validate().unwrap_err().to_string().contains("temperature"));
+}
+
+#[test]
+fn wire_messages_show_no_paths_or_backtraces() {
+    let m = server::scrub(
+        "invalid module /root/.cache/tessera/registry/blobs/ab.wasm: bad\nStack backtrace:\n   0: /rustc/x/core.rs",
+    );
+    assert_eq!(m, "invalid module ab.wasm: bad");
+}
+
+// ---- the server ------------------------------------------------------------------
+
+struct Srv {
+    base: String,
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Srv {
+    async fn start(rt: Arc<Runtime>, registry: Arc<Registry>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let cfg = ServeConfig {
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(1),
+            ..ServeConfig::default()
+        };
+        let state = Arc::new(AppState::new(rt, registry, cfg).expect("server state"));
+        tokio::spawn(server::serve(state, listener, async {
+            let _ = rx.await;
+        }));
+        Srv {
+            base: format!("http://{addr}"),
+            addr,
+            stop: Some(tx),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Srv {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn post(url: &str, key: Option<&str>, body: &Value) -> (u16, Value) {
+    let mut req = reqwest::Client::new().post(url).json(body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let r = req.send().await.expect("the server answers");
+    let status = r.status().as_u16();
+    (status, r.json::<Value>().await.unwrap_or(Value::Null))
+}
+
+fn chat(model: &str, content: &str) -> Value {
+    json!({ "model": model, "messages": [{ "role": "user", "content": content }], "max_tokens": 4 })
+}
+
+/// A server over the double with one admin tenant and two plain ones.
+async fn keyed(tag: &str) -> (Srv, Arc<Registry>, Arc<double::Counts>, [String; 3]) {
+    let (rt, counts) = double::runtime(tag, Policy::default());
+    let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
+    let admin = TenantPolicy {
+        admin: true,
+        requests_per_minute: 0,
+        ..TenantPolicy::default()
+    };
+    let plain = TenantPolicy {
+        requests_per_minute: 0,
+        ..TenantPolicy::default()
+    };
+    let keys = [
+        registry.add_tenant("root", &admin).unwrap(),
+        registry.add_tenant("alice", &plain).unwrap(),
+        registry.add_tenant("bob", &plain).unwrap(),
+    ];
+    let srv = Srv::start(Arc::new(rt), registry.clone()).await;
+    (srv, registry, counts, keys)
+}
+
+/// Sends raw HTTP and returns the status line and headers the server
+/// answered with, after sending only `sent` bytes of a body announced as
+/// `declared`.
+fn raw(addr: std::net::SocketAddr, path: &str, key: Option<&str>, declared: usize, sent: usize) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {declared}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(&vec![b' '; sent]);
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn the_front_door_authenticates_and_caps_bodies_before_reading_them() {
+    let (srv, _, counts, keys) = keyed("front").await;
+    let addr = srv.addr;
+    let key = keys[1].clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        // 60 MB announced, a few bytes sent, no key: 401 at once.
+        let no_key = raw(addr, "/v1/chat/completions", None, 60 << 20, 16);
+        // With a key: 413 from the declared length, in the OpenAI shape.
+        let too_big = raw(addr, "/v1/chat/completions", Some(&key), 3 << 20, 16);
+        (no_key, too_big, started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(answers.0.starts_with("HTTP/1.1 401"), "{}", answers.0);
+    assert!(answers.1.starts_with("HTTP/1.1 413"), "{}", answers.1);
+    assert!(answers.1.contains("body_too_large"), "{}", answers.1);
+    assert!(answers.2 < Duration::from_secs(5), "{:?}", answers.2);
+    // A method the route does not have: 405 in the OpenAI shape.
+    let r = reqwest::Client::new()
+        .get(srv.url("/v1/chat/completions"))
+        .bearer_auth(&keys[1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
+    assert_eq!(counts.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn member_requests_meet_the_input_rule_and_parameter_limits() {
+    let (srv, _, counts, keys) = keyed("rule").await;
+    let url = srv.url("/v1/chat/completions");
+    let k = Some(keys[1].as_str());
+    let (status, v) = post(&url, k, &chat("echo", &"x".repeat(300 << 10))).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("262144"), "{v}");
+    // Many empty turns count their template.
+    let turns: Vec<Value> = (0..9000).map(|_| json!({"role": "user", "content": ""})).collect();
+    let (status, v) = post(&url, k, &json!({"model": "echo", "messages": turns})).await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = post(
+        &srv.url("/v1/completions"),
+        k,
+        &json!({"model": "echo", "prompt": "x".repeat(300 << 10)}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let stops: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+    let (status, v) = post(
+        &url,
+        k,
+        &json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stop": stops}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = post(
+        &url,
+        k,
+        &json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e-30}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(
+        counts.calls.load(Ordering::SeqCst),
+        0,
+        "a refused request reached a member"
+    );
+    let (status, v) = post(&url, k, &chat("echo", "hello")).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+#[tokio::test]
+async fn removing_the_last_tenant_does_not_open_a_running_server() {
+    let (rt, _) = double::runtime("lasttenant", Policy::default());
+    let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
+    let key = registry.add_tenant("only", &TenantPolicy::default()).unwrap();
+    let srv = Srv::start(Arc::new(rt), registry.clone()).await;
+    let url = srv.url("/v1/chat/completions");
+    assert_eq!(post(&url, Some(&key), &chat("echo", "hi")).await.0, 200);
+    assert!(registry.remove_tenant("only").unwrap());
+    assert_eq!(post(&url, None, &chat("echo", "hi")).await.0, 401);
+    let r = reqwest::Client::new()
+        .get(srv.url("/v1/tessera/modules"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+}
+
+fn publish(registry: &Registry, rt: &Runtime, hostile: &str, name: &str) {
+    let wasm = std::fs::read(hostile_path(hostile)).unwrap();
+    let manifest = std::fs::read_to_string(hostile_path(hostile).with_extension("toml"))
+        .unwrap()
+        .replace(&format!("name = \"hostile-{hostile}\""), &format!("name = \"{name}\""));
+    server::publish_checked(registry, rt, &wasm, &manifest, None).expect("publishes");
+}
+
+#[tokio::test]
+async fn one_tenant_cannot_get_a_system_quarantined_for_the_others() {
+    let (rt, _) = double::runtime("quarantine", Policy::default());
+    let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
+    let alice = registry
+        .add_tenant(
+            "alice",
+            &TenantPolicy {
+                requests_per_minute: 0,
+                ..TenantPolicy::default()
+            },
+        )
+        .unwrap();
+    let bob = registry
+        .add_tenant(
+            "bob",
+            &TenantPolicy {
+                requests_per_minute: 0,
+                ..TenantPolicy::default()
+            },
+        )
+        .unwrap();
+    publish(&registry, &rt, "liar", "fragile");
+    let srv = Srv::start(Arc::new(rt), registry).await;
+    let url = srv.url("/v1/chat/completions");
+    let body = json!({"model": "fragile", "messages": [{"role": "user", "content": "hi"}], "tessera": {"claim": "not-permitted"}});
+    for _ in 0..3 {
+        let (status, v) = post(&url, Some(&alice), &body).await;
+        // What the module claims is not the caller's fault: 502, not 403.
+        assert_eq!(status, 502, "{v}");
+        assert_eq!(v["error"]["code"], "module-failed", "{v}");
+    }
+    let (status, v) = post(&url, Some(&alice), &body).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "module_quarantined");
+    // Bob still gets the system run.
+    let (status, v) = post(&url, Some(&bob), &body).await;
+    assert_eq!(status, 502, "{v}");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_stops_the_work_and_is_charged_for_it() {
+    let (srv, registry, counts, keys) = keyed("disconnect").await;
+    let body = json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000});
+    // 1,000 tokens at 20 ms would take 20 s; the client leaves after 0.5 s.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let r = client
+        .post(srv.url("/v1/chat/completions"))
+        .bearer_auth(&keys[1])
+        .json(&body)
+        .send()
+        .await;
+    assert!(r.is_err(), "the client was meant to time out");
+    let started = Instant::now();
+    while counts.slow_ended.load(Ordering::SeqCst) == 0 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counts.slow_ended.load(Ordering::SeqCst), 1, "the generation went on");
+    let made = counts.slow_tokens.load(Ordering::SeqCst);
+    assert!(made < 200, "{made} tokens after the client left");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let day = day_of(server::now_unix() as i64);
+    let charged = registry.tokens_used("alice", day).unwrap();
+    assert!(charged >= made, "charged {charged} for {made} tokens");
+}
+
+#[tokio::test]
+async fn a_broken_registry_is_the_servers_fault() {
+    let (srv, registry, _, keys) = keyed("brokenreg").await;
+    let db = registry.dir().join("registry.sqlite");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("DROP TABLE modules;").unwrap();
+    drop(conn);
+    let r = reqwest::Client::new()
+        .get(srv.url("/v1/tessera/modules"))
+        .bearer_auth(&keys[1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 500);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "internal", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("registry database"),
+        "{v}"
+    );
+}
