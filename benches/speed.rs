@@ -30,7 +30,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// (prefill tok/s, decode tok/s) for Tessera.
 fn ours(path: &Path, prompt: &str) -> (f64, f64, usize) {
-    let mut m = GgufModel::load("bench", path).expect("model loads (run `make setup`)");
+    let mut m = GgufModel::load("bench", path, &candle_core::Device::Cpu).expect("model loads (run `make setup`)");
     let ctx = || CallCtx {
         deadline: Instant::now() + Duration::from_secs(600),
         requester: 0,
@@ -159,7 +159,7 @@ const MCQ: &[(&str, [&str; 4])] = &[
 /// Items per second scoring every option of every MCQ item, with the
 /// prompt's KV cache shared across options (`reuse`) or not.
 fn mcq_items_per_s(path: &Path, reuse: bool) -> f64 {
-    let mut m = GgufModel::load("bench", path).expect("model loads");
+    let mut m = GgufModel::load("bench", path, &candle_core::Device::Cpu).expect("model loads");
     m.set_prefix_reuse(reuse);
     let ctx = CallCtx {
         deadline: Instant::now() + Duration::from_secs(600),

@@ -37,4 +37,4 @@ pub mod tasks;
 
 pub use error::Error;
 pub use request::{ProvenanceEvent, RunOutcome, RunRequest, UsageReport};
-pub use runtime::{installed_modules, InstalledModule, Paths, Runtime};
+pub use runtime::{installed_modules, InstalledModule, Paths, Runtime, RuntimeOptions};

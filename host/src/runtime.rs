@@ -91,6 +91,58 @@ pub fn installed_modules(paths: &Paths) -> Vec<InstalledModule> {
     out
 }
 
+/// How a runtime runs, as a value built like wasmtime's `Config`: where
+/// members load and merges compute, how members batch, how many merged
+/// members stay loaded for reuse. The CLI fills it from its flags (and
+/// their environment variables, through clap); the library reads no
+/// environment for it, so one process can run two runtimes differently.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// How the pool loads and batches.
+    pub pool: crate::pool::PoolOptions,
+    /// Where weight merges compute.
+    pub merge_device: crate::merge::compute::Choice,
+    /// Merged members kept loaded for reuse (about 540 MB each for a 135M
+    /// model in f32).
+    pub merge_keep: usize,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            pool: crate::pool::PoolOptions::default(),
+            merge_device: crate::merge::compute::Choice::Auto,
+            merge_keep: 2,
+        }
+    }
+}
+
+impl RuntimeOptions {
+    /// Members load on `device`.
+    pub fn device(mut self, device: crate::backends::device::DeviceSpec) -> Self {
+        self.pool.device = device;
+        self
+    }
+
+    /// Members decode at most `n` queued generations together.
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.pool.max_batch = n.max(1);
+        self
+    }
+
+    /// Merges compute on `choice`.
+    pub fn merge_device(mut self, choice: crate::merge::compute::Choice) -> Self {
+        self.merge_device = choice;
+        self
+    }
+
+    /// Keep up to `n` merged members loaded for reuse (at least 1).
+    pub fn merge_keep(mut self, n: usize) -> Self {
+        self.merge_keep = n.max(1);
+        self
+    }
+}
+
 /// The runtime: one per process.
 pub struct Runtime {
     sandbox: Sandbox,
@@ -109,22 +161,23 @@ impl Runtime {
     /// Loads `pool` from `paths.models` and builds the sandbox. Members that
     /// fail to load are kept in [`Runtime::pool_failures`]; the rest serve.
     pub fn new(paths: Paths, pool: &PoolConfig, policy: Policy) -> Result<Self, Error> {
-        let loaded = Pool::load(pool, &paths.models);
+        Self::with_options(paths, pool, policy, RuntimeOptions::default())
+    }
+
+    /// [`Runtime::new`] as `options` say.
+    pub fn with_options(
+        paths: Paths,
+        pool: &PoolConfig,
+        policy: Policy,
+        options: RuntimeOptions,
+    ) -> Result<Self, Error> {
+        let loaded = Pool::load_with(pool, &paths.models, &options.pool);
         let models_dir = paths.models.clone();
         let mut rt = Self::with_models(paths, loaded.pool, policy, loaded.failures)?;
-        // Merged members kept loaded for reuse (about 540 MB each for a
-        // 135M model): `TESSERA_MERGE_KEEP`, default 2.
-        let keep = std::env::var("TESSERA_MERGE_KEEP")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2);
         let named = rt.policy.keep_merged as usize;
-        rt.sandbox.set_merger(Arc::new(crate::merge::PoolMerger::new(
-            pool.clone(),
-            models_dir,
-            keep,
-            named,
-        )));
+        let merger = crate::merge::PoolMerger::new(pool.clone(), models_dir, options.merge_keep, named)
+            .on(options.merge_device, options.pool.clone());
+        rt.sandbox.set_merger(Arc::new(merger));
         Ok(rt)
     }
 

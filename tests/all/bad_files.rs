@@ -25,7 +25,7 @@ fn tiny_gguf(path: &Path, metadata: &[(&str, Value)]) {
 }
 
 fn load_err(path: &Path) -> String {
-    match GgufModel::load("bad", path) {
+    match GgufModel::load("bad", path, &candle_core::Device::Cpu) {
         Ok(_) => panic!("{} loaded", path.display()),
         Err(e) => e,
     }

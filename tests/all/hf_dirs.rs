@@ -121,7 +121,7 @@ async fn exported_members_load_from_hugging_face_directories_and_agree_with_gguf
 fn broken_directories_are_named() {
     let dir = scratch("hf-broken");
     let load = |d: &Path| {
-        tessera::backends::gguf::GgufModel::load_hf("x", d)
+        tessera::backends::gguf::GgufModel::load_hf("x", d, &candle_core::Device::Cpu)
             .err()
             .unwrap_or_default()
     };

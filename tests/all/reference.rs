@@ -43,7 +43,7 @@ fn each_member(mut check: impl FnMut(&str, &mut GgufModel, &Value)) {
     for (id, file, fixture) in MEMBERS {
         let fixture: Value = serde_json::from_str(fixture).expect("fixture parses");
         let path = Paths::from_env().models.join(file);
-        let mut model = GgufModel::load(id, &path).expect("model loads (run `make setup`)");
+        let mut model = GgufModel::load(id, &path, &candle_core::Device::Cpu).expect("model loads (run `make setup`)");
         check(id, &mut model, &fixture);
     }
 }

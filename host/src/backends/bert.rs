@@ -37,7 +37,7 @@ fn failed(e: impl std::fmt::Display) -> InferenceError {
 
 impl BertEmbedder {
     /// Loads the directory; the error names the file and the problem.
-    pub fn load(dir: &Path) -> Result<Self, String> {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, String> {
         let cfg_path = dir.join("config.json");
         let cfg_text =
             std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: cannot read: {e}", cfg_path.display()))?;
@@ -54,7 +54,7 @@ impl BertEmbedder {
             }))
             .map_err(|e| format!("{}: {e}", tok_path.display()))?;
         let weights = dir.join("model.safetensors");
-        let device = super::device::selected().map_err(|e| format!("{}: {e}", dir.display()))?;
+        let device = device.clone();
         // SAFETY: the file is memory-mapped read-only; the pool verified its
         // sha256 before loading and nothing in this process writes to it.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }

@@ -3,25 +3,22 @@
 //! The CPU is the default and needs nothing beyond this crate. A build with
 //! the `cuda` cargo feature (`cargo build --features cuda`, which needs the
 //! CUDA toolkit to compile candle's kernels) can put models on an NVIDIA GPU
-//! with `--device cuda` or `--device cuda:N` (`TESSERA_DEVICE` in the
-//! environment). The choice is process-wide: every member of a pool, merged
-//! members and training use the same device, made once and shared, so
-//! loading many members does not open many GPU contexts.
+//! with `--device cuda` or `--device cuda:N`. The choice is a value
+//! ([`DeviceSpec`], in [`crate::pool::PoolOptions`] and the training
+//! options), so one process can run two pools on two devices; each device
+//! is opened once and shared ([`DeviceSpec::open`]), so loading many
+//! members does not open many GPU contexts.
 //!
 //! On the CPU, Q8_0 projections use Tessera's own VNNI kernel where the CPU
 //! has it (see `gguf::quant`); on a GPU they use candle's CUDA kernels.
 
-use std::sync::OnceLock;
-
 use candle_core::Device;
 
-/// The environment variable `--device` sets (read at the first model load).
-pub const ENV: &str = "TESSERA_DEVICE";
-
 /// A parsed `--device` value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     /// The CPU (default).
+    #[default]
     Cpu,
     /// The CUDA GPU with this ordinal.
     Cuda(usize),
@@ -44,9 +41,22 @@ impl DeviceSpec {
         }
     }
 
-    /// Opens the device. Asking for CUDA from a build without the `cuda`
-    /// feature, or without a usable GPU, is an error that says how to fix it.
+    /// The device, opened on first use and shared by every later caller
+    /// (a cache, not a setting). Asking for CUDA from a build without the
+    /// `cuda` feature, or without a usable GPU, is an error that says how to
+    /// fix it.
     pub fn open(self) -> Result<Device, String> {
+        static OPENED: std::sync::Mutex<Vec<(DeviceSpec, Result<Device, String>)>> = std::sync::Mutex::new(Vec::new());
+        let mut opened = OPENED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, d)) = opened.iter().find(|(s, _)| *s == self) {
+            return d.clone();
+        }
+        let d = self.open_new();
+        opened.push((self, d.clone()));
+        d
+    }
+
+    fn open_new(self) -> Result<Device, String> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) => {
@@ -62,20 +72,6 @@ impl DeviceSpec {
             }
         }
     }
-}
-
-static SELECTED: OnceLock<Result<Device, String>> = OnceLock::new();
-
-/// The process's device: `TESSERA_DEVICE` (set by `--device`) parsed and
-/// opened on first use, the CPU when unset. Every later call returns the
-/// same device (or the same error).
-pub fn selected() -> Result<Device, String> {
-    SELECTED
-        .get_or_init(|| {
-            let spec = std::env::var(ENV).unwrap_or_default();
-            DeviceSpec::parse(&spec)?.open()
-        })
-        .clone()
 }
 
 #[cfg(test)]

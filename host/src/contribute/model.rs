@@ -124,12 +124,12 @@ fn err(e: candle_core::Error) -> String {
 impl TrainModel {
     /// Loads the directory's weights as f32 and sets up `method`'s
     /// trainable parameters; `seed` draws the LoRA `A` matrices.
-    pub fn load(dir: &Path, method: &Method, seed: u64) -> Result<Self, String> {
+    pub fn load(dir: &Path, method: &Method, seed: u64, device: &Device) -> Result<Self, String> {
         let shown = dir.display().to_string();
         let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| format!("{shown}/config.json: {e}"))?;
         let config: Value = serde_json::from_str(&text).map_err(|e| format!("{shown}/config.json: {e}"))?;
         let shape = Shape::from_config(&config, &shown)?;
-        let device = crate::backends::device::selected().map_err(|e| format!("{shown}: {e}"))?;
+        let device = device.clone();
         let mut frozen: HashMap<String, Tensor> = HashMap::new();
         for entry in std::fs::read_dir(dir).map_err(|e| format!("{shown}: {e}"))?.flatten() {
             let p = entry.path();

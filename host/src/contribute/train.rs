@@ -73,6 +73,9 @@ pub struct TrainOptions {
     /// The contributor card to write (an empty `source` is filled in).
     #[serde(skip)]
     pub card: crate::pool::CardConfig,
+    /// Where to train (the CPU unless the caller says otherwise).
+    #[serde(skip)]
+    pub device: crate::backends::device::DeviceSpec,
 }
 
 impl TrainOptions {
@@ -104,6 +107,7 @@ impl TrainOptions {
             resume: false,
             adapter: false,
             card: crate::pool::CardConfig::default(),
+            device: crate::backends::device::DeviceSpec::Cpu,
         }
     }
 
@@ -412,7 +416,8 @@ pub fn train(
     }
     std::fs::create_dir_all(&out).map_err(|e| io(&out, e))?;
 
-    let model = TrainModel::load(&opts.base_dir, &opts.method, opts.seed).map_err(ContributeError::Base)?;
+    let device = opts.device.open().map_err(ContributeError::Base)?;
+    let model = TrainModel::load(&opts.base_dir, &opts.method, opts.seed, &device).map_err(ContributeError::Base)?;
     let params = model.trainable().clone();
     let mut opt = AdamW::new(opts.adamw, &params)?;
     let mut log: Vec<StepStats> = Vec::new();

@@ -18,9 +18,6 @@ use super::gpu::Gpu;
 use super::methods::{self, Combine, Keep};
 use super::{MergeError, MergeSpec, Method};
 
-/// The environment variable `--merge-device` sets.
-pub const ENV: &str = "TESSERA_MERGE_DEVICE";
-
 /// Runs the merge primitives.
 pub trait Compute: Send + Sync {
     /// What runs the merge, for logs and cards.
@@ -96,17 +93,19 @@ impl Choice {
     }
 }
 
-static SELECTED: OnceLock<Result<Arc<dyn Compute>, String>> = OnceLock::new();
-
-/// The process's merge backend, from `TESSERA_MERGE_DEVICE` (set by
-/// `--merge-device`), opened once on first use.
-pub fn selected() -> Result<Arc<dyn Compute>, String> {
-    SELECTED
-        .get_or_init(|| {
-            let s = std::env::var(ENV).unwrap_or_default();
-            Choice::parse(&s)?.open()
-        })
-        .clone()
+/// The backend for `choice`, opened on its first use and shared after
+/// (opening a GPU takes time, and one adapter serves every merge). This is
+/// a cache, not a setting: which backend a merge uses is the caller's
+/// [`Choice`], passed as a value.
+pub fn shared(choice: Choice) -> Result<Arc<dyn Compute>, String> {
+    static OPENED: [OnceLock<Result<Arc<dyn Compute>, String>>; 3] =
+        [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let slot = match choice {
+        Choice::Auto => &OPENED[0],
+        Choice::Cpu => &OPENED[1],
+        Choice::Gpu => &OPENED[2],
+    };
+    slot.get_or_init(|| choice.open()).clone()
 }
 
 /// A stable per-tensor, per-model seed for DARE's drops.

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-use super::{merge, KeepRefused, MergeSpec, Merged, Merger, Named};
+use super::{merge_on, KeepRefused, MergeSpec, Merged, Merger, Named};
 use crate::contribute::output::WEIGHTS;
 use crate::inference::Models;
 use crate::pool::{BackendKind, CardConfig, MemberConfig, Pool, PoolConfig};
@@ -61,6 +61,9 @@ struct Inner {
     named: Mutex<Vec<(Named, PathBuf)>>,
     /// Held while merging: one merge at a time bounds memory.
     gate: Mutex<()>,
+    /// Where merges compute, and how merged members load.
+    compute: super::compute::Choice,
+    pool_options: crate::pool::PoolOptions,
 }
 
 impl PoolMerger {
@@ -83,7 +86,19 @@ impl PoolMerger {
             max_named,
             named: Mutex::new(Vec::new()),
             gate: Mutex::new(()),
+            compute: super::compute::Choice::Auto,
+            pool_options: crate::pool::PoolOptions::default(),
         }))
+    }
+
+    /// Merges compute on `compute` and merged members load as `pool`
+    /// says (call before sharing the merger).
+    pub fn on(mut self, compute: super::compute::Choice, pool: crate::pool::PoolOptions) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.compute = compute;
+            inner.pool_options = pool;
+        }
+        self
     }
 }
 
@@ -138,8 +153,17 @@ impl Inner {
         let out = self.scratch.join(format!("{id}.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
         let result = (|| {
-            let report =
-                merge(&dirs, base_dir.as_deref(), &names, &spec, card.clone(), &out).map_err(|e| e.to_string())?;
+            let compute = super::compute::shared(self.compute)?;
+            let report = merge_on(
+                compute.as_ref(),
+                &dirs,
+                base_dir.as_deref(),
+                &names,
+                &spec,
+                card.clone(),
+                &out,
+            )
+            .map_err(|e| e.to_string())?;
             let member = MemberConfig {
                 id: id.clone(),
                 backend: BackendKind::Hf,
@@ -150,7 +174,11 @@ impl Inner {
                 fetch: None,
                 remote: None,
             };
-            let loaded = Pool::load(&PoolConfig { members: vec![member] }, &self.models_dir);
+            let loaded = Pool::load_with(
+                &PoolConfig { members: vec![member] },
+                &self.models_dir,
+                &self.pool_options,
+            );
             match loaded.failures.first() {
                 Some(e) => Err(format!("the merged model does not load: {e}")),
                 None => Ok(loaded.pool),

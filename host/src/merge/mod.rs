@@ -219,7 +219,7 @@ pub fn merge(
     card: CardConfig,
     out: &Path,
 ) -> Result<MergeReport, MergeError> {
-    let compute = compute::selected().map_err(MergeError::Invalid)?;
+    let compute = compute::shared(compute::Choice::Auto).map_err(MergeError::Invalid)?;
     merge_on(compute.as_ref(), models, base, names, spec, card, out)
 }
 

@@ -402,8 +402,42 @@ pub struct Pool {
 }
 
 /// Generations a member decodes together at most, unless
-/// `TESSERA_MAX_BATCH` or [`Pool::set_max_batch`] says otherwise.
+/// [`PoolOptions::max_batch`] or [`Pool::set_max_batch`] says otherwise.
 pub const DEFAULT_MAX_BATCH: usize = 8;
+
+/// How a pool runs, as a value (built like wasmtime's `Config`): the CLI
+/// fills it from its flags and environment, an embedder from wherever it
+/// likes; the library reads no environment variable for it.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Where local members load: the CPU by default.
+    pub device: crate::backends::device::DeviceSpec,
+    /// Generations a member decodes together at most (1: no batching).
+    pub max_batch: usize,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            device: crate::backends::device::DeviceSpec::Cpu,
+            max_batch: DEFAULT_MAX_BATCH,
+        }
+    }
+}
+
+impl PoolOptions {
+    /// Members load on `device`.
+    pub fn device(mut self, device: crate::backends::device::DeviceSpec) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Members decode at most `n` queued generations together (at least 1).
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n.max(1);
+        self
+    }
+}
 
 /// What loading a pool produced: the pool, plus every member that failed.
 pub struct Loaded {
@@ -441,7 +475,11 @@ fn verify(m: &MemberConfig, full: &Path) -> Result<(), PoolError> {
     Ok(())
 }
 
-fn load_member(m: &MemberConfig, models_dir: &Path) -> Result<(Backend, ModelCard), PoolError> {
+fn load_member(
+    m: &MemberConfig,
+    models_dir: &Path,
+    device: &Result<candle_core::Device, String>,
+) -> Result<(Backend, ModelCard), PoolError> {
     let full = models_dir.join(&m.path);
     verify(m, &full)?;
     let load_err = |message: String| PoolError::Load {
@@ -461,10 +499,11 @@ fn load_member(m: &MemberConfig, models_dir: &Path) -> Result<(Backend, ModelCar
     };
     let backend = match m.backend {
         BackendKind::Gguf | BackendKind::Hf => {
+            let device = device.as_ref().map_err(|e| load_err(e.clone()))?;
             let model = if m.backend == BackendKind::Hf {
-                GgufModel::load_hf(&m.id, &full)
+                GgufModel::load_hf(&m.id, &full, device)
             } else {
-                GgufModel::load(&m.id, &full)
+                GgufModel::load(&m.id, &full, device)
             }
             .map_err(load_err)?;
             let f = model.facts();
@@ -479,7 +518,8 @@ fn load_member(m: &MemberConfig, models_dir: &Path) -> Result<(Backend, ModelCar
             Backend::Gguf(Box::new(model))
         }
         BackendKind::Bert => {
-            let model = BertEmbedder::load(&full).map_err(load_err)?;
+            let device = device.as_ref().map_err(|e| load_err(e.clone()))?;
+            let model = BertEmbedder::load(&full, device).map_err(load_err)?;
             card.architecture = "bert".into();
             card.parameters = model.parameters;
             card.context_length = 256;
@@ -516,10 +556,16 @@ fn remote_member(m: &MemberConfig, r: RemoteConfig) -> Result<(ModelCard, Arc<Re
 }
 
 impl Pool {
-    /// Verifies and loads every member, each on its own worker thread (so
-    /// members load in parallel). Members that fail are returned in
-    /// [`Loaded::failures`]; the rest serve.
+    /// Verifies and loads every member with the default [`PoolOptions`]
+    /// (the CPU, batches of [`DEFAULT_MAX_BATCH`]).
     pub fn load(config: &PoolConfig, models_dir: &Path) -> Loaded {
+        Self::load_with(config, models_dir, &PoolOptions::default())
+    }
+
+    /// Verifies and loads every member, each on its own worker thread (so
+    /// members load in parallel), as `options` say. Members that fail are
+    /// returned in [`Loaded::failures`]; the rest serve.
+    pub fn load_with(config: &PoolConfig, models_dir: &Path, options: &PoolOptions) -> Loaded {
         enum Pending {
             Local(
                 std::io::Result<std::thread::JoinHandle<()>>,
@@ -528,13 +574,10 @@ impl Pool {
             ),
             Remote(Result<(ModelCard, Arc<RemoteMember>), PoolError>),
         }
-        let max_batch = Arc::new(std::sync::atomic::AtomicUsize::new(
-            std::env::var("TESSERA_MAX_BATCH")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(DEFAULT_MAX_BATCH)
-                .max(1),
-        ));
+        let max_batch = Arc::new(std::sync::atomic::AtomicUsize::new(options.max_batch.max(1)));
+        // Opened once for every member (a device that cannot be opened
+        // fails each local member with the reason).
+        let device = options.device.open();
         let mut pending = Vec::new();
         for m in config.members.clone() {
             if let Some(r) = &m.remote {
@@ -545,9 +588,10 @@ impl Pool {
             let (queue, jobs) = mpsc::channel::<Job>();
             let max_batch = max_batch.clone();
             let dir = models_dir.to_path_buf();
+            let device = device.clone();
             let name = format!("tessera-model-{}", m.id);
             let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                let mut backend = match load_member(&m, &dir) {
+                let mut backend = match load_member(&m, &dir, &device) {
                     Ok((b, card)) => {
                         let _ = ready_tx.send(Ok(card));
                         b

@@ -20,6 +20,7 @@
 //! [`Registry::open`], as are temporary files. A removal deletes the row
 //! first and the blob after, with the same sweep behind it.
 
+pub mod publish;
 pub mod signing;
 pub mod tenants;
 

@@ -269,7 +269,8 @@ pub fn export(gguf_path: &Path, out: &Path) -> Result<(), String> {
     let heads = u("attention.head_count")? as usize;
     let kv_heads = u("attention.head_count_kv")? as usize;
     let layers = u("block_count")?;
-    let device = crate::backends::device::selected().map_err(|e| format!("{shown}: {e}"))?;
+    // Exporting dequantizes on the CPU: the result is written to disk.
+    let device = candle_core::Device::Cpu;
     let names = tensor_names(layers);
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (gguf_name, hf_name) in names {

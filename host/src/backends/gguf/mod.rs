@@ -93,7 +93,7 @@ fn failed(e: impl std::fmt::Display) -> InferenceError {
 
 impl GgufModel {
     /// Loads `path`. The error names the file and what is wrong with it.
-    pub fn load(id: &str, path: &Path) -> Result<Self, String> {
+    pub fn load(id: &str, path: &Path, device: &Device) -> Result<Self, String> {
         let shown = path.display().to_string();
         let mut file = File::open(path).map_err(|e| format!("{shown}: cannot open: {e}"))?;
         let content =
@@ -107,15 +107,15 @@ impl GgufModel {
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok())
             .cloned();
-        Self::build(id, &shown, &content, &mut file, tok, template)
+        Self::build(id, &shown, &content, &mut file, tok, template, device)
     }
 
-    /// Loads a Hugging Face model directory (see [`hf`]).
-    pub fn load_hf(id: &str, dir: &Path) -> Result<Self, String> {
+    /// Loads a Hugging Face model directory (see [`hf`]) onto `device`.
+    pub fn load_hf(id: &str, dir: &Path, device: &Device) -> Result<Self, String> {
         let shown = dir.display().to_string();
         let mut parts = hf::read_dir(dir)?;
         let content = gguf_file::Content::read(&mut parts.gguf).map_err(|e| format!("{shown}: {e}"))?;
-        Self::build(id, &shown, &content, &mut parts.gguf, parts.tok, parts.template)
+        Self::build(id, &shown, &content, &mut parts.gguf, parts.tok, parts.template, device)
     }
 
     fn build<R: std::io::Read + std::io::Seek>(
@@ -125,6 +125,7 @@ impl GgufModel {
         file: &mut R,
         tok: GgufTokenizer,
         template: Option<String>,
+        device: &Device,
     ) -> Result<Self, String> {
         let arch = architecture(content, shown)?;
         let parameters: u64 = content.tensor_infos.values().map(|t| t.shape.elem_count() as u64).sum();
@@ -134,7 +135,7 @@ impl GgufModel {
             .get(&ctx_key)
             .and_then(|v| v.to_u32().ok())
             .unwrap_or(2048) as usize;
-        let device = super::device::selected().map_err(|e| format!("{shown}: {e}"))?;
+        let device = device.clone();
         let (weights, context_length) = match arch.as_str() {
             "llama" | "qwen2" => {
                 let positions = meta_ctx.min(MAX_POSITIONS);

@@ -185,6 +185,7 @@ fn train(args: TrainArgs) -> Result<String, Error> {
         }
     };
     let mut opts = TrainOptions::new(base_dir, base_name.clone(), args.data.clone(), args.out.clone(), method);
+    opts.device = crate::options().pool.device;
     opts.steps = args.steps;
     opts.batch = args.batch;
     opts.accumulate = args.accumulate;
@@ -369,7 +370,8 @@ pub(crate) fn merge(args: MergeArgs) -> Result<String, Error> {
         format!("{} merge of {}", args.method, args.models.join(", ")),
         "same as the merged models",
     );
-    let report = merge::merge(&dirs, base.as_deref(), &names, &spec, card, &args.out)
+    let compute = merge::compute::shared(crate::options().merge_device).map_err(Error::config)?;
+    let report = merge::merge_on(compute.as_ref(), &dirs, base.as_deref(), &names, &spec, card, &args.out)
         .map_err(|e| Error::config(e.to_string()))?;
     Ok(format!(
         "merged {} ({} tensors, {} parameters, on {}) into {} (sha256 {}); add it to a pool with\n  tessera contribute add --pool POOL.toml --model {}",

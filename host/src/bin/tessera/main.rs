@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tessera::inference::{GenParams, Input, Message};
 use tessera::policy::Policy;
 use tessera::pool::PoolConfig;
-use tessera::{Error, Paths, RunRequest, Runtime};
+use tessera::{Error, Paths, RunRequest, Runtime, RuntimeOptions};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +34,12 @@ struct Cli {
     /// adapter, software ones such as llvmpipe included).
     #[arg(long, global = true, env = "TESSERA_MERGE_DEVICE")]
     merge_device: Option<String>,
+    /// Generations a member decodes together at most (1: no batching).
+    #[arg(long, global = true, env = "TESSERA_MAX_BATCH")]
+    max_batch: Option<usize>,
+    /// Merged members kept loaded for reuse (about 540 MB each for a 135M model).
+    #[arg(long, global = true, env = "TESSERA_MERGE_KEEP")]
+    merge_keep: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -267,9 +273,18 @@ pub(crate) fn load_setup(setup: &Setup) -> Result<(PoolConfig, Policy), Error> {
     Ok((pool, policy))
 }
 
+/// The runtime options of this invocation, read once from the flags (and
+/// their environment variables) in `main`: the only place the environment
+/// configures anything.
+static OPTIONS: std::sync::OnceLock<RuntimeOptions> = std::sync::OnceLock::new();
+
+pub(crate) fn options() -> RuntimeOptions {
+    OPTIONS.get().cloned().unwrap_or_default()
+}
+
 pub(crate) fn runtime(setup: &Setup) -> Result<Runtime, Error> {
     let (pool, policy) = load_setup(setup)?;
-    let rt = Runtime::new(Paths::from_env(), &pool, policy)?;
+    let rt = Runtime::with_options(Paths::from_env(), &pool, policy, options())?;
     for f in rt.pool_failures() {
         eprintln!("warning: {f}");
     }
@@ -609,13 +624,20 @@ fn main() -> ExitCode {
         // it must be set before the first model loads.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    let mut options = RuntimeOptions::default();
     if let Some(spec) = &cli.device {
-        // Checked and opened now, so a wrong device fails before any work;
-        // loaders read the same variable.
-        std::env::set_var(tessera::backends::device::ENV, spec);
-        if let Err(e) = tessera::backends::device::selected() {
-            return fail(false, &Error::config(e));
+        // Checked and opened now, so a wrong device fails before any work.
+        let opened = tessera::backends::device::DeviceSpec::parse(spec).and_then(|d| d.open().map(|_| d));
+        match opened {
+            Ok(d) => options = options.device(d),
+            Err(e) => return fail(false, &Error::config(e)),
         }
+    }
+    if let Some(n) = cli.max_batch {
+        options = options.max_batch(n);
+    }
+    if let Some(n) = cli.merge_keep {
+        options = options.merge_keep(n);
     }
     // Mesa's Vulkan drivers (which wgpu may probe for merges) print
     // "XDG_RUNTIME_DIR is invalid" on headless machines where it is unset;
@@ -631,11 +653,12 @@ fn main() -> ExitCode {
     if let Some(choice) = &cli.merge_device {
         // Parsed now so a typo fails before any work; the backend itself
         // opens at the first merge (opening a GPU costs time).
-        if let Err(e) = tessera::merge::compute::Choice::parse(choice) {
-            return fail(false, &Error::config(e));
+        match tessera::merge::compute::Choice::parse(choice) {
+            Ok(c) => options = options.merge_device(c),
+            Err(e) => return fail(false, &Error::config(e)),
         }
-        std::env::set_var(tessera::merge::compute::ENV, choice);
     }
+    let _ = OPTIONS.set(options);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(false, &Error::config(format!("cannot start the async runtime: {e}"))),

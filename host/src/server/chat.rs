@@ -1,0 +1,456 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: a member or a
+//! system answers, whole or streamed.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Extension, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::inference::{CallCtx, GenParams, Input};
+use crate::registry::tenants::TenantPolicy;
+use crate::sandbox::Module;
+use crate::{Error, ProvenanceEvent, RunRequest};
+
+use admission::Admitted;
+
+use super::*;
+
+/// What a chat or completion asks, whichever route it came by.
+pub(crate) struct Ask {
+    chat: bool,
+    model: String,
+    input: Input,
+    params: GenParams,
+    config: std::collections::BTreeMap<String, String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl Ask {
+    fn new(chat: bool, model: String, input: Input, sampling: &openai::Sampling) -> Result<Self, ApiError> {
+        // The input rule every face applies, before anything is queued:
+        // the pool would refuse it too, but only after admission.
+        input
+            .check_size(0)
+            .map_err(|e| ApiError::invalid(if chat { "messages" } else { "prompt" }, &e.to_string()))?;
+        Ok(Ask {
+            chat,
+            model,
+            input,
+            params: sampling.params()?,
+            config: sampling.config(),
+            stream: sampling.stream,
+            include_usage: sampling.include_usage(),
+        })
+    }
+}
+
+pub(crate) async fn respond(st: Arc<AppState>, caller: Caller, ask: Result<Ask, ApiError>) -> Response {
+    match ask {
+        Ok(ask) => answer(st, caller, ask).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub(crate) async fn chat(
+    State(st): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Response {
+    let ask = parse::<openai::ChatRequest>(&body)
+        .and_then(|req| Ask::new(true, req.model.clone(), Input::Chat(req.messages()?), &req.sampling));
+    respond(st, caller, ask).await
+}
+
+pub(crate) async fn completions(
+    State(st): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Response {
+    let ask = parse::<openai::CompletionRequest>(&body)
+        .and_then(|req| Ask::new(false, req.model.clone(), Input::Prompt(req.prompt()?), &req.sampling));
+    respond(st, caller, ask).await
+}
+
+/// Who answers a request.
+pub(crate) enum Target {
+    Member(String),
+    System(Arc<Module>),
+}
+
+pub(crate) fn resolve(
+    st: &AppState,
+    caller: &Caller,
+    policy: &TenantPolicy,
+    model: &str,
+    need: &str,
+) -> Result<Target, ApiError> {
+    if let Some(card) = st.rt.cards().into_iter().find(|c| c.id == model) {
+        if !TenantPolicy::allows(&policy.members, model) || !st.rt.policy_allows(model) {
+            return Err(ApiError::forbidden(&format!("this key may not use member `{model}`")));
+        }
+        if !card.capabilities.iter().any(|c| c == need) {
+            return Err(ApiError::invalid(
+                "model",
+                &format!(
+                    "member `{model}` cannot `{need}` (it can: {}): pick another member from /v1/models",
+                    card.capabilities.join(", ")
+                ),
+            ));
+        }
+        return Ok(Target::Member(model.to_string()));
+    }
+    if let Some(f) = st.rt.pool_failures().iter().find(|f| f.member() == Some(model)) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "member_unavailable",
+            &format!("member `{model}` is unavailable: {f}"),
+        ));
+    }
+    if need != "generate" {
+        return Err(ApiError::not_found(
+            "model_not_found",
+            &format!("no member `{model}` that can `{need}`: see /v1/models"),
+        ));
+    }
+    match st.system(model)? {
+        Some(_) if !TenantPolicy::allows(&policy.modules, model) => {
+            Err(ApiError::forbidden(&format!("this key may not use system `{model}`")))
+        }
+        Some(m) => {
+            if let Some(left) = st.breaker.check(&breaker_key(caller, &m.sha256)) {
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "module_error",
+                    "module_quarantined",
+                    &format!(
+                        "system `{model}` kept failing on this key's requests and is quarantined for it for {left} s \
+                         (other keys are not affected): check the request's parameters, or ask its publisher to fix it"
+                    ),
+                );
+                e.retry_after = Some(left);
+                return Err(e);
+            }
+            Ok(Target::System(m))
+        }
+        None => Err(ApiError::not_found(
+            "model_not_found",
+            &format!("no member or system `{model}`: GET /v1/models lists them"),
+        )),
+    }
+}
+
+/// The breaker's record of `caller` running the module with `sha256`.
+pub(crate) fn breaker_key(caller: &Caller, sha256: &str) -> String {
+    format!("{}/{sha256}", caller.name())
+}
+
+pub(crate) fn member_provenance(member: &str, prompt: u32, completion: u32, ms: u64) -> Value {
+    json!({
+        "members": [member],
+        "events": [ProvenanceEvent::HostCall {
+            call: "generate".into(), model: member.into(), prompt_tokens: prompt,
+            completion_tokens: completion, ms, outcome: "ok".into(),
+        }],
+    })
+}
+
+pub(crate) fn system_provenance(out: &crate::RunOutcome) -> Value {
+    let mut members: Vec<&str> = Vec::new();
+    for e in &out.provenance {
+        if let ProvenanceEvent::HostCall { model, .. } = e {
+            if !members.contains(&model.as_str()) {
+                members.push(model);
+            }
+        }
+    }
+    json!({
+        "members": members,
+        "events": out.provenance,
+        "annotations": out.annotations,
+        "usage": out.usage,
+    })
+}
+
+pub(crate) fn finish_name(f: crate::inference::FinishReason) -> &'static str {
+    match f {
+        crate::inference::FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Response {
+    let policy = AppState::policy_of(&caller.0);
+    let target = match resolve(&st, &caller, &policy, &ask.model, "generate") {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let admitted = match st.admit(&caller.0).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    if ask.stream {
+        return stream(st, caller, policy, target, ask, admitted);
+    }
+    // The work runs in a task of its own, which holds the admission place
+    // and bills the tenant when it ends. If the client goes away, this
+    // handler is dropped and `_stop` raises `cancel`: a member stops
+    // decoding at its next token and a module at its next epoch tick; what
+    // was used until then is still charged.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let _stop = CancelOnDrop(cancel.clone());
+    let chat = ask.chat;
+    let model = ask.model.clone();
+    let st2 = st.clone();
+    let work = tokio::spawn(async move {
+        let _admitted = admitted;
+        let limit = st2.cfg.request_timeout;
+        let flag = cancel.clone();
+        let sink: crate::inference::TextSink = Box::new(move |_: &str| !flag.load(Ordering::Relaxed));
+        let sink = matches!(target, Target::Member(_)).then_some(sink);
+        let run = run_target(&st2, &caller, &policy, &target, &ask, sink, Some(cancel));
+        let (result, used) = match tokio::time::timeout(limit, run).await {
+            Ok(r) => r,
+            Err(_) => (Err(ApiError::timeout(limit)), 0),
+        };
+        st2.charge(&caller.0, used);
+        result
+    });
+    let result = match work.await {
+        Ok(r) => r,
+        Err(e) => Err(ApiError::from(Error::internal(format!(
+            "the request's task failed: {e}"
+        )))),
+    };
+    match result {
+        Ok(done) => {
+            let id = st.id(if chat { "chatcmpl" } else { "cmpl" });
+            let usage = openai::usage(done.prompt, done.completion);
+            let body = openai::completion(
+                chat,
+                &id,
+                now_unix(),
+                &model,
+                (&done.text, done.finish),
+                usage,
+                done.provenance,
+            );
+            Json(body).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Raises its flag when dropped: the handler of a request whose client
+/// went away is dropped, and the work it started sees the flag.
+pub(crate) struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A finished answer, whoever gave it.
+pub(crate) struct Done {
+    text: String,
+    finish: &'static str,
+    prompt: u64,
+    completion: u64,
+    provenance: Value,
+}
+
+/// Runs the member or system, and says how many tokens it used (billed
+/// whether or not it succeeded). With `sink`, a member's text is streamed
+/// into it as it is decoded (returning `false` stops it); `cancel` stops a
+/// system's module.
+pub(crate) async fn run_target(
+    st: &AppState,
+    caller: &Caller,
+    policy: &TenantPolicy,
+    target: &Target,
+    ask: &Ask,
+    sink: Option<crate::inference::TextSink>,
+    cancel: Option<Arc<AtomicBool>>,
+) -> (Result<Done, ApiError>, u64) {
+    match target {
+        Target::Member(id) => {
+            let ctx = CallCtx::new(Instant::now() + st.cfg.request_timeout, CallCtx::next_requester());
+            let started = Instant::now();
+            let models = st.rt.models();
+            let g = match sink {
+                Some(s) => {
+                    models
+                        .generate_stream(ctx, id, ask.input.clone(), ask.params.clone(), s)
+                        .await
+                }
+                None => models.generate(ctx, id, ask.input.clone(), ask.params.clone()).await,
+            };
+            let g = match g {
+                Ok(g) => g,
+                Err(crate::inference::InferenceError::Deadline) => {
+                    return (Err(ApiError::timeout(st.cfg.request_timeout)), 0)
+                }
+                Err(e) => return (Err(ApiError::from(Error::from(e))), 0),
+            };
+            let ms = started.elapsed().as_millis() as u64;
+            let used = u64::from(g.usage.prompt_tokens) + u64::from(g.usage.completion_tokens);
+            let done = Done {
+                provenance: member_provenance(id, g.usage.prompt_tokens, g.usage.completion_tokens, ms),
+                text: g.text,
+                finish: finish_name(g.finish),
+                prompt: g.usage.prompt_tokens as u64,
+                completion: g.usage.completion_tokens as u64,
+            };
+            (Ok(done), used)
+        }
+        Target::System(module) => {
+            let req = RunRequest {
+                input: ask.input.clone(),
+                params: ask.params.clone(),
+                config: ask.config.clone(),
+            };
+            let members: Option<Vec<String>> =
+                (!policy.members.iter().any(|m| m == "*")).then(|| policy.members.clone());
+            let (rt, m) = (st.rt.clone(), module.clone());
+            let ran = st
+                .guests
+                .run(async move { rt.run_metered(&m, req, members.as_deref(), cancel).await })
+                .await;
+            let (out, usage) = match ran {
+                Ok(r) => r,
+                Err(e) => {
+                    let e = Error::internal(format!("the module runtime stopped: {e}"));
+                    return (Err(ApiError::from(e)), 0);
+                }
+            };
+            let used = usage.prompt_tokens + usage.completion_tokens;
+            st.breaker
+                .record(&breaker_key(caller, &module.sha256), out.as_ref().map(|_| ()));
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => return (Err(ApiError::from(e)), used),
+            };
+            let done = Done {
+                provenance: system_provenance(&out),
+                text: out.text.clone(),
+                finish: "stop",
+                prompt: out.usage.prompt_tokens,
+                completion: out.usage.completion_tokens,
+            };
+            (Ok(done), used)
+        }
+    }
+}
+
+pub(crate) fn event(v: &Value) -> Result<Event, Infallible> {
+    Ok(Event::default().data(v.to_string()))
+}
+
+pub(crate) fn stream(
+    st: Arc<AppState>,
+    caller: Caller,
+    policy: TenantPolicy,
+    target: Target,
+    ask: Ask,
+    admitted: Admitted,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Event, Infallible>>();
+    let id = st.id(if ask.chat { "chatcmpl" } else { "cmpl" });
+    let created = now_unix();
+    let model = ask.model.clone();
+    let chat = ask.chat;
+    // The first event: the role, and for a system, that it will not stream.
+    let mut first = openai::chunk(chat, &id, created, &model, Some(""), true, None);
+    if let Target::System(m) = &target {
+        first["tessera"] = json!({
+            "streaming": "final-answer",
+            "note": format!("system `{}` answers only when its strategy finishes: the answer arrives as one chunk", m.manifest.name),
+        });
+    }
+    let _ = tx.send(event(&first));
+    let pieces = tx.clone();
+    let (id2, model2) = (id.clone(), model.clone());
+    let sink: crate::inference::TextSink = Box::new(move |piece: &str| {
+        pieces
+            .send(event(&openai::chunk(
+                chat,
+                &id2,
+                created,
+                &model2,
+                Some(piece),
+                false,
+                None,
+            )))
+            .is_ok()
+    });
+    tokio::spawn(async move {
+        let _admitted = admitted;
+        let limit = st.cfg.request_timeout;
+        let streams_itself = matches!(target, Target::Member(_));
+        // A system's module is stopped when the client goes away: the
+        // stream's channel closes, which `watch` turns into `cancel`.
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (flag, watch) = (cancel.clone(), tx.clone());
+        let watcher = tokio::spawn(async move {
+            watch.closed().await;
+            flag.store(true, Ordering::Relaxed);
+        });
+        let work = run_target(
+            &st,
+            &caller,
+            &policy,
+            &target,
+            &ask,
+            streams_itself.then_some(sink),
+            Some(cancel),
+        );
+        let (result, used) = match tokio::time::timeout(limit, work).await {
+            Ok(r) => r,
+            Err(_) => (Err(ApiError::timeout(limit)), 0),
+        };
+        watcher.abort();
+        st.charge(&caller.0, used);
+        match result {
+            Ok(done) => {
+                if !streams_itself {
+                    let _ = tx.send(event(&openai::chunk(
+                        chat,
+                        &id,
+                        created,
+                        &model,
+                        Some(&done.text),
+                        false,
+                        None,
+                    )));
+                }
+                let mut last = openai::chunk(chat, &id, created, &model, None, false, Some(done.finish));
+                last["provenance"] = done.provenance;
+                let _ = tx.send(event(&last));
+                if ask.include_usage {
+                    let mut u = openai::chunk(chat, &id, created, &model, None, false, None);
+                    u["choices"] = json!([]);
+                    u["usage"] = openai::usage(done.prompt, done.completion);
+                    let _ = tx.send(event(&u));
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(event(&e.body()));
+            }
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]")));
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
+    Sse::new(body)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)))
+        .into_response()
+}
