@@ -121,19 +121,97 @@ async fn benign_run(client: &reqwest::Client, base: &str, key: &str) -> (Vec<f64
     (ms, errors)
 }
 
-async fn isolation(rt: Arc<Runtime>, quarantine_after: u32, label: &str) {
-    let dir = std::env::temp_dir().join(format!("tessera-bench-iso-{}-{quarantine_after}", std::process::id()));
+/// One request of a hostile loop: `(client, base, key, loop, n)` to the
+/// label it is counted under and its status.
+type Shot = fn(reqwest::Client, String, String, usize, u64) -> futures::future::BoxFuture<'static, (String, u16)>;
+
+/// The benign tenant's run alone (after a warm-up), then again while
+/// `HAMMERS` loops of `shot` run for the hostile tenant; returns both runs'
+/// latencies and errors, the hostile statuses by label, and how many
+/// hostile requests were sent.
+async fn under_fire(
+    client: &reqwest::Client,
+    base: &str,
+    benign: &str,
+    hostile: &str,
+    shot: Shot,
+) -> (
+    Vec<f64>,
+    usize,
+    Vec<f64>,
+    usize,
+    std::collections::BTreeMap<String, u64>,
+    u64,
+) {
+    let _ = benign_run(client, base, benign).await;
+    let (alone, alone_err) = benign_run(client, base, benign).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut hammers = Vec::new();
+    for h in 0..HAMMERS {
+        let (client, base, key, stop, sent) = (
+            client.clone(),
+            base.to_string(),
+            hostile.to_string(),
+            stop.clone(),
+            sent.clone(),
+        );
+        hammers.push(tokio::spawn(async move {
+            let mut codes = std::collections::BTreeMap::<String, u64>::new();
+            let mut n = h as u64;
+            while !stop.load(Ordering::Relaxed) {
+                let (label, status) = shot(client.clone(), base.clone(), key.clone(), h, n).await;
+                *codes.entry(label).or_default() += 1;
+                sent.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+                if status == 429 || status == 503 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            codes
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (loaded, loaded_err) = benign_run(client, base, benign).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut codes = std::collections::BTreeMap::<String, u64>::new();
+    for h in hammers {
+        if let Ok(c) = h.await {
+            for (k, v) in c {
+                *codes.entry(k).or_default() += v;
+            }
+        }
+    }
+    (
+        alone,
+        alone_err,
+        loaded,
+        loaded_err,
+        codes,
+        sent.load(Ordering::Relaxed),
+    )
+}
+
+/// A registry in a scratch folder with the hostile modules `published`
+/// (`(source, name)`), an unthrottled benign tenant and a hostile tenant
+/// capped at 2 concurrent requests; returns it with both keys.
+fn hostile_registry(
+    rt: &Runtime,
+    tag: &str,
+    published: &[(&str, &str)],
+) -> (std::path::PathBuf, Arc<Registry>, String, String) {
+    let dir = std::env::temp_dir().join(format!("tessera-bench-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let registry = Arc::new(Registry::open(&dir).expect("registry"));
     let paths = Paths::from_env();
-    for (src, name) in [("infinite-loop", "spinner"), ("memory-bomb", "bomber")] {
+    for (src, name) in published {
         let wasm = paths.modules.join("hostile").join(format!("{src}.wasm"));
         let text = std::fs::read_to_string(wasm.with_extension("toml")).expect("hostile manifest (make setup)");
         let mut man: toml::Table = toml::from_str(&text).expect("manifest");
-        man.insert("name".into(), toml::Value::String(name.into()));
+        man.insert("name".into(), toml::Value::String(name.to_string()));
         server::publish_checked(
             &registry,
-            rt.as_ref(),
+            rt,
             &std::fs::read(&wasm).expect("hostile module"),
             &toml::to_string(&man).expect("toml"),
             None,
@@ -156,6 +234,15 @@ async fn isolation(rt: Arc<Runtime>, quarantine_after: u32, label: &str) {
             },
         )
         .expect("tenant");
+    (dir, registry, benign, hostile)
+}
+
+async fn isolation(rt: Arc<Runtime>, quarantine_after: u32, label: &str) {
+    let (dir, registry, benign, hostile) = hostile_registry(
+        &rt,
+        &format!("iso-{quarantine_after}"),
+        &[("infinite-loop", "spinner"), ("memory-bomb", "bomber")],
+    );
     let served = start(
         rt,
         registry,
@@ -166,55 +253,23 @@ async fn isolation(rt: Arc<Runtime>, quarantine_after: u32, label: &str) {
     )
     .await;
     let client = reqwest::Client::new();
-    // Warm-up (compiles, caches) then the benign tenant alone.
-    let _ = benign_run(&client, &served.base, &benign).await;
-    let (alone, alone_err) = benign_run(&client, &served.base, &benign).await;
-    // Now with the hostile tenant hammering.
-    let stop = Arc::new(AtomicBool::new(false));
-    let hostile_sent = Arc::new(AtomicU64::new(0));
-    let mut hammers = Vec::new();
-    for h in 0..HAMMERS {
-        let (client, base, key, stop, sent) = (
-            client.clone(),
-            served.base.clone(),
-            hostile.clone(),
-            stop.clone(),
-            hostile_sent.clone(),
-        );
-        hammers.push(tokio::spawn(async move {
-            let mut codes = std::collections::BTreeMap::<u16, u64>::new();
-            while !stop.load(Ordering::Relaxed) {
-                let model = if h % 2 == 0 { "spinner" } else { "bomber" };
-                let (status, _) = chat(&client, &base, &key, model, "x", 4).await;
-                *codes.entry(status).or_default() += 1;
-                sent.fetch_add(1, Ordering::Relaxed);
-                if status == 429 || status == 503 {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-            codes
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (loaded, loaded_err) = benign_run(&client, &served.base, &benign).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut codes = std::collections::BTreeMap::<u16, u64>::new();
-    for h in hammers {
-        if let Ok(c) = h.await {
-            for (k, v) in c {
-                *codes.entry(k).or_default() += v;
-            }
-        }
-    }
+    let fire: Shot = |client, base, key, h, _n| {
+        Box::pin(async move {
+            let model = if h % 2 == 0 { "spinner" } else { "bomber" };
+            let (status, _) = chat(&client, &base, &key, model, "x", 4).await;
+            (status.to_string(), status)
+        })
+    };
+    let (alone, alone_err, loaded, loaded_err, codes, hostile_sent) =
+        under_fire(&client, &served.base, &benign, &hostile, fire).await;
     let _ = served.stop.send(());
     let (a50, a99) = stats(alone);
     let (l50, l99) = stats(loaded);
     println!(
         "isolation [{label}]: benign alone p50 {a50:.0} ms p99 {a99:.0} ms ({alone_err} errors); \
          with {HAMMERS} hostile loops p50 {l50:.0} ms p99 {l99:.0} ms ({loaded_err} errors); \
-         p99 ratio {:.2}x; hostile requests {} with statuses {codes:?}",
+         p99 ratio {:.2}x; hostile requests {hostile_sent} with statuses {codes:?}",
         l99 / a99,
-        hostile_sent.load(Ordering::Relaxed)
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -330,90 +385,29 @@ async fn attack(client: &reqwest::Client, base: &str, key: &str, n: u64) -> u16 
 }
 
 async fn attacks(rt: Arc<Runtime>) {
-    let dir = std::env::temp_dir().join(format!("tessera-bench-attacks-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let registry = Arc::new(Registry::open(&dir).expect("registry"));
-    let paths = Paths::from_env();
-    for (src, name) in [("long-prefill", "prefiller"), ("provenance-bomb", "flooder")] {
-        let wasm = paths.modules.join("hostile").join(format!("{src}.wasm"));
-        let text = std::fs::read_to_string(wasm.with_extension("toml")).expect("hostile manifest (make setup)");
-        let mut man: toml::Table = toml::from_str(&text).expect("manifest");
-        man.insert("name".into(), toml::Value::String(name.into()));
-        server::publish_checked(
-            &registry,
-            rt.as_ref(),
-            &std::fs::read(&wasm).expect("hostile module"),
-            &toml::to_string(&man).expect("toml"),
-            None,
-        )
-        .expect("publish");
-    }
-    let open = TenantPolicy {
-        requests_per_minute: 0,
-        tokens_per_day: 0,
-        max_concurrent: 0,
-        ..TenantPolicy::default()
-    };
-    let benign = registry.add_tenant("benign", &open).expect("tenant");
-    let hostile = registry
-        .add_tenant(
-            "hostile",
-            &TenantPolicy {
-                max_concurrent: 2,
-                ..open.clone()
-            },
-        )
-        .expect("tenant");
+    let (dir, registry, benign, hostile) = hostile_registry(
+        &rt,
+        "attacks",
+        &[("long-prefill", "prefiller"), ("provenance-bomb", "flooder")],
+    );
     let served = start(rt, registry, ServeConfig::default()).await;
     let client = reqwest::Client::new();
-    let _ = benign_run(&client, &served.base, &benign).await;
-    let (alone, alone_err) = benign_run(&client, &served.base, &benign).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let mut hammers = Vec::new();
-    for h in 0..HAMMERS {
-        let (client, base, key, stop, sent) = (
-            client.clone(),
-            served.base.clone(),
-            hostile.clone(),
-            stop.clone(),
-            sent.clone(),
-        );
-        hammers.push(tokio::spawn(async move {
-            let mut codes = std::collections::BTreeMap::<String, u64>::new();
-            let mut n = h as u64;
-            while !stop.load(Ordering::Relaxed) {
-                let status = attack(&client, &base, &key, n).await;
-                *codes.entry(format!("{}:{status}", n % 7)).or_default() += 1;
-                sent.fetch_add(1, Ordering::Relaxed);
-                n += 1;
-                if status == 429 || status == 503 {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-            codes
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (loaded, loaded_err) = benign_run(&client, &served.base, &benign).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut codes = std::collections::BTreeMap::<String, u64>::new();
-    for h in hammers {
-        if let Ok(c) = h.await {
-            for (k, v) in c {
-                *codes.entry(k).or_default() += v;
-            }
-        }
-    }
+    let fire: Shot = |client, base, key, _h, n| {
+        Box::pin(async move {
+            let status = attack(&client, &base, &key, n).await;
+            (format!("{}:{status}", n % 7), status)
+        })
+    };
+    let (alone, alone_err, loaded, loaded_err, codes, sent) =
+        under_fire(&client, &served.base, &benign, &hostile, fire).await;
     let _ = served.stop.send(());
     let (a50, a99) = stats(alone);
     let (l50, l99) = stats(loaded);
     println!(
         "attacks: benign alone p50 {a50:.0} ms p99 {a99:.0} ms ({alone_err} errors); \
          with {HAMMERS} attack loops p50 {l50:.0} ms p99 {l99:.0} ms ({loaded_err} errors); \
-         p99 ratio {:.2}x; attack requests {} as attack:status {codes:?}",
+         p99 ratio {:.2}x; attack requests {sent} as attack:status {codes:?}",
         l99 / a99,
-        sent.load(Ordering::Relaxed)
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
