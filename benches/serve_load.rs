@@ -335,45 +335,51 @@ async fn load(rt: Arc<Runtime>, label: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// One attack of the hostile tenant; returns the status (0: no answer, as
-/// meant for the disconnecting client).
-async fn attack(client: &reqwest::Client, base: &str, key: &str, n: u64) -> u16 {
-    let post = |body: serde_json::Value, key: Option<&str>| {
-        let mut r = client.post(format!("{base}/v1/chat/completions")).json(&body);
-        if let Some(k) = key {
-            r = r.bearer_auth(k);
-        }
-        r
-    };
+/// The attack bodies, serialised once: the load generator shares the two
+/// cores with the server, and rebuilding 50 MB bodies per request would
+/// measure the client, not the server.
+fn attack_bodies() -> Vec<axum::body::Bytes> {
     let msg = |text: String| json!([{ "role": "user", "content": text }]);
-    let req = match n % 7 {
-        0 => post(json!({ "model": "prefiller", "messages": msg("x".into()) }), Some(key)),
-        1 => post(
-            json!({ "model": "flooder", "messages": msg("x".into()), "tessera": { "mode": "notes" } }),
-            Some(key),
-        ),
-        2 => client
-            .post(format!("{base}/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .body(vec![b' '; 50 << 20]),
-        3 => post(
-            json!({ "model": MEMBERS[0], "messages": msg("word ".repeat(60_000)) }),
-            Some(key),
-        ),
-        4 => {
-            let turns: Vec<_> = (0..100_000).map(|_| json!({ "role": "user", "content": "" })).collect();
-            post(json!({ "model": MEMBERS[0], "messages": turns }), Some(key))
+    let turns: Vec<_> = (0..100_000).map(|_| json!({ "role": "user", "content": "" })).collect();
+    [
+        json!({ "model": "prefiller", "messages": msg("x".into()) }),
+        json!({ "model": "flooder", "messages": msg("x".into()), "tessera": { "mode": "notes" } }),
+        json!(null),
+        json!({ "model": MEMBERS[0], "messages": msg("word ".repeat(60_000)) }),
+        json!({ "model": MEMBERS[0], "messages": turns }),
+        json!({ "model": MEMBERS[0], "messages": msg("hi".into()), "stop": ["s".repeat(50 << 20)] }),
+        json!({ "model": MEMBERS[0], "messages": msg("Tell a long story.".into()), "max_tokens": 2000 }),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, v)| {
+        if i == 2 {
+            // 50 MB without a key.
+            axum::body::Bytes::from(vec![b' '; 50 << 20])
+        } else {
+            axum::body::Bytes::from(serde_json::to_vec(v).expect("json"))
         }
-        5 => post(
-            json!({ "model": MEMBERS[0], "messages": msg("hi".into()), "stop": ["s".repeat(50 << 20)] }),
-            Some(key),
-        ),
-        _ => post(
-            json!({ "model": MEMBERS[0], "messages": msg("Tell a long story.".into()), "max_tokens": 2000 }),
-            Some(key),
-        )
-        .timeout(Duration::from_millis(300)),
-    };
+    })
+    .collect()
+}
+
+/// One attack of the hostile tenant (attack `n % 7` of [`attack_bodies`]);
+/// returns the status (0: no answer, as meant for the client that leaves).
+async fn attack(client: &reqwest::Client, base: &str, key: &str, n: u64) -> u16 {
+    static BODIES: std::sync::OnceLock<Vec<axum::body::Bytes>> = std::sync::OnceLock::new();
+    let bodies = BODIES.get_or_init(attack_bodies);
+    let kind = (n % 7) as usize;
+    let mut req = client
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(bodies[kind].clone());
+    if kind != 2 {
+        req = req.bearer_auth(key);
+    }
+    if kind == 6 {
+        // Leaves after 0.3 s of a 2,000-token answer.
+        req = req.timeout(Duration::from_millis(300));
+    }
     match req.send().await {
         Ok(r) => {
             let s = r.status().as_u16();

@@ -211,6 +211,10 @@ impl Job {
     }
 }
 
+/// A prompt longer than this (counted as [`Input::counted_bytes`], about
+/// a thousand tokens) is *long* for batching: see [`FairQueue::generations`].
+const LONG_PROMPT_BYTES: usize = 4096;
+
 /// A member's waiting jobs, served fairly between requests: the next job
 /// is the oldest of the request served longest ago, so a request that
 /// queued a fan-out of many long calls takes turns with the others instead
@@ -260,14 +264,31 @@ impl FairQueue {
         self.take(i)
     }
 
-    /// Up to `n` more generations to decode with one already taken, picked
-    /// fairly (one turn each).
-    fn generations(&mut self, n: usize) -> Vec<GenerateJob> {
+    /// Up to `n` more generations to decode with `first`, picked fairly
+    /// (one turn each). A batch prefills its prompts one after another
+    /// before it decodes, so a requester adds at most one *long* prompt
+    /// ([`LONG_PROMPT_BYTES`]) to a batch: a fan-out of long prompts then
+    /// runs over successive batches, and requests that queue meanwhile get
+    /// their turn between them instead of waiting for all of its prefills.
+    fn generations(&mut self, first: &GenerateJob, n: usize) -> Vec<GenerateJob> {
+        let long = |g: &GenerateJob| g.input.counted_bytes() > LONG_PROMPT_BYTES;
+        let mut with_long: Vec<u64> = Vec::new();
+        if long(first) {
+            with_long.push(first.ctx.requester);
+        }
         let mut out = Vec::new();
         while out.len() < n {
-            let Some(i) = self.pick(|j| matches!(j, Job::Generate(_))) else {
+            let Some(i) = self.pick(|j| match j {
+                Job::Generate(g) => !(long(g) && with_long.contains(&g.ctx.requester)),
+                Job::Run(..) => false,
+            }) else {
                 break;
             };
+            if let Some(Job::Generate(g)) = self.jobs.get(i) {
+                if long(g) {
+                    with_long.push(g.ctx.requester);
+                }
+            }
             match self.take(i) {
                 Some(Job::Generate(g)) => out.push(g),
                 Some(other) => self.jobs.push_front(other),
@@ -618,11 +639,14 @@ impl Pool {
                             // Other generations waiting join this batch (up
                             // to the limit, fairly between requests); other
                             // calls wait until it is done.
-                            let mut batch = vec![g];
                             let limit = max_batch.load(std::sync::atomic::Ordering::Relaxed);
-                            if backend.batches() {
-                                batch.extend(waiting.generations(limit.saturating_sub(1)));
-                            }
+                            let more = if backend.batches() {
+                                waiting.generations(&g, limit.saturating_sub(1))
+                            } else {
+                                Vec::new()
+                            };
+                            let mut batch = vec![g];
+                            batch.extend(more);
                             run_generations(&mut backend, batch);
                         }
                         None => {}
@@ -893,6 +917,35 @@ mod tests {
         // Request 1 queued five calls first, yet 2 and 3 are served after
         // its first one, not after all five.
         assert_eq!(order, vec![1, 2, 3, 1, 1, 1, 1]);
+    }
+
+    fn gen_job(requester: u64, prompt_bytes: usize) -> Job {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        Job::Generate(GenerateJob {
+            ctx: CallCtx::new(Instant::now(), requester),
+            input: Input::Prompt("x".repeat(prompt_bytes)),
+            params: GenParams::default(),
+            sink: None,
+            reply,
+        })
+    }
+
+    #[test]
+    fn a_batch_takes_one_long_prompt_per_request_and_short_ones_freely() {
+        let mut q = FairQueue::default();
+        for _ in 0..4 {
+            q.push(gen_job(1, 10_000));
+        }
+        for _ in 0..3 {
+            q.push(gen_job(2, 10));
+        }
+        let Some(Job::Generate(first)) = q.pop() else {
+            panic!("a generation")
+        };
+        let batch = q.generations(&first, 7);
+        let from_1 = batch.iter().filter(|g| g.ctx.requester == 1).count();
+        assert_eq!((from_1, batch.len()), (0, 3), "request 1's other long prompts wait");
+        assert_eq!(q.jobs.len(), 3);
     }
 
     #[test]
