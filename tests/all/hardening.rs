@@ -274,6 +274,7 @@ impl Srv {
         let cfg = ServeConfig {
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(1),
             ..ServeConfig::default()
         };
         let state = Arc::new(AppState::new(rt, registry, cfg).expect("server state"));
@@ -385,6 +386,27 @@ async fn the_front_door_authenticates_and_caps_bodies_before_reading_them() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
     assert_eq!(counts.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let (srv, _, _, _) = keyed("slowloris").await;
+    let addr = srv.addr;
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).unwrap_or(0);
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), started.elapsed())
+    })
+    .await
+    .unwrap();
+    // Closed (or answered 408) after the 1 s header timeout, not held open.
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
 #[tokio::test]

@@ -99,6 +99,11 @@ pub struct ServeConfig {
     /// once, before admission; more get a 503 at once. Bounds the work
     /// callers without a valid key can cause.
     pub max_receiving: usize,
+    /// Longest a client may take to send a request's head (its headers);
+    /// the connection is closed past it.
+    pub header_read_timeout: Duration,
+    /// Open connections at once; more are closed as they arrive.
+    pub max_connections: usize,
 }
 
 /// Largest body of a generation, embedding or score request. The input
@@ -121,6 +126,8 @@ impl Default for ServeConfig {
             quarantine: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(30),
             max_receiving: 64,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
         }
     }
 }
@@ -325,26 +332,64 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let grace = state.cfg.shutdown_grace;
-    let draining = Arc::new(tokio::sync::Notify::new());
-    let notify = draining.clone();
-    let st = state.clone();
-    let app = router(state);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        st.draining.store(true, Ordering::SeqCst);
-        notify.notify_waiters();
-    });
-    let deadline = async move {
-        draining.notified().await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        r = server => r.map_err(|e| Error::internal(format!("server: {e}"))),
-        _ = deadline => {
-            tracing::warn!("shutdown grace of {} s passed with requests still in flight; stopping", grace.as_secs());
-            Ok(())
-        }
+    let app = router(state.clone());
+    // Each connection is served by hyper directly (not `axum::serve`) so
+    // that a client must send its request head within `header_timeout`
+    // (slow-loris connections are closed), and connections are capped.
+    let header_timeout = state.cfg.header_read_timeout;
+    let places = Arc::new(tokio::sync::Semaphore::new(state.cfg.max_connections.max(1)));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors, say: wait instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            // Over the connection cap: closed at once.
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let _place = place;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.changed() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+        // Reap finished connections so the set does not grow.
+        while tasks.try_join_next().is_some() {}
     }
+    // Stop accepting; requests in flight may finish for `grace`, and
+    // requests on kept-alive connections get a 503 meanwhile.
+    state.draining.store(true, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!(
+            "shutdown grace of {} s passed with requests still in flight; stopping",
+            grace.as_secs()
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
