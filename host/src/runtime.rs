@@ -432,10 +432,6 @@ impl Runtime {
         let fitted = match inv.result {
             Err(e) => Err(e),
             Ok(None) => Ok(false),
-            // Persisted and handed to every later run: bounded on its own.
-            Ok(Some(bytes)) if bytes.len() > crate::policy::MAX_STATE_BYTES => {
-                Err(Error::budget("state-bytes", crate::policy::MAX_STATE_BYTES as u64))
-            }
             Ok(Some(bytes)) => self.install_state(module, Some(bytes)).map(|_| true),
         };
         (fitted, inv.provenance)
@@ -452,6 +448,10 @@ impl Runtime {
     pub fn install_state(&self, module: &Module, bytes: Option<Vec<u8>>) -> Result<(), Error> {
         let path = self.state_path(module);
         match &bytes {
+            // Persisted and handed to every later run: bounded on its own.
+            Some(b) if b.len() > crate::policy::MAX_STATE_BYTES => {
+                return Err(Error::budget("state-bytes", crate::policy::MAX_STATE_BYTES as u64));
+            }
             Some(b) => {
                 std::fs::create_dir_all(&self.paths.state)
                     .map_err(|e| Error::internal(format!("state directory {}: {e}", self.paths.state.display())))?;

@@ -74,12 +74,6 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ContributeEr
         .map_err(|e| ContributeError::Io(format!("{}: {e}", path.display())))
 }
 
-pub(crate) fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
 /// Finds the folder to train from. `base` is a folder holding a Hugging
 /// Face model, or the id of a pool member: an `hf` member's folder, or a
 /// GGUF member (llama, qwen2) dequantized once into `cache/<id>-<sha>`

@@ -105,7 +105,7 @@ pub(crate) fn write_model(
     } else {
         model.merged_weights()?
     };
-    let tmp = super::tmp_path(&out.join(file_name));
+    let tmp = crate::files::tmp_path(&out.join(file_name));
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, out.join(file_name)).map_err(|e| io(out, e))?;
     for name in ["tokenizer.json", "tokenizer_config.json"] {

@@ -86,6 +86,17 @@ impl Input {
         }
     }
 
+    /// The input rule for an input that travels with `texts` (score
+    /// continuations): their bytes count with it.
+    pub fn check_with(&self, texts: &[String]) -> Result<(), InferenceError> {
+        self.check_size(texts.iter().map(String::len).sum())
+    }
+
+    /// The input rule for texts sent on their own (an `embed` call).
+    pub fn check_texts(texts: &[String]) -> Result<(), InferenceError> {
+        Input::Prompt(String::new()).check_with(texts)
+    }
+
     /// The input rule: at most [`MAX_TURNS`] turns and, with `extra` bytes
     /// that travel with it (score continuations), at most
     /// [`MAX_INPUT_BYTES`]. Checked without tokenizing, so it is cheap

@@ -304,7 +304,7 @@ pub fn merge_on(
     }
 
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    let tmp = crate::contribute::tmp_path(&out.join(WEIGHTS));
+    let tmp = crate::files::tmp_path(&out.join(WEIGHTS));
     candle_core::safetensors::save(&merged, &tmp).map_err(|e| io(&tmp, e))?;
     std::fs::rename(&tmp, out.join(WEIGHTS)).map_err(|e| io(out, e))?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {

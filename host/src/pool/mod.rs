@@ -847,8 +847,7 @@ impl Models for Pool {
         prompt: Input,
         continuations: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
-        let extra = continuations.iter().map(String::len).sum();
-        if let Err(e) = prompt.check_size(extra) {
+        if let Err(e) = prompt.check_with(&continuations) {
             return Box::pin(async move { Err(e) });
         }
         if let Some(r) = self.remote(model) {
@@ -882,8 +881,7 @@ impl Models for Pool {
         model: &str,
         texts: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
-        let bytes = texts.iter().map(String::len).sum();
-        if let Err(e) = Input::Prompt(String::new()).check_size(bytes) {
+        if let Err(e) = Input::check_texts(&texts) {
             return Box::pin(async move { Err(e) });
         }
         if let Some(r) = self.remote(model) {

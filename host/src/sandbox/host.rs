@@ -407,9 +407,9 @@ impl models::Host for RequestState {
         if !self.check_model(&model)? {
             return Ok(Err(w::Error::UnknownModel(model)));
         }
-        let extra = continuations.iter().map(String::len).sum();
         let prompt = input_in(prompt);
-        if let Some(e) = too_many("continuations", continuations.len()).or_else(|| oversized(&prompt, extra)) {
+        let fits = prompt.check_with(&continuations).err().map(inference_error_out);
+        if let Some(e) = too_many("continuations", continuations.len()).or(fits) {
             return Ok(Err(e));
         }
         let started = Instant::now();
@@ -473,9 +473,10 @@ impl models::Host for RequestState {
         if !self.check_model(&model)? {
             return Ok(Err(w::Error::UnknownModel(model)));
         }
-        let bytes = texts.iter().map(String::len).sum();
-        let empty = crate::inference::Input::Prompt(String::new());
-        if let Some(e) = too_many("texts", texts.len()).or_else(|| oversized(&empty, bytes)) {
+        let fits = crate::inference::Input::check_texts(&texts)
+            .err()
+            .map(inference_error_out);
+        if let Some(e) = too_many("texts", texts.len()).or(fits) {
             return Ok(Err(e));
         }
         let started = Instant::now();

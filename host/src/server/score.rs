@@ -70,9 +70,8 @@ impl ScoreRequest {
             ));
         }
         // The input rule of every face, continuations included.
-        let extra = self.continuations.iter().map(String::len).sum::<usize>();
         input
-            .check_size(extra)
+            .check_with(&self.continuations)
             .map_err(|e| ApiError::invalid("continuations", &e.to_string()))?;
         Ok((self.model, input, self.continuations))
     }
