@@ -63,7 +63,10 @@ fn ours(path: &Path, prompt: &str) -> (f64, f64, usize) {
 /// (prefill tok/s, decode tok/s) for llama.cpp, if llama-cpp-python is there.
 fn llama_cpp(path: &Path, prompt_file: &Path, threads: usize) -> Option<(f64, f64)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/llama_cpp_speed.py");
-    let out = Command::new("python3")
+    // The peer's interpreter: LLAMA_CPP_PYTHON (a venv with llama-cpp-python
+    // built as RESULTS.md says), else python3.
+    let python = std::env::var("LLAMA_CPP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python)
         .arg(script)
         .arg(path)
         .arg(threads.to_string())
@@ -90,9 +93,19 @@ fn main() {
     let prompt = std::fs::read_to_string(&prompt_file).expect("prompt file");
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("threads: {threads} (candle's pool and llama.cpp's n_threads)");
+    println!("AMX bf16 tiles: {}", tessera_kernels::amx::bf16_available());
     println!(
-        "{:<28} {:>7} {:>12} {:>12} {:>7} {:>12} {:>12} {:>7}",
-        "member", "prompt", "prefill t/s", "llama.cpp", "ratio", "decode t/s", "llama.cpp", "ratio"
+        "{:<28} {:>7} {:>12} {:>12} {:>12} {:>7} {:>12} {:>12} {:>12} {:>7}",
+        "member",
+        "prompt",
+        "prefill t/s",
+        "no tiles",
+        "llama.cpp",
+        "ratio",
+        "decode t/s",
+        "no tiles",
+        "llama.cpp",
+        "ratio"
     );
     for m in PoolConfig::default_pool()
         .members
@@ -100,16 +113,23 @@ fn main() {
         .filter(|m| m.backend == BackendKind::Gguf)
     {
         let file = paths.models.join(&m.path);
+        // The same model on the fallback kernels (VNNI / candle), in the
+        // same run, then on the tiles.
+        tessera_kernels::amx::set_allowed(false);
+        let (fpf, fdc, _) = ours(&file, &prompt);
+        tessera_kernels::amx::set_allowed(true);
         let (pf, dc, n) = ours(&file, &prompt);
         let (lpf, ldc) = llama_cpp(&file, &prompt_file, threads).map_or((f64::NAN, f64::NAN), |x| x);
         println!(
-            "{:<28} {:>7} {:>12.1} {:>12.1} {:>6.2}x {:>12.1} {:>12.1} {:>6.2}x",
+            "{:<28} {:>7} {:>12.1} {:>12.1} {:>12.1} {:>6.2}x {:>12.1} {:>12.1} {:>12.1} {:>6.2}x",
             m.id,
             n,
             pf,
+            fpf,
             lpf,
             pf / lpf,
             dc,
+            fdc,
             ldc,
             dc / ldc
         );
@@ -125,8 +145,19 @@ fn main() {
         .filter(|m| m.backend == BackendKind::Gguf)
     {
         let file = paths.models.join(&m.path);
+        tessera_kernels::amx::set_allowed(false);
+        let fallback = mcq_items_per_s(&file, true);
+        tessera_kernels::amx::set_allowed(true);
         let (with, without) = (mcq_items_per_s(&file, true), mcq_items_per_s(&file, false));
-        println!("{:<28} {:>14.2} {:>14.2} {:>6.2}x", m.id, with, without, with / without);
+        println!(
+            "{:<28} {:>14.2} {:>14.2} {:>6.2}x   no tiles: {:.2} ({:.2}x)",
+            m.id,
+            with,
+            without,
+            with / without,
+            fallback,
+            with / fallback
+        );
     }
 }
 

@@ -19,6 +19,10 @@ use tessera::Paths;
 const LOGPROB_TOLERANCE: f64 = 0.45;
 /// Log-prob gap under which llama.cpp's top two count as tied.
 const NEAR_TIE: f64 = 0.05;
+/// Log-prob gap under which our own top two first tokens count as tied
+/// (well inside LOGPROB_TOLERANCE: the two engines' numbers may order them
+/// differently).
+const OUR_NEAR_TIE: f64 = 0.15;
 
 /// (member, file, fixture) for every GGUF member of the default pool.
 const MEMBERS: &[(&str, &str, &str)] = &[
@@ -127,11 +131,24 @@ fn greedy(id: &str, m: &mut GgufModel, fixture: &Value) {
     };
     for (q, answer) in fixture["greedy_chat"].as_object().unwrap() {
         let want = answer.as_str().unwrap();
-        let got = m
-            .generate(ctx, &Input::Chat(vec![Message::user(q.clone())]), &params)
-            .unwrap()
-            .text;
-        // The first few words must agree; later tokens may drift on near-ties.
+        let chat = Input::Chat(vec![Message::user(q.clone())]);
+        let got = m.generate(ctx, &chat, &params).unwrap().text;
+        // Where our own first two choices are within OUR_NEAR_TIE and
+        // llama.cpp's answer starts with one of them, the answer may start
+        // with either (SmolLM2's "capital of France?" is such a tie: 0.10
+        // nats between "The" and "L" on both of our kernels, in opposite
+        // order). Otherwise the first few words must agree; later tokens
+        // may drift on near-ties.
+        let top = m.next_token(ctx, &chat, 2).unwrap();
+        let tied = top[0].logprob - top[1].logprob < OUR_NEAR_TIE
+            && top.iter().any(|t| want.trim_start().starts_with(t.text.trim()));
+        if tied {
+            assert!(
+                top.iter().any(|t| got.trim_start().starts_with(t.text.trim())),
+                "{id} {q:?}: ours {got:?} starts with neither of our tied {top:?}"
+            );
+            continue;
+        }
         assert_eq!(head(&got), head(want), "{id} {q:?}: ours {got:?}, llama.cpp {want:?}");
     }
     for (p, answer) in fixture["greedy_prompt"].as_object().unwrap() {

@@ -155,7 +155,16 @@ async fn a_pool_of_remote_members_runs_a_strategy_through_another_tessera() {
             .score(ctx(120), QWEN, prompt, conts.clone())
             .await
             .unwrap();
-        assert_eq!(far, near);
+        // The same numbers up to the JSON round trip: serde_json's default
+        // float parser may land one ulp of f64 off the value written.
+        assert_eq!(far.len(), near.len());
+        for (f, n) in far.iter().zip(&near) {
+            assert_eq!(f.tokens, n.tokens);
+            assert!(
+                (f.logprob - n.logprob).abs() <= 1e-12 * n.logprob.abs().max(1.0),
+                "{far:?} vs {near:?}"
+            );
+        }
     }
     // So a likelihood strategy runs over remote members.
     let item = crate::common::arc_easy(0, 1).remove(0);

@@ -6,5 +6,11 @@
 //! crate is built at a low optimisation level to keep rebuilds quick, and
 //! SIMD loops lose most of their speed there), and so that they can be
 //! checked against candle's own kernels in isolation.
+//!
+//! * [`vnni`]: Q8_0 products with AVX-512 VNNI for any row count (decode),
+//!   and the weight packing both kernels share.
+//! * [`amx`]: the same products on AMX tiles for 16 or more rows (prefill,
+//!   scoring, wide batches), bit-identical to [`vnni`].
 
+pub mod amx;
 pub mod vnni;

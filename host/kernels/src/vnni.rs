@@ -31,26 +31,28 @@
 //! precision (f32 here, f16 there) and float summation order.
 
 /// Output rows per tile: one 512-bit register of i32/f32 lanes.
-const TILE: usize = 16;
+pub(crate) const TILE: usize = 16;
 /// Values per quantization block (Q8_0's block size).
-const BLOCK: usize = 32;
+pub(crate) const BLOCK: usize = 32;
 
 /// One 32-input block of 16 output rows.
 #[repr(C, align(64))]
 #[derive(Clone)]
-struct Tile {
+pub(crate) struct Tile {
     /// Quants + 128: `[group of 4 inputs (8)][row (16)][input in group (4)]`.
-    qs: [u8; BLOCK * TILE],
+    /// This is also the layout of an AMX `B` tile of 8 rows by 64 bytes, so
+    /// the [`crate::amx`] kernel reads the same packing.
+    pub(crate) qs: [u8; BLOCK * TILE],
     /// Each row's block scale.
-    d: [f32; TILE],
+    pub(crate) d: [f32; TILE],
 }
 
 /// A Q8_0 weight matrix (`n` rows of `k` inputs) repacked for [`matmul`].
 pub struct Packed {
-    n: usize,
-    k: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
     /// `[tile (n / 16)][block (k / 32)]`.
-    tiles: Vec<Tile>,
+    pub(crate) tiles: Vec<Tile>,
 }
 
 impl std::fmt::Debug for Packed {
@@ -120,16 +122,28 @@ impl Packed {
     }
 }
 
-/// One activation block quantized as Q8_0, with its quant sum.
+/// One activation block quantized as Q8_0, with its quant sum. `repr(C)`
+/// so that a row's blocks sit at a fixed stride (the AMX kernel loads 16
+/// rows' quants of one block as a tile with that stride).
+#[repr(C)]
 #[derive(Clone, Copy)]
-struct Act {
-    d: f32,
-    sum: i32,
-    qs: [i8; BLOCK],
+pub(crate) struct Act {
+    pub(crate) d: f32,
+    pub(crate) sum: i32,
+    pub(crate) qs: [i8; BLOCK],
+}
+
+impl Act {
+    /// A padding row's block: contributes nothing.
+    pub(crate) const ZERO: Act = Act {
+        d: 0.0,
+        sum: 0,
+        qs: [0; BLOCK],
+    };
 }
 
 /// Quantizes rows of whole 32-value blocks, block by block.
-fn quantize(x: &[f32]) -> Vec<Act> {
+pub(crate) fn quantize(x: &[f32]) -> Vec<Act> {
     x.chunks_exact(BLOCK)
         .map(|xs| {
             let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -190,7 +204,7 @@ pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
 
 /// The kernel's arithmetic without SIMD: exact integer block sums, then the
 /// same fused multiply-adds in the same order, so the results are identical.
-fn portable(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
+pub(crate) fn portable(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
     let kb = w.k / BLOCK;
     let mut out = vec![0f32; m * w.n];
     for (i, row) in out.chunks_exact_mut(w.n).enumerate() {

@@ -19,7 +19,7 @@ pub(super) fn embedding_and_output<R: std::io::Read + std::io::Seek>(
         true => content.tensor(reader, "output.weight", device)?,
         false => embed_q,
     };
-    Ok((embed, super::quant::Linear::new(output, device)?))
+    Ok((embed, super::quant::Linear::decode_only(output, device)?))
 }
 
 /// `{arch}.{key}` from a GGUF file's metadata, with errors naming the key.

@@ -153,9 +153,9 @@ impl Llama {
         for (li, layer) in self.layers.iter_mut().enumerate() {
             let h_in = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let (mut q, mut k, mut v) = (
-                layer.q.forward(&h_in)?,
-                layer.k.forward(&h_in)?,
-                layer.v.forward(&h_in)?,
+                layer.q.forward_decode(&h_in)?,
+                layer.k.forward_decode(&h_in)?,
+                layer.v.forward_decode(&h_in)?,
             );
             if let Some((bq, bk, bv)) = &layer.bias {
                 q = q.broadcast_add(bq)?;
@@ -176,13 +176,13 @@ impl Llama {
                 rows.push(attend(&qi, ki, vi, &mut state[li], pos[i], None)?);
             }
             let attn = Tensor::cat(&rows, 0)?;
-            let h = (layer.o.forward(&attn)? + &x)?;
+            let h = (layer.o.forward_decode(&attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = (candle_nn::ops::silu(&layer.gate.forward(&m)?)? * layer.up.forward(&m)?)?;
-            x = (layer.down.forward(&ff)? + h)?;
+            let ff = (candle_nn::ops::silu(&layer.gate.forward_decode(&m)?)? * layer.up.forward_decode(&m)?)?;
+            x = (layer.down.forward_decode(&ff)? + h)?;
         }
         let last = candle_nn::ops::rms_norm(&x.squeeze(1)?, &self.norm, eps)?;
-        self.output.forward(&last)?.to_dtype(DType::F32)
+        self.output.forward_decode(&last)?.to_dtype(DType::F32)
     }
 
     /// Runs tokens `ids` (`[1, t]`) at positions `pos..pos+t`; returns the

@@ -17,13 +17,29 @@
 //!   ([`tessera_kernels::vnni`]) where the CPU has it: candle's own VNNI path needs
 //!   input widths that are multiples of 256, which the default pool's hidden
 //!   sizes are not, and its one-row-at-a-time AVX2 fallback was 70% of all
-//!   inference time. Everything else (K-quants, other CPUs, other devices)
-//!   stays on candle's `QMatMul`.
+//!   inference time. K-quants, other CPUs and other devices stay on candle's
+//!   `QMatMul`.
+//! * **Prompts on tiles.** A prompt pass of 16 or more rows goes to the AMX
+//!   bf16 tile kernel ([`tessera_kernels::amx::matmul_bf16`]) where the CPU
+//!   and OS allow it, on a bf16 copy of the weights made at load (2 bytes
+//!   per weight more; dequantizing on every pass cost as much as the
+//!   products for 100-token prompts): Q8_0 matrices from their packing,
+//!   K-quant matrices from their exact values (decode keeps reading the
+//!   K-quant, which is fewer bytes). The output projection, which prompts
+//!   multiply by their last row only, gets no copy. Decode steps always take the decode
+//!   kernel ([`Linear::forward_decode`]), so a sequence's logits do not
+//!   depend on its batch; a prompt's rows do not depend on each other on
+//!   either kernel. The tile kernel rounds activations to bf16 where the
+//!   decode kernel quantizes them per 32 as Q8_0, so a prompt shorter than
+//!   16 tokens and a longer one run on different (equally accurate)
+//!   numerics.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
-use tessera_kernels::vnni;
+use tessera_kernels::{amx, vnni};
 
 /// Whether candle's CPU kernels for `dtype` are scalar-only.
 fn is_slow(dtype: GgmlDType) -> bool {
@@ -44,25 +60,50 @@ pub fn fast(qt: QTensor, device: &Device) -> Result<QTensor> {
 #[derive(Debug, Clone)]
 pub enum Linear {
     /// candle's quantized matmul; single rows padded to `min_rows`.
-    Candle { mm: QMatMul, min_rows: usize },
+    Candle {
+        mm: QMatMul,
+        min_rows: usize,
+        prompt: Prompt,
+    },
     /// Q8_0 weights repacked for the VNNI kernel.
-    Vnni(std::sync::Arc<vnni::Packed>),
+    Vnni { w: Arc<vnni::Packed>, prompt: Prompt },
 }
+
+/// The same weights as bf16 tiles for prompt passes, where the CPU has
+/// them (`None` elsewhere, and for matrices only ever multiplied by one
+/// row, such as the output projection).
+type Prompt = Option<Arc<amx::Bf16Packed>>;
 
 impl Linear {
     /// `qt` re-encoded if its format is slow, on the VNNI kernel where it
     /// applies.
     pub fn new(qt: QTensor, device: &Device) -> Result<Self> {
-        Self::choose(qt, device, vnni::available())
+        Self::choose(qt, device, vnni::available(), true)
     }
 
-    /// As [`Linear::new`], with the kernel choice given (tests compare both).
-    pub fn choose(qt: QTensor, device: &Device, vnni: bool) -> Result<Self> {
+    /// As [`Linear::new`] for a matrix that only ever sees one row at a
+    /// time (no bf16 copy for prompts).
+    pub fn decode_only(qt: QTensor, device: &Device) -> Result<Self> {
+        Self::choose(qt, device, vnni::available(), false)
+    }
+
+    /// As [`Linear::new`], with the kernel choices given (tests compare
+    /// them): `vnni` for the decode kernel, `prompts` for a bf16 copy that
+    /// prompt passes use where the CPU has AMX.
+    pub fn choose(qt: QTensor, device: &Device, vnni: bool, prompts: bool) -> Result<Self> {
         let qt = fast(qt, device)?;
         let (n, k) = qt.shape().dims2()?;
+        let tiles = prompts && device.is_cpu() && amx::bf16_available() && vnni::fits(n, k);
         if vnni && device.is_cpu() && qt.dtype() == GgmlDType::Q8_0 && vnni::fits(n, k) {
             if let Some(packed) = vnni::Packed::from_q8_0(&qt.data()?, n, k) {
-                return Ok(Linear::Vnni(std::sync::Arc::new(packed)));
+                let prompt = match tiles {
+                    true => amx::Bf16Packed::from_packed(&packed).map(Arc::new),
+                    false => None,
+                };
+                return Ok(Linear::Vnni {
+                    w: Arc::new(packed),
+                    prompt,
+                });
             }
         }
         let min_rows = if device.is_cpu() && qt.dtype() == GgmlDType::Q6K {
@@ -70,41 +111,83 @@ impl Linear {
         } else {
             1
         };
+        let prompt = match tiles {
+            true => {
+                let dense: Vec<f32> = qt.dequantize(device)?.flatten_all()?.to_vec1()?;
+                amx::Bf16Packed::from_f32(&dense, n, k).map(Arc::new)
+            }
+            false => None,
+        };
         Ok(Linear::Candle {
             mm: QMatMul::from_qtensor(qt)?,
             min_rows,
+            prompt,
         })
+    }
+
+    /// The projection for a decode step: always the decode kernel (VNNI or
+    /// candle), whatever the number of rows, so that a sequence's logits do
+    /// not depend on how many others share its batch.
+    pub fn forward_decode(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Candle { mm, min_rows, .. } => candle_rows(mm, *min_rows, x),
+            Linear::Vnni { w, .. } => packed(w.cols(), w.rows(), x, |xs, m| vnni::matmul(w, xs, m)),
+        }
+    }
+
+    /// Bytes of the bf16 copy kept for prompts (0 if none).
+    pub fn prompt_bytes(&self) -> usize {
+        match self {
+            Linear::Candle { prompt, .. } | Linear::Vnni { prompt, .. } => prompt.as_ref().map_or(0, |p| p.bytes()),
+        }
     }
 }
 
+/// candle's product, single rows padded to `min_rows` (see the module docs).
+fn candle_rows(mm: &QMatMul, min_rows: usize, x: &Tensor) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / k.max(1);
+    if rows >= min_rows {
+        return mm.forward(x);
+    }
+    let mut dims = x.dims().to_vec();
+    let padded = x.reshape((rows, k))?.pad_with_zeros(0, 0, min_rows - rows)?;
+    let y = mm.forward(&padded)?.narrow(0, 0, rows)?;
+    if let Some(last) = dims.last_mut() {
+        *last = y.dim(1)?;
+    }
+    y.reshape(dims)
+}
+
+/// `x W^T` for a `rows x cols` matrix through `kernel` (rows of `x`, their
+/// count -> outputs), keeping `x`'s leading dims.
+fn packed(cols: usize, rows: usize, x: &Tensor, kernel: impl Fn(&[f32], usize) -> Vec<f32>) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let k = dims.pop().unwrap_or(0);
+    if k != cols {
+        candle_core::bail!("projection expects {cols} inputs, got shape {:?}", x.dims());
+    }
+    let m = dims.iter().product::<usize>();
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    dims.push(rows);
+    Tensor::from_vec(kernel(&xs, m), dims, x.device())
+}
+
+/// Whether a product of this many rows is a prompt's (see the module docs).
+fn is_prompt(x: &Tensor) -> Result<bool> {
+    let k = x.dim(D::Minus1)?;
+    Ok(x.elem_count() / k.max(1) >= amx::MIN_ROWS)
+}
+
 impl Module for Linear {
+    /// The projection for a prompt pass: 16 or more rows go to the bf16
+    /// tiles where the CPU has them, fewer to the decode kernel.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Linear::Candle { mm, min_rows } => {
-                let k = x.dim(D::Minus1)?;
-                let rows = x.elem_count() / k.max(1);
-                if rows >= *min_rows {
-                    return mm.forward(x);
-                }
-                let mut dims = x.dims().to_vec();
-                let padded = x.reshape((rows, k))?.pad_with_zeros(0, 0, min_rows - rows)?;
-                let y = mm.forward(&padded)?.narrow(0, 0, rows)?;
-                if let Some(last) = dims.last_mut() {
-                    *last = y.dim(1)?;
-                }
-                y.reshape(dims)
+            Linear::Candle { prompt: Some(w), .. } | Linear::Vnni { prompt: Some(w), .. } if is_prompt(x)? => {
+                packed(w.cols(), w.rows(), x, |xs, m| amx::matmul_bf16(w, xs, m))
             }
-            Linear::Vnni(w) => {
-                let mut dims = x.dims().to_vec();
-                let k = dims.pop().unwrap_or(0);
-                if k != w.cols() {
-                    candle_core::bail!("projection expects {} inputs, got shape {:?}", w.cols(), x.dims());
-                }
-                let m = dims.iter().product::<usize>();
-                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                dims.push(w.rows());
-                Tensor::from_vec(vnni::matmul(w, &xs, m), dims, x.device())
-            }
+            _ => self.forward_decode(x),
         }
     }
 }
@@ -123,12 +206,12 @@ mod tests {
         ] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).expect("randn");
             let q = || QTensor::quantize(&w, dtype).expect("quantizes");
-            let plain = Linear::choose(q(), &dev, false).expect("plain");
+            let plain = Linear::choose(q(), &dev, false, false).expect("plain");
             let fast = Linear::new(q(), &dev).expect("fast");
             assert!(matches!(plain, Linear::Candle { .. }));
             if vnni::available() {
                 assert!(
-                    matches!(fast, Linear::Vnni(_)),
+                    matches!(fast, Linear::Vnni { .. }),
                     "{rows}x{cols} {dtype:?} not on the VNNI kernel"
                 );
             }
@@ -151,7 +234,8 @@ mod tests {
     }
 
     /// Batched decoding relies on this: a row's product must not depend on
-    /// which other rows share the call.
+    /// which other rows share the call (per phase: decode steps on the
+    /// decode kernel, prompt passes of 16+ rows on the prompt kernel).
     #[test]
     fn rows_do_not_depend_on_their_batch() {
         let dev = Device::Cpu;
@@ -163,16 +247,23 @@ mod tests {
         ] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).expect("randn");
             let l = Linear::new(QTensor::quantize(&w, dtype).expect("quantizes"), &dev).expect("linear");
-            let x = Tensor::randn(0f32, 1.0, (17, cols), &dev).expect("randn");
-            let together: Vec<Vec<f32>> = l.forward(&x).expect("forward").to_vec2().expect("vec");
+            let x = Tensor::randn(0f32, 1.0, (40, cols), &dev).expect("randn");
+            // Decode steps: 17 sequences together, each alone.
+            let x17 = x.narrow(0, 0, 17).expect("rows");
+            let together: Vec<Vec<f32>> = l.forward_decode(&x17).expect("forward").to_vec2().expect("vec");
             for (i, row) in together.iter().enumerate() {
                 let alone: Vec<Vec<f32>> = l
-                    .forward(&x.narrow(0, i, 1).expect("row"))
+                    .forward_decode(&x.narrow(0, i, 1).expect("row"))
                     .expect("forward")
                     .to_vec2()
                     .expect("vec");
-                assert_eq!(&alone[0], row, "{rows}x{cols} {dtype:?} row {i}");
+                assert_eq!(&alone[0], row, "{rows}x{cols} {dtype:?} decode row {i}");
             }
+            // Prompt passes: a row's result is the same in a 17-row pass as
+            // in a 40-row one (on the tiles where the CPU has them).
+            let short: Vec<Vec<f32>> = l.forward(&x17).expect("forward").to_vec2().expect("vec");
+            let long: Vec<Vec<f32>> = l.forward(&x).expect("forward").to_vec2().expect("vec");
+            assert_eq!(&long[..17], &short[..], "{rows}x{cols} {dtype:?} prompt rows");
         }
     }
 
