@@ -15,7 +15,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use futures::future::BoxFuture;
 use tessera::inference::{
-    CallCtx, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TokenLogprob,
+    CallCtx, Embedded, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TokenLogprob,
 };
 use tessera::policy::Policy;
 use tessera::pool::{Pool, PoolConfig};
@@ -78,7 +78,7 @@ impl Models for OneAtATime {
         ctx: CallCtx,
         model: &str,
         texts: Vec<String>,
-    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
+    ) -> BoxFuture<'static, Result<Embedded, InferenceError>> {
         let fut = self.inner.embed(ctx, model, texts);
         let gate = self.gate.clone();
         Box::pin(async move {

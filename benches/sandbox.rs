@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use futures::future::BoxFuture;
 use tessera::inference::{
-    CallCtx, GenParams, Generation, InferenceError, Input, Message, ModelCard, Models, Scored, TokenLogprob,
+    CallCtx, Embedded, GenParams, Generation, InferenceError, Input, Message, ModelCard, Models, Scored, TokenLogprob,
 };
 use tessera::policy::Policy;
 use tessera::pool::PoolConfig;
@@ -75,8 +75,8 @@ impl Models for Instant0 {
     ) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
         Box::pin(async { Ok(vec![]) })
     }
-    fn embed(&self, _: CallCtx, _: &str, _: Vec<String>) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
-        Box::pin(async { Ok(vec![]) })
+    fn embed(&self, _: CallCtx, _: &str, _: Vec<String>) -> BoxFuture<'static, Result<Embedded, InferenceError>> {
+        Box::pin(async { Ok(Embedded::default()) })
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tessera::inference::{
-    CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink,
+    CallCtx, Embedded, FinishReason, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink,
     TokenLogprob, Usage, DEFAULT_MAX_TOKENS,
 };
 use tessera::policy::Policy;
@@ -199,14 +199,16 @@ impl Models for Scripted {
         Box::pin(async { Ok(vec![]) })
     }
 
-    fn embed(
-        &self,
-        _: CallCtx,
-        _: &str,
-        texts: Vec<String>,
-    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
+    fn embed(&self, _: CallCtx, _: &str, texts: Vec<String>) -> BoxFuture<'static, Result<Embedded, InferenceError>> {
         self.counts.calls.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async move { Ok(texts.iter().map(|_| vec![1.0, 0.0]).collect()) })
+        Box::pin(async move {
+            Ok(Embedded {
+                // One "token" per byte: unlike words, so tests can tell
+                // the backend's count from a count made by the server.
+                tokens: texts.iter().map(|t| t.len() as u64).sum(),
+                vectors: texts.iter().map(|_| vec![1.0, 0.0]).collect(),
+            })
+        })
     }
 }
 

@@ -453,6 +453,17 @@ async fn member_requests_meet_the_input_rule_and_parameter_limits() {
 }
 
 #[tokio::test]
+async fn embedding_usage_is_the_embedders_tokens() {
+    let (srv, _, _, keys) = keyed("embed-usage").await;
+    let body = json!({"model": "embedder", "input": ["a b c", "hello"]});
+    let (status, v) = post(&srv.url("/v1/embeddings"), Some(&keys[1]), &body).await;
+    assert_eq!(status, 200, "{v}");
+    // The double's embedder reads one token per byte: 5 + 5, not 4 words.
+    assert_eq!(v["usage"]["prompt_tokens"], 10, "{v}");
+    assert_eq!(v["usage"]["total_tokens"], 10, "{v}");
+}
+
+#[tokio::test]
 async fn removing_the_last_tenant_does_not_open_a_running_server() {
     let (rt, _) = double::runtime("lasttenant", Policy::default());
     let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());

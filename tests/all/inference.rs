@@ -118,10 +118,18 @@ async fn embeddings_match_the_known_cosines() {
         "A man is eating a piece of bread.",
         "The stock market fell sharply today.",
     ];
-    let v = m
+    let embedded = m
         .embed(ctx(), MINILM, texts.iter().map(|s| s.to_string()).collect())
         .await
         .unwrap();
+    // Usage counts the embedder's tokens (with [CLS] and [SEP]), not words.
+    let words: usize = texts.iter().map(|t| t.split_whitespace().count()).sum();
+    assert!(
+        embedded.tokens as usize > words,
+        "{} tokens for {words} words",
+        embedded.tokens
+    );
+    let v = embedded.vectors;
     let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     assert_eq!(v[0].len(), 384);
     let close = cos(&v[0], &v[1]);

@@ -127,9 +127,12 @@ async fn a_pool_of_remote_members_runs_a_strategy_through_another_tessera() {
     let texts = vec!["a cat sat on the mat".to_string(), "stock markets fell".to_string()];
     let far = rt.models().embed(ctx(60), "far-minilm", texts.clone()).await.unwrap();
     let near = runtime().models().embed(ctx(60), MINILM, texts).await.unwrap();
-    for (a, b) in far.iter().zip(&near) {
+    for (a, b) in far.vectors.iter().zip(&near.vectors) {
         assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5));
     }
+    // The tokens are the embedder's own count, reported across the wire.
+    assert_eq!(far.tokens, near.tokens);
+    assert!(near.tokens >= 10, "{near:?}");
     // What a remote member cannot do is `unsupported`, by name.
     let err = rt
         .models()

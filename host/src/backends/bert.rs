@@ -70,14 +70,16 @@ impl BertEmbedder {
         })
     }
 
-    /// One L2-normalised vector per text.
-    pub fn embed(&self, ctx: CallCtx, texts: &[String]) -> Result<Vec<Vec<f32>>, InferenceError> {
+    /// One L2-normalised vector per text, and the tokens read.
+    pub fn embed(&self, ctx: CallCtx, texts: &[String]) -> Result<crate::inference::Embedded, InferenceError> {
         let mut out = Vec::with_capacity(texts.len());
+        let mut tokens = 0u64;
         for text in texts {
             if Instant::now() >= ctx.deadline {
                 return Err(InferenceError::Deadline);
             }
             let enc = self.tokenizer.encode(text.as_str(), true).map_err(failed)?;
+            tokens += enc.get_ids().len() as u64;
             let ids = Tensor::new(enc.get_ids(), &self.device)
                 .and_then(|t| t.unsqueeze(0))
                 .map_err(failed)?;
@@ -89,7 +91,7 @@ impl BertEmbedder {
             v.iter_mut().for_each(|x| *x /= norm);
             out.push(v);
         }
-        Ok(out)
+        Ok(crate::inference::Embedded { vectors: out, tokens })
     }
 }
 

@@ -109,7 +109,7 @@ impl Backend {
     }
 
     /// See [`bert::BertEmbedder::embed`].
-    pub fn embed(&mut self, ctx: CallCtx, texts: &[String]) -> Result<Vec<Vec<f32>>, InferenceError> {
+    pub fn embed(&mut self, ctx: CallCtx, texts: &[String]) -> Result<crate::inference::Embedded, InferenceError> {
         match self {
             Backend::Bert(m) => m.embed(ctx, texts),
             _ => Err(self.unsupported("embed")),

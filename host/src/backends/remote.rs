@@ -398,8 +398,11 @@ impl RemoteMember {
         Ok(scores)
     }
 
-    /// Embeddings, in input order.
-    pub async fn embed(&self, ctx: CallCtx, texts: Vec<String>) -> Result<Vec<Vec<f32>>, InferenceError> {
+    /// Embeddings, in input order, with the tokens the remote reports
+    /// (OpenAI's `usage.prompt_tokens`; where it reports none, a quarter of
+    /// the bytes, rounded up, so that a silent remote is not free).
+    pub async fn embed(&self, ctx: CallCtx, texts: Vec<String>) -> Result<crate::inference::Embedded, InferenceError> {
+        let bytes: usize = texts.iter().map(String::len).sum();
         let n = texts.len();
         let body = json!({ "model": self.cfg.model, "input": texts, "encoding_format": "float" });
         let v = self.call("embeddings", body, ctx).await?;
@@ -418,6 +421,7 @@ impl RemoteMember {
         if out.iter().any(Vec::is_empty) {
             return Err(bad());
         }
-        Ok(out)
+        let tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(bytes.div_ceil(4) as u64);
+        Ok(crate::inference::Embedded { vectors: out, tokens })
     }
 }

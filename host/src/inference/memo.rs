@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-use super::{CallCtx, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob};
+use super::{
+    CallCtx, Embedded, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob,
+};
 
 type Key = [u8; 32];
 
@@ -158,7 +160,7 @@ impl Models for ScoreMemo {
         ctx: CallCtx,
         model: &str,
         texts: Vec<String>,
-    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
+    ) -> BoxFuture<'static, Result<Embedded, InferenceError>> {
         self.inner.embed(ctx, model, texts)
     }
 }
@@ -216,13 +218,8 @@ mod tests {
         ) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>> {
             Box::pin(async { Ok(Vec::new()) })
         }
-        fn embed(
-            &self,
-            _: CallCtx,
-            _: &str,
-            _: Vec<String>,
-        ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
-            Box::pin(async { Ok(Vec::new()) })
+        fn embed(&self, _: CallCtx, _: &str, _: Vec<String>) -> BoxFuture<'static, Result<Embedded, InferenceError>> {
+            Box::pin(async { Ok(Embedded::default()) })
         }
     }
 

@@ -366,11 +366,22 @@ pub trait Models: Send + Sync + 'static {
         prompt: Input,
         top_k: u32,
     ) -> BoxFuture<'static, Result<Vec<TokenLogprob>, InferenceError>>;
-    /// L2-normalised sentence embeddings.
+    /// L2-normalised sentence embeddings, with the tokens read.
     fn embed(
         &self,
         ctx: CallCtx,
         model: &str,
         texts: Vec<String>,
-    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>>;
+    ) -> BoxFuture<'static, Result<Embedded, InferenceError>>;
+}
+
+/// Sentence embeddings, one per text in order, with the number of tokens
+/// the embedder read (what usage and billing count).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Embedded {
+    /// One L2-normalised vector per text.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens read, by the embedder's own tokenizer (special tokens
+    /// included).
+    pub tokens: u64,
 }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::{CallCtx, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob};
+use super::{
+    CallCtx, Embedded, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob,
+};
 
 /// A merge method and its own parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -249,7 +251,7 @@ impl Models for Overlay {
         ctx: CallCtx,
         model: &str,
         texts: Vec<String>,
-    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
+    ) -> BoxFuture<'static, Result<Embedded, InferenceError>> {
         let (m, id) = self.route(model);
         m.embed(ctx, id, texts)
     }

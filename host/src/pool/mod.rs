@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::backends::remote::{RemoteConfig, RemoteMember};
 use crate::backends::{bert::BertEmbedder, gguf::GgufModel, Backend};
 use crate::inference::{
-    CallCtx, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob,
+    CallCtx, Embedded, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob,
 };
 
 /// The default pool's declaration, embedded in the binary.
@@ -880,7 +880,7 @@ impl Models for Pool {
         ctx: CallCtx,
         model: &str,
         texts: Vec<String>,
-    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, InferenceError>> {
+    ) -> BoxFuture<'static, Result<Embedded, InferenceError>> {
         if let Err(e) = Input::check_texts(&texts) {
             return Box::pin(async move { Err(e) });
         }

@@ -483,8 +483,11 @@ impl models::Host for RequestState {
         let fut = self.models.embed(self.call_ctx(), &model, texts);
         let result = self.await_model(fut).await?;
         let outcome = outcome_of(&result);
-        self.record_call("embed", &model, 0, 0, started.elapsed(), &outcome)?;
-        Ok(result.map_err(inference_error_out))
+        let tokens = result.as_ref().map_or(0, |e| e.tokens);
+        self.usage.prompt_tokens += tokens;
+        let shown = u32::try_from(tokens).unwrap_or(u32::MAX);
+        self.record_call("embed", &model, shown, 0, started.elapsed(), &outcome)?;
+        Ok(result.map(|e| e.vectors).map_err(inference_error_out))
     }
 }
 

@@ -49,13 +49,14 @@ pub(crate) async fn embeddings(
         };
         let _admitted = st.admit(&tenant).await?;
         let ctx = CallCtx::new(Instant::now() + st.cfg.request_timeout, CallCtx::next_requester());
-        let tokens: u64 = texts.iter().map(|t| t.split_whitespace().count() as u64).sum();
-        let vectors = tokio::time::timeout(st.cfg.request_timeout, st.rt.models().embed(ctx, &id, texts))
+        let embedded = tokio::time::timeout(st.cfg.request_timeout, st.rt.models().embed(ctx, &id, texts))
             .await
             .map_err(|_| ApiError::timeout(st.cfg.request_timeout))?
             .map_err(|e| ApiError::from(Error::from(e)))?;
+        let tokens = embedded.tokens;
         st.charge(&tenant, tokens);
-        let data: Vec<Value> = vectors
+        let data: Vec<Value> = embedded
+            .vectors
             .iter()
             .enumerate()
             .map(|(i, v)| {
@@ -70,8 +71,7 @@ pub(crate) async fn embeddings(
             .collect();
         Ok(Json(json!({
             "object": "list", "data": data, "model": id,
-            // Whitespace words, an approximation: the embedder's own
-            // tokenizer count is not returned by the backend.
+            // The embedder's own tokens.
             "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
         })))
     };
