@@ -9,8 +9,10 @@
 //!
 //! * [`vnni`]: Q8_0 products with AVX-512 VNNI for any row count (decode),
 //!   and the weight packing both kernels share.
-//! * [`amx`]: the same products on AMX tiles for 16 or more rows (prefill,
-//!   scoring, wide batches), bit-identical to [`vnni`].
+//! * [`amx`]: AMX tiles: int8 products bit-identical to [`vnni`] (measured
+//!   no faster), and the bf16 products prompt passes use.
+//! * [`math`]: a causal softmax and SiLU on a vector `exp`.
 
 pub mod amx;
+pub mod math;
 pub mod vnni;

@@ -4,6 +4,7 @@
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
+use tessera_kernels::math::Causal;
 
 /// The token embedding (kept as f16 for row lookup) and the output
 /// projection: `output.weight` when the file has one, else the embedding
@@ -114,16 +115,79 @@ pub(super) fn causal_mask(t: usize, pos: usize, window: Option<usize>, device: &
     Ok(Some(Tensor::from_vec(m, (1, 1, t, total), device)?))
 }
 
+/// Softmax over the keys each query may see, as a candle op over
+/// [`tessera_kernels::math::softmax_causal`] (CPU, f32, contiguous): no
+/// mask tensor is built or added, and masked scores are never
+/// exponentiated.
+struct CausalSoftmax(Causal);
+
+impl candle_core::CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "tessera-causal-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(values) = storage else {
+            candle_core::bail!("causal softmax: f32 scores expected");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("causal softmax: contiguous scores expected");
+        };
+        let mut out = values[start..end].to_vec();
+        let width = layout.dims().last().copied().unwrap_or(0);
+        tessera_kernels::math::softmax_causal(&mut out, width, self.0);
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// SiLU as a candle op over [`tessera_kernels::math::silu`] (CPU, f32,
+/// contiguous).
+struct Silu;
+
+impl candle_core::CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "tessera-silu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("silu: contiguous f32 input expected");
+        };
+        let mut out = values[start..end].to_vec();
+        tessera_kernels::math::silu(&mut out);
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// `x * sigmoid(x)`: our vector kernel on the CPU, candle's elsewhere.
+pub(super) fn silu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1_no_bwd(&Silu)
+    } else {
+        candle_nn::ops::silu(x)
+    }
+}
+
 /// Attends queries `q` (`[b, heads, t, d]`, rotated and scaled) to the cached
 /// keys/values plus this step's `k`, `v` (`[b, kv_heads, t, d]`), updating
-/// the cache; `pos == 0` starts a new cache. Returns `[b, t, heads * d]`.
+/// the cache; `pos == 0` starts a new cache. Each query at `pos + i` sees
+/// the keys up to its own position, and only the last `window` of them
+/// where the layer has a sliding window. Returns `[b, t, heads * d]`.
 pub(super) fn attend(
     q: &Tensor,
     k: Tensor,
     v: Tensor,
     cache: &mut Option<(Tensor, Tensor)>,
     pos: usize,
-    mask: Option<&Tensor>,
+    window: Option<usize>,
 ) -> Result<Tensor> {
     let (b, heads, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
@@ -136,10 +200,20 @@ pub(super) fn attend(
     let rep = heads / kv_heads;
     let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
     let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-    let mut scores = q.contiguous()?.matmul(&k.t()?)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(mask)?;
-    }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let scores = q.contiguous()?.matmul(&k.t()?)?;
+    let probs = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        let causal = Causal {
+            queries: t,
+            pos,
+            window,
+        };
+        scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax(causal))?
+    } else {
+        let scores = match causal_mask(t, pos, window, scores.device())? {
+            Some(mask) => scores.broadcast_add(&mask)?,
+            None => scores,
+        };
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
     probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * d))
 }

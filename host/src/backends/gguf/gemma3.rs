@@ -25,7 +25,7 @@ use super::quant::Linear;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::attention::{attend, causal_mask, embedding_and_output, Meta, Rope};
+use super::attention::{attend, embedding_and_output, Meta, Rope};
 
 /// Rotary base of the sliding-window (local) layers.
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
@@ -139,7 +139,6 @@ impl Gemma3 {
     /// starts a new sequence.
     pub fn forward(&mut self, ids: &Tensor, pos: usize) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let device = ids.device().clone();
         let flat = ids.flatten_all()?;
         let mut x =
             (self.embed.index_select(&flat, 0)?.to_dtype(DType::F32)? * self.embed_scale)?.reshape((b, t, ()))?;
@@ -158,8 +157,7 @@ impl Gemma3 {
             let k = candle_nn::ops::rms_norm(&k.contiguous()?, &layer.k_norm, eps)?;
             let q = (rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = rope.apply(&k, pos)?;
-            let mask = causal_mask(t, pos, layer.window, &device)?;
-            let attn = attend(&q, k, v, &mut layer.kv, pos, mask.as_ref())?;
+            let attn = attend(&q, k, v, &mut layer.kv, pos, layer.window)?;
             let attn = layer.o.forward(&attn)?;
             let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;

@@ -19,7 +19,7 @@ use super::quant::Linear;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::attention::{attend, causal_mask, embedding_and_output, Meta, Rope};
+use super::attention::{attend, embedding_and_output, silu, Meta, Rope};
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -178,7 +178,7 @@ impl Llama {
             let attn = Tensor::cat(&rows, 0)?;
             let h = (layer.o.forward_decode(&attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = (candle_nn::ops::silu(&layer.gate.forward_decode(&m)?)? * layer.up.forward_decode(&m)?)?;
+            let ff = (silu(&layer.gate.forward_decode(&m)?)? * layer.up.forward_decode(&m)?)?;
             x = (layer.down.forward_decode(&ff)? + h)?;
         }
         let last = candle_nn::ops::rms_norm(&x.squeeze(1)?, &self.norm, eps)?;
@@ -189,14 +189,12 @@ impl Llama {
     /// last position's logits (`[1, vocab]`). `pos == 0` starts afresh.
     pub fn forward(&mut self, ids: &Tensor, pos: usize) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let device = ids.device().clone();
         let mut x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .to_dtype(DType::F32)?
             .reshape((b, t, ()))?;
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
-        let mask = causal_mask(t, pos, None, &device)?;
         for layer in self.layers.iter_mut() {
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let (mut q, mut k, mut v) = (layer.q.forward(&n)?, layer.k.forward(&n)?, layer.v.forward(&n)?);
@@ -210,10 +208,10 @@ impl Llama {
             let v = v.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
             let q = (self.rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = self.rope.apply(&k, pos)?;
-            let attn = attend(&q, k, v, &mut layer.kv, pos, mask.as_ref())?;
+            let attn = attend(&q, k, v, &mut layer.kv, pos, None)?;
             let h = (layer.o.forward(&attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = (candle_nn::ops::silu(&layer.gate.forward(&m)?)? * layer.up.forward(&m)?)?;
+            let ff = (silu(&layer.gate.forward(&m)?)? * layer.up.forward(&m)?)?;
             x = (layer.down.forward(&ff)? + h)?;
         }
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
