@@ -135,6 +135,17 @@ fn main() {
         );
     }
     println!();
+    println!("{:<28} {:>14} {:>14} {:>7}", "member", "decode 1 seq", "16 together", "ratio");
+    for m in PoolConfig::default_pool()
+        .members
+        .iter()
+        .filter(|m| m.backend == BackendKind::Gguf)
+    {
+        let file = paths.models.join(&m.path);
+        let (one, many) = (decode_together(&file, &prompt, 1), decode_together(&file, &prompt, 16));
+        println!("{:<28} {:>14.1} {:>14.1} {:>6.2}x", m.id, one, many, many / one);
+    }
+    println!();
     println!(
         "{:<28} {:>14} {:>14} {:>7}",
         "member", "MCQ items/s", "no reuse", "ratio"
@@ -159,6 +170,47 @@ fn main() {
             with / fallback
         );
     }
+}
+
+/// Aggregate decode tokens per second of `n` sequences decoded together
+/// (one prompt, sampled with seeds 0..n so that they differ): the time of
+/// the whole batch less the time of the same batch stopped after its first
+/// token (the prompts, prefilled one at a time), over the tokens after the
+/// first.
+fn decode_together(path: &Path, prompt: &str, n: usize) -> f64 {
+    use tessera::backends::gguf::decode::GenJob;
+    let mut m = GgufModel::load("bench", path, &candle_core::Device::Cpu).expect("model loads");
+    let input = Input::Prompt(prompt.to_string());
+    let run = |m: &mut GgufModel, tokens: u32| -> (f64, u64) {
+        let params: Vec<GenParams> = (0..n)
+            .map(|i| GenParams {
+                max_tokens: Some(tokens),
+                temperature: Some(0.7),
+                seed: Some(i as u64),
+                ..Default::default()
+            })
+            .collect();
+        let jobs: Vec<GenJob<'_>> = params
+            .iter()
+            .map(|p| GenJob {
+                ctx: CallCtx {
+                    deadline: Instant::now() + Duration::from_secs(600),
+                    requester: 0,
+                },
+                input: &input,
+                params: p,
+                sink: None,
+            })
+            .collect();
+        let t = Instant::now();
+        let out = m.generate_batch(jobs);
+        let secs = t.elapsed().as_secs_f64();
+        let toks = out.iter().map(|g| g.as_ref().map_or(0, |g| g.usage.completion_tokens as u64)).sum();
+        (secs, toks)
+    };
+    let (t1, k1) = run(&mut m, 1);
+    let (tn, kn) = run(&mut m, DECODE / 2 + 1);
+    kn.saturating_sub(k1) as f64 / (tn - t1).max(1e-9)
 }
 
 /// Multiple-choice items (ARC-style, written for this bench): question and
