@@ -135,7 +135,10 @@ fn main() {
         );
     }
     println!();
-    println!("{:<28} {:>14} {:>14} {:>7}", "member", "decode 1 seq", "16 together", "ratio");
+    println!(
+        "{:<28} {:>14} {:>14} {:>7}",
+        "member", "decode 1 seq", "16 together", "ratio"
+    );
     for m in PoolConfig::default_pool()
         .members
         .iter()
@@ -205,7 +208,10 @@ fn decode_together(path: &Path, prompt: &str, n: usize) -> f64 {
         let t = Instant::now();
         let out = m.generate_batch(jobs);
         let secs = t.elapsed().as_secs_f64();
-        let toks = out.iter().map(|g| g.as_ref().map_or(0, |g| g.usage.completion_tokens as u64)).sum();
+        let toks = out
+            .iter()
+            .map(|g| g.as_ref().map_or(0, |g| g.usage.completion_tokens as u64))
+            .sum();
         (secs, toks)
     };
     let (t1, k1) = run(&mut m, 1);
