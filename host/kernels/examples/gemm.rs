@@ -9,6 +9,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use tessera_kernels::{amx, vnni};
 
+/// A product over packed weights: (weights, rows, row count) -> outputs.
+type Kernel<'a> = dyn Fn(&vnni::Packed, &[f32], usize) -> Vec<f32> + 'a;
+
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let (m, n, k) = match args[..] {
@@ -32,7 +35,7 @@ fn main() {
         Some(w) => amx::matmul_bf16(w, x, m),
         None => vnni::matmul(&packed, x, m),
     };
-    let kernels: [(&str, &dyn Fn(&vnni::Packed, &[f32], usize) -> Vec<f32>); 3] = [
+    let kernels: [(&str, &Kernel); 3] = [
         ("vnni", &vnni::matmul),
         ("amx int8", &amx::matmul),
         ("amx bf16", &on_bf16),
