@@ -194,6 +194,23 @@ pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     out
 }
 
+/// Calls `f(t, two_cols, row, two_rows)` for every block of a worker's
+/// share of column-tile pairs: per pair (first column tile `t`, and whether
+/// a second one follows), every 16- or 32-row block of the `padded` rows,
+/// so that the pair's weights stay in cache while the activations stream.
+fn walk(pairs: std::ops::Range<usize>, tiles_n: usize, padded: usize, mut f: impl FnMut(usize, bool, usize, bool)) {
+    for p in pairs {
+        let t = p * 2;
+        let two_cols = t + 1 < tiles_n;
+        let mut row = 0;
+        while row < padded {
+            let two_rows = row + TILE < padded;
+            f(t, two_cols, row, two_rows);
+            row += TILE * if two_rows { 2 } else { 1 };
+        }
+    }
+}
+
 /// A tile configuration block (`ldtilecfg`'s 64-byte operand).
 ///
 /// The tile palette of [`matmul`]: tiles 0-1 hold activations (16 rows x 32 bytes), 2-3
@@ -252,26 +269,36 @@ unsafe fn leave(saved: &TileConfig) {
     }
 }
 
-const CONFIG: TileConfig = {
-    let mut colsb = [0u16; 16];
-    let mut rows = [0u8; 16];
-    let mut t = 0;
-    while t < 8 {
-        (colsb[t], rows[t]) = match t {
-            0 | 1 => (BLOCK as u16, TILE as u8),
-            2 | 3 => (64, (BLOCK / 4) as u8),
-            _ => (64, TILE as u8),
-        };
-        t += 1;
+const CONFIG: TileConfig = TileConfig::palette1([
+    (BLOCK as u16, TILE as u8),
+    (BLOCK as u16, TILE as u8),
+    (64, (BLOCK / 4) as u8),
+    (64, (BLOCK / 4) as u8),
+    (64, TILE as u8),
+    (64, TILE as u8),
+    (64, TILE as u8),
+    (64, TILE as u8),
+]);
+
+impl TileConfig {
+    /// Palette 1 with tiles 0-7 of the given (bytes per row, rows).
+    const fn palette1(shapes: [(u16, u8); 8]) -> TileConfig {
+        let mut colsb = [0u16; 16];
+        let mut rows = [0u8; 16];
+        let mut t = 0;
+        while t < 8 {
+            (colsb[t], rows[t]) = shapes[t];
+            t += 1;
+        }
+        TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb,
+            rows,
+        }
     }
-    TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb,
-        rows,
-    }
-};
+}
 
 /// One worker's share of column-tile pairs: loads the tile configuration,
 /// walks every 16- or 32-row block of activations against each pair (the
@@ -294,24 +321,17 @@ unsafe fn share(
     // SAFETY: CONFIG is a valid palette-1 configuration (the caller checked
     // the CPU supports it).
     let saved = unsafe { enter(&CONFIG) };
-    for p in pairs {
-        let t = p * 2;
-        let two_cols = t + 1 < tiles_n;
-        let mut row = 0;
-        while row < padded {
-            let two_rows = row + TILE < padded;
-            // SAFETY: forwarded from the caller; `row` and `t` are in range.
-            unsafe {
-                match (two_rows, two_cols) {
-                    (true, true) => block::<2, 2>(w, acts, kb, m, row, t, dst, n),
-                    (true, false) => block::<2, 1>(w, acts, kb, m, row, t, dst, n),
-                    (false, true) => block::<1, 2>(w, acts, kb, m, row, t, dst, n),
-                    (false, false) => block::<1, 1>(w, acts, kb, m, row, t, dst, n),
-                }
+    walk(pairs, tiles_n, padded, |t, two_cols, row, two_rows| {
+        // SAFETY: forwarded from the caller; `row` and `t` are in range.
+        unsafe {
+            match (two_rows, two_cols) {
+                (true, true) => block::<2, 2>(w, acts, kb, m, row, t, dst, n),
+                (true, false) => block::<2, 1>(w, acts, kb, m, row, t, dst, n),
+                (false, true) => block::<1, 2>(w, acts, kb, m, row, t, dst, n),
+                (false, false) => block::<1, 1>(w, acts, kb, m, row, t, dst, n),
             }
-            row += TILE * if two_rows { 2 } else { 1 };
         }
-    }
+    });
     // SAFETY: restores the configuration `enter` saved.
     unsafe { leave(&saved) };
 }
@@ -673,22 +693,7 @@ unsafe fn dequantize_tile(tile: &vnni::Tile, dst: &mut [u16; B_TILE]) {
 
 /// The bf16 palette: every tile 16 rows x 64 bytes (A: 16 rows x 32
 /// inputs; B: 16 input pairs x 16 columns; C: 16 x 16 f32).
-const CONFIG_BF16: TileConfig = {
-    let mut colsb = [0u16; 16];
-    let mut rows = [0u8; 16];
-    let mut t = 0;
-    while t < 8 {
-        (colsb[t], rows[t]) = (64, TILE as u8);
-        t += 1;
-    }
-    TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb,
-        rows,
-    }
-};
+const CONFIG_BF16: TileConfig = TileConfig::palette1([(64, TILE as u8); 8]);
 
 /// One worker's share of column-tile pairs for [`matmul_bf16`]: every 16-
 /// or 32-row block of activations runs against each pair's weights (which
@@ -708,35 +713,27 @@ unsafe fn share_bf16(
     let (tiles_n, kb) = (w.n / TILE, w.k / BLOCK);
     // SAFETY: CONFIG_BF16 is a valid palette-1 configuration.
     let saved = unsafe { enter(&CONFIG_BF16) };
-    for p in pairs {
-        let t = p * 2;
-        let two_cols = t + 1 < tiles_n;
-        let b_tiles = &w.tiles[t * kb..(t + 1 + two_cols as usize) * kb];
-        let mut row = 0;
-        while row < padded {
-            let two_rows = row + TILE < padded;
-            let at = Bf16Block {
-                xb,
-                k: w.k,
-                b_tiles,
-                m,
-                row,
-                col: t * TILE,
-                dst,
-                n,
-            };
-            // SAFETY: forwarded from the caller; rows and columns in range.
-            unsafe {
-                match (two_rows, two_cols) {
-                    (true, true) => at.run::<2, 2>(),
-                    (true, false) => at.run::<2, 1>(),
-                    (false, true) => at.run::<1, 2>(),
-                    (false, false) => at.run::<1, 1>(),
-                }
+    walk(pairs, tiles_n, padded, |t, two_cols, row, two_rows| {
+        let at = Bf16Block {
+            xb,
+            k: w.k,
+            b_tiles: &w.tiles[t * kb..(t + 1 + two_cols as usize) * kb],
+            m,
+            row,
+            col: t * TILE,
+            dst,
+            n,
+        };
+        // SAFETY: forwarded from the caller; rows and columns in range.
+        unsafe {
+            match (two_rows, two_cols) {
+                (true, true) => at.run::<2, 2>(),
+                (true, false) => at.run::<2, 1>(),
+                (false, true) => at.run::<1, 2>(),
+                (false, false) => at.run::<1, 1>(),
             }
-            row += TILE * if two_rows { 2 } else { 1 };
         }
-    }
+    });
     // SAFETY: restores the configuration `enter` saved.
     unsafe { leave(&saved) };
 }

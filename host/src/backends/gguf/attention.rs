@@ -115,42 +115,21 @@ pub(super) fn causal_mask(t: usize, pos: usize, window: Option<usize>, device: &
     Ok(Some(Tensor::from_vec(m, (1, 1, t, total), device)?))
 }
 
-/// Softmax over the keys each query may see, as a candle op over
-/// [`tessera_kernels::math::softmax_causal`] (CPU, f32, contiguous): no
-/// mask tensor is built or added, and masked scores are never
-/// exponentiated.
-struct CausalSoftmax(Causal);
-
-impl candle_core::CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "tessera-causal-softmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(values) = storage else {
-            candle_core::bail!("causal softmax: f32 scores expected");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("causal softmax: contiguous scores expected");
-        };
-        let mut out = values[start..end].to_vec();
-        let width = layout.dims().last().copied().unwrap_or(0);
-        tessera_kernels::math::softmax_causal(&mut out, width, self.0);
-        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
-    }
+/// A candle op over one of our in-place f32 kernels (CPU, contiguous
+/// input): the softmax over the keys each query may see
+/// ([`tessera_kernels::math::softmax_causal`]: no mask tensor is built or
+/// added, and masked scores are never exponentiated) or SiLU.
+enum InPlace {
+    CausalSoftmax(Causal),
+    Silu,
 }
 
-/// SiLU as a candle op over [`tessera_kernels::math::silu`] (CPU, f32,
-/// contiguous).
-struct Silu;
-
-impl candle_core::CustomOp1 for Silu {
+impl candle_core::CustomOp1 for InPlace {
     fn name(&self) -> &'static str {
-        "tessera-silu"
+        match self {
+            InPlace::CausalSoftmax(_) => "tessera-causal-softmax",
+            InPlace::Silu => "tessera-silu",
+        }
     }
 
     fn cpu_fwd(
@@ -159,10 +138,16 @@ impl candle_core::CustomOp1 for Silu {
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let (candle_core::CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("silu: contiguous f32 input expected");
+            candle_core::bail!("{}: contiguous f32 input expected", self.name());
         };
         let mut out = values[start..end].to_vec();
-        tessera_kernels::math::silu(&mut out);
+        match self {
+            InPlace::CausalSoftmax(causal) => {
+                let width = layout.dims().last().copied().unwrap_or(0);
+                tessera_kernels::math::softmax_causal(&mut out, width, *causal);
+            }
+            InPlace::Silu => tessera_kernels::math::silu(&mut out),
+        }
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -170,7 +155,7 @@ impl candle_core::CustomOp1 for Silu {
 /// `x * sigmoid(x)`: our vector kernel on the CPU, candle's elsewhere.
 pub(super) fn silu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1_no_bwd(&Silu)
+        x.contiguous()?.apply_op1_no_bwd(&InPlace::Silu)
     } else {
         candle_nn::ops::silu(x)
     }
@@ -207,7 +192,7 @@ pub(super) fn attend(
             pos,
             window,
         };
-        scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax(causal))?
+        scores.contiguous()?.apply_op1_no_bwd(&InPlace::CausalSoftmax(causal))?
     } else {
         let scores = match causal_mask(t, pos, window, scores.device())? {
             Some(mask) => scores.broadcast_add(&mask)?,
