@@ -86,6 +86,16 @@ fn llama_cpp(path: &Path, prompt_file: &Path, threads: usize) -> Option<(f64, f6
     Some((v["prefill_tok_s"].as_f64()?, v["decode_tok_s"].as_f64()?))
 }
 
+/// The default pool's GGUF members: (id, file).
+fn gguf_members(paths: &Paths) -> Vec<(String, std::path::PathBuf)> {
+    PoolConfig::default_pool()
+        .members
+        .into_iter()
+        .filter(|m| m.backend == BackendKind::Gguf)
+        .map(|m| (m.id.clone(), paths.models.join(&m.path)))
+        .collect()
+}
+
 fn main() {
     // `cargo bench` passes filter arguments; this bench has no sub-benches.
     let paths = Paths::from_env();
@@ -107,12 +117,7 @@ fn main() {
         "llama.cpp",
         "ratio"
     );
-    for m in PoolConfig::default_pool()
-        .members
-        .iter()
-        .filter(|m| m.backend == BackendKind::Gguf)
-    {
-        let file = paths.models.join(&m.path);
+    for (id, file) in gguf_members(&paths) {
         // The same model on the fallback kernels (VNNI / candle), in the
         // same run, then on the tiles.
         tessera_kernels::amx::set_allowed(false);
@@ -122,7 +127,7 @@ fn main() {
         let (lpf, ldc) = llama_cpp(&file, &prompt_file, threads).map_or((f64::NAN, f64::NAN), |x| x);
         println!(
             "{:<28} {:>7} {:>12.1} {:>12.1} {:>12.1} {:>6.2}x {:>12.1} {:>12.1} {:>12.1} {:>6.2}x",
-            m.id,
+            id,
             n,
             pf,
             fpf,
@@ -139,33 +144,23 @@ fn main() {
         "{:<28} {:>14} {:>14} {:>7}",
         "member", "decode 1 seq", "16 together", "ratio"
     );
-    for m in PoolConfig::default_pool()
-        .members
-        .iter()
-        .filter(|m| m.backend == BackendKind::Gguf)
-    {
-        let file = paths.models.join(&m.path);
+    for (id, file) in gguf_members(&paths) {
         let (one, many) = (decode_together(&file, &prompt, 1), decode_together(&file, &prompt, 16));
-        println!("{:<28} {:>14.1} {:>14.1} {:>6.2}x", m.id, one, many, many / one);
+        println!("{:<28} {:>14.1} {:>14.1} {:>6.2}x", id, one, many, many / one);
     }
     println!();
     println!(
         "{:<28} {:>14} {:>14} {:>7}",
         "member", "MCQ items/s", "no reuse", "ratio"
     );
-    for m in PoolConfig::default_pool()
-        .members
-        .iter()
-        .filter(|m| m.backend == BackendKind::Gguf)
-    {
-        let file = paths.models.join(&m.path);
+    for (id, file) in gguf_members(&paths) {
         tessera_kernels::amx::set_allowed(false);
         let fallback = mcq_items_per_s(&file, true);
         tessera_kernels::amx::set_allowed(true);
         let (with, without) = (mcq_items_per_s(&file, true), mcq_items_per_s(&file, false));
         println!(
             "{:<28} {:>14.2} {:>14.2} {:>6.2}x   no tiles: {:.2} ({:.2}x)",
-            m.id,
+            id,
             with,
             without,
             with / without,

@@ -973,13 +973,11 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
         let q4k = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).expect("q4k")).expect("qmatmul");
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).expect("randn");
-        let first: Vec<f32> = q4k
-            .forward(&x)
-            .expect("forward")
-            .flatten_all()
-            .expect("flat")
-            .to_vec1()
-            .expect("vec");
+        let candle = || -> Vec<f32> {
+            let y = q4k.forward(&x).expect("forward");
+            y.flatten_all().expect("flat").to_vec1().expect("vec")
+        };
+        let first = candle();
         let ours = packed(n, k);
         let xs = rows(m, k);
         let ours_bf16 = Bf16Packed::from_packed(&ours);
@@ -988,14 +986,7 @@ mod tests {
                 let _ = matmul_bf16(w, &xs, m);
             }
             let _ = matmul(&ours, &xs, m);
-            let again: Vec<f32> = q4k
-                .forward(&x)
-                .expect("forward")
-                .flatten_all()
-                .expect("flat")
-                .to_vec1()
-                .expect("vec");
-            assert_eq!(first, again);
+            assert_eq!(first, candle());
         }
     }
 
