@@ -26,17 +26,17 @@
 //!   products for 100-token prompts): Q8_0 matrices from their packing,
 //!   K-quant matrices from their exact values (decode keeps reading the
 //!   K-quant, which is fewer bytes). The output projection, which prompts
-//!   multiply by their last row only, gets no copy. Decode steps always take the decode
-//!   kernel ([`Linear::forward_decode`]), so a sequence's logits do not
-//!   depend on its batch; a prompt's rows do not depend on each other on
-//!   either kernel. The tile kernel rounds activations to bf16 where the
-//!   decode kernel quantizes them per 32 as Q8_0, so a prompt shorter than
-//!   16 tokens and a longer one run on different (equally accurate)
-//!   numerics.
+//!   multiply by their last row only, gets no copy. Decode steps always
+//!   take the decode kernel ([`Linear::forward_decode`]), so a sequence's
+//!   logits do not depend on its batch; a prompt's rows do not depend on
+//!   each other on either kernel. The tile kernel rounds activations to
+//!   bf16 where the decode kernel quantizes them per 32 as Q8_0, so a
+//!   prompt shorter than 16 tokens and a longer one run on different
+//!   numerics (both within the llama.cpp parity fixtures' tolerance).
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use tessera_kernels::{amx, vnni};
