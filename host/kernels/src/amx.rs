@@ -36,8 +36,9 @@
 //! [`available`] checks CPUID, the OS-enabled XSAVE state and that
 //! permission once; [`matmul`] falls back to the VNNI kernel (which itself
 //! falls back to portable code) when it is false, so no safe call can execute
-//! an instruction this machine lacks. Each worker loads the tile
-//! configuration at the start of its share and releases the tiles at the end.
+//! an instruction this machine lacks. Each worker loads its tile
+//! configuration at the start of its share and puts back the one it found at
+//! the end (see [`enter`]: other code in the process uses the tiles too).
 
 use crate::vnni::{self, Act, Packed, BLOCK, TILE};
 
@@ -55,12 +56,13 @@ struct Support {
 fn support() -> Support {
     static STATE: std::sync::OnceLock<Support> = std::sync::OnceLock::new();
     *STATE.get_or_init(|| {
-        if !tiles_usable() {
+        let edx = cpuid7_edx();
+        if !tiles_usable(edx) {
             return Support::default();
         }
         Support {
-            int8: cpuid7_edx() & (1 << 25) != 0,
-            bf16: cpuid7_edx() & (1 << 22) != 0 && bf16_helpers(),
+            int8: edx & (1 << 25) != 0,
+            bf16: edx & (1 << 22) != 0 && bf16_helpers(),
         }
     })
 }
@@ -113,19 +115,16 @@ fn bf16_helpers() -> bool {
     false
 }
 
-/// AMX-TILE present, its state enabled by the OS and granted to us.
+/// AMX-TILE present (bit 24 of CPUID leaf 7's `edx`), its state enabled
+/// by the OS and granted to us.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn tiles_usable() -> bool {
-    use std::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv};
+fn tiles_usable(leaf7_edx: u32) -> bool {
+    use std::arch::x86_64::{__cpuid, _xgetbv};
     if !is_x86_feature_detected!("avx512f") || !is_x86_feature_detected!("xsave") {
         return false;
     }
-    let (max_leaf, leaf1, leaf7) = (__cpuid(0).eax, __cpuid(1), __cpuid_count(7, 0));
-    if max_leaf < 7 {
-        return false;
-    }
-    let amx_tile = leaf7.edx & (1 << 24) != 0;
-    let osxsave = leaf1.ecx & (1 << 27) != 0;
+    let amx_tile = leaf7_edx & (1 << 24) != 0;
+    let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
     if !(amx_tile && osxsave) {
         return false;
     }
@@ -139,7 +138,7 @@ fn tiles_usable() -> bool {
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn tiles_usable() -> bool {
+fn tiles_usable(_: u32) -> bool {
     false
 }
 
@@ -302,8 +301,8 @@ impl TileConfig {
 
 /// One worker's share of column-tile pairs: loads the tile configuration,
 /// walks every 16- or 32-row block of activations against each pair (the
-/// pair's weights stay in L1 while the activations stream), then releases
-/// the tiles.
+/// pair's weights stay in L1 while the activations stream), then restores
+/// the thread's previous tile configuration.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
@@ -511,11 +510,6 @@ impl Bf16Packed {
     /// Input width.
     pub fn cols(&self) -> usize {
         self.k
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.tiles.len() * B_TILE * 2
     }
 }
 

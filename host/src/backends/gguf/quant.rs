@@ -134,13 +134,6 @@ impl Linear {
             Linear::Vnni { w, .. } => packed(w.cols(), w.rows(), x, |xs, m| vnni::matmul(w, xs, m)),
         }
     }
-
-    /// Bytes of the bf16 copy kept for prompts (0 if none).
-    pub fn prompt_bytes(&self) -> usize {
-        match self {
-            Linear::Candle { prompt, .. } | Linear::Vnni { prompt, .. } => prompt.as_ref().map_or(0, |p| p.bytes()),
-        }
-    }
 }
 
 /// candle's product, single rows padded to `min_rows` (see the module docs).
