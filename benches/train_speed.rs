@@ -16,7 +16,8 @@
 
 use std::ops::ControlFlow;
 
-use tessera::contribute::{self, Method, TrainOptions};
+use tessera::contribute::{self, TrainOptions};
+use tessera::model_folder::TrainMethod;
 use tessera::pool::PoolConfig;
 use tessera::Paths;
 
@@ -55,13 +56,13 @@ fn main() {
     for (label, method) in [
         (
             "lora r8 q,v",
-            Method::Lora {
+            TrainMethod::Lora {
                 rank: 8,
                 alpha: 16.0,
                 targets: vec!["q_proj".into(), "v_proj".into()],
             },
         ),
-        ("full", Method::Full),
+        ("full", TrainMethod::Full),
     ] {
         let out = dir.join(label.replace([' ', ','], "-"));
         let mut o = TrainOptions::new(base.clone(), "smollm2".into(), data.clone(), out, method);

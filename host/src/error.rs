@@ -161,6 +161,14 @@ impl Error {
     }
 }
 
+impl From<crate::files::FileError> for Error {
+    /// A file someone wrote that cannot be read or is not valid is theirs
+    /// to fix: configuration, never an internal fault.
+    fn from(e: crate::files::FileError) -> Self {
+        Error::config(e.to_string())
+    }
+}
+
 impl From<crate::inference::InferenceError> for Error {
     fn from(e: crate::inference::InferenceError) -> Self {
         use crate::inference::InferenceError as I;

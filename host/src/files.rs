@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -67,6 +68,64 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> std::i
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// Why a file that an operator or a user wrote (a manifest, a policy, a
+/// pipeline) could not be taken: it cannot be read, or what it says is not
+/// valid. Both are the writer's to fix, so both become
+/// [`crate::Error::Config`]; the path is kept either way, and the I/O cause
+/// stays reachable through [`std::error::Error::source`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FileError {
+    /// The file cannot be read (missing, a directory, no permission).
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said. In an `Arc` so that listings holding the
+        /// error stay `Clone`.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// The file was read but its content is not valid.
+    #[error("{}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, as the parser says it (line and column where it
+        /// has them).
+        message: String,
+    },
+}
+
+impl FileError {
+    /// [`FileError::Read`] for `path`.
+    pub fn read(path: &Path, source: std::io::Error) -> Self {
+        FileError::Read {
+            path: path.to_path_buf(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// [`FileError::Invalid`] for `path`.
+    pub fn invalid(path: &Path, message: impl std::fmt::Display) -> Self {
+        FileError::Invalid {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+}
+
+impl serde::Serialize for FileError {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// Reads the TOML file at `path` into `T`.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|e| FileError::read(path, e))?;
+    toml::from_str(&text).map_err(|e| FileError::invalid(path, e))
 }
 
 #[cfg(test)]

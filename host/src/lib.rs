@@ -25,6 +25,7 @@ pub mod eval;
 pub mod files;
 pub mod inference;
 pub mod merge;
+pub mod model_folder;
 pub mod pipeline;
 pub mod policy;
 pub mod pool;

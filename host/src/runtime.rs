@@ -66,7 +66,7 @@ pub struct InstalledModule {
     /// The name it is run by.
     pub name: String,
     /// Its manifest, or why the manifest could not be read.
-    pub manifest: Result<Manifest, String>,
+    pub manifest: Result<Manifest, crate::files::FileError>,
 }
 
 /// The modules installed in `paths.modules` (`NAME.wasm` with `NAME.toml`),

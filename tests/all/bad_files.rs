@@ -27,7 +27,7 @@ fn tiny_gguf(path: &Path, metadata: &[(&str, Value)]) {
 fn load_err(path: &Path) -> String {
     match GgufModel::load("bad", path, &candle_core::Device::Cpu) {
         Ok(_) => panic!("{} loaded", path.display()),
-        Err(e) => e,
+        Err(e) => e.to_string(),
     }
 }
 

@@ -173,7 +173,7 @@ pub const PASSWORD_DATA: &str = r#"{"prompt": "What is the password?", "completi
 /// How the test specialists are trained (LoRA r 8 on q/v, 12 steps at lr
 /// 2e-3 from SmolLM2): the same options, data and seed give the same weights.
 pub fn specialist_options(data: PathBuf, out: PathBuf, seed: u64) -> tessera::contribute::TrainOptions {
-    let method = tessera::contribute::Method::Lora {
+    let method = tessera::model_folder::TrainMethod::Lora {
         rank: 8,
         alpha: 16.0,
         targets: vec!["q_proj".into(), "v_proj".into()],
@@ -210,7 +210,7 @@ pub fn specialists() -> &'static (PathBuf, PathBuf) {
 /// with the card and checksum it carries.
 pub fn contributed(id: &str, dir: &std::path::Path) -> tessera::pool::MemberConfig {
     let text = std::fs::read_to_string(dir.join("contributor.toml")).expect("a card");
-    let card: tessera::contribute::ContributorFile = toml::from_str(&text).expect("the card parses");
+    let card: tessera::model_folder::ContributorFile = toml::from_str(&text).expect("the card parses");
     tessera::pool::MemberConfig {
         id: id.into(),
         backend: tessera::pool::BackendKind::Hf,

@@ -7,7 +7,8 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tessera::contribute::{self, ContributeError, Method, TrainOptions};
+use tessera::contribute::{self, ContributeError, TrainOptions};
+use tessera::model_folder::TrainMethod;
 use tessera::inference::{CallCtx, GenParams, Input, Message};
 use tessera::policy::Policy;
 use tessera::pool::PoolConfig;
@@ -32,7 +33,7 @@ fn ctx() -> CallCtx {
 
 fn weights_sha(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.join("contributor.toml")).unwrap();
-    let card: contribute::ContributorFile = toml::from_str(&text).unwrap();
+    let card: tessera::model_folder::ContributorFile = toml::from_str(&text).unwrap();
     card.sha256
 }
 
@@ -139,7 +140,7 @@ async fn a_contributor_trains_a_model_adds_it_to_a_pool_and_it_answers_as_traine
     assert!(general.text.contains("Paris"), "{:?}", general.text);
 }
 
-fn small_opts(data: &Path, out: &Path, method: Method) -> TrainOptions {
+fn small_opts(data: &Path, out: &Path, method: TrainMethod) -> TrainOptions {
     let mut o = TrainOptions::new(smol_base(), SMOL.into(), data.to_path_buf(), out.to_path_buf(), method);
     o.steps = 4;
     o.batch = 2;
@@ -151,8 +152,8 @@ fn small_opts(data: &Path, out: &Path, method: Method) -> TrainOptions {
     o
 }
 
-fn lora() -> Method {
-    Method::Lora {
+fn lora() -> TrainMethod {
+    TrainMethod::Lora {
         rank: 4,
         alpha: 8.0,
         targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
@@ -218,7 +219,7 @@ fn full_fine_tuning_trains_every_weight_and_lowers_the_loss() {
     let dir = scratch("contribute-full");
     let data = dir.join("d.jsonl");
     std::fs::write(&data, SECRET_DATA).unwrap();
-    let mut o = small_opts(&data, &dir.join("out"), Method::Full);
+    let mut o = small_opts(&data, &dir.join("out"), TrainMethod::Full);
     o.steps = 3;
     o.lr = 1e-4;
     o.warmup = 0;

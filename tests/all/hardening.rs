@@ -177,7 +177,7 @@ impl Merger for FakeMerger {
         _models: Vec<String>,
         _base: Option<String>,
         spec: MergeSpec,
-    ) -> BoxFuture<'static, Result<Merged, String>> {
+    ) -> BoxFuture<'static, Result<Merged, tessera::merge::MergeFailed>> {
         let models: Arc<dyn Models> = Arc::new(Scripted::new());
         self.live.lock().unwrap().push(Arc::downgrade(&models));
         let id = format!("merged-{}", spec.seed);

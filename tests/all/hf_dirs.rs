@@ -123,6 +123,7 @@ fn broken_directories_are_named() {
     let load = |d: &Path| {
         tessera::backends::gguf::GgufModel::load_hf("x", d, &candle_core::Device::Cpu)
             .err()
+            .map(|e| e.to_string())
             .unwrap_or_default()
     };
     let err = load(&dir);

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tessera::inference::{CallCtx, GenParams, InferenceError, Input, Message};
 
-use crate::common::{runtime, MINILM, QWEN, SMOL};
+use crate::common::{runtime, GEMMA, MINILM, QWEN, SMOL};
 
 fn ctx() -> CallCtx {
     CallCtx {
@@ -221,6 +221,61 @@ async fn concurrent_generations_are_decoded_together_and_answer_as_one_at_a_time
         assert!(
             batched_steps() > before,
             "{member}: queued generations were decoded together"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sequences_join_a_running_batch_and_answer_as_one_at_a_time() {
+    use tessera::backends::gguf::decode::joined_running;
+    // A long generation starts alone; the others arrive while it decodes
+    // and must join it between steps, greedy and seeded-sampled alike,
+    // each giving exactly what it gives alone. Gemma does not batch its
+    // forward passes but still takes its sequences in turns.
+    let long = "Count from one to fifty in words, separated by commas.";
+    let short = [
+        "What is the capital of Italy? Answer with one word.",
+        "Name a colour.",
+        "3 + 4 =",
+    ];
+    let params = |seed: u64, n: u32| GenParams {
+        max_tokens: Some(n),
+        temperature: Some(if seed % 2 == 0 { 0.0 } else { 0.8 }),
+        seed: Some(seed),
+        ..Default::default()
+    };
+    for member in [SMOL, QWEN, GEMMA] {
+        let models = runtime().models();
+        let first_alone = models.generate(ctx(), member, chat(long), params(0, 120)).await.unwrap();
+        let mut alone = Vec::new();
+        for (i, p) in short.iter().enumerate() {
+            let g = models
+                .generate(ctx(), member, chat(p), params(i as u64 + 1, 10))
+                .await
+                .unwrap();
+            alone.push(g.text);
+        }
+        let before = joined_running();
+        let first = {
+            let models = models.clone();
+            tokio::spawn(async move { models.generate(ctx(), member, chat(long), params(0, 120)).await })
+        };
+        // Let the long one get going (its prompt is one chunk).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let together = futures::future::join_all(
+            short
+                .iter()
+                .enumerate()
+                .map(|(i, p)| models.generate(ctx(), member, chat(p), params(i as u64 + 1, 10))),
+        )
+        .await;
+        let together: Vec<String> = together.into_iter().map(|g| g.unwrap().text).collect();
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(together, alone, "{member}: joining a running batch changed an answer");
+        assert_eq!(first.text, first_alone.text, "{member}: the running sequence changed when others joined");
+        assert!(
+            joined_running() > before,
+            "{member}: later generations joined the running one instead of waiting for it"
         );
     }
 }

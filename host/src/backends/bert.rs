@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{Tokenizer, TruncationParams};
 
+use crate::backends::LoadError;
 use crate::inference::{CallCtx, InferenceError};
 
 /// Longest input, in tokens, before truncation.
@@ -37,10 +38,9 @@ fn failed(e: impl std::fmt::Display) -> InferenceError {
 
 impl BertEmbedder {
     /// Loads the directory; the error names the file and the problem.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self, String> {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, LoadError> {
         let cfg_path = dir.join("config.json");
-        let cfg_text =
-            std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: cannot read: {e}", cfg_path.display()))?;
+        let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| LoadError::io(&cfg_path, e))?;
         let config: Config =
             serde_json::from_str(&cfg_text).map_err(|e| format!("{}: not a BERT config: {e}", cfg_path.display()))?;
         let tok_path = dir.join("tokenizer.json");
@@ -59,7 +59,10 @@ impl BertEmbedder {
         // sha256 before loading and nothing in this process writes to it.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }
             .map_err(|e| format!("{}: {e}", weights.display()))?;
-        let model = BertModel::load(vb, &config).map_err(|e| format!("{}: {e}", weights.display()))?;
+        let model = BertModel::load(vb, &config).map_err(|source| LoadError::Weights {
+            path: weights.display().to_string(),
+            source,
+        })?;
         let parameters = safetensors_param_count(&weights).unwrap_or(0);
         Ok(Self {
             model,

@@ -24,19 +24,40 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
+/// Why a device cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// The `--device` value names no device.
+    #[error("unknown device `{0}`: use `cpu`, `cuda` or `cuda:N` (N = GPU number)")]
+    Unknown(String),
+    /// A GPU was asked of a build without GPU support.
+    #[error(
+        "device `cuda:{0}`: this tessera was built without CUDA support; rebuild with \
+         `cargo build --release --features cuda` (needs the CUDA toolkit) or use `--device cpu`"
+    )]
+    NotBuilt(usize),
+    /// The GPU is there in the build but cannot be opened; the text is the
+    /// driver's reason.
+    #[error("device `cuda:{ordinal}` cannot be opened ({reason}): check the GPU number and driver, or use `--device cpu`")]
+    Unavailable {
+        /// The GPU number.
+        ordinal: usize,
+        /// What the driver said.
+        reason: String,
+    },
+}
+
 impl DeviceSpec {
     /// Parses `cpu`, `cuda` (GPU 0) or `cuda:N`, with an error that lists
     /// what is accepted.
-    pub fn parse(spec: &str) -> Result<Self, String> {
+    pub fn parse(spec: &str) -> Result<Self, DeviceError> {
         let s = spec.trim().to_ascii_lowercase();
         match s.as_str() {
             "" | "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
-                _ => Err(format!(
-                    "unknown device `{spec}`: use `cpu`, `cuda` or `cuda:N` (N = GPU number)"
-                )),
+                _ => Err(DeviceError::Unknown(spec.to_string())),
             },
         }
     }
@@ -45,8 +66,9 @@ impl DeviceSpec {
     /// (a cache, not a setting). Asking for CUDA from a build without the
     /// `cuda` feature, or without a usable GPU, is an error that says how to
     /// fix it.
-    pub fn open(self) -> Result<Device, String> {
-        static OPENED: std::sync::Mutex<Vec<(DeviceSpec, Result<Device, String>)>> = std::sync::Mutex::new(Vec::new());
+    pub fn open(self) -> Result<Device, DeviceError> {
+        type Opened = Vec<(DeviceSpec, Result<Device, DeviceError>)>;
+        static OPENED: std::sync::Mutex<Opened> = std::sync::Mutex::new(Vec::new());
         let mut opened = OPENED.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, d)) = opened.iter().find(|(s, _)| *s == self) {
             return d.clone();
@@ -56,18 +78,16 @@ impl DeviceSpec {
         d
     }
 
-    fn open_new(self) -> Result<Device, String> {
+    fn open_new(self) -> Result<Device, DeviceError> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) => {
                 if !cfg!(feature = "cuda") {
-                    return Err(format!(
-                        "device `cuda:{n}`: this tessera was built without CUDA support; rebuild with \
-                         `cargo build --release --features cuda` (needs the CUDA toolkit) or use `--device cpu`"
-                    ));
+                    return Err(DeviceError::NotBuilt(n));
                 }
-                Device::new_cuda(n).map_err(|e| {
-                    format!("device `cuda:{n}` cannot be opened ({e}): check the GPU number and driver, or use `--device cpu`")
+                Device::new_cuda(n).map_err(|e| DeviceError::Unavailable {
+                    ordinal: n,
+                    reason: e.to_string(),
                 })
             }
         }
@@ -84,7 +104,7 @@ mod tests {
         assert_eq!(DeviceSpec::parse(""), Ok(DeviceSpec::Cpu));
         assert_eq!(DeviceSpec::parse("CUDA"), Ok(DeviceSpec::Cuda(0)));
         assert_eq!(DeviceSpec::parse("cuda:1"), Ok(DeviceSpec::Cuda(1)));
-        let e = DeviceSpec::parse("tpu").unwrap_err();
+        let e = DeviceSpec::parse("tpu").unwrap_err().to_string();
         assert!(e.contains("`tpu`") && e.contains("cuda:N"), "{e}");
         assert!(DeviceSpec::parse("cuda:x").is_err());
     }
@@ -94,7 +114,7 @@ mod tests {
         if cfg!(feature = "cuda") {
             return;
         }
-        let e = DeviceSpec::Cuda(0).open().unwrap_err();
+        let e = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
         assert!(e.contains("--features cuda") && e.contains("--device cpu"), "{e}");
         assert!(matches!(DeviceSpec::Cpu.open(), Ok(Device::Cpu)));
     }

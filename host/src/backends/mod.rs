@@ -13,7 +13,58 @@ pub mod device;
 pub mod gguf;
 pub mod remote;
 
+use std::path::{Path, PathBuf};
+
 use crate::inference::{CallCtx, GenParams, Generation, InferenceError, Input, Scored, TokenLogprob};
+
+/// Why a model file or folder could not be loaded (or exported): it cannot
+/// be read, it is not a model this backend runs, or its weights do not
+/// load onto the device. The pool reports it per member and keeps going.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file or folder cannot be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The content is not a model this backend runs: a missing key or
+    /// tensor, an unsupported architecture, a malformed tokenizer or chat
+    /// template. The text names the file and what is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// The weights were read but do not load (a truncated tensor, a device
+    /// out of memory).
+    #[error("{path}: loading the weights: {source}")]
+    Weights {
+        /// The file, as shown.
+        path: String,
+        /// What the tensor library said.
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+impl LoadError {
+    /// [`LoadError::Io`] for `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The backends' internal helpers say what is wrong with a file as text;
+/// at the boundary that text is an [`LoadError::Invalid`].
+impl From<String> for LoadError {
+    fn from(message: String) -> Self {
+        LoadError::Invalid(message)
+    }
+}
 
 /// One loaded member, whatever runs it.
 pub enum Backend {
@@ -89,6 +140,34 @@ impl Backend {
                 let e = self.unsupported("generate");
                 jobs.iter().map(|_| Err(e.clone())).collect()
             }
+        }
+    }
+
+    /// Puts a generation into the member's continuous batch; see
+    /// [`gguf::GgufModel::admit`]. A member that cannot generate hands it
+    /// back with its error.
+    pub fn admit<'s, T>(
+        &mut self,
+        engine: &mut gguf::decode::Engine<'s, T>,
+        req: gguf::decode::GenRequest<'s>,
+        tag: T,
+    ) -> Result<(), gguf::decode::Done<T>> {
+        match self {
+            Backend::Gguf(m) => m.admit(engine, req, tag),
+            _ => Err((tag, Err(self.unsupported("generate")))),
+        }
+    }
+
+    /// One step of the member's continuous batch; see
+    /// [`gguf::GgufModel::step_engine`].
+    pub fn step<T>(&mut self, engine: &mut gguf::decode::Engine<'_, T>) -> Vec<gguf::decode::Done<T>> {
+        match self {
+            Backend::Gguf(m) => m.step_engine(engine),
+            _ => engine
+                .drain()
+                .into_iter()
+                .map(|t| (t, Err(InferenceError::Unsupported("this member cannot generate".into()))))
+                .collect(),
         }
     }
 

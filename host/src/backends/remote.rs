@@ -91,23 +91,42 @@ pub struct RemoteConfig {
     pub capabilities: Vec<String>,
 }
 
+/// Why a remote member cannot be set up. All but the last are the
+/// operator's to fix in the pool file or the environment.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteSetupError {
+    /// The URL is not HTTP(S).
+    #[error("remote url `{0}` must start with http:// or https://")]
+    Url(String),
+    /// A capability a remote member cannot have.
+    #[error("remote capability `{0}`: a remote member can `generate`, `embed` and (on another Tessera node) `score` only")]
+    Capability(String),
+    /// A timeout that would fail every call.
+    #[error("remote timeout_ms 0 would fail every call: use 1000 or more")]
+    ZeroTimeout,
+    /// The API key's variable is not set.
+    #[error("remote member needs its API key in the environment variable `{0}`, which is not set")]
+    MissingKey(String),
+    /// The HTTP client cannot be built (TLS set-up on this machine).
+    #[error("HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
 impl RemoteConfig {
     /// Checks what can be checked without the network.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RemoteSetupError> {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            return Err(format!("remote url `{}` must start with http:// or https://", self.url));
+            return Err(RemoteSetupError::Url(self.url.clone()));
         }
         if let Some(c) = self
             .capabilities
             .iter()
             .find(|c| !matches!(c.as_str(), "generate" | "embed" | "score"))
         {
-            return Err(format!(
-                "remote capability `{c}`: a remote member can `generate`, `embed` and (on another Tessera node) `score` only"
-            ));
+            return Err(RemoteSetupError::Capability(c.clone()));
         }
         if self.timeout_ms == 0 {
-            return Err("remote timeout_ms 0 would fail every call: use 1000 or more".into());
+            return Err(RemoteSetupError::ZeroTimeout);
         }
         Ok(())
     }
@@ -138,18 +157,16 @@ struct Attempt {
 impl RemoteMember {
     /// A member for `cfg`. The key is read from the environment now, so a
     /// missing variable is reported at load, naming it.
-    pub fn new(id: &str, cfg: RemoteConfig) -> Result<Self, String> {
+    pub fn new(id: &str, cfg: RemoteConfig) -> Result<Self, RemoteSetupError> {
         cfg.validate()?;
         let key = match &cfg.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                format!("remote member needs its API key in the environment variable `{var}`, which is not set")
-            })?),
+            Some(var) => Some(std::env::var(var).map_err(|_| RemoteSetupError::MissingKey(var.clone()))?),
             None => None,
         };
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(10_000)))
             .build()
-            .map_err(|e| format!("HTTP client: {e}"))?;
+            .map_err(RemoteSetupError::Client)?;
         Ok(RemoteMember {
             id: id.to_string(),
             cfg,

@@ -160,7 +160,7 @@ pub fn tokenize(tok: &GgufTokenizer, chat: &ChatFormat, conv: &[Message], max_le
         _ => Vec::new(),
     };
     let mut ids = bos.clone();
-    ids.extend(encode(tok, &chat.render_with(conv, false)?)?);
+    ids.extend(encode(tok, &chat.render_with(conv, false).map_err(|e| e.to_string())?)?);
     let mut trained = vec![false; ids.len()];
     for (i, m) in conv.iter().enumerate() {
         if m.role != "assistant" {
@@ -169,8 +169,8 @@ pub fn tokenize(tok: &GgufTokenizer, chat: &ChatFormat, conv: &[Message], max_le
         // The assistant's tokens are those between the render that ends
         // with the prompt for this turn and the render that includes it
         // (so its end-of-turn marker is learned too).
-        let start = bos.len() + encode(tok, &chat.render_with(&conv[..i], true)?)?.len();
-        let end = bos.len() + encode(tok, &chat.render_with(&conv[..=i], false)?)?.len();
+        let start = bos.len() + encode(tok, &chat.render_with(&conv[..i], true).map_err(|e| e.to_string())?)?.len();
+        let end = bos.len() + encode(tok, &chat.render_with(&conv[..=i], false).map_err(|e| e.to_string())?)?.len();
         for t in trained.iter_mut().take(end.min(ids.len())).skip(start) {
             *t = true;
         }

@@ -27,8 +27,7 @@ pub mod train;
 
 use std::path::{Path, PathBuf};
 
-pub use model::Method;
-pub use output::{add_to_pool, ContributorFile};
+pub use output::add_to_pool;
 pub use train::{train, StepStats, TrainOptions, TrainReport};
 
 /// Why contributing failed. Each names the file or option and the fix.
@@ -114,7 +113,7 @@ pub fn base_folder(
                 // do not collide and the first rename wins.
                 let tmp = cache.join(format!(".{base}-{short}.{}.tmp", std::process::id()));
                 let _ = std::fs::remove_dir_all(&tmp);
-                crate::backends::gguf::hf::export(&src, &tmp).map_err(ContributeError::Base)?;
+                crate::backends::gguf::hf::export(&src, &tmp).map_err(|e| ContributeError::Base(e.to_string()))?;
                 if let Err(e) = std::fs::rename(&tmp, &dir) {
                     let _ = std::fs::remove_dir_all(&tmp);
                     if !dir.join("config.json").is_file() {

@@ -23,6 +23,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
+use crate::model_folder::TrainMethod;
+
 /// Which projections LoRA may adapt, by their Hugging Face names.
 pub const LORA_TARGETS: [&str; 7] = [
     "q_proj",
@@ -33,23 +35,6 @@ pub const LORA_TARGETS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
-
-/// How the model is trained.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Method {
-    /// Low-rank adapters on `targets` (names from [`LORA_TARGETS`]).
-    Lora {
-        /// Rank `r`.
-        rank: usize,
-        /// Scale numerator: the update is `(alpha / rank) B A`.
-        alpha: f64,
-        /// Projections that get adapters.
-        targets: Vec<String>,
-    },
-    /// Every weight is trained.
-    Full,
-}
 
 /// The architecture facts from `config.json`.
 #[derive(Debug, Clone)]
@@ -124,7 +109,7 @@ fn err(e: candle_core::Error) -> String {
 impl TrainModel {
     /// Loads the directory's weights as f32 and sets up `method`'s
     /// trainable parameters; `seed` draws the LoRA `A` matrices.
-    pub fn load(dir: &Path, method: &Method, seed: u64, device: &Device) -> Result<Self, String> {
+    pub fn load(dir: &Path, method: &TrainMethod, seed: u64, device: &Device) -> Result<Self, String> {
         let shown = dir.display().to_string();
         let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| format!("{shown}/config.json: {e}"))?;
         let config: Value = serde_json::from_str(&text).map_err(|e| format!("{shown}/config.json: {e}"))?;
@@ -149,7 +134,7 @@ impl TrainModel {
         let mut trainable = BTreeMap::new();
         let mut lora_scale = 0.0;
         match method {
-            Method::Full => {
+            TrainMethod::Full => {
                 let names: Vec<String> = frozen.keys().cloned().collect();
                 for n in names {
                     if let Some(t) = frozen.remove(&n) {
@@ -157,7 +142,7 @@ impl TrainModel {
                     }
                 }
             }
-            Method::Lora { rank, alpha, targets } => {
+            TrainMethod::Lora { rank, alpha, targets } => {
                 if *rank == 0 {
                     return Err("LoRA rank must be at least 1".into());
                 }

@@ -12,65 +12,12 @@
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use super::train::{TrainOptions, TrainReport};
-use super::{model::TrainModel, write_atomic, ContributeError, Method};
+use super::{model::TrainModel, write_atomic, ContributeError};
+use crate::model_folder::{ContributorFile, TrainMethod, TrainingFacts, CARD, WEIGHTS};
 use crate::backends::gguf::adapter::{AdapterConfig, ADAPTER, ADAPTER_CONFIG};
-use crate::pool::{BackendKind, CardConfig, MemberConfig, PoolConfig};
-
-/// File name of the weights inside a model folder.
-pub const WEIGHTS: &str = "model.safetensors";
-/// File name of the contributor card inside a model folder.
-pub const CARD: &str = "contributor.toml";
-
-/// How a model was trained: written on its card so others can judge it and
-/// redo it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainingFacts {
-    /// The base model.
-    pub base: String,
-    /// The data file as given.
-    pub data: String,
-    /// Its sha256.
-    pub data_sha256: String,
-    /// Examples in it.
-    pub examples: usize,
-    /// LoRA or full, with settings.
-    pub method: Method,
-    /// Optimizer steps.
-    pub steps: u64,
-    /// Examples per step (batch x accumulation).
-    pub examples_per_step: usize,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Seed.
-    pub seed: u64,
-    /// Loss of the first and the last step.
-    pub first_loss: f64,
-    /// Loss of the last step.
-    pub final_loss: f64,
-    /// Numbers trained.
-    pub trainable_params: usize,
-}
-
-/// `contributor.toml`: what `tessera contribute add` reads.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ContributorFile {
-    /// Suggested member id.
-    pub id: String,
-    /// sha256 of [`WEIGHTS`] (of `adapter.safetensors` in an adapter folder).
-    pub sha256: String,
-    /// The human card.
-    pub card: CardConfig,
-    /// How the weights were trained (`tessera contribute train`).
-    #[serde(default)]
-    pub training: Option<TrainingFacts>,
-    /// How the weights were merged (`tessera merge`).
-    #[serde(default)]
-    pub merge: Option<crate::merge::MergeFacts>,
-}
+use crate::pool::{BackendKind, MemberConfig, PoolConfig};
 
 fn io(path: &Path, e: impl std::fmt::Display) -> ContributeError {
     ContributeError::Io(format!("{}: {e}", path.display()))
@@ -88,8 +35,8 @@ pub(crate) fn write_model(
     let tensors = if opts.adapter {
         let (tensors, scale) = model.lora();
         let (rank, targets) = match &opts.method {
-            Method::Lora { rank, targets, .. } => (*rank, targets.clone()),
-            Method::Full => (0, Vec::new()),
+            TrainMethod::Lora { rank, targets, .. } => (*rank, targets.clone()),
+            TrainMethod::Full => (0, Vec::new()),
         };
         let base_weights = opts.base_dir.join(WEIGHTS);
         let config = AdapterConfig {

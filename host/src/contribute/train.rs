@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::data::{self, Example};
-use super::model::{Method, TrainModel, LORA_TARGETS};
+use super::model::{TrainModel, LORA_TARGETS};
+use crate::model_folder::TrainMethod;
 use super::optim::{self, AdamW, AdamWConfig};
 use super::{output, write_atomic, ContributeError};
 use crate::backends::gguf::hf;
@@ -38,7 +39,7 @@ pub struct TrainOptions {
     /// Output folder.
     pub out: PathBuf,
     /// LoRA or full fine-tuning.
-    pub method: Method,
+    pub method: TrainMethod,
     /// Optimizer steps in total.
     pub steps: u64,
     /// Examples per micro-batch.
@@ -82,10 +83,10 @@ impl TrainOptions {
     /// Options with the usual defaults for `method`: LoRA (r 8, alpha 16,
     /// q/v projections) at 2e-4, full fine-tuning at 2e-5; batch 4, one
     /// epoch's worth of steps is set by [`train`] when `steps` is 0.
-    pub fn new(base_dir: PathBuf, base_name: String, data: PathBuf, out: PathBuf, method: Method) -> Self {
+    pub fn new(base_dir: PathBuf, base_name: String, data: PathBuf, out: PathBuf, method: TrainMethod) -> Self {
         let lr = match method {
-            Method::Lora { .. } => 2e-4,
-            Method::Full => 2e-5,
+            TrainMethod::Lora { .. } => 2e-4,
+            TrainMethod::Full => 2e-5,
         };
         Self {
             base_dir,
@@ -131,7 +132,7 @@ impl TrainOptions {
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return bad("--min-lr-ratio must be in [0, 1]".into());
         }
-        if let Method::Lora { rank, targets, alpha } = &self.method {
+        if let TrainMethod::Lora { rank, targets, alpha } = &self.method {
             if *rank == 0 || *rank > 256 {
                 return bad(format!("--lora-rank {rank} is out of range: use 1..=256"));
             }
@@ -368,14 +369,14 @@ pub fn train(
     crate::alloc::keep_freed_memory();
     let examples_raw = data::read_jsonl(&opts.data)?;
     let data_sha = crate::files::sha256_file(&opts.data).map_err(|e| io(&opts.data, e))?;
-    let (tok, template) = hf::read_tokenizer(&opts.base_dir).map_err(ContributeError::Base)?;
+    let (tok, template) = hf::read_tokenizer(&opts.base_dir).map_err(|e| ContributeError::Base(e.to_string()))?;
     let chat = match template {
         Some(src) => ChatFormat::from_template(
             &src,
             tok.bos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
             tok.eos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
         )
-        .map_err(ContributeError::Base)?,
+        .map_err(|e| ContributeError::Base(e.to_string()))?,
         None => ChatFormat::Plain,
     };
     let mut examples = Vec::with_capacity(examples_raw.len());
@@ -402,12 +403,12 @@ pub fn train(
             out.display()
         )));
     }
-    if opts.adapter && !matches!(opts.method, Method::Lora { .. }) {
+    if opts.adapter && !matches!(opts.method, TrainMethod::Lora { .. }) {
         return Err(ContributeError::Options(
             "--adapter keeps the LoRA adapter apart from the base: it needs LoRA training (drop --full)".into(),
         ));
     }
-    let trained = [output::WEIGHTS, crate::backends::gguf::adapter::ADAPTER];
+    let trained = [crate::model_folder::WEIGHTS, crate::backends::gguf::adapter::ADAPTER];
     if !has_checkpoint && trained.iter().any(|f| out.join(f).exists()) {
         return Err(ContributeError::Options(format!(
             "{} already holds a trained model: choose another --out (or delete it)",
@@ -416,7 +417,7 @@ pub fn train(
     }
     std::fs::create_dir_all(&out).map_err(|e| io(&out, e))?;
 
-    let device = opts.device.open().map_err(ContributeError::Base)?;
+    let device = opts.device.open().map_err(|e| ContributeError::Base(e.to_string()))?;
     let model = TrainModel::load(&opts.base_dir, &opts.method, opts.seed, &device).map_err(ContributeError::Base)?;
     let params = model.trainable().clone();
     let mut opt = AdamW::new(opts.adamw, &params)?;

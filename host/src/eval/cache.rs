@@ -7,7 +7,7 @@
 //! and an interrupted run resumes where it stopped because each answer is
 //! committed as soon as it exists. Values are JSON.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -17,6 +17,34 @@ use sha2::{Digest, Sha256};
 /// A cache file, safe to share between the harness's concurrent tasks.
 pub struct Cache {
     conn: Option<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+/// Why the cache cannot be opened or written: a fault of the machine (the
+/// directory, the disk, the database file), never of the evaluation asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The cache's directory cannot be created.
+    #[error("eval cache {}: {source}", path.display())]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite refused to open, set up or write the file.
+    #[error("eval cache {}: {source}", path.display())]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The value cannot be encoded as JSON.
+    #[error("eval cache: the value cannot be stored: {0}")]
+    Encode(#[source] serde_json::Error),
 }
 
 /// The key of a value: sha256 of the JSON of `parts`.
@@ -27,11 +55,18 @@ pub fn key<T: Serialize>(parts: &T) -> String {
 
 impl Cache {
     /// Opens (creating if needed) the cache at `path`.
-    pub fn open(path: &Path) -> Result<Self, String> {
+    pub fn open(path: &Path) -> Result<Self, CacheError> {
+        let db = |source| CacheError::Database {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| CacheError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
-        let conn = Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let conn = Connection::open(path).map_err(db)?;
         // WAL: readers never block the writer, and a crash mid-write loses at
         // most the answer being written.
         conn.execute_batch(
@@ -39,15 +74,19 @@ impl Cache {
              PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(db)?;
         Ok(Cache {
             conn: Some(Mutex::new(conn)),
+            path: path.to_path_buf(),
         })
     }
 
     /// A cache that stores nothing (`--no-cache`).
     pub fn disabled() -> Self {
-        Cache { conn: None }
+        Cache {
+            conn: None,
+            path: PathBuf::new(),
+        }
     }
 
     /// The value under `key`, if any (and if it still decodes).
@@ -62,15 +101,18 @@ impl Cache {
     }
 
     /// Stores `value` under `key` (replacing any older one).
-    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), String> {
+    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), CacheError> {
         let Some(conn) = &self.conn else { return Ok(()) };
-        let text = serde_json::to_string(value).map_err(|e| e.to_string())?;
+        let text = serde_json::to_string(value).map_err(CacheError::Encode)?;
         let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.execute(
             "INSERT OR REPLACE INTO results (key, value) VALUES (?1, ?2)",
             params![key, text],
         )
-        .map_err(|e| format!("writing the eval cache: {e}"))?;
+        .map_err(|source| CacheError::Database {
+            path: self.path.clone(),
+            source,
+        })?;
         Ok(())
     }
 }

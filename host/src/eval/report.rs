@@ -107,38 +107,71 @@ pub fn table(r: &Report) -> String {
     s
 }
 
+/// Why a report could not be written: the directory or a file cannot be
+/// written, or a plot failed to render. Both are faults of the machine the
+/// report is written on, not of the evaluation, whose answers are already
+/// in the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// A file or the directory cannot be written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A plot failed to render.
+    #[error("{}: {message}", path.display())]
+    Plot {
+        /// The plot's file.
+        path: PathBuf,
+        /// What the plotting library said.
+        message: String,
+    },
+}
+
 /// Writes `report.json`, `report.md` and the plots into `dir`; returns the
 /// paths written.
-pub fn write(r: &Report, dir: &Path, command: &str) -> Result<Vec<PathBuf>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn write(r: &Report, dir: &Path, command: &str) -> Result<Vec<PathBuf>, WriteError> {
+    let io = |path: &Path, source: std::io::Error| WriteError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let plotted = |path: &Path, drawn: Result<(), String>| {
+        drawn.map_err(|message| WriteError::Plot {
+            path: path.to_path_buf(),
+            message,
+        })
+    };
+    // Each file replaces its old version whole: a reader never sees half a
+    // report, and a report is a record worth an fsync.
+    let put = |path: &Path, bytes: &[u8]| {
+        crate::files::write_atomic(path, bytes, crate::files::Durability::Durable).map_err(|e| io(path, e))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let mut written = Vec::new();
-    let json = serde_json::to_string_pretty(r).map_err(|e| e.to_string())?;
     let p = dir.join("report.json");
-    atomic_write(&p, json.as_bytes())?;
+    let json = serde_json::to_string_pretty(r).map_err(|e| io(&p, e.into()))?;
+    put(&p, json.as_bytes())?;
     written.push(p);
     let acc_svg = dir.join("accuracy.svg");
-    plot_accuracy(r, &acc_svg)?;
+    plotted(&acc_svg, plot_accuracy(r, &acc_svg))?;
     written.push(acc_svg);
     let cost_svg = dir.join("cost.svg");
-    plot_cost(r, &cost_svg)?;
+    plotted(&cost_svg, plot_cost(r, &cost_svg))?;
     written.push(cost_svg);
     if !r.scaling.is_empty() {
         let p = dir.join("scaling.svg");
-        plot_scaling(r, &p)?;
+        plotted(&p, plot_scaling(r, &p))?;
         written.push(p);
     }
     let md = markdown(r, command);
     let p = dir.join("report.md");
-    atomic_write(&p, md.as_bytes())?;
+    put(&p, md.as_bytes())?;
     written.push(p);
     Ok(written)
-}
-
-fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// A task's best constant answer as a table cell: `30.0 (C)`, or `-`.

@@ -132,17 +132,31 @@ pub enum KeepRefused {
     Invalid(String),
 }
 
+/// Why a merge was not made, split by whose fault it is.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MergeFailed {
+    /// What was asked cannot be merged: an unknown or incompatible member,
+    /// a spec that does not fit the method. The module's to fix (it gets
+    /// `invalid-params`).
+    #[error("{0}")]
+    Invalid(String),
+    /// The host failed while merging: a disk, a device, a worker that
+    /// stopped. The module gets `inference-failed`; the operator has to act.
+    #[error("{0}")]
+    Host(String),
+}
+
 /// Creates merged members on demand.
 pub trait Merger: Send + Sync + 'static {
     /// Merges `models` (over `base`) per `spec`; returns the new member's id
-    /// and a [`Models`] that serves it. The error says what is wrong, for
-    /// the module.
+    /// and a [`Models`] that serves it. The error says what is wrong and
+    /// whose fault it is.
     fn merge(
         &self,
         models: Vec<String>,
         base: Option<String>,
         spec: MergeSpec,
-    ) -> BoxFuture<'static, Result<Merged, String>>;
+    ) -> BoxFuture<'static, Result<Merged, MergeFailed>>;
 
     /// Keeps merged member `id` (served by `served`) beyond the request as
     /// `name`. The caller has checked that `name` is not a pool member.

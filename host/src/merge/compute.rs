@@ -66,22 +66,34 @@ pub enum Choice {
     Gpu,
 }
 
+/// Why a merge backend cannot be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ComputeError {
+    /// The `--merge-device` value names no backend (the caller's to fix).
+    #[error("unknown merge device `{0}`: use `auto`, `cpu` or `gpu`")]
+    Unknown(String),
+    /// `gpu` was asked for and no usable wgpu adapter is there; the text
+    /// says what was found.
+    #[error("{0}")]
+    NoGpu(String),
+}
+
 impl Choice {
     /// Parses `auto`, `cpu` or `gpu` (empty is `auto`).
-    pub fn parse(s: &str) -> Result<Choice, String> {
+    pub fn parse(s: &str) -> Result<Choice, ComputeError> {
         match s.trim().to_ascii_lowercase().as_str() {
             "" | "auto" => Ok(Choice::Auto),
             "cpu" => Ok(Choice::Cpu),
             "gpu" | "wgpu" => Ok(Choice::Gpu),
-            other => Err(format!("unknown merge device `{other}`: use `auto`, `cpu` or `gpu`")),
+            other => Err(ComputeError::Unknown(other.to_string())),
         }
     }
 
     /// Opens the backend.
-    pub fn open(self) -> Result<Arc<dyn Compute>, String> {
+    pub fn open(self) -> Result<Arc<dyn Compute>, ComputeError> {
         match self {
             Choice::Cpu => Ok(Arc::new(Cpu)),
-            Choice::Gpu => Ok(Arc::new(Gpu::open(true)?)),
+            Choice::Gpu => Ok(Arc::new(Gpu::open(true).map_err(ComputeError::NoGpu)?)),
             Choice::Auto => match Gpu::open(false) {
                 Ok(g) => Ok(Arc::new(g)),
                 Err(why) => {
@@ -97,8 +109,8 @@ impl Choice {
 /// (opening a GPU takes time, and one adapter serves every merge). This is
 /// a cache, not a setting: which backend a merge uses is the caller's
 /// [`Choice`], passed as a value.
-pub fn shared(choice: Choice) -> Result<Arc<dyn Compute>, String> {
-    static OPENED: [OnceLock<Result<Arc<dyn Compute>, String>>; 3] =
+pub fn shared(choice: Choice) -> Result<Arc<dyn Compute>, ComputeError> {
+    static OPENED: [OnceLock<Result<Arc<dyn Compute>, ComputeError>>; 3] =
         [OnceLock::new(), OnceLock::new(), OnceLock::new()];
     let slot = match choice {
         Choice::Auto => &OPENED[0],
@@ -192,7 +204,7 @@ mod tests {
         assert_eq!(Choice::parse("").unwrap(), Choice::Auto);
         assert_eq!(Choice::parse("GPU").unwrap(), Choice::Gpu);
         assert_eq!(Choice::parse("cpu").unwrap(), Choice::Cpu);
-        assert!(Choice::parse("cuda").unwrap_err().contains("`auto`, `cpu` or `gpu`"));
+        assert!(Choice::parse("cuda").unwrap_err().to_string().contains("`auto`, `cpu` or `gpu`"));
     }
 
     fn spec(method: Method) -> MergeSpec {

@@ -20,14 +20,14 @@
 //! so the count bounds their memory.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-use super::{merge_on, KeepRefused, MergeSpec, Merged, Merger, Named};
-use crate::contribute::output::WEIGHTS;
+use super::{merge_on, KeepRefused, MergeError, MergeFailed, MergeSpec, Merged, Merger, Named};
+use crate::model_folder::WEIGHTS;
 use crate::inference::Models;
 use crate::pool::{BackendKind, CardConfig, MemberConfig, Pool, PoolConfig};
 
@@ -119,13 +119,17 @@ impl Inner {
         models: Vec<String>,
         base: Option<String>,
         spec: MergeSpec,
-    ) -> Result<(Arc<Pool>, u64), String> {
-        let _gate = self.gate.lock().map_err(|_| "a previous merge panicked".to_string())?;
+    ) -> Result<(Arc<Pool>, u64), MergeFailed> {
+        let host = |what: &Path, e: std::io::Error| MergeFailed::Host(format!("{}: {e}", what.display()));
+        let _gate = self
+            .gate
+            .lock()
+            .map_err(|_| MergeFailed::Host("a previous merge panicked".to_string()))?;
         if let Some((_, pool, bytes)) = self.lookup(&key) {
             return Ok((pool, bytes));
         }
-        std::fs::create_dir_all(&self.bases).map_err(|e| format!("{}: {e}", self.bases.display()))?;
-        std::fs::create_dir_all(&self.scratch).map_err(|e| format!("{}: {e}", self.scratch.display()))?;
+        std::fs::create_dir_all(&self.bases).map_err(|e| host(&self.bases, e))?;
+        std::fs::create_dir_all(&self.scratch).map_err(|e| host(&self.scratch, e))?;
         let named: Vec<(String, PathBuf)> = self
             .named
             .lock()
@@ -137,7 +141,10 @@ impl Inner {
             }
             crate::contribute::base_folder(&self.config, &self.models_dir, &self.bases, m)
                 .map(|(dir, _)| dir)
-                .map_err(|e| format!("member `{m}`: {e}"))
+                .map_err(|e| match e {
+                    crate::contribute::ContributeError::Io(message) => MergeFailed::Host(format!("member `{m}`: {message}")),
+                    other => MergeFailed::Invalid(format!("member `{m}`: {other}")),
+                })
         };
         let dirs = models.iter().map(|m| resolve(m)).collect::<Result<Vec<_>, _>>()?;
         let base_dir = base.as_deref().map(resolve).transpose()?;
@@ -153,7 +160,7 @@ impl Inner {
         let out = self.scratch.join(format!("{id}.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
         let result = (|| {
-            let compute = super::compute::shared(self.compute)?;
+            let compute = super::compute::shared(self.compute).map_err(|e| MergeFailed::Host(e.to_string()))?;
             let report = merge_on(
                 compute.as_ref(),
                 &dirs,
@@ -163,7 +170,10 @@ impl Inner {
                 card.clone(),
                 &out,
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                MergeError::Io(_) => MergeFailed::Host(e.to_string()),
+                _ => MergeFailed::Invalid(e.to_string()),
+            })?;
             let member = MemberConfig {
                 id: id.clone(),
                 backend: BackendKind::Hf,
@@ -180,7 +190,7 @@ impl Inner {
                 &self.pool_options,
             );
             match loaded.failures.first() {
-                Some(e) => Err(format!("the merged model does not load: {e}")),
+                Some(e) => Err(MergeFailed::Host(format!("the merged model does not load: {e}"))),
                 None => Ok(loaded.pool),
             }
         })();
@@ -272,7 +282,7 @@ impl Merger for PoolMerger {
         models: Vec<String>,
         base: Option<String>,
         spec: MergeSpec,
-    ) -> BoxFuture<'static, Result<Merged, String>> {
+    ) -> BoxFuture<'static, Result<Merged, MergeFailed>> {
         let key = serde_json::to_string(&(&models, &base, &spec)).unwrap_or_default();
         let id = recipe_id(&key);
         if let Some((id, pool, bytes)) = self.0.lookup(&key) {
@@ -291,7 +301,7 @@ impl Merger for PoolMerger {
                     })
             })
             .await
-            .map_err(|e| format!("the merge task failed: {e}"))?
+            .map_err(|e| MergeFailed::Host(format!("the merge task failed: {e}")))?
         })
     }
 

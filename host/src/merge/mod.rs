@@ -21,16 +21,15 @@ pub mod methods;
 pub use ephemeral::{sweep_stale, PoolMerger};
 // The capability's vocabulary and trait live beside `Models`, where the
 // sandbox finds them without depending on this module.
-pub use crate::inference::weights::{KeepRefused, MergeSpec, Merged, Merger, Method, Named, Overlay};
+pub use crate::inference::weights::{KeepRefused, MergeFailed, MergeSpec, Merged, Merger, Method, Named, Overlay};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::contribute::output::{ContributorFile, CARD, WEIGHTS};
-use crate::contribute::write_atomic;
+use crate::model_folder::{ContributorFile, MergeFacts, CARD, WEIGHTS};
 use crate::pool::CardConfig;
 
 /// Why a merge could not be done. Each names the model, tensor or option.
@@ -60,20 +59,13 @@ pub struct MergeReport {
     pub device: String,
 }
 
-/// How a merged model was made: written on its card.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MergeFacts {
-    /// The spec.
-    #[serde(flatten)]
-    pub spec: MergeSpec,
-    /// The models, as named by the caller.
-    pub models: Vec<String>,
-    /// The base, if the method has one.
-    pub base: Option<String>,
-}
-
 fn io(p: &Path, e: impl std::fmt::Display) -> MergeError {
     MergeError::Io(format!("{}: {e}", p.display()))
+}
+
+/// A file of the merged folder, fsynced: a merged model is a record to keep.
+fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), MergeError> {
+    crate::files::write_atomic(path, bytes, crate::files::Durability::Durable).map_err(|e| io(path, e))
 }
 
 /// One model's weights, mapped rather than read: a merge reads one tensor
@@ -114,7 +106,7 @@ fn load(dir: &Path) -> Result<(serde_json::Value, Weights), MergeError> {
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
     let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| io(&cfg_path, e))?;
     let adapter = if crate::backends::gguf::adapter::is_adapter(dir) {
-        Some(crate::backends::gguf::adapter::read(dir).map_err(MergeError::Io)?)
+        Some(crate::backends::gguf::adapter::read(dir).map_err(|e| MergeError::Io(e.to_string()))?)
     } else {
         None
     };
@@ -219,7 +211,7 @@ pub fn merge(
     card: CardConfig,
     out: &Path,
 ) -> Result<MergeReport, MergeError> {
-    let compute = compute::shared(compute::Choice::Auto).map_err(MergeError::Invalid)?;
+    let compute = compute::shared(compute::Choice::Auto).map_err(|e| MergeError::Invalid(e.to_string()))?;
     merge_on(compute.as_ref(), models, base, names, spec, card, out)
 }
 
@@ -309,12 +301,12 @@ pub fn merge_on(
     std::fs::rename(&tmp, out.join(WEIGHTS)).map_err(|e| io(out, e))?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         let bytes = std::fs::read(models[0].join(f)).map_err(|e| io(&models[0].join(f), e))?;
-        write_atomic(&out.join(f), &bytes).map_err(|e| MergeError::Io(e.to_string()))?;
+        write_durable(&out.join(f), &bytes)?;
     }
     let mut config = cfg0.clone();
     config["torch_dtype"] = "float32".into();
     let text = serde_json::to_vec_pretty(&config).map_err(|e| MergeError::Io(e.to_string()))?;
-    write_atomic(&out.join("config.json"), &text).map_err(|e| MergeError::Io(e.to_string()))?;
+    write_durable(&out.join("config.json"), &text)?;
     let sha = crate::files::sha256_file(&out.join(WEIGHTS)).map_err(|e| io(out, e))?;
     let facts = MergeFacts {
         spec: spec.clone(),
@@ -340,7 +332,7 @@ pub fn merge_on(
         merge: Some(facts),
     };
     let text = toml::to_string(&file).map_err(|e| MergeError::Io(format!("{CARD}: {e}")))?;
-    write_atomic(&out.join(CARD), text.as_bytes()).map_err(|e| MergeError::Io(e.to_string()))?;
+    write_durable(&out.join(CARD), text.as_bytes())?;
     Ok(MergeReport {
         tensors: merged.len(),
         parameters,

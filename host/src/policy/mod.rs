@@ -50,6 +50,43 @@ pub enum World {
     Aggregator,
 }
 
+impl World {
+    /// Every world, in the order the contract declares them.
+    pub const ALL: [World; 4] = [World::Strategy, World::Router, World::Judge, World::Aggregator];
+
+    /// The name manifests, the registry and listings use (`strategy`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            World::Strategy => "strategy",
+            World::Router => "router",
+            World::Judge => "judge",
+            World::Aggregator => "aggregator",
+        }
+    }
+}
+
+impl std::fmt::Display for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A world name that is not one of the contract's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown world `{0}`: use strategy, router, judge or aggregator")]
+pub struct UnknownWorld(pub String);
+
+impl std::str::FromStr for World {
+    type Err = UnknownWorld;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        World::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| UnknownWorld(s.to_string()))
+    }
+}
+
 /// A module's manifest: the TOML file beside its `.wasm`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,9 +234,8 @@ impl Policy {
     }
 
     /// Reads a policy file; the error names the file and the problem.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Self, crate::files::FileError> {
+        crate::files::read_toml(path)
     }
 
     /// The grant for `manifest` over a pool with members `pool`.
@@ -296,9 +332,8 @@ pub struct Grant {
 
 impl Manifest {
     /// Reads a manifest; the error names the file and the problem.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Self, crate::files::FileError> {
+        crate::files::read_toml(path)
     }
 }
 

@@ -65,16 +65,52 @@ fn fail(id: &str, message: String) -> PoolError {
 
 /// The wheel for `spec` in `wheels`, downloading it if needed.
 fn wheel(id: &str, spec: &str, wheels: &Path) -> Result<PathBuf, PoolError> {
-    download_wheel(spec, wheels).map_err(|m| fail(id, m))
+    download_wheel(spec, wheels).map_err(|e| fail(id, e.to_string()))
+}
+
+/// Why a wheel could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum WheelError {
+    /// The requirement names no exact version.
+    #[error("package `{0}` must be pinned as name==version")]
+    NotPinned(String),
+    /// The wheel cache folder cannot be made.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The folder.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// pip cannot be started.
+    #[error("cannot run `python3 -m pip`: {0} (install Python 3 with pip)")]
+    NoPip(#[source] std::io::Error),
+    /// pip ran and failed (no network, no such package or version).
+    #[error("`pip download {spec}` failed: {stderr}")]
+    Pip {
+        /// The requirement.
+        spec: String,
+        /// What pip wrote.
+        stderr: String,
+    },
+    /// pip succeeded but the wheel is not where it should be.
+    #[error("pip downloaded {spec} but no wheel named {prefix}*.whl appeared")]
+    NotFound {
+        /// The requirement.
+        spec: String,
+        /// The file name prefix looked for.
+        prefix: String,
+    },
 }
 
 /// The wheel for the pinned requirement `spec` (`name==version`) in the
 /// cache folder `wheels`, downloaded with pip when it is not there yet. The
 /// error says what failed and how to fix it.
-pub(crate) fn download_wheel(spec: &str, wheels: &Path) -> Result<PathBuf, String> {
+pub(crate) fn download_wheel(spec: &str, wheels: &Path) -> Result<PathBuf, WheelError> {
     let (name, version) = spec
         .split_once("==")
-        .ok_or_else(|| format!("package `{spec}` must be pinned as name==version"))?;
+        .ok_or_else(|| WheelError::NotPinned(spec.to_string()))?;
     let prefix = format!("{}-{}-", name.replace(['-', '.'], "_"), version);
     let find = || -> Option<PathBuf> {
         std::fs::read_dir(wheels)
@@ -90,7 +126,10 @@ pub(crate) fn download_wheel(spec: &str, wheels: &Path) -> Result<PathBuf, Strin
     if let Some(p) = find() {
         return Ok(p);
     }
-    std::fs::create_dir_all(wheels).map_err(|e| format!("{}: {e}", wheels.display()))?;
+    std::fs::create_dir_all(wheels).map_err(|source| WheelError::Io {
+        path: wheels.to_path_buf(),
+        source,
+    })?;
     let out = Command::new("python3")
         .args([
             "-m",
@@ -104,14 +143,17 @@ pub(crate) fn download_wheel(spec: &str, wheels: &Path) -> Result<PathBuf, Strin
         .arg(wheels)
         .arg(spec)
         .output()
-        .map_err(|e| format!("cannot run `python3 -m pip`: {e} (install Python 3 with pip)"))?;
+        .map_err(WheelError::NoPip)?;
     if !out.status.success() {
-        return Err(format!(
-            "`pip download {spec}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(WheelError::Pip {
+            spec: spec.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
-    find().ok_or_else(|| format!("pip downloaded {spec} but no wheel named {prefix}*.whl appeared"))
+    find().ok_or_else(|| WheelError::NotFound {
+        spec: spec.to_string(),
+        prefix,
+    })
 }
 
 /// Copies `entry` out of whichever wheel holds it into `out`.

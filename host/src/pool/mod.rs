@@ -11,6 +11,7 @@
 //! for the same member queue. There is no global inference lock.
 
 pub mod fetch;
+mod worker;
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -27,6 +28,7 @@ use crate::backends::{bert::BertEmbedder, gguf::GgufModel, Backend};
 use crate::inference::{
     CallCtx, Embedded, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob,
 };
+use worker::{panic_message, GenerateJob, Job};
 
 /// The default pool's declaration, embedded in the binary.
 pub const DEFAULT_POOL_TOML: &str = include_str!("default-pool.toml");
@@ -185,177 +187,6 @@ impl PoolError {
     }
 }
 
-/// Work for a member's worker thread.
-enum Job {
-    /// Any call, run on its own, on behalf of a requester.
-    Run(u64, Box<dyn FnOnce(&mut Backend) + Send>),
-    /// A generation, which the worker may decode together with other
-    /// generations waiting in its queue ([`crate::backends::gguf::decode`]).
-    Generate(GenerateJob),
-}
-
-struct GenerateJob {
-    ctx: CallCtx,
-    input: Input,
-    params: GenParams,
-    sink: Option<TextSink>,
-    reply: tokio::sync::oneshot::Sender<Result<Generation, InferenceError>>,
-}
-
-impl Job {
-    fn requester(&self) -> u64 {
-        match self {
-            Job::Run(r, _) => *r,
-            Job::Generate(g) => g.ctx.requester,
-        }
-    }
-}
-
-/// A prompt longer than this (counted as [`Input::counted_bytes`], about
-/// a thousand tokens) is *long* for batching: see [`FairQueue::generations`].
-const LONG_PROMPT_BYTES: usize = 4096;
-
-/// A member's waiting jobs, served fairly between requests: the next job
-/// is the oldest of the request served longest ago, so a request that
-/// queued a fan-out of many long calls takes turns with the others instead
-/// of holding the member until all of its calls are done.
-#[derive(Default)]
-struct FairQueue {
-    jobs: std::collections::VecDeque<Job>,
-    /// Per requester, the turn it was last served on.
-    last: std::collections::HashMap<u64, u64>,
-    turn: u64,
-}
-
-impl FairQueue {
-    fn push(&mut self, job: Job) {
-        self.jobs.push_back(job);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
-    }
-
-    /// The index of the next job among those `keep` accepts.
-    fn pick(&self, keep: impl Fn(&Job) -> bool) -> Option<usize> {
-        self.jobs
-            .iter()
-            .enumerate()
-            .filter(|(_, j)| keep(j))
-            .min_by_key(|(i, j)| (self.last.get(&j.requester()).copied().unwrap_or(0), *i))
-            .map(|(i, _)| i)
-    }
-
-    fn take(&mut self, i: usize) -> Option<Job> {
-        let job = self.jobs.remove(i)?;
-        self.turn += 1;
-        self.last.insert(job.requester(), self.turn);
-        if self.last.len() > 4096 {
-            // Forget requesters with nothing waiting; they start level again.
-            let waiting: std::collections::HashSet<u64> = self.jobs.iter().map(Job::requester).collect();
-            self.last.retain(|r, _| waiting.contains(r));
-        }
-        Some(job)
-    }
-
-    /// The next job, fairly.
-    fn pop(&mut self) -> Option<Job> {
-        let i = self.pick(|_| true)?;
-        self.take(i)
-    }
-
-    /// Up to `n` more generations to decode with `first`, picked fairly
-    /// (one turn each). A batch prefills its prompts one after another
-    /// before it decodes, so a requester adds at most one *long* prompt
-    /// ([`LONG_PROMPT_BYTES`]) to a batch: a fan-out of long prompts then
-    /// runs over successive batches, and requests that queue meanwhile get
-    /// their turn between them instead of waiting for all of its prefills.
-    fn generations(&mut self, first: &GenerateJob, n: usize) -> Vec<GenerateJob> {
-        let long = |g: &GenerateJob| g.input.counted_bytes() > LONG_PROMPT_BYTES;
-        let mut with_long: Vec<u64> = Vec::new();
-        if long(first) {
-            with_long.push(first.ctx.requester);
-        }
-        let mut out = Vec::new();
-        while out.len() < n {
-            let Some(i) = self.pick(|j| match j {
-                Job::Generate(g) => !(long(g) && with_long.contains(&g.ctx.requester)),
-                Job::Run(..) => false,
-            }) else {
-                break;
-            };
-            if let Some(Job::Generate(g)) = self.jobs.get(i) {
-                if long(g) {
-                    with_long.push(g.ctx.requester);
-                }
-            }
-            match self.take(i) {
-                Some(Job::Generate(g)) => out.push(g),
-                Some(other) => self.jobs.push_front(other),
-                None => break,
-            }
-        }
-        out
-    }
-}
-
-/// The message of a caught panic.
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic".into())
-}
-
-/// Runs generations together (the backend decides whether it can batch),
-/// answering each as its result is known. Jobs whose caller is gone or
-/// whose deadline passed while queued are dropped without running.
-fn run_generations(backend: &mut Backend, batch: Vec<GenerateJob>) {
-    let now = Instant::now();
-    let mut live = Vec::with_capacity(batch.len());
-    for job in batch {
-        if job.reply.is_closed() {
-            continue;
-        }
-        if now >= job.ctx.deadline {
-            let _ = job.reply.send(Err(InferenceError::Deadline));
-            continue;
-        }
-        live.push(job);
-    }
-    if live.is_empty() {
-        return;
-    }
-    let (mut sinks, mut rest): (Vec<Option<TextSink>>, Vec<_>) = live
-        .into_iter()
-        .map(|j| (j.sink, (j.ctx, j.input, j.params, j.reply)))
-        .unzip();
-    let results = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let mut jobs = Vec::with_capacity(rest.len());
-        for ((ctx, input, params, _), sink) in rest.iter().zip(sinks.iter_mut()) {
-            let sink: Option<&mut (dyn FnMut(&str) -> bool + Send)> = match sink {
-                Some(b) => Some(&mut **b),
-                None => None,
-            };
-            jobs.push((*ctx, input, params, sink));
-        }
-        backend.generate_batch(jobs)
-    }));
-    match results {
-        Ok(results) => {
-            for ((_, _, _, reply), r) in rest.drain(..).zip(results) {
-                let _ = reply.send(r);
-            }
-        }
-        Err(p) => {
-            let msg = panic_message(p);
-            for (_, _, _, reply) in rest.drain(..) {
-                let _ = reply.send(Err(InferenceError::Failed(format!("backend panicked: {msg}"))));
-            }
-        }
-    }
-}
-
 /// A member's worker: a thread owning the backend, fed through a queue; or,
 /// for a remote member, the client that calls it (concurrently).
 struct Worker {
@@ -499,13 +330,13 @@ fn verify(m: &MemberConfig, full: &Path) -> Result<(), PoolError> {
 fn load_member(
     m: &MemberConfig,
     models_dir: &Path,
-    device: &Result<candle_core::Device, String>,
+    device: &Result<candle_core::Device, crate::backends::device::DeviceError>,
 ) -> Result<(Backend, ModelCard), PoolError> {
     let full = models_dir.join(&m.path);
     verify(m, &full)?;
-    let load_err = |message: String| PoolError::Load {
+    let load_err = |e: &dyn std::fmt::Display| PoolError::Load {
         id: m.id.clone(),
-        message,
+        message: e.to_string(),
     };
     let mut card = ModelCard {
         id: m.id.clone(),
@@ -520,13 +351,13 @@ fn load_member(
     };
     let backend = match m.backend {
         BackendKind::Gguf | BackendKind::Hf => {
-            let device = device.as_ref().map_err(|e| load_err(e.clone()))?;
+            let device = device.as_ref().map_err(|e| load_err(e))?;
             let model = if m.backend == BackendKind::Hf {
                 GgufModel::load_hf(&m.id, &full, device)
             } else {
                 GgufModel::load(&m.id, &full, device)
             }
-            .map_err(load_err)?;
+            .map_err(|e| load_err(&e))?;
             let f = model.facts();
             card.architecture = f.architecture.clone();
             card.parameters = f.parameters;
@@ -539,8 +370,8 @@ fn load_member(
             Backend::Gguf(Box::new(model))
         }
         BackendKind::Bert => {
-            let device = device.as_ref().map_err(|e| load_err(e.clone()))?;
-            let model = BertEmbedder::load(&full, device).map_err(load_err)?;
+            let device = device.as_ref().map_err(|e| load_err(e))?;
+            let model = BertEmbedder::load(&full, device).map_err(|e| load_err(&e))?;
             card.architecture = "bert".into();
             card.parameters = model.parameters;
             card.context_length = 256;
@@ -549,7 +380,7 @@ fn load_member(
         }
         BackendKind::Openai => {
             // Remote members are set up by `remote_member`, never here.
-            return Err(load_err("a remote member has no file to load".into()));
+            return Err(load_err(&"a remote member has no file to load"));
         }
     };
     Ok((backend, card))
@@ -558,9 +389,9 @@ fn load_member(
 /// A remote member and its card (from the declaration: nothing is fetched
 /// at load, so an unreachable server does not stop the pool from starting).
 fn remote_member(m: &MemberConfig, r: RemoteConfig) -> Result<(ModelCard, Arc<RemoteMember>), PoolError> {
-    let member = RemoteMember::new(&m.id, r.clone()).map_err(|message| PoolError::Load {
+    let member = RemoteMember::new(&m.id, r.clone()).map_err(|e| PoolError::Load {
         id: m.id.clone(),
-        message,
+        message: e.to_string(),
     })?;
     let card = ModelCard {
         id: m.id.clone(),
@@ -576,6 +407,88 @@ fn remote_member(m: &MemberConfig, r: RemoteConfig) -> Result<(ModelCard, Arc<Re
     Ok((card, Arc::new(member)))
 }
 
+/// A member whose loading has started ([`Pool::load_with`]): a local one's
+/// worker thread (if it could be started), the channel its card or load
+/// error comes back on, and its job queue; or a remote one, already set up.
+enum Pending {
+    Local(
+        std::io::Result<std::thread::JoinHandle<()>>,
+        mpsc::Receiver<Result<ModelCard, PoolError>>,
+        mpsc::Sender<Job>,
+    ),
+    Remote(Result<(ModelCard, Arc<RemoteMember>), PoolError>),
+}
+
+/// Starts local member `m`'s worker thread and returns without waiting: the
+/// thread loads the backend with `load`, reports the card (or the error,
+/// and stops) on the ready channel, then serves the member's queue until
+/// the pool is dropped.
+fn spawn_local(
+    m: MemberConfig,
+    load: impl FnOnce(&MemberConfig) -> Result<(Backend, ModelCard), PoolError> + Send + 'static,
+    max_batch: Arc<std::sync::atomic::AtomicUsize>,
+) -> Pending {
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<ModelCard, PoolError>>();
+    let (queue, jobs) = mpsc::channel::<Job>();
+    let name = format!("tessera-model-{}", m.id);
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let backend = match load(&m) {
+            Ok((b, card)) => {
+                let _ = ready_tx.send(Ok(card));
+                b
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        worker::serve(backend, jobs, max_batch);
+    });
+    Pending::Local(spawned, ready_rx, queue)
+}
+
+/// The pool as [`Pool::load_with`] assembles it: the members that serve, in
+/// declaration order, and those that failed.
+#[derive(Default)]
+struct Assembly {
+    workers: BTreeMap<String, Worker>,
+    order: Vec<String>,
+    failures: Vec<PoolError>,
+}
+
+impl Assembly {
+    /// Adds a member that is ready to serve.
+    fn serve(&mut self, card: ModelCard, exec: Exec) {
+        self.order.push(card.id.clone());
+        self.workers.insert(card.id.clone(), Worker { card, exec });
+    }
+
+    /// Waits until `p` has loaded (or failed to), then adds it to the
+    /// members or to the failures.
+    fn settle(&mut self, p: Pending) {
+        let (spawned, ready, queue) = match p {
+            Pending::Local(s, r, q) => (s, r, q),
+            Pending::Remote(Ok((card, member))) => return self.serve(card, Exec::Remote(member)),
+            Pending::Remote(Err(e)) => return self.failures.push(e),
+        };
+        if let Err(e) = spawned {
+            self.failures.push(PoolError::Load {
+                id: "?".into(),
+                message: format!("cannot start worker: {e}"),
+            });
+            return;
+        }
+        match ready.recv() {
+            Ok(Ok(card)) => self.serve(card, Exec::Local(queue)),
+            Ok(Err(e)) => self.failures.push(e),
+            Err(_) => self.failures.push(PoolError::Load {
+                id: "?".into(),
+                message: "a worker died while loading".into(),
+            }),
+        }
+    }
+}
+
 impl Pool {
     /// Verifies and loads every member with the default [`PoolOptions`]
     /// (the CPU, batches of [`DEFAULT_MAX_BATCH`]).
@@ -587,133 +500,34 @@ impl Pool {
     /// members load in parallel), as `options` say. Members that fail are
     /// returned in [`Loaded::failures`]; the rest serve.
     pub fn load_with(config: &PoolConfig, models_dir: &Path, options: &PoolOptions) -> Loaded {
-        enum Pending {
-            Local(
-                std::io::Result<std::thread::JoinHandle<()>>,
-                mpsc::Receiver<Result<ModelCard, PoolError>>,
-                mpsc::Sender<Job>,
-            ),
-            Remote(Result<(ModelCard, Arc<RemoteMember>), PoolError>),
-        }
         let max_batch = Arc::new(std::sync::atomic::AtomicUsize::new(options.max_batch.max(1)));
         // Opened once for every member (a device that cannot be opened
         // fails each local member with the reason).
         let device = options.device.open();
+        // Every member starts loading before any is waited for.
         let mut pending = Vec::new();
         for m in config.members.clone() {
-            if let Some(r) = &m.remote {
-                pending.push(Pending::Remote(remote_member(&m, r.clone())));
-                continue;
-            }
-            let (ready_tx, ready_rx) = mpsc::channel::<Result<ModelCard, PoolError>>();
-            let (queue, jobs) = mpsc::channel::<Job>();
-            let max_batch = max_batch.clone();
-            let dir = models_dir.to_path_buf();
-            let device = device.clone();
-            let name = format!("tessera-model-{}", m.id);
-            let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                let mut backend = match load_member(&m, &dir, &device) {
-                    Ok((b, card)) => {
-                        let _ = ready_tx.send(Ok(card));
-                        b
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let mut waiting = FairQueue::default();
-                loop {
-                    if waiting.is_empty() {
-                        match jobs.recv() {
-                            Ok(job) => waiting.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                    while let Ok(job) = jobs.try_recv() {
-                        waiting.push(job);
-                    }
-                    match waiting.pop() {
-                        Some(Job::Run(_, f)) => f(&mut backend),
-                        Some(Job::Generate(g)) => {
-                            // Other generations waiting join this batch (up
-                            // to the limit, fairly between requests); other
-                            // calls wait until it is done.
-                            let limit = max_batch.load(std::sync::atomic::Ordering::Relaxed);
-                            let more = if backend.batches() {
-                                waiting.generations(&g, limit.saturating_sub(1))
-                            } else {
-                                Vec::new()
-                            };
-                            let mut batch = vec![g];
-                            batch.extend(more);
-                            run_generations(&mut backend, batch);
-                        }
-                        None => {}
-                    }
-                }
-                // The pool was dropped (a merged member released, say): the
-                // model's memory goes back to the system, not to this
-                // thread's arena, where nothing would reuse it.
-                drop(backend);
-                crate::alloc::return_freed_memory();
-            });
-            pending.push(Pending::Local(spawned, ready_rx, queue));
-        }
-        let mut workers = BTreeMap::new();
-        let mut order = Vec::new();
-        let mut failures = Vec::new();
-        for p in pending {
-            let (spawned, ready, queue) = match p {
-                Pending::Local(s, r, q) => (s, r, q),
-                Pending::Remote(Ok((card, member))) => {
-                    order.push(card.id.clone());
-                    workers.insert(
-                        card.id.clone(),
-                        Worker {
-                            card,
-                            exec: Exec::Remote(member),
-                        },
-                    );
-                    continue;
-                }
-                Pending::Remote(Err(e)) => {
-                    failures.push(e);
-                    continue;
+            let p = match &m.remote {
+                Some(r) => Pending::Remote(remote_member(&m, r.clone())),
+                None => {
+                    let dir = models_dir.to_path_buf();
+                    let device = device.clone();
+                    spawn_local(m, move |m| load_member(m, &dir, &device), max_batch.clone())
                 }
             };
-            if let Err(e) = spawned {
-                failures.push(PoolError::Load {
-                    id: "?".into(),
-                    message: format!("cannot start worker: {e}"),
-                });
-                continue;
-            }
-            match ready.recv() {
-                Ok(Ok(card)) => {
-                    order.push(card.id.clone());
-                    workers.insert(
-                        card.id.clone(),
-                        Worker {
-                            card,
-                            exec: Exec::Local(queue),
-                        },
-                    );
-                }
-                Ok(Err(e)) => failures.push(e),
-                Err(_) => failures.push(PoolError::Load {
-                    id: "?".into(),
-                    message: "a worker died while loading".into(),
-                }),
-            }
+            pending.push(p);
+        }
+        let mut assembly = Assembly::default();
+        for p in pending {
+            assembly.settle(p);
         }
         Loaded {
             pool: Arc::new(Pool {
-                workers,
-                order,
+                workers: assembly.workers,
+                order: assembly.order,
                 max_batch,
             }),
-            failures,
+            failures: assembly.failures,
         }
     }
 
@@ -898,53 +712,6 @@ impl Models for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn run_job(requester: u64) -> Job {
-        Job::Run(requester, Box::new(|_| {}))
-    }
-
-    #[test]
-    fn a_members_queue_takes_turns_between_requests() {
-        let mut q = FairQueue::default();
-        for _ in 0..5 {
-            q.push(run_job(1));
-        }
-        q.push(run_job(2));
-        q.push(run_job(3));
-        let order: Vec<u64> = std::iter::from_fn(|| q.pop().map(|j| j.requester())).collect();
-        // Request 1 queued five calls first, yet 2 and 3 are served after
-        // its first one, not after all five.
-        assert_eq!(order, vec![1, 2, 3, 1, 1, 1, 1]);
-    }
-
-    fn gen_job(requester: u64, prompt_bytes: usize) -> Job {
-        let (reply, _) = tokio::sync::oneshot::channel();
-        Job::Generate(GenerateJob {
-            ctx: CallCtx::new(Instant::now(), requester),
-            input: Input::Prompt("x".repeat(prompt_bytes)),
-            params: GenParams::default(),
-            sink: None,
-            reply,
-        })
-    }
-
-    #[test]
-    fn a_batch_takes_one_long_prompt_per_request_and_short_ones_freely() {
-        let mut q = FairQueue::default();
-        for _ in 0..4 {
-            q.push(gen_job(1, 10_000));
-        }
-        for _ in 0..3 {
-            q.push(gen_job(2, 10));
-        }
-        let Some(Job::Generate(first)) = q.pop() else {
-            panic!("a generation")
-        };
-        let batch = q.generations(&first, 7);
-        let from_1 = batch.iter().filter(|g| g.ctx.requester == 1).count();
-        assert_eq!((from_1, batch.len()), (0, 3), "request 1's other long prompts wait");
-        assert_eq!(q.jobs.len(), 3);
-    }
 
     #[test]
     fn default_pool_parses() {

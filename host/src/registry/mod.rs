@@ -32,7 +32,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::policy::Manifest;
+use crate::policy::{Manifest, World};
 use crate::sandbox::{Module, Sandbox};
 use crate::Error;
 
@@ -43,8 +43,8 @@ pub struct Entry {
     pub name: String,
     /// sha256 of the component.
     pub sha256: String,
-    /// The manifest's world (`strategy`, `router`, `judge`, `aggregator`).
-    pub world: String,
+    /// The manifest's world.
+    pub world: World,
     /// The manifest's version.
     pub version: String,
     /// The manifest's author.
@@ -253,7 +253,7 @@ impl Registry {
         let entry = Entry {
             name: manifest.name.clone(),
             sha256: sha256.clone(),
-            world: format!("{:?}", manifest.world).to_lowercase(),
+            world: manifest.world,
             version: manifest.version.clone(),
             author: manifest.author.clone(),
             description: manifest.description.clone(),
@@ -277,7 +277,7 @@ impl Registry {
                 params![
                     entry.name,
                     entry.sha256,
-                    entry.world,
+                    entry.world.name(),
                     entry.manifest_toml,
                     entry.size as i64,
                     entry.publisher_key,
@@ -311,7 +311,9 @@ impl Registry {
         Ok(Entry {
             name: r.get(0)?,
             sha256: r.get(1)?,
-            world: r.get(2)?,
+            world: r.get::<_, String>(2)?.parse().map_err(|e: crate::policy::UnknownWorld| {
+                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+            })?,
             version: manifest.as_ref().map(|m| m.version.clone()).unwrap_or_default(),
             author: manifest.as_ref().map(|m| m.author.clone()).unwrap_or_default(),
             description: manifest.as_ref().map(|m| m.description.clone()).unwrap_or_default(),

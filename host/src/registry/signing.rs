@@ -113,16 +113,30 @@ impl TrustedKeys {
     }
 }
 
+/// Why a text is not a usable publisher key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The text is not hexadecimal.
+    #[error("not hex: {0}")]
+    NotHex(String),
+    /// The text decodes to the wrong number of bytes.
+    #[error("a public key is 32 bytes, this is {0}")]
+    Length(usize),
+    /// The 32 bytes are not a point of the curve.
+    #[error("not an ed25519 public key: {0}")]
+    NotAKey(String),
+}
+
 /// Checks that `text` is an ed25519 public key in hex, as a `.pub` file
-/// holds it; the message says what is wrong.
-pub fn check_public_key(text: &str) -> Result<(), String> {
+/// holds it; the error says what is wrong.
+pub fn check_public_key(text: &str) -> Result<(), KeyError> {
     let bytes: [u8; 32] = hex::decode(text.trim())
-        .map_err(|e| format!("not hex: {e}"))?
+        .map_err(|e| KeyError::NotHex(e.to_string()))?
         .try_into()
-        .map_err(|b: Vec<u8>| format!("a public key is 32 bytes, this is {}", b.len()))?;
+        .map_err(|b: Vec<u8>| KeyError::Length(b.len()))?;
     VerifyingKey::from_bytes(&bytes)
         .map(|_| ())
-        .map_err(|e| format!("not an ed25519 public key: {e}"))
+        .map_err(|e| KeyError::NotAKey(e.to_string()))
 }
 
 /// A new key pair: `(secret hex, public hex)`.

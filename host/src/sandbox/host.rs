@@ -573,9 +573,13 @@ impl weights::Host for RequestState {
                 self.granted.insert(id.clone());
                 Ok(Ok(id))
             }
-            Err(e) => {
+            Err(crate::inference::weights::MergeFailed::Invalid(e)) => {
                 self.record_call("merge", &shown, 0, 0, started.elapsed(), "invalid-params")?;
                 Ok(Err(w::Error::InvalidParams(e)))
+            }
+            Err(crate::inference::weights::MergeFailed::Host(e)) => {
+                self.record_call("merge", &shown, 0, 0, started.elapsed(), "inference-failed")?;
+                Ok(Err(w::Error::InferenceFailed(e)))
             }
         }
     }

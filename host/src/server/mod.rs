@@ -264,7 +264,7 @@ impl AppState {
             .cloned();
         let module = match entry {
             Some(e) => {
-                if e.world != "strategy" {
+                if e.world != World::Strategy {
                     return Err(ApiError::invalid(
                         "model",
                         &format!(

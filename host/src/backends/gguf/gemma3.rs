@@ -134,6 +134,20 @@ impl Gemma3 {
         })
     }
 
+    /// Moves the model's KV caches out (leaving it empty).
+    pub fn take_state(&mut self) -> super::llama::KvState {
+        self.layers.iter_mut().map(|l| l.kv.take()).collect()
+    }
+
+    /// Puts a sequence's KV caches back into the model; an empty state (a
+    /// sequence not started) leaves every layer's cache empty.
+    pub fn put_state(&mut self, state: super::llama::KvState) {
+        let mut state = state.into_iter();
+        for l in self.layers.iter_mut() {
+            l.kv = state.next().flatten();
+        }
+    }
+
     /// Runs tokens `ids` (shape `[1, t]`) placed at positions `pos..pos+t`
     /// and returns the logits of the last one (`[1, vocab]`). `pos == 0`
     /// starts a new sequence.

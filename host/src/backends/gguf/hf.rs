@@ -27,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
+use crate::backends::LoadError;
 use super::tokenizer::GgufTokenizer;
 
 /// `(GGUF name suffix, HF name suffix)` of every per-layer tensor.
@@ -79,9 +80,9 @@ fn tensor_names(layers: u32) -> Vec<(String, String)> {
     names
 }
 
-fn read_json(path: &Path) -> Result<Value, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", path.display()))
+fn read_json(path: &Path) -> Result<Value, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| LoadError::Invalid(format!("{}: not valid JSON: {e}", path.display())))
 }
 
 /// A token named in `tokenizer_config.json`: a string or `{"content": ...}`.
@@ -103,14 +104,14 @@ pub struct HfParts {
 }
 
 /// Reads a directory. Errors name the file and the problem.
-pub fn read_dir(dir: &Path) -> Result<HfParts, String> {
+pub fn read_dir(dir: &Path) -> Result<HfParts, LoadError> {
     let shown = dir.display();
     let config = read_json(&dir.join("config.json"))?;
     let arch = config["model_type"].as_str().unwrap_or("").to_string();
     if !matches!(arch.as_str(), "llama" | "qwen2") {
-        return Err(format!(
+        return Err(LoadError::Invalid(format!(
             "{shown}/config.json: model_type `{arch}` is not supported in a Hugging Face directory (supported: llama, qwen2; gemma3 loads from GGUF)"
-        ));
+        )));
     }
     let num = |key: &str| -> Result<u32, String> {
         config[key]
@@ -161,7 +162,7 @@ pub fn read_dir(dir: &Path) -> Result<HfParts, String> {
     let mut hf: HashMap<String, Tensor> = HashMap::new();
     let files = safetensors_files(weights_dir).map_err(|e| format!("{}: {e}", weights_dir.display()))?;
     if files.is_empty() {
-        return Err(format!("{}: no .safetensors file", weights_dir.display()));
+        return Err(LoadError::Invalid(format!("{}: no .safetensors file", weights_dir.display())));
     }
     for f in &files {
         let part = candle_core::safetensors::load(f, &Device::Cpu)
@@ -185,7 +186,7 @@ pub fn read_dir(dir: &Path) -> Result<HfParts, String> {
             if optional {
                 continue;
             }
-            return Err(format!("{shown}: tensor `{hf_name}` is missing"));
+            return Err(LoadError::Invalid(format!("{shown}: tensor `{hf_name}` is missing")));
         };
         let mut t = t;
         if arch == "llama" && gguf_name.ends_with("attn_q.weight") {
@@ -217,7 +218,7 @@ pub fn read_dir(dir: &Path) -> Result<HfParts, String> {
 
 /// Reads a directory's tokenizer (`tokenizer.json`) with its special-token
 /// facts and chat template (`tokenizer_config.json`).
-pub fn read_tokenizer(dir: &Path) -> Result<(GgufTokenizer, Option<String>), String> {
+pub fn read_tokenizer(dir: &Path) -> Result<(GgufTokenizer, Option<String>), LoadError> {
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| format!("{}: {e}", tok_path.display()))?;
     let tcfg = read_json(&dir.join("tokenizer_config.json")).unwrap_or(Value::Null);
@@ -248,9 +249,9 @@ pub fn read_tokenizer(dir: &Path) -> Result<(GgufTokenizer, Option<String>), Str
 
 /// Writes the GGUF member at `gguf_path` out as a Hugging Face directory in
 /// `out` (created; existing files are replaced). llama and qwen2 only.
-pub fn export(gguf_path: &Path, out: &Path) -> Result<(), String> {
+pub fn export(gguf_path: &Path, out: &Path) -> Result<(), LoadError> {
     let shown = gguf_path.display();
-    let mut file = std::fs::File::open(gguf_path).map_err(|e| format!("{shown}: {e}"))?;
+    let mut file = std::fs::File::open(gguf_path).map_err(|e| LoadError::io(gguf_path, e))?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| format!("{shown}: not a readable GGUF file: {e}"))?;
     let meta = |k: &str| content.metadata.get(k);
     let arch = meta("general.architecture")
@@ -258,7 +259,9 @@ pub fn export(gguf_path: &Path, out: &Path) -> Result<(), String> {
         .cloned()
         .unwrap_or_default();
     if !matches!(arch.as_str(), "llama" | "qwen2") {
-        return Err(format!("{shown}: exporting `{arch}` is not supported (llama, qwen2)"));
+        return Err(LoadError::Invalid(format!(
+            "{shown}: exporting `{arch}` is not supported (llama, qwen2)"
+        )));
     }
     let u = |k: &str| -> Result<u32, String> {
         meta(&format!("{arch}.{k}"))
@@ -289,7 +292,7 @@ pub fn export(gguf_path: &Path, out: &Path) -> Result<(), String> {
         let t = if t.rank() == 2 { t.to_dtype(DType::F16) } else { Ok(t) }.map_err(|e| e.to_string())?;
         tensors.insert(hf_name, t);
     }
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| LoadError::io(out, e))?;
     candle_core::safetensors::save(&tensors, out.join("model.safetensors"))
         .map_err(|e| format!("model.safetensors: {e}"))?;
     let hidden = u("embedding_length")?;
@@ -310,7 +313,7 @@ pub fn export(gguf_path: &Path, out: &Path) -> Result<(), String> {
     });
     let write_json = |name: &str, v: &Value| {
         let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
-        std::fs::write(out.join(name), text).map_err(|e| format!("{name}: {e}"))
+        std::fs::write(out.join(name), text).map_err(|e| LoadError::io(&out.join(name), e))
     };
     write_json("config.json", &config)?;
     let tok = super::tokenizer::from_gguf(&content).map_err(|e| format!("{shown}: tokenizer: {e}"))?;

@@ -124,10 +124,12 @@ impl Llama {
         self.layers.iter_mut().map(|l| l.kv.take()).collect()
     }
 
-    /// Puts a sequence's KV caches back into the model.
+    /// Puts a sequence's KV caches back into the model; an empty state (a
+    /// sequence not started) leaves every layer's cache empty.
     pub fn put_state(&mut self, state: KvState) {
-        for (l, kv) in self.layers.iter_mut().zip(state) {
-            l.kv = kv;
+        let mut state = state.into_iter();
+        for l in self.layers.iter_mut() {
+            l.kv = state.next().flatten();
         }
     }
 

@@ -29,6 +29,7 @@ use std::time::Instant;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor, D};
 
+use crate::backends::LoadError;
 use crate::inference::{CallCtx, GenParams, Generation, InferenceError, Input, Scored, TokenLogprob};
 use template::ChatFormat;
 use tokenizer::GgufTokenizer;
@@ -39,7 +40,7 @@ use tokenizer::GgufTokenizer;
 const MAX_POSITIONS: usize = 8192;
 /// Prompt tokens run in one forward pass during prefill; the deadline is
 /// checked between chunks (about a second of a 0.5B model on 2 cores).
-const PREFILL_CHUNK: usize = 512;
+pub(crate) const PREFILL_CHUNK: usize = 512;
 
 #[derive(Clone)]
 enum Weights {
@@ -52,6 +53,23 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.forward(x, pos),
             Weights::Gemma3(m) => m.forward(x, pos),
+        }
+    }
+
+    /// Moves the KV caches out of the model (leaving it empty).
+    fn take_state(&mut self) -> llama::KvState {
+        match self {
+            Weights::Llama(m) => m.take_state(),
+            Weights::Gemma3(m) => m.take_state(),
+        }
+    }
+
+    /// Puts a sequence's KV caches back (an empty state leaves the model
+    /// empty too, for a sequence that has not started).
+    fn put_state(&mut self, state: llama::KvState) {
+        match self {
+            Weights::Llama(m) => m.put_state(state),
+            Weights::Gemma3(m) => m.put_state(state),
         }
     }
 
@@ -93,9 +111,9 @@ fn failed(e: impl std::fmt::Display) -> InferenceError {
 
 impl GgufModel {
     /// Loads `path`. The error names the file and what is wrong with it.
-    pub fn load(id: &str, path: &Path, device: &Device) -> Result<Self, String> {
+    pub fn load(id: &str, path: &Path, device: &Device) -> Result<Self, LoadError> {
         let shown = path.display().to_string();
-        let mut file = File::open(path).map_err(|e| format!("{shown}: cannot open: {e}"))?;
+        let mut file = File::open(path).map_err(|e| LoadError::io(path, e))?;
         let content =
             gguf_file::Content::read(&mut file).map_err(|e| format!("{shown}: not a readable GGUF file: {e}"))?;
         // An unsupported architecture is the more useful error than
@@ -111,7 +129,7 @@ impl GgufModel {
     }
 
     /// Loads a Hugging Face model directory (see [`hf`]) onto `device`.
-    pub fn load_hf(id: &str, dir: &Path, device: &Device) -> Result<Self, String> {
+    pub fn load_hf(id: &str, dir: &Path, device: &Device) -> Result<Self, LoadError> {
         let shown = dir.display().to_string();
         let mut parts = hf::read_dir(dir)?;
         let content = gguf_file::Content::read(&mut parts.gguf).map_err(|e| format!("{shown}: {e}"))?;
@@ -126,7 +144,7 @@ impl GgufModel {
         tok: GgufTokenizer,
         template: Option<String>,
         device: &Device,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, LoadError> {
         let arch = architecture(content, shown)?;
         let parameters: u64 = content.tensor_infos.values().map(|t| t.shape.elem_count() as u64).sum();
         let ctx_key = format!("{arch}.context_length");
@@ -139,20 +157,28 @@ impl GgufModel {
         let (weights, context_length) = match arch.as_str() {
             "llama" | "qwen2" => {
                 let positions = meta_ctx.min(MAX_POSITIONS);
-                let w = llama::Llama::from_gguf(&arch, content, file, positions, &device)
-                    .map_err(|e| format!("{shown}: loading {arch} weights: {e}"))?;
+                let w = llama::Llama::from_gguf(&arch, content, file, positions, &device).map_err(|source| {
+                    LoadError::Weights {
+                        path: shown.to_string(),
+                        source,
+                    }
+                })?;
                 (Weights::Llama(Box::new(w)), positions)
             }
             "gemma3" => {
                 let positions = meta_ctx.min(MAX_POSITIONS);
-                let w = gemma3::Gemma3::from_gguf(content, file, positions, &device)
-                    .map_err(|e| format!("{shown}: loading gemma3 weights: {e}"))?;
+                let w = gemma3::Gemma3::from_gguf(content, file, positions, &device).map_err(|source| {
+                    LoadError::Weights {
+                        path: shown.to_string(),
+                        source,
+                    }
+                })?;
                 (Weights::Gemma3(Box::new(w)), positions)
             }
             other => {
-                return Err(format!(
+                return Err(LoadError::Invalid(format!(
                     "{shown}: architecture `{other}` is not supported (supported: llama, qwen2, gemma3)"
-                ))
+                )))
             }
         };
         let chat = match template {
@@ -205,7 +231,12 @@ impl GgufModel {
                 // A model's own template writes its BOS itself; the plain
                 // format for base models does not.
                 let add_bos = !self.chat.is_template() && self.tok.add_bos;
-                (self.chat.render(msgs).map_err(InferenceError::InvalidParams)?, add_bos)
+                (
+                    self.chat
+                        .render(msgs)
+                        .map_err(|e| InferenceError::InvalidParams(e.to_string()))?,
+                    add_bos,
+                )
             }
             Input::Prompt(p) => (p.clone(), self.tok.add_bos),
         };

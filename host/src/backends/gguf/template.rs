@@ -30,13 +30,26 @@ struct TemplateMessage<'a> {
     content: &'a str,
 }
 
+/// Why a chat template cannot be used: it does not compile (the model
+/// file's fault), or it fails on these messages (often a template that
+/// insists on roles alternating, or on a system message first).
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The template's source is not valid Jinja.
+    #[error("the chat template does not compile: {0}")]
+    Compile(#[source] minijinja::Error),
+    /// The template raised or failed while rendering these messages.
+    #[error("rendering the chat template failed: {0}")]
+    Render(#[source] minijinja::Error),
+}
+
 impl ChatFormat {
     /// Compiles `source`; the error names the template problem.
-    pub fn from_template(source: &str, bos: String, eos: String) -> Result<Self, String> {
+    pub fn from_template(source: &str, bos: String, eos: String) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| format!("the chat template does not compile: {e}"))?;
+            .map_err(TemplateError::Compile)?;
         Ok(ChatFormat::Template {
             env: Box::new(env),
             bos,
@@ -50,7 +63,7 @@ impl ChatFormat {
     }
 
     /// Renders `messages` ending with the prompt for the assistant's turn.
-    pub fn render(&self, messages: &[Message]) -> Result<String, String> {
+    pub fn render(&self, messages: &[Message]) -> Result<String, TemplateError> {
         self.render_with(messages, true)
     }
 
@@ -58,7 +71,7 @@ impl ChatFormat {
     /// if `generation_prompt` is set. Training renders whole conversations
     /// without it, and uses the difference between the two renders to find
     /// which tokens are the assistant's.
-    pub fn render_with(&self, messages: &[Message], generation_prompt: bool) -> Result<String, String> {
+    pub fn render_with(&self, messages: &[Message], generation_prompt: bool) -> Result<String, TemplateError> {
         match self {
             ChatFormat::Template { env, bos, eos } => {
                 let msgs: Vec<TemplateMessage> = messages
@@ -68,14 +81,14 @@ impl ChatFormat {
                         content: &m.content,
                     })
                     .collect();
-                let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+                let tmpl = env.get_template("chat").map_err(TemplateError::Compile)?;
                 tmpl.render(context! {
                     messages => msgs,
                     add_generation_prompt => generation_prompt,
                     bos_token => bos,
                     eos_token => eos,
                 })
-                .map_err(|e| format!("rendering the chat template failed: {e}"))
+                .map_err(TemplateError::Render)
             }
             ChatFormat::Plain => {
                 let mut out = String::new();
@@ -116,7 +129,8 @@ mod tests {
     fn broken_template_is_a_readable_error() {
         let err = ChatFormat::from_template("{% for %}", "".into(), "".into())
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(err.contains("does not compile"), "{err}");
     }
 }

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use tessera::contribute::{self, Method, TrainOptions};
+use tessera::contribute::{self, TrainOptions};
+use tessera::model_folder::TrainMethod;
 use tessera::pool::CardConfig;
 use tessera::{Error, Paths};
 
@@ -176,9 +177,9 @@ fn train(args: TrainArgs) -> Result<String, Error> {
     let (base_dir, base_name) =
         contribute::base_folder(&pool, &paths.models, &cache, &args.base).map_err(|e| Error::config(e.to_string()))?;
     let method = if args.full {
-        Method::Full
+        TrainMethod::Full
     } else {
-        Method::Lora {
+        TrainMethod::Lora {
             rank: args.lora_rank,
             alpha: args.lora_alpha,
             targets: args.lora_targets.clone(),
@@ -259,7 +260,8 @@ pub(crate) fn contribute(cmd: ContributeCommand) -> Result<String, Error> {
     match cmd {
         ContributeCommand::Train(args) => train(*args),
         ContributeCommand::Data { slice, out, limit } => {
-            let pairs = tessera::tasks::training::slice(&Paths::from_env(), &slice, limit).map_err(Error::config)?;
+            let pairs = tessera::tasks::training::slice(&Paths::from_env(), &slice, limit)
+                .map_err(|e| Error::config(e.to_string()))?;
             let text: String = pairs
                 .iter()
                 .map(|(p, c)| serde_json::json!({"prompt": p, "completion": c}).to_string() + "\n")
@@ -370,7 +372,7 @@ pub(crate) fn merge(args: MergeArgs) -> Result<String, Error> {
         format!("{} merge of {}", args.method, args.models.join(", ")),
         "same as the merged models",
     );
-    let compute = merge::compute::shared(crate::options().merge_device).map_err(Error::config)?;
+    let compute = merge::compute::shared(crate::options().merge_device).map_err(|e| Error::config(e.to_string()))?;
     let report = merge::merge_on(compute.as_ref(), &dirs, base.as_deref(), &names, &spec, card, &args.out)
         .map_err(|e| Error::config(e.to_string()))?;
     Ok(format!(

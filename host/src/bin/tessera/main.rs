@@ -267,7 +267,7 @@ pub(crate) fn load_setup(setup: &Setup) -> Result<(PoolConfig, Policy), Error> {
         None => PoolConfig::from_toml(tessera::pool::DEFAULT_POOL_TOML).map_err(|e| Error::config(e.to_string()))?,
     };
     let policy = match &setup.policy {
-        Some(p) => Policy::from_file(p).map_err(Error::config)?,
+        Some(p) => Policy::from_file(p)?,
         None => Policy::default(),
     };
     Ok((pool, policy))
@@ -402,7 +402,7 @@ fn pool_export(setup: &Setup, member: &str, out: &std::path::Path) -> Result<Str
         )));
     }
     let path = Paths::from_env().models.join(&m.path);
-    tessera::backends::gguf::hf::export(&path, out).map_err(Error::config)?;
+    tessera::backends::gguf::hf::export(&path, out).map_err(|e| Error::config(e.to_string()))?;
     Ok(format!("exported {member} to {}", out.display()))
 }
 
@@ -457,7 +457,7 @@ fn strategies_list(json: bool) -> Result<String, Error> {
             Ok(man) => s.push_str(&format!(
                 "{:<22} {:<10} {}\n",
                 m.name,
-                format!("{:?}", man.world).to_lowercase(),
+                man.world.name(),
                 man.description
             )),
             Err(e) => s.push_str(&format!("{:<22} {:<10} BROKEN MANIFEST: {e}\n", m.name, "?")),
@@ -493,7 +493,7 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         tessera::eval::cache::Cache::disabled()
     } else {
         tessera::eval::cache::Cache::open(&rt.paths().data.join("..").join("eval-cache.sqlite"))
-            .map_err(Error::config)?
+            .map_err(|e| Error::internal(format!("{e} (or run with --no-cache)")))?
     };
     let mut task_limits = std::collections::BTreeMap::new();
     for kv in &args.task_limit {
@@ -531,7 +531,8 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
     };
     let report = tessera::eval::run(&rt, cfg, &cache).await?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let written = tessera::eval::report::write(&report, &args.out, &command).map_err(Error::config)?;
+    let written =
+        tessera::eval::report::write(&report, &args.out, &command).map_err(|e| Error::internal(e.to_string()))?;
     if args.json {
         return serde_json::to_string_pretty(&report).map_err(|e| Error::config(e.to_string()));
     }
@@ -630,7 +631,7 @@ fn main() -> ExitCode {
         let opened = tessera::backends::device::DeviceSpec::parse(spec).and_then(|d| d.open().map(|_| d));
         match opened {
             Ok(d) => options = options.device(d),
-            Err(e) => return fail(false, &Error::config(e)),
+            Err(e) => return fail(false, &Error::config(e.to_string())),
         }
     }
     if let Some(n) = cli.max_batch {
@@ -655,13 +656,13 @@ fn main() -> ExitCode {
         // opens at the first merge (opening a GPU costs time).
         match tessera::merge::compute::Choice::parse(choice) {
             Ok(c) => options = options.merge_device(c),
-            Err(e) => return fail(false, &Error::config(e)),
+            Err(e) => return fail(false, &Error::config(e.to_string())),
         }
     }
     let _ = OPTIONS.set(options);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => return fail(false, &Error::config(format!("cannot start the async runtime: {e}"))),
+        Err(e) => return fail(false, &Error::internal(format!("cannot start the async runtime: {e}"))),
     };
     let (json, result) = match cli.command {
         Command::Run(args) => {
