@@ -56,65 +56,57 @@ pub mod bindings {
         default_bindings_module: "tessera_sdk::bindings",
     });
 
-    pub mod strategy {
-        wit_bindgen::generate!({
-            path: "../wit",
-            world: "tessera:collab/strategy@0.1.0",
-            with: {
-                "tessera:collab/types@0.1.0": crate::bindings::tessera::collab::types,
-                "tessera:collab/models@0.1.0": crate::bindings::tessera::collab::models,
-                "tessera:collab/trace@0.1.0": crate::bindings::tessera::collab::trace,
-            },
-            pub_export_macro: true,
-            export_macro_name: "__export_strategy_world",
-            default_bindings_module: "tessera_sdk::bindings::strategy",
-        });
+    // One place says how an exporting world reuses the shared imports: each
+    // world's module maps `types`, `models` and `trace` onto the bindings
+    // above instead of generating its own copies, so all worlds share one
+    // `Request`, `Error`, ... and the strategy, router, judge and aggregator
+    // cannot drift apart. The strings are `tt` fragments, not `literal`: a
+    // `literal` (or `expr`) fragment reaches `generate!` wrapped in an
+    // invisible group, while `tt` hands over the bare string token, so nothing
+    // depends on the proc macro's parser looking through that group.
+    macro_rules! exporting_world {
+        ($module:ident, $world:tt, $export_macro:tt, $bindings_module:tt) => {
+            pub mod $module {
+                wit_bindgen::generate!({
+                    path: "../wit",
+                    world: $world,
+                    with: {
+                        "tessera:collab/types@0.1.0": crate::bindings::tessera::collab::types,
+                        "tessera:collab/models@0.1.0": crate::bindings::tessera::collab::models,
+                        "tessera:collab/trace@0.1.0": crate::bindings::tessera::collab::trace,
+                    },
+                    pub_export_macro: true,
+                    export_macro_name: $export_macro,
+                    default_bindings_module: $bindings_module,
+                });
+            }
+        };
     }
 
-    pub mod router {
-        wit_bindgen::generate!({
-            path: "../wit",
-            world: "tessera:collab/router@0.1.0",
-            with: {
-                "tessera:collab/types@0.1.0": crate::bindings::tessera::collab::types,
-                "tessera:collab/models@0.1.0": crate::bindings::tessera::collab::models,
-                "tessera:collab/trace@0.1.0": crate::bindings::tessera::collab::trace,
-            },
-            pub_export_macro: true,
-            export_macro_name: "__export_router_world",
-            default_bindings_module: "tessera_sdk::bindings::router",
-        });
-    }
-
-    pub mod judge {
-        wit_bindgen::generate!({
-            path: "../wit",
-            world: "tessera:collab/judge@0.1.0",
-            with: {
-                "tessera:collab/types@0.1.0": crate::bindings::tessera::collab::types,
-                "tessera:collab/models@0.1.0": crate::bindings::tessera::collab::models,
-                "tessera:collab/trace@0.1.0": crate::bindings::tessera::collab::trace,
-            },
-            pub_export_macro: true,
-            export_macro_name: "__export_judge_world",
-            default_bindings_module: "tessera_sdk::bindings::judge",
-        });
-    }
-
-    pub mod aggregator {
-        wit_bindgen::generate!({
-            path: "../wit",
-            world: "tessera:collab/aggregator@0.1.0",
-            with: {
-                "tessera:collab/types@0.1.0": crate::bindings::tessera::collab::types,
-                "tessera:collab/models@0.1.0": crate::bindings::tessera::collab::models,
-                "tessera:collab/trace@0.1.0": crate::bindings::tessera::collab::trace,
-            },
-            pub_export_macro: true,
-            export_macro_name: "__export_aggregator_world",
-            default_bindings_module: "tessera_sdk::bindings::aggregator",
-        });
-    }
+    exporting_world!(
+        strategy,
+        "tessera:collab/strategy@0.1.0",
+        "__export_strategy_world",
+        "tessera_sdk::bindings::strategy"
+    );
+    exporting_world!(
+        router,
+        "tessera:collab/router@0.1.0",
+        "__export_router_world",
+        "tessera_sdk::bindings::router"
+    );
+    exporting_world!(
+        judge,
+        "tessera:collab/judge@0.1.0",
+        "__export_judge_world",
+        "tessera_sdk::bindings::judge"
+    );
+    exporting_world!(
+        aggregator,
+        "tessera:collab/aggregator@0.1.0",
+        "__export_aggregator_world",
+        "tessera_sdk::bindings::aggregator"
+    );
 }
 
 pub use bindings::strategy::tessera::collab::weights::{MergeMethod, MergeSpec};

@@ -206,6 +206,254 @@ fn fmt_points(p: f64) -> String {
     }
 }
 
+/// Picks the ranker: the member set by config `ranker`, else the best dev
+/// member from `fit`, else the first generative member in pool order. The
+/// trace says which rule chose it, since every point in the ranking comes
+/// from this one member's judgement.
+fn choose_ranker(cfg: &Config, members: &[ModelInfo], fitted: Option<&FitState>) -> Result<ModelInfo, Error> {
+    if let Some(m) = configured(cfg, "ranker", members)? {
+        trace(Some(&m.id), "ranker", "ranker set by config `ranker`");
+        return Ok(m);
+    }
+    let m = dev::best_member(fitted.map(|f| f.ranking.as_slice()), members)?;
+    let why = match fitted {
+        Some(f) => {
+            let acc = f.scores.iter().find(|s| s.model == m.id).map(|s| s.accuracy());
+            format!(
+                "ranker is the best dev member (accuracy {:.2}); dev ranking: {}",
+                acc.unwrap_or(0.0),
+                f.ranking.join(", ")
+            )
+        }
+        None => "no fit state: ranker is the first generative member in pool order".into(),
+    };
+    trace(Some(&m.id), "ranker", why);
+    Ok(m)
+}
+
+/// Step 1: every member answers the request, all in one fan-out, each with
+/// its own seed `seed + i`. A member that fails is traced and left out of
+/// the ranking; only a pool where nobody answered is an error.
+fn propose(req: &Request, members: &[ModelInfo], s: &Settings, seed: u64) -> Result<Vec<Candidate>, Error> {
+    let jobs: Vec<Job> = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Job {
+            model: m.id.clone(),
+            input: req.input.clone(),
+            params: GenParams {
+                max_tokens: Some(s.max_tokens),
+                seed: Some(seed.wrapping_add(i as u64)),
+                ..req.params.clone()
+            },
+        })
+        .collect();
+    let mut cands = Vec::new();
+    for (m, r) in members.iter().zip(fan_out(&jobs)) {
+        match r {
+            Ok(g) => {
+                trace(
+                    Some(&m.id),
+                    "proposer",
+                    format!("answered ({} tokens)", g.usage.completion_tokens),
+                );
+                cands.push(Candidate {
+                    model: m.id.clone(),
+                    text: g.text,
+                });
+            }
+            Err(e) => trace(
+                Some(&m.id),
+                "proposer",
+                format!("failed ({e}); left out of the ranking"),
+            ),
+        }
+    }
+    if cands.is_empty() {
+        return Err(Error::ModuleFailed("no member produced an answer".into()));
+    }
+    Ok(cands)
+}
+
+/// Every unordered pair of `n` candidates once, as (shown as A, shown as B).
+/// Which one is shown first alternates from pair to pair, to spread the
+/// position bias of small judges over all candidates.
+fn pairings(n: usize) -> Vec<(usize, usize)> {
+    let mut pairs = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            pairs.push(if pairs.len().is_multiple_of(2) { (i, j) } else { (j, i) });
+        }
+    }
+    pairs
+}
+
+/// Step 2: the ranker judges each of `pairs`, all in one fan-out, greedily
+/// and with a short reply, and each candidate collects the points of its
+/// verdicts (see [`points`]). Returns the points per candidate.
+fn judge_pairs(
+    input: &Input,
+    ranker: &ModelInfo,
+    cands: &[Candidate],
+    pairs: &[(usize, usize)],
+    s: &Settings,
+    seed: u64,
+) -> Vec<f64> {
+    let q = question(input);
+    let jobs: Vec<Job> = pairs
+        .iter()
+        .enumerate()
+        .map(|(p, &(a, b))| Job {
+            model: ranker.id.clone(),
+            input: user(format!(
+                "You judge two responses to a question.\n\nQuestion:\n{q}\n\nResponse A:\n{}\n\nResponse B:\n{}\n\nWhich response is better, A or B? Reply with one letter.",
+                shown(&cands[a].text),
+                shown(&cands[b].text)
+            )),
+            params: GenParams {
+                max_tokens: Some(s.judge_max_tokens),
+                temperature: Some(0.0),
+                seed: Some(seed.wrapping_add(1000 + p as u64)),
+                ..Default::default()
+            },
+        })
+        .collect();
+    // A single candidate leaves nothing to judge: no host call at all.
+    let results = if jobs.is_empty() { Vec::new() } else { fan_out(&jobs) };
+    let mut score = vec![0.0f64; cands.len()];
+    for (&(a, b), r) in pairs.iter().zip(results) {
+        let (v, reply) = match r {
+            Ok(g) => (verdict(&g.text), format!("replied `{}`", g.text.trim())),
+            Err(e) => (Verdict::Unclear, format!("failed ({e})")),
+        };
+        let (pa, pb) = points(v);
+        score[a] += pa;
+        score[b] += pb;
+        let outcome = match v {
+            Verdict::A => format!("{} wins", cands[a].model),
+            Verdict::B => format!("{} wins", cands[b].model),
+            Verdict::Tie => "tie: 0.5 each".to_string(),
+            Verdict::Unclear => "no clear verdict: 0.5 each".to_string(),
+        };
+        trace(
+            Some(&ranker.id),
+            "judge",
+            format!("A = {} vs B = {}: {reply}; {outcome}", cands[a].model, cands[b].model),
+        );
+    }
+    score
+}
+
+/// Each candidate's position in the dev ranking from `fit` (lower is
+/// better), `usize::MAX` when unranked: the tie-break for equal points.
+fn dev_ranks(cands: &[Candidate], dev_ranking: Option<&[String]>) -> Vec<usize> {
+    cands
+        .iter()
+        .map(|c| {
+            dev_ranking
+                .and_then(|r| r.iter().position(|id| *id == c.model))
+                .unwrap_or(usize::MAX)
+        })
+        .collect()
+}
+
+/// `id=points` for each candidate in `ranked` order, for the trace and the
+/// `points` annotation.
+fn points_in_rank_order(cands: &[Candidate], score: &[f64], ranked: &[usize]) -> Vec<String> {
+    ranked
+        .iter()
+        .map(|&i| format!("{}={}", cands[i].model, fmt_points(score[i])))
+        .collect()
+}
+
+/// The annotations every response carries, whether fused or not: how the
+/// candidates ranked, who ranked them, and which ones went to the fuser.
+fn ranking_annotations(
+    cands: &[Candidate],
+    ranked: &[usize],
+    shown_points: &[String],
+    ranker: &ModelInfo,
+    judge_calls: usize,
+    top: &[usize],
+) -> Vec<(String, String)> {
+    let ids = |idx: &[usize]| idx.iter().map(|&i| cands[i].model.clone()).collect::<Vec<_>>();
+    vec![
+        ("points".to_string(), shown_points.join("; ")),
+        ("ranking".to_string(), ids(ranked).join(", ")),
+        ("ranker".to_string(), ranker.id.clone()),
+        ("judge_calls".to_string(), judge_calls.to_string()),
+        ("top".to_string(), ids(top).join(", ")),
+    ]
+}
+
+/// `winner`'s own answer as the response, marked as not fused.
+fn unfused(winner: &Candidate, mut annotations: Vec<(String, String)>) -> Response {
+    annotations.push(("fused".into(), "false".into()));
+    annotations.push(("winner".into(), winner.model.clone()));
+    Response {
+        text: winner.text.clone(),
+        annotations,
+    }
+}
+
+/// Step 3: the fuser reads the `top` candidates (best first) and writes one
+/// final answer. The candidates go before the original question (see
+/// [`with_preamble`]) so that the question and its instructions come last.
+/// A failed fusion returns the winner unfused: the ranking already chose it.
+fn fuse(
+    req: &Request,
+    s: &Settings,
+    seed: u64,
+    fuser: &ModelInfo,
+    cands: &[Candidate],
+    top: &[usize],
+    mut annotations: Vec<(String, String)>,
+) -> Response {
+    let mut preamble = String::from(
+        "Here are candidate responses to the question below, best first. Write one final response that keeps what they get right and fixes their mistakes. Reply with the final response only.\n",
+    );
+    for (r, &i) in top.iter().enumerate() {
+        preamble.push_str(&format!("\nCandidate {}:\n{}\n", r + 1, shown(&cands[i].text)));
+    }
+    preamble.push_str("\nQuestion:");
+    let fuse_params = GenParams {
+        max_tokens: Some(s.max_tokens),
+        seed: Some(seed.wrapping_add(2000)),
+        ..req.params.clone()
+    };
+    annotations.push(("fuser".into(), fuser.id.clone()));
+    match generate(&fuser.id, &with_preamble(&req.input, &preamble), &fuse_params) {
+        Ok(g) => {
+            trace(
+                Some(&fuser.id),
+                "fuser",
+                format!(
+                    "fused the top {}: {}",
+                    top.len(),
+                    top.iter()
+                        .map(|&i| cands[i].model.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            annotations.push(("fused".into(), "true".into()));
+            Response {
+                text: g.text,
+                annotations,
+            }
+        }
+        Err(e) => {
+            let winner = &cands[top[0]];
+            trace(
+                Some(&fuser.id),
+                "fuser",
+                format!("fusion failed ({e}); returning the winner {}", winner.model),
+            );
+            unfused(winner, annotations)
+        }
+    }
+}
+
 impl Strategy for LlmBlender {
     fn run(req: Request) -> Result<Response, Error> {
         let cfg = Config::for_request(&req);
@@ -215,227 +463,39 @@ impl Strategy for LlmBlender {
             return Err(Error::ModuleFailed("no generative member was granted".into()));
         }
         let fitted: Option<FitState> = state::load(STATE_VERSION, req.state.as_deref())?;
-        let dev_ranking = fitted.as_ref().map(|f| f.ranking.as_slice());
-        // Ranker: configured, else the best dev member, else the first one.
-        let ranker = match configured(&cfg, "ranker", &members)? {
-            Some(m) => {
-                trace(Some(&m.id), "ranker", "ranker set by config `ranker`");
-                m
-            }
-            None => {
-                let m = dev::best_member(dev_ranking, &members)?;
-                let why = match &fitted {
-                    Some(f) => {
-                        let acc = f.scores.iter().find(|s| s.model == m.id).map(|s| s.accuracy());
-                        format!(
-                            "ranker is the best dev member (accuracy {:.2}); dev ranking: {}",
-                            acc.unwrap_or(0.0),
-                            f.ranking.join(", ")
-                        )
-                    }
-                    None => "no fit state: ranker is the first generative member in pool order".into(),
-                };
-                trace(Some(&m.id), "ranker", why);
-                m
-            }
-        };
-        let fuser = match configured(&cfg, "fuser", &members)? {
-            Some(m) => m,
-            None => ranker.clone(),
-        };
+        let ranker = choose_ranker(&cfg, &members, fitted.as_ref())?;
+        let fuser = configured(&cfg, "fuser", &members)?.unwrap_or_else(|| ranker.clone());
         let seed = req.params.seed.unwrap_or(0);
 
-        // 1. Every member answers, in parallel.
-        let jobs: Vec<Job> = members
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Job {
-                model: m.id.clone(),
-                input: req.input.clone(),
-                params: GenParams {
-                    max_tokens: Some(s.max_tokens),
-                    seed: Some(seed.wrapping_add(i as u64)),
-                    ..req.params.clone()
-                },
-            })
-            .collect();
-        let mut cands: Vec<(ModelInfo, String)> = Vec::new();
-        for (m, r) in members.iter().zip(fan_out(&jobs)) {
-            match r {
-                Ok(g) => {
-                    trace(
-                        Some(&m.id),
-                        "proposer",
-                        format!("answered ({} tokens)", g.usage.completion_tokens),
-                    );
-                    cands.push((m.clone(), g.text));
-                }
-                Err(e) => trace(
-                    Some(&m.id),
-                    "proposer",
-                    format!("failed ({e}); left out of the ranking"),
-                ),
-            }
-        }
-        if cands.is_empty() {
-            return Err(Error::ModuleFailed("no member produced an answer".into()));
-        }
-        let n = cands.len();
-        let dev_rank: Vec<usize> = cands
-            .iter()
-            .map(|(m, _)| {
-                dev_ranking
-                    .and_then(|r| r.iter().position(|id| *id == m.id))
-                    .unwrap_or(usize::MAX)
-            })
-            .collect();
+        // 1. Every member answers.
+        let cands = propose(&req, &members, &s, seed)?;
 
-        // 2. The ranker judges every unordered pair once. Which candidate is
-        // shown first alternates from pair to pair to spread position bias.
-        let q = question(&req.input);
-        let mut pairs: Vec<(usize, usize)> = Vec::new(); // (shown as A, shown as B)
-        for i in 0..n {
-            for j in i + 1..n {
-                pairs.push(if pairs.len().is_multiple_of(2) { (i, j) } else { (j, i) });
-            }
-        }
-        let judge_jobs: Vec<Job> = pairs
-            .iter()
-            .enumerate()
-            .map(|(p, &(a, b))| Job {
-                model: ranker.id.clone(),
-                input: user(format!(
-                    "You judge two responses to a question.\n\nQuestion:\n{q}\n\nResponse A:\n{}\n\nResponse B:\n{}\n\nWhich response is better, A or B? Reply with one letter.",
-                    shown(&cands[a].1),
-                    shown(&cands[b].1)
-                )),
-                params: GenParams {
-                    max_tokens: Some(s.judge_max_tokens),
-                    temperature: Some(0.0),
-                    seed: Some(seed.wrapping_add(1000 + p as u64)),
-                    ..Default::default()
-                },
-            })
-            .collect();
-        let mut score = vec![0.0f64; n];
-        let judge_results = if judge_jobs.is_empty() {
-            Vec::new()
-        } else {
-            fan_out(&judge_jobs)
-        };
-        for (&(a, b), r) in pairs.iter().zip(judge_results) {
-            let (v, reply) = match r {
-                Ok(g) => (verdict(&g.text), format!("replied `{}`", g.text.trim())),
-                Err(e) => (Verdict::Unclear, format!("failed ({e})")),
-            };
-            let (pa, pb) = points(v);
-            score[a] += pa;
-            score[b] += pb;
-            let outcome = match v {
-                Verdict::A => format!("{} wins", cands[a].0.id),
-                Verdict::B => format!("{} wins", cands[b].0.id),
-                Verdict::Tie => "tie: 0.5 each".to_string(),
-                Verdict::Unclear => "no clear verdict: 0.5 each".to_string(),
-            };
-            trace(
-                Some(&ranker.id),
-                "judge",
-                format!("A = {} vs B = {}: {reply}; {outcome}", cands[a].0.id, cands[b].0.id),
-            );
-        }
-        let ranked = order(&score, &dev_rank);
-        let ranking_ids: Vec<String> = ranked.iter().map(|&i| cands[i].0.id.clone()).collect();
-        let shown_points: Vec<String> = ranked
-            .iter()
-            .map(|&i| format!("{}={}", cands[i].0.id, fmt_points(score[i])))
-            .collect();
+        // 2. The ranker judges every pair; points rank the answers, dev rank
+        // breaking ties.
+        let pairs = pairings(cands.len());
+        let score = judge_pairs(&req.input, &ranker, &cands, &pairs, &s, seed);
+        let dev_ranking = fitted.as_ref().map(|f| f.ranking.as_slice());
+        let ranked = order(&score, &dev_ranks(&cands, dev_ranking));
+        let shown_points = points_in_rank_order(&cands, &score, &ranked);
         trace(
             Some(&ranker.id),
             "ranker",
             format!("ranking by pairwise points: {}", shown_points.join(", ")),
         );
 
-        // 3. The fuser rewrites the top k (or the winner is returned as is).
-        let k = s.top_k.min(n);
-        let top: Vec<usize> = ranked[..k].to_vec();
-        let mut annotations = vec![
-            ("points".to_string(), shown_points.join("; ")),
-            ("ranking".to_string(), ranking_ids.join(", ")),
-            ("ranker".to_string(), ranker.id.clone()),
-            ("judge_calls".to_string(), pairs.len().to_string()),
-            (
-                "top".to_string(),
-                top.iter()
-                    .map(|&i| cands[i].0.id.clone())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            ),
-        ];
-        if k == 1 {
-            let w = top[0];
-            trace(
-                Some(&cands[w].0.id),
-                "fuser",
-                if s.top_k == 1 {
-                    "top_k = 1: the winner's answer is returned unfused"
-                } else {
-                    "only one answer to fuse: returned unfused"
-                },
-            );
-            annotations.push(("fused".into(), "false".into()));
-            annotations.push(("winner".into(), cands[w].0.id.clone()));
-            return Ok(Response {
-                text: cands[w].1.clone(),
-                annotations,
-            });
+        // 3. The fuser rewrites the top k, unless there is only one.
+        let top = &ranked[..s.top_k.min(cands.len())];
+        let annotations = ranking_annotations(&cands, &ranked, &shown_points, &ranker, pairs.len(), top);
+        if let [w] = *top {
+            let why = if s.top_k == 1 {
+                "top_k = 1: the winner's answer is returned unfused"
+            } else {
+                "only one answer to fuse: returned unfused"
+            };
+            trace(Some(&cands[w].model), "fuser", why);
+            return Ok(unfused(&cands[w], annotations));
         }
-        let mut preamble = String::from(
-            "Here are candidate responses to the question below, best first. Write one final response that keeps what they get right and fixes their mistakes. Reply with the final response only.\n",
-        );
-        for (r, &i) in top.iter().enumerate() {
-            preamble.push_str(&format!("\nCandidate {}:\n{}\n", r + 1, shown(&cands[i].1)));
-        }
-        preamble.push_str("\nQuestion:");
-        let fuse_params = GenParams {
-            max_tokens: Some(s.max_tokens),
-            seed: Some(seed.wrapping_add(2000)),
-            ..req.params.clone()
-        };
-        annotations.push(("fuser".into(), fuser.id.clone()));
-        match generate(&fuser.id, &with_preamble(&req.input, &preamble), &fuse_params) {
-            Ok(g) => {
-                trace(
-                    Some(&fuser.id),
-                    "fuser",
-                    format!(
-                        "fused the top {k}: {}",
-                        top.iter()
-                            .map(|&i| cands[i].0.id.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                );
-                annotations.push(("fused".into(), "true".into()));
-                Ok(Response {
-                    text: g.text,
-                    annotations,
-                })
-            }
-            Err(e) => {
-                let w = top[0];
-                trace(
-                    Some(&fuser.id),
-                    "fuser",
-                    format!("fusion failed ({e}); returning the winner {}", cands[w].0.id),
-                );
-                annotations.push(("fused".into(), "false".into()));
-                annotations.push(("winner".into(), cands[w].0.id.clone()));
-                Ok(Response {
-                    text: cands[w].1.clone(),
-                    annotations,
-                })
-            }
-        }
+        Ok(fuse(&req, &s, seed, &fuser, &cands, top, annotations))
     }
 
     /// Scores every member greedily on the dev examples and keeps the

@@ -182,6 +182,134 @@ fn finish_name(f: FinishReason) -> &'static str {
     }
 }
 
+/// The answer being written, and how it came about.
+struct Draft {
+    /// The segments joined (see [`join`]).
+    text: String,
+    /// Every segment with its writer's index, in order.
+    segments: Vec<(usize, String)>,
+    /// Segments whose writer the selector did not name validly, so that
+    /// round-robin chose instead.
+    fallbacks: u32,
+    /// Why writing ended: a writer's finish reason, `writer-failed`, or
+    /// `max_segments` when every segment ran to `patch_size`.
+    stopped: &'static str,
+}
+
+/// The writer of segment `k` under `policy = select`: the selector reads the
+/// question and the segments so far and names one. A reply that names no
+/// valid writer, or a failed call, falls back to round-robin (`k % n`) and
+/// counts in `draft.fallbacks`, so that every segment still gets a writer.
+fn select_writer(
+    selector: &str,
+    question: &str,
+    writers: &[ModelInfo],
+    k: usize,
+    s: &Settings,
+    draft: &mut Draft,
+) -> usize {
+    let ask = selector_prompt(question, writers, &draft.segments);
+    let round_robin = k % writers.len();
+    let params = GenParams {
+        max_tokens: Some(s.selector_max_tokens),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    match generate(selector, &user(ask), &params) {
+        Ok(g) => match parse_choice(&g.text, writers) {
+            Some(i) => {
+                trace(
+                    Some(selector),
+                    "selector",
+                    format!("segment {k}: replied `{}`: chose {}", g.text.trim(), writers[i].id),
+                );
+                i
+            }
+            None => {
+                draft.fallbacks += 1;
+                trace(
+                    Some(selector),
+                    "selector",
+                    format!(
+                        "segment {k}: replied `{}`: no valid writer; fallback to round-robin: {}",
+                        g.text.trim(),
+                        writers[round_robin].id
+                    ),
+                );
+                round_robin
+            }
+        },
+        Err(e) => {
+            draft.fallbacks += 1;
+            trace(
+                Some(selector),
+                "selector",
+                format!(
+                    "segment {k}: selector call failed ({e}); fallback to round-robin: {}",
+                    writers[round_robin].id
+                ),
+            );
+            round_robin
+        }
+    }
+}
+
+/// The sampling of writer calls: `patch_size` tokens of the configured
+/// sampling, a distinct seed per segment, and a stop at the next `user:`
+/// line for base members (see [`PLAIN_TURN_STOP`]).
+fn writer_params(s: &Settings, req: &Request, k: usize) -> GenParams {
+    let mut stop = req.params.stop.clone();
+    if !stop.iter().any(|x| x == PLAIN_TURN_STOP) {
+        stop.push(PLAIN_TURN_STOP.into());
+    }
+    GenParams {
+        max_tokens: Some(s.patch_size),
+        temperature: Some(s.temperature),
+        top_p: Some(s.top_p),
+        top_k: req.params.top_k,
+        seed: Some(req.params.seed.unwrap_or(0).wrapping_add(k as u64)),
+        stop,
+    }
+}
+
+/// Writer `writer` writes segment `k`, continuing the draft (see
+/// [`continuation`]). Returns why writing ends, or `None` when the segment
+/// was cut at `patch_size` and the answer goes on. A failed writer ends the
+/// answer with what is there; it fails the request only when nothing has
+/// been written yet.
+fn write_segment(
+    base: &[Message],
+    writers: &[ModelInfo],
+    writer: usize,
+    k: usize,
+    s: &Settings,
+    req: &Request,
+    draft: &mut Draft,
+) -> Result<Option<&'static str>, Error> {
+    let w = &writers[writer];
+    let (input, mode) = continuation(base, &draft.text, w, s.continuation);
+    match generate(&w.id, &input, &writer_params(s, req, k)) {
+        Ok(g) => {
+            let finish = finish_name(g.finish);
+            trace(
+                Some(&w.id),
+                "writer",
+                format!("segment {k} ({mode}, {finish}): {}", g.text),
+            );
+            join(&mut draft.text, &g.text, matches!(input, Input::Prompt(_)));
+            draft.segments.push((writer, g.text));
+            Ok((g.finish != FinishReason::Length).then_some(finish))
+        }
+        Err(e) => {
+            trace(Some(&w.id), "writer", format!("segment {k} failed: {e}"));
+            if draft.segments.is_empty() {
+                return Err(e);
+            }
+            Ok(Some("writer-failed"))
+        }
+    }
+}
+
 impl Strategy for SwitchGeneration {
     fn run(req: Request) -> Result<Response, Error> {
         let cfg = Config::for_request(&req);
@@ -193,106 +321,28 @@ impl Strategy for SwitchGeneration {
             return Err(Error::ModuleFailed("no generative member was granted".into()));
         }
         let (selector, chosen_by) = pick_one(&cfg, "selector", &writers, scores.as_deref())?;
-        let n = writers.len();
-        let seed = req.params.seed.unwrap_or(0);
         let question = question(&req.input);
-        let mut stop = req.params.stop.clone();
-        if !stop.iter().any(|x| x == PLAIN_TURN_STOP) {
-            stop.push(PLAIN_TURN_STOP.into());
-        }
-        let select_params = GenParams {
-            max_tokens: Some(s.selector_max_tokens),
-            temperature: Some(0.0),
-            ..Default::default()
-        };
 
-        let mut so_far = String::new();
-        let mut segments: Vec<(usize, String)> = Vec::new();
-        let mut fallbacks = 0u32;
-        let mut stopped = "max_segments";
+        // Segment by segment: pick a writer, it continues the draft, until a
+        // writer ends the answer or `max_segments` is reached.
+        let mut draft = Draft {
+            text: String::new(),
+            segments: Vec::new(),
+            fallbacks: 0,
+            stopped: "max_segments",
+        };
         for k in 0..s.max_segments as usize {
             let writer = match s.policy {
-                Policy::Alternate => k % n,
-                Policy::Select => {
-                    let ask = selector_prompt(&question, &writers, &segments);
-                    let sel = &writers[selector].id;
-                    let round_robin = k % n;
-                    match generate(sel, &user(ask), &select_params) {
-                        Ok(g) => match parse_choice(&g.text, &writers) {
-                            Some(i) => {
-                                trace(
-                                    Some(sel),
-                                    "selector",
-                                    format!("segment {k}: replied `{}`: chose {}", g.text.trim(), writers[i].id),
-                                );
-                                i
-                            }
-                            None => {
-                                fallbacks += 1;
-                                trace(
-                                    Some(sel),
-                                    "selector",
-                                    format!(
-                                        "segment {k}: replied `{}`: no valid writer; fallback to round-robin: {}",
-                                        g.text.trim(),
-                                        writers[round_robin].id
-                                    ),
-                                );
-                                round_robin
-                            }
-                        },
-                        Err(e) => {
-                            fallbacks += 1;
-                            trace(
-                                Some(sel),
-                                "selector",
-                                format!(
-                                    "segment {k}: selector call failed ({e}); fallback to round-robin: {}",
-                                    writers[round_robin].id
-                                ),
-                            );
-                            round_robin
-                        }
-                    }
-                }
+                Policy::Alternate => k % writers.len(),
+                Policy::Select => select_writer(&writers[selector].id, &question, &writers, k, &s, &mut draft),
             };
-            let w = &writers[writer];
-            let (input, mode) = continuation(&base, &so_far, w, s.continuation);
-            let params = GenParams {
-                max_tokens: Some(s.patch_size),
-                temperature: Some(s.temperature),
-                top_p: Some(s.top_p),
-                top_k: req.params.top_k,
-                seed: Some(seed.wrapping_add(k as u64)),
-                stop: stop.clone(),
-            };
-            match generate(&w.id, &input, &params) {
-                Ok(g) => {
-                    let finish = finish_name(g.finish);
-                    trace(
-                        Some(&w.id),
-                        "writer",
-                        format!("segment {k} ({mode}, {finish}): {}", g.text),
-                    );
-                    join(&mut so_far, &g.text, matches!(input, Input::Prompt(_)));
-                    segments.push((writer, g.text));
-                    if g.finish != FinishReason::Length {
-                        stopped = finish;
-                        break;
-                    }
-                }
-                Err(e) => {
-                    trace(Some(&w.id), "writer", format!("segment {k} failed: {e}"));
-                    if segments.is_empty() {
-                        return Err(e);
-                    }
-                    stopped = "writer-failed";
-                    break;
-                }
+            if let Some(why) = write_segment(&base, &writers, writer, k, &s, &req, &mut draft)? {
+                draft.stopped = why;
+                break;
             }
         }
 
-        let authors: Vec<&str> = segments.iter().map(|(w, _)| writers[*w].id.as_str()).collect();
+        let authors: Vec<&str> = draft.segments.iter().map(|(w, _)| writers[*w].id.as_str()).collect();
         let mut annotations = vec![
             (
                 "policy".to_string(),
@@ -303,16 +353,16 @@ impl Strategy for SwitchGeneration {
                 .to_string(),
             ),
             ("authors".to_string(), authors.join(",")),
-            ("segments".to_string(), segments.len().to_string()),
-            ("stopped".to_string(), stopped.to_string()),
+            ("segments".to_string(), draft.segments.len().to_string()),
+            ("stopped".to_string(), draft.stopped.to_string()),
         ];
         if s.policy == Policy::Select {
             annotations.push(("selector".into(), writers[selector].id.clone()));
             annotations.push(("selector_chosen_by".into(), chosen_by));
-            annotations.push(("fallbacks".into(), fallbacks.to_string()));
+            annotations.push(("fallbacks".into(), draft.fallbacks.to_string()));
         }
         Ok(Response {
-            text: so_far.trim().to_string(),
+            text: draft.text.trim().to_string(),
             annotations,
         })
     }
