@@ -37,7 +37,7 @@ impl Models for Instant0 {
             parameters: 0,
             context_length: 0,
             license: "n/a".into(),
-            capabilities: vec!["generate".into()],
+            capabilities: vec![tessera::inference::Capability::Generate],
         }]
     }
     fn generate(
@@ -160,7 +160,7 @@ fn majority_vote_native_vs_sandbox(c: &mut Criterion) {
     let members: Vec<String> = rt
         .cards()
         .into_iter()
-        .filter(|c| c.capabilities.iter().any(|x| x == "generate"))
+        .filter(|c| c.can(tessera::inference::Capability::Generate))
         .map(|c| c.id)
         .collect();
     let mut req = RunRequest::chat(q);

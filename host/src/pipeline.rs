@@ -27,14 +27,14 @@
 //! concatenated in stage order with the host's own answering calls between.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::inference::{CallCtx, GenParams, ModelCard};
-use crate::policy::World;
+use crate::inference::{CallCtx, Capability, GenParams, Generation, InferenceError, ModelCard};
+use crate::policy::{Grant, World};
 use crate::request::{ProvenanceEvent, RunOutcome, RunRequest, UsageReport};
 use crate::sandbox::{Invocation, Module, StrategyRequest};
 use crate::{Error, Runtime};
@@ -76,20 +76,68 @@ pub struct PipelineConfig {
     pub config: BTreeMap<String, String>,
 }
 
+/// Why a pipeline declaration cannot be taken. Every cause is what the
+/// operator wrote, or the file they named, so each becomes
+/// [`Error::Config`] (see the `From` below); the text is the one the
+/// declaration's writer needs to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineConfigError {
+    /// The TOML does not parse, or does not fit [`PipelineConfig`] (an
+    /// unknown key, a wrong type): the parser's own message, with its line
+    /// and column.
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    /// `max_members = 0`: nobody would answer.
+    #[error("max_members = 0 leaves nobody to answer: use 1 or more, or leave it out")]
+    NoMembers,
+    /// The declaration file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The declaration file was read but is not a valid declaration.
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: Box<PipelineConfigError>,
+    },
+}
+
+impl From<PipelineConfigError> for Error {
+    /// A declaration that cannot be read or is not valid is its writer's to
+    /// fix: configuration, never an internal fault.
+    fn from(e: PipelineConfigError) -> Self {
+        Error::config(e.to_string())
+    }
+}
+
 impl PipelineConfig {
     /// Parses a declaration; the error names the problem.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        let c: PipelineConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_toml(text: &str) -> Result<Self, PipelineConfigError> {
+        let c: PipelineConfig = toml::from_str(text)?;
         if c.max_members == Some(0) {
-            return Err("max_members = 0 leaves nobody to answer: use 1 or more, or leave it out".into());
+            return Err(PipelineConfigError::NoMembers);
         }
         Ok(c)
     }
 
     /// Reads a declaration file; the error names the file.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Self, PipelineConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PipelineConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| PipelineConfigError::Invalid {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 }
 
@@ -103,18 +151,14 @@ pub struct Pipeline {
     aggregator: Option<Arc<Module>>,
 }
 
+/// A member's id and its answer.
+type Candidate = (String, String);
+
 fn merge(a: &mut UsageReport, b: &UsageReport) {
     a.host_calls += b.host_calls;
     a.prompt_tokens += b.prompt_tokens;
     a.completion_tokens += b.completion_tokens;
     a.fuel += b.fuel;
-}
-
-/// Takes a stage's result, keeping its provenance and usage either way.
-fn stage<T>(inv: Invocation<T>, provenance: &mut Vec<ProvenanceEvent>, usage: &mut UsageReport) -> Result<T, Error> {
-    provenance.extend(inv.provenance);
-    merge(usage, &inv.usage);
-    inv.result
 }
 
 fn step(role: &str, note: String) -> ProvenanceEvent {
@@ -123,6 +167,96 @@ fn step(role: &str, note: String) -> ProvenanceEvent {
         role: role.to_string(),
         note,
     }
+}
+
+/// The pipeline's decoding defaults under the request's own: request
+/// parameters win; the pipeline's fill the gaps.
+fn fill_params(params: &mut GenParams, d: &GenParams) {
+    params.max_tokens = params.max_tokens.or(d.max_tokens);
+    params.temperature = params.temperature.or(d.temperature);
+    params.top_p = params.top_p.or(d.top_p);
+    params.top_k = params.top_k.or(d.top_k);
+    params.seed = params.seed.or(d.seed);
+    if params.stop.is_empty() {
+        params.stop = d.stop.clone();
+    }
+}
+
+/// The router's answer as the members to ask, best first: each must be one
+/// of the members it was offered (a router naming another is a broken
+/// module, not a request to widen the pool), a repeat keeps its first place,
+/// and an empty choice is an error rather than a silent fall-back.
+fn check_routed(router: &Module, routed: Vec<String>, eligible: &[ModelCard]) -> Result<Vec<String>, Error> {
+    let mut seen = Vec::new();
+    for id in routed {
+        if !eligible.iter().any(|c| c.id == id) {
+            return Err(Error::ModuleFailed {
+                message: format!(
+                    "router `{}` named `{id}`, which is not one of the members it was offered",
+                    router.manifest.name
+                ),
+            });
+        }
+        if !seen.contains(&id) {
+            seen.push(id);
+        }
+    }
+    if seen.is_empty() {
+        return Err(Error::ModuleFailed {
+            message: format!("router `{}` chose no member", router.manifest.name),
+        });
+    }
+    Ok(seen)
+}
+
+/// Refuses a judge's scores unless there is one finite score per candidate:
+/// anything else cannot be ranked.
+fn check_scores(judge: &Module, scores: &[f64], candidates: usize) -> Result<(), Error> {
+    if scores.len() != candidates || scores.iter().any(|x| !x.is_finite()) {
+        return Err(Error::ModuleFailed {
+            message: format!(
+                "judge `{}` returned {} scores (finite: {}) for {} candidates",
+                judge.manifest.name,
+                scores.len(),
+                scores.iter().all(|x| x.is_finite()),
+                candidates
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `candidates` ordered best first by `scores`, with the scores in the same
+/// order. The sort is stable: ties keep the router's order.
+fn rank(candidates: &[Candidate], scores: &[f64]) -> (Vec<Candidate>, Vec<f64>) {
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    (
+        order.iter().map(|&i| candidates[i].clone()).collect(),
+        order.iter().map(|&i| scores[i]).collect(),
+    )
+}
+
+/// The annotations every pipeline answer carries: the candidates in rank
+/// order and, when they were judged, their scores.
+fn ranking_annotations(candidates: &[Candidate], scores: Option<&[f64]>) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::new();
+    annotations.insert(
+        "candidates".to_string(),
+        candidates.iter().map(|c| c.0.as_str()).collect::<Vec<_>>().join(","),
+    );
+    if let Some(s) = scores {
+        annotations.insert(
+            "scores".to_string(),
+            candidates
+                .iter()
+                .zip(s)
+                .map(|(c, x)| format!("{}={x:.3}", c.0))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    annotations
 }
 
 impl Runtime {
@@ -148,6 +282,9 @@ impl Runtime {
         })
     }
 
+    /// The request a stage module sees: the user's input and parameters,
+    /// with hyperparameters layered manifest, then pipeline, then request
+    /// (the later wins).
     fn stage_request(&self, module: &Module, p: &Pipeline, req: &RunRequest) -> StrategyRequest {
         let mut config = module.manifest.config.clone();
         config.extend(p.config.config.clone());
@@ -161,29 +298,15 @@ impl Runtime {
         }
     }
 
-    /// Runs a pipeline on one request.
-    pub async fn run_pipeline(&self, p: &Pipeline, mut req: RunRequest) -> Result<RunOutcome, Error> {
-        let started = Instant::now();
-        req.params.validate()?;
-        // Request parameters win; the pipeline's fill the gaps.
-        let d = &p.config.params;
-        let params = &mut req.params;
-        params.max_tokens = params.max_tokens.or(d.max_tokens);
-        params.temperature = params.temperature.or(d.temperature);
-        params.top_p = params.top_p.or(d.top_p);
-        params.top_k = params.top_k.or(d.top_k);
-        params.seed = params.seed.or(d.seed);
-        if params.stop.is_empty() {
-            params.stop = d.stop.clone();
-        }
-        let mut provenance = Vec::new();
-        let mut usage = UsageReport::default();
-
+    /// The members that may answer in `p`, in pool order: generative, listed
+    /// in its `members` and allowed by the operator policy. None is a
+    /// configuration error, found before any stage runs.
+    fn pipeline_members(&self, p: &Pipeline) -> Result<Vec<ModelCard>, Error> {
         let allowed = |id: &str| p.config.members.iter().any(|m| m == "*" || m == id);
         let eligible: Vec<ModelCard> = self
             .cards()
             .into_iter()
-            .filter(|c| c.capabilities.iter().any(|x| x == "generate"))
+            .filter(|c| c.can(Capability::Generate))
             .filter(|c| allowed(&c.id) && self.policy_allows(&c.id))
             .collect();
         if eligible.is_empty() {
@@ -192,53 +315,108 @@ impl Runtime {
                 p.config.name
             )));
         }
+        Ok(eligible)
+    }
 
+    /// Runs a pipeline on one request.
+    pub async fn run_pipeline(&self, p: &Pipeline, mut req: RunRequest) -> Result<RunOutcome, Error> {
+        let started = Instant::now();
+        req.params.validate()?;
+        fill_params(&mut req.params, &p.config.params);
+        let mut run = PipelineRun {
+            rt: self,
+            p,
+            req: &req,
+            provenance: Vec::new(),
+            usage: UsageReport::default(),
+        };
+        let eligible = self.pipeline_members(p)?;
         // Stage 1: who answers.
+        let chosen = run.route(eligible).await?;
+        // Stage 2: the chosen members answer, all at once.
+        let candidates = run.answer(&chosen).await?;
+        // Stage 3: judge, then order best first (stable: ties keep the
+        // router's order).
+        let (candidates, scores) = run.judge(candidates).await?;
+        // Stage 4: one answer.
+        let mut annotations = ranking_annotations(&candidates, scores.as_deref());
+        let text = run.aggregate(&candidates, &mut annotations).await?;
+        let mut usage = run.usage;
+        usage.wall_ms = started.elapsed().as_millis() as u64;
+        Ok(RunOutcome {
+            text,
+            annotations,
+            provenance: run.provenance,
+            usage,
+        })
+    }
+}
+
+/// One pipeline run in progress: what every stage reads (the runtime, the
+/// pipeline, the request with its parameters filled in) and what every stage
+/// adds to (the provenance, in stage order, and the usage). Held together so
+/// that each stage is a method rather than a function of six arguments.
+struct PipelineRun<'a> {
+    rt: &'a Runtime,
+    p: &'a Pipeline,
+    req: &'a RunRequest,
+    provenance: Vec<ProvenanceEvent>,
+    usage: UsageReport,
+}
+
+impl PipelineRun<'_> {
+    /// Takes a stage's result, keeping its provenance and usage either way.
+    fn stage<T>(&mut self, inv: Invocation<T>) -> Result<T, Error> {
+        self.provenance.extend(inv.provenance);
+        merge(&mut self.usage, &inv.usage);
+        inv.result
+    }
+
+    /// The grant a stage module runs under: its own manifest's, over the
+    /// whole pool, exactly as a strategy's would be.
+    fn grant(&self, module: &Module) -> Arc<Grant> {
+        Arc::new(self.rt.policy().grant(&module.manifest, &self.rt.member_ids()))
+    }
+
+    /// Stage 1, who answers: the router's choice (see [`check_routed`]) or,
+    /// without a router, every eligible member; at most `max_members` of
+    /// them. The choice is recorded in the provenance.
+    async fn route(&mut self, eligible: Vec<ModelCard>) -> Result<Vec<String>, Error> {
+        let (rt, p) = (self.rt, self.p);
         let mut chosen: Vec<String> = match &p.router {
             Some(router) => {
-                let grant = Arc::new(self.policy().grant(&router.manifest, &self.member_ids()));
-                let inv = self
+                let grant = self.grant(router);
+                let inv = rt
                     .sandbox()
                     .run_router(
                         router,
-                        self.models_arc(),
+                        rt.models_arc(),
                         grant,
-                        self.stage_request(router, p, &req),
+                        rt.stage_request(router, p, self.req),
                         eligible.clone(),
                     )
                     .await;
-                let routed = stage(inv, &mut provenance, &mut usage)?;
-                let mut seen = Vec::new();
-                for id in routed {
-                    if !eligible.iter().any(|c| c.id == id) {
-                        return Err(Error::ModuleFailed {
-                            message: format!(
-                                "router `{}` named `{id}`, which is not one of the members it was offered",
-                                router.manifest.name
-                            ),
-                        });
-                    }
-                    if !seen.contains(&id) {
-                        seen.push(id);
-                    }
-                }
-                if seen.is_empty() {
-                    return Err(Error::ModuleFailed {
-                        message: format!("router `{}` chose no member", router.manifest.name),
-                    });
-                }
-                seen
+                let routed = self.stage(inv)?;
+                check_routed(router, routed, &eligible)?
             }
             None => eligible.iter().map(|c| c.id.clone()).collect(),
         };
         if let Some(k) = p.config.max_members {
             chosen.truncate(k);
         }
-        provenance.push(step("pipeline", format!("answering: {}", chosen.join(", "))));
+        self.provenance
+            .push(step("pipeline", format!("answering: {}", chosen.join(", "))));
+        Ok(chosen)
+    }
 
-        // Stage 2: the chosen members answer, all at once.
-        let deadline = Instant::now() + Duration::from_millis(p.config.deadline_ms.unwrap_or(120_000));
-        let models = self.models_arc();
+    /// Stage 2: the `chosen` members answer, all at once, by the host and
+    /// under the pipeline's deadline. Every call is recorded whether it
+    /// answered or not (see [`PipelineRun::record_answer`]); the answers keep
+    /// `chosen`'s order, and only none at all is an error.
+    async fn answer(&mut self, chosen: &[String]) -> Result<Vec<Candidate>, Error> {
+        let req = self.req;
+        let deadline = Instant::now() + Duration::from_millis(self.p.config.deadline_ms.unwrap_or(120_000));
+        let models = self.rt.models_arc();
         let calls = chosen.iter().map(|id| {
             let fut = models.generate(
                 CallCtx { deadline, requester: 0 },
@@ -253,116 +431,147 @@ impl Runtime {
             }
         });
         let results = futures::future::join_all(calls).await;
-        let mut candidates: Vec<(String, String)> = Vec::new();
+        let mut candidates: Vec<Candidate> = Vec::new();
         for (id, (r, took)) in chosen.iter().zip(results) {
-            let (outcome, pt, ct) = match r {
-                Ok(Ok(g)) => {
-                    let u = (g.usage.prompt_tokens, g.usage.completion_tokens);
-                    candidates.push((id.clone(), g.text));
-                    ("ok".to_string(), u.0, u.1)
-                }
-                Ok(Err(e)) => (Error::from(e).kind().to_string(), 0, 0),
-                Err(_) => ("deadline".to_string(), 0, 0),
-            };
-            usage.host_calls += 1;
-            usage.prompt_tokens += pt as u64;
-            usage.completion_tokens += ct as u64;
-            provenance.push(ProvenanceEvent::HostCall {
-                call: "generate".into(),
-                model: id.clone(),
-                prompt_tokens: pt,
-                completion_tokens: ct,
-                ms: took.as_millis() as u64,
-                outcome,
-            });
+            if let Some(text) = self.record_answer(id, r, took) {
+                candidates.push((id.clone(), text));
+            }
         }
         if candidates.is_empty() {
             return Err(Error::ModuleFailed {
-                message: format!("pipeline `{}`: every answering member failed", p.config.name),
+                message: format!("pipeline `{}`: every answering member failed", self.p.config.name),
             });
         }
+        Ok(candidates)
+    }
 
-        // Stage 3: judge, then order best first (stable: ties keep the
-        // router's order).
-        let mut scores: Option<Vec<f64>> = None;
-        if let Some(judge) = &p.judge {
-            let grant = Arc::new(self.policy().grant(&judge.manifest, &self.member_ids()));
-            let inv = self
-                .sandbox()
-                .run_judge(
-                    judge,
-                    self.models_arc(),
-                    grant,
-                    self.stage_request(judge, p, &req),
-                    candidates.clone(),
-                )
-                .await;
-            let s = stage(inv, &mut provenance, &mut usage)?;
-            if s.len() != candidates.len() || s.iter().any(|x| !x.is_finite()) {
-                return Err(Error::ModuleFailed {
-                    message: format!(
-                        "judge `{}` returned {} scores (finite: {}) for {} candidates",
-                        judge.manifest.name,
-                        s.len(),
-                        s.iter().all(|x| x.is_finite()),
-                        candidates.len()
-                    ),
-                });
+    /// Records one answering call of member `id`: a host call in the
+    /// provenance with its outcome (`ok`, the error's kind, or `deadline`)
+    /// and its tokens in the usage. Returns the answer if there was one.
+    fn record_answer(
+        &mut self,
+        id: &str,
+        r: Result<Result<Generation, InferenceError>, tokio::time::error::Elapsed>,
+        took: Duration,
+    ) -> Option<String> {
+        let (answer, outcome, pt, ct) = match r {
+            Ok(Ok(g)) => {
+                let u = (g.usage.prompt_tokens, g.usage.completion_tokens);
+                (Some(g.text), "ok".to_string(), u.0, u.1)
             }
-            let mut order: Vec<usize> = (0..candidates.len()).collect();
-            order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
-            candidates = order.iter().map(|&i| candidates[i].clone()).collect();
-            scores = Some(order.iter().map(|&i| s[i]).collect());
-        }
-
-        // Stage 4: one answer.
-        let mut annotations = BTreeMap::new();
-        annotations.insert(
-            "candidates".to_string(),
-            candidates.iter().map(|c| c.0.as_str()).collect::<Vec<_>>().join(","),
-        );
-        if let Some(s) = &scores {
-            annotations.insert(
-                "scores".to_string(),
-                candidates
-                    .iter()
-                    .zip(s)
-                    .map(|(c, x)| format!("{}={x:.3}", c.0))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            );
-        }
-        let text = match &p.aggregator {
-            Some(agg) => {
-                let grant = Arc::new(self.policy().grant(&agg.manifest, &self.member_ids()));
-                let inv = self
-                    .sandbox()
-                    .run_aggregator(
-                        agg,
-                        self.models_arc(),
-                        grant,
-                        self.stage_request(agg, p, &req),
-                        candidates.clone(),
-                    )
-                    .await;
-                let (text, more) = stage(inv, &mut provenance, &mut usage)?;
-                annotations.extend(more);
-                text
-            }
-            None => {
-                provenance.push(step(
-                    "pipeline",
-                    format!("answer: {}'s (ranked first)", candidates[0].0),
-                ));
-                candidates[0].1.clone()
-            }
+            Ok(Err(e)) => (None, Error::from(e).kind().to_string(), 0, 0),
+            Err(_) => (None, "deadline".to_string(), 0, 0),
         };
-        usage.wall_ms = started.elapsed().as_millis() as u64;
-        Ok(RunOutcome {
-            text,
-            annotations,
-            provenance,
-            usage,
-        })
+        self.usage.host_calls += 1;
+        self.usage.prompt_tokens += pt as u64;
+        self.usage.completion_tokens += ct as u64;
+        self.provenance.push(ProvenanceEvent::HostCall {
+            call: "generate".into(),
+            model: id.to_string(),
+            prompt_tokens: pt,
+            completion_tokens: ct,
+            ms: took.as_millis() as u64,
+            outcome,
+        });
+        answer
+    }
+
+    /// Stage 3: the judge scores every candidate and they are ordered best
+    /// first (see [`rank`]), with the scores in that order. Without a judge
+    /// the candidates keep the router's order and have no scores.
+    async fn judge(&mut self, candidates: Vec<Candidate>) -> Result<(Vec<Candidate>, Option<Vec<f64>>), Error> {
+        let (rt, p) = (self.rt, self.p);
+        let Some(judge) = &p.judge else {
+            return Ok((candidates, None));
+        };
+        let grant = self.grant(judge);
+        let inv = rt
+            .sandbox()
+            .run_judge(
+                judge,
+                rt.models_arc(),
+                grant,
+                rt.stage_request(judge, p, self.req),
+                candidates.clone(),
+            )
+            .await;
+        let s = self.stage(inv)?;
+        check_scores(judge, &s, candidates.len())?;
+        let (ranked, scores) = rank(&candidates, &s);
+        Ok((ranked, Some(scores)))
+    }
+
+    /// Stage 4, one answer: the aggregator's, whose own annotations join
+    /// `annotations`, or without an aggregator the first-ranked candidate's
+    /// (`candidates` is never empty: stage 2 refuses that).
+    async fn aggregate(
+        &mut self,
+        candidates: &[Candidate],
+        annotations: &mut BTreeMap<String, String>,
+    ) -> Result<String, Error> {
+        let (rt, p) = (self.rt, self.p);
+        let Some(agg) = &p.aggregator else {
+            self.provenance.push(step(
+                "pipeline",
+                format!("answer: {}'s (ranked first)", candidates[0].0),
+            ));
+            return Ok(candidates[0].1.clone());
+        };
+        let grant = self.grant(agg);
+        let inv = rt
+            .sandbox()
+            .run_aggregator(
+                agg,
+                rt.models_arc(),
+                grant,
+                rt.stage_request(agg, p, self.req),
+                candidates.to_vec(),
+            )
+            .await;
+        let (text, more) = self.stage(inv)?;
+        annotations.extend(more);
+        Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declaration_errors_name_the_problem_and_the_file() {
+        let err = PipelineConfig::from_toml("name = \"x\"\nmax_members = 0\n").unwrap_err();
+        assert!(matches!(err, PipelineConfigError::NoMembers));
+        assert_eq!(
+            err.to_string(),
+            "max_members = 0 leaves nobody to answer: use 1 or more, or leave it out"
+        );
+        let err = PipelineConfig::from_toml("name = \"x\"\nrouterr = \"a\"\n").unwrap_err();
+        let toml_err = toml::from_str::<PipelineConfig>("name = \"x\"\nrouterr = \"a\"\n").unwrap_err();
+        assert_eq!(err.to_string(), toml_err.to_string());
+        assert!(err.to_string().contains("routerr"), "{err}");
+
+        let dir = std::env::temp_dir().join(format!("tessera-pipeline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.toml");
+        let err = PipelineConfig::from_file(&missing).unwrap_err();
+        let io = std::fs::read_to_string(&missing).unwrap_err();
+        assert_eq!(err.to_string(), format!("{}: {io}", missing.display()));
+        assert!(std::error::Error::source(&err).is_some());
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "name = \"x\"\nmax_members = 0\n").unwrap();
+        let err = PipelineConfig::from_file(&bad).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: max_members = 0 leaves nobody to answer: use 1 or more, or leave it out",
+                bad.display()
+            )
+        );
+        assert_eq!(
+            Error::from(err),
+            Error::from(PipelineConfig::from_file(&bad).unwrap_err())
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

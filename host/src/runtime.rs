@@ -288,7 +288,7 @@ impl Runtime {
             let is_embedder = |id: &str| {
                 cards
                     .iter()
-                    .any(|c| c.id == id && !c.capabilities.iter().any(|x| x == "generate"))
+                    .any(|c| c.id == id && !c.can(crate::inference::Capability::Generate))
             };
             g.models.retain(|m| keep.contains(m) || is_embedder(m));
         }

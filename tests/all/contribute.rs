@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tessera::contribute::{self, ContributeError, TrainOptions};
-use tessera::model_folder::TrainMethod;
 use tessera::inference::{CallCtx, GenParams, Input, Message};
+use tessera::model_folder::TrainMethod;
 use tessera::policy::Policy;
 use tessera::pool::PoolConfig;
 use tessera::Runtime;

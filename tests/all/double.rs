@@ -47,7 +47,7 @@ fn card(id: &str, caps: &[&str]) -> ModelCard {
         parameters: 1,
         context_length: 8192,
         license: "test".into(),
-        capabilities: caps.iter().map(|c| c.to_string()).collect(),
+        capabilities: caps.iter().map(|c| c.parse().expect("a capability")).collect(),
     }
 }
 

@@ -240,13 +240,16 @@ async fn sequences_join_a_running_batch_and_answer_as_one_at_a_time() {
     ];
     let params = |seed: u64, n: u32| GenParams {
         max_tokens: Some(n),
-        temperature: Some(if seed % 2 == 0 { 0.0 } else { 0.8 }),
+        temperature: Some(if seed.is_multiple_of(2) { 0.0 } else { 0.8 }),
         seed: Some(seed),
         ..Default::default()
     };
     for member in [SMOL, QWEN, GEMMA] {
         let models = runtime().models();
-        let first_alone = models.generate(ctx(), member, chat(long), params(0, 120)).await.unwrap();
+        let first_alone = models
+            .generate(ctx(), member, chat(long), params(0, 120))
+            .await
+            .unwrap();
         let mut alone = Vec::new();
         for (i, p) in short.iter().enumerate() {
             let g = models
@@ -272,7 +275,10 @@ async fn sequences_join_a_running_batch_and_answer_as_one_at_a_time() {
         let together: Vec<String> = together.into_iter().map(|g| g.unwrap().text).collect();
         let first = first.await.unwrap().unwrap();
         assert_eq!(together, alone, "{member}: joining a running batch changed an answer");
-        assert_eq!(first.text, first_alone.text, "{member}: the running sequence changed when others joined");
+        assert_eq!(
+            first.text, first_alone.text,
+            "{member}: the running sequence changed when others joined"
+        );
         assert!(
             joined_running() > before,
             "{member}: later generations joined the running one instead of waiting for it"

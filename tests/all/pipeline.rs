@@ -98,9 +98,13 @@ async fn a_module_in_the_wrong_slot_is_refused_by_name() {
     let err = runtime().load_pipeline(cfg).err().expect("a router is not a judge");
     let msg = err.to_string();
     assert!(msg.contains("judge") && msg.contains("Router"), "{msg}");
-    let err = PipelineConfig::from_toml("name = \"x\"\nmax_members = 0\n").unwrap_err();
+    let err = PipelineConfig::from_toml("name = \"x\"\nmax_members = 0\n")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("max_members"), "{err}");
-    let err = PipelineConfig::from_toml("name = \"x\"\nrouterr = \"a\"\n").unwrap_err();
+    let err = PipelineConfig::from_toml("name = \"x\"\nrouterr = \"a\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("routerr"), "{err}");
 }
 

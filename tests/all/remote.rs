@@ -82,7 +82,7 @@ async fn a_pool_of_remote_members_runs_a_strategy_through_another_tessera() {
     let cards = rt.cards();
     assert_eq!(cards.len(), 3);
     assert!(cards[0].architecture.contains("remote"), "{:?}", cards[0]);
-    assert_eq!(cards[0].capabilities, vec!["generate"]);
+    assert_eq!(cards[0].capabilities, vec![tessera::inference::Capability::Generate]);
 
     // One generation: the same greedy text the member gives locally.
     let chat = Input::Chat(vec![Message::user(

@@ -38,7 +38,9 @@ pub enum DeviceError {
     NotBuilt(usize),
     /// The GPU is there in the build but cannot be opened; the text is the
     /// driver's reason.
-    #[error("device `cuda:{ordinal}` cannot be opened ({reason}): check the GPU number and driver, or use `--device cpu`")]
+    #[error(
+        "device `cuda:{ordinal}` cannot be opened ({reason}): check the GPU number and driver, or use `--device cpu`"
+    )]
     Unavailable {
         /// The GPU number.
         ordinal: usize,

@@ -166,7 +166,12 @@ impl Backend {
             _ => engine
                 .drain()
                 .into_iter()
-                .map(|t| (t, Err(InferenceError::Unsupported("this member cannot generate".into()))))
+                .map(|t| {
+                    (
+                        t,
+                        Err(InferenceError::Unsupported("this member cannot generate".into())),
+                    )
+                })
                 .collect(),
         }
     }

@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::inference::{CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Scored, Usage};
+use crate::inference::{
+    CallCtx, Capability, FinishReason, GenParams, Generation, InferenceError, Input, Scored, Usage,
+};
 
 fn default_timeout_ms() -> u64 {
     120_000
@@ -52,8 +54,8 @@ fn default_cooldown_ms() -> u64 {
 fn default_context() -> u32 {
     4096
 }
-fn default_caps() -> Vec<String> {
-    vec!["generate".into()]
+fn default_caps() -> Vec<Capability> {
+    vec![Capability::Generate]
 }
 
 /// `[member.remote]` of a pool declaration.
@@ -88,7 +90,7 @@ pub struct RemoteConfig {
     pub parameters: u64,
     /// What it can do: `generate`, `embed`, `score` (another Tessera node).
     #[serde(default = "default_caps")]
-    pub capabilities: Vec<String>,
+    pub capabilities: Vec<Capability>,
 }
 
 /// Why a remote member cannot be set up. All but the last are the
@@ -99,8 +101,10 @@ pub enum RemoteSetupError {
     #[error("remote url `{0}` must start with http:// or https://")]
     Url(String),
     /// A capability a remote member cannot have.
-    #[error("remote capability `{0}`: a remote member can `generate`, `embed` and (on another Tessera node) `score` only")]
-    Capability(String),
+    #[error(
+        "remote capability `{0}`: a remote member can `generate`, `embed` and (on another Tessera node) `score` only"
+    )]
+    Capability(Capability),
     /// A timeout that would fail every call.
     #[error("remote timeout_ms 0 would fail every call: use 1000 or more")]
     ZeroTimeout,
@@ -118,12 +122,8 @@ impl RemoteConfig {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return Err(RemoteSetupError::Url(self.url.clone()));
         }
-        if let Some(c) = self
-            .capabilities
-            .iter()
-            .find(|c| !matches!(c.as_str(), "generate" | "embed" | "score"))
-        {
-            return Err(RemoteSetupError::Capability(c.clone()));
+        if let Some(c) = self.capabilities.iter().find(|c| **c == Capability::NextToken) {
+            return Err(RemoteSetupError::Capability(*c));
         }
         if self.timeout_ms == 0 {
             return Err(RemoteSetupError::ZeroTimeout);

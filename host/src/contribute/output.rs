@@ -15,8 +15,8 @@ use plotters::prelude::*;
 
 use super::train::{TrainOptions, TrainReport};
 use super::{model::TrainModel, write_atomic, ContributeError};
-use crate::model_folder::{ContributorFile, TrainMethod, TrainingFacts, CARD, WEIGHTS};
 use crate::backends::gguf::adapter::{AdapterConfig, ADAPTER, ADAPTER_CONFIG};
+use crate::model_folder::{ContributorFile, TrainMethod, TrainingFacts, CARD, WEIGHTS};
 use crate::pool::{BackendKind, MemberConfig, PoolConfig};
 
 fn io(path: &Path, e: impl std::fmt::Display) -> ContributeError {

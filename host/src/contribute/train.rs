@@ -20,11 +20,11 @@ use sha2::{Digest, Sha256};
 
 use super::data::{self, Example};
 use super::model::{TrainModel, LORA_TARGETS};
-use crate::model_folder::TrainMethod;
 use super::optim::{self, AdamW, AdamWConfig};
 use super::{output, write_atomic, ContributeError};
 use crate::backends::gguf::hf;
 use crate::backends::gguf::template::ChatFormat;
+use crate::model_folder::TrainMethod;
 
 /// Everything that decides what a run computes (and so must match for
 /// `--resume`), plus where it writes.

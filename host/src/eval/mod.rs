@@ -30,7 +30,7 @@ use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::inference::{CallCtx, GenParams, Input, Message, ModelCard};
+use crate::inference::{CallCtx, Capability, GenParams, Input, Message, ModelCard};
 use crate::tasks::{Item, Metric, Task};
 use crate::{Error, RunRequest, Runtime};
 
@@ -474,24 +474,62 @@ fn summarize(
 /// counted in `errors`.
 pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Report, Error> {
     let started = Instant::now();
-    let cfg = &config;
-    let members: Vec<ModelCard> = rt
-        .cards()
-        .into_iter()
-        .filter(|c| c.capabilities.iter().any(|x| x == "generate"))
-        .collect();
+    let members = generative_members(rt)?;
+    let monolith = monolith(&members);
+    let modules = load_strategies(rt, &config.strategies)?;
+    let tasks = load_tasks(rt, &config.tasks)?;
+    let eval = Evaluation {
+        rt,
+        cache,
+        cfg: &config,
+        mp: MultiProgress::new(),
+        members,
+        monolith,
+        modules,
+    };
+    let mut out = Outcomes::default();
+    for task in &tasks {
+        eval.task(task, &mut out).await?;
+    }
+    let macro_avg = macro_averages(&out.results, &out.summaries);
+    Ok(Report {
+        schema: "tessera-eval/1".into(),
+        config: config.clone(),
+        pool: rt.cards(),
+        tasks: out.summaries,
+        results: out.results,
+        macro_avg,
+        scaling: out.scaling,
+        diversity: out.diversity,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The pool's generative members, in pool order: the single systems every
+/// strategy is compared with. None is a set-up error.
+fn generative_members(rt: &Runtime) -> Result<Vec<ModelCard>, Error> {
+    let members: Vec<ModelCard> = rt.cards().into_iter().filter(|c| c.can(Capability::Generate)).collect();
     if members.is_empty() {
         return Err(Error::config(
             "no generative member loaded: run `make setup` to fetch the default pool",
         ));
     }
-    let monolith = members
+    Ok(members)
+}
+
+/// The monolith: the member with the most parameters (the last of equals).
+fn monolith(members: &[ModelCard]) -> String {
+    members
         .iter()
         .max_by_key(|c| c.parameters)
         .map(|c| c.id.clone())
-        .unwrap_or_default();
-    let modules = cfg
-        .strategies
+        .unwrap_or_default()
+}
+
+/// Loads the strategy modules named by `--strategies`, refusing any module
+/// of another world.
+fn load_strategies(rt: &Runtime, strategies: &[String]) -> Result<Vec<Arc<crate::sandbox::Module>>, Error> {
+    strategies
         .iter()
         .map(|s| {
             let m = rt.load_module(s)?;
@@ -507,95 +545,198 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
             }
             Ok(m)
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    let tasks = cfg
-        .tasks
+        .collect()
+}
+
+/// Loads every task named, with its data; a task that cannot be loaded is a
+/// set-up error.
+fn load_tasks(rt: &Runtime, names: &[String]) -> Result<Vec<Task>, Error> {
+    names
         .iter()
         .map(|t| Task::load(rt.paths(), t).map_err(|e| Error::config(e.to_string())))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mp = MultiProgress::new();
-    let mut results = Vec::new();
-    let mut summaries = Vec::new();
-    let mut scaling = Vec::new();
-    let mut diversity = Vec::new();
-    for task in &tasks {
-        let dev: Vec<Item> = task.dev().iter().take(cfg.dev_limit).cloned().collect();
-        let test: Vec<Item> = task
-            .test()
-            .iter()
-            .take(
-                cfg.task_limits
-                    .get(task.info.name)
-                    .copied()
-                    .or(cfg.limit)
-                    .unwrap_or(usize::MAX),
-            )
-            .cloned()
-            .collect();
-        summaries.push(TaskSummary {
-            name: task.info.name.to_string(),
-            domain: task.info.domain.to_string(),
-            metric: task.info.metric,
-            dev: dev.len(),
-            test: test.len(),
-            chance: metrics::chance(&test),
-            always: metrics::constant_baseline(&test).map(LetterShare::new),
-        });
+        .collect()
+}
+
+/// The dev items (at most `dev_limit`) and the test items (at most the
+/// task's own limit, else `limit`, else all) of `task`.
+fn task_items(task: &Task, cfg: &EvalConfig) -> (Vec<Item>, Vec<Item>) {
+    let dev: Vec<Item> = task.dev().iter().take(cfg.dev_limit).cloned().collect();
+    let test: Vec<Item> = task
+        .test()
+        .iter()
+        .take(
+            cfg.task_limits
+                .get(task.info.name)
+                .copied()
+                .or(cfg.limit)
+                .unwrap_or(usize::MAX),
+        )
+        .cloned()
+        .collect();
+    (dev, test)
+}
+
+/// The report's entry for `task` as evaluated, with the multiple-choice
+/// references (chance, the best constant answer) read off the test labels.
+fn task_summary(task: &Task, dev: &[Item], test: &[Item]) -> TaskSummary {
+    TaskSummary {
+        name: task.info.name.to_string(),
+        domain: task.info.domain.to_string(),
+        metric: task.info.metric,
+        dev: dev.len(),
+        test: test.len(),
+        chance: metrics::chance(test),
+        always: metrics::constant_baseline(test).map(LetterShare::new),
+    }
+}
+
+/// The `best-single` (best on dev) and `monolith` systems: copies of two
+/// single members' results under those names.
+fn derived_singles(singles: &[SystemResult], monolith: &str) -> Vec<SystemResult> {
+    let mut derived = Vec::new();
+    if let Some(b) = best_on_dev(singles) {
+        let mut b = b.clone();
+        b.system = "best-single".into();
+        b.kind = "best-single".into();
+        derived.push(b);
+    }
+    if let Some(m) = singles.iter().find(|s| s.member.as_deref() == Some(monolith)) {
+        let mut m = m.clone();
+        m.system = "monolith".into();
+        m.kind = "monolith".into();
+        derived.push(m);
+    }
+    derived
+}
+
+/// For each of the `n` test items, whether every single member gets it
+/// wrong: the items a strategy's emergent solves are counted on.
+fn all_fail(singles: &[SystemResult], n: usize) -> Vec<bool> {
+    (0..n).map(|i| singles.iter().all(|s| s.items[i].score < 0.5)).collect()
+}
+
+/// Everything the run reports, filled in task by task.
+#[derive(Default)]
+struct Outcomes {
+    summaries: Vec<TaskSummary>,
+    results: Vec<SystemResult>,
+    scaling: Vec<ScalingPoint>,
+    diversity: Vec<ScalingPoint>,
+}
+
+/// What evaluating every task needs: the run's set-up, loaded once and
+/// checked before any task is evaluated.
+struct Evaluation<'a> {
+    rt: &'a Runtime,
+    cache: &'a Cache,
+    cfg: &'a EvalConfig,
+    mp: MultiProgress,
+    /// The generative members.
+    members: Vec<ModelCard>,
+    /// The monolith's id (see [`monolith`]).
+    monolith: String,
+    /// The strategies.
+    modules: Vec<Arc<crate::sandbox::Module>>,
+}
+
+impl Evaluation<'_> {
+    /// Every system on one task: the single members, `best-single` and
+    /// `monolith`, each strategy, and the `--scaling` / `--diversity`
+    /// sweeps, added to `out`.
+    async fn task(&self, task: &Task, out: &mut Outcomes) -> Result<(), Error> {
+        let (dev, test) = task_items(task, self.cfg);
+        out.summaries.push(task_summary(task, &dev, &test));
         // Single members, dev then test.
-        let mut singles: Vec<SystemResult> = Vec::new();
-        for m in &members {
-            let all: Vec<&Item> = dev.iter().chain(test.iter()).collect();
-            let b = bar(&mp, cfg.progress, all.len(), format!("{} · {}", task.info.name, m.id));
-            let out: Vec<ItemResult> = futures::stream::iter(all)
-                .map(|item| {
-                    let b = b.clone();
-                    async move {
-                        let r = member_answer(rt, cache, &m.id, item, cfg).await;
-                        b.inc(1);
-                        r
-                    }
-                })
-                .buffered(cfg.concurrency.max(1))
-                .collect()
-                .await;
-            b.finish_and_clear();
-            let (dev_out, test_out) = out.split_at(dev.len());
-            let mut s = summarize(
-                format!("member:{}", m.id),
-                "member",
-                Some(m.id.clone()),
-                task.info.name,
-                test_out.to_vec(),
-                cfg.seed,
-            );
-            s.dev_accuracy = Some(metrics::mean(&dev_out.iter().map(|r| r.score).collect::<Vec<_>>()));
-            singles.push(s);
-        }
+        let mut singles = self.singles(task, &dev, &test).await;
         // Best single member on dev, and the monolith.
-        let mut derived = Vec::new();
-        if let Some(b) = best_on_dev(&singles) {
-            let mut b = b.clone();
-            b.system = "best-single".into();
-            b.kind = "best-single".into();
-            derived.push(b);
-        }
-        if let Some(m) = singles.iter().find(|s| s.member.as_deref() == Some(monolith.as_str())) {
-            let mut m = m.clone();
-            m.system = "monolith".into();
-            m.kind = "monolith".into();
-            derived.push(m);
-        }
-        // Items every single member gets wrong.
-        let all_fail: Vec<bool> = (0..test.len())
-            .map(|i| singles.iter().all(|s| s.items[i].score < 0.5))
-            .collect();
-        let n_fail = all_fail.iter().filter(|x| **x).count();
+        let mut derived = derived_singles(&singles, &self.monolith);
         // Strategies: fit on dev, run on test.
         let dev_examples: Vec<crate::request::Example> = dev.iter().map(Item::example).collect();
-        for module in &modules {
+        derived.extend(self.strategies(task, &dev_examples, &test, &singles).await?);
+        self.sweeps(task, &dev_examples, &test, &singles, out).await?;
+        for s in singles.iter_mut().chain(derived.iter_mut()) {
+            s.top_pick = metrics::top_pick(&test, s.items.iter().map(|r| r.text.as_str())).map(LetterShare::new);
+        }
+        out.results.extend(singles);
+        out.results.extend(derived);
+        Ok(())
+    }
+
+    /// Every single member on the task, in pool order (see
+    /// [`Evaluation::single`]).
+    async fn singles(&self, task: &Task, dev: &[Item], test: &[Item]) -> Vec<SystemResult> {
+        let mut singles: Vec<SystemResult> = Vec::new();
+        for m in &self.members {
+            singles.push(self.single(task, m, dev, test).await);
+        }
+        singles
+    }
+
+    /// One member answering the dev and then the test items (cached): its
+    /// result is over the test items, with its dev mean as `dev_accuracy`.
+    async fn single(&self, task: &Task, m: &ModelCard, dev: &[Item], test: &[Item]) -> SystemResult {
+        let (rt, cache, cfg) = (self.rt, self.cache, self.cfg);
+        let all: Vec<&Item> = dev.iter().chain(test.iter()).collect();
+        let b = bar(
+            &self.mp,
+            cfg.progress,
+            all.len(),
+            format!("{} · {}", task.info.name, m.id),
+        );
+        let out: Vec<ItemResult> = futures::stream::iter(all)
+            .map(|item| {
+                let b = b.clone();
+                async move {
+                    let r = member_answer(rt, cache, &m.id, item, cfg).await;
+                    b.inc(1);
+                    r
+                }
+            })
+            .buffered(cfg.concurrency.max(1))
+            .collect()
+            .await;
+        b.finish_and_clear();
+        let (dev_out, test_out) = out.split_at(dev.len());
+        let mut s = summarize(
+            format!("member:{}", m.id),
+            "member",
+            Some(m.id.clone()),
+            task.info.name,
+            test_out.to_vec(),
+            cfg.seed,
+        );
+        s.dev_accuracy = Some(metrics::mean(&dev_out.iter().map(|r| r.score).collect::<Vec<_>>()));
+        s
+    }
+
+    /// Each strategy fitted on `dev` and run on `test`, with its emergent
+    /// solves: the test items it gets right that every single member gets
+    /// wrong.
+    async fn strategies(
+        &self,
+        task: &Task,
+        dev: &[crate::request::Example],
+        test: &[Item],
+        singles: &[SystemResult],
+    ) -> Result<Vec<SystemResult>, Error> {
+        // Items every single member gets wrong.
+        let all_fail = all_fail(singles, test.len());
+        let n_fail = all_fail.iter().filter(|x| **x).count();
+        let mut results = Vec::new();
+        for module in &self.modules {
             let name = module.manifest.name.clone();
-            let (out, fit_error) =
-                strategy_on(rt, cache, &mp, module, task.info.name, &dev_examples, &test, cfg, None).await?;
+            let (out, fit_error) = strategy_on(
+                self.rt,
+                self.cache,
+                &self.mp,
+                module,
+                task.info.name,
+                dev,
+                test,
+                self.cfg,
+                None,
+            )
+            .await?;
             let emergent = out.iter().zip(&all_fail).filter(|(r, f)| **f && r.score >= 0.5).count();
             let mut s = summarize(
                 format!("strategy:{name}"),
@@ -603,7 +744,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
                 None,
                 task.info.name,
                 out,
-                cfg.seed,
+                self.cfg.seed,
             );
             s.emergent = Some(if test.is_empty() {
                 0.0
@@ -612,51 +753,51 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
             });
             s.all_fail = Some(n_fail);
             s.fit_error = fit_error;
-            derived.push(s);
+            results.push(s);
         }
+        Ok(results)
+    }
+
+    /// `--scaling` and `--diversity`: each strategy over the task's
+    /// sub-pools, its points added to `out`. Both lists of sub-pools are
+    /// made before any sweep runs, so a pool too large for `--diversity` is
+    /// refused before the scaling sweep spends anything.
+    async fn sweeps(
+        &self,
+        task: &Task,
+        dev: &[crate::request::Example],
+        test: &[Item],
+        singles: &[SystemResult],
+        out: &mut Outcomes,
+    ) -> Result<(), Error> {
+        let cfg = self.cfg;
         let ids: Vec<String> = singles.iter().filter_map(|s| s.member.clone()).collect();
         let mut sweeps: Vec<(Vec<Vec<String>>, &mut Vec<ScalingPoint>)> = Vec::new();
         if cfg.scaling {
-            sweeps.push((subsets(&ids, cfg.subsets_per_size.max(1), cfg.seed), &mut scaling));
+            sweeps.push((subsets(&ids, cfg.subsets_per_size.max(1), cfg.seed), &mut out.scaling));
         }
         if cfg.diversity {
-            let pairs = diversity_pairs(&ids, &rt.cards())?;
-            sweeps.push((pairs.into_iter().flatten().collect(), &mut diversity));
+            let pairs = diversity_pairs(&ids, &self.rt.cards())?;
+            sweeps.push((pairs.into_iter().flatten().collect(), &mut out.diversity));
         }
         for (subs, into) in sweeps {
-            for module in &modules {
+            for module in &self.modules {
                 let ctx = SweepCtx {
-                    rt,
-                    cache,
-                    mp: &mp,
+                    rt: self.rt,
+                    cache: self.cache,
+                    mp: &self.mp,
                     module,
                     task: task.info.name,
-                    dev: &dev_examples,
-                    test: &test,
-                    singles: &singles,
+                    dev,
+                    test,
+                    singles,
                     cfg,
                 };
                 into.extend(ctx.sweep(&subs).await?);
             }
         }
-        for s in singles.iter_mut().chain(derived.iter_mut()) {
-            s.top_pick = metrics::top_pick(&test, s.items.iter().map(|r| r.text.as_str())).map(LetterShare::new);
-        }
-        results.extend(singles);
-        results.extend(derived);
+        Ok(())
     }
-    let macro_avg = macro_averages(&results, &summaries);
-    Ok(Report {
-        schema: "tessera-eval/1".into(),
-        config: config.clone(),
-        pool: rt.cards(),
-        tasks: summaries,
-        results,
-        macro_avg,
-        scaling,
-        diversity,
-        wall_s: started.elapsed().as_secs_f64(),
-    })
 }
 
 /// Fits `module` on `dev` (cached) and runs it on `test`, optionally on a

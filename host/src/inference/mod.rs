@@ -244,6 +244,63 @@ pub struct TokenLogprob {
     pub logprob: f64,
 }
 
+/// What a member can be asked to do: the calls of the `models` interface
+/// that run on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Capability {
+    /// Write text (`generate`, chat completions).
+    Generate,
+    /// Log-likelihood of continuations (`score`).
+    Score,
+    /// The next token's distribution (`next-token`).
+    NextToken,
+    /// Sentence embeddings (`embed`).
+    Embed,
+}
+
+impl Capability {
+    /// Every capability.
+    pub const ALL: [Capability; 4] = [
+        Capability::Generate,
+        Capability::Score,
+        Capability::NextToken,
+        Capability::Embed,
+    ];
+
+    /// The name cards, the contract and the API use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::Generate => "generate",
+            Capability::Score => "score",
+            Capability::NextToken => "next-token",
+            Capability::Embed => "embed",
+        }
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A capability name that is not one of [`Capability::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown capability `{0}`: use generate, score, next-token or embed")]
+pub struct UnknownCapability(pub String);
+
+impl std::str::FromStr for Capability {
+    type Err = UnknownCapability;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Capability::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| UnknownCapability(s.to_string()))
+    }
+}
+
 /// A pool member as its contributor card describes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelCard {
@@ -263,8 +320,20 @@ pub struct ModelCard {
     pub context_length: u32,
     /// License of the weights.
     pub license: String,
-    /// `generate`, `score`, `next-token`, `embed`.
-    pub capabilities: Vec<String>,
+    /// What it can be asked to do.
+    pub capabilities: Vec<Capability>,
+}
+
+impl ModelCard {
+    /// Whether the member can be asked to `c`.
+    pub fn can(&self, c: Capability) -> bool {
+        self.capabilities.contains(&c)
+    }
+
+    /// Its capabilities' names, joined by `sep`.
+    pub fn capability_names(&self, sep: &str) -> String {
+        self.capabilities.iter().map(|c| c.name()).collect::<Vec<_>>().join(sep)
+    }
 }
 
 /// Why an inference call failed.

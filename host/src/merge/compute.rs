@@ -204,7 +204,10 @@ mod tests {
         assert_eq!(Choice::parse("").unwrap(), Choice::Auto);
         assert_eq!(Choice::parse("GPU").unwrap(), Choice::Gpu);
         assert_eq!(Choice::parse("cpu").unwrap(), Choice::Cpu);
-        assert!(Choice::parse("cuda").unwrap_err().to_string().contains("`auto`, `cpu` or `gpu`"));
+        assert!(Choice::parse("cuda")
+            .unwrap_err()
+            .to_string()
+            .contains("`auto`, `cpu` or `gpu`"));
     }
 
     fn spec(method: Method) -> MergeSpec {

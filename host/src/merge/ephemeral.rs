@@ -27,8 +27,8 @@ use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use super::{merge_on, KeepRefused, MergeError, MergeFailed, MergeSpec, Merged, Merger, Named};
-use crate::model_folder::WEIGHTS;
 use crate::inference::Models;
+use crate::model_folder::WEIGHTS;
 use crate::pool::{BackendKind, CardConfig, MemberConfig, Pool, PoolConfig};
 
 struct Kept {
@@ -142,7 +142,9 @@ impl Inner {
             crate::contribute::base_folder(&self.config, &self.models_dir, &self.bases, m)
                 .map(|(dir, _)| dir)
                 .map_err(|e| match e {
-                    crate::contribute::ContributeError::Io(message) => MergeFailed::Host(format!("member `{m}`: {message}")),
+                    crate::contribute::ContributeError::Io(message) => {
+                        MergeFailed::Host(format!("member `{m}`: {message}"))
+                    }
                     other => MergeFailed::Invalid(format!("member `{m}`: {other}")),
                 })
         };

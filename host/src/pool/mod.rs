@@ -7,8 +7,10 @@
 //! the pool still serves.
 //!
 //! Concurrency: one worker thread per member owns that member's backend and
-//! takes jobs from a queue. Jobs for different members run in parallel; jobs
-//! for the same member queue. There is no global inference lock.
+//! takes jobs from a queue (`pool/worker.rs`). Jobs for different members run in
+//! parallel; a member's generations run as one continuous batch that
+//! sequences join and leave between steps, and its other calls run between
+//! those steps, fairly between requests. There is no global inference lock.
 
 pub mod fetch;
 mod worker;
@@ -26,7 +28,8 @@ use serde::{Deserialize, Serialize};
 use crate::backends::remote::{RemoteConfig, RemoteMember};
 use crate::backends::{bert::BertEmbedder, gguf::GgufModel, Backend};
 use crate::inference::{
-    CallCtx, Embedded, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink, TokenLogprob,
+    CallCtx, Capability, Embedded, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink,
+    TokenLogprob,
 };
 use worker::{panic_message, GenerateJob, Job};
 
@@ -362,7 +365,7 @@ fn load_member(
             card.architecture = f.architecture.clone();
             card.parameters = f.parameters;
             card.context_length = f.context_length;
-            card.capabilities = ["generate", "score", "next-token"].map(String::from).to_vec();
+            card.capabilities = vec![Capability::Generate, Capability::Score, Capability::NextToken];
             if !f.has_chat_template {
                 card.description
                     .push_str(" (base model: no chat template, chats use a plain completion format)");
@@ -375,7 +378,7 @@ fn load_member(
             card.architecture = "bert".into();
             card.parameters = model.parameters;
             card.context_length = 256;
-            card.capabilities = vec!["embed".into()];
+            card.capabilities = vec![Capability::Embed];
             Backend::Bert(Box::new(model))
         }
         BackendKind::Openai => {
@@ -665,7 +668,7 @@ impl Models for Pool {
             return Box::pin(async move { Err(e) });
         }
         if let Some(r) = self.remote(model) {
-            if !r.config().capabilities.iter().any(|c| c == "score") {
+            if !r.config().capabilities.contains(&Capability::Score) {
                 let what = format!(
                     "remote member `{model}` is not declared to `score` (only another Tessera node can: add \"score\" to its capabilities)"
                 );
@@ -699,7 +702,7 @@ impl Models for Pool {
             return Box::pin(async move { Err(e) });
         }
         if let Some(r) = self.remote(model) {
-            if !r.config().capabilities.iter().any(|c| c == "embed") {
+            if !r.config().capabilities.contains(&Capability::Embed) {
                 let what = format!("remote member `{model}` is not declared to `embed`");
                 return Box::pin(async move { Err(InferenceError::Unsupported(what)) });
             }

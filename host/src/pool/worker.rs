@@ -26,10 +26,13 @@ use crate::backends::gguf::decode::{Engine, GenRequest, Sink};
 use crate::backends::Backend;
 use crate::inference::{CallCtx, GenParams, Generation, InferenceError, Input, TextSink};
 
+/// A call other than a generation, run on the worker's backend.
+pub(super) type Call = Box<dyn FnOnce(&mut Backend) + Send>;
+
 /// Work for a member's worker thread.
 pub(super) enum Job {
     /// Any call, run on its own between steps, on behalf of a requester.
-    Run(u64, Box<dyn FnOnce(&mut Backend) + Send>),
+    Run(u64, Call),
     /// A generation, which joins the member's continuous batch.
     Generate(GenerateJob),
 }
@@ -109,7 +112,7 @@ impl FairQueue {
     }
 
     /// The next call that is not a generation, fairly.
-    fn pop_run(&mut self) -> Option<Box<dyn FnOnce(&mut Backend) + Send>> {
+    fn pop_run(&mut self) -> Option<Call> {
         let i = self.pick(|j| matches!(j, Job::Run(..)))?;
         match self.take(i)? {
             Job::Run(_, f) => Some(f),
@@ -163,7 +166,12 @@ pub(super) fn serve(mut backend: Backend, jobs: mpsc::Receiver<Job>, max_batch: 
         }
         // A caller that went away stops costing the member anything.
         engine.retain(|s| !s.reply.is_closed());
-        admit(&mut backend, &mut engine, &mut waiting, max_batch.load(Ordering::Relaxed));
+        admit(
+            &mut backend,
+            &mut engine,
+            &mut waiting,
+            max_batch.load(Ordering::Relaxed),
+        );
         if let Some(call) = waiting.pop_run() {
             call(&mut backend);
         }

@@ -311,9 +311,12 @@ impl Registry {
         Ok(Entry {
             name: r.get(0)?,
             sha256: r.get(1)?,
-            world: r.get::<_, String>(2)?.parse().map_err(|e: crate::policy::UnknownWorld| {
-                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
-            })?,
+            world: r
+                .get::<_, String>(2)?
+                .parse()
+                .map_err(|e: crate::policy::UnknownWorld| {
+                    rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+                })?,
             version: manifest.as_ref().map(|m| m.version.clone()).unwrap_or_default(),
             author: manifest.as_ref().map(|m| m.author.clone()).unwrap_or_default(),
             description: manifest.as_ref().map(|m| m.description.clone()).unwrap_or_default(),

@@ -81,7 +81,7 @@ pub fn card_out(c: h::ModelCard) -> w::ModelInfo {
         parameters: c.parameters,
         context_length: c.context_length,
         license: c.license,
-        capabilities: c.capabilities,
+        capabilities: c.capabilities.iter().map(|x| x.name().to_string()).collect(),
     }
 }
 

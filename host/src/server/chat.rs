@@ -91,18 +91,18 @@ pub(crate) fn resolve(
     caller: &Caller,
     policy: &TenantPolicy,
     model: &str,
-    need: &str,
+    need: crate::inference::Capability,
 ) -> Result<Target, ApiError> {
     if let Some(card) = st.rt.cards().into_iter().find(|c| c.id == model) {
         if !TenantPolicy::allows(&policy.members, model) || !st.rt.policy_allows(model) {
             return Err(ApiError::forbidden(&format!("this key may not use member `{model}`")));
         }
-        if !card.capabilities.iter().any(|c| c == need) {
+        if !card.can(need) {
             return Err(ApiError::invalid(
                 "model",
                 &format!(
                     "member `{model}` cannot `{need}` (it can: {}): pick another member from /v1/models",
-                    card.capabilities.join(", ")
+                    card.capability_names(", ")
                 ),
             ));
         }
@@ -116,7 +116,7 @@ pub(crate) fn resolve(
             &format!("member `{model}` is unavailable: {f}"),
         ));
     }
-    if need != "generate" {
+    if need != crate::inference::Capability::Generate {
         return Err(ApiError::not_found(
             "model_not_found",
             &format!("no member `{model}` that can `{need}`: see /v1/models"),
@@ -190,7 +190,13 @@ pub(crate) fn finish_name(f: crate::inference::FinishReason) -> &'static str {
 
 pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Response {
     let policy = AppState::policy_of(&caller.0);
-    let target = match resolve(&st, &caller, &policy, &ask.model, "generate") {
+    let target = match resolve(
+        &st,
+        &caller,
+        &policy,
+        &ask.model,
+        crate::inference::Capability::Generate,
+    ) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };

@@ -41,7 +41,8 @@ pub(crate) async fn embeddings(
         };
         let tenant = caller.0.clone();
         let policy = AppState::policy_of(&tenant);
-        let Target::Member(id) = resolve(&st, &caller, &policy, &req.model, "embed")? else {
+        let Target::Member(id) = resolve(&st, &caller, &policy, &req.model, crate::inference::Capability::Embed)?
+        else {
             return Err(ApiError::invalid(
                 "model",
                 "systems do not embed: use an embedding member",

@@ -65,7 +65,10 @@ pub(crate) async fn models(
             "tessera": { "kind": "system", "source": "standard", "description": description },
         }));
     }
-    for e in published.into_iter().filter(|e| e.world == crate::policy::World::Strategy) {
+    for e in published
+        .into_iter()
+        .filter(|e| e.world == crate::policy::World::Strategy)
+    {
         if member_ids.contains(&e.name) || !TenantPolicy::allows(&policy.modules, &e.name) {
             continue;
         }

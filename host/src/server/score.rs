@@ -88,7 +88,7 @@ pub(crate) async fn score(
         let (model, input, continuations) = req.input()?;
         let tenant = caller.0.clone();
         let policy = AppState::policy_of(&tenant);
-        let Target::Member(id) = resolve(&st, &caller, &policy, &model, "score")? else {
+        let Target::Member(id) = resolve(&st, &caller, &policy, &model, crate::inference::Capability::Score)? else {
             return Err(ApiError::invalid("model", "systems do not score: use a member"));
         };
         let _admitted = st.admit(&tenant).await?;

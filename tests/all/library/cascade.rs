@@ -46,7 +46,7 @@ fn cost_order() -> Vec<String> {
     let mut cards: Vec<_> = runtime()
         .cards()
         .into_iter()
-        .filter(|c| c.capabilities.iter().any(|x| x == "generate"))
+        .filter(|c| c.can(tessera::inference::Capability::Generate))
         .collect();
     cards.sort_by_key(|c| c.parameters);
     cards.into_iter().map(|c| c.id).collect()

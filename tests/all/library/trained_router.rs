@@ -129,7 +129,7 @@ pub(super) mod scale {
             parameters,
             context_length: 8192,
             license: "test".into(),
-            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            capabilities: caps.iter().map(|c| c.parse().expect("a capability")).collect(),
         }
     }
 

@@ -136,7 +136,10 @@ impl<T> Engine<'_, T> {
 
     /// The `T`s of the sequences in flight.
     pub fn tags(&self) -> impl Iterator<Item = &T> {
-        self.prefilling.iter().map(|(t, _)| t).chain(self.decoding.iter().map(|(t, _)| t))
+        self.prefilling
+            .iter()
+            .map(|(t, _)| t)
+            .chain(self.decoding.iter().map(|(t, _)| t))
     }
 
     /// Drops the sequences whose `T` fails `keep` (their caller is gone):
@@ -369,7 +372,12 @@ impl GgufModel {
         }
         let end = (seq.prefilled + PREFILL_CHUNK).min(seq.prompt.len());
         self.weights.put_state(std::mem::take(&mut seq.state));
-        let logits = Self::step(&mut self.weights, &self.device, &seq.prompt[seq.prefilled..end], seq.prefilled);
+        let logits = Self::step(
+            &mut self.weights,
+            &self.device,
+            &seq.prompt[seq.prefilled..end],
+            seq.prefilled,
+        );
         seq.state = self.weights.take_state();
         seq.logits = Some(logits?);
         seq.prefilled = end;

@@ -27,8 +27,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
-use crate::backends::LoadError;
 use super::tokenizer::GgufTokenizer;
+use crate::backends::LoadError;
 
 /// `(GGUF name suffix, HF name suffix)` of every per-layer tensor.
 const LAYER_TENSORS: [(&str, &str); 12] = [
@@ -162,7 +162,10 @@ pub fn read_dir(dir: &Path) -> Result<HfParts, LoadError> {
     let mut hf: HashMap<String, Tensor> = HashMap::new();
     let files = safetensors_files(weights_dir).map_err(|e| format!("{}: {e}", weights_dir.display()))?;
     if files.is_empty() {
-        return Err(LoadError::Invalid(format!("{}: no .safetensors file", weights_dir.display())));
+        return Err(LoadError::Invalid(format!(
+            "{}: no .safetensors file",
+            weights_dir.display()
+        )));
     }
     for f in &files {
         let part = candle_core::safetensors::load(f, &Device::Cpu)

@@ -329,7 +329,7 @@ async fn run(args: RunArgs) -> Result<String, Error> {
     if rt
         .cards()
         .iter()
-        .all(|c| !c.capabilities.iter().any(|x| x == "generate"))
+        .all(|c| !c.can(tessera::inference::Capability::Generate))
     {
         return Err(Error::config(
             "no generative member loaded: run `make setup` to fetch the default pool",
@@ -342,7 +342,7 @@ async fn run(args: RunArgs) -> Result<String, Error> {
     };
     let out = match (&args.pipeline, &args.strategy) {
         (Some(path), _) => {
-            let cfg = tessera::pipeline::PipelineConfig::from_file(path).map_err(Error::config)?;
+            let cfg = tessera::pipeline::PipelineConfig::from_file(path)?;
             let p = rt.load_pipeline(cfg)?;
             rt.run_pipeline(&p, req).await?
         }
@@ -380,7 +380,7 @@ fn pool_list(setup: &Setup, json: bool) -> Result<String, Error> {
             c.architecture,
             c.parameters as f64 / 1e6,
             c.context_length,
-            c.capabilities.join(","),
+            c.capability_names(","),
             c.contributor,
             c.license,
             c.description

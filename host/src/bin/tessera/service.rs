@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -227,6 +227,7 @@ pub async fn serve(args: ServeArgs) -> Result<String, Error> {
     Ok("tessera: stopped".into())
 }
 
+/// `tessera modules`: one registry subcommand, run; the text to print.
 pub fn modules(cmd: ModulesCommand) -> Result<String, Error> {
     match cmd {
         ModulesCommand::Publish {
@@ -234,137 +235,183 @@ pub fn modules(cmd: ModulesCommand) -> Result<String, Error> {
             manifest,
             signature,
             registry,
-        } => {
-            let wasm = std::fs::read(&path).map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
-            let manifest_path = manifest.unwrap_or_else(|| path.with_extension("toml"));
-            let manifest_toml = std::fs::read_to_string(&manifest_path).map_err(|e| {
-                Error::config(format!(
-                    "{}: {e} (give the manifest with --manifest)",
-                    manifest_path.display()
-                ))
-            })?;
-            let sig_path = signature.or_else(|| {
-                let p = PathBuf::from(format!("{}.sig", path.display()));
-                p.exists().then_some(p)
-            });
-            let sig = sig_path
-                .map(|p| std::fs::read_to_string(&p).map_err(|e| Error::config(format!("{}: {e}", p.display()))))
-                .transpose()?;
-            let paths = Paths::from_env();
-            let host = server::SandboxHost {
-                sandbox: tessera::sandbox::Sandbox::new(&paths.components)?,
-                paths,
-            };
-            let reg = registry.open()?;
-            let e = server::publish_checked(&reg, &host, &wasm, &manifest_toml, sig.as_deref())?;
-            Ok(format!(
-                "published {} {} ({} bytes, sha256 {}){}",
-                e.name,
-                e.version,
-                e.size,
-                e.sha256,
-                e.publisher_key.map(|k| format!(", signed by {k}")).unwrap_or_default()
-            ))
-        }
-        ModulesCommand::List { json, registry } => {
-            let list = registry.open()?.list()?;
-            if json {
-                return serde_json::to_string_pretty(&list).map_err(|e| Error::config(e.to_string()));
-            }
-            let mut s = format!(
-                "{:<24} {:<10} {:<9} {:<16} description\n",
-                "name", "world", "version", "sha256"
-            );
-            for e in list {
-                s.push_str(&format!(
-                    "{:<24} {:<10} {:<9} {:<16} {}\n",
-                    e.name,
-                    e.world,
-                    e.version,
-                    &e.sha256[..16.min(e.sha256.len())],
-                    e.description
-                ));
-            }
-            Ok(s.trim_end().to_string())
-        }
-        ModulesCommand::Show { name, registry } => {
-            let e = registry
-                .open()?
-                .get(&name)?
-                .ok_or_else(|| Error::config(format!("no published module `{name}` (`tessera modules list`)")))?;
-            let mut v = serde_json::to_value(&e).map_err(|e| Error::config(e.to_string()))?;
-            v["manifest"] = serde_json::Value::String(e.manifest_toml.clone());
-            serde_json::to_string_pretty(&v).map_err(|e| Error::config(e.to_string()))
-        }
-        ModulesCommand::Remove { name, registry } => {
-            if registry.open()?.remove(&name)? {
-                Ok(format!("removed {name}"))
-            } else {
-                Err(Error::config(format!(
-                    "no published module `{name}` (`tessera modules list`)"
-                )))
-            }
-        }
-        ModulesCommand::Keygen { out } => {
-            let (secret, public) = signing::keygen();
-            let key = PathBuf::from(format!("{}.key", out.display()));
-            let pub_path = PathBuf::from(format!("{}.pub", out.display()));
-            for p in [&key, &pub_path] {
-                if p.exists() {
-                    return Err(Error::config(format!("{} exists: not overwriting a key", p.display())));
-                }
-            }
-            std::fs::write(&key, secret).map_err(|e| Error::config(format!("{}: {e}", key.display())))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600));
-            }
-            std::fs::write(&pub_path, &public).map_err(|e| Error::config(format!("{}: {e}", pub_path.display())))?;
-            Ok(format!(
-                "secret key: {} (keep it private)\npublic key: {} ({public})",
-                key.display(),
-                pub_path.display()
-            ))
-        }
-        ModulesCommand::Sign { path, key, manifest } => {
-            let wasm = std::fs::read(&path).map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
-            let manifest_path = manifest.unwrap_or_else(|| path.with_extension("toml"));
-            let manifest_toml = std::fs::read_to_string(&manifest_path).map_err(|e| {
-                Error::config(format!(
-                    "{}: {e} (the signature covers the manifest too: give it with --manifest)",
-                    manifest_path.display()
-                ))
-            })?;
-            let sig = signing::sign(&wasm, &manifest_toml, &key)?;
-            let out = PathBuf::from(format!("{}.sig", path.display()));
-            std::fs::write(&out, sig).map_err(|e| Error::config(format!("{}: {e}", out.display())))?;
-            Ok(format!("signature: {}", out.display()))
-        }
-        ModulesCommand::Trust { key, registry } => {
-            let text = std::fs::read_to_string(&key).map_err(|e| Error::config(format!("{}: {e}", key.display())))?;
-            let dir = registry.dir().join("trusted-keys");
-            std::fs::create_dir_all(&dir).map_err(|e| Error::config(format!("{}: {e}", dir.display())))?;
-            let name = key
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_else(|| "publisher.pub".into());
-            let dest = dir.join(if name.ends_with(".pub") {
-                name
-            } else {
-                format!("{name}.pub")
-            });
-            signing::check_public_key(&text).map_err(|e| Error::config(format!("{}: {e}", key.display())))?;
-            let tmp = dest.with_extension("pub.tmp");
-            std::fs::write(&tmp, text.trim()).map_err(|e| Error::config(format!("{}: {e}", tmp.display())))?;
-            std::fs::rename(&tmp, &dest).map_err(|e| Error::config(format!("{}: {e}", dest.display())))?;
-            let n = signing::TrustedKeys::load(&dir)?.len();
-            Ok(format!(
-                "trusted {} ({n} trusted key(s): every publish must now be signed by one)",
-                dest.display()
-            ))
+        } => modules_publish(&path, manifest, signature, &registry),
+        ModulesCommand::List { json, registry } => modules_list(json, &registry),
+        ModulesCommand::Show { name, registry } => modules_show(&name, &registry),
+        ModulesCommand::Remove { name, registry } => modules_remove(&name, &registry),
+        ModulesCommand::Keygen { out } => modules_keygen(&out),
+        ModulesCommand::Sign { path, key, manifest } => modules_sign(&path, &key, manifest),
+        ModulesCommand::Trust { key, registry } => modules_trust(&key, &registry),
+    }
+}
+
+/// Reads a module's component at `path` and its manifest (`manifest`, else
+/// the `.toml` beside the `.wasm`). `hint` follows a manifest that cannot
+/// be read: how to name it, in the words of the command at hand.
+fn read_module(path: &Path, manifest: Option<PathBuf>, hint: &str) -> Result<(Vec<u8>, String), Error> {
+    let wasm = std::fs::read(path).map_err(|e| Error::config(format!("{}: {e}", path.display())))?;
+    let manifest_path = manifest.unwrap_or_else(|| path.with_extension("toml"));
+    let manifest_toml = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| Error::config(format!("{}: {e} ({hint})", manifest_path.display())))?;
+    Ok((wasm, manifest_toml))
+}
+
+/// The module's signature: the file `signature` names, else `PATH.sig` if
+/// there is one, else none (accepted only while the registry trusts no
+/// publisher key).
+fn read_signature(path: &Path, signature: Option<PathBuf>) -> Result<Option<String>, Error> {
+    let sig_path = signature.or_else(|| {
+        let p = PathBuf::from(format!("{}.sig", path.display()));
+        p.exists().then_some(p)
+    });
+    sig_path
+        .map(|p| std::fs::read_to_string(&p).map_err(|e| Error::config(format!("{}: {e}", p.display()))))
+        .transpose()
+}
+
+/// `modules publish`: validates, precompiles and stores a module through
+/// the same checks the server's publish endpoint uses.
+fn modules_publish(
+    path: &Path,
+    manifest: Option<PathBuf>,
+    signature: Option<PathBuf>,
+    registry: &RegistryArg,
+) -> Result<String, Error> {
+    let (wasm, manifest_toml) = read_module(path, manifest, "give the manifest with --manifest")?;
+    let sig = read_signature(path, signature)?;
+    let paths = Paths::from_env();
+    let host = server::SandboxHost {
+        sandbox: tessera::sandbox::Sandbox::new(&paths.components)?,
+        paths,
+    };
+    let reg = registry.open()?;
+    let e = server::publish_checked(&reg, &host, &wasm, &manifest_toml, sig.as_deref())?;
+    Ok(format!(
+        "published {} {} ({} bytes, sha256 {}){}",
+        e.name,
+        e.version,
+        e.size,
+        e.sha256,
+        e.publisher_key.map(|k| format!(", signed by {k}")).unwrap_or_default()
+    ))
+}
+
+/// `modules list`: the published modules as a table, or as JSON.
+fn modules_list(json: bool, registry: &RegistryArg) -> Result<String, Error> {
+    let list = registry.open()?.list()?;
+    if json {
+        return serde_json::to_string_pretty(&list).map_err(|e| Error::config(e.to_string()));
+    }
+    let mut s = format!(
+        "{:<24} {:<10} {:<9} {:<16} description\n",
+        "name", "world", "version", "sha256"
+    );
+    for e in list {
+        s.push_str(&format!(
+            "{:<24} {:<10} {:<9} {:<16} {}\n",
+            e.name,
+            e.world,
+            e.version,
+            &e.sha256[..16.min(e.sha256.len())],
+            e.description
+        ));
+    }
+    Ok(s.trim_end().to_string())
+}
+
+/// `modules show`: one published module as JSON, its manifest as text.
+fn modules_show(name: &str, registry: &RegistryArg) -> Result<String, Error> {
+    let e = registry
+        .open()?
+        .get(name)?
+        .ok_or_else(|| Error::config(format!("no published module `{name}` (`tessera modules list`)")))?;
+    let mut v = serde_json::to_value(&e).map_err(|e| Error::config(e.to_string()))?;
+    v["manifest"] = serde_json::Value::String(e.manifest_toml.clone());
+    serde_json::to_string_pretty(&v).map_err(|e| Error::config(e.to_string()))
+}
+
+/// `modules remove`: removes a published module; an unknown name is an
+/// error.
+fn modules_remove(name: &str, registry: &RegistryArg) -> Result<String, Error> {
+    if registry.open()?.remove(name)? {
+        Ok(format!("removed {name}"))
+    } else {
+        Err(Error::config(format!(
+            "no published module `{name}` (`tessera modules list`)"
+        )))
+    }
+}
+
+/// `modules keygen`: writes a new key pair to `OUT.key` (secret, readable
+/// by its owner only on unix) and `OUT.pub`, refusing to overwrite either.
+fn modules_keygen(out: &Path) -> Result<String, Error> {
+    let (secret, public) = signing::keygen();
+    let key = PathBuf::from(format!("{}.key", out.display()));
+    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+    for p in [&key, &pub_path] {
+        if p.exists() {
+            return Err(Error::config(format!("{} exists: not overwriting a key", p.display())));
         }
     }
+    std::fs::write(&key, secret).map_err(|e| Error::config(format!("{}: {e}", key.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600));
+    }
+    std::fs::write(&pub_path, &public).map_err(|e| Error::config(format!("{}: {e}", pub_path.display())))?;
+    Ok(format!(
+        "secret key: {} (keep it private)\npublic key: {} ({public})",
+        key.display(),
+        pub_path.display()
+    ))
+}
+
+/// `modules sign`: signs the component and its manifest together with the
+/// secret key file `key`, and writes `PATH.sig`.
+fn modules_sign(path: &Path, key: &Path, manifest: Option<PathBuf>) -> Result<String, Error> {
+    let (wasm, manifest_toml) = read_module(
+        path,
+        manifest,
+        "the signature covers the manifest too: give it with --manifest",
+    )?;
+    let sig = signing::sign(&wasm, &manifest_toml, key)?;
+    let out = PathBuf::from(format!("{}.sig", path.display()));
+    std::fs::write(&out, sig).map_err(|e| Error::config(format!("{}: {e}", out.display())))?;
+    Ok(format!("signature: {}", out.display()))
+}
+
+/// Where the public key file `key` is kept among the trusted keys in `dir`:
+/// under its own file name, with `.pub` added if it lacks it.
+fn trusted_key_path(dir: &Path, key: &Path) -> PathBuf {
+    let name = key
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "publisher.pub".into());
+    dir.join(if name.ends_with(".pub") {
+        name
+    } else {
+        format!("{name}.pub")
+    })
+}
+
+/// `modules trust`: checks the public key file `key` and adds it to the
+/// registry's trusted keys (written beside and renamed into place, so a
+/// half-written key is never trusted).
+fn modules_trust(key: &Path, registry: &RegistryArg) -> Result<String, Error> {
+    let text = std::fs::read_to_string(key).map_err(|e| Error::config(format!("{}: {e}", key.display())))?;
+    let dir = registry.dir().join("trusted-keys");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::config(format!("{}: {e}", dir.display())))?;
+    let dest = trusted_key_path(&dir, key);
+    signing::check_public_key(&text).map_err(|e| Error::config(format!("{}: {e}", key.display())))?;
+    let tmp = dest.with_extension("pub.tmp");
+    std::fs::write(&tmp, text.trim()).map_err(|e| Error::config(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, &dest).map_err(|e| Error::config(format!("{}: {e}", dest.display())))?;
+    let n = signing::TrustedKeys::load(&dir)?.len();
+    Ok(format!(
+        "trusted {} ({n} trusted key(s): every publish must now be signed by one)",
+        dest.display()
+    ))
 }
 
 pub fn tenants(cmd: TenantsCommand) -> Result<String, Error> {
