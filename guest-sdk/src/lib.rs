@@ -32,6 +32,7 @@ pub mod answer;
 pub mod chat;
 pub mod config;
 pub mod dev;
+pub mod embedding;
 pub mod mcq;
 pub mod pso;
 pub mod rand;

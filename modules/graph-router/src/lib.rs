@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use tessera_sdk::dev::{evaluate, ranking};
+use tessera_sdk::embedding::{embed_all, pick_embedder};
 use tessera_sdk::rand::Rng;
 use tessera_sdk::*;
 
@@ -14,10 +15,6 @@ struct GraphRouter;
 
 /// Format version of [`Fitted`]; bump when its shape changes.
 const STATE_VERSION: u8 = 1;
-/// Texts per `embed` call (the host's batch limit).
-const EMBED_BATCH: usize = 256;
-/// Bytes of text per `embed` call, kept well under the host's input limit.
-const EMBED_BYTES: usize = 128 << 10;
 /// Adam's moment decay rates and epsilon (the usual values).
 const BETA1: f32 = 0.9;
 const BETA2: f32 = 0.999;
@@ -91,59 +88,6 @@ fn hyper(cfg: &Config) -> Result<Hyper, Error> {
         dev_max_tokens,
         embedder: nonempty("embedder"),
     })
-}
-
-fn pick_embedder(pool: &[ModelInfo], wanted: Option<&str>) -> Result<ModelInfo, Error> {
-    let can_embed = |m: &ModelInfo| m.capabilities.iter().any(|c| c == "embed");
-    match wanted {
-        Some(id) => pool
-            .iter()
-            .find(|m| m.id == id && can_embed(m))
-            .cloned()
-            .ok_or_else(|| {
-                Error::InvalidParams(format!("config `embedder` = `{id}` is not a granted embedding member"))
-            }),
-        None => pool.iter().find(|m| can_embed(m)).cloned().ok_or_else(|| {
-            Error::Unsupported("graph-router needs a granted member with the `embed` capability".into())
-        }),
-    }
-}
-
-/// Embeds `texts` in as few calls as the host's limits allow; every vector
-/// must have the same width.
-fn embed_all(model: &str, texts: &[String]) -> Result<Vec<Vec<f32>>, Error> {
-    let mut out = Vec::with_capacity(texts.len());
-    let mut start = 0;
-    while start < texts.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < texts.len()
-            && end - start < EMBED_BATCH
-            && (end == start || bytes + texts[end].len() <= EMBED_BYTES)
-        {
-            bytes += texts[end].len();
-            end += 1;
-        }
-        let part = embed(model, &texts[start..end])?;
-        if part.len() != end - start {
-            return Err(Error::ModuleFailed(format!(
-                "{model} returned {} embeddings for {} texts",
-                part.len(),
-                end - start
-            )));
-        }
-        out.extend(part);
-        start = end;
-    }
-    if let Some(first) = out.first() {
-        let dim = first.len();
-        if dim == 0 || out.iter().any(|v| v.len() != dim) {
-            return Err(Error::ModuleFailed(format!(
-                "{model} returned embeddings of uneven width"
-            )));
-        }
-    }
-    Ok(out)
 }
 
 /// `tanh(M x + bias)` for a row-major `rows x x.len()` matrix.
@@ -528,7 +472,7 @@ impl Strategy for GraphRouter {
         if gens.is_empty() {
             return Err(Error::ModuleFailed("no generative member was granted".into()));
         }
-        let embedder = pick_embedder(&pool, h.embedder.as_deref())?;
+        let embedder = pick_embedder(&pool, h.embedder.as_deref(), "graph-router")?;
         let scores = evaluate(&dev, &gens, h.dev_max_tokens);
         let edges: Vec<Vec<bool>> = (0..dev.len())
             .map(|i| {
