@@ -12,10 +12,10 @@
 //! The batch is continuous ([`Engine`]): the member's worker admits new
 //! sequences between any two steps and a sequence that finishes leaves at
 //! once, so a request never waits for a whole batch to drain. A prompt is
-//! prefilled in chunks of [`super::PREFILL_CHUNK`] tokens, one chunk per
-//! step, taking turns with the other prompts being prefilled and
-//! interleaved with the decode steps of the sequences already running: a
-//! long prompt delays the others by one chunk per step, never by its whole
+//! prefilled in chunks of [`super::PREFILL_CHUNK`] tokens, the prompt with
+//! the least left first, interleaved with the decode steps of the sequences
+//! already running (one chunk every few steps while any are decoding): a
+//! long prompt delays the others by a chunk at a time, never by its whole
 //! length. A sequence's chunks fall on the same boundaries whatever else is
 //! running, and a decode step computes each row as it would alone, so the
 //! output of a sequence does not depend on its company (tested).
@@ -111,7 +111,12 @@ pub struct Engine<'s, T> {
     decoding: Vec<(T, Seq<'s>)>,
     /// Steps taken since the engine was last empty.
     steps: u64,
+    /// Decode steps since the last prefill chunk.
+    since_prefill: usize,
 }
+
+/// Decode steps between two prefill chunks while sequences are decoding.
+const DECODE_STEPS_PER_CHUNK: usize = 3;
 
 impl<T> Default for Engine<'_, T> {
     fn default() -> Self {
@@ -119,6 +124,7 @@ impl<T> Default for Engine<'_, T> {
             prefilling: VecDeque::new(),
             decoding: Vec::new(),
             steps: 0,
+            since_prefill: 0,
         }
     }
 }
@@ -323,9 +329,10 @@ impl GgufModel {
         })
     }
 
-    /// One step of `engine`: one prefill chunk of the prompt whose turn it
-    /// is (prompts take turns, a chunk each), then one decode step of every
-    /// sequence already decoding. Returns the sequences that finished.
+    /// One step of `engine`: a prefill chunk of the prompt with the least
+    /// left (every step while nothing decodes, else every few steps), then
+    /// one decode step of every sequence already decoding. Returns the
+    /// sequences that finished.
     pub fn step_engine<T>(&mut self, engine: &mut Engine<'_, T>) -> Vec<Done<T>> {
         let done = self.step_all(engine);
         engine.steps = if engine.is_empty() { 0 } else { engine.steps + 1 };
@@ -334,12 +341,30 @@ impl GgufModel {
 
     fn step_all<T>(&mut self, engine: &mut Engine<'_, T>) -> Vec<Done<T>> {
         let mut done = Vec::new();
-        if let Some((tag, mut seq)) = engine.prefilling.pop_front() {
-            match self.prefill_chunk(&mut seq) {
-                Err(e) => done.push((tag, Err(e))),
-                Ok(true) => engine.decoding.push((tag, seq)),
-                Ok(false) => engine.prefilling.push_back((tag, seq)),
+        // A prefill chunk costs about as much as a dozen decode steps of a
+        // small model, so while sequences are decoding a chunk runs only
+        // every few steps: a long prompt cannot slow everyone's tokens to
+        // its pace. The prompt with the least left goes first, so a short
+        // prompt waits for at most one chunk of a long one.
+        let prefill_now = engine.decoding.is_empty() || engine.since_prefill >= DECODE_STEPS_PER_CHUNK;
+        let shortest = engine
+            .prefilling
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (_, s))| s.prompt.len() - s.prefilled)
+            .map(|(i, _)| i);
+        match shortest.filter(|_| prefill_now) {
+            Some(i) => {
+                engine.since_prefill = 0;
+                if let Some((tag, mut seq)) = engine.prefilling.remove(i) {
+                    match self.prefill_chunk(&mut seq) {
+                        Err(e) => done.push((tag, Err(e))),
+                        Ok(true) => engine.decoding.push((tag, seq)),
+                        Ok(false) => engine.prefilling.push_back((tag, seq)),
+                    }
+                }
             }
+            None => engine.since_prefill += 1,
         }
         let mut stepping = Vec::with_capacity(engine.decoding.len());
         for (tag, mut seq) in std::mem::take(&mut engine.decoding) {
