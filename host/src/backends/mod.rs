@@ -107,42 +107,6 @@ impl Backend {
         }
     }
 
-    /// Whether queued generations are decoded together (see
-    /// [`gguf::decode`]).
-    pub fn batches(&self) -> bool {
-        matches!(self, Backend::Gguf(m) if m.batches())
-    }
-
-    /// Runs several generations, together where the model can; results in
-    /// order. See [`gguf::GgufModel::generate_batch`].
-    #[allow(clippy::type_complexity)]
-    pub fn generate_batch(
-        &mut self,
-        jobs: Vec<(
-            CallCtx,
-            &Input,
-            &GenParams,
-            Option<&mut (dyn FnMut(&str) -> bool + Send)>,
-        )>,
-    ) -> Vec<Result<Generation, InferenceError>> {
-        match self {
-            Backend::Gguf(m) => m.generate_batch(
-                jobs.into_iter()
-                    .map(|(ctx, input, params, sink)| gguf::decode::GenJob {
-                        ctx,
-                        input,
-                        params,
-                        sink: sink.map(|s| s as &mut dyn FnMut(&str) -> bool),
-                    })
-                    .collect(),
-            ),
-            _ => {
-                let e = self.unsupported("generate");
-                jobs.iter().map(|_| Err(e.clone())).collect()
-            }
-        }
-    }
-
     /// Puts a generation into the member's continuous batch; see
     /// [`gguf::GgufModel::admit`]. A member that cannot generate hands it
     /// back with its error.

@@ -324,13 +324,6 @@ impl GgufModel {
             .unwrap_or_else(|| Err(InferenceError::Failed("no result".into())))
     }
 
-    /// Whether [`GgufModel::generate_batch`] decodes several sequences in
-    /// one forward pass for this architecture (otherwise it runs them one
-    /// after another).
-    pub fn batches(&self) -> bool {
-        matches!(self.weights, Weights::Llama(_))
-    }
-
     /// Log-likelihood of each continuation after `prompt`. The prompt is run
     /// once; each continuation extends a copy of its KV cache.
     pub fn score(
