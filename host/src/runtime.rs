@@ -175,9 +175,16 @@ impl Runtime {
         let models_dir = paths.models.clone();
         let mut rt = Self::with_models(paths, loaded.pool, policy, loaded.failures)?;
         let named = rt.policy.keep_merged as usize;
-        let merger = crate::merge::PoolMerger::new(pool.clone(), models_dir, options.merge_keep, named)
+        let merger = crate::merge::PoolMerger::new(pool.clone(), models_dir.clone(), options.merge_keep, named)
             .on(options.merge_device, options.pool.clone());
         rt.sandbox.set_merger(Arc::new(merger));
+        let trainer = crate::contribute::PoolTrainer::new(
+            pool.clone(),
+            models_dir,
+            rt.policy.keep_trained as usize,
+            options.pool.clone(),
+        );
+        rt.sandbox.set_trainer(Arc::new(trainer));
         Ok(rt)
     }
 
@@ -206,6 +213,12 @@ impl Runtime {
     /// and tests may bring their own).
     pub fn set_merger(&mut self, merger: Arc<dyn crate::merge::Merger>) {
         self.sandbox.set_merger(merger);
+    }
+
+    /// Serves modules' `training.train` with `trainer` (the runtime over the
+    /// default pool trains with a [`crate::contribute::PoolTrainer`]).
+    pub fn set_trainer(&mut self, trainer: Arc<dyn crate::inference::train::Trainer>) {
+        self.sandbox.set_trainer(trainer);
     }
 
     /// Members that did not load, with reasons.
@@ -274,9 +287,12 @@ impl Runtime {
         ids
     }
 
-    /// Merged members kept by name (`weights.keep`), oldest first.
+    /// Merged and trained members kept by name (`weights.keep`,
+    /// `training.keep`), oldest first within each.
     pub fn kept(&self) -> Vec<crate::merge::Named> {
-        self.sandbox.merger().map(|m| m.kept()).unwrap_or_default()
+        let mut kept = self.sandbox.merger().map(|m| m.kept()).unwrap_or_default();
+        kept.extend(self.sandbox.trainer().map(|t| t.kept()).unwrap_or_default());
+        kept
     }
 
     fn narrowed_grant(&self, module: &Module, members: Option<&[String]>) -> crate::policy::Grant {

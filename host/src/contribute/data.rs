@@ -186,6 +186,55 @@ pub fn tokenize(tok: &GgufTokenizer, chat: &ChatFormat, conv: &[Message], max_le
     Ok(ex)
 }
 
+/// Tokenizes `input` answered by `target`, marking only the target's
+/// tokens (for a chat: the assistant turn the template renders for it, with
+/// its end-of-turn marker; for a raw prompt: the target's tokens right
+/// after the prompt's, as the members score a continuation). Tokens past
+/// `max_len` are cut; an item with no target token left is an error.
+pub fn tokenize_answer(
+    tok: &GgufTokenizer,
+    chat: &ChatFormat,
+    input: &crate::inference::Input,
+    target: &str,
+    max_len: usize,
+) -> Result<Example, String> {
+    use crate::inference::Input;
+    let (mut ids, start) = match input {
+        Input::Chat(msgs) => {
+            let bos: Vec<u32> = match (&tok.bos, !chat.is_template() && tok.add_bos) {
+                (Some((id, _)), true) => vec![*id],
+                _ => Vec::new(),
+            };
+            let mut conv = msgs.clone();
+            conv.push(Message::assistant(target.to_string()));
+            let prompt = encode(tok, &chat.render_with(msgs, true).map_err(|e| e.to_string())?)?;
+            let mut ids = bos.clone();
+            ids.extend(encode(tok, &chat.render_with(&conv, false).map_err(|e| e.to_string())?)?);
+            (ids, bos.len() + prompt.len())
+        }
+        Input::Prompt(p) => {
+            let mut ids: Vec<u32> = match (&tok.bos, tok.add_bos) {
+                (Some((id, _)), true) => vec![*id],
+                _ => Vec::new(),
+            };
+            ids.extend(encode(tok, p)?);
+            let start = ids.len();
+            ids.extend(encode(tok, target)?);
+            (ids, start)
+        }
+    };
+    let mut trained: Vec<bool> = (0..ids.len()).map(|i| i >= start).collect();
+    ids.truncate(max_len);
+    trained.truncate(max_len);
+    let ex = Example { ids, trained };
+    if ex.targets() == 0 {
+        return Err(format!(
+            "no token of the answer falls within the first {max_len} tokens: raise max-len or shorten the input"
+        ));
+    }
+    Ok(ex)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

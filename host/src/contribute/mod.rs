@@ -18,17 +18,24 @@
 //!    a contributor card with the weights' sha256 (`contributor.toml`), the
 //!    loss curve (`loss.svg`) and the per-step log (`train-log.jsonl`);
 //!    [`add_to_pool`] appends it to a pool file.
+//!
+//! Modules train too (the WIT's `training` interface): [`session`] runs
+//! SFT, DPO or GRPO in memory within a request's budgets, and
+//! [`PoolTrainer`] serves the trained member for the rest of the request.
 
 pub mod data;
 pub mod model;
 pub mod optim;
 pub mod output;
+pub mod session;
 pub mod train;
+pub mod trainer;
 
 use std::path::{Path, PathBuf};
 
 pub use output::add_to_pool;
 pub use train::{train, StepStats, TrainOptions, TrainReport};
+pub use trainer::PoolTrainer;
 
 /// Why contributing failed. Each names the file or option and the fix.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

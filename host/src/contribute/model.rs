@@ -253,6 +253,35 @@ impl TrainModel {
     /// positions where `mask` is 1, for a batch of `ids` (b x t, next-token
     /// targets b x t, mask b x t of 0/1 as f32).
     pub fn nll_sum(&self, ids: &Tensor, targets: &Tensor, mask: &[f32]) -> candle_core::Result<Tensor> {
+        self.target_logprobs(ids, targets, mask)?.sum_all()?.neg()
+    }
+
+    /// The log-likelihood of each row's masked targets, summed per row
+    /// (a tensor of `b` values): what preference and policy-gradient
+    /// objectives compare between sequences.
+    pub fn row_logprobs(&self, ids: &Tensor, targets: &Tensor, mask: &[f32]) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let chosen = self.target_logprobs(ids, targets, mask)?; // (n, 1)
+        // A (b x n) 0/1 matrix that sums the picked positions of each row:
+        // a matmul keeps the sum differentiable.
+        let rows: Vec<usize> = mask
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| **m > 0.0)
+            .map(|(i, _)| i / t.max(1))
+            .collect();
+        let n = rows.len();
+        let mut assign = vec![0f32; b * n];
+        for (j, r) in rows.iter().enumerate() {
+            assign[r * n + j] = 1.0;
+        }
+        let assign = Tensor::from_vec(assign, (b, n), &self.device)?;
+        assign.matmul(&chosen)?.squeeze(1)
+    }
+
+    /// The log-probabilities (n x 1) of the targets where `mask` is 1, in
+    /// row-major order of the positions.
+    fn target_logprobs(&self, ids: &Tensor, targets: &Tensor, mask: &[f32]) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let s = &self.shape;
         let hd = s.hidden / s.heads;
@@ -321,8 +350,7 @@ impl TrainModel {
         let logits = self.project(head, &x)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let want = targets.flatten_all()?.index_select(&picked, 0)?;
-        let chosen = logp.gather(&want.unsqueeze(1)?, 1)?;
-        chosen.sum_all()?.neg()
+        logp.gather(&want.unsqueeze(1)?, 1)
     }
 
     /// The LoRA tensors (`{weight}.lora_A` / `.lora_B`) and `alpha / rank`:

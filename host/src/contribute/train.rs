@@ -232,7 +232,7 @@ fn fingerprint(opts: &TrainOptions, data_sha: &str) -> String {
 
 /// The examples of 0-based step `step`: positions `step * per_step ..` of
 /// the endless stream of epochs, each epoch a seeded permutation.
-fn step_examples(n: usize, per_step: usize, step: u64, seed: u64) -> Vec<usize> {
+pub(crate) fn step_examples(n: usize, per_step: usize, step: u64, seed: u64) -> Vec<usize> {
     let mut out = Vec::with_capacity(per_step);
     let mut cached: Option<(u64, Vec<usize>)> = None;
     for j in 0..per_step as u64 {
@@ -252,7 +252,7 @@ fn step_examples(n: usize, per_step: usize, step: u64, seed: u64) -> Vec<usize> 
 }
 
 /// A padded micro-batch: inputs, next-token targets, loss mask.
-fn micro_batch(
+pub(crate) fn micro_batch(
     examples: &[&Example],
     device: &candle_core::Device,
 ) -> candle_core::Result<(Tensor, Tensor, Vec<f32>, usize)> {
@@ -359,6 +359,24 @@ fn load_checkpoint(
     Ok(Some(state))
 }
 
+/// The base's tokenizer and chat format (its template, or the plain
+/// format of a base model without one).
+pub(crate) fn text_format(
+    base_dir: &Path,
+) -> Result<(crate::backends::gguf::tokenizer::GgufTokenizer, ChatFormat), ContributeError> {
+    let (tok, template) = hf::read_tokenizer(base_dir).map_err(|e| ContributeError::Base(e.to_string()))?;
+    let chat = match template {
+        Some(src) => ChatFormat::from_template(
+            &src,
+            tok.bos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+            tok.eos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+        )
+        .map_err(|e| ContributeError::Base(e.to_string()))?,
+        None => ChatFormat::Plain,
+    };
+    Ok((tok, chat))
+}
+
 /// Trains per `opts`. `on_step` sees every step and may stop the run
 /// (`ControlFlow::Break`): a checkpoint is then written and the report says
 /// `interrupted`. When all steps are done the model folder is written.
@@ -369,16 +387,7 @@ pub fn train(
     crate::alloc::keep_freed_memory();
     let examples_raw = data::read_jsonl(&opts.data)?;
     let data_sha = crate::files::sha256_file(&opts.data).map_err(|e| io(&opts.data, e))?;
-    let (tok, template) = hf::read_tokenizer(&opts.base_dir).map_err(|e| ContributeError::Base(e.to_string()))?;
-    let chat = match template {
-        Some(src) => ChatFormat::from_template(
-            &src,
-            tok.bos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
-            tok.eos.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
-        )
-        .map_err(|e| ContributeError::Base(e.to_string()))?,
-        None => ChatFormat::Plain,
-    };
+    let (tok, chat) = text_format(&opts.base_dir)?;
     let mut examples = Vec::with_capacity(examples_raw.len());
     for (line, conv) in &examples_raw {
         let ex = data::tokenize(&tok, &chat, conv, opts.max_len).map_err(|message| ContributeError::Data {

@@ -8,6 +8,7 @@
 //! tests drive real models without any guest).
 
 pub mod memo;
+pub mod train;
 pub mod weights;
 
 use std::time::Instant;

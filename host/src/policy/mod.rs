@@ -148,6 +148,21 @@ pub struct Budgets {
     /// yet released) may take together; a merge past it is refused.
     #[serde(default)]
     pub merge_memory_mib: Option<u64>,
+    /// Training runs (`training.train`) the module may start per request;
+    /// 0 means the capability is not granted.
+    #[serde(default)]
+    pub train_runs: Option<u32>,
+    /// Optimizer steps all of a request's training runs may take together.
+    #[serde(default)]
+    pub train_steps: Option<u32>,
+    /// Tokens a request's training may run through the model (forward and
+    /// backward), counting the reference passes DPO and GRPO make.
+    #[serde(default)]
+    pub train_tokens: Option<u64>,
+    /// Wall time a request's training may take, in milliseconds; a run
+    /// that reaches it is stopped between steps.
+    #[serde(default)]
+    pub train_ms: Option<u64>,
 }
 
 /// The operator's side: defaults, maxima and model allow-lists.
@@ -172,6 +187,11 @@ pub struct Policy {
     /// default, refuses every `keep`.
     #[serde(default)]
     pub keep_merged: u32,
+    /// How many trained members modules may keep beyond their request
+    /// (`training.keep`), each holding its f32 weights in memory until the
+    /// process ends. 0, the default, refuses every `keep`.
+    #[serde(default)]
+    pub keep_trained: u32,
 }
 
 /// Per-module operator rules.
@@ -190,6 +210,7 @@ impl Default for Policy {
             models: all_models(),
             modules: BTreeMap::new(),
             keep_merged: 0,
+            keep_trained: 0,
         }
     }
 }
@@ -209,6 +230,10 @@ impl Policy {
             merges: Some(0),
             provenance_bytes: Some(256 << 10),
             merge_memory_mib: Some(2048),
+            train_runs: Some(0),
+            train_steps: Some(0),
+            train_tokens: Some(0),
+            train_ms: Some(0),
         }
     }
 
@@ -230,6 +255,13 @@ impl Policy {
             // Four SmolLM2-135M merges in f32 held at once; a search that
             // releases each candidate holds one.
             merge_memory_mib: Some(4096),
+            // A method that trains every member of a 16-member pool once
+            // in `fit`; steps, tokens and time bound what that costs (on
+            // 2 cores SmolLM2-135M trains at roughly 400 tokens/s).
+            train_runs: Some(16),
+            train_steps: Some(4_000),
+            train_tokens: Some(8 << 20),
+            train_ms: Some(3_600_000),
         }
     }
 
@@ -277,6 +309,10 @@ impl Policy {
             merges: pick(u(a.merges), u(d.merges), u(m.merges)) as u32,
             provenance_bytes: pick(a.provenance_bytes, d.provenance_bytes, m.provenance_bytes),
             merge_memory_bytes: pick(a.merge_memory_mib, d.merge_memory_mib, m.merge_memory_mib) << 20,
+            train_runs: pick(u(a.train_runs), u(d.train_runs), u(m.train_runs)) as u32,
+            train_steps: pick(u(a.train_steps), u(d.train_steps), u(m.train_steps)) as u32,
+            train_tokens: pick(a.train_tokens, d.train_tokens, m.train_tokens),
+            train_time: Duration::from_millis(pick(a.train_ms, d.train_ms, m.train_ms)),
         }
     }
 }
@@ -296,6 +332,10 @@ impl Budgets {
             merges: self.merges.or(fallback.merges),
             provenance_bytes: self.provenance_bytes.or(fallback.provenance_bytes),
             merge_memory_mib: self.merge_memory_mib.or(fallback.merge_memory_mib),
+            train_runs: self.train_runs.or(fallback.train_runs),
+            train_steps: self.train_steps.or(fallback.train_steps),
+            train_tokens: self.train_tokens.or(fallback.train_tokens),
+            train_ms: self.train_ms.or(fallback.train_ms),
         }
     }
 }
@@ -326,8 +366,17 @@ pub struct Grant {
     pub merges: u32,
     /// Provenance bytes the request may accumulate.
     pub provenance_bytes: u64,
-    /// Bytes the merged members it holds at once may take together.
+    /// Bytes the merged and trained members it holds at once may take
+    /// together.
     pub merge_memory_bytes: u64,
+    /// Training runs it may start (0 = none).
+    pub train_runs: u32,
+    /// Optimizer steps its training may take in all.
+    pub train_steps: u32,
+    /// Tokens its training may run through the model in all.
+    pub train_tokens: u64,
+    /// Wall time its training may take in all.
+    pub train_time: Duration,
 }
 
 impl Manifest {

@@ -86,7 +86,7 @@ pub struct RequestState {
     pub(crate) stderr: MemoryOutputPipe,
     pub(crate) models: Arc<dyn Models>,
     pub(crate) grant: Arc<Grant>,
-    granted: HashSet<String>,
+    pub(super) granted: HashSet<String>,
     pub(crate) deadline: Instant,
     pub(crate) usage: UsageReport,
     tokens_used: u32,
@@ -95,7 +95,7 @@ pub struct RequestState {
     provenance_bytes: u64,
     trace_events: u32,
     /// This request's id for the members' fair sharing.
-    requester: u64,
+    pub(super) requester: u64,
     /// The first limit this request broke, if any.
     pub(crate) violation: Option<Error>,
     /// Serves `weights.merge`, if this host merges.
@@ -103,10 +103,25 @@ pub struct RequestState {
     /// Set when the caller gave up: the request stops as at its deadline.
     pub(crate) cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The pool before any merge, and the members merged for this request.
-    pool: Arc<dyn Models>,
-    merged: Vec<crate::inference::weights::Merged>,
+    pub(super) pool: Arc<dyn Models>,
+    pub(super) merged: Vec<crate::inference::weights::Merged>,
     /// Merges made so far (releasing one does not refund the budget).
     merges_made: u32,
+    /// Serves `training.train`, if this host trains.
+    pub(crate) trainer: Option<Arc<dyn crate::inference::train::Trainer>>,
+    /// Members trained for this request (not yet released).
+    pub(super) trained: Vec<crate::inference::train::Trained>,
+    /// What this request's training has spent so far.
+    pub(super) train_spent: TrainSpent,
+}
+
+/// What a request's training has spent: runs, steps, tokens, time.
+#[derive(Debug, Default, Clone)]
+pub(super) struct TrainSpent {
+    pub(super) runs: u32,
+    pub(super) steps: u32,
+    pub(super) tokens: u64,
+    pub(super) time: Duration,
 }
 
 impl RequestState {
@@ -127,6 +142,9 @@ impl RequestState {
             merged: Vec::new(),
             merges_made: 0,
             merger: None,
+            trainer: None,
+            trained: Vec::new(),
+            train_spent: TrainSpent::default(),
             cancel: None,
             models,
             grant,
@@ -144,7 +162,7 @@ impl RequestState {
 
     /// Records `e` as this request's violation and returns the trap that
     /// unwinds the guest.
-    fn violate(&mut self, e: Error) -> wasmtime::Error {
+    pub(super) fn violate(&mut self, e: Error) -> wasmtime::Error {
         let msg = e.to_string();
         if self.violation.is_none() {
             self.violation = Some(e);
@@ -152,7 +170,7 @@ impl RequestState {
         wasmtime::Error::msg(msg)
     }
 
-    fn charge_calls(&mut self, n: u32) -> wasmtime::Result<()> {
+    pub(super) fn charge_calls(&mut self, n: u32) -> wasmtime::Result<()> {
         let next = self.usage.host_calls.saturating_add(n);
         if next > self.grant.host_calls {
             return Err(self.violate(Error::budget("host-calls", self.grant.host_calls as u64)));
@@ -163,7 +181,7 @@ impl RequestState {
 
     /// Ok(true): granted. Ok(false): not in the pool at all (the guest gets
     /// `unknown-model`). Err: in the pool but not granted (trap).
-    fn check_model(&mut self, model: &str) -> wasmtime::Result<bool> {
+    pub(super) fn check_model(&mut self, model: &str) -> wasmtime::Result<bool> {
         if self.granted.contains(model) {
             return Ok(true);
         }
@@ -183,12 +201,12 @@ impl RequestState {
         CallCtx::new(self.deadline, self.requester)
     }
 
-    fn deadline_trap(&mut self) -> wasmtime::Error {
+    pub(super) fn deadline_trap(&mut self) -> wasmtime::Error {
         let ms = self.grant.deadline.as_millis() as u64;
         self.violate(Error::Deadline { limit_ms: ms })
     }
 
-    fn record_call(
+    pub(super) fn record_call(
         &mut self,
         call: &str,
         model: &str,
@@ -234,7 +252,7 @@ impl RequestState {
     }
 
     /// Awaits `fut` but no later than the request's deadline.
-    async fn until_deadline<T>(&mut self, fut: impl std::future::Future<Output = T>) -> wasmtime::Result<T> {
+    pub(super) async fn until_deadline<T>(&mut self, fut: impl std::future::Future<Output = T>) -> wasmtime::Result<T> {
         match tokio::time::timeout_at(self.deadline.into(), fut).await {
             Ok(v) => Ok(v),
             Err(_) => Err(self.deadline_trap()),
@@ -501,15 +519,21 @@ impl RequestState {
 
 impl RequestState {
     /// The overlay every `models` call goes through: the pool plus the
-    /// merged members this request holds.
-    fn overlay(&self) -> Arc<dyn Models> {
-        let extra = self.merged.iter().map(|m| (m.id.clone(), m.models.clone())).collect();
+    /// merged and trained members this request holds.
+    pub(super) fn overlay(&self) -> Arc<dyn Models> {
+        let extra = self
+            .merged
+            .iter()
+            .chain(self.trained.iter().map(|t| &t.member))
+            .map(|m| (m.id.clone(), m.models.clone()))
+            .collect();
         Arc::new(crate::inference::weights::Overlay::new(self.pool.clone(), extra))
     }
 
-    /// Bytes the merged members this request holds take together.
-    fn held_merge_bytes(&self) -> u64 {
-        self.merged.iter().map(|m| m.bytes).sum()
+    /// Bytes the merged and trained members this request holds take
+    /// together.
+    pub(super) fn held_merge_bytes(&self) -> u64 {
+        self.merged.iter().map(|m| m.bytes).sum::<u64>() + self.trained.iter().map(|t| t.member.bytes).sum::<u64>()
     }
 }
 

@@ -17,6 +17,7 @@
 
 mod convert;
 mod host;
+mod training;
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -112,6 +113,8 @@ pub struct Sandbox {
     cache_dir: PathBuf,
     /// Serves `weights.merge`; without one the call is `unsupported`.
     merger: Option<Arc<dyn crate::inference::weights::Merger>>,
+    /// Serves `training.train`; without one the call is `unsupported`.
+    trainer: Option<Arc<dyn crate::inference::train::Trainer>>,
     _ticker: Ticker,
 }
 
@@ -174,6 +177,7 @@ impl Sandbox {
             linker,
             cache_dir: cache_dir.to_path_buf(),
             merger: None,
+            trainer: None,
             _ticker: Ticker { stop },
         })
     }
@@ -186,6 +190,16 @@ impl Sandbox {
     /// Lets modules granted `merges` create merged members through `merger`.
     pub fn set_merger(&mut self, merger: Arc<dyn crate::inference::weights::Merger>) {
         self.merger = Some(merger);
+    }
+
+    /// The trainer, if this host trains.
+    pub fn trainer(&self) -> Option<&Arc<dyn crate::inference::train::Trainer>> {
+        self.trainer.as_ref()
+    }
+
+    /// Lets modules granted `train-runs` train members through `trainer`.
+    pub fn set_trainer(&mut self, trainer: Arc<dyn crate::inference::train::Trainer>) {
+        self.trainer = Some(trainer);
     }
 
     /// The engine (for benches and tools).
@@ -273,6 +287,7 @@ impl Sandbox {
         let fuel = grant.fuel;
         let mut state = RequestState::new(wasi, table, stderr, models, grant, deadline);
         state.merger = self.merger.clone();
+        state.trainer = self.trainer.clone();
         state.cancel = cancel;
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
