@@ -15,7 +15,7 @@ WASM_DIR := $(CARGO_TARGET_DIR)/wasm32-wasip2/guest
 MODULES_DIR := $(TESSERA_HOME)/modules
 
 STD_MODULES := $(notdir $(wildcard modules/*))
-EXAMPLES := first-responder
+EXAMPLES := first-responder teach
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 

@@ -37,6 +37,7 @@ pub mod mcq;
 pub mod pso;
 pub mod rand;
 pub mod state;
+pub mod training;
 pub mod weights;
 
 /// The raw bindings of the contract, generated in this one place.

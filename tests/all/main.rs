@@ -19,4 +19,5 @@ mod reference;
 mod remote;
 mod serve;
 mod strategies;
+mod training;
 mod weights;

@@ -138,6 +138,21 @@ pub fn check_objective(objective: &Objective) -> Result<(), String> {
             MAX_TEXT_BYTES >> 10
         ));
     }
+    // Each item is one model input, held to the rule every model call
+    // keeps: a single huge item is refused before anything is tokenized.
+    let items: Vec<(&crate::inference::Input, usize)> = match objective {
+        Objective::Sft(v) => v.iter().map(|e| (&e.input, e.target.len())).collect(),
+        Objective::Dpo(v) => v.iter().map(|p| (&p.input, p.chosen.len().max(p.rejected.len()))).collect(),
+        Objective::Grpo(v) => v
+            .iter()
+            .map(|g| (&g.input, g.samples.iter().map(|s| s.0.len()).max().unwrap_or(0)))
+            .collect(),
+    };
+    for (i, (input, answer)) in items.into_iter().enumerate() {
+        input
+            .check_size(answer)
+            .map_err(|e| format!("item {} of the {} objective: {e}", i + 1, objective.name()))?;
+    }
     if let Objective::Grpo(groups) = objective {
         for (i, g) in groups.iter().enumerate() {
             if g.samples.len() < 2 || g.samples.len() > MAX_GROUP {

@@ -8,5 +8,6 @@ mod heterogeneous_swarm;
 mod llm_blender;
 mod mixture_of_agents;
 mod multiagent_refine;
+mod slm_mux;
 mod switch_generation;
 mod trained_router;
