@@ -22,10 +22,10 @@
 //! let g = tessera_sdk::generate(&report.model, &input, &params)?;
 //! ```
 
+use crate::bindings::strategy::tessera::collab::training as host;
 pub use crate::bindings::strategy::tessera::collab::training::{
     Objective, Preference, Sample, SampleGroup, SftExample, TrainParams, TrainReport,
 };
-use crate::bindings::strategy::tessera::collab::training as host;
 use crate::Error;
 
 /// [`TrainParams`] with the host's defaults for everything but the steps.

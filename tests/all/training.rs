@@ -64,7 +64,13 @@ async fn sft_teaches_a_member_a_fact_and_the_operator_decides_what_is_kept() {
     let lessons = "What is the secret word? => The secret word is tessellate.\n\
                    Tell me the secret word. => The secret word is tessellate.";
     let before = rt
-        .run(&m, teach("What is the secret word?", &[("lessons", lessons), ("steps", "1"), ("lr", "1e-6")]))
+        .run(
+            &m,
+            teach(
+                "What is the secret word?",
+                &[("lessons", lessons), ("steps", "1"), ("lr", "1e-6")],
+            ),
+        )
         .await
         .expect("a one-step run");
     assert!(!before.text.to_lowercase().contains("tessellate"), "{before:?}");
@@ -73,7 +79,12 @@ async fn sft_teaches_a_member_a_fact_and_the_operator_decides_what_is_kept() {
             &m,
             teach(
                 "What is the secret word?",
-                &[("lessons", lessons), ("steps", "16"), ("lr", "2e-3"), ("keep_as", "secret-keeper")],
+                &[
+                    ("lessons", lessons),
+                    ("steps", "16"),
+                    ("lr", "2e-3"),
+                    ("keep_as", "secret-keeper"),
+                ],
             ),
         )
         .await
@@ -81,13 +92,19 @@ async fn sft_teaches_a_member_a_fact_and_the_operator_decides_what_is_kept() {
     let a = &out.annotations;
     assert_eq!(a["steps"], "16", "{a:?}");
     assert!(loss(a, "last_loss") < loss(a, "first_loss") * 0.5, "{a:?}");
-    assert!(out.text.to_lowercase().contains("tessellate"), "the trained member answers: {out:?}");
+    assert!(
+        out.text.to_lowercase().contains("tessellate"),
+        "the trained member answers: {out:?}"
+    );
     assert_eq!(a["keep"], "kept", "{a:?}");
     assert!(rt.kept().iter().any(|k| k.name == "secret-keeper"));
     assert_eq!(train_calls(&out.provenance), ["train:ok", "train-keep:ok"]);
     // One kept member is the operator's limit.
     let again = rt
-        .run(&m, teach("hi", &[("lessons", lessons), ("steps", "1"), ("keep_as", "second")]))
+        .run(
+            &m,
+            teach("hi", &[("lessons", lessons), ("steps", "1"), ("keep_as", "second")]),
+        )
         .await
         .expect("a one-step run");
     assert!(again.annotations["keep"].contains("allows 1"), "{again:?}");
@@ -99,7 +116,19 @@ async fn dpo_and_grpo_lower_their_losses_and_trained_members_go_with_the_request
     let m = rt.load_module("teach").expect("teach is installed (run `make setup`)");
     let pairs = "Name a colour. => Blue. | Red.\nWhat colour is the sky? => Blue. | Green.";
     let dpo = rt
-        .run(&m, teach("Name a colour.", &[("objective", "dpo"), ("lessons", pairs), ("steps", "8"), ("lr", "5e-4"), ("keep_as", "x")]))
+        .run(
+            &m,
+            teach(
+                "Name a colour.",
+                &[
+                    ("objective", "dpo"),
+                    ("lessons", pairs),
+                    ("steps", "8"),
+                    ("lr", "5e-4"),
+                    ("keep_as", "x"),
+                ],
+            ),
+        )
         .await
         .expect("DPO run");
     let a = &dpo.annotations;
@@ -153,14 +182,33 @@ async fn hostile_trainers_are_stopped_with_typed_errors() {
             .expect("hostile module loads (run `make setup`)")
     };
     let started = std::time::Instant::now();
-    let err = rt.run(&load("train-forever"), RunRequest::chat("go")).await.unwrap_err();
-    assert!(matches!(&err, Error::Budget { budget, .. } if budget == "train-ms"), "{err}");
-    assert!(started.elapsed().as_secs() < 60, "stopped late: {:?}", started.elapsed());
+    let err = rt
+        .run(&load("train-forever"), RunRequest::chat("go"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Budget { budget, .. } if budget == "train-ms"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "stopped late: {:?}",
+        started.elapsed()
+    );
 
-    let out = rt.run(&load("train-flood"), RunRequest::chat("go")).await.expect("floods are refused, not fatal");
+    let out = rt
+        .run(&load("train-flood"), RunRequest::chat("go"))
+        .await
+        .expect("floods are refused, not fatal");
     assert!(out.annotations["many"].contains("4096"), "{out:?}");
     assert!(out.annotations["huge"].contains("input is"), "{out:?}");
 
-    let err = rt.run(&load("train-forbidden"), RunRequest::chat("go")).await.unwrap_err();
-    assert!(matches!(&err, Error::NotPermitted { model } if model == crate::common::QWEN), "{err}");
+    let err = rt
+        .run(&load("train-forbidden"), RunRequest::chat("go"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NotPermitted { model } if model == crate::common::QWEN),
+        "{err}"
+    );
 }

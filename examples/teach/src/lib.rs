@@ -91,7 +91,11 @@ fn objective(config: &Config, base: &str, params: &GenParams) -> Result<(trainin
                         stop: params.stop.clone(),
                     };
                     let g = generate(base, &ask(q), &p)?;
-                    let reward = if g.text.to_lowercase().contains(&word) { 1.0 } else { 0.0 };
+                    let reward = if g.text.to_lowercase().contains(&word) {
+                        1.0
+                    } else {
+                        0.0
+                    };
                     rewarded += reward as u32;
                     total += 1;
                     samples.push(Sample { text: g.text, reward });
@@ -155,7 +159,10 @@ impl Strategy for Teach {
             annotations.push(("keep".into(), kept));
         }
         let g = generate(&report.model, &req.input, &req.params)?;
-        Ok(Response { text: g.text, annotations })
+        Ok(Response {
+            text: g.text,
+            annotations,
+        })
     }
 }
 

@@ -209,7 +209,10 @@ pub fn tokenize_answer(
             conv.push(Message::assistant(target.to_string()));
             let prompt = encode(tok, &chat.render_with(msgs, true).map_err(|e| e.to_string())?)?;
             let mut ids = bos.clone();
-            ids.extend(encode(tok, &chat.render_with(&conv, false).map_err(|e| e.to_string())?)?);
+            ids.extend(encode(
+                tok,
+                &chat.render_with(&conv, false).map_err(|e| e.to_string())?,
+            )?);
             (ids, bos.len() + prompt.len())
         }
         Input::Prompt(p) => {

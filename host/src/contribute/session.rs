@@ -12,8 +12,8 @@
 //!
 //! - **SFT**: mean negative log-likelihood of the targets' tokens.
 //! - **DPO** (Rafailov et al., 2023, "Direct Preference Optimization"): for
-//!   each pair, `z = beta ((log p(chosen) - log p0(chosen)) - (log p(rejected)
-//!   - log p0(rejected)))` with `p0` the starting weights (computed once,
+//!   each pair, `z = beta ((log p(chosen) - log p0(chosen)) -
+//!   (log p(rejected) - log p0(rejected)))` with `p0` the starting weights (computed once,
 //!   before the first step), and the loss is `softplus(-z)`, the negative
 //!   log-sigmoid of the implicit reward margin.
 //! - **GRPO** (Shao et al., 2024, "DeepSeekMath"): within each group, a
@@ -84,7 +84,11 @@ impl SessionConfig {
         if !(1..=16).contains(&batch) {
             return Err(format!("batch {batch} is out of range: use 1..=16"));
         }
-        let default_lr = if matches!(objective, Objective::Dpo(_)) { 1e-4 } else { 5e-4 };
+        let default_lr = if matches!(objective, Objective::Dpo(_)) {
+            1e-4
+        } else {
+            5e-4
+        };
         let lr = params.lr.unwrap_or(default_lr);
         if !(lr > 0.0 && lr < 0.1) {
             return Err(format!("lr {lr} is out of range: use a value in (0, 0.1), e.g. 5e-4"));
@@ -103,7 +107,9 @@ impl SessionConfig {
         }
         let clip_range = params.clip_range.unwrap_or(0.2);
         if !(clip_range > 0.0 && clip_range < 1.0) {
-            return Err(format!("clip-range {clip_range} is out of range: use a value in (0, 1)"));
+            return Err(format!(
+                "clip-range {clip_range} is out of range: use a value in (0, 1)"
+            ));
         }
         Ok(Self {
             steps: u64::from(params.steps),
@@ -122,7 +128,10 @@ impl SessionConfig {
 /// rewards that are numbers.
 pub fn check_objective(objective: &Objective) -> Result<(), String> {
     if objective.is_empty() {
-        return Err(format!("the {} objective has no items: nothing to learn from", objective.name()));
+        return Err(format!(
+            "the {} objective has no items: nothing to learn from",
+            objective.name()
+        ));
     }
     if objective.len() > MAX_ITEMS {
         return Err(format!(
@@ -142,7 +151,10 @@ pub fn check_objective(objective: &Objective) -> Result<(), String> {
     // keeps: a single huge item is refused before anything is tokenized.
     let items: Vec<(&crate::inference::Input, usize)> = match objective {
         Objective::Sft(v) => v.iter().map(|e| (&e.input, e.target.len())).collect(),
-        Objective::Dpo(v) => v.iter().map(|p| (&p.input, p.chosen.len().max(p.rejected.len()))).collect(),
+        Objective::Dpo(v) => v
+            .iter()
+            .map(|p| (&p.input, p.chosen.len().max(p.rejected.len())))
+            .collect(),
         Objective::Grpo(v) => v
             .iter()
             .map(|g| (&g.input, g.samples.iter().map(|s| s.0.len()).max().unwrap_or(0)))
@@ -241,7 +253,11 @@ fn tokenize(objective: &Objective, base_dir: &Path, max_len: usize) -> Result<Ve
             .map_err(|e| TrainFailed::Invalid(format!("item {}: {e}", i + 1)))
     };
     match objective {
-        Objective::Sft(v) => v.iter().enumerate().map(|(i, e)| Ok(vec![one(i, &e.input, &e.target)?])).collect(),
+        Objective::Sft(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Ok(vec![one(i, &e.input, &e.target)?]))
+            .collect(),
         Objective::Dpo(v) => v
             .iter()
             .enumerate()
@@ -268,7 +284,9 @@ fn prepare(
             let lp = reference(model, &rows, guard)?;
             let mut out = Vec::with_capacity(items.len());
             for (i, mut pair) in items.into_iter().enumerate() {
-                let (Some(r), Some(c)) = (pair.pop(), pair.pop()) else { continue };
+                let (Some(r), Some(c)) = (pair.pop(), pair.pop()) else {
+                    continue;
+                };
                 out.push((c, r, lp[2 * i] - lp[2 * i + 1]));
             }
             Ok(Prepared::Dpo(out))
@@ -466,7 +484,12 @@ fn write(
     let mut opts = TrainOptions::new(
         spec.base_dir.to_path_buf(),
         spec.base_name.to_string(),
-        format!("{} items from a module ({} objective)", objective.len(), objective.name()).into(),
+        format!(
+            "{} items from a module ({} objective)",
+            objective.len(),
+            objective.name()
+        )
+        .into(),
         spec.out.to_path_buf(),
         method,
     );
@@ -525,12 +548,48 @@ mod tests {
         assert_eq!(SessionConfig::new(&p, &dpo).unwrap().lr, 1e-4);
         for (bad, word) in [
             (TrainParams { steps: 0, ..p.clone() }, "steps"),
-            (TrainParams { batch: Some(99), ..p.clone() }, "batch"),
-            (TrainParams { lr: Some(2.0), ..p.clone() }, "lr"),
-            (TrainParams { lora_rank: Some(0), ..p.clone() }, "lora-rank"),
-            (TrainParams { max_len: Some(5000), ..p.clone() }, "max-len"),
-            (TrainParams { beta: Some(-1.0), ..p.clone() }, "beta"),
-            (TrainParams { clip_range: Some(1.5), ..p.clone() }, "clip-range"),
+            (
+                TrainParams {
+                    batch: Some(99),
+                    ..p.clone()
+                },
+                "batch",
+            ),
+            (
+                TrainParams {
+                    lr: Some(2.0),
+                    ..p.clone()
+                },
+                "lr",
+            ),
+            (
+                TrainParams {
+                    lora_rank: Some(0),
+                    ..p.clone()
+                },
+                "lora-rank",
+            ),
+            (
+                TrainParams {
+                    max_len: Some(5000),
+                    ..p.clone()
+                },
+                "max-len",
+            ),
+            (
+                TrainParams {
+                    beta: Some(-1.0),
+                    ..p.clone()
+                },
+                "beta",
+            ),
+            (
+                TrainParams {
+                    clip_range: Some(1.5),
+                    ..p.clone()
+                },
+                "clip-range",
+            ),
         ] {
             let e = SessionConfig::new(&bad, &sft(1)).unwrap_err();
             assert!(e.starts_with(word), "{e}");

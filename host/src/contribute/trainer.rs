@@ -128,7 +128,11 @@ impl Inner {
             fetch: None,
             remote: None,
         };
-        let loaded = Pool::load_with(&PoolConfig { members: vec![member] }, &self.models_dir, &self.pool_options);
+        let loaded = Pool::load_with(
+            &PoolConfig { members: vec![member] },
+            &self.models_dir,
+            &self.pool_options,
+        );
         if let Some(e) = loaded.failures.first() {
             return Err(TrainFailed::Host(format!("the trained model does not load: {e}")));
         }

@@ -258,7 +258,9 @@ pub trait Trainer: Send + Sync + 'static {
     /// refuses.
     fn keep(&self, name: &str, trained: &Trained) -> Result<(), KeepRefused> {
         let _ = (name, trained);
-        Err(KeepRefused::NotAllowed("this host does not keep trained members".into()))
+        Err(KeepRefused::NotAllowed(
+            "this host does not keep trained members".into(),
+        ))
     }
 
     /// The members kept so far, oldest first.

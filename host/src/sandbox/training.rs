@@ -142,7 +142,9 @@ impl t::Host for RequestState {
         self.train_spent.runs += 1;
         let id = format!("trained-{}-{}", self.requester, self.train_spent.runs);
         let started = Instant::now();
-        let result = self.until_deadline(trainer.train(id.clone(), start_from, objective, params, limits)).await?;
+        let result = self
+            .until_deadline(trainer.train(id.clone(), start_from, objective, params, limits))
+            .await?;
         let took = started.elapsed();
         self.train_spent.time += took;
         match result {
