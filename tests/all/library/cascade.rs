@@ -2,29 +2,10 @@
 //! cheapest first, the threshold decides who answers, and `fit` picks a
 //! threshold that a restarted runtime uses.
 
-use tessera::{ProvenanceEvent, RunRequest};
+use tessera::RunRequest;
 
+use super::{calls, steps};
 use crate::common::{arc_easy, fresh_runtime, module, runtime, scratch_paths, GEMMA, QWEN, SMOL};
-
-fn calls<'a>(p: &'a [ProvenanceEvent], call: &str) -> Vec<&'a str> {
-    p.iter()
-        .filter_map(|e| match e {
-            ProvenanceEvent::HostCall { call: c, model, .. } if c == call => Some(model.as_str()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn steps<'a>(p: &'a [ProvenanceEvent], role: &str) -> Vec<(Option<&'a str>, &'a str)> {
-    p.iter()
-        .filter_map(|e| match e {
-            ProvenanceEvent::ModuleStep { model, role: r, note } if r == role => {
-                Some((model.as_deref(), note.as_str()))
-            }
-            _ => None,
-        })
-        .collect()
-}
 
 fn request(threshold: Option<&str>) -> RunRequest {
     let ex = arc_easy(6, 1).remove(0);

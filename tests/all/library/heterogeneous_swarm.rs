@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use tessera::{ProvenanceEvent, RunOutcome, RunRequest};
 
+use super::steps;
 use crate::common::{arc_easy, fresh_runtime, module, runtime, scratch_paths, GEMMA, QWEN, SMOL};
 
 /// Members of consecutive generate calls, grouped into runs that no trace
@@ -40,17 +41,6 @@ fn levels(out: &RunOutcome) -> Vec<Vec<String>> {
             let mut v: Vec<String> = l.split(", ").map(str::to_string).collect();
             v.sort();
             v
-        })
-        .collect()
-}
-
-fn steps<'a>(p: &'a [ProvenanceEvent], role: &str) -> Vec<(Option<&'a str>, &'a str)> {
-    p.iter()
-        .filter_map(|e| match e {
-            ProvenanceEvent::ModuleStep { model, role: r, note } if r == role => {
-                Some((model.as_deref(), note.as_str()))
-            }
-            _ => None,
         })
         .collect()
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use tessera::{ProvenanceEvent, RunOutcome, RunRequest};
 
+use super::steps;
 use crate::common::{arc_easy, fresh_runtime, module, runtime, scratch_paths, GEMMA, QWEN, SMOL};
 
 /// The members of the generate calls, in provenance order.
@@ -20,17 +21,6 @@ fn generate_calls(p: &[ProvenanceEvent]) -> Vec<&str> {
 }
 
 /// `(member, note)` of every trace step with `role`.
-fn steps<'a>(p: &'a [ProvenanceEvent], role: &str) -> Vec<(Option<&'a str>, &'a str)> {
-    p.iter()
-        .filter_map(|e| match e {
-            ProvenanceEvent::ModuleStep { model, role: r, note } if r == role => {
-                Some((model.as_deref(), note.as_str()))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 /// `points` parsed back into `(member, points)`, best first.
 fn points(out: &RunOutcome) -> Vec<(String, f64)> {
     out.annotations["points"]

@@ -4,33 +4,14 @@
 
 use std::collections::BTreeMap;
 
-use tessera::{ProvenanceEvent, RunOutcome, RunRequest};
+use tessera::{RunOutcome, RunRequest};
 use tessera_sdk::dev::MemberScore;
 
+use super::{calls, steps};
 use crate::common::{arc_easy, fresh_runtime, module, runtime, scratch_paths, GEMMA, QWEN, SMOL};
 
 /// The pool's generative members, in pool order.
 const MEMBERS: [&str; 3] = [SMOL, QWEN, GEMMA];
-
-fn calls<'a>(p: &'a [ProvenanceEvent], call: &str) -> Vec<&'a str> {
-    p.iter()
-        .filter_map(|e| match e {
-            ProvenanceEvent::HostCall { call: c, model, .. } if c == call => Some(model.as_str()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn steps<'a>(p: &'a [ProvenanceEvent], role: &str) -> Vec<(Option<&'a str>, &'a str)> {
-    p.iter()
-        .filter_map(|e| match e {
-            ProvenanceEvent::ModuleStep { model, role: r, note } if r == role => {
-                Some((model.as_deref(), note.as_str()))
-            }
-            _ => None,
-        })
-        .collect()
-}
 
 fn request(input: tessera::inference::Input, k: u32) -> RunRequest {
     let mut req = RunRequest {
@@ -179,8 +160,15 @@ async fn slm_mux_fit_learns_dev_accuracy_that_breaks_ties() {
 
     // With k = 1 every member that answers is fully confident: the tie goes
     // to the fitted dev accuracy (then pool order), and the run reports it.
+    // Room for the chatty members to reach a letter, so that two or more
+    // answer and tie at confidence 1 (with 8 tokens only SmolLM2 did).
     let test = arc_easy(6, 1).remove(0);
-    let out = rt.run(&m, request(test.input.clone(), 1)).await.unwrap();
+    let tie_request = || {
+        let mut r = request(test.input.clone(), 1);
+        r.params.max_tokens = Some(48);
+        r
+    };
+    let out = rt.run(&m, tie_request()).await.unwrap();
     check_mux(&out, 1, Some(&fitted));
     let reported: BTreeMap<String, f64> = pairs(&out.annotations["dev_accuracy"])
         .into_iter()
@@ -210,7 +198,7 @@ async fn slm_mux_fit_learns_dev_accuracy_that_breaks_ties() {
         .collect();
     rt.install_state(&m, Some(tessera_sdk::state::save(1, &crafted).unwrap()))
         .unwrap();
-    let again = rt.run(&m, request(test.input, 1)).await.unwrap();
+    let again = rt.run(&m, tie_request()).await.unwrap();
     assert_eq!(again.annotations["confidences"], out.annotations["confidences"]);
     assert_eq!(again.annotations["chosen"], last, "{:?}", again.annotations);
     assert_eq!(again.annotations["tie_break"], "dev accuracy");

@@ -2,29 +2,10 @@
 //! classifier; a restarted runtime routes with it (one embedding, one
 //! answer); without state it falls back to the first generator.
 
-use tessera::{ProvenanceEvent, RunRequest};
+use tessera::RunRequest;
 
+use super::{calls, steps};
 use crate::common::{arc_easy, fresh_runtime, runtime, scratch_paths, GEMMA, MINILM, QWEN, SMOL};
-
-fn calls<'a>(p: &'a [ProvenanceEvent], call: &str) -> Vec<&'a str> {
-    p.iter()
-        .filter_map(|e| match e {
-            ProvenanceEvent::HostCall { call: c, model, .. } if c == call => Some(model.as_str()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn steps<'a>(p: &'a [ProvenanceEvent], role: &str) -> Vec<(Option<&'a str>, &'a str)> {
-    p.iter()
-        .filter_map(|e| match e {
-            ProvenanceEvent::ModuleStep { model, role: r, note } if r == role => {
-                Some((model.as_deref(), note.as_str()))
-            }
-            _ => None,
-        })
-        .collect()
-}
 
 fn request(ex: &tessera::sandbox::Example) -> RunRequest {
     let mut req = RunRequest {
