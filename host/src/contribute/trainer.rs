@@ -178,33 +178,12 @@ impl Trainer for PoolTrainer {
     }
 
     fn keep(&self, name: &str, trained: &Trained) -> Result<(), KeepRefused> {
-        let max = self.0.max_named;
-        if max == 0 {
-            return Err(KeepRefused::NotAllowed(
-                "the operator does not let modules keep trained members (policy `keep_trained` is 0)".into(),
-            ));
-        }
-        if !crate::policy::is_plain_name(name) {
-            return Err(KeepRefused::Invalid(format!(
-                "`{name}` cannot name a member: use 1-64 lowercase letters, digits, `-`, `_` or `.`, not starting with `.`"
-            )));
-        }
         let mut named = self
             .0
             .named
             .lock()
             .map_err(|_| KeepRefused::Invalid("the kept members' list is poisoned".into()))?;
-        if named.iter().any(|(n, _)| n.name == name) {
-            return Err(KeepRefused::Invalid(format!(
-                "`{name}` is already a kept member: choose another name"
-            )));
-        }
-        if named.len() >= max {
-            return Err(KeepRefused::Invalid(format!(
-                "the operator allows {max} kept trained member(s) and {} are kept",
-                named.len()
-            )));
-        }
+        KeepRefused::check("trained", "keep_trained", self.0.max_named, name, &named)?;
         // The request's handle and the kept one share the folder, so it
         // lives while either does; a kept member can be trained further.
         named.push((

@@ -132,6 +132,44 @@ pub enum KeepRefused {
     Invalid(String),
 }
 
+impl KeepRefused {
+    /// Whether one more member may be kept as `name`, next to `kept`, when
+    /// the operator allows `max` (`policy_key` is the policy setting, `what`
+    /// the kind of member): the checks merged and trained members share.
+    pub fn check<T>(
+        what: &str,
+        policy_key: &str,
+        max: usize,
+        name: &str,
+        kept: &[(Named, T)],
+    ) -> Result<(), KeepRefused> {
+        if max == 0 {
+            return Err(KeepRefused::NotAllowed(format!(
+                "the operator does not let modules keep {what} members (policy `{policy_key}` is 0)"
+            )));
+        }
+        if !crate::policy::is_plain_name(name) {
+            return Err(KeepRefused::Invalid(format!(
+                "`{name}` cannot name a member: use 1-64 lowercase letters, digits, `-`, `_` or `.`, not starting with `.`"
+            )));
+        }
+        if kept.iter().any(|(n, _)| n.name == name) {
+            return Err(KeepRefused::Invalid(format!(
+                "`{name}` is already a kept member: choose another name"
+            )));
+        }
+        if kept.len() >= max {
+            let names: Vec<&str> = kept.iter().map(|(n, _)| n.name.as_str()).collect();
+            return Err(KeepRefused::Invalid(format!(
+                "the operator allows {max} kept {what} member(s) and {} are kept ({})",
+                kept.len(),
+                names.join(", ")
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Why a merge was not made, split by whose fault it is.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MergeFailed {

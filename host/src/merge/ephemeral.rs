@@ -308,35 +308,12 @@ impl Merger for PoolMerger {
     }
 
     fn keep(&self, name: &str, id: &str, served: Arc<dyn Models>) -> Result<(), KeepRefused> {
-        let max = self.0.max_named;
-        if max == 0 {
-            return Err(KeepRefused::NotAllowed(
-                "the operator does not let modules keep merged members (policy `keep_merged` is 0)".into(),
-            ));
-        }
-        if !crate::policy::is_plain_name(name) {
-            return Err(KeepRefused::Invalid(format!(
-                "`{name}` cannot name a member: use 1-64 lowercase letters, digits, `-`, `_` or `.`, not starting with `.`"
-            )));
-        }
         let mut named = self
             .0
             .named
             .lock()
             .map_err(|_| KeepRefused::Invalid("the kept members' list is poisoned".into()))?;
-        if named.iter().any(|(n, _)| n.name == name) {
-            return Err(KeepRefused::Invalid(format!(
-                "`{name}` is already a kept member: choose another name"
-            )));
-        }
-        if named.len() >= max {
-            let names: Vec<&str> = named.iter().map(|(n, _)| n.name.as_str()).collect();
-            return Err(KeepRefused::Invalid(format!(
-                "the operator allows {max} kept merged member(s) and {} are kept ({})",
-                named.len(),
-                names.join(", ")
-            )));
-        }
+        KeepRefused::check("merged", "keep_merged", self.0.max_named, name, &named)?;
         // The folder moves under the name, so the kept member can be an
         // ingredient of later merges.
         let held = self
