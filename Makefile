@@ -65,14 +65,19 @@ modules: target
 
 # The main job on the embedded default pool: one answer through a strategy,
 # then a small evaluation (every member, the best single member, the
-# monolith and two strategies on real ARC-Easy items) printed as a table.
+# monolith and two strategies on real ARC-Easy items) printed as a table
+# that ends with how the best strategy compares with the best member and
+# the monolith (paired bootstrap interval). Members answer by option
+# likelihood (`--mcq option`), so a base model that writes no letter still
+# gets a fair chance; option-fusion pools those likelihoods, majority-vote
+# samples and votes.
 demo: setup
 	$(CARGO_TARGET_DIR)/debug/tessera pool list
 	$(CARGO_TARGET_DIR)/debug/tessera strategies list
 	$(CARGO_TARGET_DIR)/debug/tessera run --strategy majority-vote \
 	  --prompt "What is the capital of France? Answer with one word." --seed 7
-	$(CARGO_TARGET_DIR)/debug/tessera eval --tasks arc-easy --limit 12 --dev-limit 8 \
-	  --strategies majority-vote,llm-blender --out $(TESSERA_HOME)/demo-report
+	$(CARGO_TARGET_DIR)/debug/tessera eval --tasks arc-easy --limit 24 --dev-limit 8 --mcq option \
+	  --strategies option-fusion,majority-vote --out $(TESSERA_HOME)/demo-report
 
 # Contributor specialists: six LoRA fine-tunes of SmolLM2-135M, each on its
 # own training slice (`tessera contribute data`; never an evaluated item),

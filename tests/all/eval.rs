@@ -413,3 +413,57 @@ async fn a_task_limit_overrides_the_limit_for_its_task_only() {
     let (ok, _, err) = crate::common::tessera(&["eval", "--tasks", "arc-easy", "--task-limit", "arc-easy"]);
     assert!(!ok && err.contains("TASK=N"), "{err}");
 }
+
+#[tokio::test]
+async fn a_held_out_monolith_answers_alone_and_strategies_are_paired_against_it() {
+    let mut c = config();
+    c.mcq = McqMode::Option;
+    c.limit = Some(4);
+    c.strategies = vec!["option-fusion".into()];
+    c.monolith = Some(QWEN.into());
+    let rep = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap();
+    // The monolith is held out: not a member row, not best-single, but its own row.
+    let members: Vec<&str> = rep
+        .results
+        .iter()
+        .filter(|r| r.kind == "member")
+        .filter_map(|r| r.member.as_deref())
+        .collect();
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert!(!members.contains(&QWEN));
+    let mono = rep.results.iter().find(|r| r.kind == "monolith").unwrap();
+    assert_eq!(mono.member.as_deref(), Some(QWEN));
+    assert_eq!(mono.n, 4);
+    let best = rep.results.iter().find(|r| r.kind == "best-single").unwrap();
+    assert_ne!(best.member.as_deref(), Some(QWEN));
+    // option-fusion scores every member it may call, one call each: two, not three.
+    let fusion = rep.results.iter().find(|r| r.kind == "strategy").unwrap();
+    assert!(fusion.items.iter().all(|i| i.host_calls == 2), "{:?}", fusion.items);
+    // Paired differences: per task and on the macro average, equal here (one task).
+    let d = fusion.vs_best.expect("paired with best-single");
+    let diff = fusion.accuracy - best.accuracy;
+    assert!(
+        (d.diff - diff).abs() < 1e-9 && d.lo <= d.diff && d.diff <= d.hi,
+        "{d:?}"
+    );
+    assert_eq!(d.n, 4);
+    let m = fusion.vs_monolith.expect("paired with the monolith");
+    assert!((m.diff - (fusion.accuracy - mono.accuracy)).abs() < 1e-9, "{m:?}");
+    let macro_d = rep.paired["strategy:option-fusion"].vs_best.unwrap();
+    assert!((macro_d.diff - d.diff).abs() < 1e-9);
+    // The verdict lines name the best strategy and both references.
+    let lines = report::verdict(&rep);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0].starts_with("strategy:option-fusion") && lines[0].contains("best-single"),
+        "{lines:?}"
+    );
+    assert!(lines[1].contains(&format!("monolith ({QWEN})")), "{lines:?}");
+    assert!(report::table(&rep).contains("best system: strategy:option-fusion"));
+
+    // Holding out a member the pool lacks, or the only one, is a set-up error.
+    let mut c = config();
+    c.monolith = Some("qwen2.5-coder-1.5b-instruct".into());
+    let err = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap_err();
+    assert!(err.to_string().contains("--pool large"), "{err}");
+}

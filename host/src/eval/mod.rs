@@ -87,6 +87,12 @@ pub struct EvalConfig {
     /// distinct contributors).
     #[serde(default)]
     pub diversity: bool,
+    /// A member held out of the pool as the monolith: it answers alone as
+    /// `monolith`, and neither the strategies, nor `best-single`, nor the
+    /// emergent-solve count see it. `None`: the pool's member with the most
+    /// parameters is the monolith and stays in the pool.
+    #[serde(default)]
+    pub monolith: Option<String>,
     /// Draw progress bars.
     #[serde(skip)]
     pub progress: bool,
@@ -108,6 +114,7 @@ impl Default for EvalConfig {
             scaling: false,
             subsets_per_size: 3,
             diversity: false,
+            monolith: None,
             progress: false,
         }
     }
@@ -177,8 +184,25 @@ pub struct SystemResult {
     /// among the golds (compare the task's `always`), not knowledge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_pick: Option<LetterShare>,
+    /// Strategies only: the paired difference from `best-single` on this
+    /// task's test items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_best: Option<metrics::Delta>,
+    /// Strategies only: the paired difference from the monolith.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_monolith: Option<metrics::Delta>,
     /// Per-item outcomes.
     pub items: Vec<ItemResult>,
+}
+
+/// A strategy's paired differences on the macro average (the report's
+/// `overall`: tasks averaged within a domain, then domains).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Paired {
+    /// Minus `best-single` (the dev-chosen best member, per task).
+    pub vs_best: Option<metrics::Delta>,
+    /// Minus the monolith.
+    pub vs_monolith: Option<metrics::Delta>,
 }
 
 /// One strategy on one sub-pool of one task (`--scaling`).
@@ -258,6 +282,9 @@ pub struct Report {
     /// Macro averages: system -> domain -> mean accuracy over its tasks,
     /// plus the `overall` mean over domains.
     pub macro_avg: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Each strategy's paired bootstrap differences on the macro average.
+    #[serde(default)]
+    pub paired: BTreeMap<String, Paired>,
     /// `--scaling`: each strategy over sub-pools of every size.
     pub scaling: Vec<ScalingPoint>,
     /// `--diversity`: each strategy over the least and the most diverse
@@ -465,6 +492,8 @@ fn summarize(
         errors: items.iter().filter(|r| r.error.is_some()).count(),
         fit_error: None,
         top_pick: None,
+        vs_best: None,
+        vs_monolith: None,
         items,
     }
 }
@@ -474,8 +503,28 @@ fn summarize(
 /// counted in `errors`.
 pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Report, Error> {
     let started = Instant::now();
-    let members = generative_members(rt)?;
-    let monolith = monolith(&members);
+    let mut members = generative_members(rt)?;
+    let (monolith, held_out, strategy_members) = match &config.monolith {
+        Some(id) => {
+            let ids: Vec<String> = members.iter().map(|c| c.id.clone()).collect();
+            let at = ids.iter().position(|m| m == id).ok_or_else(|| {
+                Error::config(format!(
+                    "--monolith `{id}` is not a generative member of the pool ({}): name one of them, \
+                     or fetch the larger pool (`tessera pool fetch --pool large`) and evaluate with `--pool large`",
+                    ids.join(", ")
+                ))
+            })?;
+            let held = members.remove(at);
+            if members.is_empty() {
+                return Err(Error::config(format!(
+                    "--monolith `{id}` is the pool's only generative member: nothing would be left to compose"
+                )));
+            }
+            let rest: Vec<String> = rt.cards().into_iter().map(|c| c.id).filter(|m| m != id).collect();
+            (id.clone(), Some(held), Some(rest))
+        }
+        None => (monolith(&members), None, None),
+    };
     let modules = load_strategies(rt, &config.strategies)?;
     let tasks = load_tasks(rt, &config.tasks)?;
     let eval = Evaluation {
@@ -485,6 +534,8 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
         mp: MultiProgress::new(),
         members,
         monolith,
+        held_out,
+        strategy_members,
         modules,
     };
     let mut out = Outcomes::default();
@@ -492,6 +543,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
         eval.task(task, &mut out).await?;
     }
     let macro_avg = macro_averages(&out.results, &out.summaries);
+    let paired = paired_macro(&out.results, &out.summaries, config.seed);
     Ok(Report {
         schema: "tessera-eval/1".into(),
         config: config.clone(),
@@ -499,6 +551,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
         tasks: out.summaries,
         results: out.results,
         macro_avg,
+        paired,
         scaling: out.scaling,
         diversity: out.diversity,
         wall_s: started.elapsed().as_secs_f64(),
@@ -591,8 +644,9 @@ fn task_summary(task: &Task, dev: &[Item], test: &[Item]) -> TaskSummary {
 }
 
 /// The `best-single` (best on dev) and `monolith` systems: copies of two
-/// single members' results under those names.
-fn derived_singles(singles: &[SystemResult], monolith: &str) -> Vec<SystemResult> {
+/// single members' results under those names; the monolith's is `held`
+/// when it was held out of the pool.
+fn derived_singles(singles: &[SystemResult], monolith: &str, held: Option<SystemResult>) -> Vec<SystemResult> {
     let mut derived = Vec::new();
     if let Some(b) = best_on_dev(singles) {
         let mut b = b.clone();
@@ -600,8 +654,8 @@ fn derived_singles(singles: &[SystemResult], monolith: &str) -> Vec<SystemResult
         b.kind = "best-single".into();
         derived.push(b);
     }
-    if let Some(m) = singles.iter().find(|s| s.member.as_deref() == Some(monolith)) {
-        let mut m = m.clone();
+    let m = held.or_else(|| singles.iter().find(|s| s.member.as_deref() == Some(monolith)).cloned());
+    if let Some(mut m) = m {
         m.system = "monolith".into();
         m.kind = "monolith".into();
         derived.push(m);
@@ -613,6 +667,69 @@ fn derived_singles(singles: &[SystemResult], monolith: &str) -> Vec<SystemResult
 /// wrong: the items a strategy's emergent solves are counted on.
 fn all_fail(singles: &[SystemResult], n: usize) -> Vec<bool> {
     (0..n).map(|i| singles.iter().all(|s| s.items[i].score < 0.5)).collect()
+}
+
+/// Each strategy's paired differences from `best-single` and the monolith
+/// on one task (`references` holds those two).
+fn pair_with_references(strategies: &mut [SystemResult], references: &[SystemResult], seed: u64) {
+    let scores = |s: &SystemResult| s.items.iter().map(|r| r.score).collect::<Vec<f64>>();
+    let of = |kind: &str| references.iter().find(|r| r.kind == kind).map(scores);
+    let (best, mono) = (of("best-single"), of("monolith"));
+    for s in strategies {
+        let mine = scores(s);
+        s.vs_best = best
+            .as_ref()
+            .and_then(|b| metrics::paired_delta(&[(1.0, &mine, b)], 1000, seed));
+        s.vs_monolith = mono
+            .as_ref()
+            .and_then(|m| metrics::paired_delta(&[(1.0, &mine, m)], 1000, seed));
+    }
+}
+
+/// Each strategy's paired differences on the macro average: every task
+/// weighted as `overall` weighs it (1 / domains / the domain's tasks),
+/// each task's items resampled on their own.
+fn paired_macro(results: &[SystemResult], tasks: &[TaskSummary], seed: u64) -> BTreeMap<String, Paired> {
+    let mut per_domain: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in tasks {
+        *per_domain.entry(t.domain.as_str()).or_default() += 1;
+    }
+    let weight = |t: &TaskSummary| 1.0 / per_domain.len() as f64 / per_domain[t.domain.as_str()] as f64;
+    let scores = |s: &SystemResult| s.items.iter().map(|r| r.score).collect::<Vec<f64>>();
+    let find = |system: &str, task: &str| results.iter().find(|r| r.system == system && r.task == task);
+    let mut out = BTreeMap::new();
+    let mut systems: Vec<&str> = results
+        .iter()
+        .filter(|r| r.kind == "strategy")
+        .map(|r| r.system.as_str())
+        .collect();
+    systems.sort();
+    systems.dedup();
+    for sys in systems {
+        let against = |reference: &str| {
+            let cols: Vec<(f64, Vec<f64>, Vec<f64>)> = tasks
+                .iter()
+                .map(|t| {
+                    Some((
+                        weight(t),
+                        scores(find(sys, &t.name)?),
+                        scores(find(reference, &t.name)?),
+                    ))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let parts: Vec<(f64, &[f64], &[f64])> =
+                cols.iter().map(|(w, a, b)| (*w, a.as_slice(), b.as_slice())).collect();
+            metrics::paired_delta(&parts, 1000, seed)
+        };
+        out.insert(
+            sys.to_string(),
+            Paired {
+                vs_best: against("best-single"),
+                vs_monolith: against("monolith"),
+            },
+        );
+    }
+    out
 }
 
 /// Everything the run reports, filled in task by task.
@@ -633,8 +750,13 @@ struct Evaluation<'a> {
     mp: MultiProgress,
     /// The generative members.
     members: Vec<ModelCard>,
-    /// The monolith's id (see [`monolith`]).
+    /// The monolith's id (see [`monolith`] and [`EvalConfig::monolith`]).
     monolith: String,
+    /// The monolith when it is held out of the pool (`--monolith`).
+    held_out: Option<ModelCard>,
+    /// What strategies may call when the monolith is held out: every
+    /// member but it. `None`: the whole pool.
+    strategy_members: Option<Vec<String>>,
     /// The strategies.
     modules: Vec<Arc<crate::sandbox::Module>>,
 }
@@ -648,11 +770,17 @@ impl Evaluation<'_> {
         out.summaries.push(task_summary(task, &dev, &test));
         // Single members, dev then test.
         let mut singles = self.singles(task, &dev, &test).await;
-        // Best single member on dev, and the monolith.
-        let mut derived = derived_singles(&singles, &self.monolith);
+        // Best single member on dev, and the monolith (held out or not).
+        let held = match &self.held_out {
+            Some(m) => Some(self.single(task, m, &dev, &test).await),
+            None => None,
+        };
+        let mut derived = derived_singles(&singles, &self.monolith, held);
         // Strategies: fit on dev, run on test.
         let dev_examples: Vec<crate::request::Example> = dev.iter().map(Item::example).collect();
-        derived.extend(self.strategies(task, &dev_examples, &test, &singles).await?);
+        let mut strategies = self.strategies(task, &dev_examples, &test, &singles).await?;
+        pair_with_references(&mut strategies, &derived, self.cfg.seed);
+        derived.extend(strategies);
         self.sweeps(task, &dev_examples, &test, &singles, out).await?;
         for s in singles.iter_mut().chain(derived.iter_mut()) {
             s.top_pick = metrics::top_pick(&test, s.items.iter().map(|r| r.text.as_str())).map(LetterShare::new);
@@ -734,7 +862,7 @@ impl Evaluation<'_> {
                 dev,
                 test,
                 self.cfg,
-                None,
+                self.strategy_members.as_deref(),
             )
             .await?;
             let emergent = out.iter().zip(&all_fail).filter(|(r, f)| **f && r.score >= 0.5).count();

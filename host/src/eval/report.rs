@@ -44,6 +44,111 @@ fn label(r: &Report, system: &str) -> String {
     }
 }
 
+/// The strategy with the best macro average (the first of equals, in
+/// report order), if any strategy ran.
+fn best_strategy(r: &Report) -> Option<String> {
+    let overall = |sys: &str| {
+        r.macro_avg
+            .get(sys)
+            .and_then(|m| m.get("overall"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    systems(r)
+        .into_iter()
+        .filter(|s| r.results.iter().any(|x| &x.system == s && x.kind == "strategy"))
+        .fold(None, |best: Option<String>, s| match best {
+            Some(b) if overall(&b) >= overall(&s) => Some(b),
+            _ => Some(s),
+        })
+}
+
+/// One line each for how the best strategy compares with the best single
+/// member and with the monolith on the macro average: the difference in
+/// points, its paired bootstrap 95% interval, and whether the interval
+/// clears zero. Empty when no strategy ran.
+pub fn verdict(r: &Report) -> Vec<String> {
+    let Some(best) = best_strategy(r) else {
+        return Vec::new();
+    };
+    let overall = |sys: &str| {
+        r.macro_avg
+            .get(sys)
+            .and_then(|m| m.get("overall"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let Some(paired) = r.paired.get(&best) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (reference, delta) in [("best-single", &paired.vs_best), ("monolith", &paired.vs_monolith)] {
+        let Some(d) = delta else { continue };
+        let what = match d.verdict() {
+            "above" => "above it",
+            "below" => "below it",
+            _ => "not separable from it",
+        };
+        out.push(format!(
+            "{} {:.1} vs {} {:.1}: {:+.1} points, paired 95% CI [{:+.1}, {:+.1}] over {} items: {what}",
+            best,
+            100.0 * overall(&best),
+            label(r, reference),
+            100.0 * overall(reference),
+            100.0 * d.diff,
+            100.0 * d.lo,
+            100.0 * d.hi,
+            d.n
+        ));
+    }
+    out
+}
+
+/// A paired difference in points with its interval, or `-`.
+fn delta_cell(d: &Option<super::metrics::Delta>) -> String {
+    match d {
+        Some(d) => format!("{:+.1} [{:+.1}, {:+.1}]", 100.0 * d.diff, 100.0 * d.lo, 100.0 * d.hi),
+        None => "-".into(),
+    }
+}
+
+/// The markdown table of every strategy's paired differences from
+/// `best-single` and the monolith, per task and on the macro average.
+fn paired_section(s: &mut String, r: &Report) {
+    if r.paired.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n## Strategies against the references (points, paired bootstrap 95% interval)\n\n\
+         Each cell is system minus reference over the same test items; an interval that \
+         excludes 0 is a difference the items resolve.\n"
+    );
+    let _ = write!(s, "| system | reference |");
+    for t in &r.tasks {
+        let _ = write!(s, " {} |", t.name);
+    }
+    let _ = writeln!(s, " overall (macro) |");
+    let _ = writeln!(s, "|---|---|{}---|", "---|".repeat(r.tasks.len()));
+    for sys in systems(r).into_iter().filter(|x| r.paired.contains_key(x)) {
+        for (reference, pick) in [("best-single", 0), ("monolith", 1)] {
+            let _ = write!(s, "| {sys} | {reference} |");
+            for t in &r.tasks {
+                let cell = find(r, &sys, &t.name).map_or("-".into(), |x| {
+                    delta_cell(if pick == 0 { &x.vs_best } else { &x.vs_monolith })
+                });
+                let _ = write!(s, " {cell} |");
+            }
+            let p = &r.paired[&sys];
+            let _ = writeln!(
+                s,
+                " {} |",
+                delta_cell(if pick == 0 { &p.vs_best } else { &p.vs_monolith })
+            );
+        }
+    }
+}
+
 /// The terminal table: accuracy per task, overall macro average, cost.
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
@@ -94,6 +199,9 @@ pub fn table(r: &Report) -> String {
             tokens as f64 / n.max(1) as f64,
             ms as f64 / 1000.0 / n.max(1) as f64
         );
+    }
+    for line in verdict(r) {
+        let _ = writeln!(s, "best system: {line}");
     }
     for x in r.results.iter().filter(|x| x.fit_error.is_some()) {
         let _ = writeln!(
@@ -191,6 +299,18 @@ fn markdown(r: &Report, command: &str) -> String {
         r.wall_s,
         r.pool.iter().map(|c| c.id.as_str()).collect::<Vec<_>>().join(", ")
     );
+    let lines = verdict(r);
+    if !lines.is_empty() {
+        let _ = writeln!(
+            s,
+            "**Best system** (highest macro average; paired bootstrap over the test items, \
+             each task resampled on its own):\n"
+        );
+        for line in lines {
+            let _ = writeln!(s, "- {line}");
+        }
+        s.push('\n');
+    }
     let _ = writeln!(
         s,
         "## Tasks\n\n\"Always\" is the best constant answer on the test items, read off the labels: \
@@ -241,6 +361,7 @@ fn markdown(r: &Report, command: &str) -> String {
             .unwrap_or(0.0);
         let _ = writeln!(s, " {:.1} |", 100.0 * overall);
     }
+    paired_section(&mut s, r);
     let _ = writeln!(
         s,
         "\n## Emergent solves and cost (test split)\n\n\"Emergent\" is the share of test items that every single member gets wrong and the system gets right.\n\n| system | task | emergent | all members wrong | host calls / item | tokens / item | s / item | errors |\n|---|---|---|---|---|---|---|---|"

@@ -36,6 +36,13 @@ use worker::{panic_message, GenerateJob, Job};
 /// The default pool's declaration, embedded in the binary.
 pub const DEFAULT_POOL_TOML: &str = include_str!("default-pool.toml");
 
+/// The members the `large` named pool adds to the default one (the
+/// monolith). Kept as a separate file so the two pools share one default.
+const LARGE_EXTRA_TOML: &str = include_str!("large-extra.toml");
+
+/// The pools a `--pool` argument may name instead of a file.
+pub const NAMED_POOLS: &[&str] = &["default", "large"];
+
 /// A pool declaration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +142,18 @@ impl PoolConfig {
             }
         }
         Ok(cfg)
+    }
+
+    /// A named pool built into the binary (see [`NAMED_POOLS`]): `default`,
+    /// or `large` (the default pool plus Qwen2.5-Coder-1.5B-Instruct, the
+    /// monolith to beat). `None` for any other name.
+    pub fn named(name: &str) -> Option<Result<Self, PoolError>> {
+        match name {
+            "default" => Some(Self::from_toml(DEFAULT_POOL_TOML)),
+            // Arrays of tables concatenate: the extra members follow the default ones.
+            "large" => Some(Self::from_toml(&format!("{DEFAULT_POOL_TOML}\n{LARGE_EXTRA_TOML}"))),
+            _ => None,
+        }
     }
 
     /// The embedded default pool.
@@ -720,6 +739,20 @@ mod tests {
     fn default_pool_parses() {
         let cfg = PoolConfig::from_toml(DEFAULT_POOL_TOML).unwrap();
         assert!(cfg.members.iter().any(|m| m.backend == BackendKind::Gguf));
+    }
+
+    #[test]
+    fn the_large_pool_is_the_default_plus_the_monolith() {
+        let default = PoolConfig::named("default").unwrap().unwrap();
+        let large = PoolConfig::named("large").unwrap().unwrap();
+        assert_eq!(large.members.len(), default.members.len() + 1);
+        let extra = large.members.last().unwrap();
+        assert_eq!(extra.id, "qwen2.5-coder-1.5b-instruct");
+        let fetch = extra.fetch.as_ref().unwrap();
+        assert_eq!(fetch.packages.len(), 22);
+        assert_eq!(fetch.files[0].from.len(), 22);
+        assert!(fetch.files[0].from[21].ends_with("part22.bin"));
+        assert!(PoolConfig::named("huge").is_none());
     }
 
     #[test]

@@ -138,6 +138,12 @@ struct EvalArgs {
     /// of each size (distinct architectures + contributors), where they differ.
     #[arg(long)]
     diversity: bool,
+    /// Hold this member out of the pool as the monolith to beat: it answers
+    /// alone, and strategies and `best-single` never see it (e.g.
+    /// `--pool large --monolith qwen2.5-coder-1.5b-instruct`). Default: the
+    /// member with the most parameters, left in the pool.
+    #[arg(long)]
+    monolith: Option<String>,
     /// Recompute everything instead of reading the result cache.
     #[arg(long)]
     no_cache: bool,
@@ -208,7 +214,9 @@ enum PoolCommand {
 
 #[derive(Args)]
 pub(crate) struct Setup {
-    /// Pool declaration (TOML); default: the embedded default pool.
+    /// Pool declaration (TOML file), or the name of a built-in pool:
+    /// `default` (the default) or `large` (the default plus the 1.5B
+    /// monolith).
     #[arg(long, env = "TESSERA_POOL")]
     pool: Option<PathBuf>,
     /// Operator policy (TOML); default: built-in limits, every member allowed.
@@ -258,13 +266,27 @@ struct RunArgs {
 }
 
 pub(crate) fn load_setup(setup: &Setup) -> Result<(PoolConfig, Policy), Error> {
-    let pool = match &setup.pool {
-        Some(p) => {
+    let named = setup
+        .pool
+        .as_ref()
+        .filter(|p| !p.exists())
+        .and_then(|p| p.to_str())
+        .and_then(PoolConfig::named);
+    let pool = match (&setup.pool, named) {
+        (_, Some(cfg)) => cfg.map_err(|e| Error::config(e.to_string()))?,
+        (Some(p), None) if !p.exists() => {
+            return Err(Error::config(format!(
+                "pool file {} does not exist (a file path, or one of the built-in pools: {})",
+                p.display(),
+                tessera::pool::NAMED_POOLS.join(", ")
+            )))
+        }
+        (Some(p), None) => {
             let text =
                 std::fs::read_to_string(p).map_err(|e| Error::config(format!("pool file {}: {e}", p.display())))?;
             PoolConfig::from_toml(&text).map_err(|e| Error::config(format!("{}: {e}", p.display())))?
         }
-        None => PoolConfig::from_toml(tessera::pool::DEFAULT_POOL_TOML).map_err(|e| Error::config(e.to_string()))?,
+        (None, None) => PoolConfig::default_pool(),
     };
     let policy = match &setup.policy {
         Some(p) => Policy::from_file(p)?,
@@ -527,6 +549,7 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         scaling: args.scaling,
         subsets_per_size: args.subsets_per_size,
         diversity: args.diversity,
+        monolith: args.monolith.clone(),
         progress: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let report = tessera::eval::run(&rt, cfg, &cache).await?;
