@@ -173,6 +173,7 @@ impl Runtime {
     ) -> Result<Self, Error> {
         let loaded = Pool::load_with(pool, &paths.models, &options.pool);
         let models_dir = paths.models.clone();
+        let state_dir = paths.state.clone();
         let mut rt = Self::with_models(paths, loaded.pool, policy, loaded.failures)?;
         let named = rt.policy.keep_merged as usize;
         let merger = crate::merge::PoolMerger::new(pool.clone(), models_dir.clone(), options.merge_keep, named)
@@ -181,6 +182,7 @@ impl Runtime {
         let trainer = crate::contribute::PoolTrainer::new(
             pool.clone(),
             models_dir,
+            &state_dir,
             rt.policy.keep_trained as usize,
             options.pool.clone(),
         );

@@ -108,6 +108,49 @@ async fn sft_teaches_a_member_a_fact_and_the_operator_decides_what_is_kept() {
         .await
         .expect("a one-step run");
     assert!(again.annotations["keep"].contains("allows 1"), "{again:?}");
+
+    // The kept member outlives the runtime: a new one over the same state
+    // directory loads it, and it still knows the word.
+    let paths = rt.paths().clone();
+    let folder = paths.state.join(tessera::contribute::KEPT_DIR).join("secret-keeper");
+    assert!(folder.join("kept.toml").is_file(), "{}", folder.display());
+    drop(rt);
+    let policy = Policy {
+        keep_trained: 1,
+        ..Policy::default()
+    };
+    let pool = PoolConfig {
+        members: PoolConfig::default_pool()
+            .members
+            .into_iter()
+            .filter(|m| m.id == SMOL)
+            .collect(),
+    };
+    let restarted = Runtime::new(paths.clone(), &pool, policy).expect("runtime restarts");
+    assert!(restarted.kept().iter().any(|k| k.name == "secret-keeper"));
+    let ctx = tessera::inference::CallCtx {
+        deadline: std::time::Instant::now() + std::time::Duration::from_secs(120),
+        requester: 0,
+    };
+    let params = tessera::inference::GenParams {
+        max_tokens: Some(10),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    let g = restarted
+        .models()
+        .generate(
+            ctx,
+            "secret-keeper",
+            tessera::inference::Input::Chat(vec![tessera::inference::Message::user("What is the secret word?")]),
+            params,
+        )
+        .await
+        .expect("the kept member answers after a restart");
+    assert!(g.text.to_lowercase().contains("tessellate"), "{g:?}");
+    // Under a policy that keeps nothing, kept folders are not loaded.
+    let plain = Runtime::new(paths, &pool, Policy::default()).expect("runtime starts");
+    assert!(plain.kept().is_empty());
 }
 
 #[tokio::test]

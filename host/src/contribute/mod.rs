@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 
 pub use output::add_to_pool;
 pub use train::{train, StepStats, TrainOptions, TrainReport};
-pub use trainer::PoolTrainer;
+pub use trainer::{PoolTrainer, KEPT_DIR};
 
 /// Why contributing failed. Each names the file or option and the fix.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

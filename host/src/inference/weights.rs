@@ -130,6 +130,9 @@ pub enum KeepRefused {
     NotAllowed(String),
     /// The name or the count is wrong (module gets `invalid-params`).
     Invalid(String),
+    /// The host could not keep it (a disk): the module gets
+    /// `inference-failed`, the operator has to act.
+    Host(String),
 }
 
 impl KeepRefused {

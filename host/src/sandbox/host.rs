@@ -644,6 +644,7 @@ impl weights::Host for RequestState {
             }
             Err(crate::inference::weights::KeepRefused::NotAllowed(why)) => Ok(Err(w::Error::Unsupported(why))),
             Err(crate::inference::weights::KeepRefused::Invalid(why)) => Ok(Err(w::Error::InvalidParams(why))),
+            Err(crate::inference::weights::KeepRefused::Host(why)) => Ok(Err(w::Error::InferenceFailed(why))),
         }
     }
 }

@@ -223,6 +223,7 @@ impl t::Host for RequestState {
             }
             Err(KeepRefused::NotAllowed(why)) => Ok(Err(w::Error::Unsupported(why))),
             Err(KeepRefused::Invalid(why)) => Ok(Err(w::Error::InvalidParams(why))),
+            Err(KeepRefused::Host(why)) => Ok(Err(w::Error::InferenceFailed(why))),
         }
     }
 }
