@@ -308,7 +308,16 @@ impl Runtime {
                     .iter()
                     .any(|c| c.id == id && !c.can(crate::inference::Capability::Generate))
             };
-            g.models.retain(|m| keep.contains(m) || is_embedder(m));
+            // And so are the members this module trained and kept: its
+            // own artifacts (an aggregator fitted on dev), not contributors.
+            let own: Vec<String> = self
+                .kept()
+                .into_iter()
+                .filter(|k| k.owner.as_deref() == Some(module.manifest.name.as_str()))
+                .map(|k| k.name)
+                .collect();
+            g.models
+                .retain(|m| keep.contains(m) || is_embedder(m) || own.contains(m));
         }
         g
     }

@@ -101,6 +101,9 @@ const KEPT_DECL: &str = "kept.toml";
 /// What `kept.toml` holds: the member as the pool loads it.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct KeptDecl {
+    /// The module that kept it.
+    #[serde(default)]
+    owner: Option<String>,
     member: MemberConfig,
 }
 
@@ -160,7 +163,7 @@ impl Inner {
         let id = decl.member.id.clone();
         let loaded = Pool::load_with(
             &PoolConfig {
-                members: vec![decl.member],
+                members: vec![decl.member.clone()],
             },
             &self.models_dir,
             &self.pool_options,
@@ -172,13 +175,14 @@ impl Inner {
             name,
             id,
             models: loaded.pool as Arc<dyn Models>,
+            owner: decl.owner,
         })
     }
 
     /// Makes `STATE/kept-trained/NAME` from `trained`'s folder: its files
     /// hard-linked (copied where that fails) and its declaration written
     /// into a hidden folder, then renamed into place in one step.
-    fn persist(&self, name: &str, trained: &Trained) -> Result<PathBuf, String> {
+    fn persist(&self, name: &str, trained: &Trained, owner: &str) -> Result<PathBuf, String> {
         let io = |what: &std::path::Path, e: std::io::Error| format!("{}: {e}", what.display());
         std::fs::create_dir_all(&self.store).map_err(|e| io(&self.store, e))?;
         let target = self.store.join(name);
@@ -207,6 +211,7 @@ impl Inner {
             // what was verified now.
             let sha256 = crate::files::sha256_file(&partial.join(WEIGHTS)).map_err(|e| io(&partial, e))?;
             let decl = KeptDecl {
+                owner: Some(owner.to_string()),
                 member: MemberConfig {
                     id: trained.member.id.clone(),
                     backend: BackendKind::Hf,
@@ -352,7 +357,7 @@ impl Trainer for PoolTrainer {
         })
     }
 
-    fn keep(&self, name: &str, trained: &Trained) -> Result<(), KeepRefused> {
+    fn keep(&self, name: &str, trained: &Trained, owner: &str) -> Result<(), KeepRefused> {
         let mut named = self
             .0
             .named
@@ -363,7 +368,7 @@ impl Trainer for PoolTrainer {
         // member's is its persisted copy, which a later run trains from.
         let path = self
             .0
-            .persist(name, trained)
+            .persist(name, trained, owner)
             .map_err(|e| KeepRefused::Host(format!("the trained member could not be kept: {e}")))?;
         let folder = Arc::new(TrainedFolder::new(path));
         folder.persist();
@@ -372,6 +377,7 @@ impl Trainer for PoolTrainer {
                 name: name.to_string(),
                 id: trained.member.id.clone(),
                 models: trained.member.models.clone(),
+                owner: Some(owner.to_string()),
             },
             folder,
         ));

@@ -253,11 +253,11 @@ pub trait Trainer: Send + Sync + 'static {
         limits: TrainLimits,
     ) -> BoxFuture<'static, Result<Trained, TrainFailed>>;
 
-    /// Keeps `trained` beyond its request as pool member `name`. The
-    /// caller has checked that `name` is not a pool member. The default
-    /// refuses.
-    fn keep(&self, name: &str, trained: &Trained) -> Result<(), KeepRefused> {
-        let _ = (name, trained);
+    /// Keeps `trained` beyond its request as pool member `name`, on behalf
+    /// of module `owner`. The caller has checked that `name` is not a pool
+    /// member. The default refuses.
+    fn keep(&self, name: &str, trained: &Trained, owner: &str) -> Result<(), KeepRefused> {
+        let _ = (name, trained, owner);
         Err(KeepRefused::NotAllowed(
             "this host does not keep trained members".into(),
         ))

@@ -121,6 +121,10 @@ pub struct Named {
     pub id: String,
     /// What serves it.
     pub models: Arc<dyn Models>,
+    /// The module that kept it, for trained members: a sub-pool that
+    /// module runs on still includes it (it is the module's own artifact,
+    /// not another contribution). `None` for merged members.
+    pub owner: Option<String>,
 }
 
 /// Why [`Merger::keep`] refused.

@@ -348,6 +348,7 @@ impl Merger for PoolMerger {
                 name: name.to_string(),
                 id: id.to_string(),
                 models: served,
+                owner: None,
             },
             dir,
         ));

@@ -296,6 +296,7 @@ impl Policy {
             .cloned()
             .collect();
         Grant {
+            module: manifest.name.clone(),
             models,
             deadline: Duration::from_millis(pick(a.deadline_ms, d.deadline_ms, m.deadline_ms)),
             // The sandbox's memory pool bounds every grant, whatever the policy says.
@@ -344,6 +345,10 @@ impl Budgets {
 /// manifest and the operator's policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Grant {
+    /// The module it is for (its manifest's name): what a kept trained
+    /// member records as its owner.
+    #[serde(default)]
+    pub module: String,
     /// Members it may call.
     pub models: Vec<String>,
     /// Wall-clock limit for the request.

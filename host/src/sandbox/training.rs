@@ -216,7 +216,7 @@ impl t::Host for RequestState {
             ))));
         }
         use crate::inference::weights::KeepRefused;
-        match trainer.keep(&name, &held) {
+        match trainer.keep(&name, &held, &self.grant.module) {
             Ok(()) => {
                 self.record_call("train-keep", &format!("{model} as {name}"), 0, 0, Duration::ZERO, "ok")?;
                 Ok(Ok(()))
