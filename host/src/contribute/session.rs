@@ -229,10 +229,15 @@ fn rows_tokens(rows: &[&Example]) -> u64 {
 }
 
 /// Per-row log-likelihoods of `rows` under `model`, without gradients,
-/// a few rows at a time.
+/// a micro-batch at a time ([`MICRO_TOKENS`]: a forward pass holds its
+/// whole graph until the result is detached, so eight long rows at once
+/// would cost what eight training rows do).
 fn reference(model: &TrainModel, rows: &[&Example], guard: &mut Guard) -> Result<Vec<f64>, TrainFailed> {
     let mut out = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(8) {
+    let units: Vec<(usize, usize)> = rows.iter().map(|e| (1, e.ids.len().saturating_sub(1).max(1))).collect();
+    for group in micro_batches(&units) {
+        let chunk: Vec<&Example> = group.iter().map(|i| rows[*i]).collect();
+        let chunk = chunk.as_slice();
         guard.admit(rows_tokens(chunk)).map_err(TrainFailed::Stopped)?;
         let (inputs, targets, mask, n) = micro_batch(chunk, model.device()).map_err(host)?;
         let lp = model.row_logprobs(&inputs, &targets, &mask).map_err(host)?.detach();

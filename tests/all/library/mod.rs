@@ -2,6 +2,7 @@
 //! small slices of real tasks: one module per method, each checking the
 //! behaviour that defines the method.
 
+mod agglm;
 mod cascade;
 mod graph_router;
 mod heterogeneous_swarm;
