@@ -140,6 +140,47 @@ pub fn vote(answers: &[String], priority: &[usize]) -> Option<Tally> {
     })
 }
 
+/// The answer a reply gives: for a multiple-choice question (its
+/// `options`) the letter of the option [`choice`] picks, else its
+/// [`extract`]ed short answer. `None` when it gives none.
+pub fn answer_of(reply: &str, options: Option<&[String]>) -> Option<String> {
+    match options {
+        Some(o) => choice(reply, o).map(|i| letter(i).to_string()),
+        None => {
+            let a = extract(reply);
+            (!a.trim().is_empty()).then_some(a)
+        }
+    }
+}
+
+/// The plurality answer of several replies (`None` for a failed one) and
+/// the index of the first reply that gave it. Multiple choice counts
+/// letters exactly (the normaliser would read the letter `A` as an
+/// article), ties to the letter seen first; free text goes through
+/// [`vote`]. `None` when no reply gave an answer.
+pub fn plurality(replies: &[Option<String>], options: Option<&[String]>) -> Option<(String, usize)> {
+    let answers: Vec<(usize, String)> = replies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.as_deref().and_then(|t| answer_of(t, options)).map(|a| (i, a)))
+        .collect();
+    if options.is_some() {
+        let mut counts: Vec<(String, usize, usize)> = Vec::new();
+        for (i, a) in &answers {
+            match counts.iter_mut().find(|c| c.0 == *a) {
+                Some(c) => c.1 += 1,
+                None => counts.push((a.clone(), 1, *i)),
+            }
+        }
+        // Stable: equal counts keep first-seen order.
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
+        return counts.into_iter().next().map(|(a, _, i)| (a, i));
+    }
+    let given: Vec<String> = answers.iter().map(|(_, a)| a.clone()).collect();
+    let tally = vote(&given, &[])?;
+    Some((tally.answer, answers.get(tally.winner)?.0))
+}
+
 /// SQuAD token F1 between a predicted and a gold answer, after
 /// [`normalize`]: the harmonic mean of token precision and recall (bag of
 /// tokens). 1.0 for equal normal forms, 0.0 when nothing is shared.
@@ -253,6 +294,19 @@ pub fn is_correct(reply: &str, example: &crate::Example) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plurality_counts_letters_exactly_and_keeps_the_first_of_equals() {
+        let o: Vec<String> = vec!["red".into(), "blue".into(), "green".into()];
+        let r = |s: &str| Some(s.to_string());
+        let sols = vec![r("B) blue"), None, r("C"), r("B")];
+        assert_eq!(plurality(&sols, Some(&o)), Some(("B".to_string(), 0)));
+        assert_eq!(plurality(&[r("C"), r("A")], Some(&o)), Some(("C".to_string(), 0)));
+        assert_eq!(plurality(&[None, r("nothing")], Some(&o)), None);
+        // Free text: a sentence votes for the bare answer it ends with.
+        let free = vec![r("The capital is Paris"), r("Paris"), r("Lyon")];
+        assert_eq!(plurality(&free, None), Some(("paris".to_string(), 0)));
+    }
 
     #[test]
     fn boxed_keeps_nested_braces_and_takes_the_last() {

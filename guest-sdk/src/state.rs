@@ -30,6 +30,25 @@ pub fn load<T: DeserializeOwned>(version: u8, bytes: Option<&[u8]>) -> Result<Op
     }
 }
 
+/// A 64-bit FNV-1a fingerprint of `parts` (each one length-prefixed, so
+/// `["ab", "c"]` and `["a", "bc"]` differ): a stable, short name for what a
+/// `fit` was given, e.g. to name the member it keeps so that an identical
+/// fit finds it again. Not a cryptographic hash.
+pub fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for p in parts {
+        eat(&(p.len() as u64).to_le_bytes());
+        eat(p);
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,5 +60,12 @@ mod tests {
         assert_eq!(load::<Vec<(String, f32)>>(3, Some(&b)).unwrap(), Some(v));
         assert!(load::<Vec<(String, f32)>>(4, Some(&b)).is_err());
         assert_eq!(load::<u8>(3, None).unwrap(), None);
+    }
+
+    #[test]
+    fn fingerprints_are_stable_and_separate_their_parts() {
+        let a = fingerprint([b"ab".as_slice(), b"c"]);
+        assert_eq!(a, fingerprint([b"ab".as_slice(), b"c"]));
+        assert_ne!(a, fingerprint([b"a".as_slice(), b"bc"]));
     }
 }

@@ -28,6 +28,19 @@ pub use crate::bindings::strategy::tessera::collab::training::{
 };
 use crate::Error;
 
+/// Whether a member is one trained by a module rather than a contribution:
+/// the host cards trained members (request-scoped or kept) as "trained on
+/// request". Methods that combine the pool's contributions leave them out
+/// by default (an aggregator kept by an earlier fit is not a solver).
+pub fn is_trained(m: &crate::ModelInfo) -> bool {
+    m.contributor.starts_with("trained on request")
+}
+
+/// Whether [`train`] accepts `m` as a base (llama and qwen2 members).
+pub fn trainable(m: &crate::ModelInfo) -> bool {
+    matches!(m.architecture.as_str(), "llama" | "qwen2")
+}
+
 /// [`TrainParams`] with the host's defaults for everything but the steps.
 pub struct Params;
 

@@ -6,9 +6,9 @@
 //! one call per member plus one aggregation. See README.md.
 
 use serde::{Deserialize, Serialize};
-use tessera_sdk::answer::{choice, extract, is_correct, letter, vote};
+use tessera_sdk::answer::{answer_of, is_correct, plurality as majority};
 use tessera_sdk::dev::pick_list;
-use tessera_sdk::training::{self, Params, Sample, SampleGroup};
+use tessera_sdk::training::{self, is_trained, trainable, Params, Sample, SampleGroup};
 use tessera_sdk::*;
 
 struct AggLm;
@@ -51,18 +51,6 @@ impl Settings {
             seed: cfg.parse("seed", seed)?,
         })
     }
-}
-
-/// Whether a member is a trained one rather than a contribution: the host
-/// cards trained members as "trained on request". Solvers default to the
-/// contributions only (an aggregator kept by an earlier fit is not one).
-fn is_trained(m: &ModelInfo) -> bool {
-    m.contributor.starts_with("trained on request")
-}
-
-/// Members that `training.train` accepts as a base.
-fn trainable(m: &ModelInfo) -> bool {
-    matches!(m.architecture.as_str(), "llama" | "qwen2")
 }
 
 /// The solvers: config `models`, else every granted contribution that
@@ -126,42 +114,6 @@ fn options_of(input: &Input) -> Option<Vec<String>> {
     tessera_sdk::mcq::parse(&question(input)).map(|q| q.options)
 }
 
-/// The answer a solution gives: an option letter, or its short answer.
-fn answer_of(text: &str, options: Option<&[String]>) -> Option<String> {
-    match options {
-        Some(o) => choice(text, o).map(|i| letter(i).to_string()),
-        None => {
-            let a = extract(text);
-            (!a.trim().is_empty()).then_some(a)
-        }
-    }
-}
-
-/// The plurality answer of the solutions (letters exactly; free text
-/// through the SDK's normalising vote) and the index of a solution that
-/// gave it. `None` when no solution gave an answer.
-fn majority(solutions: &[Option<String>], options: Option<&[String]>) -> Option<(String, usize)> {
-    let answers: Vec<(usize, String)> = solutions
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| t.as_deref().and_then(|t| answer_of(t, options)).map(|a| (i, a)))
-        .collect();
-    if options.is_some() {
-        let mut counts: Vec<(String, usize, usize)> = Vec::new();
-        for (i, a) in &answers {
-            match counts.iter_mut().find(|c| c.0 == *a) {
-                Some(c) => c.1 += 1,
-                None => counts.push((a.clone(), 1, *i)),
-            }
-        }
-        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
-        return counts.into_iter().next().map(|(a, _, i)| (a, i));
-    }
-    let given: Vec<String> = answers.iter().map(|(_, a)| a.clone()).collect();
-    let tally = vote(&given, &[])?;
-    Some((tally.answer, answers.get(tally.winner)?.0))
-}
-
 /// At most `n` characters of `s`.
 fn clip(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
@@ -192,30 +144,18 @@ fn aggregation_input(input: &Input, solutions: &[Option<String>], mcq: bool) -> 
     user(s)
 }
 
-/// FNV-1a, for a name that identifies what was trained.
-fn fnv(bytes: &[u8], mut h: u64) -> u64 {
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// The kept aggregator's name: the module, then a hash of the dev items,
 /// the solvers, the base and the settings, so a re-fit on the same data
 /// finds its own earlier member instead of training a twin.
 fn kept_name(dev: &[Example], solvers: &[String], base: &str, cfg_line: &str) -> String {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for e in dev {
-        h = fnv(question(&e.input).as_bytes(), h);
-        h = fnv(e.answer.as_bytes(), h);
-    }
-    for s in solvers {
-        h = fnv(s.as_bytes(), h);
-    }
-    h = fnv(base.as_bytes(), h);
-    h = fnv(cfg_line.as_bytes(), h);
-    format!("agglm-{h:016x}")
+    let questions: Vec<String> = dev.iter().map(|e| question(&e.input)).collect();
+    let parts = questions
+        .iter()
+        .zip(dev)
+        .flat_map(|(q, e)| [q.as_bytes(), e.answer.as_bytes()])
+        .chain(solvers.iter().map(|s| s.as_bytes()))
+        .chain([base.as_bytes(), cfg_line.as_bytes()]);
+    format!("agglm-{:016x}", state::fingerprint(parts))
 }
 
 /// One dev set: the item, its solutions, and whether their majority is right.
@@ -497,25 +437,6 @@ export_strategy!(AggLm);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn opts() -> Vec<String> {
-        vec!["red".into(), "blue".into(), "green".into()]
-    }
-
-    #[test]
-    fn the_majority_counts_letters_and_keeps_the_first_of_equals() {
-        let o = opts();
-        let sols = vec![
-            Some("B) blue".to_string()),
-            None,
-            Some("C".to_string()),
-            Some("B".to_string()),
-        ];
-        assert_eq!(majority(&sols, Some(&o)), Some(("B".to_string(), 0)));
-        let tie = vec![Some("C".to_string()), Some("A".to_string())];
-        assert_eq!(majority(&tie, Some(&o)), Some(("C".to_string(), 0)));
-        assert_eq!(majority(&[None, Some("nothing".into())], Some(&o)), None);
-    }
 
     #[test]
     fn the_aggregation_prompt_shows_every_solver_in_order() {

@@ -8,6 +8,7 @@ mod graph_router;
 mod heterogeneous_swarm;
 mod llm_blender;
 mod mixture_of_agents;
+mod multiagent_finetune;
 mod multiagent_refine;
 mod slm_mux;
 mod switch_generation;
