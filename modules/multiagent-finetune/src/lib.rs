@@ -194,7 +194,13 @@ fn tune(base: &str, data: Vec<SftExample>, name: &str, params: &Params1) -> Resu
         report.steps, report.first_loss, report.last_loss
     );
     match training::keep(&report.model, name) {
-        Ok(()) => Ok((name.to_string(), format!("{note}, kept as `{name}`"))),
+        // The kept member is served under its name; the request's own
+        // handle is let go at once, so that the next role's run does not
+        // count this one against the request's memory.
+        Ok(()) => {
+            let _ = training::release(&report.model);
+            Ok((name.to_string(), format!("{note}, kept as `{name}`")))
+        }
         Err(e) => {
             let _ = training::release(&report.model);
             Ok((base.to_string(), format!("{note}, not kept ({e:?}): stays the base")))
