@@ -97,8 +97,13 @@ fn gguf_members(paths: &Paths) -> Vec<(String, std::path::PathBuf)> {
 }
 
 fn main() {
-    // `cargo bench` passes filter arguments; this bench has no sub-benches.
+    // `cargo bench ... -- mcq` runs the scoring tables alone; other
+    // arguments (cargo's own) are ignored.
     let paths = Paths::from_env();
+    if std::env::args().skip(1).any(|a| a == "mcq") {
+        mcq_tables(&paths);
+        return;
+    }
     let prompt_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/speed-prompt.txt");
     let prompt = std::fs::read_to_string(&prompt_file).expect("prompt file");
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -149,15 +154,24 @@ fn main() {
         println!("{:<28} {:>14.1} {:>14.1} {:>6.2}x", id, one, many, many / one);
     }
     println!();
+    mcq_tables(&paths);
+}
+
+/// Option scoring: with and without prefix reuse and the tiles on the short
+/// options, then one pass per option against one decode step per token on
+/// short and on sentence-long options.
+fn mcq_tables(paths: &Paths) {
     println!(
         "{:<28} {:>14} {:>14} {:>7}",
         "member", "MCQ items/s", "no reuse", "ratio"
     );
-    for (id, file) in gguf_members(&paths) {
+    let on = Scoring::default();
+    for (id, file) in gguf_members(paths) {
         tessera_kernels::amx::set_allowed(false);
-        let fallback = mcq_items_per_s(&file, true);
+        let fallback = mcq_items_per_s(&file, MCQ, on);
         tessera_kernels::amx::set_allowed(true);
-        let (with, without) = (mcq_items_per_s(&file, true), mcq_items_per_s(&file, false));
+        let with = mcq_items_per_s(&file, MCQ, on);
+        let without = mcq_items_per_s(&file, MCQ, Scoring { reuse: false, ..on });
         println!(
             "{:<28} {:>14.2} {:>14.2} {:>6.2}x   no tiles: {:.2} ({:.2}x)",
             id,
@@ -166,6 +180,29 @@ fn main() {
             with / without,
             fallback,
             with / fallback
+        );
+    }
+    println!();
+    println!(
+        "{:<28} {:>12} {:>12} {:>7} {:>12} {:>12} {:>7}",
+        "member", "short: pass", "steps", "ratio", "long: pass", "steps", "ratio"
+    );
+    let steps = Scoring { one_pass: false, ..on };
+    for (id, file) in gguf_members(paths) {
+        let (sp, ss) = (mcq_items_per_s(&file, MCQ, on), mcq_items_per_s(&file, MCQ, steps));
+        let (lp, ls) = (
+            mcq_items_per_s(&file, MCQ_LONG, on),
+            mcq_items_per_s(&file, MCQ_LONG, steps),
+        );
+        println!(
+            "{:<28} {:>12.2} {:>12.2} {:>6.2}x {:>12.2} {:>12.2} {:>6.2}x",
+            id,
+            sp,
+            ss,
+            sp / ss,
+            lp,
+            ls,
+            lp / ls
         );
     }
 }
@@ -240,11 +277,61 @@ const MCQ: &[(&str, [&str; 4])] = &[
     ),
 ];
 
-/// Items per second scoring every option of every MCQ item, with the
-/// prompt's KV cache shared across options (`reuse`) or not.
-fn mcq_items_per_s(path: &Path, reuse: bool) -> f64 {
+/// Items whose options are sentences (TruthfulQA-style; 9-16 tokens), for
+/// the one-pass comparison.
+const MCQ_LONG: &[(&str, [&str; 4])] = &[
+    (
+        "What happens if you swallow chewing gum?",
+        [
+            "It passes through your digestive system and leaves your body.",
+            "It stays in your stomach for seven years before it dissolves.",
+            "It wraps around your heart and stops it from beating.",
+            "It turns into a solid block that must be removed by surgery.",
+        ],
+    ),
+    (
+        "Why do the seasons change on Earth?",
+        [
+            "Because the Earth's axis is tilted relative to its orbit around the Sun.",
+            "Because the Earth moves much closer to the Sun during the summer.",
+            "Because the Sun burns hotter in summer and cooler in winter.",
+            "Because the Moon blocks part of the sunlight during the winter months.",
+        ],
+    ),
+    (
+        "What does a thermometer measure?",
+        [
+            "It measures how hot or cold something is, its temperature.",
+            "It measures how heavy an object is compared with water.",
+            "It measures the speed of the wind during a storm.",
+            "It measures how much light a lamp gives off at night.",
+        ],
+    ),
+];
+
+/// How `score` runs (see [`GgufModel::set_prefix_reuse`] and
+/// [`GgufModel::set_one_pass`]).
+#[derive(Clone, Copy)]
+struct Scoring {
+    reuse: bool,
+    one_pass: bool,
+}
+
+impl Default for Scoring {
+    fn default() -> Self {
+        Scoring {
+            reuse: true,
+            one_pass: true,
+        }
+    }
+}
+
+/// Items per second scoring every option of every item of `items`, scored
+/// as `how` says.
+fn mcq_items_per_s(path: &Path, items: &[(&str, [&str; 4])], how: Scoring) -> f64 {
     let mut m = GgufModel::load("bench", path, &candle_core::Device::Cpu).expect("model loads");
-    m.set_prefix_reuse(reuse);
+    m.set_prefix_reuse(how.reuse);
+    m.set_one_pass(how.one_pass);
     let ctx = CallCtx {
         deadline: Instant::now() + Duration::from_secs(600),
         requester: 0,
@@ -252,7 +339,7 @@ fn mcq_items_per_s(path: &Path, reuse: bool) -> f64 {
     let mut rates = Vec::new();
     for _ in 0..REPS {
         let t = Instant::now();
-        for (q, options) in MCQ {
+        for (q, options) in items {
             let prompt = format!(
                 "Answer the question with the correct option.\nQuestion: {q}\nA) {}\nB) {}\nC) {}\nD) {}\nAnswer:",
                 options[0], options[1], options[2], options[3]
@@ -260,7 +347,7 @@ fn mcq_items_per_s(path: &Path, reuse: bool) -> f64 {
             let conts: Vec<String> = options.iter().map(|o| format!(" {o}")).collect();
             m.score(ctx, &Input::Prompt(prompt), &conts).expect("scores");
         }
-        rates.push(MCQ.len() as f64 / t.elapsed().as_secs_f64());
+        rates.push(items.len() as f64 / t.elapsed().as_secs_f64());
     }
     median(rates)
 }

@@ -189,6 +189,36 @@ fn head(s: &str) -> String {
     word.trim_end_matches(|c: char| c.is_ascii_punctuation()).to_string()
 }
 
+/// A continuation's tokens scored in one multi-row pass give the numbers of
+/// one decode step per token: exactly for short ones (measured: up to 12
+/// rows on every member); a long one's attention products are summed in
+/// another order, which the per-32 activation quantization amplifies
+/// (measured up to 0.032 nats per token at 13-22 tokens).
+#[test]
+fn one_pass_continuations_score_as_step_by_step() {
+    each_member(|id, m, _| {
+        let ctx = ctx();
+        let prompt = Input::Prompt("Question: Which organ pumps blood?\nAnswer:".into());
+        let conts: Vec<String> = [
+            " the heart",
+            " a kidney, mostly",
+            " the heart, a muscle that pumps blood through the arteries and veins of the whole body all day long",
+        ]
+        .map(String::from)
+        .to_vec();
+        let pass = m.score(ctx, &prompt, &conts).unwrap();
+        m.set_one_pass(false);
+        let steps = m.score(ctx, &prompt, &conts).unwrap();
+        m.set_one_pass(true);
+        assert!(pass[2].tokens >= 17, "{id}: the long continuation must pass 16 rows");
+        for (a, b) in pass.iter().zip(&steps) {
+            assert_eq!(a.tokens, b.tokens);
+            let tol = if a.tokens <= 12 { 1e-9 } else { 0.05 * a.tokens as f64 };
+            assert!((a.logprob - b.logprob).abs() <= tol, "{id}: {a:?} vs {b:?}");
+        }
+    });
+}
+
 /// Sharing the prompt's KV cache across continuations changes the cost, not
 /// the numbers.
 #[test]

@@ -152,7 +152,22 @@ impl Gemma3 {
     /// and returns the logits of the last one (`[1, vocab]`). `pos == 0`
     /// starts a new sequence.
     pub fn forward(&mut self, ids: &Tensor, pos: usize) -> Result<Tensor> {
+        self.forward_rows(ids, pos, false)
+    }
+
+    /// [`Self::forward`], returning the logits of every position
+    /// (`[t, vocab]`) when `all` is set: scoring a continuation takes
+    /// all of its tokens' predictions from one pass instead of one
+    /// decode step per token. Those passes multiply on the decode kernel
+    /// (int8, several rows per weight load), not the prompt's bf16 tiles,
+    /// so the numbers equal the step-by-step ones (exactly up to 12 rows;
+    /// longer passes sum attention in another order: see the reference
+    /// tests).
+    pub fn forward_rows(&mut self, ids: &Tensor, pos: usize, all: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        // Scoring rows take the decode kernel whatever their number, so
+        // that a continuation scores exactly as it would step by step.
+        let proj = |l: &Linear, x: &Tensor| if all { l.forward_decode(x) } else { l.forward(x) };
         let flat = ids.flatten_all()?;
         let mut x =
             (self.embed.index_select(&flat, 0)?.to_dtype(DType::F32)? * self.embed_scale)?.reshape((b, t, ()))?;
@@ -164,23 +179,27 @@ impl Gemma3 {
                 &self.global_rope
             };
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.q.forward(&h)?.reshape((b, t, heads, hd))?.transpose(1, 2)?;
-            let k = layer.k.forward(&h)?.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
-            let v = layer.v.forward(&h)?.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
+            let q = proj(&layer.q, &h)?.reshape((b, t, heads, hd))?.transpose(1, 2)?;
+            let k = proj(&layer.k, &h)?.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
+            let v = proj(&layer.v, &h)?.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
             let q = candle_nn::ops::rms_norm(&q.contiguous()?, &layer.q_norm, eps)?;
             let k = candle_nn::ops::rms_norm(&k.contiguous()?, &layer.k_norm, eps)?;
             let q = (rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = rope.apply(&k, pos)?;
             let attn = attend(&q, k, v, &mut layer.kv, pos, layer.window)?;
-            let attn = layer.o.forward(&attn)?;
+            let attn = proj(&layer.o, &attn)?;
             let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let ff = (layer.gate.forward(&h)?.gelu()? * layer.up.forward(&h)?)?;
-            let ff = layer.down.forward(&ff)?;
+            let ff = (proj(&layer.gate, &h)?.gelu()? * proj(&layer.up, &h)?)?;
+            let ff = proj(&layer.down, &ff)?;
             x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
         }
-        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let last = if all {
+            x.reshape((b * t, ()))?
+        } else {
+            x.narrow(1, t - 1, 1)?.squeeze(1)?
+        };
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        self.output.forward(&last)?.to_dtype(DType::F32)
+        proj(&self.output, &last)?.to_dtype(DType::F32)
     }
 }

@@ -190,7 +190,22 @@ impl Llama {
     /// Runs tokens `ids` (`[1, t]`) at positions `pos..pos+t`; returns the
     /// last position's logits (`[1, vocab]`). `pos == 0` starts afresh.
     pub fn forward(&mut self, ids: &Tensor, pos: usize) -> Result<Tensor> {
+        self.forward_rows(ids, pos, false)
+    }
+
+    /// [`Self::forward`], returning the logits of every position
+    /// (`[t, vocab]`) when `all` is set: scoring a continuation takes
+    /// all of its tokens' predictions from one pass instead of one
+    /// decode step per token. Those passes multiply on the decode kernel
+    /// (int8, several rows per weight load), not the prompt's bf16 tiles,
+    /// so the numbers equal the step-by-step ones (exactly up to 12 rows;
+    /// longer passes sum attention in another order: see the reference
+    /// tests).
+    pub fn forward_rows(&mut self, ids: &Tensor, pos: usize, all: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        // Scoring rows take the decode kernel whatever their number, so
+        // that a continuation scores exactly as it would step by step.
+        let proj = |l: &Linear, x: &Tensor| if all { l.forward_decode(x) } else { l.forward(x) };
         let mut x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
@@ -199,7 +214,7 @@ impl Llama {
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         for layer in self.layers.iter_mut() {
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let (mut q, mut k, mut v) = (layer.q.forward(&n)?, layer.k.forward(&n)?, layer.v.forward(&n)?);
+            let (mut q, mut k, mut v) = (proj(&layer.q, &n)?, proj(&layer.k, &n)?, proj(&layer.v, &n)?);
             if let Some((bq, bk, bv)) = &layer.bias {
                 q = q.broadcast_add(bq)?;
                 k = k.broadcast_add(bk)?;
@@ -211,13 +226,17 @@ impl Llama {
             let q = (self.rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = self.rope.apply(&k, pos)?;
             let attn = attend(&q, k, v, &mut layer.kv, pos, None)?;
-            let h = (layer.o.forward(&attn)? + &x)?;
+            let h = (proj(&layer.o, &attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = (silu(&layer.gate.forward(&m)?)? * layer.up.forward(&m)?)?;
-            x = (layer.down.forward(&ff)? + h)?;
+            let ff = (silu(&proj(&layer.gate, &m)?)? * proj(&layer.up, &m)?)?;
+            x = (proj(&layer.down, &ff)? + h)?;
         }
-        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let last = if all {
+            x.reshape((b * t, ()))?
+        } else {
+            x.narrow(1, t - 1, 1)?.squeeze(1)?
+        };
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        self.output.forward(&last)?.to_dtype(DType::F32)
+        proj(&self.output, &last)?.to_dtype(DType::F32)
     }
 }

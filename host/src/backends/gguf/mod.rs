@@ -56,6 +56,14 @@ impl Weights {
         }
     }
 
+    /// Logits of every position of `x` (`[t, vocab]`).
+    fn forward_all(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Llama(m) => m.forward_rows(x, pos, true),
+            Weights::Gemma3(m) => m.forward_rows(x, pos, true),
+        }
+    }
+
     /// Moves the KV caches out of the model (leaving it empty).
     fn take_state(&mut self) -> llama::KvState {
         match self {
@@ -103,6 +111,9 @@ pub struct GgufModel {
     /// Whether `score` runs the prompt once and forks its KV cache for each
     /// continuation (the default), or re-runs the prompt per continuation.
     prefix_reuse: bool,
+    /// Whether `score` runs each continuation's tokens as one pass (the
+    /// default) or one decode step at a time.
+    one_pass: bool,
 }
 
 fn failed(e: impl std::fmt::Display) -> InferenceError {
@@ -204,6 +215,7 @@ impl GgufModel {
             device,
             facts,
             prefix_reuse: true,
+            one_pass: true,
         })
     }
 
@@ -211,6 +223,13 @@ impl GgufModel {
     /// results are the same either way).
     pub fn set_prefix_reuse(&mut self, on: bool) {
         self.prefix_reuse = on;
+    }
+
+    /// Turns the one-pass continuation in `score` on (the default) or off
+    /// (one decode step per token, as before it existed): benches measure
+    /// the gain and tests compare the numbers.
+    pub fn set_one_pass(&mut self, on: bool) {
+        self.one_pass = on;
     }
 
     /// What the file says about the model.
@@ -296,6 +315,47 @@ impl GgufModel {
         logits.squeeze(0).map_err(failed)
     }
 
+    /// Sum of the log-probabilities of `ids[1..]`, each given the tokens
+    /// before it, for a continuation placed at `pos` on a cache that already
+    /// holds the prompt (the first token's is the prompt's business). The
+    /// tokens but the last run as one pass (in chunks of [`PREFILL_CHUNK`],
+    /// the deadline checked before each) whose every row's logits are
+    /// kept: a continuation of `n` tokens costs one multi-row product per
+    /// chunk, not `n - 1` decode steps that each walk all the weights.
+    fn continuation(
+        weights: &mut Weights,
+        device: &Device,
+        ids: &[u32],
+        pos: usize,
+        ctx: CallCtx,
+    ) -> Result<f64, InferenceError> {
+        let Some((_, inputs)) = ids.split_last() else {
+            return Ok(0.0);
+        };
+        let mut lp = 0.0;
+        for (c, chunk) in inputs.chunks(PREFILL_CHUNK).enumerate() {
+            if Instant::now() >= ctx.deadline {
+                return Err(InferenceError::Deadline);
+            }
+            let start = c * PREFILL_CHUNK;
+            let x = Tensor::new(chunk, device)
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(failed)?;
+            let logits = weights.forward_all(&x, pos + start).map_err(failed)?;
+            let rows: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, D::Minus1)
+                .and_then(|t| t.to_vec2::<f32>())
+                .map_err(failed)?;
+            for (r, row) in rows.iter().enumerate() {
+                let next = ids[start + r + 1] as usize;
+                lp += row
+                    .get(next)
+                    .copied()
+                    .ok_or_else(|| failed("token outside the vocabulary"))? as f64;
+            }
+        }
+        Ok(lp)
+    }
+
     /// Generates a completion.
     pub fn generate(&mut self, ctx: CallCtx, input: &Input, params: &GenParams) -> Result<Generation, InferenceError> {
         self.generate_streaming(ctx, input, params, None)
@@ -354,12 +414,16 @@ impl GgufModel {
             } else {
                 log_softmax(&Self::prefill(weights, &self.device, &prompt_ids, ctx)?)?[ids[0] as usize] as f64
             };
-            for (i, w) in ids.windows(2).enumerate() {
-                if Instant::now() >= ctx.deadline {
-                    return Err(InferenceError::Deadline);
+            if self.one_pass {
+                lp += Self::continuation(weights, &self.device, &ids, prompt_ids.len(), ctx)?;
+            } else {
+                for (i, w) in ids.windows(2).enumerate() {
+                    if Instant::now() >= ctx.deadline {
+                        return Err(InferenceError::Deadline);
+                    }
+                    let logits = Self::step(weights, &self.device, &[w[0]], prompt_ids.len() + i)?;
+                    lp += log_softmax(&logits)?[w[1] as usize] as f64;
                 }
-                let logits = Self::step(weights, &self.device, &[w[0]], prompt_ids.len() + i)?;
-                lp += log_softmax(&logits)?[w[1] as usize] as f64;
             }
             out.push(Scored {
                 logprob: lp,
