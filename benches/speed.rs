@@ -158,8 +158,8 @@ fn main() {
 }
 
 /// Option scoring: with and without prefix reuse and the tiles on the short
-/// options, then one pass per option against one decode step per token on
-/// short and on sentence-long options.
+/// options, then all options of an item in one pass against one decode
+/// step per token, on short and on sentence-long options.
 fn mcq_tables(paths: &Paths) {
     println!(
         "{:<28} {:>14} {:>14} {:>7}",
@@ -185,7 +185,7 @@ fn mcq_tables(paths: &Paths) {
     println!();
     println!(
         "{:<28} {:>12} {:>12} {:>7} {:>12} {:>12} {:>7}",
-        "member", "short: pass", "steps", "ratio", "long: pass", "steps", "ratio"
+        "member", "short: batch", "steps", "ratio", "long: batch", "steps", "ratio"
     );
     let steps = Scoring { one_pass: false, ..on };
     for (id, file) in gguf_members(paths) {

@@ -152,22 +152,7 @@ impl Gemma3 {
     /// and returns the logits of the last one (`[1, vocab]`). `pos == 0`
     /// starts a new sequence.
     pub fn forward(&mut self, ids: &Tensor, pos: usize) -> Result<Tensor> {
-        self.forward_rows(ids, pos, false)
-    }
-
-    /// [`Self::forward`], returning the logits of every position
-    /// (`[t, vocab]`) when `all` is set: scoring a continuation takes
-    /// all of its tokens' predictions from one pass instead of one
-    /// decode step per token. Those passes multiply on the decode kernel
-    /// (int8, several rows per weight load), not the prompt's bf16 tiles,
-    /// so the numbers equal the step-by-step ones (exactly up to 12 rows;
-    /// longer passes sum attention in another order: see the reference
-    /// tests).
-    pub fn forward_rows(&mut self, ids: &Tensor, pos: usize, all: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        // Scoring rows take the decode kernel whatever their number, so
-        // that a continuation scores exactly as it would step by step.
-        let proj = |l: &Linear, x: &Tensor| if all { l.forward_decode(x) } else { l.forward(x) };
         let flat = ids.flatten_all()?;
         let mut x =
             (self.embed.index_select(&flat, 0)?.to_dtype(DType::F32)? * self.embed_scale)?.reshape((b, t, ()))?;
@@ -179,27 +164,88 @@ impl Gemma3 {
                 &self.global_rope
             };
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = proj(&layer.q, &h)?.reshape((b, t, heads, hd))?.transpose(1, 2)?;
-            let k = proj(&layer.k, &h)?.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
-            let v = proj(&layer.v, &h)?.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
+            let q = layer.q.forward(&h)?.reshape((b, t, heads, hd))?.transpose(1, 2)?;
+            let k = layer.k.forward(&h)?.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
+            let v = layer.v.forward(&h)?.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
             let q = candle_nn::ops::rms_norm(&q.contiguous()?, &layer.q_norm, eps)?;
             let k = candle_nn::ops::rms_norm(&k.contiguous()?, &layer.k_norm, eps)?;
             let q = (rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = rope.apply(&k, pos)?;
             let attn = attend(&q, k, v, &mut layer.kv, pos, layer.window)?;
-            let attn = proj(&layer.o, &attn)?;
+            let attn = layer.o.forward(&attn)?;
             let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let ff = (proj(&layer.gate, &h)?.gelu()? * proj(&layer.up, &h)?)?;
-            let ff = proj(&layer.down, &ff)?;
+            let ff = (layer.gate.forward(&h)?.gelu()? * layer.up.forward(&h)?)?;
+            let ff = layer.down.forward(&ff)?;
             x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
         }
-        let last = if all {
-            x.reshape((b * t, ()))?
-        } else {
-            x.narrow(1, t - 1, 1)?.squeeze(1)?
-        };
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        proj(&self.output, &last)?.to_dtype(DType::F32)
+        self.output.forward(&last)?.to_dtype(DType::F32)
+    }
+
+    /// Scores continuations of the sequence in the cache, as
+    /// [`super::llama::Llama::forward_segments`] does: every segment starts
+    /// at `pos`, rows multiply together on the decode kernel, each segment
+    /// attends to the cache (within its layer's window) and to itself; the
+    /// cache is kept as it was unless `keep` is set for one segment.
+    /// Returns `[rows, vocab]`.
+    pub fn forward_segments(&mut self, segments: &[&[u32]], pos: usize, keep: bool, device: &Device) -> Result<Tensor> {
+        let ids: Vec<u32> = segments.concat();
+        let t = ids.len();
+        let keep = keep && segments.len() == 1;
+        let flat = Tensor::new(ids.as_slice(), device)?;
+        let mut x =
+            (self.embed.index_select(&flat, 0)?.to_dtype(DType::F32)? * self.embed_scale)?.reshape((1, t, ()))?;
+        let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in self.layers.iter_mut() {
+            let rope = if layer.window.is_some() {
+                &self.local_rope
+            } else {
+                &self.global_rope
+            };
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let q = layer
+                .q
+                .forward_decode(&h)?
+                .reshape((1, t, heads, hd))?
+                .transpose(1, 2)?;
+            let k = layer
+                .k
+                .forward_decode(&h)?
+                .reshape((1, t, kv_heads, hd))?
+                .transpose(1, 2)?;
+            let v = layer
+                .v
+                .forward_decode(&h)?
+                .reshape((1, t, kv_heads, hd))?
+                .transpose(1, 2)?;
+            let q = candle_nn::ops::rms_norm(&q.contiguous()?, &layer.q_norm, eps)?;
+            let k = candle_nn::ops::rms_norm(&k.contiguous()?, &layer.k_norm, eps)?;
+            let mut rows = Vec::with_capacity(segments.len());
+            let mut start = 0;
+            for seg in segments {
+                let len = seg.len();
+                let qs = (rope.apply(&q.narrow(2, start, len)?, pos)? * scale)?;
+                let ks = rope.apply(&k.narrow(2, start, len)?, pos)?;
+                let vs = v.narrow(2, start, len)?;
+                if keep {
+                    rows.push(attend(&qs, ks, vs, &mut layer.kv, pos, layer.window)?);
+                } else {
+                    let mut prefix = layer.kv.clone();
+                    rows.push(attend(&qs, ks, vs, &mut prefix, pos, layer.window)?);
+                }
+                start += len;
+            }
+            let attn = layer.o.forward_decode(&Tensor::cat(&rows, 1)?)?;
+            let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
+            let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
+            let ff = (layer.gate.forward_decode(&h)?.gelu()? * layer.up.forward_decode(&h)?)?;
+            let ff = layer.down.forward_decode(&ff)?;
+            x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
+        }
+        let all = candle_nn::ops::rms_norm(&x.reshape((t, ()))?, &self.norm, eps)?;
+        self.output.forward_decode(&all)?.to_dtype(DType::F32)
     }
 }

@@ -190,22 +190,7 @@ impl Llama {
     /// Runs tokens `ids` (`[1, t]`) at positions `pos..pos+t`; returns the
     /// last position's logits (`[1, vocab]`). `pos == 0` starts afresh.
     pub fn forward(&mut self, ids: &Tensor, pos: usize) -> Result<Tensor> {
-        self.forward_rows(ids, pos, false)
-    }
-
-    /// [`Self::forward`], returning the logits of every position
-    /// (`[t, vocab]`) when `all` is set: scoring a continuation takes
-    /// all of its tokens' predictions from one pass instead of one
-    /// decode step per token. Those passes multiply on the decode kernel
-    /// (int8, several rows per weight load), not the prompt's bf16 tiles,
-    /// so the numbers equal the step-by-step ones (exactly up to 12 rows;
-    /// longer passes sum attention in another order: see the reference
-    /// tests).
-    pub fn forward_rows(&mut self, ids: &Tensor, pos: usize, all: bool) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        // Scoring rows take the decode kernel whatever their number, so
-        // that a continuation scores exactly as it would step by step.
-        let proj = |l: &Linear, x: &Tensor| if all { l.forward_decode(x) } else { l.forward(x) };
         let mut x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
@@ -214,7 +199,7 @@ impl Llama {
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         for layer in self.layers.iter_mut() {
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let (mut q, mut k, mut v) = (proj(&layer.q, &n)?, proj(&layer.k, &n)?, proj(&layer.v, &n)?);
+            let (mut q, mut k, mut v) = (layer.q.forward(&n)?, layer.k.forward(&n)?, layer.v.forward(&n)?);
             if let Some((bq, bk, bv)) = &layer.bias {
                 q = q.broadcast_add(bq)?;
                 k = k.broadcast_add(bk)?;
@@ -226,17 +211,74 @@ impl Llama {
             let q = (self.rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = self.rope.apply(&k, pos)?;
             let attn = attend(&q, k, v, &mut layer.kv, pos, None)?;
-            let h = (proj(&layer.o, &attn)? + &x)?;
+            let h = (layer.o.forward(&attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = (silu(&proj(&layer.gate, &m)?)? * proj(&layer.up, &m)?)?;
-            x = (proj(&layer.down, &ff)? + h)?;
+            let ff = (silu(&layer.gate.forward(&m)?)? * layer.up.forward(&m)?)?;
+            x = (layer.down.forward(&ff)? + h)?;
         }
-        let last = if all {
-            x.reshape((b * t, ()))?
-        } else {
-            x.narrow(1, t - 1, 1)?.squeeze(1)?
-        };
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        proj(&self.output, &last)?.to_dtype(DType::F32)
+        self.output.forward(&last)?.to_dtype(DType::F32)
+    }
+
+    /// Scores continuations of the sequence in the cache: `segments` are
+    /// token runs that all start at position `pos` (each a continuation's
+    /// tokens but its last) and run as one pass. Projections and MLPs
+    /// multiply all their rows at once, on the decode kernel (rows do not
+    /// depend on each other there, and a continuation's numbers stay those
+    /// of its decode steps); each segment attends to the cache and to its
+    /// own earlier tokens only. The cache is left as it was, unless `keep`
+    /// is set and there is exactly one segment, whose keys and values are
+    /// then appended (for a continuation run in chunks). Returns the
+    /// logits of every row, segment after segment (`[rows, vocab]`).
+    pub fn forward_segments(&mut self, segments: &[&[u32]], pos: usize, keep: bool, device: &Device) -> Result<Tensor> {
+        let ids: Vec<u32> = segments.concat();
+        let t = ids.len();
+        let keep = keep && segments.len() == 1;
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(ids.as_slice(), device)?, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((1, t, ()))?;
+        let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in self.layers.iter_mut() {
+            let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let (mut q, mut k, mut v) = (
+                layer.q.forward_decode(&n)?,
+                layer.k.forward_decode(&n)?,
+                layer.v.forward_decode(&n)?,
+            );
+            if let Some((bq, bk, bv)) = &layer.bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let q = q.reshape((1, t, heads, hd))?.transpose(1, 2)?;
+            let k = k.reshape((1, t, kv_heads, hd))?.transpose(1, 2)?;
+            let v = v.reshape((1, t, kv_heads, hd))?.transpose(1, 2)?;
+            let mut rows = Vec::with_capacity(segments.len());
+            let mut start = 0;
+            for seg in segments {
+                let len = seg.len();
+                let qs = (self.rope.apply(&q.narrow(2, start, len)?, pos)? * scale)?;
+                let ks = self.rope.apply(&k.narrow(2, start, len)?, pos)?;
+                let vs = v.narrow(2, start, len)?.contiguous()?;
+                if keep {
+                    rows.push(attend(&qs, ks, vs, &mut layer.kv, pos, None)?);
+                } else {
+                    let mut prefix = layer.kv.clone();
+                    rows.push(attend(&qs, ks, vs, &mut prefix, pos, None)?);
+                }
+                start += len;
+            }
+            let attn = Tensor::cat(&rows, 1)?;
+            let h = (layer.o.forward_decode(&attn)? + &x)?;
+            let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
+            let ff = (silu(&layer.gate.forward_decode(&m)?)? * layer.up.forward_decode(&m)?)?;
+            x = (layer.down.forward_decode(&ff)? + h)?;
+        }
+        let all = candle_nn::ops::rms_norm(&x.reshape((t, ()))?, &self.norm, eps)?;
+        self.output.forward_decode(&all)?.to_dtype(DType::F32)
     }
 }

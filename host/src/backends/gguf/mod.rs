@@ -41,6 +41,10 @@ const MAX_POSITIONS: usize = 8192;
 /// Prompt tokens run in one forward pass during prefill; the deadline is
 /// checked between chunks (about a second of a 0.5B model on 2 cores).
 pub(crate) const PREFILL_CHUNK: usize = 512;
+/// Logits one scoring pass may hold, in f32 values (64 MiB): every row of a
+/// continuation keeps its whole vocabulary's logits, so a pass takes at most
+/// this over the vocabulary's size rows (Gemma's 262k: 64 rows).
+const SCORE_LOGITS: usize = 16 << 20;
 
 #[derive(Clone)]
 enum Weights {
@@ -56,11 +60,18 @@ impl Weights {
         }
     }
 
-    /// Logits of every position of `x` (`[t, vocab]`).
-    fn forward_all(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+    /// Logits of every row of `segments`, each a continuation of the cache
+    /// from `pos` (see [`llama::Llama::forward_segments`]).
+    fn forward_segments(
+        &mut self,
+        segments: &[&[u32]],
+        pos: usize,
+        keep: bool,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         match self {
-            Weights::Llama(m) => m.forward_rows(x, pos, true),
-            Weights::Gemma3(m) => m.forward_rows(x, pos, true),
+            Weights::Llama(m) => m.forward_segments(segments, pos, keep, device),
+            Weights::Gemma3(m) => m.forward_segments(segments, pos, keep, device),
         }
     }
 
@@ -317,40 +328,34 @@ impl GgufModel {
 
     /// Sum of the log-probabilities of `ids[1..]`, each given the tokens
     /// before it, for a continuation placed at `pos` on a cache that already
-    /// holds the prompt (the first token's is the prompt's business). The
-    /// tokens but the last run as one pass (in chunks of [`PREFILL_CHUNK`],
-    /// the deadline checked before each) whose every row's logits are
-    /// kept: a continuation of `n` tokens costs one multi-row product per
-    /// chunk, not `n - 1` decode steps that each walk all the weights.
+    /// holds the prompt (the first token's is the prompt's business), which
+    /// it extends. The tokens but the last run in passes of `cap` rows, the
+    /// deadline checked before each: a continuation of `n` tokens costs
+    /// one multi-row product per pass, not `n - 1` decode steps that each
+    /// walk all the weights.
     fn continuation(
         weights: &mut Weights,
         device: &Device,
         ids: &[u32],
         pos: usize,
+        cap: usize,
         ctx: CallCtx,
     ) -> Result<f64, InferenceError> {
         let Some((_, inputs)) = ids.split_last() else {
             return Ok(0.0);
         };
         let mut lp = 0.0;
-        for (c, chunk) in inputs.chunks(PREFILL_CHUNK).enumerate() {
+        for (c, chunk) in inputs.chunks(cap.max(1)).enumerate() {
             if Instant::now() >= ctx.deadline {
                 return Err(InferenceError::Deadline);
             }
-            let start = c * PREFILL_CHUNK;
-            let x = Tensor::new(chunk, device)
-                .and_then(|t| t.unsqueeze(0))
+            let start = c * cap.max(1);
+            let logits = weights
+                .forward_segments(&[chunk], pos + start, true, device)
                 .map_err(failed)?;
-            let logits = weights.forward_all(&x, pos + start).map_err(failed)?;
-            let rows: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, D::Minus1)
-                .and_then(|t| t.to_vec2::<f32>())
-                .map_err(failed)?;
-            for (r, row) in rows.iter().enumerate() {
-                let next = ids[start + r + 1] as usize;
-                lp += row
-                    .get(next)
-                    .copied()
-                    .ok_or_else(|| failed("token outside the vocabulary"))? as f64;
+            let rows = log_softmax_rows(&logits)?;
+            for r in 0..chunk.len() {
+                lp += pick(&rows, r, ids[start + r + 1])?;
             }
         }
         Ok(lp)
@@ -385,7 +390,10 @@ impl GgufModel {
     }
 
     /// Log-likelihood of each continuation after `prompt`. The prompt is run
-    /// once; each continuation extends a copy of its KV cache.
+    /// once; the continuations then run together as one pass over its
+    /// cache (as many as [`SCORE_LOGITS`] allows per pass), each attending
+    /// to the prompt and to itself, so an item's options walk the weights
+    /// once between them rather than once per option, or per token.
     pub fn score(
         &mut self,
         ctx: CallCtx,
@@ -394,9 +402,7 @@ impl GgufModel {
     ) -> Result<Vec<Scored>, InferenceError> {
         let prompt_ids = self.encode_input(prompt)?;
         self.check_context(prompt_ids.len())?;
-        let first = Self::prefill(&mut self.weights, &self.device, &prompt_ids, ctx)?;
-        let first = log_softmax(&first)?;
-        let mut out = Vec::with_capacity(continuations.len());
+        let mut encoded = Vec::with_capacity(continuations.len());
         for cont in continuations {
             let ids = self.encode_text(cont)?;
             if ids.is_empty() {
@@ -405,6 +411,112 @@ impl GgufModel {
                 ));
             }
             self.check_context(prompt_ids.len() + ids.len())?;
+            encoded.push(ids);
+        }
+        let first = Self::prefill(&mut self.weights, &self.device, &prompt_ids, ctx)?;
+        let first = log_softmax(&first)?;
+        let logprobs = if self.prefix_reuse && self.one_pass {
+            self.score_together(ctx, prompt_ids.len(), &first, &encoded)?
+        } else {
+            self.score_each(ctx, &prompt_ids, &first, &encoded)?
+        };
+        Ok(logprobs
+            .into_iter()
+            .zip(&encoded)
+            .map(|(logprob, ids)| Scored {
+                logprob,
+                tokens: ids.len() as u32,
+            })
+            .collect())
+    }
+
+    /// Rows one scoring pass may hold for a vocabulary of `vocab` tokens.
+    fn score_rows(vocab: usize) -> usize {
+        (SCORE_LOGITS / vocab.max(1)).clamp(1, PREFILL_CHUNK)
+    }
+
+    /// Every continuation's log-likelihood, the continuations batched into
+    /// passes of at most [`Self::score_rows`] rows over the prompt's cache
+    /// (left untouched); one longer than that runs alone, in chunks, on a
+    /// fork of the cache.
+    fn score_together(
+        &mut self,
+        ctx: CallCtx,
+        pos: usize,
+        first: &[f32],
+        encoded: &[Vec<u32>],
+    ) -> Result<Vec<f64>, InferenceError> {
+        let cap = Self::score_rows(first.len());
+        let mut lps: Vec<f64> = encoded.iter().map(|ids| first[ids[0] as usize] as f64).collect();
+        let mut batch: Vec<usize> = Vec::new();
+        let mut rows = 0;
+        for (i, ids) in encoded.iter().enumerate() {
+            let n = ids.len() - 1;
+            if n == 0 {
+                continue;
+            }
+            if n > cap {
+                let mut forked = self.weights.fork();
+                lps[i] += Self::continuation(&mut forked, &self.device, ids, pos, cap, ctx)?;
+                continue;
+            }
+            if rows + n > cap {
+                self.score_batch(ctx, pos, encoded, &batch, &mut lps)?;
+                batch.clear();
+                rows = 0;
+            }
+            batch.push(i);
+            rows += n;
+        }
+        if !batch.is_empty() {
+            self.score_batch(ctx, pos, encoded, &batch, &mut lps)?;
+        }
+        Ok(lps)
+    }
+
+    /// One pass over the continuations `batch` (indices into `encoded`),
+    /// adding each one's log-likelihood after its first token to `lps`.
+    fn score_batch(
+        &mut self,
+        ctx: CallCtx,
+        pos: usize,
+        encoded: &[Vec<u32>],
+        batch: &[usize],
+        lps: &mut [f64],
+    ) -> Result<(), InferenceError> {
+        if Instant::now() >= ctx.deadline {
+            return Err(InferenceError::Deadline);
+        }
+        let segments: Vec<&[u32]> = batch.iter().map(|&i| &encoded[i][..encoded[i].len() - 1]).collect();
+        let logits = self
+            .weights
+            .forward_segments(&segments, pos, false, &self.device)
+            .map_err(failed)?;
+        let rows = log_softmax_rows(&logits)?;
+        let mut row = 0;
+        for &i in batch {
+            for next in &encoded[i][1..] {
+                lps[i] += pick(&rows, row, *next)?;
+                row += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The continuations one at a time on forks of the prompt's cache: the
+    /// prompt re-run for each one without prefix reuse, their tokens one
+    /// decode step each without the one-pass scoring (benches and tests
+    /// compare these with [`Self::score_together`]).
+    fn score_each(
+        &mut self,
+        ctx: CallCtx,
+        prompt_ids: &[u32],
+        first: &[f32],
+        encoded: &[Vec<u32>],
+    ) -> Result<Vec<f64>, InferenceError> {
+        let cap = Self::score_rows(first.len());
+        let mut out = Vec::with_capacity(encoded.len());
+        for ids in encoded {
             // Extend a fork of the prompt's cache: the prompt runs once.
             // Without reuse, every continuation pays for the prompt again.
             let mut forked = self.weights.fork();
@@ -412,10 +524,10 @@ impl GgufModel {
             let mut lp = if self.prefix_reuse {
                 first[ids[0] as usize] as f64
             } else {
-                log_softmax(&Self::prefill(weights, &self.device, &prompt_ids, ctx)?)?[ids[0] as usize] as f64
+                log_softmax(&Self::prefill(weights, &self.device, prompt_ids, ctx)?)?[ids[0] as usize] as f64
             };
             if self.one_pass {
-                lp += Self::continuation(weights, &self.device, &ids, prompt_ids.len(), ctx)?;
+                lp += Self::continuation(weights, &self.device, ids, prompt_ids.len(), cap, ctx)?;
             } else {
                 for (i, w) in ids.windows(2).enumerate() {
                     if Instant::now() >= ctx.deadline {
@@ -425,10 +537,7 @@ impl GgufModel {
                     lp += log_softmax(&logits)?[w[1] as usize] as f64;
                 }
             }
-            out.push(Scored {
-                logprob: lp,
-                tokens: ids.len() as u32,
-            });
+            out.push(lp);
         }
         Ok(out)
     }
@@ -478,6 +587,21 @@ fn architecture(content: &gguf_file::Content, shown: &str) -> Result<String, Str
         ));
     }
     Ok(arch)
+}
+
+/// Log-softmax of every row of `[rows, vocab]` logits.
+fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, InferenceError> {
+    candle_nn::ops::log_softmax(logits, D::Minus1)
+        .and_then(|t| t.to_vec2::<f32>())
+        .map_err(failed)
+}
+
+/// Row `row`'s log-probability of token `next`.
+fn pick(rows: &[Vec<f32>], row: usize, next: u32) -> Result<f64, InferenceError> {
+    rows.get(row)
+        .and_then(|r| r.get(next as usize))
+        .map(|&v| v as f64)
+        .ok_or_else(|| failed(format!("no log-probability for token {next} at row {row}")))
 }
 
 fn log_softmax(logits: &Tensor) -> Result<Vec<f32>, InferenceError> {
