@@ -341,24 +341,47 @@ impl GgufModel {
         cap: usize,
         ctx: CallCtx,
     ) -> Result<f64, InferenceError> {
-        let Some((_, inputs)) = ids.split_last() else {
-            return Ok(0.0);
-        };
         let mut lp = 0.0;
-        for (c, chunk) in inputs.chunks(cap.max(1)).enumerate() {
-            if Instant::now() >= ctx.deadline {
-                return Err(InferenceError::Deadline);
-            }
-            let start = c * cap.max(1);
-            let logits = weights
-                .forward_segments(&[chunk], pos + start, true, device)
-                .map_err(failed)?;
-            let rows = log_softmax_rows(&logits)?;
-            for r in 0..chunk.len() {
-                lp += pick(&rows, r, ids[start + r + 1])?;
-            }
+        // Each pass feeds tokens `start..end` and predicts `start+1..=end`.
+        let mut start = 0;
+        while start + 1 < ids.len() {
+            let end = (start + cap.max(1)).min(ids.len() - 1);
+            lp += Self::pass(weights, device, &[&ids[start..=end]], pos + start, true, ctx)?[0];
+            start = end;
         }
         Ok(lp)
+    }
+
+    /// One forward pass over `runs`, each a continuation's tokens from
+    /// `pos` on the cache (see [`Weights::forward_segments`]; `keep`
+    /// extends the cache with a single run): every token of a run but the
+    /// last is fed, and each run's sum of the log-probabilities of its
+    /// tokens after the first is returned. The deadline is checked first.
+    fn pass(
+        weights: &mut Weights,
+        device: &Device,
+        runs: &[&[u32]],
+        pos: usize,
+        keep: bool,
+        ctx: CallCtx,
+    ) -> Result<Vec<f64>, InferenceError> {
+        if Instant::now() >= ctx.deadline {
+            return Err(InferenceError::Deadline);
+        }
+        let inputs: Vec<&[u32]> = runs.iter().map(|r| &r[..r.len().saturating_sub(1)]).collect();
+        let logits = weights.forward_segments(&inputs, pos, keep, device).map_err(failed)?;
+        let rows = log_softmax_rows(&logits)?;
+        let mut row = 0;
+        let mut sums = Vec::with_capacity(runs.len());
+        for run in runs {
+            let mut sum = 0.0;
+            for next in run.iter().skip(1) {
+                sum += pick(&rows, row, *next)?;
+                row += 1;
+            }
+            sums.push(sum);
+        }
+        Ok(sums)
     }
 
     /// Generates a completion.
@@ -484,21 +507,10 @@ impl GgufModel {
         batch: &[usize],
         lps: &mut [f64],
     ) -> Result<(), InferenceError> {
-        if Instant::now() >= ctx.deadline {
-            return Err(InferenceError::Deadline);
-        }
-        let segments: Vec<&[u32]> = batch.iter().map(|&i| &encoded[i][..encoded[i].len() - 1]).collect();
-        let logits = self
-            .weights
-            .forward_segments(&segments, pos, false, &self.device)
-            .map_err(failed)?;
-        let rows = log_softmax_rows(&logits)?;
-        let mut row = 0;
-        for &i in batch {
-            for next in &encoded[i][1..] {
-                lps[i] += pick(&rows, row, *next)?;
-                row += 1;
-            }
+        let runs: Vec<&[u32]> = batch.iter().map(|&i| encoded[i].as_slice()).collect();
+        let sums = Self::pass(&mut self.weights, &self.device, &runs, pos, false, ctx)?;
+        for (&i, sum) in batch.iter().zip(sums) {
+            lps[i] += sum;
         }
         Ok(())
     }
