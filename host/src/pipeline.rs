@@ -454,22 +454,30 @@ impl PipelineRun<'_> {
         r: Result<Result<Generation, InferenceError>, tokio::time::error::Elapsed>,
         took: Duration,
     ) -> Option<String> {
-        let (answer, outcome, pt, ct) = match r {
+        let (answer, outcome, pt, ct, kt) = match r {
             Ok(Ok(g)) => {
-                let u = (g.usage.prompt_tokens, g.usage.completion_tokens);
-                (Some(g.text), "ok".to_string(), u.0, u.1)
+                let u = g.usage;
+                (
+                    Some(g.text),
+                    "ok".to_string(),
+                    u.prompt_tokens,
+                    u.completion_tokens,
+                    u.cached_tokens,
+                )
             }
-            Ok(Err(e)) => (None, Error::from(e).kind().to_string(), 0, 0),
-            Err(_) => (None, "deadline".to_string(), 0, 0),
+            Ok(Err(e)) => (None, Error::from(e).kind().to_string(), 0, 0, 0),
+            Err(_) => (None, "deadline".to_string(), 0, 0, 0),
         };
         self.usage.host_calls += 1;
         self.usage.prompt_tokens += pt as u64;
         self.usage.completion_tokens += ct as u64;
+        self.usage.cached_tokens += kt as u64;
         self.provenance.push(ProvenanceEvent::HostCall {
             call: "generate".into(),
             model: id.to_string(),
             prompt_tokens: pt,
             completion_tokens: ct,
+            cached_tokens: kt,
             ms: took.as_millis() as u64,
             outcome,
         });

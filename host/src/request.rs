@@ -44,6 +44,10 @@ pub enum ProvenanceEvent {
         prompt_tokens: u32,
         /// Tokens generated.
         completion_tokens: u32,
+        /// Prompt tokens the member read from its prefix cache rather than
+        /// computed (generate, score; 0 elsewhere).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        cached_tokens: u32,
         /// Wall time of the call.
         ms: u64,
         /// `ok`, or the error kind.
@@ -69,6 +73,10 @@ pub struct UsageReport {
     pub prompt_tokens: u64,
     /// Tokens generated.
     pub completion_tokens: u64,
+    /// Prompt tokens of generate and score calls that members read from
+    /// their prefix caches rather than computed.
+    #[serde(default)]
+    pub cached_tokens: u64,
     /// Continuation tokens the module had members `score` (likelihood
     /// methods cost these instead of generated tokens).
     #[serde(default)]
@@ -134,4 +142,8 @@ mod tests {
         assert!(shown.starts_with("ok\\u{1b}]0;pwned"), "{shown}");
         assert!(shown.ends_with("\nline\ttab"), "{shown}");
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

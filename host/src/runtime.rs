@@ -130,6 +130,13 @@ impl RuntimeOptions {
         self
     }
 
+    /// Each local member keeps at most `bytes` of prompt keys and values
+    /// for reuse across requests (0: no prefix cache).
+    pub fn prefix_cache(mut self, bytes: usize) -> Self {
+        self.pool.prefix_cache_bytes = bytes;
+        self
+    }
+
     /// Merges compute on `choice`.
     pub fn merge_device(mut self, choice: crate::merge::compute::Choice) -> Self {
         self.merge_device = choice;

@@ -94,6 +94,7 @@ impl Scripted {
                 usage: Usage {
                     prompt_tokens: 1,
                     completion_tokens: n,
+                    cached_tokens: 0,
                 },
             })
         })
@@ -138,6 +139,7 @@ impl Models for Scripted {
                         usage: Usage {
                             prompt_tokens: 3,
                             completion_tokens: 2,
+                            cached_tokens: 0,
                         },
                     })
                 })
@@ -183,6 +185,7 @@ impl Models for Scripted {
                 .map(|c| Scored {
                     logprob: -(c.len() as f64),
                     tokens: c.len() as u32,
+                    cached_tokens: 0,
                 })
                 .collect())
         })

@@ -243,3 +243,73 @@ fn prefix_reuse_gives_the_same_scores() {
         }
     });
 }
+
+/// Prompts that share beginnings of every length that matters: a few-shot
+/// block a few questions repeat, a prompt longer than one prefill chunk and
+/// others that share its first chunk and part of its second, one whose
+/// cached part leaves fewer than 16 rows to run of a chunk that had more
+/// (the rows must still take the chunk's kernel), and a prompt that is
+/// wholly cached but for its last token.
+fn sharing_prompts() -> Vec<String> {
+    let shots = "Question: What is the capital of France?\nAnswer: Paris\n\n\
+                 Question: How many legs does a spider have?\nAnswer: eight\n\n\
+                 Question: What gas do plants take in?\nAnswer: carbon dioxide\n\n";
+    let long: String = (0..70)
+        .map(|i| format!("Fact {i}: the number {i} is followed by {}. ", i + 1))
+        .collect();
+    vec![
+        format!("{shots}Question: Which organ pumps blood?\nAnswer:"),
+        format!("{shots}Question: What is frozen water called?\nAnswer:"),
+        format!("{shots}Question: Which organ pumps blood?\nAnswer:"),
+        format!("{long}So the last fact was"),
+        format!("{long}And then, after all of that,"),
+        format!("{}{}", &long[..long.len() - 40], "the end."),
+        format!("{shots}Question: W"),
+    ]
+}
+
+/// The prefix cache changes the cost, never the numbers: every prompt's
+/// next-token log-probabilities, option scores and greedy text are the same
+/// to the bit with the cache as without it, on every member, while the
+/// cache reports the tokens it saved.
+#[test]
+fn the_prefix_cache_changes_no_number() {
+    each_member(|id, m, _| {
+        let ctx = ctx();
+        let prompts = sharing_prompts();
+        let conts: Vec<String> = [" the heart", " ice", " a kidney, mostly"].map(String::from).to_vec();
+        let params = tessera::inference::GenParams {
+            max_tokens: Some(6),
+            ..Default::default()
+        };
+        let run = |m: &mut GgufModel| {
+            prompts
+                .iter()
+                .map(|p| {
+                    let input = Input::Prompt(p.clone());
+                    let next = m.next_token(ctx, &input, 8).unwrap();
+                    let scores = m.score(ctx, &input, &conts).unwrap();
+                    let g = m.generate(ctx, &input, &params).unwrap();
+                    let lps: Vec<(u32, f64)> = next.iter().map(|t| (t.token, t.logprob)).collect();
+                    let sc: Vec<f64> = scores.iter().map(|s| s.logprob).collect();
+                    let cached = scores[0].cached_tokens + g.usage.cached_tokens;
+                    ((lps, sc, g.text), cached)
+                })
+                .collect::<Vec<_>>()
+        };
+        m.set_prefix_cache(0);
+        let plain = run(m);
+        m.set_prefix_cache(64 << 20);
+        let cached = run(m);
+        let stats = m.prefix_stats().snapshot();
+        for (i, ((want, k0), (got, k1))) in plain.iter().zip(&cached).enumerate() {
+            assert_eq!(*k0, 0, "{id}: no cache, nothing cached");
+            assert_eq!(want, got, "{id}: prompt {i} differs with the prefix cache");
+            // Every call after the first reads the prompt from the cache.
+            assert!(*k1 > 0, "{id}: prompt {i} reused nothing");
+        }
+        assert!(stats.hits >= 3 * prompts.len() as u64 - 2, "{id}: {stats:?}");
+        assert!(stats.reused_tokens > stats.prompt_tokens / 2, "{id}: {stats:?}");
+        assert!(stats.bytes <= stats.budget && stats.blocks > 0, "{id}: {stats:?}");
+    });
+}

@@ -233,6 +233,206 @@ unsafe fn silu_avx512(x: &mut [f32]) {
     }
 }
 
+/// The shape of an attention-weighted sum of values ([`attend_values`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValuesShape {
+    /// Sequences (the leading dimension of both inputs).
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention: `heads` is a multiple).
+    pub kv_heads: usize,
+    /// Keys (cached and new) each query row spans.
+    pub keys: usize,
+    /// Values per head.
+    pub dim: usize,
+}
+
+/// Attention's second product, `probs · values`, for probabilities
+/// `[batch, heads, queries, keys]` (rows as [`softmax_causal`] leaves them)
+/// and values `[batch, kv_heads, keys, dim]`, both contiguous; returns
+/// `[batch, queries, heads, dim]`, the layout the output projection reads
+/// (no transpose, no copy of the values per query head).
+///
+/// Why not a matmul: a general matrix product splits long sums into blocks
+/// whose size depends on how many rows it is given, so a query's output
+/// changed (in the last bits) with the number of queries computed beside
+/// it: the prefix cache, which computes a prompt's last rows without its
+/// first, could not promise the same numbers. Here every output row is
+/// summed over its visible keys in ascending order, whatever else is
+/// computed, so a row depends only on its own probabilities and the values;
+/// keys a query cannot see are skipped (their probabilities are 0, and
+/// adding 0 changes no sum). Rows are spread over candle's thread pool.
+///
+/// # Panics
+/// If the slices do not have the sizes the shape says.
+pub fn attend_values(probs: &[f32], values: &[f32], shape: ValuesShape, causal: Causal) -> Vec<f32> {
+    let ValuesShape {
+        batch,
+        heads,
+        kv_heads,
+        keys,
+        dim,
+    } = shape;
+    let queries = causal.queries;
+    assert_eq!(probs.len(), batch * heads * queries * keys, "attend_values: probs");
+    assert_eq!(values.len(), batch * kv_heads * keys * dim, "attend_values: values");
+    let rep = (heads / kv_heads.max(1)).max(1);
+    let mut out = vec![0f32; batch * queries * heads * dim];
+    let at = out.as_mut_ptr() as usize;
+    let vector = vector() && dim % 16 == 0;
+    candle_core::utils::barrier_pool().execute_chunked(batch * heads * queries, |range| {
+        for row in range {
+            // `row` walks the probabilities' rows: (sequence, head, query).
+            let (bh, q) = (row / queries.max(1), row % queries.max(1));
+            let (b, h) = (bh / heads, bh % heads);
+            let p = &probs[row * keys..(row + 1) * keys];
+            let kv = b * kv_heads + h / rep;
+            let v = &values[kv * keys * dim..(kv + 1) * keys * dim];
+            let (lo, hi) = causal.visible(q, keys);
+            // SAFETY: each (sequence, query, head) output row is written by
+            // one worker only, and lies within `out`.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut((at as *mut f32).add(((b * queries + q) * heads + h) * dim), dim)
+            };
+            #[cfg(target_arch = "x86_64")]
+            if vector {
+                // SAFETY: AVX-512F checked, `dim` a multiple of 16.
+                unsafe { weighted_sum_avx512(&p[lo..hi], &v[lo * dim..hi * dim], o) };
+                continue;
+            }
+            let _ = vector;
+            for (j, &w) in p[lo..hi].iter().enumerate() {
+                let vr = &v[(lo + j) * dim..(lo + j + 1) * dim];
+                for (x, &y) in o.iter_mut().zip(vr) {
+                    *x = w.mul_add(y, *x);
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Attention's first product, the scores `q · kᵀ` of queries `[batch,
+/// heads, queries, dim]` (rotated and scaled) against keys `[batch,
+/// kv_heads, keys, dim]`, both contiguous; returns `[batch, heads, queries,
+/// keys]`. Only the keys a query may see ([`Causal`]) are computed (the
+/// rest are left 0 for [`softmax_causal`], which ignores them). Each score
+/// is one dot product in a fixed order, so a query's scores do not depend
+/// on how many queries are computed with it (candle's matmul takes another
+/// path for one row than for several, and for small shapes than for
+/// large), which the prefix cache relies on ([`attend_values`] says why).
+///
+/// # Panics
+/// If the slices do not have the sizes the shape says.
+pub fn attend_scores(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal) -> Vec<f32> {
+    let ValuesShape {
+        batch,
+        heads,
+        kv_heads,
+        keys,
+        dim,
+    } = shape;
+    let queries = causal.queries;
+    assert_eq!(q.len(), batch * heads * queries * dim, "attend_scores: queries");
+    assert_eq!(k.len(), batch * kv_heads * keys * dim, "attend_scores: keys");
+    let rep = (heads / kv_heads.max(1)).max(1);
+    let mut out = vec![0f32; batch * heads * queries * keys];
+    let at = out.as_mut_ptr() as usize;
+    let vector = vector() && dim % 16 == 0;
+    candle_core::utils::barrier_pool().execute_chunked(batch * heads * queries, |range| {
+        for row in range {
+            let (bh, qi) = (row / queries.max(1), row % queries.max(1));
+            let (b, h) = (bh / heads, bh % heads);
+            let qr = &q[row * dim..(row + 1) * dim];
+            let kv = b * kv_heads + h / rep;
+            let kh = &k[kv * keys * dim..(kv + 1) * keys * dim];
+            let (lo, hi) = causal.visible(qi, keys);
+            // SAFETY: each row of scores is written by one worker only.
+            let o = unsafe { std::slice::from_raw_parts_mut((at as *mut f32).add(row * keys), keys) };
+            for j in lo..hi {
+                let kr = &kh[j * dim..(j + 1) * dim];
+                #[cfg(target_arch = "x86_64")]
+                if vector {
+                    // SAFETY: AVX-512F checked, `dim` a multiple of 16.
+                    o[j] = unsafe { dot_avx512(qr, kr) };
+                    continue;
+                }
+                o[j] = qr.iter().zip(kr).fold(0.0, |acc, (&x, &y)| x.mul_add(y, acc));
+            }
+        }
+    });
+    let _ = vector;
+    out
+}
+
+/// `a · b` for lengths that are multiples of 16, in a fixed order: four
+/// lanes of partial sums over 16-value pieces in turn, then added.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    // SAFETY (whole body): reads are below `n`, a multiple of 16.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i < n {
+            let lane = (i / 16) % 4;
+            acc[lane] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc[lane]);
+            i += 16;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_reduce_add_ps(s)
+    }
+}
+
+/// `out = Σ_j w[j] · v[j]` over `dim`-wide rows `v`, in ascending `j`,
+/// 64 values of `out` held in registers at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_sum_avx512(w: &[f32], v: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let dim = out.len();
+    let vp = v.as_ptr();
+    let op = out.as_mut_ptr();
+    let mut d0 = 0;
+    // SAFETY (whole body): every access is below `w.len()` rows of `dim`
+    // values of `v` and within `out`; `dim` is a multiple of 16.
+    unsafe {
+        while d0 + 64 <= dim {
+            let (mut a0, mut a1, mut a2, mut a3) = (
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+            );
+            for (j, &x) in w.iter().enumerate() {
+                let s = _mm512_set1_ps(x);
+                let r = vp.add(j * dim + d0);
+                a0 = _mm512_fmadd_ps(s, _mm512_loadu_ps(r), a0);
+                a1 = _mm512_fmadd_ps(s, _mm512_loadu_ps(r.add(16)), a1);
+                a2 = _mm512_fmadd_ps(s, _mm512_loadu_ps(r.add(32)), a2);
+                a3 = _mm512_fmadd_ps(s, _mm512_loadu_ps(r.add(48)), a3);
+            }
+            _mm512_storeu_ps(op.add(d0), a0);
+            _mm512_storeu_ps(op.add(d0 + 16), a1);
+            _mm512_storeu_ps(op.add(d0 + 32), a2);
+            _mm512_storeu_ps(op.add(d0 + 48), a3);
+            d0 += 64;
+        }
+        while d0 < dim {
+            let mut a = _mm512_setzero_ps();
+            for (j, &x) in w.iter().enumerate() {
+                a = _mm512_fmadd_ps(_mm512_set1_ps(x), _mm512_loadu_ps(vp.add(j * dim + d0)), a);
+            }
+            _mm512_storeu_ps(op.add(d0), a);
+            d0 += 16;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,6 +505,123 @@ mod tests {
                 (g - want).abs() <= 1e-6 * (1.0 + want.abs()),
                 "silu({v}) = {g}, want {want}"
             );
+        }
+    }
+
+    /// The values product: equal to the plain sum (within float
+    /// reassociation), and each row independent of how many rows run.
+    #[test]
+    fn attention_values_rows_stand_alone() {
+        // 80: the portable loop; 64 and 256: the vector one where it runs.
+        for dim in [80, 64, 256] {
+            values_rows_stand_alone(dim);
+        }
+    }
+
+    fn values_rows_stand_alone(dim: usize) {
+        let shape = ValuesShape {
+            batch: 1,
+            heads: 4,
+            kv_heads: 2,
+            keys: 700,
+            dim,
+        };
+        let noise = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
+                .collect()
+        };
+        let (t, pos) = (40, 660);
+        let causal = Causal {
+            queries: t,
+            pos,
+            window: Some(500),
+        };
+        let mut probs = noise(shape.heads * t * shape.keys, 1);
+        softmax_causal(&mut probs, shape.keys, causal);
+        let values = noise(shape.kv_heads * shape.keys * shape.dim, 7);
+        let all = attend_values(&probs, &values, shape, causal);
+        // The last 5 queries alone.
+        let mut tail = Vec::new();
+        for h in 0..shape.heads {
+            let start = (h * t + t - 5) * shape.keys;
+            tail.extend_from_slice(&probs[start..start + 5 * shape.keys]);
+        }
+        let alone = attend_values(
+            &tail,
+            &values,
+            shape,
+            Causal {
+                queries: 5,
+                pos: pos + t - 5,
+                window: Some(500),
+            },
+        );
+        let per_query = shape.heads * shape.dim;
+        assert_eq!(&all[(t - 5) * per_query..], &alone[..]);
+        // Against the plain sum.
+        for (q, h) in [(0, 0), (17, 3), (39, 2)] {
+            for d in [0, 33, dim - 1] {
+                let kv = h / 2;
+                let want: f64 = (0..shape.keys)
+                    .map(|j| {
+                        probs[(h * t + q) * shape.keys + j] as f64
+                            * values[(kv * shape.keys + j) * shape.dim + d] as f64
+                    })
+                    .sum();
+                let got = all[(q * shape.heads + h) * shape.dim + d] as f64;
+                assert!((want - got).abs() < 1e-5, "q{q} h{h} d{d}: {want} vs {got}");
+            }
+        }
+    }
+
+    /// The scores product: a query's scores are the same alone as among
+    /// others, and equal the plain dot products.
+    #[test]
+    fn attention_scores_rows_stand_alone() {
+        for dim in [80, 64, 256] {
+            let shape = ValuesShape {
+                batch: 1,
+                heads: 4,
+                kv_heads: 2,
+                keys: 90,
+                dim,
+            };
+            let noise = |n: usize, seed: u32| -> Vec<f32> {
+                (0..n)
+                    .map(|i| {
+                        ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5
+                    })
+                    .collect()
+            };
+            let (t, pos) = (30, 60);
+            let causal = Causal {
+                queries: t,
+                pos,
+                window: None,
+            };
+            let q = noise(shape.heads * t * dim, 3);
+            let k = noise(shape.kv_heads * shape.keys * dim, 5);
+            let all = attend_scores(&q, &k, shape, causal);
+            let mut last = Vec::new();
+            for h in 0..shape.heads {
+                last.extend_from_slice(&q[(h * t + t - 1) * dim..(h * t + t) * dim]);
+            }
+            let one = Causal {
+                queries: 1,
+                pos: pos + t - 1,
+                window: None,
+            };
+            let alone = attend_scores(&last, &k, shape, one);
+            for h in 0..shape.heads {
+                let row = &all[(h * t + t - 1) * shape.keys..(h * t + t) * shape.keys];
+                assert_eq!(row, &alone[h * shape.keys..(h + 1) * shape.keys], "dim {dim} head {h}");
+                let want: f64 = (0..dim)
+                    .map(|d| q[(h * t + 5) * dim + d] as f64 * k[((h / 2) * shape.keys + 7) * dim + d] as f64)
+                    .sum();
+                let got = all[(h * t + 5) * shape.keys + 7] as f64;
+                assert!((want - got).abs() < 1e-5, "dim {dim}: {want} vs {got}");
+            }
         }
     }
 }

@@ -383,6 +383,10 @@ impl RemoteMember {
             usage: Usage {
                 prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32,
                 completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as u32,
+                // The OpenAI shape (vLLM and Tessera fill it; others leave it out).
+                cached_tokens: v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0) as u32,
             },
         })
     }

@@ -101,6 +101,10 @@ impl Models for ScoreMemo {
         self.inner.cards()
     }
 
+    fn prefix_stats(&self) -> Vec<(String, crate::backends::gguf::prefix::PrefixSnapshot)> {
+        self.inner.prefix_stats()
+    }
+
     fn generate(
         &self,
         ctx: CallCtx,
@@ -205,6 +209,7 @@ mod tests {
                     .map(|c| Scored {
                         logprob: -(c.len() as f64),
                         tokens: 1,
+                        cached_tokens: 0,
                     })
                     .collect())
             })

@@ -210,6 +210,10 @@ pub struct Usage {
     pub prompt_tokens: u32,
     /// Tokens generated.
     pub completion_tokens: u32,
+    /// Of the prompt's tokens, those whose keys and values came from the
+    /// member's prefix cache instead of being computed.
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 /// The result of one generation.
@@ -232,6 +236,10 @@ pub struct Scored {
     pub logprob: f64,
     /// Number of continuation tokens.
     pub tokens: u32,
+    /// Prompt tokens the call read from the member's prefix cache (the
+    /// same for every continuation of one call: they share the prompt).
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 /// One candidate next token.
@@ -443,6 +451,12 @@ pub trait Models: Send + Sync + 'static {
         model: &str,
         texts: Vec<String>,
     ) -> BoxFuture<'static, Result<Embedded, InferenceError>>;
+    /// Each member's prefix-cache counters, for those that have one (the
+    /// server's `/metrics`). Doubles and wrappers without members of their
+    /// own have none.
+    fn prefix_stats(&self) -> Vec<(String, crate::backends::gguf::prefix::PrefixSnapshot)> {
+        Vec::new()
+    }
 }
 
 /// Sentence embeddings, one per text in order, with the number of tokens

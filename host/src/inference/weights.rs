@@ -249,6 +249,10 @@ impl Overlay {
 }
 
 impl Models for Overlay {
+    fn prefix_stats(&self) -> Vec<(String, crate::backends::gguf::prefix::PrefixSnapshot)> {
+        self.base.prefix_stats()
+    }
+
     fn cards(&self) -> Vec<ModelCard> {
         let mut cards = self.base.cards();
         for (shown, inner, m) in &self.extra {

@@ -25,6 +25,7 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+use crate::backends::gguf::prefix::{PrefixSnapshot, PrefixStats};
 use crate::backends::remote::{RemoteConfig, RemoteMember};
 use crate::backends::{bert::BertEmbedder, gguf::GgufModel, Backend};
 use crate::inference::{
@@ -214,6 +215,8 @@ impl PoolError {
 struct Worker {
     card: ModelCard,
     exec: Exec,
+    /// A local GGUF member's prefix-cache counters.
+    prefix: Option<Arc<PrefixStats>>,
 }
 
 enum Exec {
@@ -288,6 +291,10 @@ pub struct PoolOptions {
     pub device: crate::backends::device::DeviceSpec,
     /// Generations a member decodes together at most (1: no batching).
     pub max_batch: usize,
+    /// Bytes of prompt keys and values each local member keeps for reuse
+    /// across requests (0: no prefix cache; see
+    /// [`crate::backends::gguf::prefix`]).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for PoolOptions {
@@ -295,6 +302,7 @@ impl Default for PoolOptions {
         PoolOptions {
             device: crate::backends::device::DeviceSpec::Cpu,
             max_batch: DEFAULT_MAX_BATCH,
+            prefix_cache_bytes: crate::backends::gguf::DEFAULT_PREFIX_CACHE_BYTES,
         }
     }
 }
@@ -309,6 +317,12 @@ impl PoolOptions {
     /// Members decode at most `n` queued generations together (at least 1).
     pub fn max_batch(mut self, n: usize) -> Self {
         self.max_batch = n.max(1);
+        self
+    }
+
+    /// Each local member's prefix cache holds at most `bytes` (0: none).
+    pub fn prefix_cache(mut self, bytes: usize) -> Self {
+        self.prefix_cache_bytes = bytes;
         self
     }
 }
@@ -353,6 +367,7 @@ fn load_member(
     m: &MemberConfig,
     models_dir: &Path,
     device: &Result<candle_core::Device, crate::backends::device::DeviceError>,
+    prefix_cache_bytes: usize,
 ) -> Result<(Backend, ModelCard), PoolError> {
     let full = models_dir.join(&m.path);
     verify(m, &full)?;
@@ -374,12 +389,13 @@ fn load_member(
     let backend = match m.backend {
         BackendKind::Gguf | BackendKind::Hf => {
             let device = device.as_ref().map_err(|e| load_err(e))?;
-            let model = if m.backend == BackendKind::Hf {
+            let mut model = if m.backend == BackendKind::Hf {
                 GgufModel::load_hf(&m.id, &full, device)
             } else {
                 GgufModel::load(&m.id, &full, device)
             }
             .map_err(|e| load_err(&e))?;
+            model.set_prefix_cache(prefix_cache_bytes);
             let f = model.facts();
             card.architecture = f.architecture.clone();
             card.parameters = f.parameters;
@@ -429,13 +445,17 @@ fn remote_member(m: &MemberConfig, r: RemoteConfig) -> Result<(ModelCard, Arc<Re
     Ok((card, Arc::new(member)))
 }
 
+/// What a local member's worker reports once loaded: its card and, for a
+/// GGUF member, its prefix-cache counters.
+type Ready = (ModelCard, Option<Arc<PrefixStats>>);
+
 /// A member whose loading has started ([`Pool::load_with`]): a local one's
 /// worker thread (if it could be started), the channel its card or load
 /// error comes back on, and its job queue; or a remote one, already set up.
 enum Pending {
     Local(
         std::io::Result<std::thread::JoinHandle<()>>,
-        mpsc::Receiver<Result<ModelCard, PoolError>>,
+        mpsc::Receiver<Result<Ready, PoolError>>,
         mpsc::Sender<Job>,
     ),
     Remote(Result<(ModelCard, Arc<RemoteMember>), PoolError>),
@@ -450,13 +470,17 @@ fn spawn_local(
     load: impl FnOnce(&MemberConfig) -> Result<(Backend, ModelCard), PoolError> + Send + 'static,
     max_batch: Arc<std::sync::atomic::AtomicUsize>,
 ) -> Pending {
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<ModelCard, PoolError>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<Ready, PoolError>>();
     let (queue, jobs) = mpsc::channel::<Job>();
     let name = format!("tessera-model-{}", m.id);
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
         let backend = match load(&m) {
             Ok((b, card)) => {
-                let _ = ready_tx.send(Ok(card));
+                let prefix = match &b {
+                    Backend::Gguf(g) => Some(g.prefix_stats()),
+                    _ => None,
+                };
+                let _ = ready_tx.send(Ok((card, prefix)));
                 b
             }
             Err(e) => {
@@ -480,9 +504,9 @@ struct Assembly {
 
 impl Assembly {
     /// Adds a member that is ready to serve.
-    fn serve(&mut self, card: ModelCard, exec: Exec) {
+    fn serve(&mut self, card: ModelCard, exec: Exec, prefix: Option<Arc<PrefixStats>>) {
         self.order.push(card.id.clone());
-        self.workers.insert(card.id.clone(), Worker { card, exec });
+        self.workers.insert(card.id.clone(), Worker { card, exec, prefix });
     }
 
     /// Waits until `p` has loaded (or failed to), then adds it to the
@@ -490,7 +514,7 @@ impl Assembly {
     fn settle(&mut self, p: Pending) {
         let (spawned, ready, queue) = match p {
             Pending::Local(s, r, q) => (s, r, q),
-            Pending::Remote(Ok((card, member))) => return self.serve(card, Exec::Remote(member)),
+            Pending::Remote(Ok((card, member))) => return self.serve(card, Exec::Remote(member), None),
             Pending::Remote(Err(e)) => return self.failures.push(e),
         };
         if let Err(e) = spawned {
@@ -501,7 +525,7 @@ impl Assembly {
             return;
         }
         match ready.recv() {
-            Ok(Ok(card)) => self.serve(card, Exec::Local(queue)),
+            Ok(Ok((card, prefix))) => self.serve(card, Exec::Local(queue), prefix),
             Ok(Err(e)) => self.failures.push(e),
             Err(_) => self.failures.push(PoolError::Load {
                 id: "?".into(),
@@ -534,7 +558,8 @@ impl Pool {
                 None => {
                     let dir = models_dir.to_path_buf();
                     let device = device.clone();
-                    spawn_local(m, move |m| load_member(m, &dir, &device), max_batch.clone())
+                    let bytes = options.prefix_cache_bytes;
+                    spawn_local(m, move |m| load_member(m, &dir, &device, bytes), max_batch.clone())
                 }
             };
             pending.push(p);
@@ -635,6 +660,17 @@ impl Models for Pool {
             .iter()
             .filter_map(|id| self.workers.get(id))
             .map(|w| w.card.clone())
+            .collect()
+    }
+
+    /// Every local GGUF member's counters, in declaration order.
+    fn prefix_stats(&self) -> Vec<(String, PrefixSnapshot)> {
+        self.order
+            .iter()
+            .filter_map(|id| {
+                let s = self.workers.get(id)?.prefix.as_ref()?;
+                Some((id.clone(), s.snapshot()))
+            })
             .collect()
     }
 

@@ -215,11 +215,28 @@ impl RequestState {
         took: Duration,
         outcome: &str,
     ) -> wasmtime::Result<()> {
+        self.record_model_call(call, model, (prompt, completion, 0), took, outcome)
+    }
+
+    /// [`Self::record_call`] for a call that ran a prompt, with its
+    /// `(prompt, completion, cached)` tokens: the cached ones (read from the
+    /// member's prefix cache) also count in the request's usage.
+    pub(super) fn record_model_call(
+        &mut self,
+        call: &str,
+        model: &str,
+        tokens: (u32, u32, u32),
+        took: Duration,
+        outcome: &str,
+    ) -> wasmtime::Result<()> {
+        let (prompt, completion, cached) = tokens;
+        self.usage.cached_tokens += u64::from(cached);
         self.push_event(ProvenanceEvent::HostCall {
             call: call.into(),
             model: clip(model.to_string(), MAX_MODEL_BYTES),
             prompt_tokens: prompt,
             completion_tokens: completion,
+            cached_tokens: cached,
             ms: took.as_millis() as u64,
             outcome: outcome.into(),
         })
@@ -345,12 +362,12 @@ impl models::Host for RequestState {
         let fut = self.models.generate(self.call_ctx(), &model, input, params);
         let result = self.await_model(fut).await?;
         let outcome = outcome_of(&result);
-        let (p, c) = result
+        let (p, c, k) = result
             .as_ref()
-            .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens))
-            .unwrap_or((0, 0));
+            .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens))
+            .unwrap_or((0, 0, 0));
         self.account_generation(p, c);
-        self.record_call("generate", &model, p, c, started.elapsed(), &outcome)?;
+        self.record_model_call("generate", &model, (p, c, k), started.elapsed(), &outcome)?;
         Ok(result.map(generation_out).map_err(inference_error_out))
     }
 
@@ -403,13 +420,13 @@ impl models::Host for RequestState {
         }
         let mut out = Vec::with_capacity(results.len());
         for ((r, took), model) in results.into_iter().zip(names) {
-            let (p, c) = r
+            let (p, c, k) = r
                 .as_ref()
-                .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens))
-                .unwrap_or((0, 0));
+                .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens))
+                .unwrap_or((0, 0, 0));
             self.account_generation(p, c);
             let outcome = outcome_of(&r);
-            self.record_call("generate", &model, p, c, took, &outcome)?;
+            self.record_model_call("generate", &model, (p, c, k), took, &outcome)?;
             out.push(r.map(generation_out).map_err(inference_error_out));
         }
         Ok(out)
@@ -434,9 +451,13 @@ impl models::Host for RequestState {
         let fut = self.models.score(self.call_ctx(), &model, prompt, continuations);
         let result = self.await_model(fut).await?;
         let scored: u32 = result.as_ref().map(|v| v.iter().map(|s| s.tokens).sum()).unwrap_or(0);
+        let cached = result
+            .as_ref()
+            .map(|v| v.iter().map(|s| s.cached_tokens).max().unwrap_or(0))
+            .unwrap_or(0);
         self.usage.scored_tokens += u64::from(scored);
         let outcome = outcome_of(&result);
-        self.record_call("score", &model, scored, 0, started.elapsed(), &outcome)?;
+        self.record_model_call("score", &model, (scored, 0, cached), started.elapsed(), &outcome)?;
         Ok(result
             .map(|v| {
                 v.into_iter()

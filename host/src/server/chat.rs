@@ -154,12 +154,13 @@ pub(crate) fn breaker_key(caller: &Caller, sha256: &str) -> String {
     format!("{}/{sha256}", caller.name())
 }
 
-pub(crate) fn member_provenance(member: &str, prompt: u32, completion: u32, ms: u64) -> Value {
+pub(crate) fn member_provenance(member: &str, usage: &crate::inference::Usage, ms: u64) -> Value {
     json!({
         "members": [member],
         "events": [ProvenanceEvent::HostCall {
-            call: "generate".into(), model: member.into(), prompt_tokens: prompt,
-            completion_tokens: completion, ms, outcome: "ok".into(),
+            call: "generate".into(), model: member.into(), prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens, cached_tokens: usage.cached_tokens, ms,
+            outcome: "ok".into(),
         }],
     })
 }
@@ -240,7 +241,7 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
     match result {
         Ok(done) => {
             let id = st.id(if chat { "chatcmpl" } else { "cmpl" });
-            let usage = openai::usage(done.prompt, done.completion);
+            let usage = openai::usage(done.prompt, done.completion, done.cached);
             let body = openai::completion(
                 chat,
                 &id,
@@ -272,6 +273,7 @@ pub(crate) struct Done {
     finish: &'static str,
     prompt: u64,
     completion: u64,
+    cached: u64,
     provenance: Value,
 }
 
@@ -311,11 +313,12 @@ pub(crate) async fn run_target(
             let ms = started.elapsed().as_millis() as u64;
             let used = u64::from(g.usage.prompt_tokens) + u64::from(g.usage.completion_tokens);
             let done = Done {
-                provenance: member_provenance(id, g.usage.prompt_tokens, g.usage.completion_tokens, ms),
+                provenance: member_provenance(id, &g.usage, ms),
                 text: g.text,
                 finish: finish_name(g.finish),
                 prompt: g.usage.prompt_tokens as u64,
                 completion: g.usage.completion_tokens as u64,
+                cached: g.usage.cached_tokens as u64,
             };
             (Ok(done), used)
         }
@@ -352,6 +355,7 @@ pub(crate) async fn run_target(
                 finish: "stop",
                 prompt: out.usage.prompt_tokens,
                 completion: out.usage.completion_tokens,
+                cached: out.usage.cached_tokens,
             };
             (Ok(done), used)
         }
@@ -445,7 +449,7 @@ pub(crate) fn stream(
                 if ask.include_usage {
                     let mut u = openai::chunk(chat, &id, created, &model, None, false, None);
                     u["choices"] = json!([]);
-                    u["usage"] = openai::usage(done.prompt, done.completion);
+                    u["usage"] = openai::usage(done.prompt, done.completion, done.cached);
                     let _ = tx.send(event(&u));
                 }
             }

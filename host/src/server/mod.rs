@@ -37,6 +37,7 @@ pub mod embeddings;
 pub mod error;
 pub mod front_door;
 pub mod guests;
+pub mod metrics;
 pub mod models;
 pub mod modules;
 pub mod openai;
@@ -304,6 +305,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.cfg.max_body_bytes;
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics::metrics))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))

@@ -333,9 +333,15 @@ pub fn completion(
     })
 }
 
-/// OpenAI's `usage` object.
-pub fn usage(prompt: u64, completion: u64) -> Value {
-    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
+/// OpenAI's `usage` object; `cached` prompt tokens (read from the members'
+/// prefix caches) go where OpenAI puts its own, in `prompt_tokens_details`.
+pub fn usage(prompt: u64, completion: u64, cached: u64) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": { "cached_tokens": cached },
+    })
 }
 
 /// One streamed chunk of a chat (`delta`) or a completion (`text`).

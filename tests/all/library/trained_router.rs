@@ -156,6 +156,7 @@ pub(super) mod scale {
                     usage: Usage {
                         prompt_tokens: 100,
                         completion_tokens: completion,
+                        cached_tokens: 0,
                     },
                 })
             })
@@ -174,6 +175,7 @@ pub(super) mod scale {
                     .map(|c| Scored {
                         logprob: -0.3 * c.len() as f64,
                         tokens: c.len() as u32,
+                        cached_tokens: 0,
                     })
                     .collect())
             })

@@ -4,7 +4,7 @@
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
-use tessera_kernels::math::Causal;
+use tessera_kernels::math::{Causal, ValuesShape};
 
 /// The token embedding (kept as f16 for row lookup) and the output
 /// projection: `output.weight` when the file has one, else the embedding
@@ -152,6 +152,76 @@ impl candle_core::CustomOp1 for InPlace {
     }
 }
 
+/// Attention's two products on the CPU through our kernels
+/// ([`tessera_kernels::math::attend_scores`] and
+/// [`tessera_kernels::math::attend_values`]): every query's row is computed
+/// in one fixed order whatever rows run beside it (candle's matmul changed
+/// the last bits with the row count, which the prefix cache could not
+/// allow), over the keys it may see, reading grouped keys and values
+/// without copying them per query head.
+enum Attention {
+    /// Queries and keys to scores `[b, heads, t, keys]`.
+    Scores { shape: ValuesShape, causal: Causal },
+    /// Probabilities and values to `[b, t, heads, d]`.
+    Values { shape: ValuesShape, causal: Causal },
+}
+
+impl candle_core::CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        match self {
+            Attention::Scores { .. } => "tessera-attend-scores",
+            Attention::Values { .. } => "tessera-attend-values",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(a), Some((a0, a1)), candle_core::CpuStorage::F32(c), Some((c0, c1))) =
+            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
+        else {
+            candle_core::bail!("{}: contiguous f32 inputs expected", self.name());
+        };
+        let (Attention::Scores { shape, causal } | Attention::Values { shape, causal }) = *self;
+        let ValuesShape {
+            batch,
+            heads,
+            kv_heads,
+            keys,
+            dim,
+        } = shape;
+        let t = causal.queries;
+        let (a, c) = (&a[a0..a1], &c[c0..c1]);
+        let first = match self {
+            Attention::Scores { .. } => batch * heads * t * dim,
+            Attention::Values { .. } => batch * heads * t * keys,
+        };
+        if a.len() != first || c.len() != batch * kv_heads * keys * dim {
+            candle_core::bail!(
+                "{}: inputs {:?} and {:?} do not match {shape:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let (out, dims) = match self {
+            Attention::Scores { .. } => (
+                tessera_kernels::math::attend_scores(a, c, shape, causal),
+                candle_core::Shape::from((batch, heads, t, keys)),
+            ),
+            Attention::Values { .. } => (
+                tessera_kernels::math::attend_values(a, c, shape, causal),
+                candle_core::Shape::from((batch, t, heads, dim)),
+            ),
+        };
+        Ok((candle_core::CpuStorage::F32(out), dims))
+    }
+}
+
 /// `x * sigmoid(x)`: our vector kernel on the CPU, candle's elsewhere.
 pub(super) fn silu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
@@ -183,17 +253,31 @@ pub(super) fn attend(
     };
     *cache = Some((k.clone(), v.clone()));
     let rep = heads / kv_heads;
-    let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-    let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-    let scores = q.contiguous()?.matmul(&k.t()?)?;
-    let probs = if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+    let cpu = q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32;
+    if cpu {
         let causal = Causal {
             queries: t,
             pos,
             window,
         };
-        scores.contiguous()?.apply_op1_no_bwd(&InPlace::CausalSoftmax(causal))?
-    } else {
+        let shape = ValuesShape {
+            batch: b,
+            heads,
+            kv_heads,
+            keys: v.dim(2)?,
+            dim: d,
+        };
+        let scores = q
+            .contiguous()?
+            .apply_op2_no_bwd(&k.contiguous()?, &Attention::Scores { shape, causal })?;
+        let probs = scores.apply_op1_no_bwd(&InPlace::CausalSoftmax(causal))?;
+        let out = probs.apply_op2_no_bwd(&v, &Attention::Values { shape, causal })?;
+        return out.reshape((b, t, heads * d));
+    }
+    let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+    let scores = q.contiguous()?.matmul(&k.t()?)?;
+    let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+    let probs = {
         let scores = match causal_mask(t, pos, window, scores.device())? {
             Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,

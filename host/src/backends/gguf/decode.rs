@@ -32,7 +32,7 @@ use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use super::llama::KvState;
-use super::{failed, GgufModel, Weights, PREFILL_CHUNK};
+use super::{chunk_at, failed, GgufModel, Weights};
 use crate::inference::{
     CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Usage, DEFAULT_MAX_TOKENS,
 };
@@ -87,9 +87,11 @@ struct Seq<'s> {
     ctx: CallCtx,
     params: GenParams,
     sink: Option<Sink<'s>>,
-    /// The prompt's tokens and how many of them are in the cache.
+    /// The prompt's tokens, how many of them are in the cache, and how many
+    /// of those came from the member's prefix cache.
     prompt: Vec<u32>,
     prefilled: usize,
+    cached: usize,
     max_new: usize,
     sampler: LogitsProcessor,
     /// The logits of the last position run (set once prefill is done).
@@ -275,6 +277,7 @@ impl Seq<'_> {
             usage: Usage {
                 prompt_tokens: self.prompt.len() as u32,
                 completion_tokens: self.out.len() as u32,
+                cached_tokens: self.cached as u32,
             },
         })
     }
@@ -318,6 +321,7 @@ impl GgufModel {
             sink: req.sink,
             prompt,
             prefilled: 0,
+            cached: 0,
             max_new,
             sampler,
             logits: None,
@@ -388,25 +392,42 @@ impl GgufModel {
     }
 
     /// Runs the next chunk of `seq`'s prompt over its cache; `Ok(true)` once
-    /// the whole prompt is in (its logits are then set). The chunks fall
-    /// where [`GgufModel::prefill`]'s do, so a prompt computes the same
-    /// whether it is prefilled alone or between other work.
+    /// the whole prompt is in (its logits are then set, and its blocks filed
+    /// in the prefix cache). Before the first chunk, the prompt's longest
+    /// cached beginning is taken from the member's prefix cache; it is
+    /// looked up then rather than at admission, so a prompt admitted beside
+    /// another with the same beginning finds it once that one is in. The
+    /// chunks fall where [`GgufModel::prefill`]'s do, and rows take the
+    /// kernel of their whole chunk, so a prompt computes the same whether it
+    /// is prefilled alone, between other work, or after a cache hit.
     fn prefill_chunk(&mut self, seq: &mut Seq<'_>) -> Result<bool, InferenceError> {
         if Instant::now() >= seq.ctx.deadline {
             return Err(InferenceError::Deadline);
         }
-        let end = (seq.prefilled + PREFILL_CHUNK).min(seq.prompt.len());
+        if seq.prefilled == 0 {
+            if let Some(found) = self.prefix.lookup(&seq.prompt).map_err(failed)? {
+                seq.state = found.state;
+                seq.prefilled = found.tokens;
+                seq.cached = found.tokens;
+            }
+        }
+        let (end, rows) = chunk_at(seq.prefilled, seq.prompt.len());
         self.weights.put_state(std::mem::take(&mut seq.state));
-        let logits = Self::step(
+        let logits = Self::step_chunk(
             &mut self.weights,
             &self.device,
             &seq.prompt[seq.prefilled..end],
             seq.prefilled,
+            rows,
         );
         seq.state = self.weights.take_state();
         seq.logits = Some(logits?);
         seq.prefilled = end;
-        Ok(end == seq.prompt.len())
+        let done = end == seq.prompt.len();
+        if done {
+            self.prefix.insert(&seq.prompt, &seq.state).map_err(failed)?;
+        }
+        Ok(done)
     }
 
     /// One decode step for every sequence in `seqs`, setting their logits:

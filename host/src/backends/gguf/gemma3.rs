@@ -152,6 +152,16 @@ impl Gemma3 {
     /// and returns the logits of the last one (`[1, vocab]`). `pos == 0`
     /// starts a new sequence.
     pub fn forward(&mut self, ids: &Tensor, pos: usize) -> Result<Tensor> {
+        let rows = ids.elem_count();
+        self.forward_chunk(ids, pos, rows)
+    }
+
+    /// [`Self::forward`] for rows that belong to a prompt chunk of
+    /// `chunk_rows` rows, the rest of which is already in the cache: the
+    /// projections take the kernel the whole chunk would take (see
+    /// [`super::quant::Linear::forward_chunk`]), so the prefix cache
+    /// changes no number.
+    pub fn forward_chunk(&mut self, ids: &Tensor, pos: usize, chunk_rows: usize) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
         let mut x =
@@ -164,19 +174,31 @@ impl Gemma3 {
                 &self.global_rope
             };
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.q.forward(&h)?.reshape((b, t, heads, hd))?.transpose(1, 2)?;
-            let k = layer.k.forward(&h)?.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
-            let v = layer.v.forward(&h)?.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
+            let q = layer
+                .q
+                .forward_chunk(&h, chunk_rows)?
+                .reshape((b, t, heads, hd))?
+                .transpose(1, 2)?;
+            let k = layer
+                .k
+                .forward_chunk(&h, chunk_rows)?
+                .reshape((b, t, kv_heads, hd))?
+                .transpose(1, 2)?;
+            let v = layer
+                .v
+                .forward_chunk(&h, chunk_rows)?
+                .reshape((b, t, kv_heads, hd))?
+                .transpose(1, 2)?;
             let q = candle_nn::ops::rms_norm(&q.contiguous()?, &layer.q_norm, eps)?;
             let k = candle_nn::ops::rms_norm(&k.contiguous()?, &layer.k_norm, eps)?;
             let q = (rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = rope.apply(&k, pos)?;
             let attn = attend(&q, k, v, &mut layer.kv, pos, layer.window)?;
-            let attn = layer.o.forward(&attn)?;
+            let attn = layer.o.forward_chunk(&attn, chunk_rows)?;
             let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let ff = (layer.gate.forward(&h)?.gelu()? * layer.up.forward(&h)?)?;
-            let ff = layer.down.forward(&ff)?;
+            let ff = (layer.gate.forward_chunk(&h, chunk_rows)?.gelu()? * layer.up.forward_chunk(&h, chunk_rows)?)?;
+            let ff = layer.down.forward_chunk(&ff, chunk_rows)?;
             x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
         }
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;

@@ -190,6 +190,16 @@ impl Llama {
     /// Runs tokens `ids` (`[1, t]`) at positions `pos..pos+t`; returns the
     /// last position's logits (`[1, vocab]`). `pos == 0` starts afresh.
     pub fn forward(&mut self, ids: &Tensor, pos: usize) -> Result<Tensor> {
+        let rows = ids.elem_count();
+        self.forward_chunk(ids, pos, rows)
+    }
+
+    /// [`Self::forward`] for rows that belong to a prompt chunk of
+    /// `chunk_rows` rows, the rest of which is already in the cache: the
+    /// projections take the kernel the whole chunk would take (see
+    /// [`super::quant::Linear::forward_chunk`]), so the prefix cache
+    /// changes no number.
+    pub fn forward_chunk(&mut self, ids: &Tensor, pos: usize, chunk_rows: usize) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mut x = self
             .embed
@@ -199,7 +209,11 @@ impl Llama {
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         for layer in self.layers.iter_mut() {
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let (mut q, mut k, mut v) = (layer.q.forward(&n)?, layer.k.forward(&n)?, layer.v.forward(&n)?);
+            let (mut q, mut k, mut v) = (
+                layer.q.forward_chunk(&n, chunk_rows)?,
+                layer.k.forward_chunk(&n, chunk_rows)?,
+                layer.v.forward_chunk(&n, chunk_rows)?,
+            );
             if let Some((bq, bk, bv)) = &layer.bias {
                 q = q.broadcast_add(bq)?;
                 k = k.broadcast_add(bk)?;
@@ -211,10 +225,10 @@ impl Llama {
             let q = (self.rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = self.rope.apply(&k, pos)?;
             let attn = attend(&q, k, v, &mut layer.kv, pos, None)?;
-            let h = (layer.o.forward(&attn)? + &x)?;
+            let h = (layer.o.forward_chunk(&attn, chunk_rows)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = (silu(&layer.gate.forward(&m)?)? * layer.up.forward(&m)?)?;
-            x = (layer.down.forward(&ff)? + h)?;
+            let ff = (silu(&layer.gate.forward_chunk(&m, chunk_rows)?)? * layer.up.forward_chunk(&m, chunk_rows)?)?;
+            x = (layer.down.forward_chunk(&ff, chunk_rows)? + h)?;
         }
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;

@@ -18,6 +18,7 @@ pub mod decode;
 pub mod gemma3;
 pub mod hf;
 pub mod llama;
+pub mod prefix;
 pub mod quant;
 pub mod template;
 pub mod tokenizer;
@@ -45,6 +46,19 @@ pub(crate) const PREFILL_CHUNK: usize = 512;
 /// continuation keeps its whole vocabulary's logits, so a pass takes at most
 /// this over the vocabulary's size rows (Gemma's 262k: 64 rows).
 const SCORE_LOGITS: usize = 16 << 20;
+/// Bytes of keys and values a member's prefix cache holds unless told
+/// otherwise ([`GgufModel::set_prefix_cache`]): about 5,000 prompt tokens of
+/// SmolLM2-135M, 10,000 of Qwen2.5-0.5B.
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 256 << 20;
+
+/// Where the prefill chunk holding position `start` of a `len`-token prompt
+/// ends, and how many rows that whole chunk has: chunks fall on multiples
+/// of [`PREFILL_CHUNK`] whatever part of the prompt came from the cache.
+pub(crate) fn chunk_at(start: usize, len: usize) -> (usize, usize) {
+    let begin = start / PREFILL_CHUNK * PREFILL_CHUNK;
+    let end = (begin + PREFILL_CHUNK).min(len);
+    (end, end - begin)
+}
 
 #[derive(Clone)]
 enum Weights {
@@ -53,10 +67,12 @@ enum Weights {
 }
 
 impl Weights {
-    fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+    /// Rows `x` of a prompt chunk of `chunk_rows` rows from position `pos`
+    /// (see [`llama::Llama::forward_chunk`]).
+    fn forward_chunk(&mut self, x: &Tensor, pos: usize, chunk_rows: usize) -> candle_core::Result<Tensor> {
         match self {
-            Weights::Llama(m) => m.forward(x, pos),
-            Weights::Gemma3(m) => m.forward(x, pos),
+            Weights::Llama(m) => m.forward_chunk(x, pos, chunk_rows),
+            Weights::Gemma3(m) => m.forward_chunk(x, pos, chunk_rows),
         }
     }
 
@@ -125,6 +141,8 @@ pub struct GgufModel {
     /// Whether `score` runs each continuation's tokens as one pass (the
     /// default) or one decode step at a time.
     one_pass: bool,
+    /// Keys and values of recent prompts, shared across requests.
+    prefix: prefix::PrefixCache,
 }
 
 fn failed(e: impl std::fmt::Display) -> InferenceError {
@@ -227,7 +245,21 @@ impl GgufModel {
             facts,
             prefix_reuse: true,
             one_pass: true,
+            prefix: prefix::PrefixCache::new(DEFAULT_PREFIX_CACHE_BYTES),
         })
+    }
+
+    /// Empties the prefix cache and bounds it to `bytes` (0 turns it off:
+    /// benches that time the computation itself, and operators short of
+    /// memory).
+    pub fn set_prefix_cache(&mut self, bytes: usize) {
+        self.prefix.reset(bytes);
+    }
+
+    /// The prefix cache's counters, shared: they keep counting after the
+    /// call (the pool hands them to the server's metrics).
+    pub fn prefix_stats(&self) -> std::sync::Arc<prefix::PrefixStats> {
+        self.prefix.stats()
     }
 
     /// Turns prefix reuse in `score` on or off (benches compare the two;
@@ -321,9 +353,55 @@ impl GgufModel {
 
     /// Runs `ids` from position `pos` and returns the last position's logits.
     fn step(weights: &mut Weights, device: &Device, ids: &[u32], pos: usize) -> Result<Tensor, InferenceError> {
+        Self::step_chunk(weights, device, ids, pos, ids.len())
+    }
+
+    /// [`Self::step`] for rows of a prompt chunk of `chunk_rows` rows.
+    fn step_chunk(
+        weights: &mut Weights,
+        device: &Device,
+        ids: &[u32],
+        pos: usize,
+        chunk_rows: usize,
+    ) -> Result<Tensor, InferenceError> {
         let x = Tensor::new(ids, device).and_then(|t| t.unsqueeze(0)).map_err(failed)?;
-        let logits = weights.forward(&x, pos).map_err(failed)?;
+        let logits = weights.forward_chunk(&x, pos, chunk_rows).map_err(failed)?;
         logits.squeeze(0).map_err(failed)
+    }
+
+    /// [`Self::prefill`] through the member's prefix cache: the prompt's
+    /// longest cached beginning is put into the model, the rest runs in the
+    /// pieces and on the kernels the full prefill would use (the chunk
+    /// boundaries and each chunk's row count are those of the whole
+    /// prompt), and the prompt's blocks are filed for the next request.
+    /// Returns the last position's logits and the tokens reused.
+    fn prefill_cached(&mut self, ids: &[u32], ctx: CallCtx) -> Result<(Tensor, usize), InferenceError> {
+        let found = self.prefix.lookup(ids).map_err(failed)?;
+        let reused = found.as_ref().map_or(0, |f| f.tokens);
+        self.weights.put_state(found.map(|f| f.state).unwrap_or_default());
+        let mut logits = None;
+        let mut start = reused;
+        while start < ids.len() {
+            if Instant::now() >= ctx.deadline {
+                return Err(InferenceError::Deadline);
+            }
+            let (end, rows) = chunk_at(start, ids.len());
+            logits = Some(Self::step_chunk(
+                &mut self.weights,
+                &self.device,
+                &ids[start..end],
+                start,
+                rows,
+            )?);
+            start = end;
+        }
+        let logits = logits
+            .ok_or_else(|| InferenceError::InvalidParams("the prompt is empty: give the model some text".into()))?;
+        let state = self.weights.take_state();
+        let filed = self.prefix.insert(ids, &state);
+        self.weights.put_state(state);
+        filed.map_err(failed)?;
+        Ok((logits, reused))
     }
 
     /// Sum of the log-probabilities of `ids[1..]`, each given the tokens
@@ -436,7 +514,7 @@ impl GgufModel {
             self.check_context(prompt_ids.len() + ids.len())?;
             encoded.push(ids);
         }
-        let first = Self::prefill(&mut self.weights, &self.device, &prompt_ids, ctx)?;
+        let (first, cached) = self.prefill_cached(&prompt_ids, ctx)?;
         let first = log_softmax(&first)?;
         let logprobs = if self.prefix_reuse && self.one_pass {
             self.score_together(ctx, prompt_ids.len(), &first, &encoded)?
@@ -449,6 +527,7 @@ impl GgufModel {
             .map(|(logprob, ids)| Scored {
                 logprob,
                 tokens: ids.len() as u32,
+                cached_tokens: cached as u32,
             })
             .collect())
     }
@@ -566,7 +645,7 @@ impl GgufModel {
         }
         let ids = self.encode_input(prompt)?;
         self.check_context(ids.len())?;
-        let logits = Self::prefill(&mut self.weights, &self.device, &ids, ctx)?;
+        let (logits, _) = self.prefill_cached(&ids, ctx)?;
         let lp = log_softmax(&logits)?;
         let mut idx: Vec<usize> = (0..lp.len()).collect();
         let k = (top_k as usize).min(lp.len());

@@ -166,22 +166,37 @@ fn packed(cols: usize, rows: usize, x: &Tensor, kernel: impl Fn(&[f32], usize) -
     Tensor::from_vec(kernel(&xs, m), dims, x.device())
 }
 
-/// Whether a product of this many rows is a prompt's (see the module docs).
-fn is_prompt(x: &Tensor) -> Result<bool> {
+/// Rows of activations in `x` (all dims but the last).
+fn rows_of(x: &Tensor) -> Result<usize> {
     let k = x.dim(D::Minus1)?;
-    Ok(x.elem_count() / k.max(1) >= amx::MIN_ROWS)
+    Ok(x.elem_count() / k.max(1))
+}
+
+impl Linear {
+    /// The projection for part of a prompt chunk of `chunk_rows` rows: the
+    /// kernel is the one the whole chunk would take ([`Module::forward`]),
+    /// whatever number of its rows `x` holds. A prompt whose beginning came
+    /// from the prefix cache runs only its remaining rows, and they must
+    /// take the kernel they would have taken in the full chunk for the
+    /// logits to be the same as without the cache (rows do not depend on
+    /// each other on either kernel).
+    pub fn forward_chunk(&self, x: &Tensor, chunk_rows: usize) -> Result<Tensor> {
+        match self {
+            Linear::Candle { prompt: Some(w), .. } | Linear::Vnni { prompt: Some(w), .. }
+                if chunk_rows >= amx::MIN_ROWS =>
+            {
+                packed(w.cols(), w.rows(), x, |xs, m| amx::matmul_bf16(w, xs, m))
+            }
+            _ => self.forward_decode(x),
+        }
+    }
 }
 
 impl Module for Linear {
     /// The projection for a prompt pass: 16 or more rows go to the bf16
     /// tiles where the CPU has them, fewer to the decode kernel.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Candle { prompt: Some(w), .. } | Linear::Vnni { prompt: Some(w), .. } if is_prompt(x)? => {
-                packed(w.cols(), w.rows(), x, |xs, m| amx::matmul_bf16(w, xs, m))
-            }
-            _ => self.forward_decode(x),
-        }
+        self.forward_chunk(x, rows_of(x)?)
     }
 }
 

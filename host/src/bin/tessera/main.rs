@@ -37,6 +37,10 @@ struct Cli {
     /// Generations a member decodes together at most (1: no batching).
     #[arg(long, global = true, env = "TESSERA_MAX_BATCH")]
     max_batch: Option<usize>,
+    /// MiB of prompt keys and values each member keeps for reuse across
+    /// requests (its prefix cache; 0 turns it off). Default 256.
+    #[arg(long, global = true, env = "TESSERA_PREFIX_CACHE_MB")]
+    prefix_cache_mb: Option<usize>,
     /// Merged members kept loaded for reuse (about 540 MB each for a 135M model).
     #[arg(long, global = true, env = "TESSERA_MERGE_KEEP")]
     merge_keep: Option<usize>,
@@ -659,6 +663,9 @@ fn main() -> ExitCode {
     }
     if let Some(n) = cli.max_batch {
         options = options.max_batch(n);
+    }
+    if let Some(mb) = cli.prefix_cache_mb {
+        options = options.prefix_cache(mb.saturating_mul(1 << 20));
     }
     if let Some(n) = cli.merge_keep {
         options = options.merge_keep(n);
