@@ -129,6 +129,11 @@ pub fn printable(text: &str) -> String {
     out
 }
 
+/// Serde's test for leaving a zero count out of the JSON.
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -142,8 +147,4 @@ mod tests {
         assert!(shown.starts_with("ok\\u{1b}]0;pwned"), "{shown}");
         assert!(shown.ends_with("\nline\ttab"), "{shown}");
     }
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
 }
