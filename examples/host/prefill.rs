@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reps: usize = args.next().and_then(|r| r.parse().ok()).unwrap_or(20);
     let path = Paths::from_env().models.join(&file);
     let mut model = GgufModel::load("prefill", &path, &candle_core::Device::Cpu)?;
+    // Time the computation itself: the prefix cache would answer every
+    // repeat of the same prompt from memory.
+    model.set_prefix_cache(0);
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/speed-prompt.txt"))?;
     let input = Input::Prompt(text.repeat(4));
     let tokens = model.encode_input(&input)?.len();
