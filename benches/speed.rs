@@ -31,6 +31,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// (prefill tok/s, decode tok/s) for Tessera.
 fn ours(path: &Path, prompt: &str) -> (f64, f64, usize) {
     let mut m = GgufModel::load("bench", path, &candle_core::Device::Cpu).expect("model loads (run `make setup`)");
+    // The computation itself is timed: repeats would hit the prefix cache.
+    m.set_prefix_cache(0);
     let ctx = || CallCtx {
         deadline: Instant::now() + Duration::from_secs(600),
         requester: 0,
@@ -215,6 +217,8 @@ fn mcq_tables(paths: &Paths) {
 fn decode_together(path: &Path, prompt: &str, n: usize) -> f64 {
     use tessera::backends::gguf::decode::GenJob;
     let mut m = GgufModel::load("bench", path, &candle_core::Device::Cpu).expect("model loads");
+    // The computation itself is timed: repeats would hit the prefix cache.
+    m.set_prefix_cache(0);
     let input = Input::Prompt(prompt.to_string());
     let run = |m: &mut GgufModel, tokens: u32| -> (f64, u64) {
         let params: Vec<GenParams> = (0..n)
@@ -330,6 +334,8 @@ impl Default for Scoring {
 /// as `how` says.
 fn mcq_items_per_s(path: &Path, items: &[(&str, [&str; 4])], how: Scoring) -> f64 {
     let mut m = GgufModel::load("bench", path, &candle_core::Device::Cpu).expect("model loads");
+    // The computation itself is timed: repeats would hit the prefix cache.
+    m.set_prefix_cache(0);
     m.set_prefix_reuse(how.reuse);
     m.set_one_pass(how.one_pass);
     let ctx = CallCtx {
