@@ -101,7 +101,12 @@ async fn a_pool_of_remote_members_runs_a_strategy_through_another_tessera() {
     let near = runtime().models().generate(ctx(120), QWEN, chat, params).await.unwrap();
     assert_eq!(far.text, near.text);
     assert_eq!(far.model, "far-qwen");
-    assert_eq!(far.usage, near.usage);
+    // Token counts agree; how many came from a prefix cache depends on
+    // what each node ran before.
+    assert_eq!(
+        (far.usage.prompt_tokens, far.usage.completion_tokens),
+        (near.usage.prompt_tokens, near.usage.completion_tokens)
+    );
 
     // A standard strategy over the remote pool.
     let mut req = RunRequest::chat("What is 2 + 2? Answer with a number.");
