@@ -11,6 +11,7 @@ mod mixture_of_agents;
 mod multiagent_finetune;
 mod multiagent_refine;
 mod slm_mux;
+mod sparta;
 mod switch_generation;
 mod trained_router;
 
