@@ -74,7 +74,10 @@ pub struct EvalConfig {
     pub max_tokens: Option<u32>,
     /// Seed handed to every strategy request.
     pub seed: u64,
-    /// Items in flight at once per system.
+    /// Items in flight at once per system. The default is a member's batch
+    /// capacity ([`crate::pool::DEFAULT_MAX_BATCH`]): a strategy item fans
+    /// out to every member, so this many items in flight keep each member's
+    /// running batch full (sequences join it at every decode step).
     pub concurrency: usize,
     /// Hyperparameters for every strategy (`key=value`).
     pub strategy_config: BTreeMap<String, String>,
@@ -109,7 +112,7 @@ impl Default for EvalConfig {
             mcq: McqMode::Generate,
             max_tokens: None,
             seed: 0,
-            concurrency: 4,
+            concurrency: crate::pool::DEFAULT_MAX_BATCH,
             strategy_config: BTreeMap::new(),
             scaling: false,
             subsets_per_size: 3,

@@ -122,9 +122,11 @@ struct EvalArgs {
     /// Seed for every strategy request.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Items in flight at once per system.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
+    /// Items in flight at once per system [default: the members' batch
+    /// capacity, `--max-batch`, so that every member's running batch can
+    /// fill].
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Hyperparameter for every strategy, `key=value` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -548,7 +550,7 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         mcq,
         max_tokens: args.max_tokens,
         seed: args.seed,
-        concurrency: args.concurrency,
+        concurrency: args.concurrency.unwrap_or(options().pool.max_batch).max(1),
         strategy_config,
         scaling: args.scaling,
         subsets_per_size: args.subsets_per_size,
