@@ -137,6 +137,13 @@ impl RuntimeOptions {
         self
     }
 
+    /// The generations running together on one local member reserve at
+    /// most `bytes` of KV cache.
+    pub fn kv_budget(mut self, bytes: usize) -> Self {
+        self.pool.kv_budget_bytes = bytes;
+        self
+    }
+
     /// Merges compute on `choice`.
     pub fn merge_device(mut self, choice: crate::merge::compute::Choice) -> Self {
         self.merge_device = choice;

@@ -160,10 +160,31 @@ async fn scaling_runs_the_strategy_on_every_sub_pool() {
     assert!(written.iter().any(|p| p.ends_with("scaling.svg")));
 }
 
+/// Whether TruthfulQA's data is here. Its only packaged source (the
+/// `bigbench==1.0.0` sdist on PyPI) is optional in `tessera tasks fetch`:
+/// the registry refused it on 2026-12-04. Where it is missing, the tests
+/// below check that the task says so and names the fix, instead of its data.
+fn truthfulqa_missing(paths: &tessera::Paths) -> bool {
+    match tessera::tasks::Task::load(paths, "truthfulqa") {
+        Ok(_) => false,
+        Err(e @ tessera::tasks::TaskError::Missing { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("truthfulqa") && msg.contains("tessera tasks fetch"), "{msg}");
+            eprintln!("note: TruthfulQA's data is not fetched here (its source was unavailable): {msg}");
+            true
+        }
+        Err(e) => panic!("truthfulqa: {e}"),
+    }
+}
+
 #[test]
 fn every_task_loads_with_its_documented_split() {
     let paths = tessera::Paths::from_env();
+    let tqa_missing = truthfulqa_missing(&paths);
     for info in tessera::tasks::TASKS {
+        if info.name == "truthfulqa" && tqa_missing {
+            continue;
+        }
         let task = tessera::tasks::Task::load(&paths, info.name).unwrap_or_else(|e| panic!("{}: {e}", info.name));
         assert_eq!(task.dev_len, info.dev_size, "{}", info.name);
         assert!(task.items.len() > task.dev_len, "{} has test items", info.name);
@@ -179,6 +200,9 @@ fn every_task_loads_with_its_documented_split() {
         }
     }
     // TruthfulQA: 299 MC1 questions, the right option not always first.
+    if tqa_missing {
+        return;
+    }
     let tqa = tessera::tasks::Task::load(&paths, "truthfulqa").unwrap();
     assert_eq!((tqa.items.len(), tqa.dev_len), (299, 99));
     let first = tqa
@@ -192,6 +216,9 @@ fn every_task_loads_with_its_documented_split() {
 
 #[tokio::test]
 async fn truthfulqa_evaluates_members_by_option_likelihood() {
+    if truthfulqa_missing(&tessera::Paths::from_env()) {
+        return;
+    }
     let mut c = config();
     c.tasks = vec!["truthfulqa".into()];
     c.strategies = vec![];
@@ -231,7 +258,11 @@ fn every_multiple_choice_prompt_parses_back_into_its_options() {
     // strategy receives; for every item of every task the harness renders,
     // that must give back exactly what the harness scores in `--mcq option`.
     let paths = tessera::Paths::from_env();
+    let tqa_missing = truthfulqa_missing(&paths);
     for info in tessera::tasks::TASKS {
+        if info.name == "truthfulqa" && tqa_missing {
+            continue;
+        }
         let task = tessera::tasks::Task::load(&paths, info.name).unwrap();
         for it in task.items.iter().filter(|i| !i.choices.is_empty()) {
             let q = tessera_sdk::mcq::parse(&it.prompt())

@@ -285,3 +285,85 @@ async fn sequences_join_a_running_batch_and_answer_as_one_at_a_time() {
         );
     }
 }
+
+/// The KV budget bounds what the sequences running together on a member
+/// reserve: with room for the two largest of four generations but no three,
+/// two run and two wait (holding no cache) until room frees; every answer
+/// is what it is alone; a generation that would not fit even alone is
+/// refused with a caller error that names the budget.
+#[test]
+fn the_kv_budget_bounds_the_running_batch_and_changes_no_answer() {
+    use tessera::backends::gguf::decode::{waited_for_kv, Engine, GenRequest};
+    use tessera::backends::gguf::GgufModel;
+    let path = tessera::Paths::from_env().models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut m = GgufModel::load(SMOL, &path, &candle_core::Device::Cpu).expect("SmolLM2 loads (run `make setup`)");
+    let prompts = [
+        "Name a colour.",
+        "3 + 4 =",
+        "What is the capital of Italy? Answer with one word.",
+        "Say hello to a friend.",
+    ];
+    let params = |i: usize| GenParams {
+        max_tokens: Some(12),
+        temperature: Some(if i % 2 == 0 { 0.0 } else { 0.8 }),
+        seed: Some(i as u64),
+        ..Default::default()
+    };
+    let alone: Vec<Option<String>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Some(m.generate(ctx(), &chat(p), &params(i)).expect("alone").text))
+        .collect();
+    let mut reserves: Vec<usize> = prompts
+        .iter()
+        .map(|p| m.encode_input(&chat(p)).expect("encodes").len() + 12)
+        .collect();
+    reserves.sort_unstable();
+    let budget = reserves[2] + reserves[3];
+    assert!(reserves[0] + reserves[1] + reserves[2] > budget, "{reserves:?}: three must not fit");
+    m.set_kv_budget(budget * m.kv_bytes_per_token());
+
+    let before = waited_for_kv();
+    let mut engine = Engine::default();
+    for (i, p) in prompts.iter().enumerate() {
+        let req = GenRequest {
+            ctx: ctx(),
+            input: chat(p),
+            params: params(i),
+            sink: None,
+        };
+        if m.admit(&mut engine, req, i).is_err() {
+            panic!("generation {i} was refused");
+        }
+    }
+    assert_eq!(engine.waiting(), 2, "two wait for room");
+    assert!(waited_for_kv() >= before + 2);
+    let mut out: Vec<Option<String>> = vec![None; prompts.len()];
+    let mut most = 0;
+    while !engine.is_empty() {
+        for (i, r) in m.step_engine(&mut engine) {
+            out[i] = Some(r.expect("a generation").text);
+        }
+        most = most.max(engine.reserved_tokens());
+        assert!(engine.reserved_tokens() <= budget, "{} > {budget}", engine.reserved_tokens());
+    }
+    assert_eq!(out, alone, "waiting for room changed an answer");
+    assert!(most > reserves[3], "two ran together: {most}");
+
+    let big = GenParams {
+        max_tokens: Some(budget as u32),
+        ..Default::default()
+    };
+    let req = GenRequest {
+        ctx: ctx(),
+        input: chat("Name a colour."),
+        params: big,
+        sink: None,
+    };
+    match m.admit(&mut engine, req, 99) {
+        Err((99, Err(InferenceError::InvalidParams(msg)))) => {
+            assert!(msg.contains("KV cache") && msg.contains("max_tokens"), "{msg}");
+        }
+        _ => panic!("a generation past the budget alone must be refused as invalid"),
+    }
+}

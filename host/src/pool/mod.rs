@@ -295,6 +295,9 @@ pub struct PoolOptions {
     /// across requests (0: no prefix cache; see
     /// [`crate::backends::gguf::prefix`]).
     pub prefix_cache_bytes: usize,
+    /// Bytes of KV cache the generations running together on one local
+    /// member may reserve (see [`crate::backends::gguf::decode`]).
+    pub kv_budget_bytes: usize,
 }
 
 impl Default for PoolOptions {
@@ -303,6 +306,7 @@ impl Default for PoolOptions {
             device: crate::backends::device::DeviceSpec::Cpu,
             max_batch: DEFAULT_MAX_BATCH,
             prefix_cache_bytes: crate::backends::gguf::DEFAULT_PREFIX_CACHE_BYTES,
+            kv_budget_bytes: crate::backends::gguf::DEFAULT_KV_BUDGET_BYTES,
         }
     }
 }
@@ -323,6 +327,13 @@ impl PoolOptions {
     /// Each local member's prefix cache holds at most `bytes` (0: none).
     pub fn prefix_cache(mut self, bytes: usize) -> Self {
         self.prefix_cache_bytes = bytes;
+        self
+    }
+
+    /// Each local member's running generations reserve at most `bytes` of
+    /// KV cache together.
+    pub fn kv_budget(mut self, bytes: usize) -> Self {
+        self.kv_budget_bytes = bytes;
         self
     }
 }
@@ -363,11 +374,18 @@ fn verify(m: &MemberConfig, full: &Path) -> Result<(), PoolError> {
     Ok(())
 }
 
+/// The memory bounds a local member loads with.
+#[derive(Debug, Clone, Copy)]
+struct MemberMemory {
+    prefix_cache_bytes: usize,
+    kv_budget_bytes: usize,
+}
+
 fn load_member(
     m: &MemberConfig,
     models_dir: &Path,
     device: &Result<candle_core::Device, crate::backends::device::DeviceError>,
-    prefix_cache_bytes: usize,
+    memory: MemberMemory,
 ) -> Result<(Backend, ModelCard), PoolError> {
     let full = models_dir.join(&m.path);
     verify(m, &full)?;
@@ -395,7 +413,8 @@ fn load_member(
                 GgufModel::load(&m.id, &full, device)
             }
             .map_err(|e| load_err(&e))?;
-            model.set_prefix_cache(prefix_cache_bytes);
+            model.set_prefix_cache(memory.prefix_cache_bytes);
+            model.set_kv_budget(memory.kv_budget_bytes);
             let f = model.facts();
             card.architecture = f.architecture.clone();
             card.parameters = f.parameters;
@@ -558,8 +577,11 @@ impl Pool {
                 None => {
                     let dir = models_dir.to_path_buf();
                     let device = device.clone();
-                    let bytes = options.prefix_cache_bytes;
-                    spawn_local(m, move |m| load_member(m, &dir, &device, bytes), max_batch.clone())
+                    let memory = MemberMemory {
+                        prefix_cache_bytes: options.prefix_cache_bytes,
+                        kv_budget_bytes: options.kv_budget_bytes,
+                    };
+                    spawn_local(m, move |m| load_member(m, &dir, &device, memory), max_batch.clone())
                 }
             };
             pending.push(p);

@@ -20,6 +20,15 @@
 //! running, and a decode step computes each row as it would alone, so the
 //! output of a sequence does not depend on its company (tested).
 //!
+//! Memory is bounded per member: every sequence reserves KV room for its
+//! prompt and its `max_tokens` when it is admitted, and the reservations of
+//! the sequences running together never pass the member's KV budget
+//! ([`GgufModel::set_kv_budget`]). A sequence that would pass it waits,
+//! first come first served, holding no cache, until running ones finish;
+//! one that would pass it alone is refused with the budget in its error.
+//! Reserving the whole `max_tokens` up front, as vLLM's first scheduler
+//! did, means a running sequence never has to be evicted mid-generation.
+//!
 //! Batched forward passes are implemented for the llama family
 //! ([`super::llama`]); other architectures take their steps one sequence
 //! after another, still joining and leaving between steps.
@@ -39,6 +48,7 @@ use crate::inference::{
 
 static BATCHED_STEPS: AtomicU64 = AtomicU64::new(0);
 static JOINED_RUNNING: AtomicU64 = AtomicU64::new(0);
+static WAITED_FOR_KV: AtomicU64 = AtomicU64::new(0);
 
 /// Decode steps so far, in this process, that ran more than one sequence in
 /// one forward pass (for tests and benches to see batching happen).
@@ -51,6 +61,13 @@ pub fn batched_steps() -> u64 {
 /// the batch being continuous rather than formed once).
 pub fn joined_running() -> u64 {
     JOINED_RUNNING.load(Ordering::Relaxed)
+}
+
+/// Sequences so far, in this process, that were admitted while the KV
+/// budget was spoken for and waited for room (for tests and benches to see
+/// the bound act).
+pub fn waited_for_kv() -> u64 {
+    WAITED_FOR_KV.load(Ordering::Relaxed)
 }
 
 /// One generation to run, borrowing its inputs ([`GgufModel::generate_batch`]).
@@ -111,6 +128,9 @@ struct Seq<'s> {
 pub struct Engine<'s, T> {
     prefilling: VecDeque<(T, Seq<'s>)>,
     decoding: Vec<(T, Seq<'s>)>,
+    /// Admitted sequences waiting for KV room, oldest first; they hold no
+    /// cache yet.
+    waiting: VecDeque<(T, Seq<'s>)>,
     /// Steps taken since the engine was last empty.
     steps: u64,
     /// Decode steps since the last prefill chunk.
@@ -125,6 +145,7 @@ impl<T> Default for Engine<'_, T> {
         Engine {
             prefilling: VecDeque::new(),
             decoding: Vec::new(),
+            waiting: VecDeque::new(),
             steps: 0,
             since_prefill: 0,
         }
@@ -132,9 +153,39 @@ impl<T> Default for Engine<'_, T> {
 }
 
 impl<T> Engine<'_, T> {
-    /// Sequences in flight.
+    /// Sequences in flight, those waiting for KV room included.
     pub fn len(&self) -> usize {
-        self.prefilling.len() + self.decoding.len()
+        self.prefilling.len() + self.decoding.len() + self.waiting.len()
+    }
+
+    /// Sequences waiting for KV room.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Tokens of KV cache the running sequences (prefilling or decoding)
+    /// have reserved: each its prompt plus its `max_tokens`.
+    pub fn reserved_tokens(&self) -> usize {
+        self.prefilling
+            .iter()
+            .map(|(_, s)| s.reserve())
+            .chain(self.decoding.iter().map(|(_, s)| s.reserve()))
+            .sum()
+    }
+
+    /// Starts waiting sequences, oldest first, while their reservations fit
+    /// in `budget` tokens beside the running ones (the oldest always starts
+    /// when nothing runs: it fits alone, or it would have been refused).
+    fn start_waiting(&mut self, budget: usize) {
+        while let Some((_, s)) = self.waiting.front() {
+            let running = self.reserved_tokens();
+            if running > 0 && running + s.reserve() > budget {
+                return;
+            }
+            if let Some(w) = self.waiting.pop_front() {
+                self.prefilling.push_back(w);
+            }
+        }
     }
 
     /// Whether nothing is in flight.
@@ -148,6 +199,7 @@ impl<T> Engine<'_, T> {
             .iter()
             .map(|(t, _)| t)
             .chain(self.decoding.iter().map(|(t, _)| t))
+            .chain(self.waiting.iter().map(|(t, _)| t))
     }
 
     /// Drops the sequences whose `T` fails `keep` (their caller is gone):
@@ -156,6 +208,7 @@ impl<T> Engine<'_, T> {
         let before = self.len();
         self.prefilling.retain(|(t, _)| keep(t));
         self.decoding.retain(|(t, _)| keep(t));
+        self.waiting.retain(|(t, _)| keep(t));
         before - self.len()
     }
 
@@ -164,6 +217,7 @@ impl<T> Engine<'_, T> {
     pub fn drain(&mut self) -> Vec<T> {
         let mut out: Vec<T> = self.prefilling.drain(..).map(|(t, _)| t).collect();
         out.extend(self.decoding.drain(..).map(|(t, _)| t));
+        out.extend(self.waiting.drain(..).map(|(t, _)| t));
         out
     }
 }
@@ -257,6 +311,12 @@ impl Seq<'_> {
         Ok(self.out.len() >= self.max_new)
     }
 
+    /// Tokens of KV cache this sequence may fill: its prompt and its new
+    /// tokens.
+    fn reserve(&self) -> usize {
+        self.prompt.len() + self.max_new
+    }
+
     fn position(&self) -> usize {
         self.prompt.len() + self.out.len() - 1
     }
@@ -295,11 +355,40 @@ impl GgufModel {
             Ok(seq) => seq,
             Err(e) => return Err((tag, Err(e))),
         };
+        let budget = self.kv_budget_tokens();
+        if seq.reserve() > budget {
+            let per = self.kv_bytes_per_token();
+            let mib = |tokens: usize| (tokens * per).div_ceil(1 << 20);
+            return Err((
+                tag,
+                Err(InferenceError::InvalidParams(format!(
+                    "the prompt ({} tokens) and max_tokens ({}) need {} MiB of KV cache on `{}`, more than \
+                     its budget for all running generations of {} MiB: lower max_tokens or shorten the \
+                     prompt (the operator sets the budget with --kv-budget-mb)",
+                    seq.prompt.len(),
+                    seq.max_new,
+                    mib(seq.reserve()),
+                    self.id,
+                    mib(budget)
+                ))),
+            ));
+        }
         if engine.steps > 0 && !engine.is_empty() {
             JOINED_RUNNING.fetch_add(1, Ordering::Relaxed);
         }
-        engine.prefilling.push_back((tag, seq));
+        let running = engine.reserved_tokens();
+        if engine.waiting.is_empty() && (running == 0 || running + seq.reserve() <= budget) {
+            engine.prefilling.push_back((tag, seq));
+        } else {
+            WAITED_FOR_KV.fetch_add(1, Ordering::Relaxed);
+            engine.waiting.push_back((tag, seq));
+        }
         Ok(())
+    }
+
+    /// The KV budget in tokens of this member.
+    fn kv_budget_tokens(&self) -> usize {
+        self.kv_budget / self.kv_bytes_per_token().max(1)
     }
 
     fn seq<'s>(&mut self, req: GenRequest<'s>) -> Result<Seq<'s>, InferenceError> {
@@ -345,6 +434,20 @@ impl GgufModel {
 
     fn step_all<T>(&mut self, engine: &mut Engine<'_, T>) -> Vec<Done<T>> {
         let mut done = Vec::new();
+        // Waiting sequences whose deadline passed end without running; the
+        // rest start while their reservations fit.
+        let now = Instant::now();
+        let mut i = 0;
+        while i < engine.waiting.len() {
+            if now >= engine.waiting[i].1.ctx.deadline {
+                if let Some((tag, _)) = engine.waiting.remove(i) {
+                    done.push((tag, Err(InferenceError::Deadline)));
+                }
+            } else {
+                i += 1;
+            }
+        }
+        engine.start_waiting(self.kv_budget_tokens());
         // A prefill chunk costs about as much as a dozen decode steps of a
         // small model, so while sequences are decoding a chunk runs only
         // every few steps: a long prompt cannot slow everyone's tokens to

@@ -134,6 +134,13 @@ impl Gemma3 {
         })
     }
 
+    /// Bytes one token takes in a sequence's KV cache.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        // A key and a value of every key/value head in every layer, in f32
+        // (the cache's dtype).
+        self.layers.len() * 2 * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
+
     /// Moves the model's KV caches out (leaving it empty).
     pub fn take_state(&mut self) -> super::llama::KvState {
         self.layers.iter_mut().map(|l| l.kv.take()).collect()

@@ -50,6 +50,13 @@ const SCORE_LOGITS: usize = 16 << 20;
 /// otherwise ([`GgufModel::set_prefix_cache`]): about 5,000 prompt tokens of
 /// SmolLM2-135M, 10,000 of Qwen2.5-0.5B.
 pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 256 << 20;
+/// Bytes of keys and values the sequences one member generates at once may
+/// reserve together unless told otherwise ([`GgufModel::set_kv_budget`]):
+/// 1 GiB is about 22,000 tokens of SmolLM2-135M (46 KiB each), 43,000 of
+/// Qwen2.5-0.5B (24 KiB) and 29,000 of Gemma-3-270M (36 KiB): sixteen
+/// sequences of 1,300 tokens or more on each, and a whole 8,192-token
+/// context on any of them.
+pub const DEFAULT_KV_BUDGET_BYTES: usize = 1 << 30;
 
 /// Where the prefill chunk holding position `start` of a `len`-token prompt
 /// ends, and how many rows that whole chunk has: chunks fall on multiples
@@ -88,6 +95,14 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.forward_segments(segments, pos, keep, device),
             Weights::Gemma3(m) => m.forward_segments(segments, pos, keep, device),
+        }
+    }
+
+    /// Bytes one token takes in a sequence's KV cache.
+    fn kv_bytes_per_token(&self) -> usize {
+        match self {
+            Weights::Llama(m) => m.kv_bytes_per_token(),
+            Weights::Gemma3(m) => m.kv_bytes_per_token(),
         }
     }
 
@@ -143,6 +158,9 @@ pub struct GgufModel {
     one_pass: bool,
     /// Keys and values of recent prompts, shared across requests.
     prefix: prefix::PrefixCache,
+    /// Bytes the KV caches of the sequences a member generates at once
+    /// may reserve together (see [`decode::Engine`]).
+    kv_budget: usize,
 }
 
 fn failed(e: impl std::fmt::Display) -> InferenceError {
@@ -246,6 +264,7 @@ impl GgufModel {
             prefix_reuse: true,
             one_pass: true,
             prefix: prefix::PrefixCache::new(DEFAULT_PREFIX_CACHE_BYTES),
+            kv_budget: DEFAULT_KV_BUDGET_BYTES,
         })
     }
 
@@ -260,6 +279,25 @@ impl GgufModel {
     /// call (the pool hands them to the server's metrics).
     pub fn prefix_stats(&self) -> std::sync::Arc<prefix::PrefixStats> {
         self.prefix.stats()
+    }
+
+    /// Bounds the KV caches of the sequences this member generates at once
+    /// to `bytes` together (at least one token's worth): a generation whose
+    /// prompt and `max_tokens` would pass what is left waits for running
+    /// ones to finish, and one that would pass it alone is refused.
+    pub fn set_kv_budget(&mut self, bytes: usize) {
+        self.kv_budget = bytes.max(self.kv_bytes_per_token());
+    }
+
+    /// The bound [`GgufModel::set_kv_budget`] set.
+    pub fn kv_budget(&self) -> usize {
+        self.kv_budget
+    }
+
+    /// Bytes one token takes in a sequence's KV cache (f32 keys and values
+    /// of every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.weights.kv_bytes_per_token()
     }
 
     /// Turns prefix reuse in `score` on or off (benches compare the two;

@@ -41,6 +41,11 @@ struct Cli {
     /// requests (its prefix cache; 0 turns it off). Default 256.
     #[arg(long, global = true, env = "TESSERA_PREFIX_CACHE_MB")]
     prefix_cache_mb: Option<usize>,
+    /// MiB of KV cache the generations running together on one member may
+    /// reserve (each its prompt plus max_tokens); a generation past it
+    /// waits for room, one past it alone is refused. Default 1024.
+    #[arg(long, global = true, env = "TESSERA_KV_BUDGET_MB")]
+    kv_budget_mb: Option<usize>,
     /// Merged members kept loaded for reuse (about 540 MB each for a 135M model).
     #[arg(long, global = true, env = "TESSERA_MERGE_KEEP")]
     merge_keep: Option<usize>,
@@ -581,11 +586,18 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
 fn tasks_fetch() -> Result<String, Error> {
     let paths = Paths::from_env();
     let got = tessera::tasks::fetch(&paths).map_err(|e| Error::config(e.to_string()))?;
-    Ok(format!(
+    let mut out = format!(
         "evaluation data {} in {}",
-        if got { "fetched and verified" } else { "already present" },
+        if got.fetched { "fetched and verified" } else { "already present" },
         paths.data.display()
-    ))
+    );
+    for (task, why) in &got.unavailable {
+        out.push_str(&format!(
+            "\nwarning: `{task}` is not available ({why}); every other task is ready, and `{task}` \
+             reports its data missing until `tessera tasks fetch` can download it"
+        ));
+    }
+    Ok(out)
 }
 
 fn tasks_list(json: bool) -> Result<String, Error> {
@@ -668,6 +680,9 @@ fn main() -> ExitCode {
     }
     if let Some(mb) = cli.prefix_cache_mb {
         options = options.prefix_cache(mb.saturating_mul(1 << 20));
+    }
+    if let Some(mb) = cli.kv_budget_mb {
+        options = options.kv_budget(mb.saturating_mul(1 << 20));
     }
     if let Some(n) = cli.merge_keep {
         options = options.merge_keep(n);
