@@ -4,37 +4,19 @@
 //! aggregates with the trained member, also after a restart; a second
 //! identical fit reuses the kept member instead of training a twin.
 
-use tessera::policy::Policy;
-use tessera::pool::PoolConfig;
-use tessera::{RunRequest, Runtime};
+use tessera::RunRequest;
 
-use super::{calls, steps};
+use super::{calls, keeping, seeded, steps};
 use crate::common::{arc_easy, scratch_paths, GEMMA, QWEN, SMOL};
 
 fn request(ex: &tessera::sandbox::Example) -> RunRequest {
-    let mut req = RunRequest {
-        input: ex.input.clone(),
-        params: Default::default(),
-        config: Default::default(),
-    };
-    req.params.seed = Some(1);
-    req.config.insert("solve_tokens".into(), "24".into());
-    req.config.insert("aggregate_tokens".into(), "16".into());
-    req
-}
-
-fn keeping(paths: &tessera::Paths) -> Runtime {
-    let policy = Policy {
-        keep_trained: 2,
-        ..Policy::default()
-    };
-    Runtime::new(paths.clone(), &PoolConfig::default_pool(), policy).expect("runtime starts")
+    seeded(ex, &[("solve_tokens", "24"), ("aggregate_tokens", "16")])
 }
 
 #[tokio::test]
 async fn agglm_trains_its_aggregator_in_fit_keeps_it_and_aggregates_with_it_after_a_restart() {
     let paths = scratch_paths("agglm");
-    let rt = keeping(&paths);
+    let rt = keeping(&paths, 2);
     let m = rt.load_module("agglm").expect("agglm is installed (run `make setup`)");
     let test = arc_easy(20, 1).remove(0);
 
@@ -88,7 +70,7 @@ async fn agglm_trains_its_aggregator_in_fit_keeps_it_and_aggregates_with_it_afte
     drop(rt);
 
     // After a restart the state and the kept member are both still there.
-    let rt2 = keeping(&paths);
+    let rt2 = keeping(&paths, 2);
     let m2 = rt2.load_module("agglm").unwrap();
     let again = rt2.run(&m2, request(&test)).await.expect("a run after the restart");
     assert_eq!(again.annotations["aggregator"], name);

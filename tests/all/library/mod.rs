@@ -15,7 +15,33 @@ mod sparta;
 mod switch_generation;
 mod trained_router;
 
-use tessera::ProvenanceEvent;
+use tessera::policy::Policy;
+use tessera::pool::PoolConfig;
+use tessera::{ProvenanceEvent, RunRequest, Runtime};
+
+/// A runtime over the default pool in `paths` whose policy lets modules
+/// keep `n` trained members (they persist there across restarts).
+fn keeping(paths: &tessera::Paths, n: u32) -> Runtime {
+    let policy = Policy {
+        keep_trained: n,
+        ..Policy::default()
+    };
+    Runtime::new(paths.clone(), &PoolConfig::default_pool(), policy).expect("runtime starts")
+}
+
+/// A request for `ex` with seed 1 and the config `pairs`.
+fn seeded(ex: &tessera::sandbox::Example, pairs: &[(&str, &str)]) -> RunRequest {
+    let mut req = RunRequest {
+        input: ex.input.clone(),
+        params: Default::default(),
+        config: Default::default(),
+    };
+    req.params.seed = Some(1);
+    for (k, v) in pairs {
+        req.config.insert(k.to_string(), v.to_string());
+    }
+    req
+}
 
 /// The members of every `call` host call (`generate`, `score`, ...) in
 /// `p`, in order.

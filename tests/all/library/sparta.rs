@@ -7,30 +7,13 @@
 
 use std::collections::BTreeMap;
 
-use tessera::policy::Policy;
-use tessera::pool::PoolConfig;
-use tessera::{RunRequest, Runtime};
+use tessera::RunRequest;
 
-use super::{calls, steps};
+use super::{calls, keeping, seeded, steps};
 use crate::common::{arc_easy, scratch_paths, GEMMA, QWEN, SMOL};
 
 fn request(ex: &tessera::sandbox::Example) -> RunRequest {
-    let mut req = RunRequest {
-        input: ex.input.clone(),
-        params: Default::default(),
-        config: Default::default(),
-    };
-    req.params.seed = Some(1);
-    req.config.insert("answer_tokens".into(), "16".into());
-    req
-}
-
-fn keeping(paths: &tessera::Paths) -> Runtime {
-    let policy = Policy {
-        keep_trained: 1,
-        ..Policy::default()
-    };
-    Runtime::new(paths.clone(), &PoolConfig::default_pool(), policy).expect("runtime starts")
+    seeded(ex, &[("answer_tokens", "16")])
 }
 
 fn settings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -40,7 +23,7 @@ fn settings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 #[tokio::test]
 async fn sparta_duels_on_dev_trains_by_dpo_on_the_verdicts_and_answers_with_the_best_trained_member() {
     let paths = scratch_paths("sparta");
-    let rt = keeping(&paths);
+    let rt = keeping(&paths, 1);
     let m = rt.load_module("sparta").expect("sparta is installed (run `make setup`)");
     let test = arc_easy(20, 1).remove(0);
 
@@ -79,6 +62,10 @@ async fn sparta_duels_on_dev_trains_by_dpo_on_the_verdicts_and_answers_with_the_
     assert!(!trains.is_empty(), "no duel was decided in two rounds: {rounds:?}");
     assert!(trains.iter().all(|t| *t == format!("{SMOL} (dpo, 1 steps)")), "{trains:?}");
     let note = steps(&trace, "fit").last().map(|s| s.1.to_string()).unwrap_or_default();
+    for (_, r) in &rounds {
+        eprintln!("sparta {r}");
+    }
+    eprintln!("sparta fit: {note}");
     assert!(note.contains("preference pairs") && note.contains("ratings"), "{note}");
     assert!(note.contains("kept as `sparta-"), "{note}");
     let name = rt
@@ -97,7 +84,7 @@ async fn sparta_duels_on_dev_trains_by_dpo_on_the_verdicts_and_answers_with_the_
     drop(rt);
 
     // After a restart the state and the kept member are both there.
-    let rt2 = keeping(&paths);
+    let rt2 = keeping(&paths, 1);
     let m2 = rt2.load_module("sparta").expect("sparta loads again");
     let again = rt2.run(&m2, request(&test)).await.expect("a run after the restart");
     assert_eq!(again.annotations["answerer"], name);
