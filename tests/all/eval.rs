@@ -169,7 +169,10 @@ fn truthfulqa_missing(paths: &tessera::Paths) -> bool {
         Ok(_) => false,
         Err(e @ tessera::tasks::TaskError::Missing { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("truthfulqa") && msg.contains("tessera tasks fetch"), "{msg}");
+            assert!(
+                msg.contains("truthfulqa") && msg.contains("tessera tasks fetch"),
+                "{msg}"
+            );
             eprintln!("note: TruthfulQA's data is not fetched here (its source was unavailable): {msg}");
             true
         }

@@ -232,7 +232,7 @@ async fn sequences_join_a_running_batch_and_answer_as_one_at_a_time() {
     // and must join it between steps, greedy and seeded-sampled alike,
     // each giving exactly what it gives alone. Gemma does not batch its
     // forward passes but still takes its sequences in turns.
-    let long = "Count from one to fifty in words, separated by commas.";
+    let long = Input::Prompt("Counting in words: one, two, three, four, five, six,".into());
     let short = [
         "What is the capital of Italy? Answer with one word.",
         "Name a colour.",
@@ -247,9 +247,18 @@ async fn sequences_join_a_running_batch_and_answer_as_one_at_a_time() {
     for member in [SMOL, QWEN, GEMMA] {
         let models = runtime().models();
         let first_alone = models
-            .generate(ctx(), member, chat(long), params(0, 120))
+            .generate(ctx(), member, long.clone(), params(0, 120))
             .await
             .unwrap();
+        // The premise: it is still decoding when the others arrive. (A
+        // chat asking to count ended after 12 tokens on SmolLM2 once the
+        // attention sums changed order; a counting prompt does not end.)
+        assert!(
+            first_alone.usage.completion_tokens >= 60,
+            "{member}: the long generation ended after {} tokens: {:?}",
+            first_alone.usage.completion_tokens,
+            first_alone.text
+        );
         let mut alone = Vec::new();
         for (i, p) in short.iter().enumerate() {
             let g = models
@@ -260,8 +269,8 @@ async fn sequences_join_a_running_batch_and_answer_as_one_at_a_time() {
         }
         let before = joined_running();
         let first = {
-            let models = models.clone();
-            tokio::spawn(async move { models.generate(ctx(), member, chat(long), params(0, 120)).await })
+            let (models, long) = (models.clone(), long.clone());
+            tokio::spawn(async move { models.generate(ctx(), member, long, params(0, 120)).await })
         };
         // Let the long one get going (its prompt is one chunk).
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -295,7 +304,9 @@ async fn sequences_join_a_running_batch_and_answer_as_one_at_a_time() {
 fn the_kv_budget_bounds_the_running_batch_and_changes_no_answer() {
     use tessera::backends::gguf::decode::{waited_for_kv, Engine, GenRequest};
     use tessera::backends::gguf::GgufModel;
-    let path = tessera::Paths::from_env().models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = tessera::Paths::from_env()
+        .models
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let mut m = GgufModel::load(SMOL, &path, &candle_core::Device::Cpu).expect("SmolLM2 loads (run `make setup`)");
     let prompts = [
         "Name a colour.",
@@ -320,7 +331,10 @@ fn the_kv_budget_bounds_the_running_batch_and_changes_no_answer() {
         .collect();
     reserves.sort_unstable();
     let budget = reserves[2] + reserves[3];
-    assert!(reserves[0] + reserves[1] + reserves[2] > budget, "{reserves:?}: three must not fit");
+    assert!(
+        reserves[0] + reserves[1] + reserves[2] > budget,
+        "{reserves:?}: three must not fit"
+    );
     m.set_kv_budget(budget * m.kv_bytes_per_token());
 
     let before = waited_for_kv();
@@ -345,7 +359,11 @@ fn the_kv_budget_bounds_the_running_batch_and_changes_no_answer() {
             out[i] = Some(r.expect("a generation").text);
         }
         most = most.max(engine.reserved_tokens());
-        assert!(engine.reserved_tokens() <= budget, "{} > {budget}", engine.reserved_tokens());
+        assert!(
+            engine.reserved_tokens() <= budget,
+            "{} > {budget}",
+            engine.reserved_tokens()
+        );
     }
     assert_eq!(out, alone, "waiting for room changed an answer");
     assert!(most > reserves[3], "two ran together: {most}");

@@ -317,11 +317,20 @@ pub fn attend_values(probs: &[f32], values: &[f32], shape: ValuesShape, causal: 
 /// heads, queries, dim]` (rotated and scaled) against keys `[batch,
 /// kv_heads, keys, dim]`, both contiguous; returns `[batch, heads, queries,
 /// keys]`. Only the keys a query may see ([`Causal`]) are computed (the
-/// rest are left 0 for [`softmax_causal`], which ignores them). Each score
-/// is one dot product in a fixed order, so a query's scores do not depend
-/// on how many queries are computed with it (candle's matmul takes another
-/// path for one row than for several, and for small shapes than for
-/// large), which the prefix cache relies on ([`attend_values`] says why).
+/// rest are left 0 for [`softmax_causal`], which ignores them).
+///
+/// Each score is summed in one fixed order ([`dot16`]): sixteen partial
+/// sums (lane `l` takes coordinates `l, l + 16, ...` one fused
+/// multiply-add at a time), then folded in halves. So a query's scores do
+/// not depend on how many queries are computed with it (candle's matmul
+/// takes another path for one row than for several, and for small shapes
+/// than for large), which the prefix cache relies on ([`attend_values`]
+/// says why), and the vector path gives the fallback's numbers to the bit.
+///
+/// The vector path folds sixteen keys' partial sums together
+/// ([`fold16_avx512`]: four rounds of two lane permutations and one add)
+/// instead of reducing each key's vector alone, which took as long as all
+/// of a prompt's matrix products on SmolLM2.
 ///
 /// # Panics
 /// If the slices do not have the sizes the shape says.
@@ -339,7 +348,7 @@ pub fn attend_scores(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal) -
     let rep = (heads / kv_heads.max(1)).max(1);
     let mut out = vec![0f32; batch * heads * queries * keys];
     let at = out.as_mut_ptr() as usize;
-    let vector = vector() && dim % 16 == 0;
+    let vector = vector() && dim % LANES == 0;
     candle_core::utils::barrier_pool().execute_chunked(batch * heads * queries, |range| {
         for row in range {
             let (bh, qi) = (row / queries.max(1), row % queries.max(1));
@@ -350,42 +359,123 @@ pub fn attend_scores(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal) -
             let (lo, hi) = causal.visible(qi, keys);
             // SAFETY: each row of scores is written by one worker only.
             let o = unsafe { std::slice::from_raw_parts_mut((at as *mut f32).add(row * keys), keys) };
+            #[cfg(target_arch = "x86_64")]
+            if vector {
+                // SAFETY: AVX-512F checked, `dim` a multiple of 16, `kh`
+                // holds `keys` rows of `dim` and `o` holds `keys` scores.
+                unsafe { scores_avx512(qr, kh, lo, hi, o) };
+                continue;
+            }
+            let _ = vector;
             for j in lo..hi {
-                let kr = &kh[j * dim..(j + 1) * dim];
-                #[cfg(target_arch = "x86_64")]
-                if vector {
-                    // SAFETY: AVX-512F checked, `dim` a multiple of 16.
-                    o[j] = unsafe { dot_avx512(qr, kr) };
-                    continue;
-                }
-                o[j] = qr.iter().zip(kr).fold(0.0, |acc, (&x, &y)| x.mul_add(y, acc));
+                o[j] = dot16(qr, &kh[j * dim..(j + 1) * dim]);
             }
         }
     });
-    let _ = vector;
     out
 }
 
-/// `a · b` for lengths that are multiples of 16, in a fixed order: four
-/// lanes of partial sums over 16-value pieces in turn, then added.
+/// Lanes of one 512-bit vector of f32.
+const LANES: usize = 16;
+
+/// `a · b` in the order every score is summed: lane `l` of sixteen partial
+/// sums takes `a[i] * b[i]` for `i = l, l + 16, ...` by fused multiply-add
+/// from 0, then the lanes fold in halves (`p[l] += p[l + s]` for `s = 8, 4,
+/// 2, 1`). [`fold16_avx512`] does the same for sixteen keys at once.
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut p = [0f32; LANES];
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        p[i % LANES] = x.mul_add(y, p[i % LANES]);
+    }
+    for s in [8, 4, 2, 1] {
+        for l in 0..s {
+            p[l] += p[l + s];
+        }
+    }
+    p[0]
+}
+
+/// One query's scores against keys `lo..hi` of one head (`kh`, rows of
+/// `dim`, a multiple of 16), written to `o[lo..hi]`, sixteen keys at a
+/// time; keys of a block outside `lo..hi` are neither read nor written.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn scores_avx512(qr: &[f32], kh: &[f32], lo: usize, hi: usize, o: &mut [f32]) {
     use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    // SAFETY (whole body): reads are below `n`, a multiple of 16.
-    unsafe {
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i < n {
-            let lane = (i / 16) % 4;
-            acc[lane] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc[lane]);
-            i += 16;
+    let dim = qr.len();
+    let mut first = lo / LANES * LANES;
+    while first < hi {
+        // SAFETY (loop body): keys in `lo..hi` have rows in `kh`; the store
+        // is masked to them, and they lie in `o`.
+        unsafe {
+            let mut p = [_mm512_setzero_ps(); LANES];
+            let mut mask: u16 = 0;
+            for (l, pl) in p.iter_mut().enumerate() {
+                let j = first + l;
+                if j < lo || j >= hi {
+                    continue;
+                }
+                mask |= 1 << l;
+                let kr = kh.as_ptr().add(j * dim);
+                let mut acc = _mm512_setzero_ps();
+                for c in (0..dim).step_by(LANES) {
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr.as_ptr().add(c)), _mm512_loadu_ps(kr.add(c)), acc);
+                }
+                *pl = acc;
+            }
+            _mm512_mask_storeu_ps(o.as_mut_ptr().add(first), mask, fold16_avx512(p));
         }
-        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        _mm512_reduce_add_ps(s)
+        first += LANES;
     }
+}
+
+/// Lane indices for one round of [`fold16_avx512`]: with groups of `2s`
+/// lanes, output group `2g` is the first input's group `g` and output
+/// group `2g + 1` the second input's, each folded (its first `s` lanes, or
+/// with `second` its last `s`).
+const fn fold_lanes(s: usize, second: bool) -> [i32; 16] {
+    let mut idx = [0i32; 16];
+    let mut l = 0;
+    while l < 16 {
+        let (g, from_b, off) = (l / (2 * s), (l / s) % 2 == 1, l % s);
+        let lane = 2 * s * g + off + if second { s } else { 0 };
+        idx[l] = (lane + if from_b { 16 } else { 0 }) as i32;
+        l += 1;
+    }
+    idx
+}
+
+/// Sixteen keys' partial-sum vectors `p[j]` folded into one vector whose
+/// lane `j` is key `j`'s sum, each key's lanes added in [`dot16`]'s order:
+/// round `s` pairs `p[j]` with `p[j + s]` and halves every key's group.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fold16_avx512(mut p: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    const ROUNDS: [[[i32; 16]; 2]; 4] = [
+        [fold_lanes(8, false), fold_lanes(8, true)],
+        [fold_lanes(4, false), fold_lanes(4, true)],
+        [fold_lanes(2, false), fold_lanes(2, true)],
+        [fold_lanes(1, false), fold_lanes(1, true)],
+    ];
+    for (round, [first, second]) in ROUNDS.iter().enumerate() {
+        let s = 8 >> round;
+        // SAFETY: each index array is 16 i32s, one 512-bit load.
+        let (first, second) = unsafe {
+            (
+                _mm512_loadu_si512(first.as_ptr().cast()),
+                _mm512_loadu_si512(second.as_ptr().cast()),
+            )
+        };
+        for j in 0..s {
+            let (a, b) = (p[j], p[j + s]);
+            p[j] = _mm512_add_ps(
+                _mm512_permutex2var_ps(a, first, b),
+                _mm512_permutex2var_ps(a, second, b),
+            );
+        }
+    }
+    p[0]
 }
 
 /// `out = Σ_j w[j] · v[j]` over `dim`-wide rows `v`, in ascending `j`,
@@ -622,6 +712,60 @@ mod tests {
                 let got = all[(h * t + 5) * shape.keys + 7] as f64;
                 assert!((want - got).abs() < 1e-5, "dim {dim}: {want} vs {got}");
             }
+        }
+    }
+
+    /// Every score is summed in the documented order (sixteen lanes of
+    /// fused multiply-adds, folded in halves), on the vector path as on the
+    /// fallback, to the bit: with full and partial blocks of keys, windows,
+    /// several sequences and grouped heads; keys a query cannot see stay 0.
+    #[test]
+    fn attention_scores_are_summed_in_one_documented_order() {
+        let noise = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2_246_822_519).wrapping_add(seed) >> 8) as f32 / 8_388_608.0 - 1.0)
+                .collect()
+        };
+        for (dim, keys, window) in [
+            (64, 1, None),
+            (64, 37, None),
+            (256, 70, Some(20)),
+            (80, 16, None),
+            (24, 129, Some(64)),
+        ] {
+            let shape = ValuesShape {
+                batch: 2,
+                heads: 6,
+                kv_heads: 2,
+                keys,
+                dim,
+            };
+            let t = keys.min(5);
+            let causal = Causal {
+                queries: t,
+                pos: keys - t,
+                window,
+            };
+            let q = noise(shape.batch * shape.heads * t * dim, 11);
+            let k = noise(shape.batch * shape.kv_heads * keys * dim, 13);
+            let got = attend_scores(&q, &k, shape, causal);
+            let mut want = vec![0f32; got.len()];
+            for row in 0..shape.batch * shape.heads * t {
+                let (bh, qi) = (row / t, row % t);
+                let kv = (bh / shape.heads) * shape.kv_heads + (bh % shape.heads) / 3;
+                let (lo, hi) = causal.visible(qi, keys);
+                for j in lo..hi {
+                    let kr = &k[(kv * keys + j) * dim..(kv * keys + j + 1) * dim];
+                    let qr = &q[row * dim..(row + 1) * dim];
+                    let mut p = [0f32; 16];
+                    for (i, (&x, &y)) in qr.iter().zip(kr).enumerate() {
+                        p[i % 16] = x.mul_add(y, p[i % 16]);
+                    }
+                    want[row * keys + j] = (((p[0] + p[8]) + (p[4] + p[12])) + ((p[2] + p[10]) + (p[6] + p[14])))
+                        + (((p[1] + p[9]) + (p[5] + p[13])) + ((p[3] + p[11]) + (p[7] + p[15])));
+                }
+            }
+            assert_eq!(got, want, "dim {dim}, {keys} keys, window {window:?}");
         }
     }
 }

@@ -192,7 +192,11 @@ fn elo(a: f64, b: f64, s: f64) -> (f64, f64) {
 fn rival(a: usize, ratings: &[f64], explore: f64, nearest: usize, rng: &mut Rng) -> usize {
     let mut others: Vec<usize> = (0..ratings.len()).filter(|&i| i != a).collect();
     if rng.f64() >= explore {
-        others.sort_by(|&i, &j| (ratings[i] - ratings[a]).abs().total_cmp(&(ratings[j] - ratings[a]).abs()));
+        others.sort_by(|&i, &j| {
+            (ratings[i] - ratings[a])
+                .abs()
+                .total_cmp(&(ratings[j] - ratings[a]).abs())
+        });
         others.truncate(nearest.max(1));
     }
     others[rng.below(others.len())]
@@ -412,10 +416,16 @@ fn describe(ratings: &[(String, f64)]) -> String {
 /// weights (the previous round's member is released first: a continued
 /// LoRA would need its f32 parent held beside it, past the request's
 /// memory for a 0.5B member). Returns a note per run.
-fn train_round(tribe: &mut [Warrior], pairs: &[Preference], plan: &Plan, s: &Settings, round: u32) -> Result<Vec<String>, Error> {
+fn train_round(
+    tribe: &mut [Warrior],
+    pairs: &[Preference],
+    plan: &Plan,
+    s: &Settings,
+    round: u32,
+) -> Result<Vec<String>, Error> {
     let mut notes = Vec::new();
-    let steps = ((pairs.len() as u64 * u64::from(plan.epochs)).div_ceil(u64::from(plan.batch)) as u32)
-        .clamp(1, plan.max_steps);
+    let steps =
+        ((pairs.len() as u64 * u64::from(plan.epochs)).div_ceil(u64::from(plan.batch)) as u32).clamp(1, plan.max_steps);
     for w in tribe.iter_mut().filter(|w| w.trainee) {
         if w.current != w.base.id {
             training::release(&w.current)?;
@@ -643,7 +653,9 @@ impl Strategy for Sparta {
                 base: best_base,
                 trained: false,
                 ratings,
-                summary: format!("{picked_note}; keep=false: the trained member goes with this request, its base answers"),
+                summary: format!(
+                    "{picked_note}; keep=false: the trained member goes with this request, its base answers"
+                ),
             });
         }
         match training::keep(&best_id, &name) {
@@ -704,7 +716,7 @@ mod tests {
             logprob: p.ln(),
         };
         let e = expected_score(&[t(" 8", 0.3), t(" the", 0.4), t("2", 0.1), t(" 11", 0.2)]).unwrap();
-        assert!((e - 6.8).abs() < 1e-9, "{e}");
+        assert!((e - 6.5).abs() < 1e-9, "{e}");
         assert_eq!(expected_score(&[t(" the", 1.0)]), None);
     }
 

@@ -24,7 +24,9 @@ fn settings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 async fn sparta_duels_on_dev_trains_by_dpo_on_the_verdicts_and_answers_with_the_best_trained_member() {
     let paths = scratch_paths("sparta");
     let rt = keeping(&paths, 1);
-    let m = rt.load_module("sparta").expect("sparta is installed (run `make setup`)");
+    let m = rt
+        .load_module("sparta")
+        .expect("sparta is installed (run `make setup`)");
     let test = arc_easy(20, 1).remove(0);
 
     // Unfitted: the default trainee (the smallest trainable member) answers
@@ -60,7 +62,10 @@ async fn sparta_duels_on_dev_trains_by_dpo_on_the_verdicts_and_answers_with_the_
     // that had pairs; the summary names the kept member.
     let trains = calls(&trace, "train");
     assert!(!trains.is_empty(), "no duel was decided in two rounds: {rounds:?}");
-    assert!(trains.iter().all(|t| *t == format!("{SMOL} (dpo, 1 steps)")), "{trains:?}");
+    assert!(
+        trains.iter().all(|t| *t == format!("{SMOL} (dpo, 1 steps)")),
+        "{trains:?}"
+    );
     let note = steps(&trace, "fit").last().map(|s| s.1.to_string()).unwrap_or_default();
     for (_, r) in &rounds {
         eprintln!("sparta {r}");
@@ -98,7 +103,11 @@ async fn sparta_needs_a_judge_and_names_bad_settings() {
     let test = arc_easy(20, 1).remove(0);
     let mut two = request(&test);
     two.config.insert("models".into(), format!("{SMOL},{QWEN}"));
-    let err = rt.run(&m, two).await.expect_err("two members leave no judge").to_string();
+    let err = rt
+        .run(&m, two)
+        .await
+        .expect_err("two members leave no judge")
+        .to_string();
     assert!(err.contains("at least three") && err.contains("models"), "{err}");
     let mut gemma = request(&test);
     gemma.config.insert("trainees".into(), GEMMA.into());

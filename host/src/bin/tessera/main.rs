@@ -588,7 +588,11 @@ fn tasks_fetch() -> Result<String, Error> {
     let got = tessera::tasks::fetch(&paths).map_err(|e| Error::config(e.to_string()))?;
     let mut out = format!(
         "evaluation data {} in {}",
-        if got.fetched { "fetched and verified" } else { "already present" },
+        if got.fetched {
+            "fetched and verified"
+        } else {
+            "already present"
+        },
         paths.data.display()
     );
     for (task, why) in &got.unavailable {
