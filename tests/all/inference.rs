@@ -316,7 +316,7 @@ fn the_kv_budget_bounds_the_running_batch_and_changes_no_answer() {
     ];
     let params = |i: usize| GenParams {
         max_tokens: Some(12),
-        temperature: Some(if i % 2 == 0 { 0.0 } else { 0.8 }),
+        temperature: Some(if i.is_multiple_of(2) { 0.0 } else { 0.8 }),
         seed: Some(i as u64),
         ..Default::default()
     };

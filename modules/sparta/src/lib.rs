@@ -568,7 +568,7 @@ impl Strategy for Sparta {
                 rating: START_RATING,
             })
             .collect();
-        let mut rng = Rng::new(settings.seed ^ 0x5ba7_7a);
+        let mut rng = Rng::new(settings.seed ^ 0x005b_a77a);
         let mut pairs: Vec<Preference> = Vec::new();
         let mut log = Vec::new();
         for round in 0..plan.iterations {
