@@ -157,12 +157,7 @@ fn majority_vote_native_vs_sandbox(c: &mut Criterion) {
         .expect("majority-vote installed by `make setup`");
     let q = "What is the capital of France? Answer with one word.";
     let models = rt.models();
-    let members: Vec<String> = rt
-        .cards()
-        .into_iter()
-        .filter(|c| c.can(tessera::inference::Capability::Generate))
-        .map(|c| c.id)
-        .collect();
+    let members = rt.generator_ids();
     let mut req = RunRequest::chat(q);
     req.params.seed = Some(7);
     req.config = BTreeMap::from([("k".into(), "3".into()), ("max_tokens".into(), "16".into())]);

@@ -42,12 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .kv_budget(kv_mib << 20),
     )?;
     let loaded = status_mib("VmRSS:").unwrap_or(0.0);
-    let members: Vec<String> = rt
-        .cards()
-        .into_iter()
-        .filter(|c| c.can(tessera::inference::Capability::Generate))
-        .map(|c| c.id)
-        .collect();
+    let members = rt.generator_ids();
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/speed-prompt.txt"))?;
     let models = rt.models();
     let ctx = CallCtx {

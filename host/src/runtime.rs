@@ -247,6 +247,15 @@ impl Runtime {
         self.models_arc().cards()
     }
 
+    /// The ids of the members that generate, in pool order.
+    pub fn generator_ids(&self) -> Vec<String> {
+        self.cards()
+            .into_iter()
+            .filter(|c| c.can(crate::inference::Capability::Generate))
+            .map(|c| c.id)
+            .collect()
+    }
+
     /// From now on, answers a repeated `score` call (same member, prompt
     /// and continuations) from memory, keeping up to `capacity` results;
     /// see [`crate::inference::memo`]. Evaluation turns this on: every
