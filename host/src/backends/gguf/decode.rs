@@ -177,11 +177,12 @@ impl<T> Engine<'_, T> {
     /// in `budget` tokens beside the running ones (the oldest always starts
     /// when nothing runs: it fits alone, or it would have been refused).
     fn start_waiting(&mut self, budget: usize) {
+        let mut running = self.reserved_tokens();
         while let Some((_, s)) = self.waiting.front() {
-            let running = self.reserved_tokens();
             if running > 0 && running + s.reserve() > budget {
                 return;
             }
+            running += s.reserve();
             if let Some(w) = self.waiting.pop_front() {
                 self.prefilling.push_back(w);
             }
@@ -376,12 +377,12 @@ impl GgufModel {
         if engine.steps > 0 && !engine.is_empty() {
             JOINED_RUNNING.fetch_add(1, Ordering::Relaxed);
         }
-        let running = engine.reserved_tokens();
-        if engine.waiting.is_empty() && (running == 0 || running + seq.reserve() <= budget) {
-            engine.prefilling.push_back((tag, seq));
-        } else {
+        // Behind any that already wait, then started if it fits: still
+        // waiting afterwards means it is the last in the queue.
+        engine.waiting.push_back((tag, seq));
+        engine.start_waiting(budget);
+        if !engine.waiting.is_empty() {
             WAITED_FOR_KV.fetch_add(1, Ordering::Relaxed);
-            engine.waiting.push_back((tag, seq));
         }
         Ok(())
     }

@@ -289,11 +289,6 @@ impl GgufModel {
         self.kv_budget = bytes.max(self.kv_bytes_per_token());
     }
 
-    /// The bound [`GgufModel::set_kv_budget`] set.
-    pub fn kv_budget(&self) -> usize {
-        self.kv_budget
-    }
-
     /// Bytes one token takes in a sequence's KV cache (f32 keys and values
     /// of every layer).
     pub fn kv_bytes_per_token(&self) -> usize {

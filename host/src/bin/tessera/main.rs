@@ -555,7 +555,7 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         mcq,
         max_tokens: args.max_tokens,
         seed: args.seed,
-        concurrency: args.concurrency.unwrap_or(options().pool.max_batch).max(1),
+        concurrency: args.concurrency.unwrap_or(options().pool.max_batch),
         strategy_config,
         scaling: args.scaling,
         subsets_per_size: args.subsets_per_size,
