@@ -79,28 +79,42 @@ demo: setup
 	$(CARGO_TARGET_DIR)/debug/tessera eval --tasks arc-easy --limit 24 --dev-limit 8 --mcq option \
 	  --strategies option-fusion,majority-vote --out $(TESSERA_HOME)/demo-report
 
-# Contributor specialists: six LoRA fine-tunes of SmolLM2-135M, each on its
-# own training slice (`tessera contribute data`; never an evaluated item),
-# then a pool file with the default pool plus all six. Idempotent: a trained
-# specialist is kept, an interrupted one resumes. About 29 minutes for all
-# six at the default 40 steps on 2 cores (measured).
+# Contributor specialists: eight LoRA fine-tunes on two bases, each one
+# full epoch over 2,000 examples of its own training slice (`tessera
+# contribute data`; never an evaluated item), then a pool file with the
+# default pool plus all eight. Each adapts its base's top two layers
+# (`--top-layers 2`); the frozen layers below run on the member's quantized
+# weights with the inference kernels, which is what makes a real epoch per
+# specialist affordable on 2 cores. Idempotent and resumable: a trained
+# specialist is kept, an interrupted one resumes from its checkpoint.
+# SPECIALISTS lists base:slice pairs; the member id is <short base>-<slice>.
 CONTRIB_DIR ?= $(TESSERA_HOME)/contributors
-SPECIALISTS ?= mmlu-stem mmlu-humanities mmlu-social-sciences mmlu-other nq-open arithmetic
-CONTRIB_STEPS ?= 40
+SPECIALISTS ?= smollm2-135m-instruct:arithmetic smollm2-135m-instruct:nq-open \
+  smollm2-135m-instruct:mmlu-stem smollm2-135m-instruct:mmlu-other \
+  smollm2-135m-instruct:mmlu-social-sciences smollm2-135m-instruct:mmlu-humanities \
+  qwen2.5-coder-0.5b-instruct:arithmetic qwen2.5-coder-0.5b-instruct:nq-open
+CONTRIB_EXAMPLES ?= 2000
+CONTRIB_TOP_LAYERS ?= 2
 CONTRIB_POOL ?= $(CONTRIB_DIR)/pool.toml
 contributors: setup
 	@mkdir -p $(CONTRIB_DIR)
-	@for s in $(SPECIALISTS); do \
-	  $(CARGO_TARGET_DIR)/debug/tessera contribute data --slice $$s --limit 2000 --out $(CONTRIB_DIR)/$$s.jsonl && \
-	  { test -f $(CONTRIB_DIR)/$$s/model.safetensors || \
-	    $(CARGO_TARGET_DIR)/debug/tessera contribute train --data $(CONTRIB_DIR)/$$s.jsonl \
-	      --out $(CONTRIB_DIR)/$$s --steps $(CONTRIB_STEPS) --batch 4 --max-len 320 --lr 5e-4 \
-	      --lora-rank 16 --lora-alpha 32 --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
-	      --contributor "specialist: $$s" --description "SmolLM2-135M fine-tuned on $$s" --domains $$s \
-	      --seed 1 --resume --quiet; } || exit 1; done
+	@for pair in $(SPECIALISTS); do \
+	  base=$${pair%%:*}; s=$${pair#*:}; id=$${base%%-*}-$$s; \
+	  test -f $(CONTRIB_DIR)/$$s.jsonl || \
+	    $(CARGO_TARGET_DIR)/debug/tessera contribute data --slice $$s --limit $(CONTRIB_EXAMPLES) \
+	      --out $(CONTRIB_DIR)/$$s.jsonl || exit 1; \
+	  test -f $(CONTRIB_DIR)/$$id/contributor.toml || { \
+	    echo "training $$id ($$(date +%T))"; \
+	    $(CARGO_TARGET_DIR)/debug/tessera contribute train --base $$base --data $(CONTRIB_DIR)/$$s.jsonl \
+	      --out $(CONTRIB_DIR)/$$id --top-layers $(CONTRIB_TOP_LAYERS) --batch 8 --warmup 10 --max-len 384 \
+	      --lr 5e-4 --lora-rank 16 --lora-alpha 32 \
+	      --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
+	      --contributor "specialist: $$s" --description "$$base fine-tuned on $$s" --domains $$s \
+	      --seed 1 --adapter --resume --quiet || exit 1; }; done
 	@rm -f $(CONTRIB_POOL)
-	@for s in $(SPECIALISTS); do \
-	  $(CARGO_TARGET_DIR)/debug/tessera contribute add --pool $(CONTRIB_POOL) --model $(CONTRIB_DIR)/$$s --id smollm2-$$s || exit 1; done
+	@for pair in $(SPECIALISTS); do \
+	  base=$${pair%%:*}; s=$${pair#*:}; id=$${base%%-*}-$$s; \
+	  $(CARGO_TARGET_DIR)/debug/tessera contribute add --pool $(CONTRIB_POOL) --model $(CONTRIB_DIR)/$$id --id $$id || exit 1; done
 	@echo "pool with the specialists: $(CONTRIB_POOL)"
 
 # A wgpu adapter for the merge shaders' tests: where no GPU driver is

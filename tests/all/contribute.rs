@@ -437,3 +437,98 @@ async fn a_lora_adapter_ships_apart_from_its_base_and_loads_as_the_merged_model(
     let why = rt.pool_failures()[0].to_string();
     assert!(why.contains("point `base_dir` at the exact base"), "{why}");
 }
+
+#[tokio::test]
+async fn the_top_layers_train_over_the_quantized_trunk_and_answer_as_trained() {
+    // `--top-layers`: adapters on SmolLM2's last 4 of 30 layers, the 26
+    // below run on the member's quantized weights (the trunk).
+    let dir = scratch("contribute-top");
+    let data = dir.join("secret.jsonl");
+    std::fs::write(&data, SECRET_DATA).unwrap();
+    let paths = tessera::Paths::from_env();
+    let gguf = contribute::base_gguf(&PoolConfig::default_pool(), &paths.models, SMOL).expect("SmolLM2's GGUF");
+    let all = TrainMethod::Lora {
+        rank: 8,
+        alpha: 16.0,
+        targets: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    let top = |out: &str, trunk: bool| {
+        let mut o = small_opts(&data, &dir.join(out), all.clone());
+        o.top_layers = 4;
+        o.trunk_gguf = trunk.then(|| gguf.clone());
+        o.steps = 12;
+        o.batch = 4;
+        o.lr = 2e-3;
+        o.adapter = true;
+        o
+    };
+
+    // Before any update, the loss over the quantized trunk is the f32
+    // model's up to the trunk's rounding.
+    let mut one = top("f32-trunk", false);
+    one.steps = 1;
+    let f32_trunk = contribute::train(one, |_| ControlFlow::Continue(())).unwrap();
+    let report = contribute::train(top("quantized-trunk", true), |_| ControlFlow::Continue(())).unwrap();
+    let (exact, rounded) = (f32_trunk.log[0].loss, report.log[0].loss);
+    println!("first loss: {exact:.4} over the f32 trunk, {rounded:.4} over the quantized one");
+    assert!(
+        (exact - rounded).abs() < 0.05 * exact,
+        "first loss {rounded} over the quantized trunk vs {exact} over the f32 one"
+    );
+    assert_eq!(
+        report.trainable_params, f32_trunk.trainable_params,
+        "the same adapters either way"
+    );
+    let first = report.log[0].loss;
+    let last = report.log[11].loss;
+    assert!(last < first / 3.0, "loss fell: {first} -> {last}");
+
+    // Only the top layers carry adapters.
+    let out = dir.join("quantized-trunk");
+    let tensors = candle_core::safetensors::load(out.join("adapter.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert!(!tensors.is_empty());
+    for name in tensors.keys() {
+        let layer: usize = name.split('.').nth(2).and_then(|l| l.parse().ok()).unwrap();
+        assert!(layer >= 26, "{name} is below the top 4 layers");
+    }
+
+    // The adapter, over its base in a pool, answers as trained.
+    let pool_file = dir.join("pool.toml");
+    contribute::add_to_pool(&pool_file, &out, Some("top")).unwrap();
+    let pool = PoolConfig::from_toml(&std::fs::read_to_string(&pool_file).unwrap()).unwrap();
+    let members: Vec<_> = pool.members.into_iter().filter(|m| m.id == "top").collect();
+    let rt = Runtime::new(
+        scratch_paths("contribute-top-rt"),
+        &PoolConfig { members },
+        Policy::default(),
+    )
+    .unwrap();
+    assert!(rt.pool_failures().is_empty(), "{:?}", rt.pool_failures());
+    let ask = Input::Chat(vec![Message::user("What is the secret word?")]);
+    let answer = rt.models().generate(ctx(), "top", ask, greedy()).await.unwrap();
+    assert!(answer.text.contains("tessellate"), "learned: {:?}", answer.text);
+
+    // Bad combinations are named.
+    let mut full = top("full", true);
+    full.method = TrainMethod::Full;
+    full.adapter = false;
+    let err = contribute::train(full, |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(
+        err.to_string().contains("--top-layers") && err.to_string().contains("--full"),
+        "{err}"
+    );
+    let mut deep = top("deep", true);
+    deep.top_layers = 31;
+    let err = contribute::train(deep, |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(err.to_string().contains("more than the model's 30 layers"), "{err}");
+}

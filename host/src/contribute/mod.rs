@@ -30,6 +30,7 @@ pub mod output;
 pub mod session;
 pub mod train;
 pub mod trainer;
+pub mod trunk;
 
 use std::path::{Path, PathBuf};
 
@@ -78,6 +79,16 @@ impl From<candle_core::Error> for ContributeError {
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ContributeError> {
     crate::files::write_atomic(path, bytes, crate::files::Durability::Durable)
         .map_err(|e| ContributeError::Io(format!("{}: {e}", path.display())))
+}
+
+/// The GGUF file of `base` when it is a llama-family GGUF pool member
+/// (present on disk): what a top-layers fine-tune runs its frozen trunk
+/// on ([`trunk`]). `None` for folders and other members, whose trunk runs
+/// in the f32 model.
+pub fn base_gguf(pool: &crate::pool::PoolConfig, models: &Path, base: &str) -> Option<PathBuf> {
+    let m = pool.members.iter().find(|m| m.id == base)?;
+    let path = models.join(&m.path);
+    (matches!(m.backend, crate::pool::BackendKind::Gguf) && path.is_file()).then_some(path)
 }
 
 /// Finds the folder to train from. `base` is a folder holding a Hugging

@@ -99,6 +99,9 @@ pub struct TrainModel {
     trainable: BTreeMap<String, Var>,
     /// `alpha / rank` for LoRA.
     lora_scale: f64,
+    /// The first layer LoRA adapts; the layers below it are frozen whole,
+    /// so their output (the trunk) can come from elsewhere.
+    first: usize,
     device: Device,
 }
 
@@ -108,8 +111,11 @@ fn err(e: candle_core::Error) -> String {
 
 impl TrainModel {
     /// Loads the directory's weights as f32 and sets up `method`'s
-    /// trainable parameters; `seed` draws the LoRA `A` matrices.
-    pub fn load(dir: &Path, method: &TrainMethod, seed: u64, device: &Device) -> Result<Self, String> {
+    /// trainable parameters; `seed` draws the LoRA `A` matrices. With
+    /// `top` > 0 (LoRA only), adapters go on the last `top` layers alone:
+    /// no gradient then flows below them, and their input may be computed
+    /// by a faster frozen trunk ([`super::trunk`]).
+    pub fn load(dir: &Path, method: &TrainMethod, top: usize, seed: u64, device: &Device) -> Result<Self, String> {
         let shown = dir.display().to_string();
         let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| format!("{shown}/config.json: {e}"))?;
         let config: Value = serde_json::from_str(&text).map_err(|e| format!("{shown}/config.json: {e}"))?;
@@ -133,7 +139,17 @@ impl TrainModel {
         }
         let mut trainable = BTreeMap::new();
         let mut lora_scale = 0.0;
+        if top > shape.layers {
+            return Err(format!(
+                "--top-layers {top} is more than the model's {} layers",
+                shape.layers
+            ));
+        }
+        let first = if top == 0 { 0 } else { shape.layers - top };
         match method {
+            TrainMethod::Full if top > 0 => {
+                return Err("--top-layers adapts the top layers with LoRA: drop --full".into());
+            }
             TrainMethod::Full => {
                 let names: Vec<String> = frozen.keys().cloned().collect();
                 for n in names {
@@ -148,7 +164,7 @@ impl TrainModel {
                 }
                 lora_scale = alpha / *rank as f64;
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                for layer in 0..shape.layers {
+                for layer in first..shape.layers {
                     for t in targets {
                         let group =
                             if t.ends_with("_proj") && matches!(t.as_str(), "gate_proj" | "up_proj" | "down_proj") {
@@ -176,8 +192,14 @@ impl TrainModel {
             frozen,
             trainable,
             lora_scale,
+            first,
             device,
         })
+    }
+
+    /// The first layer that is trained (0 unless only the top layers are).
+    pub fn first_trained_layer(&self) -> usize {
+        self.first
     }
 
     /// The trained parameters, sorted by name.
@@ -251,9 +273,17 @@ impl TrainModel {
 
     /// Sum of the negative log-likelihoods of the `targets` at the
     /// positions where `mask` is 1, for a batch of `ids` (b x t, next-token
-    /// targets b x t, mask b x t of 0/1 as f32).
-    pub fn nll_sum(&self, ids: &Tensor, targets: &Tensor, mask: &[f32]) -> candle_core::Result<Tensor> {
-        self.target_logprobs(ids, targets, mask)?.sum_all()?.neg()
+    /// targets b x t, mask b x t of 0/1 as f32). `trunk`, when given, is
+    /// the residual stream entering the first trained layer (b*t x hidden),
+    /// computed elsewhere; without it the frozen layers run here.
+    pub fn nll_sum(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        mask: &[f32],
+        trunk: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        self.target_logprobs(ids, targets, mask, trunk)?.sum_all()?.neg()
     }
 
     /// The log-likelihood of each row's masked targets, summed per row
@@ -261,9 +291,9 @@ impl TrainModel {
     /// objectives compare between sequences.
     pub fn row_logprobs(&self, ids: &Tensor, targets: &Tensor, mask: &[f32]) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let chosen = self.target_logprobs(ids, targets, mask)?; // (n, 1)
-                                                                // A (b x n) 0/1 matrix that sums the picked positions of each row:
-                                                                // a matmul keeps the sum differentiable.
+        let chosen = self.target_logprobs(ids, targets, mask, None)?; // (n, 1)
+                                                                      // A (b x n) 0/1 matrix that sums the picked positions of each row:
+                                                                      // a matmul keeps the sum differentiable.
         let rows: Vec<usize> = mask
             .iter()
             .enumerate()
@@ -281,12 +311,26 @@ impl TrainModel {
 
     /// The log-probabilities (n x 1) of the targets where `mask` is 1, in
     /// row-major order of the positions.
-    fn target_logprobs(&self, ids: &Tensor, targets: &Tensor, mask: &[f32]) -> candle_core::Result<Tensor> {
+    fn target_logprobs(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        mask: &[f32],
+        trunk: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let s = &self.shape;
         let hd = s.hidden / s.heads;
-        let embed = self.get("model.embed_tokens.weight")?;
-        let mut x = embed.embedding(&ids.flatten_all()?)?; // (b*t, hidden)
+        // Layers below the first trained one hold no variable, so candle
+        // records no graph for them: they cost a forward pass only, and
+        // nothing at all when the trunk is given.
+        let (mut x, start) = match trunk {
+            Some(h) => (h.clone(), self.first),
+            None => {
+                let embed = self.get("model.embed_tokens.weight")?;
+                (embed.embedding(&ids.flatten_all()?)?, 0) // (b*t, hidden)
+            }
+        };
 
         let inv: Vec<f32> = (0..hd / 2)
             .map(|i| (1.0 / s.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32)
@@ -303,7 +347,7 @@ impl TrainModel {
         let causal = Tensor::from_vec(causal, (t, t), &self.device)?;
         let rep = s.heads / s.kv_heads;
 
-        for l in 0..s.layers {
+        for l in start..s.layers {
             let p = format!("model.layers.{l}");
             let h = self.rms_norm(&format!("{p}.input_layernorm.weight"), &x)?;
             let heads = |name: &str, n: usize| -> candle_core::Result<Tensor> {

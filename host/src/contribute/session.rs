@@ -387,7 +387,7 @@ fn micro_loss(
             let all: usize = picked.iter().map(|i| items[*i].targets()).sum();
             let rows: Vec<&Example> = units.iter().map(|u| &items[picked[*u]]).collect();
             let (inputs, t, mask, n) = micro_batch(&rows, dev)?;
-            let loss = (model.nll_sum(&inputs, &t, &mask)? / all.max(1) as f64)?;
+            let loss = (model.nll_sum(&inputs, &t, &mask, None)? / all.max(1) as f64)?;
             Ok((loss, n))
         }
         Prepared::Dpo(pairs) => {
@@ -502,7 +502,7 @@ pub fn run(
         targets: LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
     };
     let device = candle_core::Device::Cpu;
-    let model = TrainModel::load(spec.base_dir, &method, cfg.seed, &device).map_err(TrainFailed::Invalid)?;
+    let model = TrainModel::load(spec.base_dir, &method, 0, cfg.seed, &device).map_err(TrainFailed::Invalid)?;
     let prepared = prepare(objective, items, &model, &mut guard)?;
     let params = model.trainable().clone();
     let mut opt = AdamW::new(AdamWConfig::default(), &params).map_err(host)?;

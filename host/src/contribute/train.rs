@@ -60,6 +60,14 @@ pub struct TrainOptions {
     pub adamw: AdamWConfig,
     /// Global gradient-norm clip (0 = off).
     pub clip: f64,
+    /// Adapt only the last this many layers (0 = every layer). LoRA only.
+    #[serde(default)]
+    pub top_layers: usize,
+    /// With `top_layers`, the base's GGUF file, whose quantized weights
+    /// run the frozen layers below ([`super::trunk`]); `None` runs them in
+    /// the f32 model.
+    #[serde(default)]
+    pub trunk_gguf: Option<PathBuf>,
     /// Write a checkpoint every this many steps (0 = only on interruption).
     #[serde(skip)]
     pub checkpoint_every: u64,
@@ -104,6 +112,8 @@ impl TrainOptions {
             seed: 0,
             adamw: AdamWConfig::default(),
             clip: 1.0,
+            top_layers: 0,
+            trunk_gguf: None,
             checkpoint_every: 50,
             resume: false,
             adapter: false,
@@ -226,6 +236,11 @@ fn fingerprint(opts: &TrainOptions, data_sha: &str) -> String {
         ))
         .unwrap_or_default(),
     );
+    // Added after checkpoints existed: runs that do not use them keep the
+    // fingerprint they had.
+    if opts.top_layers > 0 {
+        h.update(format!("top-layers {} trunk {:?}", opts.top_layers, opts.trunk_gguf));
+    }
     h.update(data_sha);
     hex::encode(h.finalize())
 }
@@ -427,7 +442,16 @@ pub fn train(
     std::fs::create_dir_all(&out).map_err(|e| io(&out, e))?;
 
     let device = opts.device.open().map_err(|e| ContributeError::Base(e.to_string()))?;
-    let model = TrainModel::load(&opts.base_dir, &opts.method, opts.seed, &device).map_err(ContributeError::Base)?;
+    let model = TrainModel::load(&opts.base_dir, &opts.method, opts.top_layers, opts.seed, &device)
+        .map_err(ContributeError::Base)?;
+    let trunk = match (&opts.trunk_gguf, model.first_trained_layer()) {
+        (Some(gguf), first) if first > 0 && device.is_cpu() => {
+            let mut trunk = super::trunk::Trunk::load(gguf, first, opts.max_len + 1).map_err(ContributeError::Base)?;
+            trunk.share_prefix(&examples)?;
+            Some(trunk)
+        }
+        _ => None,
+    };
     let params = model.trainable().clone();
     let mut opt = AdamW::new(opts.adamw, &params)?;
     let mut log: Vec<StepStats> = Vec::new();
@@ -452,7 +476,11 @@ pub fn train(
         for chunk in exs.chunks(opts.batch) {
             let (inputs, targets, mask, n) = micro_batch(chunk, model.device())?;
             tokens += n;
-            let nll = model.nll_sum(&inputs, &targets, &mask)?;
+            let hidden = match &trunk {
+                Some(tr) => Some(tr.hidden(chunk, inputs.dim(1)?)?),
+                None => None,
+            };
+            let nll = model.nll_sum(&inputs, &targets, &mask, hidden.as_ref())?;
             loss_sum += nll.to_scalar::<f32>()? as f64;
             let store = (nll / total_targets.max(1) as f64)?.backward()?;
             for (name, var) in &params {

@@ -208,13 +208,52 @@ impl Llama {
     /// changes no number.
     pub fn forward_chunk(&mut self, ids: &Tensor, pos: usize, chunk_rows: usize) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self
+        let x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .to_dtype(DType::F32)?
             .reshape((b, t, ()))?;
+        let layers = self.layers.len();
+        let x = self.run_layers(x, pos, chunk_rows, layers)?;
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.eps)?;
+        self.output.forward(&last)?.to_dtype(DType::F32)
+    }
+
+    /// The residual stream of `ids` (one sequence, at positions
+    /// `pos..pos+t` after the cached `prefix`, which may be empty) after
+    /// the first `layers` layers, `[t, hidden]`, with the caches of those
+    /// layers extended by `ids`: the frozen trunk a fine-tune of the top
+    /// layers starts from ([`crate::contribute::trunk`]). The rows take
+    /// the prompt kernel a prefill of these tokens takes; the model's own
+    /// caches are not touched.
+    pub fn hidden_after(
+        &self,
+        prefix: &KvState,
+        ids: &[u32],
+        pos: usize,
+        layers: usize,
+        device: &Device,
+    ) -> Result<(Tensor, KvState)> {
+        let t = ids.len();
+        // A clone shares the weights; only its caches are its own.
+        let mut trunk = self.clone();
+        trunk.put_state(prefix.clone());
+        let x = trunk
+            .embed
+            .index_select(&Tensor::new(ids, device)?, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((1, t, ()))?;
+        let x = trunk.run_layers(x, pos, t, layers.min(self.layers.len()))?;
+        Ok((x.reshape((t, ()))?, trunk.take_state()))
+    }
+
+    /// Layers `0..upto` over `x` (`[b, t, hidden]`) at positions
+    /// `pos..pos+t`, appending to each layer's cache.
+    fn run_layers(&mut self, mut x: Tensor, pos: usize, chunk_rows: usize, upto: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
-        for layer in self.layers.iter_mut() {
+        for layer in self.layers.iter_mut().take(upto) {
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let (mut q, mut k, mut v) = (
                 layer.q.forward_chunk(&n, chunk_rows)?,
@@ -237,9 +276,7 @@ impl Llama {
             let ff = (silu(&layer.gate.forward_chunk(&m, chunk_rows)?)? * layer.up.forward_chunk(&m, chunk_rows)?)?;
             x = (layer.down.forward_chunk(&ff, chunk_rows)? + h)?;
         }
-        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        self.output.forward(&last)?.to_dtype(DType::F32)
+        Ok(x)
     }
 
     /// Scores continuations of the sequence in the cache: `segments` are

@@ -78,6 +78,12 @@ pub(crate) struct TrainArgs {
     /// Projections that get LoRA adapters, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     lora_targets: Vec<String>,
+    /// Adapt only the last N layers (0: every layer). The layers below
+    /// are frozen whole and, for a GGUF pool member, run on its quantized
+    /// weights with the inference kernels (QLoRA-style), which is several
+    /// times faster: no gradient flows below the adapted layers.
+    #[arg(long, default_value_t = 0)]
+    top_layers: usize,
     /// Optimizer steps (default: one pass over the data).
     #[arg(long, default_value_t = 0)]
     steps: u64,
@@ -187,6 +193,10 @@ fn train(args: TrainArgs) -> Result<String, Error> {
     };
     let mut opts = TrainOptions::new(base_dir, base_name.clone(), args.data.clone(), args.out.clone(), method);
     opts.device = crate::options().pool.device;
+    opts.top_layers = args.top_layers;
+    if args.top_layers > 0 {
+        opts.trunk_gguf = contribute::base_gguf(&pool, &paths.models, &args.base);
+    }
     opts.steps = args.steps;
     opts.batch = args.batch;
     opts.accumulate = args.accumulate;
