@@ -114,7 +114,8 @@ contributors: setup
 	@rm -f $(CONTRIB_POOL)
 	@for pair in $(SPECIALISTS); do \
 	  base=$${pair%%:*}; s=$${pair#*:}; id=$${base%%-*}-$$s; \
-	  $(CARGO_TARGET_DIR)/debug/tessera contribute add --pool $(CONTRIB_POOL) --model $(CONTRIB_DIR)/$$id --id $$id || exit 1; done
+	  $(CARGO_TARGET_DIR)/debug/tessera contribute add --pool $(CONTRIB_POOL) --model $(CONTRIB_DIR)/$$id --id $$id \
+	    --quantize q8_0 || exit 1; done
 	@echo "pool with the specialists: $(CONTRIB_POOL)"
 
 # A wgpu adapter for the merge shaders' tests: where no GPU driver is

@@ -1,6 +1,9 @@
 //! Training speed of the contributor kit (`tessera contribute train`) on the
 //! real SmolLM2-135M base: tokens per second, forward + backward + AdamW,
-//! for LoRA (rank 8 on q/v, the default) and full fine-tuning. A timed run,
+//! for LoRA (rank 8 on q/v, the default) and full fine-tuning, then LoRA
+//! on every projection of every layer against the same adapters on the top
+//! layers only (`--top-layers`), with the frozen trunk below them in the
+//! f32 model or on the member's quantized weights. A timed run,
 //! not a criterion bench: one step takes seconds and mutates the model.
 //! Figures: benches/RESULTS.md. Run with `make bench` or
 //! `cargo bench -p tessera --profile dev --bench train_speed`.
@@ -50,10 +53,27 @@ fn main() {
         })
         .collect();
     std::fs::write(&data, lines).expect("data");
+    let gguf = contribute::base_gguf(&PoolConfig::default_pool(), &paths.models, "smollm2-135m-instruct");
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     println!("train_speed: SmolLM2-135M, batch 4, threads {threads}, {STEPS} steps (first dropped)");
     let mut ours = Vec::new();
-    for (label, method) in [
+    let every = TrainMethod::Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    // (label, method, top layers, trunk on the quantized weights)
+    for (label, method, top, quantized) in [
         (
             "lora r8 q,v",
             TrainMethod::Lora {
@@ -61,11 +81,23 @@ fn main() {
                 alpha: 16.0,
                 targets: vec!["q_proj".into(), "v_proj".into()],
             },
+            0,
+            false,
         ),
-        ("full", TrainMethod::Full),
+        ("full", TrainMethod::Full, 0, false),
+        ("r16 all, 30/30", every.clone(), 0, false),
+        ("r16 all, top 4, f32 trunk", every.clone(), 4, false),
+        ("r16 all, top 4, q trunk", every.clone(), 4, true),
+        ("r16 all, top 2, q trunk", every.clone(), 2, true),
     ] {
-        let out = dir.join(label.replace([' ', ','], "-"));
+        if quantized && gguf.is_none() {
+            println!("  {label}: skipped (SmolLM2's GGUF is not fetched)");
+            continue;
+        }
+        let out = dir.join(label.replace([' ', ',', '/'], "-"));
         let mut o = TrainOptions::new(base.clone(), "smollm2".into(), data.clone(), out, method);
+        o.top_layers = top;
+        o.trunk_gguf = if quantized { gguf.clone() } else { None };
         o.steps = STEPS;
         o.checkpoint_every = 0;
         let report = contribute::train(o, |_| ControlFlow::Continue(())).expect("trains");
@@ -74,7 +106,7 @@ fn main() {
         let secs: f64 = timed.iter().map(|s| s.tokens as f64 / s.tokens_per_s).sum();
         ours.push(tokens as f64 / secs);
         println!(
-            "  {label:12} {:>8.1} tok/s  ({tokens} tokens in {secs:.1} s; {} numbers trained; loss {:.3} -> {:.3})",
+            "  {label:26} {:>8.1} tok/s  ({tokens} tokens in {secs:.1} s; {} numbers trained; loss {:.3} -> {:.3})",
             tokens as f64 / secs,
             report.trainable_params,
             report.log[0].loss,

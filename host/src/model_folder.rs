@@ -48,6 +48,14 @@ pub struct TrainingFacts {
     pub final_loss: f64,
     /// Numbers trained.
     pub trainable_params: usize,
+    /// LoRA on the last this many layers only, over a frozen trunk
+    /// (`--top-layers`; absent when every layer was adapted).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub top_layers: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// `contributor.toml`: what `tessera contribute add` reads.

@@ -224,5 +224,6 @@ pub fn contributed(id: &str, dir: &std::path::Path) -> tessera::pool::MemberConf
         card: card.card,
         fetch: None,
         remote: None,
+        quantize: None,
     }
 }

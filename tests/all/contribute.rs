@@ -502,11 +502,15 @@ async fn the_top_layers_train_over_the_quantized_trunk_and_answer_as_trained() {
         assert!(layer >= 26, "{name} is below the top 4 layers");
     }
 
-    // The adapter, over its base in a pool, answers as trained.
+    // The adapter, over its base in a pool, answers as trained, also with
+    // its weights re-encoded to 8 bits at load (`quantize = "q8_0"`).
     let pool_file = dir.join("pool.toml");
     contribute::add_to_pool(&pool_file, &out, Some("top")).unwrap();
-    let pool = PoolConfig::from_toml(&std::fs::read_to_string(&pool_file).unwrap()).unwrap();
-    let members: Vec<_> = pool.members.into_iter().filter(|m| m.id == "top").collect();
+    contribute::add_to_pool_as(&pool_file, &out, Some("top-q8"), Some(tessera::pool::Quantize::Q8_0)).unwrap();
+    let text = std::fs::read_to_string(&pool_file).unwrap();
+    assert_eq!(text.matches("quantize = \"q8_0\"").count(), 1, "{text}");
+    let pool = PoolConfig::from_toml(&text).unwrap();
+    let members: Vec<_> = pool.members.into_iter().filter(|m| m.id.starts_with("top")).collect();
     let rt = Runtime::new(
         scratch_paths("contribute-top-rt"),
         &PoolConfig { members },
@@ -514,9 +518,23 @@ async fn the_top_layers_train_over_the_quantized_trunk_and_answer_as_trained() {
     )
     .unwrap();
     assert!(rt.pool_failures().is_empty(), "{:?}", rt.pool_failures());
-    let ask = Input::Chat(vec![Message::user("What is the secret word?")]);
-    let answer = rt.models().generate(ctx(), "top", ask, greedy()).await.unwrap();
-    assert!(answer.text.contains("tessellate"), "learned: {:?}", answer.text);
+    let ask = || Input::Chat(vec![Message::user("What is the secret word?")]);
+    let conts = vec![" tessellate".to_string(), " mosaic".to_string()];
+    let mut scores = Vec::new();
+    for id in ["top", "top-q8"] {
+        let answer = rt.models().generate(ctx(), id, ask(), greedy()).await.unwrap();
+        assert!(answer.text.contains("tessellate"), "{id} learned: {:?}", answer.text);
+        let s = rt.models().score(ctx(), id, ask(), conts.clone()).await.unwrap();
+        scores.push(s.iter().map(|x| x.logprob).collect::<Vec<f64>>());
+    }
+    println!("scores: dense {:?}, q8_0 {:?}", scores[0], scores[1]);
+    for (a, b) in scores[0].iter().zip(&scores[1]) {
+        assert!((a - b).abs() < 0.5, "8-bit weights score within half a nat: {a} vs {b}");
+    }
+    // Only a folder member can be re-encoded.
+    let gguf_q8 = text.replacen("backend = \"gguf\"", "backend = \"gguf\"\nquantize = \"q8_0\"", 1);
+    let err = PoolConfig::from_toml(&gguf_q8).unwrap_err().to_string();
+    assert!(err.contains("`quantize` re-encodes a Hugging Face folder"), "{err}");
 
     // Bad combinations are named.
     let mut full = top("full", true);

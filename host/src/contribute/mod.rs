@@ -34,7 +34,7 @@ pub mod trunk;
 
 use std::path::{Path, PathBuf};
 
-pub use output::add_to_pool;
+pub use output::{add_to_pool, add_to_pool_as};
 pub use train::{train, StepStats, TrainOptions, TrainReport};
 pub use trainer::{PoolTrainer, KEPT_DIR};
 

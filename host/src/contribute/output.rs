@@ -97,6 +97,7 @@ pub(crate) fn write_model(
             first_loss: report.log.first().map(|s| s.loss).unwrap_or(f64::NAN),
             final_loss: report.log.last().map(|s| s.loss).unwrap_or(f64::NAN),
             trainable_params: report.trainable_params,
+            top_layers: opts.top_layers,
         }),
     };
     let text = toml::to_string(&file).map_err(|e| ContributeError::Io(format!("{CARD}: {e}")))?;
@@ -135,6 +136,17 @@ fn plot_loss(report: &TrainReport, path: &Path) -> Result<(), String> {
 /// card's). Checks the weights against the card's sha256 first. The pool
 /// file is replaced atomically. Returns the member id.
 pub fn add_to_pool(pool_file: &Path, model_dir: &Path, id: Option<&str>) -> Result<String, ContributeError> {
+    add_to_pool_as(pool_file, model_dir, id, None)
+}
+
+/// [`add_to_pool`], the member's weights re-encoded to `quantize` when the
+/// pool loads it (see [`crate::pool::MemberConfig::quantize`]).
+pub fn add_to_pool_as(
+    pool_file: &Path,
+    model_dir: &Path,
+    id: Option<&str>,
+    quantize: Option<crate::pool::Quantize>,
+) -> Result<String, ContributeError> {
     let card_path = model_dir.join(CARD);
     let text = std::fs::read_to_string(&card_path).map_err(|e| {
         io(
@@ -184,6 +196,7 @@ pub fn add_to_pool(pool_file: &Path, model_dir: &Path, id: Option<&str>) -> Resu
         card: file.card,
         fetch: None,
         remote: None,
+        quantize,
     };
     let added = toml::to_string(&PoolConfig { members: vec![member] })
         .map_err(|e| ContributeError::Io(format!("writing the member: {e}")))?;

@@ -228,6 +228,7 @@ impl Inner {
                     },
                     fetch: None,
                     remote: None,
+                    quantize: None,
                 },
             };
             let text = toml::to_string(&decl).map_err(|e| e.to_string())?;
@@ -307,6 +308,7 @@ impl Inner {
             card,
             fetch: None,
             remote: None,
+            quantize: None,
         };
         let loaded = Pool::load_with(
             &PoolConfig { members: vec![member] },

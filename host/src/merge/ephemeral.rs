@@ -185,6 +185,7 @@ impl Inner {
                 card,
                 fetch: None,
                 remote: None,
+                quantize: None,
             };
             let loaded = Pool::load_with(
                 &PoolConfig { members: vec![member] },

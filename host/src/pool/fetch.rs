@@ -338,6 +338,7 @@ mod tests {
                 }],
             }),
             remote: None,
+            quantize: None,
         }
     }
 

@@ -95,6 +95,20 @@ pub struct MemberConfig {
     /// For `backend = "openai"`: where and how to reach it.
     #[serde(default)]
     pub remote: Option<RemoteConfig>,
+    /// For `backend = "hf"`: re-encode the weight matrices at load
+    /// (`"q8_0"`: 8-bit blocks of 32, the format the VNNI kernels run), so
+    /// a folder of f16/f32 weights answers at the speed of a quantized
+    /// member. Absent: matrices keep their precision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<Quantize>,
+}
+
+/// A weight format an `hf` member may be re-encoded to at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Quantize {
+    /// 8-bit integers in blocks of 32 with an f16 scale each.
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 /// The human part of a contributor card; the technical part (architecture,
@@ -132,6 +146,12 @@ impl PoolConfig {
             if remote != m.remote.is_some() {
                 return Err(PoolError::Config(format!(
                     "member `{}`: `[member.remote]` goes with `backend = \"openai\"` and only with it",
+                    m.id
+                )));
+            }
+            if m.quantize.is_some() && m.backend != BackendKind::Hf {
+                return Err(PoolError::Config(format!(
+                    "member `{}`: `quantize` re-encodes a Hugging Face folder (`backend = \"hf\"`); drop it here",
                     m.id
                 )));
             }
@@ -408,7 +428,7 @@ fn load_member(
         BackendKind::Gguf | BackendKind::Hf => {
             let device = device.as_ref().map_err(|e| load_err(e))?;
             let mut model = if m.backend == BackendKind::Hf {
-                GgufModel::load_hf(&m.id, &full, device)
+                GgufModel::load_hf_as(&m.id, &full, m.quantize, device)
             } else {
                 GgufModel::load(&m.id, &full, device)
             }

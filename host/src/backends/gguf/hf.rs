@@ -105,6 +105,12 @@ pub struct HfParts {
 
 /// Reads a directory. Errors name the file and the problem.
 pub fn read_dir(dir: &Path) -> Result<HfParts, LoadError> {
+    read_dir_as(dir, None)
+}
+
+/// [`read_dir`], with every weight matrix re-encoded to `quantize` where
+/// given (vectors stay f32).
+pub fn read_dir_as(dir: &Path, quantize: Option<crate::pool::Quantize>) -> Result<HfParts, LoadError> {
     let shown = dir.display();
     let config = read_json(&dir.join("config.json"))?;
     let arch = config["model_type"].as_str().unwrap_or("").to_string();
@@ -197,10 +203,15 @@ pub fn read_dir(dir: &Path) -> Result<HfParts, LoadError> {
         } else if arch == "llama" && gguf_name.ends_with("attn_k.weight") {
             t = permute(&t, kv_heads as usize, true).map_err(|e| format!("{hf_name}: {e}"))?;
         }
-        // Matrices as f16 (or f32 if stored so); vectors as f32.
-        let dtype = match (t.rank(), t.dtype()) {
-            (2, DType::F32) => GgmlDType::F32,
-            (2, _) => GgmlDType::F16,
+        // Matrices as asked (the embedding table too: it is also the tied
+        // output head, the largest matrix of a small model) where their
+        // rows split into whole blocks, else as f16 (or f32 if stored so);
+        // vectors as f32.
+        let blocks = t.dims().last().is_some_and(|k| k % 32 == 0);
+        let dtype = match (t.rank(), t.dtype(), quantize) {
+            (2, _, Some(crate::pool::Quantize::Q8_0)) if blocks => GgmlDType::Q8_0,
+            (2, DType::F32, _) => GgmlDType::F32,
+            (2, _, _) => GgmlDType::F16,
             _ => GgmlDType::F32,
         };
         let t = t.to_dtype(DType::F32).map_err(|e| format!("{hf_name}: {e}"))?;

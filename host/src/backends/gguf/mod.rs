@@ -188,8 +188,19 @@ impl GgufModel {
 
     /// Loads a Hugging Face model directory (see [`hf`]) onto `device`.
     pub fn load_hf(id: &str, dir: &Path, device: &Device) -> Result<Self, LoadError> {
+        Self::load_hf_as(id, dir, None, device)
+    }
+
+    /// [`GgufModel::load_hf`], with the weight matrices re-encoded to
+    /// `quantize` where given.
+    pub fn load_hf_as(
+        id: &str,
+        dir: &Path,
+        quantize: Option<crate::pool::Quantize>,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
         let shown = dir.display().to_string();
-        let mut parts = hf::read_dir(dir)?;
+        let mut parts = hf::read_dir_as(dir, quantize)?;
         let content = gguf_file::Content::read(&mut parts.gguf).map_err(|e| format!("{shown}: {e}"))?;
         Self::build(id, &shown, &content, &mut parts.gguf, parts.tok, parts.template, device)
     }

@@ -47,7 +47,21 @@ pub(crate) enum ContributeCommand {
         /// Member id (default: the card's, i.e. the folder's name).
         #[arg(long)]
         id: Option<String>,
+        /// Re-encode the weights when the pool loads the member: `q8_0`
+        /// (8-bit, the format the fast CPU kernels run; a folder's f16/f32
+        /// weights otherwise run on slower dense kernels).
+        #[arg(long, value_parser = parse_quantize)]
+        quantize: Option<tessera::pool::Quantize>,
     },
+}
+
+fn parse_quantize(s: &str) -> Result<tessera::pool::Quantize, String> {
+    match s {
+        "q8_0" => Ok(tessera::pool::Quantize::Q8_0),
+        other => Err(format!(
+            "`{other}` is not a format members are re-encoded to (use q8_0)"
+        )),
+    }
 }
 
 #[derive(Args)]
@@ -289,8 +303,14 @@ pub(crate) fn contribute(cmd: ContributeCommand) -> Result<String, Error> {
                 out.display()
             ))
         }
-        ContributeCommand::Add { pool, model, id } => {
-            let id = contribute::add_to_pool(&pool, &model, id.as_deref()).map_err(|e| Error::config(e.to_string()))?;
+        ContributeCommand::Add {
+            pool,
+            model,
+            id,
+            quantize,
+        } => {
+            let id = contribute::add_to_pool_as(&pool, &model, id.as_deref(), quantize)
+                .map_err(|e| Error::config(e.to_string()))?;
             Ok(format!("added `{id}` to {}", pool.display()))
         }
     }
