@@ -60,17 +60,7 @@ fn main() {
     let every = TrainMethod::Lora {
         rank: 16,
         alpha: 32.0,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        targets: tessera::contribute::model::LORA_TARGETS.map(String::from).to_vec(),
     };
     // (label, method, top layers, trunk on the quantized weights)
     for (label, method, top, quantized) in [

@@ -450,17 +450,7 @@ async fn the_top_layers_train_over_the_quantized_trunk_and_answer_as_trained() {
     let all = TrainMethod::Lora {
         rank: 8,
         alpha: 16.0,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        targets: tessera::contribute::model::LORA_TARGETS.map(String::from).to_vec(),
     };
     let top = |out: &str, trunk: bool| {
         let mut o = small_opts(&data, &dir.join(out), all.clone());

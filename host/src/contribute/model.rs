@@ -292,8 +292,9 @@ impl TrainModel {
     pub fn row_logprobs(&self, ids: &Tensor, targets: &Tensor, mask: &[f32]) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let chosen = self.target_logprobs(ids, targets, mask, None)?; // (n, 1)
-                                                                      // A (b x n) 0/1 matrix that sums the picked positions of each row:
-                                                                      // a matmul keeps the sum differentiable.
+
+        // A (b x n) 0/1 matrix that sums the picked positions of each row:
+        // a matmul keeps the sum differentiable.
         let rows: Vec<usize> = mask
             .iter()
             .enumerate()

@@ -30,7 +30,6 @@ use crate::backends::gguf::llama::{KvState, Llama};
 pub struct Trunk {
     model: Llama,
     layers: usize,
-    hidden: usize,
     /// The tokens every example starts with (the chat template's head:
     /// system prompt and the user turn's opening, often a third of a short
     /// example), their rows and the trunk's caches after them: computed
@@ -46,28 +45,17 @@ impl Trunk {
         let mut file = File::open(gguf).map_err(|e| format!("{shown}: {e}"))?;
         let content =
             gguf_file::Content::read(&mut file).map_err(|e| format!("{shown}: not a readable GGUF file: {e}"))?;
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
+        let arch = crate::backends::gguf::architecture(&content, &shown)?;
         if !matches!(arch.as_str(), "llama" | "qwen2") {
             return Err(format!(
                 "{shown}: architecture `{arch}` has no trunk (llama and qwen2 do)"
             ));
         }
-        let hidden = content
-            .metadata
-            .get(&format!("{arch}.embedding_length"))
-            .and_then(|v| v.to_u32().ok())
-            .ok_or_else(|| format!("{shown}: no {arch}.embedding_length"))? as usize;
         let model = Llama::from_gguf(&arch, &content, &mut file, positions.max(1), &Device::Cpu)
             .map_err(|e| format!("{shown}: {e}"))?;
         Ok(Self {
             model,
             layers,
-            hidden,
             prefix: None,
         })
     }
@@ -125,7 +113,11 @@ impl Trunk {
                 _ => {}
             }
             if len > n {
-                rows.push(Tensor::zeros((len - n, self.hidden), candle_core::DType::F32, &device)?);
+                rows.push(Tensor::zeros(
+                    (len - n, self.model.hidden_size()),
+                    candle_core::DType::F32,
+                    &device,
+                )?);
             }
         }
         Tensor::cat(&rows, 0)

@@ -119,6 +119,11 @@ impl Llama {
         })
     }
 
+    /// Width of the residual stream.
+    pub fn hidden_size(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
     /// Bytes one token takes in a sequence's KV cache.
     pub fn kv_bytes_per_token(&self) -> usize {
         // A key and a value of every key/value head in every layer, in f32

@@ -709,7 +709,9 @@ impl GgufModel {
 }
 
 /// The file's architecture, if it is one Tessera runs.
-fn architecture(content: &gguf_file::Content, shown: &str) -> Result<String, String> {
+/// The file's architecture, if it is one Tessera runs; the error names
+/// the file and the supported ones.
+pub(crate) fn architecture(content: &gguf_file::Content, shown: &str) -> Result<String, String> {
     let arch = content
         .metadata
         .get("general.architecture")
