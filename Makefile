@@ -92,7 +92,8 @@ CONTRIB_DIR ?= $(TESSERA_HOME)/contributors
 SPECIALISTS ?= smollm2-135m-instruct:arithmetic smollm2-135m-instruct:nq-open \
   smollm2-135m-instruct:mmlu-stem smollm2-135m-instruct:mmlu-other \
   smollm2-135m-instruct:mmlu-social-sciences smollm2-135m-instruct:mmlu-humanities \
-  qwen2.5-coder-0.5b-instruct:arithmetic qwen2.5-coder-0.5b-instruct:nq-open
+  qwen2.5-coder-0.5b-instruct:arithmetic qwen2.5-coder-0.5b-instruct:nq-open \
+  qwen2.5-coder-0.5b-instruct:mmlu-stem
 CONTRIB_EXAMPLES ?= 2000
 CONTRIB_TOP_LAYERS ?= 2
 CONTRIB_POOL ?= $(CONTRIB_DIR)/pool.toml

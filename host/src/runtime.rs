@@ -169,6 +169,9 @@ pub struct Runtime {
     pool_failures: Vec<PoolError>,
     /// `fit` state by module sha256, read from disk once.
     states: Mutex<HashMap<String, Option<Arc<Vec<u8>>>>>,
+    /// What pins each declared member's weights (see
+    /// [`Runtime::fingerprint`]).
+    fingerprints: HashMap<String, String>,
 }
 
 impl Runtime {
@@ -189,6 +192,15 @@ impl Runtime {
         let models_dir = paths.models.clone();
         let state_dir = paths.state.clone();
         let mut rt = Self::with_models(paths, loaded.pool, policy, loaded.failures)?;
+        rt.fingerprints = pool
+            .members
+            .iter()
+            .filter(|m| !m.sha256.is_empty())
+            .map(|m| {
+                let quantized = m.quantize.map(|q| format!("+{}", q.name())).unwrap_or_default();
+                (m.id.clone(), format!("{}{quantized}", m.sha256))
+            })
+            .collect();
         let named = rt.policy.keep_merged as usize;
         let merger = crate::merge::PoolMerger::new(pool.clone(), models_dir.clone(), options.merge_keep, named)
             .on(options.merge_device, options.pool.clone());
@@ -218,6 +230,7 @@ impl Runtime {
             models,
             pool_ids,
             states: Mutex::new(HashMap::new()),
+            fingerprints: HashMap::new(),
             policy,
             paths,
             pool_failures,
@@ -256,13 +269,32 @@ impl Runtime {
             .collect()
     }
 
+    /// What pins member `id`'s weights: the sha256 its declaration checks
+    /// (plus the re-encoding it is loaded with, if any). A result cache
+    /// keys on it, so a member retrained under the same id is never
+    /// answered with its predecessor's results. `None` for members that
+    /// declare no digest (remote ones) and for runtimes over doubles.
+    pub fn fingerprint(&self, id: &str) -> Option<&str> {
+        self.fingerprints.get(id).map(String::as_str)
+    }
+
     /// From now on, answers a repeated `score` call (same member, prompt
     /// and continuations) from memory, keeping up to `capacity` results;
     /// see [`crate::inference::memo`]. Evaluation turns this on: every
     /// strategy that consults the members by likelihood then reuses the
-    /// members' own scores. Returns the memo, for its hit counts.
-    pub fn memoize_scores(&mut self, capacity: usize) -> Arc<crate::inference::memo::ScoreMemo> {
-        let memo = Arc::new(crate::inference::memo::ScoreMemo::new(self.models.clone(), capacity));
+    /// members' own scores. With a `store`, results also outlive the
+    /// process (an interrupted evaluation resumes without rescoring).
+    /// Returns the memo, for its hit counts.
+    pub fn memoize_scores(
+        &mut self,
+        capacity: usize,
+        store: Option<Arc<dyn crate::inference::memo::ScoreStore>>,
+    ) -> Arc<crate::inference::memo::ScoreMemo> {
+        let mut memo = crate::inference::memo::ScoreMemo::new(self.models.clone(), capacity);
+        if let Some(store) = store {
+            memo = memo.with_store(store);
+        }
+        let memo = Arc::new(memo);
         self.models = memo.clone();
         memo
     }

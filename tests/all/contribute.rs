@@ -312,10 +312,25 @@ fn training_slices_never_contain_an_evaluated_item() {
     let paths = tessera::Paths::from_env();
     let mmlu = tessera::tasks::Task::load(&paths, "mmlu").expect("MMLU (run `make setup`)");
     let evaluated: std::collections::HashSet<String> = mmlu.items.iter().map(|i| i.prompt()).collect();
+    let hellaswag = tessera::tasks::Task::load(&paths, "hellaswag").expect("HellaSwag (run `make setup`)");
+    assert_eq!(hellaswag.items.len(), tessera::tasks::training::HELLASWAG_EVALUATED);
+    let hellaswag_evaluated: std::collections::HashSet<String> = hellaswag.items.iter().map(|i| i.prompt()).collect();
     let mut total = 0;
     for (name, _) in tessera::tasks::training::SLICES {
         let pairs = tessera::tasks::training::slice(&paths, name, None).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(pairs.len() > 200, "{name}: {}", pairs.len());
+        if *name == "hellaswag" {
+            assert!(
+                pairs.iter().all(|(p, _)| !hellaswag_evaluated.contains(p)),
+                "the hellaswag slice holds an item the hellaswag task evaluates"
+            );
+            assert!(
+                pairs
+                    .iter()
+                    .all(|(p, c)| !p.contains("[step]") && !c.contains("[title]")),
+                "WikiHow section markers are cleaned"
+            );
+        }
         if name.starts_with("mmlu-") {
             total += pairs.len();
             assert!(

@@ -154,7 +154,7 @@ async fn scaling_runs_the_strategy_on_every_sub_pool() {
             .unwrap();
         assert_eq!(p.accuracy, own.accuracy, "{p:?}");
         assert_eq!(p.best_single, own.accuracy);
-        assert_eq!(p.diversity, 2, "one architecture, one contributor");
+        assert_eq!(p.diversity, 1, "one architecture");
     }
     let written = report::write(&rep, &dir.join("out"), "tessera eval --scaling").unwrap();
     assert!(written.iter().any(|p| p.ends_with("scaling.svg")));
@@ -400,24 +400,37 @@ async fn diversity_compares_equal_size_pools_of_one_family_and_of_many() {
         Policy::default(),
     )
     .unwrap();
-    let memo = rt.memoize_scores(10_000);
+    let memo = rt.memoize_scores(10_000, None);
     let mut c = config();
     c.mcq = McqMode::Option;
     c.limit = Some(2);
     c.strategies = vec!["option-fusion".into()];
     c.diversity = true;
     let rep = tessera::eval::run(&rt, c, &Cache::disabled()).await.unwrap();
-    // Sizes 2 and 3 each give a (least, most) diverse pair.
-    assert_eq!(rep.diversity.len(), 4, "{:#?}", rep.diversity);
+    // Size 2: one base (the 3 pairs of SmolLM2's lineage) and two bases (3
+    // pairs with Qwen); size 3: one base (1) and two bases (3 drawn).
     let cards = rt.cards();
     let arch = |id: &str| cards.iter().find(|c| c.id == id).unwrap().architecture.clone();
-    for pair in rep.diversity.chunks(2) {
-        let (lo, hi) = (&pair[0], &pair[1]);
-        assert_eq!(lo.members.len(), hi.members.len());
-        assert!(lo.diversity < hi.diversity, "{pair:?}");
-        assert!(lo.members.iter().all(|m| arch(m) == "llama"), "{lo:?}");
-        assert!(hi.members.iter().any(|m| m == QWEN), "{hi:?}");
-        assert!((0.0..=1.0).contains(&lo.accuracy) && (0.0..=1.0).contains(&hi.accuracy));
+    let level = |k: usize, d: usize| {
+        rep.diversity
+            .iter()
+            .filter(|p| p.members.len() == k && p.diversity == d)
+            .count()
+    };
+    assert_eq!(
+        (level(2, 1), level(2, 2), level(3, 1), level(3, 2)),
+        (3, 3, 1, 3),
+        "{:#?}",
+        rep.diversity
+    );
+    assert_eq!(rep.diversity.len(), 10);
+    for p in &rep.diversity {
+        if p.diversity == 1 {
+            assert!(p.members.iter().all(|m| arch(m) == "llama"), "{p:?}");
+        } else {
+            assert!(p.members.iter().any(|m| m == QWEN), "{p:?}");
+        }
+        assert!((0.0..=1.0).contains(&p.accuracy));
     }
     // The sub-pools' fusion re-asked what the members were asked alone:
     // every such score came from memory.
@@ -428,6 +441,10 @@ async fn diversity_compares_equal_size_pools_of_one_family_and_of_many() {
     report::write(&rep, &dir, "tessera eval --diversity").unwrap();
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.contains("## Diversity at equal pool size"), "{md}");
+    assert!(
+        md.contains("| strategy:option-fusion | 3 | 1 | 1 |"),
+        "a summary row per size and level: {md}"
+    );
 }
 
 #[tokio::test]

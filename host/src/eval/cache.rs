@@ -117,6 +117,43 @@ impl Cache {
     }
 }
 
+/// The cache as the score memo's [`ScoreStore`]: members' `score` results
+/// are kept beside the answers, so a resumed evaluation's strategies reuse
+/// the scores an interrupted run computed. Only members whose weights are
+/// pinned by a digest are kept ([`crate::Runtime::fingerprint`]), under
+/// that digest: a member retrained under the same id starts afresh.
+pub struct PersistedScores {
+    cache: std::sync::Arc<Cache>,
+    fingerprints: std::collections::HashMap<String, String>,
+}
+
+impl PersistedScores {
+    /// Keeps the scores of the members `fingerprints` names (id -> what
+    /// pins its weights) in `cache`.
+    pub fn new(cache: std::sync::Arc<Cache>, fingerprints: std::collections::HashMap<String, String>) -> Self {
+        PersistedScores { cache, fingerprints }
+    }
+
+    fn key(&self, model: &str, call: &str) -> Option<String> {
+        let pinned = self.fingerprints.get(model)?;
+        Some(key(&("score/1", model, pinned, call)))
+    }
+}
+
+impl crate::inference::memo::ScoreStore for PersistedScores {
+    fn load(&self, model: &str, call: &str) -> Option<Vec<crate::inference::Scored>> {
+        self.cache.get(&self.key(model, call)?)
+    }
+
+    fn save(&self, model: &str, call: &str, scores: &[crate::inference::Scored]) {
+        if let Some(k) = self.key(model, call) {
+            if let Err(e) = self.cache.put(&k, &scores) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,9 +85,9 @@ pub struct EvalConfig {
     pub scaling: bool,
     /// Sub-pools drawn per size (all of them when there are fewer).
     pub subsets_per_size: usize,
-    /// Also run every strategy over the least and the most diverse
-    /// sub-pool of each size (diversity: distinct architectures plus
-    /// distinct contributors).
+    /// Also run every strategy over equal-size sub-pools that differ in how
+    /// many architectures (base lineages) they draw on, `subsets_per_size`
+    /// of each level per size.
     #[serde(default)]
     pub diversity: bool,
     /// A member held out of the pool as the monolith: it answers alone as
@@ -217,8 +217,9 @@ pub struct ScalingPoint {
     pub task: String,
     /// The sub-pool.
     pub members: Vec<String>,
-    /// Distinct architectures plus distinct contributors in the sub-pool: a
-    /// crude diversity index for `--diversity` comparisons at equal size.
+    /// Distinct architectures in the sub-pool (each one base lineage when
+    /// contributors fine-tune the packaged bases): the diversity index of
+    /// `--diversity` comparisons at equal size.
     pub diversity: usize,
     /// The strategy's test accuracy on this sub-pool.
     pub accuracy: f64,
@@ -290,8 +291,8 @@ pub struct Report {
     pub paired: BTreeMap<String, Paired>,
     /// `--scaling`: each strategy over sub-pools of every size.
     pub scaling: Vec<ScalingPoint>,
-    /// `--diversity`: each strategy over the least and the most diverse
-    /// sub-pool of each size where the two differ, in that order.
+    /// `--diversity`: each strategy over sub-pools of each size grouped by
+    /// diversity level, for the sizes where two or more levels occur.
     #[serde(default)]
     pub diversity: Vec<ScalingPoint>,
     /// Wall time of the whole run.
@@ -366,10 +367,20 @@ async fn member_answer(rt: &Runtime, cache: &Cache, member: &str, item: &Item, c
     // The option mode's per-byte pick is part of the key, so its answers
     // never mix with the letter mode's (same prompt shape, other picks).
     let per_byte = scored.as_ref().is_some_and(|s| s.2);
+    // The member's weight digest is part of the key: a specialist retrained
+    // under the same id is asked again.
+    let pinned = rt.fingerprint(member);
     let key = if per_byte {
-        cache::key(&("member/2", member, &prompt, &scored.as_ref().map(|s| &s.1), "per-byte"))
+        cache::key(&(
+            "member/3",
+            member,
+            pinned,
+            &prompt,
+            &scored.as_ref().map(|s| &s.1),
+            "per-byte",
+        ))
     } else {
-        cache::key(&("member/1", member, &prompt, max_tokens, loglik))
+        cache::key(&("member/3", member, pinned, &prompt, max_tokens, loglik))
     };
     if let Some(mut r) = cache.get::<ItemResult>(&key) {
         // Grading may have improved since the answer was cached.
@@ -908,8 +919,8 @@ impl Evaluation<'_> {
             sweeps.push((subsets(&ids, cfg.subsets_per_size.max(1), cfg.seed), &mut out.scaling));
         }
         if cfg.diversity {
-            let pairs = diversity_pairs(&ids, &self.rt.cards())?;
-            sweeps.push((pairs.into_iter().flatten().collect(), &mut out.diversity));
+            let subs = diversity_levels(&ids, &self.rt.cards(), cfg.subsets_per_size.max(1), cfg.seed)?;
+            sweeps.push((subs, &mut out.diversity));
         }
         for (subs, into) in sweeps {
             for module in &self.modules {
@@ -1032,28 +1043,35 @@ fn subsets(ids: &[String], per_size: usize, seed: u64) -> Vec<Vec<String>> {
     out
 }
 
-/// The sub-pool diversity index: distinct architectures plus distinct
-/// contributors among `members`.
+/// The sub-pool diversity index: how many distinct architectures its
+/// members have. Each architecture of a pool is one base model's lineage
+/// when contributors fine-tune the packaged bases (every SmolLM2 specialist
+/// is `llama`, every Qwen one `qwen2`), so at equal size the index tells a
+/// pool of one base's specialists (1) from one of two bases (2) and one of
+/// every packaged family (3).
 fn diversity_of(members: &[String], cards: &[ModelCard]) -> usize {
     let mut archs: Vec<&str> = Vec::new();
-    let mut contributors: Vec<&str> = Vec::new();
     for c in cards.iter().filter(|c| members.contains(&c.id)) {
         if !archs.contains(&c.architecture.as_str()) {
             archs.push(&c.architecture);
         }
-        if !contributors.contains(&c.contributor.as_str()) {
-            contributors.push(&c.contributor);
-        }
     }
-    archs.len() + contributors.len()
+    archs.len()
 }
 
-/// For each sub-pool size from 2 to N-1, the least and the most diverse
-/// sub-pool ([`diversity_of`]; ties go to the first in pool order), for the
-/// sizes where the two differ: equal-size pools that differ only in how
-/// varied their members are. Every sub-pool is enumerated, so the pool may
-/// have at most 16 members.
-fn diversity_pairs(ids: &[String], cards: &[ModelCard]) -> Result<Vec<[Vec<String>; 2]>, Error> {
+/// Sub-pools for `--diversity`: for each size from 2 to N-1, the sub-pools
+/// of that size grouped by [`diversity_of`], and from each group up to
+/// `per_level` drawn with the run's seed (all of them when it has fewer),
+/// for the sizes where at least two levels occur: equal-size pools that
+/// differ in how many bases they draw on, several of each so that the
+/// comparison is not one lucky draw. Every sub-pool is enumerated, so the
+/// pool may have at most 16 members.
+fn diversity_levels(
+    ids: &[String],
+    cards: &[ModelCard],
+    per_level: usize,
+    seed: u64,
+) -> Result<Vec<Vec<String>>, Error> {
     let n = ids.len();
     if n > 16 {
         return Err(Error::config(format!(
@@ -1061,10 +1079,17 @@ fn diversity_pairs(ids: &[String], cards: &[ModelCard]) -> Result<Vec<[Vec<Strin
              evaluate a smaller pool (e.g. --pool with fewer members)"
         )));
     }
+    let mut rng = seed ^ 0xD1_5E_A5E;
+    let mut next = move || {
+        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
     let mut out = Vec::new();
     for k in 2..n {
-        let mut lo: Option<(usize, Vec<String>)> = None;
-        let mut hi: Option<(usize, Vec<String>)> = None;
+        let mut levels: BTreeMap<usize, Vec<Vec<String>>> = BTreeMap::new();
         for mask in 0u32..(1 << n) {
             if mask.count_ones() as usize != k {
                 continue;
@@ -1073,17 +1098,19 @@ fn diversity_pairs(ids: &[String], cards: &[ModelCard]) -> Result<Vec<[Vec<Strin
                 .filter(|i| mask & (1 << i) != 0)
                 .map(|i| ids[i].clone())
                 .collect();
-            let d = diversity_of(&sub, cards);
-            if lo.as_ref().is_none_or(|(x, s)| d < *x || (d == *x && sub < *s)) {
-                lo = Some((d, sub.clone()));
-            }
-            if hi.as_ref().is_none_or(|(x, s)| d > *x || (d == *x && sub < *s)) {
-                hi = Some((d, sub));
-            }
+            levels.entry(diversity_of(&sub, cards)).or_default().push(sub);
         }
-        if let (Some((dl, l)), Some((dh, h))) = (lo, hi) {
-            if dh > dl {
-                out.push([l, h]);
+        if levels.len() < 2 {
+            continue;
+        }
+        for (_, mut group) in levels {
+            if group.len() <= per_level {
+                out.extend(group);
+                continue;
+            }
+            for _ in 0..per_level {
+                let i = (next() % group.len() as u64) as usize;
+                out.push(group.swap_remove(i));
             }
         }
     }
@@ -1259,7 +1286,7 @@ mod tests {
     }
 
     #[test]
-    fn diversity_pairs_contrast_equal_sizes() {
+    fn diversity_levels_contrast_equal_sizes_by_base_count() {
         // Three specialists of one base by one lab, and two other families.
         let cards = vec![
             card("s1", "llama", "lab"),
@@ -1269,17 +1296,28 @@ mod tests {
             card("g", "gemma3", "google"),
         ];
         let ids: Vec<String> = cards.iter().map(|c| c.id.clone()).collect();
-        let pairs = diversity_pairs(&ids, &cards).unwrap();
-        // Sizes 2, 3 and 4 (the whole pool has no alternative).
-        assert_eq!(pairs.len(), 3);
-        let [lo, hi] = &pairs[1];
-        assert_eq!(lo, &["s1", "s2", "s3"]);
-        assert_eq!(diversity_of(lo, &cards), 2);
-        assert_eq!(hi, &["s1", "q", "g"]);
-        assert_eq!(diversity_of(hi, &cards), 6);
-        // A pool where every sub-pool of a size is equally diverse has no pairs.
-        let same = vec![card("a", "x", "1"), card("b", "y", "2"), card("c", "z", "3")];
+        let subs = diversity_levels(&ids, &cards, 2, 0).unwrap();
+        let at = |k: usize, d: usize| {
+            subs.iter()
+                .filter(|s| s.len() == k && diversity_of(s, &cards) == d)
+                .count()
+        };
+        // Size 2: one base (3 pairs of specialists, 2 drawn), two (7, 2 drawn).
+        assert_eq!((at(2, 1), at(2, 2), at(2, 3)), (2, 2, 0));
+        // Size 3: one base (only s1 s2 s3), two bases, three families.
+        assert_eq!((at(3, 1), at(3, 2), at(3, 3)), (1, 2, 2));
+        assert!(subs.contains(&vec!["s1".to_string(), "s2".into(), "s3".into()]));
+        // Size 4: two bases (s1 s2 s3 + q or g) and three families.
+        assert_eq!((at(4, 1), at(4, 2), at(4, 3)), (0, 2, 2));
+        assert_eq!(subs.len(), 13);
+        assert_eq!(
+            subs,
+            diversity_levels(&ids, &cards, 2, 0).unwrap(),
+            "the seed fixes the draw"
+        );
+        // A pool where every sub-pool of a size is equally diverse has none.
+        let same = vec![card("a", "x", "1"), card("b", "x", "2"), card("c", "x", "3")];
         let ids: Vec<String> = same.iter().map(|c| c.id.clone()).collect();
-        assert!(diversity_pairs(&ids, &same).unwrap().is_empty());
+        assert!(diversity_levels(&ids, &same, 3, 0).unwrap().is_empty());
     }
 }

@@ -424,16 +424,27 @@ fn markdown(r: &Report, command: &str) -> String {
         "\n## Plots\n\n![accuracy by system](accuracy.svg)\n\n![accuracy vs cost](cost.svg)\n"
     );
     if !r.scaling.is_empty() {
+        let pools = sub_pools(&r.scaling);
         let _ = writeln!(
             s,
-            "## Scaling (sub-pools)\n\n![accuracy vs pool size](scaling.svg)\n\n| system | task | pool size | members | diversity | accuracy | best single of the sub-pool |\n|---|---|---|---|---|---|---|"
+            "## Scaling (sub-pools)\n\n![accuracy vs pool size](scaling.svg)\n\n\
+             Each sub-pool's accuracy is its macro average over the tasks; the same sub-pools \
+             serve every task. \"Its best single\" is the sub-pool's member that dev picks, per task.\n\n\
+             | system | pool size | sub-pools | accuracy, mean [min, max] | its best single, mean | mean gain over it |\n\
+             |---|---|---|---|---|---|"
         );
-        for p in &r.scaling {
+        for row in by_size(&pools, false) {
+            let _ = writeln!(s, "{row}");
+        }
+        let _ = writeln!(
+            s,
+            "\n| system | pool size | members | architectures | accuracy | its best single |\n|---|---|---|---|---|---|"
+        );
+        for p in &pools {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {:.1} | {:.1} |",
+                "| {} | {} | {} | {} | {:.1} | {:.1} |",
                 p.system,
-                p.task,
                 p.members.len(),
                 p.members.join(", "),
                 p.diversity,
@@ -444,36 +455,106 @@ fn markdown(r: &Report, command: &str) -> String {
         s.push('\n');
     }
     if !r.diversity.is_empty() {
+        let pools = sub_pools(&r.diversity);
         let _ = writeln!(
             s,
-            "## Diversity at equal pool size\n\nFor each size, the least and the most diverse sub-pool \
-             (diversity = distinct architectures + distinct contributors).\n\n\
-             | system | task | size | least diverse | div. | accuracy | its best single | most diverse | div. | accuracy | its best single |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|"
+            "## Diversity at equal pool size\n\nSub-pools of one size that draw on one, two or more \
+             architectures (in a pool of fine-tunes of the packaged bases, each architecture is one \
+             base's lineage), several drawn per level; accuracy is the macro average over the tasks.\n\n\
+             | system | pool size | architectures | sub-pools | accuracy, mean [min, max] | its best single, mean | mean gain over it |\n\
+             |---|---|---|---|---|---|---|"
         );
-        for pair in r.diversity.chunks(2) {
-            if let [lo, hi] = pair {
-                let _ = writeln!(
-                    s,
-                    "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {:.1} | {:.1} |",
-                    lo.system,
-                    lo.task,
-                    lo.members.len(),
-                    lo.members.join(", "),
-                    lo.diversity,
-                    100.0 * lo.accuracy,
-                    100.0 * lo.best_single,
-                    hi.members.join(", "),
-                    hi.diversity,
-                    100.0 * hi.accuracy,
-                    100.0 * hi.best_single
-                );
-            }
+        for row in by_size(&pools, true) {
+            let _ = writeln!(s, "{row}");
+        }
+        let _ = writeln!(
+            s,
+            "\n| system | pool size | members | architectures | accuracy | its best single |\n|---|---|---|---|---|---|"
+        );
+        for p in &pools {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.1} | {:.1} |",
+                p.system,
+                p.members.len(),
+                p.members.join(", "),
+                p.diversity,
+                100.0 * p.accuracy,
+                100.0 * p.best_single
+            );
         }
         s.push('\n');
     }
     let _ = writeln!(s, "## Terminal table\n\n```\n{}```", table(r));
     s
+}
+
+/// One strategy on one sub-pool, its accuracy and its best single's
+/// averaged over the tasks it ran on (the macro average).
+fn sub_pools(points: &[super::ScalingPoint]) -> Vec<super::ScalingPoint> {
+    let mut out: Vec<(super::ScalingPoint, usize)> = Vec::new();
+    for p in points {
+        match out
+            .iter_mut()
+            .find(|(q, _)| q.system == p.system && q.members == p.members)
+        {
+            Some((q, n)) => {
+                q.accuracy += p.accuracy;
+                q.best_single += p.best_single;
+                *n += 1;
+            }
+            None => {
+                let mut q = p.clone();
+                q.task = "macro".into();
+                out.push((q, 1));
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(mut q, n)| {
+            q.accuracy /= n as f64;
+            q.best_single /= n as f64;
+            q
+        })
+        .collect()
+}
+
+/// Table rows summarising `pools` per system and size (and diversity
+/// level, with `by_level`): how many sub-pools, their accuracy's mean and
+/// range, their best singles' mean, and the mean of (accuracy - best
+/// single).
+fn by_size(pools: &[super::ScalingPoint], by_level: bool) -> Vec<String> {
+    let mut groups: Vec<((String, usize, usize), Vec<&super::ScalingPoint>)> = Vec::new();
+    for p in pools {
+        let k = (
+            p.system.clone(),
+            p.members.len(),
+            if by_level { p.diversity } else { 0 },
+        );
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, v)) => v.push(p),
+            None => groups.push((k, vec![p])),
+        }
+    }
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    groups
+        .into_iter()
+        .map(|((system, size, level), ps)| {
+            let acc: Vec<f64> = ps.iter().map(|p| 100.0 * p.accuracy).collect();
+            let best: Vec<f64> = ps.iter().map(|p| 100.0 * p.best_single).collect();
+            let gain: Vec<f64> = acc.iter().zip(&best).map(|(a, b)| a - b).collect();
+            let lo = acc.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = acc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let level = if by_level { format!(" {level} |") } else { String::new() };
+            format!(
+                "| {system} | {size} |{level} {} | {:.1} [{lo:.1}, {hi:.1}] | {:.1} | {:+.1} |",
+                ps.len(),
+                super::metrics::mean(&acc),
+                super::metrics::mean(&best),
+                super::metrics::mean(&gain)
+            )
+        })
+        .collect()
 }
 
 fn plot_accuracy(r: &Report, path: &Path) -> Result<(), String> {
@@ -566,15 +647,16 @@ fn plot_cost(r: &Report, path: &Path) -> Result<(), String> {
 
 /// Mean accuracy over sub-pools (and tasks) of each size, per strategy.
 fn plot_scaling(r: &Report, path: &Path) -> Result<(), String> {
-    let mut systems: Vec<String> = r.scaling.iter().map(|p| p.system.clone()).collect();
+    let pools = sub_pools(&r.scaling);
+    let mut systems: Vec<String> = pools.iter().map(|p| p.system.clone()).collect();
     systems.sort();
     systems.dedup();
-    let max_size = r.scaling.iter().map(|p| p.members.len()).max().unwrap_or(1);
+    let max_size = pools.iter().map(|p| p.members.len()).max().unwrap_or(1);
     let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Accuracy vs pool size (mean over sub-pools and tasks)",
+            "Accuracy vs pool size (macro over tasks; mean, min and max over sub-pools)",
             ("sans-serif", 18),
         )
         .margin(15)
@@ -590,25 +672,46 @@ fn plot_scaling(r: &Report, path: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     for (i, sys) in systems.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let line: Vec<(f64, f64)> = (1..=max_size)
-            .filter_map(|k| {
-                let xs: Vec<f64> = r
-                    .scaling
-                    .iter()
-                    .filter(|p| &p.system == sys && p.members.len() == k)
-                    .map(|p| 100.0 * p.accuracy)
-                    .collect();
-                (!xs.is_empty()).then(|| (k as f64, super::metrics::mean(&xs)))
-            })
-            .collect();
+        // (size, mean, min, max) of the system, and of its sub-pools' best singles.
+        let stats = |pick: &dyn Fn(&super::ScalingPoint) -> f64| -> Vec<(f64, f64, f64, f64)> {
+            (1..=max_size)
+                .filter_map(|k| {
+                    let xs: Vec<f64> = pools
+                        .iter()
+                        .filter(|p| &p.system == sys && p.members.len() == k)
+                        .map(|p| 100.0 * pick(p))
+                        .collect();
+                    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    (!xs.is_empty()).then(|| (k as f64, super::metrics::mean(&xs), lo, hi))
+                })
+                .collect()
+        };
+        let own = stats(&|p| p.accuracy);
+        let best = stats(&|p| p.best_single);
+        let line: Vec<(f64, f64)> = own.iter().map(|&(k, m, _, _)| (k, m)).collect();
         chart
             .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
             .map_err(|e| e.to_string())?
             .label(sys.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         chart
-            .draw_series(line.iter().map(|p| Circle::new(*p, 4, color.filled())))
+            .draw_series(
+                own.iter()
+                    .map(|&(k, m, lo, hi)| ErrorBar::new_vertical(k, lo, m, hi, color.filled(), 6)),
+            )
             .map_err(|e| e.to_string())?;
+        let faint = color.mix(0.5);
+        chart
+            .draw_series(DashedLineSeries::new(
+                best.iter().map(|&(k, m, _, _)| (k, m)),
+                6,
+                4,
+                faint.stroke_width(2),
+            ))
+            .map_err(|e| e.to_string())?
+            .label(format!("{sys}: its sub-pools' best single"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], faint));
     }
     chart
         .configure_series_labels()

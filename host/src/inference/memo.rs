@@ -1,4 +1,5 @@
-//! Remembering `score` results across requests.
+//! Remembering `score` results across requests (and, with a
+//! [`ScoreStore`], across runs).
 //!
 //! Scoring is a pure function of (member, prompt, continuations): no
 //! sampling, no seed. An evaluation asks the same question many times over:
@@ -24,6 +25,20 @@ use super::{
 
 type Key = [u8; 32];
 
+/// Somewhere remembered scores outlive the process: the evaluation's result
+/// cache implements it, so a resumed run reuses the scores an interrupted
+/// one computed. Consulted after a miss in memory, written after every
+/// score computed. A store decides which members it keeps (one whose
+/// weights nothing pins should not be kept: its scores may change under
+/// the same id).
+pub trait ScoreStore: Send + Sync {
+    /// The scores stored for `model` under `key` (hex sha256 of the call).
+    fn load(&self, model: &str, key: &str) -> Option<Vec<Scored>>;
+    /// Stores `scores`; a failure to write is the store's to log, never the
+    /// caller's to handle (the scores were computed and are returned).
+    fn save(&self, model: &str, key: &str, scores: &[Scored]);
+}
+
 /// A [`Models`] that remembers the last `capacity` successful `score`
 /// results of the members below it (oldest forgotten first). Failures are
 /// never remembered, so a call that timed out is tried again.
@@ -32,6 +47,7 @@ pub struct ScoreMemo {
     capacity: usize,
     // Shared with the futures of calls in flight, which store their result.
     entries: Arc<Mutex<Entries>>,
+    store: Option<Arc<dyn ScoreStore>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -50,12 +66,20 @@ impl ScoreMemo {
             inner,
             capacity,
             entries: Arc::new(Mutex::new(Entries::default())),
+            store: None,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
     }
 
-    /// (answered from memory, passed to the members) so far.
+    /// Also keeps every computed score in `store`, and looks there before
+    /// asking the members.
+    pub fn with_store(mut self, store: Arc<dyn ScoreStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// (answered from memory or the store, passed to the members) so far.
     pub fn counts(&self) -> (u64, u64) {
         (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
     }
@@ -138,13 +162,24 @@ impl Models for ScoreMemo {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Box::pin(async move { Ok(hit) });
         }
+        let hex = hex::encode(key);
+        if let Some(hit) = self.store.as_ref().and_then(|s| s.load(model, &hex)) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            remember(&self.entries, self.capacity, key, hit.clone());
+            return Box::pin(async move { Ok(hit) });
+        }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let call = self.inner.score(ctx, model, prompt, continuations);
         let capacity = self.capacity;
-        let store = self.entries.clone();
+        let entries = self.entries.clone();
+        let store = self.store.clone();
+        let model = model.to_string();
         Box::pin(async move {
             let out = call.await?;
-            remember(&store, capacity, key, out.clone());
+            remember(&entries, capacity, key, out.clone());
+            if let Some(s) = store {
+                s.save(&model, &hex, &out);
+            }
             Ok(out)
         })
     }
@@ -233,6 +268,41 @@ mod tests {
             deadline: Instant::now() + Duration::from_secs(5),
             requester: 0,
         }
+    }
+
+    /// A store in a map, counting what it is asked.
+    #[derive(Default)]
+    struct MapStore(Mutex<HashMap<String, Vec<Scored>>>);
+
+    impl ScoreStore for MapStore {
+        fn load(&self, model: &str, key: &str) -> Option<Vec<Scored>> {
+            self.0.lock().unwrap().get(&format!("{model}/{key}")).cloned()
+        }
+        fn save(&self, model: &str, key: &str, scores: &[Scored]) {
+            self.0.lock().unwrap().insert(format!("{model}/{key}"), scores.to_vec());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_outlives_the_memo_that_filled_it() {
+        let inner = Arc::new(Counting(AtomicU64::new(0)));
+        let store = Arc::new(MapStore::default());
+        let p = || Input::Prompt("Q?".into());
+        let c = || vec![" yes".to_string(), " no".to_string()];
+        let first = ScoreMemo::new(inner.clone(), 10).with_store(store.clone());
+        let a = first.score(ctx(), "m", p(), c()).await.unwrap();
+        assert!(first.score(ctx(), "broken", p(), c()).await.is_err());
+        assert_eq!(store.0.lock().unwrap().len(), 1, "failures are not stored");
+        // A new memo (a new process) over the same store asks no member.
+        let second = ScoreMemo::new(inner.clone(), 10).with_store(store.clone());
+        let b = second.score(ctx(), "m", p(), c()).await.unwrap();
+        assert_eq!(a, b);
+        assert_eq!(inner.0.load(Ordering::Relaxed), 2);
+        assert_eq!(second.counts(), (1, 0));
+        // ... and remembers what it read, without asking the store again.
+        store.0.lock().unwrap().clear();
+        second.score(ctx(), "m", p(), c()).await.unwrap();
+        assert_eq!(inner.0.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

@@ -111,6 +111,15 @@ pub enum Quantize {
     Q8_0,
 }
 
+impl Quantize {
+    /// The name a pool file spells it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantize::Q8_0 => "q8_0",
+        }
+    }
+}
+
 /// The human part of a contributor card; the technical part (architecture,
 /// size, context) is read from the model file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -118,6 +118,14 @@ pub const TASKS: &[TaskInfo] = &[
         description: "BoolQ validation (3270): yes/no questions about a passage",
     },
     TaskInfo {
+        name: "hellaswag",
+        domain: "commonsense",
+        metric: Metric::Choice,
+        dev_size: 200,
+        description:
+            "HellaSwag validation, a fixed 1,000 of 10,042: the most plausible ending of an everyday scene, 4 options",
+    },
+    TaskInfo {
         name: "gsm8k",
         domain: "math",
         metric: Metric::ExactMatch,
@@ -245,6 +253,10 @@ impl Task {
             "sciq" => split(load_sciq(&hf("sciq/none/validation")?).map_err(corrupt)?, info.dev_size),
             "boolq" => split(
                 load_boolq(&hf("boolq/none/validation")?).map_err(corrupt)?,
+                info.dev_size,
+            ),
+            "hellaswag" => split(
+                training::hellaswag_evaluated(&hf("hellaswag/none/validation")?).map_err(corrupt)?,
                 info.dev_size,
             ),
             "triviaqa" => split(

@@ -6,7 +6,7 @@
 //! | `mmlu-stem`, `mmlu-humanities`, `mmlu-social-sciences`, `mmlu-other` | MMLU test split, by the four subject areas of the MMLU paper, minus the 10 items per subject the `mmlu` task samples | no (`mmlu` tests on those 10, dev is the validation split) |
 //! | `nq-open` | NQ-open validation (3,610) | no task uses it (TriviaQA is the open-QA task) |
 //! | `arithmetic` | basic_arithmetic (3,000) | no (GSM8K is the math task) |
-//! | `hellaswag` | HellaSwag validation (10,042) | no |
+//! | `hellaswag` | HellaSwag validation (10,042) minus the 1,000 the `hellaswag` task evaluates | no (the task draws its dev and test items from a fixed 1,000, [`HELLASWAG_EVALUATED`]) |
 //!
 //! Each example is a prompt/completion pair in the format the harness asks
 //! in (`Item::prompt`), so a specialist learns the answer format too: the
@@ -92,7 +92,7 @@ pub const SLICES: &[(&str, &str)] = &[
     ("arithmetic", "basic_arithmetic: arithmetic with 4 options"),
     (
         "hellaswag",
-        "HellaSwag validation: the most plausible continuation, 4 options",
+        "HellaSwag validation minus the 1,000 the hellaswag task evaluates: the most plausible continuation, 4 options",
     ),
 ];
 
@@ -142,6 +142,37 @@ fn load_nq(path: &Path) -> Result<Vec<Item>, String> {
     Ok(items)
 }
 
+/// How many HellaSwag validation items the `hellaswag` task evaluates (dev
+/// and test together): the first of a fixed shuffle. The training slice of
+/// the same name takes the rest, so no specialist has seen a test item.
+pub const HELLASWAG_EVALUATED: usize = 1000;
+
+/// HellaSwag validation in a fixed shuffled order: the first
+/// [`HELLASWAG_EVALUATED`] items are the task's, the rest the slice's.
+fn hellaswag_shuffled(path: &Path) -> Result<Vec<Item>, String> {
+    let mut items = load_hellaswag(path)?;
+    SplitMix(SPLIT_SEED ^ 0x4e11).shuffle(&mut items);
+    Ok(items)
+}
+
+/// The items the `hellaswag` task evaluates.
+pub(crate) fn hellaswag_evaluated(path: &Path) -> Result<Vec<Item>, String> {
+    let mut items = hellaswag_shuffled(path)?;
+    items.truncate(HELLASWAG_EVALUATED);
+    Ok(items)
+}
+
+/// WikiHow contexts and endings carry the dataset's section markers
+/// (`[title]`, `[step]`, `[header]`, `[substeps]`): they become sentence
+/// breaks, as the usual HellaSwag preprocessing does.
+fn hellaswag_text(s: &str) -> String {
+    let mut out = s.trim().replace(" [title]", ". ");
+    for tag in ["[title]", "[step]", "[header]", "[substeps]"] {
+        out = out.replace(tag, " ");
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn load_hellaswag(path: &Path) -> Result<Vec<Item>, String> {
     let mut items = Vec::new();
     for b in columns::read_batches(path)? {
@@ -157,8 +188,8 @@ fn load_hellaswag(path: &Path) -> Result<Vec<Item>, String> {
                 .ok_or_else(|| format!("{}: item {i} has label `{}`", path.display(), labels[i]))?;
             items.push(Item {
                 id: format!("hellaswag-{i}"),
-                question: format!("Which ending is the most plausible?\n{}", ctx[i].trim()),
-                choices: endings[i].clone(),
+                question: format!("Which ending is the most plausible?\n{}", hellaswag_text(&ctx[i])),
+                choices: endings[i].iter().map(|e| hellaswag_text(e)).collect(),
                 gold: Gold::Choice(gold),
                 metric: Metric::Choice,
             });
@@ -207,7 +238,10 @@ pub fn slice(paths: &Paths, name: &str, limit: Option<usize>) -> Result<Vec<(Str
         }
         "nq-open" => load_nq(&arrow(paths, name, "nq_open/none/validation")?).map_err(corrupt)?,
         "arithmetic" => load_arc(&arrow(paths, name, "allenai/basic_arithmetic/none/validation")?).map_err(corrupt)?,
-        "hellaswag" => load_hellaswag(&arrow(paths, name, "hellaswag/none/validation")?).map_err(corrupt)?,
+        "hellaswag" => {
+            let mut items = hellaswag_shuffled(&arrow(paths, name, "hellaswag/none/validation")?).map_err(corrupt)?;
+            items.split_off(HELLASWAG_EVALUATED.min(items.len()))
+        }
         other => return Err(TaskError::UnknownSlice(other.to_string())),
     };
     // Long items (a law case, a history passage) would not fit a short

@@ -145,8 +145,9 @@ struct EvalArgs {
     /// Sub-pools per size for --scaling (all of them when there are fewer).
     #[arg(long, default_value_t = 3)]
     subsets_per_size: usize,
-    /// Also run every strategy over the least and the most diverse sub-pool
-    /// of each size (distinct architectures + contributors), where they differ.
+    /// Also run every strategy over equal-size sub-pools that draw on one,
+    /// two or more architectures (base lineages): --subsets-per-size of each
+    /// level, for every size where two levels occur.
     #[arg(long)]
     diversity: bool,
     /// Hold this member out of the pool as the monolith to beat: it answers
@@ -518,16 +519,23 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         strategy_config.insert(k.trim().to_string(), v.trim().to_string());
     }
     let mut rt = runtime(&args.setup)?;
-    // Strategies that consult members by likelihood ask what the members
-    // were already asked alone; scores are deterministic, so they are
-    // answered from memory (200,000 results: tens of MB at most).
-    let memo = rt.memoize_scores(200_000);
-    let cache = if args.no_cache {
+    let cache = std::sync::Arc::new(if args.no_cache {
         tessera::eval::cache::Cache::disabled()
     } else {
         tessera::eval::cache::Cache::open(&rt.paths().data.join("..").join("eval-cache.sqlite"))
             .map_err(|e| Error::internal(format!("{e} (or run with --no-cache)")))?
-    };
+    });
+    // Strategies that consult members by likelihood ask what the members
+    // were already asked alone; scores are deterministic, so they are
+    // answered from memory (200,000 results: tens of MB at most), and from
+    // the cache after an interruption.
+    let fingerprints = rt
+        .cards()
+        .iter()
+        .filter_map(|c| Some((c.id.clone(), rt.fingerprint(&c.id)?.to_string())))
+        .collect();
+    let store = tessera::eval::cache::PersistedScores::new(cache.clone(), fingerprints);
+    let memo = rt.memoize_scores(200_000, Some(std::sync::Arc::new(store)));
     let mut task_limits = std::collections::BTreeMap::new();
     for kv in &args.task_limit {
         let parsed = kv
