@@ -19,7 +19,7 @@ EXAMPLES := first-responder teach
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool tasks modules pyclient demo test test-fast bench lint clean-cache contributors gpu-sw
+.PHONY: setup target pool tasks modules pyclient demo test test-fast bench lint clean-cache contributors headline gpu-sw
 
 setup: target pool tasks modules pyclient
 
@@ -79,10 +79,10 @@ demo: setup
 	$(CARGO_TARGET_DIR)/debug/tessera eval --tasks arc-easy --limit 24 --dev-limit 8 --mcq option \
 	  --strategies option-fusion,majority-vote --out $(TESSERA_HOME)/demo-report
 
-# Contributor specialists: eight LoRA fine-tunes on two bases, each one
+# Contributor specialists: nine LoRA fine-tunes on two bases, each one
 # full epoch over 2,000 examples of its own training slice (`tessera
 # contribute data`; never an evaluated item), then a pool file with the
-# default pool plus all eight. Each adapts its base's top two layers
+# default pool plus all nine. Each adapts its base's top two layers
 # (`--top-layers 2`); the frozen layers below run on the member's quantized
 # weights with the inference kernels, which is what makes a real epoch per
 # specialist affordable on 2 cores. Idempotent and resumable: a trained
@@ -118,6 +118,25 @@ contributors: setup
 	  $(CARGO_TARGET_DIR)/debug/tessera contribute add --pool $(CONTRIB_POOL) --model $(CONTRIB_DIR)/$$id --id $$id \
 	    --quantize q8_0 || exit 1; done
 	@echo "pool with the specialists: $(CONTRIB_POOL)"
+
+# The headline experiment (docs/results/headline): the contributors' pool
+# (the three packaged members and the nine specialists) against the 1.5B
+# monolith held out of it, six tasks in four domains, 200 test items each
+# and 50 dev items, every system scoring option texts; the likelihood
+# strategies over the whole pool, over random sub-pools of every size
+# (--scaling) and over equal-size sub-pools of one, two and three base
+# lineages (--diversity). Resumable: every answer and every member's score
+# is kept in the eval cache, so a re-run only computes what is missing.
+HEADLINE_TASKS ?= arc-easy,arc-challenge,sciq,mmlu,boolq,hellaswag
+HEADLINE_STRATEGIES ?= option-fusion
+HEADLINE_OUT ?= docs/results/headline
+headline: contributors
+	$(CARGO_TARGET_DIR)/debug/tessera pool fetch --pool large --quiet
+	cat $(CONTRIB_POOL) host/src/pool/large-extra.toml > $(CONTRIB_DIR)/headline-pool.toml
+	$(CARGO_TARGET_DIR)/debug/tessera eval --pool $(CONTRIB_DIR)/headline-pool.toml \
+	  --monolith qwen2.5-coder-1.5b-instruct --tasks $(HEADLINE_TASKS) --limit 200 --dev-limit 50 \
+	  --mcq option --strategies $(HEADLINE_STRATEGIES) --scaling --diversity --concurrency 2 \
+	  --out $(HEADLINE_OUT)
 
 # A wgpu adapter for the merge shaders' tests: where no GPU driver is
 # installed, Mesa's llvmpipe software Vulkan device (Debian package

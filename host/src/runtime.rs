@@ -279,18 +279,19 @@ impl Runtime {
     }
 
     /// From now on, answers a repeated `score` call (same member, prompt
-    /// and continuations) from memory, keeping up to `capacity` results;
-    /// see [`crate::inference::memo`]. Evaluation turns this on: every
-    /// strategy that consults the members by likelihood then reuses the
-    /// members' own scores. With a `store`, results also outlive the
-    /// process (an interrupted evaluation resumes without rescoring).
-    /// Returns the memo, for its hit counts.
-    pub fn memoize_scores(
+    /// and continuations) and a repeated deterministic generation (greedy
+    /// or seeded) from memory, keeping up to `capacity` results; see
+    /// [`crate::inference::memo`]. Evaluation turns this on: every strategy
+    /// that consults the members then reuses what the members were already
+    /// asked. With a `store`, results also outlive the process (an
+    /// interrupted evaluation resumes without asking again). Returns the
+    /// memo, for its hit counts.
+    pub fn memoize_calls(
         &mut self,
         capacity: usize,
-        store: Option<Arc<dyn crate::inference::memo::ScoreStore>>,
-    ) -> Arc<crate::inference::memo::ScoreMemo> {
-        let mut memo = crate::inference::memo::ScoreMemo::new(self.models.clone(), capacity);
+        store: Option<Arc<dyn crate::inference::memo::CallStore>>,
+    ) -> Arc<crate::inference::memo::CallMemo> {
+        let mut memo = crate::inference::memo::CallMemo::new(self.models.clone(), capacity);
         if let Some(store) = store {
             memo = memo.with_store(store);
         }

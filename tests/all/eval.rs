@@ -400,7 +400,7 @@ async fn diversity_compares_equal_size_pools_of_one_family_and_of_many() {
         Policy::default(),
     )
     .unwrap();
-    let memo = rt.memoize_scores(10_000, None);
+    let memo = rt.memoize_calls(10_000, None);
     let mut c = config();
     c.mcq = McqMode::Option;
     c.limit = Some(2);

@@ -117,40 +117,53 @@ impl Cache {
     }
 }
 
-/// The cache as the score memo's [`ScoreStore`]: members' `score` results
-/// are kept beside the answers, so a resumed evaluation's strategies reuse
-/// the scores an interrupted run computed. Only members whose weights are
-/// pinned by a digest are kept ([`crate::Runtime::fingerprint`]), under
-/// that digest: a member retrained under the same id starts afresh.
-pub struct PersistedScores {
+/// The cache as the call memo's [`CallStore`](crate::inference::memo::CallStore):
+/// members' `score` results and deterministic generations are kept beside
+/// the answers, so a resumed evaluation's strategies reuse what an
+/// interrupted run computed. Only members whose weights are pinned by a
+/// digest are kept ([`crate::Runtime::fingerprint`]), under that digest: a
+/// member retrained under the same id starts afresh.
+pub struct PersistedCalls {
     cache: std::sync::Arc<Cache>,
     fingerprints: std::collections::HashMap<String, String>,
 }
 
-impl PersistedScores {
-    /// Keeps the scores of the members `fingerprints` names (id -> what
+impl PersistedCalls {
+    /// Keeps the results of the members `fingerprints` names (id -> what
     /// pins its weights) in `cache`.
     pub fn new(cache: std::sync::Arc<Cache>, fingerprints: std::collections::HashMap<String, String>) -> Self {
-        PersistedScores { cache, fingerprints }
+        PersistedCalls { cache, fingerprints }
     }
 
-    fn key(&self, model: &str, call: &str) -> Option<String> {
+    fn key(&self, kind: &str, model: &str, call: &str) -> Option<String> {
         let pinned = self.fingerprints.get(model)?;
-        Some(key(&("score/1", model, pinned, call)))
-    }
-}
-
-impl crate::inference::memo::ScoreStore for PersistedScores {
-    fn load(&self, model: &str, call: &str) -> Option<Vec<crate::inference::Scored>> {
-        self.cache.get(&self.key(model, call)?)
+        Some(key(&(kind, model, pinned, call)))
     }
 
-    fn save(&self, model: &str, call: &str, scores: &[crate::inference::Scored]) {
-        if let Some(k) = self.key(model, call) {
-            if let Err(e) = self.cache.put(&k, &scores) {
+    fn keep<T: Serialize>(&self, kind: &str, model: &str, call: &str, value: &T) {
+        if let Some(k) = self.key(kind, model, call) {
+            if let Err(e) = self.cache.put(&k, value) {
                 tracing::warn!("{e}");
             }
         }
+    }
+}
+
+impl crate::inference::memo::CallStore for PersistedCalls {
+    fn load(&self, model: &str, call: &str) -> Option<Vec<crate::inference::Scored>> {
+        self.cache.get(&self.key("score/1", model, call)?)
+    }
+
+    fn save(&self, model: &str, call: &str, scores: &[crate::inference::Scored]) {
+        self.keep("score/1", model, call, &scores);
+    }
+
+    fn load_generation(&self, model: &str, call: &str) -> Option<crate::inference::Generation> {
+        self.cache.get(&self.key("generate/1", model, call)?)
+    }
+
+    fn save_generation(&self, model: &str, call: &str, generation: &crate::inference::Generation) {
+        self.keep("generate/1", model, call, generation);
     }
 }
 

@@ -1,16 +1,24 @@
-//! Remembering `score` results across requests (and, with a
-//! [`ScoreStore`], across runs).
+//! Remembering model calls across requests (and, with a [`CallStore`],
+//! across runs).
 //!
-//! Scoring is a pure function of (member, prompt, continuations): no
-//! sampling, no seed. An evaluation asks the same question many times over:
-//! each member alone, then every strategy that consults the members, then
-//! every sub-pool of a scaling run. [`ScoreMemo`] sits in front of the pool
-//! and answers a repeated `score` from memory, so a likelihood-based
-//! strategy evaluated after the members costs almost nothing. Generation is
-//! passed through untouched: its result depends on sampling parameters and
-//! seeds that strategies vary on purpose, and its cost is dominated by
-//! decoding, which a cache of finished texts (the harness's own SQLite
-//! cache) already covers.
+//! An evaluation asks the same question many times over: each member alone,
+//! then every strategy that consults the members, then every sub-pool of a
+//! scaling run. [`CallMemo`] sits in front of the pool and answers a repeated
+//! call from memory:
+//!
+//! - `score` is a pure function of (member, prompt, continuations), so every
+//!   score is remembered; a likelihood-based strategy evaluated after the
+//!   members costs almost nothing.
+//! - `generate` is remembered only when it is deterministic: greedy
+//!   (temperature unset or 0) or sampled with a seed ("same seed, same
+//!   text", [`GenParams::seed`]). Strategies that start by asking every
+//!   member the question (voting, ranking, fusing, mixture-of-agents) then
+//!   share those first answers. An unseeded sample is always passed through,
+//!   since drawing it again is the point of asking again.
+//!
+//! Streaming generations, next-token queries and embeddings pass through.
+//! Counts, token usage and provenance are those of the remembered call, so
+//! budgets hold as if it ran again; only the time is saved.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,44 +33,57 @@ use super::{
 
 type Key = [u8; 32];
 
-/// Somewhere remembered scores outlive the process: the evaluation's result
-/// cache implements it, so a resumed run reuses the scores an interrupted
-/// one computed. Consulted after a miss in memory, written after every
-/// score computed. A store decides which members it keeps (one whose
-/// weights nothing pins should not be kept: its scores may change under
-/// the same id).
-pub trait ScoreStore: Send + Sync {
+/// Somewhere remembered calls outlive the process: the evaluation's result
+/// cache implements it, so a resumed run reuses what an interrupted one
+/// computed. Consulted after a miss in memory, written after every call
+/// computed. A store decides which members it keeps (one whose weights
+/// nothing pins should not be kept: its results may change under the same
+/// id). A failure to write is the store's to log, never the caller's to
+/// handle (the result was computed and is returned).
+pub trait CallStore: Send + Sync {
     /// The scores stored for `model` under `key` (hex sha256 of the call).
     fn load(&self, model: &str, key: &str) -> Option<Vec<Scored>>;
-    /// Stores `scores`; a failure to write is the store's to log, never the
-    /// caller's to handle (the scores were computed and are returned).
+    /// Stores `scores`.
     fn save(&self, model: &str, key: &str, scores: &[Scored]);
+    /// The generation stored for `model` under `key`.
+    fn load_generation(&self, model: &str, key: &str) -> Option<Generation>;
+    /// Stores a deterministic generation.
+    fn save_generation(&self, model: &str, key: &str, generation: &Generation);
+}
+
+/// A remembered result.
+#[derive(Clone)]
+enum Value {
+    Scores(Vec<Scored>),
+    Generation(Generation),
 }
 
 /// A [`Models`] that remembers the last `capacity` successful `score`
-/// results of the members below it (oldest forgotten first). Failures are
-/// never remembered, so a call that timed out is tried again.
-pub struct ScoreMemo {
+/// results and deterministic generations of the members below it (oldest
+/// forgotten first). Failures are never remembered, so a call that timed
+/// out is tried again.
+pub struct CallMemo {
     inner: Arc<dyn Models>,
     capacity: usize,
     // Shared with the futures of calls in flight, which store their result.
     entries: Arc<Mutex<Entries>>,
-    store: Option<Arc<dyn ScoreStore>>,
+    store: Option<Arc<dyn CallStore>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
 #[derive(Default)]
 struct Entries {
-    map: HashMap<Key, Vec<Scored>>,
+    map: HashMap<Key, Value>,
     order: VecDeque<Key>,
 }
 
-impl ScoreMemo {
-    /// Wraps `inner`, remembering up to `capacity` score results (about a
-    /// hundred bytes each plus the continuations' count of numbers).
+impl CallMemo {
+    /// Wraps `inner`, remembering up to `capacity` results (a score result
+    /// is about a hundred bytes plus the continuations' count of numbers; a
+    /// generation, its text).
     pub fn new(inner: Arc<dyn Models>, capacity: usize) -> Self {
-        ScoreMemo {
+        CallMemo {
             inner,
             capacity,
             entries: Arc::new(Mutex::new(Entries::default())),
@@ -72,9 +93,9 @@ impl ScoreMemo {
         }
     }
 
-    /// Also keeps every computed score in `store`, and looks there before
+    /// Also keeps every computed result in `store`, and looks there before
     /// asking the members.
-    pub fn with_store(mut self, store: Arc<dyn ScoreStore>) -> Self {
+    pub fn with_store(mut self, store: Arc<dyn CallStore>) -> Self {
         self.store = Some(store);
         self
     }
@@ -99,13 +120,31 @@ impl ScoreMemo {
         h.finalize().into()
     }
 
-    fn lookup(&self, key: &Key) -> Option<Vec<Scored>> {
+    /// The key of a deterministic generation; `None` for an unseeded sample.
+    fn generation_key(model: &str, input: &Input, params: &GenParams) -> Option<Key> {
+        let greedy = params.temperature.is_none_or(|t| t == 0.0);
+        if !greedy && params.seed.is_none() {
+            return None;
+        }
+        let mut h = Sha256::new();
+        h.update(b"generate\0");
+        h.update((model.len() as u64).to_le_bytes());
+        h.update(model.as_bytes());
+        for part in [serde_json::to_vec(input), serde_json::to_vec(params)] {
+            let p = part.unwrap_or_default();
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(&p);
+        }
+        Some(h.finalize().into())
+    }
+
+    fn lookup(&self, key: &Key) -> Option<Value> {
         let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         e.map.get(key).cloned()
     }
 }
 
-fn remember(entries: &Mutex<Entries>, capacity: usize, key: Key, value: Vec<Scored>) {
+fn remember(entries: &Mutex<Entries>, capacity: usize, key: Key, value: Value) {
     if capacity == 0 {
         return;
     }
@@ -120,7 +159,7 @@ fn remember(entries: &Mutex<Entries>, capacity: usize, key: Key, value: Vec<Scor
     }
 }
 
-impl Models for ScoreMemo {
+impl Models for CallMemo {
     fn cards(&self) -> Vec<ModelCard> {
         self.inner.cards()
     }
@@ -136,7 +175,33 @@ impl Models for ScoreMemo {
         input: Input,
         params: GenParams,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
-        self.inner.generate(ctx, model, input, params)
+        let Some(key) = Self::generation_key(model, &input, &params) else {
+            return self.inner.generate(ctx, model, input, params);
+        };
+        if let Some(Value::Generation(hit)) = self.lookup(&key) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Box::pin(async move { Ok(hit) });
+        }
+        let hex = hex::encode(key);
+        if let Some(hit) = self.store.as_ref().and_then(|s| s.load_generation(model, &hex)) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            remember(&self.entries, self.capacity, key, Value::Generation(hit.clone()));
+            return Box::pin(async move { Ok(hit) });
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let call = self.inner.generate(ctx, model, input, params);
+        let capacity = self.capacity;
+        let entries = self.entries.clone();
+        let store = self.store.clone();
+        let model = model.to_string();
+        Box::pin(async move {
+            let out = call.await?;
+            remember(&entries, capacity, key, Value::Generation(out.clone()));
+            if let Some(s) = store {
+                s.save_generation(&model, &hex, &out);
+            }
+            Ok(out)
+        })
     }
 
     fn generate_stream(
@@ -158,14 +223,14 @@ impl Models for ScoreMemo {
         continuations: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
         let key = Self::key(model, &prompt, &continuations);
-        if let Some(hit) = self.lookup(&key) {
+        if let Some(Value::Scores(hit)) = self.lookup(&key) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Box::pin(async move { Ok(hit) });
         }
         let hex = hex::encode(key);
         if let Some(hit) = self.store.as_ref().and_then(|s| s.load(model, &hex)) {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            remember(&self.entries, self.capacity, key, hit.clone());
+            remember(&self.entries, self.capacity, key, Value::Scores(hit.clone()));
             return Box::pin(async move { Ok(hit) });
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
@@ -176,7 +241,7 @@ impl Models for ScoreMemo {
         let model = model.to_string();
         Box::pin(async move {
             let out = call.await?;
-            remember(&entries, capacity, key, out.clone());
+            remember(&entries, capacity, key, Value::Scores(out.clone()));
             if let Some(s) = store {
                 s.save(&model, &hex, &out);
             }
@@ -209,8 +274,8 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    /// Scores every continuation by its length and counts the calls; fails
-    /// for member `broken`.
+    /// Scores every continuation by its length, writes the call's number as
+    /// its text, and counts the calls; fails for member `broken`.
     struct Counting(AtomicU64);
 
     impl Models for Counting {
@@ -220,11 +285,23 @@ mod tests {
         fn generate(
             &self,
             _: CallCtx,
-            _: &str,
+            model: &str,
             _: Input,
             _: GenParams,
         ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
-            Box::pin(async { Err(InferenceError::Unsupported("generate".into())) })
+            let n = self.0.fetch_add(1, Ordering::Relaxed);
+            let model = model.to_string();
+            Box::pin(async move {
+                if model == "broken" {
+                    return Err(InferenceError::Failed("down".into()));
+                }
+                Ok(Generation {
+                    model,
+                    text: format!("call {n}"),
+                    finish: crate::inference::FinishReason::Eos,
+                    usage: Default::default(),
+                })
+            })
         }
         fn score(
             &self,
@@ -270,17 +347,62 @@ mod tests {
         }
     }
 
-    /// A store in a map, counting what it is asked.
+    /// A store in maps.
     #[derive(Default)]
-    struct MapStore(Mutex<HashMap<String, Vec<Scored>>>);
+    struct MapStore(Mutex<HashMap<String, Vec<Scored>>>, Mutex<HashMap<String, Generation>>);
 
-    impl ScoreStore for MapStore {
+    impl CallStore for MapStore {
         fn load(&self, model: &str, key: &str) -> Option<Vec<Scored>> {
             self.0.lock().unwrap().get(&format!("{model}/{key}")).cloned()
         }
         fn save(&self, model: &str, key: &str, scores: &[Scored]) {
             self.0.lock().unwrap().insert(format!("{model}/{key}"), scores.to_vec());
         }
+        fn load_generation(&self, model: &str, key: &str) -> Option<Generation> {
+            self.1.lock().unwrap().get(&format!("{model}/{key}")).cloned()
+        }
+        fn save_generation(&self, model: &str, key: &str, g: &Generation) {
+            self.1.lock().unwrap().insert(format!("{model}/{key}"), g.clone());
+        }
+    }
+
+    #[tokio::test]
+    async fn deterministic_generations_are_remembered_and_unseeded_samples_are_not() {
+        let inner = Arc::new(Counting(AtomicU64::new(0)));
+        let store = Arc::new(MapStore::default());
+        let memo = CallMemo::new(inner.clone(), 10).with_store(store.clone());
+        let q = || Input::Prompt("Q?".into());
+        let greedy = GenParams::default();
+        let seeded = GenParams {
+            temperature: Some(0.8),
+            seed: Some(7),
+            ..GenParams::default()
+        };
+        let sampled = GenParams {
+            temperature: Some(0.8),
+            ..GenParams::default()
+        };
+        let text = |g: Generation| g.text;
+        let a = text(memo.generate(ctx(), "m", q(), greedy.clone()).await.unwrap());
+        assert_eq!(text(memo.generate(ctx(), "m", q(), greedy.clone()).await.unwrap()), a);
+        let b = text(memo.generate(ctx(), "m", q(), seeded.clone()).await.unwrap());
+        assert_ne!(a, b, "other parameters are another call");
+        assert_eq!(text(memo.generate(ctx(), "m", q(), seeded.clone()).await.unwrap()), b);
+        let c = text(memo.generate(ctx(), "m", q(), sampled.clone()).await.unwrap());
+        let d = text(memo.generate(ctx(), "m", q(), sampled.clone()).await.unwrap());
+        assert_ne!(c, d, "an unseeded sample is drawn again");
+        assert!(memo.generate(ctx(), "broken", q(), greedy.clone()).await.is_err());
+        assert_eq!(inner.0.load(Ordering::Relaxed), 5);
+        assert_eq!(memo.counts(), (2, 3));
+        assert_eq!(
+            store.1.lock().unwrap().len(),
+            2,
+            "the two deterministic ones, no failure"
+        );
+        // A new process over the same store writes the same text unasked.
+        let again = CallMemo::new(inner.clone(), 10).with_store(store.clone());
+        assert_eq!(text(again.generate(ctx(), "m", q(), greedy).await.unwrap()), a);
+        assert_eq!(inner.0.load(Ordering::Relaxed), 5);
     }
 
     #[tokio::test]
@@ -289,12 +411,12 @@ mod tests {
         let store = Arc::new(MapStore::default());
         let p = || Input::Prompt("Q?".into());
         let c = || vec![" yes".to_string(), " no".to_string()];
-        let first = ScoreMemo::new(inner.clone(), 10).with_store(store.clone());
+        let first = CallMemo::new(inner.clone(), 10).with_store(store.clone());
         let a = first.score(ctx(), "m", p(), c()).await.unwrap();
         assert!(first.score(ctx(), "broken", p(), c()).await.is_err());
         assert_eq!(store.0.lock().unwrap().len(), 1, "failures are not stored");
         // A new memo (a new process) over the same store asks no member.
-        let second = ScoreMemo::new(inner.clone(), 10).with_store(store.clone());
+        let second = CallMemo::new(inner.clone(), 10).with_store(store.clone());
         let b = second.score(ctx(), "m", p(), c()).await.unwrap();
         assert_eq!(a, b);
         assert_eq!(inner.0.load(Ordering::Relaxed), 2);
@@ -308,7 +430,7 @@ mod tests {
     #[tokio::test]
     async fn repeats_are_answered_from_memory_and_failures_are_not_kept() {
         let inner = Arc::new(Counting(AtomicU64::new(0)));
-        let memo = ScoreMemo::new(inner.clone(), 2);
+        let memo = CallMemo::new(inner.clone(), 2);
         let p = || Input::Prompt("Q?".into());
         let c = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let a = memo.score(ctx(), "m", p(), c(&[" yes", " no"])).await.unwrap();

@@ -525,17 +525,17 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         tessera::eval::cache::Cache::open(&rt.paths().data.join("..").join("eval-cache.sqlite"))
             .map_err(|e| Error::internal(format!("{e} (or run with --no-cache)")))?
     });
-    // Strategies that consult members by likelihood ask what the members
-    // were already asked alone; scores are deterministic, so they are
-    // answered from memory (200,000 results: tens of MB at most), and from
-    // the cache after an interruption.
+    // Strategies ask what the members were already asked alone (or what
+    // another strategy asked): scores and greedy or seeded generations are
+    // deterministic, so they are answered from memory (200,000 results:
+    // tens of MB at most), and from the cache after an interruption.
     let fingerprints = rt
         .cards()
         .iter()
         .filter_map(|c| Some((c.id.clone(), rt.fingerprint(&c.id)?.to_string())))
         .collect();
-    let store = tessera::eval::cache::PersistedScores::new(cache.clone(), fingerprints);
-    let memo = rt.memoize_scores(200_000, Some(std::sync::Arc::new(store)));
+    let store = tessera::eval::cache::PersistedCalls::new(cache.clone(), fingerprints);
+    let memo = rt.memoize_calls(200_000, Some(std::sync::Arc::new(store)));
     let mut task_limits = std::collections::BTreeMap::new();
     for kv in &args.task_limit {
         let parsed = kv
@@ -580,7 +580,7 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
     }
     let (hits, misses) = memo.counts();
     Ok(format!(
-        "{}\nscore calls answered from memory: {hits} of {}\nwrote {}",
+        "{}\nscore and deterministic generate calls answered from memory: {hits} of {}\nwrote {}",
         tessera::eval::report::table(&report).trim_end(),
         hits + misses,
         written
