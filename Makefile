@@ -19,9 +19,9 @@ EXAMPLES := first-responder teach
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool tasks modules pyclient demo test test-fast bench lint clean-cache contributors headline gpu-sw
+.PHONY: setup target pool tasks modules pyclient pymodules demo test test-fast bench lint clean-cache contributors headline gpu-sw
 
-setup: target pool tasks modules pyclient
+setup: target pool tasks modules pyclient pymodules
 
 # The official `openai` Python client in its own venv, for the test that
 # checks the server's compatibility with it (tests/openai/).
@@ -31,6 +31,24 @@ pyclient:
 	@$(TESSERA_PYTHON) -c "import openai" 2>/dev/null || { \
 	  $(PYTHON) -m venv $(TESSERA_HOME)/venv && \
 	  $(TESSERA_PYTHON) -m pip install --quiet -r tests/openai/requirements.txt; }
+
+# Strategies written in Python (guest-sdk/python): componentize-py (pinned in
+# guest-sdk/python/requirements-build.txt, installed in the same venv) builds
+# each examples/python/NAME with the SDK into a component, installed under
+# its manifest's name; the Python hostile cases go to hostile/py.wasm. A
+# component is rebuilt only when its sources, the SDK or the WIT changed.
+COMPONENTIZE_PY := $(TESSERA_HOME)/venv/bin/componentize-py
+PY_EXAMPLES := $(notdir $(wildcard examples/python/*))
+pymodules: pyclient
+	@$(COMPONENTIZE_PY) --version 2>/dev/null | grep -q "0.25.1" || \
+	  $(TESSERA_PYTHON) -m pip install --quiet -r guest-sdk/python/requirements-build.txt
+	@mkdir -p $(MODULES_DIR)/hostile
+	@for d in $(PY_EXAMPLES); do \
+	  name=$$(sed -n 's/^name = "\(.*\)"/\1/p' examples/python/$$d/manifest.toml); \
+	  guest-sdk/python/build.sh $(COMPONENTIZE_PY) examples/python/$$d $(MODULES_DIR)/$$name.wasm || exit 1; \
+	  cp examples/python/$$d/manifest.toml $(MODULES_DIR)/$$name.toml; done
+	@guest-sdk/python/build.sh $(COMPONENTIZE_PY) tests/hostile-py $(MODULES_DIR)/hostile/py.wasm
+	@cp tests/hostile-py/manifest.toml $(MODULES_DIR)/hostile/py.toml
 
 target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -150,6 +168,7 @@ gpu-sw:
 	  echo "warning: could not install mesa-vulkan-drivers; the wgpu merge tests need a Vulkan driver"; }
 
 test: setup gpu-sw
+	$(TESSERA_PYTHON) -m unittest discover -s guest-sdk/python/tests -t guest-sdk/python
 	$(CARGO) test -p tessera -p tessera-kernels -p tessera-sdk $(addprefix -p ,$(STD_MODULES))
 	$(CARGO) run -q -p tessera --example limit
 	$(CARGO) run -q -p tessera --example embed

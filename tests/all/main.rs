@@ -15,6 +15,7 @@ mod inference;
 mod library;
 mod merge;
 mod pipeline;
+mod python;
 mod reference;
 mod remote;
 mod serve;
