@@ -49,6 +49,9 @@ pymodules: pyclient
 	  cp examples/python/$$d/manifest.toml $(MODULES_DIR)/$$name.toml; done
 	@guest-sdk/python/build.sh $(COMPONENTIZE_PY) tests/hostile-py $(MODULES_DIR)/hostile/py.wasm
 	@cp tests/hostile-py/manifest.toml $(MODULES_DIR)/hostile/py.toml
+	@mkdir -p $(MODULES_DIR)/bench
+	@guest-sdk/python/build.sh $(COMPONENTIZE_PY) benches/guests/ping-py $(MODULES_DIR)/bench/ping-py.wasm
+	@cp benches/guests/ping-py/manifest.toml $(MODULES_DIR)/bench/ping-py.toml
 
 target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
