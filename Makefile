@@ -19,9 +19,9 @@ EXAMPLES := first-responder teach
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool tasks modules pyclient pymodules demo test test-fast bench lint clean-cache contributors headline gpu-sw
+.PHONY: setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw
 
-setup: target pool tasks modules pyclient pymodules
+setup: target pool tasks modules pyclient pymodules jsmodules
 
 # The official `openai` Python client in its own venv, for the test that
 # checks the server's compatibility with it (tests/openai/).
@@ -52,6 +52,29 @@ pymodules: pyclient
 	@mkdir -p $(MODULES_DIR)/bench
 	@guest-sdk/python/build.sh $(COMPONENTIZE_PY) benches/guests/ping-py $(MODULES_DIR)/bench/ping-py.wasm
 	@cp benches/guests/ping-py/manifest.toml $(MODULES_DIR)/bench/ping-py.toml
+
+# Strategies written in JavaScript (guest-sdk/js): the pinned build tools
+# (componentize-js, esbuild: guest-sdk/js/package-lock.json) are installed
+# with `npm ci` under $(TESSERA_HOME)/js-sdk, outside the checkout, and
+# reinstalled only when the lock file changes; Node.js comes from Debian
+# when it is missing. Each examples/js/NAME is bundled with the SDK and
+# built into a component installed under its manifest's name; the
+# JavaScript hostile cases go to hostile/js.wasm.
+JS_SDK_DEPS := $(TESSERA_HOME)/js-sdk
+JS_EXAMPLES := $(notdir $(wildcard examples/js/*))
+jsmodules:
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	  { apt-get install -y -q nodejs npm >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q nodejs npm >/dev/null; }; }
+	@cmp -s guest-sdk/js/package-lock.json $(JS_SDK_DEPS)/package-lock.json || { \
+	  mkdir -p $(JS_SDK_DEPS) && cp guest-sdk/js/package.json guest-sdk/js/package-lock.json $(JS_SDK_DEPS)/ && \
+	  (cd $(JS_SDK_DEPS) && npm ci --no-audit --no-fund --silent); }
+	@mkdir -p $(MODULES_DIR)/hostile
+	@for d in $(JS_EXAMPLES); do \
+	  name=$$(sed -n 's/^name = "\(.*\)"/\1/p' examples/js/$$d/manifest.toml); \
+	  node guest-sdk/js/build.mjs $(JS_SDK_DEPS)/node_modules examples/js/$$d $(MODULES_DIR)/$$name.wasm || exit 1; \
+	  cp examples/js/$$d/manifest.toml $(MODULES_DIR)/$$name.toml; done
+	@node guest-sdk/js/build.mjs $(JS_SDK_DEPS)/node_modules tests/hostile-js $(MODULES_DIR)/hostile/js.wasm
+	@cp tests/hostile-js/manifest.toml $(MODULES_DIR)/hostile/js.toml
 
 target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -172,6 +195,7 @@ gpu-sw:
 
 test: setup gpu-sw
 	$(TESSERA_PYTHON) -m unittest discover -s guest-sdk/python/tests -t guest-sdk/python
+	node --test guest-sdk/js/test/
 	$(CARGO) test -p tessera -p tessera-kernels -p tessera-sdk $(addprefix -p ,$(STD_MODULES))
 	$(CARGO) run -q -p tessera --example limit
 	$(CARGO) run -q -p tessera --example embed
