@@ -75,6 +75,9 @@ jsmodules:
 	  cp examples/js/$$d/manifest.toml $(MODULES_DIR)/$$name.toml; done
 	@node guest-sdk/js/build.mjs $(JS_SDK_DEPS)/node_modules tests/hostile-js $(MODULES_DIR)/hostile/js.wasm
 	@cp tests/hostile-js/manifest.toml $(MODULES_DIR)/hostile/js.toml
+	@mkdir -p $(MODULES_DIR)/bench
+	@node guest-sdk/js/build.mjs $(JS_SDK_DEPS)/node_modules benches/guests/ping-js $(MODULES_DIR)/bench/ping-js.wasm
+	@cp benches/guests/ping-js/manifest.toml $(MODULES_DIR)/bench/ping-js.toml
 
 target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2

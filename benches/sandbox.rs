@@ -5,10 +5,11 @@
 //!   `run` of a strategy that makes no host call, drop. Goal p50 < 20 us.
 //! - `host_call/list_models_x100`: the same with 100 host calls that need no
 //!   inference; (this - trivial) / 100 is one host-call round trip.
-//! - `instantiate_run/python` and `host_call/python_list_models_x100`: the
-//!   same two with the Python twin of the module (componentize-py, its
-//!   interpreter pre-initialised in the component's snapshot). Goal: start-up
-//!   under 5 ms.
+//! - `instantiate_run/{python,javascript}` and
+//!   `host_call/{python,javascript}_list_models_x100`: the same two with the
+//!   module's Python twin (componentize-py) and JavaScript twin
+//!   (componentize-js), each interpreter pre-initialised in the component's
+//!   snapshot. Goal: start-up under 5 ms.
 //! - `majority_vote/{native,sandbox}`: identical majority-vote logic (k = 3,
 //!   same seeds, round-robin over the real pool) written natively against the pool vs running
 //!   as the sandboxed module. Goal: sandbox overhead < 1% of the request.
@@ -105,6 +106,9 @@ fn sandbox_overhead(c: &mut Criterion) {
     let ping_py = rt
         .load_module(&ping_path("ping-py"))
         .expect("Python bench module installed by `make setup`");
+    let ping_js = rt
+        .load_module(&ping_path("ping-js"))
+        .expect("JavaScript bench module installed by `make setup`");
     let req = |calls: u32| {
         let mut r = RunRequest::chat("x");
         r.config.insert("calls".into(), calls.to_string());
@@ -122,6 +126,12 @@ fn sandbox_overhead(c: &mut Criterion) {
     });
     g.bench_function("host_call/python_list_models_x100", |b| {
         b.iter(|| tokio.block_on(rt.run(&ping_py, req(100))).expect("runs"))
+    });
+    g.bench_function("instantiate_run/javascript", |b| {
+        b.iter(|| tokio.block_on(rt.run(&ping_js, req(0))).expect("runs"))
+    });
+    g.bench_function("host_call/javascript_list_models_x100", |b| {
+        b.iter(|| tokio.block_on(rt.run(&ping_js, req(100))).expect("runs"))
     });
     g.finish();
 }
