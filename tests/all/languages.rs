@@ -90,6 +90,58 @@ async fn answers_as_the_rust_majority_vote(lang: &str) {
     );
 }
 
+#[tokio::test]
+async fn the_python_llm_blender_answers_as_the_rust_one() {
+    let mut paths = Paths::from_env();
+    paths.state = scratch("py-blender-parity");
+    let rt = Runtime::new(paths, &PoolConfig::default_pool(), Policy::default()).unwrap();
+    let rust = rt.load_module("llm-blender").unwrap();
+    let python = rt
+        .load_module(&installed("py-llm-blender.wasm").display().to_string())
+        .unwrap();
+    let ask = |prompt: &str, seed: u64| {
+        let mut req = RunRequest::chat(prompt);
+        req.params.seed = Some(seed);
+        req.config.insert("max_tokens".into(), "24".into());
+        req
+    };
+    let prompt = "Name the largest planet of the solar system. Answer briefly.";
+    let a = rt.run(&rust, ask(prompt, 5)).await.unwrap();
+    let b = rt.run(&python, ask(prompt, 5)).await.unwrap();
+    assert_eq!((&a.text, &a.annotations), (&b.text, &b.annotations));
+    assert_eq!(a.usage.host_calls, b.usage.host_calls);
+    assert_eq!(b.annotations.get("judge_calls").map(String::as_str), Some("3"), "{b:?}");
+    // fit writes the same postcard bytes; runs with it agree too.
+    let q = |s: &str| Input::Chat(vec![Message::user(s)]);
+    let dev = vec![
+        Example {
+            input: q("What is the capital of France? Answer with one word."),
+            answer: "Paris".into(),
+            choices: vec![],
+        },
+        Example {
+            input: q("Which is a colour? A) red B) seven. Answer with the letter."),
+            answer: "A".into(),
+            choices: vec!["red".into(), "seven".into()],
+        },
+    ];
+    let config: std::collections::BTreeMap<String, String> = [("fit_max_tokens".to_string(), "8".to_string())].into();
+    assert!(rt.fit(&rust, dev.clone(), config.clone()).await.unwrap());
+    assert!(rt.fit(&python, dev, config).await.unwrap());
+    assert_eq!(rt.stored_state(&rust), rt.stored_state(&python));
+    let a = rt.run(&rust, ask(prompt, 9)).await.unwrap();
+    let b = rt.run(&python, ask(prompt, 9)).await.unwrap();
+    assert_eq!((&a.text, &a.annotations), (&b.text, &b.annotations));
+    // The same typed error for a bad value.
+    let mut bad = ask(prompt, 0);
+    bad.config.insert("top_k".into(), "40".into());
+    let err = rt.run(&python, bad).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidParams { message } if message.contains("`top_k` = 40: use 1..=16")),
+        "{err:?}"
+    );
+}
+
 /// The `lang` hostile component under `case`'s own manifest (budgets).
 fn hostile_case(lang: &str, case: &str, models: &str, budgets: &str) -> std::sync::Arc<tessera::sandbox::Module> {
     let dir = scratch(&format!("hostile-{lang}-{case}"));

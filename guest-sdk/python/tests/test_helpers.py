@@ -99,3 +99,25 @@ class Configs(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class States(unittest.TestCase):
+    def test_postcard_matches_the_rust_encoding(self):
+        from tessera_sdk import state
+        from tessera_sdk.dev import MemberScore
+
+        def write(w):
+            w.seq(["ab"], lambda w, s: w.string(s))
+            w.seq([MemberScore("ab", [True, False])], lambda w, s: s.write(w))
+
+        data = state.save(1, write)
+        # version, 1 id, "ab", 1 score: "ab", 2 booleans.
+        self.assertEqual(data, bytes([1, 1, 2, 97, 98, 1, 2, 97, 98, 2, 1, 0]))
+        back = state.load(1, data, lambda r: (r.seq(lambda r: r.string()), r.seq(MemberScore.read)))
+        self.assertEqual(back, (["ab"], [MemberScore("ab", [True, False])]))
+        self.assertEqual(bytes(state.Writer().varint(300).out), bytes([0xAC, 0x02]))
+        self.assertIsNone(state.load(1, None, lambda r: r.string()))
+        with self.assertRaisesRegex(ConfigError, "not version 1; run fit again"):
+            state.load(1, bytes([2, 0]), lambda r: r.string())
+        with self.assertRaisesRegex(ConfigError, "does not decode"):
+            state.load(1, bytes([1, 5, 97]), lambda r: r.string())
