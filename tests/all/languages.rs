@@ -16,7 +16,11 @@ use crate::common::{runtime, scratch};
 
 fn installed(rel: &str) -> PathBuf {
     let p = Paths::from_env().modules.join(rel);
-    assert!(p.exists(), "{} is missing: run `make setup` (it builds the Python strategies)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `make setup` (it builds the Python strategies)",
+        p.display()
+    );
     p
 }
 
@@ -56,7 +60,11 @@ async fn answers_as_the_rust_majority_vote(lang: &str) {
     ] {
         let a = rt.run(&rust, ask(prompt, seed)).await.unwrap();
         let b = rt.run(&python, ask(prompt, seed)).await.unwrap();
-        assert_eq!((&a.text, &a.annotations), (&b.text, &b.annotations), "{prompt} (seed {seed})");
+        assert_eq!(
+            (&a.text, &a.annotations),
+            (&b.text, &b.annotations),
+            "{prompt} (seed {seed})"
+        );
         assert_eq!(a.usage.host_calls, b.usage.host_calls);
         assert!(b.annotations.contains_key("agreement"));
     }
@@ -78,7 +86,10 @@ async fn answers_as_the_rust_majority_vote(lang: &str) {
     assert!(rt.fit(&python, dev, config).await.unwrap());
     assert_eq!(rt.stored_state(&rust), rt.stored_state(&python));
     let a = rt.run(&rust, ask("Name a primary colour. One word.", 3)).await.unwrap();
-    let b = rt.run(&python, ask("Name a primary colour. One word.", 3)).await.unwrap();
+    let b = rt
+        .run(&python, ask("Name a primary colour. One word.", 3))
+        .await
+        .unwrap();
     assert_eq!((&a.text, &a.annotations), (&b.text, &b.annotations));
     // A bad config value is the caller's fault, named.
     let mut bad = ask("Hi", 0);
@@ -145,7 +156,11 @@ async fn the_python_llm_blender_answers_as_the_rust_one() {
 /// The `lang` hostile component under `case`'s own manifest (budgets).
 fn hostile_case(lang: &str, case: &str, models: &str, budgets: &str) -> std::sync::Arc<tessera::sandbox::Module> {
     let dir = scratch(&format!("hostile-{lang}-{case}"));
-    std::fs::copy(installed(&format!("hostile/{lang}.wasm")), dir.join(format!("{case}.wasm"))).unwrap();
+    std::fs::copy(
+        installed(&format!("hostile/{lang}.wasm")),
+        dir.join(format!("{case}.wasm")),
+    )
+    .unwrap();
     std::fs::write(
         dir.join(format!("{case}.toml")),
         format!(
@@ -154,7 +169,9 @@ fn hostile_case(lang: &str, case: &str, models: &str, budgets: &str) -> std::syn
         ),
     )
     .unwrap();
-    runtime().load_module(&dir.join(format!("{case}.wasm")).display().to_string()).unwrap()
+    runtime()
+        .load_module(&dir.join(format!("{case}.wasm")).display().to_string())
+        .unwrap()
 }
 
 async fn contained(lang: &str, case: &str, models: &str, budgets: &str) -> Error {
@@ -165,21 +182,33 @@ async fn contained(lang: &str, case: &str, models: &str, budgets: &str) -> Error
     // The host serves on, the same component included.
     let mut ok = RunRequest::chat("go");
     ok.config.insert("case".into(), "benign".into());
-    let out = runtime().run(&m, ok).await.expect("a benign request after a hostile one");
+    let out = runtime()
+        .run(&m, ok)
+        .await
+        .expect("a benign request after a hostile one");
     assert_eq!(out.text, "benign: benign");
     err
 }
 
 async fn infinite_loop_is_stopped_at_the_deadline(lang: &str) {
     let start = std::time::Instant::now();
-    let err = contained(lang, "infinite-loop", "['*']", "deadline_ms = 500\nfuel = 50_000_000_000").await;
+    let err = contained(
+        lang,
+        "infinite-loop",
+        "['*']",
+        "deadline_ms = 500\nfuel = 50_000_000_000",
+    )
+    .await;
     assert!(matches!(err, Error::Deadline { limit_ms: 500 }), "{err:?}");
     assert!(start.elapsed() < std::time::Duration::from_secs(30));
 }
 
 async fn memory_bomb_hits_the_memory_cap(lang: &str) {
     let err = contained(lang, "memory-bomb", "['*']", "memory_mib = 96").await;
-    assert!(matches!(err, Error::Memory { limit, .. } if limit == 96 << 20), "{err:?}");
+    assert!(
+        matches!(err, Error::Memory { limit, .. } if limit == 96 << 20),
+        "{err:?}"
+    );
 }
 
 async fn calling_an_ungranted_model_is_not_permitted(lang: &str) {
@@ -243,7 +272,10 @@ async fn python_deep_recursion_is_contained() {
     // CPython keeps Python frames on its heap, not the wasm stack: unbounded
     // recursion meets the memory cap (Rust's meets the stack limit).
     let err = contained("py", "deep-recursion", "['*']", "memory_mib = 80\ndeadline_ms = 20000").await;
-    assert!(matches!(err, Error::Memory { limit, .. } if limit == 80 << 20), "{err:?}");
+    assert!(
+        matches!(err, Error::Memory { limit, .. } if limit == 80 << 20),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]

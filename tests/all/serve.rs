@@ -736,3 +736,50 @@ async fn a_request_past_its_timeout_is_504_and_a_tenants_concurrency_is_capped()
     );
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn python_and_javascript_strategies_are_published_and_served_like_rust_ones() {
+    let dir = scratch("serve-languages");
+    let registry = Arc::new(Registry::open(&dir.join("registry")).unwrap());
+    let rt = runtime_arc();
+    for (src, name) in [
+        ("majority-vote", "team-vote-rs"),
+        ("py-majority-vote", "team-vote-py"),
+        ("js-majority-vote", "team-vote-js"),
+    ] {
+        let path = installed(src);
+        assert!(path.exists(), "{} is missing: run `make setup`", path.display());
+        let (wasm, man) = renamed(&path, name, &dir);
+        server::publish_checked(
+            &registry,
+            rt.as_ref(),
+            &std::fs::read(wasm).unwrap(),
+            &std::fs::read_to_string(man).unwrap(),
+            None,
+        )
+        .unwrap();
+    }
+    let srv = TestServer::start(rt, registry, cfg()).await;
+    let client = reqwest::Client::new();
+    let (status, _, models) = get_json(&client, &srv.url("/v1/models")).await;
+    assert_eq!(status, 200);
+    let mut answers = Vec::new();
+    for name in ["team-vote-rs", "team-vote-py", "team-vote-js"] {
+        assert!(models.to_string().contains(name), "{name} listed: {models}");
+        let body = chat(name, "What is the capital of France? Answer with one word.", 8);
+        let (status, _, v) = post(&client, &srv.url("/v1/chat/completions"), None, &body).await;
+        assert_eq!(status, 200, "{name}: {v}");
+        answers.push(v["choices"][0]["message"]["content"].as_str().unwrap().to_string());
+    }
+    assert!(!answers[0].is_empty());
+    assert_eq!(answers[0], answers[1], "Python answers as Rust");
+    assert_eq!(answers[0], answers[2], "JavaScript answers as Rust");
+    srv.stop().await;
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = client.get(url).send().await.expect("the server answers");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json::<Value>().await.unwrap_or(Value::Null))
+}
