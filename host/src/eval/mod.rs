@@ -1083,7 +1083,7 @@ fn diversity_levels(
              evaluate a smaller pool (e.g. --pool with fewer members)"
         )));
     }
-    let mut rng = seed ^ 0xD1_5E_A5E;
+    let mut rng = seed ^ 0x0D15_EA5E;
     let mut next = move || {
         rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = rng;

@@ -524,7 +524,9 @@ fn sub_pools(points: &[super::ScalingPoint]) -> Vec<super::ScalingPoint> {
 /// range, their best singles' mean, and the mean of (accuracy - best
 /// single).
 fn by_size(pools: &[super::ScalingPoint], by_level: bool) -> Vec<String> {
-    let mut groups: Vec<((String, usize, usize), Vec<&super::ScalingPoint>)> = Vec::new();
+    // (system, size, level) and the sub-pools in it.
+    type Group<'a> = ((String, usize, usize), Vec<&'a super::ScalingPoint>);
+    let mut groups: Vec<Group> = Vec::new();
     for p in pools {
         let k = (
             p.system.clone(),
