@@ -19,7 +19,7 @@ EXAMPLES := first-responder teach
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw
+.PHONY: setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw console-deps console-test
 
 setup: target pool tasks modules pyclient pymodules jsmodules
 
@@ -196,12 +196,31 @@ gpu-sw:
 	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mesa-vulkan-drivers >/dev/null 2>&1; }; } || \
 	  echo "warning: could not install mesa-vulkan-drivers; the wgpu merge tests need a Vulkan driver"; }
 
-test: setup gpu-sw
+test: setup gpu-sw console-deps
 	$(TESSERA_PYTHON) -m unittest discover -s guest-sdk/python/tests -t guest-sdk/python
 	node --test guest-sdk/js/test/
 	$(CARGO) test -p tessera -p tessera-kernels -p tessera-sdk $(addprefix -p ,$(STD_MODULES))
 	$(CARGO) run -q -p tessera --example limit
 	$(CARGO) run -q -p tessera --example embed
+	$(MAKE) --no-print-directory console-test
+
+# The web console in a real browser: Debian's chromium (installed here when
+# missing, as root) driven by playwright-core (pinned in
+# tests/console/package-lock.json, installed under $(TESSERA_HOME)).
+# Screenshots of every view land in $(TESSERA_HOME)/console-shots.
+CONSOLE_DEPS ?= $(TESSERA_HOME)/console-test
+CHROMIUM ?= /usr/bin/chromium
+console-deps:
+	@test -x $(CHROMIUM) || { echo "installing chromium for the console's browser tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }
+	@cmp -s tests/console/package-lock.json $(CONSOLE_DEPS)/package-lock.json || { \
+	  mkdir -p $(CONSOLE_DEPS) && cp tests/console/package.json tests/console/package-lock.json $(CONSOLE_DEPS)/ && \
+	  (cd $(CONSOLE_DEPS) && npm ci --no-audit --no-fund --silent); }
+
+console-test: console-deps
+	TESSERA_BIN=$(CARGO_TARGET_DIR)/debug/tessera CONSOLE_DEPS=$(CONSOLE_DEPS)/node_modules CHROMIUM=$(CHROMIUM) \
+	  CONSOLE_SHOTS=$(TESSERA_HOME)/console-shots node --test tests/console/
 
 # The fast tier alone: containment, budgets, limits and the server's
 # routing over a scripted model double; needs the modules, not the pool.

@@ -329,6 +329,7 @@ impl Runtime {
             req: &req,
             provenance: Vec::new(),
             usage: UsageReport::default(),
+            started,
         };
         let eligible = self.pipeline_members(p)?;
         // Stage 1: who answers.
@@ -362,12 +363,23 @@ struct PipelineRun<'a> {
     req: &'a RunRequest,
     provenance: Vec<ProvenanceEvent>,
     usage: UsageReport,
+    /// When the pipeline began: every host call's `start_ms` counts from it.
+    started: Instant,
 }
 
 impl PipelineRun<'_> {
     /// Takes a stage's result, keeping its provenance and usage either way.
+    /// The stage's host calls are timed from the stage's own start; they
+    /// are moved onto the pipeline's clock (the stage ended just now and
+    /// took its `wall_ms`).
     fn stage<T>(&mut self, inv: Invocation<T>) -> Result<T, Error> {
-        self.provenance.extend(inv.provenance);
+        let offset = (self.started.elapsed().as_millis() as u64).saturating_sub(inv.usage.wall_ms);
+        self.provenance.extend(inv.provenance.into_iter().map(|mut e| {
+            if let ProvenanceEvent::HostCall { start_ms, .. } = &mut e {
+                *start_ms += offset;
+            }
+            e
+        }));
         merge(&mut self.usage, &inv.usage);
         inv.result
     }
@@ -427,13 +439,14 @@ impl PipelineRun<'_> {
             async move {
                 let t = Instant::now();
                 let r = tokio::time::timeout_at(deadline.into(), fut).await;
-                (r, t.elapsed())
+                (r, t, t.elapsed())
             }
         });
         let results = futures::future::join_all(calls).await;
         let mut candidates: Vec<Candidate> = Vec::new();
-        for (id, (r, took)) in chosen.iter().zip(results) {
-            if let Some(text) = self.record_answer(id, r, took) {
+        for (id, (r, began, took)) in chosen.iter().zip(results) {
+            let start_ms = began.saturating_duration_since(self.started).as_millis() as u64;
+            if let Some(text) = self.record_answer(id, r, start_ms, took) {
                 candidates.push((id.clone(), text));
             }
         }
@@ -452,6 +465,7 @@ impl PipelineRun<'_> {
         &mut self,
         id: &str,
         r: Result<Result<Generation, InferenceError>, tokio::time::error::Elapsed>,
+        start_ms: u64,
         took: Duration,
     ) -> Option<String> {
         let (answer, outcome, pt, ct, kt) = match r {
@@ -478,6 +492,7 @@ impl PipelineRun<'_> {
             prompt_tokens: pt,
             completion_tokens: ct,
             cached_tokens: kt,
+            start_ms,
             ms: took.as_millis() as u64,
             outcome,
         });

@@ -48,6 +48,12 @@ pub enum ProvenanceEvent {
         /// computed (generate, score; 0 elsewhere).
         #[serde(default, skip_serializing_if = "is_zero")]
         cached_tokens: u32,
+        /// When the call began, in ms after the request's own start: with
+        /// `ms` it places the call on a timeline, so calls that overlapped
+        /// (a module's parallel fan-out) show as overlapping. 0 in records
+        /// written before it existed.
+        #[serde(default)]
+        start_ms: u64,
         /// Wall time of the call.
         ms: u64,
         /// `ok`, or the error kind.

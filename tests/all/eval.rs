@@ -158,6 +158,15 @@ async fn scaling_runs_the_strategy_on_every_sub_pool() {
     }
     let written = report::write(&rep, &dir.join("out"), "tessera eval --scaling").unwrap();
     assert!(written.iter().any(|p| p.ends_with("scaling.svg")));
+    // report.json reads back into the same report: `--from-report` renders
+    // the same Markdown from it.
+    let json = std::fs::read_to_string(dir.join("out/report.json")).unwrap();
+    let back: tessera::eval::Report = serde_json::from_str(&json).unwrap();
+    report::write(&back, &dir.join("again"), "tessera eval --scaling").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/report.md")).unwrap(),
+        std::fs::read_to_string(dir.join("again/report.md")).unwrap()
+    );
 }
 
 /// Whether TruthfulQA's data is here. Its only packaged source (the

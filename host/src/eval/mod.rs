@@ -53,7 +53,7 @@ pub enum McqMode {
 }
 
 /// What to evaluate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalConfig {
     /// Task names (see [`crate::tasks::TASKS`]).
     pub tasks: Vec<String>,
@@ -271,10 +271,16 @@ impl LetterShare {
 }
 
 /// The whole run, as written to `report.json` (schema `tessera-eval/1`).
-#[derive(Debug, Clone, Serialize)]
+/// It reads back too: `tessera eval --from-report` renders `report.md` and
+/// the plots again from it without running anything.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// Schema tag; bumped on incompatible changes.
     pub schema: String,
+    /// The command line that produced the run (the report's "reproduce
+    /// with"); `None` in reports written before it was recorded.
+    #[serde(default)]
+    pub command: Option<String>,
     /// What was asked.
     pub config: EvalConfig,
     /// The pool's members.
@@ -560,6 +566,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
     let paired = paired_macro(&out.results, &out.summaries, config.seed);
     Ok(Report {
         schema: "tessera-eval/1".into(),
+        command: None,
         config: config.clone(),
         pool: rt.cards(),
         tasks: out.summaries,

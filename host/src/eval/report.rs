@@ -2,6 +2,7 @@
 //! schema), `report.md` (a self-contained page with tables and the plots),
 //! two SVG plots drawn with plotters, and a table for the terminal.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -424,11 +425,11 @@ fn markdown(r: &Report, command: &str) -> String {
         "\n## Plots\n\n![accuracy by system](accuracy.svg)\n\n![accuracy vs cost](cost.svg)\n"
     );
     if !r.scaling.is_empty() {
-        let pools = sub_pools(&r.scaling);
+        let pools = sub_pools(&r.scaling, &r.tasks);
         let _ = writeln!(
             s,
             "## Scaling (sub-pools)\n\n![accuracy vs pool size](scaling.svg)\n\n\
-             Each sub-pool's accuracy is its macro average over the tasks; the same sub-pools \
+             Each sub-pool's accuracy is its macro average (tasks within a domain, then domains, as in the accuracy table); the same sub-pools \
              serve every task. \"Its best single\" is the sub-pool's member that dev picks, per task.\n\n\
              | system | pool size | sub-pools | accuracy, mean [min, max] | its best single, mean | mean gain over it |\n\
              |---|---|---|---|---|---|"
@@ -455,12 +456,12 @@ fn markdown(r: &Report, command: &str) -> String {
         s.push('\n');
     }
     if !r.diversity.is_empty() {
-        let pools = sub_pools(&r.diversity);
+        let pools = sub_pools(&r.diversity, &r.tasks);
         let _ = writeln!(
             s,
             "## Diversity at equal pool size\n\nSub-pools of one size that draw on one, two or more \
              architectures (in a pool of fine-tunes of the packaged bases, each architecture is one \
-             base's lineage), several drawn per level; accuracy is the macro average over the tasks.\n\n\
+             base's lineage), several drawn per level; accuracy is the macro average (tasks within a domain, then domains).\n\n\
              | system | pool size | architectures | sub-pools | accuracy, mean [min, max] | its best single, mean | mean gain over it |\n\
              |---|---|---|---|---|---|---|"
         );
@@ -490,30 +491,42 @@ fn markdown(r: &Report, command: &str) -> String {
 }
 
 /// One strategy on one sub-pool, its accuracy and its best single's
-/// averaged over the tasks it ran on (the macro average).
-fn sub_pools(points: &[super::ScalingPoint]) -> Vec<super::ScalingPoint> {
-    let mut out: Vec<(super::ScalingPoint, usize)> = Vec::new();
+/// macro-averaged over the tasks it ran on with the weights `overall`
+/// uses (tasks averaged within a domain, then domains), so that the
+/// full-pool row of a sweep reads the same figure as the accuracy table.
+fn sub_pools(points: &[super::ScalingPoint], tasks: &[TaskSummary]) -> Vec<super::ScalingPoint> {
+    let domain_of = |task: &str| {
+        tasks
+            .iter()
+            .find(|t| t.name == task)
+            .map_or_else(|| task.to_string(), |t| t.domain.clone())
+    };
+    // (representative point, domain -> (sum of accuracy, sum of best single, tasks)).
+    type Acc = (super::ScalingPoint, BTreeMap<String, (f64, f64, usize)>);
+    let mut out: Vec<Acc> = Vec::new();
     for p in points {
-        match out
-            .iter_mut()
-            .find(|(q, _)| q.system == p.system && q.members == p.members)
+        let i = match out
+            .iter()
+            .position(|(q, _)| q.system == p.system && q.members == p.members)
         {
-            Some((q, n)) => {
-                q.accuracy += p.accuracy;
-                q.best_single += p.best_single;
-                *n += 1;
-            }
+            Some(i) => i,
             None => {
                 let mut q = p.clone();
                 q.task = "macro".into();
-                out.push((q, 1));
+                out.push((q, BTreeMap::new()));
+                out.len() - 1
             }
-        }
+        };
+        let e = out[i].1.entry(domain_of(&p.task)).or_insert((0.0, 0.0, 0));
+        e.0 += p.accuracy;
+        e.1 += p.best_single;
+        e.2 += 1;
     }
     out.into_iter()
-        .map(|(mut q, n)| {
-            q.accuracy /= n as f64;
-            q.best_single /= n as f64;
+        .map(|(mut q, domains)| {
+            let n = domains.len().max(1) as f64;
+            q.accuracy = domains.values().map(|(a, _, k)| a / *k as f64).sum::<f64>() / n;
+            q.best_single = domains.values().map(|(_, b, k)| b / *k as f64).sum::<f64>() / n;
             q
         })
         .collect()
@@ -649,7 +662,7 @@ fn plot_cost(r: &Report, path: &Path) -> Result<(), String> {
 
 /// Mean accuracy over sub-pools (and tasks) of each size, per strategy.
 fn plot_scaling(r: &Report, path: &Path) -> Result<(), String> {
-    let pools = sub_pools(&r.scaling);
+    let pools = sub_pools(&r.scaling, &r.tasks);
     let mut systems: Vec<String> = pools.iter().map(|p| p.system.clone()).collect();
     systems.sort();
     systems.dedup();
@@ -658,7 +671,7 @@ fn plot_scaling(r: &Report, path: &Path) -> Result<(), String> {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Accuracy vs pool size (macro over tasks; mean, min and max over sub-pools)",
+            "Accuracy vs pool size (macro average; mean, min and max over sub-pools)",
             ("sans-serif", 18),
         )
         .margin(15)
@@ -722,4 +735,46 @@ fn plot_scaling(r: &Report, path: &Path) -> Result<(), String> {
         .draw()
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ScalingPoint, TaskSummary};
+    use super::sub_pools;
+    use crate::tasks::Metric;
+
+    fn task(name: &str, domain: &str) -> TaskSummary {
+        TaskSummary {
+            name: name.into(),
+            domain: domain.into(),
+            metric: Metric::Choice,
+            dev: 1,
+            test: 1,
+            chance: None,
+            always: None,
+        }
+    }
+
+    fn point(task: &str, accuracy: f64) -> ScalingPoint {
+        ScalingPoint {
+            system: "strategy:s".into(),
+            task: task.into(),
+            members: vec!["a".into(), "b".into()],
+            diversity: 1,
+            accuracy,
+            best_single: accuracy / 2.0,
+        }
+    }
+
+    /// Two science tasks and one reading task: the sub-pool's figure is the
+    /// mean of the science mean and the reading task, as `overall` is.
+    #[test]
+    fn sub_pools_weigh_tasks_like_the_macro_average() {
+        let tasks = [task("x", "science"), task("y", "science"), task("z", "reading")];
+        let pools = sub_pools(&[point("x", 0.2), point("y", 0.4), point("z", 0.9)], &tasks);
+        assert_eq!(pools.len(), 1);
+        assert!((pools[0].accuracy - 0.6).abs() < 1e-12, "{}", pools[0].accuracy);
+        assert!((pools[0].best_single - 0.3).abs() < 1e-12);
+        assert_eq!(pools[0].task, "macro");
+    }
 }

@@ -88,6 +88,8 @@ pub struct RequestState {
     pub(crate) grant: Arc<Grant>,
     pub(super) granted: HashSet<String>,
     pub(crate) deadline: Instant,
+    /// When the request began: host calls are placed on a timeline from it.
+    started: Instant,
     pub(crate) usage: UsageReport,
     tokens_used: u32,
     pub(crate) provenance: Vec<ProvenanceEvent>,
@@ -150,6 +152,7 @@ impl RequestState {
             grant,
             granted,
             deadline,
+            started: Instant::now(),
             usage: UsageReport::default(),
             tokens_used: 0,
             provenance: Vec::new(),
@@ -237,6 +240,7 @@ impl RequestState {
             prompt_tokens: prompt,
             completion_tokens: completion,
             cached_tokens: cached,
+            start_ms: self.started.elapsed().saturating_sub(took).as_millis() as u64,
             ms: took.as_millis() as u64,
             outcome: outcome.into(),
         })

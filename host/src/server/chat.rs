@@ -159,7 +159,7 @@ pub(crate) fn member_provenance(member: &str, usage: &crate::inference::Usage, m
         "members": [member],
         "events": [ProvenanceEvent::HostCall {
             call: "generate".into(), model: member.into(), prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens, cached_tokens: usage.cached_tokens, ms,
+            completion_tokens: usage.completion_tokens, cached_tokens: usage.cached_tokens, start_ms: 0, ms,
             outcome: "ok".into(),
         }],
     })

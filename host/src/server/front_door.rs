@@ -31,7 +31,11 @@ pub(crate) fn body_cap(method: &Method, path: &str, admin: bool, upload: usize) 
 /// does the handler run, with the caller in the request's extensions.
 /// Errors the router itself makes (405, 413) leave in the OpenAI shape.
 pub(crate) async fn front_door(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/health" {
+    // Liveness and the console's page (which holds no data: it asks the
+    // API with the key the user types) need no key.
+    if req.uri().path() == "/health"
+        || (req.method() == Method::GET && super::console::is_console_path(req.uri().path()))
+    {
         return openai_shaped(next.run(req).await);
     }
     let Ok(place) = st.receiving.clone().try_acquire_owned() else {

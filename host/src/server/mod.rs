@@ -13,6 +13,8 @@
 //! | `POST /v1/tessera/modules` | publish (admin tenants) |
 //! | `DELETE /v1/tessera/modules/{name}` | remove (admin tenants) |
 //! | `GET /health` | liveness, queue depth |
+//! | `GET /v1/tessera/reports[/{path}]` | evaluation reports under `--reports DIR` ([`reports`]) |
+//! | `GET /`, `/ui/` | the web console ([`console`]) |
 //!
 //! A *system* is a strategy module bound to the pool: a standard module
 //! installed by `make setup`, or one published to the [`crate::registry`].
@@ -33,6 +35,7 @@
 pub mod admission;
 pub mod breaker;
 pub mod chat;
+pub mod console;
 pub mod embeddings;
 pub mod error;
 pub mod front_door;
@@ -41,6 +44,7 @@ pub mod metrics;
 pub mod models;
 pub mod modules;
 pub mod openai;
+pub mod reports;
 pub mod score;
 
 use std::collections::HashMap;
@@ -105,6 +109,9 @@ pub struct ServeConfig {
     pub header_read_timeout: Duration,
     /// Open connections at once; more are closed as they arrive.
     pub max_connections: usize,
+    /// Where the console's Reports view finds evaluation reports
+    /// (`tessera serve --reports DIR`); `None`: it shows none.
+    pub reports: Option<std::path::PathBuf>,
 }
 
 /// Largest body of a generation, embedding or score request. The input
@@ -129,6 +136,7 @@ impl Default for ServeConfig {
             max_receiving: 64,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            reports: None,
         }
     }
 }
@@ -313,10 +321,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tessera/score", post(score::score))
         .route("/v1/tessera/modules", get(modules_list).post(modules_publish))
         .route("/v1/tessera/modules/{name}", get(modules_show).delete(modules_remove))
+        .route("/v1/tessera/reports", get(reports::reports_list))
+        .route("/v1/tessera/reports/{*path}", get(reports::reports_get))
+        .route("/", get(console::root))
+        .route("/ui", get(console::root))
+        .route("/ui/", get(console::index))
+        .route("/ui/console.js", get(console::script))
+        .route("/ui/console.css", get(console::style))
         .fallback(|| async {
             ApiError::not_found(
                 "not_found",
-                "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings",
+                "no such route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, or the console at /ui/",
             )
         })
         // The front door has read the body already, within the route's cap.

@@ -138,6 +138,12 @@ struct EvalArgs {
     /// Where to write report.json, report.md and the plots.
     #[arg(long, default_value = "eval-report")]
     out: PathBuf,
+    /// Run nothing: read a `report.json` (or `report.json.gz`) written
+    /// earlier and render its `report.md` and plots again into --out (after
+    /// a change to the report's layout, or to restore deleted files). Every
+    /// other option is ignored.
+    #[arg(long, value_name = "REPORT_JSON")]
+    from_report: Option<PathBuf>,
     /// Also run every strategy over sub-pools of size 1..N (accuracy vs pool
     /// size, with each sub-pool's diversity).
     #[arg(long)]
@@ -500,7 +506,46 @@ fn strategies_list(json: bool) -> Result<String, Error> {
     Ok(s.trim_end().to_string())
 }
 
+/// `tessera eval --from-report`: the report's Markdown and plots from its
+/// JSON, nothing run.
+fn rerender(path: &std::path::Path, out: &std::path::Path) -> Result<String, Error> {
+    let raw = std::fs::read(path).map_err(|e| Error::config(format!("--from-report {}: {e}", path.display())))?;
+    // A large report is kept gzipped (`report.json.gz`).
+    let text = if path.extension().is_some_and(|e| e == "gz") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&raw[..]), &mut s)
+            .map_err(|e| Error::config(format!("--from-report {}: not gzipped JSON ({e})", path.display())))?;
+        s
+    } else {
+        String::from_utf8(raw)
+            .map_err(|e| Error::config(format!("--from-report {}: not UTF-8 ({e})", path.display())))?
+    };
+    let report: tessera::eval::Report = serde_json::from_str(&text).map_err(|e| {
+        Error::config(format!(
+            "--from-report {}: not a report.json of this version ({e}); run the eval again to write one",
+            path.display()
+        ))
+    })?;
+    let command = report
+        .command
+        .clone()
+        .unwrap_or_else(|| "(the command was not recorded in this report.json)".into());
+    let written = tessera::eval::report::write(&report, out, &command).map_err(|e| Error::internal(e.to_string()))?;
+    Ok(format!(
+        "{}\nwrote {}",
+        tessera::eval::report::table(&report).trim_end(),
+        written
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
 async fn eval(args: EvalArgs) -> Result<String, Error> {
+    if let Some(path) = &args.from_report {
+        return rerender(path, &args.out);
+    }
     let mcq = match args.mcq.as_str() {
         "generate" => tessera::eval::McqMode::Generate,
         "loglik" => tessera::eval::McqMode::Loglik,
@@ -571,8 +616,9 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         monolith: args.monolith.clone(),
         progress: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let report = tessera::eval::run(&rt, cfg, &cache).await?;
+    let mut report = tessera::eval::run(&rt, cfg, &cache).await?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    report.command = Some(command.clone());
     let written =
         tessera::eval::report::write(&report, &args.out, &command).map_err(|e| Error::internal(e.to_string()))?;
     if args.json {

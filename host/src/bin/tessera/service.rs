@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     grace_s: u64,
+    /// Evaluation reports the web console shows (every folder with a
+    /// `report.md` under DIR, e.g. `docs/results`).
+    #[arg(long, value_name = "DIR")]
+    reports: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArg,
     #[command(flatten)]
@@ -206,8 +210,17 @@ pub async fn serve(args: ServeArgs) -> Result<String, Error> {
         max_queue: args.max_queue,
         request_timeout: Duration::from_secs(args.timeout_s.max(1)),
         shutdown_grace: Duration::from_secs(args.grace_s),
+        reports: args.reports.clone(),
         ..ServeConfig::default()
     };
+    if let Some(dir) = &cfg.reports {
+        if !dir.is_dir() {
+            return Err(Error::config(format!(
+                "--reports {}: not a directory (name the folder that holds the reports, e.g. docs/results)",
+                dir.display()
+            )));
+        }
+    }
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .map_err(|e| Error::config(format!("cannot listen on {}: {e} (pick another --port)", cfg.addr)))?;
@@ -221,6 +234,7 @@ pub async fn serve(args: ServeArgs) -> Result<String, Error> {
     }
     // Tests and scripts read this line to find the port.
     println!("tessera: listening on http://{local}");
+    eprintln!("tessera: the web console is at http://{local}/ui/");
     let _ = std::io::stdout().flush();
     let state = Arc::new(AppState::new(rt, registry, cfg)?);
     server::serve(state, listener, shutdown_signal()).await?;
