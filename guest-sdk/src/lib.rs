@@ -34,6 +34,7 @@ pub mod config;
 pub mod dev;
 pub mod embedding;
 pub mod mcq;
+pub mod output;
 pub mod pso;
 pub mod rand;
 pub mod state;
@@ -52,7 +53,7 @@ pub mod weights;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        inline: "package tessera:sdk; world imports { import tessera:collab/models@0.1.1; import tessera:collab/trace@0.1.1; }",
+        inline: "package tessera:sdk; world imports { import tessera:collab/models@0.1.2; import tessera:collab/trace@0.1.2; }",
         world: "tessera:sdk/imports",
         generate_all,
         default_bindings_module: "tessera_sdk::bindings",
@@ -73,9 +74,9 @@ pub mod bindings {
                     path: "../wit",
                     world: $world,
                     with: {
-                        "tessera:collab/types@0.1.1": crate::bindings::tessera::collab::types,
-                        "tessera:collab/models@0.1.1": crate::bindings::tessera::collab::models,
-                        "tessera:collab/trace@0.1.1": crate::bindings::tessera::collab::trace,
+                        "tessera:collab/types@0.1.2": crate::bindings::tessera::collab::types,
+                        "tessera:collab/models@0.1.2": crate::bindings::tessera::collab::models,
+                        "tessera:collab/trace@0.1.2": crate::bindings::tessera::collab::trace,
                     },
                     pub_export_macro: true,
                     export_macro_name: $export_macro,
@@ -87,25 +88,25 @@ pub mod bindings {
 
     exporting_world!(
         strategy,
-        "tessera:collab/strategy@0.1.1",
+        "tessera:collab/strategy@0.1.2",
         "__export_strategy_world",
         "tessera_sdk::bindings::strategy"
     );
     exporting_world!(
         router,
-        "tessera:collab/router@0.1.1",
+        "tessera:collab/router@0.1.2",
         "__export_router_world",
         "tessera_sdk::bindings::router"
     );
     exporting_world!(
         judge,
-        "tessera:collab/judge@0.1.1",
+        "tessera:collab/judge@0.1.2",
         "__export_judge_world",
         "tessera_sdk::bindings::judge"
     );
     exporting_world!(
         aggregator,
-        "tessera:collab/aggregator@0.1.1",
+        "tessera:collab/aggregator@0.1.2",
         "__export_aggregator_world",
         "tessera_sdk::bindings::aggregator"
     );

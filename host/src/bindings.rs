@@ -51,4 +51,4 @@ narrow_world!(
     "aggregator"
 );
 
-pub use strategy::tessera::collab::{models, trace, training, types, weights};
+pub use strategy::tessera::collab::{models, output, trace, training, types, weights};

@@ -4,7 +4,7 @@
 //! by collaboration strategies that untrusted people write, run safely.
 //!
 //! Strategies are WebAssembly components implementing the WIT contract in
-//! `wit/` (`tessera:collab@0.1.0`). The host does all model inference (candle
+//! `wit/` (`tessera:collab@0.1.2`). The host does all model inference (candle
 //! on the CPU) and lends the pool to each strategy instance through the
 //! `models` import, checking every call against a [`policy::Grant`].
 //!

@@ -434,19 +434,23 @@ impl Runtime {
         req: RunRequest,
         members: Option<&[String]>,
     ) -> Result<RunOutcome, Error> {
-        self.run_metered(module, req, members, None).await.0
+        self.run_metered(module, req, members, None, None).await.0
     }
 
     /// [`Runtime::run_with_members`] for a face that bills its caller: the
     /// usage comes back whether or not the run succeeded (a module that
     /// fails after generating thousands of tokens used them), and `cancel`,
     /// once set, stops the module as at its deadline (the caller went away).
+    /// With `output`, what the module streams through the `output`
+    /// interface goes there as it is sent ([`crate::sandbox::output`]); the
+    /// outcome's text begins with all of it.
     pub async fn run_metered(
         &self,
         module: &Module,
         req: RunRequest,
         members: Option<&[String]>,
         cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+        output: Option<crate::inference::TextSink>,
     ) -> (Result<RunOutcome, Error>, crate::UsageReport) {
         if let Err(e) = req.params.validate().and_then(|_| req.input.check_size(0)) {
             return (Err(e.into()), crate::UsageReport::default());
@@ -462,7 +466,10 @@ impl Runtime {
             state,
             cancel,
         };
-        let inv = self.sandbox.run_strategy(module, self.models_arc(), grant, sreq).await;
+        let inv = self
+            .sandbox
+            .run_strategy_streamed(module, self.models_arc(), grant, sreq, output)
+            .await;
         let usage = inv.usage.clone();
         let out = inv.result.map(|(text, annotations)| RunOutcome {
             text,

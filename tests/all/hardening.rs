@@ -579,3 +579,60 @@ async fn a_broken_registry_is_the_servers_fault() {
         "{v}"
     );
 }
+
+// ---- streaming the answer (`output`, WIT 0.1.2) ------------------------------
+
+#[tokio::test]
+async fn a_streamed_answer_begins_the_returned_one_and_counts_against_the_output_budget() {
+    let (rt, _) = double::runtime("stream", Policy::default());
+    let m = load(&rt, "stream-liar");
+    assert!(m.streams, "a module importing `output` is known to stream");
+    assert!(!load(&rt, "liar").streams, "one that does not, is not");
+    // Kept contract: the pieces reach the caller in order as they are sent,
+    // and the answer begins with all of them.
+    let got = Arc::new(Mutex::new(Vec::<String>::new()));
+    let into = got.clone();
+    let sink: tessera::inference::TextSink = Box::new(move |p: &str| {
+        into.lock().unwrap().push(p.to_string());
+        true
+    });
+    let (out, _) = rt
+        .run_metered(&m, with(&[("case", "honest")]), None, None, Some(sink))
+        .await;
+    let out = out.expect("an honest stream answers");
+    let pieces = got.lock().unwrap().clone();
+    assert_eq!(&pieces[..2], ["Par", "is"], "{pieces:?}");
+    assert!(pieces.len() >= 3, "the generation was streamed too: {pieces:?}");
+    let streamed = pieces.concat();
+    assert!(
+        out.text.starts_with(&streamed) && out.text.len() > streamed.len(),
+        "{streamed:?} begins {:?}",
+        out.text
+    );
+    assert!(
+        out.provenance
+            .iter()
+            .any(|e| matches!(e, tessera::ProvenanceEvent::HostCall { call, .. } if call == "generate-streamed")),
+        "the streamed generation is in the provenance"
+    );
+    // Without a streaming caller the same run gives the same answer.
+    let plain = rt
+        .run(&m, with(&[("case", "honest")]))
+        .await
+        .expect("answers unstreamed");
+    assert_eq!(plain.text, out.text);
+    // Broken contract, streamed or not: the module failed, typed.
+    for case in ["mismatch", "generate"] {
+        let err = rt.run(&m, with(&[("case", case)])).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::ModuleFailed { message } if message.contains("does not begin")),
+            "{case}: {err:?}"
+        );
+    }
+    // Streaming without end: stopped by the output budget (64 KiB here).
+    let err = rt.run(&m, with(&[("case", "flood")])).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Budget { budget, limit } if budget == "output-size" && *limit == 65536),
+        "{err:?}"
+    );
+}

@@ -92,6 +92,26 @@ check(note.get("streaming") == "final-answer", f"first event says the system doe
 rest = list(stream)
 check(any(c.choices and c.choices[0].delta.content for c in rest), "the system's answer follows")
 
+# Streaming a system whose strategy streams (mixture-of-agents writes its
+# final answer through `output.generate-streamed`): the first event says
+# tokens will come, the answer arrives in several pieces, and the pieces
+# joined are the answer the same request gets unstreamed.
+moa_ask = dict(
+    model="mixture-of-agents",
+    messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+    max_tokens=12,
+    temperature=0,
+    extra_body={"tessera": {"layers": 1}},
+)
+stream = client.chat.completions.create(stream=True, **moa_ask)
+first = next(iter(stream))
+note = (first.model_extra or {}).get("tessera", {})
+check(note.get("streaming") == "tokens", f"first event says the system streams: {note}")
+pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+check(len(pieces) >= 3, f"the system streams its answer token by token: {pieces}")
+whole = client.chat.completions.create(**moa_ask).choices[0].message.content
+check("".join(pieces) == whole, f"streamed pieces {pieces!r} join to the unstreamed answer {whole!r}")
+
 # Completions.
 r = client.completions.create(model=SMOL, prompt="The capital of France is", max_tokens=4, temperature=0)
 check(len(r.choices[0].text) > 0, f"completion: {r.choices[0].text!r}")

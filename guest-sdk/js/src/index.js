@@ -21,8 +21,9 @@
 // host call's own error propagate (budget, deadline, permission): the
 // export reports each as the host's typed error.
 
-import * as models from 'tessera:collab/models@0.1.1';
-import { emit } from 'tessera:collab/trace@0.1.1';
+import * as models from 'tessera:collab/models@0.1.2';
+import { emit } from 'tessera:collab/trace@0.1.2';
+import * as output from 'tessera:collab/output@0.1.2';
 
 import { Config, ConfigError } from './config.js';
 
@@ -94,6 +95,18 @@ export function user(text) {
 /** One generation by `model` (throws the host's typed error). */
 export function generate(model, input, genParams) {
   return models.generate(model, input, genParams);
+}
+
+/** `generate`, with every token also sent to a streaming caller as it
+ * decodes (`output`, WIT 0.1.2). The answer the strategy returns must begin
+ * with everything it streamed. */
+export function generateStreamed(model, input, genParams) {
+  return output.generateStreamed(model, input, genParams);
+}
+
+/** Sends `text` to a streaming caller now, as the next piece of the answer. */
+export function write(text) {
+  output.write(text);
 }
 
 /** Many generations at once, run in parallel by the host: one

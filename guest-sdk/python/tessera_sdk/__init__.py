@@ -36,6 +36,7 @@ try:  # Inside a component: the bindings componentize-py generates.
     import wit_world as _world
     from componentize_py_types import Err, Ok  # noqa: F401
     from wit_world.imports import models as _models
+    from wit_world.imports import output as _output
     from wit_world.imports import trace as _trace
     from wit_world.imports import types
 
@@ -176,6 +177,19 @@ def score(model: str, prompt, continuations: Sequence[str]) -> List["Scored"]:
 def embed(model: str, texts: Sequence[str]) -> List[List[float]]:
     """L2-normalised sentence embeddings."""
     return _models.embed(model, list(texts))
+
+
+def generate_streamed(model: str, inp, gen_params):
+    """`generate`, with every token also sent to a streaming caller as it
+    decodes (`output`, WIT 0.1.2). The answer the strategy returns must
+    begin with everything it streamed."""
+    return _output.generate_streamed(model, inp, gen_params)
+
+
+def write(text: str) -> None:
+    """Sends `text` to a streaming caller now, as the next piece of the
+    answer (the returned answer must begin with everything sent)."""
+    _output.write(text)
 
 
 def trace(model: Optional[str], role: str, note: str) -> None:

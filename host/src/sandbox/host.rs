@@ -104,6 +104,8 @@ pub struct RequestState {
     pub(crate) merger: Option<Arc<dyn crate::inference::weights::Merger>>,
     /// Set when the caller gave up: the request stops as at its deadline.
     pub(crate) cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// What the module streamed through `output`, and where it goes.
+    pub(crate) output: Arc<std::sync::Mutex<super::output::Streamed>>,
     /// The pool before any merge, and the members merged for this request.
     pub(super) pool: Arc<dyn Models>,
     pub(super) merged: Vec<crate::inference::weights::Merged>,
@@ -148,6 +150,7 @@ impl RequestState {
             trained: Vec::new(),
             train_spent: TrainSpent::default(),
             cancel: None,
+            output: Arc::new(std::sync::Mutex::new(super::output::Streamed::new(None))),
             models,
             grant,
             granted,
@@ -259,6 +262,53 @@ impl RequestState {
         Ok(())
     }
 
+    /// `models.generate`, and `output.generate-streamed` when `streamed`:
+    /// the same checks, budgets and record either way.
+    pub(super) async fn generate_on(
+        &mut self,
+        model: String,
+        input: w::Input,
+        params: w::GenParams,
+        streamed: bool,
+    ) -> wasmtime::Result<Result<w::Generation, w::Error>> {
+        self.charge_calls(1)?;
+        if !self.check_model(&model)? {
+            return Ok(Err(w::Error::UnknownModel(model)));
+        }
+        let input = input_in(input);
+        if let Some(e) = oversized(&input, 0) {
+            return Ok(Err(e));
+        }
+        let remaining = self.remaining_tokens();
+        if remaining == 0 {
+            return Err(self.violate(Error::budget("tokens", self.grant.tokens as u64)));
+        }
+        let mut params = params_in(params);
+        params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(remaining));
+        let started = Instant::now();
+        let result = if streamed {
+            let (sink, sent_before) = super::output::forwarder(&self.output, self.grant.output_bytes);
+            let fut = self
+                .models
+                .generate_stream(self.call_ctx(), &model, input, params, sink);
+            let result = self.await_model(fut).await?;
+            self.settle_stream(result.as_ref().ok().map(|g| g.text.as_str()), sent_before)?;
+            result
+        } else {
+            let fut = self.models.generate(self.call_ctx(), &model, input, params);
+            self.await_model(fut).await?
+        };
+        let outcome = outcome_of(&result);
+        let (p, c, k) = result
+            .as_ref()
+            .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens))
+            .unwrap_or((0, 0, 0));
+        self.account_generation(p, c);
+        let call = if streamed { "generate-streamed" } else { "generate" };
+        self.record_model_call(call, &model, (p, c, k), started.elapsed(), &outcome)?;
+        Ok(result.map(generation_out).map_err(inference_error_out))
+    }
+
     /// Awaits one model call; running past the deadline (while queued or
     /// while decoding) ends the request.
     async fn await_model<T>(
@@ -348,31 +398,7 @@ impl models::Host for RequestState {
         input: w::Input,
         params: w::GenParams,
     ) -> wasmtime::Result<Result<w::Generation, w::Error>> {
-        self.charge_calls(1)?;
-        if !self.check_model(&model)? {
-            return Ok(Err(w::Error::UnknownModel(model)));
-        }
-        let input = input_in(input);
-        if let Some(e) = oversized(&input, 0) {
-            return Ok(Err(e));
-        }
-        let remaining = self.remaining_tokens();
-        if remaining == 0 {
-            return Err(self.violate(Error::budget("tokens", self.grant.tokens as u64)));
-        }
-        let mut params = params_in(params);
-        params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(remaining));
-        let started = Instant::now();
-        let fut = self.models.generate(self.call_ctx(), &model, input, params);
-        let result = self.await_model(fut).await?;
-        let outcome = outcome_of(&result);
-        let (p, c, k) = result
-            .as_ref()
-            .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens))
-            .unwrap_or((0, 0, 0));
-        self.account_generation(p, c);
-        self.record_model_call("generate", &model, (p, c, k), started.elapsed(), &outcome)?;
-        Ok(result.map(generation_out).map_err(inference_error_out))
+        self.generate_on(model, input, params, false).await
     }
 
     async fn fan_out(&mut self, jobs: Vec<w::Job>) -> wasmtime::Result<Vec<Result<w::Generation, w::Error>>> {

@@ -17,6 +17,7 @@
 
 mod convert;
 mod host;
+pub mod output;
 mod training;
 
 use std::collections::BTreeMap;
@@ -61,6 +62,10 @@ pub struct Module {
     pub sha256: String,
     /// Where it was loaded from.
     pub path: PathBuf,
+    /// Whether it imports the `output` interface (WIT 0.1.2): a strategy
+    /// that can stream its answer as it writes it. A server tells its
+    /// streaming callers in advance whether tokens or one final chunk come.
+    pub streams: bool,
     pre: WorldPre,
 }
 
@@ -224,6 +229,10 @@ impl Sandbox {
         }
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let component = self.component(&bytes, &sha256).map_err(invalid)?;
+        let streams = component
+            .component_type()
+            .imports(&self.engine)
+            .any(|(name, _)| name.starts_with("tessera:collab/output@"));
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -244,6 +253,7 @@ impl Sandbox {
             manifest,
             sha256,
             path: path.to_path_buf(),
+            streams,
             pre,
         })
     }
@@ -276,6 +286,7 @@ impl Sandbox {
         models: Arc<dyn Models>,
         grant: Arc<Grant>,
         cancel: Option<Arc<AtomicBool>>,
+        output: Option<Arc<std::sync::Mutex<output::Streamed>>>,
     ) -> Result<Store<RequestState>, Error> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
         // Nothing is granted: no preopened directories, no environment, no
@@ -289,6 +300,9 @@ impl Sandbox {
         state.merger = self.merger.clone();
         state.trainer = self.trainer.clone();
         state.cancel = cancel;
+        if let Some(o) = output {
+            state.output = o;
+        }
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.set_fuel(fuel).map_err(|e| Error::config(wasm_err(e)))?;
@@ -314,6 +328,7 @@ impl Sandbox {
         models: Arc<dyn Models>,
         grant: Arc<Grant>,
         cancel: Option<Arc<AtomicBool>>,
+        output: Option<Arc<std::sync::Mutex<output::Streamed>>>,
         f: F,
     ) -> Invocation<T>
     where
@@ -323,7 +338,7 @@ impl Sandbox {
         ) -> futures::future::BoxFuture<'a, wasmtime::Result<Result<T, w::Error>>>,
     {
         let started = Instant::now();
-        let mut store = match self.store(models, grant.clone(), cancel) {
+        let mut store = match self.store(models, grant.clone(), cancel, output) {
             Ok(s) => s,
             Err(e) => {
                 return Invocation {
@@ -372,24 +387,52 @@ impl Sandbox {
         grant: Arc<Grant>,
         request: StrategyRequest,
     ) -> Invocation<(String, BTreeMap<String, String>)> {
+        self.run_strategy_streamed(module, models, grant, request, None).await
+    }
+
+    /// [`Sandbox::run_strategy`] for a caller that streams: what the module
+    /// sends through the `output` interface goes to `sink` as it is sent
+    /// (see [`output`]). Streamed or not, the answer the module returns must
+    /// begin with everything it sent, or the run fails with
+    /// `module-failed`.
+    pub async fn run_strategy_streamed(
+        &self,
+        module: &Module,
+        models: Arc<dyn Models>,
+        grant: Arc<Grant>,
+        request: StrategyRequest,
+        sink: Option<crate::inference::TextSink>,
+    ) -> Invocation<(String, BTreeMap<String, String>)> {
         if !matches!(module.pre, WorldPre::Strategy(_)) {
             return not_world(module, "strategy");
         }
         let out_cap = grant.output_bytes;
         let req = request.to_wit();
         let cancel = request.cancel.clone();
+        let streamed = Arc::new(std::sync::Mutex::new(output::Streamed::new(sink)));
         let inv = self
-            .invoke(module, models, grant, cancel, move |pre, store| {
-                Box::pin(async move {
-                    let WorldPre::Strategy(pre) = pre else {
-                        unreachable!("checked above")
-                    };
-                    let inst = pre.instantiate_async(&mut *store).await?;
-                    inst.call_run(&mut *store, &req).await
-                })
-            })
+            .invoke(
+                module,
+                models,
+                grant,
+                cancel,
+                Some(streamed.clone()),
+                move |pre, store| {
+                    Box::pin(async move {
+                        let WorldPre::Strategy(pre) = pre else {
+                            unreachable!("checked above")
+                        };
+                        let inst = pre.instantiate_async(&mut *store).await?;
+                        inst.call_run(&mut *store, &req).await
+                    })
+                },
+            )
             .await;
-        let result = inv.result.and_then(|r| within_output_cap(r, out_cap));
+        let sent = streamed.lock().unwrap_or_else(|e| e.into_inner()).text.clone();
+        let result = inv
+            .result
+            .and_then(|r| within_output_cap(r, out_cap))
+            .and_then(|(text, annotations)| output::begins_with_streamed(&text, &sent).map(|_| (text, annotations)));
         Invocation {
             result,
             provenance: inv.provenance,
@@ -412,7 +455,7 @@ impl Sandbox {
         let req = request.to_wit();
         let cancel = request.cancel.clone();
         let members: Vec<w::ModelInfo> = members.into_iter().map(convert::card_out).collect();
-        self.invoke(module, models, grant, cancel, move |pre, store| {
+        self.invoke(module, models, grant, cancel, None, move |pre, store| {
             Box::pin(async move {
                 let WorldPre::Router(pre) = pre else {
                     unreachable!("checked above")
@@ -442,7 +485,7 @@ impl Sandbox {
             .into_iter()
             .map(|(model, text)| w::Candidate { model, text })
             .collect();
-        self.invoke(module, models, grant, cancel, move |pre, store| {
+        self.invoke(module, models, grant, cancel, None, move |pre, store| {
             Box::pin(async move {
                 let WorldPre::Judge(pre) = pre else {
                     unreachable!("checked above")
@@ -474,7 +517,7 @@ impl Sandbox {
             .map(|(model, text)| w::Candidate { model, text })
             .collect();
         let inv = self
-            .invoke(module, models, grant, cancel, move |pre, store| {
+            .invoke(module, models, grant, cancel, None, move |pre, store| {
                 Box::pin(async move {
                     let WorldPre::Aggregator(pre) = pre else {
                         unreachable!("checked above")
@@ -514,7 +557,7 @@ impl Sandbox {
             })
             .collect();
         let config: Vec<(String, String)> = config.into_iter().collect();
-        self.invoke(module, models, grant, cancel, move |pre, store| {
+        self.invoke(module, models, grant, cancel, None, move |pre, store| {
             Box::pin(async move {
                 let WorldPre::Strategy(pre) = pre else {
                     unreachable!("checked above")

@@ -333,7 +333,7 @@ pub(crate) async fn run_target(
             let (rt, m) = (st.rt.clone(), module.clone());
             let ran = st
                 .guests
-                .run(async move { rt.run_metered(&m, req, members.as_deref(), cancel).await })
+                .run(async move { rt.run_metered(&m, req, members.as_deref(), cancel, sink).await })
                 .await;
             let (out, usage) = match ran {
                 Ok(r) => r,
@@ -379,18 +379,30 @@ pub(crate) fn stream(
     let created = now_unix();
     let model = ask.model.clone();
     let chat = ask.chat;
-    // The first event: the role, and for a system, that it will not stream.
+    // The first event: the role, and for a system, whether it streams.
     let mut first = openai::chunk(chat, &id, created, &model, Some(""), true, None);
     if let Target::System(m) = &target {
-        first["tessera"] = json!({
-            "streaming": "final-answer",
-            "note": format!("system `{}` answers only when its strategy finishes: the answer arrives as one chunk", m.manifest.name),
-        });
+        first["tessera"] = if m.streams {
+            json!({
+                "streaming": "tokens",
+                "note": format!("system `{}` can stream its answer (its strategy imports `output`): pieces arrive as it writes them, the rest when it finishes", m.manifest.name),
+            })
+        } else {
+            json!({
+                "streaming": "final-answer",
+                "note": format!("system `{}` answers only when its strategy finishes: the answer arrives as one chunk", m.manifest.name),
+            })
+        };
     }
     let _ = tx.send(event(&first));
     let pieces = tx.clone();
     let (id2, model2) = (id.clone(), model.clone());
+    // Bytes of the answer already sent: a streaming system's answer begins
+    // with them (the sandbox checks), so only the rest follows at the end.
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = sent.clone();
     let sink: crate::inference::TextSink = Box::new(move |piece: &str| {
+        counted.fetch_add(piece.len(), Ordering::Relaxed);
         pieces
             .send(event(&openai::chunk(
                 chat,
@@ -407,6 +419,10 @@ pub(crate) fn stream(
         let _admitted = admitted;
         let limit = st.cfg.request_timeout;
         let streams_itself = matches!(target, Target::Member(_));
+        let streams = match &target {
+            Target::Member(_) => true,
+            Target::System(m) => m.streams,
+        };
         // A system's module is stopped when the client goes away: the
         // stream's channel closes, which `watch` turns into `cancel`.
         let cancel = Arc::new(AtomicBool::new(false));
@@ -421,7 +437,7 @@ pub(crate) fn stream(
             &policy,
             &target,
             &ask,
-            streams_itself.then_some(sink),
+            streams.then_some(sink),
             Some(cancel),
         );
         let (result, used) = match tokio::time::timeout(limit, work).await {
@@ -433,15 +449,18 @@ pub(crate) fn stream(
         match result {
             Ok(done) => {
                 if !streams_itself {
-                    let _ = tx.send(event(&openai::chunk(
-                        chat,
-                        &id,
-                        created,
-                        &model,
-                        Some(&done.text),
-                        false,
-                        None,
-                    )));
+                    let rest = done.text.get(sent.load(Ordering::Relaxed)..).unwrap_or("");
+                    if !rest.is_empty() {
+                        let _ = tx.send(event(&openai::chunk(
+                            chat,
+                            &id,
+                            created,
+                            &model,
+                            Some(rest),
+                            false,
+                            None,
+                        )));
+                    }
                 }
                 let mut last = openai::chunk(chat, &id, created, &model, None, false, Some(done.finish));
                 last["provenance"] = done.provenance;

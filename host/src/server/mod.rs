@@ -28,9 +28,13 @@
 //! module never takes the connection down with it.
 //!
 //! Streaming: a member streams its tokens as they are decoded. A system
-//! cannot (its answer exists only when the module returns), so its first
-//! event says so (`tessera.streaming = "final-answer"`) and the answer
-//! follows in one chunk; SSE keep-alive comments flow meanwhile.
+//! whose module imports the `output` interface (WIT 0.1.2) streams what the
+//! module sends through it (typically its final stage, generated with
+//! `output.generate-streamed`), and the rest of its answer, if any, when it
+//! returns; its first event says `tessera.streaming = "tokens"`. Any other
+//! system's answer exists only when the module returns, so its first event
+//! says `"final-answer"` and the answer follows in one chunk. SSE keep-alive
+//! comments flow meanwhile.
 
 pub mod admission;
 pub mod breaker;

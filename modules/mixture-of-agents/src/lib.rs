@@ -137,7 +137,10 @@ impl Strategy for MixtureOfAgents {
 
         let chat = append_to_last_user(&base, &synthesis(&previous));
         let params = gen_params(&s, &req, seed_for(seed, s.layers + 1, 0));
-        let (text, aggregated) = match generate(&aggregator.id, &Input::Chat(chat), &params) {
+        // The aggregator writes the answer as a streaming caller reads it
+        // (`output`); its text is returned as generated, so the answer
+        // begins with what was streamed.
+        let (text, aggregated) = match output::generate_streamed(&aggregator.id, &Input::Chat(chat), &params) {
             Ok(g) => {
                 trace(
                     Some(&aggregator.id),
@@ -148,7 +151,7 @@ impl Strategy for MixtureOfAgents {
                         shown(&g.text)
                     ),
                 );
-                (g.text.trim().to_string(), true)
+                (g.text, true)
             }
             Err(e) => {
                 // Fall back to the aggregator's own last answer, else the
