@@ -38,7 +38,8 @@ fn shape(p: &[ProvenanceEvent]) -> String {
         .collect()
 }
 
-/// `(model, prompt tokens)` of every generate call, in order.
+/// `(model, prompt tokens)` of every generate call (the aggregator's is
+/// `generate-streamed`), in order.
 fn calls(p: &[ProvenanceEvent]) -> Vec<(String, u32)> {
     p.iter()
         .filter_map(|e| match e {
@@ -47,7 +48,7 @@ fn calls(p: &[ProvenanceEvent]) -> Vec<(String, u32)> {
                 model,
                 prompt_tokens,
                 ..
-            } if call == "generate" => Some((model.clone(), *prompt_tokens)),
+            } if call == "generate" || call == "generate-streamed" => Some((model.clone(), *prompt_tokens)),
             _ => None,
         })
         .collect()
