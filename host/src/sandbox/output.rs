@@ -48,6 +48,16 @@ impl Streamed {
             None => true,
         }
     }
+
+    /// [`Self::send`] if the output budget `cap` allows `piece`; otherwise
+    /// the stream is marked over and nothing is sent (`None`).
+    fn send_within(&mut self, piece: &str, cap: u64) -> Option<bool> {
+        if self.over || (self.text.len() + piece.len()) as u64 > cap {
+            self.over = true;
+            return None;
+        }
+        Some(self.send(piece))
+    }
 }
 
 /// A sink for one streamed generation: every piece goes through `streamed`
@@ -58,11 +68,7 @@ pub(super) fn forwarder(streamed: &Arc<Mutex<Streamed>>, cap: u64) -> (TextSink,
     let streamed = streamed.clone();
     let sink: TextSink = Box::new(move |piece: &str| {
         let mut s = streamed.lock().unwrap_or_else(|e| e.into_inner());
-        if s.over || (s.text.len() + piece.len()) as u64 > cap {
-            s.over = true;
-            return false;
-        }
-        s.send(piece)
+        s.send_within(piece, cap).unwrap_or(false)
     });
     (sink, before)
 }
@@ -94,12 +100,8 @@ impl RequestState {
             if let Some(text) = text {
                 let carried = s.text.get(sent_before..).unwrap_or("").to_string();
                 if let Some(rest) = text.strip_prefix(carried.as_str()) {
-                    if !rest.is_empty() && !s.over {
-                        if (s.text.len() + rest.len()) as u64 > cap {
-                            s.over = true;
-                        } else {
-                            s.send(rest);
-                        }
+                    if !rest.is_empty() {
+                        s.send_within(rest, cap);
                     }
                 }
             }
@@ -124,16 +126,13 @@ impl output::Host for RequestState {
 
     async fn write(&mut self, text: String) -> wasmtime::Result<()> {
         let cap = self.grant.output_bytes;
-        let over = {
-            let mut s = self.output.lock().unwrap_or_else(|e| e.into_inner());
-            if (s.text.len() + text.len()) as u64 > cap {
-                true
-            } else {
-                // A caller that went away is the cancel flag's business.
-                s.send(&text);
-                false
-            }
-        };
+        // A caller that went away is the cancel flag's business.
+        let over = self
+            .output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_within(&text, cap)
+            .is_none();
         if over {
             return Err(self.violate(Error::budget("output-size", cap)));
         }
