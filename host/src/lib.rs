@@ -17,6 +17,7 @@
 //! [`Error`].
 
 pub mod alloc;
+pub mod attribution;
 pub mod backends;
 pub mod bindings;
 pub mod contribute;

@@ -344,11 +344,18 @@ impl Runtime {
         let text = run.aggregate(&candidates, &mut annotations).await?;
         let mut usage = run.usage;
         usage.wall_ms = started.elapsed().as_millis() as u64;
+        // The members' answers are what could reach the final one (an
+        // aggregator module's own text is its rewriting of them).
+        let cards = self.models_arc().cards();
+        let contributor = |m: &str| cards.iter().find(|c| c.id == m).map(|c| c.contributor.clone());
+        let question = crate::attribution::input_text(&req.input);
+        let attribution = crate::attribution::attribute(&text, &question, &candidates, contributor);
         Ok(RunOutcome {
             text,
             annotations,
             provenance: run.provenance,
             usage,
+            attribution,
         })
     }
 }

@@ -104,6 +104,11 @@ pub struct RunOutcome {
     pub provenance: Vec<ProvenanceEvent>,
     /// What it cost.
     pub usage: UsageReport,
+    /// Whose generated text reached the answer, largest share first
+    /// ([`crate::attribution`]); empty when no member's wording is in it
+    /// (an answer chosen by likelihood, or rewritten).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attribution: Vec<crate::attribution::Attribution>,
 }
 
 /// One labelled dev example for `fit`.

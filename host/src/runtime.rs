@@ -459,6 +459,7 @@ impl Runtime {
         let mut config: BTreeMap<String, String> = module.manifest.config.clone();
         config.extend(req.config);
         let state = self.state(module).map(|s| s.as_ref().clone());
+        let question = crate::attribution::input_text(&req.input);
         let sreq = StrategyRequest {
             input: req.input,
             params: req.params,
@@ -471,11 +472,18 @@ impl Runtime {
             .run_strategy_streamed(module, self.models_arc(), grant, sreq, output)
             .await;
         let usage = inv.usage.clone();
-        let out = inv.result.map(|(text, annotations)| RunOutcome {
-            text,
-            annotations,
-            provenance: inv.provenance,
-            usage: inv.usage,
+        let generated = inv.generated;
+        let out = inv.result.map(|(text, annotations)| {
+            let cards = self.models_arc().cards();
+            let contributor = |m: &str| cards.iter().find(|c| c.id == m).map(|c| c.contributor.clone());
+            let attribution = crate::attribution::attribute(&text, &question, &generated, contributor);
+            RunOutcome {
+                text,
+                annotations,
+                provenance: inv.provenance,
+                usage: inv.usage,
+                attribution,
+            }
         });
         (out, usage)
     }

@@ -511,6 +511,16 @@ async fn one_tenant_cannot_get_a_system_quarantined_for_the_others() {
             },
         )
         .unwrap();
+    let root = registry
+        .add_tenant(
+            "root",
+            &TenantPolicy {
+                requests_per_minute: 0,
+                admin: true,
+                ..TenantPolicy::default()
+            },
+        )
+        .unwrap();
     publish(&registry, &rt, "liar", "fragile");
     let srv = Srv::start(Arc::new(rt), registry).await;
     let url = srv.url("/v1/chat/completions");
@@ -524,6 +534,48 @@ async fn one_tenant_cannot_get_a_system_quarantined_for_the_others() {
     let (status, v) = post(&url, Some(&alice), &body).await;
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["error"]["code"], "module_quarantined");
+    // The listings say so, per key: alice sees the module quarantined for
+    // her (in the registry's list and among the models), bob sees it runs,
+    // and neither (not admins) sees how many keys are affected.
+    let fragile = |key: &str, path: &str| {
+        let url = srv.url(path);
+        let key = key.to_string();
+        async move {
+            let v: Value = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("the server answers")
+                .json()
+                .await
+                .expect("JSON");
+            let row = v["data"]
+                .as_array()
+                .expect("a list")
+                .iter()
+                .find(|e| e["name"] == "fragile" || e["id"] == "fragile")
+                .cloned()
+                .expect("fragile is listed");
+            row
+        }
+    };
+    let mine = fragile(&alice, "/v1/tessera/modules").await;
+    let left = mine["quarantine"]["for_this_key_s"]
+        .as_u64()
+        .expect("quarantined for alice");
+    assert!((1..=30).contains(&left), "{mine}");
+    assert!(mine["quarantine"].get("keys").is_none(), "{mine}");
+    assert!(mine["budgets"]["deadline_ms"].as_u64().unwrap() > 0, "{mine}");
+    let listed = fragile(&alice, "/v1/models").await;
+    assert!(
+        listed["tessera"]["quarantine"]["for_this_key_s"].as_u64().is_some(),
+        "{listed}"
+    );
+    let admin = fragile(&root, "/v1/tessera/modules").await;
+    assert_eq!(admin["quarantine"]["keys"], 1, "an admin sees how many keys: {admin}");
+    let theirs = fragile(&bob, "/v1/tessera/modules").await;
+    assert!(theirs["quarantine"]["for_this_key_s"].is_null(), "{theirs}");
     // Bob still gets the system run.
     let (status, v) = post(&url, Some(&bob), &body).await;
     assert_eq!(status, 502, "{v}");

@@ -52,6 +52,12 @@ async fn majority_vote_votes_over_k_samples_and_reports_agreement() {
     );
     assert_eq!(steps(&out.provenance, "voter").len(), 3);
     assert_eq!(steps(&out.provenance, "aggregator").len(), 1);
+    // The answer is one of the samples: the host attributes all of its
+    // words to the members that wrote them, and to no one else.
+    let top = out.attribution.first().expect("attributed");
+    assert_eq!(top.share, 1.0, "{:?}", out.attribution);
+    assert!(!top.contributor.is_empty(), "{top:?}");
+    assert!(out.attribution.iter().all(|a| voters.contains(a.member.as_str())));
     // The tally is consistent: every answer counted once, the winner has the
     // most votes, and the agreement is its share.
     let counts: Vec<(String, usize)> = out.annotations["counts"]

@@ -96,6 +96,7 @@ test("the console asks two systems, streams both answers and shows the provenanc
     chunks: Number(c.dataset.chunks || 0),
     bars: c.querySelectorAll(".tl-bar").length,
     contributors: [...c.querySelectorAll(".contributors .badge")].map((b) => b.textContent),
+    shaped: [...c.querySelectorAll(".share-row")].map((r) => ({ member: r.dataset.member, pct: r.querySelector(".share-pct").textContent })),
   })));
   await page.screenshot({ path: join(shots, "compare.png"), fullPage: true });
   assert.equal(cards.length, 2, JSON.stringify(cards));
@@ -111,6 +112,11 @@ test("the console asks two systems, streams both answers and shows the provenanc
   // majority-vote asks every generative member: one bar per call.
   assert.ok(system.bars >= 3, "the system's timeline shows its host calls: " + JSON.stringify(system));
   assert.ok(system.contributors.length >= 3, "its contributors are listed: " + JSON.stringify(system));
+  // majority-vote answers with one member's sample: the host finds whose
+  // words those are, all of them.
+  assert.ok(system.shaped.length >= 1, "whose words reached the answer: " + JSON.stringify(system));
+  assert.equal(system.shaped[0].pct, "100%", JSON.stringify(system));
+  assert.ok(system.shaped.every((s) => system.contributors.includes(s.member)), JSON.stringify(system));
   assert.deepEqual(errors, [], "no console errors");
   await page.close();
 });
@@ -141,6 +147,15 @@ test("the pool, modules and reports views list what the server has", async () =>
   const published = await page.textContent("#notice");
   assert.match(published, /^Published console-vote/, "the page says what happened: " + published);
   await page.waitForSelector("#modules-published tr[data-module='console-vote']");
+  // Its budgets as granted and its quarantine state for this key.
+  const row = await page.$eval("#modules-published tr[data-module='console-vote']", (r) => ({
+    budgets: r.querySelector("td.budgets").textContent, quarantine: r.querySelector("td.quarantine").textContent,
+  }));
+  assert.match(row.budgets, /MiB/, JSON.stringify(row));
+  assert.match(row.budgets, /calls/, JSON.stringify(row));
+  assert.equal(row.quarantine, "runs", JSON.stringify(row));
+  const std = await page.$eval("#modules-standard tr[data-system='majority-vote'] td.budgets", (c) => c.textContent);
+  assert.match(std, /tokens/, "standard systems show their budgets too: " + std);
   await page.screenshot({ path: join(shots, "modules.png"), fullPage: true });
   page.once("dialog", (d) => d.accept());
   await page.click("#modules-published tr[data-module='console-vote'] button.danger");

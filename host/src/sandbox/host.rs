@@ -36,6 +36,10 @@ const MAX_MODEL_BYTES: usize = 128;
 const EVENT_OVERHEAD_BYTES: u64 = 96;
 /// Most continuations in one `score` call, or texts in one `embed` call.
 pub const MAX_BATCH_ITEMS: usize = 256;
+/// Generated text one request keeps for attributing its answer: far more
+/// than a token budget yields in practice, and a fixed bound on the host's
+/// memory whatever the module asks for.
+const MAX_KEPT_TEXT_BYTES: usize = 1 << 20;
 
 /// `text` cut to at most `max` bytes (on a character boundary), marked
 /// with `...` when cut.
@@ -93,6 +97,11 @@ pub struct RequestState {
     pub(crate) usage: UsageReport,
     tokens_used: u32,
     pub(crate) provenance: Vec<ProvenanceEvent>,
+    /// What members generated for this request, `(member, text)`, kept
+    /// host-side (never returned as such) to attribute the final answer
+    /// ([`crate::attribution`]); bounded by [`MAX_KEPT_TEXT_BYTES`].
+    pub(crate) generated: Vec<(String, String)>,
+    generated_bytes: usize,
     /// Bytes of `provenance` so far (see [`event_bytes`]).
     provenance_bytes: u64,
     trace_events: u32,
@@ -159,6 +168,8 @@ impl RequestState {
             usage: UsageReport::default(),
             tokens_used: 0,
             provenance: Vec::new(),
+            generated: Vec::new(),
+            generated_bytes: 0,
             provenance_bytes: 0,
             trace_events: 0,
             requester: CallCtx::next_requester(),
@@ -249,6 +260,16 @@ impl RequestState {
         })
     }
 
+    /// Keeps what `model` generated for the answer's attribution, while the
+    /// request's kept text stays under [`MAX_KEPT_TEXT_BYTES`]; past it the
+    /// rest is not kept (attribution then covers the earlier generations).
+    fn keep_text(&mut self, model: &str, text: &str) {
+        if self.generated_bytes + text.len() <= MAX_KEPT_TEXT_BYTES {
+            self.generated_bytes += text.len();
+            self.generated.push((model.to_string(), text.to_string()));
+        }
+    }
+
     /// Appends `e` to the provenance, counting it against the request's
     /// provenance budget; past the budget the request ends (`budget-exhausted:
     /// provenance-bytes`), since the provenance goes back to the caller.
@@ -306,6 +327,9 @@ impl RequestState {
         self.account_generation(p, c);
         let call = if streamed { "generate-streamed" } else { "generate" };
         self.record_model_call(call, &model, (p, c, k), started.elapsed(), &outcome)?;
+        if let Ok(g) = &result {
+            self.keep_text(&model, &g.text);
+        }
         Ok(result.map(generation_out).map_err(inference_error_out))
     }
 
@@ -457,6 +481,9 @@ impl models::Host for RequestState {
             self.account_generation(p, c);
             let outcome = outcome_of(&r);
             self.record_model_call("generate", &model, (p, c, k), took, &outcome)?;
+            if let Ok(g) = &r {
+                self.keep_text(&model, &g.text);
+            }
             out.push(r.map(generation_out).map_err(inference_error_out));
         }
         Ok(out)

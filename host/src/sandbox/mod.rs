@@ -99,6 +99,10 @@ pub struct Invocation<T> {
     pub provenance: Vec<ProvenanceEvent>,
     /// What was consumed.
     pub usage: UsageReport,
+    /// What members generated for the call, `(member, text)`, in order:
+    /// the host's record for attributing the answer
+    /// ([`crate::attribution`]).
+    pub generated: Vec<(String, String)>,
 }
 
 struct Ticker {
@@ -345,6 +349,7 @@ impl Sandbox {
                     result: Err(e),
                     provenance: Vec::new(),
                     usage: UsageReport::default(),
+                    generated: Vec::new(),
                 }
             }
         };
@@ -358,6 +363,7 @@ impl Sandbox {
         usage.fuel = grant.fuel.saturating_sub(fuel_left);
         usage.wall_ms = started.elapsed().as_millis() as u64;
         let provenance = std::mem::take(&mut state.provenance);
+        let generated = std::mem::take(&mut state.generated);
         let result = match outcome {
             Err(_) => Err(Error::Deadline {
                 limit_ms: grant.deadline.as_millis() as u64,
@@ -376,6 +382,7 @@ impl Sandbox {
             result,
             provenance,
             usage,
+            generated,
         }
     }
 
@@ -437,6 +444,7 @@ impl Sandbox {
             result,
             provenance: inv.provenance,
             usage: inv.usage,
+            generated: inv.generated,
         }
     }
 
@@ -532,6 +540,7 @@ impl Sandbox {
             result,
             provenance: inv.provenance,
             usage: inv.usage,
+            generated: inv.generated,
         }
     }
 
@@ -606,6 +615,7 @@ fn not_world<T>(module: &Module, world: &str) -> Invocation<T> {
         }),
         provenance: Vec::new(),
         usage: UsageReport::default(),
+        generated: Vec::new(),
     }
 }
 

@@ -75,6 +75,24 @@ impl Breaker {
         Some(left.as_secs().max(1))
     }
 
+    /// The records whose key `matches` (keys are `caller/sha256`) that are
+    /// quarantined now, with their seconds left: what the console's Modules
+    /// view shows of a module.
+    pub fn quarantined_matching(&self, matches: impl Fn(&str) -> bool) -> Vec<(String, u64)> {
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let mut out: Vec<(String, u64)> = records
+            .iter()
+            .filter(|(k, _)| matches(k))
+            .filter_map(|(k, r)| {
+                let left = r.until?.checked_duration_since(now)?;
+                Some((k.clone(), left.as_secs().max(1)))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Records how a run of `module` ended.
     pub fn record(&self, module: &str, result: Result<(), &Error>) {
         let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
@@ -118,8 +136,11 @@ mod tests {
         let left = b.check("m").expect("quarantined");
         assert!((29..=30).contains(&left), "{left}");
         assert_eq!(b.check("other"), None);
+        assert_eq!(b.quarantined_matching(|k| k == "m").len(), 1);
+        assert!(b.quarantined_matching(|k| k == "other").is_empty());
         b.record("m", Ok(()));
         assert_eq!(b.check("m"), None);
+        assert!(b.quarantined_matching(|_| true).is_empty());
     }
 
     #[test]

@@ -179,6 +179,7 @@ pub(crate) fn system_provenance(out: &crate::RunOutcome) -> Value {
         "events": out.provenance,
         "annotations": out.annotations,
         "usage": out.usage,
+        "attribution": out.attribution,
     })
 }
 

@@ -253,15 +253,24 @@ impl AppState {
         }
     }
 
-    /// Names of the standard strategy modules installed by `make setup`.
-    pub(crate) fn standard_systems(&self) -> Vec<(String, String, String)> {
+    /// The standard strategy modules installed by `make setup`, by name,
+    /// with their manifests.
+    pub(crate) fn standard_systems(&self) -> Vec<(String, crate::policy::Manifest)> {
         crate::installed_modules(self.rt.paths())
             .into_iter()
             .filter_map(|m| {
                 let man = m.manifest.ok()?;
-                (man.world == World::Strategy).then_some((m.name, man.author, man.description))
+                (man.world == World::Strategy).then_some((m.name, man))
             })
             .collect()
+    }
+
+    /// The sha256 of the module loaded under `name`, if it has run (or
+    /// been loaded) since the server started: quarantine records are
+    /// keyed by it, and a module never loaded has none.
+    pub(crate) fn loaded_sha256(&self, name: &str) -> Option<String> {
+        let cached = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        cached.get(name).map(|m| m.sha256.clone())
     }
 
     /// The system called `name`: a published module first, else a
@@ -297,7 +306,7 @@ impl AppState {
             None => match cached {
                 Some(m) if self.rt.paths().modules.join(format!("{name}.wasm")).exists() => m,
                 _ => {
-                    if !self.standard_systems().iter().any(|(n, _, _)| n == name) {
+                    if !self.standard_systems().iter().any(|(n, _)| n == name) {
                         return Ok(None);
                     }
                     self.rt.load_module(name)?

@@ -24,8 +24,7 @@ pub(crate) async fn models(
     State(st): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = caller.0;
-    let policy = AppState::policy_of(&tenant);
+    let policy = AppState::policy_of(&caller.0);
     let created = now_unix();
     let mut data = Vec::new();
     for c in st.rt.cards() {
@@ -53,16 +52,24 @@ pub(crate) async fn models(
     // A member's id answers as the member (see `resolve`): a system of the
     // same name is not listed twice.
     let member_ids: Vec<String> = st.rt.cards().into_iter().map(|c| c.id).collect();
-    for (name, author, description) in st.standard_systems() {
+    for (name, manifest) in st.standard_systems() {
         if published.iter().any(|e| e.name == name)
             || member_ids.contains(&name)
             || !TenantPolicy::allows(&policy.modules, &name)
         {
             continue;
         }
+        let mut t = json!({ "kind": "system", "source": "standard", "description": manifest.description,
+                            "version": manifest.version });
+        super::modules::annotate(
+            &st,
+            &caller,
+            &mut t,
+            Some(&manifest),
+            st.loaded_sha256(&name).as_deref(),
+        );
         data.push(json!({
-            "id": name, "object": "model", "created": created, "owned_by": author,
-            "tessera": { "kind": "system", "source": "standard", "description": description },
+            "id": name, "object": "model", "created": created, "owned_by": manifest.author, "tessera": t,
         }));
     }
     for e in published
@@ -72,9 +79,12 @@ pub(crate) async fn models(
         if member_ids.contains(&e.name) || !TenantPolicy::allows(&policy.modules, &e.name) {
             continue;
         }
+        let mut t = json!({ "kind": "system", "source": "registry", "description": e.description,
+                            "sha256": e.sha256, "version": e.version });
+        let manifest = toml::from_str::<crate::policy::Manifest>(&e.manifest_toml).ok();
+        super::modules::annotate(&st, &caller, &mut t, manifest.as_ref(), Some(&e.sha256));
         data.push(json!({
-            "id": e.name, "object": "model", "created": e.published_at, "owned_by": e.author,
-            "tessera": { "kind": "system", "source": "registry", "description": e.description, "sha256": e.sha256 },
+            "id": e.name, "object": "model", "created": e.published_at, "owned_by": e.author, "tessera": t,
         }));
     }
     Ok(Json(json!({ "object": "list", "data": data })))

@@ -24,12 +24,61 @@ pub(crate) fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
-pub(crate) async fn modules_list(State(st): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "object": "list", "data": st.registry.list()? })))
+pub(crate) async fn modules_list(
+    State(st): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    let mut data = Vec::new();
+    for e in st.registry.list()? {
+        let mut v = serde_json::to_value(&e).map_err(|e| ApiError::from(Error::internal(e.to_string())))?;
+        let manifest = toml::from_str::<crate::policy::Manifest>(&e.manifest_toml).ok();
+        annotate(&st, &caller, &mut v, manifest.as_ref(), Some(&e.sha256));
+        data.push(v);
+    }
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+/// Adds to a module's listing what an operator or user needs to see before
+/// calling it: the budgets it is granted (its manifest's ask capped by the
+/// operator's policy), and its quarantine state. Quarantine is kept per
+/// caller ([`breaker`]): a caller sees whether the module is quarantined
+/// for its own key; an admin also sees how many keys have it quarantined.
+pub(crate) fn annotate(
+    st: &AppState,
+    caller: &Caller,
+    v: &mut Value,
+    manifest: Option<&crate::policy::Manifest>,
+    sha256: Option<&str>,
+) {
+    if let Some(m) = manifest {
+        let pool: Vec<String> = st.rt.cards().into_iter().map(|c| c.id).collect();
+        let g = st.rt.policy().grant(m, &pool);
+        v["budgets"] = json!({
+            "deadline_ms": g.deadline.as_millis() as u64,
+            "memory_mib": g.memory_bytes >> 20,
+            "fuel": g.fuel,
+            "host_calls": g.host_calls,
+            "tokens": g.tokens,
+            "output_bytes": g.output_bytes,
+            "members": g.models.len(),
+        });
+    }
+    let Some(sha) = sha256 else {
+        v["quarantine"] = json!({ "for_this_key_s": Value::Null });
+        return;
+    };
+    let mine = st.breaker.check(&super::chat::breaker_key(caller, sha));
+    let mut q = json!({ "for_this_key_s": mine });
+    if AppState::policy_of(&caller.0).admin {
+        let suffix = format!("/{sha}");
+        q["keys"] = json!(st.breaker.quarantined_matching(|k| k.ends_with(&suffix)).len());
+    }
+    v["quarantine"] = q;
 }
 
 pub(crate) async fn modules_show(
     State(st): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let e = st
@@ -38,6 +87,8 @@ pub(crate) async fn modules_show(
         .ok_or_else(|| ApiError::not_found("module_not_found", &format!("no published module `{name}`")))?;
     let mut v = serde_json::to_value(&e).map_err(|e| ApiError::from(Error::internal(e.to_string())))?;
     v["manifest"] = Value::String(e.manifest_toml.clone());
+    let manifest = toml::from_str::<crate::policy::Manifest>(&e.manifest_toml).ok();
+    annotate(&st, &caller, &mut v, manifest.as_ref(), Some(&e.sha256));
     Ok(Json(v))
 }
 

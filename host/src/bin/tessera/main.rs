@@ -399,6 +399,14 @@ async fn run(args: RunArgs) -> Result<String, Error> {
         for (k, v) in &out.annotations {
             s.push_str(&format!("\n  [{k}: {v}]"));
         }
+        if !out.attribution.is_empty() {
+            let who: Vec<String> = out
+                .attribution
+                .iter()
+                .map(|a| format!("{} {:.0}%", a.member, a.share * 100.0))
+                .collect();
+            s.push_str(&format!("\n  [wording from: {}]", who.join(", ")));
+        }
         Ok(s)
     }
 }

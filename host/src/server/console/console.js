@@ -60,12 +60,20 @@ async function api(path, options) {
 async function apiJson(path, options) { return (await api(path, options)).json(); }
 
 // ---- notices -----------------------------------------------------------
+// An error stays until the next success clears it; news ("Published x")
+// stays for a while, and is not cleared by the refresh that follows it.
+let noticeTimer = null;
 function notice(message, kind) {
   const n = $("#notice");
+  clearTimeout(noticeTimer);
   if (!message) { n.hidden = true; return; }
   n.hidden = false;
   n.className = "notice" + (kind === "info" ? " info" : "");
   n.textContent = message;
+  if (kind === "info") noticeTimer = setTimeout(() => { n.hidden = true; }, 10_000);
+}
+function clearError() {
+  if (!$("#notice").classList.contains("info")) notice(null);
 }
 function explain(err) {
   if (err instanceof ApiError && err.status === 401) {
@@ -90,7 +98,7 @@ async function loadModels() {
   try {
     const body = await apiJson("/v1/models");
     state.models = body.data || [];
-    notice(null);
+    clearError();
   } catch (err) {
     state.models = [];
     notice(explain(err));
@@ -148,7 +156,7 @@ function answerCard(id, kind) {
   const root = el("div", { class: "card", "data-model": id },
     el("div", { class: "card-head" }, el("span", { class: "name" }, id), el("span", { class: "badge " + kind }, kind), stateEl),
     text, prov);
-  return { root, stateEl, text, prov, started: performance.now() };
+  return { root, kind, stateEl, text, prov, started: performance.now() };
 }
 
 async function streamAnswer(model, question, maxTokens, temperature, card) {
@@ -221,8 +229,29 @@ function renderProvenance(card, prov, note, tookMs) {
     (usage.cached_tokens ? " (" + usage.cached_tokens + " from the prefix cache)" : "") + " · " + fmtMs(tookMs) + " end to end"));
   const members = prov.members || [];
   if (members.length) {
-    p.append(el("h3", {}, "Contributors consulted"),
+    p.append(el("h3", {}, "Members consulted"),
       el("div", { class: "contributors" }, members.map((m) => el("span", { class: "badge" }, m))));
+  }
+  // Whose words reached the answer: measured by the host from what each
+  // member generated (shared runs of three words), not claimed by the module.
+  const shaped = prov.attribution || [];
+  const generated = calls.some((c) => c.call.startsWith("generate") && c.outcome === "ok");
+  if (card.kind === "system" && generated) {
+    p.append(el("h3", {}, "Whose words reached the answer"));
+    if (!shaped.length) {
+      p.append(el("p", { class: "muted attribution-none" },
+        "No member's wording appears in the answer: the system chose or rewrote it."));
+    } else {
+      p.append(el("div", { class: "attribution" }, shaped.map((a) => {
+        const pct = Math.round(100 * a.share);
+        const bar = el("div", { class: "share-bar" });
+        bar.style.width = pct + "%";
+        return el("div", { class: "share-row", "data-member": a.member, title: a.words + " of the answer's words are in text this member generated" },
+          el("span", { class: "share-label" }, a.member, a.contributor ? el("span", { class: "muted" }, " · " + a.contributor) : null),
+          el("div", { class: "share-track" }, bar),
+          el("span", { class: "share-pct" }, pct + "%"));
+      })));
+    }
   }
   if (calls.length) {
     p.append(el("h3", {}, "Host calls"));
@@ -287,11 +316,13 @@ async function loadModules() {
     const rows = body.data || [];
     if (!rows.length) pub.append(el("p", { class: "muted" }, "Nothing published yet."));
     else pub.append(el("table", {},
-      el("thead", {}, el("tr", {}, ["Module", "World", "Version", "Author", "Signature", "Size", "Published", ""].map((h) => el("th", {}, h)))),
+      el("thead", {}, el("tr", {}, ["Module", "World", "Version", "Author", "Signature", "Budgets", "Quarantine", "Size", "Published", ""].map((h) => el("th", {}, h)))),
       el("tbody", {}, rows.map((e) => el("tr", { "data-module": e.name },
         el("td", {}, el("strong", {}, e.name), el("div", { class: "muted" }, e.description || ""), el("div", { class: "mono muted" }, (e.sha256 || "").slice(0, 16))),
         el("td", {}, e.world), el("td", {}, e.version), el("td", {}, e.author),
         el("td", {}, e.publisher_key ? el("span", { class: "badge ready", title: e.publisher_key }, "signed") : el("span", { class: "badge" }, "unsigned")),
+        el("td", { class: "budgets" }, budgetsOf(e.budgets)),
+        el("td", { class: "quarantine" }, quarantineOf(e.quarantine)),
         el("td", { class: "num" }, Math.round((e.size || 0) / 1024) + " KiB"),
         el("td", {}, new Date((e.published_at || 0) * 1000).toLocaleString()),
         el("td", {}, el("button", { class: "danger", onclick: () => removeModule(e.name) }, "Remove")))))));
@@ -301,10 +332,40 @@ async function loadModules() {
   const std = clear($("#modules-standard"));
   const systems = state.models.filter((m) => (m.tessera || {}).kind === "system");
   std.append(el("table", {},
-    el("thead", {}, el("tr", {}, ["System", "Source", "Author", "What it does"].map((h) => el("th", {}, h)))),
-    el("tbody", {}, systems.map((m) => el("tr", {},
-      el("td", {}, el("strong", {}, m.id)), el("td", {}, (m.tessera || {}).source || ""),
-      el("td", {}, m.owned_by || ""), el("td", {}, (m.tessera || {}).description || ""))))));
+    el("thead", {}, el("tr", {}, ["System", "Source", "Author", "What it does", "Budgets", "Quarantine"].map((h) => el("th", {}, h)))),
+    el("tbody", {}, systems.map((m) => el("tr", { "data-system": m.id },
+      el("td", {}, el("strong", {}, m.id), (m.tessera || {}).version ? el("div", { class: "muted" }, (m.tessera || {}).version) : null),
+      el("td", {}, (m.tessera || {}).source || ""),
+      el("td", {}, m.owned_by || ""), el("td", {}, (m.tessera || {}).description || ""),
+      el("td", { class: "budgets" }, budgetsOf((m.tessera || {}).budgets)),
+      el("td", { class: "quarantine" }, quarantineOf((m.tessera || {}).quarantine)))))));
+}
+
+// What the sandbox grants a module per request (its manifest's ask, capped
+// by the operator's policy), in the units an operator thinks in.
+function budgetsOf(b) {
+  if (!b) return el("span", { class: "muted" }, "?");
+  const count = (n) => n >= 1e9 ? +(n / 1e9).toFixed(1) + "G" : n >= 1e6 ? +(n / 1e6).toFixed(1) + "M" : n >= 1e4 ? Math.round(n / 1e3) + "k" : String(n);
+  const time = (ms) => ms >= 120_000 ? +(ms / 60_000).toFixed(1) + " min" : fmtMs(ms);
+  return el("div", { class: "budget-list" },
+    el("span", { title: "wall-clock deadline per request" }, time(b.deadline_ms)),
+    el("span", { title: "linear memory" }, b.memory_mib + " MiB"),
+    el("span", { title: "WebAssembly fuel" }, count(b.fuel) + " fuel"),
+    el("span", { title: "model calls" }, count(b.host_calls) + " calls"),
+    el("span", { title: "generated tokens" }, count(b.tokens) + " tokens"),
+    el("span", { title: "members it may call" }, b.members + " members"));
+}
+
+// Quarantine is per key: whether this key may run it now, and, for admins,
+// how many keys have it quarantined.
+function quarantineOf(q) {
+  if (!q) return "";
+  const mine = q.for_this_key_s
+    ? el("span", { class: "badge unavailable", title: "it kept failing on this key's requests" }, "quarantined " + q.for_this_key_s + " s")
+    : el("span", { class: "badge ready" }, "runs");
+  const others = typeof q.keys === "number" && q.keys > 0
+    ? el("div", { class: "muted" }, q.keys + " key" + (q.keys === 1 ? "" : "s") + " quarantined") : null;
+  return el("div", {}, mine, others);
 }
 
 async function removeModule(name) {
