@@ -19,7 +19,7 @@ EXAMPLES := first-responder teach
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw console-deps console-test
+.PHONY: setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw console-deps console-test fuzz-smoke fuzz
 
 setup: target pool tasks modules pyclient pymodules jsmodules
 
@@ -202,7 +202,32 @@ test: setup gpu-sw console-deps
 	$(CARGO) test -p tessera -p tessera-kernels -p tessera-sdk $(addprefix -p ,$(STD_MODULES))
 	$(CARGO) run -q -p tessera --example limit
 	$(CARGO) run -q -p tessera --example embed
+	$(MAKE) --no-print-directory fuzz-smoke
 	$(MAKE) --no-print-directory console-test
+
+# The fuzz targets (fuzz/, cargo-fuzz layout) built on stable and run over
+# their seed corpus plus a few thousand mutations each, so they keep
+# building and their oracles keep holding; `make fuzz` runs them for real.
+FUZZ_TARGETS := gguf tokenizer template config host_args http
+FUZZ_CORPUS ?= $(TESSERA_HOME)/fuzz-corpus
+fuzz-smoke:
+	$(CARGO) build -q -p tessera-fuzz --bins --examples
+	$(CARGO_TARGET_DIR)/debug/examples/seeds $(FUZZ_CORPUS)
+	@for t in $(FUZZ_TARGETS); do \
+	  $(CARGO_TARGET_DIR)/debug/$$t $(FUZZ_CORPUS)/$$t -runs=5000 -max_len=4096 -seed=1 2>/tmp/fuzz-smoke-$$t.log || \
+	  { tail -40 /tmp/fuzz-smoke-$$t.log; echo "fuzz target $$t failed on its corpus"; exit 1; }; \
+	  echo "fuzz target $$t: corpus and 5000 runs ok"; done
+
+# Real fuzzing with coverage (nightly and cargo-fuzz, installed here when
+# missing): each target for FUZZ_SECONDS, findings under fuzz/artifacts/.
+FUZZ_SECONDS ?= 600
+fuzz:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	$(CARGO) run -q -p tessera-fuzz --example seeds $(FUZZ_CORPUS)
+	@for t in $(FUZZ_TARGETS); do \
+	  cargo +nightly fuzz run -s none -a $$t $(FUZZ_CORPUS)/$$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=4096 \
+	    2>&1 | tee /tmp/fuzz-$$t.log | grep -E '^(#[0-9]+\s+DONE|Done|==|SUMMARY)' || true; done
 
 # The web console in a real browser: Debian's chromium (installed here when
 # missing, as root) driven by playwright-core (pinned in

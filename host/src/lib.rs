@@ -24,6 +24,8 @@ pub mod contribute;
 pub mod error;
 pub mod eval;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inference;
 pub mod merge;
 pub mod model_folder;

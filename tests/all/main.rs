@@ -20,5 +20,6 @@ mod reference;
 mod remote;
 mod serve;
 mod strategies;
+mod synth;
 mod training;
 mod weights;

@@ -13,6 +13,7 @@
 //! those steps, fairly between requests. There is no global inference lock.
 
 pub mod fetch;
+pub mod synth;
 mod worker;
 
 use std::collections::BTreeMap;

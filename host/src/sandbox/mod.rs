@@ -15,7 +15,7 @@
 //! table, call what it was not granted) ends *that* request with a typed
 //! [`crate::Error`] naming the limit; the host keeps serving.
 
-mod convert;
+pub(crate) mod convert;
 mod host;
 pub mod output;
 mod training;

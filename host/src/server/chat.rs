@@ -27,7 +27,7 @@ use super::*;
 pub(crate) struct Ask {
     chat: bool,
     model: String,
-    input: Input,
+    pub(crate) input: Input,
     params: GenParams,
     config: std::collections::BTreeMap<String, String>,
     stream: bool,
@@ -35,7 +35,7 @@ pub(crate) struct Ask {
 }
 
 impl Ask {
-    fn new(chat: bool, model: String, input: Input, sampling: &openai::Sampling) -> Result<Self, ApiError> {
+    pub(crate) fn new(chat: bool, model: String, input: Input, sampling: &openai::Sampling) -> Result<Self, ApiError> {
         // The input rule every face applies, before anything is queued:
         // the pool would refuse it too, but only after admission.
         input

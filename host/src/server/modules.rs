@@ -103,6 +103,15 @@ pub(crate) struct Upload {
     signature: Option<String>,
 }
 
+impl Upload {
+    /// The component's bytes; not base64 is the caller's fault.
+    pub(crate) fn decode(&self) -> Result<Vec<u8>, ApiError> {
+        base64::engine::general_purpose::STANDARD
+            .decode(self.wasm_base64.trim())
+            .map_err(|e| ApiError::invalid("wasm_base64", &format!("not base64: {e}")))
+    }
+}
+
 pub(crate) async fn modules_publish(
     State(st): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -110,9 +119,7 @@ pub(crate) async fn modules_publish(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     require_admin(&caller)?;
     let up: Upload = parse(&body)?;
-    let wasm = base64::engine::general_purpose::STANDARD
-        .decode(up.wasm_base64.trim())
-        .map_err(|e| ApiError::invalid("wasm_base64", &format!("not base64: {e}")))?;
+    let wasm = up.decode()?;
     let st2 = st.clone();
     // Validation and precompilation are CPU work: off the async threads.
     let entry = tokio::task::spawn_blocking(move || {

@@ -50,7 +50,7 @@ pub struct ScoreRequest {
 }
 
 impl ScoreRequest {
-    fn input(self) -> Result<(String, Input, Vec<String>), ApiError> {
+    pub(crate) fn input(self) -> Result<(String, Input, Vec<String>), ApiError> {
         let input = match (self.prompt, self.messages) {
             (Some(p), None) => Input::Prompt(p),
             (None, Some(m)) if !m.is_empty() => Input::Chat(m),

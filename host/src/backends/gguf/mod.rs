@@ -24,6 +24,7 @@ pub mod template;
 pub mod tokenizer;
 
 use std::fs::File;
+use std::io::Seek;
 use std::path::Path;
 use std::time::Instant;
 
@@ -172,8 +173,8 @@ impl GgufModel {
     pub fn load(id: &str, path: &Path, device: &Device) -> Result<Self, LoadError> {
         let shown = path.display().to_string();
         let mut file = File::open(path).map_err(|e| LoadError::io(path, e))?;
-        let content =
-            gguf_file::Content::read(&mut file).map_err(|e| format!("{shown}: not a readable GGUF file: {e}"))?;
+        let len = file.metadata().map_err(|e| LoadError::io(path, e))?.len();
+        let content = read_content(&mut file, len).map_err(|e| format!("{shown}: not a readable GGUF file: {e}"))?;
         // An unsupported architecture is the more useful error than
         // whatever else such a file lacks.
         architecture(&content, &shown)?;
@@ -201,7 +202,15 @@ impl GgufModel {
     ) -> Result<Self, LoadError> {
         let shown = dir.display().to_string();
         let mut parts = hf::read_dir_as(dir, quantize)?;
-        let content = gguf_file::Content::read(&mut parts.gguf).map_err(|e| format!("{shown}: {e}"))?;
+        let len = parts
+            .gguf
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(|e| format!("{shown}: {e}"))?;
+        parts
+            .gguf
+            .seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| format!("{shown}: {e}"))?;
+        let content = read_content(&mut parts.gguf, len).map_err(|e| format!("{shown}: {e}"))?;
         Self::build(id, &shown, &content, &mut parts.gguf, parts.tok, parts.template, device)
     }
 
@@ -708,7 +717,68 @@ impl GgufModel {
     }
 }
 
-/// The file's architecture, if it is one Tessera runs.
+/// Reads a GGUF file's header (metadata and tensor table) from `reader`,
+/// which holds `len` bytes, and checks the tensor table against the file
+/// before anything trusts it: every tensor's size is computed with checked
+/// arithmetic from its shape and type, must be a whole number of blocks,
+/// and must lie inside the file. Loading reads each tensor into a buffer of
+/// that size, so a table that claims a petabyte tensor, or one past the
+/// end of the file, would otherwise cost an allocation failure (the
+/// process aborts) or a confusing read error. The reader's own faults on
+/// hostile headers (found by fuzzing: an alignment of 0 divides by zero)
+/// are contained here as errors too.
+pub fn read_content<R: std::io::Read + std::io::Seek>(reader: &mut R, len: u64) -> Result<gguf_file::Content, String> {
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(reader)));
+    let content = match read {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("the GGUF header is malformed (the reader rejected its layout)".into()),
+    };
+    // The values the reader takes as the alignment (others it ignores).
+    use gguf_file::Value as V;
+    let alignment = match content.metadata.get("general.alignment") {
+        Some(V::U8(v)) => Some(i64::from(*v)),
+        Some(V::U16(v)) => Some(i64::from(*v)),
+        Some(V::U32(v)) => Some(i64::from(*v)),
+        Some(V::I8(v)) if *v >= 0 => Some(i64::from(*v)),
+        Some(V::I16(v)) if *v >= 0 => Some(i64::from(*v)),
+        Some(V::I32(v)) if *v >= 0 => Some(i64::from(*v)),
+        _ => None,
+    };
+    if let Some(a) = alignment.filter(|a| *a <= 0 || !(*a as u64).is_power_of_two()) {
+        return Err(format!("`general.alignment` is {a}: it must be a power of two"));
+    }
+    for (name, t) in &content.tensor_infos {
+        let shown = crate::request::printable(name);
+        let dims = t.shape.dims();
+        let elems = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| format!("tensor `{shown}`: its shape {dims:?} overflows"))?;
+        let block = t.ggml_dtype.block_size() as u64;
+        if elems % block != 0 {
+            return Err(format!(
+                "tensor `{shown}`: {elems} elements is not a whole number of {:?} blocks of {block}",
+                t.ggml_dtype
+            ));
+        }
+        let bytes = (elems / block)
+            .checked_mul(t.ggml_dtype.type_size() as u64)
+            .ok_or_else(|| format!("tensor `{shown}`: its size overflows"))?;
+        let end = content
+            .tensor_data_offset
+            .checked_add(t.offset)
+            .and_then(|start| start.checked_add(bytes));
+        if end.is_none_or(|end| end > len) {
+            return Err(format!(
+                "tensor `{shown}` ({bytes} bytes at offset {}) lies past the end of the file ({len} bytes): the file is truncated or corrupt",
+                t.offset
+            ));
+        }
+    }
+    Ok(content)
+}
+
 /// The file's architecture, if it is one Tessera runs; the error names
 /// the file and the supported ones.
 pub(crate) fn architecture(content: &gguf_file::Content, shown: &str) -> Result<String, String> {

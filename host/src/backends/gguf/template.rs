@@ -43,10 +43,57 @@ pub enum TemplateError {
     Render(#[source] minijinja::Error),
 }
 
+/// Template instructions one render may run. A model file's template is a
+/// contributor's code, run on every chat request: without a bound, nested
+/// loops over `range` (or a recursive macro) would hold a worker for hours
+/// and grow its output without end. Real templates (ChatML, Llama, Gemma)
+/// use a few hundred instructions per turn, so this leaves room for
+/// conversations of thousands of turns and stops a hostile loop within
+/// about a second.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// Largest source accepted for a template (real ones are a few KiB).
+pub const MAX_TEMPLATE_BYTES: usize = 256 << 10;
+
+/// Largest prompt a template may write. The prompt goes to a model whose
+/// input is capped at [`crate::inference::MAX_INPUT_BYTES`]; a template
+/// that writes far more is a loop, not a chat format, and is stopped as it
+/// writes rather than after building gigabytes.
+pub const MAX_RENDER_BYTES: usize = 4 * crate::inference::MAX_INPUT_BYTES;
+
+/// The render's output, refusing to grow past [`MAX_RENDER_BYTES`].
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDER_BYTES {
+            return Err(std::io::Error::other(format!(
+                "the chat template wrote more than {MAX_RENDER_BYTES} bytes"
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatFormat {
     /// Compiles `source`; the error names the template problem.
     pub fn from_template(source: &str, bos: String, eos: String) -> Result<Self, TemplateError> {
+        if source.len() > MAX_TEMPLATE_BYTES {
+            return Err(TemplateError::Compile(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                format!(
+                    "the template is {} bytes; at most {MAX_TEMPLATE_BYTES} are accepted",
+                    source.len()
+                ),
+            )));
+        }
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template_owned("chat", source.to_string())
             .map_err(TemplateError::Compile)?;
@@ -82,13 +129,23 @@ impl ChatFormat {
                     })
                     .collect();
                 let tmpl = env.get_template("chat").map_err(TemplateError::Compile)?;
-                tmpl.render(context! {
-                    messages => msgs,
-                    add_generation_prompt => generation_prompt,
-                    bos_token => bos,
-                    eos_token => eos,
+                let mut out = Capped(Vec::new());
+                tmpl.render_captured_to(
+                    context! {
+                        messages => msgs,
+                        add_generation_prompt => generation_prompt,
+                        bos_token => bos,
+                        eos_token => eos,
+                    },
+                    &mut out,
+                )
+                .map_err(TemplateError::Render)?;
+                String::from_utf8(out.0).map_err(|e| {
+                    TemplateError::Render(minijinja::Error::new(
+                        minijinja::ErrorKind::InvalidOperation,
+                        format!("the template wrote invalid UTF-8: {e}"),
+                    ))
                 })
-                .map_err(TemplateError::Render)
             }
             ChatFormat::Plain => {
                 let mut out = String::new();

@@ -228,6 +228,28 @@ enum PoolCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write a synthetic model: a GGUF file of a real architecture and
+    /// shape with seeded random weights and a working tokenizer, to measure
+    /// speed and backend agreement where real weights cannot travel.
+    Synth {
+        #[command(flatten)]
+        setup: Setup,
+        /// A named shape (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b,
+        /// gemma3-270m, tiny-llama, tiny-qwen2, tiny-gemma3) or the id of a
+        /// GGUF member of the pool, whose metadata and tensor shapes are
+        /// copied.
+        #[arg(long)]
+        like: String,
+        /// Weight type of the matrices: q8_0, q4_k or f16.
+        #[arg(long, default_value = "q8_0")]
+        quant: String,
+        /// Seed of the weights (the same seed writes the same file).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -452,6 +474,44 @@ fn pool_export(setup: &Setup, member: &str, out: &std::path::Path) -> Result<Str
     let path = Paths::from_env().models.join(&m.path);
     tessera::backends::gguf::hf::export(&path, out).map_err(|e| Error::config(e.to_string()))?;
     Ok(format!("exported {member} to {}", out.display()))
+}
+
+fn pool_synth(setup: &Setup, like: &str, quant: &str, seed: u64, out: &std::path::Path) -> Result<String, Error> {
+    use tessera::pool::synth;
+    let quant: synth::Quant = quant.parse().map_err(Error::config)?;
+    let written = match synth::named(like) {
+        Some(shape) => synth::synthesize(shape, like, quant, seed, out),
+        None => {
+            let (pool, _) = load_setup(setup)?;
+            let Some(m) = pool.members.iter().find(|m| m.id == like) else {
+                let names: Vec<&str> = synth::NAMED.iter().map(|(n, _)| *n).collect();
+                return Err(Error::config(format!(
+                    "`{like}` is neither a named shape ({}) nor a member of the pool (`tessera pool list`)",
+                    names.join(", ")
+                )));
+            };
+            if m.backend != tessera::pool::BackendKind::Gguf {
+                return Err(Error::config(format!(
+                    "member `{like}` is not a GGUF member: name a GGUF member or a named shape"
+                )));
+            }
+            let path = Paths::from_env().models.join(&m.path);
+            synth::synthesize_like(&path, quant, seed, out)
+        }
+    }
+    .map_err(Error::config)?;
+    let fallback = match written.fallbacks {
+        0 => String::new(),
+        n => format!(", {n} matrices in Q8_0 (rows not a whole number of blocks)"),
+    };
+    Ok(format!(
+        "wrote {} ({}, {:.1}M parameters, {} tensors, {:.1} MB, seed {seed}{fallback})",
+        out.display(),
+        written.arch,
+        written.parameters as f64 / 1e6,
+        written.tensors,
+        written.bytes as f64 / 1e6
+    ))
 }
 
 fn pool_fetch(setup: &Setup, quiet: bool) -> Result<String, Error> {
@@ -791,6 +851,16 @@ fn main() -> ExitCode {
         Command::Pool {
             command: PoolCommand::Export { setup, member, out },
         } => (false, pool_export(&setup, &member, &out)),
+        Command::Pool {
+            command:
+                PoolCommand::Synth {
+                    setup,
+                    like,
+                    quant,
+                    seed,
+                    out,
+                },
+        } => (false, pool_synth(&setup, &like, &quant, seed, &out)),
         Command::Eval(args) => {
             let json = args.json;
             (json, rt.block_on(eval(args)))
