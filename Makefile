@@ -31,6 +31,8 @@ pyclient:
 	@$(TESSERA_PYTHON) -c "import openai" 2>/dev/null || { \
 	  $(PYTHON) -m venv $(TESSERA_HOME)/venv && \
 	  $(TESSERA_PYTHON) -m pip install --quiet -r tests/openai/requirements.txt; }
+	@$(TESSERA_PYTHON) -c "import xllamacpp" 2>/dev/null || \
+	  $(TESSERA_PYTHON) -m pip install --quiet -r tests/llamacpp/requirements.txt
 
 # Strategies written in Python (guest-sdk/python): componentize-py (pinned in
 # guest-sdk/python/requirements-build.txt, installed in the same venv) builds
@@ -217,6 +219,10 @@ fuzz-smoke:
 	  $(CARGO_TARGET_DIR)/debug/$$t $(FUZZ_CORPUS)/$$t -runs=5000 -max_len=4096 -seed=1 2>/tmp/fuzz-smoke-$$t.log || \
 	  { tail -40 /tmp/fuzz-smoke-$$t.log; echo "fuzz target $$t failed on its corpus"; exit 1; }; \
 	  echo "fuzz target $$t: corpus and 5000 runs ok"; done
+	@for t in $(FUZZ_TARGETS); do \
+	  $(CARGO_TARGET_DIR)/debug/examples/leaks $$t $(FUZZ_CORPUS)/$$t 20 >/tmp/fuzz-leaks-$$t.log || \
+	  { cat /tmp/fuzz-leaks-$$t.log; echo "fuzz target $$t: an input leaves memory behind"; exit 1; }; done
+	@echo "fuzz targets: no seed leaves memory behind"
 
 # Real fuzzing with coverage (nightly and cargo-fuzz, installed here when
 # missing): each target for FUZZ_SECONDS, findings under fuzz/artifacts/.

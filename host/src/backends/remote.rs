@@ -4,10 +4,23 @@
 //! A remote member generates (`/chat/completions` for chats,
 //! `/completions` for raw prompts) and, when its config says so, embeds
 //! (`/embeddings`) and scores. The OpenAI API has no portable way to ask
-//! for the likelihood of a given text, so `score` is served only by
-//! another Tessera node (`POST /v1/tessera/score`, see
-//! [`crate::server::score`]); declare `capabilities = ["generate",
-//! "score"]` for such a member. `next-token` is never remote. The card
+//! for the likelihood of a given text, so `score` depends on the server at
+//! the other end, declared as the member's `engine`:
+//!
+//! - `tessera` (the default): another Tessera node's
+//!   `POST /v1/tessera/score` ([`crate::server::score`]);
+//! - `llama.cpp`: llama.cpp's server has no prompt log-probabilities, so
+//!   each continuation token is forced: the prompt's token ids and the
+//!   continuation so far go to `/completion` for one token, with that
+//!   token's logit biased to win and `n_probs` reporting its log-probability
+//!   before the bias; the server's prompt cache keeps each step to about one
+//!   token of work. Texts become token ids through the server's own
+//!   `/tokenize` (and chats through its `/apply-template`), so the ids are
+//!   the ones the model was trained with;
+//! - `openai`: any other OpenAI-compatible server, which cannot score.
+//!
+//! Declare `capabilities = ["generate", "score"]` for a member whose engine
+//! scores. `next-token` is never remote. The card
 //! lists only what the member can do and strategies see `unsupported` for
 //! the rest, as with any member.
 //!
@@ -88,9 +101,39 @@ pub struct RemoteConfig {
     /// Parameter count to put on the card, if known.
     #[serde(default)]
     pub parameters: u64,
-    /// What it can do: `generate`, `embed`, `score` (another Tessera node).
+    /// What it can do: `generate`, `embed`, `score` (where the engine
+    /// scores).
     #[serde(default = "default_caps")]
     pub capabilities: Vec<Capability>,
+    /// The server at the other end, for what the OpenAI API leaves out
+    /// (scoring).
+    #[serde(default)]
+    pub engine: Engine,
+}
+
+/// The kind of server a remote member runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Engine {
+    /// Another `tessera serve`: scores through `/v1/tessera/score`.
+    #[default]
+    #[serde(rename = "tessera")]
+    Tessera,
+    /// llama.cpp's server: scores by forced decoding of token ids.
+    #[serde(rename = "llama.cpp", alias = "llamacpp")]
+    LlamaCpp,
+    /// Any other OpenAI-compatible server: generates and embeds only.
+    #[serde(rename = "openai")]
+    OpenAi,
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Engine::Tessera => "tessera",
+            Engine::LlamaCpp => "llama.cpp",
+            Engine::OpenAi => "openai",
+        })
+    }
 }
 
 /// Why a remote member cannot be set up. All but the last are the
@@ -108,6 +151,11 @@ pub enum RemoteSetupError {
     /// A timeout that would fail every call.
     #[error("remote timeout_ms 0 would fail every call: use 1000 or more")]
     ZeroTimeout,
+    /// `score` declared for an engine that cannot score.
+    #[error(
+        "remote engine `{0}` cannot score: drop `score` from the capabilities, or declare the engine that serves it (`tessera`, `llama.cpp`)"
+    )]
+    CannotScore(Engine),
     /// The API key's variable is not set.
     #[error("remote member needs its API key in the environment variable `{0}`, which is not set")]
     MissingKey(String),
@@ -127,6 +175,9 @@ impl RemoteConfig {
         }
         if self.timeout_ms == 0 {
             return Err(RemoteSetupError::ZeroTimeout);
+        }
+        if self.engine == Engine::OpenAi && self.capabilities.contains(&Capability::Score) {
+            return Err(RemoteSetupError::CannotScore(self.engine));
         }
         Ok(())
     }
@@ -185,8 +236,15 @@ impl RemoteMember {
         &self.cfg
     }
 
+    /// `path` under the API's base URL; a `path` that starts with `/` is
+    /// under the server's root instead (the base without its `/v1`), where
+    /// llama.cpp serves its own routes.
     fn endpoint(&self, path: &str) -> String {
-        format!("{}/{path}", self.cfg.url.trim_end_matches('/'))
+        let base = self.cfg.url.trim_end_matches('/');
+        match path.strip_prefix('/') {
+            Some(rooted) => format!("{}/{rooted}", base.strip_suffix("/v1").unwrap_or(base)),
+            None => format!("{base}/{path}"),
+        }
     }
 
     fn circuit_check(&self) -> Result<(), InferenceError> {
@@ -391,9 +449,115 @@ impl RemoteMember {
         })
     }
 
-    /// Log-likelihood of each continuation after `prompt`, from another
-    /// Tessera node's `/v1/tessera/score`.
+    /// Log-likelihood of each continuation after `prompt`, as the member's
+    /// engine serves it (see the module docs).
     pub async fn score(
+        &self,
+        ctx: CallCtx,
+        prompt: Input,
+        continuations: Vec<String>,
+    ) -> Result<Vec<Scored>, InferenceError> {
+        match self.cfg.engine {
+            Engine::Tessera => self.score_on_tessera(ctx, prompt, continuations).await,
+            Engine::LlamaCpp => self.score_on_llama_cpp(ctx, prompt, continuations).await,
+            Engine::OpenAi => Err(InferenceError::Unsupported(format!(
+                "remote member `{}` runs on an OpenAI-compatible server that cannot score",
+                self.id
+            ))),
+        }
+    }
+
+    /// A llama.cpp server's token ids for `text`.
+    async fn llama_cpp_tokens(&self, ctx: CallCtx, text: &str, add_special: bool) -> Result<Vec<u32>, InferenceError> {
+        let v = self
+            .call("/tokenize", json!({ "content": text, "add_special": add_special }), ctx)
+            .await?;
+        serde_json::from_value(v["tokens"].clone()).map_err(|_| self.malformed("/tokenize", "no `tokens` list of ids"))
+    }
+
+    fn malformed(&self, route: &str, what: &str) -> InferenceError {
+        InferenceError::Failed(format!(
+            "remote member `{}`: {route} at {} answered without what llama.cpp's server gives ({what}): is the engine `llama.cpp`?",
+            self.id, self.cfg.url
+        ))
+    }
+
+    /// Scores by forced decoding on llama.cpp's server (module docs).
+    async fn score_on_llama_cpp(
+        &self,
+        ctx: CallCtx,
+        prompt: Input,
+        continuations: Vec<String>,
+    ) -> Result<Vec<Scored>, InferenceError> {
+        let prompt_ids = match &prompt {
+            Input::Prompt(p) => self.llama_cpp_tokens(ctx, p, true).await?,
+            Input::Chat(m) => {
+                if m.is_empty() {
+                    return Err(InferenceError::InvalidParams(
+                        "the chat has no messages: send at least one user turn".into(),
+                    ));
+                }
+                let v = self.call("/apply-template", json!({ "messages": m }), ctx).await?;
+                let text = v["prompt"]
+                    .as_str()
+                    .ok_or_else(|| self.malformed("/apply-template", "no `prompt` text"))?;
+                // The template writes its own BOS, as a local member's does.
+                self.llama_cpp_tokens(ctx, text, false).await?
+            }
+        };
+        if prompt_ids.is_empty() {
+            return Err(InferenceError::InvalidParams("the prompt is empty".into()));
+        }
+        let mut out = Vec::with_capacity(continuations.len());
+        for cont in &continuations {
+            let ids = self.llama_cpp_tokens(ctx, cont, false).await?;
+            if ids.is_empty() {
+                return Err(InferenceError::InvalidParams(
+                    "an empty continuation has no likelihood: give each choice some text".into(),
+                ));
+            }
+            let mut context = prompt_ids.clone();
+            let mut logprob = 0.0;
+            let mut cached = 0u32;
+            for (i, &id) in ids.iter().enumerate() {
+                let body = json!({
+                    "prompt": context,
+                    "n_predict": 1,
+                    "n_probs": 1,
+                    "temperature": 0,
+                    "cache_prompt": true,
+                    // Forces `id`; `n_probs` reports log-probabilities from
+                    // the logits before any bias or sampler.
+                    "logit_bias": [[id, 1000]],
+                });
+                let v = self.call("/completion", body, ctx).await?;
+                let first = &v["completion_probabilities"][0];
+                let (got, lp) = (first["id"].as_u64(), first["logprob"].as_f64());
+                match (got, lp) {
+                    (Some(g), Some(lp)) if g == u64::from(id) && lp.is_finite() => logprob += lp,
+                    _ => {
+                        return Err(self.malformed(
+                            "/completion",
+                            "`completion_probabilities` with the forced token's `logprob`",
+                        ))
+                    }
+                }
+                if i == 0 {
+                    cached = v["timings"]["cache_n"].as_u64().unwrap_or(0) as u32;
+                }
+                context.push(id);
+            }
+            out.push(Scored {
+                logprob,
+                tokens: ids.len() as u32,
+                cached_tokens: cached,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Scores on another Tessera node's `/v1/tessera/score`.
+    async fn score_on_tessera(
         &self,
         ctx: CallCtx,
         prompt: Input,

@@ -234,7 +234,13 @@ pub fn read_dir_as(dir: &Path, quantize: Option<crate::pool::Quantize>) -> Resul
 /// facts and chat template (`tokenizer_config.json`).
 pub fn read_tokenizer(dir: &Path) -> Result<(GgufTokenizer, Option<String>), LoadError> {
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| format!("{}: {e}", tok_path.display()))?;
+    let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| format!("{}: {e}", tok_path.display()))?;
+    // As for GGUF tokenizers ([`super::tokenizer::NO_WORD_CACHE`]): a
+    // capacity of 0 keeps the word cache from growing (an empty entry per
+    // thread remains, the library's own).
+    let mut model = tokenizer.get_model().clone();
+    model.resize_cache(super::tokenizer::NO_WORD_CACHE);
+    tokenizer.with_model(model);
     let tcfg = read_json(&dir.join("tokenizer_config.json")).unwrap_or(Value::Null);
     let id_of = |v: &Value| token_text(v).and_then(|t| tokenizer.token_to_id(&t).map(|id| (id, t)));
     let bos = id_of(&tcfg["bos_token"]);
