@@ -158,6 +158,26 @@ pub fn exercise(tok: &GgufTokenizer, vocab: usize, text: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_merge_longer_than_every_token_is_an_error_not_a_panic() {
+        // Found by this target: tokenizers 0.23 panicked building the BPE.
+        let strings = |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+        let mut metadata = HashMap::new();
+        metadata.insert("tokenizer.ggml.model".to_string(), Value::String("gpt2".into()));
+        metadata.insert("tokenizer.ggml.tokens".to_string(), strings(&["a", "bb"]));
+        metadata.insert("tokenizer.ggml.merges".to_string(), strings(&["a bb"]));
+        let c = Content {
+            magic: VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        };
+        let e = tokenizer::from_gguf(&c).err().expect("refused");
+        assert!(e.contains("merge `a bb`"), "{e}");
+    }
+
     #[test]
     fn drawn_vocabularies_build_or_fail_cleanly() {
         let mut built = 0;

@@ -182,6 +182,15 @@ fn gpt2_bpe(content: &Content, tokens: &[String]) -> Result<Tokenizer, String> {
         let (a, b) = m
             .split_once(' ')
             .ok_or_else(|| format!("merge `{m}` is not two tokens separated by a space"))?;
+        // Checked here, before the library sees it: tokenizers 0.23 copies
+        // the merged text into a buffer as long as the longest token before
+        // checking that it is one, and panics when it is longer (found by
+        // the `tokenizer` fuzz target).
+        if !vocab.contains_key(a) || !vocab.contains_key(b) || !vocab.contains_key(&format!("{a}{b}")) {
+            return Err(format!(
+                "merge `{m}` joins tokens into `{a}{b}`, and the vocabulary lacks one of the three: the file's merges do not match its tokens"
+            ));
+        }
         merges.push((a.to_string(), b.to_string()));
     }
     let bpe = BPE::builder()
