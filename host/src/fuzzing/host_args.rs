@@ -101,14 +101,7 @@ mod tests {
     #[test]
     fn drawn_arguments_hold_the_oracle() {
         for seed in 0u64..2000 {
-            let bytes: Vec<u8> = (0..512u64)
-                .map(|i| {
-                    (seed
-                        .wrapping_mul(0x9e3779b97f4a7c15)
-                        .wrapping_add(i.wrapping_mul(0xbf58476d1ce4e5b9))
-                        >> 29) as u8
-                })
-                .collect();
+            let bytes = crate::fuzzing::drawn_bytes(seed, 512);
             super::check(&bytes);
         }
     }

@@ -51,25 +51,25 @@ pub fn target(name: &str) -> Option<Check> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
 
+/// `len` bytes drawn from `seed` by a fixed mix (SplitMix64's constants):
+/// inputs for the structured targets' tests and seeds, the same everywhere.
+pub fn drawn_bytes(seed: u64, len: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (seed
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(i.wrapping_mul(0xbf58_476d_1ce4_e5b9))
+                >> 31) as u8
+        })
+        .collect()
+}
+
 /// Each target's seed corpus: small valid inputs of its format (a GGUF
 /// file, real chat templates, the standard manifest and pool, well-formed
 /// request bodies), from which the fuzzer mutates, plus drawn bytes for the
 /// structured targets.
 pub fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
-    let drawn = |n: u64| -> Vec<Vec<u8>> {
-        (0..n)
-            .map(|seed| {
-                (0..1024u64)
-                    .map(|i| {
-                        (seed
-                            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                            .wrapping_add(i.wrapping_mul(0xbf58_476d_1ce4_e5b9))
-                            >> 31) as u8
-                    })
-                    .collect()
-            })
-            .collect()
-    };
+    let drawn = |n: u64| -> Vec<Vec<u8>> { (0..n).map(|seed| drawn_bytes(seed, 1024)).collect() };
     vec![
         ("gguf", vec![gguf::seed()]),
         ("tokenizer", drawn(8)),

@@ -182,14 +182,7 @@ mod tests {
     fn drawn_vocabularies_build_or_fail_cleanly() {
         let mut built = 0;
         for seed in 0u64..300 {
-            let bytes: Vec<u8> = (0..4096u64)
-                .map(|i| {
-                    (seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(i.wrapping_mul(1442695040888963407))
-                        >> 33) as u8
-                })
-                .collect();
+            let bytes = crate::fuzzing::drawn_bytes(seed, 4096);
             super::check(&bytes);
             let mut u = arbitrary::Unstructured::new(&bytes);
             if let Ok(c) = super::content(&mut u) {
