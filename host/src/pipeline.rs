@@ -346,10 +346,8 @@ impl Runtime {
         usage.wall_ms = started.elapsed().as_millis() as u64;
         // The members' answers are what could reach the final one (an
         // aggregator module's own text is its rewriting of them).
-        let cards = self.models_arc().cards();
-        let contributor = |m: &str| cards.iter().find(|c| c.id == m).map(|c| c.contributor.clone());
         let question = crate::attribution::input_text(&req.input);
-        let attribution = crate::attribution::attribute(&text, &question, &candidates, contributor);
+        let attribution = self.attribute(&text, &question, &candidates);
         Ok(RunOutcome {
             text,
             annotations,

@@ -437,6 +437,19 @@ impl Runtime {
         self.run_metered(module, req, members, None, None).await.0
     }
 
+    /// Whose generated text reached `answer` ([`crate::attribution`]), with
+    /// each member's contributor from its card.
+    pub(crate) fn attribute(
+        &self,
+        answer: &str,
+        question: &str,
+        generated: &[(String, String)],
+    ) -> Vec<crate::attribution::Attribution> {
+        let cards = self.models_arc().cards();
+        let contributor = |m: &str| cards.iter().find(|c| c.id == m).map(|c| c.contributor.clone());
+        crate::attribution::attribute(answer, question, generated, contributor)
+    }
+
     /// [`Runtime::run_with_members`] for a face that bills its caller: the
     /// usage comes back whether or not the run succeeded (a module that
     /// fails after generating thousands of tokens used them), and `cancel`,
@@ -474,9 +487,7 @@ impl Runtime {
         let usage = inv.usage.clone();
         let generated = inv.generated;
         let out = inv.result.map(|(text, annotations)| {
-            let cards = self.models_arc().cards();
-            let contributor = |m: &str| cards.iter().find(|c| c.id == m).map(|c| c.contributor.clone());
-            let attribution = crate::attribution::attribute(&text, &question, &generated, contributor);
+            let attribution = self.attribute(&text, &question, &generated);
             RunOutcome {
                 text,
                 annotations,

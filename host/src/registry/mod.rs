@@ -63,6 +63,14 @@ pub struct Entry {
     pub manifest_toml: String,
 }
 
+impl Entry {
+    /// The manifest as published, parsed (it was checked at publish, so
+    /// `None` means a registry written by something else).
+    pub fn manifest(&self) -> Option<crate::policy::Manifest> {
+        toml::from_str(&self.manifest_toml).ok()
+    }
+}
+
 /// What to publish.
 pub struct Publication<'a> {
     /// The component's bytes.

@@ -64,6 +64,7 @@ pub(crate) async fn models(
         super::modules::annotate(
             &st,
             &caller,
+            &member_ids,
             &mut t,
             Some(&manifest),
             st.loaded_sha256(&name).as_deref(),
@@ -81,8 +82,14 @@ pub(crate) async fn models(
         }
         let mut t = json!({ "kind": "system", "source": "registry", "description": e.description,
                             "sha256": e.sha256, "version": e.version });
-        let manifest = toml::from_str::<crate::policy::Manifest>(&e.manifest_toml).ok();
-        super::modules::annotate(&st, &caller, &mut t, manifest.as_ref(), Some(&e.sha256));
+        super::modules::annotate(
+            &st,
+            &caller,
+            &member_ids,
+            &mut t,
+            e.manifest().as_ref(),
+            Some(&e.sha256),
+        );
         data.push(json!({
             "id": e.name, "object": "model", "created": e.published_at, "owned_by": e.author, "tessera": t,
         }));

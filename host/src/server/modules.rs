@@ -29,10 +29,10 @@ pub(crate) async fn modules_list(
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
     let mut data = Vec::new();
+    let pool = member_ids(&st);
     for e in st.registry.list()? {
         let mut v = serde_json::to_value(&e).map_err(|e| ApiError::from(Error::internal(e.to_string())))?;
-        let manifest = toml::from_str::<crate::policy::Manifest>(&e.manifest_toml).ok();
-        annotate(&st, &caller, &mut v, manifest.as_ref(), Some(&e.sha256));
+        annotate(&st, &caller, &pool, &mut v, e.manifest().as_ref(), Some(&e.sha256));
         data.push(v);
     }
     Ok(Json(json!({ "object": "list", "data": data })))
@@ -43,16 +43,22 @@ pub(crate) async fn modules_list(
 /// operator's policy), and its quarantine state. Quarantine is kept per
 /// caller ([`breaker`]): a caller sees whether the module is quarantined
 /// for its own key; an admin also sees how many keys have it quarantined.
+/// The pool's member ids, which grants are computed over.
+pub(crate) fn member_ids(st: &AppState) -> Vec<String> {
+    st.rt.cards().into_iter().map(|c| c.id).collect()
+}
+
+/// `pool` is [`member_ids`], computed once per listing.
 pub(crate) fn annotate(
     st: &AppState,
     caller: &Caller,
+    pool: &[String],
     v: &mut Value,
     manifest: Option<&crate::policy::Manifest>,
     sha256: Option<&str>,
 ) {
     if let Some(m) = manifest {
-        let pool: Vec<String> = st.rt.cards().into_iter().map(|c| c.id).collect();
-        let g = st.rt.policy().grant(m, &pool);
+        let g = st.rt.policy().grant(m, pool);
         v["budgets"] = json!({
             "deadline_ms": g.deadline.as_millis() as u64,
             "memory_mib": g.memory_bytes >> 20,
@@ -87,8 +93,14 @@ pub(crate) async fn modules_show(
         .ok_or_else(|| ApiError::not_found("module_not_found", &format!("no published module `{name}`")))?;
     let mut v = serde_json::to_value(&e).map_err(|e| ApiError::from(Error::internal(e.to_string())))?;
     v["manifest"] = Value::String(e.manifest_toml.clone());
-    let manifest = toml::from_str::<crate::policy::Manifest>(&e.manifest_toml).ok();
-    annotate(&st, &caller, &mut v, manifest.as_ref(), Some(&e.sha256));
+    annotate(
+        &st,
+        &caller,
+        &member_ids(&st),
+        &mut v,
+        e.manifest().as_ref(),
+        Some(&e.sha256),
+    );
     Ok(Json(v))
 }
 
