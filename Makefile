@@ -19,7 +19,7 @@ EXAMPLES := first-responder teach
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw console-deps console-test fuzz-smoke fuzz
+.PHONY: cluster-deps setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw console-deps console-test fuzz-smoke fuzz
 
 setup: target pool tasks modules pyclient pymodules jsmodules
 
@@ -198,7 +198,15 @@ gpu-sw:
 	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mesa-vulkan-drivers >/dev/null 2>&1; }; } || \
 	  echo "warning: could not install mesa-vulkan-drivers; the wgpu merge tests need a Vulkan driver"; }
 
-test: setup gpu-sw console-deps
+# The many-node tests (tests/all/multinode.rs) start Debian's PostgreSQL
+# and HAProxy themselves: installed here when missing, as root.
+cluster-deps:
+	@{ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v haproxy >/dev/null; } || { \
+	  echo "installing postgresql and haproxy for the many-node tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql haproxy >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql haproxy >/dev/null; }; }
+
+test: setup gpu-sw console-deps cluster-deps
 	$(TESSERA_PYTHON) -m unittest discover -s guest-sdk/python/tests -t guest-sdk/python
 	node --test guest-sdk/js/test/
 	$(CARGO) test -p tessera -p tessera-kernels -p tessera-sdk $(addprefix -p ,$(STD_MODULES))

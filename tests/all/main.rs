@@ -4,6 +4,7 @@
 
 mod bad_files;
 mod cli;
+mod cluster;
 mod common;
 mod contribute;
 mod double;
@@ -15,6 +16,7 @@ mod inference;
 mod languages;
 mod library;
 mod merge;
+mod multinode;
 mod pipeline;
 mod reference;
 mod remote;

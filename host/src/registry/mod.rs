@@ -9,6 +9,12 @@
 //! - `trusted-keys/*.pub`: the operator's trusted publisher keys
 //!   ([`signing`]).
 //!
+//! A deployment of many nodes names a PostgreSQL database instead
+//! ([`Registry::connect`] with a `postgres://` URL; see [`store`]): the
+//! rows *and the components* live there, the directory keeps only each
+//! node's cache of components (fetched once, checked against their
+//! sha256 before they run) and its trusted keys.
+//!
 //! # Crash safety
 //!
 //! The database row is the commit point. A publish writes the component to
@@ -22,19 +28,20 @@
 
 pub mod publish;
 pub mod signing;
+pub mod store;
 pub mod tenants;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::policy::{Manifest, World};
 use crate::sandbox::{Module, Sandbox};
 use crate::Error;
+use store::{Gates, MemoryGates, ModuleRow, Store};
 
 /// One published module, as `tessera modules list` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -82,14 +89,12 @@ pub struct Publication<'a> {
     pub signature: Option<&'a [u8]>,
 }
 
-/// The registry: a SQLite database plus a blob directory.
+/// The registry: a store of rows (SQLite or PostgreSQL) plus a blob
+/// directory.
 pub struct Registry {
     dir: PathBuf,
-    conn: Mutex<Connection>,
-}
-
-fn db_err(e: rusqlite::Error) -> Error {
-    Error::internal(format!("registry database: {e}"))
+    store: Arc<dyn Store>,
+    gates: Arc<dyn Gates>,
 }
 
 fn io_err(what: &Path, e: std::io::Error) -> Error {
@@ -117,54 +122,59 @@ fn now_unix() -> i64 {
 }
 
 impl Registry {
-    /// Opens (creating if needed) the registry in `dir`, and sweeps what an
-    /// interrupted publish or removal left behind.
+    /// Opens (creating if needed) the one-box registry in `dir` (SQLite),
+    /// and sweeps what an interrupted publish or removal left behind.
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let blobs = dir.join("blobs");
         std::fs::create_dir_all(&blobs).map_err(|e| io_err(&blobs, e))?;
-        let conn = Connection::open(dir.join("registry.sqlite")).map_err(db_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS modules (
-                name TEXT PRIMARY KEY,
-                sha256 TEXT NOT NULL,
-                world TEXT NOT NULL,
-                manifest TEXT NOT NULL,
-                size INTEGER NOT NULL,
-                publisher_key TEXT,
-                published_at INTEGER NOT NULL
-            );
-            CREATE TABLE IF NOT EXISTS tenants (
-                name TEXT PRIMARY KEY,
-                key_sha256 TEXT NOT NULL UNIQUE,
-                policy TEXT NOT NULL,
-                created_at INTEGER NOT NULL
-            );
-            CREATE TABLE IF NOT EXISTS usage (
-                tenant TEXT NOT NULL,
-                day INTEGER NOT NULL,
-                tokens INTEGER NOT NULL,
-                PRIMARY KEY (tenant, day)
-            );",
-        )
-        .map_err(db_err)?;
+        let store = store::sqlite::SqliteStore::open(&dir.join("registry.sqlite"))?;
+        Self::over(dir, Arc::new(store), Arc::new(MemoryGates::default()))
+    }
+
+    /// Opens the registry that `location` names: a `postgres://` or
+    /// `postgresql://` URL (shared by many nodes; `cache_dir` then holds
+    /// this node's component cache and trusted keys), or a directory.
+    pub fn connect(location: &str, cache_dir: &Path) -> Result<Self, Error> {
+        if is_database_url(location) {
+            let blobs = cache_dir.join("blobs");
+            std::fs::create_dir_all(&blobs).map_err(|e| io_err(&blobs, e))?;
+            let pg = Arc::new(store::postgres::PostgresStore::open(location)?);
+            Self::over(cache_dir, pg.clone(), pg)
+        } else {
+            Self::open(Path::new(location))
+        }
+    }
+
+    fn over(dir: &Path, store: Arc<dyn Store>, gates: Arc<dyn Gates>) -> Result<Self, Error> {
         let reg = Registry {
             dir: dir.to_path_buf(),
-            conn: Mutex::new(conn),
+            store,
+            gates,
         };
         reg.sweep()?;
         Ok(reg)
     }
 
+    /// Where its rows live, for logs (`SQLite at ...`, `PostgreSQL at
+    /// user@host:port/db`).
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    /// Whether nodes share it (PostgreSQL): gates then hold across nodes.
+    pub fn is_shared(&self) -> bool {
+        self.store.keeps_blobs()
+    }
+
+    /// Rolling-minute counts and quarantine records, kept where every node
+    /// serving this registry sees them.
+    pub fn gates(&self) -> Arc<dyn Gates> {
+        self.gates.clone()
+    }
+
     /// The directory it lives in.
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Where the component with this sha256 is stored.
@@ -177,12 +187,8 @@ impl Registry {
     /// are old enough not to belong to a publish still in progress in
     /// another process (which renames its blob a moment before its commit).
     fn sweep(&self) -> Result<(), Error> {
-        let live: std::collections::HashSet<String> = {
-            let conn = self.conn();
-            let mut st = conn.prepare("SELECT sha256 FROM modules").map_err(db_err)?;
-            let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(db_err)?;
-            rows.collect::<Result<_, _>>().map_err(db_err)?
-        };
+        let live: std::collections::HashSet<String> =
+            self.store.modules()?.into_iter().map(|m| m.sha256).collect();
         let blobs = self.dir.join("blobs");
         for entry in std::fs::read_dir(&blobs).map_err(|e| io_err(&blobs, e))?.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
@@ -257,118 +263,111 @@ impl Registry {
         if let Ok(d) = std::fs::File::open(&blobs) {
             let _ = d.sync_all();
         }
-        // 4. The commit point.
-        let entry = Entry {
+        // 4. The commit point (with a shared store, the bytes go into the
+        // same transaction: no node can see the row without them).
+        let row = ModuleRow {
             name: manifest.name.clone(),
             sha256: sha256.clone(),
-            world: manifest.world,
-            version: manifest.version.clone(),
-            author: manifest.author.clone(),
-            description: manifest.description.clone(),
-            size: p.wasm.len() as u64,
+            world: manifest.world.name().to_string(),
+            manifest: p.manifest_toml.to_string(),
+            size: p.wasm.len() as i64,
             publisher_key,
             published_at: now_unix(),
-            manifest_toml: p.manifest_toml.to_string(),
         };
-        let old = {
-            let mut conn = self.conn();
-            let tx = conn.transaction().map_err(db_err)?;
-            let old: Option<String> = tx
-                .query_row("SELECT sha256 FROM modules WHERE name = ?1", [&entry.name], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .map_err(db_err)?;
-            tx.execute(
-                "INSERT OR REPLACE INTO modules (name, sha256, world, manifest, size, publisher_key, published_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    entry.name,
-                    entry.sha256,
-                    entry.world.name(),
-                    entry.manifest_toml,
-                    entry.size as i64,
-                    entry.publisher_key,
-                    entry.published_at
-                ],
-            )
-            .map_err(db_err)?;
-            tx.commit().map_err(db_err)?;
-            old
-        };
+        let old = self.store.put_module(&row, p.wasm)?;
         if let Some(old) = old.filter(|o| *o != sha256) {
             self.drop_blob_if_unused(&old)?;
         }
-        Ok(entry)
+        Self::entry(row).map_err(Error::internal)
     }
 
     fn drop_blob_if_unused(&self, sha256: &str) -> Result<(), Error> {
-        let used: i64 = self
-            .conn()
-            .query_row("SELECT COUNT(*) FROM modules WHERE sha256 = ?1", [sha256], |r| r.get(0))
-            .map_err(db_err)?;
-        if used == 0 {
+        if !self.store.sha_in_use(sha256)? {
             let _ = std::fs::remove_file(self.blob_path(sha256));
         }
         Ok(())
     }
 
-    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
-        let manifest_toml: String = r.get(3)?;
-        let manifest: Option<Manifest> = toml::from_str(&manifest_toml).ok();
+    fn entry(row: ModuleRow) -> Result<Entry, String> {
+        let manifest: Option<Manifest> = toml::from_str(&row.manifest).ok();
+        let world = row
+            .world
+            .parse()
+            .map_err(|e: crate::policy::UnknownWorld| format!("registry: module `{}`: {e}", row.name))?;
         Ok(Entry {
-            name: r.get(0)?,
-            sha256: r.get(1)?,
-            world: r
-                .get::<_, String>(2)?
-                .parse()
-                .map_err(|e: crate::policy::UnknownWorld| {
-                    rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
-                })?,
+            world,
             version: manifest.as_ref().map(|m| m.version.clone()).unwrap_or_default(),
             author: manifest.as_ref().map(|m| m.author.clone()).unwrap_or_default(),
             description: manifest.as_ref().map(|m| m.description.clone()).unwrap_or_default(),
-            size: r.get::<_, i64>(4)? as u64,
-            publisher_key: r.get(5)?,
-            published_at: r.get(6)?,
-            manifest_toml,
+            size: row.size.max(0) as u64,
+            name: row.name,
+            sha256: row.sha256,
+            publisher_key: row.publisher_key,
+            published_at: row.published_at,
+            manifest_toml: row.manifest,
         })
     }
 
     /// Every published module, by name.
     pub fn list(&self) -> Result<Vec<Entry>, Error> {
-        let conn = self.conn();
-        let mut st = conn
-            .prepare(
-                "SELECT name, sha256, world, manifest, size, publisher_key, published_at FROM modules ORDER BY name",
-            )
-            .map_err(db_err)?;
-        let rows = st.query_map([], Self::row).map_err(db_err)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        self.store
+            .modules()?
+            .into_iter()
+            .map(|r| Self::entry(r).map_err(Error::internal))
+            .collect()
     }
 
     /// One module by name.
     pub fn get(&self, name: &str) -> Result<Option<Entry>, Error> {
-        self.conn()
-            .query_row(
-                "SELECT name, sha256, world, manifest, size, publisher_key, published_at FROM modules WHERE name = ?1",
-                [name],
-                Self::row,
-            )
-            .optional()
-            .map_err(db_err)
+        self.store
+            .module(name)?
+            .map(|r| Self::entry(r).map_err(Error::internal))
+            .transpose()
     }
 
     /// Removes a module; `false` if there was none by that name.
     pub fn remove(&self, name: &str) -> Result<bool, Error> {
-        let Some(entry) = self.get(name)? else {
-            return Ok(false);
-        };
-        self.conn()
-            .execute("DELETE FROM modules WHERE name = ?1", [name])
-            .map_err(db_err)?;
-        self.drop_blob_if_unused(&entry.sha256)?;
-        Ok(true)
+        match self.store.remove_module(name)? {
+            Some(sha) => {
+                self.drop_blob_if_unused(&sha)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Makes sure the component `sha256` is in the local blob directory,
+    /// fetching it from a store that keeps components (another node
+    /// published it). Written under a temporary name and renamed, so a
+    /// half-written file is never taken for the component.
+    fn ensure_blob(&self, entry: &Entry) -> Result<(), Error> {
+        let dest = self.blob_path(&entry.sha256);
+        if dest.exists() || !self.store.keeps_blobs() {
+            return Ok(());
+        }
+        let bytes = self.store.blob(&entry.sha256)?.ok_or_else(|| {
+            Error::internal(format!(
+                "registry: the component of `{}` ({}) is missing from {}: publish it again",
+                entry.name,
+                entry.sha256,
+                self.store.describe()
+            ))
+        })?;
+        let tmp = self
+            .dir
+            .join("blobs")
+            .join(format!("tmp-{}-{}.wasm", std::process::id(), rand::random::<u64>()));
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &dest)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err(&dest, e));
+        }
+        Ok(())
     }
 
     /// Loads a published module into `sandbox` (from the compiled cache
@@ -377,6 +376,7 @@ impl Registry {
     pub fn load(&self, sandbox: &Sandbox, entry: &Entry) -> Result<Module, Error> {
         let manifest: Manifest = toml::from_str(&entry.manifest_toml)
             .map_err(|e| Error::config(format!("registry: manifest of `{}`: {e}", entry.name)))?;
+        self.ensure_blob(entry)?;
         let module = sandbox.load(&self.blob_path(&entry.sha256), manifest)?;
         if module.sha256 != entry.sha256 {
             return Err(Error::InvalidModule {
@@ -389,10 +389,11 @@ impl Registry {
         }
         Ok(module)
     }
+}
 
-    pub(crate) fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, Error> {
-        f(&self.conn()).map_err(db_err)
-    }
+/// Whether a `--registry` value names a database rather than a directory.
+pub fn is_database_url(location: &str) -> bool {
+    location.starts_with("postgres://") || location.starts_with("postgresql://")
 }
 
 #[cfg(test)]

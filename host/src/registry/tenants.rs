@@ -5,7 +5,6 @@
 //! bytes, so a plain (unsalted) hash is enough: there is no dictionary to
 //! try.
 
-use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -83,13 +82,7 @@ impl Registry {
         }
         let key = format!("tsk-{}", hex::encode(rand::random::<[u8; 32]>()));
         let policy_json = serde_json::to_string(policy).map_err(|e| Error::config(e.to_string()))?;
-        let inserted = self.with_conn(|c| {
-            c.execute(
-                "INSERT OR IGNORE INTO tenants (name, key_sha256, policy, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![name, hash_key(&key), policy_json, now_unix()],
-            )
-        })?;
-        if inserted == 0 {
+        if !self.store.add_tenant(name, &hash_key(&key), &policy_json, now_unix())? {
             return Err(Error::config(format!(
                 "tenant `{name}` exists: remove it first (`tessera tenants remove {name}`) to issue a new key"
             )));
@@ -99,12 +92,11 @@ impl Registry {
 
     /// Every tenant, by name.
     pub fn tenants(&self) -> Result<Vec<Tenant>, Error> {
-        let rows: Vec<(String, String)> = self.with_conn(|c| {
-            let mut st = c.prepare("SELECT name, policy FROM tenants ORDER BY name")?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        })?;
-        rows.into_iter().map(|(name, p)| Self::tenant(name, &p)).collect()
+        self.store
+            .tenants()?
+            .into_iter()
+            .map(|(name, p)| Self::tenant(name, &p))
+            .collect()
     }
 
     fn tenant(name: String, policy_json: &str) -> Result<Tenant, Error> {
@@ -115,50 +107,29 @@ impl Registry {
 
     /// The tenant holding this API key, if any.
     pub fn tenant_by_key(&self, key: &str) -> Result<Option<Tenant>, Error> {
-        let row: Option<(String, String)> = self.with_conn(|c| {
-            c.query_row(
-                "SELECT name, policy FROM tenants WHERE key_sha256 = ?1",
-                [hash_key(key)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-        })?;
-        row.map(|(n, p)| Self::tenant(n, &p)).transpose()
+        self.store
+            .tenant_by_key_hash(&hash_key(key))?
+            .map(|(n, p)| Self::tenant(n, &p))
+            .transpose()
     }
 
     /// Removes a tenant (its key stops working at once); `false` if none.
     pub fn remove_tenant(&self, name: &str) -> Result<bool, Error> {
-        Ok(self.with_conn(|c| c.execute("DELETE FROM tenants WHERE name = ?1", [name]))? > 0)
+        self.store.remove_tenant(name)
     }
 
     /// Whether any tenant exists (if none, the server runs open, loopback only).
     pub fn has_tenants(&self) -> Result<bool, Error> {
-        let n: i64 = self.with_conn(|c| c.query_row("SELECT COUNT(*) FROM tenants", [], |r| r.get(0)))?;
-        Ok(n > 0)
+        Ok(self.store.tenant_count()? > 0)
     }
 
     /// Tokens `tenant` used on UTC day `day`.
     pub fn tokens_used(&self, tenant: &str, day: i64) -> Result<u64, Error> {
-        let n: Option<i64> = self.with_conn(|c| {
-            c.query_row(
-                "SELECT tokens FROM usage WHERE tenant = ?1 AND day = ?2",
-                params![tenant, day],
-                |r| r.get(0),
-            )
-            .optional()
-        })?;
-        Ok(n.unwrap_or(0).max(0) as u64)
+        self.store.tokens_used(tenant, day)
     }
 
     /// Adds `tokens` to `tenant`'s count for `day`.
     pub fn add_tokens(&self, tenant: &str, day: i64, tokens: u64) -> Result<(), Error> {
-        self.with_conn(|c| {
-            c.execute(
-                "INSERT INTO usage (tenant, day, tokens) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (tenant, day) DO UPDATE SET tokens = tokens + excluded.tokens",
-                params![tenant, day, tokens as i64],
-            )
-        })?;
-        Ok(())
+        self.store.add_tokens(tenant, day, tokens)
     }
 }

@@ -13,10 +13,10 @@
 //! The permits are RAII guards held for the whole life of the request,
 //! streams included, so capacity is given back however a request ends.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -24,10 +24,11 @@ use super::ApiError;
 use crate::registry::tenants::{day_of, Tenant};
 use crate::registry::Registry;
 
-/// Quota state of one tenant, kept in memory (the token count is in the
-/// registry, so it survives restarts).
+/// Concurrency state of one tenant, kept in memory: requests in flight
+/// are counted per node. The token count and the rolling minute are in
+/// the registry ([`Registry::gates`]), so they hold across restarts
+/// (tokens) and across the nodes that share a registry (both).
 struct TenantGate {
-    recent: VecDeque<Instant>,
     concurrent: Arc<Semaphore>,
     limit: u32,
 }
@@ -101,7 +102,6 @@ impl Admission {
             p.max_concurrent
         };
         let gate = gates.entry(tenant.name.clone()).or_insert_with(|| TenantGate {
-            recent: VecDeque::new(),
             concurrent: Arc::new(Semaphore::new(limit as usize)),
             limit,
         });
@@ -109,26 +109,6 @@ impl Admission {
         if gate.limit != limit {
             gate.concurrent = Arc::new(Semaphore::new(limit as usize));
             gate.limit = limit;
-        }
-        let now = Instant::now();
-        while gate
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
-        {
-            gate.recent.pop_front();
-        }
-        if p.requests_per_minute > 0 && gate.recent.len() >= p.requests_per_minute as usize {
-            let oldest = gate.recent.front().copied().unwrap_or(now);
-            let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
-            return Err(ApiError::rate_limited(
-                "requests_per_minute",
-                &format!(
-                    "tenant `{}` sent {} requests in the last minute, its limit",
-                    tenant.name, p.requests_per_minute
-                ),
-                wait.as_secs().max(1),
-            ));
         }
         let permit = gate.concurrent.clone().try_acquire_owned().map_err(|_| {
             ApiError::rate_limited(
@@ -140,7 +120,25 @@ impl Admission {
                 1,
             )
         })?;
-        gate.recent.push_back(now);
+        drop(gates);
+        // Counted last, so a request refused above does not use up the
+        // minute; the permit is given back if this refuses.
+        if p.requests_per_minute > 0 {
+            if let Some(wait_ms) = registry
+                .gates()
+                .take_request(&tenant.name, p.requests_per_minute, 60_000)
+                .map_err(ApiError::from)?
+            {
+                return Err(ApiError::rate_limited(
+                    "requests_per_minute",
+                    &format!(
+                        "tenant `{}` sent {} requests in the last minute, its limit",
+                        tenant.name, p.requests_per_minute
+                    ),
+                    (wait_ms as u64).div_ceil(1000).max(1),
+                ));
+            }
+        }
         Ok(Some(permit))
     }
 

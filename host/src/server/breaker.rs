@@ -17,24 +17,20 @@
 //! quarantine a module for itself, so every failure of a run counts,
 //! including errors the module returns after burning its budget.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use crate::registry::store::{Gates, MemoryGates, QuarantineRecord};
 use crate::Error;
 
-struct Record {
-    consecutive: u32,
-    strikes: u32,
-    until: Option<Instant>,
-}
-
-/// The breaker.
+/// The breaker: the rule here, the records in [`Gates`] (in memory for one
+/// box, in the shared registry database for many nodes, so a module
+/// quarantined through one node is quarantined on all).
 pub struct Breaker {
     threshold: u32,
     base: Duration,
     max: Duration,
-    records: Mutex<HashMap<String, Record>>,
+    records: Arc<dyn Gates>,
 }
 
 /// Whether a failed run counts towards quarantine: anything the module
@@ -57,37 +53,46 @@ pub fn module_fault(e: &Error) -> bool {
 
 impl Breaker {
     /// Quarantine after `threshold` consecutive faults, for `base`, doubling
-    /// per relapse up to `max`.
+    /// per relapse up to `max`; records in this process's memory.
     pub fn new(threshold: u32, base: Duration, max: Duration) -> Self {
+        Self::with_records(threshold, base, max, Arc::new(MemoryGates::default()))
+    }
+
+    /// The same rule over records kept in `records`.
+    pub fn with_records(threshold: u32, base: Duration, max: Duration, records: Arc<dyn Gates>) -> Self {
         Breaker {
             threshold: threshold.max(1),
             base,
             max,
-            records: Mutex::new(HashMap::new()),
+            records,
         }
     }
 
-    /// `Some(seconds left)` while `module` is quarantined.
+    /// `Some(seconds left)` while `module` is quarantined. A store that
+    /// cannot answer is logged and counts as "not quarantined": the
+    /// sandbox's own limits still hold for the run.
     pub fn check(&self, module: &str) -> Option<u64> {
-        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        let until = records.get(module)?.until?;
-        let left = until.checked_duration_since(Instant::now())?;
-        Some(left.as_secs().max(1))
+        match self.records.quarantine_left(module) {
+            Ok(left) => left.map(|ms| (ms as u64).div_ceil(1000).max(1)),
+            Err(e) => {
+                tracing::warn!("quarantine check of `{module}`: {e}");
+                None
+            }
+        }
     }
 
     /// The records whose key `matches` (keys are `caller/sha256`) that are
     /// quarantined now, with their seconds left: what the console's Modules
     /// view shows of a module.
     pub fn quarantined_matching(&self, matches: impl Fn(&str) -> bool) -> Vec<(String, u64)> {
-        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let mut out: Vec<(String, u64)> = records
-            .iter()
+        let all = self.records.quarantined().unwrap_or_else(|e| {
+            tracing::warn!("quarantine listing: {e}");
+            Vec::new()
+        });
+        let mut out: Vec<(String, u64)> = all
+            .into_iter()
             .filter(|(k, _)| matches(k))
-            .filter_map(|(k, r)| {
-                let left = r.until?.checked_duration_since(now)?;
-                Some((k.clone(), left.as_secs().max(1)))
-            })
+            .map(|(k, ms)| (k, (ms as u64).div_ceil(1000).max(1)))
             .collect();
         out.sort();
         out
@@ -95,26 +100,30 @@ impl Breaker {
 
     /// Records how a run of `module` ended.
     pub fn record(&self, module: &str, result: Result<(), &Error>) {
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        match result {
-            Ok(()) => {
-                records.remove(module);
-            }
+        let done = match result {
+            Ok(()) => self.records.clear_quarantine(module),
             Err(e) if module_fault(e) => {
-                let r = records.entry(module.to_string()).or_insert(Record {
-                    consecutive: 0,
-                    strikes: 0,
-                    until: None,
-                });
-                r.consecutive += 1;
-                if r.consecutive >= self.threshold {
-                    let factor = 1u32 << r.strikes.min(16);
-                    r.until = Some(Instant::now() + (self.base * factor).min(self.max));
-                    r.strikes += 1;
-                    r.consecutive = 0;
-                }
+                let (threshold, base, max) = (self.threshold, self.base, self.max);
+                self.records.update_quarantine(
+                    module,
+                    Box::new(move |old, now_ms| {
+                        let mut r = old.unwrap_or(QuarantineRecord::default());
+                        r.consecutive += 1;
+                        if r.consecutive >= threshold {
+                            let factor = 1u32 << r.strikes.min(16);
+                            let span = (base * factor).min(max);
+                            r.until_ms = now_ms + span.as_millis() as i64;
+                            r.strikes += 1;
+                            r.consecutive = 0;
+                        }
+                        Some(r)
+                    }),
+                )
             }
-            Err(_) => {}
+            Err(_) => Ok(()),
+        };
+        if let Err(e) = done {
+            tracing::warn!("quarantine record of `{module}`: {e}");
         }
     }
 }

@@ -185,7 +185,12 @@ impl AppState {
             receiving: Arc::new(tokio::sync::Semaphore::new(cfg.max_receiving.max(1))),
             guests,
             admission: Admission::new(cfg.max_inflight, cfg.max_queue),
-            breaker: breaker::Breaker::new(cfg.quarantine_after, cfg.quarantine, Duration::from_secs(600)),
+            breaker: breaker::Breaker::with_records(
+                cfg.quarantine_after,
+                cfg.quarantine,
+                Duration::from_secs(600),
+                registry.gates(),
+            ),
             rt,
             registry,
             cfg,

@@ -19,18 +19,34 @@ use super::Setup;
 /// Where the registry lives: `--registry`, else `$TESSERA_HOME/registry`.
 #[derive(Args, Clone)]
 pub struct RegistryArg {
-    /// Registry directory (modules, tenants, usage).
-    #[arg(long, env = "TESSERA_REGISTRY")]
-    registry: Option<PathBuf>,
+    /// Registry: a directory (one box, SQLite) or a PostgreSQL URL
+    /// (`postgres://user[:password]@host[:port]/db`) that every node of a
+    /// deployment names.
+    #[arg(long, env = "TESSERA_REGISTRY", value_name = "DIR|URL")]
+    registry: Option<String>,
+    /// With a PostgreSQL registry: this node's cache of components and its
+    /// trusted publisher keys (default `$TESSERA_HOME/registry`).
+    #[arg(long, env = "TESSERA_REGISTRY_CACHE", value_name = "DIR")]
+    registry_cache: Option<PathBuf>,
 }
 
 impl RegistryArg {
+    /// The local directory: the registry itself, or a database's cache.
     fn dir(&self) -> PathBuf {
-        self.registry.clone().unwrap_or_else(|| Paths::from_env().registry)
+        match &self.registry {
+            Some(r) if !tessera::registry::is_database_url(r) => PathBuf::from(r),
+            _ => self
+                .registry_cache
+                .clone()
+                .unwrap_or_else(|| Paths::from_env().registry),
+        }
     }
 
     fn open(&self) -> Result<Registry, Error> {
-        Registry::open(&self.dir())
+        match &self.registry {
+            Some(r) if tessera::registry::is_database_url(r) => Registry::connect(r, &self.dir()),
+            _ => Registry::open(&self.dir()),
+        }
     }
 }
 
@@ -235,6 +251,7 @@ pub async fn serve(args: ServeArgs) -> Result<String, Error> {
     // Tests and scripts read this line to find the port.
     println!("tessera: listening on http://{local}");
     eprintln!("tessera: the web console is at http://{local}/ui/");
+    eprintln!("tessera: registry: {}", registry.describe());
     let _ = std::io::stdout().flush();
     let state = Arc::new(AppState::new(rt, registry, cfg)?);
     server::serve(state, listener, shutdown_signal()).await?;
