@@ -98,12 +98,27 @@ async fn load(base: &str, key: &str, kind: Kind) -> Figures {
 
 fn add_tenant(registry: &str) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["tenants", "add", "load", "--rpm", "0", "--concurrent", "0", "--tokens-per-day", "0"])
+        .args([
+            "tenants",
+            "add",
+            "load",
+            "--rpm",
+            "0",
+            "--concurrent",
+            "0",
+            "--tokens-per-day",
+            "0",
+        ])
         .args(["--registry", registry])
         .output()
         .expect("tessera tenants add");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().trim().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 #[tokio::main]
@@ -121,7 +136,11 @@ async fn main() {
         let node = Node::start(reg.to_str().unwrap_or_default(), &reg, &node_args);
         let base = format!("http://{}", node.addr);
         for kind in [Kind::Light, Kind::Chat] {
-            rows.push(("1 node, SQLite, direct".to_string(), kind, load(&base, &key, kind).await));
+            rows.push((
+                "1 node, SQLite, direct".to_string(),
+                kind,
+                load(&base, &key, kind).await,
+            ));
         }
     }
 
@@ -136,7 +155,11 @@ async fn main() {
         std::fs::create_dir_all(&lb_dir).expect("lb dir");
         let lb = Balancer::start(&lb_dir, &addrs);
         for kind in [Kind::Light, Kind::Chat] {
-            rows.push((format!("{n} node(s), PostgreSQL, HAProxy"), kind, load(&lb.url, &key, kind).await));
+            rows.push((
+                format!("{n} node(s), PostgreSQL, HAProxy"),
+                kind,
+                load(&lb.url, &key, kind).await,
+            ));
         }
     }
     drop(nodes);

@@ -60,6 +60,10 @@ async fn send(
     Ok((status, v))
 }
 
+/// (start, end, status or transport error) of one request, in seconds
+/// since the load began.
+type Outcome = (f64, f64, Result<u16, String>);
+
 fn chat(model: &str, prompt: &str, max_tokens: u32) -> Value {
     json!({ "model": model, "messages": [{ "role": "user", "content": prompt }], "max_tokens": max_tokens, "temperature": 0 })
 }
@@ -148,11 +152,21 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
         .unwrap();
         if status == 429 {
             assert_eq!(v["error"]["code"], "requests_per_minute", "{v}");
-            assert!(v["error"]["message"].as_str().unwrap_or("").contains("in the last minute"), "{v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("in the last minute"),
+                "{v}"
+            );
         }
         statuses.push(status);
     }
-    assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "bob's minute across three nodes");
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 429, 429],
+        "bob's minute across three nodes"
+    );
     let (status, v) = send(
         &client,
         Method::POST,
@@ -173,7 +187,13 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
     .await
     .unwrap();
     assert_eq!(status, 429, "carol's day is spent on every node: {v}");
-    assert!(v["error"]["message"].as_str().unwrap_or("").contains("tokens for today"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("tokens for today"),
+        "{v}"
+    );
 
     // 3. Quarantine is shared: three faults spread over three nodes
     // quarantine the module for alice on all of them.
@@ -189,22 +209,40 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
     assert_eq!(status, 201, "{v}");
     let lie = json!({"model": "fragile", "messages": [{"role": "user", "content": "hi"}], "tessera": {"claim": "not-permitted"}});
     for i in 0..3 {
-        let (status, v) = send(&client, Method::POST, &direct(i, "/v1/chat/completions"), &alice, Some(&lie))
-            .await
-            .unwrap();
+        let (status, v) = send(
+            &client,
+            Method::POST,
+            &direct(i, "/v1/chat/completions"),
+            &alice,
+            Some(&lie),
+        )
+        .await
+        .unwrap();
         assert_eq!(status, 502, "fault {} on node {i}: {v}", i + 1);
     }
     for i in 0..3 {
-        let (status, v) = send(&client, Method::POST, &direct(i, "/v1/chat/completions"), &alice, Some(&lie))
-            .await
-            .unwrap();
+        let (status, v) = send(
+            &client,
+            Method::POST,
+            &direct(i, "/v1/chat/completions"),
+            &alice,
+            Some(&lie),
+        )
+        .await
+        .unwrap();
         assert_eq!(status, 503, "node {i}: {v}");
         assert_eq!(v["error"]["code"], "module_quarantined", "{v}");
     }
     // ... and only for alice: another tenant still runs it.
-    let (status, v) = send(&client, Method::POST, &direct(2, "/v1/chat/completions"), &root, Some(&lie))
-        .await
-        .unwrap();
+    let (status, v) = send(
+        &client,
+        Method::POST,
+        &direct(2, "/v1/chat/completions"),
+        &root,
+        Some(&lie),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 502, "another tenant still runs it: {v}");
 
     // 4. kill -9 of one node under load. Four clients chat through the
@@ -212,8 +250,7 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
     // killed after 3 s; the run goes on 6 s more.
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    // (start, end, outcome) of every request, in seconds since `started`.
-    let log: Arc<Mutex<Vec<(f64, f64, Result<u16, String>)>>> = Arc::default();
+    let log: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut tasks = Vec::new();
     for c in 0..4 {
@@ -294,7 +331,10 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
     // the five clients may lose one or two, and none sent after.
     assert!(failed.len() <= 10, "{failed:?}");
     for (t0, _, r) in &failed {
-        assert!(*t0 <= killed_at, "a request sent {t0:.2} s in (the node was gone at {killed_at:.2}) failed: {r:?}");
+        assert!(
+            *t0 <= killed_at,
+            "a request sent {t0:.2} s in (the node was gone at {killed_at:.2}) failed: {r:?}"
+        );
     }
     assert!(
         after.iter().filter(|(_, _, r)| matches!(r, Ok(200 | 201))).count() >= 4,
@@ -323,13 +363,22 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
         }
     })
     .expect("the test database answers");
-    let (status, listing) = send(&client, Method::GET, &format!("{}/v1/tessera/modules", lb.url), &root, None)
-        .await
-        .unwrap();
+    let (status, listing) = send(
+        &client,
+        Method::GET,
+        &format!("{}/v1/tessera/modules", lb.url),
+        &root,
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200, "{listing}");
     let listed = listing.to_string();
     for name in &accepted {
-        assert!(listed.contains(&format!("\"{name}\"")), "accepted publish `{name}` is missing");
+        assert!(
+            listed.contains(&format!("\"{name}\"")),
+            "accepted publish `{name}` is missing"
+        );
     }
     drop(lb);
     drop(nodes);

@@ -187,8 +187,7 @@ impl Registry {
     /// are old enough not to belong to a publish still in progress in
     /// another process (which renames its blob a moment before its commit).
     fn sweep(&self) -> Result<(), Error> {
-        let live: std::collections::HashSet<String> =
-            self.store.modules()?.into_iter().map(|m| m.sha256).collect();
+        let live: std::collections::HashSet<String> = self.store.modules()?.into_iter().map(|m| m.sha256).collect();
         let blobs = self.dir.join("blobs");
         for entry in std::fs::read_dir(&blobs).map_err(|e| io_err(&blobs, e))?.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();

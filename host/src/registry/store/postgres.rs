@@ -214,7 +214,12 @@ impl PostgresStore {
             }
             let _ = tx.send(r);
         });
-        let failed = |detail: String| Error::internal(format!("registry database {} could not {what}: {detail}", self.location));
+        let failed = |detail: String| {
+            Error::internal(format!(
+                "registry database {} could not {what}: {detail}",
+                self.location
+            ))
+        };
         self.jobs
             .send(job)
             .map_err(|_| failed("its connection threads stopped".into()))?;
@@ -236,20 +241,26 @@ impl Store for PostgresStore {
 
     fn modules(&self) -> Result<Vec<ModuleRow>, Error> {
         self.call("list modules", |c| {
-            c.query(&format!("SELECT {MODULE_COLUMNS} FROM tessera_modules ORDER BY name"), &[])?
-                .iter()
-                .map(module_row)
-                .collect()
+            c.query(
+                &format!("SELECT {MODULE_COLUMNS} FROM tessera_modules ORDER BY name"),
+                &[],
+            )?
+            .iter()
+            .map(module_row)
+            .collect()
         })
     }
 
     fn module(&self, name: &str) -> Result<Option<ModuleRow>, Error> {
         let name = name.to_string();
         self.call("read a module", move |c| {
-            c.query_opt(&format!("SELECT {MODULE_COLUMNS} FROM tessera_modules WHERE name = $1"), &[&name])?
-                .as_ref()
-                .map(module_row)
-                .transpose()
+            c.query_opt(
+                &format!("SELECT {MODULE_COLUMNS} FROM tessera_modules WHERE name = $1"),
+                &[&name],
+            )?
+            .as_ref()
+            .map(module_row)
+            .transpose()
         })
     }
 
@@ -263,7 +274,10 @@ impl Store for PostgresStore {
                 &[&row.sha256, &wasm],
             )?;
             let old: Option<String> = tx
-                .query_opt("SELECT sha256 FROM tessera_modules WHERE name = $1 FOR UPDATE", &[&row.name])?
+                .query_opt(
+                    "SELECT sha256 FROM tessera_modules WHERE name = $1 FOR UPDATE",
+                    &[&row.name],
+                )?
                 .map(|r| r.try_get(0))
                 .transpose()?;
             tx.execute(
@@ -318,8 +332,11 @@ impl Store for PostgresStore {
     fn sha_in_use(&self, sha256: &str) -> Result<bool, Error> {
         let sha = sha256.to_string();
         self.call("count a component's users", move |c| {
-            c.query_one("SELECT EXISTS (SELECT 1 FROM tessera_modules WHERE sha256 = $1)", &[&sha])?
-                .try_get(0)
+            c.query_one(
+                "SELECT EXISTS (SELECT 1 FROM tessera_modules WHERE sha256 = $1)",
+                &[&sha],
+            )?
+            .try_get(0)
         })
     }
 
@@ -356,9 +373,12 @@ impl Store for PostgresStore {
     fn tenant_by_key_hash(&self, key_sha256: &str) -> Result<Option<TenantRow>, Error> {
         let key = key_sha256.to_string();
         self.call("find a tenant", move |c| {
-            c.query_opt("SELECT name, policy FROM tessera_tenants WHERE key_sha256 = $1", &[&key])?
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .transpose()
+            c.query_opt(
+                "SELECT name, policy FROM tessera_tenants WHERE key_sha256 = $1",
+                &[&key],
+            )?
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .transpose()
         })
     }
 
@@ -408,7 +428,10 @@ impl Gates for PostgresStore {
         let tenant = tenant.to_string();
         self.call("count a request", move |c| {
             let mut tx = c.transaction()?;
-            tx.execute("SELECT pg_advisory_xact_lock(hashtext('tessera-rate:' || $1))", &[&tenant])?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('tessera-rate:' || $1))",
+                &[&tenant],
+            )?;
             let now: i64 = tx.query_one(&format!("SELECT {NOW_MS}"), &[])?.try_get(0)?;
             tx.execute(
                 "DELETE FROM tessera_requests WHERE tenant = $1 AND at_ms <= $2",
@@ -466,7 +489,10 @@ impl Gates for PostgresStore {
                 .transpose()?;
             match update(old, now) {
                 Some(r) => {
-                    let (consecutive, strikes) = (r.consecutive.min(i32::MAX as u32) as i32, r.strikes.min(i32::MAX as u32) as i32);
+                    let (consecutive, strikes) = (
+                        r.consecutive.min(i32::MAX as u32) as i32,
+                        r.strikes.min(i32::MAX as u32) as i32,
+                    );
                     tx.execute(
                         "INSERT INTO tessera_quarantine (key, consecutive, strikes, until_ms) VALUES ($1, $2, $3, $4)
                          ON CONFLICT (key) DO UPDATE SET consecutive = excluded.consecutive,
@@ -485,7 +511,8 @@ impl Gates for PostgresStore {
     fn clear_quarantine(&self, key: &str) -> Result<(), Error> {
         let key = key.to_string();
         self.call("clear a quarantine", move |c| {
-            c.execute("DELETE FROM tessera_quarantine WHERE key = $1", &[&key]).map(drop)
+            c.execute("DELETE FROM tessera_quarantine WHERE key = $1", &[&key])
+                .map(drop)
         })
     }
 

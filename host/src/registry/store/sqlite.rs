@@ -140,7 +140,8 @@ impl Store for SqliteStore {
     }
 
     fn sha_in_use(&self, sha256: &str) -> Result<bool, Error> {
-        let n: i64 = self.with(|c| c.query_row("SELECT COUNT(*) FROM modules WHERE sha256 = ?1", [sha256], |r| r.get(0)))?;
+        let n: i64 =
+            self.with(|c| c.query_row("SELECT COUNT(*) FROM modules WHERE sha256 = ?1", [sha256], |r| r.get(0)))?;
         Ok(n > 0)
     }
 
