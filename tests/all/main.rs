@@ -24,4 +24,5 @@ mod serve;
 mod strategies;
 mod synth;
 mod training;
+mod webgpu;
 mod weights;

@@ -4,6 +4,8 @@
 //! - [`gguf`]: quantized GGUF files (llama, qwen2) through candle.
 //! - [`bert`]: sentence embeddings from a Hugging Face BERT directory.
 //! - [`remote`]: a model behind an OpenAI-compatible HTTP API.
+//! - [`webgpu`]: the llama family on any GPU wgpu reaches (Vulkan, Metal,
+//!   DX12), or on llvmpipe where there is none.
 //!
 //! [`device`] says where the local ones run (CPU by default, CUDA with the
 //! `cuda` feature).
@@ -12,6 +14,7 @@ pub mod bert;
 pub mod device;
 pub mod gguf;
 pub mod remote;
+pub mod webgpu;
 
 use std::path::{Path, PathBuf};
 

@@ -103,58 +103,17 @@ fn gpu_err(what: &str, e: impl std::fmt::Display) -> MergeError {
     MergeError::Io(format!("GPU merge: {what}: {e}"))
 }
 
-/// How good an adapter is for merging: hardware GPUs first.
-fn rank(t: wgpu::DeviceType) -> u8 {
-    match t {
-        wgpu::DeviceType::DiscreteGpu => 4,
-        wgpu::DeviceType::IntegratedGpu => 3,
-        wgpu::DeviceType::VirtualGpu => 2,
-        wgpu::DeviceType::Other => 1,
-        wgpu::DeviceType::Cpu => 0,
-    }
-}
-
 impl Gpu {
     /// Opens the best adapter wgpu finds. With `allow_software` false, a
     /// software adapter (llvmpipe and the like) is refused, so that `auto`
     /// only moves merges off the CPU when a real GPU is there.
     pub fn open(allow_software: bool) -> Result<Gpu, String> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-            flags: wgpu::InstanceFlags::empty().with_env(),
-            ..wgpu::InstanceDescriptor::new_without_display_handle()
-        });
-        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
-        let adapter = adapters
-            .into_iter()
-            .filter(|a| {
-                a.get_downlevel_capabilities()
-                    .flags
-                    .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
-            })
-            .max_by_key(|a| rank(a.get_info().device_type))
-            .ok_or_else(|| {
-                "no GPU adapter with compute shaders was found: install a GPU driver with Vulkan, Metal or DX12 \
-                 support (without a GPU, `apt-get install mesa-vulkan-drivers` gives the llvmpipe software \
-                 device), or merge on the CPU with `--merge-device cpu`"
-                    .to_string()
-            })?;
-        let info = adapter.get_info();
-        if !allow_software && info.device_type == wgpu::DeviceType::Cpu {
-            return Err(format!(
-                "the only adapter is `{}`, a software device: merging on the CPU directly is faster",
-                info.name
-            ));
-        }
-        let limits = adapter.limits();
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("tessera-merge"),
-            required_limits: limits.clone(),
-            ..Default::default()
-        }))
-        .map_err(|e| format!("GPU `{}` refused a device: {e}", info.name))?;
-        // Errors are caught per merge with error scopes; anything that
-        // escapes them is logged rather than aborting the host.
-        device.on_uncaptured_error(std::sync::Arc::new(|e| tracing::error!("wgpu: {e}")));
+        let opened = crate::backends::webgpu::open_adapter(
+            "tessera-merge",
+            allow_software,
+            "merge on the CPU with `--merge-device cpu` (faster than a software device)",
+        )?;
+        let (device, queue, info, limits) = (opened.device, opened.queue, opened.info, opened.limits);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("merge.wgsl"),
             source: wgpu::ShaderSource::Wgsl(include_str!("merge.wgsl").into()),

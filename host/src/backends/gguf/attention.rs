@@ -24,13 +24,13 @@ pub(super) fn embedding_and_output<R: std::io::Read + std::io::Seek>(
 }
 
 /// `{arch}.{key}` from a GGUF file's metadata, with errors naming the key.
-pub(super) struct Meta<'a> {
-    pub(super) content: &'a gguf_file::Content,
-    pub(super) arch: &'a str,
+pub(crate) struct Meta<'a> {
+    pub(crate) content: &'a gguf_file::Content,
+    pub(crate) arch: &'a str,
 }
 
 impl Meta<'_> {
-    pub(super) fn get(&self, key: &str) -> Result<&gguf_file::Value> {
+    pub(crate) fn get(&self, key: &str) -> Result<&gguf_file::Value> {
         let full = format!("{}.{key}", self.arch);
         self.content
             .metadata
@@ -38,11 +38,11 @@ impl Meta<'_> {
             .ok_or_else(|| candle_core::Error::Msg(format!("metadata `{full}` is missing")))
     }
 
-    pub(super) fn usize(&self, key: &str) -> Result<usize> {
+    pub(crate) fn usize(&self, key: &str) -> Result<usize> {
         Ok(self.get(key)?.to_u32()? as usize)
     }
 
-    pub(super) fn f32_or(&self, key: &str, default: f32) -> f32 {
+    pub(crate) fn f32_or(&self, key: &str, default: f32) -> f32 {
         self.get(key).and_then(|v| v.to_f32()).unwrap_or(default)
     }
 }

@@ -13,7 +13,7 @@
 //! candle only has scalar kernels for are re-encoded at load ([`quant`]).
 
 pub mod adapter;
-mod attention;
+pub(crate) mod attention;
 pub mod decode;
 pub mod gemma3;
 pub mod hf;

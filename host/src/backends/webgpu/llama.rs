@@ -1,0 +1,455 @@
+//! The llama family (Llama, SmolLM2, Qwen2) on wgpu: the same architecture
+//! as `gguf::llama` (see there), with the residual stream, the KV cache
+//! and every product on the device.
+
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::Device;
+
+use super::{Kernels, Params};
+use crate::backends::gguf::attention::Meta;
+use crate::backends::gguf::quant;
+
+/// A weight matrix of `n` rows of `k` on the device.
+struct Mat {
+    n: usize,
+    k: usize,
+    data: MatData,
+}
+
+enum MatData {
+    /// Dense values.
+    F32(wgpu::Buffer),
+    /// Q8_0: the int8 values packed four to a word, a scale per 32.
+    Q8 { qs: wgpu::Buffer, scales: wgpu::Buffer },
+}
+
+fn f16_to_f32(bits: u16) -> f32 {
+    let sign = ((bits >> 15) as u32) << 31;
+    let exp = ((bits >> 10) & 0x1f) as u32;
+    let man = (bits & 0x3ff) as u32;
+    let v = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // A subnormal half: normalise it.
+            let mut e = 127 - 15 + 1;
+            let mut m = m;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | (e << 23) | ((m & 0x3ff) << 13)
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
+    };
+    f32::from_bits(v)
+}
+
+impl Mat {
+    /// `qt` on the device: Q8_0 as is (after the CPU path's re-encoding of
+    /// slow formats), anything else dequantized to f32.
+    fn new(gpu: &Kernels, label: &str, qt: QTensor) -> Result<Mat, String> {
+        let qt = quant::fast(qt, &Device::Cpu).map_err(|e| format!("{label}: {e}"))?;
+        let (n, k) = qt.shape().dims2().map_err(|e| format!("{label}: {e}"))?;
+        let data = if qt.dtype() == GgmlDType::Q8_0 && k % 32 == 0 {
+            let raw = qt.data().map_err(|e| format!("{label}: {e}"))?;
+            let blocks = n * k / 32;
+            if raw.len() != blocks * 34 {
+                return Err(format!("{label}: {} bytes for {blocks} Q8_0 blocks", raw.len()));
+            }
+            let mut qs = Vec::with_capacity(n * k / 4);
+            let mut scales = Vec::with_capacity(blocks);
+            for blk in raw.chunks_exact(34) {
+                scales.push(f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
+                qs.extend(blk[2..].chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])));
+            }
+            MatData::Q8 {
+                qs: gpu.upload(label, &qs)?,
+                scales: gpu.upload(label, &scales)?,
+            }
+        } else {
+            let dense: Vec<f32> = qt
+                .dequantize(&Device::Cpu)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| format!("{label}: {e}"))?;
+            MatData::F32(gpu.upload(label, &dense)?)
+        };
+        Ok(Mat { n, k, data })
+    }
+
+    /// Records `out[rows, n] = x[rows, k] W^T`.
+    fn record(&self, gpu: &Kernels, enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, rows: usize, out: &wgpu::Buffer) {
+        let params = Params {
+            n: self.n as u32,
+            k: self.k as u32,
+            rows: rows as u32,
+            ..Params::default()
+        };
+        let groups = (self.n.div_ceil(64) as u32, rows as u32);
+        match &self.data {
+            MatData::F32(w) => gpu.dispatch(enc, "mm_f32", params, [Some(x), Some(w), None], out, groups),
+            MatData::Q8 { qs, scales } => {
+                gpu.dispatch(enc, "mm_q8", params, [Some(x), Some(qs), Some(scales)], out, groups)
+            }
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: wgpu::Buffer,
+    q: Mat,
+    k: Mat,
+    v: Mat,
+    o: Mat,
+    bias: Option<(wgpu::Buffer, wgpu::Buffer, wgpu::Buffer)>,
+    ffn_norm: wgpu::Buffer,
+    gate: Mat,
+    up: Mat,
+    down: Mat,
+    /// This layer's keys and values for every position served.
+    k_cache: wgpu::Buffer,
+    v_cache: wgpu::Buffer,
+}
+
+/// A llama-family model on a wgpu device, with one sequence's KV cache.
+pub struct WgpuLlama {
+    gpu: Arc<Kernels>,
+    /// Token embeddings, dequantized, kept on the host: a row is gathered
+    /// per token and uploaded (a few KB), where the whole table would cost
+    /// the device its largest matrix twice when the output shares it.
+    embed: Vec<f32>,
+    output: Mat,
+    norm: wgpu::Buffer,
+    layers: Vec<Layer>,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    ffn: usize,
+    vocab: usize,
+    eps: f32,
+    theta: f32,
+    interleaved: bool,
+    positions: usize,
+    /// Tokens in the cache.
+    len: usize,
+}
+
+/// Which rows' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// The last row's only (prefill, decoding).
+    Last,
+    /// Every row's (scoring a continuation).
+    All,
+}
+
+fn vector(qt: QTensor, label: &str) -> Result<Vec<f32>, String> {
+    qt.dequantize(&Device::Cpu)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .map_err(|e| format!("{label}: {e}"))
+}
+
+impl WgpuLlama {
+    /// Loads a llama-family GGUF file onto the best wgpu device, with a KV
+    /// cache for `positions` tokens (bounded by the file's context length).
+    pub fn load(path: &std::path::Path, positions: usize) -> Result<Self, String> {
+        let shown = path.display().to_string();
+        let mut f = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+        let len = f.metadata().map_err(|e| format!("{shown}: {e}"))?.len();
+        let content = crate::backends::gguf::read_content(&mut f, len).map_err(|e| format!("{shown}: {e}"))?;
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "llama" && arch != "qwen2" {
+            return Err(format!(
+                "{shown}: architecture `{arch}` does not run on wgpu yet (llama and qwen2 do): use `--device cpu`"
+            ));
+        }
+        let context = content
+            .metadata
+            .get(&format!("{arch}.context_length"))
+            .and_then(|v| v.to_u32().ok())
+            .unwrap_or(2048) as usize;
+        let gpu = Kernels::open()?;
+        Self::from_gguf(gpu, &arch, &content, &mut f, positions.min(context))
+            .map_err(|e| format!("{shown}: {e}"))
+    }
+
+    /// Loads `arch` (`llama` or `qwen2`) from a GGUF file's `content` onto
+    /// the device, with a KV cache for `positions` tokens.
+    pub fn from_gguf<R: Read + Seek>(
+        gpu: Arc<Kernels>,
+        arch: &str,
+        content: &gguf_file::Content,
+        reader: &mut R,
+        positions: usize,
+    ) -> Result<Self, String> {
+        let md = Meta { content, arch };
+        let meta = |k: &str| md.usize(k).map_err(|e| e.to_string());
+        let heads = meta("attention.head_count")?;
+        let kv_heads = meta("attention.head_count_kv")?;
+        let hidden = meta("embedding_length")?;
+        let layers_n = meta("block_count")?;
+        let eps = md
+            .get("attention.layer_norm_rms_epsilon")
+            .and_then(|v| v.to_f32())
+            .map_err(|e| e.to_string())?;
+        let theta = md.f32_or("rope.freq_base", 10_000.0);
+        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
+            return Err(format!("{heads} heads, {kv_heads} key/value heads and width {hidden} do not fit together"));
+        }
+        let head_dim = hidden / heads;
+        if head_dim > 256 || head_dim % 2 != 0 {
+            return Err(format!("head dimension {head_dim}: the wgpu kernels take even ones up to 256"));
+        }
+        let mut qt = |name: &str| content.tensor(reader, name, &Device::Cpu).map_err(|e| format!("{name}: {e}"));
+        let embed_qt = qt("token_embd.weight")?;
+        let (vocab, width) = embed_qt.shape().dims2().map_err(|e| e.to_string())?;
+        if width != hidden {
+            return Err(format!("token_embd.weight is {vocab}x{width}, the model is {hidden} wide"));
+        }
+        let embed = vector(
+            quant::fast(embed_qt, &Device::Cpu).map_err(|e| e.to_string())?,
+            "token_embd.weight",
+        )?;
+        let output = match content.tensor_infos.contains_key("output.weight") {
+            true => Mat::new(&gpu, "output.weight", qt("output.weight")?)?,
+            false => Mat::new(&gpu, "token_embd.weight", qt("token_embd.weight")?)?,
+        };
+        let norm = gpu.upload("output_norm", &vector(qt("output_norm.weight")?, "output_norm.weight")?)?;
+        let kvw = kv_heads * head_dim;
+        let mut layers = Vec::with_capacity(layers_n);
+        let mut ffn = 0;
+        for i in 0..layers_n {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let mut mat = |s: &str| {
+                let name = p(&format!("{s}.weight"));
+                let t = qt(&name)?;
+                Mat::new(&gpu, &name, t)
+            };
+            let (q, k, v, o) = (mat("attn_q")?, mat("attn_k")?, mat("attn_v")?, mat("attn_output")?);
+            let (gate, up, down) = (mat("ffn_gate")?, mat("ffn_up")?, mat("ffn_down")?);
+            ffn = gate.n;
+            let mut dense = |s: &str| -> Result<wgpu::Buffer, String> {
+                let name = p(s);
+                let v = vector(qt(&name)?, &name)?;
+                gpu.upload(&name, &v)
+            };
+            let bias = match content.tensor_infos.contains_key(&p("attn_q.bias")) {
+                true => Some((dense("attn_q.bias")?, dense("attn_k.bias")?, dense("attn_v.bias")?)),
+                false => None,
+            };
+            layers.push(Layer {
+                attn_norm: dense("attn_norm.weight")?,
+                ffn_norm: dense("ffn_norm.weight")?,
+                q,
+                k,
+                v,
+                o,
+                bias,
+                gate,
+                up,
+                down,
+                k_cache: gpu.scratch("k_cache", positions * kvw),
+                v_cache: gpu.scratch("v_cache", positions * kvw),
+            });
+        }
+        Ok(WgpuLlama {
+            gpu,
+            embed,
+            output,
+            norm,
+            layers,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            ffn,
+            vocab,
+            eps,
+            theta,
+            interleaved: arch == "llama",
+            positions,
+            len: 0,
+        })
+    }
+
+    /// Tokens in the KV cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the KV cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets all but the first `len` cached tokens (a new sequence: 0).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Vocabulary size (the width of a row of logits).
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// Runs `ids` after the cached tokens, caches them, and returns logits
+    /// (`Last`: one row; `All`: a row per id, row-major).
+    pub fn forward(&mut self, ids: &[u32], which: Logits) -> Result<Vec<f32>, String> {
+        let rows = ids.len();
+        if rows == 0 {
+            return Err("no tokens to run".into());
+        }
+        let pos = self.len;
+        if pos + rows > self.positions {
+            return Err(format!(
+                "{} tokens is more than the {} positions this member was loaded for",
+                pos + rows,
+                self.positions
+            ));
+        }
+        let (h, hd, heads, kvh) = (self.hidden, self.head_dim, self.heads, self.kv_heads);
+        let (qw, kvw) = (heads * hd, kvh * hd);
+        let mut x0 = Vec::with_capacity(rows * h);
+        for &id in ids {
+            let row = self
+                .embed
+                .get(id as usize * h..(id as usize + 1) * h)
+                .ok_or_else(|| format!("token id {id} is outside the vocabulary of {}", self.vocab))?;
+            x0.extend_from_slice(row);
+        }
+        let gpu = self.gpu.clone();
+        let g = gpu.as_ref();
+        let scope = g.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let memory = g.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let x = g.upload("x", &x0)?;
+        let xn = g.scratch("xn", rows * h);
+        let q = g.scratch("q", rows * qw);
+        let k = g.scratch("k", rows * kvw);
+        let v = g.scratch("v", rows * kvw);
+        let att = g.scratch("att", rows * qw);
+        let proj = g.scratch("proj", rows * h);
+        let up = g.scratch("up", rows * self.ffn);
+        let gated = g.scratch("gated", rows * self.ffn);
+        let gate = g.scratch("gate", rows * self.ffn);
+        let mut enc = g.device.create_command_encoder(&Default::default());
+        let norm_params = |n: usize, rows: usize| Params {
+            n: n as u32,
+            k: n as u32,
+            rows: rows as u32,
+            eps: self.eps,
+            ..Params::default()
+        };
+        let norm_groups = |rows: usize| ((rows.min(65_535)) as u32, rows.div_ceil(65_535) as u32);
+        let rope = |enc: &mut wgpu::CommandEncoder, buf: &wgpu::Buffer, nheads: usize| {
+            let params = Params {
+                rows: rows as u32,
+                pos: pos as u32,
+                heads: nheads as u32,
+                hd: hd as u32,
+                theta: self.theta,
+                flags: self.interleaved as u32,
+                ..Params::default()
+            };
+            g.dispatch(enc, "rope", params, [None, None, None], buf, ((hd / 2).div_ceil(64) as u32, (rows * nheads) as u32));
+        };
+        let elementwise = |enc: &mut wgpu::CommandEncoder, kernel: &str, n: usize, a: &wgpu::Buffer, b: Option<&wgpu::Buffer>, out: &wgpu::Buffer| {
+            let params = Params {
+                n: n as u32,
+                rows: rows as u32,
+                ..Params::default()
+            };
+            g.dispatch(enc, kernel, params, [Some(a), b, None], out, Kernels::flat_groups(n * rows));
+        };
+        for l in &self.layers {
+            g.dispatch(&mut enc, "rmsnorm", norm_params(h, rows), [Some(&x), Some(&l.attn_norm), None], &xn, norm_groups(rows));
+            l.q.record(g, &mut enc, &xn, rows, &q);
+            l.k.record(g, &mut enc, &xn, rows, &k);
+            l.v.record(g, &mut enc, &xn, rows, &v);
+            if let Some((bq, bk, bv)) = &l.bias {
+                elementwise(&mut enc, "add_bias", qw, bq, None, &q);
+                elementwise(&mut enc, "add_bias", kvw, bk, None, &k);
+                elementwise(&mut enc, "add_bias", kvw, bv, None, &v);
+            }
+            rope(&mut enc, &q, heads);
+            rope(&mut enc, &k, kvh);
+            let at = (pos * kvw * 4) as u64;
+            let bytes = (rows * kvw * 4) as u64;
+            enc.copy_buffer_to_buffer(&k, 0, &l.k_cache, at, bytes);
+            enc.copy_buffer_to_buffer(&v, 0, &l.v_cache, at, bytes);
+            let params = Params {
+                rows: rows as u32,
+                pos: pos as u32,
+                heads: heads as u32,
+                kv_heads: kvh as u32,
+                hd: hd as u32,
+                scale: 1.0 / (hd as f32).sqrt(),
+                ..Params::default()
+            };
+            g.dispatch(
+                &mut enc,
+                "attention",
+                params,
+                [Some(&q), Some(&l.k_cache), Some(&l.v_cache)],
+                &att,
+                (heads.div_ceil(64) as u32, rows as u32),
+            );
+            l.o.record(g, &mut enc, &att, rows, &proj);
+            elementwise(&mut enc, "add", h, &proj, None, &x);
+            g.dispatch(&mut enc, "rmsnorm", norm_params(h, rows), [Some(&x), Some(&l.ffn_norm), None], &xn, norm_groups(rows));
+            l.gate.record(g, &mut enc, &xn, rows, &gate);
+            l.up.record(g, &mut enc, &xn, rows, &up);
+            elementwise(&mut enc, "gate", self.ffn, &gate, Some(&up), &gated);
+            l.down.record(g, &mut enc, &gated, rows, &proj);
+            elementwise(&mut enc, "add", h, &proj, None, &x);
+        }
+        // The final norm and the output projection, for the rows asked.
+        let (out_rows, src) = match which {
+            Logits::All => (rows, x),
+            Logits::Last => {
+                let last = g.scratch("last", h);
+                enc.copy_buffer_to_buffer(&x, ((rows - 1) * h * 4) as u64, &last, 0, (h * 4) as u64);
+                (1, last)
+            }
+        };
+        let normed = g.scratch("normed", out_rows * h);
+        g.dispatch(&mut enc, "rmsnorm", norm_params(h, out_rows), [Some(&src), Some(&self.norm), None], &normed, norm_groups(out_rows));
+        let logits = g.scratch("logits", out_rows * self.vocab);
+        self.output.record(g, &mut enc, &normed, out_rows, &logits);
+        if let Some(e) = pollster::block_on(memory.pop()) {
+            return Err(super::gpu_err("device memory", e));
+        }
+        let out = g.finish_and_read(enc, &logits, out_rows * self.vocab)?;
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(super::gpu_err("kernels", e));
+        }
+        self.len = pos + rows;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::f16_to_f32;
+
+    #[test]
+    fn halves_convert_like_the_standard_says() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0000), 0.0);
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+}

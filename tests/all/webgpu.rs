@@ -1,0 +1,113 @@
+//! The wgpu inference backend (issue 23, item 3) on llvmpipe, the software
+//! Vulkan device `make test` installs: synthetic llama and Qwen2 models in
+//! Q8_0, f16 and Q4_K agree with the CPU path, a KV cache continued token
+//! by token gives the logits of one pass over the whole prompt, and the real
+//! SmolLM2 gives the CPU's next token with its log-probabilities.
+
+use std::time::{Duration, Instant};
+
+use tessera::backends::gguf::GgufModel;
+use tessera::backends::webgpu::llama::Logits;
+use tessera::backends::webgpu::WgpuLlama;
+use tessera::inference::{CallCtx, Input};
+use tessera::pool::synth::{self, Quant};
+
+use crate::common::scratch;
+
+fn ctx() -> CallCtx {
+    CallCtx {
+        deadline: Instant::now() + Duration::from_secs(300),
+        requester: 0,
+    }
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    row.iter().map(|&x| x as f64 - max - sum.ln()).collect()
+}
+
+/// The largest gap between the CPU's top-k next-token log-probabilities
+/// and the GPU's for the same tokens, and whether the top-1 agrees.
+fn compare(cpu: &mut GgufModel, gpu: &mut WgpuLlama, prompt: &str, k: u32) -> (f64, bool) {
+    let input = Input::Prompt(prompt.into());
+    let top = cpu.next_token(ctx(), &input, k).expect("CPU next token");
+    let ids = cpu.encode_input(&input).expect("tokens");
+    gpu.truncate(0);
+    let logits = gpu.forward(&ids, Logits::Last).expect("GPU forward");
+    let lp = log_softmax(&logits);
+    let best = (0..lp.len()).max_by(|a, b| lp[*a].total_cmp(&lp[*b])).unwrap_or(0) as u32;
+    let gap = top
+        .iter()
+        .map(|t| (t.logprob - lp[t.token as usize]).abs())
+        .fold(0.0, f64::max);
+    (gap, best == top[0].token)
+}
+
+/// Tolerance in nats between the CPU (whose kernels quantize activations
+/// to int8 per 32 values, as llama.cpp does) and the GPU (f32 activations).
+const TOLERANCE: f64 = 0.15;
+
+#[test]
+fn synthetic_llama_and_qwen2_agree_with_the_cpu_path() {
+    let dir = scratch("webgpu-synth");
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        for quant in [Quant::Q8_0, Quant::F16, Quant::Q4K] {
+            let path = dir.join(format!("{name}-{quant:?}.gguf"));
+            synth::synthesize(synth::named(name).unwrap(), name, quant, 7, &path).unwrap();
+            let mut cpu = GgufModel::load(name, &path, &candle_core::Device::Cpu).unwrap();
+            let mut gpu = WgpuLlama::load(&path, 256).unwrap_or_else(|e| panic!("{name} {quant:?} on wgpu: {e}"));
+            for prompt in ["Hello there", "The quick brown fox jumps over the lazy dog and then"] {
+                let (gap, same) = compare(&mut cpu, &mut gpu, prompt, 5);
+                eprintln!("{name} {quant:?} `{prompt}`: top-5 gap {gap:.4} nats, same top-1: {same}");
+                assert!(gap < TOLERANCE, "{name} {quant:?}: {gap}");
+                assert!(same, "{name} {quant:?}: top-1 differs");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_cache_continued_token_by_token_matches_one_pass() {
+    let dir = scratch("webgpu-cache");
+    let path = dir.join("tiny-qwen2.gguf");
+    synth::synthesize(synth::named("tiny-qwen2").unwrap(), "tiny-qwen2", Quant::Q8_0, 11, &path).unwrap();
+    let mut gpu = WgpuLlama::load(&path, 128).unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| 3 + i * 17).collect();
+    let all = gpu.forward(&ids, Logits::All).unwrap();
+    let v = gpu.vocab();
+    assert_eq!(all.len(), ids.len() * v);
+    gpu.truncate(0);
+    let mut stepwise = gpu.forward(&ids[..5], Logits::All).unwrap();
+    for &id in &ids[5..] {
+        stepwise.extend(gpu.forward(&[id], Logits::Last).unwrap());
+    }
+    assert_eq!(gpu.len(), ids.len());
+    let gap = all
+        .iter()
+        .zip(&stepwise)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(gap < 1e-3, "logits differ by {gap}");
+    // Past the positions it was loaded for: a typed refusal, nothing run.
+    gpu.truncate(0);
+    let long = vec![1u32; 129];
+    assert!(gpu.forward(&long, Logits::Last).unwrap_err().contains("positions"));
+    assert!(gpu.forward(&[u32::MAX], Logits::Last).unwrap_err().contains("vocabulary"));
+}
+
+#[test]
+fn smollm2_gives_the_cpu_next_token_on_wgpu() {
+    let path = tessera::Paths::from_env().models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut cpu = GgufModel::load("smol", &path, &candle_core::Device::Cpu).expect("the pool's SmolLM2 (make pool)");
+    let mut gpu = WgpuLlama::load(&path, 512).expect("SmolLM2 on wgpu");
+    for prompt in [
+        "The capital of France is",
+        "Question: What do plants need to make food?\nAnswer:",
+    ] {
+        let (gap, same) = compare(&mut cpu, &mut gpu, prompt, 5);
+        eprintln!("SmolLM2 `{prompt}`: top-5 gap {gap:.4} nats, same top-1: {same}");
+        assert!(same, "top-1 differs on `{prompt}`");
+        assert!(gap < TOLERANCE, "{gap}");
+    }
+}
