@@ -3,7 +3,8 @@
 //! The CPU is the default and needs nothing beyond this crate. A build with
 //! the `cuda` cargo feature (`cargo build --features cuda`, which needs the
 //! CUDA toolkit to compile candle's kernels) can put models on an NVIDIA GPU
-//! with `--device cuda` or `--device cuda:N`. The choice is a value
+//! with `--device cuda` or `--device cuda:N`. `--device wgpu` runs
+//! llama-family members on any GPU wgpu reaches ([`super::webgpu`]). The choice is a value
 //! ([`DeviceSpec`], in [`crate::pool::PoolOptions`] and the training
 //! options), so one process can run two pools on two devices; each device
 //! is opened once and shared ([`DeviceSpec::open`]), so loading many
@@ -22,13 +23,17 @@ pub enum DeviceSpec {
     Cpu,
     /// The CUDA GPU with this ordinal.
     Cuda(usize),
+    /// The best GPU wgpu finds (Vulkan, Metal, DX12; llvmpipe where there
+    /// is none): llama-family members run their layers there
+    /// ([`crate::backends::webgpu`]); everything else stays on the CPU.
+    Wgpu,
 }
 
 /// Why a device cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {
     /// The `--device` value names no device.
-    #[error("unknown device `{0}`: use `cpu`, `cuda` or `cuda:N` (N = GPU number)")]
+    #[error("unknown device `{0}`: use `cpu`, `cuda`, `cuda:N` (N = GPU number) or `wgpu`")]
     Unknown(String),
     /// A GPU was asked of a build without GPU support.
     #[error(
@@ -57,6 +62,7 @@ impl DeviceSpec {
         match s.as_str() {
             "" | "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            "wgpu" | "vulkan" | "metal" => Ok(DeviceSpec::Wgpu),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
                 _ => Err(DeviceError::Unknown(spec.to_string())),
@@ -82,7 +88,9 @@ impl DeviceSpec {
 
     fn open_new(self) -> Result<Device, DeviceError> {
         match self {
-            DeviceSpec::Cpu => Ok(Device::Cpu),
+            // Tensors that are not the model's (ids, logits, sampling) live
+            // on the host; the model's own go to the wgpu device at load.
+            DeviceSpec::Cpu | DeviceSpec::Wgpu => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) => {
                 if !cfg!(feature = "cuda") {
                     return Err(DeviceError::NotBuilt(n));
@@ -109,6 +117,7 @@ mod tests {
         let e = DeviceSpec::parse("tpu").unwrap_err().to_string();
         assert!(e.contains("`tpu`") && e.contains("cuda:N"), "{e}");
         assert!(DeviceSpec::parse("cuda:x").is_err());
+        assert_eq!(DeviceSpec::parse("wgpu"), Ok(DeviceSpec::Wgpu));
     }
 
     #[test]

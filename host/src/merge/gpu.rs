@@ -149,7 +149,7 @@ impl Gpu {
         };
         let (combine, dots) = (pipeline("combine"), pipeline("dots"));
         Ok(Gpu {
-            max_binding: (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size),
+            max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
             device,
             queue,
             layout,

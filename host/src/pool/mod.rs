@@ -409,6 +409,8 @@ fn verify(m: &MemberConfig, full: &Path) -> Result<(), PoolError> {
 struct MemberMemory {
     prefix_cache_bytes: usize,
     kv_budget_bytes: usize,
+    /// GGUF members go to the wgpu device (`--device wgpu`).
+    wgpu: bool,
 }
 
 fn load_member(
@@ -439,6 +441,8 @@ fn load_member(
             let device = device.as_ref().map_err(|e| load_err(e))?;
             let mut model = if m.backend == BackendKind::Hf {
                 GgufModel::load_hf_as(&m.id, &full, m.quantize, device)
+            } else if memory.wgpu {
+                GgufModel::load_wgpu(&m.id, &full)
             } else {
                 GgufModel::load(&m.id, &full, device)
             }
@@ -610,6 +614,7 @@ impl Pool {
                     let memory = MemberMemory {
                         prefix_cache_bytes: options.prefix_cache_bytes,
                         kv_budget_bytes: options.kv_budget_bytes,
+                        wgpu: options.device == crate::backends::device::DeviceSpec::Wgpu,
                     };
                     spawn_local(m, move |m| load_member(m, &dir, &device, memory), max_batch.clone())
                 }

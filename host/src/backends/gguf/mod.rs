@@ -72,6 +72,28 @@ pub(crate) fn chunk_at(start: usize, len: usize) -> (usize, usize) {
 enum Weights {
     Llama(Box<llama::Llama>),
     Gemma3(Box<gemma3::Gemma3>),
+    /// The llama family on a wgpu device ([`crate::backends::webgpu`]):
+    /// ids and logits cross as host tensors, the cache stays on the device
+    /// except while another sequence of a batch runs.
+    Wgpu(Box<crate::backends::webgpu::WgpuLlama>),
+}
+
+/// Where a member's weights go: a candle device, or the wgpu backend.
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Candle(&'a Device),
+    Wgpu,
+}
+
+fn gpu_msg(e: String) -> candle_core::Error {
+    candle_core::Error::Msg(e)
+}
+
+/// Rows of logits from the wgpu model as a `[rows, vocab]` host tensor.
+fn gpu_logits(m: &crate::backends::webgpu::WgpuLlama, rows: Vec<f32>) -> candle_core::Result<Tensor> {
+    let vocab = m.vocab();
+    let n = rows.len() / vocab.max(1);
+    Tensor::from_vec(rows, (n, vocab), &Device::Cpu)
 }
 
 impl Weights {
@@ -81,6 +103,14 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.forward_chunk(x, pos, chunk_rows),
             Weights::Gemma3(m) => m.forward_chunk(x, pos, chunk_rows),
+            Weights::Wgpu(m) => {
+                let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
+                m.rewind(pos).map_err(gpu_msg)?;
+                let rows = m
+                    .forward(&ids, crate::backends::webgpu::llama::Logits::Last)
+                    .map_err(gpu_msg)?;
+                gpu_logits(m, rows)
+            }
         }
     }
 
@@ -96,6 +126,21 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.forward_segments(segments, pos, keep, device),
             Weights::Gemma3(m) => m.forward_segments(segments, pos, keep, device),
+            Weights::Wgpu(m) => {
+                let keep = keep && segments.len() == 1;
+                let mut rows = Vec::new();
+                for seg in segments {
+                    m.rewind(pos).map_err(gpu_msg)?;
+                    rows.extend(
+                        m.forward(seg, crate::backends::webgpu::llama::Logits::All)
+                            .map_err(gpu_msg)?,
+                    );
+                }
+                if !keep {
+                    m.rewind(pos).map_err(gpu_msg)?;
+                }
+                gpu_logits(m, rows)
+            }
         }
     }
 
@@ -104,6 +149,7 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.kv_bytes_per_token(),
             Weights::Gemma3(m) => m.kv_bytes_per_token(),
+            Weights::Wgpu(m) => m.kv_bytes_per_token(),
         }
     }
 
@@ -112,6 +158,12 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.take_state(),
             Weights::Gemma3(m) => m.take_state(),
+            // A device that fails a read-back has failed: the sequence
+            // restarts from nothing and its next pass reports the fault.
+            Weights::Wgpu(m) => m.take_state().unwrap_or_else(|e| {
+                tracing::error!("wgpu: reading a KV cache back: {e}");
+                Vec::new()
+            }),
         }
     }
 
@@ -121,6 +173,11 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.put_state(state),
             Weights::Gemma3(m) => m.put_state(state),
+            Weights::Wgpu(m) => {
+                if let Err(e) = m.put_state(state) {
+                    tracing::error!("wgpu: restoring a KV cache: {e}");
+                }
+            }
         }
     }
 
@@ -171,6 +228,16 @@ fn failed(e: impl std::fmt::Display) -> InferenceError {
 impl GgufModel {
     /// Loads `path`. The error names the file and what is wrong with it.
     pub fn load(id: &str, path: &Path, device: &Device) -> Result<Self, LoadError> {
+        Self::load_placed(id, path, Place::Candle(device))
+    }
+
+    /// Loads `path` onto the best wgpu device (`--device wgpu`): llama and
+    /// qwen2 files; tokenizer, chat template and sampling stay on the host.
+    pub fn load_wgpu(id: &str, path: &Path) -> Result<Self, LoadError> {
+        Self::load_placed(id, path, Place::Wgpu)
+    }
+
+    fn load_placed(id: &str, path: &Path, place: Place<'_>) -> Result<Self, LoadError> {
         let shown = path.display().to_string();
         let mut file = File::open(path).map_err(|e| LoadError::io(path, e))?;
         let len = file.metadata().map_err(|e| LoadError::io(path, e))?.len();
@@ -184,7 +251,7 @@ impl GgufModel {
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok())
             .cloned();
-        Self::build(id, &shown, &content, &mut file, tok, template, device)
+        Self::build(id, &shown, &content, &mut file, tok, template, place)
     }
 
     /// Loads a Hugging Face model directory (see [`hf`]) onto `device`.
@@ -211,7 +278,15 @@ impl GgufModel {
             .seek(std::io::SeekFrom::Start(0))
             .map_err(|e| format!("{shown}: {e}"))?;
         let content = read_content(&mut parts.gguf, len).map_err(|e| format!("{shown}: {e}"))?;
-        Self::build(id, &shown, &content, &mut parts.gguf, parts.tok, parts.template, device)
+        Self::build(
+            id,
+            &shown,
+            &content,
+            &mut parts.gguf,
+            parts.tok,
+            parts.template,
+            Place::Candle(device),
+        )
     }
 
     fn build<R: std::io::Read + std::io::Seek>(
@@ -221,8 +296,12 @@ impl GgufModel {
         file: &mut R,
         tok: GgufTokenizer,
         template: Option<String>,
-        device: &Device,
+        place: Place<'_>,
     ) -> Result<Self, LoadError> {
+        let (device, wgpu) = match place {
+            Place::Candle(d) => (d, false),
+            Place::Wgpu => (&Device::Cpu, true),
+        };
         let arch = architecture(content, shown)?;
         let parameters: u64 = content.tensor_infos.values().map(|t| t.shape.elem_count() as u64).sum();
         let ctx_key = format!("{arch}.context_length");
@@ -233,6 +312,19 @@ impl GgufModel {
             .unwrap_or(2048) as usize;
         let device = device.clone();
         let (weights, context_length) = match arch.as_str() {
+            "llama" | "qwen2" if wgpu => {
+                let positions = meta_ctx.min(MAX_POSITIONS);
+                let gpu = crate::backends::webgpu::Kernels::open()
+                    .map_err(|e| LoadError::Invalid(format!("{shown}: --device wgpu: {e}")))?;
+                let w = crate::backends::webgpu::WgpuLlama::from_gguf(gpu, &arch, content, file, positions)
+                    .map_err(|e| LoadError::Invalid(format!("{shown}: on wgpu: {e}")))?;
+                (Weights::Wgpu(Box::new(w)), positions)
+            }
+            other if wgpu => {
+                return Err(LoadError::Invalid(format!(
+                    "{shown}: architecture `{other}` does not run on wgpu yet (llama and qwen2 do): load it with `--device cpu`"
+                )))
+            }
             "llama" | "qwen2" => {
                 let positions = meta_ctx.min(MAX_POSITIONS);
                 let w = llama::Llama::from_gguf(&arch, content, file, positions, &device).map_err(|source| {

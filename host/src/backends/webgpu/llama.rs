@@ -64,7 +64,11 @@ impl Mat {
             let mut scales = Vec::with_capacity(blocks);
             for blk in raw.chunks_exact(34) {
                 scales.push(f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
-                qs.extend(blk[2..].chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])));
+                qs.extend(
+                    blk[2..]
+                        .chunks_exact(4)
+                        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])),
+                );
             }
             MatData::Q8 {
                 qs: gpu.upload(label, &qs)?,
@@ -110,14 +114,11 @@ struct Layer {
     gate: Mat,
     up: Mat,
     down: Mat,
-    /// This layer's keys and values for every position served.
-    k_cache: wgpu::Buffer,
-    v_cache: wgpu::Buffer,
 }
 
-/// A llama-family model on a wgpu device, with one sequence's KV cache.
-pub struct WgpuLlama {
-    gpu: Arc<Kernels>,
+/// The weights and shapes, shared by every copy of a model (see
+/// [`WgpuLlama::clone`]).
+struct Weights {
     /// Token embeddings, dequantized, kept on the host: a row is gathered
     /// per token and uploaded (a few KB), where the whole table would cost
     /// the device its largest matrix twice when the output shares it.
@@ -135,8 +136,49 @@ pub struct WgpuLlama {
     theta: f32,
     interleaved: bool,
     positions: usize,
+}
+
+/// A llama-family model on a wgpu device with one sequence's KV cache.
+/// A clone shares the weights and copies the cache (on the device).
+pub struct WgpuLlama {
+    gpu: Arc<Kernels>,
+    w: Arc<Weights>,
+    /// Each layer's keys and values for every position served
+    /// (`[positions, kv_heads * head_dim]`).
+    caches: Vec<(wgpu::Buffer, wgpu::Buffer)>,
     /// Tokens in the cache.
     len: usize,
+}
+
+impl Clone for WgpuLlama {
+    fn clone(&self) -> Self {
+        let g = self.gpu.as_ref();
+        let kvw = self.w.kv_heads * self.w.head_dim;
+        let mut enc = g.device.create_command_encoder(&Default::default());
+        let bytes = (self.len * kvw * 4) as u64;
+        let caches = self
+            .caches
+            .iter()
+            .map(|(k, v)| {
+                let (k2, v2) = (
+                    g.scratch("k_cache", self.w.positions * kvw),
+                    g.scratch("v_cache", self.w.positions * kvw),
+                );
+                if bytes > 0 {
+                    enc.copy_buffer_to_buffer(k, 0, &k2, 0, bytes);
+                    enc.copy_buffer_to_buffer(v, 0, &v2, 0, bytes);
+                }
+                (k2, v2)
+            })
+            .collect();
+        g.queue.submit([enc.finish()]);
+        WgpuLlama {
+            gpu: self.gpu.clone(),
+            w: self.w.clone(),
+            caches,
+            len: self.len,
+        }
+    }
 }
 
 /// Which rows' logits a forward pass returns.
@@ -180,8 +222,7 @@ impl WgpuLlama {
             .and_then(|v| v.to_u32().ok())
             .unwrap_or(2048) as usize;
         let gpu = Kernels::open()?;
-        Self::from_gguf(gpu, &arch, &content, &mut f, positions.min(context))
-            .map_err(|e| format!("{shown}: {e}"))
+        Self::from_gguf(gpu, &arch, &content, &mut f, positions.min(context)).map_err(|e| format!("{shown}: {e}"))
     }
 
     /// Loads `arch` (`llama` or `qwen2`) from a GGUF file's `content` onto
@@ -205,17 +246,27 @@ impl WgpuLlama {
             .map_err(|e| e.to_string())?;
         let theta = md.f32_or("rope.freq_base", 10_000.0);
         if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            return Err(format!("{heads} heads, {kv_heads} key/value heads and width {hidden} do not fit together"));
+            return Err(format!(
+                "{heads} heads, {kv_heads} key/value heads and width {hidden} do not fit together"
+            ));
         }
         let head_dim = hidden / heads;
         if head_dim > 256 || head_dim % 2 != 0 {
-            return Err(format!("head dimension {head_dim}: the wgpu kernels take even ones up to 256"));
+            return Err(format!(
+                "head dimension {head_dim}: the wgpu kernels take even ones up to 256"
+            ));
         }
-        let mut qt = |name: &str| content.tensor(reader, name, &Device::Cpu).map_err(|e| format!("{name}: {e}"));
+        let mut qt = |name: &str| {
+            content
+                .tensor(reader, name, &Device::Cpu)
+                .map_err(|e| format!("{name}: {e}"))
+        };
         let embed_qt = qt("token_embd.weight")?;
         let (vocab, width) = embed_qt.shape().dims2().map_err(|e| e.to_string())?;
         if width != hidden {
-            return Err(format!("token_embd.weight is {vocab}x{width}, the model is {hidden} wide"));
+            return Err(format!(
+                "token_embd.weight is {vocab}x{width}, the model is {hidden} wide"
+            ));
         }
         let embed = vector(
             quant::fast(embed_qt, &Device::Cpu).map_err(|e| e.to_string())?,
@@ -259,12 +310,17 @@ impl WgpuLlama {
                 gate,
                 up,
                 down,
-                k_cache: gpu.scratch("k_cache", positions * kvw),
-                v_cache: gpu.scratch("v_cache", positions * kvw),
             });
         }
-        Ok(WgpuLlama {
-            gpu,
+        let caches = (0..layers_n)
+            .map(|_| {
+                (
+                    gpu.scratch("k_cache", positions * kvw),
+                    gpu.scratch("v_cache", positions * kvw),
+                )
+            })
+            .collect();
+        let w = Weights {
             embed,
             output,
             norm,
@@ -279,8 +335,79 @@ impl WgpuLlama {
             theta,
             interleaved: arch == "llama",
             positions,
+        };
+        Ok(WgpuLlama {
+            gpu,
+            w: Arc::new(w),
+            caches,
             len: 0,
         })
+    }
+
+    /// Bytes one token takes in the KV cache.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.caches.len() * 2 * self.w.kv_heads * self.w.head_dim * 4
+    }
+
+    /// The cache read back to the host as per-layer `[1, kv_heads, len,
+    /// head_dim]` key and value tensors (the CPU path's layout), leaving
+    /// the model empty: how a sequence's state leaves the model while
+    /// others run.
+    pub fn take_state(&mut self) -> Result<Vec<Option<(candle_core::Tensor, candle_core::Tensor)>>, String> {
+        let len = std::mem::take(&mut self.len);
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let (kvh, hd) = (self.w.kv_heads, self.w.head_dim);
+        let g = self.gpu.as_ref();
+        let mut out = Vec::with_capacity(self.caches.len());
+        for (k, v) in &self.caches {
+            let mut pair = Vec::with_capacity(2);
+            for buf in [k, v] {
+                let enc = g.device.create_command_encoder(&Default::default());
+                let data = g.finish_and_read(enc, buf, len * kvh * hd)?;
+                let t = candle_core::Tensor::from_vec(data, (len, kvh, hd), &Device::Cpu)
+                    .and_then(|t| t.transpose(0, 1))
+                    .and_then(|t| t.contiguous())
+                    .and_then(|t| t.unsqueeze(0))
+                    .map_err(|e| e.to_string())?;
+                pair.push(t);
+            }
+            let v = pair.pop();
+            let k = pair.pop();
+            out.push(k.zip(v));
+        }
+        Ok(out)
+    }
+
+    /// Puts a state from [`Self::take_state`] (or the CPU path's) back on
+    /// the device; an empty state leaves the cache empty.
+    pub fn put_state(&mut self, state: Vec<Option<(candle_core::Tensor, candle_core::Tensor)>>) -> Result<(), String> {
+        self.len = 0;
+        let mut len = None;
+        for ((kc, vc), layer) in self.caches.iter().zip(&state) {
+            let Some((k, v)) = layer else { continue };
+            for (buf, t) in [(kc, k), (vc, v)] {
+                // [1, kv_heads, len, hd] -> [len, kv_heads * hd].
+                let data: Vec<f32> = t
+                    .squeeze(0)
+                    .and_then(|t| t.transpose(0, 1))
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1())
+                    .map_err(|e| e.to_string())?;
+                let rows = t.dim(2).map_err(|e| e.to_string())?;
+                if rows > self.w.positions {
+                    return Err(format!(
+                        "a state of {rows} tokens is longer than the {} positions",
+                        self.w.positions
+                    ));
+                }
+                self.gpu.queue.write_buffer(buf, 0, bytemuck::cast_slice(&data));
+                len = Some(rows);
+            }
+        }
+        self.len = len.unwrap_or(0);
+        Ok(())
     }
 
     /// Tokens in the KV cache.
@@ -293,6 +420,16 @@ impl WgpuLlama {
         self.len == 0
     }
 
+    /// Continues from position `pos`: forgets cached tokens past it; a
+    /// position past the cache is an error (a gap would read garbage).
+    pub fn rewind(&mut self, pos: usize) -> Result<(), String> {
+        if pos > self.len {
+            return Err(format!("position {pos} is past the {} cached tokens", self.len));
+        }
+        self.len = pos;
+        Ok(())
+    }
+
     /// Forgets all but the first `len` cached tokens (a new sequence: 0).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -300,7 +437,7 @@ impl WgpuLlama {
 
     /// Vocabulary size (the width of a row of logits).
     pub fn vocab(&self) -> usize {
-        self.vocab
+        self.w.vocab
     }
 
     /// Runs `ids` after the cached tokens, caches them, and returns logits
@@ -311,21 +448,22 @@ impl WgpuLlama {
             return Err("no tokens to run".into());
         }
         let pos = self.len;
-        if pos + rows > self.positions {
+        if pos + rows > self.w.positions {
             return Err(format!(
                 "{} tokens is more than the {} positions this member was loaded for",
                 pos + rows,
-                self.positions
+                self.w.positions
             ));
         }
-        let (h, hd, heads, kvh) = (self.hidden, self.head_dim, self.heads, self.kv_heads);
+        let (h, hd, heads, kvh) = (self.w.hidden, self.w.head_dim, self.w.heads, self.w.kv_heads);
         let (qw, kvw) = (heads * hd, kvh * hd);
         let mut x0 = Vec::with_capacity(rows * h);
         for &id in ids {
             let row = self
+                .w
                 .embed
                 .get(id as usize * h..(id as usize + 1) * h)
-                .ok_or_else(|| format!("token id {id} is outside the vocabulary of {}", self.vocab))?;
+                .ok_or_else(|| format!("token id {id} is outside the vocabulary of {}", self.w.vocab))?;
             x0.extend_from_slice(row);
         }
         let gpu = self.gpu.clone();
@@ -339,15 +477,15 @@ impl WgpuLlama {
         let v = g.scratch("v", rows * kvw);
         let att = g.scratch("att", rows * qw);
         let proj = g.scratch("proj", rows * h);
-        let up = g.scratch("up", rows * self.ffn);
-        let gated = g.scratch("gated", rows * self.ffn);
-        let gate = g.scratch("gate", rows * self.ffn);
+        let up = g.scratch("up", rows * self.w.ffn);
+        let gated = g.scratch("gated", rows * self.w.ffn);
+        let gate = g.scratch("gate", rows * self.w.ffn);
         let mut enc = g.device.create_command_encoder(&Default::default());
         let norm_params = |n: usize, rows: usize| Params {
             n: n as u32,
             k: n as u32,
             rows: rows as u32,
-            eps: self.eps,
+            eps: self.w.eps,
             ..Params::default()
         };
         let norm_groups = |rows: usize| ((rows.min(65_535)) as u32, rows.div_ceil(65_535) as u32);
@@ -357,22 +495,48 @@ impl WgpuLlama {
                 pos: pos as u32,
                 heads: nheads as u32,
                 hd: hd as u32,
-                theta: self.theta,
-                flags: self.interleaved as u32,
+                theta: self.w.theta,
+                flags: self.w.interleaved as u32,
                 ..Params::default()
             };
-            g.dispatch(enc, "rope", params, [None, None, None], buf, ((hd / 2).div_ceil(64) as u32, (rows * nheads) as u32));
+            g.dispatch(
+                enc,
+                "rope",
+                params,
+                [None, None, None],
+                buf,
+                ((hd / 2).div_ceil(64) as u32, (rows * nheads) as u32),
+            );
         };
-        let elementwise = |enc: &mut wgpu::CommandEncoder, kernel: &str, n: usize, a: &wgpu::Buffer, b: Option<&wgpu::Buffer>, out: &wgpu::Buffer| {
+        let elementwise = |enc: &mut wgpu::CommandEncoder,
+                           kernel: &str,
+                           n: usize,
+                           a: &wgpu::Buffer,
+                           b: Option<&wgpu::Buffer>,
+                           out: &wgpu::Buffer| {
             let params = Params {
                 n: n as u32,
                 rows: rows as u32,
                 ..Params::default()
             };
-            g.dispatch(enc, kernel, params, [Some(a), b, None], out, Kernels::flat_groups(n * rows));
+            g.dispatch(
+                enc,
+                kernel,
+                params,
+                [Some(a), b, None],
+                out,
+                Kernels::flat_groups(n * rows),
+            );
         };
-        for l in &self.layers {
-            g.dispatch(&mut enc, "rmsnorm", norm_params(h, rows), [Some(&x), Some(&l.attn_norm), None], &xn, norm_groups(rows));
+        for (l, (k_cache, v_cache)) in self.w.layers.iter().zip(&self.caches) {
+            g.dispatch(
+                &mut enc,
+                "rmsnorm",
+                norm_params(h, rows),
+                [Some(&x), Some(&l.attn_norm), None],
+                &xn,
+                norm_groups(rows),
+            );
             l.q.record(g, &mut enc, &xn, rows, &q);
             l.k.record(g, &mut enc, &xn, rows, &k);
             l.v.record(g, &mut enc, &xn, rows, &v);
@@ -385,8 +549,8 @@ impl WgpuLlama {
             rope(&mut enc, &k, kvh);
             let at = (pos * kvw * 4) as u64;
             let bytes = (rows * kvw * 4) as u64;
-            enc.copy_buffer_to_buffer(&k, 0, &l.k_cache, at, bytes);
-            enc.copy_buffer_to_buffer(&v, 0, &l.v_cache, at, bytes);
+            enc.copy_buffer_to_buffer(&k, 0, k_cache, at, bytes);
+            enc.copy_buffer_to_buffer(&v, 0, v_cache, at, bytes);
             let params = Params {
                 rows: rows as u32,
                 pos: pos as u32,
@@ -400,16 +564,23 @@ impl WgpuLlama {
                 &mut enc,
                 "attention",
                 params,
-                [Some(&q), Some(&l.k_cache), Some(&l.v_cache)],
+                [Some(&q), Some(k_cache), Some(v_cache)],
                 &att,
                 (heads.div_ceil(64) as u32, rows as u32),
             );
             l.o.record(g, &mut enc, &att, rows, &proj);
             elementwise(&mut enc, "add", h, &proj, None, &x);
-            g.dispatch(&mut enc, "rmsnorm", norm_params(h, rows), [Some(&x), Some(&l.ffn_norm), None], &xn, norm_groups(rows));
+            g.dispatch(
+                &mut enc,
+                "rmsnorm",
+                norm_params(h, rows),
+                [Some(&x), Some(&l.ffn_norm), None],
+                &xn,
+                norm_groups(rows),
+            );
             l.gate.record(g, &mut enc, &xn, rows, &gate);
             l.up.record(g, &mut enc, &xn, rows, &up);
-            elementwise(&mut enc, "gate", self.ffn, &gate, Some(&up), &gated);
+            elementwise(&mut enc, "gate", self.w.ffn, &gate, Some(&up), &gated);
             l.down.record(g, &mut enc, &gated, rows, &proj);
             elementwise(&mut enc, "add", h, &proj, None, &x);
         }
@@ -423,13 +594,20 @@ impl WgpuLlama {
             }
         };
         let normed = g.scratch("normed", out_rows * h);
-        g.dispatch(&mut enc, "rmsnorm", norm_params(h, out_rows), [Some(&src), Some(&self.norm), None], &normed, norm_groups(out_rows));
-        let logits = g.scratch("logits", out_rows * self.vocab);
-        self.output.record(g, &mut enc, &normed, out_rows, &logits);
+        g.dispatch(
+            &mut enc,
+            "rmsnorm",
+            norm_params(h, out_rows),
+            [Some(&src), Some(&self.w.norm), None],
+            &normed,
+            norm_groups(out_rows),
+        );
+        let logits = g.scratch("logits", out_rows * self.w.vocab);
+        self.w.output.record(g, &mut enc, &normed, out_rows, &logits);
         if let Some(e) = pollster::block_on(memory.pop()) {
             return Err(super::gpu_err("device memory", e));
         }
-        let out = g.finish_and_read(enc, &logits, out_rows * self.vocab)?;
+        let out = g.finish_and_read(enc, &logits, out_rows * self.w.vocab)?;
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(super::gpu_err("kernels", e));
         }

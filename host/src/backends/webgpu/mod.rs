@@ -128,7 +128,16 @@ pub struct Kernels {
     empty: wgpu::Buffer,
 }
 
-const ENTRY_POINTS: [&str; 8] = ["mm_f32", "mm_q8", "add_bias", "add", "gate", "rmsnorm", "rope", "attention"];
+const ENTRY_POINTS: [&str; 8] = [
+    "mm_f32",
+    "mm_q8",
+    "add_bias",
+    "add",
+    "gate",
+    "rmsnorm",
+    "rope",
+    "attention",
+];
 
 /// Why the GPU failed a call (its words, with what was being done).
 pub(crate) fn gpu_err(what: &str, e: impl std::fmt::Display) -> String {
@@ -208,7 +217,7 @@ impl Kernels {
             mapped_at_creation: false,
         });
         Ok(Kernels {
-            max_binding: (o.limits.max_storage_buffer_binding_size as u64).min(o.limits.max_buffer_size),
+            max_binding: o.limits.max_storage_buffer_binding_size.min(o.limits.max_buffer_size),
             device,
             queue: o.queue,
             info: o.info,

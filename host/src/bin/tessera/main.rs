@@ -26,7 +26,8 @@ struct Cli {
     #[arg(long, global = true, env = "TESSERA_THREADS")]
     threads: Option<usize>,
     /// Where local members run and contributors train: `cpu` (default),
-    /// `cuda` or `cuda:N` (needs a build with `--features cuda`).
+    /// `cuda` or `cuda:N` (needs a build with `--features cuda`), or `wgpu`
+    /// (llama-family members on any GPU wgpu reaches; inference only).
     #[arg(long, global = true, env = "TESSERA_DEVICE")]
     device: Option<String>,
     /// Where weight merges compute: `auto` (default: a hardware GPU through
