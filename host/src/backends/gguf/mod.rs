@@ -72,7 +72,8 @@ pub(crate) fn chunk_at(start: usize, len: usize) -> (usize, usize) {
 enum Weights {
     Llama(Box<llama::Llama>),
     Gemma3(Box<gemma3::Gemma3>),
-    /// The llama family on a wgpu device ([`crate::backends::webgpu`]):
+    /// The llama family or Gemma 3 on a wgpu device
+    /// ([`crate::backends::webgpu`]):
     /// ids and logits cross as host tensors, the cache stays on the device
     /// except while another sequence of a batch runs.
     Wgpu(Box<crate::backends::webgpu::WgpuLlama>),
@@ -231,8 +232,9 @@ impl GgufModel {
         Self::load_placed(id, path, Place::Candle(device))
     }
 
-    /// Loads `path` onto the best wgpu device (`--device wgpu`): llama and
-    /// qwen2 files; tokenizer, chat template and sampling stay on the host.
+    /// Loads `path` onto the best wgpu device (`--device wgpu`): llama,
+    /// qwen2 and gemma3 files; tokenizer, chat template and sampling stay
+    /// on the host.
     pub fn load_wgpu(id: &str, path: &Path) -> Result<Self, LoadError> {
         Self::load_placed(id, path, Place::Wgpu)
     }
@@ -312,7 +314,7 @@ impl GgufModel {
             .unwrap_or(2048) as usize;
         let device = device.clone();
         let (weights, context_length) = match arch.as_str() {
-            "llama" | "qwen2" if wgpu => {
+            "llama" | "qwen2" | "gemma3" if wgpu => {
                 let positions = meta_ctx.min(MAX_POSITIONS);
                 let gpu = crate::backends::webgpu::Kernels::open()
                     .map_err(|e| LoadError::Invalid(format!("{shown}: --device wgpu: {e}")))?;
@@ -322,7 +324,7 @@ impl GgufModel {
             }
             other if wgpu => {
                 return Err(LoadError::Invalid(format!(
-                    "{shown}: architecture `{other}` does not run on wgpu yet (llama and qwen2 do): load it with `--device cpu`"
+                    "{shown}: architecture `{other}` does not run on wgpu (llama, qwen2 and gemma3 do): load it with `--device cpu`"
                 )))
             }
             "llama" | "qwen2" => {

@@ -1,6 +1,9 @@
-//! The llama family (Llama, SmolLM2, Qwen2) on wgpu: the same architecture
-//! as `gguf::llama` (see there), with the residual stream, the KV cache
-//! and every product on the device.
+//! The llama family (Llama, SmolLM2, Qwen2) and Gemma 3 on wgpu: the same
+//! architectures as `gguf::llama` and `gguf::gemma3` (see there), with the
+//! residual stream, the KV cache and every product on the device. Gemma 3
+//! adds per-head query/key norms, norms after attention and after the MLP,
+//! GELU (tanh) gating, embeddings scaled by sqrt(width), and five local
+//! layers (sliding window, rotary base 10,000) to every global one.
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
@@ -12,11 +15,14 @@ use super::{Kernels, Params};
 use crate::backends::gguf::attention::Meta;
 use crate::backends::gguf::quant;
 
-/// A weight matrix of `n` rows of `k` on the device.
+/// A weight matrix of `n` rows of `k` on the device, in slices of rows
+/// that each fit one binding (an embedding matrix of a 262k vocabulary
+/// does not fit one on many devices).
 struct Mat {
     n: usize,
     k: usize,
-    data: MatData,
+    /// (first row, rows, data) of each slice.
+    slices: Vec<(usize, usize, MatData)>,
 }
 
 enum MatData {
@@ -54,25 +60,32 @@ impl Mat {
     fn new(gpu: &Kernels, label: &str, qt: QTensor) -> Result<Mat, String> {
         let qt = quant::fast(qt, &Device::Cpu).map_err(|e| format!("{label}: {e}"))?;
         let (n, k) = qt.shape().dims2().map_err(|e| format!("{label}: {e}"))?;
-        let data = if qt.dtype() == GgmlDType::Q8_0 && k % 32 == 0 {
+        // Rows per slice: what one binding holds, in f32 (the larger form).
+        let per = ((gpu.max_binding as usize / 4 / k.max(1)).max(1)).min(n.max(1));
+        let mut slices = Vec::new();
+        if qt.dtype() == GgmlDType::Q8_0 && k % 32 == 0 {
             let raw = qt.data().map_err(|e| format!("{label}: {e}"))?;
             let blocks = n * k / 32;
             if raw.len() != blocks * 34 {
                 return Err(format!("{label}: {} bytes for {blocks} Q8_0 blocks", raw.len()));
             }
-            let mut qs = Vec::with_capacity(n * k / 4);
-            let mut scales = Vec::with_capacity(blocks);
-            for blk in raw.chunks_exact(34) {
-                scales.push(f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
-                qs.extend(
-                    blk[2..]
-                        .chunks_exact(4)
-                        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])),
-                );
-            }
-            MatData::Q8 {
-                qs: gpu.upload(label, &qs)?,
-                scales: gpu.upload(label, &scales)?,
+            let row_bytes = k / 32 * 34;
+            for (i, part) in raw.chunks(per * row_bytes).enumerate() {
+                let mut qs = Vec::with_capacity(part.len() / 34 * 8);
+                let mut scales = Vec::with_capacity(part.len() / 34);
+                for blk in part.chunks_exact(34) {
+                    scales.push(f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])));
+                    qs.extend(
+                        blk[2..]
+                            .chunks_exact(4)
+                            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])),
+                    );
+                }
+                let data = MatData::Q8 {
+                    qs: gpu.upload(label, &qs)?,
+                    scales: gpu.upload(label, &scales)?,
+                };
+                slices.push((i * per, part.len() / row_bytes, data));
             }
         } else {
             let dense: Vec<f32> = qt
@@ -80,24 +93,30 @@ impl Mat {
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1())
                 .map_err(|e| format!("{label}: {e}"))?;
-            MatData::F32(gpu.upload(label, &dense)?)
-        };
-        Ok(Mat { n, k, data })
+            for (i, part) in dense.chunks(per * k).enumerate() {
+                slices.push((i * per, part.len() / k, MatData::F32(gpu.upload(label, part)?)));
+            }
+        }
+        Ok(Mat { n, k, slices })
     }
 
-    /// Records `out[rows, n] = x[rows, k] W^T`.
+    /// Records `out[rows, n] = x[rows, k] W^T`, a dispatch per slice.
     fn record(&self, gpu: &Kernels, enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, rows: usize, out: &wgpu::Buffer) {
-        let params = Params {
-            n: self.n as u32,
-            k: self.k as u32,
-            rows: rows as u32,
-            ..Params::default()
-        };
-        let groups = (self.n.div_ceil(64) as u32, rows as u32);
-        match &self.data {
-            MatData::F32(w) => gpu.dispatch(enc, "mm_f32", params, [Some(x), Some(w), None], out, groups),
-            MatData::Q8 { qs, scales } => {
-                gpu.dispatch(enc, "mm_q8", params, [Some(x), Some(qs), Some(scales)], out, groups)
+        for (first, n, data) in &self.slices {
+            let params = Params {
+                n: *n as u32,
+                k: self.k as u32,
+                rows: rows as u32,
+                col0: *first as u32,
+                ldo: self.n as u32,
+                ..Params::default()
+            };
+            let groups = (n.div_ceil(64) as u32, rows as u32);
+            match data {
+                MatData::F32(w) => gpu.dispatch(enc, "mm_f32", params, [Some(x), Some(w), None], out, groups),
+                MatData::Q8 { qs, scales } => {
+                    gpu.dispatch(enc, "mm_q8", params, [Some(x), Some(qs), Some(scales)], out, groups)
+                }
             }
         }
     }
@@ -114,6 +133,16 @@ struct Layer {
     gate: Mat,
     up: Mat,
     down: Mat,
+    /// Gemma 3's extra norms: per-head query and key, after attention,
+    /// after the MLP.
+    q_norm: Option<wgpu::Buffer>,
+    k_norm: Option<wgpu::Buffer>,
+    post_attn_norm: Option<wgpu::Buffer>,
+    post_ffn_norm: Option<wgpu::Buffer>,
+    /// Sliding window (0: the whole context).
+    window: u32,
+    /// Rotary base of this layer.
+    theta: f32,
 }
 
 /// The weights and shapes, shared by every copy of a model (see
@@ -133,8 +162,10 @@ struct Weights {
     ffn: usize,
     vocab: usize,
     eps: f32,
-    theta: f32,
     interleaved: bool,
+    /// Gemma 3: GELU gating and embeddings times sqrt(width).
+    gelu: bool,
+    embed_scale: f32,
     positions: usize,
 }
 
@@ -211,9 +242,9 @@ impl WgpuLlama {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        if arch != "llama" && arch != "qwen2" {
+        if !matches!(arch.as_str(), "llama" | "qwen2" | "gemma3") {
             return Err(format!(
-                "{shown}: architecture `{arch}` does not run on wgpu yet (llama and qwen2 do): use `--device cpu`"
+                "{shown}: architecture `{arch}` does not run on wgpu (llama, qwen2 and gemma3 do): use `--device cpu`"
             ));
         }
         let context = content
@@ -225,7 +256,7 @@ impl WgpuLlama {
         Self::from_gguf(gpu, &arch, &content, &mut f, positions.min(context)).map_err(|e| format!("{shown}: {e}"))
     }
 
-    /// Loads `arch` (`llama` or `qwen2`) from a GGUF file's `content` onto
+    /// Loads `arch` (`llama`, `qwen2` or `gemma3`) from a GGUF file's `content` onto
     /// the device, with a KV cache for `positions` tokens.
     pub fn from_gguf<R: Read + Seek>(
         gpu: Arc<Kernels>,
@@ -244,13 +275,21 @@ impl WgpuLlama {
             .get("attention.layer_norm_rms_epsilon")
             .and_then(|v| v.to_f32())
             .map_err(|e| e.to_string())?;
-        let theta = md.f32_or("rope.freq_base", 10_000.0);
+        let gemma = arch == "gemma3";
+        let theta = md.f32_or("rope.freq_base", if gemma { 1_000_000.0 } else { 10_000.0 });
         if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
             return Err(format!(
                 "{heads} heads, {kv_heads} key/value heads and width {hidden} do not fit together"
             ));
         }
-        let head_dim = hidden / heads;
+        let head_dim = match gemma {
+            true => meta("attention.key_length")?,
+            false => hidden / heads,
+        };
+        let window = match gemma {
+            true => meta("attention.sliding_window")? as u32,
+            false => 0,
+        };
         if head_dim > 256 || head_dim % 2 != 0 {
             return Err(format!(
                 "head dimension {head_dim}: the wgpu kernels take even ones up to 256"
@@ -299,6 +338,15 @@ impl WgpuLlama {
                 true => Some((dense("attn_q.bias")?, dense("attn_k.bias")?, dense("attn_v.bias")?)),
                 false => None,
             };
+            let mut gemma_norm = |s: &str| match gemma {
+                true => dense(s).map(Some),
+                false => Ok(None),
+            };
+            let (q_norm, k_norm) = (gemma_norm("attn_q_norm.weight")?, gemma_norm("attn_k_norm.weight")?);
+            let post_attn_norm = gemma_norm("post_attention_norm.weight")?;
+            let post_ffn_norm = gemma_norm("post_ffw_norm.weight")?;
+            // Gemma 3: five local layers to each global one.
+            let local = gemma && i % 6 < 5;
             layers.push(Layer {
                 attn_norm: dense("attn_norm.weight")?,
                 ffn_norm: dense("ffn_norm.weight")?,
@@ -310,6 +358,12 @@ impl WgpuLlama {
                 gate,
                 up,
                 down,
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                post_ffn_norm,
+                window: if local { window } else { 0 },
+                theta: if local { 10_000.0 } else { theta },
             });
         }
         let caches = (0..layers_n)
@@ -332,8 +386,9 @@ impl WgpuLlama {
             ffn,
             vocab,
             eps,
-            theta,
             interleaved: arch == "llama",
+            gelu: gemma,
+            embed_scale: if gemma { (hidden as f32).sqrt() } else { 1.0 },
             positions,
         };
         Ok(WgpuLlama {
@@ -464,7 +519,7 @@ impl WgpuLlama {
                 .embed
                 .get(id as usize * h..(id as usize + 1) * h)
                 .ok_or_else(|| format!("token id {id} is outside the vocabulary of {}", self.w.vocab))?;
-            x0.extend_from_slice(row);
+            x0.extend(row.iter().map(|v| v * self.w.embed_scale));
         }
         let gpu = self.gpu.clone();
         let g = gpu.as_ref();
@@ -481,6 +536,8 @@ impl WgpuLlama {
         let gated = g.scratch("gated", rows * self.w.ffn);
         let gate = g.scratch("gate", rows * self.w.ffn);
         let mut enc = g.device.create_command_encoder(&Default::default());
+        let (qn, kn) = (g.scratch("qn", rows * qw), g.scratch("kn", rows * kvw));
+        let normed_proj = g.scratch("normed_proj", rows * h);
         let norm_params = |n: usize, rows: usize| Params {
             n: n as u32,
             k: n as u32,
@@ -489,13 +546,13 @@ impl WgpuLlama {
             ..Params::default()
         };
         let norm_groups = |rows: usize| ((rows.min(65_535)) as u32, rows.div_ceil(65_535) as u32);
-        let rope = |enc: &mut wgpu::CommandEncoder, buf: &wgpu::Buffer, nheads: usize| {
+        let rope = |enc: &mut wgpu::CommandEncoder, buf: &wgpu::Buffer, nheads: usize, theta: f32| {
             let params = Params {
                 rows: rows as u32,
                 pos: pos as u32,
                 heads: nheads as u32,
                 hd: hd as u32,
-                theta: self.w.theta,
+                theta,
                 flags: self.w.interleaved as u32,
                 ..Params::default()
             };
@@ -545,11 +602,35 @@ impl WgpuLlama {
                 elementwise(&mut enc, "add_bias", kvw, bk, None, &k);
                 elementwise(&mut enc, "add_bias", kvw, bv, None, &v);
             }
-            rope(&mut enc, &q, heads);
-            rope(&mut enc, &k, kvh);
+            // Gemma 3 normalises each head's query and key first.
+            let (q, k) = match (&l.q_norm, &l.k_norm) {
+                (Some(nq), Some(nk)) => {
+                    let (qr, kr) = (rows * heads, rows * kvh);
+                    g.dispatch(
+                        &mut enc,
+                        "rmsnorm",
+                        norm_params(hd, qr),
+                        [Some(&q), Some(nq), None],
+                        &qn,
+                        norm_groups(qr),
+                    );
+                    g.dispatch(
+                        &mut enc,
+                        "rmsnorm",
+                        norm_params(hd, kr),
+                        [Some(&k), Some(nk), None],
+                        &kn,
+                        norm_groups(kr),
+                    );
+                    (&qn, &kn)
+                }
+                _ => (&q, &k),
+            };
+            rope(&mut enc, q, heads, l.theta);
+            rope(&mut enc, k, kvh, l.theta);
             let at = (pos * kvw * 4) as u64;
             let bytes = (rows * kvw * 4) as u64;
-            enc.copy_buffer_to_buffer(&k, 0, k_cache, at, bytes);
+            enc.copy_buffer_to_buffer(k, 0, k_cache, at, bytes);
             enc.copy_buffer_to_buffer(&v, 0, v_cache, at, bytes);
             let params = Params {
                 rows: rows as u32,
@@ -558,18 +639,34 @@ impl WgpuLlama {
                 kv_heads: kvh as u32,
                 hd: hd as u32,
                 scale: 1.0 / (hd as f32).sqrt(),
+                window: l.window,
                 ..Params::default()
             };
             g.dispatch(
                 &mut enc,
                 "attention",
                 params,
-                [Some(&q), Some(k_cache), Some(v_cache)],
+                [Some(q), Some(k_cache), Some(v_cache)],
                 &att,
                 (heads.div_ceil(64) as u32, rows as u32),
             );
             l.o.record(g, &mut enc, &att, rows, &proj);
-            elementwise(&mut enc, "add", h, &proj, None, &x);
+            let post = |enc: &mut wgpu::CommandEncoder, norm: &Option<wgpu::Buffer>| match norm {
+                Some(n) => {
+                    g.dispatch(
+                        enc,
+                        "rmsnorm",
+                        norm_params(h, rows),
+                        [Some(&proj), Some(n), None],
+                        &normed_proj,
+                        norm_groups(rows),
+                    );
+                    &normed_proj
+                }
+                None => &proj,
+            };
+            let added = post(&mut enc, &l.post_attn_norm);
+            elementwise(&mut enc, "add", h, added, None, &x);
             g.dispatch(
                 &mut enc,
                 "rmsnorm",
@@ -580,9 +677,23 @@ impl WgpuLlama {
             );
             l.gate.record(g, &mut enc, &xn, rows, &gate);
             l.up.record(g, &mut enc, &xn, rows, &up);
-            elementwise(&mut enc, "gate", self.w.ffn, &gate, Some(&up), &gated);
+            let gate_params = Params {
+                n: self.w.ffn as u32,
+                rows: rows as u32,
+                flags: self.w.gelu as u32,
+                ..Params::default()
+            };
+            g.dispatch(
+                &mut enc,
+                "gate",
+                gate_params,
+                [Some(&gate), Some(&up), None],
+                &gated,
+                Kernels::flat_groups(self.w.ffn * rows),
+            );
             l.down.record(g, &mut enc, &gated, rows, &proj);
-            elementwise(&mut enc, "add", h, &proj, None, &x);
+            let added = post(&mut enc, &l.post_ffn_norm);
+            elementwise(&mut enc, "add", h, added, None, &x);
         }
         // The final norm and the output projection, for the rows asked.
         let (out_rows, src) = match which {

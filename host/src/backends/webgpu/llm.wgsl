@@ -16,6 +16,10 @@ struct Params {
     theta: f32,    // RoPE base
     scale: f32,    // attention scale
     window: u32,   // sliding-window length (0 = none)
+    col0: u32,     // products: first output column of this slice of rows of b
+    ldo: u32,      // products: output row stride (the whole matrix's n)
+    pad0: u32,
+    pad1: u32,
 };
 
 @group(0) @binding(0) var<storage, read> p: Params;
@@ -27,8 +31,10 @@ struct Params {
 // a binding; the bits are never read as floats, which a GPU may flush).
 @group(0) @binding(2) var<storage, read> bq: array<u32>;
 
-// o[r, m] = sum_k a[r, k] * b[m, k]: a projection by a dense (f32) weight
-// matrix `b` of n rows of k. One invocation per output; x = m, y = r.
+// o[r, col0 + m] = sum_k a[r, k] * b[m, k]: a projection by a dense (f32)
+// weight matrix `b` of n rows of k (a slice of the whole matrix's rows
+// when it is larger than one binding may be). One invocation per output;
+// x = m, y = r.
 @compute @workgroup_size(64)
 fn mm_f32(@builtin(global_invocation_id) id: vec3<u32>) {
     let m = id.x;
@@ -40,7 +46,7 @@ fn mm_f32(@builtin(global_invocation_id) id: vec3<u32>) {
     for (var i = 0u; i < p.k; i = i + 1u) {
         acc = acc + a[xa + i] * b[wb + i];
     }
-    o[r * p.n + m] = acc;
+    o[r * p.ldo + p.col0 + m] = acc;
 }
 
 // The same product for Q8_0 weights: `bq` holds the int8 values packed
@@ -67,7 +73,7 @@ fn mm_q8(@builtin(global_invocation_id) id: vec3<u32>) {
         }
         acc = acc + part * c[m * blocks + blk];
     }
-    o[r * p.n + m] = acc;
+    o[r * p.ldo + p.col0 + m] = acc;
 }
 
 // o[i] += a[i % n]: a bias added to every row.

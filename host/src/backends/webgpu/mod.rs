@@ -114,6 +114,9 @@ pub(crate) struct Params {
     pub theta: f32,
     pub scale: f32,
     pub window: u32,
+    pub col0: u32,
+    pub ldo: u32,
+    pub pad: [u32; 2],
 }
 
 /// The kernels of llm.wgsl on one device.
