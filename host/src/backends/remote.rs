@@ -17,6 +17,12 @@
 //!   token of work. Texts become token ids through the server's own
 //!   `/tokenize` (and chats through its `/apply-template`), so the ids are
 //!   the ones the model was trained with;
+//! - `vllm`: vLLM's prompt log-probabilities. The prompt (through vLLM's
+//!   `/tokenize`, chats with the model's template and the generation
+//!   prompt) and each continuation become token ids; one `/v1/completions`
+//!   call per continuation sends their concatenation as ids with
+//!   `prompt_logprobs: 0`, and the continuation's log-probability is the
+//!   sum over its positions (vLLM's prefix cache shares the prompt's work);
 //! - `openai`: any other OpenAI-compatible server, which cannot score.
 //!
 //! Declare `capabilities = ["generate", "score"]` for a member whose engine
@@ -121,6 +127,9 @@ pub enum Engine {
     /// llama.cpp's server: scores by forced decoding of token ids.
     #[serde(rename = "llama.cpp", alias = "llamacpp")]
     LlamaCpp,
+    /// vLLM's OpenAI server: scores from prompt log-probabilities.
+    #[serde(rename = "vllm")]
+    Vllm,
     /// Any other OpenAI-compatible server: generates and embeds only.
     #[serde(rename = "openai")]
     OpenAi,
@@ -131,6 +140,7 @@ impl std::fmt::Display for Engine {
         f.write_str(match self {
             Engine::Tessera => "tessera",
             Engine::LlamaCpp => "llama.cpp",
+            Engine::Vllm => "vllm",
             Engine::OpenAi => "openai",
         })
     }
@@ -153,7 +163,7 @@ pub enum RemoteSetupError {
     ZeroTimeout,
     /// `score` declared for an engine that cannot score.
     #[error(
-        "remote engine `{0}` cannot score: drop `score` from the capabilities, or declare the engine that serves it (`tessera`, `llama.cpp`)"
+        "remote engine `{0}` cannot score: drop `score` from the capabilities, or declare the engine that serves it (`tessera`, `llama.cpp`, `vllm`)"
     )]
     CannotScore(Engine),
     /// The API key's variable is not set.
@@ -460,6 +470,7 @@ impl RemoteMember {
         match self.cfg.engine {
             Engine::Tessera => self.score_on_tessera(ctx, prompt, continuations).await,
             Engine::LlamaCpp => self.score_on_llama_cpp(ctx, prompt, continuations).await,
+            Engine::Vllm => self.score_on_vllm(ctx, prompt, continuations).await,
             Engine::OpenAi => Err(InferenceError::Unsupported(format!(
                 "remote member `{}` runs on an OpenAI-compatible server that cannot score",
                 self.id
@@ -551,6 +562,86 @@ impl RemoteMember {
                 logprob,
                 tokens: ids.len() as u32,
                 cached_tokens: cached,
+            });
+        }
+        Ok(out)
+    }
+
+    /// vLLM's token ids for a text (`add_special`: the tokenizer's BOS and
+    /// the like) or a chat (its template, with the generation prompt).
+    async fn vllm_tokens(&self, ctx: CallCtx, input: Input, add_special: bool) -> Result<Vec<u32>, InferenceError> {
+        let body = match input {
+            Input::Prompt(p) => {
+                json!({ "model": self.cfg.model, "prompt": p, "add_special_tokens": add_special })
+            }
+            Input::Chat(m) => json!({
+                "model": self.cfg.model, "messages": m,
+                "add_generation_prompt": true, "add_special_tokens": false,
+            }),
+        };
+        let v = self.call("/tokenize", body, ctx).await?;
+        serde_json::from_value(v["tokens"].clone()).map_err(|_| self.not_vllm("/tokenize", "a `tokens` list of ids"))
+    }
+
+    fn not_vllm(&self, route: &str, what: &str) -> InferenceError {
+        InferenceError::Failed(format!(
+            "remote member `{}`: {route} at {} answered without what vLLM gives ({what}): is the engine `vllm`?",
+            self.id, self.cfg.url
+        ))
+    }
+
+    /// Scores from vLLM's prompt log-probabilities (module docs).
+    async fn score_on_vllm(
+        &self,
+        ctx: CallCtx,
+        prompt: Input,
+        continuations: Vec<String>,
+    ) -> Result<Vec<Scored>, InferenceError> {
+        if matches!(&prompt, Input::Chat(m) if m.is_empty()) {
+            return Err(InferenceError::InvalidParams(
+                "the chat has no messages: send at least one user turn".into(),
+            ));
+        }
+        let prompt_ids = self.vllm_tokens(ctx, prompt, true).await?;
+        if prompt_ids.is_empty() {
+            return Err(InferenceError::InvalidParams("the prompt is empty".into()));
+        }
+        let mut out = Vec::with_capacity(continuations.len());
+        for cont in continuations {
+            let ids = self.vllm_tokens(ctx, Input::Prompt(cont), false).await?;
+            if ids.is_empty() {
+                return Err(InferenceError::InvalidParams(
+                    "an empty continuation has no likelihood: give each choice some text".into(),
+                ));
+            }
+            let all: Vec<u32> = prompt_ids.iter().chain(&ids).copied().collect();
+            let body = json!({
+                "model": self.cfg.model, "prompt": all, "max_tokens": 1,
+                "temperature": 0, "prompt_logprobs": 0,
+            });
+            let v = self.call("completions", body, ctx).await?;
+            let lps = v["choices"][0]["prompt_logprobs"]
+                .as_array()
+                .filter(|a| a.len() == all.len())
+                .ok_or_else(|| self.not_vllm("/v1/completions", "`prompt_logprobs`, one entry per prompt token"))?;
+            let mut logprob = 0.0;
+            for (entry, id) in lps[prompt_ids.len()..].iter().zip(&ids) {
+                match entry[id.to_string()]["logprob"].as_f64() {
+                    Some(lp) if lp.is_finite() => logprob += lp,
+                    _ => {
+                        return Err(self.not_vllm(
+                            "/v1/completions",
+                            "each continuation token's `logprob` in `prompt_logprobs`",
+                        ))
+                    }
+                }
+            }
+            out.push(Scored {
+                logprob,
+                tokens: ids.len() as u32,
+                cached_tokens: v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0) as u32,
             });
         }
         Ok(out)

@@ -141,8 +141,37 @@ struct Layer {
     post_ffn_norm: Option<wgpu::Buffer>,
     /// Sliding window (0: the whole context).
     window: u32,
-    /// Rotary base of this layer.
-    theta: f32,
+    /// Which of the model's rotary tables this layer uses.
+    rope: usize,
+}
+
+/// Cosines and sines of the rotary angles of every position and pair
+/// (`[positions, head_dim / 2]`), computed on the host as the CPU path
+/// computes them (f32 inverse frequencies, f32 products).
+struct RopeTable {
+    cos: wgpu::Buffer,
+    sin: wgpu::Buffer,
+}
+
+impl RopeTable {
+    fn new(gpu: &Kernels, head_dim: usize, base: f32, positions: usize) -> Result<Self, String> {
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / base.powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(positions * inv.len());
+        let mut sin = Vec::with_capacity(positions * inv.len());
+        for p in 0..positions {
+            for f in &inv {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(RopeTable {
+            cos: gpu.upload("rope_cos", &cos)?,
+            sin: gpu.upload("rope_sin", &sin)?,
+        })
+    }
 }
 
 /// The weights and shapes, shared by every copy of a model (see
@@ -163,6 +192,8 @@ struct Weights {
     vocab: usize,
     eps: f32,
     interleaved: bool,
+    /// Rotary tables: one per base the layers use.
+    ropes: Vec<RopeTable>,
     /// Gemma 3: GELU gating and embeddings times sqrt(width).
     gelu: bool,
     embed_scale: f32,
@@ -363,7 +394,7 @@ impl WgpuLlama {
                 post_attn_norm,
                 post_ffn_norm,
                 window: if local { window } else { 0 },
-                theta: if local { 10_000.0 } else { theta },
+                rope: if local { 1 } else { 0 },
             });
         }
         let caches = (0..layers_n)
@@ -374,7 +405,12 @@ impl WgpuLlama {
                 )
             })
             .collect();
+        let mut ropes = vec![RopeTable::new(&gpu, head_dim, theta, positions)?];
+        if gemma {
+            ropes.push(RopeTable::new(&gpu, head_dim, 10_000.0, positions)?);
+        }
         let w = Weights {
+            ropes,
             embed,
             output,
             norm,
@@ -546,13 +582,13 @@ impl WgpuLlama {
             ..Params::default()
         };
         let norm_groups = |rows: usize| ((rows.min(65_535)) as u32, rows.div_ceil(65_535) as u32);
-        let rope = |enc: &mut wgpu::CommandEncoder, buf: &wgpu::Buffer, nheads: usize, theta: f32| {
+        let rope = |enc: &mut wgpu::CommandEncoder, buf: &wgpu::Buffer, nheads: usize, table: usize| {
+            let t = &self.w.ropes[table.min(self.w.ropes.len() - 1)];
             let params = Params {
                 rows: rows as u32,
                 pos: pos as u32,
                 heads: nheads as u32,
                 hd: hd as u32,
-                theta,
                 flags: self.w.interleaved as u32,
                 ..Params::default()
             };
@@ -560,7 +596,7 @@ impl WgpuLlama {
                 enc,
                 "rope",
                 params,
-                [None, None, None],
+                [Some(&t.cos), Some(&t.sin), None],
                 buf,
                 ((hd / 2).div_ceil(64) as u32, (rows * nheads) as u32),
             );
@@ -626,8 +662,8 @@ impl WgpuLlama {
                 }
                 _ => (&q, &k),
             };
-            rope(&mut enc, q, heads, l.theta);
-            rope(&mut enc, k, kvh, l.theta);
+            rope(&mut enc, q, heads, l.rope);
+            rope(&mut enc, k, kvh, l.rope);
             let at = (pos * kvw * 4) as u64;
             let bytes = (rows * kvw * 4) as u64;
             enc.copy_buffer_to_buffer(k, 0, k_cache, at, bytes);
@@ -648,7 +684,7 @@ impl WgpuLlama {
                 params,
                 [Some(q), Some(k_cache), Some(v_cache)],
                 &att,
-                (heads.div_ceil(64) as u32, rows as u32),
+                (heads as u32, rows as u32),
             );
             l.o.record(g, &mut enc, &att, rows, &proj);
             let post = |enc: &mut wgpu::CommandEncoder, norm: &Option<wgpu::Buffer>| match norm {

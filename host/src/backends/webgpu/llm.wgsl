@@ -13,7 +13,7 @@ struct Params {
     hd: u32,       // head dimension
     flags: u32,    // per-kernel switches (see each kernel)
     eps: f32,      // RMSNorm epsilon
-    theta: f32,    // RoPE base
+    theta: f32,    // unused (the RoPE tables carry the base)
     scale: f32,    // attention scale
     window: u32,   // sliding-window length (0 = none)
     col0: u32,     // products: first output column of this slice of rows of b
@@ -138,9 +138,12 @@ fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
 }
 
 // Rotary position embedding in place on `o` (rows of `heads` heads of
-// `hd`). flags 0: pairs (i, i + hd/2) (rotate-half, Qwen2 and Gemma);
-// flags 1: adjacent pairs (2i, 2i + 1) (llama as llama.cpp stores it).
-// One invocation per (pair, head, row).
+// `hd`), with the angles' cosines `a` and sines `b` from tables the host
+// computed ([positions, hd/2]): GPUs compute sin and cos accurately only
+// near zero, and the angles of late positions are hundreds of radians.
+// flags 0: pairs (i, i + hd/2) (rotate-half, Qwen2 and Gemma); flags 1:
+// adjacent pairs (2i, 2i + 1) (llama as llama.cpp stores it). One
+// invocation per (pair, head, row).
 @compute @workgroup_size(64)
 fn rope(@builtin(global_invocation_id) id: vec3<u32>) {
     let half = p.hd / 2u;
@@ -149,10 +152,9 @@ fn rope(@builtin(global_invocation_id) id: vec3<u32>) {
     let h = hr % p.heads;
     let r = hr / p.heads;
     if (pair >= half || r >= p.rows) { return; }
-    let freq = 1.0 / pow(p.theta, f32(2u * pair) / f32(p.hd));
-    let angle = f32(p.pos + r) * freq;
-    let cs = cos(angle);
-    let sn = sin(angle);
+    let t = (p.pos + r) * half + pair;
+    let cs = a[t];
+    let sn = b[t];
     let base = (r * p.heads + h) * p.hd;
     var i0: u32;
     var i1: u32;
@@ -171,13 +173,19 @@ fn rope(@builtin(global_invocation_id) id: vec3<u32>) {
 
 // Causal attention of query rows `a` ([rows, heads * hd], row r at
 // position pos + r) over the cached keys `b` and values `c` ([positions,
-// kv_heads * hd], filled up to pos + rows). One invocation per (head, row),
-// an online softmax over the keys; a window > 0 sees only the last
-// `window` positions.
+// kv_heads * hd], filled up to pos + rows). One workgroup per (head, row):
+// its 64 invocations share the head's dimensions (up to 4 each, so hd <=
+// 256), reduce each key's score together and keep an online softmax; a
+// window > 0 sees only the last `window` positions. (A first version ran
+// one invocation per head over every key and dimension; on llvmpipe it
+// drifted from the CPU path once keys x head_dim passed 32,768, by up to
+// 25 nats. Its cause was not found; this form agrees at every length.)
+var<workgroup> scores: array<f32, 64>;
+
 @compute @workgroup_size(64)
-fn attention(@builtin(global_invocation_id) id: vec3<u32>) {
-    let h = id.x;
-    let r = id.y;
+fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let h = wg.x;
+    let r = wg.y;
     if (h >= p.heads || r >= p.rows) { return; }
     let group = p.heads / p.kv_heads;
     let kvh = h / group;
@@ -188,27 +196,42 @@ fn attention(@builtin(global_invocation_id) id: vec3<u32>) {
     if (p.window > 0u && last + 1u > p.window) {
         first = last + 1u - p.window;
     }
-    var acc: array<f32, 256>;
-    for (var d = 0u; d < p.hd; d = d + 1u) { acc[d] = 0.0; }
+    let me = lid.x;
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     var mx = -3.4e38;
     var l = 0.0;
     for (var t = first; t <= last; t = t + 1u) {
         let kb = t * kvw + kvh * p.hd;
-        var s = 0.0;
-        for (var d = 0u; d < p.hd; d = d + 1u) {
-            s = s + a[qb + d] * b[kb + d];
+        var part = 0.0;
+        for (var d = me; d < p.hd; d = d + 64u) {
+            part = part + a[qb + d] * b[kb + d];
         }
-        s = s * p.scale;
+        scores[me] = part;
+        workgroupBarrier();
+        for (var step = 32u; step > 0u; step = step / 2u) {
+            if (me < step) {
+                scores[me] = scores[me] + scores[me + step];
+            }
+            workgroupBarrier();
+        }
+        let s = scores[0] * p.scale;
+        workgroupBarrier();
         let m2 = max(mx, s);
         let corr = exp(mx - m2);
         let e = exp(s - m2);
         l = l * corr + e;
-        for (var d = 0u; d < p.hd; d = d + 1u) {
-            acc[d] = acc[d] * corr + e * c[kb + d];
+        for (var j = 0u; j < 4u; j = j + 1u) {
+            let d = me + j * 64u;
+            if (d < p.hd) {
+                acc[j] = acc[j] * corr + e * c[kb + d];
+            }
         }
         mx = m2;
     }
-    for (var d = 0u; d < p.hd; d = d + 1u) {
-        o[qb + d] = acc[d] / l;
+    for (var j = 0u; j < 4u; j = j + 1u) {
+        let d = me + j * 64u;
+        if (d < p.hd) {
+            o[qb + d] = acc[j] / l;
+        }
     }
 }
