@@ -64,6 +64,13 @@ async fn send(
 /// since the load began.
 type Outcome = (f64, f64, Result<u16, String>);
 
+/// POSTs `body` with `key`; the status and the JSON answer.
+async fn post(client: &reqwest::Client, url: &str, key: &str, body: &Value) -> (u16, Value) {
+    send(client, reqwest::Method::POST, url, key, Some(body))
+        .await
+        .expect("the node answers")
+}
+
 fn chat(model: &str, prompt: &str, max_tokens: u32) -> Value {
     json!({ "model": model, "messages": [{ "role": "user", "content": prompt }], "max_tokens": max_tokens, "temperature": 0 })
 }
@@ -95,27 +102,23 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
 
     // 1. Published on node 0, served by all: each node fetches the
     // component from the database on first use.
-    let (status, v) = send(
+    let (status, v) = post(
         &client,
-        Method::POST,
         &direct(0, "/v1/tessera/modules"),
         &root,
-        Some(&upload(&installed("majority-vote"), "shared-vote")),
+        &upload(&installed("majority-vote"), "shared-vote"),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(status, 201, "{v}");
     let sha = v["sha256"].as_str().expect("sha256").to_string();
     for i in 0..3 {
-        let (status, v) = send(
+        let (status, v) = post(
             &client,
-            Method::POST,
             &direct(i, "/v1/chat/completions"),
             &alice,
-            Some(&chat("shared-vote", "Name a primary colour.", 6)),
+            &chat("shared-vote", "Name a primary colour.", 6),
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!(status, 200, "node {i}: {v}");
         assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
         assert!(
@@ -124,15 +127,13 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
         );
     }
     for _ in 0..3 {
-        let (status, v) = send(
+        let (status, v) = post(
             &client,
-            Method::POST,
             &format!("{}/v1/chat/completions", lb.url),
             &alice,
-            Some(&chat("shared-vote", "Say yes.", 4)),
+            &chat("shared-vote", "Say yes.", 4),
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!(status, 200, "through the balancer: {v}");
     }
 
@@ -141,15 +142,7 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
     // spent on node 1 too.
     let mut statuses = Vec::new();
     for i in [0, 1, 2, 0, 1, 2] {
-        let (status, v) = send(
-            &client,
-            Method::POST,
-            &direct(i, "/v1/chat/completions"),
-            &bob,
-            Some(&chat(SMOL, "Hi", 1)),
-        )
-        .await
-        .unwrap();
+        let (status, v) = post(&client, &direct(i, "/v1/chat/completions"), &bob, &chat(SMOL, "Hi", 1)).await;
         if status == 429 {
             assert_eq!(v["error"]["code"], "requests_per_minute", "{v}");
             assert!(
@@ -167,25 +160,21 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
         [200, 200, 200, 200, 429, 429],
         "bob's minute across three nodes"
     );
-    let (status, v) = send(
+    let (status, v) = post(
         &client,
-        Method::POST,
         &direct(0, "/v1/chat/completions"),
         &carol,
-        Some(&chat(SMOL, "Count to three.", 4)),
+        &chat(SMOL, "Count to three.", 4),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(status, 200, "{v}");
-    let (status, v) = send(
+    let (status, v) = post(
         &client,
-        Method::POST,
         &direct(1, "/v1/chat/completions"),
         &carol,
-        Some(&chat(SMOL, "Hi", 1)),
+        &chat(SMOL, "Hi", 1),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(status, 429, "carol's day is spent on every node: {v}");
     assert!(
         v["error"]["message"]
@@ -197,52 +186,26 @@ async fn three_nodes_on_postgresql_behind_haproxy_share_modules_quotas_quarantin
 
     // 3. Quarantine is shared: three faults spread over three nodes
     // quarantine the module for alice on all of them.
-    let (status, v) = send(
+    let (status, v) = post(
         &client,
-        Method::POST,
         &direct(1, "/v1/tessera/modules"),
         &root,
-        Some(&upload(&hostile_path("liar"), "fragile")),
+        &upload(&hostile_path("liar"), "fragile"),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(status, 201, "{v}");
     let lie = json!({"model": "fragile", "messages": [{"role": "user", "content": "hi"}], "tessera": {"claim": "not-permitted"}});
     for i in 0..3 {
-        let (status, v) = send(
-            &client,
-            Method::POST,
-            &direct(i, "/v1/chat/completions"),
-            &alice,
-            Some(&lie),
-        )
-        .await
-        .unwrap();
+        let (status, v) = post(&client, &direct(i, "/v1/chat/completions"), &alice, &lie).await;
         assert_eq!(status, 502, "fault {} on node {i}: {v}", i + 1);
     }
     for i in 0..3 {
-        let (status, v) = send(
-            &client,
-            Method::POST,
-            &direct(i, "/v1/chat/completions"),
-            &alice,
-            Some(&lie),
-        )
-        .await
-        .unwrap();
+        let (status, v) = post(&client, &direct(i, "/v1/chat/completions"), &alice, &lie).await;
         assert_eq!(status, 503, "node {i}: {v}");
         assert_eq!(v["error"]["code"], "module_quarantined", "{v}");
     }
     // ... and only for alice: another tenant still runs it.
-    let (status, v) = send(
-        &client,
-        Method::POST,
-        &direct(2, "/v1/chat/completions"),
-        &root,
-        Some(&lie),
-    )
-    .await
-    .unwrap();
+    let (status, v) = post(&client, &direct(2, "/v1/chat/completions"), &root, &lie).await;
     assert_eq!(status, 502, "another tenant still runs it: {v}");
 
     // 4. kill -9 of one node under load. Four clients chat through the

@@ -118,20 +118,7 @@ impl Gpu {
             label: Some("merge.wgsl"),
             source: wgpu::ShaderSource::Wgsl(include_str!("merge.wgsl").into()),
         });
-        let entry = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only },
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        };
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("merge"),
-            entries: &[entry(0, true), entry(1, true), entry(2, true), entry(3, false)],
-        });
+        let layout = crate::backends::webgpu::storage_layout(&device, "merge", &[true, true, true, false]);
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some("merge"),
             bind_group_layouts: &[Some(&layout)],

@@ -98,6 +98,29 @@ pub fn open_adapter(label: &str, allow_software: bool, fallback: &str) -> Result
     })
 }
 
+/// A bind group layout of storage buffers for compute shaders, binding `i`
+/// read-only where `read_only[i]`.
+pub fn storage_layout(device: &wgpu::Device, label: &str, read_only: &[bool]) -> wgpu::BindGroupLayout {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = read_only
+        .iter()
+        .enumerate()
+        .map(|(i, &read_only)| wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        })
+        .collect();
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(label),
+        entries: &entries,
+    })
+}
+
 /// The dispatch parameters, laid out as `Params` in llm.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -171,26 +194,7 @@ impl Kernels {
             label: Some("llm.wgsl"),
             source: wgpu::ShaderSource::Wgsl(include_str!("llm.wgsl").into()),
         });
-        let entry = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only },
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        };
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("llm"),
-            entries: &[
-                entry(0, true),
-                entry(1, true),
-                entry(2, true),
-                entry(3, true),
-                entry(4, false),
-            ],
-        });
+        let layout = storage_layout(&device, "llm", &[true, true, true, true, false]);
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some("llm"),
             bind_group_layouts: &[Some(&layout)],

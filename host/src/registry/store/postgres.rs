@@ -134,6 +134,10 @@ const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 const MODULE_COLUMNS: &str = "name, sha256, world, manifest, size, publisher_key, published_at";
 
+/// Deletes component `$1` if no module uses it any more.
+const DROP_UNUSED_BLOB: &str = "DELETE FROM tessera_blobs WHERE sha256 = $1
+     AND NOT EXISTS (SELECT 1 FROM tessera_modules WHERE sha256 = $1)";
+
 fn module_row(r: &postgres::Row) -> Result<ModuleRow, postgres::Error> {
     Ok(ModuleRow {
         name: r.try_get(0)?,
@@ -298,11 +302,7 @@ impl Store for PostgresStore {
                 ],
             )?;
             if let Some(old) = old.as_ref().filter(|o| **o != row.sha256) {
-                tx.execute(
-                    "DELETE FROM tessera_blobs WHERE sha256 = $1
-                     AND NOT EXISTS (SELECT 1 FROM tessera_modules WHERE sha256 = $1)",
-                    &[old],
-                )?;
+                tx.execute(DROP_UNUSED_BLOB, &[old])?;
             }
             tx.commit()?;
             Ok(old)
@@ -318,11 +318,7 @@ impl Store for PostgresStore {
                 .map(|r| r.try_get(0))
                 .transpose()?;
             if let Some(old) = &old {
-                tx.execute(
-                    "DELETE FROM tessera_blobs WHERE sha256 = $1
-                     AND NOT EXISTS (SELECT 1 FROM tessera_modules WHERE sha256 = $1)",
-                    &[old],
-                )?;
+                tx.execute(DROP_UNUSED_BLOB, &[old])?;
             }
             tx.commit()?;
             Ok(old)
