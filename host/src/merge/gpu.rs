@@ -15,7 +15,7 @@
 //! bit; which entries TIES and DARE keep is decided identically (the same
 //! threshold, the same integer hash), so the two never disagree on a mask.
 
-use std::sync::{mpsc, Mutex};
+use std::sync::Mutex;
 
 use wgpu::util::DeviceExt;
 
@@ -275,24 +275,9 @@ impl Gpu {
             }
             enc.copy_buffer_to_buffer(&out, 0, &staging, 0, (want * 4) as u64);
             self.queue.submit([enc.finish()]);
-            let slice = staging.slice(..(want * 4) as u64);
-            let (tx, rx) = mpsc::channel();
-            slice.map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-            self.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| gpu_err("waiting for the device", e))?;
-            match rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(gpu_err("reading back", e)),
-                Err(e) => return Err(gpu_err("reading back", e)),
-            }
-            {
-                let view = slice.get_mapped_range().map_err(|e| gpu_err("reading back", e))?;
-                each(start, bytemuck::cast_slice(&view));
-            }
-            staging.unmap();
+            let values = crate::backends::webgpu::read_mapped(&self.device, &staging, (want * 4) as u64)
+                .map_err(|e| MergeError::Io(format!("GPU merge: {e}")))?;
+            each(start, &values);
             start += len;
         }
         if let Some(e) = pollster::block_on(scope.pop()) {

@@ -98,6 +98,30 @@ pub fn open_adapter(label: &str, allow_software: bool, fallback: &str) -> Result
     })
 }
 
+/// Maps the first `bytes` of `staging` (a `MAP_READ` buffer whose copy
+/// has been submitted), waits for the device, and returns them as f32.
+pub fn read_mapped(device: &wgpu::Device, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<f32>, String> {
+    let slice = staging.slice(..bytes);
+    let (tx, rx) = mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| gpu_err("waiting for the device", e))?;
+    match rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(gpu_err("reading back", e)),
+        Err(e) => return Err(gpu_err("reading back", e)),
+    }
+    let out = {
+        let view = slice.get_mapped_range().map_err(|e| gpu_err("reading back", e))?;
+        bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+    };
+    staging.unmap();
+    Ok(out)
+}
+
 /// A bind group layout of storage buffers for compute shaders, binding `i`
 /// read-only where `read_only[i]`.
 pub fn storage_layout(device: &wgpu::Device, label: &str, read_only: &[bool]) -> wgpu::BindGroupLayout {
@@ -166,7 +190,7 @@ const ENTRY_POINTS: [&str; 8] = [
 ];
 
 /// Why the GPU failed a call (its words, with what was being done).
-pub(crate) fn gpu_err(what: &str, e: impl std::fmt::Display) -> String {
+pub fn gpu_err(what: &str, e: impl std::fmt::Display) -> String {
     format!("wgpu: {what}: {e}")
 }
 
@@ -356,24 +380,8 @@ impl Kernels {
         });
         enc.copy_buffer_to_buffer(src, 0, &staging, 0, (n * 4) as u64);
         self.queue.submit([enc.finish()]);
-        let slice = staging.slice(..(n.max(1) * 4) as u64);
-        let (tx, rx) = mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| gpu_err("waiting for the device", e))?;
-        match rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(gpu_err("reading back", e)),
-            Err(e) => return Err(gpu_err("reading back", e)),
-        }
-        let out = {
-            let view = slice.get_mapped_range().map_err(|e| gpu_err("reading back", e))?;
-            bytemuck::cast_slice::<u8, f32>(&view)[..n].to_vec()
-        };
-        staging.unmap();
+        let mut out = read_mapped(&self.device, &staging, (n.max(1) * 4) as u64)?;
+        out.truncate(n);
         Ok(out)
     }
 }
