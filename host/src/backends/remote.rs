@@ -486,10 +486,12 @@ impl RemoteMember {
         serde_json::from_value(v["tokens"].clone()).map_err(|_| self.malformed("/tokenize", "no `tokens` list of ids"))
     }
 
+    /// The far end answered `route` without `what` its declared engine
+    /// gives: most likely the member's `engine` is not the server's.
     fn malformed(&self, route: &str, what: &str) -> InferenceError {
         InferenceError::Failed(format!(
-            "remote member `{}`: {route} at {} answered without what llama.cpp's server gives ({what}): is the engine `llama.cpp`?",
-            self.id, self.cfg.url
+            "remote member `{}`: {route} at {} answered without what a {} server gives ({what}): is the engine `{}`?",
+            self.id, self.cfg.url, self.cfg.engine, self.cfg.engine
         ))
     }
 
@@ -580,14 +582,7 @@ impl RemoteMember {
             }),
         };
         let v = self.call("/tokenize", body, ctx).await?;
-        serde_json::from_value(v["tokens"].clone()).map_err(|_| self.not_vllm("/tokenize", "a `tokens` list of ids"))
-    }
-
-    fn not_vllm(&self, route: &str, what: &str) -> InferenceError {
-        InferenceError::Failed(format!(
-            "remote member `{}`: {route} at {} answered without what vLLM gives ({what}): is the engine `vllm`?",
-            self.id, self.cfg.url
-        ))
+        serde_json::from_value(v["tokens"].clone()).map_err(|_| self.malformed("/tokenize", "a `tokens` list of ids"))
     }
 
     /// Scores from vLLM's prompt log-probabilities (module docs).
@@ -623,13 +618,13 @@ impl RemoteMember {
             let lps = v["choices"][0]["prompt_logprobs"]
                 .as_array()
                 .filter(|a| a.len() == all.len())
-                .ok_or_else(|| self.not_vllm("/v1/completions", "`prompt_logprobs`, one entry per prompt token"))?;
+                .ok_or_else(|| self.malformed("/v1/completions", "`prompt_logprobs`, one entry per prompt token"))?;
             let mut logprob = 0.0;
             for (entry, id) in lps[prompt_ids.len()..].iter().zip(&ids) {
                 match entry[id.to_string()]["logprob"].as_f64() {
                     Some(lp) if lp.is_finite() => logprob += lp,
                     _ => {
-                        return Err(self.not_vllm(
+                        return Err(self.malformed(
                             "/v1/completions",
                             "each continuation token's `logprob` in `prompt_logprobs`",
                         ))

@@ -161,11 +161,6 @@ impl Registry {
         self.store.describe()
     }
 
-    /// Whether nodes share it (PostgreSQL): gates then hold across nodes.
-    pub fn is_shared(&self) -> bool {
-        self.store.keeps_blobs()
-    }
-
     /// Rolling-minute counts and quarantine records, kept where every node
     /// serving this registry sees them.
     pub fn gates(&self) -> Arc<dyn Gates> {
