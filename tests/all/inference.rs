@@ -195,7 +195,7 @@ async fn concurrent_generations_are_decoded_together_and_answer_as_one_at_a_time
         seed: Some(seed),
         ..Default::default()
     };
-    for member in [SMOL, QWEN] {
+    for member in [SMOL, QWEN, GEMMA] {
         let mut alone = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
             let g = runtime()
@@ -230,8 +230,7 @@ async fn sequences_join_a_running_batch_and_answer_as_one_at_a_time() {
     use tessera::backends::gguf::decode::joined_running;
     // A long generation starts alone; the others arrive while it decodes
     // and must join it between steps, greedy and seeded-sampled alike,
-    // each giving exactly what it gives alone. Gemma does not batch its
-    // forward passes but still takes its sequences in turns.
+    // each giving exactly what it gives alone, on every architecture.
     let long = Input::Prompt("Counting in words: one, two, three, four, five, six,".into());
     let short = [
         "What is the capital of Italy? Answer with one word.",

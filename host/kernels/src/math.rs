@@ -267,6 +267,23 @@ pub struct ValuesShape {
 /// # Panics
 /// If the slices do not have the sizes the shape says.
 pub fn attend_values(probs: &[f32], values: &[f32], shape: ValuesShape, causal: Causal) -> Vec<f32> {
+    attend_values_in(probs, values, shape, causal, shape.keys)
+}
+
+/// [`attend_values`] over values that sit in a buffer with room for
+/// `capacity >= keys` positions per head (`[batch, kv_heads, capacity,
+/// dim]`, of which each head's first `keys` rows are read): a KV cache that
+/// grows in place is read without being copied to its exact length first.
+///
+/// # Panics
+/// If the slices do not have the sizes the shape and capacity say.
+pub fn attend_values_in(
+    probs: &[f32],
+    values: &[f32],
+    shape: ValuesShape,
+    causal: Causal,
+    capacity: usize,
+) -> Vec<f32> {
     let ValuesShape {
         batch,
         heads,
@@ -276,7 +293,8 @@ pub fn attend_values(probs: &[f32], values: &[f32], shape: ValuesShape, causal: 
     } = shape;
     let queries = causal.queries;
     assert_eq!(probs.len(), batch * heads * queries * keys, "attend_values: probs");
-    assert_eq!(values.len(), batch * kv_heads * keys * dim, "attend_values: values");
+    assert!(capacity >= keys, "attend_values: capacity");
+    assert_eq!(values.len(), batch * kv_heads * capacity * dim, "attend_values: values");
     let rep = (heads / kv_heads.max(1)).max(1);
     let mut out = vec![0f32; batch * queries * heads * dim];
     let at = out.as_mut_ptr() as usize;
@@ -288,7 +306,7 @@ pub fn attend_values(probs: &[f32], values: &[f32], shape: ValuesShape, causal: 
             let (b, h) = (bh / heads, bh % heads);
             let p = &probs[row * keys..(row + 1) * keys];
             let kv = b * kv_heads + h / rep;
-            let v = &values[kv * keys * dim..(kv + 1) * keys * dim];
+            let v = &values[kv * capacity * dim..(kv * capacity + keys) * dim];
             let (lo, hi) = causal.visible(q, keys);
             // SAFETY: each (sequence, query, head) output row is written by
             // one worker only, and lies within `out`.
@@ -335,6 +353,16 @@ pub fn attend_values(probs: &[f32], values: &[f32], shape: ValuesShape, causal: 
 /// # Panics
 /// If the slices do not have the sizes the shape says.
 pub fn attend_scores(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal) -> Vec<f32> {
+    attend_scores_in(q, k, shape, causal, shape.keys)
+}
+
+/// [`attend_scores`] over keys in a buffer with room for `capacity >=
+/// keys` positions per head (`[batch, kv_heads, capacity, dim]`; each
+/// head's first `keys` rows are read), as [`attend_values_in`] reads values.
+///
+/// # Panics
+/// If the slices do not have the sizes the shape and capacity say.
+pub fn attend_scores_in(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal, capacity: usize) -> Vec<f32> {
     let ValuesShape {
         batch,
         heads,
@@ -344,7 +372,8 @@ pub fn attend_scores(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal) -
     } = shape;
     let queries = causal.queries;
     assert_eq!(q.len(), batch * heads * queries * dim, "attend_scores: queries");
-    assert_eq!(k.len(), batch * kv_heads * keys * dim, "attend_scores: keys");
+    assert!(capacity >= keys, "attend_scores: capacity");
+    assert_eq!(k.len(), batch * kv_heads * capacity * dim, "attend_scores: keys");
     let rep = (heads / kv_heads.max(1)).max(1);
     let mut out = vec![0f32; batch * heads * queries * keys];
     let at = out.as_mut_ptr() as usize;
@@ -355,7 +384,7 @@ pub fn attend_scores(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal) -
             let (b, h) = (bh / heads, bh % heads);
             let qr = &q[row * dim..(row + 1) * dim];
             let kv = b * kv_heads + h / rep;
-            let kh = &k[kv * keys * dim..(kv + 1) * keys * dim];
+            let kh = &k[kv * capacity * dim..(kv * capacity + keys) * dim];
             let (lo, hi) = causal.visible(qi, keys);
             // SAFETY: each row of scores is written by one worker only.
             let o = unsafe { std::slice::from_raw_parts_mut((at as *mut f32).add(row * keys), keys) };
@@ -369,6 +398,115 @@ pub fn attend_scores(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal) -
             let _ = vector;
             for j in lo..hi {
                 o[j] = dot16(qr, &kh[j * dim..(j + 1) * dim]);
+            }
+        }
+    });
+    out
+}
+
+/// One sequence's part in [`attend_decode`]: its KV cache (this step's key
+/// and value already appended) in buffers `[kv_heads, capacity, dim]`, of
+/// which each head's first `keys` positions are held, and its query's
+/// position and window.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeKv<'a> {
+    /// Key buffer, `kv_heads * capacity * dim` values.
+    pub keys: &'a [f32],
+    /// Value buffer, the same size.
+    pub values: &'a [f32],
+    /// Positions held (the query attends to the last of them and before).
+    pub len: usize,
+    /// Positions per head in the buffers.
+    pub capacity: usize,
+    /// A sliding window, as [`Causal::window`].
+    pub window: Option<usize>,
+}
+
+/// One decode step of attention for several sequences at once, each over
+/// its own cache: queries `q` are `[n, heads, dim]` (rotated and scaled),
+/// one row per sequence; returns `[n, heads, dim]`.
+///
+/// Every row gets exactly the numbers [`attend_scores_in`], the causal
+/// softmax and [`attend_values_in`] give it in a one-query call (the same
+/// summation orders, the same vector code): a sequence's logits do not
+/// depend on its batch. What changes is the dispatch: all `n * heads` rows
+/// go to the thread pool at once, where a batch of sixteen sequences took
+/// three pool dispatches per sequence and layer.
+///
+/// # Panics
+/// If a slice does not have the size the shapes say, or `q` does not hold
+/// one row per sequence.
+pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: usize, dim: usize) -> Vec<f32> {
+    let n = seqs.len();
+    assert_eq!(q.len(), n * heads * dim, "attend_decode: queries");
+    for s in seqs {
+        assert!(s.capacity >= s.len, "attend_decode: capacity");
+        assert_eq!(s.keys.len(), kv_heads * s.capacity * dim, "attend_decode: keys");
+        assert_eq!(s.values.len(), kv_heads * s.capacity * dim, "attend_decode: values");
+    }
+    let rep = (heads / kv_heads.max(1)).max(1);
+    let mut out = vec![0f32; n * heads * dim];
+    let at = out.as_mut_ptr() as usize;
+    // The choices the one-query calls make: the softmax's by the CPU alone,
+    // the products' also by the head width.
+    let vector_softmax = vector();
+    let vector = vector_softmax && dim.is_multiple_of(LANES);
+    let widest = seqs.iter().map(|s| s.len).max().unwrap_or(0);
+    candle_core::utils::barrier_pool().execute_chunked(n * heads, |range| {
+        let mut scratch = vec![0f32; widest];
+        for row in range {
+            let (b, h) = (row / heads, row % heads);
+            let s = &seqs[b];
+            let keys = s.len;
+            let kv = h / rep;
+            let qr = &q[row * dim..(row + 1) * dim];
+            let kh = &s.keys[kv * s.capacity * dim..(kv * s.capacity + keys) * dim];
+            let vh = &s.values[kv * s.capacity * dim..(kv * s.capacity + keys) * dim];
+            let causal = Causal {
+                queries: 1,
+                pos: keys.saturating_sub(1),
+                window: s.window,
+            };
+            let (lo, hi) = causal.visible(0, keys);
+            let p = &mut scratch[..keys];
+            // SAFETY: each output row is written by one worker only, and
+            // lies within `out`.
+            let o = unsafe { std::slice::from_raw_parts_mut((at as *mut f32).add(row * dim), dim) };
+            if lo == hi {
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if vector {
+                // SAFETY: AVX-512F checked, `dim` a multiple of 16; `kh` and
+                // `vh` hold `keys` rows of `dim`, `p` holds `keys` scores.
+                unsafe {
+                    scores_avx512(qr, kh, lo, hi, p);
+                    softmax_row_avx512(&mut p[lo..hi]);
+                    weighted_sum_avx512(&p[lo..hi], &vh[lo * dim..hi * dim], o);
+                }
+                continue;
+            }
+            let _ = vector;
+            for j in lo..hi {
+                p[j] = dot16(qr, &kh[j * dim..(j + 1) * dim]);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if vector_softmax {
+                // SAFETY: AVX-512F checked.
+                unsafe { softmax_row_avx512(&mut p[lo..hi]) };
+            } else {
+                softmax_row(&mut p[lo..hi]);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = vector_softmax;
+                softmax_row(&mut p[lo..hi]);
+            }
+            for (j, &w) in p[lo..hi].iter().enumerate() {
+                let vr = &vh[(lo + j) * dim..(lo + j + 1) * dim];
+                for (x, &y) in o.iter_mut().zip(vr) {
+                    *x = w.mul_add(y, *x);
+                }
             }
         }
     });
@@ -711,6 +849,119 @@ mod tests {
                     .sum();
                 let got = all[(h * t + 5) * shape.keys + 7] as f64;
                 assert!((want - got).abs() < 1e-5, "dim {dim}: {want} vs {got}");
+            }
+        }
+    }
+
+    /// Keys and values read from a buffer with spare positions per head
+    /// (a KV cache grown in place) give exactly the numbers of the same
+    /// keys and values packed to their length.
+    #[test]
+    fn attention_reads_a_buffer_with_room_as_a_packed_one() {
+        let noise = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
+                .collect()
+        };
+        for (dim, keys, spare) in [(64, 37, 91), (256, 5, 1), (24, 129, 128)] {
+            let shape = ValuesShape {
+                batch: 2,
+                heads: 4,
+                kv_heads: 2,
+                keys,
+                dim,
+            };
+            let t = keys.min(3);
+            let causal = Causal {
+                queries: t,
+                pos: keys - t,
+                window: Some(100),
+            };
+            let cap = keys + spare;
+            let heads = shape.batch * shape.kv_heads;
+            let packed = noise(heads * keys * dim, 7);
+            // The same rows with `spare` positions of junk after each head.
+            let mut roomy = noise(heads * cap * dim, 9);
+            for h in 0..heads {
+                roomy[h * cap * dim..(h * cap + keys) * dim]
+                    .copy_from_slice(&packed[h * keys * dim..(h + 1) * keys * dim]);
+            }
+            let q = noise(shape.batch * shape.heads * t * dim, 3);
+            let scores = attend_scores(&q, &packed, shape, causal);
+            assert_eq!(
+                scores,
+                attend_scores_in(&q, &roomy, shape, causal, cap),
+                "scores, dim {dim}"
+            );
+            let probs = noise(shape.batch * shape.heads * t * keys, 5);
+            assert_eq!(
+                attend_values(&probs, &packed, shape, causal),
+                attend_values_in(&probs, &roomy, shape, causal, cap),
+                "values, dim {dim}"
+            );
+        }
+    }
+
+    /// A decode step of several sequences in one call gives every row the
+    /// numbers of its own one-query calls (scores, causal softmax, values),
+    /// to the bit: sequences of different lengths, windows, room in their
+    /// buffers, grouped heads and head widths that take either path.
+    #[test]
+    fn a_batched_decode_step_attends_as_each_sequence_alone() {
+        let noise = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
+                .collect()
+        };
+        for dim in [64, 24] {
+            let (heads, kv_heads) = (6, 2);
+            let lens = [1usize, 17, 300, 40];
+            let windows = [None, Some(8), Some(512), Some(40)];
+            let caps: Vec<usize> = lens.iter().map(|l| l + 5).collect();
+            let bufs: Vec<(Vec<f32>, Vec<f32>)> = lens
+                .iter()
+                .zip(&caps)
+                .enumerate()
+                .map(|(i, (_, &c))| {
+                    (
+                        noise(kv_heads * c * dim, 10 + i as u32),
+                        noise(kv_heads * c * dim, 20 + i as u32),
+                    )
+                })
+                .collect();
+            let q = noise(lens.len() * heads * dim, 1);
+            let seqs: Vec<DecodeKv<'_>> = (0..lens.len())
+                .map(|i| DecodeKv {
+                    keys: &bufs[i].0,
+                    values: &bufs[i].1,
+                    len: lens[i],
+                    capacity: caps[i],
+                    window: windows[i],
+                })
+                .collect();
+            let together = attend_decode(&q, &seqs, heads, kv_heads, dim);
+            for (i, s) in seqs.iter().enumerate() {
+                let shape = ValuesShape {
+                    batch: 1,
+                    heads,
+                    kv_heads,
+                    keys: s.len,
+                    dim,
+                };
+                let causal = Causal {
+                    queries: 1,
+                    pos: s.len - 1,
+                    window: s.window,
+                };
+                let qi = &q[i * heads * dim..(i + 1) * heads * dim];
+                let mut probs = attend_scores_in(qi, s.keys, shape, causal, s.capacity);
+                softmax_causal(&mut probs, s.len, causal);
+                let alone = attend_values_in(&probs, s.values, shape, causal, s.capacity);
+                assert_eq!(
+                    &together[i * heads * dim..(i + 1) * heads * dim],
+                    &alone[..],
+                    "dim {dim} sequence {i}"
+                );
             }
         }
     }

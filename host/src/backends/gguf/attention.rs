@@ -93,6 +93,25 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// Rotates `x` (`[n, heads, 1, head_dim]`, one row per sequence of a
+    /// decode batch) for row `i` at position `pos[i]`: the numbers
+    /// [`Rope::apply`] gives each row alone, in one call.
+    pub(super) fn apply_rows(&self, x: &Tensor, pos: &[usize]) -> Result<Tensor> {
+        let n = pos.len();
+        let at: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+        let at = Tensor::new(at.as_slice(), self.cos.device())?;
+        let half = self.cos.dim(1)?;
+        let cos = self.cos.index_select(&at, 0)?.reshape((n, 1, half))?;
+        let sin = self.sin.index_select(&at, 0)?.reshape((n, 1, half))?;
+        if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        }
+    }
+}
+
 /// Additive mask for queries at `pos..pos+t` over keys `0..pos+t`:
 /// causal, and for local layers limited to the last `window` positions.
 pub(super) fn causal_mask(t: usize, pos: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
@@ -161,9 +180,19 @@ impl candle_core::CustomOp1 for InPlace {
 /// without copying them per query head.
 enum Attention {
     /// Queries and keys to scores `[b, heads, t, keys]`.
-    Scores { shape: ValuesShape, causal: Causal },
+    Scores {
+        shape: ValuesShape,
+        causal: Causal,
+        /// Positions per head in the key buffer (see [`LayerKv`]).
+        capacity: usize,
+    },
     /// Probabilities and values to `[b, t, heads, d]`.
-    Values { shape: ValuesShape, causal: Causal },
+    Values {
+        shape: ValuesShape,
+        causal: Causal,
+        /// Positions per head in the value buffer.
+        capacity: usize,
+    },
 }
 
 impl candle_core::CustomOp2 for Attention {
@@ -186,7 +215,16 @@ impl candle_core::CustomOp2 for Attention {
         else {
             candle_core::bail!("{}: contiguous f32 inputs expected", self.name());
         };
-        let (Attention::Scores { shape, causal } | Attention::Values { shape, causal }) = *self;
+        let (Attention::Scores {
+            shape,
+            causal,
+            capacity,
+        }
+        | Attention::Values {
+            shape,
+            causal,
+            capacity,
+        }) = *self;
         let ValuesShape {
             batch,
             heads,
@@ -200,7 +238,7 @@ impl candle_core::CustomOp2 for Attention {
             Attention::Scores { .. } => batch * heads * t * dim,
             Attention::Values { .. } => batch * heads * t * keys,
         };
-        if a.len() != first || c.len() != batch * kv_heads * keys * dim {
+        if a.len() != first || capacity < keys || c.len() != batch * kv_heads * capacity * dim {
             candle_core::bail!(
                 "{}: inputs {:?} and {:?} do not match {shape:?}",
                 self.name(),
@@ -210,11 +248,11 @@ impl candle_core::CustomOp2 for Attention {
         }
         let (out, dims) = match self {
             Attention::Scores { .. } => (
-                tessera_kernels::math::attend_scores(a, c, shape, causal),
+                tessera_kernels::math::attend_scores_in(a, c, shape, causal, capacity),
                 candle_core::Shape::from((batch, heads, t, keys)),
             ),
             Attention::Values { .. } => (
-                tessera_kernels::math::attend_values(a, c, shape, causal),
+                tessera_kernels::math::attend_values_in(a, c, shape, causal, capacity),
                 candle_core::Shape::from((batch, t, heads, dim)),
             ),
         };
@@ -231,6 +269,192 @@ pub(super) fn silu(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Positions of room a KV cache buffer is given beyond what it holds when
+/// it is (re)allocated: appends within it write in place, so a sequence's
+/// cache is copied once per this many decode steps instead of at every
+/// step (which, with sixteen sequences of 400 tokens, moved 300 MB per
+/// step on SmolLM2). It bounds the memory spent on room: at most this many
+/// positions per layer and sequence.
+const KV_ROOM: usize = 128;
+
+/// One layer's cached keys and values for one sequence: buffers of shape
+/// `[b, kv_heads, capacity, d]` whose first `len` positions are this
+/// holder's.
+///
+/// Holders fork by cloning (a prompt shared by several continuations, the
+/// options of a question, a trunk's prefix): the clones share the buffers.
+/// Appending writes in place only for the holder that is at the buffer's
+/// high-water mark (`filled`, shared by every clone, moved by one
+/// compare-and-swap), so no holder's positions are ever overwritten; any
+/// other holder copies its own positions into a new buffer first. Readers
+/// read only their own `len` positions, which no append touches.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+    filled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl LayerKv {
+    /// A cache holding exactly `k` and `v` (`[b, kv_heads, len, d]`), with
+    /// no room: the first append copies.
+    pub fn new(k: Tensor, v: Tensor) -> Result<Self> {
+        let len = k.dim(2)?;
+        Ok(Self::from_buffers(k.contiguous()?, v.contiguous()?, len))
+    }
+
+    fn from_buffers(k: Tensor, v: Tensor, len: usize) -> Self {
+        LayerKv {
+            k,
+            v,
+            len,
+            filled: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(len)),
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The held keys, `[b, kv_heads, len, d]` (a view into the buffer).
+    pub fn keys(&self) -> Result<Tensor> {
+        self.k.narrow(2, 0, self.len)
+    }
+
+    /// The held values, `[b, kv_heads, len, d]` (a view into the buffer).
+    pub fn values(&self) -> Result<Tensor> {
+        self.v.narrow(2, 0, self.len)
+    }
+
+    /// Positions the buffers have room for.
+    fn capacity(&self) -> Result<usize> {
+        self.k.dim(2)
+    }
+
+    /// This cache followed by `k`, `v` (`[b, kv_heads, t, d]`, contiguous):
+    /// in place where this holder may write (see the type's docs), else
+    /// in new buffers with [`KV_ROOM`] positions of room.
+    fn append(&self, k: &Tensor, v: &Tensor) -> Result<Self> {
+        use std::sync::atomic::Ordering;
+        let t = k.dim(2)?;
+        let end = self.len + t;
+        if end <= self.capacity()?
+            && self
+                .filled
+                .compare_exchange(self.len, end, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.k.slice_set(k, 2, self.len)?;
+            self.v.slice_set(v, 2, self.len)?;
+            return Ok(LayerKv {
+                k: self.k.clone(),
+                v: self.v.clone(),
+                len: end,
+                filled: self.filled.clone(),
+            });
+        }
+        Ok(Self::from_buffers(
+            grown(Some(&self.keys()?), k)?,
+            grown(Some(&self.values()?), v)?,
+            end,
+        ))
+    }
+}
+
+/// A new buffer holding `old` (if any) then `new` along the positions, with
+/// [`KV_ROOM`] zeroed positions of room after them.
+fn grown(old: Option<&Tensor>, new: &Tensor) -> Result<Tensor> {
+    let (b, heads, _, d) = new.dims4()?;
+    let room = Tensor::zeros((b, heads, KV_ROOM, d), new.dtype(), new.device())?;
+    match old {
+        Some(old) => Tensor::cat(&[old, new, &room], 2),
+        None => Tensor::cat(&[new, &room], 2),
+    }
+}
+
+/// One decode step's attention for several sequences, each over its own
+/// cache: row `i` of `q` (`[n, heads, 1, d]`, rotated and scaled), `k` and
+/// `v` (`[n, kv_heads, 1, d]`) is sequence `i`'s token at position
+/// `pos[i]`, appended to `caches[i]`. Returns `[n, 1, heads * d]`, each row
+/// what [`attend`] gives that sequence alone. On the CPU all rows go to
+/// [`tessera_kernels::math::attend_decode`] in one call.
+pub(super) fn attend_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    caches: &mut [&mut Option<LayerKv>],
+    pos: &[usize],
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (n, heads, _, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    if caches.len() != n || pos.len() != n {
+        candle_core::bail!(
+            "attend_rows: {n} rows, {} caches, {} positions",
+            caches.len(),
+            pos.len()
+        );
+    }
+    let cpu = q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32;
+    if !cpu {
+        let mut rows = Vec::with_capacity(n);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+            rows.push(attend(&qi, ki, vi, cache, pos[i], window)?);
+        }
+        return Tensor::cat(&rows, 0);
+    }
+    // Appends first (they write into buffers), reads after.
+    let mut held = Vec::with_capacity(n);
+    for (i, cache) in caches.iter_mut().enumerate() {
+        let (ki, vi) = (k.narrow(0, i, 1)?.contiguous()?, v.narrow(0, i, 1)?.contiguous()?);
+        let layer = match cache.as_ref() {
+            Some(kv) if pos[i] > 0 => kv.append(&ki, &vi)?,
+            _ => LayerKv::from_buffers(grown(None, &ki)?, grown(None, &vi)?, 1),
+        };
+        held.push((layer.k.clone(), layer.v.clone(), layer.len(), layer.capacity()?));
+        **cache = Some(layer);
+    }
+    let guards: Vec<_> = held
+        .iter()
+        .map(|(kb, vb, _, _)| (kb.storage_and_layout(), vb.storage_and_layout()))
+        .collect();
+    let mut seqs = Vec::with_capacity(n);
+    for (((kg, kl), (vg, vl)), &(_, _, len, capacity)) in guards.iter().zip(&held) {
+        let (
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(kd)),
+            Some((k0, k1)),
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(vd)),
+            Some((v0, v1)),
+        ) = (&**kg, kl.contiguous_offsets(), &**vg, vl.contiguous_offsets())
+        else {
+            candle_core::bail!("attend_rows: a KV cache is not a contiguous f32 buffer on the CPU");
+        };
+        if k1 - k0 != kv_heads * capacity * d || v1 - v0 != kv_heads * capacity * d {
+            candle_core::bail!("attend_rows: a KV cache buffer does not match {kv_heads} heads of {d}");
+        }
+        seqs.push(tessera_kernels::math::DecodeKv {
+            keys: &kd[k0..k1],
+            values: &vd[v0..v1],
+            len,
+            capacity,
+            window,
+        });
+    }
+    let qs: Vec<f32> = q.contiguous()?.flatten_all()?.to_vec1()?;
+    let out = tessera_kernels::math::attend_decode(&qs, &seqs, heads, kv_heads, d);
+    drop(seqs);
+    drop(guards);
+    Tensor::from_vec(out, (n, 1, heads * d), q.device())
+}
+
 /// Attends queries `q` (`[b, heads, t, d]`, rotated and scaled) to the cached
 /// keys/values plus this step's `k`, `v` (`[b, kv_heads, t, d]`), updating
 /// the cache; `pos == 0` starts a new cache. Each query at `pos + i` sees
@@ -240,18 +464,19 @@ pub(super) fn attend(
     q: &Tensor,
     k: Tensor,
     v: Tensor,
-    cache: &mut Option<(Tensor, Tensor)>,
+    cache: &mut Option<LayerKv>,
     pos: usize,
     window: Option<usize>,
 ) -> Result<Tensor> {
     let (b, heads, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
-    let v = v.contiguous()?;
-    let (k, v) = match (cache.as_ref(), pos) {
-        (Some((pk, pv)), p) if p > 0 => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-        _ => (k, v),
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let layer = match (cache.as_ref(), pos) {
+        (Some(kv), p) if p > 0 => kv.append(&k, &v)?,
+        _ => LayerKv::from_buffers(grown(None, &k)?, grown(None, &v)?, t),
     };
-    *cache = Some((k.clone(), v.clone()));
+    let (keys, capacity) = (layer.len(), layer.capacity()?);
+    let (kbuf, vbuf) = (layer.k.clone(), layer.v.clone());
     let rep = heads / kv_heads;
     let cpu = q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32;
     if cpu {
@@ -264,16 +489,31 @@ pub(super) fn attend(
             batch: b,
             heads,
             kv_heads,
-            keys: v.dim(2)?,
+            keys,
             dim: d,
         };
-        let scores = q
-            .contiguous()?
-            .apply_op2_no_bwd(&k.contiguous()?, &Attention::Scores { shape, causal })?;
+        *cache = Some(layer);
+        let scores = q.contiguous()?.apply_op2_no_bwd(
+            &kbuf,
+            &Attention::Scores {
+                shape,
+                causal,
+                capacity,
+            },
+        )?;
         let probs = scores.apply_op1_no_bwd(&InPlace::CausalSoftmax(causal))?;
-        let out = probs.apply_op2_no_bwd(&v, &Attention::Values { shape, causal })?;
+        let out = probs.apply_op2_no_bwd(
+            &vbuf,
+            &Attention::Values {
+                shape,
+                causal,
+                capacity,
+            },
+        )?;
         return out.reshape((b, t, heads * d));
     }
+    let (k, v) = (layer.keys()?, layer.values()?);
+    *cache = Some(layer);
     let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
     let scores = q.contiguous()?.matmul(&k.t()?)?;
     let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;

@@ -538,7 +538,11 @@ impl GgufModel {
     /// one forward pass over all of them where the architecture batches,
     /// else one sequence after another.
     fn decode_step<T>(&mut self, seqs: &mut [(T, Seq<'_>)]) -> Result<(), InferenceError> {
-        let Weights::Llama(m) = &mut self.weights else {
+        let batched = seqs.len() > 1 && !matches!(self.weights, Weights::Wgpu(_));
+        if !batched {
+            // One sequence (or a backend that does not batch) runs the
+            // plain path: the same numbers as a batched row (both use the
+            // decode kernels), without the batch's bookkeeping.
             for (_, seq) in seqs.iter_mut() {
                 let (last, pos) = (seq.out[seq.out.len() - 1], seq.position());
                 self.weights.put_state(std::mem::take(&mut seq.state));
@@ -547,25 +551,15 @@ impl GgufModel {
                 seq.logits = Some(logits?);
             }
             return Ok(());
-        };
-        if seqs.len() == 1 {
-            // One sequence runs the plain path: the same numbers as a
-            // batched row (both use the decode kernels), without the
-            // batch's bookkeeping.
-            let seq = &mut seqs[0].1;
-            let (last, pos) = (seq.out[seq.out.len() - 1], seq.position());
-            m.put_state(std::mem::take(&mut seq.state));
-            let x = Tensor::new(&[last], &self.device).and_then(|t| t.unsqueeze(0));
-            let logits = x.and_then(|x| m.forward(&x, pos)).and_then(|l| l.squeeze(0));
-            seq.state = m.take_state();
-            seq.logits = Some(logits.map_err(failed)?);
-            return Ok(());
         }
         BATCHED_STEPS.fetch_add(1, Ordering::Relaxed);
         let ids: Vec<u32> = seqs.iter().map(|(_, s)| s.out[s.out.len() - 1]).collect();
         let pos: Vec<usize> = seqs.iter().map(|(_, s)| s.position()).collect();
         let mut states: Vec<KvState> = seqs.iter_mut().map(|(_, s)| std::mem::take(&mut s.state)).collect();
-        let logits = m.forward_batch(&ids, &pos, &mut states, &self.device);
+        let logits = self
+            .weights
+            .forward_batch(&ids, &pos, &mut states, &self.device)
+            .unwrap_or_else(|| Err(candle_core::Error::Msg("this backend does not batch".into())));
         for ((_, s), st) in seqs.iter_mut().zip(states) {
             s.state = st;
         }

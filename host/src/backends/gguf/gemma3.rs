@@ -25,7 +25,7 @@ use super::quant::Linear;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::attention::{attend, embedding_and_output, Meta, Rope};
+use super::attention::{attend, attend_rows, embedding_and_output, LayerKv, Meta, Rope};
 
 /// Rotary base of the sliding-window (local) layers.
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
@@ -49,7 +49,7 @@ struct Layer {
     post_ffn_norm: Tensor,
     /// `Some(window)` for a local layer.
     window: Option<usize>,
-    kv: Option<(Tensor, Tensor)>,
+    kv: Option<LayerKv>,
 }
 
 /// A loaded Gemma 3 model with its KV cache. Cloning shares the weights and
@@ -153,6 +153,66 @@ impl Gemma3 {
         for l in self.layers.iter_mut() {
             l.kv = state.next().flatten();
         }
+    }
+
+    /// One decode step for several sequences, as
+    /// [`super::llama::Llama::forward_batch`] does: token `ids[i]` at
+    /// position `pos[i]` continues the caches in `states[i]` (updated in
+    /// place). Projections, norms and MLPs run once over all rows on the
+    /// decode kernel; attention (each layer within its window) runs per
+    /// sequence. Each row's logits are those of the sequence stepped alone.
+    /// Returns `[n, vocab]`.
+    pub fn forward_batch(
+        &mut self,
+        ids: &[u32],
+        pos: &[usize],
+        states: &mut [super::llama::KvState],
+        device: &Device,
+    ) -> Result<Tensor> {
+        let n = ids.len();
+        let mut x = (self
+            .embed
+            .index_select(&Tensor::new(ids, device)?, 0)?
+            .to_dtype(DType::F32)?
+            * self.embed_scale)?
+            .reshape((n, 1, ()))?;
+        let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            let rope = if layer.window.is_some() {
+                &self.local_rope
+            } else {
+                &self.global_rope
+            };
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            // Per-head norms over every row at once: each row of
+            // `[n, heads, hd]` is normalised alone, as in a one-row pass.
+            let q = candle_nn::ops::rms_norm(
+                &layer.q.forward_decode(&h)?.reshape((n, heads, hd))?,
+                &layer.q_norm,
+                eps,
+            )?;
+            let k = candle_nn::ops::rms_norm(
+                &layer.k.forward_decode(&h)?.reshape((n, kv_heads, hd))?,
+                &layer.k_norm,
+                eps,
+            )?;
+            let v = layer.v.forward_decode(&h)?.reshape((n, kv_heads, hd))?;
+            let q = (rope.apply_rows(&q.reshape((n, heads, 1, hd))?, pos)? * scale)?;
+            let k = rope.apply_rows(&k.reshape((n, kv_heads, 1, hd))?, pos)?;
+            let v = v.reshape((n, kv_heads, 1, hd))?;
+            let mut caches = super::llama::layer_caches(states, li)?;
+            let attn = layer
+                .o
+                .forward_decode(&attend_rows(&q, &k, &v, &mut caches, pos, layer.window)?)?;
+            let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
+            let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
+            let ff = (layer.gate.forward_decode(&h)?.gelu()? * layer.up.forward_decode(&h)?)?;
+            let ff = layer.down.forward_decode(&ff)?;
+            x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
+        }
+        let last = candle_nn::ops::rms_norm(&x.squeeze(1)?, &self.norm, eps)?;
+        self.output.forward_decode(&last)?.to_dtype(DType::F32)
     }
 
     /// Runs tokens `ids` (shape `[1, t]`) placed at positions `pos..pos+t`

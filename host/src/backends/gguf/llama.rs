@@ -19,7 +19,8 @@ use super::quant::Linear;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::attention::{attend, embedding_and_output, silu, Meta, Rope};
+pub use super::attention::LayerKv;
+use super::attention::{attend, attend_rows, embedding_and_output, silu, Meta, Rope};
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -34,12 +35,23 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
-    kv: Option<(Tensor, Tensor)>,
+    kv: Option<LayerKv>,
 }
 
 /// One sequence's KV caches, one per layer, held outside the model while
 /// other sequences of a batch run ([`super::decode`]).
-pub type KvState = Vec<Option<(Tensor, Tensor)>>;
+pub type KvState = Vec<Option<LayerKv>>;
+
+/// Layer `li`'s cache of every sequence of a decode batch.
+pub(super) fn layer_caches(states: &mut [KvState], li: usize) -> Result<Vec<&mut Option<LayerKv>>> {
+    states
+        .iter_mut()
+        .map(|s| {
+            s.get_mut(li)
+                .ok_or_else(|| candle_core::Error::Msg(format!("a decoding sequence has no cache for layer {li}")))
+        })
+        .collect()
+}
 
 /// A loaded llama-family model with its KV cache; clones share weights and
 /// the cached prefix.
@@ -176,20 +188,13 @@ impl Llama {
                 k = k.broadcast_add(bk)?;
                 v = v.broadcast_add(bv)?;
             }
-            let mut rows = Vec::with_capacity(n);
-            for (i, state) in states.iter_mut().enumerate() {
-                let qi = q.narrow(0, i, 1)?.reshape((1, 1, heads, hd))?.transpose(1, 2)?;
-                let ki = k.narrow(0, i, 1)?.reshape((1, 1, kv_heads, hd))?.transpose(1, 2)?;
-                let vi = v
-                    .narrow(0, i, 1)?
-                    .reshape((1, 1, kv_heads, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                let qi = (self.rope.apply(&qi, pos[i])? * scale)?;
-                let ki = self.rope.apply(&ki, pos[i])?;
-                rows.push(attend(&qi, ki, vi, &mut state[li], pos[i], None)?);
-            }
-            let attn = Tensor::cat(&rows, 0)?;
+            // One row per sequence: `[n, heads, 1, hd]` is the one-token
+            // layout of every sequence, stacked.
+            let q = (self.rope.apply_rows(&q.reshape((n, heads, 1, hd))?, pos)? * scale)?;
+            let k = self.rope.apply_rows(&k.reshape((n, kv_heads, 1, hd))?, pos)?;
+            let v = v.reshape((n, kv_heads, 1, hd))?;
+            let mut caches = layer_caches(states, li)?;
+            let attn = attend_rows(&q, &k, &v, &mut caches, pos, None)?;
             let h = (layer.o.forward_decode(&attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
             let ff = (silu(&layer.gate.forward_decode(&m)?)? * layer.up.forward_decode(&m)?)?;

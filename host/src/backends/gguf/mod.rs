@@ -145,6 +145,23 @@ impl Weights {
         }
     }
 
+    /// One decode step of several sequences in one forward pass (see
+    /// [`llama::Llama::forward_batch`]); `None` where the backend steps its
+    /// sequences one after another (wgpu).
+    fn forward_batch(
+        &mut self,
+        ids: &[u32],
+        pos: &[usize],
+        states: &mut [llama::KvState],
+        device: &Device,
+    ) -> Option<candle_core::Result<Tensor>> {
+        match self {
+            Weights::Llama(m) => Some(m.forward_batch(ids, pos, states, device)),
+            Weights::Gemma3(m) => Some(m.forward_batch(ids, pos, states, device)),
+            Weights::Wgpu(_) => None,
+        }
+    }
+
     /// Bytes one token takes in a sequence's KV cache.
     fn kv_bytes_per_token(&self) -> usize {
         match self {

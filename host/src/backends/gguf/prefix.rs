@@ -36,7 +36,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::llama::KvState;
+use super::llama::{KvState, LayerKv};
 
 /// Tokens per block: small enough that a chat template's system prompt of a
 /// few dozen tokens is reused, large enough that rebuilding a 500-token
@@ -226,7 +226,7 @@ impl PrefixCache {
                     vs.push(v);
                 }
             }
-            state.push(Some((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)));
+            state.push(Some(LayerKv::new(Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)?));
         }
         let tokens = path.len() * BLOCK;
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -255,12 +255,13 @@ impl PrefixCache {
             let mut kv = Vec::with_capacity(state.len());
             let mut bytes = 0;
             for layer in state {
-                let Some((k, v)) = layer else {
+                let Some(layer) = layer else {
                     return Ok(());
                 };
-                if k.dim(2)? < (i + 1) * BLOCK {
+                if layer.len() < (i + 1) * BLOCK {
                     return Ok(());
                 }
+                let (k, v) = (layer.keys()?, layer.values()?);
                 // A copy, not a view: a view would keep the prompt's whole
                 // cache alive for the sake of one block.
                 let k = k.narrow(2, i * BLOCK, BLOCK)?.force_contiguous()?;
@@ -335,13 +336,13 @@ mod tests {
             .contiguous()
             .expect("contiguous");
         vec![
-            Some((t.clone(), t.clone())),
-            Some((t.clone(), (t * 2.0).expect("scale"))),
+            Some(LayerKv::new(t.clone(), t.clone()).expect("layer")),
+            Some(LayerKv::new(t.clone(), (t * 2.0).expect("scale")).expect("layer")),
         ]
     }
 
     fn positions(state: &KvState) -> Vec<f32> {
-        let (k, _) = state[0].as_ref().expect("layer");
+        let k = state[0].as_ref().expect("layer").keys().expect("keys");
         k.narrow(1, 0, 1)
             .and_then(|t| t.narrow(3, 0, 1))
             .and_then(|t| t.flatten_all())

@@ -136,10 +136,30 @@ impl Linear {
     }
 }
 
-/// candle's product, single rows padded to `min_rows` (see the module docs).
+/// The most rows candle's decode kernels take in one call: from 32 rows
+/// candle 0.11 multiplies Q4_K on its own AMX tiles, whose sums differ from
+/// its few-row kernel's, so a larger decode batch is multiplied in groups.
+const CANDLE_DECODE_ROWS: usize = 16;
+
+/// candle's product, single rows padded to `min_rows` (see the module docs),
+/// at most [`CANDLE_DECODE_ROWS`] rows per call.
 fn candle_rows(mm: &QMatMul, min_rows: usize, x: &Tensor) -> Result<Tensor> {
     let k = x.dim(D::Minus1)?;
     let rows = x.elem_count() / k.max(1);
+    if rows > CANDLE_DECODE_ROWS {
+        let flat = x.reshape((rows, k))?;
+        let mut parts = Vec::with_capacity(rows.div_ceil(CANDLE_DECODE_ROWS));
+        for start in (0..rows).step_by(CANDLE_DECODE_ROWS) {
+            let n = CANDLE_DECODE_ROWS.min(rows - start);
+            parts.push(candle_rows(mm, min_rows, &flat.narrow(0, start, n)?)?);
+        }
+        let y = Tensor::cat(&parts, 0)?;
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = y.dim(1)?;
+        }
+        return y.reshape(dims);
+    }
     if rows >= min_rows {
         return mm.forward(x);
     }
@@ -256,9 +276,10 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).expect("randn");
             let l = Linear::new(QTensor::quantize(&w, dtype).expect("quantizes"), &dev).expect("linear");
             let x = Tensor::randn(0f32, 1.0, (40, cols), &dev).expect("randn");
-            // Decode steps: 17 sequences together, each alone.
+            // Decode steps: 40 sequences together (past candle's switch to
+            // its tile kernel at 32 rows), each alone.
             let x17 = x.narrow(0, 0, 17).expect("rows");
-            let together: Vec<Vec<f32>> = l.forward_decode(&x17).expect("forward").to_vec2().expect("vec");
+            let together: Vec<Vec<f32>> = l.forward_decode(&x).expect("forward").to_vec2().expect("vec");
             for (i, row) in together.iter().enumerate() {
                 let alone: Vec<Vec<f32>> = l
                     .forward_decode(&x.narrow(0, i, 1).expect("row"))

@@ -13,6 +13,7 @@ use candle_core::Device;
 
 use super::{Kernels, Params};
 use crate::backends::gguf::attention::Meta;
+use crate::backends::gguf::llama::{KvState, LayerKv};
 use crate::backends::gguf::quant;
 
 /// A weight matrix of `n` rows of `k` on the device, in slices of rows
@@ -444,7 +445,7 @@ impl WgpuLlama {
     /// head_dim]` key and value tensors (the CPU path's layout), leaving
     /// the model empty: how a sequence's state leaves the model while
     /// others run.
-    pub fn take_state(&mut self) -> Result<Vec<Option<(candle_core::Tensor, candle_core::Tensor)>>, String> {
+    pub fn take_state(&mut self) -> Result<KvState, String> {
         let len = std::mem::take(&mut self.len);
         if len == 0 {
             return Ok(Vec::new());
@@ -466,19 +467,26 @@ impl WgpuLlama {
             }
             let v = pair.pop();
             let k = pair.pop();
-            out.push(k.zip(v));
+            match k.zip(v) {
+                Some((k, v)) => out.push(Some(LayerKv::new(k, v).map_err(|e| e.to_string())?)),
+                None => out.push(None),
+            }
         }
         Ok(out)
     }
 
     /// Puts a state from [`Self::take_state`] (or the CPU path's) back on
     /// the device; an empty state leaves the cache empty.
-    pub fn put_state(&mut self, state: Vec<Option<(candle_core::Tensor, candle_core::Tensor)>>) -> Result<(), String> {
+    pub fn put_state(&mut self, state: KvState) -> Result<(), String> {
         self.len = 0;
         let mut len = None;
         for ((kc, vc), layer) in self.caches.iter().zip(&state) {
-            let Some((k, v)) = layer else { continue };
-            for (buf, t) in [(kc, k), (vc, v)] {
+            let Some(kv) = layer else { continue };
+            let (k, v) = (
+                kv.keys().map_err(|e| e.to_string())?,
+                kv.values().map_err(|e| e.to_string())?,
+            );
+            for (buf, t) in [(kc, &k), (vc, &v)] {
                 // [1, kv_heads, len, hd] -> [len, kv_heads * hd].
                 let data: Vec<f32> = t
                     .squeeze(0)
