@@ -108,6 +108,11 @@ fn main() {
     }
     let prompt_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/speed-prompt.txt");
     let prompt = std::fs::read_to_string(&prompt_file).expect("prompt file");
+    // `-- together`: the batched-decoding table alone.
+    if std::env::args().skip(1).any(|a| a == "together") {
+        together_table(&paths, &prompt);
+        return;
+    }
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("threads: {threads} (candle's pool and llama.cpp's n_threads)");
     println!("AMX bf16 tiles: {}", tessera_kernels::amx::bf16_available());
@@ -147,16 +152,21 @@ fn main() {
         );
     }
     println!();
+    together_table(&paths, &prompt);
+    println!();
+    mcq_tables(&paths);
+}
+
+/// Aggregate decode tokens/s of 16 sequences against one, per member.
+fn together_table(paths: &Paths, prompt: &str) {
     println!(
         "{:<28} {:>14} {:>14} {:>7}",
         "member", "decode 1 seq", "16 together", "ratio"
     );
-    for (id, file) in gguf_members(&paths) {
-        let (one, many) = (decode_together(&file, &prompt, 1), decode_together(&file, &prompt, 16));
+    for (id, file) in gguf_members(paths) {
+        let (one, many) = (decode_together(&file, prompt, 1), decode_together(&file, prompt, 16));
         println!("{:<28} {:>14.1} {:>14.1} {:>6.2}x", id, one, many, many / one);
     }
-    println!();
-    mcq_tables(&paths);
 }
 
 /// Option scoring: with and without prefix reuse and the tiles on the short
