@@ -254,12 +254,13 @@ fuzz-smoke:
 # Real fuzzing with coverage (nightly and cargo-fuzz, installed here when
 # missing): each target for FUZZ_SECONDS, findings under fuzz/artifacts/.
 FUZZ_SECONDS ?= 600
+FUZZ_RUNS ?= 10000000
 fuzz:
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	$(CARGO) run -q -p tessera-fuzz --example seeds $(FUZZ_CORPUS)
 	@for t in $(FUZZ_TARGETS); do \
-	  cargo +nightly fuzz run -s none -a $$t $(FUZZ_CORPUS)/$$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=4096 \
+	  cargo +nightly fuzz run -s none -a $$t $(FUZZ_CORPUS)/$$t -- -max_total_time=$(FUZZ_SECONDS) -runs=$(FUZZ_RUNS) -max_len=65536 -timeout=10 -rss_limit_mb=4096 \
 	    2>&1 | tee /tmp/fuzz-$$t.log | grep -E '^(#[0-9]+\s+DONE|Done|==|SUMMARY)' || true; done
 
 # The web console in a real browser: Debian's chromium (installed here when

@@ -326,7 +326,7 @@ fn the_kv_budget_bounds_the_running_batch_and_changes_no_answer() {
         .collect();
     let mut reserves: Vec<usize> = prompts
         .iter()
-        .map(|p| m.encode_input(&chat(p)).expect("encodes").len() + 12)
+        .map(|p| m.encode_input(&chat(p)).expect("encodes").len() + 12 + tessera::backends::gguf::decode::KV_ROOM)
         .collect();
     reserves.sort_unstable();
     let budget = reserves[2] + reserves[3];

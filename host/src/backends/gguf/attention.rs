@@ -275,7 +275,7 @@ pub(super) fn silu(x: &Tensor) -> Result<Tensor> {
 /// step (which, with sixteen sequences of 400 tokens, moved 300 MB per
 /// step on SmolLM2). It bounds the memory spent on room: at most this many
 /// positions per layer and sequence.
-const KV_ROOM: usize = 128;
+pub const KV_ROOM: usize = 128;
 
 /// One layer's cached keys and values for one sequence: buffers of shape
 /// `[b, kv_heads, capacity, d]` whose first `len` positions are this

@@ -29,9 +29,10 @@
 //! Reserving the whole `max_tokens` up front, as vLLM's first scheduler
 //! did, means a running sequence never has to be evicted mid-generation.
 //!
-//! Batched forward passes are implemented for the llama family
-//! ([`super::llama`]); other architectures take their steps one sequence
-//! after another, still joining and leaving between steps.
+//! Every CPU architecture runs a decode step of the whole batch as one
+//! forward pass ([`super::llama::Llama::forward_batch`]); the wgpu backend
+//! takes its sequences' steps one after another, still joining and leaving
+//! between steps.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +41,9 @@ use std::time::Instant;
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
+/// Positions of room a sequence's cache buffers may hold beyond its tokens,
+/// counted in its KV reservation.
+pub use super::attention::KV_ROOM;
 use super::llama::KvState;
 use super::{chunk_at, failed, GgufModel, Weights};
 use crate::inference::{
@@ -312,10 +316,11 @@ impl Seq<'_> {
         Ok(self.out.len() >= self.max_new)
     }
 
-    /// Tokens of KV cache this sequence may fill: its prompt and its new
-    /// tokens.
+    /// Tokens of KV cache this sequence may hold: its prompt, its new
+    /// tokens, and the room its cache buffers may have beyond them
+    /// ([`KV_ROOM`]).
     fn reserve(&self) -> usize {
-        self.prompt.len() + self.max_new
+        self.prompt.len() + self.max_new + KV_ROOM
     }
 
     fn position(&self) -> usize {

@@ -414,8 +414,9 @@ impl GgufModel {
 
     /// Bounds the KV caches of the sequences this member generates at once
     /// to `bytes` together (at least one token's worth): a generation whose
-    /// prompt and `max_tokens` would pass what is left waits for running
-    /// ones to finish, and one that would pass it alone is refused.
+    /// prompt, `max_tokens` and cache room ([`decode::KV_ROOM`]) would pass
+    /// what is left waits for running ones to finish, and one that would
+    /// pass it alone is refused.
     pub fn set_kv_budget(&mut self, bytes: usize) {
         self.kv_budget = bytes.max(self.kv_bytes_per_token());
     }
