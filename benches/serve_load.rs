@@ -445,6 +445,10 @@ fn main() {
             "  batched decode steps in that run: {}",
             tessera::backends::gguf::decode::batched_steps() - before
         );
+        if std::env::args().any(|a| a == "load") {
+            // `cargo bench ... --bench serve_load -- load`: the load part only.
+            return;
+        }
         isolation(runtime.clone(), 3, "quarantine after 3 faults (as shipped)").await;
         isolation(runtime.clone(), u32::MAX, "quarantine off").await;
         attacks(runtime).await;
