@@ -91,9 +91,7 @@ impl Rope {
             candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
         }
     }
-}
 
-impl Rope {
     /// Rotates `x` (`[n, heads, 1, head_dim]`, one row per sequence of a
     /// decode batch) for row `i` at position `pos[i]`: the numbers
     /// [`Rope::apply`] gives each row alone, in one call.
@@ -333,6 +331,16 @@ impl LayerKv {
         self.v.narrow(2, 0, self.len)
     }
 
+    /// The cache after `k`, `v` (`[b, kv_heads, t, d]`, contiguous) at
+    /// position `pos`: `cache` extended ([`Self::append`]), or a new cache
+    /// where there is none or `pos == 0` starts the sequence afresh.
+    fn continued(cache: Option<&Self>, pos: usize, k: &Tensor, v: &Tensor) -> Result<Self> {
+        match cache {
+            Some(kv) if pos > 0 => kv.append(k, v),
+            _ => Ok(Self::from_buffers(grown(None, k)?, grown(None, v)?, k.dim(2)?)),
+        }
+    }
+
     /// Positions the buffers have room for.
     fn capacity(&self) -> Result<usize> {
         self.k.dim(2)
@@ -415,19 +423,17 @@ pub(super) fn attend_rows(
     let mut held = Vec::with_capacity(n);
     for (i, cache) in caches.iter_mut().enumerate() {
         let (ki, vi) = (k.narrow(0, i, 1)?.contiguous()?, v.narrow(0, i, 1)?.contiguous()?);
-        let layer = match cache.as_ref() {
-            Some(kv) if pos[i] > 0 => kv.append(&ki, &vi)?,
-            _ => LayerKv::from_buffers(grown(None, &ki)?, grown(None, &vi)?, 1),
-        };
-        held.push((layer.k.clone(), layer.v.clone(), layer.len(), layer.capacity()?));
+        let layer = LayerKv::continued(cache.as_ref(), pos[i], &ki, &vi)?;
+        held.push(layer.clone());
         **cache = Some(layer);
     }
     let guards: Vec<_> = held
         .iter()
-        .map(|(kb, vb, _, _)| (kb.storage_and_layout(), vb.storage_and_layout()))
+        .map(|l| (l.k.storage_and_layout(), l.v.storage_and_layout()))
         .collect();
     let mut seqs = Vec::with_capacity(n);
-    for (((kg, kl), (vg, vl)), &(_, _, len, capacity)) in guards.iter().zip(&held) {
+    for (((kg, kl), (vg, vl)), layer) in guards.iter().zip(&held) {
+        let (len, capacity) = (layer.len(), layer.capacity()?);
         let (
             candle_core::Storage::Cpu(candle_core::CpuStorage::F32(kd)),
             Some((k0, k1)),
@@ -471,10 +477,7 @@ pub(super) fn attend(
     let (b, heads, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
-    let layer = match (cache.as_ref(), pos) {
-        (Some(kv), p) if p > 0 => kv.append(&k, &v)?,
-        _ => LayerKv::from_buffers(grown(None, &k)?, grown(None, &v)?, t),
-    };
+    let layer = LayerKv::continued(cache.as_ref(), pos, &k, &v)?;
     let (keys, capacity) = (layer.len(), layer.capacity()?);
     let (kbuf, vbuf) = (layer.k.clone(), layer.v.clone());
     let rep = heads / kv_heads;

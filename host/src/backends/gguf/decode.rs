@@ -45,7 +45,7 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 /// counted in its KV reservation.
 pub use super::attention::KV_ROOM;
 use super::llama::KvState;
-use super::{chunk_at, failed, GgufModel, Weights};
+use super::{chunk_at, failed, GgufModel};
 use crate::inference::{
     CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Usage, DEFAULT_MAX_TOKENS,
 };
@@ -543,7 +543,7 @@ impl GgufModel {
     /// one forward pass over all of them where the architecture batches,
     /// else one sequence after another.
     fn decode_step<T>(&mut self, seqs: &mut [(T, Seq<'_>)]) -> Result<(), InferenceError> {
-        let batched = seqs.len() > 1 && !matches!(self.weights, Weights::Wgpu(_));
+        let batched = seqs.len() > 1 && self.weights.batches();
         if !batched {
             // One sequence (or a backend that does not batch) runs the
             // plain path: the same numbers as a batched row (both use the
@@ -561,10 +561,7 @@ impl GgufModel {
         let ids: Vec<u32> = seqs.iter().map(|(_, s)| s.out[s.out.len() - 1]).collect();
         let pos: Vec<usize> = seqs.iter().map(|(_, s)| s.position()).collect();
         let mut states: Vec<KvState> = seqs.iter_mut().map(|(_, s)| std::mem::take(&mut s.state)).collect();
-        let logits = self
-            .weights
-            .forward_batch(&ids, &pos, &mut states, &self.device)
-            .unwrap_or_else(|| Err(candle_core::Error::Msg("this backend does not batch".into())));
+        let logits = self.weights.forward_batch(&ids, &pos, &mut states, &self.device);
         for ((_, s), st) in seqs.iter_mut().zip(states) {
             s.state = st;
         }

@@ -145,20 +145,25 @@ impl Weights {
         }
     }
 
+    /// Whether [`Self::forward_batch`] runs here: the CPU architectures
+    /// batch; the wgpu backend steps its sequences one after another.
+    fn batches(&self) -> bool {
+        !matches!(self, Weights::Wgpu(_))
+    }
+
     /// One decode step of several sequences in one forward pass (see
-    /// [`llama::Llama::forward_batch`]); `None` where the backend steps its
-    /// sequences one after another (wgpu).
+    /// [`llama::Llama::forward_batch`]), where [`Self::batches`].
     fn forward_batch(
         &mut self,
         ids: &[u32],
         pos: &[usize],
         states: &mut [llama::KvState],
         device: &Device,
-    ) -> Option<candle_core::Result<Tensor>> {
+    ) -> candle_core::Result<Tensor> {
         match self {
-            Weights::Llama(m) => Some(m.forward_batch(ids, pos, states, device)),
-            Weights::Gemma3(m) => Some(m.forward_batch(ids, pos, states, device)),
-            Weights::Wgpu(_) => None,
+            Weights::Llama(m) => m.forward_batch(ids, pos, states, device),
+            Weights::Gemma3(m) => m.forward_batch(ids, pos, states, device),
+            Weights::Wgpu(_) => candle_core::bail!("the wgpu backend does not batch decode steps"),
         }
     }
 
