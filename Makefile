@@ -81,8 +81,11 @@ jsmodules:
 	@node guest-sdk/js/build.mjs $(JS_SDK_DEPS)/node_modules benches/guests/ping-js $(MODULES_DIR)/bench/ping-js.wasm
 	@cp benches/guests/ping-js/manifest.toml $(MODULES_DIR)/bench/ping-js.toml
 
+# wasm32-wasip2 for the modules; wasm32-unknown-unknown for the host's own
+# chat-template renderer (host/template-guest, built by host/build.rs).
 target:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+	@rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
 
 # Fetch and verify the default pool (idempotent: verified members are skipped).
 pool: target
@@ -239,7 +242,7 @@ test: setup gpu-sw console-deps cluster-deps
 # building and their oracles keep holding; `make fuzz` runs them for real.
 FUZZ_TARGETS := gguf tokenizer template config host_args http
 FUZZ_CORPUS ?= $(TESSERA_HOME)/fuzz-corpus
-fuzz-smoke:
+fuzz-smoke: target
 	$(CARGO) build -q -p tessera-fuzz --bins --examples
 	$(CARGO_TARGET_DIR)/debug/examples/seeds $(FUZZ_CORPUS)
 	@for t in $(FUZZ_TARGETS); do \
@@ -257,6 +260,7 @@ FUZZ_SECONDS ?= 600
 FUZZ_RUNS ?= 10000000
 fuzz:
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@rustup +nightly target list --installed | grep -qx wasm32-unknown-unknown || rustup +nightly target add wasm32-unknown-unknown
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	$(CARGO) run -q -p tessera-fuzz --example seeds $(FUZZ_CORPUS)
 	@for t in $(FUZZ_TARGETS); do \
@@ -298,6 +302,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy -p tessera -p tessera-kernels -p tessera-sdk --all-targets -- -D warnings
 	$(CARGO) clippy --target wasm32-wasip2 $(addprefix -p ,$(GUEST_PKGS)) -- -D warnings
+	$(CARGO) clippy --target wasm32-unknown-unknown -p tessera-template-guest -- -D warnings
 
 clean-cache:
 	rm -rf $(TESSERA_HOME)/components

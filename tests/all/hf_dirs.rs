@@ -144,3 +144,61 @@ fn broken_directories_are_named() {
     let err = load(&dir);
     assert!(err.contains("model.norm.weight") && err.contains("missing"), "{err}");
 }
+
+/// A published model whose chat template is hostile: the real SmolLM2,
+/// exported, with its template replaced by what the fuzzer found (15 s per
+/// render in the host's own minijinja) and by a loop that doubles a string
+/// (in the host's minijinja, gigabytes until the process died). Rendered
+/// in the template sandbox, each chat ends quickly with an error naming the
+/// template and its limit; the member still answers plain prompts.
+#[tokio::test]
+async fn hostile_chat_templates_in_a_real_model_end_quickly_and_the_member_still_serves() {
+    let dir = scratch("hf-hostile-template").join("smol");
+    export(SMOL, &dir);
+    let found = include_bytes!("../../fuzz/regressions/template-repeated-string-in-loop.bin");
+    let found = String::from_utf8_lossy(found.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+    let doubling = "{% set ns = namespace(s='ab') %}{% for m in messages %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{% endfor %}{{ ns.s }}";
+    for (what, template) in [("fuzzer's finding", found.as_str()), ("doubling", doubling)] {
+        let config_path = dir.join("tokenizer_config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        config["chat_template"] = serde_json::Value::String(template.into());
+        std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+        let pool = PoolConfig::from_toml(&hf_member("hostile", &dir)).unwrap();
+        let rt = Runtime::new(scratch_paths("hf-hostile-template-rt"), &pool, Policy::default()).unwrap();
+        assert!(
+            rt.pool_failures().is_empty(),
+            "{what}: the template compiles, so the member loads"
+        );
+
+        let started = Instant::now();
+        let chat = Input::Chat(vec![Message::user("What is 2+2?")]);
+        let params = GenParams {
+            max_tokens: Some(4),
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        let err = rt
+            .models()
+            .generate(ctx(), "hostile", chat, params)
+            .await
+            .expect_err("a hostile template cannot render")
+            .to_string();
+        let took = started.elapsed();
+        // The model file's fault, not the caller's: a 5xx, not a 400.
+        assert!(
+            err.starts_with("inference failed") && err.contains("chat template ran past its limits"),
+            "{what}: {err}"
+        );
+        // Loose, for shared machines: the sandbox's deadline is 0.5 s.
+        assert!(took < Duration::from_secs(10), "{what}: {took:?}: {err}");
+        eprintln!("{what}: refused in {took:?}: {err}");
+
+        let next = rt
+            .models()
+            .next_token(ctx(), "hostile", Input::Prompt("The capital of France is".into()), 1)
+            .await
+            .expect("plain prompts do not use the template");
+        assert!(!next.is_empty());
+    }
+}

@@ -42,6 +42,12 @@ pub const SEEDS: &[&str] = &[
     "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     "{% set s = 'x' * 100000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
+    // One instruction, unbounded native work: what the engine's fuel does
+    // not see, and the sandbox's memory cap and wasm fuel stop.
+    "{% for m in messages %}{% for i in range(100000) %}{% set s = 'ab' * 50000000 %}{% endfor %}{% endfor %}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    "{% for i in range(100000) %}{% set s = (range(100000) * 1000)|join %}{% endfor %}",
+    "{% set ns = namespace(s='ab' * 1000000) %}{% for i in range(100000) %}{% set ns.t = ns.s ~ i %}{% endfor %}",
 ];
 
 /// A seed as the target's input: the source, then one user turn.
@@ -56,11 +62,13 @@ mod tests {
     #[test]
     fn hostile_templates_end_with_an_error() {
         for src in &SEEDS[3..] {
-            let f = ChatFormat::from_template(src, String::new(), String::new()).expect("compiles");
+            // Some fail as they compile: minijinja folds constant
+            // expressions such as a string repetition at compile time.
             let started = std::time::Instant::now();
-            let r = f.render(&[Message::user("hi")]);
+            let r = ChatFormat::from_template(src, String::new(), String::new())
+                .and_then(|f| f.render(&[Message::user("hi")]));
             assert!(r.is_err(), "{src}: rendered {} bytes", r.map(|s| s.len()).unwrap_or(0));
-            assert!(started.elapsed() < std::time::Duration::from_secs(20), "{src}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "{src}");
         }
     }
 
@@ -71,6 +79,26 @@ mod tests {
             let f = ChatFormat::from_template(src, "<s>".into(), "</s>".into()).expect("compiles");
             let out = f.render(&long).expect("renders");
             assert!(out.contains("turn 199"), "{src}");
+        }
+    }
+
+    /// Inputs the fuzzer found; each once took seconds or more per render.
+    const REGRESSIONS: &[&[u8]] = &[include_bytes!(
+        "../../../fuzz/regressions/template-repeated-string-in-loop.bin"
+    )];
+
+    #[test]
+    fn fuzzer_findings_end_within_the_sandbox_limits() {
+        for input in REGRESSIONS {
+            let started = std::time::Instant::now();
+            check(input);
+            // Two renders at about a quarter of a second each when busy;
+            // the bound is loose because test machines are shared.
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "{:?}",
+                started.elapsed()
+            );
         }
     }
 

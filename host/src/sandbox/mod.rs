@@ -263,9 +263,7 @@ impl Sandbox {
     }
 
     fn component(&self, bytes: &[u8], sha256: &str) -> Result<Component, String> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut h);
-        let cached = self.cache_dir.join(format!("{sha256}-{:016x}.cwasm", h.finish()));
+        let cached = artifact_path(&self.engine, &self.cache_dir, sha256);
         if cached.exists() {
             // SAFETY: files in the cache directory are written only by
             // `precompile_component` below, under a name that binds them to
@@ -592,6 +590,17 @@ fn within_output_cap(r: w::Response, cap: u64) -> Result<(String, BTreeMap<Strin
         return Err(Error::budget("output-size", cap));
     }
     Ok((r.text, r.annotations.into_iter().collect()))
+}
+
+/// Where the precompiled artifact of the wasm with this `sha256` lives in
+/// `cache_dir`: the name binds it to the source and to `engine`'s
+/// compatibility hash, so an artifact is only ever loaded by an engine that
+/// can run it. Write artifacts there only from `engine`'s own
+/// `precompile_*` output (loading them is `unsafe` on that promise).
+pub(crate) fn artifact_path(engine: &Engine, cache_dir: &Path, sha256: &str) -> PathBuf {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    cache_dir.join(format!("{sha256}-{:016x}.cwasm", h.finish()))
 }
 
 /// The binary preamble: `\0asm`, then a version and a layer. Layer 0 is a core

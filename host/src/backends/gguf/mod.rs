@@ -33,7 +33,7 @@ use candle_core::{Device, Tensor, D};
 
 use crate::backends::LoadError;
 use crate::inference::{CallCtx, GenParams, Generation, InferenceError, Input, Scored, TokenLogprob};
-use template::ChatFormat;
+use template::{ChatFormat, TemplateError};
 use tokenizer::GgufTokenizer;
 
 /// Files declare up to 32k positions; rotary tables and a KV cache that long
@@ -464,9 +464,12 @@ impl GgufModel {
                 // format for base models does not.
                 let add_bos = !self.chat.is_template() && self.tok.add_bos;
                 (
-                    self.chat
-                        .render(msgs)
-                        .map_err(|e| InferenceError::InvalidParams(e.to_string()))?,
+                    self.chat.render(msgs).map_err(|e| match e {
+                        // Messages the template refuses: the caller's to change.
+                        TemplateError::Render(_) => InferenceError::InvalidParams(e.to_string()),
+                        // A template past its limits, or no renderer: the member's.
+                        _ => InferenceError::Failed(e.to_string()),
+                    })?,
                     add_bos,
                 )
             }

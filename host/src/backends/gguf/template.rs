@@ -1,56 +1,89 @@
-//! Chat templates: the model's own Jinja template from its metadata, rendered
-//! with minijinja.
+//! Chat templates: the model's own Jinja template from its metadata,
+//! rendered with minijinja **inside a wasm sandbox**.
+//!
+//! A chat template is code written by whoever published the model, and it
+//! runs on every chat request. minijinja's fuel bounds template
+//! *instructions*, but one instruction can do unbounded native work: repeat
+//! a string to 100 MB, stringify a repeated sequence of millions of items,
+//! or double a namespace attribute in a loop until it holds gigabytes. (A
+//! fuzzer found the first: a 420-byte template that took 15 s per render,
+//! `fuzz/regressions/template-repeated-string-in-loop.bin`.) Bounding every
+//! such operation inside the engine would mean auditing all of minijinja,
+//! so the host does not render templates itself. The renderer
+//! (`host/template-guest`, built into the host by `build.rs`) is a core
+//! wasm module with no imports; each render gets a fresh instance with a
+//! memory cap ([`TEMPLATE_MEMORY_BYTES`]), wasm fuel
+//! ([`TEMPLATE_WASM_FUEL`]) and a deadline ([`TEMPLATE_DEADLINE`]), so
+//! whatever a template does costs at most half a second of one core and
+//! ends with an error.
 //!
 //! Templates written for Hugging Face's Python renderer call Python string
 //! methods (`.strip()`, `.startswith()`); minijinja-contrib's pycompat layer
 //! provides those. A model without a template (a base model) gets a plain
 //! completion format instead, and its card says so.
 
-use minijinja::{context, Environment};
-use serde::Serialize;
+use std::sync::OnceLock;
+
+use wasmtime::{Config, Engine, Instance, Module, ResourceLimiter, Store, Trap};
 
 use crate::inference::Message;
 
 /// How a member turns chat turns into a prompt.
 pub enum ChatFormat {
-    /// The model's own Jinja template.
-    Template {
-        env: Box<Environment<'static>>,
-        bos: String,
-        eos: String,
-    },
+    /// The model's own Jinja template, checked to compile.
+    Template { source: String, bos: String, eos: String },
     /// No template: turns are joined as `role: content` lines and the prompt
     /// ends with `assistant:`, a format base models continue reasonably.
     Plain,
 }
 
-#[derive(Serialize)]
-struct TemplateMessage<'a> {
-    role: &'a str,
-    content: &'a str,
-}
-
 /// Why a chat template cannot be used: it does not compile (the model
 /// file's fault), or it fails on these messages (often a template that
-/// insists on roles alternating, or on a system message first).
+/// insists on roles alternating, or on a system message first, or one that
+/// ran past its limits).
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     /// The template's source is not valid Jinja.
     #[error("the chat template does not compile: {0}")]
-    Compile(#[source] minijinja::Error),
-    /// The template raised or failed while rendering these messages.
+    Compile(String),
+    /// The template raised or failed on these messages (the caller may
+    /// send them otherwise).
     #[error("rendering the chat template failed: {0}")]
-    Render(#[source] minijinja::Error),
+    Render(String),
+    /// The template ran past a limit of its sandbox: memory, instructions,
+    /// time or output. The model file's fault, whatever the messages.
+    #[error("the chat template ran past its limits: {0}")]
+    Limit(String),
+    /// The host could not start the sandboxed renderer (a server fault,
+    /// not the template's).
+    #[error("the chat-template renderer is unavailable: {0}")]
+    Renderer(String),
 }
 
-/// Template instructions one render may run. A model file's template is a
-/// contributor's code, run on every chat request: without a bound, nested
-/// loops over `range` (or a recursive macro) would hold a worker for hours
-/// and grow its output without end. Real templates (ChatML, Llama, Gemma)
-/// use a few hundred instructions per turn, so this leaves room for
-/// conversations of thousands of turns and stops a hostile loop within
-/// about a second.
+/// Template instructions one render may run (minijinja's own fuel). Real
+/// templates (ChatML, Llama, Gemma) use a few hundred instructions per
+/// turn, so this leaves room for conversations of thousands of turns and
+/// stops a hostile loop early with minijinja's clear "out of fuel" error.
 pub const TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// Wasm instructions one render may run. A 200-turn ChatML conversation
+/// takes about 2.4 million; a hostile loop of plain instructions stops at
+/// this within about 0.1 s. Fuel alone is not a time bound (one bulk
+/// memory copy of many megabytes costs one unit), hence also
+/// [`TEMPLATE_DEADLINE`].
+pub const TEMPLATE_WASM_FUEL: u64 = 600_000_000;
+
+/// Wall-clock time one render may take, checked every [`TEMPLATE_TICK`].
+/// Real renders take well under a millisecond; the margin is for a busy
+/// machine that deschedules the rendering thread.
+pub const TEMPLATE_DEADLINE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The grain at which [`TEMPLATE_DEADLINE`] is checked.
+pub const TEMPLATE_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Linear memory one render may use (the request, the messages as template
+/// values and the output, with room to spare).
+pub const TEMPLATE_MEMORY_BYTES: usize = 64 << 20;
 
 /// Largest source accepted for a template (real ones are a few KiB).
 pub const MAX_TEMPLATE_BYTES: usize = 256 << 10;
@@ -61,47 +94,160 @@ pub const MAX_TEMPLATE_BYTES: usize = 256 << 10;
 /// writes rather than after building gigabytes.
 pub const MAX_RENDER_BYTES: usize = 4 * crate::inference::MAX_INPUT_BYTES;
 
-/// The render's output, refusing to grow past [`MAX_RENDER_BYTES`].
-struct Capped(Vec<u8>);
+/// The renderer module, compiled once per process.
+const GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chat_template.wasm"));
 
-impl std::io::Write for Capped {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + buf.len() > MAX_RENDER_BYTES {
-            return Err(std::io::Error::other(format!(
-                "the chat template wrote more than {MAX_RENDER_BYTES} bytes"
-            )));
-        }
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
+struct Renderer {
+    engine: Engine,
+    module: Module,
+}
+
+fn renderer() -> Result<&'static Renderer, TemplateError> {
+    static RENDERER: OnceLock<Result<Renderer, String>> = OnceLock::new();
+    RENDERER
+        .get_or_init(|| {
+            let mut cfg = Config::new();
+            cfg.consume_fuel(true).epoch_interruption(true).max_wasm_stack(1 << 20);
+            let engine = Engine::new(&cfg).map_err(|e| format!("wasm engine: {e:#}"))?;
+            let module = compiled(&engine)?;
+            // The renderer lives as long as the process, and so does its
+            // clock; the thread ends if the engine is ever dropped.
+            let weak = engine.weak();
+            std::thread::Builder::new()
+                .name("tessera-template-clock".into())
+                .spawn(move || {
+                    while let Some(e) = weak.upgrade() {
+                        e.increment_epoch();
+                        drop(e);
+                        std::thread::sleep(TEMPLATE_TICK);
+                    }
+                })
+                .map_err(|e| format!("cannot start the renderer's clock: {e}"))?;
+            Ok(Renderer { engine, module })
+        })
+        .as_ref()
+        .map_err(|e| TemplateError::Renderer(e.clone()))
+}
+
+/// The renderer compiled for `engine`, from the precompiled-artifact cache
+/// under `$TESSERA_HOME` when it is there: compiling takes about a second of
+/// CPU, which every process that loads a model would otherwise pay.
+fn compiled(engine: &Engine) -> Result<Module, String> {
+    use sha2::{Digest, Sha256};
+    let dir = crate::runtime::Paths::from_env().components;
+    let cached = crate::sandbox::artifact_path(engine, &dir, &hex::encode(Sha256::digest(GUEST)));
+    // SAFETY: files under this name are written only below, from this
+    // engine configuration's own `precompile_module` output.
+    if let Ok(m) = unsafe { Module::deserialize_file(engine, &cached) } {
+        return Ok(m);
+    }
+    let artifact = engine
+        .precompile_module(GUEST)
+        .map_err(|e| format!("compiling the renderer: {e:#}"))?;
+    // A cache: a failed write only costs a compile in the next process.
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = crate::files::write_atomic(&cached, &artifact, crate::files::Durability::Cache);
+    }
+    // SAFETY: `artifact` was produced by this engine just above.
+    unsafe { Module::deserialize(engine, &artifact) }.map_err(|e| format!("loading the renderer: {e:#}"))
+}
+
+/// Refuses linear memory past [`TEMPLATE_MEMORY_BYTES`] and remembers that
+/// it did, so the trap that follows is reported as the memory cap.
+struct Limits {
+    refused: bool,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let ok = desired <= TEMPLATE_MEMORY_BYTES;
+        self.refused |= !ok;
+        Ok(ok)
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 16)
+    }
+}
+
+/// What the renderer answered: the status byte and the text after it.
+fn call(request: &serde_json::Value) -> Result<String, TemplateError> {
+    let r = renderer()?;
+    let fault = |what: &str, e: wasmtime::Error| TemplateError::Renderer(format!("{what}: {e:#}"));
+    let input = serde_json::to_vec(request).map_err(|e| TemplateError::Renderer(e.to_string()))?;
+    let len = u32::try_from(input.len()).map_err(|_| {
+        TemplateError::Render(format!(
+            "the conversation is {} bytes, too large to render",
+            input.len()
+        ))
+    })?;
+    let mut store = Store::new(&r.engine, Limits { refused: false });
+    store.limiter(|l| l);
+    store
+        .set_fuel(TEMPLATE_WASM_FUEL)
+        .map_err(|e| fault("setting fuel", e))?;
+    store.set_epoch_deadline(TEMPLATE_DEADLINE.as_millis().div_ceil(TEMPLATE_TICK.as_millis()) as u64);
+    let instance = Instance::new(&mut store, &r.module, &[]).map_err(|e| fault("instantiating", e))?;
+    let memory = instance
+        .get_memory(&mut store, "memory")
+        .ok_or_else(|| TemplateError::Renderer("the renderer exports no memory".into()))?;
+    let alloc = instance
+        .get_typed_func::<u32, u32>(&mut store, "alloc")
+        .map_err(|e| fault("export `alloc`", e))?;
+    let render = instance
+        .get_typed_func::<(u32, u32), u64>(&mut store, "render")
+        .map_err(|e| fault("export `render`", e))?;
+    let trapped = |store: &Store<Limits>, e: wasmtime::Error| {
+        if store.data().refused {
+            TemplateError::Limit(format!(
+                "it used more than {} MiB of memory",
+                TEMPLATE_MEMORY_BYTES >> 20
+            ))
+        } else if e.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) {
+            TemplateError::Limit(format!("it ran {TEMPLATE_WASM_FUEL} wasm instructions"))
+        } else if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            TemplateError::Limit(format!("it ran for {} ms", TEMPLATE_DEADLINE.as_millis()))
+        } else {
+            TemplateError::Limit(format!("its renderer trapped: {e:#}"))
+        }
+    };
+    let ptr = alloc.call(&mut store, len).map_err(|e| trapped(&store, e))?;
+    memory
+        .write(&mut store, ptr as usize, &input)
+        .map_err(|e| TemplateError::Renderer(format!("writing the request: {e}")))?;
+    let packed = render.call(&mut store, (ptr, len)).map_err(|e| trapped(&store, e))?;
+    let (at, n) = ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize);
+    let answer = memory
+        .data(&store)
+        .get(at..at.saturating_add(n))
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| TemplateError::Renderer("the renderer's answer lies outside its memory".into()))?;
+    let text = String::from_utf8_lossy(&answer[1..]).into_owned();
+    match answer[0] {
+        0 => Ok(text),
+        1 => Err(TemplateError::Compile(text)),
+        2 => Err(TemplateError::Render(text)),
+        _ => Err(TemplateError::Limit(text)),
     }
 }
 
 impl ChatFormat {
-    /// Compiles `source`; the error names the template problem.
+    /// Compiles `source` once in the sandbox to check it; the error names
+    /// the template problem.
     pub fn from_template(source: &str, bos: String, eos: String) -> Result<Self, TemplateError> {
         if source.len() > MAX_TEMPLATE_BYTES {
-            return Err(TemplateError::Compile(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                format!(
-                    "the template is {} bytes; at most {MAX_TEMPLATE_BYTES} are accepted",
-                    source.len()
-                ),
+            return Err(TemplateError::Compile(format!(
+                "the template is {} bytes; at most {MAX_TEMPLATE_BYTES} are accepted",
+                source.len()
             )));
         }
-        let mut env = Environment::new();
-        env.set_fuel(Some(TEMPLATE_FUEL));
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_template_owned("chat", source.to_string())
-            .map_err(TemplateError::Compile)?;
-        Ok(ChatFormat::Template {
-            env: Box::new(env),
+        let format = ChatFormat::Template {
+            source: source.to_string(),
             bos,
             eos,
-        })
+        };
+        format.run(&[], false, true)?;
+        Ok(format)
     }
 
     /// Whether this is the model's own template.
@@ -119,33 +265,23 @@ impl ChatFormat {
     /// without it, and uses the difference between the two renders to find
     /// which tokens are the assistant's.
     pub fn render_with(&self, messages: &[Message], generation_prompt: bool) -> Result<String, TemplateError> {
+        self.run(messages, generation_prompt, false)
+    }
+
+    fn run(&self, messages: &[Message], generation_prompt: bool, check_only: bool) -> Result<String, TemplateError> {
         match self {
-            ChatFormat::Template { env, bos, eos } => {
-                let msgs: Vec<TemplateMessage> = messages
-                    .iter()
-                    .map(|m| TemplateMessage {
-                        role: &m.role,
-                        content: &m.content,
-                    })
-                    .collect();
-                let tmpl = env.get_template("chat").map_err(TemplateError::Compile)?;
-                let mut out = Capped(Vec::new());
-                tmpl.render_captured_to(
-                    context! {
-                        messages => msgs,
-                        add_generation_prompt => generation_prompt,
-                        bos_token => bos,
-                        eos_token => eos,
-                    },
-                    &mut out,
-                )
-                .map_err(TemplateError::Render)?;
-                String::from_utf8(out.0).map_err(|e| {
-                    TemplateError::Render(minijinja::Error::new(
-                        minijinja::ErrorKind::InvalidOperation,
-                        format!("the template wrote invalid UTF-8: {e}"),
-                    ))
-                })
+            ChatFormat::Template { source, bos, eos } => {
+                let turns: Vec<(&str, &str)> = messages.iter().map(|m| (&*m.role, &*m.content)).collect();
+                call(&serde_json::json!({
+                    "source": source,
+                    "bos": bos,
+                    "eos": eos,
+                    "messages": turns,
+                    "add_generation_prompt": generation_prompt,
+                    "fuel": TEMPLATE_FUEL,
+                    "max_output": MAX_RENDER_BYTES,
+                    "check_only": check_only,
+                }))
             }
             ChatFormat::Plain => {
                 let mut out = String::new();
