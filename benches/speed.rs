@@ -220,10 +220,12 @@ fn mcq_tables(paths: &Paths) {
 }
 
 /// Aggregate decode tokens per second of `n` sequences decoded together
-/// (one prompt, sampled with seeds 0..n so that they differ): the time of
-/// the whole batch less the time of the same batch stopped after its first
-/// token (the prompts, prefilled one at a time), over the tokens after the
-/// first.
+/// (one prompt, sampled with seeds 0..n so that they differ, sharing the
+/// prompt): the time of the whole batch less the time of the same batch
+/// stopped after its second token (the prompt and a first step), over the
+/// tokens after the second. Not the first: a sequence that ends after one
+/// token leaves before the others can share its prompt, and the pass would
+/// time `n` prompts where the whole batch runs one.
 fn decode_together(path: &Path, prompt: &str, n: usize) -> f64 {
     use tessera::backends::gguf::decode::GenJob;
     let mut m = GgufModel::load("bench", path, &candle_core::Device::Cpu).expect("model loads");
@@ -260,8 +262,8 @@ fn decode_together(path: &Path, prompt: &str, n: usize) -> f64 {
             .sum();
         (secs, toks)
     };
-    let (t1, k1) = run(&mut m, 1);
-    let (tn, kn) = run(&mut m, DECODE / 2 + 1);
+    let (t1, k1) = run(&mut m, 2);
+    let (tn, kn) = run(&mut m, DECODE / 2 + 2);
     kn.saturating_sub(k1) as f64 / (tn - t1).max(1e-9)
 }
 

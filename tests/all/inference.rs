@@ -225,6 +225,47 @@ async fn concurrent_generations_are_decoded_together_and_answer_as_one_at_a_time
     }
 }
 
+/// Several samples of one prompt (a vote over one member, `n` choices):
+/// the prompt runs once, the others take its cache and read it from one
+/// buffer at every step, and each sample is still what it is alone.
+#[tokio::test]
+async fn samples_of_one_prompt_share_it_and_answer_as_one_at_a_time() {
+    use tessera::backends::gguf::decode::shared_prompts;
+    let prompt = "Write a haiku about rain on a tin roof in the early morning.";
+    let params = |seed: u64| GenParams {
+        max_tokens: Some(16),
+        temperature: Some(if seed == 0 { 0.0 } else { 0.8 }),
+        seed: Some(seed),
+        ..Default::default()
+    };
+    for member in [SMOL, QWEN, GEMMA] {
+        let mut alone = Vec::new();
+        for seed in 0..4 {
+            let g = runtime()
+                .models()
+                .generate(ctx(), member, chat(prompt), params(seed))
+                .await
+                .unwrap();
+            alone.push(g.text);
+        }
+        let before = shared_prompts();
+        let together = futures::future::join_all(
+            (0..4).map(|seed| runtime().models().generate(ctx(), member, chat(prompt), params(seed))),
+        )
+        .await;
+        let together: Vec<String> = together.into_iter().map(|g| g.unwrap().text).collect();
+        assert_eq!(together, alone, "{member}: sharing a prompt must not change any sample");
+        assert!(
+            shared_prompts() > before,
+            "{member}: samples of one prompt shared its cache"
+        );
+        assert!(
+            alone[1..].iter().any(|t| t != &alone[0]),
+            "{member}: the samples differ"
+        );
+    }
+}
+
 #[tokio::test]
 async fn sequences_join_a_running_batch_and_answer_as_one_at_a_time() {
     use tessera::backends::gguf::decode::joined_running;

@@ -316,7 +316,7 @@ pub fn attend_values_in(
             #[cfg(target_arch = "x86_64")]
             if vector {
                 // SAFETY: AVX-512F checked, `dim` a multiple of 16.
-                unsafe { weighted_sum_avx512(&p[lo..hi], &v[lo * dim..hi * dim], o) };
+                unsafe { weighted_sum_avx512(&p[lo..hi], &v[lo * dim..hi * dim], o, false) };
                 continue;
             }
             let _ = vector;
@@ -406,20 +406,40 @@ pub fn attend_scores_in(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal
 
 /// One sequence's part in [`attend_decode`]: its KV cache (this step's key
 /// and value already appended) in buffers `[kv_heads, capacity, dim]`, of
-/// which each head's first `keys` positions are held, and its query's
-/// position and window.
+/// which each head's first `len` positions are held, and its query's
+/// position and window. With `shared`, the first `shared.len` positions
+/// are read from the shared buffers and the own buffers hold the rest
+/// (position `p` at own index `p - shared.len`).
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeKv<'a> {
     /// Key buffer, `kv_heads * capacity * dim` values.
     pub keys: &'a [f32],
     /// Value buffer, the same size.
     pub values: &'a [f32],
-    /// Positions held (the query attends to the last of them and before).
+    /// Positions held in all (the query attends to the last of them and
+    /// before), those of `shared` included.
     pub len: usize,
-    /// Positions per head in the buffers.
+    /// Positions per head in the own buffers.
     pub capacity: usize,
     /// A sliding window, as [`Causal::window`].
     pub window: Option<usize>,
+    /// The first positions, read from buffers other sequences read too (a
+    /// prompt several continuations share).
+    pub shared: Option<SharedKv<'a>>,
+}
+
+/// The positions a sequence shares: buffers `[kv_heads, capacity, dim]`
+/// whose first `len` positions per head precede the sequence's own.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedKv<'a> {
+    /// Key buffer, `kv_heads * capacity * dim` values.
+    pub keys: &'a [f32],
+    /// Value buffer, the same size.
+    pub values: &'a [f32],
+    /// Positions taken from these buffers.
+    pub len: usize,
+    /// Positions per head in these buffers.
+    pub capacity: usize,
 }
 
 /// One decode step of attention for several sequences at once, each over
@@ -427,11 +447,17 @@ pub struct DecodeKv<'a> {
 /// one row per sequence; returns `[n, heads, dim]`.
 ///
 /// Every row gets exactly the numbers [`attend_scores_in`], the causal
-/// softmax and [`attend_values_in`] give it in a one-query call (the same
-/// summation orders, the same vector code): a sequence's logits do not
-/// depend on its batch. What changes is the dispatch: all `n * heads` rows
-/// go to the thread pool at once, where a batch of sixteen sequences took
-/// three pool dispatches per sequence and layer.
+/// softmax and [`attend_values_in`] give it in a one-query call over one
+/// buffer holding all its positions (the same summation orders, the same
+/// vector code; a shared part and an own part are two runs of the same
+/// loops, the second continuing the first's sums): a sequence's logits do
+/// not depend on its batch. What changes is the dispatch: all `n * heads`
+/// rows go to the thread pool at once, where a batch of sixteen sequences
+/// took three pool dispatches per sequence and layer; and the order: rows
+/// go key head by key head, sequence by sequence, so the query heads of a
+/// group read their key head while it is in cache, and so do sequences
+/// that share their first positions (continuations of one prompt read it
+/// from memory once per step, not once each).
 ///
 /// # Panics
 /// If a slice does not have the size the shapes say, or `q` does not hold
@@ -440,9 +466,19 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
     let n = seqs.len();
     assert_eq!(q.len(), n * heads * dim, "attend_decode: queries");
     for s in seqs {
-        assert!(s.capacity >= s.len, "attend_decode: capacity");
+        let own = s.len - s.shared.map_or(0, |p| p.len);
+        assert!(s.capacity >= own, "attend_decode: capacity");
         assert_eq!(s.keys.len(), kv_heads * s.capacity * dim, "attend_decode: keys");
         assert_eq!(s.values.len(), kv_heads * s.capacity * dim, "attend_decode: values");
+        if let Some(p) = s.shared {
+            assert!(p.capacity >= p.len && p.len <= s.len, "attend_decode: shared capacity");
+            assert_eq!(p.keys.len(), kv_heads * p.capacity * dim, "attend_decode: shared keys");
+            assert_eq!(
+                p.values.len(),
+                kv_heads * p.capacity * dim,
+                "attend_decode: shared values"
+            );
+        }
     }
     let rep = (heads / kv_heads.max(1)).max(1);
     let mut out = vec![0f32; n * heads * dim];
@@ -454,14 +490,30 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
     let widest = seqs.iter().map(|s| s.len).max().unwrap_or(0);
     candle_core::utils::barrier_pool().execute_chunked(n * heads, |range| {
         let mut scratch = vec![0f32; widest];
-        for row in range {
-            let (b, h) = (row / heads, row % heads);
+        for r in range {
+            // Key head, then sequence, then the query heads of the group.
+            let (kv, rest) = (r / (n * rep), r % (n * rep));
+            let (b, h) = (rest / rep, kv * rep + rest % rep);
+            let row = b * heads + h;
             let s = &seqs[b];
             let keys = s.len;
-            let kv = h / rep;
             let qr = &q[row * dim..(row + 1) * dim];
-            let kh = &s.keys[kv * s.capacity * dim..(kv * s.capacity + keys) * dim];
-            let vh = &s.values[kv * s.capacity * dim..(kv * s.capacity + keys) * dim];
+            // The positions as runs: (first position, keys, values), the
+            // buffers indexed from that position.
+            let base = s.shared.map_or(0, |p| p.len);
+            let own = (
+                base,
+                &s.keys[kv * s.capacity * dim..(kv * s.capacity + keys - base) * dim],
+                &s.values[kv * s.capacity * dim..(kv * s.capacity + keys - base) * dim],
+            );
+            let shared = s.shared.map(|p| {
+                (
+                    0,
+                    &p.keys[kv * p.capacity * dim..(kv * p.capacity + p.len) * dim],
+                    &p.values[kv * p.capacity * dim..(kv * p.capacity + p.len) * dim],
+                )
+            });
+            let runs = shared.into_iter().chain(std::iter::once(own));
             let causal = Causal {
                 queries: 1,
                 pos: keys.saturating_sub(1),
@@ -475,20 +527,25 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
             if lo == hi {
                 continue;
             }
-            #[cfg(target_arch = "x86_64")]
-            if vector {
-                // SAFETY: AVX-512F checked, `dim` a multiple of 16; `kh` and
-                // `vh` hold `keys` rows of `dim`, `p` holds `keys` scores.
-                unsafe {
-                    scores_avx512(qr, kh, lo, hi, p);
-                    softmax_row_avx512(&mut p[lo..hi]);
-                    weighted_sum_avx512(&p[lo..hi], &vh[lo * dim..hi * dim], o);
+            // The part of `lo..hi` in a run starting at `first` with `n`
+            // positions, as indices into that run.
+            let part = |first: usize, n: usize| (lo.max(first) - first, hi.min(first + n).max(first) - first);
+            for (first, kh, _) in runs.clone() {
+                let (a, z) = part(first, kh.len() / dim);
+                if a >= z {
+                    continue;
                 }
-                continue;
-            }
-            let _ = vector;
-            for j in lo..hi {
-                p[j] = dot16(qr, &kh[j * dim..(j + 1) * dim]);
+                #[cfg(target_arch = "x86_64")]
+                if vector {
+                    // SAFETY: AVX-512F checked, `dim` a multiple of 16; `kh`
+                    // holds the run's rows of `dim`, `p` from `first` on
+                    // holds a score for each.
+                    unsafe { scores_avx512(qr, kh, a, z, &mut p[first..]) };
+                    continue;
+                }
+                for j in a..z {
+                    p[first + j] = dot16(qr, &kh[j * dim..(j + 1) * dim]);
+                }
             }
             #[cfg(target_arch = "x86_64")]
             if vector_softmax {
@@ -502,12 +559,31 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
                 let _ = vector_softmax;
                 softmax_row(&mut p[lo..hi]);
             }
-            for (j, &w) in p[lo..hi].iter().enumerate() {
-                let vr = &vh[(lo + j) * dim..(lo + j + 1) * dim];
-                for (x, &y) in o.iter_mut().zip(vr) {
-                    *x = w.mul_add(y, *x);
+            let mut started = false;
+            for (first, _, vh) in runs {
+                let (a, z) = part(first, vh.len() / dim);
+                if a >= z {
+                    continue;
                 }
+                let w = &p[first + a..first + z];
+                #[cfg(target_arch = "x86_64")]
+                if vector {
+                    // SAFETY: AVX-512F checked, `dim` a multiple of 16; `vh`
+                    // holds the run's rows, `w` one weight for each of
+                    // rows `a..z`.
+                    unsafe { weighted_sum_avx512(w, &vh[a * dim..z * dim], o, started) };
+                    started = true;
+                    continue;
+                }
+                for (j, &x) in w.iter().enumerate() {
+                    let vr = &vh[(a + j) * dim..(a + j + 1) * dim];
+                    for (y, &v) in o.iter_mut().zip(vr) {
+                        *y = x.mul_add(v, *y);
+                    }
+                }
+                started = true;
             }
+            let _ = (started, vector);
         }
     });
     out
@@ -617,10 +693,12 @@ fn fold16_avx512(mut p: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::_
 }
 
 /// `out = Σ_j w[j] · v[j]` over `dim`-wide rows `v`, in ascending `j`,
-/// 64 values of `out` held in registers at a time.
+/// 64 values of `out` held in registers at a time; with `accumulate` the
+/// sums start from `out` instead of 0, so two calls over consecutive runs
+/// of rows give the numbers of one call over both.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn weighted_sum_avx512(w: &[f32], v: &[f32], out: &mut [f32]) {
+unsafe fn weighted_sum_avx512(w: &[f32], v: &[f32], out: &mut [f32], accumulate: bool) {
     use std::arch::x86_64::*;
     let dim = out.len();
     let vp = v.as_ptr();
@@ -630,12 +708,21 @@ unsafe fn weighted_sum_avx512(w: &[f32], v: &[f32], out: &mut [f32]) {
     // values of `v` and within `out`; `dim` is a multiple of 16.
     unsafe {
         while d0 + 64 <= dim {
-            let (mut a0, mut a1, mut a2, mut a3) = (
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-            );
+            let (mut a0, mut a1, mut a2, mut a3) = if accumulate {
+                (
+                    _mm512_loadu_ps(op.add(d0)),
+                    _mm512_loadu_ps(op.add(d0 + 16)),
+                    _mm512_loadu_ps(op.add(d0 + 32)),
+                    _mm512_loadu_ps(op.add(d0 + 48)),
+                )
+            } else {
+                (
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                    _mm512_setzero_ps(),
+                )
+            };
             for (j, &x) in w.iter().enumerate() {
                 let s = _mm512_set1_ps(x);
                 let r = vp.add(j * dim + d0);
@@ -651,7 +738,11 @@ unsafe fn weighted_sum_avx512(w: &[f32], v: &[f32], out: &mut [f32]) {
             d0 += 64;
         }
         while d0 < dim {
-            let mut a = _mm512_setzero_ps();
+            let mut a = if accumulate {
+                _mm512_loadu_ps(op.add(d0))
+            } else {
+                _mm512_setzero_ps()
+            };
             for (j, &x) in w.iter().enumerate() {
                 a = _mm512_fmadd_ps(_mm512_set1_ps(x), _mm512_loadu_ps(vp.add(j * dim + d0)), a);
             }
@@ -754,11 +845,6 @@ mod tests {
             keys: 700,
             dim,
         };
-        let noise = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
-                .collect()
-        };
         let (t, pos) = (40, 660);
         let causal = Causal {
             queries: t,
@@ -815,13 +901,6 @@ mod tests {
                 keys: 90,
                 dim,
             };
-            let noise = |n: usize, seed: u32| -> Vec<f32> {
-                (0..n)
-                    .map(|i| {
-                        ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5
-                    })
-                    .collect()
-            };
             let (t, pos) = (30, 60);
             let causal = Causal {
                 queries: t,
@@ -858,11 +937,6 @@ mod tests {
     /// keys and values packed to their length.
     #[test]
     fn attention_reads_a_buffer_with_room_as_a_packed_one() {
-        let noise = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
-                .collect()
-        };
         for (dim, keys, spare) in [(64, 37, 91), (256, 5, 1), (24, 129, 128)] {
             let shape = ValuesShape {
                 batch: 2,
@@ -902,17 +976,47 @@ mod tests {
         }
     }
 
+    /// Deterministic values in [-0.5, 0.5).
+    fn noise(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
+            .collect()
+    }
+
+    /// One sequence's decode query `q` (`[heads, dim]`) attended alone, by
+    /// the one-query calls: scores, causal softmax and values over one
+    /// buffer pair `[kv_heads, capacity, dim]` holding its `len` positions.
+    fn decode_alone(
+        q: &[f32],
+        (keys, values): (&[f32], &[f32]),
+        len: usize,
+        capacity: usize,
+        window: Option<usize>,
+        (heads, kv_heads, dim): (usize, usize, usize),
+    ) -> Vec<f32> {
+        let shape = ValuesShape {
+            batch: 1,
+            heads,
+            kv_heads,
+            keys: len,
+            dim,
+        };
+        let causal = Causal {
+            queries: 1,
+            pos: len - 1,
+            window,
+        };
+        let mut probs = attend_scores_in(q, keys, shape, causal, capacity);
+        softmax_causal(&mut probs, len, causal);
+        attend_values_in(&probs, values, shape, causal, capacity)
+    }
+
     /// A decode step of several sequences in one call gives every row the
     /// numbers of its own one-query calls (scores, causal softmax, values),
     /// to the bit: sequences of different lengths, windows, room in their
     /// buffers, grouped heads and head widths that take either path.
     #[test]
     fn a_batched_decode_step_attends_as_each_sequence_alone() {
-        let noise = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5)
-                .collect()
-        };
         for dim in [64, 24] {
             let (heads, kv_heads) = (6, 2);
             let lens = [1usize, 17, 300, 40];
@@ -937,30 +1041,104 @@ mod tests {
                     len: lens[i],
                     capacity: caps[i],
                     window: windows[i],
+                    shared: None,
                 })
                 .collect();
             let together = attend_decode(&q, &seqs, heads, kv_heads, dim);
             for (i, s) in seqs.iter().enumerate() {
-                let shape = ValuesShape {
-                    batch: 1,
-                    heads,
-                    kv_heads,
-                    keys: s.len,
-                    dim,
-                };
-                let causal = Causal {
-                    queries: 1,
-                    pos: s.len - 1,
-                    window: s.window,
-                };
                 let qi = &q[i * heads * dim..(i + 1) * heads * dim];
-                let mut probs = attend_scores_in(qi, s.keys, shape, causal, s.capacity);
-                softmax_causal(&mut probs, s.len, causal);
-                let alone = attend_values_in(&probs, s.values, shape, causal, s.capacity);
+                let alone = decode_alone(
+                    qi,
+                    (s.keys, s.values),
+                    s.len,
+                    s.capacity,
+                    s.window,
+                    (heads, kv_heads, dim),
+                );
                 assert_eq!(
                     &together[i * heads * dim..(i + 1) * heads * dim],
                     &alone[..],
                     "dim {dim} sequence {i}"
+                );
+            }
+        }
+    }
+
+    /// Continuations of one prompt read it from one shared buffer and their
+    /// own tokens from their own: every row gets the numbers of a one-query
+    /// call over a single buffer holding all its positions, to the bit
+    /// (tails shorter and longer than a block of sixteen keys, a window
+    /// that starts inside the shared part and one that starts after it).
+    #[test]
+    fn continuations_sharing_a_prompt_attend_as_with_their_own_copy() {
+        for dim in [64, 24] {
+            let (heads, kv_heads) = (6, 2);
+            let (prompt, prompt_cap) = (150usize, 170usize);
+            let (pk, pv) = (
+                noise(kv_heads * prompt_cap * dim, 3),
+                noise(kv_heads * prompt_cap * dim, 4),
+            );
+            let tails = [1usize, 20, 60];
+            let windows = [None, Some(100), Some(30)];
+            // Each continuation's own buffers, and a single buffer holding
+            // the prompt then its tail (the copy it used to make).
+            let room = 7;
+            let own: Vec<(Vec<f32>, Vec<f32>)> = tails
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| {
+                    let c = t + room;
+                    (
+                        noise(kv_heads * c * dim, 40 + i as u32),
+                        noise(kv_heads * c * dim, 50 + i as u32),
+                    )
+                })
+                .collect();
+            let whole = |shared: &[f32], tail: &[f32], t: usize| -> Vec<f32> {
+                let c = t + room;
+                let mut w = Vec::new();
+                for h in 0..kv_heads {
+                    w.extend_from_slice(&shared[h * prompt_cap * dim..(h * prompt_cap + prompt) * dim]);
+                    w.extend_from_slice(&tail[h * c * dim..(h * c + t) * dim]);
+                }
+                w
+            };
+            let copies: Vec<(Vec<f32>, Vec<f32>)> = tails
+                .iter()
+                .zip(&own)
+                .map(|(&t, (k, v))| (whole(&pk, k, t), whole(&pv, v, t)))
+                .collect();
+            let q = noise(tails.len() * heads * dim, 9);
+            let seqs: Vec<DecodeKv<'_>> = (0..tails.len())
+                .map(|i| DecodeKv {
+                    keys: &own[i].0,
+                    values: &own[i].1,
+                    len: prompt + tails[i],
+                    capacity: tails[i] + room,
+                    window: windows[i],
+                    shared: Some(SharedKv {
+                        keys: &pk,
+                        values: &pv,
+                        len: prompt,
+                        capacity: prompt_cap,
+                    }),
+                })
+                .collect();
+            let together = attend_decode(&q, &seqs, heads, kv_heads, dim);
+            for (i, s) in seqs.iter().enumerate() {
+                let qi = &q[i * heads * dim..(i + 1) * heads * dim];
+                let alone = decode_alone(
+                    qi,
+                    (&copies[i].0, &copies[i].1),
+                    s.len,
+                    s.len,
+                    s.window,
+                    (heads, kv_heads, dim),
+                );
+                assert_eq!(
+                    &together[i * heads * dim..(i + 1) * heads * dim],
+                    &alone[..],
+                    "dim {dim} continuation {i}"
                 );
             }
         }

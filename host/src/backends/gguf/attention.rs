@@ -276,18 +276,40 @@ pub(super) fn silu(x: &Tensor) -> Result<Tensor> {
 pub const KV_ROOM: usize = 128;
 
 /// One layer's cached keys and values for one sequence: buffers of shape
-/// `[b, kv_heads, capacity, d]` whose first `len` positions are this
-/// holder's.
+/// `[b, kv_heads, capacity, d]` whose first positions are this holder's,
+/// possibly after a shared part in other buffers.
 ///
 /// Holders fork by cloning (a prompt shared by several continuations, the
 /// options of a question, a trunk's prefix): the clones share the buffers.
 /// Appending writes in place only for the holder that is at the buffer's
 /// high-water mark (`filled`, shared by every clone, moved by one
-/// compare-and-swap), so no holder's positions are ever overwritten; any
-/// other holder copies its own positions into a new buffer first. Readers
-/// read only their own `len` positions, which no append touches.
+/// compare-and-swap), so no holder's positions are ever overwritten. Any
+/// other holder either copies its positions into a new buffer (a prompt
+/// pass, [`Self::append`] with `share` off) or, in a decode step, keeps
+/// reading the positions it holds from the buffer they are in (`shared`,
+/// which no append touches below its high-water mark) and starts a small
+/// buffer of its own for what follows. Sixteen continuations of one
+/// prompt so hold the prompt once, and their attention reads it once per
+/// step ([`tessera_kernels::math::attend_decode`]). A holder with a shared
+/// part that must copy copies only its own part, so the chain is never
+/// longer than one shared part and one own buffer.
 #[derive(Debug, Clone)]
 pub struct LayerKv {
+    /// The own buffers, position `shared.len + i` at index `i`.
+    k: Tensor,
+    v: Tensor,
+    /// Positions held in all, the shared ones included.
+    len: usize,
+    /// High-water mark of the own buffers (own indices).
+    filled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The first positions, read from another holder's buffers.
+    shared: Option<SharedKv>,
+}
+
+/// The first `len` positions of a [`LayerKv`], in buffers it does not own
+/// (with their owner's high-water mark).
+#[derive(Debug, Clone)]
+struct SharedKv {
     k: Tensor,
     v: Tensor,
     len: usize,
@@ -308,6 +330,7 @@ impl LayerKv {
             v,
             len,
             filled: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(len)),
+            shared: None,
         }
     }
 
@@ -321,58 +344,125 @@ impl LayerKv {
         self.len == 0
     }
 
-    /// The held keys, `[b, kv_heads, len, d]` (a view into the buffer).
-    pub fn keys(&self) -> Result<Tensor> {
-        self.k.narrow(2, 0, self.len)
+    /// A holder of this cache's first `len` positions (a fork taken back
+    /// to where it began, such as the end of a prompt another sequence has
+    /// since continued from): the same buffers, read up to `len`, so
+    /// appending to it shares rather than copies.
+    pub fn truncated(&self, len: usize) -> Result<Self> {
+        if len > self.len {
+            candle_core::bail!("a cache of {} positions cannot be truncated to {len}", self.len);
+        }
+        match &self.shared {
+            Some(s) if len <= s.len => Ok(LayerKv {
+                k: s.k.clone(),
+                v: s.v.clone(),
+                len,
+                filled: s.filled.clone(),
+                shared: None,
+            }),
+            _ => Ok(LayerKv { len, ..self.clone() }),
+        }
     }
 
-    /// The held values, `[b, kv_heads, len, d]` (a view into the buffer).
+    /// Positions read from shared buffers.
+    fn shared_len(&self) -> usize {
+        self.shared.as_ref().map_or(0, |s| s.len)
+    }
+
+    /// The held keys, `[b, kv_heads, len, d]` (a view into the buffer, or
+    /// a copy where part of them is shared).
+    pub fn keys(&self) -> Result<Tensor> {
+        self.held(&self.k, self.shared.as_ref().map(|s| &s.k))
+    }
+
+    /// The held values, `[b, kv_heads, len, d]` (as [`Self::keys`]).
     pub fn values(&self) -> Result<Tensor> {
-        self.v.narrow(2, 0, self.len)
+        self.held(&self.v, self.shared.as_ref().map(|s| &s.v))
+    }
+
+    fn held(&self, own: &Tensor, shared: Option<&Tensor>) -> Result<Tensor> {
+        let own = own.narrow(2, 0, self.len - self.shared_len())?;
+        match shared {
+            Some(s) => Tensor::cat(&[&s.narrow(2, 0, self.shared_len())?, &own], 2),
+            None => Ok(own),
+        }
     }
 
     /// The cache after `k`, `v` (`[b, kv_heads, t, d]`, contiguous) at
     /// position `pos`: `cache` extended ([`Self::append`]), or a new cache
     /// where there is none or `pos == 0` starts the sequence afresh.
-    fn continued(cache: Option<&Self>, pos: usize, k: &Tensor, v: &Tensor) -> Result<Self> {
+    fn continued(cache: Option<&Self>, pos: usize, k: &Tensor, v: &Tensor, share: bool) -> Result<Self> {
         match cache {
-            Some(kv) if pos > 0 => kv.append(k, v),
+            Some(kv) if pos > 0 => kv.append(k, v, share),
             _ => Ok(Self::from_buffers(grown(None, k)?, grown(None, v)?, k.dim(2)?)),
         }
     }
 
-    /// Positions the buffers have room for.
+    /// Positions the own buffers have room for.
     fn capacity(&self) -> Result<usize> {
         self.k.dim(2)
     }
 
     /// This cache followed by `k`, `v` (`[b, kv_heads, t, d]`, contiguous):
-    /// in place where this holder may write (see the type's docs), else
-    /// in new buffers with [`KV_ROOM`] positions of room.
-    fn append(&self, k: &Tensor, v: &Tensor) -> Result<Self> {
+    /// in place where this holder may write (see the type's docs); else,
+    /// with `share`, after this holder's positions left where they are
+    /// (its own part copied only if it already reads a shared part); else
+    /// all in one new buffer. New buffers get [`KV_ROOM`] positions of
+    /// room. Without `share` the result is always one buffer, as a prompt
+    /// pass needs it.
+    fn append(&self, k: &Tensor, v: &Tensor, share: bool) -> Result<Self> {
         use std::sync::atomic::Ordering;
         let t = k.dim(2)?;
-        let end = self.len + t;
-        if end <= self.capacity()?
+        let own = self.len - self.shared_len();
+        let end = own + t;
+        let whole = self.shared.is_none() || share;
+        if whole
+            && end <= self.capacity()?
             && self
                 .filled
-                .compare_exchange(self.len, end, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(own, end, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            self.k.slice_set(k, 2, self.len)?;
-            self.v.slice_set(v, 2, self.len)?;
+            self.k.slice_set(k, 2, own)?;
+            self.v.slice_set(v, 2, own)?;
             return Ok(LayerKv {
                 k: self.k.clone(),
                 v: self.v.clone(),
-                len: end,
+                len: self.len + t,
                 filled: self.filled.clone(),
+                shared: self.shared.clone(),
             });
         }
-        Ok(Self::from_buffers(
-            grown(Some(&self.keys()?), k)?,
-            grown(Some(&self.values()?), v)?,
-            end,
-        ))
+        if !share {
+            return Ok(Self::from_buffers(
+                grown(Some(&self.keys()?), k)?,
+                grown(Some(&self.values()?), v)?,
+                self.len + t,
+            ));
+        }
+        let (shared, k, v) = match &self.shared {
+            // Only the own part is copied: the shared part stays shared.
+            Some(s) => (
+                s.clone(),
+                grown(Some(&self.k.narrow(2, 0, own)?), k)?,
+                grown(Some(&self.v.narrow(2, 0, own)?), v)?,
+            ),
+            // Positions below the high-water mark are never written again.
+            None => (
+                SharedKv {
+                    k: self.k.clone(),
+                    v: self.v.clone(),
+                    len: self.len,
+                    filled: self.filled.clone(),
+                },
+                grown(None, k)?,
+                grown(None, v)?,
+            ),
+        };
+        let mut next = Self::from_buffers(k, v, self.len + t);
+        next.filled.store(next.len - shared.len, Ordering::Release);
+        next.shared = Some(shared);
+        Ok(next)
     }
 }
 
@@ -423,35 +513,46 @@ pub(super) fn attend_rows(
     let mut held = Vec::with_capacity(n);
     for (i, cache) in caches.iter_mut().enumerate() {
         let (ki, vi) = (k.narrow(0, i, 1)?.contiguous()?, v.narrow(0, i, 1)?.contiguous()?);
-        let layer = LayerKv::continued(cache.as_ref(), pos[i], &ki, &vi)?;
+        let layer = LayerKv::continued(cache.as_ref(), pos[i], &ki, &vi, true)?;
         held.push(layer.clone());
         **cache = Some(layer);
     }
     let guards: Vec<_> = held
         .iter()
-        .map(|l| (l.k.storage_and_layout(), l.v.storage_and_layout()))
+        .map(|l| {
+            (
+                (l.k.storage_and_layout(), l.v.storage_and_layout()),
+                l.shared
+                    .as_ref()
+                    .map(|s| (s.k.storage_and_layout(), s.v.storage_and_layout())),
+            )
+        })
         .collect();
+    let size = |capacity: usize| kv_heads * capacity * d;
     let mut seqs = Vec::with_capacity(n);
-    for (((kg, kl), (vg, vl)), layer) in guards.iter().zip(&held) {
-        let (len, capacity) = (layer.len(), layer.capacity()?);
-        let (
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(kd)),
-            Some((k0, k1)),
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(vd)),
-            Some((v0, v1)),
-        ) = (&**kg, kl.contiguous_offsets(), &**vg, vl.contiguous_offsets())
-        else {
-            candle_core::bail!("attend_rows: a KV cache is not a contiguous f32 buffer on the CPU");
+    for ((own, shared), layer) in guards.iter().zip(&held) {
+        let capacity = layer.capacity()?;
+        let (keys, values) = kv_slices((&own.0 .0, own.0 .1), (&own.1 .0, own.1 .1), size(capacity))?;
+        let shared = match (shared, &layer.shared) {
+            (Some((kg, vg)), Some(s)) => {
+                let capacity = s.k.dim(2)?;
+                let (keys, values) = kv_slices((&kg.0, kg.1), (&vg.0, vg.1), size(capacity))?;
+                Some(tessera_kernels::math::SharedKv {
+                    keys,
+                    values,
+                    len: s.len,
+                    capacity,
+                })
+            }
+            _ => None,
         };
-        if k1 - k0 != kv_heads * capacity * d || v1 - v0 != kv_heads * capacity * d {
-            candle_core::bail!("attend_rows: a KV cache buffer does not match {kv_heads} heads of {d}");
-        }
         seqs.push(tessera_kernels::math::DecodeKv {
-            keys: &kd[k0..k1],
-            values: &vd[v0..v1],
-            len,
+            keys,
+            values,
+            len: layer.len(),
             capacity,
             window,
+            shared,
         });
     }
     let qs: Vec<f32> = q.contiguous()?.flatten_all()?.to_vec1()?;
@@ -459,6 +560,28 @@ pub(super) fn attend_rows(
     drop(seqs);
     drop(guards);
     Tensor::from_vec(out, (n, 1, heads * d), q.device())
+}
+
+/// A KV cache's key and value buffers as f32 slices, checked to hold
+/// `size` values each.
+fn kv_slices<'a>(
+    (k, kl): (&'a candle_core::Storage, &candle_core::Layout),
+    (v, vl): (&'a candle_core::Storage, &candle_core::Layout),
+    size: usize,
+) -> Result<(&'a [f32], &'a [f32])> {
+    let (
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(kd)),
+        Some((k0, k1)),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(vd)),
+        Some((v0, v1)),
+    ) = (k, kl.contiguous_offsets(), v, vl.contiguous_offsets())
+    else {
+        candle_core::bail!("attend_rows: a KV cache is not a contiguous f32 buffer on the CPU");
+    };
+    if k1 - k0 != size || v1 - v0 != size {
+        candle_core::bail!("attend_rows: a KV cache buffer does not hold {size} values");
+    }
+    Ok((&kd[k0..k1], &vd[v0..v1]))
 }
 
 /// Attends queries `q` (`[b, heads, t, d]`, rotated and scaled) to the cached
@@ -477,7 +600,7 @@ pub(super) fn attend(
     let (b, heads, t, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
-    let layer = LayerKv::continued(cache.as_ref(), pos, &k, &v)?;
+    let layer = LayerKv::continued(cache.as_ref(), pos, &k, &v, false)?;
     let (keys, capacity) = (layer.len(), layer.capacity()?);
     let (kbuf, vbuf) = (layer.k.clone(), layer.v.clone());
     let rep = heads / kv_heads;

@@ -20,6 +20,12 @@
 //! running, and a decode step computes each row as it would alone, so the
 //! output of a sequence does not depend on its company (tested).
 //!
+//! Samples of one prompt (a vote over one member, several choices of one
+//! request) share it: a sequence whose prompt a running sequence has
+//! already prefilled takes that cache, truncated to the prompt, and the
+//! logits at its end, so the prompt runs once and each decode step reads
+//! its keys and values once for all of them.
+//!
 //! Memory is bounded per member: every sequence reserves KV room for its
 //! prompt and its `max_tokens` when it is admitted, and the reservations of
 //! the sequences running together never pass the member's KV budget
@@ -53,6 +59,7 @@ use crate::inference::{
 static BATCHED_STEPS: AtomicU64 = AtomicU64::new(0);
 static JOINED_RUNNING: AtomicU64 = AtomicU64::new(0);
 static WAITED_FOR_KV: AtomicU64 = AtomicU64::new(0);
+static SHARED_PROMPTS: AtomicU64 = AtomicU64::new(0);
 
 /// Decode steps so far, in this process, that ran more than one sequence in
 /// one forward pass (for tests and benches to see batching happen).
@@ -72,6 +79,13 @@ pub fn joined_running() -> u64 {
 /// the bound act).
 pub fn waited_for_kv() -> u64 {
     WAITED_FOR_KV.load(Ordering::Relaxed)
+}
+
+/// Sequences so far, in this process, that took the cache and logits of a
+/// running sequence with the same prompt instead of prefilling it (for
+/// tests and benches to see prompts shared).
+pub fn shared_prompts() -> u64 {
+    SHARED_PROMPTS.load(Ordering::Relaxed)
 }
 
 /// One generation to run, borrowing its inputs ([`GgufModel::generate_batch`]).
@@ -117,6 +131,9 @@ struct Seq<'s> {
     sampler: LogitsProcessor,
     /// The logits of the last position run (set once prefill is done).
     logits: Option<Tensor>,
+    /// The logits at the prompt's end, kept for sequences with the same
+    /// prompt that arrive while this one runs ([`Engine`]'s shared prompts).
+    prompt_logits: Option<Tensor>,
     out: Vec<u32>,
     text: String,
     sent: usize,
@@ -157,6 +174,50 @@ impl<T> Default for Engine<'_, T> {
 }
 
 impl<T> Engine<'_, T> {
+    /// Sequences about to prefill a prompt that a decoding sequence has
+    /// already run (several samples of one prompt, a vote over one member)
+    /// take its cache, truncated to the prompt, and its logits at the
+    /// prompt's end instead: the prompt runs once, and every decode step
+    /// reads its keys and values once for all of them
+    /// ([`super::attention::LayerKv`]). A prompt computes the same whoever
+    /// ran it (chunks fall on the same boundaries), so each sequence's
+    /// output is what it would be alone (tested).
+    fn share_prompts(&mut self) -> candle_core::Result<()> {
+        let mut i = 0;
+        while i < self.prefilling.len() {
+            let seq = &self.prefilling[i].1;
+            let donor = (seq.prefilled == 0)
+                .then(|| {
+                    self.decoding
+                        .iter()
+                        .map(|(_, d)| d)
+                        .find(|d| d.prompt_logits.is_some() && d.prompt == seq.prompt)
+                })
+                .flatten();
+            let Some(donor) = donor else {
+                i += 1;
+                continue;
+            };
+            let n = seq.prompt.len();
+            let state = donor
+                .state
+                .iter()
+                .map(|l| l.as_ref().map(|l| l.truncated(n)).transpose())
+                .collect::<candle_core::Result<KvState>>()?;
+            let logits = donor.prompt_logits.clone();
+            if let Some((tag, mut seq)) = self.prefilling.remove(i) {
+                seq.state = state;
+                seq.logits = logits.clone();
+                seq.prompt_logits = logits;
+                seq.prefilled = n;
+                seq.cached = n;
+                self.decoding.push((tag, seq));
+                SHARED_PROMPTS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     /// Sequences in flight, those waiting for KV room included.
     pub fn len(&self) -> usize {
         self.prefilling.len() + self.decoding.len() + self.waiting.len()
@@ -420,6 +481,7 @@ impl GgufModel {
             max_new,
             sampler,
             logits: None,
+            prompt_logits: None,
             out: Vec::new(),
             text: String::new(),
             sent: 0,
@@ -454,6 +516,11 @@ impl GgufModel {
             }
         }
         engine.start_waiting(self.kv_budget_tokens());
+        if let Err(e) = engine.share_prompts() {
+            // Sharing is an optimisation: on failure the sequences simply
+            // prefill their prompts themselves.
+            tracing::debug!("prompt sharing skipped: {e}");
+        }
         // A prefill chunk costs about as much as a dozen decode steps of a
         // small model, so while sequences are decoding a chunk runs only
         // every few steps: a long prompt cannot slow everyone's tokens to
@@ -534,6 +601,7 @@ impl GgufModel {
         seq.prefilled = end;
         let done = end == seq.prompt.len();
         if done {
+            seq.prompt_logits = seq.logits.clone();
             self.prefix.insert(&seq.prompt, &seq.state).map_err(failed)?;
         }
         Ok(done)
