@@ -4,4 +4,4 @@
 #[global_allocator]
 static ALLOC: tessera::fuzzing::limits::Limited = tessera::fuzzing::limits::Limited;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| tessera::fuzzing::template::check(data));
+libfuzzer_sys::fuzz_target!(init: tessera::fuzzing::template::init(), |data: &[u8]| tessera::fuzzing::template::check(data));

@@ -32,6 +32,14 @@ pub fn check(data: &[u8]) {
     }
 }
 
+/// Starts the template renderer before the first input: compiling its
+/// wasm module takes seconds in a coverage-instrumented build, which
+/// libFuzzer would otherwise charge to the first input as a timeout. (The
+/// `gguf` target renders templates too and calls it as well.)
+pub fn init() {
+    let _ = ChatFormat::from_template("", String::new(), String::new());
+}
+
 /// Seeds: the kinds of template real model files carry (ChatML, Llama-2
 /// style with a system block, Gemma's turns), and the loops and recursion
 /// a hostile one would use.
