@@ -285,11 +285,11 @@ pub const KV_ROOM: usize = 128;
 /// high-water mark (`filled`, shared by every clone, moved by one
 /// compare-and-swap), so no holder's positions are ever overwritten. Any
 /// other holder either copies its positions into a new buffer (a prompt
-/// pass, [`Self::append`] with `share` off) or, in a decode step, keeps
+/// pass: `append` with `share` off) or, in a decode step, keeps
 /// reading the positions it holds from the buffer they are in (`shared`,
 /// which no append touches below its high-water mark) and starts a small
 /// buffer of its own for what follows. Sixteen continuations of one
-/// prompt so hold the prompt once, and their attention reads it once per
+/// prompt thus hold it once, and their attention reads it once per
 /// step ([`tessera_kernels::math::attend_decode`]). A holder with a shared
 /// part that must copy copies only its own part, so the chain is never
 /// longer than one shared part and one own buffer.
