@@ -404,23 +404,52 @@ pub fn attend_scores_in(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal
     out
 }
 
-/// One sequence's part in [`attend_decode`]: its KV cache (this step's key
-/// and value already appended) in buffers `[kv_heads, capacity, dim]`, of
-/// which each head's first `len` positions are held, and its query's
-/// position and window. With `shared`, the first `shared.len` positions
-/// are read from the shared buffers and the own buffers hold the rest
-/// (position `p` at own index `p - shared.len`).
+/// Key and value buffers `[kv_heads, capacity, dim]` of a KV cache.
 #[derive(Clone, Copy, Debug)]
-pub struct DecodeKv<'a> {
+pub struct KvBuffers<'a> {
     /// Key buffer, `kv_heads * capacity * dim` values.
     pub keys: &'a [f32],
     /// Value buffer, the same size.
     pub values: &'a [f32],
+    /// Positions per head.
+    pub capacity: usize,
+}
+
+impl<'a> KvBuffers<'a> {
+    /// Checks the sizes against the shapes, and that `held` positions fit.
+    fn check(&self, kv_heads: usize, dim: usize, held: usize, what: &str) {
+        assert!(self.capacity >= held, "attend_decode: {what} capacity");
+        assert_eq!(
+            self.keys.len(),
+            kv_heads * self.capacity * dim,
+            "attend_decode: {what} keys"
+        );
+        assert_eq!(
+            self.values.len(),
+            kv_heads * self.capacity * dim,
+            "attend_decode: {what} values"
+        );
+    }
+
+    /// Key head `kv`'s first `n` positions: its keys and values.
+    fn head(&self, kv: usize, n: usize, dim: usize) -> (&'a [f32], &'a [f32]) {
+        let at = kv * self.capacity * dim;
+        (&self.keys[at..at + n * dim], &self.values[at..at + n * dim])
+    }
+}
+
+/// One sequence's part in [`attend_decode`]: its KV cache (this step's key
+/// and value already appended), of which `len` positions are held, and its
+/// query's position and window. With `shared`, the first `shared.len`
+/// positions are read from the shared buffers and `own` holds the rest
+/// (position `p` at own index `p - shared.len`).
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeKv<'a> {
+    /// The sequence's own buffers.
+    pub own: KvBuffers<'a>,
     /// Positions held in all (the query attends to the last of them and
     /// before), those of `shared` included.
     pub len: usize,
-    /// Positions per head in the own buffers.
-    pub capacity: usize,
     /// A sliding window, as [`Causal::window`].
     pub window: Option<usize>,
     /// The first positions, read from buffers other sequences read too (a
@@ -428,18 +457,14 @@ pub struct DecodeKv<'a> {
     pub shared: Option<SharedKv<'a>>,
 }
 
-/// The positions a sequence shares: buffers `[kv_heads, capacity, dim]`
-/// whose first `len` positions per head precede the sequence's own.
+/// The positions a sequence shares: the first `len` positions per head of
+/// `buffers` precede the sequence's own.
 #[derive(Clone, Copy, Debug)]
 pub struct SharedKv<'a> {
-    /// Key buffer, `kv_heads * capacity * dim` values.
-    pub keys: &'a [f32],
-    /// Value buffer, the same size.
-    pub values: &'a [f32],
-    /// Positions taken from these buffers.
+    /// Where they are.
+    pub buffers: KvBuffers<'a>,
+    /// Positions taken from them.
     pub len: usize,
-    /// Positions per head in these buffers.
-    pub capacity: usize,
 }
 
 /// One decode step of attention for several sequences at once, each over
@@ -466,18 +491,11 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
     let n = seqs.len();
     assert_eq!(q.len(), n * heads * dim, "attend_decode: queries");
     for s in seqs {
-        let own = s.len - s.shared.map_or(0, |p| p.len);
-        assert!(s.capacity >= own, "attend_decode: capacity");
-        assert_eq!(s.keys.len(), kv_heads * s.capacity * dim, "attend_decode: keys");
-        assert_eq!(s.values.len(), kv_heads * s.capacity * dim, "attend_decode: values");
+        let base = s.shared.map_or(0, |p| p.len);
+        assert!(base <= s.len, "attend_decode: shared positions");
+        s.own.check(kv_heads, dim, s.len - base, "own");
         if let Some(p) = s.shared {
-            assert!(p.capacity >= p.len && p.len <= s.len, "attend_decode: shared capacity");
-            assert_eq!(p.keys.len(), kv_heads * p.capacity * dim, "attend_decode: shared keys");
-            assert_eq!(
-                p.values.len(),
-                kv_heads * p.capacity * dim,
-                "attend_decode: shared values"
-            );
+            p.buffers.check(kv_heads, dim, p.len, "shared");
         }
     }
     let rep = (heads / kv_heads.max(1)).max(1);
@@ -501,17 +519,13 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
             // The positions as runs: (first position, keys, values), the
             // buffers indexed from that position.
             let base = s.shared.map_or(0, |p| p.len);
-            let own = (
-                base,
-                &s.keys[kv * s.capacity * dim..(kv * s.capacity + keys - base) * dim],
-                &s.values[kv * s.capacity * dim..(kv * s.capacity + keys - base) * dim],
-            );
+            let own = {
+                let (k, v) = s.own.head(kv, keys - base, dim);
+                (base, k, v)
+            };
             let shared = s.shared.map(|p| {
-                (
-                    0,
-                    &p.keys[kv * p.capacity * dim..(kv * p.capacity + p.len) * dim],
-                    &p.values[kv * p.capacity * dim..(kv * p.capacity + p.len) * dim],
-                )
+                let (k, v) = p.buffers.head(kv, p.len, dim);
+                (0, k, v)
             });
             let runs = shared.into_iter().chain(std::iter::once(own));
             let causal = Causal {
@@ -1036,10 +1050,12 @@ mod tests {
             let q = noise(lens.len() * heads * dim, 1);
             let seqs: Vec<DecodeKv<'_>> = (0..lens.len())
                 .map(|i| DecodeKv {
-                    keys: &bufs[i].0,
-                    values: &bufs[i].1,
+                    own: KvBuffers {
+                        keys: &bufs[i].0,
+                        values: &bufs[i].1,
+                        capacity: caps[i],
+                    },
                     len: lens[i],
-                    capacity: caps[i],
                     window: windows[i],
                     shared: None,
                 })
@@ -1049,9 +1065,9 @@ mod tests {
                 let qi = &q[i * heads * dim..(i + 1) * heads * dim];
                 let alone = decode_alone(
                     qi,
-                    (s.keys, s.values),
+                    (s.own.keys, s.own.values),
                     s.len,
-                    s.capacity,
+                    s.own.capacity,
                     s.window,
                     (heads, kv_heads, dim),
                 );
@@ -1111,16 +1127,20 @@ mod tests {
             let q = noise(tails.len() * heads * dim, 9);
             let seqs: Vec<DecodeKv<'_>> = (0..tails.len())
                 .map(|i| DecodeKv {
-                    keys: &own[i].0,
-                    values: &own[i].1,
+                    own: KvBuffers {
+                        keys: &own[i].0,
+                        values: &own[i].1,
+                        capacity: tails[i] + room,
+                    },
                     len: prompt + tails[i],
-                    capacity: tails[i] + room,
                     window: windows[i],
                     shared: Some(SharedKv {
-                        keys: &pk,
-                        values: &pv,
+                        buffers: KvBuffers {
+                            keys: &pk,
+                            values: &pv,
+                            capacity: prompt_cap,
+                        },
                         len: prompt,
-                        capacity: prompt_cap,
                     }),
                 })
                 .collect();

@@ -528,29 +528,24 @@ pub(super) fn attend_rows(
             )
         })
         .collect();
-    let size = |capacity: usize| kv_heads * capacity * d;
     let mut seqs = Vec::with_capacity(n);
     for ((own, shared), layer) in guards.iter().zip(&held) {
-        let capacity = layer.capacity()?;
-        let (keys, values) = kv_slices((&own.0 .0, own.0 .1), (&own.1 .0, own.1 .1), size(capacity))?;
+        let own = kv_buffers(
+            (&own.0 .0, own.0 .1),
+            (&own.1 .0, own.1 .1),
+            layer.capacity()?,
+            kv_heads * d,
+        )?;
         let shared = match (shared, &layer.shared) {
-            (Some((kg, vg)), Some(s)) => {
-                let capacity = s.k.dim(2)?;
-                let (keys, values) = kv_slices((&kg.0, kg.1), (&vg.0, vg.1), size(capacity))?;
-                Some(tessera_kernels::math::SharedKv {
-                    keys,
-                    values,
-                    len: s.len,
-                    capacity,
-                })
-            }
+            (Some((kg, vg)), Some(s)) => Some(tessera_kernels::math::SharedKv {
+                buffers: kv_buffers((&kg.0, kg.1), (&vg.0, vg.1), s.k.dim(2)?, kv_heads * d)?,
+                len: s.len,
+            }),
             _ => None,
         };
         seqs.push(tessera_kernels::math::DecodeKv {
-            keys,
-            values,
+            own,
             len: layer.len(),
-            capacity,
             window,
             shared,
         });
@@ -562,13 +557,14 @@ pub(super) fn attend_rows(
     Tensor::from_vec(out, (n, 1, heads * d), q.device())
 }
 
-/// A KV cache's key and value buffers as f32 slices, checked to hold
-/// `size` values each.
-fn kv_slices<'a>(
+/// A KV cache's key and value buffers for the decode kernel, checked to
+/// hold `capacity` positions of `width` values (`kv_heads * d`) each.
+fn kv_buffers<'a>(
     (k, kl): (&'a candle_core::Storage, &candle_core::Layout),
     (v, vl): (&'a candle_core::Storage, &candle_core::Layout),
-    size: usize,
-) -> Result<(&'a [f32], &'a [f32])> {
+    capacity: usize,
+    width: usize,
+) -> Result<tessera_kernels::math::KvBuffers<'a>> {
     let (
         candle_core::Storage::Cpu(candle_core::CpuStorage::F32(kd)),
         Some((k0, k1)),
@@ -578,10 +574,15 @@ fn kv_slices<'a>(
     else {
         candle_core::bail!("attend_rows: a KV cache is not a contiguous f32 buffer on the CPU");
     };
+    let size = capacity * width;
     if k1 - k0 != size || v1 - v0 != size {
         candle_core::bail!("attend_rows: a KV cache buffer does not hold {size} values");
     }
-    Ok((&kd[k0..k1], &vd[v0..v1]))
+    Ok(tessera_kernels::math::KvBuffers {
+        keys: &kd[k0..k1],
+        values: &vd[v0..v1],
+        capacity,
+    })
 }
 
 /// Attends queries `q` (`[b, heads, t, d]`, rotated and scaled) to the cached
