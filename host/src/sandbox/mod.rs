@@ -263,24 +263,17 @@ impl Sandbox {
     }
 
     fn component(&self, bytes: &[u8], sha256: &str) -> Result<Component, String> {
-        let cached = artifact_path(&self.engine, &self.cache_dir, sha256);
-        if cached.exists() {
-            // SAFETY: files in the cache directory are written only by
-            // `precompile_component` below, under a name that binds them to
-            // the source's sha256 and this engine's compatibility hash.
-            if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, &cached) } {
-                return Ok(c);
-            }
-        }
-        let artifact = self
-            .engine
-            .precompile_component(bytes)
-            .map_err(|e| format!("does not compile: {e:#}"))?;
-        // Atomically (a torn artifact must never be deserialized); a cache,
-        // so no fsync, and a failed write only costs a recompile later.
-        let _ = crate::files::write_atomic(&cached, &artifact, crate::files::Durability::Cache);
-        // SAFETY: `artifact` was produced by this engine just above.
-        unsafe { Component::deserialize(&self.engine, &artifact) }.map_err(|e| format!("does not load: {e:#}"))
+        let engine = &self.engine;
+        precompiled(
+            engine,
+            &self.cache_dir,
+            sha256,
+            || engine.precompile_component(bytes),
+            // SAFETY: `precompiled` hands these only this engine's own
+            // `precompile_component` output, or a file it stored from it.
+            |path| unsafe { Component::deserialize_file(engine, path) },
+            |artifact| unsafe { Component::deserialize(engine, artifact) },
+        )
     }
 
     fn store(
@@ -592,15 +585,35 @@ fn within_output_cap(r: w::Response, cap: u64) -> Result<(String, BTreeMap<Strin
     Ok((r.text, r.annotations.into_iter().collect()))
 }
 
-/// Where the precompiled artifact of the wasm with this `sha256` lives in
-/// `cache_dir`: the name binds it to the source and to `engine`'s
-/// compatibility hash, so an artifact is only ever loaded by an engine that
-/// can run it. Write artifacts there only from `engine`'s own
-/// `precompile_*` output (loading them is `unsafe` on that promise).
-pub(crate) fn artifact_path(engine: &Engine, cache_dir: &Path, sha256: &str) -> PathBuf {
+/// A wasm binary (whose sha256 is `sha256`) compiled for `engine`: loaded
+/// by `load_file` from `cache_dir` when an artifact is there, else compiled
+/// by `precompile`, stored there and loaded by `load`.
+///
+/// The artifact's name binds it to the source's sha256 and to `engine`'s
+/// compatibility hash, and it is written atomically (a torn artifact must
+/// never be deserialized); it is a cache, so there is no fsync, and a
+/// failed write only costs a compile later. `load_file` and `load`, which
+/// deserialize without checking, so see only `engine`'s own `precompile`
+/// output.
+pub(crate) fn precompiled<T>(
+    engine: &Engine,
+    cache_dir: &Path,
+    sha256: &str,
+    precompile: impl FnOnce() -> wasmtime::Result<Vec<u8>>,
+    load_file: impl FnOnce(&Path) -> wasmtime::Result<T>,
+    load: impl FnOnce(&[u8]) -> wasmtime::Result<T>,
+) -> Result<T, String> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
-    cache_dir.join(format!("{sha256}-{:016x}.cwasm", h.finish()))
+    let cached = cache_dir.join(format!("{sha256}-{:016x}.cwasm", h.finish()));
+    if cached.exists() {
+        if let Ok(t) = load_file(&cached) {
+            return Ok(t);
+        }
+    }
+    let artifact = precompile().map_err(|e| format!("does not compile: {e:#}"))?;
+    let _ = crate::files::write_atomic(&cached, &artifact, crate::files::Durability::Cache);
+    load(&artifact).map_err(|e| format!("does not load: {e:#}"))
 }
 
 /// The binary preamble: `\0asm`, then a version and a layer. Layer 0 is a core

@@ -415,8 +415,9 @@ impl LayerKv {
         let t = k.dim(2)?;
         let own = self.len - self.shared_len();
         let end = own + t;
-        let whole = self.shared.is_none() || share;
-        if whole
+        // In place only where the result may be two-part, or is one part.
+        let may_write = self.shared.is_none() || share;
+        if may_write
             && end <= self.capacity()?
             && self
                 .filled

@@ -135,21 +135,19 @@ fn renderer() -> Result<&'static Renderer, TemplateError> {
 fn compiled(engine: &Engine) -> Result<Module, String> {
     use sha2::{Digest, Sha256};
     let dir = crate::runtime::Paths::from_env().components;
-    let cached = crate::sandbox::artifact_path(engine, &dir, &hex::encode(Sha256::digest(GUEST)));
-    // SAFETY: files under this name are written only below, from this
-    // engine configuration's own `precompile_module` output.
-    if let Ok(m) = unsafe { Module::deserialize_file(engine, &cached) } {
-        return Ok(m);
-    }
-    let artifact = engine
-        .precompile_module(GUEST)
-        .map_err(|e| format!("compiling the renderer: {e:#}"))?;
-    // A cache: a failed write only costs a compile in the next process.
-    if std::fs::create_dir_all(&dir).is_ok() {
-        let _ = crate::files::write_atomic(&cached, &artifact, crate::files::Durability::Cache);
-    }
-    // SAFETY: `artifact` was produced by this engine just above.
-    unsafe { Module::deserialize(engine, &artifact) }.map_err(|e| format!("loading the renderer: {e:#}"))
+    // A cache: without its directory the renderer is compiled every time.
+    let _ = std::fs::create_dir_all(&dir);
+    crate::sandbox::precompiled(
+        engine,
+        &dir,
+        &hex::encode(Sha256::digest(GUEST)),
+        || engine.precompile_module(GUEST),
+        // SAFETY: `precompiled` hands these only this engine's own
+        // `precompile_module` output, or a file it stored from it.
+        |path| unsafe { Module::deserialize_file(engine, path) },
+        |artifact| unsafe { Module::deserialize(engine, artifact) },
+    )
+    .map_err(|e| format!("the renderer {e}"))
 }
 
 /// Refuses linear memory past [`TEMPLATE_MEMORY_BYTES`] and remembers that
