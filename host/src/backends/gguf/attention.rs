@@ -4,6 +4,7 @@
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
+pub(super) use tessera_kernels::math::Gate;
 use tessera_kernels::math::{Causal, ValuesShape};
 
 /// The token embedding (kept as f16 for row lookup) and the output
@@ -135,17 +136,15 @@ pub(super) fn causal_mask(t: usize, pos: usize, window: Option<usize>, device: &
 /// A candle op over one of our in-place f32 kernels (CPU, contiguous
 /// input): the softmax over the keys each query may see
 /// ([`tessera_kernels::math::softmax_causal`]: no mask tensor is built or
-/// added, and masked scores are never exponentiated) or SiLU.
+/// added, and masked scores are never exponentiated).
 enum InPlace {
     CausalSoftmax(Causal),
-    Silu,
 }
 
 impl candle_core::CustomOp1 for InPlace {
     fn name(&self) -> &'static str {
         match self {
             InPlace::CausalSoftmax(_) => "tessera-causal-softmax",
-            InPlace::Silu => "tessera-silu",
         }
     }
 
@@ -163,7 +162,6 @@ impl candle_core::CustomOp1 for InPlace {
                 let width = layout.dims().last().copied().unwrap_or(0);
                 tessera_kernels::math::softmax_causal(&mut out, width, *causal);
             }
-            InPlace::Silu => tessera_kernels::math::silu(&mut out),
         }
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -258,12 +256,47 @@ impl candle_core::CustomOp2 for Attention {
     }
 }
 
-/// `x * sigmoid(x)`: our vector kernel on the CPU, candle's elsewhere.
-pub(super) fn silu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1_no_bwd(&InPlace::Silu)
+/// `act(gate) * up`, the middle of a gated feed-forward block: our vector
+/// kernel on the CPU ([`tessera_kernels::math::gated`], one pass, no
+/// scalar `tanh`), candle's ops elsewhere.
+pub(super) fn gated(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor> {
+    if gate.device().is_cpu() && gate.dtype() == DType::F32 && up.dtype() == DType::F32 && gate.dims() == up.dims() {
+        gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &Gated(act))
     } else {
-        candle_nn::ops::silu(x)
+        let a = match act {
+            Gate::Silu => candle_nn::ops::silu(gate)?,
+            Gate::GeluTanh => gate.gelu()?,
+        };
+        a * up
+    }
+}
+
+/// The candle op of [`gated`].
+struct Gated(Gate);
+
+impl candle_core::CustomOp2 for Gated {
+    fn name(&self) -> &'static str {
+        "tessera-gated"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(g), Some((g0, g1)), candle_core::CpuStorage::F32(u), Some((u0, u1))) =
+            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
+        else {
+            candle_core::bail!("{}: contiguous f32 inputs expected", self.name());
+        };
+        if g1 - g0 != u1 - u0 {
+            candle_core::bail!("{}: gate {:?} and up {:?} differ", self.name(), l1.dims(), l2.dims());
+        }
+        let mut out = g[g0..g1].to_vec();
+        tessera_kernels::math::gated(&mut out, &u[u0..u1], self.0);
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 

@@ -45,12 +45,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use candle_core::Tensor;
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 /// Positions of room a sequence's cache buffers may hold beyond its tokens,
 /// counted in its KV reservation.
 pub use super::attention::KV_ROOM;
 use super::llama::KvState;
+use super::sample::Sampler;
 use super::{chunk_at, failed, GgufModel};
 use crate::inference::{
     CallCtx, FinishReason, GenParams, Generation, InferenceError, Input, Usage, DEFAULT_MAX_TOKENS,
@@ -128,7 +128,7 @@ struct Seq<'s> {
     prefilled: usize,
     cached: usize,
     max_new: usize,
-    sampler: LogitsProcessor,
+    sampler: Sampler,
     /// The logits of the last position run (set once prefill is done).
     logits: Option<Tensor>,
     /// The logits at the prompt's end, kept for sequences with the same
@@ -288,29 +288,6 @@ impl<T> Engine<'_, T> {
     }
 }
 
-fn sampling(params: &GenParams) -> Sampling {
-    let temperature = params.temperature.unwrap_or(0.0) as f64;
-    if temperature <= 0.0 {
-        return Sampling::ArgMax;
-    }
-    match (params.top_k, params.top_p) {
-        (Some(k), Some(p)) => Sampling::TopKThenTopP {
-            k: k as usize,
-            p: p as f64,
-            temperature,
-        },
-        (Some(k), None) => Sampling::TopK {
-            k: k as usize,
-            temperature,
-        },
-        (None, Some(p)) => Sampling::TopP {
-            p: p as f64,
-            temperature,
-        },
-        (None, None) => Sampling::All { temperature },
-    }
-}
-
 /// How much of `text` a stream may send now: all of it, less a tail that is
 /// the beginning of some stop sequence (it may yet be cut) or ends in the
 /// replacement character (a multi-byte character whose other bytes are in
@@ -348,7 +325,8 @@ impl Seq<'_> {
             .logits
             .as_ref()
             .ok_or_else(|| InferenceError::Failed("a sequence decoded before its prompt was run".into()))?;
-        let next = self.sampler.sample(logits).map_err(failed)?;
+        let row = logits.flatten_all().and_then(|l| l.to_vec1::<f32>()).map_err(failed)?;
+        let next = self.sampler.sample(&row).map_err(InferenceError::Failed)?;
         if model.tok.end_of_turn.contains(&next) {
             self.finish = FinishReason::Eos;
             return Ok(true);
@@ -470,7 +448,7 @@ impl GgufModel {
         self.check_context(prompt.len() + 1)?;
         let max_new = (req.params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS) as usize).min(room);
         let seed = req.params.seed.unwrap_or_else(rand::random);
-        let sampler = LogitsProcessor::from_sampling(seed, sampling(&req.params));
+        let sampler = Sampler::new(seed, &req.params);
         Ok(Seq {
             ctx: req.ctx,
             params: req.params,

@@ -25,7 +25,7 @@ use super::quant::Linear;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::attention::{attend, attend_rows, embedding_and_output, LayerKv, Meta, Rope};
+use super::attention::{attend, attend_rows, embedding_and_output, gated, Gate, LayerKv, Meta, Rope};
 
 /// Rotary base of the sliding-window (local) layers.
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
@@ -207,7 +207,11 @@ impl Gemma3 {
                 .forward_decode(&attend_rows(&q, &k, &v, &mut caches, pos, layer.window)?)?;
             let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let ff = (layer.gate.forward_decode(&h)?.gelu()? * layer.up.forward_decode(&h)?)?;
+            let ff = gated(
+                &layer.gate.forward_decode(&h)?,
+                &layer.up.forward_decode(&h)?,
+                Gate::GeluTanh,
+            )?;
             let ff = layer.down.forward_decode(&ff)?;
             x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
         }
@@ -264,7 +268,11 @@ impl Gemma3 {
             let attn = layer.o.forward_chunk(&attn, chunk_rows)?;
             let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let ff = (layer.gate.forward_chunk(&h, chunk_rows)?.gelu()? * layer.up.forward_chunk(&h, chunk_rows)?)?;
+            let ff = gated(
+                &layer.gate.forward_chunk(&h, chunk_rows)?,
+                &layer.up.forward_chunk(&h, chunk_rows)?,
+                Gate::GeluTanh,
+            )?;
             let ff = layer.down.forward_chunk(&ff, chunk_rows)?;
             x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
         }
@@ -330,7 +338,11 @@ impl Gemma3 {
             let attn = layer.o.forward_decode(&Tensor::cat(&rows, 1)?)?;
             let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let ff = (layer.gate.forward_decode(&h)?.gelu()? * layer.up.forward_decode(&h)?)?;
+            let ff = gated(
+                &layer.gate.forward_decode(&h)?,
+                &layer.up.forward_decode(&h)?,
+                Gate::GeluTanh,
+            )?;
             let ff = layer.down.forward_decode(&ff)?;
             x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
         }

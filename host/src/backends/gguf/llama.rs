@@ -20,7 +20,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 pub use super::attention::LayerKv;
-use super::attention::{attend, attend_rows, embedding_and_output, silu, Meta, Rope};
+use super::attention::{attend, attend_rows, embedding_and_output, gated, Gate, Meta, Rope};
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -197,7 +197,11 @@ impl Llama {
             let attn = attend_rows(&q, &k, &v, &mut caches, pos, None)?;
             let h = (layer.o.forward_decode(&attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = (silu(&layer.gate.forward_decode(&m)?)? * layer.up.forward_decode(&m)?)?;
+            let ff = gated(
+                &layer.gate.forward_decode(&m)?,
+                &layer.up.forward_decode(&m)?,
+                Gate::Silu,
+            )?;
             x = (layer.down.forward_decode(&ff)? + h)?;
         }
         let last = candle_nn::ops::rms_norm(&x.squeeze(1)?, &self.norm, eps)?;
@@ -283,7 +287,11 @@ impl Llama {
             let attn = attend(&q, k, v, &mut layer.kv, pos, None)?;
             let h = (layer.o.forward_chunk(&attn, chunk_rows)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = (silu(&layer.gate.forward_chunk(&m, chunk_rows)?)? * layer.up.forward_chunk(&m, chunk_rows)?)?;
+            let ff = gated(
+                &layer.gate.forward_chunk(&m, chunk_rows)?,
+                &layer.up.forward_chunk(&m, chunk_rows)?,
+                Gate::Silu,
+            )?;
             x = (layer.down.forward_chunk(&ff, chunk_rows)? + h)?;
         }
         Ok(x)
@@ -343,7 +351,11 @@ impl Llama {
             let attn = Tensor::cat(&rows, 1)?;
             let h = (layer.o.forward_decode(&attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = (silu(&layer.gate.forward_decode(&m)?)? * layer.up.forward_decode(&m)?)?;
+            let ff = gated(
+                &layer.gate.forward_decode(&m)?,
+                &layer.up.forward_decode(&m)?,
+                Gate::Silu,
+            )?;
             x = (layer.down.forward_decode(&ff)? + h)?;
         }
         let all = candle_nn::ops::rms_norm(&x.reshape((t, ()))?, &self.norm, eps)?;

@@ -20,6 +20,7 @@ pub mod hf;
 pub mod llama;
 pub mod prefix;
 pub mod quant;
+mod sample;
 pub mod template;
 pub mod tokenizer;
 
