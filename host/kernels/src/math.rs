@@ -185,24 +185,37 @@ unsafe fn softmax_row_avx512(row: &mut [f32]) {
     }
 }
 
-/// `x[i] = e^((x[i] - shift) * scale)` in place; returns the sum of the
-/// results. A sampler's weights at a temperature (`shift`: the largest
-/// logit, `scale`: 1 / temperature) over a whole vocabulary, sixteen lanes
-/// at a time where AVX-512 runs: candle's sampler spent about a
-/// millisecond per token on Gemma's 262,144 logits in scalar `expf` and
-/// copies. One thread: a row is too small to be worth waking the pool.
-pub fn exp_shifted(x: &mut [f32], shift: f32, scale: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if vector() {
-        // SAFETY: AVX-512F checked.
-        return unsafe { exp_shifted_avx512(x, shift, scale) };
+/// Values per partial sum of [`exp_shifted`].
+pub const EXP_BLOCK: usize = 256;
+
+/// `x[i] = e^((x[i] - shift) * scale)` in place; `sums` receives the sum
+/// of each [`EXP_BLOCK`] values in turn, and the total (the block sums
+/// added in order) is returned. A sampler's weights at a temperature
+/// (`shift`: the largest logit, `scale`: 1 / temperature) over a whole
+/// vocabulary, sixteen lanes at a time where AVX-512 runs; the block sums
+/// let a draw find its token without adding every weight again. candle's
+/// sampler spent about a millisecond per token on Gemma's 262,144 logits
+/// in scalar `expf`, copies and a cumulative table. One thread: a row is
+/// too small to be worth waking the pool.
+pub fn exp_shifted(x: &mut [f32], shift: f32, scale: f32, sums: &mut Vec<f32>) -> f32 {
+    sums.clear();
+    let vector = vector();
+    for block in x.chunks_mut(EXP_BLOCK) {
+        #[cfg(target_arch = "x86_64")]
+        if vector {
+            // SAFETY: AVX-512F checked.
+            sums.push(unsafe { exp_shifted_avx512(block, shift, scale) });
+            continue;
+        }
+        let _ = vector;
+        let mut sum = 0.0;
+        for v in block.iter_mut() {
+            *v = exp((*v - shift) * scale);
+            sum += *v;
+        }
+        sums.push(sum);
     }
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = exp((*v - shift) * scale);
-        sum += *v;
-    }
-    sum
+    sums.iter().sum()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -228,6 +241,58 @@ unsafe fn exp_shifted_avx512(x: &mut [f32], shift: f32, scale: f32) -> f32 {
         i += 16;
     }
     _mm512_reduce_add_ps(acc)
+}
+
+/// The largest value of `x` and the index of its first occurrence;
+/// `Err(i)` if `x[i]` is NaN (the first found), `Ok(None)` if `x` is empty.
+/// Sixteen lanes at a time where AVX-512 runs.
+pub fn max_index(x: &[f32]) -> Result<Option<(usize, f32)>, usize> {
+    let mut max = f32::NEG_INFINITY;
+    #[cfg(target_arch = "x86_64")]
+    if vector() {
+        // SAFETY: AVX-512F checked.
+        match unsafe { max_avx512(x) } {
+            Some(m) => max = m,
+            None => return Err(x.iter().position(|v| v.is_nan()).unwrap_or(0)),
+        }
+        return Ok(x.iter().position(|v| *v == max).map(|i| (i, max)));
+    }
+    let mut at = None;
+    for (i, &v) in x.iter().enumerate() {
+        if v.is_nan() {
+            return Err(i);
+        }
+        if at.is_none() || v > max {
+            max = v;
+            at = Some(i);
+        }
+    }
+    Ok(at.map(|i| (i, max)))
+}
+
+/// The maximum of `x` (negative infinity if empty), or `None` if any value
+/// is NaN.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_avx512(x: &[f32]) -> Option<f32> {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let p = x.as_ptr();
+    let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut nan: __mmask16 = 0;
+    let mut i = 0;
+    while i < n {
+        let left = (n - i).min(16);
+        let mask: __mmask16 = ((1u32 << left) - 1) as __mmask16;
+        // SAFETY: masked to the slice's length.
+        unsafe {
+            let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), mask, p.add(i));
+            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            acc = _mm512_max_ps(acc, v);
+        }
+        i += 16;
+    }
+    (nan == 0).then(|| _mm512_reduce_max_ps(acc))
 }
 
 /// The activation of a gated feed-forward block ([`gated`]).
@@ -919,7 +984,16 @@ mod tests {
     fn shifted_exponentials_match_their_definition() {
         let x: Vec<f32> = (0..1003).map(|i| (i as f32 - 900.0) / 13.0).collect();
         let mut got = x.clone();
-        let sum = exp_shifted(&mut got, 8.0, 1.0 / 0.7);
+        let mut sums = Vec::new();
+        let sum = exp_shifted(&mut got, 8.0, 1.0 / 0.7, &mut sums);
+        assert_eq!(sums.len(), x.len().div_ceil(EXP_BLOCK));
+        for (b, s) in got.chunks(EXP_BLOCK).zip(&sums) {
+            let direct: f32 = b.iter().sum();
+            assert!(
+                (direct - s).abs() <= 1e-5 * direct.max(1e-30),
+                "block sum {s}, want {direct}"
+            );
+        }
         let mut want_sum = 0.0f64;
         for (g, v) in got.iter().zip(&x) {
             let want = ((v - 8.0) / 0.7).exp();
@@ -933,6 +1007,18 @@ mod tests {
             ((sum as f64) - want_sum).abs() <= 1e-5 * want_sum,
             "sum {sum}, want {want_sum}"
         );
+    }
+
+    #[test]
+    fn the_maximum_is_found_first_and_nan_refused() {
+        let mut x: Vec<f32> = (0..1003).map(|i| ((i * 37) % 101) as f32).collect();
+        assert_eq!(max_index(&x), Ok(Some((30, 100.0))));
+        x[1001] = 200.0;
+        assert_eq!(max_index(&x), Ok(Some((1001, 200.0))));
+        x[17] = f32::NAN;
+        assert_eq!(max_index(&x), Err(17));
+        assert_eq!(max_index(&[]), Ok(None));
+        assert_eq!(max_index(&[f32::NEG_INFINITY; 3]), Ok(Some((0, f32::NEG_INFINITY))));
     }
 
     #[test]

@@ -67,20 +67,12 @@ impl Sampler {
 
     /// The next token. Fails only on logits that are empty or not numbers.
     pub(super) fn sample(&mut self, logits: &[f32]) -> Result<u32, String> {
-        let mut best = 0;
-        let mut max = f32::NEG_INFINITY;
-        for (i, &l) in logits.iter().enumerate() {
-            if l.is_nan() {
-                return Err(format!("the model produced a NaN logit (token {i})"));
-            }
-            if l > max {
-                max = l;
-                best = i;
-            }
-        }
-        if logits.is_empty() || max == f32::NEG_INFINITY {
-            return Err("the model produced no finite logit".into());
-        }
+        let (best, max) = match tessera_kernels::math::max_index(logits) {
+            Err(i) => return Err(format!("the model produced a NaN logit (token {i})")),
+            Ok(Some((_, max))) if max == f32::NEG_INFINITY => return Err("the model produced no finite logit".into()),
+            Ok(None) => return Err("the model produced no logits".into()),
+            Ok(Some(found)) => found,
+        };
         let Rule::Draw {
             temperature,
             top_k,
@@ -90,49 +82,70 @@ impl Sampler {
             return Ok(best as u32);
         };
         let mut w = logits.to_vec();
-        let total = tessera_kernels::math::exp_shifted(&mut w, max, 1.0 / temperature);
+        let mut blocks = Vec::new();
+        let total = tessera_kernels::math::exp_shifted(&mut w, max, 1.0 / temperature, &mut blocks);
         let top_k = top_k.filter(|k| *k < w.len());
         if top_k.is_none() && top_p.is_none() {
-            return Ok(self.draw(&w, total, None) as u32);
+            return Ok(self.draw_all(&w, &blocks, total) as u32);
         }
         let cands = candidates(&w, total, top_k, top_p);
-        let mass: f32 = cands.iter().map(|&i| w[i]).sum();
-        Ok(cands[self.draw(&w, mass, Some(&cands))] as u32)
+        let weights: Vec<f32> = cands.iter().map(|&i| w[i]).collect();
+        let mass = weights.iter().sum();
+        Ok(cands[self.draw(&weights, mass)] as u32)
     }
 
-    /// Draws an index of `among` (or of `w` when `None`) with probability
-    /// proportional to its weight in `w`; `mass` is their total.
-    fn draw(&mut self, w: &[f32], mass: f32, among: Option<&[usize]>) -> usize {
+    /// Draws an index of `w` with probability proportional to its weight;
+    /// `mass` is their total.
+    fn draw(&mut self, w: &[f32], mass: f32) -> usize {
         let target = self.rng.random::<f32>() * mass;
+        scan(w, target, 0).unwrap_or_else(|last| last)
+    }
+
+    /// [`Self::draw`] over a whole vocabulary: the block sums of
+    /// [`tessera_kernels::math::exp_shifted`] find the block, one scan the
+    /// token in it.
+    fn draw_all(&mut self, w: &[f32], blocks: &[f32], total: f32) -> usize {
+        let target = self.rng.random::<f32>() * total;
+        let block = tessera_kernels::math::EXP_BLOCK;
         let mut acc = 0.0f32;
-        let mut last = 0;
-        let mut pick = |k: usize, weight: f32| {
-            if weight > 0.0 {
-                last = k;
-                acc += weight;
+        let mut last = None;
+        for (b, &sum) in blocks.iter().enumerate() {
+            if sum <= 0.0 {
+                continue;
             }
-            acc > target
-        };
-        match among {
-            None => {
-                for (i, &x) in w.iter().enumerate() {
-                    if pick(i, x) {
-                        return i;
-                    }
+            let span = b * block..((b + 1) * block).min(w.len());
+            // A block's own sum and its scan may round differently; a scan
+            // that falls short lets the draw go on to the next block.
+            if acc + sum > target {
+                if let Ok(i) = scan(&w[span.clone()], target - acc, span.start) {
+                    return i;
                 }
             }
-            Some(idx) => {
-                for (k, &i) in idx.iter().enumerate() {
-                    if pick(k, w[i]) {
-                        return k;
-                    }
-                }
-            }
+            acc += sum;
+            last = Some(span);
         }
         // Rounding left the running sum just short of the target: the last
         // token with weight is the one the draw reached.
-        last
+        last.and_then(|span| w[span.clone()].iter().rposition(|x| *x > 0.0).map(|i| span.start + i))
+            .unwrap_or(0)
     }
+}
+
+/// The first index (plus `offset`) where the running sum of `w` passes
+/// `target`; `Err(last index with weight)` if it never does.
+fn scan(w: &[f32], target: f32, offset: usize) -> Result<usize, usize> {
+    let mut acc = 0.0f32;
+    let mut last = offset;
+    for (i, &x) in w.iter().enumerate() {
+        if x > 0.0 {
+            last = offset + i;
+            acc += x;
+            if acc > target {
+                return Ok(offset + i);
+            }
+        }
+    }
+    Err(last)
 }
 
 /// The tokens a draw may pick under `top_k` and `top_p`, most likely
@@ -199,7 +212,8 @@ mod tests {
     /// and a seed repeats its draws.
     #[test]
     fn draws_follow_the_distribution_and_repeat_with_their_seed() {
-        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.4 - (i as f32) * 0.01).collect();
+        // 700 tokens: the draw crosses blocks of the weights' partial sums.
+        let logits: Vec<f32> = (0..700).map(|i| (i % 7) as f32 * 0.9 - (i as f32) * 0.004).collect();
         let t = 0.8;
         let z: f64 = logits.iter().map(|l| ((l / t) as f64).exp()).sum();
         let mut counts = vec![0usize; logits.len()];
@@ -231,7 +245,7 @@ mod tests {
             .collect();
         let mut w = logits.clone();
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let total = tessera_kernels::math::exp_shifted(&mut w, max, 1.0);
+        let total = tessera_kernels::math::exp_shifted(&mut w, max, 1.0, &mut Vec::new());
         let mut order: Vec<usize> = (0..w.len()).collect();
         order.sort_by(|a, b| w[*b].total_cmp(&w[*a]).then(a.cmp(b)));
         for (k, p) in [
