@@ -453,25 +453,42 @@ pub fn attend_values_in(
     let at = out.as_mut_ptr() as usize;
     let vector = vector() && dim % 16 == 0;
     candle_core::utils::barrier_pool().execute_chunked(batch * heads * queries, |range| {
-        for row in range {
+        let mut row = range.start;
+        while row < range.end {
             // `row` walks the probabilities' rows: (sequence, head, query).
             let (bh, q) = (row / queries.max(1), row % queries.max(1));
             let (b, h) = (bh / heads, bh % heads);
-            let p = &probs[row * keys..(row + 1) * keys];
             let kv = b * kv_heads + h / rep;
             let v = &values[kv * capacity * dim..(kv * capacity + keys) * dim];
+            #[cfg(target_arch = "x86_64")]
+            if vector {
+                // Up to GROUP queries of this head that follow each other
+                // share every value load.
+                let n = GROUP.min(range.end - row).min(queries.max(1) - q);
+                let vis: [(usize, usize); GROUP] = std::array::from_fn(|r| causal.visible(q + r.min(n - 1), keys));
+                let ps: [&[f32]; GROUP] = std::array::from_fn(|r| {
+                    let at = row + r.min(n - 1);
+                    &probs[at * keys..(at + 1) * keys]
+                });
+                // The output rows of queries `q..q + n` of this head,
+                // written by this worker only.
+                let outs: [*mut f32; GROUP] =
+                    std::array::from_fn(|r| (at as *mut f32).wrapping_add(((b * queries + q + r) * heads + h) * dim));
+                // SAFETY: AVX-512F checked, `dim` a multiple of 16, `v`
+                // holds `keys` rows of `dim`, each probability row `keys`
+                // values, and the first `n` outputs `dim` values within
+                // `out`; only those are written.
+                unsafe { weighted_sum_group_avx512(&ps, v, dim, &vis, n, &outs) };
+                row += n;
+                continue;
+            }
+            let p = &probs[row * keys..(row + 1) * keys];
             let (lo, hi) = causal.visible(q, keys);
             // SAFETY: each (sequence, query, head) output row is written by
             // one worker only, and lies within `out`.
             let o = unsafe {
                 std::slice::from_raw_parts_mut((at as *mut f32).add(((b * queries + q) * heads + h) * dim), dim)
             };
-            #[cfg(target_arch = "x86_64")]
-            if vector {
-                // SAFETY: AVX-512F checked, `dim` a multiple of 16.
-                unsafe { weighted_sum_avx512(&p[lo..hi], &v[lo * dim..hi * dim], o, false) };
-                continue;
-            }
             let _ = vector;
             for (j, &w) in p[lo..hi].iter().enumerate() {
                 let vr = &v[(lo + j) * dim..(lo + j + 1) * dim];
@@ -479,9 +496,80 @@ pub fn attend_values_in(
                     *x = w.mul_add(y, *x);
                 }
             }
+            row += 1;
         }
     });
     out
+}
+
+/// [`weighted_sum_avx512`] for `n <= GROUP` queries at once (probability
+/// rows `ps[r]` over all keys, query `r` seeing keys `vis[r]`, output row
+/// at `outs[r]`; entries from `n` on are computed but never written), 64
+/// coordinates at a time: each value row is loaded once for all queries,
+/// so the multiply-adds rather than the loads bound the loop. Keys are
+/// walked in ascending order over the union of the queries' ranges, and a
+/// key a query does not see adds `0 * v`, which leaves its sum as it was;
+/// so every output equals [`weighted_sum_avx512`]'s over the query's own
+/// range bit for bit (up to the sign of an exact zero), whatever rows run
+/// beside it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_sum_group_avx512(
+    ps: &[&[f32]; GROUP],
+    v: &[f32],
+    dim: usize,
+    vis: &[(usize, usize); GROUP],
+    n: usize,
+    outs: &[*mut f32; GROUP],
+) {
+    use std::arch::x86_64::*;
+    let lo = vis[..n].iter().map(|x| x.0).min().unwrap_or(0);
+    let hi = vis[..n].iter().map(|x| x.1).max().unwrap_or(0);
+    let vp = v.as_ptr();
+    let mut d0 = 0;
+    while d0 < dim {
+        // Four vectors of 16 (fewer at the end of an odd width).
+        let width = ((dim - d0) / LANES).min(4);
+        let mut acc = [[_mm512_setzero_ps(); 4]; GROUP];
+        // `j` indexes four probability rows and the value rows at once.
+        #[allow(clippy::needless_range_loop)]
+        for j in lo..hi {
+            let w: [f32; GROUP] = std::array::from_fn(|r| {
+                let (a, z) = vis[r];
+                if j >= a && j < z {
+                    ps[r][j]
+                } else {
+                    0.0
+                }
+            });
+            // SAFETY: key `j < hi <= keys` has a row of `dim` values in `v`,
+            // and `d0 + 16 * width <= dim`.
+            unsafe {
+                let r0 = vp.add(j * dim + d0);
+                let vs: [__m512; 4] = std::array::from_fn(|x| {
+                    if x < width {
+                        _mm512_loadu_ps(r0.add(x * LANES))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                for r in 0..GROUP {
+                    let s = _mm512_set1_ps(w[r]);
+                    for x in 0..4 {
+                        acc[r][x] = _mm512_fmadd_ps(s, vs[x], acc[r][x]);
+                    }
+                }
+            }
+        }
+        for r in 0..n {
+            for (x, a) in acc[r].iter().enumerate().take(width) {
+                // SAFETY: output row `r` holds `dim` values (the caller's
+                // promise) and `d0 + 16 * x + 16 <= dim`.
+                unsafe { _mm512_storeu_ps(outs[r].add(d0 + x * LANES), *a) };
+            }
+        }
+        d0 += width * LANES;
+    }
 }
 
 /// Attention's first product, the scores `q · kᵀ` of queries `[batch,
@@ -532,29 +620,121 @@ pub fn attend_scores_in(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal
     let at = out.as_mut_ptr() as usize;
     let vector = vector() && dim % LANES == 0;
     candle_core::utils::barrier_pool().execute_chunked(batch * heads * queries, |range| {
-        for row in range {
+        let mut row = range.start;
+        while row < range.end {
             let (bh, qi) = (row / queries.max(1), row % queries.max(1));
             let (b, h) = (bh / heads, bh % heads);
-            let qr = &q[row * dim..(row + 1) * dim];
             let kv = b * kv_heads + h / rep;
             let kh = &k[kv * capacity * dim..(kv * capacity + keys) * dim];
-            let (lo, hi) = causal.visible(qi, keys);
-            // SAFETY: each row of scores is written by one worker only.
-            let o = unsafe { std::slice::from_raw_parts_mut((at as *mut f32).add(row * keys), keys) };
             #[cfg(target_arch = "x86_64")]
             if vector {
+                // Up to GROUP queries of this head that follow each other
+                // share every key load.
+                let n = GROUP.min(range.end - row).min(queries.max(1) - qi);
+                let vis: [(usize, usize); GROUP] = std::array::from_fn(|r| causal.visible(qi + r.min(n - 1), keys));
+                let rows: [&[f32]; GROUP] = std::array::from_fn(|r| {
+                    let at = row + r.min(n - 1);
+                    &q[at * dim..(at + 1) * dim]
+                });
+                // Rows `row..row + n` of scores, written by this worker only.
+                let outs: [*mut f32; GROUP] = std::array::from_fn(|r| (at as *mut f32).wrapping_add((row + r) * keys));
                 // SAFETY: AVX-512F checked, `dim` a multiple of 16, `kh`
-                // holds `keys` rows of `dim` and `o` holds `keys` scores.
-                unsafe { scores_avx512(qr, kh, lo, hi, o) };
+                // holds `keys` rows of `dim`, and the first `n` outputs each
+                // hold `keys` scores within `out`; only those are written.
+                unsafe { scores_group_avx512(&rows, kh, &vis, n, &outs) };
+                row += n;
                 continue;
             }
             let _ = vector;
+            let qr = &q[row * dim..(row + 1) * dim];
+            let (lo, hi) = causal.visible(qi, keys);
+            // SAFETY: each row of scores is written by one worker only.
+            let o = unsafe { std::slice::from_raw_parts_mut((at as *mut f32).add(row * keys), keys) };
             for j in lo..hi {
                 o[j] = dot16(qr, &kh[j * dim..(j + 1) * dim]);
             }
+            row += 1;
         }
     });
     out
+}
+
+/// Queries whose scores one call of [`scores_group_avx512`] computes.
+const GROUP: usize = 4;
+
+/// [`scores_avx512`] for `n <= GROUP` queries at once (`qs[r]`, each
+/// seeing keys `vis[r]`, writing the row at `outs[r]`; entries from `n` on
+/// are computed but never written): four queries times four keys per pass over the width, so a
+/// key's values are loaded once for all queries and the multiply-adds
+/// rather than the loads bound the loop (one query alone loads two
+/// operands per multiply-add). Each score is still one accumulator per
+/// (query, key) summed in width order and folded by [`fold16_avx512`], so
+/// every value equals [`scores_avx512`]'s bit for bit: a row's scores do
+/// not depend on the rows computed beside it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_group_avx512(
+    qs: &[&[f32]; GROUP],
+    kh: &[f32],
+    vis: &[(usize, usize); GROUP],
+    n: usize,
+    outs: &[*mut f32; GROUP],
+) {
+    use std::arch::x86_64::*;
+    let dim = qs[0].len();
+    let lo = vis[..n].iter().map(|v| v.0).min().unwrap_or(0);
+    let hi = vis[..n].iter().map(|v| v.1).max().unwrap_or(0);
+    if lo >= hi {
+        return;
+    }
+    let mut first = lo / LANES * LANES;
+    while first < hi {
+        let (jlo, jhi) = (first.max(lo), (first + LANES).min(hi));
+        let mut p = [[_mm512_setzero_ps(); LANES]; GROUP];
+        let mut j = jlo;
+        while j < jhi {
+            // Four keys; past `jhi` the last one again (its sums unused).
+            let ks: [usize; 4] = std::array::from_fn(|x| (j + x).min(jhi - 1));
+            // SAFETY (loop body): keys below `hi` have rows in `kh`; every
+            // query row holds `dim` values, a multiple of 16.
+            unsafe {
+                let kp = ks.map(|x| kh.as_ptr().add(x * dim));
+                let qp = qs.map(|q| q.as_ptr());
+                let mut acc = [[_mm512_setzero_ps(); 4]; GROUP];
+                for c in (0..dim).step_by(LANES) {
+                    let kv = kp.map(|k| _mm512_loadu_ps(k.add(c)));
+                    for r in 0..GROUP {
+                        let qv = _mm512_loadu_ps(qp[r].add(c));
+                        for x in 0..4 {
+                            acc[r][x] = _mm512_fmadd_ps(qv, kv[x], acc[r][x]);
+                        }
+                    }
+                }
+                for r in 0..GROUP {
+                    for x in 0..4.min(jhi - j) {
+                        p[r][ks[x] - first] = acc[r][x];
+                    }
+                }
+            }
+            j += 4;
+        }
+        for r in 0..n {
+            let (a, z) = vis[r];
+            let mut mask: u16 = 0;
+            for l in 0..LANES {
+                let key = first + l;
+                if key >= a && key < z {
+                    mask |= 1 << l;
+                }
+            }
+            if mask != 0 {
+                // SAFETY: the store is masked to keys this query sees, all
+                // below the length of its output row (the caller's promise).
+                unsafe { _mm512_mask_storeu_ps(outs[r].add(first), mask, fold16_avx512(p[r])) };
+            }
+        }
+        first += LANES;
+    }
 }
 
 /// Key and value buffers `[kv_heads, capacity, dim]` of a KV cache.
@@ -1021,6 +1201,56 @@ mod tests {
         assert_eq!(max_index(&[f32::NEG_INFINITY; 3]), Ok(Some((0, f32::NEG_INFINITY))));
     }
 
+    /// The grouped prompt kernels give each query the numbers of the
+    /// one-query kernels (the decode step's) to the bit.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn grouped_attention_kernels_equal_the_one_query_kernels() {
+        if !vector() {
+            return;
+        }
+        for dim in [48, 256] {
+            let keys = 75;
+            let kh = noise(keys * dim, 21);
+            let qs = noise(GROUP * dim, 23);
+            let probs = noise(GROUP * keys, 25);
+            let vis = [(0, 70), (3, 71), (40, 72), (0, 0)];
+            for n in 1..=GROUP {
+                let rows: [&[f32]; GROUP] = std::array::from_fn(|r| &qs[r * dim..(r + 1) * dim]);
+                let ps: [&[f32]; GROUP] = std::array::from_fn(|r| &probs[r * keys..(r + 1) * keys]);
+                let mut scores = vec![0f32; GROUP * keys];
+                let mut sums = vec![0f32; GROUP * dim];
+                let so: [*mut f32; GROUP] = std::array::from_fn(|r| scores.as_mut_ptr().wrapping_add(r * keys));
+                let vo: [*mut f32; GROUP] = std::array::from_fn(|r| sums.as_mut_ptr().wrapping_add(r * dim));
+                // SAFETY: AVX-512F checked; every row is in bounds.
+                unsafe {
+                    scores_group_avx512(&rows, &kh, &vis, n, &so);
+                    weighted_sum_group_avx512(&ps, &kh, dim, &vis, n, &vo);
+                }
+                for r in 0..n {
+                    let (a, z) = vis[r];
+                    let mut one = vec![0f32; keys];
+                    let mut sum = vec![0f32; dim];
+                    // SAFETY: as above.
+                    unsafe {
+                        scores_avx512(rows[r], &kh, a, z, &mut one);
+                        weighted_sum_avx512(&ps[r][a..z], &kh[a * dim..z * dim], &mut sum, false);
+                    }
+                    assert_eq!(
+                        &scores[r * keys..(r + 1) * keys],
+                        &one[..],
+                        "scores: dim {dim}, {n} rows, row {r}"
+                    );
+                    assert_eq!(
+                        &sums[r * dim..(r + 1) * dim],
+                        &sum[..],
+                        "values: dim {dim}, {n} rows, row {r}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn gated_activations_match_their_definitions_on_both_paths() {
         // 1003 values: whole vectors and a masked tail.
@@ -1391,6 +1621,7 @@ mod tests {
             (256, 70, Some(20)),
             (80, 16, None),
             (24, 129, Some(64)),
+            (32, 90, Some(40)),
         ] {
             let shape = ValuesShape {
                 batch: 2,
@@ -1399,7 +1630,9 @@ mod tests {
                 keys,
                 dim,
             };
-            let t = keys.min(5);
+            // Eleven queries: groups of four, four and three on the vector
+            // path (and a group cut where the thread pool splits rows).
+            let t = keys.min(11);
             let causal = Causal {
                 queries: t,
                 pos: keys - t,
