@@ -62,24 +62,29 @@ fn main() {
         alpha: 32.0,
         targets: tessera::contribute::model::LORA_TARGETS.map(String::from).to_vec(),
     };
-    // (label, method, top layers, trunk on the quantized weights)
-    for (label, method, top, quantized) in [
-        (
-            "lora r8 q,v",
-            TrainMethod::Lora {
-                rank: 8,
-                alpha: 16.0,
-                targets: vec!["q_proj".into(), "v_proj".into()],
-            },
-            0,
-            false,
-        ),
-        ("full", TrainMethod::Full, 0, false),
-        ("r16 all, 30/30", every.clone(), 0, false),
-        ("r16 all, top 4, f32 trunk", every.clone(), 4, false),
-        ("r16 all, top 4, q trunk", every.clone(), 4, true),
-        ("r16 all, top 2, q trunk", every.clone(), 2, true),
+    let lora_qv = TrainMethod::Lora {
+        rank: 8,
+        alpha: 16.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+    };
+    let tiles = tessera_kernels::amx::bf16_available();
+    println!("AMX bf16 tiles for the frozen products: {tiles}");
+    // (label, method, top layers, trunk on the quantized weights, tiles
+    // allowed); the last rows repeat two with the tiles off, in this run.
+    for (label, method, top, quantized, allowed) in [
+        ("lora r8 q,v", lora_qv.clone(), 0, false, true),
+        ("full", TrainMethod::Full, 0, false, true),
+        ("r16 all, 30/30", every.clone(), 0, false, true),
+        ("r16 all, top 4, f32 trunk", every.clone(), 4, false, true),
+        ("r16 all, top 4, q trunk", every.clone(), 4, true, true),
+        ("r16 all, top 2, q trunk", every.clone(), 2, true, true),
+        ("lora r8 q,v, no tiles", lora_qv.clone(), 0, false, false),
+        ("r16 all, 30/30, no tiles", every.clone(), 0, false, false),
     ] {
+        if !allowed && !tiles {
+            continue;
+        }
+        tessera_kernels::amx::set_allowed(allowed);
         if quantized && gguf.is_none() {
             println!("  {label}: skipped (SmolLM2's GGUF is not fetched)");
             continue;
@@ -91,6 +96,7 @@ fn main() {
         o.steps = STEPS;
         o.checkpoint_every = 0;
         let report = contribute::train(o, |_| ControlFlow::Continue(())).expect("trains");
+        tessera_kernels::amx::set_allowed(true);
         let timed = &report.log[1..];
         let tokens: usize = timed.iter().map(|s| s.tokens).sum();
         let secs: f64 = timed.iter().map(|s| s.tokens as f64 / s.tokens_per_s).sum();

@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
@@ -102,6 +103,10 @@ pub struct TrainModel {
     /// The first layer LoRA adapts; the layers below it are frozen whole,
     /// so their output (the trunk) can come from elsewhere.
     first: usize,
+    /// bf16 tile copies of frozen weights, made on first use (so the layers
+    /// a trunk computes elsewhere never get one); `None` for a weight whose
+    /// shape the tiles do not take, or on a CPU without AMX.
+    tiles: std::sync::Mutex<HashMap<String, Option<Arc<FrozenTiles>>>>,
     device: Device,
 }
 
@@ -193,6 +198,7 @@ impl TrainModel {
             trainable,
             lora_scale,
             first,
+            tiles: std::sync::Mutex::new(HashMap::new()),
             device,
         })
     }
@@ -246,14 +252,33 @@ impl TrainModel {
     }
 
     /// `x W^T` for the weight `name`: through [`FrozenLinear`] when the
-    /// weight is frozen and on the CPU, a plain matmul otherwise.
+    /// weight is frozen and on the CPU (on bf16 tiles where the CPU has
+    /// them), a plain matmul otherwise.
     fn project(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.get(name)?;
         if self.trainable.contains_key(name) || !self.device.is_cpu() || x.dtype() != DType::F32 {
             x.matmul(&w.t()?)
         } else {
-            x.apply_op1(FrozenLinear(w))
+            let tiles = self.tiles_of(name, &w)?;
+            x.apply_op1(FrozenLinear { w, tiles })
         }
+    }
+
+    /// The tile copies of the frozen weight `name` (`w`), made once.
+    fn tiles_of(&self, name: &str, w: &Tensor) -> candle_core::Result<Option<Arc<FrozenTiles>>> {
+        if !tessera_kernels::amx::bf16_available() {
+            return Ok(None);
+        }
+        let mut made = self
+            .tiles
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("the tile cache was poisoned by a panic".into()))?;
+        if let Some(t) = made.get(name) {
+            return Ok(t.clone());
+        }
+        let t = FrozenTiles::new(w)?.map(Arc::new);
+        made.insert(name.to_string(), t.clone());
+        Ok(t)
     }
 
     fn rms_norm(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -438,13 +463,64 @@ impl TrainModel {
     }
 }
 
+/// A frozen weight `W` (n x k) as bf16 tiles twice: as stored, for the
+/// forward product `x W^T`, and transposed, for the input's gradient
+/// `dY W` (the tile kernel multiplies by a packed matrix's transpose).
+/// 4 bytes per weight beside the f32 copy, which the LoRA merge and the
+/// saved folder still read.
+struct FrozenTiles {
+    forward: tessera_kernels::amx::Bf16Packed,
+    backward: tessera_kernels::amx::Bf16Packed,
+}
+
+impl FrozenTiles {
+    /// `None` where the shape does not fit the tiles (either way round) or
+    /// the CPU has none.
+    fn new(w: &Tensor) -> candle_core::Result<Option<Self>> {
+        use tessera_kernels::amx::Bf16Packed;
+        let (n, k) = w.dims2()?;
+        let rows = w.flatten_all()?.to_vec1::<f32>()?;
+        let Some(forward) = Bf16Packed::from_f32(&rows, n, k) else {
+            return Ok(None);
+        };
+        let cols = w.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Bf16Packed::from_f32(&cols, k, n).map(|backward| FrozenTiles { forward, backward }))
+    }
+}
+
+/// `x (m x k) -> x P^T` on the tiles of `p`, for a contiguous f32 `x`.
+fn tile_product(p: &tessera_kernels::amx::Bf16Packed, x: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&k, lead)) = dims.split_last() else {
+        candle_core::bail!("tile product of a scalar");
+    };
+    if k != p.cols() {
+        candle_core::bail!("tile product: input width {k}, the weights take {}", p.cols());
+    }
+    let m: usize = lead.iter().product();
+    let values = x.flatten_all()?.to_vec1::<f32>()?;
+    let y = tessera_kernels::amx::matmul_bf16(p, &values, m);
+    let mut out = lead.to_vec();
+    out.push(p.rows());
+    Tensor::from_vec(y, out, x.device())
+}
+
 /// `x W^T` for a weight nothing trains (LoRA's frozen base, the output
 /// head). candle's backward pass of a plain matmul computes the gradient of
 /// both operands, so with LoRA every frozen projection cost a second matmul
 /// as large as its forward one for a gradient that was thrown away; this
 /// op's backward returns only the input's gradient, `dY W`. CPU and `f32`
 /// only (the model uses the plain matmul elsewhere).
-struct FrozenLinear(Tensor);
+///
+/// With `tiles` (a CPU with AMX bf16), both products run on the tile
+/// kernel ([`tessera_kernels::amx::matmul_bf16`]): operands rounded to
+/// bf16, sums in f32, the weights kept in f32 for everything else. These
+/// two products are most of a LoRA step's arithmetic; candle's f32 gemm ran
+/// them at about 70 GFLOP/s on two cores.
+struct FrozenLinear {
+    w: Tensor,
+    tiles: Option<Arc<FrozenTiles>>,
+}
 
 impl candle_core::CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
@@ -462,20 +538,82 @@ impl candle_core::CustomOp1 for FrozenLinear {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("frozen-linear takes a contiguous input");
         };
+        if let Some(t) = &self.tiles {
+            let dims = layout.dims();
+            let Some((&k, lead)) = dims.split_last() else {
+                candle_core::bail!("frozen-linear takes a matrix");
+            };
+            if k != t.forward.cols() {
+                candle_core::bail!("frozen-linear: input width {k}, the weight takes {}", t.forward.cols());
+            }
+            let m: usize = lead.iter().product();
+            let y = tessera_kernels::amx::matmul_bf16(&t.forward, &values[start..end], m);
+            let mut shape = lead.to_vec();
+            shape.push(t.forward.rows());
+            return Ok((candle_core::CpuStorage::F32(y), shape.into()));
+        }
         let x = Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)?;
-        let y = x.matmul(&self.0.t()?)?;
+        let y = x.matmul(&self.w.t()?)?;
         let shape = y.shape().clone();
         Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.0)?))
+        match &self.tiles {
+            Some(t) if grad.device().is_cpu() && grad.dtype() == DType::F32 => {
+                Ok(Some(tile_product(&t.backward, &grad.contiguous()?)?))
+            }
+            _ => Ok(Some(grad.matmul(&self.w)?)),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On bf16 tiles the frozen product and its input gradient equal the
+    /// f32 ones within bf16's rounding (both operands keep 8 significant
+    /// bits; sums stay f32).
+    #[test]
+    fn frozen_linear_on_tiles_matches_f32_within_bf16_rounding() {
+        if !tessera_kernels::amx::bf16_available() {
+            eprintln!("no AMX bf16 here: the f32 path is the one in use");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (m, n, k) = (37, 64, 96);
+        let wave = |len: usize, f: f32| -> Vec<f32> { (0..len).map(|i| ((i as f32) * f).sin()).collect() };
+        let x = Var::from_tensor(&Tensor::from_vec(wave(m * k, 0.37), (m, k), &dev).unwrap()).unwrap();
+        let w = Tensor::from_vec(wave(n * k, 0.11), (n, k), &dev).unwrap();
+        let c = Tensor::from_vec(wave(n, 0.7), (1, n), &dev).unwrap();
+        let tiles = FrozenTiles::new(&w).unwrap().map(Arc::new);
+        assert!(tiles.is_some(), "a 64 x 96 weight fits the tiles both ways");
+        let run = |tiles: Option<Arc<FrozenTiles>>| {
+            let y = x.as_tensor().apply_op1(FrozenLinear { w: w.clone(), tiles }).unwrap();
+            let g = y.broadcast_mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = g
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), dx)
+        };
+        let (y32, dx32) = run(None);
+        let (y16, dx16) = run(tiles);
+        for (what, a, b, scale) in [("product", &y32, &y16, k as f32), ("gradient", &dx32, &dx16, n as f32)] {
+            for (p, q) in a.iter().zip(b.iter()) {
+                // Each of `scale` terms is off by at most 2^-8 of a unit.
+                assert!((p - q).abs() <= scale * 2.0f32.powi(-8), "{what}: {p} vs {q}");
+            }
+            assert!(
+                a.iter().zip(b.iter()).any(|(p, q)| p != q),
+                "{what}: the tiles did not run"
+            );
+        }
+    }
 
     #[test]
     fn frozen_linear_matches_a_plain_matmul_and_its_input_gradient() {
@@ -484,7 +622,13 @@ mod tests {
         let w = ((Tensor::arange(0f32, 20.0, &dev).unwrap().reshape((4, 5)).unwrap() * 0.1).unwrap() - 0.7).unwrap();
         let c = Tensor::new(&[[1f32, -2.0, 0.5, 3.0]], &dev).unwrap();
         let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-        let frozen = x.as_tensor().apply_op1(FrozenLinear(w.clone())).unwrap();
+        let frozen = x
+            .as_tensor()
+            .apply_op1(FrozenLinear {
+                w: w.clone(),
+                tiles: None,
+            })
+            .unwrap();
         assert_eq!(plain.to_vec2::<f32>().unwrap(), frozen.to_vec2::<f32>().unwrap());
         let grad = |y: Tensor| {
             let g = y.broadcast_mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
