@@ -79,6 +79,7 @@ fn main() {
         ("r16 all, top 4, q trunk", every.clone(), 4, true, true),
         ("r16 all, top 2, q trunk", every.clone(), 2, true, true),
         ("lora r8 q,v, no tiles", lora_qv.clone(), 0, false, false),
+        ("full, no tiles", TrainMethod::Full, 0, false, false),
         ("r16 all, 30/30, no tiles", every.clone(), 0, false, false),
     ] {
         if !allowed && !tiles {

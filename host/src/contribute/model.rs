@@ -256,8 +256,17 @@ impl TrainModel {
     /// them), a plain matmul otherwise.
     fn project(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.get(name)?;
-        if self.trainable.contains_key(name) || !self.device.is_cpu() || x.dtype() != DType::F32 {
+        if !self.device.is_cpu() || x.dtype() != DType::F32 {
             x.matmul(&w.t()?)
+        } else if self.trainable.contains_key(name) {
+            // A trained weight changes every step: its tiles are made per
+            // product (a pass over the weight, against `m` passes of work).
+            let (n, k) = w.dims2()?;
+            if tessera_kernels::amx::bf16_available() && TrainedLinear::fits(n, k) {
+                x.apply_op2(&w, TrainedLinear)
+            } else {
+                x.matmul(&w.t()?)
+            }
         } else {
             let tiles = self.tiles_of(name, &w)?;
             x.apply_op1(FrozenLinear { w, tiles })
@@ -568,9 +577,160 @@ impl candle_core::CustomOp1 for FrozenLinear {
     }
 }
 
+/// `x W^T` for a weight that is trained (full fine-tuning), on bf16 tiles:
+/// the forward product, the input's gradient `dY W` and the weight's
+/// gradient `dY^T x` each pack their right operand as tiles for the call
+/// and multiply on [`tessera_kernels::amx::matmul_bf16`] (f32 sums; the
+/// weights, their gradients and the optimizer stay f32). Used only where
+/// [`TrainedLinear::fits`] and the CPU has AMX bf16.
+struct TrainedLinear;
+
+impl TrainedLinear {
+    /// Whether a weight of `n` x `k` fits the tiles both ways round (the
+    /// tokens of the weight's gradient are padded to fit).
+    fn fits(n: usize, k: usize) -> bool {
+        n.is_multiple_of(32) && k.is_multiple_of(32)
+    }
+}
+
+/// `a (m x k) -> a B^T (m x n)` for a row-major `b` (n x k) packed for this
+/// call; `None` where the shape does not fit.
+fn packed_product(a: &[f32], m: usize, b: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
+    let p = tessera_kernels::amx::Bf16Packed::from_f32(b, n, k)?;
+    Some(tessera_kernels::amx::matmul_bf16(&p, a, m))
+}
+
+/// The row-major transpose of `x` (rows x cols), with `pad` zero columns
+/// appended to each row of the result.
+fn transposed(x: &[f32], rows: usize, cols: usize, pad: usize) -> Vec<f32> {
+    // In 32 x 32 blocks, so that reads and writes both stay in cache lines
+    // already loaded (the output head's transpose is 28 million values).
+    const B: usize = 32;
+    let width = rows + pad;
+    let mut out = vec![0f32; cols * width];
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * width + r] = x[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+impl candle_core::CustomOp2 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "trained-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(x), Some((x0, x1)), candle_core::CpuStorage::F32(w), Some((w0, w1))) =
+            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
+        else {
+            candle_core::bail!("trained-linear takes contiguous f32 inputs");
+        };
+        let (n, k) = l2.shape().dims2()?;
+        let dims = l1.dims();
+        let Some((&kx, lead)) = dims.split_last() else {
+            candle_core::bail!("trained-linear takes a matrix");
+        };
+        if kx != k {
+            candle_core::bail!("trained-linear: input width {kx}, the weight takes {k}");
+        }
+        let m: usize = lead.iter().product();
+        let Some(y) = packed_product(&x[x0..x1], m, &w[w0..w1], n, k) else {
+            candle_core::bail!("trained-linear: a {n} x {k} weight does not fit the tiles");
+        };
+        let mut shape = lead.to_vec();
+        shape.push(n);
+        Ok((candle_core::CpuStorage::F32(y), shape.into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let m = xs.len() / k.max(1);
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let ws = w.flatten_all()?.to_vec1::<f32>()?;
+        let missing = || candle_core::Error::Msg("trained-linear: the gradient's shapes do not fit the tiles".into());
+        // dX = dY W: W^T (k x n) packed.
+        let dx = packed_product(&g, m, &transposed(&ws, n, k, 0), k, n).ok_or_else(missing)?;
+        // dW = dY^T X: X^T (k x m) packed, the tokens padded to a multiple
+        // of 32 with zeros (which add nothing).
+        let pad = m.next_multiple_of(32) - m;
+        let dw = packed_product(&transposed(&g, m, n, pad), n, &transposed(&xs, m, k, pad), k, m + pad)
+            .ok_or_else(missing)?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, (n, k), w.device())?),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A trained weight's product and both gradients on the tiles equal
+    /// candle's f32 ones within bf16 rounding, with a token count that is
+    /// not a multiple of 32 (padded for the weight's gradient).
+    #[test]
+    fn trained_linear_on_tiles_matches_f32_within_bf16_rounding() {
+        if !tessera_kernels::amx::bf16_available() {
+            eprintln!("no AMX bf16 here: the f32 path is the one in use");
+            return;
+        }
+        let dev = Device::Cpu;
+        let (m, n, k) = (37, 64, 96);
+        let wave = |len: usize, f: f32| -> Vec<f32> { (0..len).map(|i| ((i as f32) * f).sin()).collect() };
+        let c = Tensor::from_vec(wave(n, 0.7), (1, n), &dev).unwrap();
+        let run = |tiles: bool| {
+            let x = Var::from_tensor(&Tensor::from_vec(wave(m * k, 0.37), (m, k), &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::from_vec(wave(n * k, 0.11), (n, k), &dev).unwrap()).unwrap();
+            let y = if tiles {
+                x.as_tensor().apply_op2(w.as_tensor(), TrainedLinear).unwrap()
+            } else {
+                x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap()
+            };
+            let g = y.broadcast_mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (
+                flat(&y),
+                flat(g.get(x.as_tensor()).unwrap()),
+                flat(g.get(w.as_tensor()).unwrap()),
+            )
+        };
+        let (y32, dx32, dw32) = run(false);
+        let (y16, dx16, dw16) = run(true);
+        for (what, a, b, terms) in [
+            ("product", &y32, &y16, k),
+            ("input gradient", &dx32, &dx16, n),
+            ("weight gradient", &dw32, &dw16, m),
+        ] {
+            assert_eq!(a.len(), b.len(), "{what}");
+            for (p, q) in a.iter().zip(b.iter()) {
+                assert!((p - q).abs() <= terms as f32 * 2.0f32.powi(-8), "{what}: {p} vs {q}");
+            }
+            assert!(
+                a.iter().zip(b.iter()).any(|(p, q)| p != q),
+                "{what}: the tiles did not run"
+            );
+        }
+    }
 
     /// On bf16 tiles the frozen product and its input gradient equal the
     /// f32 ones within bf16's rounding (both operands keep 8 significant
