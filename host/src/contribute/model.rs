@@ -24,6 +24,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
+use crate::backends::gguf::attention::contiguous_f32;
 use crate::model_folder::TrainMethod;
 
 /// Which projections LoRA may adapt, by their Hugging Face names.
@@ -541,12 +542,7 @@ impl candle_core::CustomOp1 for FrozenLinear {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(values) = storage else {
-            candle_core::bail!("frozen-linear takes f32 inputs");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-linear takes a contiguous input");
-        };
+        let values = contiguous_f32(self.name(), storage, layout)?;
         if let Some(t) = &self.tiles {
             let dims = layout.dims();
             let Some((&k, lead)) = dims.split_last() else {
@@ -556,12 +552,12 @@ impl candle_core::CustomOp1 for FrozenLinear {
                 candle_core::bail!("frozen-linear: input width {k}, the weight takes {}", t.forward.cols());
             }
             let m: usize = lead.iter().product();
-            let y = tessera_kernels::amx::matmul_bf16(&t.forward, &values[start..end], m);
+            let y = tessera_kernels::amx::matmul_bf16(&t.forward, values, m);
             let mut shape = lead.to_vec();
             shape.push(t.forward.rows());
             return Ok((candle_core::CpuStorage::F32(y), shape.into()));
         }
-        let x = Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)?;
+        let x = Tensor::from_slice(values, layout.shape(), &Device::Cpu)?;
         let y = x.matmul(&self.w.t()?)?;
         let shape = y.shape().clone();
         Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
@@ -632,11 +628,10 @@ impl candle_core::CustomOp2 for TrainedLinear {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (candle_core::CpuStorage::F32(x), Some((x0, x1)), candle_core::CpuStorage::F32(w), Some((w0, w1))) =
-            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
-        else {
-            candle_core::bail!("trained-linear takes contiguous f32 inputs");
-        };
+        let (x, w) = (
+            contiguous_f32(self.name(), s1, l1)?,
+            contiguous_f32(self.name(), s2, l2)?,
+        );
         let (n, k) = l2.shape().dims2()?;
         let dims = l1.dims();
         let Some((&kx, lead)) = dims.split_last() else {
@@ -646,7 +641,7 @@ impl candle_core::CustomOp2 for TrainedLinear {
             candle_core::bail!("trained-linear: input width {kx}, the weight takes {k}");
         }
         let m: usize = lead.iter().product();
-        let Some(y) = packed_product(&x[x0..x1], m, &w[w0..w1], n, k) else {
+        let Some(y) = packed_product(x, m, w, n, k) else {
             candle_core::bail!("trained-linear: a {n} x {k} weight does not fit the tiles");
         };
         let mut shape = lead.to_vec();

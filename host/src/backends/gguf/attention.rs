@@ -133,6 +133,23 @@ pub(super) fn causal_mask(t: usize, pos: usize, window: Option<usize>, device: &
     Ok(Some(Tensor::from_vec(m, (1, 1, t, total), device)?))
 }
 
+/// The values of a contiguous f32 CPU tensor that a custom op's `cpu_fwd`
+/// received, or an error naming the op (`op`) and what it got.
+pub(crate) fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        (candle_core::CpuStorage::F32(_), None) => candle_core::bail!("{op}: a contiguous input expected"),
+        _ => candle_core::bail!(
+            "{op}: f32 input expected, got {:?}",
+            candle_core::backend::BackendStorage::dtype(storage)
+        ),
+    }
+}
+
 /// A candle op over one of our in-place f32 kernels (CPU, contiguous
 /// input): the softmax over the keys each query may see
 /// ([`tessera_kernels::math::softmax_causal`]: no mask tensor is built or
@@ -153,10 +170,7 @@ impl candle_core::CustomOp1 for InPlace {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (candle_core::CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("{}: contiguous f32 input expected", self.name());
-        };
-        let mut out = values[start..end].to_vec();
+        let mut out = contiguous_f32(self.name(), storage, layout)?.to_vec();
         match self {
             InPlace::CausalSoftmax(causal) => {
                 let width = layout.dims().last().copied().unwrap_or(0);
@@ -206,11 +220,10 @@ impl candle_core::CustomOp2 for Attention {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (candle_core::CpuStorage::F32(a), Some((a0, a1)), candle_core::CpuStorage::F32(c), Some((c0, c1))) =
-            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
-        else {
-            candle_core::bail!("{}: contiguous f32 inputs expected", self.name());
-        };
+        let (a, c) = (
+            contiguous_f32(self.name(), s1, l1)?,
+            contiguous_f32(self.name(), s2, l2)?,
+        );
         let (Attention::Scores {
             shape,
             causal,
@@ -229,7 +242,6 @@ impl candle_core::CustomOp2 for Attention {
             dim,
         } = shape;
         let t = causal.queries;
-        let (a, c) = (&a[a0..a1], &c[c0..c1]);
         let first = match self {
             Attention::Scores { .. } => batch * heads * t * dim,
             Attention::Values { .. } => batch * heads * t * keys,
@@ -286,16 +298,15 @@ impl candle_core::CustomOp2 for Gated {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (candle_core::CpuStorage::F32(g), Some((g0, g1)), candle_core::CpuStorage::F32(u), Some((u0, u1))) =
-            (s1, l1.contiguous_offsets(), s2, l2.contiguous_offsets())
-        else {
-            candle_core::bail!("{}: contiguous f32 inputs expected", self.name());
-        };
-        if g1 - g0 != u1 - u0 {
+        let (g, u) = (
+            contiguous_f32(self.name(), s1, l1)?,
+            contiguous_f32(self.name(), s2, l2)?,
+        );
+        if g.len() != u.len() {
             candle_core::bail!("{}: gate {:?} and up {:?} differ", self.name(), l1.dims(), l2.dims());
         }
-        let mut out = g[g0..g1].to_vec();
-        tessera_kernels::math::gated(&mut out, &u[u0..u1], self.0);
+        let mut out = g.to_vec();
+        tessera_kernels::math::gated(&mut out, u, self.0);
         Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
 }
