@@ -402,8 +402,16 @@ impl TrainModel {
             } else {
                 (k, v)
             };
-            let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(&causal)?;
-            let att = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
+            let probs = if self.device.is_cpu() {
+                // Scaled queries, then one softmax over the keys each query
+                // may see: no mask tensor, and one pass back.
+                let q = (q * (1.0 / (hd as f64).sqrt()))?;
+                q.matmul(&k.t()?.contiguous()?)?.apply_op1(CausalSoftmax)?
+            } else {
+                let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(&causal)?;
+                candle_nn::ops::softmax(&scores, D::Minus1)?
+            };
+            let att = probs.matmul(&v)?;
             let att = att.transpose(1, 2)?.contiguous()?.reshape((b * t, s.hidden))?;
             x = (x + self.linear(&format!("{p}.self_attn.o_proj"), &att)?)?;
             let h = self.rms_norm(&format!("{p}.post_attention_layernorm.weight"), &x)?;
@@ -470,6 +478,51 @@ impl TrainModel {
             out.insert(w_name.to_string(), merged);
         }
         Ok(out)
+    }
+}
+
+/// The causal softmax of attention scores `[.., t, t]` (row `i` sees keys
+/// `0..=i`) with its backward pass, for training on the CPU. Forward is the
+/// inference kernel ([`tessera_kernels::math::softmax_causal`]: masked
+/// keys are never exponentiated and no mask tensor is built or added);
+/// backward is `dS = P * (dP - rowsum(dP * P))`, where masked keys have
+/// `P = 0` and so no gradient. Composed from candle's ops (divide, add the
+/// mask, max, subtract, exponentiate, sum, divide, and each one's
+/// backward) the same softmax made a dozen passes over every score.
+struct CausalSoftmax;
+
+impl candle_core::CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let values = contiguous_f32(self.name(), storage, layout)?;
+        let dims = layout.dims();
+        let (t, keys) = match dims {
+            [.., t, keys] => (*t, *keys),
+            _ => candle_core::bail!("causal-softmax takes scores [.., queries, keys], got {dims:?}"),
+        };
+        if t != keys {
+            candle_core::bail!("causal-softmax: {t} queries against {keys} keys (a training pass has as many)");
+        }
+        let mut out = values.to_vec();
+        let causal = tessera_kernels::math::Causal {
+            queries: t,
+            pos: 0,
+            window: None,
+        };
+        tessera_kernels::math::softmax_causal(&mut out, keys, causal);
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let inner = (grad * probs)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((grad.broadcast_sub(&inner)? * probs)?))
     }
 }
 
@@ -679,6 +732,37 @@ impl candle_core::CustomOp2 for TrainedLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The causal softmax op equals candle's masked softmax, forward and
+    /// backward, within f32 rounding.
+    #[test]
+    fn causal_softmax_matches_the_masked_softmax_and_its_gradient() {
+        let dev = Device::Cpu;
+        let (b, h, t) = (2, 3, 37);
+        let wave = |len: usize, f: f32| -> Vec<f32> { (0..len).map(|i| ((i as f32) * f).sin() * 3.0).collect() };
+        let x = Var::from_tensor(&Tensor::from_vec(wave(b * h * t * t, 0.37), (b, h, t, t), &dev).unwrap()).unwrap();
+        let c = Tensor::from_vec(wave(t * t, 0.71), (t, t), &dev).unwrap();
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &dev).unwrap();
+        let run = |ours: bool| {
+            let p = if ours {
+                x.as_tensor().apply_op1(CausalSoftmax).unwrap()
+            } else {
+                candle_nn::ops::softmax(&x.as_tensor().broadcast_add(&mask).unwrap(), D::Minus1).unwrap()
+            };
+            let g = p.broadcast_mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (flat(&p), flat(g.get(x.as_tensor()).unwrap()))
+        };
+        let ((p1, g1), (p2, g2)) = (run(false), run(true));
+        for (what, a, b) in [("probabilities", &p1, &p2), ("gradient", &g1, &g2)] {
+            for (i, (u, v)) in a.iter().zip(b.iter()).enumerate() {
+                assert!((u - v).abs() <= 1e-5 * (1.0 + u.abs()), "{what} {i}: {u} vs {v}");
+            }
+        }
+    }
 
     /// A trained weight's product and both gradients on the tiles equal
     /// candle's f32 ones within bf16 rounding, with a token count that is
