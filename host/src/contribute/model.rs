@@ -377,10 +377,16 @@ impl TrainModel {
         let freqs = pos.matmul(&inv)?;
         let freqs = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         let (cos, sin) = (freqs.cos()?, freqs.sin()?);
-        let causal: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 }))
-            .collect();
-        let causal = Tensor::from_vec(causal, (t, t), &self.device)?;
+        // An additive mask only where candle's softmax needs one: on the
+        // CPU, [`CausalSoftmax`] takes the mask as arithmetic.
+        let causal = if self.device.is_cpu() {
+            None
+        } else {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 }))
+                .collect();
+            Some(Tensor::from_vec(mask, (t, t), &self.device)?)
+        };
         let rep = s.heads / s.kv_heads;
 
         for l in start..s.layers {
@@ -402,14 +408,17 @@ impl TrainModel {
             } else {
                 (k, v)
             };
-            let probs = if self.device.is_cpu() {
+            let probs = match &causal {
                 // Scaled queries, then one softmax over the keys each query
                 // may see: no mask tensor, and one pass back.
-                let q = (q * (1.0 / (hd as f64).sqrt()))?;
-                q.matmul(&k.t()?.contiguous()?)?.apply_op1(CausalSoftmax)?
-            } else {
-                let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(&causal)?;
-                candle_nn::ops::softmax(&scores, D::Minus1)?
+                None => {
+                    let q = (q * (1.0 / (hd as f64).sqrt()))?;
+                    q.matmul(&k.t()?.contiguous()?)?.apply_op1(CausalSoftmax)?
+                }
+                Some(mask) => {
+                    let scores = (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
+                    candle_nn::ops::softmax(&scores, D::Minus1)?
+                }
             };
             let att = probs.matmul(&v)?;
             let att = att.transpose(1, 2)?.contiguous()?.reshape((b * t, s.hidden))?;
@@ -551,21 +560,33 @@ impl FrozenTiles {
     }
 }
 
-/// `x (m x k) -> x P^T` on the tiles of `p`, for a contiguous f32 `x`.
-fn tile_product(p: &tessera_kernels::amx::Bf16Packed, x: &Tensor) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
+/// Rows `values` of shape `dims` (`[.., k]`) times `p`'s transpose on the
+/// tiles: the products and their shape `[.., n]`, or an error naming `op`
+/// if the input is not rows of `p`'s width.
+fn tile_rows(
+    op: &str,
+    p: &tessera_kernels::amx::Bf16Packed,
+    values: &[f32],
+    dims: &[usize],
+) -> candle_core::Result<(Vec<f32>, Vec<usize>)> {
     let Some((&k, lead)) = dims.split_last() else {
-        candle_core::bail!("tile product of a scalar");
+        candle_core::bail!("{op} takes a matrix");
     };
     if k != p.cols() {
-        candle_core::bail!("tile product: input width {k}, the weights take {}", p.cols());
+        candle_core::bail!("{op}: input width {k}, the weight takes {}", p.cols());
     }
     let m: usize = lead.iter().product();
+    let y = tessera_kernels::amx::matmul_bf16(p, values, m);
+    let mut shape = lead.to_vec();
+    shape.push(p.rows());
+    Ok((y, shape))
+}
+
+/// `x (m x k) -> x P^T` on the tiles of `p`, for an f32 tensor `x`.
+fn tile_product(p: &tessera_kernels::amx::Bf16Packed, x: &Tensor) -> candle_core::Result<Tensor> {
     let values = x.flatten_all()?.to_vec1::<f32>()?;
-    let y = tessera_kernels::amx::matmul_bf16(p, &values, m);
-    let mut out = lead.to_vec();
-    out.push(p.rows());
-    Tensor::from_vec(y, out, x.device())
+    let (y, shape) = tile_rows("tile product", p, &values, x.dims())?;
+    Tensor::from_vec(y, shape, x.device())
 }
 
 /// `x W^T` for a weight nothing trains (LoRA's frozen base, the output
@@ -597,17 +618,7 @@ impl candle_core::CustomOp1 for FrozenLinear {
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let values = contiguous_f32(self.name(), storage, layout)?;
         if let Some(t) = &self.tiles {
-            let dims = layout.dims();
-            let Some((&k, lead)) = dims.split_last() else {
-                candle_core::bail!("frozen-linear takes a matrix");
-            };
-            if k != t.forward.cols() {
-                candle_core::bail!("frozen-linear: input width {k}, the weight takes {}", t.forward.cols());
-            }
-            let m: usize = lead.iter().product();
-            let y = tessera_kernels::amx::matmul_bf16(&t.forward, values, m);
-            let mut shape = lead.to_vec();
-            shape.push(t.forward.rows());
+            let (y, shape) = tile_rows(self.name(), &t.forward, values, layout.dims())?;
             return Ok((candle_core::CpuStorage::F32(y), shape.into()));
         }
         let x = Tensor::from_slice(values, layout.shape(), &Device::Cpu)?;
@@ -686,19 +697,10 @@ impl candle_core::CustomOp2 for TrainedLinear {
             contiguous_f32(self.name(), s2, l2)?,
         );
         let (n, k) = l2.shape().dims2()?;
-        let dims = l1.dims();
-        let Some((&kx, lead)) = dims.split_last() else {
-            candle_core::bail!("trained-linear takes a matrix");
-        };
-        if kx != k {
-            candle_core::bail!("trained-linear: input width {kx}, the weight takes {k}");
-        }
-        let m: usize = lead.iter().product();
-        let Some(y) = packed_product(x, m, w, n, k) else {
+        let Some(p) = tessera_kernels::amx::Bf16Packed::from_f32(w, n, k) else {
             candle_core::bail!("trained-linear: a {n} x {k} weight does not fit the tiles");
         };
-        let mut shape = lead.to_vec();
-        shape.push(n);
+        let (y, shape) = tile_rows(self.name(), &p, x, l1.dims())?;
         Ok((candle_core::CpuStorage::F32(y), shape.into()))
     }
 

@@ -326,7 +326,7 @@ impl Seq<'_> {
             .as_ref()
             .ok_or_else(|| InferenceError::Failed("a sequence decoded before its prompt was run".into()))?;
         let row = logits.flatten_all().and_then(|l| l.to_vec1::<f32>()).map_err(failed)?;
-        let next = self.sampler.sample(&row).map_err(InferenceError::Failed)?;
+        let next = self.sampler.sample(row).map_err(InferenceError::Failed)?;
         if model.tok.end_of_turn.contains(&next) {
             self.finish = FinishReason::Eos;
             return Ok(true);

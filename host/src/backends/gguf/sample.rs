@@ -66,8 +66,9 @@ impl Sampler {
     }
 
     /// The next token. Fails only on logits that are empty or not numbers.
-    pub(super) fn sample(&mut self, logits: &[f32]) -> Result<u32, String> {
-        let (best, max) = match tessera_kernels::math::max_index(logits) {
+    /// Takes the row by value: a draw turns it into weights in place.
+    pub(super) fn sample(&mut self, logits: Vec<f32>) -> Result<u32, String> {
+        let (best, max) = match tessera_kernels::math::max_index(&logits) {
             Err(i) => return Err(format!("the model produced a NaN logit (token {i})")),
             Ok(Some((_, max))) if max == f32::NEG_INFINITY => return Err("the model produced no finite logit".into()),
             Ok(None) => return Err("the model produced no logits".into()),
@@ -81,7 +82,7 @@ impl Sampler {
         else {
             return Ok(best as u32);
         };
-        let mut w = logits.to_vec();
+        let mut w = logits;
         let mut blocks = Vec::new();
         let total = tessera_kernels::math::exp_shifted(&mut w, max, 1.0 / temperature, &mut blocks);
         let top_k = top_k.filter(|k| *k < w.len());
@@ -202,10 +203,10 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_largest_and_rejects_nan() {
         let mut s = Sampler::new(0, &GenParams::default());
-        assert_eq!(s.sample(&[0.5, 2.0, 2.0, -1.0]), Ok(1));
-        assert!(s.sample(&[0.5, f32::NAN]).is_err());
-        assert!(s.sample(&[]).is_err());
-        assert!(s.sample(&[f32::NEG_INFINITY; 3]).is_err());
+        assert_eq!(s.sample(vec![0.5, 2.0, 2.0, -1.0]), Ok(1));
+        assert!(s.sample(vec![0.5, f32::NAN]).is_err());
+        assert!(s.sample(Vec::new()).is_err());
+        assert!(s.sample(vec![f32::NEG_INFINITY; 3]).is_err());
     }
 
     /// Draw frequencies follow softmax(logits / t) within sampling error,
@@ -220,7 +221,7 @@ mod tests {
         let mut s = Sampler::new(7, &params(t, None, None));
         let n = 40_000;
         for _ in 0..n {
-            counts[s.sample(&logits).unwrap() as usize] += 1;
+            counts[s.sample(logits.clone()).unwrap() as usize] += 1;
         }
         for (i, c) in counts.iter().enumerate() {
             let p = ((logits[i] / t) as f64).exp() / z;
@@ -230,8 +231,8 @@ mod tests {
         }
         let mut a = Sampler::new(3, &params(t, None, None));
         let mut b = Sampler::new(3, &params(t, None, None));
-        let xs: Vec<u32> = (0..100).map(|_| a.sample(&logits).unwrap()).collect();
-        let ys: Vec<u32> = (0..100).map(|_| b.sample(&logits).unwrap()).collect();
+        let xs: Vec<u32> = (0..100).map(|_| a.sample(logits.clone()).unwrap()).collect();
+        let ys: Vec<u32> = (0..100).map(|_| b.sample(logits.clone()).unwrap()).collect();
         assert_eq!(xs, ys);
     }
 
@@ -274,7 +275,7 @@ mod tests {
         // Draws never leave the candidates.
         let mut s = Sampler::new(1, &params(1.0, Some(3), None));
         for _ in 0..200 {
-            let t = s.sample(&logits).unwrap() as usize;
+            let t = s.sample(logits.clone()).unwrap() as usize;
             assert!(order[..3].contains(&t), "drew {t}");
         }
     }
