@@ -22,6 +22,13 @@
 //!    provenance flood, 50 MB bodies without a key, oversized member chats,
 //!    a chat of 100,000 empty turns, 50 MB stop strings and clients that
 //!    disconnect from long generations.
+//! 4. **Composed** (`-- composed`, issue 19): a majority vote over the three
+//!    generative members (the `majority-vote` system, k = 3, 16 greedy
+//!    tokens) on `COMPOSED` ARC-Easy test prompts from `COMPOSED_CLIENTS`
+//!    concurrent clients over HTTP, then one client alone, against the same
+//!    vote as a sequential Python pipeline on llama-cpp-python
+//!    (`benches/pipeline_peer.py`, run when LLAMA_CPP_PYTHON names its
+//!    interpreter) over the same files and prompts.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -40,6 +47,8 @@ const INFLIGHT: usize = 8;
 const PER_CLIENT: usize = 6;
 const BENIGN: usize = 40;
 const HAMMERS: usize = 4;
+const COMPOSED: usize = 20;
+const COMPOSED_CLIENTS: usize = 4;
 const MEMBERS: [&str; 3] = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"];
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -418,6 +427,140 @@ async fn attacks(rt: Arc<Runtime>) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One composed request: `majority-vote` with one greedy 16-token answer
+/// per generative member.
+async fn vote(client: &reqwest::Client, base: &str, prompt: &str) -> (u16, f64) {
+    let started = Instant::now();
+    let body = json!({ "model": "majority-vote", "messages": [{ "role": "user", "content": prompt }],
+                       "max_tokens": 16, "temperature": 0, "tessera": { "k": 3 } });
+    let status = match client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            let _ = r.bytes().await;
+            s
+        }
+        Err(_) => 0,
+    };
+    (status, started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// `prompts` sent as composed requests by `clients` concurrent clients
+/// taking the next prompt from a shared queue: (ok latencies, errors, wall s).
+async fn composed_run(
+    client: &reqwest::Client,
+    base: &str,
+    prompts: &[String],
+    clients: usize,
+) -> (Vec<f64>, usize, f64) {
+    let next = Arc::new(AtomicU64::new(0));
+    let prompts = Arc::new(prompts.to_vec());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, base, next, prompts) = (client.clone(), base.to_string(), next.clone(), prompts.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(prompt) = prompts.get(i) else { break };
+                out.push(vote(&client, &base, prompt).await);
+            }
+            out
+        }));
+    }
+    let (mut ms, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        for (status, t) in t.await.unwrap_or_default() {
+            if status == 200 {
+                ms.push(t);
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    (ms, errors, started.elapsed().as_secs_f64())
+}
+
+/// The peer: the same vote as a sequential llama-cpp-python pipeline
+/// (`benches/pipeline_peer.py`); its JSON report, or `None` (and why on
+/// stderr) where the interpreter or the package is missing.
+fn pipeline_peer(paths: &Paths, prompts: &[String]) -> Option<serde_json::Value> {
+    let python = std::env::var("LLAMA_CPP_PYTHON").ok()?;
+    let models: Vec<_> = PoolConfig::default_pool()
+        .members
+        .into_iter()
+        .filter(|m| m.backend == tessera::pool::BackendKind::Gguf)
+        .map(|m| paths.models.join(&m.path))
+        .collect();
+    let job = std::env::temp_dir().join(format!("tessera-pipeline-peer-{}.json", std::process::id()));
+    let spec = json!({ "models": models, "prompts": prompts, "max_tokens": 16, "threads": 2 });
+    std::fs::write(&job, serde_json::to_vec(&spec).ok()?).ok()?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/pipeline_peer.py");
+    let out = std::process::Command::new(python).arg(script).arg(&job).output();
+    let _ = std::fs::remove_file(&job);
+    let out = out.ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "pipeline peer skipped: {}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        );
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+async fn composed(rt: Arc<Runtime>, paths: &Paths) {
+    let task = tessera::tasks::Task::load(paths, "arc-easy").expect("ARC-Easy (make setup fetches the tasks)");
+    let prompts: Vec<String> = task.test().iter().take(COMPOSED).map(|i| i.prompt()).collect();
+    let dir = std::env::temp_dir().join(format!("tessera-bench-composed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let registry = Arc::new(Registry::open(&dir).expect("registry"));
+    let served = start(rt, registry, ServeConfig::default()).await;
+    let client = reqwest::Client::new();
+    let (status, _) = vote(&client, &served.base, "Say hello.").await;
+    assert_eq!(status, 200, "the majority-vote system answers (make setup installs it)");
+    let before = tessera::backends::gguf::decode::batched_steps();
+    let prefills_before = tessera::backends::gguf::decode::batched_prefills();
+    let (ms, errors, wall) = composed_run(&client, &served.base, &prompts, COMPOSED_CLIENTS).await;
+    let rate = ms.len() as f64 / wall;
+    let (p50, p99) = stats(ms);
+    println!(
+        "composed [{COMPOSED_CLIENTS} clients]: majority-vote over 3 members (k 3, 16 greedy tokens), \
+         {COMPOSED} ARC-Easy prompts: {errors} errors in {wall:.1} s = {rate:.2} req/s, p50 {p50:.0} ms, p99 {p99:.0} ms; \
+         {} batched decode steps, {} batched prefill steps",
+        tessera::backends::gguf::decode::batched_steps() - before,
+        tessera::backends::gguf::decode::batched_prefills() - prefills_before,
+    );
+    let (ms1, errors1, wall1) = composed_run(&client, &served.base, &prompts, 1).await;
+    let rate1 = ms1.len() as f64 / wall1;
+    let (p50_1, p99_1) = stats(ms1);
+    println!(
+        "composed [1 client]: {errors1} errors in {wall1:.1} s = {rate1:.2} req/s, p50 {p50_1:.0} ms, p99 {p99_1:.0} ms"
+    );
+    let _ = served.stop.send(());
+    let _ = std::fs::remove_dir_all(&dir);
+    match pipeline_peer(paths, &prompts) {
+        Some(peer) => {
+            let peer_rate = peer["req_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "composed peer (sequential llama-cpp-python pipeline, same files and prompts): \
+                 {peer_rate:.2} req/s, p50 {:.0} ms, p99 {:.0} ms; Tessera {COMPOSED_CLIENTS} clients / peer = {:.2}x, \
+                 1 client / peer = {:.2}x",
+                peer["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                peer["p99_ms"].as_f64().unwrap_or(f64::NAN),
+                rate / peer_rate,
+                rate1 / peer_rate,
+            );
+        }
+        None => println!("composed peer: not run (set LLAMA_CPP_PYTHON to a venv with llama-cpp-python)"),
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument is accepted and ignored.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -430,7 +573,12 @@ fn main() {
         assert!(loaded.failures.is_empty(), "run `make setup` first");
         let pool = loaded.pool.clone();
         let runtime =
-            Arc::new(Runtime::with_models(paths, loaded.pool, Policy::default(), Vec::new()).expect("runtime"));
+            Arc::new(Runtime::with_models(paths.clone(), loaded.pool, Policy::default(), Vec::new()).expect("runtime"));
+        if std::env::args().any(|a| a == "composed") {
+            // `cargo bench ... --bench serve_load -- composed`: only this part.
+            composed(runtime, &paths).await;
+            return;
+        }
         if std::env::args().any(|a| a == "attacks") {
             // `cargo bench ... --bench serve_load -- attacks`: only this part.
             attacks(runtime).await;
@@ -451,6 +599,7 @@ fn main() {
         }
         isolation(runtime.clone(), 3, "quarantine after 3 faults (as shipped)").await;
         isolation(runtime.clone(), u32::MAX, "quarantine off").await;
-        attacks(runtime).await;
+        attacks(runtime.clone()).await;
+        composed(runtime, &paths).await;
     });
 }
