@@ -58,13 +58,25 @@ use crate::inference::{
 
 static BATCHED_STEPS: AtomicU64 = AtomicU64::new(0);
 static JOINED_RUNNING: AtomicU64 = AtomicU64::new(0);
+static BATCHED_PREFILLS: AtomicU64 = AtomicU64::new(0);
 static WAITED_FOR_KV: AtomicU64 = AtomicU64::new(0);
 static SHARED_PROMPTS: AtomicU64 = AtomicU64::new(0);
+
+/// How many tokens `a` and `b` begin with alike.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
 
 /// Decode steps so far, in this process, that ran more than one sequence in
 /// one forward pass (for tests and benches to see batching happen).
 pub fn batched_steps() -> u64 {
     BATCHED_STEPS.load(Ordering::Relaxed)
+}
+
+/// Prefill steps so far, in this process, that ran chunks of more than one
+/// prompt in one forward pass.
+pub fn batched_prefills() -> u64 {
+    BATCHED_PREFILLS.load(Ordering::Relaxed)
 }
 
 /// Sequences so far, in this process, that were admitted into an engine
@@ -127,6 +139,9 @@ struct Seq<'s> {
     prompt: Vec<u32>,
     prefilled: usize,
     cached: usize,
+    /// Whether the prefix cache was asked for the prompt's beginning (once,
+    /// before its first chunk).
+    looked_up: bool,
     max_new: usize,
     sampler: Sampler,
     /// The logits of the last position run (set once prefill is done).
@@ -456,6 +471,7 @@ impl GgufModel {
             prompt,
             prefilled: 0,
             cached: 0,
+            looked_up: false,
             max_new,
             sampler,
             logits: None,
@@ -514,8 +530,12 @@ impl GgufModel {
         match shortest.filter(|_| prefill_now) {
             Some(i) => {
                 engine.since_prefill = 0;
-                if let Some((tag, mut seq)) = engine.prefilling.remove(i) {
-                    match self.prefill_chunk(&mut seq) {
+                let mut group = self.prefill_group(engine, i, &mut done);
+                let ends: Vec<(usize, usize)> = group.iter().map(|(_, _, at)| *at).collect();
+                let mut seqs: Vec<&mut Seq<'_>> = group.iter_mut().map(|(_, seq, _)| seq).collect();
+                let results = self.prefill_chunks(&mut seqs, &ends);
+                for ((tag, seq, _), r) in group.into_iter().zip(results) {
+                    match r {
                         Err(e) => done.push((tag, Err(e))),
                         Ok(true) => engine.decoding.push((tag, seq)),
                         Ok(false) => engine.prefilling.push_back((tag, seq)),
@@ -545,37 +565,171 @@ impl GgufModel {
         done
     }
 
-    /// Runs the next chunk of `seq`'s prompt over its cache; `Ok(true)` once
-    /// the whole prompt is in (its logits are then set, and its blocks filed
-    /// in the prefix cache). Before the first chunk, the prompt's longest
-    /// cached beginning is taken from the member's prefix cache; it is
-    /// looked up then rather than at admission, so a prompt admitted beside
-    /// another with the same beginning finds it once that one is in. The
-    /// chunks fall where [`GgufModel::prefill`]'s do, and rows take the
-    /// kernel of their whole chunk, so a prompt computes the same whether it
-    /// is prefilled alone, between other work, or after a cache hit.
-    fn prefill_chunk(&mut self, seq: &mut Seq<'_>) -> Result<bool, InferenceError> {
-        if Instant::now() >= seq.ctx.deadline {
-            return Err(InferenceError::Deadline);
-        }
-        if seq.prefilled == 0 {
-            if let Some(found) = self.prefix.lookup(&seq.prompt).map_err(failed)? {
-                seq.state = found.state;
-                seq.prefilled = found.tokens;
-                seq.cached = found.tokens;
+    /// Takes the prompts whose next chunks run in this step out of
+    /// `engine.prefilling`: the one at `first` (the least left), then the
+    /// others from the least left, while their chunks take the same kernel
+    /// (the tiles from [`tessera_kernels::amx::MIN_ROWS`] rows) and all of
+    /// them together stay within one chunk's [`super::PREFILL_CHUNK`] rows,
+    /// so a step costs about what one chunk did. Each comes with the end of
+    /// its chunk and the chunk's row count; one past its deadline ends in
+    /// `done` instead.
+    ///
+    /// Before its first chunk a prompt takes its longest cached beginning
+    /// from the member's prefix cache. That is looked up when the prompt is
+    /// taken, not at admission, so a prompt that begins like one running
+    /// (the same system prompt, few-shot block or question, for at least a
+    /// block of [`super::prefix::BLOCK`] tokens past what that one found
+    /// cached, or the whole prompt) is left for a later step, when it finds
+    /// those blocks in the cache, rather than computing them again beside it.
+    #[allow(clippy::type_complexity)]
+    fn prefill_group<'s, T>(
+        &mut self,
+        engine: &mut Engine<'s, T>,
+        first: usize,
+        done: &mut Vec<Done<T>>,
+    ) -> Vec<(T, Seq<'s>, (usize, usize))> {
+        let mut order: Vec<usize> = (0..engine.prefilling.len()).collect();
+        order.sort_by_key(|&i| {
+            let s = &engine.prefilling[i].1;
+            (i != first, s.prompt.len() - s.prefilled)
+        });
+        let now = Instant::now();
+        let (mut chosen, mut rows_in, mut tiles) = (Vec::new(), 0, None);
+        let mut starting: Vec<usize> = Vec::new();
+        for i in order {
+            if rows_in >= super::PREFILL_CHUNK {
+                break;
+            }
+            if now >= engine.prefilling[i].1.ctx.deadline {
+                chosen.push((i, None));
+                continue;
+            }
+            if !engine.prefilling[i].1.looked_up {
+                let prompt = &engine.prefilling[i].1.prompt;
+                // What the one running now will file beyond the blocks it
+                // found cached.
+                let overlaps = starting.iter().any(|&j| {
+                    let other = &engine.prefilling[j].1;
+                    other.prompt == *prompt
+                        || common_prefix(&other.prompt, prompt) >= other.cached + super::prefix::BLOCK
+                });
+                if overlaps && tiles.is_some() {
+                    continue;
+                }
+                let seq = &mut engine.prefilling[i].1;
+                seq.looked_up = true;
+                match self.prefix.lookup(&seq.prompt) {
+                    Ok(Some(found)) => {
+                        seq.state = found.state;
+                        seq.prefilled = found.tokens;
+                        seq.cached = found.tokens;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        chosen.push((i, Some(Err(failed(e)))));
+                        continue;
+                    }
+                }
+            }
+            let seq = &engine.prefilling[i].1;
+            let (end, rows) = chunk_at(seq.prefilled, seq.prompt.len());
+            let kernel = rows >= tessera_kernels::amx::MIN_ROWS;
+            let run = end - seq.prefilled;
+            let fits = match tiles {
+                None => true,
+                Some(k) => k == kernel && rows_in + run <= super::PREFILL_CHUNK,
+            };
+            if fits {
+                tiles = Some(kernel);
+                rows_in += run;
+                if seq.cached == seq.prefilled {
+                    starting.push(i);
+                }
+                chosen.push((i, Some(Ok((end, rows)))));
             }
         }
-        let (end, rows) = chunk_at(seq.prefilled, seq.prompt.len());
-        self.weights.put_state(std::mem::take(&mut seq.state));
-        let logits = Self::step_chunk(
-            &mut self.weights,
-            &self.device,
-            &seq.prompt[seq.prefilled..end],
-            seq.prefilled,
-            rows,
-        );
-        seq.state = self.weights.take_state();
-        seq.logits = Some(logits?);
+        // Removed from the back so the indices stay valid.
+        chosen.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        let mut group = Vec::with_capacity(chosen.len());
+        for (i, at) in chosen {
+            let Some((tag, seq)) = engine.prefilling.remove(i) else {
+                continue;
+            };
+            match at {
+                None => done.push((tag, Err(InferenceError::Deadline))),
+                Some(Err(e)) => done.push((tag, Err(e))),
+                Some(Ok(at)) => group.push((tag, seq, at)),
+            }
+        }
+        // The least left first again, so a lone prompt runs as before.
+        group.sort_by_key(|(_, s, _)| s.prompt.len() - s.prefilled);
+        group
+    }
+
+    /// Runs the next chunk of every prompt in `seqs` (chunk `i` ends at
+    /// `at[i].0` and has `at[i].1` rows, from [`Self::prefill_group`]):
+    /// one after another's forward pass for one prompt or a backend that
+    /// does not batch, else one pass for all ([`super::llama::Llama::forward_chunks`]),
+    /// which gives each prompt the logits of its chunk run alone. Returns,
+    /// per prompt, whether it is now wholly in the cache.
+    fn prefill_chunks(
+        &mut self,
+        seqs: &mut [&mut Seq<'_>],
+        at: &[(usize, usize)],
+    ) -> Vec<Result<bool, InferenceError>> {
+        if seqs.len() > 1 && self.weights.batches() {
+            let chunk_rows = at.iter().map(|a| a.1).min().unwrap_or(0);
+            let mut states: Vec<KvState> = seqs.iter_mut().map(|s| std::mem::take(&mut s.state)).collect();
+            let chunks: Vec<(&[u32], usize)> = seqs
+                .iter()
+                .zip(at)
+                .map(|(s, (end, _))| (&s.prompt[s.prefilled..*end], s.prefilled))
+                .collect();
+            let logits = self
+                .weights
+                .forward_chunks(&chunks, chunk_rows, &mut states, &self.device);
+            for (s, st) in seqs.iter_mut().zip(states) {
+                s.state = st;
+            }
+            BATCHED_PREFILLS.fetch_add(1, Ordering::Relaxed);
+            return match logits {
+                Err(e) => {
+                    let e = failed(e);
+                    seqs.iter().map(|_| Err(e.clone())).collect()
+                }
+                Ok(logits) => seqs
+                    .iter_mut()
+                    .zip(at)
+                    .enumerate()
+                    .map(|(row, (s, (end, _)))| {
+                        s.logits = Some(logits.get(row).map_err(failed)?);
+                        self.chunk_done(s, *end)
+                    })
+                    .collect(),
+            };
+        }
+        seqs.iter_mut()
+            .zip(at)
+            .map(|(seq, (end, rows))| {
+                self.weights.put_state(std::mem::take(&mut seq.state));
+                let logits = Self::step_chunk(
+                    &mut self.weights,
+                    &self.device,
+                    &seq.prompt[seq.prefilled..*end],
+                    seq.prefilled,
+                    *rows,
+                );
+                seq.state = self.weights.take_state();
+                seq.logits = Some(logits?);
+                self.chunk_done(seq, *end)
+            })
+            .collect()
+    }
+
+    /// Records that `seq`'s prompt is in the cache up to `end`; a whole
+    /// prompt keeps its logits for sequences that share it and is filed in
+    /// the prefix cache. Returns whether the prompt is whole.
+    fn chunk_done(&mut self, seq: &mut Seq<'_>, end: usize) -> Result<bool, InferenceError> {
         seq.prefilled = end;
         let done = end == seq.prompt.len();
         if done {

@@ -219,6 +219,72 @@ impl Gemma3 {
         self.output.forward_decode(&last)?.to_dtype(DType::F32)
     }
 
+    /// Prompt chunks of several sequences in one pass, as
+    /// [`super::llama::Llama::forward_chunks`] does: chunk `i` continues
+    /// `states[i]` from position `chunks[i].1`; projections, norms and
+    /// MLPs run once over all rows on the kernel of a `chunk_rows`-row
+    /// chunk, attention (each layer within its window) per sequence. Each
+    /// sequence's logits are those of its chunk run alone. Returns the
+    /// logits of each chunk's last row, `[n, vocab]`.
+    pub fn forward_chunks(
+        &mut self,
+        chunks: &[(&[u32], usize)],
+        chunk_rows: usize,
+        states: &mut [super::llama::KvState],
+        device: &Device,
+    ) -> Result<Tensor> {
+        // A prompt starting now holds no caches yet.
+        for state in states.iter_mut() {
+            state.resize_with(self.layers.len(), || None);
+        }
+        let ids: Vec<u32> = chunks.iter().flat_map(|(c, _)| c.iter().copied()).collect();
+        let t = ids.len();
+        let flat = Tensor::new(ids.as_slice(), device)?;
+        let mut x =
+            (self.embed.index_select(&flat, 0)?.to_dtype(DType::F32)? * self.embed_scale)?.reshape((1, t, ()))?;
+        let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            let rope = if layer.window.is_some() {
+                &self.local_rope
+            } else {
+                &self.global_rope
+            };
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let (q, k, v) = (
+                layer.q.forward_chunk(&h, chunk_rows)?,
+                layer.k.forward_chunk(&h, chunk_rows)?,
+                layer.v.forward_chunk(&h, chunk_rows)?,
+            );
+            let mut caches = super::llama::layer_caches(states, li)?;
+            let mut rows = Vec::with_capacity(chunks.len());
+            let mut start = 0;
+            for ((chunk, pos), cache) in chunks.iter().zip(caches.iter_mut()) {
+                let len = chunk.len();
+                let part = |m: &Tensor, h: usize| m.narrow(1, start, len)?.reshape((1, len, h, hd))?.transpose(1, 2);
+                let qi = candle_nn::ops::rms_norm(&part(&q, heads)?.contiguous()?, &layer.q_norm, eps)?;
+                let ki = candle_nn::ops::rms_norm(&part(&k, kv_heads)?.contiguous()?, &layer.k_norm, eps)?;
+                let qi = (rope.apply(&qi, *pos)? * scale)?;
+                let ki = rope.apply(&ki, *pos)?;
+                let vi = part(&v, kv_heads)?;
+                rows.push(attend(&qi, ki, vi, cache, *pos, layer.window)?);
+                start += len;
+            }
+            let attn = layer.o.forward_chunk(&Tensor::cat(&rows, 1)?, chunk_rows)?;
+            let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
+            let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
+            let ff = gated(
+                &layer.gate.forward_chunk(&h, chunk_rows)?,
+                &layer.up.forward_chunk(&h, chunk_rows)?,
+                Gate::GeluTanh,
+            )?;
+            let ff = layer.down.forward_chunk(&ff, chunk_rows)?;
+            x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
+        }
+        let last = candle_nn::ops::rms_norm(&super::llama::last_rows(&x, chunks)?, &self.norm, eps)?;
+        self.output.forward_decode(&last)?.to_dtype(DType::F32)
+    }
+
     /// Runs tokens `ids` (shape `[1, t]`) placed at positions `pos..pos+t`
     /// and returns the logits of the last one (`[1, vocab]`). `pos == 0`
     /// starts a new sequence.

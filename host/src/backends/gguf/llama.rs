@@ -42,7 +42,19 @@ struct Layer {
 /// other sequences of a batch run ([`super::decode`]).
 pub type KvState = Vec<Option<LayerKv>>;
 
-/// Layer `li`'s cache of every sequence of a decode batch.
+/// The last row of each chunk of `x` (`[1, t, hidden]`, the chunks'
+/// rows one after another), as `[chunks, hidden]`.
+pub(super) fn last_rows(x: &Tensor, chunks: &[(&[u32], usize)]) -> Result<Tensor> {
+    let mut end = 0;
+    let mut rows = Vec::with_capacity(chunks.len());
+    for (chunk, _) in chunks {
+        end += chunk.len();
+        rows.push(x.narrow(1, end - 1, 1)?);
+    }
+    Tensor::cat(&rows, 1)?.squeeze(0)
+}
+
+/// Layer `li`'s cache of every sequence of a batch.
 pub(super) fn layer_caches(states: &mut [KvState], li: usize) -> Result<Vec<&mut Option<LayerKv>>> {
     states
         .iter_mut()
@@ -205,6 +217,73 @@ impl Llama {
             x = (layer.down.forward_decode(&ff)? + h)?;
         }
         let last = candle_nn::ops::rms_norm(&x.squeeze(1)?, &self.norm, eps)?;
+        self.output.forward_decode(&last)?.to_dtype(DType::F32)
+    }
+
+    /// Prompt chunks of several sequences in one pass: chunk `i` is
+    /// `chunks[i].0` at positions from `chunks[i].1`, continuing the caches
+    /// in `states[i]` (updated in place). Projections, norms and MLPs run
+    /// once over all rows, on the kernel a chunk of `chunk_rows` rows takes
+    /// ([`super::quant::Linear::forward_chunk`]: every chunk of the pass
+    /// must take that same kernel, which the caller ensures), and
+    /// attention per sequence; rows do not depend on each other on either
+    /// kernel, so each sequence's logits are those of its chunk run alone.
+    /// Returns the logits of each chunk's last row, `[n, vocab]`.
+    pub fn forward_chunks(
+        &mut self,
+        chunks: &[(&[u32], usize)],
+        chunk_rows: usize,
+        states: &mut [KvState],
+        device: &Device,
+    ) -> Result<Tensor> {
+        // A prompt starting now holds no caches yet.
+        for state in states.iter_mut() {
+            state.resize_with(self.layers.len(), || None);
+        }
+        let ids: Vec<u32> = chunks.iter().flat_map(|(c, _)| c.iter().copied()).collect();
+        let t = ids.len();
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(ids.as_slice(), device)?, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((1, t, ()))?;
+        let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let (mut q, mut k, mut v) = (
+                layer.q.forward_chunk(&n, chunk_rows)?,
+                layer.k.forward_chunk(&n, chunk_rows)?,
+                layer.v.forward_chunk(&n, chunk_rows)?,
+            );
+            if let Some((bq, bk, bv)) = &layer.bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let mut caches = layer_caches(states, li)?;
+            let mut rows = Vec::with_capacity(chunks.len());
+            let mut start = 0;
+            for ((chunk, pos), cache) in chunks.iter().zip(caches.iter_mut()) {
+                let len = chunk.len();
+                let part = |m: &Tensor, h: usize| m.narrow(1, start, len)?.reshape((1, len, h, hd))?.transpose(1, 2);
+                let qi = (self.rope.apply(&part(&q, heads)?, *pos)? * scale)?;
+                let ki = self.rope.apply(&part(&k, kv_heads)?, *pos)?;
+                let vi = part(&v, kv_heads)?.contiguous()?;
+                rows.push(attend(&qi, ki, vi, cache, *pos, None)?);
+                start += len;
+            }
+            let attn = Tensor::cat(&rows, 1)?;
+            let h = (layer.o.forward_chunk(&attn, chunk_rows)? + &x)?;
+            let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
+            let ff = gated(
+                &layer.gate.forward_chunk(&m, chunk_rows)?,
+                &layer.up.forward_chunk(&m, chunk_rows)?,
+                Gate::Silu,
+            )?;
+            x = (layer.down.forward_chunk(&ff, chunk_rows)? + h)?;
+        }
+        let last = candle_nn::ops::rms_norm(&last_rows(&x, chunks)?, &self.norm, eps)?;
         self.output.forward_decode(&last)?.to_dtype(DType::F32)
     }
 

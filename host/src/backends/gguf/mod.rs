@@ -168,6 +168,22 @@ impl Weights {
         }
     }
 
+    /// Prompt chunks of several sequences in one forward pass (see
+    /// [`llama::Llama::forward_chunks`]), where [`Self::batches`].
+    fn forward_chunks(
+        &mut self,
+        chunks: &[(&[u32], usize)],
+        chunk_rows: usize,
+        states: &mut [llama::KvState],
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Llama(m) => m.forward_chunks(chunks, chunk_rows, states, device),
+            Weights::Gemma3(m) => m.forward_chunks(chunks, chunk_rows, states, device),
+            Weights::Wgpu(_) => candle_core::bail!("the wgpu backend does not batch prompt chunks"),
+        }
+    }
+
     /// Bytes one token takes in a sequence's KV cache.
     fn kv_bytes_per_token(&self) -> usize {
         match self {
