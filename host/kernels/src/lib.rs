@@ -9,10 +9,13 @@
 //!
 //! * [`vnni`]: Q8_0 products with AVX-512 VNNI for any row count (decode),
 //!   and the weight packing both kernels share.
+//! * [`lowbit`]: Q4_1/Q5_0/Q5_1 products at their stored width (decode
+//!   reads 5-6 bits per weight instead of a Q8_0 copy's 8.5).
 //! * [`amx`]: AMX tiles: int8 products bit-identical to [`vnni`] (measured
 //!   no faster), and the bf16 products prompt passes use.
 //! * [`math`]: a causal softmax and SiLU on a vector `exp`.
 
 pub mod amx;
+pub mod lowbit;
 pub mod math;
 pub mod vnni;

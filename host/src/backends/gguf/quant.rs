@@ -3,11 +3,13 @@
 //! * **Format.** candle has SIMD dot products for Q4_0, Q8_0 and the
 //!   K-quants, but only scalar code for Q4_1, Q5_0 and Q5_1, which the default
 //!   pool's files use (SmolLM2 is Q4_1 throughout; Qwen and Gemma use Q5_0 for
-//!   many matrices). Profiling showed those scalar loops taking over half of
-//!   all decode time. Such tensors are re-encoded once at load as Q8_0: every
-//!   Q4_1/Q5_x value sits within 1/254 of its block's range of a Q8_0 level,
-//!   far below the models' own quantization error. The price is memory: those
-//!   tensors grow from 5-6 to 8.5 bits per weight.
+//!   many matrices). Where the CPU has AVX-512 VNNI those are multiplied as
+//!   stored by our own kernel ([`tessera_kernels::lowbit`]): a decode step
+//!   reads every weight once, so 5-6 bits per weight instead of a Q8_0
+//!   copy's 8.5 is that much less memory traffic. Elsewhere they are
+//!   re-encoded once at load as Q8_0 for candle's SIMD path: every
+//!   Q4_1/Q5_x value sits within 1/254 of its block's range of a Q8_0
+//!   level, far below the models' own quantization error.
 //! * **Batch independence.** Batched decoding promises each sequence the
 //!   logits it would get alone, so a row's product must not depend on the
 //!   other rows of the call. candle multiplies a single row of Q6_K by a
@@ -24,22 +26,23 @@
 //!   and OS allow it, on a bf16 copy of the weights made at load (2 bytes
 //!   per weight more; dequantizing on every pass cost as much as the
 //!   products for 100-token prompts): Q8_0 matrices from their packing,
-//!   K-quant matrices from their exact values (decode keeps reading the
-//!   K-quant, which is fewer bytes). The output projection, which prompts
-//!   multiply by their last row only, gets no copy. Decode steps always
-//!   take the decode kernel ([`Linear::forward_decode`]), so a sequence's
-//!   logits do not depend on its batch; a prompt's rows do not depend on
-//!   each other on either kernel. The tile kernel rounds activations to
-//!   bf16 where the decode kernel quantizes them per 32 as Q8_0, so a
-//!   prompt shorter than 16 tokens and a longer one run on different
-//!   numerics (both within the llama.cpp parity fixtures' tolerance).
+//!   the other formats from their exact values (decode keeps reading the
+//!   stored format, which is fewer bytes). The output projection, which
+//!   prompts multiply by their last row only, gets no copy. Decode steps
+//!   always take the decode kernel ([`Linear::forward_decode`]), so a
+//!   sequence's logits do not depend on its batch; a prompt's rows do not
+//!   depend on each other on either kernel. The tile kernel rounds
+//!   activations to bf16 where the decode kernels quantize them per 32 as
+//!   Q8_0, so a prompt shorter than 16 tokens and a longer one run on
+//!   different numerics (both within the llama.cpp parity fixtures'
+//!   tolerance).
 
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
-use tessera_kernels::{amx, vnni};
+use tessera_kernels::{amx, lowbit, vnni};
 
 /// Whether candle's CPU kernels for `dtype` are scalar-only.
 fn is_slow(dtype: GgmlDType) -> bool {
@@ -67,6 +70,24 @@ pub enum Linear {
     },
     /// Q8_0 weights repacked for the VNNI kernel.
     Vnni { w: Arc<vnni::Packed>, prompt: Prompt },
+    /// Q4_1/Q5_0/Q5_1 weights repacked at their own width.
+    LowBit { w: Arc<lowbit::Packed>, prompt: Prompt },
+}
+
+/// The [`lowbit`] kernel's name for a stored format it reads.
+fn low_bit(dtype: GgmlDType) -> Option<lowbit::Format> {
+    match dtype {
+        GgmlDType::Q4_1 => Some(lowbit::Format::Q4_1),
+        GgmlDType::Q5_0 => Some(lowbit::Format::Q5_0),
+        GgmlDType::Q5_1 => Some(lowbit::Format::Q5_1),
+        _ => None,
+    }
+}
+
+/// A bf16 tile copy of `qt`'s exact values for prompt passes.
+fn exact_tiles(qt: &QTensor, device: &Device, n: usize, k: usize) -> Result<Prompt> {
+    let dense: Vec<f32> = qt.dequantize(device)?.flatten_all()?.to_vec1()?;
+    Ok(amx::Bf16Packed::from_f32(&dense, n, k).map(Arc::new))
 }
 
 /// The same weights as bf16 tiles for prompt passes, where the CPU has
@@ -91,9 +112,18 @@ impl Linear {
     /// them): `vnni` for the decode kernel, `prompts` for a bf16 copy that
     /// prompt passes use where the CPU has AMX.
     pub fn choose(qt: QTensor, device: &Device, vnni: bool, prompts: bool) -> Result<Self> {
-        let qt = fast(qt, device)?;
         let (n, k) = qt.shape().dims2()?;
         let tiles = prompts && device.is_cpu() && amx::bf16_available() && vnni::fits(n, k);
+        if let Some(format) = low_bit(qt.dtype()).filter(|_| vnni && device.is_cpu()) {
+            if let Some(packed) = lowbit::Packed::new(format, &qt.data()?, n, k) {
+                let prompt = if tiles { exact_tiles(&qt, device, n, k)? } else { None };
+                return Ok(Linear::LowBit {
+                    w: Arc::new(packed),
+                    prompt,
+                });
+            }
+        }
+        let qt = fast(qt, device)?;
         if vnni && device.is_cpu() && qt.dtype() == GgmlDType::Q8_0 && vnni::fits(n, k) {
             if let Some(packed) = vnni::Packed::from_q8_0(&qt.data()?, n, k) {
                 let prompt = match tiles {
@@ -111,13 +141,7 @@ impl Linear {
         } else {
             1
         };
-        let prompt = match tiles {
-            true => {
-                let dense: Vec<f32> = qt.dequantize(device)?.flatten_all()?.to_vec1()?;
-                amx::Bf16Packed::from_f32(&dense, n, k).map(Arc::new)
-            }
-            false => None,
-        };
+        let prompt = if tiles { exact_tiles(&qt, device, n, k)? } else { None };
         Ok(Linear::Candle {
             mm: QMatMul::from_qtensor(qt)?,
             min_rows,
@@ -132,6 +156,7 @@ impl Linear {
         match self {
             Linear::Candle { mm, min_rows, .. } => candle_rows(mm, *min_rows, x),
             Linear::Vnni { w, .. } => packed(w.cols(), w.rows(), x, |xs, m| vnni::matmul(w, xs, m)),
+            Linear::LowBit { w, .. } => packed(w.cols(), w.rows(), x, |xs, m| lowbit::matmul(w, xs, m)),
         }
     }
 }
@@ -202,7 +227,9 @@ impl Linear {
     /// each other on either kernel).
     pub fn forward_chunk(&self, x: &Tensor, chunk_rows: usize) -> Result<Tensor> {
         match self {
-            Linear::Candle { prompt: Some(w), .. } | Linear::Vnni { prompt: Some(w), .. }
+            Linear::Candle { prompt: Some(w), .. }
+            | Linear::Vnni { prompt: Some(w), .. }
+            | Linear::LowBit { prompt: Some(w), .. }
                 if chunk_rows >= amx::MIN_ROWS =>
             {
                 packed(w.cols(), w.rows(), x, |xs, m| amx::matmul_bf16(w, xs, m))
@@ -238,25 +265,42 @@ mod tests {
             let fast = Linear::new(q(), &dev).expect("fast");
             assert!(matches!(plain, Linear::Candle { .. }));
             if vnni::available() {
+                let own_width = dtype != GgmlDType::Q8_0;
                 assert!(
-                    matches!(fast, Linear::Vnni { .. }),
-                    "{rows}x{cols} {dtype:?} not on the VNNI kernel"
+                    matches!(fast, Linear::Vnni { .. }) && !own_width
+                        || matches!(fast, Linear::LowBit { .. }) && own_width,
+                    "{rows}x{cols} {dtype:?} not on its VNNI kernel"
                 );
             }
+            // Against the exact product of the stored values in f32: both
+            // kernels quantize activations per 32 as Q8_0 (about 0.5% of the
+            // largest output here), and the plain path re-encodes slow
+            // formats as Q8_0, which adds as much error again.
+            let exact = q().dequantize(&dev).expect("dequantizes");
             for shape in [vec![1, cols], vec![2, 3, cols]] {
                 let x = Tensor::randn(0f32, 1.0, shape.clone(), &dev).expect("randn");
-                let y0 = plain.forward(&x).expect("plain forward");
-                let y1 = fast.forward(&x).expect("fast forward");
-                assert_eq!(y0.dims(), y1.dims());
-                let scale = y0
+                let want = x.broadcast_matmul(&exact.t().expect("t")).expect("matmul");
+                let scale = want
                     .abs()
                     .expect("abs")
                     .max_all()
                     .expect("max")
                     .to_scalar::<f32>()
-                    .expect("scalar");
-                let err = (y0 - y1).expect("sub").abs().expect("abs").max_all().expect("max");
-                assert!(err.to_scalar::<f32>().expect("scalar") <= 2e-3 * scale.max(1.0));
+                    .expect("scalar")
+                    .max(1.0);
+                for (name, l, tol) in [("plain", &plain, 2e-2), ("fast", &fast, 1e-2)] {
+                    let y = l.forward(&x).expect("forward");
+                    assert_eq!(y.dims(), want.dims());
+                    let err = (y - &want)
+                        .expect("sub")
+                        .abs()
+                        .expect("abs")
+                        .max_all()
+                        .expect("max")
+                        .to_scalar::<f32>()
+                        .expect("scalar");
+                    assert!(err <= tol * scale, "{dtype:?} {name}: {err} of {scale}");
+                }
             }
         }
     }
@@ -270,6 +314,7 @@ mod tests {
         for (rows, cols, dtype) in [
             (64, 576, GgmlDType::Q8_0),
             (64, 896, GgmlDType::Q5_0),
+            (64, 576, GgmlDType::Q4_1),
             (64, 512, GgmlDType::Q4K),
             (64, 512, GgmlDType::Q6K),
         ] {

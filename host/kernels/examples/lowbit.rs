@@ -1,0 +1,61 @@
+//! Decode-shaped products (1-4 rows) on a matrix stored as Q4_1 / Q5_0:
+//! at its own width ([`tessera_kernels::lowbit`]) against the Q8_0 copy
+//! the VNNI kernel reads. `cargo run --release -p tessera-kernels --example
+//! lowbit [n k]`. Prints microseconds per product and the weight bytes read
+//! per second.
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use tessera_kernels::{lowbit, vnni};
+
+fn time(reps: usize, f: impl Fn() -> Vec<f32>) -> f64 {
+    let _ = f();
+    let t = Instant::now();
+    for _ in 0..reps {
+        std::hint::black_box(f());
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let (n, k) = match args[..] {
+        [n, k] => (n, k),
+        _ => (49152, 576),
+    };
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
+    for (dtype, format) in [
+        (GgmlDType::Q4_1, lowbit::Format::Q4_1),
+        (GgmlDType::Q5_0, lowbit::Format::Q5_0),
+    ] {
+        let qt = QTensor::quantize(&w, dtype).expect("quantizes");
+        let low = lowbit::Packed::new(format, &qt.data().expect("data"), n, k).expect("packs");
+        let q8 = QTensor::quantize(&qt.dequantize(&dev).expect("dequantizes"), GgmlDType::Q8_0).expect("q8");
+        let wide = vnni::Packed::from_q8_0(&q8.data().expect("data"), n, k).expect("packs");
+        let wide_bytes = n * k / 32 * (32 + 4);
+        for m in [1, 4] {
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)
+                .expect("randn")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("vec");
+            let reps = 200;
+            let a = time(reps, || lowbit::matmul(&low, &x, m));
+            let b = time(reps, || vnni::matmul(&wide, &x, m));
+            println!(
+                "{format:?} {n}x{k} m={m}: own width {:.1} us ({:.1} GB/s of {} MB), Q8_0 copy {:.1} us ({:.1} GB/s of {} MB): {:.2}x",
+                a * 1e6,
+                low.bytes() as f64 / a / 1e9,
+                low.bytes() >> 20,
+                b * 1e6,
+                wide_bytes as f64 / b / 1e9,
+                wide_bytes >> 20,
+                b / a
+            );
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! Q4_1, Q5_0 and Q5_1 matrix products at their own width, for decoding.
+//!
+//! Decoding one token reads every weight once and does little arithmetic
+//! with it, so its speed is the memory's: bytes per weight are what count.
+//! The default pool's files keep many matrices in these formats (SmolLM2 is
+//! Q4_1 throughout, its output matrix included; Qwen and Gemma use Q5_0 for
+//! many), and candle has only scalar code for them, so they used to be
+//! re-encoded as Q8_0 at load: 8.5 bits per weight read at every step
+//! instead of 5-6. This kernel multiplies them as stored:
+//!
+//! * Weights are repacked once into tiles of 16 output rows by one 32-value
+//!   block, like [`crate::vnni`]'s: `[group of 4 inputs][row][input]`, so
+//!   one 64-byte register holds 4 inputs of all 16 rows. The 4-bit quants of
+//!   groups 0-3 sit in the low nibbles and those of groups 4-7 in the high
+//!   nibbles of the same 256 bytes; a Q5 format's fifth bits are 64 more
+//!   bytes, one bit per byte lane of a group (loaded as a mask and spread
+//!   with `vpmovm2b`); the rows' block scale and offset stay f16 (5 bits
+//!   per weight for Q4_1, 6 for Q5_x, against 8.5 for the Q8_0 copy).
+//! * Every format is read as `w = d q + m` with `q` in 0..32: Q5_0's
+//!   `d (q - 16)` is `m = -16 d`, exact in f16.
+//! * Activations are quantized per 32 values as [`crate::vnni`] does (Q8_0
+//!   with the quant sum); `vpdpbusd` multiplies the unsigned quants of the
+//!   weights by the signed ones of the activations exactly, and each block
+//!   adds `d_w d_x sum(q a) + m_w d_x sum(a)`, llama.cpp's arithmetic for
+//!   these formats against Q8_1 activations.
+//! * Up to four activation rows share every weight load, tiles are spread
+//!   over candle's thread pool, and without AVX-512 VNNI the same arithmetic
+//!   runs in plain Rust with the same results ([`portable`]).
+
+use crate::vnni::{self, Act, BLOCK, TILE};
+
+/// The stored formats this kernel reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `d q + m`, 4-bit `q`: 20 bytes per block (f16 d, f16 m, 16 bytes).
+    Q4_1,
+    /// `d (q - 16)`, 5-bit `q`: 22 bytes (f16 d, 4 bytes of fifth bits, 16).
+    Q5_0,
+    /// `d q + m`, 5-bit `q`: 24 bytes (f16 d, f16 m, 4, 16).
+    Q5_1,
+}
+
+impl Format {
+    fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_1 => 20,
+            Format::Q5_0 => 22,
+            Format::Q5_1 => 24,
+        }
+    }
+
+    fn five(self) -> bool {
+        self != Format::Q4_1
+    }
+}
+
+/// One 32-input block of 16 output rows (320 bytes).
+#[repr(C, align(64))]
+#[derive(Clone)]
+pub(crate) struct Tile {
+    /// `[group 0-3][row][input in group]`: low nibble the quant of that
+    /// input, high nibble that of the same place in group `+ 4`.
+    lo: [u8; 256],
+    /// Each row's block scale, f16 bits.
+    d: [u16; TILE],
+    /// Each row's block offset, f16 bits.
+    m: [u16; TILE],
+}
+
+/// A Q4_1/Q5_0/Q5_1 weight matrix (`n` rows of `k` inputs) repacked for
+/// [`matmul`].
+pub struct Packed {
+    n: usize,
+    k: usize,
+    format: Format,
+    /// `[tile (n / 16)][block (k / 32)]`.
+    tiles: Vec<Tile>,
+    /// Q5 formats: per tile, per group of 4 inputs, bit `row * 4 + input`
+    /// is the fifth bit of that quant. Empty for Q4_1.
+    fifth: Vec<[u64; 8]>,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "lowbit::Packed({:?}, {}x{})", self.format, self.n, self.k)
+    }
+}
+
+impl Packed {
+    /// Repacks GGML data of `format` (`n * k / 32` blocks, row-major) into
+    /// tiles. `None` if the shape does not fit the tiles
+    /// ([`vnni::fits`]) or the data is not that many blocks.
+    pub fn new(format: Format, bytes: &[u8], n: usize, k: usize) -> Option<Packed> {
+        let (bb, kb) = (format.block_bytes(), k / BLOCK);
+        if !vnni::fits(n, k) || bytes.len() != n * kb * bb {
+            return None;
+        }
+        let mut tiles = Vec::with_capacity(n / TILE * kb);
+        let mut fifth = Vec::with_capacity(if format.five() { n / TILE * kb } else { 0 });
+        for t in 0..n / TILE {
+            for b in 0..kb {
+                let mut tile = Tile {
+                    lo: [0; 256],
+                    d: [0; TILE],
+                    m: [0; TILE],
+                };
+                let mut bits = [0u64; 8];
+                for r in 0..TILE {
+                    let at = ((t * TILE + r) * kb + b) * bb;
+                    let block = &bytes[at..at + bb];
+                    let d = u16::from_le_bytes([block[0], block[1]]);
+                    let (m, qh, qs) = match format {
+                        Format::Q4_1 => (u16::from_le_bytes([block[2], block[3]]), 0u32, &block[4..20]),
+                        Format::Q5_0 => {
+                            // m = -16 d: a power-of-two multiple, exact in f16.
+                            let m = half::f16::from_f32(-16.0 * half::f16::from_bits(d).to_f32()).to_bits();
+                            (
+                                m,
+                                u32::from_le_bytes([block[2], block[3], block[4], block[5]]),
+                                &block[6..22],
+                            )
+                        }
+                        Format::Q5_1 => (
+                            u16::from_le_bytes([block[2], block[3]]),
+                            u32::from_le_bytes([block[4], block[5], block[6], block[7]]),
+                            &block[8..24],
+                        ),
+                    };
+                    tile.d[r] = d;
+                    tile.m[r] = m;
+                    for i in 0..BLOCK {
+                        // GGML: byte j holds input j (low nibble) and input
+                        // j + 16 (high nibble); bit i of qh is input i's fifth.
+                        let nibble = if i < 16 { qs[i] & 0x0F } else { qs[i - 16] >> 4 };
+                        let (group, lane) = (i / 4, i % 4);
+                        let at = ((group % 4) * TILE + r) * 4 + lane;
+                        tile.lo[at] |= if group < 4 { nibble } else { nibble << 4 };
+                        if (qh >> i) & 1 == 1 {
+                            bits[group] |= 1 << (r * 4 + lane);
+                        }
+                    }
+                }
+                tiles.push(tile);
+                if format.five() {
+                    fifth.push(bits);
+                }
+            }
+        }
+        Some(Packed {
+            n,
+            k,
+            format,
+            tiles,
+            fifth,
+        })
+    }
+
+    /// Output width (rows of the weight matrix).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input width.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// The stored format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Bytes the packed weights take (what a decode step reads).
+    pub fn bytes(&self) -> usize {
+        self.tiles.len() * std::mem::size_of::<Tile>() + self.fifth.len() * 64
+    }
+
+    /// Quant `i` (0..32) of row `r` of tile `t`, block `b`.
+    fn quant(&self, tb: usize, r: usize, i: usize) -> u8 {
+        let (group, lane) = (i / 4, i % 4);
+        let byte = self.tiles[tb].lo[((group % 4) * TILE + r) * 4 + lane];
+        let low = if group < 4 { byte & 0x0F } else { byte >> 4 };
+        let high = match self.fifth.get(tb) {
+            Some(bits) => (((bits[group] >> (r * 4 + lane)) & 1) as u8) << 4,
+            None => 0,
+        };
+        low | high
+    }
+}
+
+/// `x (m x k) -> x W^T (m x n)`, row-major. On a CPU without AVX-512 VNNI
+/// ([`vnni::available`] is false) the same arithmetic runs in plain Rust,
+/// slowly but with the same results, so calling it is always sound.
+///
+/// # Panics
+/// If `x` is not `m` rows of the matrix's input width.
+pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * w.k, "lowbit::matmul: expected {m} rows of {} values", w.k);
+    let acts = vnni::quantize(x);
+    if !vnni::available() {
+        return portable(w, &acts, m);
+    }
+    let mut out = vec![0f32; m * w.n];
+    let kb = w.k / BLOCK;
+    let out_at = out.as_mut_ptr() as usize;
+    let acts = &acts;
+    candle_core::utils::barrier_pool().execute_chunked(w.n / TILE, |range| {
+        for t in range {
+            let mut row = 0;
+            while row < m {
+                let take = (m - row).min(4);
+                let at = Rows {
+                    w,
+                    acts,
+                    kb,
+                    t,
+                    row,
+                    dst: out_at as *mut f32,
+                };
+                // SAFETY: `available()` was checked above; each tile writes
+                // only its own 16 columns of the rows it is given, so
+                // workers never write the same element, and `out` outlives
+                // the pool call.
+                unsafe {
+                    match (take, w.format.five()) {
+                        (4, false) => at.run::<4, false>(),
+                        (3, false) => at.run::<3, false>(),
+                        (2, false) => at.run::<2, false>(),
+                        (_, false) => at.run::<1, false>(),
+                        (4, true) => at.run::<4, true>(),
+                        (3, true) => at.run::<3, true>(),
+                        (2, true) => at.run::<2, true>(),
+                        (_, true) => at.run::<1, true>(),
+                    }
+                }
+                row += take;
+            }
+        }
+    });
+    out
+}
+
+/// The kernel's arithmetic without SIMD: exact integer block sums, then the
+/// same fused multiply-adds in the same order, so the results are identical.
+pub(crate) fn portable(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
+    let kb = w.k / BLOCK;
+    let mut out = vec![0f32; m * w.n];
+    for (i, row) in out.chunks_exact_mut(w.n).enumerate() {
+        for (t, cols) in row.chunks_exact_mut(TILE).enumerate() {
+            for b in 0..kb {
+                let tb = t * kb + b;
+                let a = &acts[i * kb + b];
+                let tile = &w.tiles[tb];
+                for (r, y) in cols.iter_mut().enumerate() {
+                    let dot: i32 = (0..BLOCK).map(|j| w.quant(tb, r, j) as i32 * a.qs[j] as i32).sum();
+                    let d = half::f16::from_bits(tile.d[r]).to_f32();
+                    let m = half::f16::from_bits(tile.m[r]).to_f32();
+                    *y = (dot as f32).mul_add(d * a.d, *y);
+                    *y = m.mul_add(a.d * a.sum as f32, *y);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Up to four activation rows from `row` against tile column `t`.
+struct Rows<'a> {
+    w: &'a Packed,
+    acts: &'a [Act],
+    kb: usize,
+    t: usize,
+    row: usize,
+    dst: *mut f32,
+}
+
+impl Rows<'_> {
+    /// `R` rows; `FIVE` for the Q5 formats. Writes
+    /// `dst[(row + r) * n + 16 t .. + 16]`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn run<const R: usize, const FIVE: bool>(&self) {
+        use std::arch::x86_64::*;
+        let (w, kb) = (self.w, self.kb);
+        let nibble = _mm512_set1_epi8(0x0F);
+        let bit4 = _mm512_set1_epi8(0x10);
+        let mut sums = [_mm512_setzero_ps(); R];
+        for b in 0..kb {
+            let tb = self.t * kb + b;
+            let tile = &w.tiles[tb];
+            let mut acc = [_mm512_setzero_si512(); R];
+            for g in 0..4 {
+                // SAFETY: `lo` holds 4 groups of 64 bytes.
+                let raw = unsafe { _mm512_loadu_si512(tile.lo.as_ptr().add(g * 64) as *const _) };
+                let mut low = _mm512_and_si512(raw, nibble);
+                let mut high = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
+                if FIVE {
+                    let bits = &w.fifth[tb];
+                    low = _mm512_or_si512(low, _mm512_and_si512(_mm512_movm_epi8(bits[g]), bit4));
+                    high = _mm512_or_si512(high, _mm512_and_si512(_mm512_movm_epi8(bits[g + 4]), bit4));
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = &self.acts[(self.row + r) * kb + b].qs;
+                    // SAFETY: (g + 4) * 4 + 4 <= 32; 4 quants read as one lane.
+                    let (a_low, a_high) = unsafe {
+                        (
+                            std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32),
+                            std::ptr::read_unaligned(a.as_ptr().add((g + 4) * 4) as *const i32),
+                        )
+                    };
+                    *acc = _mm512_dpbusd_epi32(*acc, low, _mm512_set1_epi32(a_low));
+                    *acc = _mm512_dpbusd_epi32(*acc, high, _mm512_set1_epi32(a_high));
+                }
+            }
+            // SAFETY: `d` and `m` hold 16 f16 each (32 bytes).
+            let (dw, mw) = unsafe {
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _)),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(tile.m.as_ptr() as *const _)),
+                )
+            };
+            for (r, acc) in acc.iter().enumerate() {
+                let a = &self.acts[(self.row + r) * kb + b];
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(a.d));
+                sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*acc), scale, sums[r]);
+                sums[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.d * a.sum as f32), sums[r]);
+            }
+        }
+        for (r, s) in sums.iter().enumerate() {
+            // SAFETY: the caller gives rows < m and 16 t + 16 <= n of an
+            // m x n buffer.
+            unsafe { _mm512_storeu_ps(self.dst.add((self.row + r) * w.n + self.t * TILE), *s) };
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run<const R: usize, const FIVE: bool>(&self) {
+        unreachable!("lowbit::matmul runs the kernel only where vnni::available() holds")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    fn format_of(dtype: GgmlDType) -> Format {
+        match dtype {
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q5_0 => Format::Q5_0,
+            _ => Format::Q5_1,
+        }
+    }
+
+    fn rows(m: usize, k: usize) -> Vec<f32> {
+        Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)
+            .expect("randn")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec")
+    }
+
+    /// Against candle's own (scalar) kernels for each format, on odd widths
+    /// and 1-9 rows; and the packing reads back every quant of the file.
+    #[test]
+    fn matches_candle_for_every_format_and_row_count() {
+        let dev = Device::Cpu;
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1] {
+            for (n, k) in [(48, 576), (16, 32), (32, 896)] {
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
+                let qt = QTensor::quantize(&w, dtype).expect("quantizes");
+                let packed = Packed::new(format_of(dtype), &qt.data().expect("data"), n, k).expect("packs");
+                // Dequantized from the tiles equals candle's dequantization.
+                let exact: Vec<f32> = qt
+                    .dequantize(&dev)
+                    .expect("dequantizes")
+                    .flatten_all()
+                    .expect("flat")
+                    .to_vec1()
+                    .expect("vec");
+                let kb = k / BLOCK;
+                for row in 0..n {
+                    for i in 0..k {
+                        let (t, r, b, j) = (row / TILE, row % TILE, i / BLOCK, i % BLOCK);
+                        let tile = &packed.tiles[t * kb + b];
+                        let d = half::f16::from_bits(tile.d[r]).to_f32();
+                        let m = half::f16::from_bits(tile.m[r]).to_f32();
+                        let v = d * packed.quant(t * kb + b, r, j) as f32 + m;
+                        let want = exact[row * k + i];
+                        assert!(
+                            (v - want).abs() <= 1e-6 * want.abs().max(1.0),
+                            "{dtype:?} [{row},{i}]: {v} vs {want}"
+                        );
+                    }
+                }
+                let reference = QMatMul::from_qtensor(qt).expect("qmatmul");
+                for m in [1, 2, 3, 4, 5, 9] {
+                    let x = rows(m, k);
+                    let xt = Tensor::from_vec(x.clone(), (m, k), &dev).expect("tensor");
+                    let want: Vec<f32> = reference
+                        .forward(&xt)
+                        .expect("forward")
+                        .flatten_all()
+                        .expect("flat")
+                        .to_vec1()
+                        .expect("vec");
+                    let got = matmul(&packed, &x, m);
+                    let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        // Activations as Q8_0 here, Q8_1 in candle: ~1e-3.
+                        assert!(
+                            (g - w).abs() <= 3e-3 * scale,
+                            "{dtype:?} {n}x{k} m={m} [{i}]: {g} vs {w}"
+                        );
+                    }
+                    // The fallback gives the kernel's numbers, to the bit.
+                    assert_eq!(portable(&packed, &vnni::quantize(&x), m), got, "{dtype:?} m={m}");
+                }
+            }
+        }
+    }
+
+    /// A row's result does not depend on the rows beside it (batched
+    /// decoding promises each sequence its logits alone).
+    #[test]
+    fn rows_do_not_depend_on_their_batch() {
+        let (n, k) = (64, 640);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).expect("randn");
+        let qt = QTensor::quantize(&w, GgmlDType::Q5_0).expect("quantizes");
+        let packed = Packed::new(Format::Q5_0, &qt.data().expect("data"), n, k).expect("packs");
+        let x = rows(7, k);
+        let all = matmul(&packed, &x, 7);
+        for r in 0..7 {
+            assert_eq!(
+                matmul(&packed, &x[r * k..(r + 1) * k], 1),
+                all[r * n..(r + 1) * n],
+                "row {r}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_shapes_and_data_that_do_not_fit() {
+        assert!(
+            Packed::new(Format::Q4_1, &[0; 20 * 18 * 8], 8, 576).is_none(),
+            "8 rows is not a tile"
+        );
+        assert!(
+            Packed::new(Format::Q5_0, &[0; 22 * 18 * 16 - 1], 16, 576).is_none(),
+            "short data"
+        );
+        let ok = Packed::new(Format::Q5_1, &[0; 24 * 18 * 16], 16, 576).expect("fits");
+        assert_eq!(ok.bytes(), 18 * (320 + 64));
+    }
+}
