@@ -98,10 +98,31 @@ fn gpu_logits(m: &crate::backends::webgpu::WgpuLlama, rows: Vec<f32>) -> candle_
     Tensor::from_vec(rows, (n, vocab), &Device::Cpu)
 }
 
+/// One CPU forward pass at a time in the process, in arrival order.
+///
+/// candle's thread pool runs one operation at a time. When several
+/// members' workers run passes together (a fan-out asks three members at
+/// once), their operations interleave one by one, each handing the pool
+/// over through a futex wake and bringing its own weights back into the
+/// caches. Measured with `examples/host/contend.rs` (three members' 105-token
+/// prompts): 1.25-1.67x as long from three threads at once as one after
+/// another. So a pass takes this turn and runs whole; the lock is fair, so
+/// a worker stepping in a loop hands the turn to a waiting one between its
+/// passes (a decode step, or a prompt chunk of at most
+/// [`PREFILL_CHUNK`] rows) and cannot starve it.
+static TURN: parking_lot::FairMutex<()> = parking_lot::const_fair_mutex(());
+
+/// Waits for [`TURN`] where `weights` compute on the CPU (a wgpu device
+/// queues its own work).
+fn turn(weights: &Weights) -> Option<parking_lot::FairMutexGuard<'static, ()>> {
+    (!matches!(weights, Weights::Wgpu(_))).then(|| TURN.lock())
+}
+
 impl Weights {
     /// Rows `x` of a prompt chunk of `chunk_rows` rows from position `pos`
     /// (see [`llama::Llama::forward_chunk`]).
     fn forward_chunk(&mut self, x: &Tensor, pos: usize, chunk_rows: usize) -> candle_core::Result<Tensor> {
+        let _turn = turn(self);
         match self {
             Weights::Llama(m) => m.forward_chunk(x, pos, chunk_rows),
             Weights::Gemma3(m) => m.forward_chunk(x, pos, chunk_rows),
@@ -125,6 +146,7 @@ impl Weights {
         keep: bool,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
+        let _turn = turn(self);
         match self {
             Weights::Llama(m) => m.forward_segments(segments, pos, keep, device),
             Weights::Gemma3(m) => m.forward_segments(segments, pos, keep, device),
@@ -161,6 +183,7 @@ impl Weights {
         states: &mut [llama::KvState],
         device: &Device,
     ) -> candle_core::Result<Tensor> {
+        let _turn = turn(self);
         match self {
             Weights::Llama(m) => m.forward_batch(ids, pos, states, device),
             Weights::Gemma3(m) => m.forward_batch(ids, pos, states, device),
@@ -177,6 +200,7 @@ impl Weights {
         states: &mut [llama::KvState],
         device: &Device,
     ) -> candle_core::Result<Tensor> {
+        let _turn = turn(self);
         match self {
             Weights::Llama(m) => m.forward_chunks(chunks, chunk_rows, states, device),
             Weights::Gemma3(m) => m.forward_chunks(chunks, chunk_rows, states, device),
