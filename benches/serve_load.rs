@@ -72,13 +72,19 @@ async fn chat(
     prompt: &str,
     max_tokens: u32,
 ) -> (u16, f64) {
-    let started = Instant::now();
     let body = json!({ "model": model, "messages": [{ "role": "user", "content": prompt }],
                        "max_tokens": max_tokens, "temperature": 0 });
+    post_chat(client, base, key, &body).await
+}
+
+/// Posts one chat body with `key`; its status (0: no answer) and latency
+/// in ms, the answer read whole.
+async fn post_chat(client: &reqwest::Client, base: &str, key: &str, body: &serde_json::Value) -> (u16, f64) {
+    let started = Instant::now();
     let status = match client
         .post(format!("{base}/v1/chat/completions"))
         .bearer_auth(key)
-        .json(&body)
+        .json(body)
         .send()
         .await
     {
@@ -430,23 +436,9 @@ async fn attacks(rt: Arc<Runtime>) {
 /// One composed request: `majority-vote` with one greedy 16-token answer
 /// per generative member.
 async fn vote(client: &reqwest::Client, base: &str, prompt: &str) -> (u16, f64) {
-    let started = Instant::now();
     let body = json!({ "model": "majority-vote", "messages": [{ "role": "user", "content": prompt }],
                        "max_tokens": 16, "temperature": 0, "tessera": { "k": 3 } });
-    let status = match client
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-    {
-        Ok(r) => {
-            let s = r.status().as_u16();
-            let _ = r.bytes().await;
-            s
-        }
-        Err(_) => 0,
-    };
-    (status, started.elapsed().as_secs_f64() * 1000.0)
+    post_chat(client, base, "-", &body).await
 }
 
 /// `prompts` sent as composed requests by `clients` concurrent clients

@@ -38,6 +38,39 @@ struct Layer {
     kv: Option<LayerKv>,
 }
 
+impl Layer {
+    /// The query, key and value of normalised rows `n` (`[b, t, hidden]`,
+    /// Qwen2's biases added), on the kernel of a `chunk_rows`-row prompt
+    /// chunk.
+    fn qkv_chunk(&self, n: &Tensor, chunk_rows: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (mut q, mut k, mut v) = (
+            self.q.forward_chunk(n, chunk_rows)?,
+            self.k.forward_chunk(n, chunk_rows)?,
+            self.v.forward_chunk(n, chunk_rows)?,
+        );
+        if let Some((bq, bk, bv)) = &self.bias {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        Ok((q, k, v))
+    }
+
+    /// The rest of the layer for prompt rows: the attention's output
+    /// projection and residual, then the MLP and its residual, from the
+    /// layer's input `x` and its attention `attn` (`[b, t, hidden]` each).
+    fn finish_chunk(&self, x: &Tensor, attn: &Tensor, eps: f32, chunk_rows: usize) -> Result<Tensor> {
+        let h = (self.o.forward_chunk(attn, chunk_rows)? + x)?;
+        let m = candle_nn::ops::rms_norm(&h, &self.ffn_norm, eps)?;
+        let ff = gated(
+            &self.gate.forward_chunk(&m, chunk_rows)?,
+            &self.up.forward_chunk(&m, chunk_rows)?,
+            Gate::Silu,
+        )?;
+        self.down.forward_chunk(&ff, chunk_rows)? + h
+    }
+}
+
 /// One sequence's KV caches, one per layer, held outside the model while
 /// other sequences of a batch run ([`super::decode`]).
 pub type KvState = Vec<Option<LayerKv>>;
@@ -251,16 +284,7 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter_mut().enumerate() {
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let (mut q, mut k, mut v) = (
-                layer.q.forward_chunk(&n, chunk_rows)?,
-                layer.k.forward_chunk(&n, chunk_rows)?,
-                layer.v.forward_chunk(&n, chunk_rows)?,
-            );
-            if let Some((bq, bk, bv)) = &layer.bias {
-                q = q.broadcast_add(bq)?;
-                k = k.broadcast_add(bk)?;
-                v = v.broadcast_add(bv)?;
-            }
+            let (q, k, v) = layer.qkv_chunk(&n, chunk_rows)?;
             let mut caches = layer_caches(states, li)?;
             let mut rows = Vec::with_capacity(chunks.len());
             let mut start = 0;
@@ -273,15 +297,7 @@ impl Llama {
                 rows.push(attend(&qi, ki, vi, cache, *pos, None)?);
                 start += len;
             }
-            let attn = Tensor::cat(&rows, 1)?;
-            let h = (layer.o.forward_chunk(&attn, chunk_rows)? + &x)?;
-            let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = gated(
-                &layer.gate.forward_chunk(&m, chunk_rows)?,
-                &layer.up.forward_chunk(&m, chunk_rows)?,
-                Gate::Silu,
-            )?;
-            x = (layer.down.forward_chunk(&ff, chunk_rows)? + h)?;
+            x = layer.finish_chunk(&x, &Tensor::cat(&rows, 1)?, eps, chunk_rows)?;
         }
         let last = candle_nn::ops::rms_norm(&last_rows(&x, chunks)?, &self.norm, eps)?;
         self.output.forward_decode(&last)?.to_dtype(DType::F32)
@@ -348,30 +364,14 @@ impl Llama {
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         for layer in self.layers.iter_mut().take(upto) {
             let n = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let (mut q, mut k, mut v) = (
-                layer.q.forward_chunk(&n, chunk_rows)?,
-                layer.k.forward_chunk(&n, chunk_rows)?,
-                layer.v.forward_chunk(&n, chunk_rows)?,
-            );
-            if let Some((bq, bk, bv)) = &layer.bias {
-                q = q.broadcast_add(bq)?;
-                k = k.broadcast_add(bk)?;
-                v = v.broadcast_add(bv)?;
-            }
+            let (q, k, v) = layer.qkv_chunk(&n, chunk_rows)?;
             let q = q.reshape((b, t, heads, hd))?.transpose(1, 2)?;
             let k = k.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
             let v = v.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
             let q = (self.rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = self.rope.apply(&k, pos)?;
             let attn = attend(&q, k, v, &mut layer.kv, pos, None)?;
-            let h = (layer.o.forward_chunk(&attn, chunk_rows)? + &x)?;
-            let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = gated(
-                &layer.gate.forward_chunk(&m, chunk_rows)?,
-                &layer.up.forward_chunk(&m, chunk_rows)?,
-                Gate::Silu,
-            )?;
-            x = (layer.down.forward_chunk(&ff, chunk_rows)? + h)?;
+            x = layer.finish_chunk(&x, &attn, eps, chunk_rows)?;
         }
         Ok(x)
     }
