@@ -200,44 +200,31 @@ pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     if !vnni::available() {
         return portable(w, &acts, m);
     }
-    let mut out = vec![0f32; m * w.n];
-    let kb = w.k / BLOCK;
-    let out_at = out.as_mut_ptr() as usize;
-    let acts = &acts;
-    candle_core::utils::barrier_pool().execute_chunked(w.n / TILE, |range| {
-        for t in range {
-            let mut row = 0;
-            while row < m {
-                let take = (m - row).min(4);
-                let at = Rows {
-                    w,
-                    acts,
-                    kb,
-                    t,
-                    row,
-                    dst: out_at as *mut f32,
-                };
-                // SAFETY: `available()` was checked above; each tile writes
-                // only its own 16 columns of the rows it is given, so
-                // workers never write the same element, and `out` outlives
-                // the pool call.
-                unsafe {
-                    match (take, w.format.five()) {
-                        (4, false) => at.run::<4, false>(),
-                        (3, false) => at.run::<3, false>(),
-                        (2, false) => at.run::<2, false>(),
-                        (_, false) => at.run::<1, false>(),
-                        (4, true) => at.run::<4, true>(),
-                        (3, true) => at.run::<3, true>(),
-                        (2, true) => at.run::<2, true>(),
-                        (_, true) => at.run::<1, true>(),
-                    }
-                }
-                row += take;
+    let (kb, acts) = (w.k / BLOCK, &acts);
+    vnni::by_tiles(m, w.n, |t, row, take, dst| {
+        let at = Rows {
+            w,
+            acts,
+            kb,
+            t,
+            row,
+            dst,
+        };
+        // SAFETY: `available()` was checked above; `by_tiles` gives rows
+        // < m and this tile's columns of its m x n output.
+        unsafe {
+            match (take, w.format.five()) {
+                (4, false) => at.run::<4, false>(),
+                (3, false) => at.run::<3, false>(),
+                (2, false) => at.run::<2, false>(),
+                (_, false) => at.run::<1, false>(),
+                (4, true) => at.run::<4, true>(),
+                (3, true) => at.run::<3, true>(),
+                (2, true) => at.run::<2, true>(),
+                (_, true) => at.run::<1, true>(),
             }
         }
-    });
-    out
+    })
 }
 
 /// The kernel's arithmetic without SIMD: exact integer block sums, then the

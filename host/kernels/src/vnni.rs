@@ -172,29 +172,39 @@ pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     if !available() {
         return portable(w, &acts, m);
     }
-    let mut out = vec![0f32; m * w.n];
     let kb = w.k / BLOCK;
-    let out_at = out.as_mut_ptr() as usize;
     let (n, tiles, acts) = (w.n, &w.tiles, &acts);
-    candle_core::utils::barrier_pool().execute_chunked(w.n / TILE, |range| {
+    by_tiles(m, n, |t, row, take, dst| {
+        let blocks = &tiles[t * kb..(t + 1) * kb];
+        // SAFETY: `available()` was checked above; `by_tiles` gives rows
+        // < m and this tile's columns of its m x n output.
+        unsafe {
+            match take {
+                4 => rows::<4>(blocks, acts, kb, row, dst, n, t * TILE),
+                3 => rows::<3>(blocks, acts, kb, row, dst, n, t * TILE),
+                2 => rows::<2>(blocks, acts, kb, row, dst, n, t * TILE),
+                _ => rows::<1>(blocks, acts, kb, row, dst, n, t * TILE),
+            }
+        }
+    })
+}
+
+/// An `m x n` output computed tile column by tile column (16 outputs),
+/// the columns spread over candle's thread pool, each run over the rows in
+/// groups of up to four that share its weight loads: `f(tile, first row,
+/// rows, output)` writes those rows' 16 columns of the tile and nothing
+/// else, so workers never write the same element. Both decode kernels
+/// ([`matmul`], [`crate::lowbit::matmul`]) run this way.
+pub(crate) fn by_tiles(m: usize, n: usize, f: impl Fn(usize, usize, usize, *mut f32) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let out_at = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(n / TILE, |range| {
         for t in range {
-            let blocks = &tiles[t * kb..(t + 1) * kb];
             let mut row = 0;
             while row < m {
                 let take = (m - row).min(4);
-                // SAFETY: `available()` was checked above; each tile
-                // writes only its own 16 columns of the rows it is given, so
-                // workers never write the same element, and `out` outlives
-                // the pool call.
-                unsafe {
-                    let dst = out_at as *mut f32;
-                    match take {
-                        4 => rows::<4>(blocks, acts, kb, row, dst, n, t * TILE),
-                        3 => rows::<3>(blocks, acts, kb, row, dst, n, t * TILE),
-                        2 => rows::<2>(blocks, acts, kb, row, dst, n, t * TILE),
-                        _ => rows::<1>(blocks, acts, kb, row, dst, n, t * TILE),
-                    }
-                }
+                // `out` outlives the pool call.
+                f(t, row, take, out_at as *mut f32);
                 row += take;
             }
         }

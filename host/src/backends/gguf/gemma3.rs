@@ -52,6 +52,24 @@ struct Layer {
     kv: Option<LayerKv>,
 }
 
+impl Layer {
+    /// The rest of the layer for prompt rows: the attention's output
+    /// projection, its norm and residual, then the MLP with its norms and
+    /// residual, from the layer's input `x` and its attention `attn`.
+    fn finish_chunk(&self, x: &Tensor, attn: &Tensor, eps: f32, chunk_rows: usize) -> Result<Tensor> {
+        let attn = self.o.forward_chunk(attn, chunk_rows)?;
+        let x_attn = (candle_nn::ops::rms_norm(&attn, &self.post_attn_norm, eps)? + x)?;
+        let h = candle_nn::ops::rms_norm(&x_attn, &self.ffn_norm, eps)?;
+        let ff = gated(
+            &self.gate.forward_chunk(&h, chunk_rows)?,
+            &self.up.forward_chunk(&h, chunk_rows)?,
+            Gate::GeluTanh,
+        )?;
+        let ff = self.down.forward_chunk(&ff, chunk_rows)?;
+        candle_nn::ops::rms_norm(&ff, &self.post_ffn_norm, eps)? + x_attn
+    }
+}
+
 /// A loaded Gemma 3 model with its KV cache. Cloning shares the weights and
 /// the cached keys/values (tensors are reference-counted), so a clone can
 /// extend a shared prefix without recomputing it.
@@ -270,16 +288,7 @@ impl Gemma3 {
                 rows.push(attend(&qi, ki, vi, cache, *pos, layer.window)?);
                 start += len;
             }
-            let attn = layer.o.forward_chunk(&Tensor::cat(&rows, 1)?, chunk_rows)?;
-            let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
-            let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let ff = gated(
-                &layer.gate.forward_chunk(&h, chunk_rows)?,
-                &layer.up.forward_chunk(&h, chunk_rows)?,
-                Gate::GeluTanh,
-            )?;
-            let ff = layer.down.forward_chunk(&ff, chunk_rows)?;
-            x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
+            x = layer.finish_chunk(&x, &Tensor::cat(&rows, 1)?, eps, chunk_rows)?;
         }
         let last = candle_nn::ops::rms_norm(&super::llama::last_rows(&x, chunks)?, &self.norm, eps)?;
         self.output.forward_decode(&last)?.to_dtype(DType::F32)
@@ -331,16 +340,7 @@ impl Gemma3 {
             let q = (rope.apply(&q, pos)? * (1.0 / (hd as f64).sqrt()))?;
             let k = rope.apply(&k, pos)?;
             let attn = attend(&q, k, v, &mut layer.kv, pos, layer.window)?;
-            let attn = layer.o.forward_chunk(&attn, chunk_rows)?;
-            let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
-            let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let ff = gated(
-                &layer.gate.forward_chunk(&h, chunk_rows)?,
-                &layer.up.forward_chunk(&h, chunk_rows)?,
-                Gate::GeluTanh,
-            )?;
-            let ff = layer.down.forward_chunk(&ff, chunk_rows)?;
-            x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
+            x = layer.finish_chunk(&x, &attn, eps, chunk_rows)?;
         }
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
