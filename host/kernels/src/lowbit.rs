@@ -23,11 +23,12 @@
 //!   weights by the signed ones of the activations exactly, and each block
 //!   adds `d_w d_x sum(q a) + m_w d_x sum(a)`, llama.cpp's arithmetic for
 //!   these formats against Q8_1 activations.
-//! * Up to four activation rows share every weight load, tiles are spread
-//!   over candle's thread pool, and without AVX-512 VNNI the same arithmetic
-//!   runs in plain Rust with the same results ([`portable`]).
+//! * Up to four activation rows share every weight load, and tiles are
+//!   spread over candle's thread pool. Without AVX-512 VNNI the same
+//!   arithmetic runs on AVX2 (`vpmaddubsw`, 8 outputs per register), and
+//!   without that in plain Rust ([`portable`]), all with the same results.
 
-use crate::vnni::{self, Act, BLOCK, TILE};
+use crate::vnni::{self, Act, Simd, BLOCK, TILE};
 
 /// The stored formats this kernel reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,16 +189,27 @@ impl Packed {
     }
 }
 
-/// `x (m x k) -> x W^T (m x n)`, row-major. On a CPU without AVX-512 VNNI
-/// ([`vnni::available`] is false) the same arithmetic runs in plain Rust,
-/// slowly but with the same results, so calling it is always sound.
+/// `x (m x k) -> x W^T (m x n)`, row-major, on the best [`Simd`] this CPU
+/// has. On a CPU with neither AVX-512 VNNI nor AVX2 the same arithmetic
+/// runs in plain Rust, slowly but with the same results, so calling it is
+/// always sound.
 ///
 /// # Panics
 /// If `x` is not `m` rows of the matrix's input width.
 pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
+    matmul_on(Simd::best(), w, x, m)
+}
+
+/// [`matmul`] on `simd` where this CPU has it ([`Simd::runs_here`]), else
+/// in plain Rust: tests and benches compare the paths with it.
+///
+/// # Panics
+/// If `x` is not `m` rows of the matrix's input width.
+pub fn matmul_on(simd: Simd, w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k, "lowbit::matmul: expected {m} rows of {} values", w.k);
     let acts = vnni::quantize(x);
-    if !vnni::available() {
+    let simd = simd.or_portable();
+    if simd == Simd::Portable {
         return portable(w, &acts, m);
     }
     let (kb, acts) = (w.k / BLOCK, &acts);
@@ -210,18 +222,26 @@ pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
             row,
             dst,
         };
-        // SAFETY: `available()` was checked above; `by_tiles` gives rows
-        // < m and this tile's columns of its m x n output.
+        // SAFETY: `or_portable` left only a set this CPU has; `by_tiles`
+        // gives rows < m and this tile's columns of its m x n output.
         unsafe {
-            match (take, w.format.five()) {
-                (4, false) => at.run::<4, false>(),
-                (3, false) => at.run::<3, false>(),
-                (2, false) => at.run::<2, false>(),
-                (_, false) => at.run::<1, false>(),
-                (4, true) => at.run::<4, true>(),
-                (3, true) => at.run::<3, true>(),
-                (2, true) => at.run::<2, true>(),
-                (_, true) => at.run::<1, true>(),
+            match (simd, take, w.format.five()) {
+                (Simd::Avx512Vnni, 4, false) => at.run::<4, false>(),
+                (Simd::Avx512Vnni, 3, false) => at.run::<3, false>(),
+                (Simd::Avx512Vnni, 2, false) => at.run::<2, false>(),
+                (Simd::Avx512Vnni, _, false) => at.run::<1, false>(),
+                (Simd::Avx512Vnni, 4, true) => at.run::<4, true>(),
+                (Simd::Avx512Vnni, 3, true) => at.run::<3, true>(),
+                (Simd::Avx512Vnni, 2, true) => at.run::<2, true>(),
+                (Simd::Avx512Vnni, _, true) => at.run::<1, true>(),
+                (_, 4, false) => at.run_avx2::<4, false>(),
+                (_, 3, false) => at.run_avx2::<3, false>(),
+                (_, 2, false) => at.run_avx2::<2, false>(),
+                (_, _, false) => at.run_avx2::<1, false>(),
+                (_, 4, true) => at.run_avx2::<4, true>(),
+                (_, 3, true) => at.run_avx2::<3, true>(),
+                (_, 2, true) => at.run_avx2::<2, true>(),
+                (_, _, true) => at.run_avx2::<1, true>(),
             }
         }
     })
@@ -320,9 +340,97 @@ impl Rows<'_> {
         }
     }
 
+    /// [`Rows::run`] with AVX2. The weights' quants are unsigned and below
+    /// 32, so `vpmaddubsw`'s 16-bit pair sums (at most 2 x 31 x 127) never
+    /// saturate, and `vpmaddwd` by ones widens them to the exact 4-input
+    /// sums `vpdpbusd` makes: the results equal [`Rows::run`]'s. Fifth bits
+    /// are spread from a 32-bit mask to 32 bytes by a byte shuffle and a
+    /// compare against each byte's bit.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_avx2<const R: usize, const FIVE: bool>(&self) {
+        use std::arch::x86_64::*;
+        let (w, kb) = (self.w, self.kb);
+        let nibble = _mm256_set1_epi8(0x0F);
+        let bit4 = _mm256_set1_epi8(0x10);
+        let ones = _mm256_set1_epi16(1);
+        // Byte i of a half takes byte i / 8 of the mask, then its bit i % 8.
+        let spread = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let select = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let fifth = |mask: u64| {
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask as u32 as i32), spread);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
+            _mm256_and_si256(set, bit4)
+        };
+        // [row][half of the tile's 16 outputs]
+        let mut sums = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..kb {
+            let tb = self.t * kb + b;
+            let tile = &w.tiles[tb];
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for g in 0..4 {
+                for h in 0..2 {
+                    // SAFETY: `lo` holds 4 groups of 64 bytes: outputs 0-7,
+                    // then 8-15.
+                    let raw = unsafe { _mm256_loadu_si256(tile.lo.as_ptr().add(g * 64 + h * 32) as *const _) };
+                    let mut low = _mm256_and_si256(raw, nibble);
+                    let mut high = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
+                    if FIVE {
+                        let bits = &w.fifth[tb];
+                        low = _mm256_or_si256(low, fifth(bits[g] >> (32 * h)));
+                        high = _mm256_or_si256(high, fifth(bits[g + 4] >> (32 * h)));
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let a = &self.acts[(self.row + r) * kb + b].qs;
+                        // SAFETY: (g + 4) * 4 + 4 <= 32; 4 quants read as one lane.
+                        let (a_low, a_high) = unsafe {
+                            (
+                                std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32),
+                                std::ptr::read_unaligned(a.as_ptr().add((g + 4) * 4) as *const i32),
+                            )
+                        };
+                        let p_low = _mm256_maddubs_epi16(low, _mm256_set1_epi32(a_low));
+                        let p_high = _mm256_maddubs_epi16(high, _mm256_set1_epi32(a_high));
+                        let both = _mm256_add_epi32(_mm256_madd_epi16(p_low, ones), _mm256_madd_epi16(p_high, ones));
+                        acc[h] = _mm256_add_epi32(acc[h], both);
+                    }
+                }
+            }
+            for h in 0..2 {
+                // SAFETY: `d` and `m` hold 16 f16 each; 8 of them are 16 bytes.
+                let (dw, mw) = unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _)),
+                        _mm256_cvtph_ps(_mm_loadu_si128(tile.m.as_ptr().add(h * 8) as *const _)),
+                    )
+                };
+                for (r, acc) in acc.iter().enumerate() {
+                    let a = &self.acts[(self.row + r) * kb + b];
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
+                    sums[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h]), scale, sums[r][h]);
+                    sums[r][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.d * a.sum as f32), sums[r][h]);
+                }
+            }
+        }
+        for (r, s) in sums.iter().enumerate() {
+            for (h, s) in s.iter().enumerate() {
+                // SAFETY: the caller gives rows < m and 16 t + 16 <= n of an
+                // m x n buffer.
+                unsafe { _mm256_storeu_ps(self.dst.add((self.row + r) * w.n + self.t * TILE + h * 8), *s) };
+            }
+        }
+    }
+
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn run<const R: usize, const FIVE: bool>(&self) {
-        unreachable!("lowbit::matmul runs the kernel only where vnni::available() holds")
+        unreachable!("lowbit::matmul runs SIMD only where Simd::runs_here holds")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run_avx2<const R: usize, const FIVE: bool>(&self) {
+        unreachable!("lowbit::matmul runs SIMD only where Simd::runs_here holds")
     }
 }
 
@@ -402,8 +510,11 @@ mod tests {
                             "{dtype:?} {n}x{k} m={m} [{i}]: {g} vs {w}"
                         );
                     }
-                    // The fallback gives the kernel's numbers, to the bit.
-                    assert_eq!(portable(&packed, &vnni::quantize(&x), m), got, "{dtype:?} m={m}");
+                    // Every path gives the portable numbers, to the bit.
+                    let slow = portable(&packed, &vnni::quantize(&x), m);
+                    for simd in Simd::here() {
+                        assert_eq!(slow, matmul_on(simd, &packed, &x, m), "{simd:?} {dtype:?} m={m}");
+                    }
                 }
             }
         }
@@ -418,13 +529,15 @@ mod tests {
         let qt = QTensor::quantize(&w, GgmlDType::Q5_0).expect("quantizes");
         let packed = Packed::new(Format::Q5_0, &qt.data().expect("data"), n, k).expect("packs");
         let x = rows(7, k);
-        let all = matmul(&packed, &x, 7);
-        for r in 0..7 {
-            assert_eq!(
-                matmul(&packed, &x[r * k..(r + 1) * k], 1),
-                all[r * n..(r + 1) * n],
-                "row {r}"
-            );
+        for simd in Simd::here() {
+            let all = matmul_on(simd, &packed, &x, 7);
+            for r in 0..7 {
+                assert_eq!(
+                    matmul_on(simd, &packed, &x[r * k..(r + 1) * k], 1),
+                    all[r * n..(r + 1) * n],
+                    "{simd:?} row {r}"
+                );
+            }
         }
     }
 

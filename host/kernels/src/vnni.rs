@@ -1,4 +1,4 @@
-//! Q8_0 matrix products with AVX-512 VNNI, for any input width.
+//! Q8_0 matrix products with AVX-512 VNNI or AVX2, for any input width.
 //!
 //! candle multiplies quantized weights with `vpdpbusd` only when the input
 //! width is a multiple of 256, and then quantizes each activation row with one
@@ -26,6 +26,10 @@
 //! * Up to four activation rows share every weight load (prefill, scoring,
 //!   batched decoding), and tiles are spread over candle's thread pool, so the
 //!   thread budget is the one the rest of inference uses.
+//!
+//! * Without AVX-512 (AMD before Zen 4, Intel client cores) the same
+//!   packing runs on AVX2, 8 outputs per register ([`Simd::Avx2`]), with
+//!   the same integer sums and so the same results.
 //!
 //! Results equal candle's AVX2 Q8_0 path up to the activation scale's
 //! precision (f32 here, f16 there) and float summation order.
@@ -61,17 +65,74 @@ impl std::fmt::Debug for Packed {
     }
 }
 
-/// Whether this CPU runs the kernel (checked once; the answer is cached by
-/// the standard library).
+/// The instruction sets the packed kernels ([`matmul`],
+/// [`crate::lowbit::matmul`]) run on, best first. Every one gives the same
+/// numbers: the integer block sums are exact on each, and the floating-point
+/// steps after them are the same operations in the same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    /// AVX-512 with VNNI: `vpdpbusd` on 16 outputs at a time.
+    Avx512Vnni,
+    /// AVX2 with FMA, for CPUs without AVX-512 (AMD before Zen 4, Intel
+    /// client cores): `vpmaddubsw` then `vpmaddwd` on 8 outputs at a time.
+    Avx2,
+    /// Plain Rust, for every other CPU.
+    Portable,
+}
+
+impl Simd {
+    /// The best set this CPU has (the standard library caches the CPUID
+    /// answers).
+    pub fn best() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                return Simd::Avx512Vnni;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Portable
+    }
+
+    /// Whether this CPU has the set. A kernel asked for a set it lacks runs
+    /// [`Simd::Portable`] instead, so no caller can reach an instruction
+    /// the CPU does not have.
+    pub fn runs_here(self) -> bool {
+        match (self, Simd::best()) {
+            (Simd::Portable, _) => true,
+            (Simd::Avx2, best) => best != Simd::Portable,
+            (Simd::Avx512Vnni, best) => best == Simd::Avx512Vnni,
+        }
+    }
+
+    /// Every set this CPU has, the portable path first (tests and benches
+    /// run each).
+    pub fn here() -> Vec<Simd> {
+        [Simd::Portable, Simd::Avx2, Simd::Avx512Vnni]
+            .into_iter()
+            .filter(|s| s.runs_here())
+            .collect()
+    }
+
+    /// `self` where this CPU has it, else [`Simd::Portable`].
+    pub(crate) fn or_portable(self) -> Simd {
+        if self.runs_here() {
+            self
+        } else {
+            Simd::Portable
+        }
+    }
+}
+
+/// Whether this CPU runs the packed kernels with SIMD (AVX-512 VNNI or
+/// AVX2); where it does not they still give the same numbers, slowly.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Simd::best() != Simd::Portable
 }
 
 /// Whether a `n x k` matrix fits the tile layout.
@@ -160,30 +221,45 @@ pub(crate) fn quantize(x: &[f32]) -> Vec<Act> {
 }
 
 /// `x (m x k) -> x W^T (m x n)`, row-major, for a matrix packed by
-/// [`Packed::from_q8_0`]. On a CPU without AVX-512 VNNI ([`available`] is
-/// false) the same arithmetic runs in plain Rust, slowly but with the same
-/// results, so calling it is always sound.
+/// [`Packed::from_q8_0`], on the best [`Simd`] this CPU has. On a CPU with
+/// neither AVX-512 VNNI nor AVX2 the same arithmetic runs in plain Rust,
+/// slowly but with the same results, so calling it is always sound.
 ///
 /// # Panics
 /// If `x` is not `m` rows of the matrix's input width.
 pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
+    matmul_on(Simd::best(), w, x, m)
+}
+
+/// [`matmul`] on `simd` where this CPU has it ([`Simd::runs_here`]), else
+/// in plain Rust: tests and benches compare the paths with it.
+///
+/// # Panics
+/// If `x` is not `m` rows of the matrix's input width.
+pub fn matmul_on(simd: Simd, w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k, "vnni::matmul: expected {m} rows of {} values", w.k);
     let acts = quantize(x);
-    if !available() {
+    let simd = simd.or_portable();
+    if simd == Simd::Portable {
         return portable(w, &acts, m);
     }
     let kb = w.k / BLOCK;
     let (n, tiles, acts) = (w.n, &w.tiles, &acts);
     by_tiles(m, n, |t, row, take, dst| {
         let blocks = &tiles[t * kb..(t + 1) * kb];
-        // SAFETY: `available()` was checked above; `by_tiles` gives rows
-        // < m and this tile's columns of its m x n output.
+        let at: At<'_> = (blocks, acts.as_slice(), kb, row, dst, n, t * TILE);
+        // SAFETY: `or_portable` left only a set this CPU has; `by_tiles`
+        // gives rows < m and this tile's columns of its m x n output.
         unsafe {
-            match take {
-                4 => rows::<4>(blocks, acts, kb, row, dst, n, t * TILE),
-                3 => rows::<3>(blocks, acts, kb, row, dst, n, t * TILE),
-                2 => rows::<2>(blocks, acts, kb, row, dst, n, t * TILE),
-                _ => rows::<1>(blocks, acts, kb, row, dst, n, t * TILE),
+            match (simd, take) {
+                (Simd::Avx512Vnni, 4) => rows::<4>(at),
+                (Simd::Avx512Vnni, 3) => rows::<3>(at),
+                (Simd::Avx512Vnni, 2) => rows::<2>(at),
+                (Simd::Avx512Vnni, _) => rows::<1>(at),
+                (_, 4) => rows_avx2::<4>(at),
+                (_, 3) => rows_avx2::<3>(at),
+                (_, 2) => rows_avx2::<2>(at),
+                (_, _) => rows_avx2::<1>(at),
             }
         }
     })
@@ -235,19 +311,16 @@ pub(crate) fn portable(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
     out
 }
 
+/// Where a row group's products go: the tile column's blocks, the
+/// activations, blocks per row, the first row, the output, its width and
+/// the tile's first column.
+type At<'a> = (&'a [Tile], &'a [Act], usize, usize, *mut f32, usize, usize);
+
 /// `R` activation rows from `row` against one tile column: writes
 /// `dst[(row + r) * n + col .. + 16]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn rows<const R: usize>(
-    blocks: &[Tile],
-    acts: &[Act],
-    kb: usize,
-    row: usize,
-    dst: *mut f32,
-    n: usize,
-    col: usize,
-) {
+unsafe fn rows<const R: usize>((blocks, acts, kb, row, dst, n, col): At<'_>) {
     use std::arch::x86_64::*;
     let mut sums = [_mm512_setzero_ps(); R];
     for (b, tile) in blocks.iter().enumerate() {
@@ -277,9 +350,71 @@ unsafe fn rows<const R: usize>(
     }
 }
 
+/// [`rows`] with AVX2. `vpmaddubsw` multiplies unsigned bytes by signed
+/// ones into saturating 16-bit pair sums, so the stored `q + 128` (up to
+/// 255, times a quant of up to 127, twice: 64,770) would saturate; instead
+/// the weights go back to signed `q` and take the activation's sign, and the
+/// activation its absolute value (as llama.cpp does without VNNI): pairs
+/// then stay within 2 x 127 x 127. `vpmaddwd` by ones widens the pairs to
+/// the same 4-input sums `vpdpbusd` makes, which are exact, so the results
+/// equal [`rows`]'s. (A weight quant of -128, which GGML's quantizer never
+/// writes, would come out as +128 here.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2<const R: usize>((blocks, acts, kb, row, dst, n, col): At<'_>) {
+    use std::arch::x86_64::*;
+    let flip = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    // [row][half of the tile's 16 outputs]
+    let mut sums = [[_mm256_setzero_ps(); 2]; R];
+    for (b, tile) in blocks.iter().enumerate() {
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        for g in 0..BLOCK / 4 {
+            // SAFETY: qs holds 8 groups of 64 bytes: outputs 0-7, then 8-15.
+            let (w0, w1) = unsafe {
+                let at = tile.qs.as_ptr().add(g * 64);
+                (
+                    _mm256_xor_si256(_mm256_loadu_si256(at as *const _), flip),
+                    _mm256_xor_si256(_mm256_loadu_si256(at.add(32) as *const _), flip),
+                )
+            };
+            for r in 0..R {
+                let a = &acts[(row + r) * kb + b].qs;
+                // SAFETY: g * 4 + 4 <= 32; the 4 quants are read as one lane.
+                let a4 = _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32) });
+                let mag = _mm256_sign_epi8(a4, a4);
+                let p0 = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w0, a4));
+                let p1 = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(w1, a4));
+                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
+                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
+            }
+        }
+        for h in 0..2 {
+            // SAFETY: d holds 16 f32.
+            let dw = unsafe { _mm256_loadu_ps(tile.d.as_ptr().add(h * 8)) };
+            for r in 0..R {
+                let a = &acts[(row + r) * kb + b];
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
+                sums[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), scale, sums[r][h]);
+            }
+        }
+    }
+    for (r, s) in sums.iter().enumerate() {
+        for (h, s) in s.iter().enumerate() {
+            // SAFETY: the caller gives rows < m and col + 16 <= n of an m x n buffer.
+            unsafe { _mm256_storeu_ps(dst.add((row + r) * n + col + h * 8), *s) };
+        }
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn rows<const R: usize>(_: &[Tile], _: &[Act], _: usize, _: usize, _: *mut f32, _: usize, _: usize) {
-    unreachable!("vnni::matmul is only called where vnni::available() holds")
+unsafe fn rows<const R: usize>(_: At<'_>) {
+    unreachable!("vnni::matmul runs SIMD only where Simd::runs_here holds")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn rows_avx2<const R: usize>(_: At<'_>) {
+    unreachable!("vnni::matmul runs SIMD only where Simd::runs_here holds")
 }
 
 #[cfg(test)]
@@ -288,15 +423,12 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    /// The same product through candle's own Q8_0 kernels and through ours.
-    /// Widths are kept off multiples of 256, where candle itself switches to
-    /// its VNNI path with coarser activation scales.
+    /// The same product through candle's own Q8_0 kernels and through ours,
+    /// on every path this CPU runs. Widths are kept off multiples of 256,
+    /// where candle itself switches to its VNNI path with coarser activation
+    /// scales.
     #[test]
     fn matches_candle_on_odd_widths_and_row_counts() {
-        if !available() {
-            eprintln!("no AVX-512 VNNI here: kernel not exercised");
-            return;
-        }
         let dev = Device::Cpu;
         for (n, k) in [(48, 576), (16, 32), (64, 896), (32, 1568)] {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
@@ -308,47 +440,68 @@ mod tests {
                 let want = reference.forward(&x).expect("forward").flatten_all().expect("flat");
                 let want: Vec<f32> = want.to_vec1().expect("vec");
                 let xs: Vec<f32> = x.flatten_all().expect("flat").to_vec1().expect("vec");
-                let got = matmul(&packed, &xs, m);
                 let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    // f16 vs f32 activation scales: ~1e-3 relative.
-                    assert!((g - w).abs() <= 2e-3 * scale, "{n}x{k} m={m} [{i}]: {g} vs {w}");
+                for simd in Simd::here() {
+                    let got = matmul_on(simd, &packed, &xs, m);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        // f16 vs f32 activation scales: ~1e-3 relative.
+                        assert!(
+                            (g - w).abs() <= 2e-3 * scale,
+                            "{simd:?} {n}x{k} m={m} [{i}]: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }
     }
 
-    /// The fallback for CPUs without VNNI gives the kernel's numbers.
+    /// Every path gives the portable path's numbers exactly, for every row
+    /// count a tile column takes at once, and extreme quants on both sides.
     #[test]
-    fn portable_path_gives_the_same_numbers() {
+    fn every_path_gives_the_same_numbers() {
         let dev = Device::Cpu;
-        let (n, k, m) = (32, 576, 3);
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
+        let (n, k) = (32, 576);
+        let mut w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
+        // Whole blocks of one sign reach quants of +-127 everywhere.
+        let sign: Vec<f32> = (0..n * k).map(|i| if (i / 32) % 3 == 0 { 4.0 } else { 1.0 }).collect();
+        w = (w.abs().expect("abs") * Tensor::from_vec(sign, (n, k), &dev).expect("t")).expect("mul");
         let qt = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantizes");
         let packed = Packed::from_q8_0(&qt.data().expect("data"), n, k).expect("packs");
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)
-            .expect("randn")
-            .flatten_all()
-            .expect("flat")
-            .to_vec1()
-            .expect("vec");
-        let slow = portable(&packed, &quantize(&x), m);
-        if available() {
-            assert_eq!(slow, matmul(&packed, &x, m));
+        for m in 1..=9 {
+            let mut x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &dev)
+                .expect("randn")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("vec");
+            // Blocks of -1 and +1 reach -127 and 127; zeros stay zero.
+            for (i, v) in x.iter_mut().enumerate() {
+                match (i / 32) % 5 {
+                    1 => *v = -1.0,
+                    2 => *v = 1.0,
+                    3 => *v = 0.0,
+                    _ => {}
+                }
+            }
+            let slow = portable(&packed, &quantize(&x), m);
+            for simd in Simd::here() {
+                assert_eq!(slow, matmul_on(simd, &packed, &x, m), "{simd:?} m={m}");
+            }
         }
-        let reference = QMatMul::from_qtensor(qt).expect("qmatmul");
-        let xt = Tensor::from_vec(x, (m, k), &dev).expect("tensor");
-        let want: Vec<f32> = reference
-            .forward(&xt)
-            .expect("forward")
-            .flatten_all()
-            .expect("flat")
-            .to_vec1()
-            .expect("vec");
-        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-        for (g, w) in slow.iter().zip(&want) {
-            assert!((g - w).abs() <= 2e-3 * scale, "{g} vs {w}");
+    }
+
+    /// A path this CPU lacks is never executed: asking for it gives the
+    /// portable numbers.
+    #[test]
+    fn a_missing_instruction_set_falls_back() {
+        assert!(Simd::Portable.runs_here());
+        assert_eq!(Simd::best().or_portable(), Simd::best());
+        for simd in [Simd::Avx2, Simd::Avx512Vnni] {
+            if !simd.runs_here() {
+                assert_eq!(simd.or_portable(), Simd::Portable);
+            }
         }
+        assert_eq!(available(), Simd::best() != Simd::Portable);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! * **Format.** candle has SIMD dot products for Q4_0, Q8_0 and the
 //!   K-quants, but only scalar code for Q4_1, Q5_0 and Q5_1, which the default
 //!   pool's files use (SmolLM2 is Q4_1 throughout; Qwen and Gemma use Q5_0 for
-//!   many matrices). Where the CPU has AVX-512 VNNI those are multiplied as
-//!   stored by our own kernel ([`tessera_kernels::lowbit`]): a decode step
+//!   many matrices). Where the CPU has AVX-512 VNNI or AVX2 those are
+//!   multiplied as stored by our own kernel ([`tessera_kernels::lowbit`]): a decode step
 //!   reads every weight once, so 5-6 bits per weight instead of a Q8_0
 //!   copy's 8.5 is that much less memory traffic. Elsewhere they are
 //!   re-encoded once at load as Q8_0 for candle's SIMD path: every
@@ -15,12 +15,13 @@
 //!   other rows of the call. candle multiplies a single row of Q6_K by a
 //!   different kernel (and float summation order) than several rows; a
 //!   single row is therefore sent with a zero row beside it.
-//! * **Kernel.** Q8_0 matrices go to our AVX-512 VNNI kernel
-//!   ([`tessera_kernels::vnni`]) where the CPU has it: candle's own VNNI path needs
-//!   input widths that are multiples of 256, which the default pool's hidden
-//!   sizes are not, and its one-row-at-a-time AVX2 fallback was 70% of all
-//!   inference time. K-quants, other CPUs and other devices stay on candle's
-//!   `QMatMul`.
+//! * **Kernel.** Q8_0 matrices go to our kernel ([`tessera_kernels::vnni`],
+//!   AVX-512 VNNI or AVX2, whichever the CPU has): candle's own VNNI path
+//!   needs input widths that are multiples of 256, which the default pool's
+//!   hidden sizes are not, and its one-row-at-a-time AVX2 path was 70% of
+//!   all inference time. Ours shares each weight load among up to four
+//!   activation rows, so without AMX it also carries prompt passes.
+//!   K-quants, other CPUs and other devices stay on candle's `QMatMul`.
 //! * **Prompts on tiles.** A prompt pass of 16 or more rows goes to the AMX
 //!   bf16 tile kernel ([`tessera_kernels::amx::matmul_bf16`]) where the CPU
 //!   and OS allow it, on a bf16 copy of the weights made at load (2 bytes
