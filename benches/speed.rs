@@ -117,24 +117,36 @@ fn main() {
     println!("threads: {threads} (candle's pool and llama.cpp's n_threads)");
     println!("AMX bf16 tiles: {}", tessera_kernels::amx::bf16_available());
     println!(
+        "packed kernels (Q8_0, Q4_1/Q5_x): {:?}; the fallback columns: {}",
+        tessera_kernels::vnni::Simd::best(),
+        match tessera_kernels::amx::bf16_available() {
+            true => "without the tiles",
+            false => "candle's kernels (no packed kernels)",
+        }
+    );
+    println!(
         "{:<28} {:>7} {:>12} {:>12} {:>12} {:>7} {:>12} {:>12} {:>12} {:>7}",
         "member",
         "prompt",
         "prefill t/s",
-        "no tiles",
+        "fallback",
         "llama.cpp",
         "ratio",
         "decode t/s",
-        "no tiles",
+        "fallback",
         "llama.cpp",
         "ratio"
     );
     for (id, file) in gguf_members(&paths) {
-        // The same model on the fallback kernels (VNNI / candle), in the
-        // same run, then on the tiles.
+        // The same model on the fallback kernels, in the same run, then
+        // on the best: without the tiles where the CPU has AMX, else
+        // without the packed kernels (candle's own).
+        let tiles = tessera_kernels::amx::bf16_available();
         tessera_kernels::amx::set_allowed(false);
+        tessera_kernels::vnni::set_allowed(tiles);
         let (fpf, fdc, _) = ours(&file, &prompt);
         tessera_kernels::amx::set_allowed(true);
+        tessera_kernels::vnni::set_allowed(true);
         let (pf, dc, n) = ours(&file, &prompt);
         let (lpf, ldc) = llama_cpp(&file, &prompt_file, threads).map_or((f64::NAN, f64::NAN), |x| x);
         println!(

@@ -71,6 +71,22 @@ pub fn scratch(tag: &str) -> PathBuf {
     d
 }
 
+/// Removes `dir` when dropped, unless the test is failing (a panic is
+/// unwinding), when it stays for inspection. Tests that write models
+/// (trained, merged, exported: hundreds of MB each) hold one, so that a
+/// run's disk use peaks at what its running tests hold rather than at the
+/// sum of every test's output: CI's disk once filled up with it.
+#[must_use = "the folder is removed when this is dropped"]
+pub struct RemovedAfter(pub PathBuf);
+
+impl Drop for RemovedAfter {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// Removes the scratch folders earlier test runs left in the temp dir
 /// (`tessera-...-PID` whose process is gone): trained specialists, merged
 /// and exported models make one run's folders several GB, and a machine

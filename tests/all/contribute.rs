@@ -40,6 +40,7 @@ fn weights_sha(dir: &Path) -> String {
 #[tokio::test]
 async fn a_contributor_trains_a_model_adds_it_to_a_pool_and_it_answers_as_trained() {
     let dir = scratch("contribute-e2e");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let data = dir.join("secret.jsonl");
     std::fs::write(&data, SECRET_DATA).unwrap();
     let out = dir.join("secret-keeper");
@@ -163,6 +164,7 @@ fn lora() -> TrainMethod {
 #[test]
 fn an_interrupted_run_resumes_to_the_same_weights_bit_for_bit() {
     let dir = scratch("contribute-resume");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let data = dir.join("d.jsonl");
     std::fs::write(&data, SECRET_DATA).unwrap();
 
@@ -217,6 +219,7 @@ fn an_interrupted_run_resumes_to_the_same_weights_bit_for_bit() {
 #[test]
 fn full_fine_tuning_trains_every_weight_and_lowers_the_loss() {
     let dir = scratch("contribute-full");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let data = dir.join("d.jsonl");
     std::fs::write(&data, SECRET_DATA).unwrap();
     let mut o = small_opts(&data, &dir.join("out"), TrainMethod::Full);
@@ -235,6 +238,7 @@ fn full_fine_tuning_trains_every_weight_and_lowers_the_loss() {
 #[test]
 fn bad_data_options_and_tampered_folders_are_named() {
     let dir = scratch("contribute-bad");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let s = |p: &Path| p.display().to_string();
     let data = dir.join("d.jsonl");
     std::fs::write(
@@ -348,6 +352,7 @@ fn training_slices_never_contain_an_evaluated_item() {
     // too long for a training window, are training data.
     assert!(total > 9_000 && total <= 14_042 - 570, "{total}");
     let dir = scratch("contribute-slices");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let out = dir.join("nq.jsonl");
     let (ok, stdout, err) = tessera(&[
         "contribute",
@@ -384,6 +389,7 @@ async fn a_lora_adapter_ships_apart_from_its_base_and_loads_as_the_merged_model(
     // The same run as the shared "secret" specialist (same data, options and
     // seed), written as an adapter: it must be that model, in a few MB.
     let dir = scratch("adapter");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let (secret, password) = crate::common::specialists().clone();
     let data = dir.join("secret.jsonl");
     std::fs::write(&data, SECRET_DATA).unwrap();
@@ -458,6 +464,7 @@ async fn the_top_layers_train_over_the_quantized_trunk_and_answer_as_trained() {
     // `--top-layers`: adapters on SmolLM2's last 4 of 30 layers, the 26
     // below run on the member's quantized weights (the trunk).
     let dir = scratch("contribute-top");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let data = dir.join("secret.jsonl");
     std::fs::write(&data, SECRET_DATA).unwrap();
     let paths = tessera::Paths::from_env();

@@ -44,6 +44,7 @@ fn hf_member(id: &str, dir: &Path) -> String {
 #[tokio::test]
 async fn exported_members_load_from_hugging_face_directories_and_agree_with_gguf() {
     let dir = scratch("hf-dirs");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let (smol_dir, qwen_dir) = (dir.join("smol"), dir.join("qwen"));
     export(SMOL, &smol_dir);
     export(QWEN, &qwen_dir);
@@ -120,6 +121,7 @@ async fn exported_members_load_from_hugging_face_directories_and_agree_with_gguf
 #[test]
 fn broken_directories_are_named() {
     let dir = scratch("hf-broken");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let load = |d: &Path| {
         tessera::backends::gguf::GgufModel::load_hf("x", d, &candle_core::Device::Cpu)
             .err()
@@ -154,6 +156,7 @@ fn broken_directories_are_named() {
 #[tokio::test]
 async fn hostile_chat_templates_in_a_real_model_end_quickly_and_the_member_still_serves() {
     let dir = scratch("hf-hostile-template").join("smol");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     export(SMOL, &dir);
     let found = include_bytes!("../../fuzz/regressions/template-repeated-string-in-loop.bin");
     let found = String::from_utf8_lossy(found.split(|b| *b == 0).next().unwrap_or_default()).into_owned();

@@ -58,6 +58,7 @@ async fn answers(dir: &Path, id: &str, folder: &Path, questions: &[&str]) -> Vec
 #[tokio::test]
 async fn a_ties_merge_of_two_specialists_knows_what_each_learned() {
     let dir = scratch("merge-e2e");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let (secret, password) = specialists().clone();
     let s = |p: &Path| p.display().to_string();
     let (ok, stdout, err) = tessera(&[
@@ -122,6 +123,7 @@ async fn a_ties_merge_of_two_specialists_knows_what_each_learned() {
 #[test]
 fn merges_that_cannot_work_are_refused_by_name() {
     let dir = scratch("merge-bad");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let s = |p: &Path| p.display().to_string();
     let (ok, _, err) = tessera(&[
         "merge",
@@ -208,6 +210,7 @@ fn against_mergekit(compute: &dyn tessera::merge::compute::Compute, tag: &str) -
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     assert_eq!(cases.len(), 8, "every method has a case");
     let out = scratch(&format!("mergekit-{tag}"));
+    let _removed = crate::common::RemovedAfter(out.clone());
     let mut worst = Vec::new();
     for case in cases {
         let name = case["name"].as_str().unwrap().to_string();
@@ -313,6 +316,7 @@ fn the_gpu_keeps_exactly_the_entries_the_cpu_keeps() {
 #[test]
 fn the_cli_merges_on_the_device_asked_for_and_names_it() {
     let dir = scratch("merge-device");
+    let _removed = crate::common::RemovedAfter(dir.clone());
     let f = mergekit_dir();
     let s = |p: &Path| p.display().to_string();
     let merge = |device: &str, out: &str| {

@@ -341,11 +341,13 @@ impl Rows<'_> {
     }
 
     /// [`Rows::run`] with AVX2. The weights' quants are unsigned and below
-    /// 32, so `vpmaddubsw`'s 16-bit pair sums (at most 2 x 31 x 127) never
-    /// saturate, and `vpmaddwd` by ones widens them to the exact 4-input
-    /// sums `vpdpbusd` makes: the results equal [`Rows::run`]'s. Fifth bits
-    /// are spread from a 32-bit mask to 32 bytes by a byte shuffle and a
-    /// compare against each byte's bit.
+    /// 32, so `vpmaddubsw`'s 16-bit pair sums are at most 2 x 31 x 127 =
+    /// 7,874 and four of them add up in 16 bits without overflow: each
+    /// `vpmaddwd` by ones then widens 16 inputs' worth of exact sums, a
+    /// quarter of the widening instructions one per product would cost. The
+    /// block's integer sums are exact either way, so the results equal
+    /// [`Rows::run`]'s. Fifth bits are spread from a 32-bit mask to 32
+    /// bytes by a byte shuffle and a compare against each byte's bit.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2<const R: usize, const FIVE: bool>(&self) {
@@ -364,37 +366,47 @@ impl Rows<'_> {
             let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
             _mm256_and_si256(set, bit4)
         };
+        // The 4 quants of group `g` of row `r` of this block, broadcast.
+        let act = |r: usize, b: usize, g: usize| {
+            let a = &self.acts[(self.row + r) * kb + b].qs;
+            // SAFETY: g < 8, so g * 4 + 4 <= 32; 4 quants read as one lane.
+            _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32) })
+        };
         // [row][half of the tile's 16 outputs]
         let mut sums = [[_mm256_setzero_ps(); 2]; R];
         for b in 0..kb {
             let tb = self.t * kb + b;
             let tile = &w.tiles[tb];
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
-            for g in 0..4 {
-                for h in 0..2 {
-                    // SAFETY: `lo` holds 4 groups of 64 bytes: outputs 0-7,
-                    // then 8-15.
-                    let raw = unsafe { _mm256_loadu_si256(tile.lo.as_ptr().add(g * 64 + h * 32) as *const _) };
-                    let mut low = _mm256_and_si256(raw, nibble);
-                    let mut high = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
-                    if FIVE {
-                        let bits = &w.fifth[tb];
-                        low = _mm256_or_si256(low, fifth(bits[g] >> (32 * h)));
-                        high = _mm256_or_si256(high, fifth(bits[g + 4] >> (32 * h)));
+            for h in 0..2 {
+                for pair in [0, 2] {
+                    // Groups `pair`, `pair + 1` (low nibbles) and the same
+                    // plus 4 (high nibbles) of outputs 8h..8h + 8.
+                    let mut q = [_mm256_setzero_si256(); 4];
+                    for (i, g) in [pair, pair + 1].into_iter().enumerate() {
+                        // SAFETY: `lo` holds 4 groups of 64 bytes: outputs
+                        // 0-7, then 8-15.
+                        let raw = unsafe { _mm256_loadu_si256(tile.lo.as_ptr().add(g * 64 + h * 32) as *const _) };
+                        q[2 * i] = _mm256_and_si256(raw, nibble);
+                        q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
+                        if FIVE {
+                            let bits = &w.fifth[tb];
+                            q[2 * i] = _mm256_or_si256(q[2 * i], fifth(bits[g] >> (32 * h)));
+                            q[2 * i + 1] = _mm256_or_si256(q[2 * i + 1], fifth(bits[g + 4] >> (32 * h)));
+                        }
                     }
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let a = &self.acts[(self.row + r) * kb + b].qs;
-                        // SAFETY: (g + 4) * 4 + 4 <= 32; 4 quants read as one lane.
-                        let (a_low, a_high) = unsafe {
-                            (
-                                std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32),
-                                std::ptr::read_unaligned(a.as_ptr().add((g + 4) * 4) as *const i32),
-                            )
-                        };
-                        let p_low = _mm256_maddubs_epi16(low, _mm256_set1_epi32(a_low));
-                        let p_high = _mm256_maddubs_epi16(high, _mm256_set1_epi32(a_high));
-                        let both = _mm256_add_epi32(_mm256_madd_epi16(p_low, ones), _mm256_madd_epi16(p_high, ones));
-                        acc[h] = _mm256_add_epi32(acc[h], both);
+                        let s = _mm256_add_epi16(
+                            _mm256_add_epi16(
+                                _mm256_maddubs_epi16(q[0], act(r, b, pair)),
+                                _mm256_maddubs_epi16(q[1], act(r, b, pair + 4)),
+                            ),
+                            _mm256_add_epi16(
+                                _mm256_maddubs_epi16(q[2], act(r, b, pair + 1)),
+                                _mm256_maddubs_epi16(q[3], act(r, b, pair + 5)),
+                            ),
+                        );
+                        acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(s, ones));
                     }
                 }
             }
@@ -537,6 +549,31 @@ mod tests {
                     all[r * n..(r + 1) * n],
                     "{simd:?} row {r}"
                 );
+            }
+        }
+    }
+
+    /// The largest quants on both sides (31 or 15 against +-127 in every
+    /// lane: the 16-bit sums of the AVX2 path at their bound) give the
+    /// portable numbers on every path.
+    #[test]
+    fn extreme_quants_give_the_same_numbers_on_every_path() {
+        let (n, k) = (32, 256);
+        // One 0 per block and the rest at the block's maximum: every other
+        // quant is the format's largest.
+        let w: Vec<f32> = (0..n * k).map(|i| if i % 32 == 0 { 0.0 } else { 1.0 }).collect();
+        let w = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
+        // Blocks of +1 and of -1 quantize to +-127 throughout.
+        let x: Vec<f32> = (0..4 * k).map(|i| if (i / 32) % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1] {
+            let qt = QTensor::quantize(&w, dtype).expect("quantizes");
+            let packed = Packed::new(format_of(dtype), &qt.data().expect("data"), n, k).expect("packs");
+            for m in 1..=4 {
+                let x = &x[..m * k];
+                let slow = portable(&packed, &vnni::quantize(x), m);
+                for simd in Simd::here() {
+                    assert_eq!(slow, matmul_on(simd, &packed, x, m), "{simd:?} {dtype:?} m={m}");
+                }
             }
         }
     }

@@ -129,10 +129,21 @@ impl Simd {
     }
 }
 
+static ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Allows or forbids the packed kernels for this process (default:
+/// allowed). With `false`, [`available`] says no, so models loaded from
+/// then on multiply on candle's kernels: benches compare both on one
+/// machine with it.
+pub fn set_allowed(allowed: bool) {
+    ALLOWED.store(allowed, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether this CPU runs the packed kernels with SIMD (AVX-512 VNNI or
-/// AVX2); where it does not they still give the same numbers, slowly.
+/// AVX2) and they are allowed ([`set_allowed`]); where the CPU has
+/// neither they still give the same numbers, slowly.
 pub fn available() -> bool {
-    Simd::best() != Simd::Portable
+    ALLOWED.load(std::sync::atomic::Ordering::Relaxed) && Simd::best() != Simd::Portable
 }
 
 /// Whether a `n x k` matrix fits the tile layout.
@@ -501,7 +512,6 @@ mod tests {
                 assert_eq!(simd.or_portable(), Simd::Portable);
             }
         }
-        assert_eq!(available(), Simd::best() != Simd::Portable);
     }
 
     #[test]

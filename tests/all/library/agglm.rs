@@ -16,6 +16,7 @@ fn request(ex: &tessera::sandbox::Example) -> RunRequest {
 #[tokio::test]
 async fn agglm_trains_its_aggregator_in_fit_keeps_it_and_aggregates_with_it_after_a_restart() {
     let paths = scratch_paths("agglm");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     let rt = keeping(&paths, 2);
     let m = rt.load_module("agglm").expect("agglm is installed (run `make setup`)");
     let test = arc_easy(20, 1).remove(0);

@@ -73,6 +73,7 @@ async fn cascade_threshold_above_one_escalates_through_every_member_in_cost_orde
 #[tokio::test]
 async fn cascade_fit_picks_a_threshold_that_survives_a_restart() {
     let paths = scratch_paths("cascade");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     let rt = fresh_runtime(&paths);
     let m = rt.load_module("cascade").unwrap();
     let config = [("dev_max_tokens".to_string(), "8".to_string())].into();

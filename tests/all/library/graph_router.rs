@@ -22,6 +22,7 @@ fn request() -> RunRequest {
 #[tokio::test]
 async fn graph_router_fits_persists_and_routes_to_the_highest_scoring_member() {
     let paths = scratch_paths("graph-router");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     let rt = fresh_runtime(&paths);
     let m = rt.load_module("graph-router").unwrap();
 

@@ -100,6 +100,7 @@ fn check_levels(out: &RunOutcome) {
 #[tokio::test]
 async fn heterogeneous_swarm_fit_stores_a_graph_that_run_executes_after_a_restart() {
     let paths = scratch_paths("swarm-fit");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     let rt = fresh_runtime(&paths);
     let m = rt.load_module("heterogeneous-swarm").unwrap();
 

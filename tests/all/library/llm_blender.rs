@@ -118,6 +118,7 @@ async fn llm_blender_judges_every_pair_once_then_fuses_the_top_k() {
 #[tokio::test]
 async fn llm_blender_fit_picks_the_ranker_across_a_restart_and_top_k_1_skips_fusion() {
     let paths = scratch_paths("llm-blender-fit");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     let rt = fresh_runtime(&paths);
     let m = rt.load_module("llm-blender").unwrap();
     let config: BTreeMap<String, String> = [("fit_max_tokens".to_string(), "4".to_string())].into();

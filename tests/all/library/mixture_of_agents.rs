@@ -151,6 +151,7 @@ async fn mixture_of_agents_rejects_bad_hyperparameters_by_name() {
 #[tokio::test]
 async fn mixture_of_agents_aggregator_is_the_best_dev_member_after_a_restart() {
     let paths = scratch_paths("mixture-of-agents-fit");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     {
         let rt = fresh_runtime(&paths);
         let m = rt.load_module(NAME).unwrap();

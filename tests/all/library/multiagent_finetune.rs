@@ -27,6 +27,7 @@ fn request(ex: &tessera::sandbox::Example) -> RunRequest {
 #[tokio::test]
 async fn multiagent_finetune_tunes_every_agents_generator_and_critic_on_its_own_agreeing_outputs() {
     let paths = scratch_paths("maft");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     let policy = Policy {
         keep_trained: 4,
         ..Policy::default()

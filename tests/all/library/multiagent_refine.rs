@@ -122,6 +122,7 @@ async fn multiagent_refine_rejects_bad_hyperparameters_by_name() {
 #[tokio::test]
 async fn multiagent_refine_summariser_is_the_best_dev_member_after_a_restart() {
     let paths = scratch_paths("multiagent-refine-fit");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     {
         let rt = fresh_runtime(&paths);
         let m = rt.load_module(NAME).unwrap();

@@ -144,6 +144,7 @@ async fn slm_mux_answers_with_the_most_self_consistent_member() {
 #[tokio::test]
 async fn slm_mux_fit_learns_dev_accuracy_that_breaks_ties() {
     let paths = scratch_paths("slm-mux");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     let rt = fresh_runtime(&paths);
     let m = rt.load_module("slm-mux").unwrap();
     let dev = arc_easy(0, 2);

@@ -23,6 +23,7 @@ fn settings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 #[tokio::test]
 async fn sparta_duels_on_dev_trains_by_dpo_on_the_verdicts_and_answers_with_the_best_trained_member() {
     let paths = scratch_paths("sparta");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     let rt = keeping(&paths, 1);
     let m = rt
         .load_module("sparta")

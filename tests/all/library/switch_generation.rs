@@ -133,6 +133,7 @@ async fn switch_generation_rejects_bad_hyperparameters_by_name() {
 #[tokio::test]
 async fn switch_generation_selector_is_the_best_dev_member_after_a_restart() {
     let paths = scratch_paths("switch-generation-fit");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     {
         let rt = fresh_runtime(&paths);
         let m = rt.load_module(NAME).unwrap();

@@ -21,6 +21,7 @@ fn request(ex: &tessera::sandbox::Example) -> RunRequest {
 #[tokio::test]
 async fn trained_router_fits_persists_and_routes_with_the_classifier_after_a_restart() {
     let paths = scratch_paths("trained-router");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
     let rt = fresh_runtime(&paths);
     let m = rt.load_module("trained-router").unwrap();
     let test = arc_easy(6, 1).remove(0);
