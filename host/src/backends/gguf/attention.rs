@@ -283,6 +283,25 @@ pub(super) fn gated(gate: &Tensor, up: &Tensor, act: Gate) -> Result<Tensor> {
     }
 }
 
+/// A gated feed-forward block, `down(act(gate h) * up h)`, each projection
+/// on the kernel a prompt chunk of `chunk_rows` rows takes
+/// ([`super::quant::Linear::forward_chunk`]; 1 for a decode step's kernel).
+pub(super) fn feed_forward(
+    gate: &super::quant::Linear,
+    up: &super::quant::Linear,
+    down: &super::quant::Linear,
+    h: &Tensor,
+    act: Gate,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    let ff = gated(
+        &gate.forward_chunk(h, chunk_rows)?,
+        &up.forward_chunk(h, chunk_rows)?,
+        act,
+    )?;
+    down.forward_chunk(&ff, chunk_rows)
+}
+
 /// The candle op of [`gated`].
 struct Gated(Gate);
 

@@ -25,7 +25,7 @@ use super::quant::Linear;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::attention::{attend, attend_rows, embedding_and_output, gated, Gate, LayerKv, Meta, Rope};
+use super::attention::{attend, attend_rows, embedding_and_output, feed_forward, Gate, LayerKv, Meta, Rope};
 
 /// Rotary base of the sliding-window (local) layers.
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
@@ -60,12 +60,7 @@ impl Layer {
         let attn = self.o.forward_chunk(attn, chunk_rows)?;
         let x_attn = (candle_nn::ops::rms_norm(&attn, &self.post_attn_norm, eps)? + x)?;
         let h = candle_nn::ops::rms_norm(&x_attn, &self.ffn_norm, eps)?;
-        let ff = gated(
-            &self.gate.forward_chunk(&h, chunk_rows)?,
-            &self.up.forward_chunk(&h, chunk_rows)?,
-            Gate::GeluTanh,
-        )?;
-        let ff = self.down.forward_chunk(&ff, chunk_rows)?;
+        let ff = feed_forward(&self.gate, &self.up, &self.down, &h, Gate::GeluTanh, chunk_rows)?;
         candle_nn::ops::rms_norm(&ff, &self.post_ffn_norm, eps)? + x_attn
     }
 }
@@ -225,12 +220,7 @@ impl Gemma3 {
                 .forward_decode(&attend_rows(&q, &k, &v, &mut caches, pos, layer.window)?)?;
             let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let ff = gated(
-                &layer.gate.forward_decode(&h)?,
-                &layer.up.forward_decode(&h)?,
-                Gate::GeluTanh,
-            )?;
-            let ff = layer.down.forward_decode(&ff)?;
+            let ff = feed_forward(&layer.gate, &layer.up, &layer.down, &h, Gate::GeluTanh, 1)?;
             x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
         }
         let last = candle_nn::ops::rms_norm(&x.squeeze(1)?, &self.norm, eps)?;
@@ -404,12 +394,7 @@ impl Gemma3 {
             let attn = layer.o.forward_decode(&Tensor::cat(&rows, 1)?)?;
             let x_attn = (candle_nn::ops::rms_norm(&attn, &layer.post_attn_norm, eps)? + &x)?;
             let h = candle_nn::ops::rms_norm(&x_attn, &layer.ffn_norm, eps)?;
-            let ff = gated(
-                &layer.gate.forward_decode(&h)?,
-                &layer.up.forward_decode(&h)?,
-                Gate::GeluTanh,
-            )?;
-            let ff = layer.down.forward_decode(&ff)?;
+            let ff = feed_forward(&layer.gate, &layer.up, &layer.down, &h, Gate::GeluTanh, 1)?;
             x = (candle_nn::ops::rms_norm(&ff, &layer.post_ffn_norm, eps)? + x_attn)?;
         }
         let all = candle_nn::ops::rms_norm(&x.reshape((t, ()))?, &self.norm, eps)?;

@@ -20,7 +20,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 pub use super::attention::LayerKv;
-use super::attention::{attend, attend_rows, embedding_and_output, gated, Gate, Meta, Rope};
+use super::attention::{attend, attend_rows, embedding_and_output, feed_forward, Gate, Meta, Rope};
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -62,12 +62,7 @@ impl Layer {
     fn finish_chunk(&self, x: &Tensor, attn: &Tensor, eps: f32, chunk_rows: usize) -> Result<Tensor> {
         let h = (self.o.forward_chunk(attn, chunk_rows)? + x)?;
         let m = candle_nn::ops::rms_norm(&h, &self.ffn_norm, eps)?;
-        let ff = gated(
-            &self.gate.forward_chunk(&m, chunk_rows)?,
-            &self.up.forward_chunk(&m, chunk_rows)?,
-            Gate::Silu,
-        )?;
-        self.down.forward_chunk(&ff, chunk_rows)? + h
+        feed_forward(&self.gate, &self.up, &self.down, &m, Gate::Silu, chunk_rows)? + h
     }
 }
 
@@ -242,12 +237,7 @@ impl Llama {
             let attn = attend_rows(&q, &k, &v, &mut caches, pos, None)?;
             let h = (layer.o.forward_decode(&attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = gated(
-                &layer.gate.forward_decode(&m)?,
-                &layer.up.forward_decode(&m)?,
-                Gate::Silu,
-            )?;
-            x = (layer.down.forward_decode(&ff)? + h)?;
+            x = (feed_forward(&layer.gate, &layer.up, &layer.down, &m, Gate::Silu, 1)? + h)?;
         }
         let last = candle_nn::ops::rms_norm(&x.squeeze(1)?, &self.norm, eps)?;
         self.output.forward_decode(&last)?.to_dtype(DType::F32)
@@ -430,12 +420,7 @@ impl Llama {
             let attn = Tensor::cat(&rows, 1)?;
             let h = (layer.o.forward_decode(&attn)? + &x)?;
             let m = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, eps)?;
-            let ff = gated(
-                &layer.gate.forward_decode(&m)?,
-                &layer.up.forward_decode(&m)?,
-                Gate::Silu,
-            )?;
-            x = (layer.down.forward_decode(&ff)? + h)?;
+            x = (feed_forward(&layer.gate, &layer.up, &layer.down, &m, Gate::Silu, 1)? + h)?;
         }
         let all = candle_nn::ops::rms_norm(&x.reshape((t, ()))?, &self.norm, eps)?;
         self.output.forward_decode(&all)?.to_dtype(DType::F32)
