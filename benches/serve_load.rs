@@ -506,36 +506,59 @@ fn pipeline_peer(paths: &Paths, prompts: &[String]) -> Option<serde_json::Value>
     serde_json::from_slice(&out.stdout).ok()
 }
 
-async fn composed(rt: Arc<Runtime>, paths: &Paths) {
-    let task = tessera::tasks::Task::load(paths, "arc-easy").expect("ARC-Easy (make setup fetches the tasks)");
-    let prompts: Vec<String> = task.test().iter().take(COMPOSED).map(|i| i.prompt()).collect();
-    let dir = std::env::temp_dir().join(format!("tessera-bench-composed-{}", std::process::id()));
+/// Tokens of the prompts looked up and of those reused, summed over the
+/// members' prefix caches.
+fn prefix_tokens(rt: &Runtime) -> (u64, u64) {
+    rt.models()
+        .prefix_stats()
+        .iter()
+        .fold((0, 0), |(p, r), (_, s)| (p + s.prompt_tokens, r + s.reused_tokens))
+}
+
+/// One composed run on a freshly loaded default pool behind its own
+/// server, so that no run finds the prompts of another in its prefix
+/// cache (the same 20 prompts twice would otherwise skip the second run's
+/// prefills). Prints the run's line; returns its rate.
+async fn composed_fresh(paths: &Paths, prompts: &[String], clients: usize) -> f64 {
+    let loaded = Pool::load(&PoolConfig::default_pool(), &paths.models);
+    assert!(loaded.failures.is_empty(), "run `make setup` first");
+    let rt =
+        Arc::new(Runtime::with_models(paths.clone(), loaded.pool, Policy::default(), Vec::new()).expect("runtime"));
+    let dir = std::env::temp_dir().join(format!("tessera-bench-composed-{}-{clients}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let registry = Arc::new(Registry::open(&dir).expect("registry"));
-    let served = start(rt, registry, ServeConfig::default()).await;
+    let served = start(rt.clone(), registry, ServeConfig::default()).await;
     let client = reqwest::Client::new();
     let (status, _) = vote(&client, &served.base, "Say hello.").await;
     assert_eq!(status, 200, "the majority-vote system answers (make setup installs it)");
-    let before = tessera::backends::gguf::decode::batched_steps();
-    let prefills_before = tessera::backends::gguf::decode::batched_prefills();
-    let (ms, errors, wall) = composed_run(&client, &served.base, &prompts, COMPOSED_CLIENTS).await;
+    let steps = tessera::backends::gguf::decode::batched_steps();
+    let prefills = tessera::backends::gguf::decode::batched_prefills();
+    let (prompt0, reused0) = prefix_tokens(&rt);
+    let (ms, errors, wall) = composed_run(&client, &served.base, prompts, clients).await;
+    let (prompt1, reused1) = prefix_tokens(&rt);
     let rate = ms.len() as f64 / wall;
     let (p50, p99) = stats(ms);
     println!(
-        "composed [{COMPOSED_CLIENTS} clients]: majority-vote over 3 members (k 3, 16 greedy tokens), \
-         {COMPOSED} ARC-Easy prompts: {errors} errors in {wall:.1} s = {rate:.2} req/s, p50 {p50:.0} ms, p99 {p99:.0} ms; \
-         {} batched decode steps, {} batched prefill steps",
-        tessera::backends::gguf::decode::batched_steps() - before,
-        tessera::backends::gguf::decode::batched_prefills() - prefills_before,
-    );
-    let (ms1, errors1, wall1) = composed_run(&client, &served.base, &prompts, 1).await;
-    let rate1 = ms1.len() as f64 / wall1;
-    let (p50_1, p99_1) = stats(ms1);
-    println!(
-        "composed [1 client]: {errors1} errors in {wall1:.1} s = {rate1:.2} req/s, p50 {p50_1:.0} ms, p99 {p99_1:.0} ms"
+        "composed [{clients} client{}]: majority-vote over 3 members (k 3, 16 greedy tokens), \
+         {} ARC-Easy prompts: {errors} errors in {wall:.1} s = {rate:.2} req/s, p50 {p50:.0} ms, p99 {p99:.0} ms; \
+         {} batched decode steps, {} batched prefill steps; prefix cache reused {} of {} prompt tokens",
+        if clients == 1 { "" } else { "s" },
+        prompts.len(),
+        tessera::backends::gguf::decode::batched_steps() - steps,
+        tessera::backends::gguf::decode::batched_prefills() - prefills,
+        reused1 - reused0,
+        prompt1 - prompt0,
     );
     let _ = served.stop.send(());
     let _ = std::fs::remove_dir_all(&dir);
+    rate
+}
+
+async fn composed(paths: &Paths) {
+    let task = tessera::tasks::Task::load(paths, "arc-easy").expect("ARC-Easy (make setup fetches the tasks)");
+    let prompts: Vec<String> = task.test().iter().take(COMPOSED).map(|i| i.prompt()).collect();
+    let rate1 = composed_fresh(paths, &prompts, 1).await;
+    let rate = composed_fresh(paths, &prompts, COMPOSED_CLIENTS).await;
     match pipeline_peer(paths, &prompts) {
         Some(peer) => {
             let peer_rate = peer["req_s"].as_f64().unwrap_or(f64::NAN);
@@ -568,7 +591,8 @@ fn main() {
             Arc::new(Runtime::with_models(paths.clone(), loaded.pool, Policy::default(), Vec::new()).expect("runtime"));
         if std::env::args().any(|a| a == "composed") {
             // `cargo bench ... --bench serve_load -- composed`: only this part.
-            composed(runtime, &paths).await;
+            drop((runtime, pool));
+            composed(&paths).await;
             return;
         }
         if std::env::args().any(|a| a == "attacks") {
@@ -592,6 +616,7 @@ fn main() {
         isolation(runtime.clone(), 3, "quarantine after 3 faults (as shipped)").await;
         isolation(runtime.clone(), u32::MAX, "quarantine off").await;
         attacks(runtime.clone()).await;
-        composed(runtime, &paths).await;
+        drop((runtime, pool));
+        composed(&paths).await;
     });
 }
