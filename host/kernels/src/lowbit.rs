@@ -213,6 +213,9 @@ pub fn matmul_on(simd: Simd, w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
         return portable(w, &acts, m);
     }
     let (kb, acts) = (w.k / BLOCK, &acts);
+    if simd == Simd::Avx2 && m > PREDECODE_ROWS {
+        return predecoded_avx2(w, acts, m);
+    }
     vnni::by_tiles(m, w.n, |t, row, take, dst| {
         let at = Rows {
             w,
@@ -245,6 +248,199 @@ pub fn matmul_on(simd: Simd, w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
             }
         }
     })
+}
+
+/// Above this many rows the AVX2 path unpacks each tile column's quants
+/// once into bytes and reuses them for every row group ([`predecoded_avx2`]);
+/// at or below it (decoding) every row group unpacks its own, which costs
+/// nothing extra for one group and keeps the weights' 5-6 bits the only
+/// bytes read.
+const PREDECODE_ROWS: usize = 4;
+
+/// Bytes of one block of one tile column, unpacked: 32 quants of 16 rows.
+const UNPACKED: usize = BLOCK * TILE;
+
+/// The AVX2 product for prompts. Unpacking the quants (nibbles, fifth bits)
+/// is a third of [`Rows::run_avx2`]'s instructions per row group for the
+/// Q5 formats; a prompt's many row groups share it here instead. Each
+/// worker unpacks one tile column at a time into a buffer of `k / 2` bytes
+/// per 16 outputs (L1 or L2-sized for the default pool's widths), in the
+/// order [`Rows::run_avx2`] reads its registers, then runs every row group
+/// over it with the same integer sums and the same float operations in the
+/// same order, so the numbers are those of every other path.
+fn predecoded_avx2(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
+    let kb = w.k / BLOCK;
+    let mut out = vec![0f32; m * w.n];
+    let out_at = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(w.n / TILE, |range| {
+        let mut unpacked = vec![0u8; kb * UNPACKED];
+        for t in range {
+            // SAFETY: only called where `Simd::Avx2` runs here; the buffer
+            // holds `kb` unpacked blocks.
+            unsafe { unpack_avx2(w, t, &mut unpacked) };
+            let mut row = 0;
+            while row < m {
+                let take = (m - row).min(4);
+                let at = Unpacked {
+                    w,
+                    acts,
+                    kb,
+                    t,
+                    row,
+                    q: &unpacked,
+                    // `out` outlives the pool call; tile columns are the
+                    // workers' own.
+                    dst: out_at as *mut f32,
+                };
+                // SAFETY: as above; rows < m and this tile's columns.
+                unsafe {
+                    match take {
+                        4 => at.run::<4>(),
+                        3 => at.run::<3>(),
+                        2 => at.run::<2>(),
+                        _ => at.run::<1>(),
+                    }
+                }
+                row += take;
+            }
+        }
+    });
+    out
+}
+
+/// Tile column `t`'s quants as bytes: per block, per half of the outputs
+/// (`h`), per pair of groups, the four registers [`Rows::run_avx2`] builds
+/// (groups `pair`, `pair + 4`, `pair + 1`, `pair + 5`: the order its sums
+/// use them).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_avx2(w: &Packed, t: usize, into: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let kb = w.k / BLOCK;
+    let nibble = _mm256_set1_epi8(0x0F);
+    let bit4 = _mm256_set1_epi8(0x10);
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    );
+    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let fifth = |mask: u64| {
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask as u32 as i32), spread);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
+        _mm256_and_si256(set, bit4)
+    };
+    let five = w.format.five();
+    for b in 0..kb {
+        let tb = t * kb + b;
+        let tile = &w.tiles[tb];
+        let mut at = b * UNPACKED;
+        for h in 0..2 {
+            for pair in [0, 2] {
+                for g in [pair, pair + 1] {
+                    // SAFETY: `lo` holds 4 groups of 64 bytes: outputs 0-7,
+                    // then 8-15.
+                    let raw = unsafe { _mm256_loadu_si256(tile.lo.as_ptr().add(g * 64 + h * 32) as *const _) };
+                    let mut low = _mm256_and_si256(raw, nibble);
+                    let mut high = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
+                    if five {
+                        let bits = &w.fifth[tb];
+                        low = _mm256_or_si256(low, fifth(bits[g] >> (32 * h)));
+                        high = _mm256_or_si256(high, fifth(bits[g + 4] >> (32 * h)));
+                    }
+                    // SAFETY: `at + 64 <= (b + 1) * UNPACKED <= into.len()`.
+                    unsafe {
+                        _mm256_storeu_si256(into.as_mut_ptr().add(at) as *mut _, low);
+                        _mm256_storeu_si256(into.as_mut_ptr().add(at + 32) as *mut _, high);
+                    }
+                    at += 64;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn unpack_avx2(_: &Packed, _: usize, _: &mut [u8]) {
+    unreachable!("lowbit::matmul runs SIMD only where Simd::runs_here holds")
+}
+
+/// Up to four activation rows from `row` against tile column `t`, its
+/// quants already unpacked into `q` ([`unpack_avx2`]).
+struct Unpacked<'a> {
+    w: &'a Packed,
+    acts: &'a [Act],
+    kb: usize,
+    t: usize,
+    row: usize,
+    q: &'a [u8],
+    dst: *mut f32,
+}
+
+impl Unpacked<'_> {
+    /// [`Rows::run_avx2`] over unpacked quants: the same sums in the same
+    /// order. Writes `dst[(row + r) * n + 16 t .. + 16]`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run<const R: usize>(&self) {
+        use std::arch::x86_64::*;
+        let (w, kb) = (self.w, self.kb);
+        let ones = _mm256_set1_epi16(1);
+        let act = |r: usize, b: usize, g: usize| {
+            let a = &self.acts[(self.row + r) * kb + b].qs;
+            // SAFETY: g < 8, so g * 4 + 4 <= 32; 4 quants read as one lane.
+            _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32) })
+        };
+        for h in 0..2 {
+            let mut sums = [_mm256_setzero_ps(); R];
+            for b in 0..kb {
+                let tile = &w.tiles[self.t * kb + b];
+                let mut acc = [_mm256_setzero_si256(); R];
+                for (p, pair) in [0, 2].into_iter().enumerate() {
+                    // SAFETY: block b's unpacked bytes are
+                    // `b * UNPACKED .. + UNPACKED`; half h, pair p take 128.
+                    let q = unsafe {
+                        let at = self.q.as_ptr().add(b * UNPACKED + h * 256 + p * 128);
+                        [0, 1, 2, 3].map(|i| _mm256_loadu_si256(at.add(32 * i) as *const _))
+                    };
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let s = _mm256_add_epi16(
+                            _mm256_add_epi16(
+                                _mm256_maddubs_epi16(q[0], act(r, b, pair)),
+                                _mm256_maddubs_epi16(q[1], act(r, b, pair + 4)),
+                            ),
+                            _mm256_add_epi16(
+                                _mm256_maddubs_epi16(q[2], act(r, b, pair + 1)),
+                                _mm256_maddubs_epi16(q[3], act(r, b, pair + 5)),
+                            ),
+                        );
+                        *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(s, ones));
+                    }
+                }
+                // SAFETY: `d` and `m` hold 16 f16 each; 8 of them are 16 bytes.
+                let (dw, mw) = unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _)),
+                        _mm256_cvtph_ps(_mm_loadu_si128(tile.m.as_ptr().add(h * 8) as *const _)),
+                    )
+                };
+                for (r, acc) in acc.iter().enumerate() {
+                    let a = &self.acts[(self.row + r) * kb + b];
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
+                    sums[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*acc), scale, sums[r]);
+                    sums[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.d * a.sum as f32), sums[r]);
+                }
+            }
+            for (r, s) in sums.iter().enumerate() {
+                // SAFETY: the caller gives rows < m and 16 t + 16 <= n of an
+                // m x n buffer.
+                unsafe { _mm256_storeu_ps(self.dst.add((self.row + r) * w.n + self.t * TILE + h * 8), *s) };
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run<const R: usize>(&self) {
+        unreachable!("lowbit::matmul runs SIMD only where Simd::runs_here holds")
+    }
 }
 
 /// The kernel's arithmetic without SIMD: exact integer block sums, then the
@@ -503,7 +699,7 @@ mod tests {
                     }
                 }
                 let reference = QMatMul::from_qtensor(qt).expect("qmatmul");
-                for m in [1, 2, 3, 4, 5, 9] {
+                for m in [1, 2, 3, 4, 5, 9, 18] {
                     let x = rows(m, k);
                     let xt = Tensor::from_vec(x.clone(), (m, k), &dev).expect("tensor");
                     let want: Vec<f32> = reference
@@ -564,11 +760,12 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| if i % 32 == 0 { 0.0 } else { 1.0 }).collect();
         let w = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
         // Blocks of +1 and of -1 quantize to +-127 throughout.
-        let x: Vec<f32> = (0..4 * k).map(|i| if (i / 32) % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let x: Vec<f32> = (0..6 * k).map(|i| if (i / 32) % 2 == 0 { 1.0 } else { -1.0 }).collect();
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1] {
             let qt = QTensor::quantize(&w, dtype).expect("quantizes");
             let packed = Packed::new(format_of(dtype), &qt.data().expect("data"), n, k).expect("packs");
-            for m in 1..=4 {
+            // Past 4 rows the AVX2 path unpacks the quants first.
+            for m in 1..=6 {
                 let x = &x[..m * k];
                 let slow = portable(&packed, &vnni::quantize(x), m);
                 for simd in Simd::here() {

@@ -42,6 +42,18 @@ pub fn exp(x: f32) -> f32 {
     er * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Whether the AVX2 paths (for CPUs without AVX-512) run here.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the AVX-512 paths run here.
 fn vector() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -619,6 +631,7 @@ pub fn attend_scores_in(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal
     let mut out = vec![0f32; batch * heads * queries * keys];
     let at = out.as_mut_ptr() as usize;
     let vector = vector() && dim % LANES == 0;
+    let avx2 = avx2();
     candle_core::utils::barrier_pool().execute_chunked(batch * heads * queries, |range| {
         let mut row = range.start;
         while row < range.end {
@@ -650,9 +663,7 @@ pub fn attend_scores_in(q: &[f32], k: &[f32], shape: ValuesShape, causal: Causal
             let (lo, hi) = causal.visible(qi, keys);
             // SAFETY: each row of scores is written by one worker only.
             let o = unsafe { std::slice::from_raw_parts_mut((at as *mut f32).add(row * keys), keys) };
-            for j in lo..hi {
-                o[j] = dot16(qr, &kh[j * dim..(j + 1) * dim]);
-            }
+            scores_row(qr, kh, lo, hi, o, avx2);
             row += 1;
         }
     });
@@ -838,6 +849,7 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
     // the products' also by the head width.
     let vector_softmax = vector();
     let vector = vector_softmax && dim.is_multiple_of(LANES);
+    let avx2 = avx2();
     let widest = seqs.iter().map(|s| s.len).max().unwrap_or(0);
     candle_core::utils::barrier_pool().execute_chunked(n * heads, |range| {
         let mut scratch = vec![0f32; widest];
@@ -890,9 +902,7 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
                     unsafe { scores_avx512(qr, kh, a, z, &mut p[first..]) };
                     continue;
                 }
-                for j in a..z {
-                    p[first + j] = dot16(qr, &kh[j * dim..(j + 1) * dim]);
-                }
+                scores_row(qr, kh, a, z, &mut p[first..], avx2);
             }
             #[cfg(target_arch = "x86_64")]
             if vector_softmax {
@@ -938,6 +948,78 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
 
 /// Lanes of one 512-bit vector of f32.
 const LANES: usize = 16;
+
+/// One query's scores against keys `lo..hi` (rows of `kh`) into
+/// `o[lo..hi]`, each summed in [`dot16`]'s order: with AVX2 (`avx2`, and a
+/// width that is a multiple of 16) by [`scores_avx2`], else by [`dot16`].
+fn scores_row(qr: &[f32], kh: &[f32], lo: usize, hi: usize, o: &mut [f32], avx2: bool) {
+    let dim = qr.len();
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && dim % LANES == 0 {
+        // SAFETY: AVX2 and FMA checked by the caller, `dim` a multiple of
+        // 16; `kh` holds rows up to `hi` and `o` an entry for each.
+        unsafe { scores_avx2(qr, &kh[..hi * dim], lo, hi, &mut o[..hi]) };
+        return;
+    }
+    let _ = avx2;
+    for j in lo..hi {
+        o[j] = dot16(qr, &kh[j * dim..(j + 1) * dim]);
+    }
+}
+
+/// [`dot16`] for keys `lo..hi` with AVX2: the sixteen partial sums are two
+/// 8-lane accumulators (lanes 0-7, 8-15), and the fold in halves is their
+/// sum (`s = 8`), the sum of its 128-bit halves (`s = 4`), then of that
+/// vector's halves (`s = 2`) and its two lanes (`s = 1`): the same
+/// additions in the same order, so the same scores to the bit. Four keys
+/// at a time share each load of the query and keep eight independent sums
+/// in flight (one key alone waits on its multiply-adds' latency).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(qr: &[f32], kh: &[f32], lo: usize, hi: usize, o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let dim = qr.len();
+    let fold = |a: __m256, b: __m256| {
+        let v = _mm256_add_ps(a, b);
+        let w = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let x = _mm_add_ps(w, _mm_movehl_ps(w, w));
+        _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps::<1>(x, x)))
+    };
+    let (q, k) = (qr.as_ptr(), kh.as_ptr());
+    let mut j = lo;
+    while j + 4 <= hi {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        for c in (0..dim).step_by(LANES) {
+            // SAFETY (loop body): rows `j..j + 4 <= hi` of `dim` values lie
+            // in `kh`, and `c + 16 <= dim`.
+            unsafe {
+                let (q0, q1) = (_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(q.add(c + 8)));
+                for (x, acc) in acc.iter_mut().enumerate() {
+                    let kr = k.add((j + x) * dim + c);
+                    acc[0] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(kr), acc[0]);
+                    acc[1] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(kr.add(8)), acc[1]);
+                }
+            }
+        }
+        for (x, acc) in acc.iter().enumerate() {
+            o[j + x] = fold(acc[0], acc[1]);
+        }
+        j += 4;
+    }
+    while j < hi {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for c in (0..dim).step_by(LANES) {
+            // SAFETY: row `j < hi` lies in `kh`, and `c + 16 <= dim`.
+            unsafe {
+                let kr = k.add(j * dim + c);
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(kr), acc[0]);
+                acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c + 8)), _mm256_loadu_ps(kr.add(8)), acc[1]);
+            }
+        }
+        o[j] = fold(acc[0], acc[1]);
+        j += 1;
+    }
+}
 
 /// `a · b` in the order every score is summed: lane `l` of sixteen partial
 /// sums takes `a[i] * b[i]` for `i = l, l + 16, ...` by fused multiply-add
