@@ -88,6 +88,29 @@ fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     _mm512_mask_mov_ps(e, under, _mm512_setzero_ps())
 }
 
+/// [`exp16`] eight lanes wide, with AVX2: the same operations.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_MIN));
+    let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    let mut p = _mm256_set1_ps(C[4]);
+    for c in C[..4].iter().rev() {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+    }
+    let er = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0));
+    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+    let e = _mm256_mul_ps(er, _mm256_castsi256_ps(bits));
+    _mm256_andnot_ps(under, e)
+}
+
 /// Which keys of a row of attention scores a query may see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Causal {
@@ -120,6 +143,7 @@ pub fn softmax_causal(x: &mut [f32], width: usize, causal: Causal) {
     let rows = x.len() / width;
     let at = x.as_mut_ptr() as usize;
     let vector = vector();
+    let avx2 = avx2();
     candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
         for r in range {
             // SAFETY: rows are disjoint between workers and within `x`.
@@ -138,9 +162,67 @@ pub fn softmax_causal(x: &mut [f32], width: usize, causal: Causal) {
                 continue;
             }
             let _ = vector;
-            softmax_row(seen);
+            softmax_row_on(seen, avx2);
         }
     });
+}
+
+/// One row's softmax without AVX-512: with AVX2 where `avx2` says so
+/// ([`softmax_row_avx2`]), else in plain Rust. Prompt passes and decode
+/// steps both come here, so a position's probabilities are the same
+/// either way.
+fn softmax_row_on(row: &mut [f32], avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2 and FMA checked by the caller.
+        unsafe { softmax_row_avx2(row) };
+        return;
+    }
+    let _ = avx2;
+    softmax_row(row);
+}
+
+/// [`softmax_row_avx512`] eight lanes wide: the maximum, the exponentials
+/// of [`exp8`] summed in eight lanes (a tail padded with exact zeros),
+/// then scaled by the inverse of their sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let full = n / 8 * 8;
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let (mx, p) = (_mm256_set1_ps(max), row.as_mut_ptr());
+    let mut s = _mm256_setzero_ps();
+    // SAFETY: full-width accesses are below `full`.
+    for i in (0..full).step_by(8) {
+        unsafe {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mx));
+            _mm256_storeu_ps(p.add(i), e);
+            s = _mm256_add_ps(s, e);
+        }
+    }
+    let mut tail = [0f32; 8];
+    tail[..n - full].copy_from_slice(&row[full..]);
+    let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mx));
+    let keep = _mm256_cmp_ps::<_CMP_LT_OQ>(
+        _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0),
+        _mm256_set1_ps((n - full) as f32),
+    );
+    let e = _mm256_and_ps(e, keep);
+    _mm256_storeu_ps(tail.as_mut_ptr(), e);
+    row[full..].copy_from_slice(&tail[..n - full]);
+    s = _mm256_add_ps(s, e);
+    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)));
+    let inv = _mm256_set1_ps(1.0 / sum);
+    for i in (0..full).step_by(8) {
+        // SAFETY: below `full`.
+        unsafe { _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv)) };
+    }
+    let inv = 1.0 / sum;
+    row[full..].iter_mut().for_each(|v| *v *= inv);
 }
 
 fn softmax_row(row: &mut [f32]) {
@@ -464,6 +546,7 @@ pub fn attend_values_in(
     let mut out = vec![0f32; batch * queries * heads * dim];
     let at = out.as_mut_ptr() as usize;
     let vector = vector() && dim % 16 == 0;
+    let avx2 = avx2();
     candle_core::utils::barrier_pool().execute_chunked(batch * heads * queries, |range| {
         let mut row = range.start;
         while row < range.end {
@@ -502,12 +585,7 @@ pub fn attend_values_in(
                 std::slice::from_raw_parts_mut((at as *mut f32).add(((b * queries + q) * heads + h) * dim), dim)
             };
             let _ = vector;
-            for (j, &w) in p[lo..hi].iter().enumerate() {
-                let vr = &v[(lo + j) * dim..(lo + j + 1) * dim];
-                for (x, &y) in o.iter_mut().zip(vr) {
-                    *x = w.mul_add(y, *x);
-                }
-            }
+            weighted_sum_on(&p[lo..hi], &v[lo * dim..hi * dim], o, avx2);
             row += 1;
         }
     });
@@ -909,12 +987,12 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
                 // SAFETY: AVX-512F checked.
                 unsafe { softmax_row_avx512(&mut p[lo..hi]) };
             } else {
-                softmax_row(&mut p[lo..hi]);
+                softmax_row_on(&mut p[lo..hi], avx2);
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
                 let _ = vector_softmax;
-                softmax_row(&mut p[lo..hi]);
+                softmax_row_on(&mut p[lo..hi], avx2);
             }
             let mut started = false;
             for (first, _, vh) in runs {
@@ -932,12 +1010,7 @@ pub fn attend_decode(q: &[f32], seqs: &[DecodeKv<'_>], heads: usize, kv_heads: u
                     started = true;
                     continue;
                 }
-                for (j, &x) in w.iter().enumerate() {
-                    let vr = &vh[(a + j) * dim..(a + j + 1) * dim];
-                    for (y, &v) in o.iter_mut().zip(vr) {
-                        *y = x.mul_add(v, *y);
-                    }
-                }
+                weighted_sum_on(w, &vh[a * dim..z * dim], o, avx2);
                 started = true;
             }
             let _ = (started, vector);
@@ -1119,6 +1192,67 @@ fn fold16_avx512(mut p: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::_
         }
     }
     p[0]
+}
+
+/// `out += Σ_j w[j] · v[j]` over rows `v` as wide as `out`, each
+/// coordinate one fused multiply-add per row in ascending `j` from its
+/// value in `out`: with AVX2 where `avx2` says so and the width is a
+/// multiple of 8 ([`weighted_sum_avx2`], which keeps 32 coordinates in
+/// registers instead of storing every coordinate after every row), else in
+/// plain Rust. Both give the same numbers.
+fn weighted_sum_on(w: &[f32], v: &[f32], out: &mut [f32], avx2: bool) {
+    let dim = out.len();
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && dim.is_multiple_of(8) {
+        // SAFETY: AVX2 and FMA checked by the caller; `v` holds `w.len()`
+        // rows of `dim`.
+        unsafe { weighted_sum_avx2(w, &v[..w.len() * dim], out) };
+        return;
+    }
+    let _ = avx2;
+    for (j, &x) in w.iter().enumerate() {
+        let vr = &v[j * dim..(j + 1) * dim];
+        for (y, &v) in out.iter_mut().zip(vr) {
+            *y = x.mul_add(v, *y);
+        }
+    }
+}
+
+/// [`weighted_sum_on`] with AVX2: 32 coordinates of `out` held in four
+/// registers over all rows, then 8 at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum_avx2(w: &[f32], v: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let dim = out.len();
+    let (vp, op) = (v.as_ptr(), out.as_mut_ptr());
+    let mut d0 = 0;
+    // SAFETY (whole body): every access is below `w.len()` rows of `dim`
+    // values of `v` and within `out`; `dim` is a multiple of 8.
+    unsafe {
+        while d0 + 32 <= dim {
+            let mut a: [__m256; 4] = std::array::from_fn(|x| _mm256_loadu_ps(op.add(d0 + 8 * x)));
+            for (j, &x) in w.iter().enumerate() {
+                let s = _mm256_set1_ps(x);
+                let r = vp.add(j * dim + d0);
+                for (i, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(s, _mm256_loadu_ps(r.add(8 * i)), *a);
+                }
+            }
+            for (i, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(op.add(d0 + 8 * i), *a);
+            }
+            d0 += 32;
+        }
+        while d0 < dim {
+            let mut a = _mm256_loadu_ps(op.add(d0));
+            for (j, &x) in w.iter().enumerate() {
+                a = _mm256_fmadd_ps(_mm256_set1_ps(x), _mm256_loadu_ps(vp.add(j * dim + d0)), a);
+            }
+            _mm256_storeu_ps(op.add(d0), a);
+            d0 += 8;
+        }
+    }
 }
 
 /// `out = Σ_j w[j] · v[j]` over `dim`-wide rows `v`, in ascending `j`,
