@@ -294,6 +294,7 @@ pub const EXP_BLOCK: usize = 256;
 pub fn exp_shifted(x: &mut [f32], shift: f32, scale: f32, sums: &mut Vec<f32>) -> f32 {
     sums.clear();
     let vector = vector();
+    let avx2 = avx2();
     for block in x.chunks_mut(EXP_BLOCK) {
         #[cfg(target_arch = "x86_64")]
         if vector {
@@ -301,7 +302,13 @@ pub fn exp_shifted(x: &mut [f32], shift: f32, scale: f32, sums: &mut Vec<f32>) -
             sums.push(unsafe { exp_shifted_avx512(block, shift, scale) });
             continue;
         }
-        let _ = vector;
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: AVX2 and FMA checked.
+            sums.push(unsafe { exp_shifted_avx2(block, shift, scale) });
+            continue;
+        }
+        let _ = (vector, avx2);
         let mut sum = 0.0;
         for v in block.iter_mut() {
             *v = exp((*v - shift) * scale);
@@ -310,6 +317,34 @@ pub fn exp_shifted(x: &mut [f32], shift: f32, scale: f32, sums: &mut Vec<f32>) -
         sums.push(sum);
     }
     sums.iter().sum()
+}
+
+/// [`exp_shifted_avx512`]'s block with AVX2: eight lanes, then the last
+/// values (fewer than eight) one at a time on the plain `exp`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shifted_avx2(x: &mut [f32], shift: f32, scale: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let full = x.len() / 8 * 8;
+    let p = x.as_mut_ptr();
+    let (sh, sc) = (_mm256_set1_ps(shift), _mm256_set1_ps(scale));
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..full).step_by(8) {
+        // SAFETY: below `full`.
+        unsafe {
+            let e = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), sh), sc));
+            acc = _mm256_add_ps(acc, e);
+            _mm256_storeu_ps(p.add(i), e);
+        }
+    }
+    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let mut sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)));
+    for v in x[full..].iter_mut() {
+        *v = exp((*v - shift) * scale);
+        sum += *v;
+    }
+    sum
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -431,6 +466,7 @@ pub fn gated(gate: &mut [f32], up: &[f32], act: Gate) {
     let chunks = gate.len().div_ceil(CHUNK);
     let (at, len) = (gate.as_mut_ptr() as usize, gate.len());
     let vector = vector();
+    let avx2 = avx2();
     candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
         for c in range {
             let start = c * CHUNK;
@@ -444,12 +480,47 @@ pub fn gated(gate: &mut [f32], up: &[f32], act: Gate) {
                 unsafe { gated_avx512(part, ups, act) };
                 continue;
             }
-            let _ = vector;
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: AVX2 and FMA checked.
+                unsafe { gated_avx2(part, ups, act) };
+                continue;
+            }
+            let _ = (vector, avx2);
             for (g, u) in part.iter_mut().zip(ups) {
                 *g = act.apply(*g) * u;
             }
         }
     });
+}
+
+/// [`gated_avx512`] with AVX2: eight lanes, then the last values (fewer
+/// than eight) one at a time on [`Gate::apply`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gated_avx2(gate: &mut [f32], up: &[f32], act: Gate) {
+    use std::arch::x86_64::*;
+    let n = gate.len().min(up.len());
+    let full = n / 8 * 8;
+    let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+    let one = _mm256_set1_ps(1.0);
+    let (k2, cubic) = (_mm256_set1_ps(GELU_2K), _mm256_set1_ps(GELU_CUBIC));
+    for i in (0..full).step_by(8) {
+        // SAFETY: below `full`, within both slices.
+        unsafe {
+            let x = _mm256_loadu_ps(g.add(i));
+            let z = match act {
+                Gate::Silu => x,
+                Gate::GeluTanh => _mm256_mul_ps(k2, _mm256_fmadd_ps(_mm256_mul_ps(cubic, _mm256_mul_ps(x, x)), x, x)),
+            };
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), z));
+            let y = _mm256_div_ps(x, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(g.add(i), _mm256_mul_ps(y, _mm256_loadu_ps(u.add(i))));
+        }
+    }
+    for (x, u) in gate[full..n].iter_mut().zip(&up[full..n]) {
+        *x = act.apply(*x) * u;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
