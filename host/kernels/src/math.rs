@@ -1099,7 +1099,7 @@ const LANES: usize = 16;
 fn scores_row(qr: &[f32], kh: &[f32], lo: usize, hi: usize, o: &mut [f32], avx2: bool) {
     let dim = qr.len();
     #[cfg(target_arch = "x86_64")]
-    if avx2 && dim % LANES == 0 {
+    if avx2 && dim.is_multiple_of(LANES) {
         // SAFETY: AVX2 and FMA checked by the caller, `dim` a multiple of
         // 16; `kh` holds rows up to `hi` and `o` an entry for each.
         unsafe { scores_avx2(qr, &kh[..hi * dim], lo, hi, &mut o[..hi]) };
