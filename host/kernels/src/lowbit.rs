@@ -312,6 +312,100 @@ fn predecoded_avx2(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
     out
 }
 
+/// What both AVX2 paths need to unpack quants to bytes, made once per call
+/// (the decode kernel per row group, prompts once per tile column) so that
+/// no loop builds its constants again.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Unpack {
+    nibble: std::arch::x86_64::__m256i,
+    bit4: std::arch::x86_64::__m256i,
+    /// Byte i of a half takes byte i / 8 of a fifth-bit mask...
+    spread: std::arch::x86_64::__m256i,
+    /// ...then its bit i % 8.
+    select: std::arch::x86_64::__m256i,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Unpack {
+    #[target_feature(enable = "avx2")]
+    fn new() -> Unpack {
+        use std::arch::x86_64::*;
+        Unpack {
+            nibble: _mm256_set1_epi8(0x0F),
+            bit4: _mm256_set1_epi8(0x10),
+            spread: _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+            ),
+            select: _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64),
+        }
+    }
+
+    /// Quants of tile-block `tb` as bytes: group `g`'s (low nibbles) and
+    /// group `g + 4`'s (high nibbles) for outputs `8h..8h + 8`, with the Q5
+    /// formats' fifth bits (`five`) spread from a 32-bit mask to 32 bytes
+    /// by a byte shuffle and a compare against each byte's bit.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn quants(
+        &self,
+        w: &Packed,
+        tb: usize,
+        g: usize,
+        h: usize,
+        five: bool,
+    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+        use std::arch::x86_64::*;
+        // SAFETY: `lo` holds 4 groups of 64 bytes: outputs 0-7, then 8-15.
+        let raw = unsafe { _mm256_loadu_si256(w.tiles[tb].lo.as_ptr().add(g * 64 + h * 32) as *const _) };
+        let low = _mm256_and_si256(raw, self.nibble);
+        let high = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), self.nibble);
+        if !five {
+            return (low, high);
+        }
+        let fifth = |mask: u64| {
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask as u32 as i32), self.spread);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, self.select), self.select);
+            _mm256_and_si256(set, self.bit4)
+        };
+        let bits = &w.fifth[tb];
+        (
+            _mm256_or_si256(low, fifth(bits[g] >> (32 * h))),
+            _mm256_or_si256(high, fifth(bits[g + 4] >> (32 * h))),
+        )
+    }
+}
+
+/// `acc` plus the exact sums of quant registers `q` (groups `pair`,
+/// `pair + 4`, `pair + 1`, `pair + 5`) times activation row `a`'s quants of
+/// the same groups, broadcast: four `vpmaddubsw` added in 16 bits (quants
+/// below 32 cannot overflow there), then one `vpmaddwd` by ones widens
+/// them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn dot4_avx2(
+    acc: std::arch::x86_64::__m256i,
+    q: &[std::arch::x86_64::__m256i; 4],
+    a: &[i8; BLOCK],
+    pair: usize,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: g < 8, so g * 4 + 4 <= 32; 4 quants read as one lane.
+    let act = |g: usize| _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32) });
+    let s = _mm256_add_epi16(
+        _mm256_add_epi16(
+            _mm256_maddubs_epi16(q[0], act(pair)),
+            _mm256_maddubs_epi16(q[1], act(pair + 4)),
+        ),
+        _mm256_add_epi16(
+            _mm256_maddubs_epi16(q[2], act(pair + 1)),
+            _mm256_maddubs_epi16(q[3], act(pair + 5)),
+        ),
+    );
+    _mm256_add_epi32(acc, _mm256_madd_epi16(s, _mm256_set1_epi16(1)))
+}
+
 /// Tile column `t`'s quants as bytes: per block, per half of the outputs
 /// (`h`), per pair of groups, the four registers [`Rows::run_avx2`] builds
 /// (groups `pair`, `pair + 4`, `pair + 1`, `pair + 5`: the order its sums
@@ -321,35 +415,15 @@ fn predecoded_avx2(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
 unsafe fn unpack_avx2(w: &Packed, t: usize, into: &mut [u8]) {
     use std::arch::x86_64::*;
     let kb = w.k / BLOCK;
-    let nibble = _mm256_set1_epi8(0x0F);
-    let bit4 = _mm256_set1_epi8(0x10);
-    let spread = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-    );
-    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-    let fifth = |mask: u64| {
-        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask as u32 as i32), spread);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
-        _mm256_and_si256(set, bit4)
-    };
     let five = w.format.five();
+    let unpack = Unpack::new();
     for b in 0..kb {
         let tb = t * kb + b;
-        let tile = &w.tiles[tb];
         let mut at = b * UNPACKED;
         for h in 0..2 {
             for pair in [0, 2] {
                 for g in [pair, pair + 1] {
-                    // SAFETY: `lo` holds 4 groups of 64 bytes: outputs 0-7,
-                    // then 8-15.
-                    let raw = unsafe { _mm256_loadu_si256(tile.lo.as_ptr().add(g * 64 + h * 32) as *const _) };
-                    let mut low = _mm256_and_si256(raw, nibble);
-                    let mut high = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
-                    if five {
-                        let bits = &w.fifth[tb];
-                        low = _mm256_or_si256(low, fifth(bits[g] >> (32 * h)));
-                        high = _mm256_or_si256(high, fifth(bits[g + 4] >> (32 * h)));
-                    }
+                    let (low, high) = unpack.quants(w, tb, g, h, five);
                     // SAFETY: `at + 64 <= (b + 1) * UNPACKED <= into.len()`.
                     unsafe {
                         _mm256_storeu_si256(into.as_mut_ptr().add(at) as *mut _, low);
@@ -387,12 +461,6 @@ impl Unpacked<'_> {
     unsafe fn run<const R: usize>(&self) {
         use std::arch::x86_64::*;
         let (w, kb) = (self.w, self.kb);
-        let ones = _mm256_set1_epi16(1);
-        let act = |r: usize, b: usize, g: usize| {
-            let a = &self.acts[(self.row + r) * kb + b].qs;
-            // SAFETY: g < 8, so g * 4 + 4 <= 32; 4 quants read as one lane.
-            _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32) })
-        };
         for h in 0..2 {
             let mut sums = [_mm256_setzero_ps(); R];
             for b in 0..kb {
@@ -406,17 +474,7 @@ impl Unpacked<'_> {
                         [0, 1, 2, 3].map(|i| _mm256_loadu_si256(at.add(32 * i) as *const _))
                     };
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let s = _mm256_add_epi16(
-                            _mm256_add_epi16(
-                                _mm256_maddubs_epi16(q[0], act(r, b, pair)),
-                                _mm256_maddubs_epi16(q[1], act(r, b, pair + 4)),
-                            ),
-                            _mm256_add_epi16(
-                                _mm256_maddubs_epi16(q[2], act(r, b, pair + 1)),
-                                _mm256_maddubs_epi16(q[3], act(r, b, pair + 5)),
-                            ),
-                        );
-                        *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(s, ones));
+                        *acc = dot4_avx2(*acc, &q, &self.acts[(self.row + r) * kb + b].qs, pair);
                     }
                 }
                 // SAFETY: `d` and `m` hold 16 f16 each; 8 of them are 16 bytes.
@@ -553,25 +611,7 @@ impl Rows<'_> {
     unsafe fn run_avx2<const R: usize, const FIVE: bool>(&self) {
         use std::arch::x86_64::*;
         let (w, kb) = (self.w, self.kb);
-        let nibble = _mm256_set1_epi8(0x0F);
-        let bit4 = _mm256_set1_epi8(0x10);
-        let ones = _mm256_set1_epi16(1);
-        // Byte i of a half takes byte i / 8 of the mask, then its bit i % 8.
-        let spread = _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-        );
-        let select = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-        let fifth = |mask: u64| {
-            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask as u32 as i32), spread);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
-            _mm256_and_si256(set, bit4)
-        };
-        // The 4 quants of group `g` of row `r` of this block, broadcast.
-        let act = |r: usize, b: usize, g: usize| {
-            let a = &self.acts[(self.row + r) * kb + b].qs;
-            // SAFETY: g < 8, so g * 4 + 4 <= 32; 4 quants read as one lane.
-            _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32) })
-        };
+        let unpack = Unpack::new();
         // [row][half of the tile's 16 outputs]
         let mut sums = [[_mm256_setzero_ps(); 2]; R];
         for b in 0..kb {
@@ -582,31 +622,11 @@ impl Rows<'_> {
                 for pair in [0, 2] {
                     // Groups `pair`, `pair + 1` (low nibbles) and the same
                     // plus 4 (high nibbles) of outputs 8h..8h + 8.
-                    let mut q = [_mm256_setzero_si256(); 4];
-                    for (i, g) in [pair, pair + 1].into_iter().enumerate() {
-                        // SAFETY: `lo` holds 4 groups of 64 bytes: outputs
-                        // 0-7, then 8-15.
-                        let raw = unsafe { _mm256_loadu_si256(tile.lo.as_ptr().add(g * 64 + h * 32) as *const _) };
-                        q[2 * i] = _mm256_and_si256(raw, nibble);
-                        q[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
-                        if FIVE {
-                            let bits = &w.fifth[tb];
-                            q[2 * i] = _mm256_or_si256(q[2 * i], fifth(bits[g] >> (32 * h)));
-                            q[2 * i + 1] = _mm256_or_si256(q[2 * i + 1], fifth(bits[g + 4] >> (32 * h)));
-                        }
-                    }
+                    let (q0, q1) = unpack.quants(w, tb, pair, h, FIVE);
+                    let (q2, q3) = unpack.quants(w, tb, pair + 1, h, FIVE);
+                    let q = [q0, q1, q2, q3];
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let s = _mm256_add_epi16(
-                            _mm256_add_epi16(
-                                _mm256_maddubs_epi16(q[0], act(r, b, pair)),
-                                _mm256_maddubs_epi16(q[1], act(r, b, pair + 4)),
-                            ),
-                            _mm256_add_epi16(
-                                _mm256_maddubs_epi16(q[2], act(r, b, pair + 1)),
-                                _mm256_maddubs_epi16(q[3], act(r, b, pair + 5)),
-                            ),
-                        );
-                        acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(s, ones));
+                        acc[h] = dot4_avx2(acc[h], &q, &self.acts[(self.row + r) * kb + b].qs, pair);
                     }
                 }
             }
