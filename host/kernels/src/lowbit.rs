@@ -376,6 +376,39 @@ impl Unpack {
     }
 }
 
+/// Outputs `8h..8h + 8`'s block scales and offsets of `tile`, as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn scales_avx2(tile: &Tile, h: usize) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    // SAFETY: `d` and `m` hold 16 f16 each; 8 of them are 16 bytes.
+    unsafe {
+        (
+            _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _)),
+            _mm256_cvtph_ps(_mm_loadu_si128(tile.m.as_ptr().add(h * 8) as *const _)),
+        )
+    }
+}
+
+/// `sum` plus one block of activation row `a` against eight outputs: the
+/// exact integer sums `acc` times both scales (`dw`), then the offsets
+/// (`mw`) times the row's scaled quant sum, as [`portable`] adds them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn add_block_avx2(
+    sum: std::arch::x86_64::__m256,
+    acc: std::arch::x86_64::__m256i,
+    (dw, mw): (std::arch::x86_64::__m256, std::arch::x86_64::__m256),
+    a: &Act,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
+    let sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), scale, sum);
+    _mm256_fmadd_ps(mw, _mm256_set1_ps(a.d * a.sum as f32), sum)
+}
+
 /// `acc` plus the exact sums of quant registers `q` (groups `pair`,
 /// `pair + 4`, `pair + 1`, `pair + 5`) times activation row `a`'s quants of
 /// the same groups, broadcast: four `vpmaddubsw` added in 16 bits (quants
@@ -477,18 +510,9 @@ impl Unpacked<'_> {
                         *acc = dot4_avx2(*acc, &q, &self.acts[(self.row + r) * kb + b].qs, pair);
                     }
                 }
-                // SAFETY: `d` and `m` hold 16 f16 each; 8 of them are 16 bytes.
-                let (dw, mw) = unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _)),
-                        _mm256_cvtph_ps(_mm_loadu_si128(tile.m.as_ptr().add(h * 8) as *const _)),
-                    )
-                };
+                let scales = scales_avx2(tile, h);
                 for (r, acc) in acc.iter().enumerate() {
-                    let a = &self.acts[(self.row + r) * kb + b];
-                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
-                    sums[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*acc), scale, sums[r]);
-                    sums[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.d * a.sum as f32), sums[r]);
+                    sums[r] = add_block_avx2(sums[r], *acc, scales, &self.acts[(self.row + r) * kb + b]);
                 }
             }
             for (r, s) in sums.iter().enumerate() {
@@ -631,18 +655,9 @@ impl Rows<'_> {
                 }
             }
             for h in 0..2 {
-                // SAFETY: `d` and `m` hold 16 f16 each; 8 of them are 16 bytes.
-                let (dw, mw) = unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _)),
-                        _mm256_cvtph_ps(_mm_loadu_si128(tile.m.as_ptr().add(h * 8) as *const _)),
-                    )
-                };
+                let scales = scales_avx2(tile, h);
                 for (r, acc) in acc.iter().enumerate() {
-                    let a = &self.acts[(self.row + r) * kb + b];
-                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
-                    sums[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h]), scale, sums[r][h]);
-                    sums[r][h] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.d * a.sum as f32), sums[r][h]);
+                    sums[r][h] = add_block_avx2(sums[r][h], acc[h], scales, &self.acts[(self.row + r) * kb + b]);
                 }
             }
         }
