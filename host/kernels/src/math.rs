@@ -111,6 +111,19 @@ fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_andnot_ps(under, e)
 }
 
+/// The sum of eight lanes, folded in halves: the 128-bit halves, then
+/// that vector's halves, then its two lanes (the order [`dot16`] folds in
+/// from `s = 4` down).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum8(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+}
+
 /// Which keys of a row of attention scores a query may see.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Causal {
@@ -213,9 +226,7 @@ unsafe fn softmax_row_avx2(row: &mut [f32]) {
     _mm256_storeu_ps(tail.as_mut_ptr(), e);
     row[full..].copy_from_slice(&tail[..n - full]);
     s = _mm256_add_ps(s, e);
-    let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)));
+    let sum = hsum8(s);
     let inv = _mm256_set1_ps(1.0 / sum);
     for i in (0..full).step_by(8) {
         // SAFETY: below `full`.
@@ -337,9 +348,7 @@ unsafe fn exp_shifted_avx2(x: &mut [f32], shift: f32, scale: f32) -> f32 {
             _mm256_storeu_ps(p.add(i), e);
         }
     }
-    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let mut sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)));
+    let mut sum = hsum8(acc);
     for v in x[full..].iter_mut() {
         *v = exp((*v - shift) * scale);
         sum += *v;
@@ -1123,12 +1132,7 @@ fn scores_row(qr: &[f32], kh: &[f32], lo: usize, hi: usize, o: &mut [f32], avx2:
 unsafe fn scores_avx2(qr: &[f32], kh: &[f32], lo: usize, hi: usize, o: &mut [f32]) {
     use std::arch::x86_64::*;
     let dim = qr.len();
-    let fold = |a: __m256, b: __m256| {
-        let v = _mm256_add_ps(a, b);
-        let w = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let x = _mm_add_ps(w, _mm_movehl_ps(w, w));
-        _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps::<1>(x, x)))
-    };
+    let fold = |a: __m256, b: __m256| hsum8(_mm256_add_ps(a, b));
     let (q, k) = (qr.as_ptr(), kh.as_ptr());
     let mut j = lo;
     while j + 4 <= hi {
