@@ -584,17 +584,17 @@ fn main() {
         .expect("tokio");
     rt.block_on(async {
         let paths = Paths::from_env();
+        if std::env::args().any(|a| a == "composed") {
+            // `cargo bench ... --bench serve_load -- composed`: only this
+            // part, which loads its own pool per run.
+            composed(&paths).await;
+            return;
+        }
         let loaded = Pool::load(&PoolConfig::default_pool(), &paths.models);
         assert!(loaded.failures.is_empty(), "run `make setup` first");
         let pool = loaded.pool.clone();
         let runtime =
             Arc::new(Runtime::with_models(paths.clone(), loaded.pool, Policy::default(), Vec::new()).expect("runtime"));
-        if std::env::args().any(|a| a == "composed") {
-            // `cargo bench ... --bench serve_load -- composed`: only this part.
-            drop((runtime, pool));
-            composed(&paths).await;
-            return;
-        }
         if std::env::args().any(|a| a == "attacks") {
             // `cargo bench ... --bench serve_load -- attacks`: only this part.
             attacks(runtime).await;
