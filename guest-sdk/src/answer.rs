@@ -34,13 +34,11 @@ pub fn extract(text: &str) -> String {
     if let Some(b) = last_boxed(text) {
         return clean(&b);
     }
-    let lower = text.to_lowercase();
     for marker in ["final answer:", "final answer is", "the answer is", "answer:"] {
-        if let Some(pos) = lower.rfind(marker) {
+        if let Some(pos) = rfind_ignoring_case(text, marker) {
             let rest = &text[pos + marker.len()..];
             let line = rest.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
-            let sentence = line.split(['.', ';']).next().unwrap_or(line);
-            let c = clean(sentence);
+            let c = clean(first_sentence(line));
             if !c.is_empty() {
                 return c;
             }
@@ -48,6 +46,68 @@ pub fn extract(text: &str) -> String {
     }
     let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
     clean(first)
+}
+
+/// The byte offset in `text` of the last occurrence of the ASCII `marker`,
+/// ignoring ASCII case. It searches `text` itself: offsets found in
+/// `text.to_lowercase()` are not offsets in `text` (lowercasing changes the
+/// byte length of some letters, such as 'İ'), and slicing with them panicked.
+/// A match is ASCII bytes only, so both its ends are character boundaries.
+fn rfind_ignoring_case(text: &str, marker: &str) -> Option<usize> {
+    let (t, m) = (text.as_bytes(), marker.as_bytes());
+    if m.is_empty() || m.len() > t.len() {
+        return None;
+    }
+    (0..=t.len() - m.len())
+        .rev()
+        .find(|&i| t[i..i + m.len()].eq_ignore_ascii_case(m))
+}
+
+/// `line` up to its first `;`, or its first `.` that ends a sentence
+/// (followed by a space or the end): a decimal point does not, so "18.75"
+/// stays whole.
+fn first_sentence(line: &str) -> &str {
+    let b = line.as_bytes();
+    for (i, &c) in b.iter().enumerate() {
+        let ends = c == b';' || (c == b'.' && b.get(i + 1).is_none_or(|n| n.is_ascii_whitespace()));
+        if ends {
+            return &line[..i];
+        }
+    }
+    line
+}
+
+/// The last number written in `s` (digits with `,` thousands separators
+/// and a decimal point, a leading `-` kept as its sign when it is not a
+/// hyphen inside a word), as a value.
+fn last_number(s: &str) -> Option<f64> {
+    let b = s.as_bytes();
+    let mut last = None;
+    let mut i = 0;
+    while i < b.len() {
+        if !b[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let signed = i > 0 && b[i - 1] == b'-' && (i == 1 || !b[i - 2].is_ascii_alphanumeric());
+        let start = if signed { i - 1 } else { i };
+        let mut j = i;
+        while j < b.len()
+            && (b[j].is_ascii_digit() || (matches!(b[j], b',' | b'.') && b.get(j + 1).is_some_and(u8::is_ascii_digit)))
+        {
+            j += 1;
+        }
+        if let Ok(v) = s[start..j].replace(',', "").parse::<f64>() {
+            last = Some(v);
+        }
+        i = j;
+    }
+    last
+}
+
+/// `s` as one number (`1,600`, `$18`, `-3`, `4.0`), if that is all it is.
+fn as_number(s: &str) -> Option<f64> {
+    s.trim().trim_start_matches('$').replace(',', "").parse::<f64>().ok()
 }
 
 fn clean(s: &str) -> String {
@@ -220,23 +280,25 @@ pub fn choice(reply: &str, options: &[String]) -> Option<usize> {
         let c = chars.next()?;
         let next = chars.next();
         let idx = (c.to_ascii_uppercase() as u32).checked_sub('A' as u32)? as usize;
-        let bounded = next.is_none_or(|d| !d.is_alphanumeric());
+        // "I'm" and "A's" are words, not letters.
+        let bounded = next.is_none_or(|d| !d.is_alphanumeric() && d != '\'' && d != '’');
         (c.is_ascii_alphabetic() && idx < n && bounded).then_some(idx)
     };
     if let Some(i) = letter_at(reply) {
-        // "A" alone or "A)" etc.; but not the article "A good ..."
+        // "A" alone or "A)" etc.; but not the English words "A" and "I"
+        // opening a sentence ("A good ...", "I think ..."), which would
+        // otherwise read as options A and I (TruthfulQA has up to 13).
         let after = reply.trim_start().get(1..).unwrap_or("");
-        let article = reply.trim_start().starts_with(['A', 'a'])
+        let word = reply.trim_start().starts_with(['A', 'a', 'I', 'i'])
             && after.starts_with(' ')
             && !after.trim().is_empty()
             && !after.trim_start().starts_with(['-', ':', ')']);
-        if !article {
+        if !word {
             return Some(i);
         }
     }
-    let lower = reply.to_lowercase();
     for marker in ["answer is", "answer:", "option"] {
-        if let Some(pos) = lower.rfind(marker) {
+        if let Some(pos) = rfind_ignoring_case(reply, marker) {
             if let Some(i) = letter_at(&reply[pos + marker.len()..]) {
                 return Some(i);
             }
@@ -279,16 +341,19 @@ pub fn is_correct(reply: &str, example: &crate::Example) -> bool {
         };
         return right.is_some() && choice(reply, &example.choices) == right;
     }
-    let got = normalize(&extract(reply));
+    let extracted = extract(reply);
+    if let Some(want) = as_number(&example.answer) {
+        // A numeric reference is compared as a number, with its sign and
+        // decimals: the last number the answer states ("she pays $18"),
+        // never a string suffix ("18.75" is not 18, "3" is not -3).
+        return last_number(&extracted).is_some_and(|got| (got - want).abs() < 1e-6);
+    }
+    let got = normalize(&extracted);
     let want = normalize(&example.answer);
     if want.is_empty() {
         return false;
     }
-    if got == want || got.ends_with(&format!(" {want}")) {
-        return true;
-    }
-    let num = |s: &str| s.replace(',', "").trim().parse::<f64>().ok();
-    matches!((num(&extract(reply)), num(&example.answer)), (Some(a), Some(b)) if (a - b).abs() < 1e-6)
+    got == want || got.ends_with(&format!(" {want}"))
 }
 
 #[cfg(test)]
@@ -405,6 +470,37 @@ mod tests {
         assert!(!is_correct("Lyon", &open("Paris")));
         assert!(!is_correct("anything", &open("")));
     }
+    #[test]
+    fn numbers_keep_their_sign_and_decimals_and_odd_letters_do_not_panic() {
+        let open = |a: &str| crate::Example {
+            input: crate::Input::Prompt(String::new()),
+            answer: a.into(),
+            choices: vec![],
+        };
+        // Lowercasing 'İ' takes three bytes for two: a marker's offset in
+        // the lowercased text is not one in the reply (this panicked).
+        assert!(is_correct("İİİ The answer is 4", &open("4")));
+        assert_eq!(extract("İİ ANSWER: Paris"), "Paris");
+        assert!(!is_correct("The answer is 18.75.", &open("18")));
+        assert!(is_correct("The answer is 18.75.", &open("18.75")));
+        assert!(!is_correct("The answer is 3", &open("-3")));
+        assert!(is_correct("The answer is -3. Done", &open("-3")));
+        assert!(is_correct("She pays $1,600 in all", &open("1,600")));
+        assert!(is_correct("so 12 - 4 = 8", &open("8")));
+        assert!(!is_correct("The answer is twenty", &open("20")));
+    }
+
+    #[test]
+    fn the_words_i_and_a_are_not_options() {
+        let o: Vec<String> = (0..13).map(|i| format!("option text {i}")).collect();
+        assert_eq!(choice("I think the answer is B", &o), Some(1));
+        assert_eq!(choice("I'm not sure", &o), None);
+        assert_eq!(choice("i guess so", &o), None);
+        assert_eq!(choice("I", &o), Some(8));
+        assert_eq!(choice("I) option text 8", &o), Some(8));
+        assert_eq!(choice("(I)", &o), Some(8));
+    }
+
     #[test]
     fn f1_is_squad_token_overlap() {
         assert_eq!(f1("The Eiffel Tower", "eiffel tower"), 1.0);

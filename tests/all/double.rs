@@ -4,7 +4,9 @@
 //!
 //! Members: `echo` (generates, scores, next-token; answers at once),
 //! `slow` (generates one token per 20 ms and stops when its sink says so or
-//! its deadline passes, like a real member) and `embedder` (embeds). Every
+//! its deadline passes, like a real member; asked for text containing
+//! "hold", it first waits silently until its deadline, as a generation
+//! queued behind others does) and `embedder` (embeds). Every
 //! call is counted, so a test can prove that a refused request never
 //! reached a member.
 
@@ -29,6 +31,27 @@ pub struct Counts {
     pub slow_tokens: AtomicU64,
     /// `slow` generations that ended (finished, stopped or past deadline).
     pub slow_ended: AtomicU64,
+    /// `slow` generations dropped unfinished by their caller.
+    pub slow_dropped: AtomicU64,
+}
+
+/// Counts a `slow` generation dropped before it ended.
+struct Unfinished(Arc<Counts>, bool);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.slow_dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Whether `input` asks the `slow` member to hold before its first token.
+fn holds(input: &Input) -> bool {
+    match input {
+        Input::Prompt(p) => p.contains("hold"),
+        Input::Chat(m) => m.iter().any(|m| m.content.contains("hold")),
+    }
 }
 
 /// The double.
@@ -63,10 +86,15 @@ impl Scripted {
         &self,
         ctx: CallCtx,
         params: GenParams,
+        hold: bool,
         mut sink: Option<TextSink>,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
         let counts = self.counts.clone();
         Box::pin(async move {
+            let mut unfinished = Unfinished(counts.clone(), false);
+            if hold {
+                tokio::time::sleep_until(ctx.deadline.into()).await;
+            }
             let max = params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
             let mut text = String::new();
             let mut n = 0;
@@ -87,6 +115,7 @@ impl Scripted {
                 }
             }
             counts.slow_ended.fetch_add(1, Ordering::SeqCst);
+            unfinished.1 = true;
             result.map(|_| Generation {
                 model: "slow".into(),
                 text,
@@ -122,7 +151,7 @@ impl Models for Scripted {
             return Box::pin(async move { Err(e) });
         }
         match model {
-            "slow" => self.slow(ctx, params, None),
+            "slow" => self.slow(ctx, params, holds(&input), None),
             "echo" => {
                 let text = match &input {
                     Input::Prompt(p) => p.chars().take(32).collect(),
@@ -161,7 +190,7 @@ impl Models for Scripted {
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
         if model == "slow" {
             self.counts.calls.fetch_add(1, Ordering::SeqCst);
-            return self.slow(ctx, params, Some(sink));
+            return self.slow(ctx, params, holds(&input), Some(sink));
         }
         let call = self.generate(ctx, model, input, params);
         Box::pin(async move {

@@ -611,6 +611,50 @@ async fn a_client_that_goes_away_stops_the_work_and_is_charged_for_it() {
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_before_its_first_token_frees_its_place() {
+    let (srv, _, counts, keys) = keyed("leavequeued").await;
+    // "hold": the member says nothing until its deadline (the server's
+    // request timeout, minutes), as a generation queued behind others.
+    for stream in [false, true] {
+        let body = json!({
+            "model": "slow",
+            "messages": [{"role": "user", "content": "hold"}],
+            "max_tokens": 5,
+            "stream": stream,
+        });
+        let before = counts.slow_dropped.load(Ordering::SeqCst);
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let sent = client
+            .post(srv.url("/v1/chat/completions"))
+            .bearer_auth(&keys[1])
+            .json(&body)
+            .send()
+            .await;
+        if stream {
+            // The stream's head arrives at once; leave while reading it.
+            if let Ok(r) = sent {
+                let _ = tokio::time::timeout(Duration::from_millis(300), r.bytes()).await;
+            }
+        } else {
+            assert!(sent.is_err(), "the client was meant to time out");
+        }
+        let started = Instant::now();
+        while counts.slow_dropped.load(Ordering::SeqCst) == before && started.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            counts.slow_dropped.load(Ordering::SeqCst),
+            before + 1,
+            "stream {stream}: the waiting generation outlived its client"
+        );
+    }
+    assert_eq!(counts.slow_tokens.load(Ordering::SeqCst), 0, "nothing was generated");
+}
+
+#[tokio::test]
 async fn a_broken_registry_is_the_servers_fault() {
     let (srv, registry, _, keys) = keyed("brokenreg").await;
     let db = registry.dir().join("registry.sqlite");

@@ -389,10 +389,19 @@ async fn member_answer(rt: &Runtime, cache: &Cache, member: &str, item: &Item, c
         cache::key(&("member/3", member, pinned, &prompt, max_tokens, loglik))
     };
     if let Some(mut r) = cache.get::<ItemResult>(&key) {
-        // Grading may have improved since the answer was cached.
-        if !loglik {
-            r.score = metrics::grade(item, &r.text);
-        }
+        // Grading may have improved since the answer was cached, and the
+        // key holds no gold answer (two items with the same question and
+        // options may differ in it): always grade again. A likelihood
+        // pick is stored as its letter.
+        r.score = if loglik {
+            r.text
+                .bytes()
+                .next()
+                .and_then(|c| c.checked_sub(b'A'))
+                .map_or(0.0, |pick| metrics::grade_pick(item, usize::from(pick)))
+        } else {
+            metrics::grade(item, &r.text)
+        };
         r.item = item.id.clone();
         return r;
     }
@@ -711,8 +720,11 @@ fn pair_with_references(strategies: &mut [SystemResult], references: &[SystemRes
 /// weighted as `overall` weighs it (1 / domains / the domain's tasks),
 /// each task's items resampled on their own.
 fn paired_macro(results: &[SystemResult], tasks: &[TaskSummary], seed: u64) -> BTreeMap<String, Paired> {
+    // A task with no test items (`--task-limit T=0`) has no mean: it is
+    // left out here and in [`macro_averages`] alike.
+    let tasks: Vec<&TaskSummary> = tasks.iter().filter(|t| t.test > 0).collect();
     let mut per_domain: BTreeMap<&str, usize> = BTreeMap::new();
-    for t in tasks {
+    for t in &tasks {
         *per_domain.entry(t.domain.as_str()).or_default() += 1;
     }
     let weight = |t: &TaskSummary| 1.0 / per_domain.len() as f64 / per_domain[t.domain.as_str()] as f64;
@@ -970,10 +982,11 @@ async fn strategy_on(
     let name = &module.manifest.name;
     let mut fit_error = None;
     let fit_key = cache::key(&(
-        "fit/2",
+        "fit/3",
         &module.sha256,
+        &module.manifest,
         &cfg.strategy_config,
-        members,
+        visible_pool(rt, members),
         dev.iter().map(|e| (&e.input, &e.answer)).collect::<Vec<_>>(),
     ));
     match cache.get::<Option<Vec<u8>>>(&fit_key) {
@@ -1023,6 +1036,10 @@ async fn strategy_on(
     Ok((out, fit_error))
 }
 
+/// Pools up to this size have their sub-pools of each size listed (2^N
+/// masks) and drawn from the list; larger ones are drawn directly.
+const ENUMERATED_UP_TO: usize = 20;
+
 /// Sub-pools of every size 1..N: all of them when a size has at most
 /// `subsets_per_size`, else that many drawn with the run's seed.
 fn subsets(ids: &[String], per_size: usize, seed: u64) -> Vec<Vec<String>> {
@@ -1036,8 +1053,11 @@ fn subsets(ids: &[String], per_size: usize, seed: u64) -> Vec<Vec<String>> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
+    if n > ENUMERATED_UP_TO {
+        return sampled_subsets(ids, per_size, &mut next);
+    }
     for k in 1..=n {
-        let all: Vec<Vec<String>> = (0u64..(1u64 << n.min(20)))
+        let all: Vec<Vec<String>> = (0u64..(1u64 << n))
             .filter(|m| m.count_ones() as usize == k)
             .map(|m| (0..n).filter(|i| m & (1 << i) != 0).map(|i| ids[i].clone()).collect())
             .collect();
@@ -1050,6 +1070,43 @@ fn subsets(ids: &[String], per_size: usize, seed: u64) -> Vec<Vec<String>> {
                 out.push(pool.swap_remove(i));
             }
         }
+    }
+    out
+}
+
+/// [`subsets`] for a pool too large to list every sub-pool (the paper's
+/// pools reach 32 members): per size, `per_size` distinct sub-pools, each
+/// the first `k` of a seeded shuffle, kept in pool order; the whole pool
+/// once at size N. Sizes with few sub-pools (1 and N-1 have N) still get
+/// `per_size` distinct ones, as N > 20 exceeds any sensible `per_size`.
+fn sampled_subsets(ids: &[String], per_size: usize, next: &mut impl FnMut() -> u64) -> Vec<Vec<String>> {
+    let n = ids.len();
+    let mut out = Vec::new();
+    for k in 1..=n {
+        let wanted = if k == n { 1 } else { per_size };
+        let mut drawn: Vec<Vec<usize>> = Vec::new();
+        // Distinct draws; the attempts are bounded so that a per_size above
+        // the number of sub-pools of a size cannot loop forever.
+        for _ in 0..wanted.saturating_mul(50) {
+            if drawn.len() == wanted {
+                break;
+            }
+            let mut order: Vec<usize> = (0..n).collect();
+            for i in 0..k {
+                let j = i + (next() % (n - i) as u64) as usize;
+                order.swap(i, j);
+            }
+            let mut pick = order[..k].to_vec();
+            pick.sort_unstable();
+            if !drawn.contains(&pick) {
+                drawn.push(pick);
+            }
+        }
+        out.extend(
+            drawn
+                .into_iter()
+                .map(|p| p.into_iter().map(|i| ids[i].clone()).collect()),
+        );
     }
     out
 }
@@ -1179,6 +1236,44 @@ impl SweepCtx<'_> {
     }
 }
 
+/// The members a strategy run sees, each with its weight digest: part of
+/// every strategy cache key, so that answers computed on one pool (or on a
+/// specialist since retrained under the same id) are never served for
+/// another. `members` is the sub-pool of a sweep; `None` is the whole pool.
+fn visible_pool(rt: &Runtime, members: Option<&[String]>) -> Vec<(String, Option<String>)> {
+    let ids: Vec<String> = match members {
+        Some(m) => m.to_vec(),
+        None => rt.cards().into_iter().map(|c| c.id).collect(),
+    };
+    ids.into_iter()
+        .map(|id| {
+            let pinned = rt.fingerprint(&id).map(str::to_string);
+            (id, pinned)
+        })
+        .collect()
+}
+
+/// Whether a strategy's failure (`"<kind>: <message>"`, as
+/// [`strategy_answer`] records it) is the module's own deterministic doing,
+/// which the same module on the same item would repeat: worth caching.
+/// Failures of the host (inference, a member missing, a deadline, the
+/// operator's policy or configuration) are not.
+fn module_own_failure(error: &str) -> bool {
+    let kind = error.split(':').next().unwrap_or("");
+    matches!(
+        kind,
+        "fuel"
+            | "stack"
+            | "trap"
+            | "module-failed"
+            | "unsupported"
+            | "invalid-module"
+            | "invalid-params"
+            | "memory"
+            | "budget-exhausted"
+    )
+}
+
 async fn strategy_answer(
     rt: &Runtime,
     cache: &Cache,
@@ -1191,9 +1286,10 @@ async fn strategy_answer(
     let max_tokens = cfg.max_tokens.unwrap_or(default_max_tokens(item.metric));
     let input = Input::Chat(vec![Message::user(item.prompt())]);
     let key = cache::key(&(
-        "strategy/2",
-        members,
+        "strategy/3",
+        visible_pool(rt, members),
         &module.sha256,
+        &module.manifest,
         &cfg.strategy_config,
         state,
         &input,
@@ -1227,8 +1323,9 @@ async fn strategy_answer(
         Err(e) => failed(item, format!("{}: {e}", e.kind()), started),
     };
     // Failures are cached too when they are the module's own doing (a
-    // deterministic error); a deadline may pass on a quieter machine.
-    let retry = matches!(&r.error, Some(e) if e.starts_with("deadline"));
+    // deterministic error); the host's (a member that failed to load or to
+    // answer, a deadline that may pass on a quieter machine) are asked again.
+    let retry = r.error.as_deref().is_some_and(|e| !module_own_failure(e));
     if !retry {
         if let Err(e) = cache.put(&key, &r) {
             tracing::warn!("{e}");
@@ -1250,7 +1347,7 @@ fn macro_averages(results: &[SystemResult], tasks: &[TaskSummary]) -> BTreeMap<S
     };
     for sys in systems {
         let mut by_domain: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        for t in tasks {
+        for t in tasks.iter().filter(|t| t.test > 0) {
             if let Some(r) = results.iter().find(|r| r.system == sys && r.task == t.name) {
                 by_domain.entry(t.domain.clone()).or_default().push(r.accuracy);
             }
@@ -1294,6 +1391,30 @@ mod tests {
             license: String::new(),
             capabilities: Vec::new(),
         }
+    }
+
+    #[test]
+    fn scaling_subsets_cover_pools_past_twenty_members() {
+        // The paper's pools reach 32; listing 2^32 masks is out of the
+        // question, and the list used to stop at 20 members.
+        let ids: Vec<String> = (0..32).map(|i| format!("m{i}")).collect();
+        let subs = subsets(&ids, 3, 7);
+        for k in 1..=32 {
+            let of_k: Vec<&Vec<String>> = subs.iter().filter(|s| s.len() == k).collect();
+            assert_eq!(of_k.len(), if k == 32 { 1 } else { 3 }, "size {k}");
+            for (i, a) in of_k.iter().enumerate() {
+                assert!(of_k[i + 1..].iter().all(|b| b != a), "size {k}: a repeat");
+                let mut sorted = a.to_vec();
+                sorted.sort_by_key(|m| m[1..].parse::<usize>().unwrap());
+                sorted.dedup();
+                assert_eq!(&sorted, *a, "size {k}: members distinct and in pool order");
+            }
+        }
+        assert!(ids.iter().all(|m| subs.iter().any(|s| s.len() < 32 && s.contains(m))));
+        assert_eq!(subs, subsets(&ids, 3, 7), "the seed decides");
+        // Small pools keep the listing: every sub-pool where a size has few.
+        let few: Vec<String> = (0..4).map(|i| format!("m{i}")).collect();
+        assert_eq!(subsets(&few, 10, 1).len(), 15);
     }
 
     #[test]

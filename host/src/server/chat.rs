@@ -225,11 +225,8 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
         let flag = cancel.clone();
         let sink: crate::inference::TextSink = Box::new(move |_: &str| !flag.load(Ordering::Relaxed));
         let sink = matches!(target, Target::Member(_)).then_some(sink);
-        let run = run_target(&st2, &caller, &policy, &target, &ask, sink, Some(cancel));
-        let (result, used) = match tokio::time::timeout(limit, run).await {
-            Ok(r) => r,
-            Err(_) => (Err(ApiError::timeout(limit)), 0),
-        };
+        let run = run_target(&st2, &caller, &policy, &target, &ask, sink, Some(cancel.clone()));
+        let (result, used) = while_wanted(run, limit, &cancel).await;
         st2.charge(&caller.0, used);
         result
     });
@@ -255,6 +252,49 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
             Json(body).into_response()
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// How often [`while_wanted`] looks whether the client is still there.
+const CLIENT_POLL: Duration = Duration::from_millis(50);
+
+/// How long work whose client went away may still take to stop by itself
+/// (and so report what it used) before it is dropped.
+const GONE_GRACE: Duration = Duration::from_millis(500);
+
+/// Runs `work` for at most `limit`, and not much longer than its client
+/// wants it: once `gone` is raised, the work has [`GONE_GRACE`] to stop by
+/// itself, and is then dropped.
+///
+/// A member that is decoding stops at its next token (its sink reads the
+/// same flag) and returns its usage, which is charged. Until its first
+/// token, though, nothing reads the flag: a generation still queued behind
+/// other requests, or waiting for KV room, would have kept its admission
+/// place, its tenant's permit and then the member's time until it ran, up
+/// to the request timeout. Dropping the work drops the member's reply
+/// channel, and the member's worker drops a job whose caller is gone
+/// without running it. Nothing was used by such a job, so nothing is
+/// charged.
+async fn while_wanted(
+    work: impl std::future::Future<Output = (Result<Done, ApiError>, u64)>,
+    limit: Duration,
+    gone: &AtomicBool,
+) -> (Result<Done, ApiError>, u64) {
+    let timed_out = || (Err(ApiError::timeout(limit)), 0);
+    let work = tokio::time::timeout(limit, work);
+    tokio::pin!(work);
+    let left = async {
+        while !gone.load(Ordering::Relaxed) {
+            tokio::time::sleep(CLIENT_POLL).await;
+        }
+    };
+    tokio::select! {
+        r = &mut work => return r.unwrap_or_else(|_| timed_out()),
+        () = left => {}
+    }
+    match tokio::time::timeout(GONE_GRACE, &mut work).await {
+        Ok(r) => r.unwrap_or_else(|_| timed_out()),
+        Err(_) => (Err(ApiError::client_gone()), 0),
     }
 }
 
@@ -439,12 +479,9 @@ pub(crate) fn stream(
             &target,
             &ask,
             streams.then_some(sink),
-            Some(cancel),
+            Some(cancel.clone()),
         );
-        let (result, used) = match tokio::time::timeout(limit, work).await {
-            Ok(r) => r,
-            Err(_) => (Err(ApiError::timeout(limit)), 0),
-        };
+        let (result, used) = while_wanted(work, limit, &cancel).await;
         watcher.abort();
         st.charge(&caller.0, used);
         match result {

@@ -90,6 +90,17 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", code, message)
     }
 
+    /// The client closed the connection before the answer was ready (as
+    /// nginx's 499); nobody reads this answer, but logs and metrics do.
+    pub(crate) fn client_gone() -> Self {
+        Self::new(
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            "invalid_request_error",
+            "client_closed_request",
+            "the client closed the connection before the answer was ready",
+        )
+    }
+
     pub(crate) fn timeout(limit: Duration) -> Self {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,

@@ -302,7 +302,7 @@ impl AppState {
                 }
                 match cached.filter(|m| m.sha256 == e.sha256) {
                     Some(m) => m,
-                    None => Arc::new(self.registry.load(self.rt.sandbox(), &e)?),
+                    None => Arc::new(self.registry.load(self.rt.sandbox(), &e).map_err(unloadable(name))?),
                 }
             }
             // A standard module loaded before is served from the cache while
@@ -314,7 +314,7 @@ impl AppState {
                     if !self.standard_systems().iter().any(|(n, _)| n == name) {
                         return Ok(None);
                     }
-                    self.rt.load_module(name)?
+                    self.rt.load_module(name).map_err(unloadable(name))?
                 }
             },
         };
@@ -323,6 +323,18 @@ impl AppState {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), module.clone());
         Ok(Some(module))
+    }
+}
+
+/// A stored or installed module that no longer loads (its blob missing or
+/// corrupt, its manifest unreadable) is the server's fault, not the
+/// caller's: the caller only named it, and it was accepted when it was
+/// published or installed. Its cause stays in the message.
+fn unloadable(name: &str) -> impl FnOnce(Error) -> ApiError + '_ {
+    move |e| {
+        ApiError::from(Error::internal(format!(
+            "the module `{name}` is registered but could not be loaded: {e}"
+        )))
     }
 }
 

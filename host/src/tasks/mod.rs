@@ -509,9 +509,16 @@ fn load_gsm8k(path: &Path) -> Result<Vec<Item>, String> {
 }
 
 /// MMLU, stratified: per subject (sorted by name), a fixed shuffle of its
-/// validation split gives 3 dev items and of its test split 10 test items.
+/// validation split gives 3 dev items and of its test split 10 test items;
+/// both samples are then shuffled, so that any prefix spans the subjects.
 fn load_mmlu(dir: &Path) -> Result<(Vec<Item>, Vec<Item>), String> {
-    let (dev, test, _) = mmlu_splits(dir)?;
+    let (mut dev, mut test, _) = mmlu_splits(dir)?;
+    // The sample is built subject by subject in name order; without a
+    // shuffle, `--limit 200` and `--dev-limit 50` took the first twenty
+    // and seventeen subjects (abstract algebra to high-school subjects),
+    // so a short run measured a STEM-heavy slice of MMLU.
+    SplitMix(SPLIT_SEED ^ 0xD).shuffle(&mut dev);
+    SplitMix(SPLIT_SEED ^ 0x7E57).shuffle(&mut test);
     Ok((dev, test))
 }
 

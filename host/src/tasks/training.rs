@@ -131,7 +131,7 @@ fn load_nq(path: &Path) -> Result<Vec<Item>, String> {
         let answers = columns::string_lists(&b, &["answer"])?;
         for (i, q) in qs.iter().enumerate() {
             items.push(Item {
-                id: format!("nq-open-{i}"),
+                id: format!("nq-open-{}", items.len()),
                 question: format!("{}?", q.trim()),
                 choices: Vec::new(),
                 gold: Gold::Answers(answers[i].clone()),
@@ -187,7 +187,7 @@ fn load_hellaswag(path: &Path) -> Result<Vec<Item>, String> {
                 .filter(|g| *g < endings[i].len())
                 .ok_or_else(|| format!("{}: item {i} has label `{}`", path.display(), labels[i]))?;
             items.push(Item {
-                id: format!("hellaswag-{i}"),
+                id: format!("hellaswag-{}", items.len()),
                 question: format!("Which ending is the most plausible?\n{}", hellaswag_text(&ctx[i])),
                 choices: endings[i].iter().map(|e| hellaswag_text(e)).collect(),
                 gold: Gold::Choice(gold),

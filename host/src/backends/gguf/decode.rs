@@ -304,14 +304,16 @@ impl<T> Engine<'_, T> {
 }
 
 /// How much of `text` a stream may send now: all of it, less a tail that is
-/// the beginning of some stop sequence (it may yet be cut) or ends in the
-/// replacement character (a multi-byte character whose other bytes are in
-/// the next token).
+/// the beginning of some stop sequence (it may yet be cut) or a run of
+/// replacement characters (a multi-byte character whose other bytes are in
+/// the next tokens). The whole run is held: a SentencePiece byte-fallback
+/// decoder writes one replacement character per byte of an unfinished
+/// character, so after two bytes of a three-byte one the text ends in two;
+/// sending the first moved the stream's offset past bytes the finished
+/// character later took, which garbled it (or, past a character boundary,
+/// stopped the stream).
 fn settled_len(text: &str, stops: &[String]) -> usize {
-    let mut end = text.len();
-    if text.ends_with('\u{FFFD}') {
-        end -= '\u{FFFD}'.len_utf8();
-    }
+    let end = text.trim_end_matches('\u{FFFD}').len();
     let mut hold = 0;
     for stop in stops {
         for (k, _) in stop.char_indices().skip(1) {
@@ -813,6 +815,9 @@ mod tests {
         assert_eq!(settled_len("Paris.\n\nQ", &stops), "Paris.".len());
         assert_eq!(settled_len("Paris. Yes", &stops), "Paris. Yes".len());
         assert_eq!(settled_len("caf\u{FFFD}", &[]), 3);
+        // Byte fallback: one replacement character per byte so far.
+        assert_eq!(settled_len("caf\u{FFFD}\u{FFFD}", &[]), 3);
+        assert_eq!(settled_len("\u{FFFD}\u{FFFD}\u{FFFD}", &[]), 0);
     }
 
     #[test]
