@@ -66,16 +66,38 @@ function firstLine(text) {
 export function extract(text) {
   const boxed = lastBoxed(text);
   if (boxed !== null) return clean(boxed);
-  const lower = text.toLowerCase();
   for (const marker of ['final answer:', 'final answer is', 'the answer is', 'answer:']) {
-    const pos = lower.lastIndexOf(marker);
+    const pos = lastIndexIgnoringCase(text, marker);
     if (pos !== -1) {
       const line = firstLine(text.slice(pos + marker.length));
-      const c = clean(line.split(/[.;]/)[0]);
+      const c = clean(firstSentence(line));
       if (c) return c;
     }
   }
   return clean(firstLine(text));
+}
+
+/** Where the ASCII `marker` last occurs in `text`, ignoring ASCII case (-1:
+ * nowhere). It searches `text` itself: positions in `text.toLowerCase()` are
+ * not positions in `text` (some letters lowercase to two code units). */
+function lastIndexIgnoringCase(text, marker) {
+  for (let pos = text.length - marker.length; pos >= 0; pos--) {
+    const chunk = text.slice(pos, pos + marker.length);
+    if (/^[\x00-\x7f]*$/.test(chunk) && chunk.toLowerCase() === marker) return pos;
+  }
+  return -1;
+}
+
+/** `line` up to its first ";" or its first "." that ends a sentence
+ * (followed by a space or the end): "18.75" stays whole. */
+function firstSentence(line) {
+  for (let i = 0; i < line.length; i++) {
+    const c = line[i];
+    if (c === ';' || (c === '.' && (i + 1 === line.length || ' \t\n\r\f'.includes(line[i + 1])))) {
+      return line.slice(0, i);
+    }
+  }
+  return line;
 }
 
 /** SQuAD-style normal form: lower case, punctuation to spaces, articles
@@ -137,23 +159,24 @@ export function choice(reply, options) {
     const next = s.length > 1 ? s[1] : null;
     if (!/^[A-Za-z]$/.test(c)) return null;
     const idx = c.toUpperCase().charCodeAt(0) - 65;
-    const bounded = next === null || !isAlnum(next);
+    // "I'm" and "A's" are words, not letters.
+    const bounded = next === null || !(isAlnum(next) || next === "'" || next === '\u2019');
     return idx < n && bounded ? idx : null;
   };
   const i = letterAt(reply);
   if (i !== null) {
     const stripped = reply.replace(/^\s+/, '');
     const after = stripped.slice(1);
-    const article =
-      (stripped[0] === 'A' || stripped[0] === 'a') &&
+    // Not the English words "A" and "I" opening a sentence.
+    const word =
+      ['A', 'a', 'I', 'i'].includes(stripped[0]) &&
       after.startsWith(' ') &&
       after.trim() !== '' &&
       !/^[-:)]/.test(after.replace(/^\s+/, ''));
-    if (!article) return i;
+    if (!word) return i;
   }
-  const lower = reply.toLowerCase();
   for (const marker of ['answer is', 'answer:', 'option']) {
-    const pos = lower.lastIndexOf(marker);
+    const pos = lastIndexIgnoringCase(reply, marker);
     if (pos !== -1) {
       const j = letterAt(reply.slice(pos + marker.length));
       if (j !== null) return j;

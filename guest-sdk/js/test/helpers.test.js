@@ -53,6 +53,22 @@ test('choice reads a leading letter or an answer marker', () => {
   assert.equal(choice('Because', OPTS), null);
 });
 
+test('markers are found in the reply itself, and decimals end no sentence', () => {
+  assert.equal(extract('İİ ANSWER: Paris'), 'Paris');
+  assert.equal(extract('İİİ The answer is 4'), '4');
+  assert.equal(extract('The answer is 18.75. Then more'), '18.75');
+});
+
+test('the words I and A are not options', () => {
+  const o = Array.from({ length: 13 }, (_, i) => `option text ${i}`);
+  assert.equal(choice('I think the answer is B', o), 1);
+  assert.equal(choice("I'm not sure", o), null);
+  assert.equal(choice('i guess so', o), null);
+  assert.equal(choice('I', o), 8);
+  assert.equal(choice('I) option text 8', o), 8);
+  assert.equal(choice('(I)', o), 8);
+});
+
 test('f1 is SQuAD token overlap', () => {
   assert.equal(f1('The Eiffel Tower', 'eiffel tower'), 1);
   assert.equal(f1('Paris', 'Lyon'), 0);

@@ -7,6 +7,7 @@ on what an answer is. Pure Python: usable and testable outside a component.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -42,6 +43,53 @@ def _clean(s: str) -> str:
     return s.strip()
 
 
+def _rfind_ignoring_case(text: str, marker: str) -> int:
+    """Where the ASCII `marker` last occurs in `text`, ignoring ASCII case
+    (-1: nowhere). It searches `text` itself: positions in `text.lower()`
+    are not positions in `text` (some letters lowercase to two)."""
+    m = len(marker)
+    for pos in range(len(text) - m, -1, -1):
+        chunk = text[pos : pos + m]
+        if chunk.isascii() and chunk.lower() == marker:
+            return pos
+    return -1
+
+
+def _first_sentence(line: str) -> str:
+    """`line` up to its first ";" or its first "." that ends a sentence
+    (followed by a space or the end): "18.75" stays whole."""
+    for i, c in enumerate(line):
+        if c == ";" or (c == "." and (i + 1 == len(line) or line[i + 1] in " \t\n\r\f")):
+            return line[:i]
+    return line
+
+
+_NUMBER = re.compile(r"[0-9]+(?:[.,][0-9]+)*")
+
+
+def _last_number(s: str) -> Optional[float]:
+    """The last number written in `s` (`,` thousands separators, a decimal
+    point, a leading "-" as its sign unless it is a hyphen in a word)."""
+    last = None
+    for m in _NUMBER.finditer(s):
+        start = m.start()
+        signed = start > 0 and s[start - 1] == "-" and (start == 1 or not (s[start - 2].isascii() and s[start - 2].isalnum()))
+        try:
+            value = float(m.group().replace(",", ""))
+        except ValueError:
+            continue
+        last = -value if signed else value
+    return last
+
+
+def _as_number(s: str) -> Optional[float]:
+    """`s` as one number ("1,600", "$18", "-3", "4.0"), if that is all it is."""
+    try:
+        return float(s.strip().lstrip("$").replace(",", ""))
+    except ValueError:
+        return None
+
+
 def extract(text: str) -> str:
     """The final answer of a reply: the last boxed value, else what follows the
     last "final answer:" / "the answer is" / "answer:" (to the end of that
@@ -49,14 +97,12 @@ def extract(text: str) -> str:
     boxed = last_boxed(text)
     if boxed is not None:
         return _clean(boxed)
-    lower = text.lower()
     for marker in ("final answer:", "final answer is", "the answer is", "answer:"):
-        pos = lower.rfind(marker)
+        pos = _rfind_ignoring_case(text, marker)
         if pos != -1:
             rest = text[pos + len(marker) :]
             line = next((l.strip() for l in rest.splitlines() if l.strip()), "")
-            sentence = line.replace(";", ".").split(".")[0]
-            c = _clean(sentence)
+            c = _clean(_first_sentence(line))
             if c:
                 return c
     first = next((l.strip() for l in text.splitlines() if l.strip()), "")
@@ -135,24 +181,25 @@ def choice(reply: str, options: Sequence[str]) -> Optional[int]:
         if not (c.isascii() and c.isalpha()):
             return None
         idx = ord(c.upper()) - ord("A")
-        bounded = nxt is None or not nxt.isalnum()
+        # "I'm" and "A's" are words, not letters.
+        bounded = nxt is None or not (nxt.isalnum() or nxt in "'\u2019")
         return idx if (0 <= idx < n and bounded) else None
 
     i = letter_at(reply)
     if i is not None:
         stripped = reply.lstrip()
         after = stripped[1:]
-        article = (
-            stripped[:1] in ("A", "a")
+        # Not the English words "A" and "I" opening a sentence.
+        word = (
+            stripped[:1] in ("A", "a", "I", "i")
             and after.startswith(" ")
             and after.strip() != ""
             and not after.lstrip().startswith(("-", ":", ")"))
         )
-        if not article:
+        if not word:
             return i
-    lower = reply.lower()
     for marker in ("answer is", "answer:", "option"):
-        pos = lower.rfind(marker)
+        pos = _rfind_ignoring_case(reply, marker)
         if pos != -1:
             i = letter_at(reply[pos + len(marker) :])
             if i is not None:
@@ -215,21 +262,18 @@ def is_correct(reply: str, answer: str, choices: Sequence[str] = ()) -> bool:
         else:
             right = next((i for i, c in enumerate(choices) if normalize(c) == normalize(want)), None)
         return right is not None and choice(reply, choices) == right
-    got = normalize(extract(reply))
+    extracted = extract(reply)
+    number = _as_number(answer)
+    if number is not None:
+        # A numeric gold answer is compared as a number, sign and decimals
+        # kept: the last number the answer states.
+        got_number = _last_number(extracted)
+        return got_number is not None and abs(got_number - number) < 1e-6
+    got = normalize(extracted)
     want = normalize(answer)
     if not want:
         return False
-    if got == want or got.endswith(" " + want):
-        return True
-
-    def num(s: str) -> Optional[float]:
-        try:
-            return float(s.replace(",", "").strip())
-        except ValueError:
-            return None
-
-    a, b = num(extract(reply)), num(answer)
-    return a is not None and b is not None and abs(a - b) < 1e-6
+    return got == want or got.endswith(" " + want)
 
 
 def f1(pred: str, gold: str) -> float:

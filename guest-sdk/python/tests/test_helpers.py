@@ -71,6 +71,26 @@ class Answers(unittest.TestCase):
         self.assertFalse(is_correct("Lyon", "Paris"))
         self.assertFalse(is_correct("anything", ""))
 
+    def test_numbers_keep_their_sign_and_decimals_and_odd_letters_do_not_panic(self):
+        self.assertTrue(is_correct("İİİ The answer is 4", "4"))
+        self.assertEqual(extract("İİ ANSWER: Paris"), "Paris")
+        self.assertFalse(is_correct("The answer is 18.75.", "18"))
+        self.assertTrue(is_correct("The answer is 18.75.", "18.75"))
+        self.assertFalse(is_correct("The answer is 3", "-3"))
+        self.assertTrue(is_correct("The answer is -3. Done", "-3"))
+        self.assertTrue(is_correct("She pays $1,600 in all", "1,600"))
+        self.assertTrue(is_correct("so 12 - 4 = 8", "8"))
+        self.assertFalse(is_correct("The answer is twenty", "20"))
+
+    def test_the_words_i_and_a_are_not_options(self):
+        o = [f"option text {i}" for i in range(13)]
+        self.assertEqual(choice("I think the answer is B", o), 1)
+        self.assertIsNone(choice("I'm not sure", o))
+        self.assertIsNone(choice("i guess so", o))
+        self.assertEqual(choice("I", o), 8)
+        self.assertEqual(choice("I) option text 8", o), 8)
+        self.assertEqual(choice("(I)", o), 8)
+
     def test_f1_is_squad_token_overlap(self):
         self.assertEqual(f1("The Eiffel Tower", "eiffel tower"), 1.0)
         self.assertEqual(f1("Paris", "Lyon"), 0.0)
