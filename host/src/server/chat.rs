@@ -212,8 +212,9 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
     // The work runs in a task of its own, which holds the admission place
     // and bills the tenant when it ends. If the client goes away, this
     // handler is dropped and `_stop` raises `cancel`: a member stops
-    // decoding at its next token and a module at its next epoch tick; what
-    // was used until then is still charged.
+    // decoding at its next token and a module at its next epoch tick, and
+    // what was used until then is still charged; work that has not started
+    // (queued behind other requests) is dropped ([`while_wanted`]).
     let cancel = Arc::new(AtomicBool::new(false));
     let _stop = CancelOnDrop(cancel.clone());
     let chat = ask.chat;
