@@ -507,6 +507,8 @@ type Ready = (ModelCard, Option<Arc<PrefixStats>>);
 /// error comes back on, and its job queue; or a remote one, already set up.
 enum Pending {
     Local(
+        /// The member's id, for a failure that happens before it reports.
+        String,
         std::io::Result<std::thread::JoinHandle<()>>,
         mpsc::Receiver<Result<Ready, PoolError>>,
         mpsc::Sender<Job>,
@@ -526,8 +528,18 @@ fn spawn_local(
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Ready, PoolError>>();
     let (queue, jobs) = mpsc::channel::<Job>();
     let name = format!("tessera-model-{}", m.id);
+    let id = m.id.clone();
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
-        let backend = match load(&m) {
+        // A loader that panics (a model file malformed in a way no check
+        // caught) fails this member, by name and with the panic's message,
+        // instead of an anonymous "worker died".
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&m))).unwrap_or_else(|p| {
+            Err(PoolError::Load {
+                id: m.id.clone(),
+                message: format!("the loader panicked: {}", worker::panic_message(p)),
+            })
+        });
+        let backend = match loaded {
             Ok((b, card)) => {
                 let prefix = match &b {
                     Backend::Gguf(g) => Some(g.prefix_stats()),
@@ -543,7 +555,7 @@ fn spawn_local(
         };
         worker::serve(backend, jobs, max_batch);
     });
-    Pending::Local(spawned, ready_rx, queue)
+    Pending::Local(id, spawned, ready_rx, queue)
 }
 
 /// The pool as [`Pool::load_with`] assembles it: the members that serve, in
@@ -565,14 +577,14 @@ impl Assembly {
     /// Waits until `p` has loaded (or failed to), then adds it to the
     /// members or to the failures.
     fn settle(&mut self, p: Pending) {
-        let (spawned, ready, queue) = match p {
-            Pending::Local(s, r, q) => (s, r, q),
+        let (id, spawned, ready, queue) = match p {
+            Pending::Local(id, s, r, q) => (id, s, r, q),
             Pending::Remote(Ok((card, member))) => return self.serve(card, Exec::Remote(member), None),
             Pending::Remote(Err(e)) => return self.failures.push(e),
         };
         if let Err(e) = spawned {
             self.failures.push(PoolError::Load {
-                id: "?".into(),
+                id,
                 message: format!("cannot start worker: {e}"),
             });
             return;
@@ -581,7 +593,7 @@ impl Assembly {
             Ok(Ok((card, prefix))) => self.serve(card, Exec::Local(queue), prefix),
             Ok(Err(e)) => self.failures.push(e),
             Err(_) => self.failures.push(PoolError::Load {
-                id: "?".into(),
+                id,
                 message: "a worker died while loading".into(),
             }),
         }
@@ -846,6 +858,19 @@ mod tests {
         assert_eq!(fetch.files[0].from.len(), 22);
         assert!(fetch.files[0].from[21].ends_with("part22.bin"));
         assert!(PoolConfig::named("huge").is_none());
+    }
+
+    #[test]
+    fn a_loader_that_panics_fails_its_member_by_name() {
+        let cfg = PoolConfig::from_toml("[[member]]\nid='brittle'\nbackend='gguf'\npath='x.gguf'\nsha256='00'\n[member.card]\ncontributor='c'\ndescription='d'\nlicense='l'\n").unwrap();
+        let m = cfg.members[0].clone();
+        let max_batch = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+        let pending = spawn_local(m, |_| panic!("a tensor of -1 rows"), max_batch);
+        let mut assembly = Assembly::default();
+        assembly.settle(pending);
+        assert!(assembly.order.is_empty());
+        let msg = assembly.failures[0].to_string();
+        assert!(msg.contains("brittle") && msg.contains("a tensor of -1 rows"), "{msg}");
     }
 
     #[test]
