@@ -106,8 +106,15 @@ fn last_number(s: &str) -> Option<f64> {
 }
 
 /// `s` as one number (`1,600`, `$18`, `-3`, `4.0`), if that is all it is.
+/// Commas count only as thousands separators: "2,3" (a list of answers)
+/// is not the number 23, and stays a text answer.
 fn as_number(s: &str) -> Option<f64> {
-    s.trim().trim_start_matches('$').replace(',', "").parse::<f64>().ok()
+    let t = s.trim().trim_start_matches('$');
+    let whole = t.split('.').next().unwrap_or("");
+    if whole.split(',').skip(1).any(|group| group.len() != 3) {
+        return None;
+    }
+    t.replace(',', "").parse::<f64>().ok()
 }
 
 fn clean(s: &str) -> String {
@@ -488,6 +495,9 @@ mod tests {
         assert!(is_correct("She pays $1,600 in all", &open("1,600")));
         assert!(is_correct("so 12 - 4 = 8", &open("8")));
         assert!(!is_correct("The answer is twenty", &open("20")));
+        // A comma that is no thousands separator makes a list, not a number.
+        assert!(is_correct("The answer is 2, 3", &open("2,3")));
+        assert!(!is_correct("The answer is 23", &open("2,3")));
     }
 
     #[test]

@@ -83,9 +83,13 @@ def _last_number(s: str) -> Optional[float]:
 
 
 def _as_number(s: str) -> Optional[float]:
-    """`s` as one number ("1,600", "$18", "-3", "4.0"), if that is all it is."""
+    """`s` as one number ("1,600", "$18", "-3", "4.0"), if that is all it is.
+    Commas count only as thousands separators: "2,3" is a list, not 23."""
+    t = s.strip().lstrip("$")
+    if any(len(group) != 3 for group in t.split(".")[0].split(",")[1:]):
+        return None
     try:
-        return float(s.strip().lstrip("$").replace(",", ""))
+        return float(t.replace(",", ""))
     except ValueError:
         return None
 

@@ -81,6 +81,8 @@ class Answers(unittest.TestCase):
         self.assertTrue(is_correct("She pays $1,600 in all", "1,600"))
         self.assertTrue(is_correct("so 12 - 4 = 8", "8"))
         self.assertFalse(is_correct("The answer is twenty", "20"))
+        self.assertTrue(is_correct("The answer is 2, 3", "2,3"))
+        self.assertFalse(is_correct("The answer is 23", "2,3"))
 
     def test_the_words_i_and_a_are_not_options(self):
         o = [f"option text {i}" for i in range(13)]
