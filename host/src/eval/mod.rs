@@ -391,17 +391,10 @@ async fn member_answer(rt: &Runtime, cache: &Cache, member: &str, item: &Item, c
     if let Some(mut r) = cache.get::<ItemResult>(&key) {
         // Grading may have improved since the answer was cached, and the
         // key holds no gold answer (two items with the same question and
-        // options may differ in it): always grade again. A likelihood
-        // pick is stored as its letter.
-        r.score = if loglik {
-            r.text
-                .bytes()
-                .next()
-                .and_then(|c| c.checked_sub(b'A'))
-                .map_or(0.0, |pick| metrics::grade_pick(item, usize::from(pick)))
-        } else {
-            metrics::grade(item, &r.text)
-        };
+        // options may differ in it): always grade again. A likelihood pick
+        // is stored as its letter, which the grader reads back as that
+        // option.
+        r.score = metrics::grade(item, &r.text);
         r.item = item.id.clone();
         return r;
     }
