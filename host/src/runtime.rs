@@ -434,7 +434,7 @@ impl Runtime {
         req: RunRequest,
         members: Option<&[String]>,
     ) -> Result<RunOutcome, Error> {
-        self.run_metered(module, req, members, None, None).await.0
+        self.run_metered(module, req, members, None, None, None).await.0
     }
 
     /// Whose generated text reached `answer` ([`crate::attribution`]), with
@@ -457,6 +457,13 @@ impl Runtime {
     /// With `output`, what the module streams through the `output`
     /// interface goes there as it is sent ([`crate::sandbox::output`]); the
     /// outcome's text begins with all of it.
+    ///
+    /// With `deadline`, the run ends there if the module's own wall-clock
+    /// budget would let it go on longer: a caller's deadline (a server's
+    /// request timeout) binds the module and every model call it makes, so
+    /// the run stops by itself, reports what it used, and nothing of it
+    /// outlives the request. Ending there is an [`Error::Deadline`] whose
+    /// limit is the time that was left.
     pub async fn run_metered(
         &self,
         module: &Module,
@@ -464,11 +471,18 @@ impl Runtime {
         members: Option<&[String]>,
         cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
         output: Option<crate::inference::TextSink>,
+        deadline: Option<std::time::Instant>,
     ) -> (Result<RunOutcome, Error>, crate::UsageReport) {
         if let Err(e) = req.params.validate().and_then(|_| req.input.check_size(0)) {
             return (Err(e.into()), crate::UsageReport::default());
         }
-        let grant = Arc::new(self.narrowed_grant(module, members));
+        let mut grant = self.narrowed_grant(module, members);
+        if let Some(d) = deadline {
+            grant.deadline = grant
+                .deadline
+                .min(d.saturating_duration_since(std::time::Instant::now()));
+        }
+        let grant = Arc::new(grant);
         let mut config: BTreeMap<String, String> = module.manifest.config.clone();
         config.extend(req.config);
         let state = self.state(module).map(|s| s.as_ref().clone());

@@ -266,17 +266,25 @@ struct Srv {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// The test servers' configuration: short timeouts.
+fn srv_cfg() -> ServeConfig {
+    ServeConfig {
+        request_timeout: Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(1),
+        header_read_timeout: Duration::from_secs(1),
+        ..ServeConfig::default()
+    }
+}
+
 impl Srv {
     async fn start(rt: Arc<Runtime>, registry: Arc<Registry>) -> Self {
+        Self::start_with(rt, registry, srv_cfg()).await
+    }
+
+    async fn start_with(rt: Arc<Runtime>, registry: Arc<Registry>, cfg: ServeConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let cfg = ServeConfig {
-            request_timeout: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(1),
-            header_read_timeout: Duration::from_secs(1),
-            ..ServeConfig::default()
-        };
         let state = Arc::new(AppState::new(rt, registry, cfg).expect("server state"));
         tokio::spawn(server::serve(state, listener, async {
             let _ = rx.await;
@@ -654,6 +662,114 @@ async fn a_client_that_leaves_before_its_first_token_frees_its_place() {
     assert_eq!(counts.slow_tokens.load(Ordering::SeqCst), 0, "nothing was generated");
 }
 
+/// An open (keyless) server over the double whose requests may take
+/// `timeout` in all.
+async fn timed(tag: &str, timeout: Duration, max_inflight: usize) -> (Srv, Arc<double::Counts>) {
+    let (rt, counts) = double::runtime(tag, Policy::default());
+    let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
+    let cfg = ServeConfig {
+        request_timeout: timeout,
+        max_inflight,
+        ..srv_cfg()
+    };
+    (Srv::start_with(Arc::new(rt), registry, cfg).await, counts)
+}
+
+#[tokio::test]
+async fn the_request_timeout_covers_the_wait_for_a_place() {
+    // One place; the first request holds it for about 1 s (50 tokens at
+    // 20 ms), the second waits for it and then asks for 20 s of tokens.
+    let (srv, counts) = timed("waitcounts", Duration::from_secs(2), 1).await;
+    let url = srv.url("/v1/chat/completions");
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let body = json!({"model": "slow", "messages": [{"role": "user", "content": "go"}], "max_tokens": 50});
+            post(&url, None, &body).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let body = json!({"model": "slow", "messages": [{"role": "user", "content": "go"}], "max_tokens": 1000});
+    let started = Instant::now();
+    let (status, v) = post(&url, None, &body).await;
+    let took = started.elapsed();
+    let (first_status, first_v) = first.await.unwrap();
+    assert_eq!(first_status, 200, "{first_v}");
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["error"]["type"], "timeout_error", "{v}");
+    // Its 2 s began when it arrived, not when it got the place: it decoded
+    // for what was left after the first one's second (about 50 tokens), not
+    // for a fresh 2 s (about 100), and answered within the limit plus the
+    // half second the server gives work to stop by itself.
+    let second = counts.slow_tokens.load(Ordering::SeqCst) - 50;
+    assert!(
+        second < 80,
+        "the waiting request decoded {second} tokens: it got a fresh timeout"
+    );
+    assert!(took < Duration::from_secs(4), "answered after {took:?}");
+}
+
+#[tokio::test]
+async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
+    // majority-vote fans out to the members; `slow`, asked to "hold", says
+    // nothing until its deadline. The module's own budget is 300 s: before
+    // this was fixed, the server answered 504 at its timeout and left the
+    // module and its calls running, detached and unbilled, for minutes.
+    let (srv, counts) = timed("systimeout", Duration::from_secs(1), 4).await;
+    let url = srv.url("/v1/chat/completions");
+    let body = json!({
+        "model": "majority-vote",
+        "messages": [{"role": "user", "content": "hold"}],
+        "max_tokens": 5,
+        // Two of the four samples go to `slow` (round robin over echo and slow).
+        "tessera": {"k": 4},
+    });
+    // As many times as the breaker's threshold, and once more: a module
+    // stopped by the server's timeout is not quarantined for it.
+    for round in 0..4 {
+        let ended = || counts.slow_ended.load(Ordering::SeqCst) + counts.slow_dropped.load(Ordering::SeqCst);
+        let before = ended();
+        let (status, v) = post(&url, None, &body).await;
+        assert_eq!(status, 504, "round {round}: {v}");
+        assert_eq!(v["error"]["type"], "timeout_error", "round {round}: {v}");
+        let started = Instant::now();
+        while ended() < before + 2 && started.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            ended(),
+            before + 2,
+            "round {round}: the module's calls to `slow` outlived the request"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_before_its_first_token_gets_an_error_status() {
+    let (srv, counts) = timed("streamstatus", Duration::from_secs(1), 4).await;
+    let url = srv.url("/v1/chat/completions");
+    // Times out before its first token: a 504 with the error body, as
+    // without streaming, instead of a 200 whose only event is the error.
+    let body =
+        json!({"model": "slow", "messages": [{"role": "user", "content": "hold"}], "max_tokens": 5, "stream": true});
+    let (status, v) = post(&url, None, &body).await;
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["error"]["code"], "deadline", "{v}");
+    // A stream that starts is a stream, and ends with [DONE].
+    let body =
+        json!({"model": "slow", "messages": [{"role": "user", "content": "go"}], "max_tokens": 3, "stream": true});
+    let r = reqwest::Client::new().post(&url).json(&body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = r.text().await.unwrap();
+    assert_eq!(text.matches("\"content\":\"x\"").count(), 3, "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!(counts.slow_tokens.load(Ordering::SeqCst), 3);
+}
+
 #[tokio::test]
 async fn a_broken_registry_is_the_servers_fault() {
     let (srv, registry, _, keys) = keyed("brokenreg").await;
@@ -693,7 +809,7 @@ async fn a_streamed_answer_begins_the_returned_one_and_counts_against_the_output
         true
     });
     let (out, _) = rt
-        .run_metered(&m, with(&[("case", "honest")]), None, None, Some(sink))
+        .run_metered(&m, with(&[("case", "honest")]), None, None, Some(sink), None)
         .await;
     let out = out.expect("an honest stream answers");
     let pieces = got.lock().unwrap().clone();

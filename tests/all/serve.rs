@@ -738,6 +738,34 @@ async fn a_request_past_its_timeout_is_504_and_a_tenants_concurrency_is_capped()
 }
 
 #[tokio::test]
+async fn a_streamed_request_that_cannot_run_gets_its_status_before_any_stream() {
+    let dir = scratch("serve-stream-status");
+    let registry = Arc::new(Registry::open(&dir).unwrap());
+    let srv = TestServer::start(runtime_arc(), registry, cfg()).await;
+    let client = reqwest::Client::new();
+    let url = srv.url("/v1/chat/completions");
+    // About 20,000 tokens: within the input rule, past SmolLM2's context.
+    let mut body = chat(SMOL, &"hello ".repeat(20_000), 8);
+    body["stream"] = json!(true);
+    let r = client.post(&url).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let kind = r.headers()["content-type"].to_str().unwrap().to_string();
+    let v = r.json::<Value>().await.unwrap_or(Value::Null);
+    assert_eq!(status, 400, "{v}");
+    assert!(kind.starts_with("application/json"), "{kind}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("context"), "{v}");
+    // The same member streams a request that fits.
+    let mut body = chat(SMOL, "Say hello.", 4);
+    body["stream"] = json!(true);
+    let r = client.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn python_and_javascript_strategies_are_published_and_served_like_rust_ones() {
     let dir = scratch("serve-languages");
     let registry = Arc::new(Registry::open(&dir.join("registry")).unwrap());

@@ -86,8 +86,8 @@ pub(crate) enum Target {
     System(Arc<Module>),
 }
 
-pub(crate) fn resolve(
-    st: &AppState,
+pub(crate) async fn resolve(
+    st: &Arc<AppState>,
     caller: &Caller,
     policy: &TenantPolicy,
     model: &str,
@@ -122,7 +122,7 @@ pub(crate) fn resolve(
             &format!("no member `{model}` that can `{need}`: see /v1/models"),
         ));
     }
-    match st.system(model)? {
+    match st.system(model).await? {
         Some(_) if !TenantPolicy::allows(&policy.modules, model) => {
             Err(ApiError::forbidden(&format!("this key may not use system `{model}`")))
         }
@@ -191,6 +191,7 @@ pub(crate) fn finish_name(f: crate::inference::FinishReason) -> &'static str {
 }
 
 pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Response {
+    let deadline = st.deadline();
     let policy = AppState::policy_of(&caller.0);
     let target = match resolve(
         &st,
@@ -198,16 +199,18 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
         &policy,
         &ask.model,
         crate::inference::Capability::Generate,
-    ) {
+    )
+    .await
+    {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
-    let admitted = match st.admit(&caller.0).await {
+    let admitted = match st.admit(&caller.0, deadline).await {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
     if ask.stream {
-        return stream(st, caller, policy, target, ask, admitted);
+        return stream(st, caller, policy, target, ask, admitted, deadline).await;
     }
     // The work runs in a task of its own, which holds the admission place
     // and bills the tenant when it ends. If the client goes away, this
@@ -222,12 +225,12 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
     let st2 = st.clone();
     let work = tokio::spawn(async move {
         let _admitted = admitted;
-        let limit = st2.cfg.request_timeout;
         let flag = cancel.clone();
         let sink: crate::inference::TextSink = Box::new(move |_: &str| !flag.load(Ordering::Relaxed));
         let sink = matches!(target, Target::Member(_)).then_some(sink);
-        let run = run_target(&st2, &caller, &policy, &target, &ask, sink, Some(cancel.clone()));
-        let (result, used) = while_wanted(run, limit, &cancel).await;
+        let until = Until { deadline, cancel };
+        let run = run_target(&st2, &caller, &policy, &target, &ask, sink, &until);
+        let (result, used) = while_wanted(run, &until, st2.cfg.request_timeout).await;
         st2.charge(&caller.0, used);
         result
     });
@@ -263,9 +266,24 @@ const CLIENT_POLL: Duration = Duration::from_millis(50);
 /// (and so report what it used) before it is dropped.
 const GONE_GRACE: Duration = Duration::from_millis(500);
 
-/// Runs `work` for at most `limit`, and not much longer than its client
-/// wants it: once `gone` is raised, the work has [`GONE_GRACE`] to stop by
-/// itself, and is then dropped.
+/// How long past the request's deadline work may take to stop by itself.
+/// Members and modules are given the deadline and stop there, reporting
+/// what they used (which is charged); this is the backstop for work that
+/// does not, which is then dropped.
+const OVERRUN: Duration = Duration::from_millis(500);
+
+/// When work on a request must stop: at its deadline (the request timeout
+/// from its arrival, the wait for admission included), or when `cancel` is
+/// raised because its client went away.
+pub(crate) struct Until {
+    pub(crate) deadline: Instant,
+    pub(crate) cancel: Arc<AtomicBool>,
+}
+
+/// Runs `work` until `until`'s deadline (then [`OVERRUN`] more at most),
+/// and not much longer than its client wants it: once the client is gone,
+/// the work has [`GONE_GRACE`] to stop by itself, and is then dropped. A
+/// timeout is reported with the server's request timeout, `limit`.
 ///
 /// A member that is decoding stops at its next token (its sink reads the
 /// same flag) and returns its usage, which is charged. Until its first
@@ -278,14 +296,14 @@ const GONE_GRACE: Duration = Duration::from_millis(500);
 /// charged.
 async fn while_wanted(
     work: impl std::future::Future<Output = (Result<Done, ApiError>, u64)>,
+    until: &Until,
     limit: Duration,
-    gone: &AtomicBool,
 ) -> (Result<Done, ApiError>, u64) {
     let timed_out = || (Err(ApiError::timeout(limit)), 0);
-    let work = tokio::time::timeout(limit, work);
+    let work = tokio::time::timeout_at((until.deadline + OVERRUN).into(), work);
     tokio::pin!(work);
     let left = async {
-        while !gone.load(Ordering::Relaxed) {
+        while !until.cancel.load(Ordering::Relaxed) {
             tokio::time::sleep(CLIENT_POLL).await;
         }
     };
@@ -321,8 +339,9 @@ pub(crate) struct Done {
 
 /// Runs the member or system, and says how many tokens it used (billed
 /// whether or not it succeeded). With `sink`, a member's text is streamed
-/// into it as it is decoded (returning `false` stops it); `cancel` stops a
-/// system's module.
+/// into it as it is decoded (returning `false` stops it). The member, or
+/// the system's module and every call it makes, stops at `until`'s
+/// deadline; the module also stops when `until.cancel` is raised.
 pub(crate) async fn run_target(
     st: &AppState,
     caller: &Caller,
@@ -330,11 +349,11 @@ pub(crate) async fn run_target(
     target: &Target,
     ask: &Ask,
     sink: Option<crate::inference::TextSink>,
-    cancel: Option<Arc<AtomicBool>>,
+    until: &Until,
 ) -> (Result<Done, ApiError>, u64) {
     match target {
         Target::Member(id) => {
-            let ctx = CallCtx::new(Instant::now() + st.cfg.request_timeout, CallCtx::next_requester());
+            let ctx = CallCtx::new(until.deadline, CallCtx::next_requester());
             let started = Instant::now();
             let models = st.rt.models();
             let g = match sink {
@@ -373,9 +392,13 @@ pub(crate) async fn run_target(
             let members: Option<Vec<String>> =
                 (!policy.members.iter().any(|m| m == "*")).then(|| policy.members.clone());
             let (rt, m) = (st.rt.clone(), module.clone());
+            let (cancel, deadline) = (until.cancel.clone(), until.deadline);
             let ran = st
                 .guests
-                .run(async move { rt.run_metered(&m, req, members.as_deref(), cancel, sink).await })
+                .run(async move {
+                    rt.run_metered(&m, req, members.as_deref(), Some(cancel), sink, Some(deadline))
+                        .await
+                })
                 .await;
             let (out, usage) = match ran {
                 Ok(r) => r,
@@ -385,6 +408,13 @@ pub(crate) async fn run_target(
                 }
             };
             let used = usage.prompt_tokens + usage.completion_tokens;
+            // Stopped at the request's deadline rather than its own: the
+            // server's timeout, as for a member, and not held against the
+            // module by the breaker (a slow strategy under load is not a
+            // broken one). What it used until then is still charged.
+            if matches!(out, Err(Error::Deadline { .. })) && Instant::now() + DEADLINE_SLACK >= until.deadline {
+                return (Err(ApiError::timeout(st.cfg.request_timeout)), used);
+            }
             st.breaker
                 .record(&breaker_key(caller, &module.sha256), out.as_ref().map(|_| ()));
             let out = match out {
@@ -404,17 +434,33 @@ pub(crate) async fn run_target(
     }
 }
 
+/// How close to the request's deadline a module's deadline error must come
+/// to count as the request's timeout (the sandbox checks its clock at a
+/// coarser grain than this).
+const DEADLINE_SLACK: Duration = Duration::from_millis(20);
+
 pub(crate) fn event(v: &Value) -> Result<Event, Infallible> {
     Ok(Event::default().data(v.to_string()))
 }
 
-pub(crate) fn stream(
+/// Answers `ask` as server-sent events.
+///
+/// A member's stream begins when its first piece of text is ready (or its
+/// answer is, if it has no text): a request that fails before that (a
+/// prompt longer than the member's context or its KV budget, a timeout
+/// while queued) gets its HTTP status and error body, as without
+/// streaming, rather than a 200 whose first event is the error. A system's
+/// stream begins at once, with a note on whether it streams; what fails
+/// after the stream began arrives as an error event before `[DONE]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn stream(
     st: Arc<AppState>,
     caller: Caller,
     policy: TenantPolicy,
     target: Target,
     ask: Ask,
     admitted: Admitted,
+    deadline: Instant,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Event, Infallible>>();
     let id = st.id(if ask.chat { "chatcmpl" } else { "cmpl" });
@@ -437,14 +483,41 @@ pub(crate) fn stream(
         };
     }
     let _ = tx.send(event(&first));
+    // Says whether the stream may begin: `Ok` at the first piece or a
+    // successful end, the error if the work failed before either. Only a
+    // member's stream waits for it.
+    let (begin, begun) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
+    let begin = Arc::new(std::sync::Mutex::new(Some(begin)));
+    let open = {
+        let begin = begin.clone();
+        move |verdict: Result<(), ApiError>| -> Option<ApiError> {
+            match begin.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                Some(tx) => match verdict {
+                    Ok(()) => {
+                        let _ = tx.send(Ok(()));
+                        None
+                    }
+                    // The handler answers with it (or is gone).
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        None
+                    }
+                },
+                // Already begun: the caller sends it as an event.
+                None => verdict.err(),
+            }
+        }
+    };
     let pieces = tx.clone();
     let (id2, model2) = (id.clone(), model.clone());
     // Bytes of the answer already sent: a streaming system's answer begins
     // with them (the sandbox checks), so only the rest follows at the end.
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = sent.clone();
+    let first_piece = open.clone();
     let sink: crate::inference::TextSink = Box::new(move |piece: &str| {
         counted.fetch_add(piece.len(), Ordering::Relaxed);
+        first_piece(Ok(()));
         pieces
             .send(event(&openai::chunk(
                 chat,
@@ -457,6 +530,10 @@ pub(crate) fn stream(
             )))
             .is_ok()
     });
+    let waits_for_first = matches!(target, Target::Member(_));
+    if !waits_for_first {
+        open(Ok(()));
+    }
     tokio::spawn(async move {
         let _admitted = admitted;
         let limit = st.cfg.request_timeout;
@@ -465,28 +542,23 @@ pub(crate) fn stream(
             Target::Member(_) => true,
             Target::System(m) => m.streams,
         };
-        // A system's module is stopped when the client goes away: the
-        // stream's channel closes, which `watch` turns into `cancel`.
+        // The work is stopped when the client goes away: the stream's
+        // channel closes (or, before the stream began, the handler and its
+        // receiver are dropped), which `watch` turns into `cancel`.
         let cancel = Arc::new(AtomicBool::new(false));
         let (flag, watch) = (cancel.clone(), tx.clone());
         let watcher = tokio::spawn(async move {
             watch.closed().await;
             flag.store(true, Ordering::Relaxed);
         });
-        let work = run_target(
-            &st,
-            &caller,
-            &policy,
-            &target,
-            &ask,
-            streams.then_some(sink),
-            Some(cancel.clone()),
-        );
-        let (result, used) = while_wanted(work, limit, &cancel).await;
+        let until = Until { deadline, cancel };
+        let work = run_target(&st, &caller, &policy, &target, &ask, streams.then_some(sink), &until);
+        let (result, used) = while_wanted(work, &until, limit).await;
         watcher.abort();
         st.charge(&caller.0, used);
         match result {
             Ok(done) => {
+                open(Ok(()));
                 if !streams_itself {
                     let rest = done.text.get(sent.load(Ordering::Relaxed)..).unwrap_or("");
                     if !rest.is_empty() {
@@ -511,12 +583,25 @@ pub(crate) fn stream(
                     let _ = tx.send(event(&u));
                 }
             }
-            Err(e) => {
-                let _ = tx.send(event(&e.body()));
-            }
+            Err(e) => match open(Err(e)) {
+                Some(e) => {
+                    let _ = tx.send(event(&e.body()));
+                }
+                // The handler answers with the error; no stream follows.
+                None => return,
+            },
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]")));
     });
+    if waits_for_first {
+        match begun.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return e.into_response(),
+            Err(_) => {
+                return ApiError::from(Error::internal("the request's task ended without an answer")).into_response()
+            }
+        }
+    }
     let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) });
     Sse::new(body)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)))

@@ -1,7 +1,6 @@
 //! `POST /v1/embeddings`.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Extension, State};
@@ -41,16 +40,18 @@ pub(crate) async fn embeddings(
         };
         let tenant = caller.0.clone();
         let policy = AppState::policy_of(&tenant);
-        let Target::Member(id) = resolve(&st, &caller, &policy, &req.model, crate::inference::Capability::Embed)?
+        let Target::Member(id) =
+            resolve(&st, &caller, &policy, &req.model, crate::inference::Capability::Embed).await?
         else {
             return Err(ApiError::invalid(
                 "model",
                 "systems do not embed: use an embedding member",
             ));
         };
-        let _admitted = st.admit(&tenant).await?;
-        let ctx = CallCtx::new(Instant::now() + st.cfg.request_timeout, CallCtx::next_requester());
-        let embedded = tokio::time::timeout(st.cfg.request_timeout, st.rt.models().embed(ctx, &id, texts))
+        let deadline = st.deadline();
+        let _admitted = st.admit(&tenant, deadline).await?;
+        let ctx = CallCtx::new(deadline, CallCtx::next_requester());
+        let embedded = tokio::time::timeout_at(deadline.into(), st.rt.models().embed(ctx, &id, texts))
             .await
             .map_err(|_| ApiError::timeout(st.cfg.request_timeout))?
             .map_err(|e| ApiError::from(Error::from(e)))?;

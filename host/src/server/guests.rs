@@ -67,10 +67,26 @@ impl Guests {
 
     /// Runs `fut` on the guest runtime and waits for it. If the runtime is
     /// gone (shutting down), the error says so.
+    ///
+    /// The task lives only as long as this call: a caller that stops
+    /// waiting (its request timed out, its client left) drops the call,
+    /// and that aborts the task, module and model calls with it, instead
+    /// of leaving it to run on detached, unbilled and outside admission.
     pub async fn run<T: Send + 'static>(
         &self,
         fut: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
-        self.handle.spawn(fut).await
+        let task = self.handle.spawn(fut);
+        let _abort = AbortOnDrop(task.abort_handle());
+        task.await
+    }
+}
+
+/// Aborts its task when dropped (a no-op once the task has finished).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

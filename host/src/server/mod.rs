@@ -56,7 +56,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
@@ -161,6 +161,8 @@ pub struct AppState {
     pub(crate) admission: Admission,
     /// Loaded systems by name, with the sha256 they were loaded from.
     pub(crate) modules: Mutex<HashMap<String, Arc<Module>>>,
+    /// Held while a module is loaded ([`AppState::system`]).
+    pub(crate) loading: tokio::sync::Mutex<()>,
     pub(crate) draining: AtomicBool,
     pub(crate) next_id: AtomicU64,
     pub(crate) breaker: breaker::Breaker,
@@ -195,6 +197,7 @@ impl AppState {
             registry,
             cfg,
             modules: Mutex::new(HashMap::new()),
+            loading: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         })
@@ -239,14 +242,28 @@ impl AppState {
         }
     }
 
-    pub(crate) async fn admit(&self, tenant: &Option<Tenant>) -> Result<Admitted, ApiError> {
+    /// When a request that arrives now must be answered: the request
+    /// timeout counts from here and covers everything, the wait for a
+    /// place included.
+    pub(crate) fn deadline(&self) -> Instant {
+        Instant::now() + self.cfg.request_timeout
+    }
+
+    /// Lets a request in, waiting for a place at most until its `deadline`
+    /// ([`AppState::deadline`]), so that waiting and working together stay
+    /// within the request timeout.
+    pub(crate) async fn admit(&self, tenant: &Option<Tenant>, deadline: Instant) -> Result<Admitted, ApiError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(ApiError::overloaded(
                 "the server is shutting down: retry on another instance",
             ));
         }
         self.admission
-            .admit(tenant.as_ref(), &self.registry, self.cfg.request_timeout)
+            .admit(
+                tenant.as_ref(),
+                &self.registry,
+                deadline.saturating_duration_since(Instant::now()),
+            )
             .await
     }
 
@@ -281,15 +298,58 @@ impl AppState {
     /// The system called `name`: a published module first, else a
     /// standard one. Loaded modules are kept, keyed by their sha256, so a
     /// republished module is picked up and an unchanged one is not reloaded.
-    pub(crate) fn system(&self, name: &str) -> Result<Option<Arc<Module>>, ApiError> {
-        let entry = self.registry.get(name)?;
+    /// The strategy module served as system `name`, if there is one.
+    ///
+    /// A module served before comes from memory. Otherwise it is loaded,
+    /// which compiles it (seconds for a large module without a stored
+    /// artifact): that runs on a blocking thread, never on the threads that
+    /// serve every request, and one load at a time, so that many first
+    /// requests for a new module compile it once rather than once each.
+    pub(crate) async fn system(self: &Arc<Self>, name: &str) -> Result<Option<Arc<Module>>, ApiError> {
+        if let Some(m) = self.cached_system(name)? {
+            return Ok(Some(m));
+        }
+        let _one_at_a_time = self.loading.lock().await;
+        // Another request may have loaded it while this one waited.
+        if let Some(m) = self.cached_system(name)? {
+            return Ok(Some(m));
+        }
+        let (st, owned) = (self.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || st.load_system(&owned))
+            .await
+            .map_err(|e| ApiError::from(Error::internal(format!("loading module `{name}` failed: {e}"))))?
+    }
+
+    /// The loaded module for `name` if it is still what the name stands for
+    /// (the registry's entry has the same sha256, or the standard module's
+    /// file is still installed); `None` means it must be loaded.
+    fn cached_system(&self, name: &str) -> Result<Option<Arc<Module>>, ApiError> {
         let cached = self
             .modules
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .cloned();
-        let module = match entry {
+        let Some(m) = cached else {
+            return Ok(None);
+        };
+        match self.registry.get(name)? {
+            Some(e) => Ok((e.world == World::Strategy && m.sha256 == e.sha256).then_some(m)),
+            // One stat, not a manifest scan per request.
+            None => Ok(self
+                .rt
+                .paths()
+                .modules
+                .join(format!("{name}.wasm"))
+                .exists()
+                .then_some(m)),
+        }
+    }
+
+    /// Loads (compiles) system `name` from the registry or the installed
+    /// standard modules and remembers it. Blocking.
+    fn load_system(&self, name: &str) -> Result<Option<Arc<Module>>, ApiError> {
+        let module = match self.registry.get(name)? {
             Some(e) => {
                 if e.world != World::Strategy {
                     return Err(ApiError::invalid(
@@ -300,23 +360,14 @@ impl AppState {
                         ),
                     ));
                 }
-                match cached.filter(|m| m.sha256 == e.sha256) {
-                    Some(m) => m,
-                    None => Arc::new(self.registry.load(self.rt.sandbox(), &e).map_err(unloadable(name))?),
-                }
+                Arc::new(self.registry.load(self.rt.sandbox(), &e).map_err(unloadable(name))?)
             }
-            // A standard module loaded before is served from the cache while
-            // its file is still installed (one stat, not a manifest scan per
-            // request); otherwise it must be an installed strategy.
-            None => match cached {
-                Some(m) if self.rt.paths().modules.join(format!("{name}.wasm")).exists() => m,
-                _ => {
-                    if !self.standard_systems().iter().any(|(n, _)| n == name) {
-                        return Ok(None);
-                    }
-                    self.rt.load_module(name).map_err(unloadable(name))?
+            None => {
+                if !self.standard_systems().iter().any(|(n, _)| n == name) {
+                    return Ok(None);
                 }
-            },
+                self.rt.load_module(name).map_err(unloadable(name))?
+            }
         };
         self.modules
             .lock()

@@ -15,7 +15,6 @@
 //! apply as for the other endpoints.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Extension, State};
@@ -88,18 +87,17 @@ pub(crate) async fn score(
         let (model, input, continuations) = req.input()?;
         let tenant = caller.0.clone();
         let policy = AppState::policy_of(&tenant);
-        let Target::Member(id) = resolve(&st, &caller, &policy, &model, crate::inference::Capability::Score)? else {
+        let Target::Member(id) = resolve(&st, &caller, &policy, &model, crate::inference::Capability::Score).await?
+        else {
             return Err(ApiError::invalid("model", "systems do not score: use a member"));
         };
-        let _admitted = st.admit(&tenant).await?;
-        let ctx = CallCtx::new(Instant::now() + st.cfg.request_timeout, CallCtx::next_requester());
-        let scores = tokio::time::timeout(
-            st.cfg.request_timeout,
-            st.rt.models().score(ctx, &id, input, continuations),
-        )
-        .await
-        .map_err(|_| ApiError::timeout(st.cfg.request_timeout))?
-        .map_err(|e| ApiError::from(Error::from(e)))?;
+        let deadline = st.deadline();
+        let _admitted = st.admit(&tenant, deadline).await?;
+        let ctx = CallCtx::new(deadline, CallCtx::next_requester());
+        let scores = tokio::time::timeout_at(deadline.into(), st.rt.models().score(ctx, &id, input, continuations))
+            .await
+            .map_err(|_| ApiError::timeout(st.cfg.request_timeout))?
+            .map_err(|e| ApiError::from(Error::from(e)))?;
         let tokens: u64 = scores.iter().map(|s| u64::from(s.tokens)).sum();
         st.charge(&tenant, tokens);
         Ok(Json(json!({

@@ -560,9 +560,12 @@ impl GgufModel {
         if stepping.is_empty() {
             return done;
         }
-        match self.decode_step(&mut stepping) {
-            Ok(()) => engine.decoding = stepping,
-            Err(e) => done.extend(stepping.into_iter().map(|(tag, _)| (tag, Err(e.clone())))),
+        let stepped = self.decode_step(&mut stepping);
+        for ((tag, seq), r) in stepping.into_iter().zip(stepped) {
+            match r {
+                Ok(()) => engine.decoding.push((tag, seq)),
+                Err(e) => done.push((tag, Err(e))),
+            }
         }
         done
     }
@@ -627,10 +630,10 @@ impl GgufModel {
                         seq.cached = found.tokens;
                     }
                     Ok(None) => {}
-                    Err(e) => {
-                        chosen.push((i, Some(Err(failed(e)))));
-                        continue;
-                    }
+                    // The cache only saves work: a lookup that fails leaves
+                    // the sequence as it was, and it prefills its whole
+                    // prompt as on a miss.
+                    Err(e) => tracing::warn!("prefix cache lookup on `{}` failed, prefilling in full: {e}", self.id),
                 }
             }
             let seq = &engine.prefilling[i].1;
@@ -736,28 +739,40 @@ impl GgufModel {
         let done = end == seq.prompt.len();
         if done {
             seq.prompt_logits = seq.logits.clone();
-            self.prefix.insert(&seq.prompt, &seq.state).map_err(failed)?;
+            // Filing is for later prompts; this one's prefill succeeded and
+            // its generation goes on whether or not it could be filed (the
+            // cache files whole blocks only, so a failure leaves it as it
+            // was plus the blocks filed before it).
+            if let Err(e) = self.prefix.insert(&seq.prompt, &seq.state) {
+                tracing::warn!("prefix cache insert on `{}` failed, not filed: {e}", self.id);
+            }
         }
         Ok(done)
     }
 
     /// One decode step for every sequence in `seqs`, setting their logits:
     /// one forward pass over all of them where the architecture batches,
-    /// else one sequence after another.
-    fn decode_step<T>(&mut self, seqs: &mut [(T, Seq<'_>)]) -> Result<(), InferenceError> {
+    /// else one sequence after another. Returns each sequence's outcome: a
+    /// sequence that fails alone (the unbatched path, or its row of the
+    /// batch's logits) fails alone, and the others go on; a failed batched
+    /// pass fails every sequence in it.
+    fn decode_step<T>(&mut self, seqs: &mut [(T, Seq<'_>)]) -> Vec<Result<(), InferenceError>> {
         let batched = seqs.len() > 1 && self.weights.batches();
         if !batched {
             // One sequence (or a backend that does not batch) runs the
             // plain path: the same numbers as a batched row (both use the
             // decode kernels), without the batch's bookkeeping.
-            for (_, seq) in seqs.iter_mut() {
-                let (last, pos) = (seq.out[seq.out.len() - 1], seq.position());
-                self.weights.put_state(std::mem::take(&mut seq.state));
-                let logits = Self::step(&mut self.weights, &self.device, &[last], pos);
-                seq.state = self.weights.take_state();
-                seq.logits = Some(logits?);
-            }
-            return Ok(());
+            return seqs
+                .iter_mut()
+                .map(|(_, seq)| {
+                    let (last, pos) = (seq.out[seq.out.len() - 1], seq.position());
+                    self.weights.put_state(std::mem::take(&mut seq.state));
+                    let logits = Self::step(&mut self.weights, &self.device, &[last], pos);
+                    seq.state = self.weights.take_state();
+                    seq.logits = Some(logits?);
+                    Ok(())
+                })
+                .collect();
         }
         BATCHED_STEPS.fetch_add(1, Ordering::Relaxed);
         let ids: Vec<u32> = seqs.iter().map(|(_, s)| s.out[s.out.len() - 1]).collect();
@@ -767,11 +782,17 @@ impl GgufModel {
         for ((_, s), st) in seqs.iter_mut().zip(states) {
             s.state = st;
         }
-        let logits = logits.map_err(failed)?;
-        for (row, (_, s)) in seqs.iter_mut().enumerate() {
-            s.logits = Some(logits.get(row).map_err(failed)?);
+        match logits.map_err(failed) {
+            Err(e) => seqs.iter().map(|_| Err(e.clone())).collect(),
+            Ok(logits) => seqs
+                .iter_mut()
+                .enumerate()
+                .map(|(row, (_, s))| {
+                    s.logits = Some(logits.get(row).map_err(failed)?);
+                    Ok(())
+                })
+                .collect(),
         }
-        Ok(())
     }
 
     /// Runs every job to completion and returns their results in order,

@@ -240,10 +240,21 @@ impl PrefixCache {
     /// stay within the budget. A block that cannot fit without evicting
     /// this prompt's own earlier blocks is not filed, nor are the ones
     /// after it.
+    ///
+    /// A failure (a tensor operation on `state`) leaves the cache whole:
+    /// each block is built before it is filed, so the cache holds what it
+    /// held plus the blocks filed before the failure, and its counters say
+    /// so.
     pub fn insert(&mut self, ids: &[u32], state: &KvState) -> Result<()> {
         if !self.enabled() {
             return Ok(());
         }
+        let filed = self.file_blocks(ids, state);
+        self.publish();
+        filed
+    }
+
+    fn file_blocks(&mut self, ids: &[u32], state: &KvState) -> Result<()> {
         let present = self.path(ids, usize::MAX);
         let mut path = present.clone();
         let mut parent = present.last().copied().unwrap_or(0);
@@ -290,7 +301,6 @@ impl PrefixCache {
             parent = h;
         }
         self.touch(&path);
-        self.publish();
         Ok(())
     }
 
