@@ -662,36 +662,46 @@ async fn a_client_that_leaves_before_its_first_token_frees_its_place() {
     assert_eq!(counts.slow_tokens.load(Ordering::SeqCst), 0, "nothing was generated");
 }
 
-/// An open (keyless) server over the double whose requests may take
-/// `timeout` in all.
-async fn timed(tag: &str, timeout: Duration, max_inflight: usize) -> (Srv, Arc<double::Counts>) {
+/// A server over the double whose requests may take `timeout` in all,
+/// with one tenant (`alice`, no quotas): its key comes back.
+async fn timed(tag: &str, timeout: Duration, max_inflight: usize) -> (Srv, Arc<double::Counts>, Arc<Registry>, String) {
     let (rt, counts) = double::runtime(tag, Policy::default());
     let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
+    let open = TenantPolicy {
+        requests_per_minute: 0,
+        ..TenantPolicy::default()
+    };
+    let key = registry.add_tenant("alice", &open).unwrap();
     let cfg = ServeConfig {
         request_timeout: timeout,
         max_inflight,
         ..srv_cfg()
     };
-    (Srv::start_with(Arc::new(rt), registry, cfg).await, counts)
+    (
+        Srv::start_with(Arc::new(rt), registry.clone(), cfg).await,
+        counts,
+        registry,
+        key,
+    )
 }
 
 #[tokio::test]
 async fn the_request_timeout_covers_the_wait_for_a_place() {
     // One place; the first request holds it for about 1 s (50 tokens at
     // 20 ms), the second waits for it and then asks for 20 s of tokens.
-    let (srv, counts) = timed("waitcounts", Duration::from_secs(2), 1).await;
+    let (srv, counts, registry, key) = timed("waitcounts", Duration::from_secs(2), 1).await;
     let url = srv.url("/v1/chat/completions");
     let first = {
-        let url = url.clone();
+        let (url, key) = (url.clone(), key.clone());
         tokio::spawn(async move {
             let body = json!({"model": "slow", "messages": [{"role": "user", "content": "go"}], "max_tokens": 50});
-            post(&url, None, &body).await
+            post(&url, Some(&key), &body).await
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let body = json!({"model": "slow", "messages": [{"role": "user", "content": "go"}], "max_tokens": 1000});
     let started = Instant::now();
-    let (status, v) = post(&url, None, &body).await;
+    let (status, v) = post(&url, Some(&key), &body).await;
     let took = started.elapsed();
     let (first_status, first_v) = first.await.unwrap();
     assert_eq!(first_status, 200, "{first_v}");
@@ -707,6 +717,13 @@ async fn the_request_timeout_covers_the_wait_for_a_place() {
         "the waiting request decoded {second} tokens: it got a fresh timeout"
     );
     assert!(took < Duration::from_secs(4), "answered after {took:?}");
+    // The member was stopped at the deadline with what it had used, and
+    // that is charged: the tokens of both requests and their prompts.
+    let charged = registry
+        .tokens_used("alice", day_of(server::now_unix() as i64))
+        .unwrap();
+    let made = counts.slow_tokens.load(Ordering::SeqCst);
+    assert_eq!(charged, made + 2, "charged {charged} for {made} tokens and two prompts");
 }
 
 #[tokio::test]
@@ -715,7 +732,7 @@ async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
     // nothing until its deadline. The module's own budget is 300 s: before
     // this was fixed, the server answered 504 at its timeout and left the
     // module and its calls running, detached and unbilled, for minutes.
-    let (srv, counts) = timed("systimeout", Duration::from_secs(1), 4).await;
+    let (srv, counts, _, key) = timed("systimeout", Duration::from_secs(1), 4).await;
     let url = srv.url("/v1/chat/completions");
     let body = json!({
         "model": "majority-vote",
@@ -729,7 +746,7 @@ async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
     for round in 0..4 {
         let ended = || counts.slow_ended.load(Ordering::SeqCst) + counts.slow_dropped.load(Ordering::SeqCst);
         let before = ended();
-        let (status, v) = post(&url, None, &body).await;
+        let (status, v) = post(&url, Some(&key), &body).await;
         assert_eq!(status, 504, "round {round}: {v}");
         assert_eq!(v["error"]["type"], "timeout_error", "round {round}: {v}");
         let started = Instant::now();
@@ -746,19 +763,25 @@ async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
 
 #[tokio::test]
 async fn a_stream_that_fails_before_its_first_token_gets_an_error_status() {
-    let (srv, counts) = timed("streamstatus", Duration::from_secs(1), 4).await;
+    let (srv, counts, _, key) = timed("streamstatus", Duration::from_secs(1), 4).await;
     let url = srv.url("/v1/chat/completions");
     // Times out before its first token: a 504 with the error body, as
     // without streaming, instead of a 200 whose only event is the error.
     let body =
         json!({"model": "slow", "messages": [{"role": "user", "content": "hold"}], "max_tokens": 5, "stream": true});
-    let (status, v) = post(&url, None, &body).await;
+    let (status, v) = post(&url, Some(&key), &body).await;
     assert_eq!(status, 504, "{v}");
     assert_eq!(v["error"]["code"], "deadline", "{v}");
     // A stream that starts is a stream, and ends with [DONE].
     let body =
         json!({"model": "slow", "messages": [{"role": "user", "content": "go"}], "max_tokens": 3, "stream": true});
-    let r = reqwest::Client::new().post(&url).json(&body).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert!(r.headers()["content-type"]
         .to_str()

@@ -353,17 +353,28 @@ pub(crate) async fn run_target(
 ) -> (Result<Done, ApiError>, u64) {
     match target {
         Target::Member(id) => {
-            let ctx = CallCtx::new(until.deadline, CallCtx::next_requester());
-            let started = Instant::now();
-            let models = st.rt.models();
-            let g = match sink {
-                Some(s) => {
-                    models
-                        .generate_stream(ctx, id, ask.input.clone(), ask.params.clone(), s)
-                        .await
+            // A member decoding at the deadline is stopped by its sink, so
+            // it ends with its usage, which is charged: a generation cut by
+            // its own deadline reports none, and a tenant whose requests all
+            // ran into the timeout would use the member without paying.
+            // Its own deadline, a little later, stops what emits no text
+            // by then (a generation still queued or in its prompt).
+            let ctx = CallCtx::new(until.deadline + MEMBER_BACKSTOP, CallCtx::next_requester());
+            let (deadline, passed) = (until.deadline, Arc::new(AtomicBool::new(false)));
+            let (flag, mut inner) = (passed.clone(), sink);
+            let sink: crate::inference::TextSink = Box::new(move |piece: &str| {
+                if Instant::now() >= deadline {
+                    flag.store(true, Ordering::Relaxed);
+                    return false;
                 }
-                None => models.generate(ctx, id, ask.input.clone(), ask.params.clone()).await,
-            };
+                inner.as_mut().is_none_or(|s| s(piece))
+            });
+            let started = Instant::now();
+            let g = st
+                .rt
+                .models()
+                .generate_stream(ctx, id, ask.input.clone(), ask.params.clone(), sink)
+                .await;
             let g = match g {
                 Ok(g) => g,
                 Err(crate::inference::InferenceError::Deadline) => {
@@ -373,6 +384,9 @@ pub(crate) async fn run_target(
             };
             let ms = started.elapsed().as_millis() as u64;
             let used = u64::from(g.usage.prompt_tokens) + u64::from(g.usage.completion_tokens);
+            if passed.load(Ordering::Relaxed) {
+                return (Err(ApiError::timeout(st.cfg.request_timeout)), used);
+            }
             let done = Done {
                 provenance: member_provenance(id, &g.usage, ms),
                 text: g.text,
@@ -433,6 +447,10 @@ pub(crate) async fn run_target(
         }
     }
 }
+
+/// How long past the request's deadline a member's own deadline falls:
+/// time for its sink to stop it first ([`run_target`]). Below [`OVERRUN`].
+const MEMBER_BACKSTOP: Duration = Duration::from_millis(250);
 
 /// How close to the request's deadline a module's deadline error must come
 /// to count as the request's timeout (the sandbox checks its clock at a
