@@ -762,6 +762,35 @@ async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
 }
 
 #[tokio::test]
+async fn a_modules_model_calls_cut_by_the_deadline_are_charged() {
+    // majority-vote's sample on `slow` wants 1,000 tokens (20 s); the
+    // request may take 1 s. The call is stopped at the deadline and comes
+    // back with its usage, which the tenant pays for: before, a call cut by
+    // its deadline reported nothing, so such requests were free.
+    let (srv, counts, registry, key) = timed("syscharge", Duration::from_secs(1), 4).await;
+    let body = json!({
+        "model": "majority-vote",
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 1000,
+        "tessera": {"k": 2},
+    });
+    let (status, v) = post(&srv.url("/v1/chat/completions"), Some(&key), &body).await;
+    assert_eq!(status, 504, "{v}");
+    let made = counts.slow_tokens.load(Ordering::SeqCst);
+    assert!(made > 0, "slow generated nothing");
+    let charged = registry
+        .tokens_used("alice", day_of(server::now_unix() as i64))
+        .unwrap();
+    // `slow`'s tokens and its prompt, plus the other sample's (echo) usage.
+    assert!(charged > made, "charged {charged} for {made} tokens");
+    assert_eq!(
+        counts.slow_dropped.load(Ordering::SeqCst),
+        0,
+        "the call was dropped, not stopped"
+    );
+}
+
+#[tokio::test]
 async fn a_stream_that_fails_before_its_first_token_gets_an_error_status() {
     let (srv, counts, _, key) = timed("streamstatus", Duration::from_secs(1), 4).await;
     let url = srv.url("/v1/chat/completions");

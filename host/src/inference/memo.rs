@@ -16,12 +16,14 @@
 //!   share those first answers. An unseeded sample is always passed through,
 //!   since drawing it again is the point of asking again.
 //!
-//! Streaming generations, next-token queries and embeddings pass through.
+//! Streamed generations are remembered as `generate`'s are (a remembered one
+//! is streamed whole), unless their sink stopped them early. Next-token
+//! queries and embeddings pass through.
 //! Counts, token usage and provenance are those of the remembered call, so
 //! budgets hold as if it ran again; only the time is saved.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -204,15 +206,66 @@ impl Models for CallMemo {
         })
     }
 
+    /// As [`Self::generate`], streamed: a remembered generation is handed
+    /// to `sink` whole. A computed one is remembered only if it ran to its
+    /// end: one its sink stopped (a caller gone or past its deadline) is
+    /// not the answer to the call.
     fn generate_stream(
         &self,
         ctx: CallCtx,
         model: &str,
         input: Input,
         params: GenParams,
-        sink: TextSink,
+        mut sink: TextSink,
     ) -> BoxFuture<'static, Result<Generation, InferenceError>> {
-        self.inner.generate_stream(ctx, model, input, params, sink)
+        let Some(key) = Self::generation_key(model, &input, &params) else {
+            return self.inner.generate_stream(ctx, model, input, params, sink);
+        };
+        let hex = hex::encode(key);
+        let hit = match self.lookup(&key) {
+            Some(Value::Generation(hit)) => Some(hit),
+            _ => self
+                .store
+                .as_ref()
+                .and_then(|s| s.load_generation(model, &hex))
+                .inspect(|hit| {
+                    remember(&self.entries, self.capacity, key, Value::Generation(hit.clone()));
+                }),
+        };
+        if let Some(hit) = hit {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Box::pin(async move {
+                if !hit.text.is_empty() {
+                    sink(&hit.text);
+                }
+                Ok(hit)
+            });
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let stopped = Arc::new(AtomicBool::new(false));
+        let noted = stopped.clone();
+        let sink: TextSink = Box::new(move |piece: &str| {
+            let go = sink(piece);
+            if !go {
+                noted.store(true, Ordering::Relaxed);
+            }
+            go
+        });
+        let call = self.inner.generate_stream(ctx, model, input, params, sink);
+        let capacity = self.capacity;
+        let entries = self.entries.clone();
+        let store = self.store.clone();
+        let model = model.to_string();
+        Box::pin(async move {
+            let out = call.await?;
+            if !stopped.load(Ordering::Relaxed) {
+                remember(&entries, capacity, key, Value::Generation(out.clone()));
+                if let Some(s) = store {
+                    s.save_generation(&model, &hex, &out);
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn score(
@@ -403,6 +456,45 @@ mod tests {
         let again = CallMemo::new(inner.clone(), 10).with_store(store.clone());
         assert_eq!(text(again.generate(ctx(), "m", q(), greedy).await.unwrap()), a);
         assert_eq!(inner.0.load(Ordering::Relaxed), 5);
+    }
+
+    #[tokio::test]
+    async fn streamed_generations_are_remembered_unless_their_sink_stopped_them() {
+        let inner = Arc::new(Counting(AtomicU64::new(0)));
+        let store = Arc::new(MapStore::default());
+        let memo = CallMemo::new(inner.clone(), 10).with_store(store.clone());
+        let q = || Input::Prompt("Q?".into());
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = |go: bool| -> TextSink {
+            let seen = seen.clone();
+            Box::new(move |p: &str| {
+                seen.lock().unwrap().push(p.to_string());
+                go
+            })
+        };
+        // A stopped one is not the call's answer: asked again, it runs again.
+        let a = memo
+            .generate_stream(ctx(), "m", q(), GenParams::default(), sink(false))
+            .await
+            .unwrap();
+        let b = memo
+            .generate_stream(ctx(), "m", q(), GenParams::default(), sink(true))
+            .await
+            .unwrap();
+        assert_ne!(a.text, b.text);
+        assert_eq!(inner.0.load(Ordering::Relaxed), 2);
+        // The finished one is remembered, streamed whole from memory, and
+        // shared with the unstreamed call.
+        let c = memo
+            .generate_stream(ctx(), "m", q(), GenParams::default(), sink(true))
+            .await
+            .unwrap();
+        let d = memo.generate(ctx(), "m", q(), GenParams::default()).await.unwrap();
+        assert_eq!((c.text.as_str(), d.text.as_str()), (b.text.as_str(), b.text.as_str()));
+        assert_eq!(inner.0.load(Ordering::Relaxed), 2);
+        assert_eq!(*seen.lock().unwrap(), vec![a.text, b.text.clone(), b.text]);
+        assert_eq!(store.1.lock().unwrap().len(), 1);
+        assert_eq!(memo.counts(), (2, 2));
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@
 //! are returned to the guest as WIT errors so that it can fall back.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,13 +20,20 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::convert::*;
 use crate::bindings::{models, trace, types as w, weights};
-use crate::inference::{CallCtx, Models, DEFAULT_MAX_TOKENS};
+use crate::inference::{CallCtx, Models, TextSink, DEFAULT_MAX_TOKENS};
 use crate::policy::Grant;
 use crate::request::{ProvenanceEvent, UsageReport};
 use crate::Error;
 
 /// Longest trace note kept; longer notes are cut.
 const MAX_NOTE_BYTES: usize = 4096;
+
+/// How long past the request's deadline a generation's member may take to
+/// stop: its sink stops it at the deadline and it comes back with its usage
+/// ([`RequestState::stopping`]); the member's own deadline falls this much
+/// later, and the call is given up twice this much later. The sandbox's
+/// outer bound on a whole run lies beyond both ([`super::OVERRUN`]).
+pub(super) const STOP_GRACE: Duration = Duration::from_millis(200);
 /// Longest trace role kept (`proposer`, `judge`, ...); longer ones are cut.
 const MAX_ROLE_BYTES: usize = 64;
 /// Longest member id kept in a provenance event (real ids are at most 64
@@ -307,19 +315,31 @@ impl RequestState {
         let mut params = params_in(params);
         params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(remaining));
         let started = Instant::now();
+        let stopped = Arc::new(AtomicBool::new(false));
         let result = if streamed {
             let (sink, sent_before) = super::output::forwarder(&self.output, self.grant.output_bytes);
+            let sink = self.stopping(stopped.clone(), Some(sink));
             let fut = self
                 .models
-                .generate_stream(self.call_ctx(), &model, input, params, sink);
-            let result = self.await_model(fut).await?;
-            self.settle_stream(result.as_ref().ok().map(|g| g.text.as_str()), sent_before)?;
+                .generate_stream(self.stoppable_ctx(), &model, input, params, sink);
+            let result = self.await_stoppable(fut).await?;
+            if !stopped.load(Ordering::Relaxed) {
+                self.settle_stream(result.as_ref().ok().map(|g| g.text.as_str()), sent_before)?;
+            }
             result
         } else {
-            let fut = self.models.generate(self.call_ctx(), &model, input, params);
-            self.await_model(fut).await?
+            let sink = self.stopping(stopped.clone(), None);
+            let fut = self
+                .models
+                .generate_stream(self.stoppable_ctx(), &model, input, params, sink);
+            self.await_stoppable(fut).await?
         };
-        let outcome = outcome_of(&result);
+        let stopped = stopped.load(Ordering::Relaxed);
+        let outcome = if stopped {
+            "deadline".to_string()
+        } else {
+            outcome_of(&result)
+        };
         let (p, c, k) = result
             .as_ref()
             .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens))
@@ -327,10 +347,55 @@ impl RequestState {
         self.account_generation(p, c);
         let call = if streamed { "generate-streamed" } else { "generate" };
         self.record_model_call(call, &model, (p, c, k), started.elapsed(), &outcome)?;
+        if stopped {
+            return Err(self.deadline_trap());
+        }
         if let Ok(g) = &result {
             self.keep_text(&model, &g.text);
         }
         Ok(result.map(generation_out).map_err(inference_error_out))
+    }
+
+    /// The context of a generation this request can stop through its sink
+    /// ([`Self::stopping`]): the member's own deadline falls [`STOP_GRACE`]
+    /// after the request's, as a backstop for a generation that emits no
+    /// text by then.
+    fn stoppable_ctx(&self) -> CallCtx {
+        CallCtx::new(self.deadline + STOP_GRACE, self.requester)
+    }
+
+    /// A sink that stops its generation at the request's deadline, or when
+    /// the request is cancelled (its client went away), raising `stopped`,
+    /// and otherwise passes each piece on to `next`. A generation stopped
+    /// this way comes back with its usage, which the request is charged;
+    /// one cut by its own deadline would report none.
+    fn stopping(&self, stopped: Arc<AtomicBool>, mut next: Option<TextSink>) -> TextSink {
+        let (deadline, cancel) = (self.deadline, self.cancel.clone());
+        Box::new(move |piece: &str| {
+            if Instant::now() >= deadline || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                stopped.store(true, Ordering::Relaxed);
+                return false;
+            }
+            next.as_mut().is_none_or(|s| s(piece))
+        })
+    }
+
+    /// Awaits a generation made with [`Self::stoppable_ctx`]: until a little
+    /// past the member's own deadline, so that one stopped by its sink can
+    /// come back with its usage; past that, or ended by its own deadline,
+    /// it ends the request.
+    async fn await_stoppable<T>(
+        &mut self,
+        fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
+    ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
+        let result = match tokio::time::timeout_at((self.deadline + STOP_GRACE * 2).into(), fut).await {
+            Ok(r) => r,
+            Err(_) => return Err(self.deadline_trap()),
+        };
+        if matches!(result, Err(crate::inference::InferenceError::Deadline)) {
+            return Err(self.deadline_trap());
+        }
+        Ok(result)
     }
 
     /// Awaits one model call; running past the deadline (while queued or
@@ -442,12 +507,15 @@ impl models::Host for RequestState {
         if share == 0 {
             return Err(self.violate(Error::budget("tokens", self.grant.tokens as u64)));
         }
-        let ctx = self.call_ctx();
+        let ctx = self.stoppable_ctx();
+        let mut stops = Vec::with_capacity(jobs.len());
         let started = Instant::now();
         let mut futs = Vec::with_capacity(jobs.len());
         let mut names = Vec::with_capacity(jobs.len());
         for (j, ok) in jobs.into_iter().zip(known) {
             names.push(j.model.clone());
+            let stopped = Arc::new(AtomicBool::new(false));
+            stops.push(stopped.clone());
             let mut params = params_in(j.params);
             params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(share));
             let input = input_in(j.input);
@@ -457,7 +525,8 @@ impl models::Host for RequestState {
             } else if let Err(e) = input.check_size(0) {
                 Box::pin(async move { Err(e) })
             } else {
-                self.models.generate(ctx, &j.model, input, params)
+                let sink = self.stopping(stopped, None);
+                self.models.generate_stream(ctx, &j.model, input, params, sink)
             };
             // Each job's own latency, not the whole fan-out's.
             futs.push(async move {
@@ -465,26 +534,37 @@ impl models::Host for RequestState {
                 (r, started.elapsed())
             });
         }
-        let results = self.until_deadline(futures::future::join_all(futs)).await?;
-        if results
-            .iter()
-            .any(|(r, _)| matches!(r, Err(crate::inference::InferenceError::Deadline)))
+        let all = futures::future::join_all(futs);
+        let results = match tokio::time::timeout_at((self.deadline + STOP_GRACE * 2).into(), all).await {
+            Ok(r) => r,
+            Err(_) => return Err(self.deadline_trap()),
+        };
+        let stopped: Vec<bool> = stops.iter().map(|s| s.load(Ordering::Relaxed)).collect();
+        if !stopped.contains(&true)
+            && results
+                .iter()
+                .any(|(r, _)| matches!(r, Err(crate::inference::InferenceError::Deadline)))
         {
             return Err(self.deadline_trap());
         }
+        // Jobs stopped at the deadline came back with their usage: it is
+        // charged and recorded with the others' before the request ends.
         let mut out = Vec::with_capacity(results.len());
-        for ((r, took), model) in results.into_iter().zip(names) {
+        for (((r, took), model), cut) in results.into_iter().zip(names).zip(&stopped) {
             let (p, c, k) = r
                 .as_ref()
                 .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens))
                 .unwrap_or((0, 0, 0));
             self.account_generation(p, c);
-            let outcome = outcome_of(&r);
+            let outcome = if *cut { "deadline".to_string() } else { outcome_of(&r) };
             self.record_model_call("generate", &model, (p, c, k), took, &outcome)?;
             if let Ok(g) = &r {
                 self.keep_text(&model, &g.text);
             }
             out.push(r.map(generation_out).map_err(inference_error_out));
+        }
+        if stopped.contains(&true) {
+            return Err(self.deadline_trap());
         }
         Ok(out)
     }

@@ -40,6 +40,11 @@ use crate::request::{ProvenanceEvent, UsageReport};
 use crate::Error;
 pub use host::RequestState;
 
+/// How long past its deadline a run may take before it is cut off
+/// whatever it is doing: past the time a model call stopped at the deadline
+/// has to come back with its usage (twice [`host::STOP_GRACE`]).
+const OVERRUN: Duration = Duration::from_millis(500);
+
 /// How often the epoch advances; the deadline is checked at this grain.
 pub const TICK: Duration = Duration::from_millis(5);
 /// Wasm stack cap for every module.
@@ -347,7 +352,7 @@ impl Sandbox {
         let deadline = store.data().deadline;
         // Belt and braces: the epoch callback stops wasm and host calls carry
         // their own timeouts; this outer timeout bounds anything else.
-        let outcome = tokio::time::timeout_at((deadline + TICK * 20).into(), f(&module.pre, &mut store)).await;
+        let outcome = tokio::time::timeout_at((deadline + OVERRUN).into(), f(&module.pre, &mut store)).await;
         let fuel_left = store.get_fuel().unwrap_or(0);
         let state = store.data_mut();
         let mut usage = std::mem::take(&mut state.usage);

@@ -268,9 +268,10 @@ const GONE_GRACE: Duration = Duration::from_millis(500);
 
 /// How long past the request's deadline work may take to stop by itself.
 /// Members and modules are given the deadline and stop there, reporting
-/// what they used (which is charged); this is the backstop for work that
-/// does not, which is then dropped.
-const OVERRUN: Duration = Duration::from_millis(500);
+/// what they used (which is charged); a module's run is cut off half a
+/// second past it at the latest (`sandbox::OVERRUN`). This is the backstop
+/// for work that does not stop, which is then dropped.
+const OVERRUN: Duration = Duration::from_secs(1);
 
 /// When work on a request must stop: at its deadline (the request timeout
 /// from its arrival, the wait for admission included), or when `cancel` is
