@@ -72,6 +72,40 @@ pub(crate) struct Tile {
     m: [u16; TILE],
 }
 
+/// One GGML block of `format`: its scale and offset (f16 bits), its
+/// fifth bits (0 for Q4_1) and its 16 bytes of nibbles.
+fn block_parts(format: Format, block: &[u8]) -> (u16, u16, u32, &[u8]) {
+    let d = u16::from_le_bytes([block[0], block[1]]);
+    match format {
+        Format::Q4_1 => (d, u16::from_le_bytes([block[2], block[3]]), 0, &block[4..20]),
+        Format::Q5_0 => (
+            d,
+            minus_16_times(d),
+            u32::from_le_bytes([block[2], block[3], block[4], block[5]]),
+            &block[6..22],
+        ),
+        Format::Q5_1 => (
+            d,
+            u16::from_le_bytes([block[2], block[3]]),
+            u32::from_le_bytes([block[4], block[5], block[6], block[7]]),
+            &block[8..24],
+        ),
+    }
+}
+
+/// Q5_0's offset, `-16 d`, as f16 bits: exact, since 16 is a power of two.
+/// For a normal `d` whose exponent has room that is the sign flipped and
+/// the exponent raised by 4; zero, subnormals and values near the top of
+/// the range go through f32 (the f16 rounding of the exact product).
+fn minus_16_times(d: u16) -> u16 {
+    let exponent = (d >> 10) & 0x1F;
+    if (1..=26).contains(&exponent) {
+        (d ^ 0x8000) + (4 << 10)
+    } else {
+        half::f16::from_f32(-16.0 * half::f16::from_bits(d).to_f32()).to_bits()
+    }
+}
+
 /// A Q4_1/Q5_0/Q5_1 weight matrix (`n` rows of `k` inputs) repacked for
 /// [`matmul`].
 pub struct Packed {
@@ -112,37 +146,22 @@ impl Packed {
                 let mut bits = [0u64; 8];
                 for r in 0..TILE {
                     let at = ((t * TILE + r) * kb + b) * bb;
-                    let block = &bytes[at..at + bb];
-                    let d = u16::from_le_bytes([block[0], block[1]]);
-                    let (m, qh, qs) = match format {
-                        Format::Q4_1 => (u16::from_le_bytes([block[2], block[3]]), 0u32, &block[4..20]),
-                        Format::Q5_0 => {
-                            // m = -16 d: a power-of-two multiple, exact in f16.
-                            let m = half::f16::from_f32(-16.0 * half::f16::from_bits(d).to_f32()).to_bits();
-                            (
-                                m,
-                                u32::from_le_bytes([block[2], block[3], block[4], block[5]]),
-                                &block[6..22],
-                            )
-                        }
-                        Format::Q5_1 => (
-                            u16::from_le_bytes([block[2], block[3]]),
-                            u32::from_le_bytes([block[4], block[5], block[6], block[7]]),
-                            &block[8..24],
-                        ),
-                    };
+                    let (d, m, qh, qs) = block_parts(format, &bytes[at..at + bb]);
                     tile.d[r] = d;
                     tile.m[r] = m;
-                    for i in 0..BLOCK {
-                        // GGML: byte j holds input j (low nibble) and input
-                        // j + 16 (high nibble); bit i of qh is input i's fifth.
-                        let nibble = if i < 16 { qs[i] & 0x0F } else { qs[i - 16] >> 4 };
-                        let (group, lane) = (i / 4, i % 4);
-                        let at = ((group % 4) * TILE + r) * 4 + lane;
-                        tile.lo[at] |= if group < 4 { nibble } else { nibble << 4 };
-                        if (qh >> i) & 1 == 1 {
-                            bits[group] |= 1 << (r * 4 + lane);
-                        }
+                    // GGML: byte j holds input j (low nibble) and input
+                    // j + 16 (high nibble), and the tile's byte for input j
+                    // of a row holds the same two nibbles: group j / 4 in
+                    // its low half, group j / 4 + 4 in its high half, at the
+                    // same place. So the quants move four bytes at a time.
+                    for g in 0..4 {
+                        let to = (g * TILE + r) * 4;
+                        tile.lo[to..to + 4].copy_from_slice(&qs[g * 4..g * 4 + 4]);
+                    }
+                    // Bit i of qh is input i's fifth; group g's four lanes
+                    // go to bits 4r..4r + 4 of its word.
+                    for (g, word) in bits.iter_mut().enumerate() {
+                        *word |= u64::from((qh >> (g * 4)) & 0xF) << (r * 4);
                     }
                 }
                 tiles.push(tile);
@@ -809,6 +828,57 @@ mod tests {
                 let slow = portable(&packed, &vnni::quantize(x), m);
                 for simd in Simd::here() {
                     assert_eq!(slow, matmul_on(simd, &packed, x, m), "{simd:?} {dtype:?} m={m}");
+                }
+            }
+        }
+    }
+
+    /// `-16 d` in bits equals the f32 route for every f16 but NaNs.
+    #[test]
+    fn q5_0_offset_is_exact_for_every_scale() {
+        for d in 0..=u16::MAX {
+            let h = half::f16::from_bits(d);
+            if h.is_nan() {
+                continue;
+            }
+            let want = half::f16::from_f32(-16.0 * h.to_f32()).to_bits();
+            assert_eq!(minus_16_times(d), want, "d = {d:#06x}");
+        }
+    }
+
+    /// The packing puts every quant where one-at-a-time placement (the
+    /// layout's definition) puts it, fifth bits included.
+    #[test]
+    fn packing_places_every_quant_by_the_layout() {
+        let (n, k) = (32, 96);
+        for format in [Format::Q4_1, Format::Q5_0, Format::Q5_1] {
+            let bb = format.block_bytes();
+            // Noise bytes, with scales kept finite.
+            let mut bytes: Vec<u8> = (0..n * k / BLOCK * bb)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect();
+            for block in bytes.chunks_mut(bb) {
+                block[1] &= 0x3B;
+                if format != Format::Q5_0 {
+                    block[3] &= 0x3B;
+                }
+            }
+            let packed = Packed::new(format, &bytes, n, k).expect("packs");
+            let kb = k / BLOCK;
+            for row in 0..n {
+                for b in 0..kb {
+                    let block = &bytes[(row * kb + b) * bb..(row * kb + b + 1) * bb];
+                    let (_, _, qh, qs) = block_parts(format, block);
+                    for i in 0..BLOCK {
+                        let nibble = if i < 16 { qs[i] & 0x0F } else { qs[i - 16] >> 4 };
+                        let fifth = if format.five() { ((qh >> i) & 1) as u8 } else { 0 };
+                        let (t, r) = (row / TILE, row % TILE);
+                        assert_eq!(
+                            packed.quant(t * kb + b, r, i),
+                            nibble | fifth << 4,
+                            "{format:?} row {row} block {b} input {i}"
+                        );
+                    }
                 }
             }
         }

@@ -7,19 +7,20 @@ use candle_core::{DType, Device, Result, Tensor};
 pub(super) use tessera_kernels::math::Gate;
 use tessera_kernels::math::{Causal, ValuesShape};
 
-/// The token embedding (kept as f16 for row lookup) and the output
-/// projection: `output.weight` when the file has one, else the embedding
-/// matrix itself (tied weights), in a fast matmul format.
+/// The token embedding (kept as stored, rows dequantized on lookup: see
+/// [`super::embedding`]) and the output projection: `output.weight` when
+/// the file has one, else the embedding matrix itself (tied weights, read
+/// a second time for the projection's own packing), in a fast matmul
+/// format.
 pub(super) fn embedding_and_output<R: std::io::Read + std::io::Seek>(
     content: &gguf_file::Content,
     reader: &mut R,
     device: &Device,
-) -> Result<(Tensor, super::quant::Linear)> {
-    let embed_q = content.tensor(reader, "token_embd.weight", device)?;
-    let embed = embed_q.dequantize_f16(device)?;
+) -> Result<(super::embedding::Embedding, super::quant::Linear)> {
+    let embed = super::embedding::Embedding::new(content.tensor(reader, "token_embd.weight", &Device::Cpu)?)?;
     let output = match content.tensor_infos.contains_key("output.weight") {
         true => content.tensor(reader, "output.weight", device)?,
-        false => embed_q,
+        false => content.tensor(reader, "token_embd.weight", device)?,
     };
     Ok((embed, super::quant::Linear::decode_only(output, device)?))
 }

@@ -70,7 +70,7 @@ impl Layer {
 /// extend a shared prefix without recomputing it.
 #[derive(Debug, Clone)]
 pub struct Gemma3 {
-    embed: Tensor,
+    embed: super::embedding::Embedding,
     embed_scale: f64,
     output: Linear,
     layers: Vec<Layer>,
@@ -183,12 +183,7 @@ impl Gemma3 {
         device: &Device,
     ) -> Result<Tensor> {
         let n = ids.len();
-        let mut x = (self
-            .embed
-            .index_select(&Tensor::new(ids, device)?, 0)?
-            .to_dtype(DType::F32)?
-            * self.embed_scale)?
-            .reshape((n, 1, ()))?;
+        let mut x = (self.embed.rows(&Tensor::new(ids, device)?, device)? * self.embed_scale)?.reshape((n, 1, ()))?;
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter_mut().enumerate() {
@@ -248,8 +243,7 @@ impl Gemma3 {
         let ids: Vec<u32> = chunks.iter().flat_map(|(c, _)| c.iter().copied()).collect();
         let t = ids.len();
         let flat = Tensor::new(ids.as_slice(), device)?;
-        let mut x =
-            (self.embed.index_select(&flat, 0)?.to_dtype(DType::F32)? * self.embed_scale)?.reshape((1, t, ()))?;
+        let mut x = (self.embed.rows(&flat, device)? * self.embed_scale)?.reshape((1, t, ()))?;
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter_mut().enumerate() {
@@ -300,8 +294,7 @@ impl Gemma3 {
     pub fn forward_chunk(&mut self, ids: &Tensor, pos: usize, chunk_rows: usize) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        let mut x =
-            (self.embed.index_select(&flat, 0)?.to_dtype(DType::F32)? * self.embed_scale)?.reshape((b, t, ()))?;
+        let mut x = (self.embed.rows(&flat, ids.device())? * self.embed_scale)?.reshape((b, t, ()))?;
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         for layer in self.layers.iter_mut() {
             let rope = if layer.window.is_some() {
@@ -348,8 +341,7 @@ impl Gemma3 {
         let t = ids.len();
         let keep = keep && segments.len() == 1;
         let flat = Tensor::new(ids.as_slice(), device)?;
-        let mut x =
-            (self.embed.index_select(&flat, 0)?.to_dtype(DType::F32)? * self.embed_scale)?.reshape((1, t, ()))?;
+        let mut x = (self.embed.rows(&flat, device)? * self.embed_scale)?.reshape((1, t, ()))?;
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in self.layers.iter_mut() {

@@ -97,7 +97,7 @@ pub(super) fn layer_caches(states: &mut [KvState], li: usize) -> Result<Vec<&mut
 /// the cached prefix.
 #[derive(Debug, Clone)]
 pub struct Llama {
-    embed: Tensor,
+    embed: super::embedding::Embedding,
     output: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -211,8 +211,7 @@ impl Llama {
         let n = ids.len();
         let mut x = self
             .embed
-            .index_select(&Tensor::new(ids, device)?, 0)?
-            .to_dtype(DType::F32)?
+            .rows(&Tensor::new(ids, device)?, device)?
             .reshape((n, 1, ()))?;
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         let scale = 1.0 / (hd as f64).sqrt();
@@ -267,8 +266,7 @@ impl Llama {
         let t = ids.len();
         let mut x = self
             .embed
-            .index_select(&Tensor::new(ids.as_slice(), device)?, 0)?
-            .to_dtype(DType::F32)?
+            .rows(&Tensor::new(ids.as_slice(), device)?, device)?
             .reshape((1, t, ()))?;
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         let scale = 1.0 / (hd as f64).sqrt();
@@ -309,8 +307,7 @@ impl Llama {
         let (b, t) = ids.dims2()?;
         let x = self
             .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(DType::F32)?
+            .rows(&ids.flatten_all()?, ids.device())?
             .reshape((b, t, ()))?;
         let layers = self.layers.len();
         let x = self.run_layers(x, pos, chunk_rows, layers)?;
@@ -340,8 +337,7 @@ impl Llama {
         trunk.put_state(prefix.clone());
         let x = trunk
             .embed
-            .index_select(&Tensor::new(ids, device)?, 0)?
-            .to_dtype(DType::F32)?
+            .rows(&Tensor::new(ids, device)?, device)?
             .reshape((1, t, ()))?;
         let x = trunk.run_layers(x, pos, t, layers.min(self.layers.len()))?;
         Ok((x.reshape((t, ()))?, trunk.take_state()))
@@ -382,8 +378,7 @@ impl Llama {
         let keep = keep && segments.len() == 1;
         let mut x = self
             .embed
-            .index_select(&Tensor::new(ids.as_slice(), device)?, 0)?
-            .to_dtype(DType::F32)?
+            .rows(&Tensor::new(ids.as_slice(), device)?, device)?
             .reshape((1, t, ()))?;
         let (heads, kv_heads, hd, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         let scale = 1.0 / (hd as f64).sqrt();

@@ -15,6 +15,7 @@
 pub mod adapter;
 pub(crate) mod attention;
 pub mod decode;
+pub mod embedding;
 pub mod gemma3;
 pub mod hf;
 pub mod llama;
