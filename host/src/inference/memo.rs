@@ -140,6 +140,41 @@ impl CallMemo {
         Some(h.finalize().into())
     }
 
+    /// The generation remembered under `key`: from memory, else from the
+    /// store (and then kept in memory). Counts a hit, or a miss when there
+    /// is none.
+    fn remembered(&self, key: Key, model: &str) -> Option<Generation> {
+        let hit = match self.lookup(&key) {
+            Some(Value::Generation(hit)) => Some(hit),
+            _ => {
+                let stored = self
+                    .store
+                    .as_ref()
+                    .and_then(|s| s.load_generation(model, &hex::encode(key)));
+                if let Some(hit) = &stored {
+                    remember(&self.entries, self.capacity, key, Value::Generation(hit.clone()));
+                }
+                stored
+            }
+        };
+        let counter = if hit.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        hit
+    }
+
+    /// What keeps a generation computed for `key`: in memory, and in the
+    /// store when there is one.
+    fn keeper(&self, key: Key, model: &str) -> impl FnOnce(&Generation) + Send + 'static {
+        let (capacity, entries, store) = (self.capacity, self.entries.clone(), self.store.clone());
+        let model = model.to_string();
+        move |out: &Generation| {
+            remember(&entries, capacity, key, Value::Generation(out.clone()));
+            if let Some(s) = store {
+                s.save_generation(&model, &hex::encode(key), out);
+            }
+        }
+    }
+
     fn lookup(&self, key: &Key) -> Option<Value> {
         let e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         e.map.get(key).cloned()
@@ -180,28 +215,14 @@ impl Models for CallMemo {
         let Some(key) = Self::generation_key(model, &input, &params) else {
             return self.inner.generate(ctx, model, input, params);
         };
-        if let Some(Value::Generation(hit)) = self.lookup(&key) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(hit) = self.remembered(key, model) {
             return Box::pin(async move { Ok(hit) });
         }
-        let hex = hex::encode(key);
-        if let Some(hit) = self.store.as_ref().and_then(|s| s.load_generation(model, &hex)) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            remember(&self.entries, self.capacity, key, Value::Generation(hit.clone()));
-            return Box::pin(async move { Ok(hit) });
-        }
-        self.misses.fetch_add(1, Ordering::Relaxed);
+        let keep = self.keeper(key, model);
         let call = self.inner.generate(ctx, model, input, params);
-        let capacity = self.capacity;
-        let entries = self.entries.clone();
-        let store = self.store.clone();
-        let model = model.to_string();
         Box::pin(async move {
             let out = call.await?;
-            remember(&entries, capacity, key, Value::Generation(out.clone()));
-            if let Some(s) = store {
-                s.save_generation(&model, &hex, &out);
-            }
+            keep(&out);
             Ok(out)
         })
     }
@@ -221,19 +242,7 @@ impl Models for CallMemo {
         let Some(key) = Self::generation_key(model, &input, &params) else {
             return self.inner.generate_stream(ctx, model, input, params, sink);
         };
-        let hex = hex::encode(key);
-        let hit = match self.lookup(&key) {
-            Some(Value::Generation(hit)) => Some(hit),
-            _ => self
-                .store
-                .as_ref()
-                .and_then(|s| s.load_generation(model, &hex))
-                .inspect(|hit| {
-                    remember(&self.entries, self.capacity, key, Value::Generation(hit.clone()));
-                }),
-        };
-        if let Some(hit) = hit {
-            self.hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(hit) = self.remembered(key, model) {
             return Box::pin(async move {
                 if !hit.text.is_empty() {
                     sink(&hit.text);
@@ -241,7 +250,7 @@ impl Models for CallMemo {
                 Ok(hit)
             });
         }
-        self.misses.fetch_add(1, Ordering::Relaxed);
+        let keep = self.keeper(key, model);
         let stopped = Arc::new(AtomicBool::new(false));
         let noted = stopped.clone();
         let sink: TextSink = Box::new(move |piece: &str| {
@@ -252,17 +261,10 @@ impl Models for CallMemo {
             go
         });
         let call = self.inner.generate_stream(ctx, model, input, params, sink);
-        let capacity = self.capacity;
-        let entries = self.entries.clone();
-        let store = self.store.clone();
-        let model = model.to_string();
         Box::pin(async move {
             let out = call.await?;
             if !stopped.load(Ordering::Relaxed) {
-                remember(&entries, capacity, key, Value::Generation(out.clone()));
-                if let Some(s) = store {
-                    s.save_generation(&model, &hex, &out);
-                }
+                keep(&out);
             }
             Ok(out)
         })
