@@ -244,12 +244,12 @@ fn decode_together(path: &Path, prompt: &str, n: usize) -> f64 {
     // The computation itself is timed: repeats would hit the prefix cache.
     m.set_prefix_cache(0);
     let input = Input::Prompt(prompt.to_string());
-    let run = |m: &mut GgufModel, tokens: u32| -> (f64, u64) {
+    let run = |m: &mut GgufModel, tokens: u32, seeds: u64| -> (f64, u64) {
         let params: Vec<GenParams> = (0..n)
             .map(|i| GenParams {
                 max_tokens: Some(tokens),
                 temperature: Some(0.7),
-                seed: Some(i as u64),
+                seed: Some(seeds + i as u64),
                 ..Default::default()
             })
             .collect();
@@ -274,9 +274,23 @@ fn decode_together(path: &Path, prompt: &str, n: usize) -> f64 {
             .sum();
         (secs, toks)
     };
-    let (t1, k1) = run(&mut m, 2);
-    let (tn, kn) = run(&mut m, DECODE / 2 + 2);
-    kn.saturating_sub(k1) as f64 / (tn - t1).max(1e-9)
+    // A sampled sequence that ends early (end of turn) leaves a few tokens
+    // over a few milliseconds, and the rate means nothing: other seeds are
+    // tried until nine in ten of the asked tokens were decoded.
+    let want = (DECODE / 2 + 2) as u64 * n as u64;
+    let mut best = (0, 0.0);
+    for seeds in (0..5).map(|a| a * 1000) {
+        let (t1, k1) = run(&mut m, 2, seeds);
+        let (tn, kn) = run(&mut m, DECODE / 2 + 2, seeds);
+        let rate = kn.saturating_sub(k1) as f64 / (tn - t1).max(1e-9);
+        if kn > best.0 {
+            best = (kn, rate);
+        }
+        if kn * 10 >= want * 9 {
+            break;
+        }
+    }
+    best.1
 }
 
 /// Multiple-choice items (ARC-style, written for this bench): question and

@@ -732,7 +732,7 @@ async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
     // nothing until its deadline. The module's own budget is 300 s: before
     // this was fixed, the server answered 504 at its timeout and left the
     // module and its calls running, detached and unbilled, for minutes.
-    let (srv, counts, _, key) = timed("systimeout", Duration::from_secs(1), 4).await;
+    let (srv, counts, registry, key) = timed("systimeout", Duration::from_secs(1), 4).await;
     let url = srv.url("/v1/chat/completions");
     let body = json!({
         "model": "majority-vote",
@@ -759,6 +759,13 @@ async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
             "round {round}: the module's calls to `slow` outlived the request"
         );
     }
+    // The samples `echo` answered before the deadline are charged though
+    // the run ended there (3 prompt and 2 completion tokens each, two per
+    // round); the held ones used nothing.
+    let charged = registry
+        .tokens_used("alice", day_of(server::now_unix() as i64))
+        .unwrap();
+    assert_eq!(charged, 4 * 2 * 5);
 }
 
 #[tokio::test]

@@ -34,6 +34,10 @@ const MAX_NOTE_BYTES: usize = 4096;
 /// later, and the call is given up twice this much later. The sandbox's
 /// outer bound on a whole run lies beyond both ([`super::OVERRUN`]).
 pub(super) const STOP_GRACE: Duration = Duration::from_millis(200);
+
+/// How often a model call being awaited looks whether its request was
+/// cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
 /// Longest trace role kept (`proposer`, `judge`, ...); longer ones are cut.
 const MAX_ROLE_BYTES: usize = 64;
 /// Longest member id kept in a provenance event (real ids are at most 64
@@ -388,9 +392,8 @@ impl RequestState {
         &mut self,
         fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
-        let result = match tokio::time::timeout_at((self.deadline + STOP_GRACE * 2).into(), fut).await {
-            Ok(r) => r,
-            Err(_) => return Err(self.deadline_trap()),
+        let Some(result) = await_call(self.deadline, self.cancel.clone(), fut).await else {
+            return Err(self.deadline_trap());
         };
         if matches!(result, Err(crate::inference::InferenceError::Deadline)) {
             return Err(self.deadline_trap());
@@ -418,6 +421,35 @@ impl RequestState {
             Err(_) => Err(self.deadline_trap()),
         }
     }
+}
+
+/// Awaits model calls made with [`RequestState::stoppable_ctx`] for a
+/// request with `deadline`: at most until twice [`STOP_GRACE`] past it,
+/// and once `cancel` is raised (the client left) at most [`STOP_GRACE`]
+/// more, since a call in its prompt reads no sink and the run must end,
+/// with what the earlier calls used, before the server drops it. `None`:
+/// given up.
+async fn await_call<F: std::future::Future>(
+    deadline: Instant,
+    cancel: Option<Arc<AtomicBool>>,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::pin!(fut);
+    let gone = async move {
+        match cancel {
+            Some(c) => {
+                while !c.load(Ordering::Relaxed) {
+                    tokio::time::sleep(CANCEL_POLL).await;
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout_at((deadline + STOP_GRACE * 2).into(), &mut fut) => return r.ok(),
+        () = gone => {}
+    }
+    tokio::time::timeout(STOP_GRACE, &mut fut).await.ok()
 }
 
 fn outcome_of<T>(r: &Result<T, crate::inference::InferenceError>) -> String {
@@ -535,20 +567,16 @@ impl models::Host for RequestState {
             });
         }
         let all = futures::future::join_all(futs);
-        let results = match tokio::time::timeout_at((self.deadline + STOP_GRACE * 2).into(), all).await {
-            Ok(r) => r,
-            Err(_) => return Err(self.deadline_trap()),
+        let Some(results) = await_call(self.deadline, self.cancel.clone(), all).await else {
+            return Err(self.deadline_trap());
         };
         let stopped: Vec<bool> = stops.iter().map(|s| s.load(Ordering::Relaxed)).collect();
-        if !stopped.contains(&true)
-            && results
-                .iter()
-                .any(|(r, _)| matches!(r, Err(crate::inference::InferenceError::Deadline)))
-        {
-            return Err(self.deadline_trap());
-        }
-        // Jobs stopped at the deadline came back with their usage: it is
-        // charged and recorded with the others' before the request ends.
+        let ran_out = results
+            .iter()
+            .any(|(r, _)| matches!(r, Err(crate::inference::InferenceError::Deadline)));
+        // Every job's usage is charged and recorded before the request ends
+        // at its deadline: the ones that finished, and the ones stopped
+        // there, which came back with theirs.
         let mut out = Vec::with_capacity(results.len());
         for (((r, took), model), cut) in results.into_iter().zip(names).zip(&stopped) {
             let (p, c, k) = r
@@ -563,7 +591,7 @@ impl models::Host for RequestState {
             }
             out.push(r.map(generation_out).map_err(inference_error_out));
         }
-        if stopped.contains(&true) {
+        if ran_out || stopped.contains(&true) {
             return Err(self.deadline_trap());
         }
         Ok(out)

@@ -430,6 +430,12 @@ pub(crate) async fn run_target(
             if matches!(out, Err(Error::Deadline { .. })) && Instant::now() + DEADLINE_SLACK >= until.deadline {
                 return (Err(ApiError::timeout(st.cfg.request_timeout)), used);
             }
+            // Stopped because its client went away: not the module's fault
+            // either (the client gets nothing, so this is only for the
+            // record).
+            if until.cancel.load(Ordering::Relaxed) {
+                return (Err(ApiError::client_gone()), used);
+            }
             st.breaker
                 .record(&breaker_key(caller, &module.sha256), out.as_ref().map(|_| ()));
             let out = match out {
@@ -454,8 +460,8 @@ pub(crate) async fn run_target(
 const MEMBER_BACKSTOP: Duration = Duration::from_millis(250);
 
 /// How close to the request's deadline a module's deadline error must come
-/// to count as the request's timeout (the sandbox checks its clock at a
-/// coarser grain than this).
+/// to count as the request's timeout: the sandbox ends a run at or after
+/// its deadline, so this only absorbs clock reads a little apart.
 const DEADLINE_SLACK: Duration = Duration::from_millis(20);
 
 pub(crate) fn event(v: &Value) -> Result<Event, Infallible> {
@@ -506,9 +512,11 @@ pub(crate) async fn stream(
     // successful end, the error if the work failed before either. Only a
     // member's stream waits for it.
     let (begin, begun) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
+    // Only `open` and its clones (the sink's, the task's) hold the sender:
+    // a task that dies without answering drops them all, and the handler
+    // answers 500 instead of waiting for ever.
     let begin = Arc::new(std::sync::Mutex::new(Some(begin)));
     let open = {
-        let begin = begin.clone();
         move |verdict: Result<(), ApiError>| -> Option<ApiError> {
             match begin.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 Some(tx) => match verdict {

@@ -162,7 +162,7 @@ pub struct AppState {
     /// Loaded systems by name, with the sha256 they were loaded from.
     pub(crate) modules: Mutex<HashMap<String, Arc<Module>>>,
     /// Held while a module is loaded ([`AppState::system`]).
-    pub(crate) loading: tokio::sync::Mutex<()>,
+    pub(crate) loading: Arc<tokio::sync::Mutex<()>>,
     pub(crate) draining: AtomicBool,
     pub(crate) next_id: AtomicU64,
     pub(crate) breaker: breaker::Breaker,
@@ -197,7 +197,7 @@ impl AppState {
             registry,
             cfg,
             modules: Mutex::new(HashMap::new()),
-            loading: tokio::sync::Mutex::new(()),
+            loading: Arc::new(tokio::sync::Mutex::new(())),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         })
@@ -298,26 +298,35 @@ impl AppState {
     /// The system called `name`: a published module first, else a
     /// standard one. Loaded modules are kept, keyed by their sha256, so a
     /// republished module is picked up and an unchanged one is not reloaded.
-    /// The strategy module served as system `name`, if there is one.
     ///
     /// A module served before comes from memory. Otherwise it is loaded,
     /// which compiles it (seconds for a large module without a stored
     /// artifact): that runs on a blocking thread, never on the threads that
-    /// serve every request, and one load at a time, so that many first
-    /// requests for a new module compile it once rather than once each.
+    /// serve every request, and one load at a time (the lock is held until
+    /// the load ends, even if the request that started it is gone), so that
+    /// many first requests for a new module compile it once rather than
+    /// once each. A name that is neither published nor installed is
+    /// answered at once, without waiting for anyone's load.
     pub(crate) async fn system(self: &Arc<Self>, name: &str) -> Result<Option<Arc<Module>>, ApiError> {
         if let Some(m) = self.cached_system(name)? {
             return Ok(Some(m));
         }
-        let _one_at_a_time = self.loading.lock().await;
+        let installed = self.rt.paths().modules.join(format!("{name}.wasm")).exists();
+        if !installed && self.registry.get(name)?.is_none() {
+            return Ok(None);
+        }
+        let one_at_a_time = self.loading.clone().lock_owned().await;
         // Another request may have loaded it while this one waited.
         if let Some(m) = self.cached_system(name)? {
             return Ok(Some(m));
         }
         let (st, owned) = (self.clone(), name.to_string());
-        tokio::task::spawn_blocking(move || st.load_system(&owned))
-            .await
-            .map_err(|e| ApiError::from(Error::internal(format!("loading module `{name}` failed: {e}"))))?
+        tokio::task::spawn_blocking(move || {
+            let _held = one_at_a_time;
+            st.load_system(&owned)
+        })
+        .await
+        .map_err(|e| ApiError::from(Error::internal(format!("loading module `{name}` failed: {e}"))))?
     }
 
     /// The loaded module for `name` if it is still what the name stands for
