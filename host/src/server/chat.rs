@@ -516,23 +516,15 @@ pub(crate) async fn stream(
     // a task that dies without answering drops them all, and the handler
     // answers 500 instead of waiting for ever.
     let begin = Arc::new(std::sync::Mutex::new(Some(begin)));
-    let open = {
-        move |verdict: Result<(), ApiError>| -> Option<ApiError> {
-            match begin.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                Some(tx) => match verdict {
-                    Ok(()) => {
-                        let _ = tx.send(Ok(()));
-                        None
-                    }
-                    // The handler answers with it (or is gone).
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        None
-                    }
-                },
-                // Already begun: the caller sends it as an event.
-                None => verdict.err(),
+    let open = move |verdict: Result<(), ApiError>| -> Option<ApiError> {
+        match begin.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // The handler answers with it (or is gone).
+            Some(tx) => {
+                let _ = tx.send(verdict);
+                None
             }
+            // Already begun: the caller sends it as an event.
+            None => verdict.err(),
         }
     };
     let pieces = tx.clone();
