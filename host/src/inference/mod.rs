@@ -11,6 +11,7 @@ pub mod memo;
 pub mod train;
 pub mod weights;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::BoxFuture;
@@ -393,6 +394,27 @@ impl CallCtx {
 
 /// Where a streaming generation sends its text; `false` back means "stop".
 pub type TextSink = Box<dyn FnMut(&str) -> bool + Send + 'static>;
+
+/// A sink that stops its generation at `deadline`, or once `cancel` is
+/// raised, raising `stopped`, and otherwise passes each piece on to `next`.
+/// A generation stopped this way comes back with its usage, so its caller
+/// can charge it; one cut off by its own deadline reports none. The server
+/// and the sandbox both stop generations at a request's deadline with it.
+pub fn stop_at(
+    deadline: Instant,
+    cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+    mut next: Option<TextSink>,
+) -> TextSink {
+    use std::sync::atomic::Ordering;
+    Box::new(move |piece: &str| {
+        if Instant::now() >= deadline || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            stopped.store(true, Ordering::Relaxed);
+            return false;
+        }
+        next.as_mut().is_none_or(|s| s(piece))
+    })
+}
 
 /// The pool as the sandbox sees it. Implemented by [`crate::pool::Pool`] and
 /// by test doubles. Every method returns a future that does not borrow

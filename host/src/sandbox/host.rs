@@ -373,15 +373,8 @@ impl RequestState {
     /// and otherwise passes each piece on to `next`. A generation stopped
     /// this way comes back with its usage, which the request is charged;
     /// one cut by its own deadline would report none.
-    fn stopping(&self, stopped: Arc<AtomicBool>, mut next: Option<TextSink>) -> TextSink {
-        let (deadline, cancel) = (self.deadline, self.cancel.clone());
-        Box::new(move |piece: &str| {
-            if Instant::now() >= deadline || cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
-                stopped.store(true, Ordering::Relaxed);
-                return false;
-            }
-            next.as_mut().is_none_or(|s| s(piece))
-        })
+    fn stopping(&self, stopped: Arc<AtomicBool>, next: Option<TextSink>) -> TextSink {
+        crate::inference::stop_at(self.deadline, self.cancel.clone(), stopped, next)
     }
 
     /// Awaits a generation made with [`Self::stoppable_ctx`]: until a little

@@ -361,15 +361,8 @@ pub(crate) async fn run_target(
             // Its own deadline, a little later, stops what emits no text
             // by then (a generation still queued or in its prompt).
             let ctx = CallCtx::new(until.deadline + MEMBER_BACKSTOP, CallCtx::next_requester());
-            let (deadline, passed) = (until.deadline, Arc::new(AtomicBool::new(false)));
-            let (flag, mut inner) = (passed.clone(), sink);
-            let sink: crate::inference::TextSink = Box::new(move |piece: &str| {
-                if Instant::now() >= deadline {
-                    flag.store(true, Ordering::Relaxed);
-                    return false;
-                }
-                inner.as_mut().is_none_or(|s| s(piece))
-            });
+            let passed = Arc::new(AtomicBool::new(false));
+            let sink = crate::inference::stop_at(until.deadline, None, passed.clone(), sink);
             let started = Instant::now();
             let g = st
                 .rt
