@@ -75,7 +75,9 @@ pub enum ProvenanceEvent {
 pub struct UsageReport {
     /// Host calls made (each fan-out job counts).
     pub host_calls: u32,
-    /// Prompt tokens across generate calls.
+    /// Prompt tokens across generate, score and next-token calls (a
+    /// score call's prompt counts once, however many continuations it
+    /// has), and texts read by `embed`.
     pub prompt_tokens: u64,
     /// Tokens generated.
     pub completion_tokens: u64,

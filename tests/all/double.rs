@@ -204,16 +204,19 @@ impl Models for Scripted {
         &self,
         _: CallCtx,
         _: &str,
-        _: Input,
+        prompt: Input,
         continuations: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
         self.counts.calls.fetch_add(1, Ordering::SeqCst);
+        // One prompt "token" per byte, as the embedder counts.
+        let prompt_tokens = prompt.counted_bytes() as u32;
         Box::pin(async move {
             Ok(continuations
                 .iter()
                 .map(|c| Scored {
                     logprob: -(c.len() as f64),
                     tokens: c.len() as u32,
+                    prompt_tokens,
                     cached_tokens: 0,
                 })
                 .collect())

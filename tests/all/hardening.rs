@@ -472,6 +472,30 @@ async fn embedding_usage_is_the_embedders_tokens() {
 }
 
 #[tokio::test]
+async fn scoring_charges_the_prompt_with_the_continuations() {
+    // A long prompt scored against one-byte continuations used to cost the
+    // continuations alone, so a tenant's daily token quota never saw the
+    // prompt's work. The double reads one prompt token per byte.
+    let (srv, registry, _, keys) = keyed("score-charge").await;
+    let day = || day_of(server::now_unix() as i64);
+    let body = json!({"model": "echo", "prompt": "x".repeat(3000), "continuations": ["a", "bb"]});
+    let (status, v) = post(&srv.url("/v1/tessera/score"), Some(&keys[1]), &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["scores"][0]["prompt_tokens"], 3000, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], 3003, "{v}");
+    assert_eq!(registry.tokens_used("alice", day()).unwrap(), 3003);
+    // A module's score calls are charged the same way, and the answer's
+    // usage says what was charged.
+    let question = format!("Is this long? {}\nA) yes\nB) no", "y".repeat(3000));
+    let body = json!({"model": "option-fusion", "messages": [{"role": "user", "content": question}]});
+    let (status, v) = post(&srv.url("/v1/chat/completions"), Some(&keys[2]), &body).await;
+    assert_eq!(status, 200, "{v}");
+    let charged = registry.tokens_used("bob", day()).unwrap();
+    assert!(charged > 3000, "charged {charged}: {v}");
+    assert_eq!(v["usage"]["total_tokens"], charged, "{v}");
+}
+
+#[tokio::test]
 async fn removing_the_last_tenant_does_not_open_a_running_server() {
     let (rt, _) = double::runtime("lasttenant", Policy::default());
     let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());

@@ -168,6 +168,9 @@ async fn a_pool_of_remote_members_runs_a_strategy_through_another_tessera() {
         assert_eq!(far.len(), near.len());
         for (f, n) in far.iter().zip(&near) {
             assert_eq!(f.tokens, n.tokens);
+            // The prompt's tokens travel too: usage charges them.
+            assert!(n.prompt_tokens > 4, "{near:?}");
+            assert_eq!(f.prompt_tokens, n.prompt_tokens);
             assert!(
                 (f.logprob - n.logprob).abs() <= 1e-12 * n.logprob.abs().max(1.0),
                 "{far:?} vs {near:?}"

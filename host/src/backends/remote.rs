@@ -563,6 +563,7 @@ impl RemoteMember {
             out.push(Scored {
                 logprob,
                 tokens: ids.len() as u32,
+                prompt_tokens: prompt_ids.len() as u32,
                 cached_tokens: cached,
             });
         }
@@ -634,6 +635,7 @@ impl RemoteMember {
             out.push(Scored {
                 logprob,
                 tokens: ids.len() as u32,
+                prompt_tokens: prompt_ids.len() as u32,
                 cached_tokens: v["usage"]["prompt_tokens_details"]["cached_tokens"]
                     .as_u64()
                     .unwrap_or(0) as u32,
@@ -650,6 +652,9 @@ impl RemoteMember {
         continuations: Vec<String>,
     ) -> Result<Vec<Scored>, InferenceError> {
         let n = continuations.len();
+        // What an older node that reports no prompt tokens is charged: a
+        // quarter of the prompt's bytes, as for a silent embedder.
+        let silent = prompt.counted_bytes().div_ceil(4) as u32;
         let mut body = json!({ "model": self.cfg.model, "continuations": continuations });
         match prompt {
             Input::Prompt(p) => body["prompt"] = json!(p),
@@ -662,9 +667,12 @@ impl RemoteMember {
                 self.id, self.cfg.url
             ))
         };
-        let scores: Vec<Scored> = serde_json::from_value(v["scores"].clone()).map_err(|_| bad())?;
+        let mut scores: Vec<Scored> = serde_json::from_value(v["scores"].clone()).map_err(|_| bad())?;
         if scores.len() != n {
             return Err(bad());
+        }
+        if scores.iter().all(|s| s.prompt_tokens == 0) {
+            scores.iter_mut().for_each(|s| s.prompt_tokens = silent);
         }
         Ok(scores)
     }

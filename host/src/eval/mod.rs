@@ -425,7 +425,10 @@ async fn member_answer(rt: &Runtime, cache: &Cache, member: &str, item: &Item, c
                     score: metrics::grade_pick(item, pick),
                     text: crate::tasks::letter(pick).to_string(),
                     host_calls: 1,
-                    prompt_tokens: scored.iter().map(|s| u64::from(s.tokens)).sum(),
+                    // The prompt once, then every option: what a system
+                    // scoring the same options is charged.
+                    prompt_tokens: scored.first().map_or(0, |s| u64::from(s.prompt_tokens))
+                        + scored.iter().map(|s| u64::from(s.tokens)).sum::<u64>(),
                     completion_tokens: 0,
                     wall_ms: started.elapsed().as_millis() as u64,
                     error: None,

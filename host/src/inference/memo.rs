@@ -376,6 +376,7 @@ mod tests {
                     .map(|c| Scored {
                         logprob: -(c.len() as f64),
                         tokens: 1,
+                        prompt_tokens: 1,
                         cached_tokens: 0,
                     })
                     .collect())

@@ -237,6 +237,13 @@ pub struct Scored {
     pub logprob: f64,
     /// Number of continuation tokens.
     pub tokens: u32,
+    /// Prompt tokens the call read, cached ones included (the same for
+    /// every continuation of one call: they share the prompt). Usage and
+    /// tenants' token quotas count these as well as `tokens`: a long prompt
+    /// scored against a one-token continuation is a long prompt's work.
+    /// 0 from a remote node that does not report it.
+    #[serde(default)]
+    pub prompt_tokens: u32,
     /// Prompt tokens the call read from the member's prefix cache (the
     /// same for every continuation of one call: they share the prompt).
     #[serde(default)]
@@ -252,6 +259,10 @@ pub struct TokenLogprob {
     pub text: String,
     /// Natural-log probability.
     pub logprob: f64,
+    /// Prompt tokens the call read (the same for every candidate of one
+    /// call), which usage counts.
+    #[serde(default)]
+    pub prompt_tokens: u32,
 }
 
 /// What a member can be asked to do: the calls of the `models` interface

@@ -608,14 +608,20 @@ impl models::Host for RequestState {
         let started = Instant::now();
         let fut = self.models.score(self.call_ctx(), &model, prompt, continuations);
         let result = self.await_model(fut).await?;
-        let scored: u32 = result.as_ref().map(|v| v.iter().map(|s| s.tokens).sum()).unwrap_or(0);
-        let cached = result
-            .as_ref()
-            .map(|v| v.iter().map(|s| s.cached_tokens).max().unwrap_or(0))
-            .unwrap_or(0);
+        // The prompt is read once for all continuations: usage counts it
+        // once, as prompt tokens, and the continuations as scored tokens.
+        let (prompt, scored, cached) = result.as_ref().map_or((0, 0, 0), |v| {
+            (
+                v.first().map_or(0, |s| s.prompt_tokens),
+                v.iter().map(|s| s.tokens).fold(0u32, u32::saturating_add),
+                v.iter().map(|s| s.cached_tokens).max().unwrap_or(0),
+            )
+        });
+        self.usage.prompt_tokens += u64::from(prompt);
         self.usage.scored_tokens += u64::from(scored);
         let outcome = outcome_of(&result);
-        self.record_model_call("score", &model, (scored, 0, cached), started.elapsed(), &outcome)?;
+        let read = prompt.saturating_add(scored);
+        self.record_model_call("score", &model, (read, 0, cached), started.elapsed(), &outcome)?;
         Ok(result
             .map(|v| {
                 v.into_iter()
@@ -651,7 +657,9 @@ impl models::Host for RequestState {
         let fut = self.models.next_token(self.call_ctx(), &model, prompt, top_k);
         let result = self.await_model(fut).await?;
         let outcome = outcome_of(&result);
-        self.record_call("next-token", &model, 0, 0, started.elapsed(), &outcome)?;
+        let prompt = result.as_ref().map_or(0, |v| v.first().map_or(0, |t| t.prompt_tokens));
+        self.usage.prompt_tokens += u64::from(prompt);
+        self.record_call("next-token", &model, prompt, 0, started.elapsed(), &outcome)?;
         Ok(result
             .map(|v| {
                 v.into_iter()

@@ -415,7 +415,9 @@ pub(crate) async fn run_target(
                     return (Err(ApiError::from(e)), 0);
                 }
             };
-            let used = usage.prompt_tokens + usage.completion_tokens;
+            // Tokens the members read for the module's score calls are
+            // work like any prompt's: charged with them.
+            let used = usage.prompt_tokens + usage.scored_tokens + usage.completion_tokens;
             // Stopped at the request's deadline rather than its own: the
             // server's timeout, as for a member, and not held against the
             // module by the breaker (a slow strategy under load is not a
@@ -439,7 +441,7 @@ pub(crate) async fn run_target(
                 provenance: system_provenance(&out),
                 text: out.text.clone(),
                 finish: "stop",
-                prompt: out.usage.prompt_tokens,
+                prompt: out.usage.prompt_tokens + out.usage.scored_tokens,
                 completion: out.usage.completion_tokens,
                 cached: out.usage.cached_tokens,
             };

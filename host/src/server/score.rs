@@ -10,9 +10,12 @@
 //! Request: `{"model": id, "prompt": "..."}` or `{"model": id, "messages":
 //! [...]}` (a chat, formatted with the member's template), plus
 //! `"continuations": ["...", ...]`. Answer: `{"model": id, "scores":
-//! [{"logprob": sum of natural-log token probabilities, "tokens": n}, ...]}`
-//! in continuation order. Keys, allow-lists, quotas and the request timeout
-//! apply as for the other endpoints.
+//! [{"logprob": sum of natural-log token probabilities, "tokens": n,
+//! "prompt_tokens": p, "cached_tokens": c}, ...]}` in continuation order,
+//! and `usage`: the prompt's tokens once plus every continuation's, which
+//! is also what the tenant's daily token quota is charged. Keys,
+//! allow-lists, quotas and the request timeout apply as for the other
+//! endpoints.
 
 use std::sync::Arc;
 
@@ -98,7 +101,10 @@ pub(crate) async fn score(
             .await
             .map_err(|_| ApiError::timeout(st.cfg.request_timeout))?
             .map_err(|e| ApiError::from(Error::from(e)))?;
-        let tokens: u64 = scores.iter().map(|s| u64::from(s.tokens)).sum();
+        // The prompt is read once for every continuation, and charged once
+        // with them: scoring a long prompt is a long prompt's work.
+        let prompt = scores.first().map_or(0, |s| u64::from(s.prompt_tokens));
+        let tokens: u64 = prompt + scores.iter().map(|s| u64::from(s.tokens)).sum::<u64>();
         st.charge(&tenant, tokens);
         Ok(Json(json!({
             "object": "tessera.scores",

@@ -176,6 +176,7 @@ pub(super) mod scale {
                     .map(|c| Scored {
                         logprob: -0.3 * c.len() as f64,
                         tokens: c.len() as u32,
+                        prompt_tokens: 100,
                         cached_tokens: 0,
                     })
                     .collect())
@@ -196,6 +197,7 @@ pub(super) mod scale {
                         token: i,
                         text: ((b'A' + ((h + i as u64) % 4) as u8) as char).to_string(),
                         logprob: -0.5 - i as f64 * (1.0 + (h % 7) as f64 / 7.0),
+                        prompt_tokens: 100,
                     })
                     .collect())
             })

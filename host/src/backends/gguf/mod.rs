@@ -742,6 +742,7 @@ impl GgufModel {
             .map(|(logprob, ids)| Scored {
                 logprob,
                 tokens: ids.len() as u32,
+                prompt_tokens: prompt_ids.len() as u32,
                 cached_tokens: cached as u32,
             })
             .collect())
@@ -873,6 +874,7 @@ impl GgufModel {
                     token: i as u32,
                     text: self.tok.tokenizer.decode(&[i as u32], false).map_err(failed)?,
                     logprob: lp[i] as f64,
+                    prompt_tokens: ids.len() as u32,
                 })
             })
             .collect()
