@@ -202,15 +202,21 @@ impl Models for Scripted {
 
     fn score(
         &self,
-        _: CallCtx,
+        ctx: CallCtx,
         _: &str,
         prompt: Input,
         continuations: Vec<String>,
     ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
         self.counts.calls.fetch_add(1, Ordering::SeqCst);
-        // One prompt "token" per byte, as the embedder counts.
+        // One prompt "token" per byte, as the embedder counts. A prompt
+        // that says "hold" is worked on until the call's deadline.
         let prompt_tokens = prompt.counted_bytes() as u32;
+        let hold = holds(&prompt);
         Box::pin(async move {
+            if hold {
+                tokio::time::sleep_until(ctx.deadline.into()).await;
+                return Err(InferenceError::Deadline);
+            }
             Ok(continuations
                 .iter()
                 .map(|c| Scored {

@@ -710,6 +710,22 @@ async fn timed(tag: &str, timeout: Duration, max_inflight: usize) -> (Srv, Arc<d
 }
 
 #[tokio::test]
+async fn a_modules_score_call_cut_by_the_deadline_is_charged() {
+    // A score call has no sink to stop it and reports no usage when the
+    // deadline cuts it, though its member worked until then: it is charged
+    // its input's bytes / 4, where before such a request cost nothing.
+    let (srv, _, registry, key) = timed("scorecut", Duration::from_secs(1), 4).await;
+    let question = format!("Please hold. {}\nA) yes\nB) no", "y".repeat(4000));
+    let body = json!({"model": "option-fusion", "messages": [{"role": "user", "content": question}]});
+    let (status, v) = post(&srv.url("/v1/chat/completions"), Some(&key), &body).await;
+    assert_eq!(status, 504, "{v}");
+    let charged = registry
+        .tokens_used("alice", day_of(server::now_unix() as i64))
+        .unwrap();
+    assert!((1000..2000).contains(&charged), "charged {charged}");
+}
+
+#[tokio::test]
 async fn the_request_timeout_covers_the_wait_for_a_place() {
     // One place; the first request holds it for about 1 s (50 tokens at
     // 20 ms), the second waits for it and then asks for 20 s of tokens.

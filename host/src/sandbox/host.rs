@@ -394,17 +394,28 @@ impl RequestState {
         Ok(result)
     }
 
-    /// Awaits one model call; running past the deadline (while queued or
-    /// while decoding) ends the request.
+    /// Awaits one model call that has no sink to stop it (`score`,
+    /// `next-token`, `embed`, started at `cut.started`); running past the
+    /// deadline (while queued or while computing) ends the request. A call
+    /// cut there reports no usage, yet its member worked on it until then,
+    /// so it is charged its input's bytes / 4 as prompt tokens (the rule for
+    /// a remote member that reports none) and recorded with the outcome
+    /// `deadline`: otherwise long prompts cut by the deadline would be free.
     async fn await_model<T>(
         &mut self,
+        cut: Cut<'_>,
         fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
-        let result = self.until_deadline(fut).await?;
-        if matches!(result, Err(crate::inference::InferenceError::Deadline)) {
-            return Err(self.deadline_trap());
+        match tokio::time::timeout_at(self.deadline.into(), fut).await {
+            Ok(Err(crate::inference::InferenceError::Deadline)) | Err(_) => {
+                let tokens = cut.bytes.div_ceil(4) as u64;
+                self.usage.prompt_tokens += tokens;
+                let shown = u32::try_from(tokens).unwrap_or(u32::MAX);
+                self.record_call(cut.call, cut.model, shown, 0, cut.started.elapsed(), "deadline")?;
+                Err(self.deadline_trap())
+            }
+            Ok(result) => Ok(result),
         }
-        Ok(result)
     }
 
     /// Awaits `fut` but no later than the request's deadline.
@@ -414,6 +425,16 @@ impl RequestState {
             Err(_) => Err(self.deadline_trap()),
         }
     }
+}
+
+/// A model call [`RequestState::await_model`] awaits: what it charges and
+/// records if the deadline cuts it.
+struct Cut<'a> {
+    call: &'static str,
+    model: &'a str,
+    /// The input's bytes, as the input rule counts them.
+    bytes: usize,
+    started: Instant,
 }
 
 /// Awaits model calls made with [`RequestState::stoppable_ctx`] for a
@@ -605,9 +626,15 @@ impl models::Host for RequestState {
         if let Some(e) = too_many("continuations", continuations.len()).or(fits) {
             return Ok(Err(e));
         }
-        let started = Instant::now();
+        let cut = Cut {
+            call: "score",
+            model: &model,
+            bytes: prompt.counted_bytes() + continuations.iter().map(String::len).sum::<usize>(),
+            started: Instant::now(),
+        };
         let fut = self.models.score(self.call_ctx(), &model, prompt, continuations);
-        let result = self.await_model(fut).await?;
+        let started = cut.started;
+        let result = self.await_model(cut, fut).await?;
         // The prompt is read once for all continuations: usage counts it
         // once, as prompt tokens, and the continuations as scored tokens.
         let (prompt, scored, cached) = result.as_ref().map_or((0, 0, 0), |v| {
@@ -653,9 +680,15 @@ impl models::Host for RequestState {
         if let Some(e) = oversized(&prompt, 0) {
             return Ok(Err(e));
         }
-        let started = Instant::now();
+        let cut = Cut {
+            call: "next-token",
+            model: &model,
+            bytes: prompt.counted_bytes(),
+            started: Instant::now(),
+        };
         let fut = self.models.next_token(self.call_ctx(), &model, prompt, top_k);
-        let result = self.await_model(fut).await?;
+        let started = cut.started;
+        let result = self.await_model(cut, fut).await?;
         let outcome = outcome_of(&result);
         let prompt = result.as_ref().map_or(0, |v| v.first().map_or(0, |t| t.prompt_tokens));
         self.usage.prompt_tokens += u64::from(prompt);
@@ -684,9 +717,15 @@ impl models::Host for RequestState {
         if let Some(e) = too_many("texts", texts.len()).or(fits) {
             return Ok(Err(e));
         }
-        let started = Instant::now();
+        let cut = Cut {
+            call: "embed",
+            model: &model,
+            bytes: texts.iter().map(String::len).sum(),
+            started: Instant::now(),
+        };
         let fut = self.models.embed(self.call_ctx(), &model, texts);
-        let result = self.await_model(fut).await?;
+        let started = cut.started;
+        let result = self.await_model(cut, fut).await?;
         let outcome = outcome_of(&result);
         let tokens = result.as_ref().map_or(0, |e| e.tokens);
         self.usage.prompt_tokens += tokens;
