@@ -723,6 +723,14 @@ async fn a_modules_score_call_cut_by_the_deadline_is_charged() {
         .tokens_used("alice", day_of(server::now_unix() as i64))
         .unwrap();
     assert!((1000..2000).contains(&charged), "charged {charged}");
+    // The same on the score endpoint: 4,000 bytes held past the timeout.
+    let body = json!({"model": "echo", "prompt": format!("hold {}", "z".repeat(3995)), "continuations": ["a"]});
+    let (status, v) = post(&srv.url("/v1/tessera/score"), Some(&key), &body).await;
+    assert_eq!(status, 504, "{v}");
+    let now = registry
+        .tokens_used("alice", day_of(server::now_unix() as i64))
+        .unwrap();
+    assert_eq!(now - charged, 1001, "charged {now} after {charged}");
 }
 
 #[tokio::test]

@@ -10,7 +10,6 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::inference::CallCtx;
-use crate::Error;
 
 use super::*;
 
@@ -51,10 +50,9 @@ pub(crate) async fn embeddings(
         let deadline = st.deadline();
         let _admitted = st.admit(&tenant, deadline).await?;
         let ctx = CallCtx::new(deadline, CallCtx::next_requester());
-        let embedded = tokio::time::timeout_at(deadline.into(), st.rt.models().embed(ctx, &id, texts))
-            .await
-            .map_err(|_| ApiError::timeout(st.cfg.request_timeout))?
-            .map_err(|e| ApiError::from(Error::from(e)))?;
+        let bytes = texts.iter().map(String::len).sum();
+        let call = st.rt.models().embed(ctx, &id, texts);
+        let embedded = st.until_cut(&tenant, deadline, bytes, call).await?;
         let tokens = embedded.tokens;
         st.charge(&tenant, tokens);
         let data: Vec<Value> = embedded

@@ -267,6 +267,29 @@ impl AppState {
             .await
     }
 
+    /// Awaits a member call that has no sink to stop it (`score`, `embed`)
+    /// until `deadline`. One cut there, or ended by its own deadline,
+    /// reports no usage though its member worked on it until then, so the
+    /// tenant is charged the input's `bytes` / 4 tokens, as for a module's
+    /// cut call, and the client gets the server's timeout.
+    pub(crate) async fn until_cut<T>(
+        &self,
+        tenant: &Option<Tenant>,
+        deadline: Instant,
+        bytes: usize,
+        call: impl Future<Output = Result<T, crate::inference::InferenceError>>,
+    ) -> Result<T, ApiError> {
+        match tokio::time::timeout_at(deadline.into(), call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(crate::inference::InferenceError::Deadline)) | Err(_) => {
+                self.charge(tenant, bytes.div_ceil(4) as u64);
+                Err(ApiError::timeout(self.cfg.request_timeout))
+            }
+            Ok(Err(e)) => Err(ApiError::from(Error::from(e))),
+        }
+    }
+
+    /// Adds `tokens` to the tenant's count for today (its daily quota).
     pub(crate) fn charge(&self, tenant: &Option<Tenant>, tokens: u64) {
         if let Some(t) = tenant {
             if let Err(e) = self.registry.add_tokens(&t.name, day_of(now_unix() as i64), tokens) {

@@ -28,7 +28,6 @@ use serde_json::json;
 
 use super::{parse, resolve, ApiError, AppState, Caller, Target};
 use crate::inference::{CallCtx, Input, Message};
-use crate::Error;
 
 /// Continuations one request may score.
 pub const MAX_CONTINUATIONS: usize = 64;
@@ -97,10 +96,9 @@ pub(crate) async fn score(
         let deadline = st.deadline();
         let _admitted = st.admit(&tenant, deadline).await?;
         let ctx = CallCtx::new(deadline, CallCtx::next_requester());
-        let scores = tokio::time::timeout_at(deadline.into(), st.rt.models().score(ctx, &id, input, continuations))
-            .await
-            .map_err(|_| ApiError::timeout(st.cfg.request_timeout))?
-            .map_err(|e| ApiError::from(Error::from(e)))?;
+        let bytes = input.counted_bytes() + continuations.iter().map(String::len).sum::<usize>();
+        let call = st.rt.models().score(ctx, &id, input, continuations);
+        let scores = st.until_cut(&tenant, deadline, bytes, call).await?;
         // The prompt is read once for every continuation, and charged once
         // with them: scoring a long prompt is a long prompt's work.
         let prompt = scores.first().map_or(0, |s| u64::from(s.prompt_tokens));
