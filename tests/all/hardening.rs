@@ -809,11 +809,21 @@ async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
     }
     // The samples `echo` answered before the deadline are charged though
     // the run ended there (3 prompt and 2 completion tokens each, two per
-    // round); the held ones used nothing.
+    // round); the held ones, ended in their prompt, report no usage and are
+    // charged their input's bytes / 4 (the turn "hold": 4 + 4 bytes plus
+    // 32 for its template, so 10 tokens each, two per round).
     let charged = registry
         .tokens_used("alice", day_of(server::now_unix() as i64))
         .unwrap();
-    assert_eq!(charged, 4 * 2 * 5);
+    assert_eq!(charged, 4 * 2 * 5 + 4 * 2 * 10);
+    // The same held generation asked of the member directly.
+    let body = json!({"model": "slow", "messages": [{"role": "user", "content": "hold"}], "max_tokens": 5});
+    let (status, v) = post(&url, Some(&key), &body).await;
+    assert_eq!(status, 504, "{v}");
+    let now = registry
+        .tokens_used("alice", day_of(server::now_unix() as i64))
+        .unwrap();
+    assert_eq!(now - charged, 10);
 }
 
 #[tokio::test]

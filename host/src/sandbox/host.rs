@@ -312,6 +312,7 @@ impl RequestState {
         if let Some(e) = oversized(&input, 0) {
             return Ok(Err(e));
         }
+        let bytes = input.counted_bytes();
         let remaining = self.remaining_tokens();
         if remaining == 0 {
             return Err(self.violate(Error::budget("tokens", self.grant.tokens as u64)));
@@ -319,6 +320,13 @@ impl RequestState {
         let mut params = params_in(params);
         params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(remaining));
         let started = Instant::now();
+        let call = if streamed { "generate-streamed" } else { "generate" };
+        let cut = Cut {
+            call,
+            model: &model,
+            bytes,
+            started,
+        };
         let stopped = Arc::new(AtomicBool::new(false));
         let result = if streamed {
             let (sink, sent_before) = super::output::forwarder(&self.output, self.grant.output_bytes);
@@ -326,7 +334,7 @@ impl RequestState {
             let fut = self
                 .models
                 .generate_stream(self.stoppable_ctx(), &model, input, params, sink);
-            let result = self.await_stoppable(fut).await?;
+            let result = self.await_stoppable(cut, fut).await?;
             if !stopped.load(Ordering::Relaxed) {
                 self.settle_stream(result.as_ref().ok().map(|g| g.text.as_str()), sent_before)?;
             }
@@ -336,7 +344,7 @@ impl RequestState {
             let fut = self
                 .models
                 .generate_stream(self.stoppable_ctx(), &model, input, params, sink);
-            self.await_stoppable(fut).await?
+            self.await_stoppable(cut, fut).await?
         };
         let stopped = stopped.load(Ordering::Relaxed);
         let outcome = if stopped {
@@ -349,7 +357,6 @@ impl RequestState {
             .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens))
             .unwrap_or((0, 0, 0));
         self.account_generation(p, c);
-        let call = if streamed { "generate-streamed" } else { "generate" };
         self.record_model_call(call, &model, (p, c, k), started.elapsed(), &outcome)?;
         if stopped {
             return Err(self.deadline_trap());
@@ -379,41 +386,52 @@ impl RequestState {
 
     /// Awaits a generation made with [`Self::stoppable_ctx`]: until a little
     /// past the member's own deadline, so that one stopped by its sink can
-    /// come back with its usage; past that, or ended by its own deadline,
-    /// it ends the request.
+    /// come back with its usage; past that, or ended by its own deadline
+    /// (still in its prompt, where no sink is read), it ends the request and
+    /// is charged as [`Self::charge_cut`] says.
     async fn await_stoppable<T>(
         &mut self,
+        cut: Cut<'_>,
         fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
-        let Some(result) = await_call(self.deadline, self.cancel.clone(), fut).await else {
-            return Err(self.deadline_trap());
-        };
-        if matches!(result, Err(crate::inference::InferenceError::Deadline)) {
-            return Err(self.deadline_trap());
+        match await_call(self.deadline, self.cancel.clone(), fut).await {
+            None | Some(Err(crate::inference::InferenceError::Deadline)) => Err(self.charge_cut(&cut)),
+            Some(result) => Ok(result),
         }
-        Ok(result)
+    }
+
+    /// Charges and records a call the deadline ended without its usage, and
+    /// returns the trap that ends the request. Its member worked on it
+    /// until then, so it is charged its input's bytes / 4 as prompt tokens
+    /// (the rule for a remote member that reports none) and recorded with
+    /// the outcome `deadline`: otherwise long prompts cut by the deadline
+    /// would be free.
+    fn charge_cut(&mut self, cut: &Cut<'_>) -> wasmtime::Error {
+        match self.record_cut(cut) {
+            Ok(()) => self.deadline_trap(),
+            Err(e) => e,
+        }
+    }
+
+    /// [`Self::charge_cut`]'s charge and record, without the trap.
+    fn record_cut(&mut self, cut: &Cut<'_>) -> wasmtime::Result<()> {
+        let tokens = cut.bytes.div_ceil(4) as u64;
+        self.usage.prompt_tokens += tokens;
+        let shown = u32::try_from(tokens).unwrap_or(u32::MAX);
+        self.record_call(cut.call, cut.model, shown, 0, cut.started.elapsed(), "deadline")
     }
 
     /// Awaits one model call that has no sink to stop it (`score`,
-    /// `next-token`, `embed`, started at `cut.started`); running past the
-    /// deadline (while queued or while computing) ends the request. A call
-    /// cut there reports no usage, yet its member worked on it until then,
-    /// so it is charged its input's bytes / 4 as prompt tokens (the rule for
-    /// a remote member that reports none) and recorded with the outcome
-    /// `deadline`: otherwise long prompts cut by the deadline would be free.
+    /// `next-token`, `embed`); running past the deadline (while queued or
+    /// while computing) ends the request, and the call, which reports no
+    /// usage then, is charged as [`Self::charge_cut`] says.
     async fn await_model<T>(
         &mut self,
         cut: Cut<'_>,
         fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
         match tokio::time::timeout_at(self.deadline.into(), fut).await {
-            Ok(Err(crate::inference::InferenceError::Deadline)) | Err(_) => {
-                let tokens = cut.bytes.div_ceil(4) as u64;
-                self.usage.prompt_tokens += tokens;
-                let shown = u32::try_from(tokens).unwrap_or(u32::MAX);
-                self.record_call(cut.call, cut.model, shown, 0, cut.started.elapsed(), "deadline")?;
-                Err(self.deadline_trap())
-            }
+            Ok(Err(crate::inference::InferenceError::Deadline)) | Err(_) => Err(self.charge_cut(&cut)),
             Ok(result) => Ok(result),
         }
     }
@@ -558,6 +576,7 @@ impl models::Host for RequestState {
         let started = Instant::now();
         let mut futs = Vec::with_capacity(jobs.len());
         let mut names = Vec::with_capacity(jobs.len());
+        let mut bytes = Vec::with_capacity(jobs.len());
         for (j, ok) in jobs.into_iter().zip(known) {
             names.push(j.model.clone());
             let stopped = Arc::new(AtomicBool::new(false));
@@ -565,6 +584,7 @@ impl models::Host for RequestState {
             let mut params = params_in(j.params);
             params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(share));
             let input = input_in(j.input);
+            bytes.push(if ok { input.counted_bytes() } else { 0 });
             let fut = if !ok {
                 let m = j.model.clone();
                 Box::pin(async move { Err(crate::inference::InferenceError::UnknownModel(m)) })
@@ -582,6 +602,16 @@ impl models::Host for RequestState {
         }
         let all = futures::future::join_all(futs);
         let Some(results) = await_call(self.deadline, self.cancel.clone(), all).await else {
+            // Given up with every job: each is charged as one cut.
+            for (model, &bytes) in names.iter().zip(&bytes) {
+                let cut = Cut {
+                    call: "generate",
+                    model,
+                    bytes,
+                    started,
+                };
+                self.record_cut(&cut)?;
+            }
             return Err(self.deadline_trap());
         };
         let stopped: Vec<bool> = stops.iter().map(|s| s.load(Ordering::Relaxed)).collect();
@@ -592,11 +622,16 @@ impl models::Host for RequestState {
         // at its deadline: the ones that finished, and the ones stopped
         // there, which came back with theirs.
         let mut out = Vec::with_capacity(results.len());
-        for (((r, took), model), cut) in results.into_iter().zip(names).zip(&stopped) {
-            let (p, c, k) = r
-                .as_ref()
-                .map(|g| (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens))
-                .unwrap_or((0, 0, 0));
+        for ((((r, took), model), cut), bytes) in results.into_iter().zip(names).zip(&stopped).zip(bytes) {
+            // A job its own deadline ended (still in its prompt) reports no
+            // usage: charged its input's bytes / 4, as `charge_cut` does.
+            let (p, c, k) = match &r {
+                Ok(g) => (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens),
+                Err(crate::inference::InferenceError::Deadline) => {
+                    (u32::try_from(bytes.div_ceil(4)).unwrap_or(u32::MAX), 0, 0)
+                }
+                Err(_) => (0, 0, 0),
+            };
             self.account_generation(p, c);
             let outcome = if *cut { "deadline".to_string() } else { outcome_of(&r) };
             self.record_model_call("generate", &model, (p, c, k), took, &outcome)?;

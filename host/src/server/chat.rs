@@ -359,7 +359,9 @@ pub(crate) async fn run_target(
             // its own deadline reports none, and a tenant whose requests all
             // ran into the timeout would use the member without paying.
             // Its own deadline, a little later, stops what emits no text
-            // by then (a generation still queued or in its prompt).
+            // by then (a generation still queued or in its prompt); that
+            // reports no usage either, so it is charged the input's bytes
+            // / 4, as `AppState::until_cut` charges a cut score.
             let ctx = CallCtx::new(until.deadline + MEMBER_BACKSTOP, CallCtx::next_requester());
             let passed = Arc::new(AtomicBool::new(false));
             let sink = crate::inference::stop_at(until.deadline, None, passed.clone(), sink);
@@ -372,7 +374,8 @@ pub(crate) async fn run_target(
             let g = match g {
                 Ok(g) => g,
                 Err(crate::inference::InferenceError::Deadline) => {
-                    return (Err(ApiError::timeout(st.cfg.request_timeout)), 0)
+                    let cut = ask.input.counted_bytes().div_ceil(4) as u64;
+                    return (Err(ApiError::timeout(st.cfg.request_timeout)), cut);
                 }
                 Err(e) => return (Err(ApiError::from(Error::from(e))), 0),
             };
