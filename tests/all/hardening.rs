@@ -203,6 +203,9 @@ async fn merged_members_are_bounded_by_memory_and_released_with_the_request() {
     // 2,048 MiB of merge memory by default: three of 600 MiB, not 64.
     assert_eq!(out.text, "held 3", "{out:?}");
     assert!(out.annotations["refused"].contains("release"), "{out:?}");
+    // A member listed a thousand times is refused before it costs anything
+    // (and before the budget: the three merges above still fit).
+    assert!(out.annotations["repeat"].contains("listed twice"), "{out:?}");
     let alive = merger
         .live
         .lock()

@@ -809,6 +809,16 @@ impl weights::Host for RequestState {
                 return Ok(Err(w::Error::UnknownModel(m.clone())));
             }
         }
+        // The merge holds every listed model's copy of a tensor at once, so
+        // a member named a thousand times would take a thousand copies
+        // (gigabytes) in one call. Distinct names bound the list by the
+        // members this module was granted.
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = spec.models.iter().find(|m| !seen.insert(m.as_str())) {
+            return Ok(Err(w::Error::InvalidParams(format!(
+                "`{twice}` is listed twice in the merge: name each member once and give it a larger weight instead"
+            ))));
+        }
         // Merges of the same members have the same size, so the largest one
         // held so far predicts the next: a merge that would take the held
         // members past the request's merge memory is refused before it
