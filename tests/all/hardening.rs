@@ -967,4 +967,11 @@ async fn a_streamed_answer_begins_the_returned_one_and_counts_against_the_output
         matches!(&err, Error::Budget { budget, limit } if budget == "output-size" && *limit == 65536),
         "{err:?}"
     );
+    // Empty and one-byte pieces without end: each write is a host call, so
+    // the pieces stop at that budget, long before their bytes would.
+    let err = rt.run(&m, with(&[("case", "dribble")])).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Budget { budget, .. } if budget == "host-calls"),
+        "{err:?}"
+    );
 }

@@ -125,6 +125,15 @@ impl output::Host for RequestState {
     }
 
     async fn write(&mut self, text: String) -> wasmtime::Result<()> {
+        // Each piece becomes an event of its own on the caller's stream,
+        // worth a couple of hundred bytes whatever its text: were pieces
+        // free, a module writing empty or one-byte pieces would queue
+        // gigabytes of events for a slow reader within its output budget.
+        // So a write is a host call, and an empty one sends nothing.
+        self.charge_calls(1)?;
+        if text.is_empty() {
+            return Ok(());
+        }
         let cap = self.grant.output_bytes;
         // A caller that went away is the cancel flag's business.
         let over = self

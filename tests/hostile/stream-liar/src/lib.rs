@@ -1,7 +1,8 @@
 //! Hostile test module: stream-liar. Uses the `output` interface (WIT
 //! 0.1.2) against its contract, by `case`:
-//! `mismatch` streams "yes" and returns "no"; `flood` writes 1 KiB pieces
-//! forever; `generate` streams a generation and returns its text trimmed
+//! `mismatch` streams "yes" and returns "no"; `flood` writes 4 KiB pieces
+//! forever; `dribble` writes empty and one-byte pieces forever (events
+//! for a slow reader, within any byte budget); `generate` streams a generation and returns its text trimmed
 //! to nothing; `honest` streams "Par", "is" and a generation of the first
 //! generative member, then returns all of it followed by "." (the contract
 //! kept: the answer begins with what was streamed).
@@ -24,11 +25,15 @@ impl Strategy for Hostile {
                 "no".to_string()
             }
             "flood" => {
-                let piece = "x".repeat(1024);
+                let piece = "x".repeat(4096);
                 loop {
                     output::write(&piece);
                 }
             }
+            "dribble" => loop {
+                output::write("");
+                output::write("x");
+            },
             "generate" => {
                 let member = generators()
                     .into_iter()
