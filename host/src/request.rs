@@ -89,11 +89,32 @@ pub struct UsageReport {
     /// methods cost these instead of generated tokens).
     #[serde(default)]
     pub scored_tokens: u64,
+    /// Tokens put through training runs (`train`), forward and backward,
+    /// failed and stopped runs included.
+    #[serde(default)]
+    pub train_tokens: u64,
     /// Fuel the module burned.
     pub fuel: u64,
     /// Wall time of the whole request.
     pub wall_ms: u64,
 }
+
+impl UsageReport {
+    /// What a tenant's daily token quota is charged for this usage: every
+    /// token a member read or wrote, and each trained token
+    /// [`TRAIN_TOKEN_WEIGHT`] times.
+    pub fn charged(&self) -> u64 {
+        self.prompt_tokens
+            .saturating_add(self.scored_tokens)
+            .saturating_add(self.completion_tokens)
+            .saturating_add(self.train_tokens.saturating_mul(TRAIN_TOKEN_WEIGHT))
+    }
+}
+
+/// How many read tokens' worth one trained token is charged: a training
+/// pass runs the forward pass and a backward pass of about twice its
+/// cost.
+pub const TRAIN_TOKEN_WEIGHT: u64 = 3;
 
 /// A successful answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -91,6 +91,13 @@ async fn sft_teaches_a_member_a_fact_and_the_operator_decides_what_is_kept() {
         .expect("SFT run");
     let a = &out.annotations;
     assert_eq!(a["steps"], "16", "{a:?}");
+    // The trained tokens are usage, charged three times a read token's.
+    let u = &out.usage;
+    assert!(u.train_tokens >= 16, "{u:?}");
+    assert_eq!(
+        u.charged(),
+        u.prompt_tokens + u.scored_tokens + u.completion_tokens + 3 * u.train_tokens
+    );
     assert!(loss(a, "last_loss") < loss(a, "first_loss") * 0.5, "{a:?}");
     assert!(
         out.text.to_lowercase().contains("tessellate"),
@@ -225,14 +232,16 @@ async fn hostile_trainers_are_stopped_with_typed_errors() {
             .expect("hostile module loads (run `make setup`)")
     };
     let started = std::time::Instant::now();
-    let err = rt
-        .run(&load("train-forever"), RunRequest::chat("go"))
-        .await
-        .unwrap_err();
+    let (ran, usage) = rt
+        .run_metered(&load("train-forever"), RunRequest::chat("go"), None, None, None, None)
+        .await;
+    let err = ran.unwrap_err();
     assert!(
         matches!(&err, Error::Budget { budget, .. } if budget == "train-ms"),
         "{err}"
     );
+    // What the stopped run trained is still charged.
+    assert!(usage.train_tokens > 0, "{usage:?}");
     assert!(
         started.elapsed().as_secs() < 60,
         "stopped late: {:?}",

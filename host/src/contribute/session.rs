@@ -224,6 +224,15 @@ impl Guard<'_> {
     }
 }
 
+impl Guard<'_> {
+    /// Counts `n` tokens that went through the model, here and in the
+    /// limits' shared count.
+    fn spend(&mut self, n: u64) {
+        self.tokens += n;
+        self.limits.spent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn rows_tokens(rows: &[&Example]) -> u64 {
     rows.iter().map(|e| e.ids.len().saturating_sub(1) as u64).sum()
 }
@@ -241,7 +250,7 @@ fn reference(model: &TrainModel, rows: &[&Example], guard: &mut Guard) -> Result
         guard.admit(rows_tokens(chunk)).map_err(TrainFailed::Stopped)?;
         let (inputs, targets, mask, n) = micro_batch(chunk, model.device()).map_err(host)?;
         let lp = model.row_logprobs(&inputs, &targets, &mask).map_err(host)?.detach();
-        guard.tokens += n as u64;
+        guard.spend(n as u64);
         out.extend(lp.to_vec1::<f32>().map_err(host)?.into_iter().map(f64::from));
     }
     Ok(out)
@@ -529,7 +538,7 @@ pub fn run(
         let grad_norm = optim::clip(&mut grads, 1.0).map_err(host)?;
         let lr = optim::schedule(step, cfg.steps, 0, cfg.lr, 0.1);
         opt.apply(&params, &grads, lr).map_err(host)?;
-        guard.tokens += tokens as u64;
+        guard.spend(tokens as u64);
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         log.push(StepStats {
             step: step + 1,

@@ -9,7 +9,7 @@
 //! implements [`Trainer`] over a declared pool. Tests may bring their own.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -137,6 +137,10 @@ pub struct TrainLimits {
     pub deadline: Instant,
     /// Set when the request is gone.
     pub cancel: Arc<AtomicBool>,
+    /// Tokens put through the model so far, added as each pass finishes:
+    /// what the request is charged whatever the run's outcome (a run that
+    /// fails or is stopped has done that work too).
+    pub spent: Arc<AtomicU64>,
 }
 
 /// Why a run stopped before its last step.

@@ -12,7 +12,7 @@
 //! run's cancel flag through a drop guard, so the blocking job stops at its
 //! next step instead of computing for nobody.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,26 +133,40 @@ impl t::Host for RequestState {
         };
         let cancel = Arc::new(AtomicBool::new(false));
         let _stop_when_gone = CancelOnDrop(cancel.clone());
+        let spent = Arc::new(AtomicU64::new(0));
         let limits = TrainLimits {
             tokens: self.grant.train_tokens.saturating_sub(self.train_spent.tokens),
             time: self.grant.train_time.saturating_sub(self.train_spent.time),
             deadline: self.deadline,
             cancel,
+            spent: spent.clone(),
         };
         self.train_spent.runs += 1;
         let id = format!("trained-{}-{}", self.requester, self.train_spent.runs);
         let started = Instant::now();
-        let result = self
+        let ran = self
             .until_deadline(trainer.train(id.clone(), start_from, objective, params, limits))
-            .await?;
+            .await;
         let took = started.elapsed();
         self.train_spent.time += took;
+        // The tokens trained are charged and count against the budget
+        // whatever the outcome: a run that failed or was stopped did that
+        // work. (One cut by the deadline may finish a pass after this.)
+        // (A trainer that reports its tokens without counting them as it
+        // goes is held to its report.)
+        let reported = match &ran {
+            Ok(Ok(t)) => t.outcome.tokens,
+            _ => 0,
+        };
+        let trained_tokens = spent.load(Ordering::Relaxed).max(reported);
+        self.train_spent.tokens = self.train_spent.tokens.saturating_add(trained_tokens);
+        self.usage.train_tokens += trained_tokens;
+        let tokens = u32::try_from(trained_tokens).unwrap_or(u32::MAX);
+        let result = ran?;
         match result {
             Ok(trained) => {
                 let o = trained.outcome.clone();
                 self.train_spent.steps = self.train_spent.steps.saturating_add(o.steps);
-                self.train_spent.tokens = self.train_spent.tokens.saturating_add(o.tokens);
-                let tokens = u32::try_from(o.tokens).unwrap_or(u32::MAX);
                 self.record_call("train", &shown, tokens, 0, took, "ok")?;
                 self.trained.push(trained);
                 self.models = self.overlay();
@@ -167,15 +181,15 @@ impl t::Host for RequestState {
                 }))
             }
             Err(TrainFailed::Invalid(why)) => {
-                self.record_call("train", &shown, 0, 0, took, "invalid-params")?;
+                self.record_call("train", &shown, tokens, 0, took, "invalid-params")?;
                 Ok(Err(w::Error::InvalidParams(why)))
             }
             Err(TrainFailed::Host(why)) => {
-                self.record_call("train", &shown, 0, 0, took, "inference-failed")?;
+                self.record_call("train", &shown, tokens, 0, took, "inference-failed")?;
                 Ok(Err(w::Error::InferenceFailed(why)))
             }
             Err(TrainFailed::Stopped(stop)) => {
-                let _ = self.record_call("train", &shown, 0, 0, took, "budget-exhausted");
+                let _ = self.record_call("train", &shown, tokens, 0, took, "budget-exhausted");
                 Err(match stop {
                     TrainStop::Tokens => self.violate(Error::budget("train-tokens", self.grant.train_tokens)),
                     TrainStop::Time => self.violate(Error::budget(

@@ -418,9 +418,9 @@ pub(crate) async fn run_target(
                     return (Err(ApiError::from(e)), 0);
                 }
             };
-            // Tokens the members read for the module's score calls are
-            // work like any prompt's: charged with them.
-            let used = usage.prompt_tokens + usage.scored_tokens + usage.completion_tokens;
+            // Every token the members read, wrote or trained on for the
+            // module is charged (scored and trained ones too).
+            let used = usage.charged();
             // Stopped at the request's deadline rather than its own: the
             // server's timeout, as for a member, and not held against the
             // module by the breaker (a slow strategy under load is not a
