@@ -689,6 +689,35 @@ async fn a_client_that_leaves_before_its_first_token_frees_its_place() {
     assert_eq!(counts.slow_tokens.load(Ordering::SeqCst), 0, "nothing was generated");
 }
 
+#[tokio::test]
+async fn a_client_that_leaves_during_a_modules_score_call_pays_for_it() {
+    // The double's scorer works on a prompt that says "hold" until its
+    // deadline (the server's, minutes away). A score call reads no sink, so
+    // it never stops early: before, the run sat in it until the server gave
+    // up on the run, and everything the request had used went unbilled.
+    let (srv, registry, _, keys) = keyed("scoreleave").await;
+    let question = format!("Please hold. {}\nA) yes\nB) no", "y".repeat(4000));
+    let body = json!({"model": "option-fusion", "messages": [{"role": "user", "content": question}]});
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let sent = client
+        .post(srv.url("/v1/chat/completions"))
+        .bearer_auth(&keys[1])
+        .json(&body)
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client was meant to time out");
+    let day = || day_of(server::now_unix() as i64);
+    let started = Instant::now();
+    while registry.tokens_used("alice", day()).unwrap() == 0 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let charged = registry.tokens_used("alice", day()).unwrap();
+    assert!((1000..2000).contains(&charged), "charged {charged}");
+}
+
 /// A server over the double whose requests may take `timeout` in all,
 /// with one tenant (`alice`, no quotas): its key comes back.
 async fn timed(tag: &str, timeout: Duration, max_inflight: usize) -> (Srv, Arc<double::Counts>, Arc<Registry>, String) {

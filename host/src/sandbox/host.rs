@@ -423,25 +423,54 @@ impl RequestState {
 
     /// Awaits one model call that has no sink to stop it (`score`,
     /// `next-token`, `embed`); running past the deadline (while queued or
-    /// while computing) ends the request, and the call, which reports no
-    /// usage then, is charged as [`Self::charge_cut`] says.
+    /// while computing), or the client leaving, ends the request, and the
+    /// call, which reports no usage then, is charged as
+    /// [`Self::charge_cut`] says.
     async fn await_model<T>(
         &mut self,
         cut: Cut<'_>,
         fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
-        match tokio::time::timeout_at(self.deadline.into(), fut).await {
-            Ok(Err(crate::inference::InferenceError::Deadline)) | Err(_) => Err(self.charge_cut(&cut)),
-            Ok(result) => Ok(result),
+        match while_wanted(self.deadline, self.cancel.clone(), fut).await {
+            Some(Err(crate::inference::InferenceError::Deadline)) | None => Err(self.charge_cut(&cut)),
+            Some(result) => Ok(result),
         }
     }
 
-    /// Awaits `fut` but no later than the request's deadline.
+    /// Awaits `fut` but no later than the request's deadline, and not once
+    /// its client has left: the server gives up on a run soon after that,
+    /// and a run that ends first returns what it used, which is charged.
     pub(super) async fn until_deadline<T>(&mut self, fut: impl std::future::Future<Output = T>) -> wasmtime::Result<T> {
-        match tokio::time::timeout_at(self.deadline.into(), fut).await {
-            Ok(v) => Ok(v),
-            Err(_) => Err(self.deadline_trap()),
+        match while_wanted(self.deadline, self.cancel.clone(), fut).await {
+            Some(v) => Ok(v),
+            None => Err(self.deadline_trap()),
         }
+    }
+}
+
+/// `fut`'s output, unless `deadline` passes or `cancel` is raised first
+/// (`None`).
+async fn while_wanted<F: std::future::Future>(
+    deadline: Instant,
+    cancel: Option<Arc<AtomicBool>>,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline.into(), fut) => r.ok(),
+        () = left(cancel) => None,
+    }
+}
+
+/// Ends once `cancel` is raised (polled every [`CANCEL_POLL`]); never
+/// without one.
+async fn left(cancel: Option<Arc<AtomicBool>>) {
+    match cancel {
+        Some(c) => {
+            while !c.load(Ordering::Relaxed) {
+                tokio::time::sleep(CANCEL_POLL).await;
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 
@@ -467,19 +496,9 @@ async fn await_call<F: std::future::Future>(
     fut: F,
 ) -> Option<F::Output> {
     tokio::pin!(fut);
-    let gone = async move {
-        match cancel {
-            Some(c) => {
-                while !c.load(Ordering::Relaxed) {
-                    tokio::time::sleep(CANCEL_POLL).await;
-                }
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
     tokio::select! {
         r = tokio::time::timeout_at((deadline + STOP_GRACE * 2).into(), &mut fut) => return r.ok(),
-        () = gone => {}
+        () = left(cancel) => {}
     }
     tokio::time::timeout(STOP_GRACE, &mut fut).await.ok()
 }
