@@ -716,6 +716,21 @@ async fn a_client_that_leaves_during_a_modules_score_call_pays_for_it() {
     }
     let charged = registry.tokens_used("alice", day()).unwrap();
     assert!((1000..2000).contains(&charged), "charged {charged}");
+    // The score endpoint left the same way: the handler is dropped, the
+    // member's job runs on, and the input's bytes / 4 are charged.
+    let body = json!({"model": "echo", "prompt": format!("hold {}", "z".repeat(3995)), "continuations": ["a"]});
+    let sent = client
+        .post(srv.url("/v1/tessera/score"))
+        .bearer_auth(&keys[1])
+        .json(&body)
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client was meant to time out");
+    let started = Instant::now();
+    while registry.tokens_used("alice", day()).unwrap() == charged && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(registry.tokens_used("alice", day()).unwrap() - charged, 1001);
 }
 
 /// A server over the double whose requests may take `timeout` in all,

@@ -272,6 +272,9 @@ impl AppState {
     /// reports no usage though its member worked on it until then, so the
     /// tenant is charged the input's `bytes` / 4 tokens, as for a module's
     /// cut call, and the client gets the server's timeout.
+    ///
+    /// The same charge falls due if the handler is dropped while waiting
+    /// (its client left): the member's job runs to its end regardless.
     pub(crate) async fn until_cut<T>(
         &self,
         tenant: &Option<Tenant>,
@@ -279,10 +282,18 @@ impl AppState {
         bytes: usize,
         call: impl Future<Output = Result<T, crate::inference::InferenceError>>,
     ) -> Result<T, ApiError> {
-        match tokio::time::timeout_at(deadline.into(), call).await {
+        let mut unpaid = Unpaid {
+            st: self,
+            tenant,
+            tokens: bytes.div_ceil(4) as u64,
+            armed: true,
+        };
+        let result = tokio::time::timeout_at(deadline.into(), call).await;
+        unpaid.armed = false;
+        match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(crate::inference::InferenceError::Deadline)) | Err(_) => {
-                self.charge(tenant, bytes.div_ceil(4) as u64);
+                self.charge(tenant, unpaid.tokens);
                 Err(ApiError::timeout(self.cfg.request_timeout))
             }
             Ok(Err(e)) => Err(ApiError::from(Error::from(e))),
@@ -524,4 +535,21 @@ pub async fn serve(
 
 pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", &format!("the request body is not valid: {e}")))
+}
+
+/// [`AppState::until_cut`]'s charge for a call whose handler is dropped
+/// while it waits (the client left), paid on drop while `armed`.
+struct Unpaid<'a> {
+    st: &'a AppState,
+    tenant: &'a Option<Tenant>,
+    tokens: u64,
+    armed: bool,
+}
+
+impl Drop for Unpaid<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.st.charge(self.tenant, self.tokens);
+        }
+    }
 }
