@@ -448,26 +448,34 @@ fn step_units(prepared: &Prepared, picked: &[usize]) -> Vec<(usize, usize)> {
 }
 
 /// One optimizer step's loss and gradients, accumulated over its
-/// micro-batches; and the tokens it ran.
+/// micro-batches; and the tokens it ran. The guard is asked before each
+/// micro-batch (the step's tokens were admitted before it began) and
+/// counts each one's tokens as it ends: one step can hold a million
+/// tokens (16 GRPO groups of 64 samples of 1,024), many minutes on a CPU,
+/// so a deadline, a cancellation or the time budget stops it within one
+/// micro-batch rather than after the step.
 fn step_grads(
     prepared: &Prepared,
     picked: &[usize],
     model: &TrainModel,
     params: &std::collections::BTreeMap<String, candle_core::Var>,
     cfg: &SessionConfig,
-) -> candle_core::Result<(f64, std::collections::HashMap<String, Tensor>, usize)> {
+    guard: &mut Guard,
+) -> Result<(f64, std::collections::HashMap<String, Tensor>, usize), TrainFailed> {
     let mut grads: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
     let (mut value, mut tokens) = (0.0f64, 0usize);
     for units in micro_batches(&step_units(prepared, picked)) {
-        let (loss, n) = micro_loss(prepared, picked, &units, model, cfg)?;
-        value += f64::from(loss.to_scalar::<f32>()?);
+        guard.admit(0).map_err(TrainFailed::Stopped)?;
+        let (loss, n) = micro_loss(prepared, picked, &units, model, cfg).map_err(host)?;
+        value += f64::from(loss.to_scalar::<f32>().map_err(host)?);
         tokens += n;
-        let store = loss.backward()?;
+        let store = loss.backward().map_err(host)?;
+        guard.spend(n as u64);
         for (name, var) in params {
             if let Some(g) = store.get(var.as_tensor()) {
                 let g = g.detach();
                 let sum = match grads.remove(name) {
-                    Some(acc) => (acc + g)?,
+                    Some(acc) => (acc + g).map_err(host)?,
                     None => g,
                 };
                 grads.insert(name.clone(), sum);
@@ -528,7 +536,7 @@ pub fn run(
                 .sum(),
         };
         guard.admit(next).map_err(TrainFailed::Stopped)?;
-        let (value, mut grads, tokens) = step_grads(&prepared, &picked, &model, &params, cfg).map_err(host)?;
+        let (value, mut grads, tokens) = step_grads(&prepared, &picked, &model, &params, cfg, &mut guard)?;
         if !value.is_finite() {
             return Err(TrainFailed::Invalid(format!(
                 "the loss became {value} at step {}: lower lr",
@@ -538,7 +546,6 @@ pub fn run(
         let grad_norm = optim::clip(&mut grads, 1.0).map_err(host)?;
         let lr = optim::schedule(step, cfg.steps, 0, cfg.lr, 0.1);
         opt.apply(&params, &grads, lr).map_err(host)?;
-        guard.spend(tokens as u64);
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         log.push(StepStats {
             step: step + 1,
