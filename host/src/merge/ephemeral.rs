@@ -61,6 +61,12 @@ struct Inner {
     named: Mutex<Vec<(Named, PathBuf)>>,
     /// Held while merging: one merge at a time bounds memory.
     gate: Mutex<()>,
+    /// Waited for before a merge's blocking task starts, and held by it
+    /// until it ends. A request that is dropped while it waits here (its
+    /// deadline passed, its client left) leaves the queue; one waiting on
+    /// `gate` inside a blocking task would merge for nobody later, so
+    /// requests that end early could pile up merges that outlive them.
+    turn: Arc<tokio::sync::Mutex<()>>,
     /// Where merges compute, and how merged members load.
     compute: super::compute::Choice,
     pool_options: crate::pool::PoolOptions,
@@ -86,6 +92,7 @@ impl PoolMerger {
             max_named,
             named: Mutex::new(Vec::new()),
             gate: Mutex::new(()),
+            turn: Arc::new(tokio::sync::Mutex::new(())),
             compute: super::compute::Choice::Auto,
             pool_options: crate::pool::PoolOptions::default(),
         }))
@@ -294,7 +301,9 @@ impl Merger for PoolMerger {
         }
         let inner = self.0.clone();
         Box::pin(async move {
+            let turn = inner.turn.clone().lock_owned().await;
             tokio::task::spawn_blocking(move || {
+                let _turn = turn;
                 inner
                     .build(key, id.clone(), models, base, spec)
                     .map(|(p, bytes)| Merged {
