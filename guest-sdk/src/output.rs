@@ -29,7 +29,9 @@ pub fn generate_streamed(model: &str, input: &Input, params: &GenParams) -> Resu
     host::generate_streamed(model, input, params)
 }
 
-/// Sends `text` to the caller now, as the next piece of the answer.
+/// Sends `text` to the caller now, as the next piece of the answer. Each
+/// write counts as one host call, so send pieces worth sending; an empty
+/// one sends nothing.
 pub fn write(text: &str) {
     host::write(text)
 }

@@ -621,21 +621,8 @@ async fn a_client_that_goes_away_stops_the_work_and_is_charged_for_it() {
     let (srv, registry, counts, keys) = keyed("disconnect").await;
     let body = json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000});
     // 1,000 tokens at 20 ms would take 20 s; the client leaves after 0.5 s.
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(500))
-        .build()
-        .unwrap();
-    let r = client
-        .post(srv.url("/v1/chat/completions"))
-        .bearer_auth(&keys[1])
-        .json(&body)
-        .send()
-        .await;
-    assert!(r.is_err(), "the client was meant to time out");
-    let started = Instant::now();
-    while counts.slow_ended.load(Ordering::SeqCst) == 0 && started.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    leave_after(&srv.url("/v1/chat/completions"), &keys[1], &body, 500).await;
+    wait_for(5, || counts.slow_ended.load(Ordering::SeqCst) > 0).await;
     assert_eq!(counts.slow_ended.load(Ordering::SeqCst), 1, "the generation went on");
     let made = counts.slow_tokens.load(Ordering::SeqCst);
     assert!(made < 200, "{made} tokens after the client left");
@@ -698,39 +685,40 @@ async fn a_client_that_leaves_during_a_modules_score_call_pays_for_it() {
     let (srv, registry, _, keys) = keyed("scoreleave").await;
     let question = format!("Please hold. {}\nA) yes\nB) no", "y".repeat(4000));
     let body = json!({"model": "option-fusion", "messages": [{"role": "user", "content": question}]});
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
-    let sent = client
-        .post(srv.url("/v1/chat/completions"))
-        .bearer_auth(&keys[1])
-        .json(&body)
-        .send()
-        .await;
-    assert!(sent.is_err(), "the client was meant to time out");
-    let day = || day_of(server::now_unix() as i64);
-    let started = Instant::now();
-    while registry.tokens_used("alice", day()).unwrap() == 0 && started.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let charged = registry.tokens_used("alice", day()).unwrap();
+    leave_after(&srv.url("/v1/chat/completions"), &keys[1], &body, 300).await;
+    let used = || {
+        registry
+            .tokens_used("alice", day_of(server::now_unix() as i64))
+            .unwrap()
+    };
+    wait_for(5, || used() > 0).await;
+    let charged = used();
     assert!((1000..2000).contains(&charged), "charged {charged}");
     // The score endpoint left the same way: the handler is dropped, the
     // member's job runs on, and the input's bytes / 4 are charged.
     let body = json!({"model": "echo", "prompt": format!("hold {}", "z".repeat(3995)), "continuations": ["a"]});
-    let sent = client
-        .post(srv.url("/v1/tessera/score"))
-        .bearer_auth(&keys[1])
-        .json(&body)
-        .send()
-        .await;
+    leave_after(&srv.url("/v1/tessera/score"), &keys[1], &body, 300).await;
+    wait_for(5, || used() > charged).await;
+    assert_eq!(used() - charged, 1001);
+}
+
+/// Posts `body` to `url` as a client that gives up after `ms`, before the
+/// server has answered.
+async fn leave_after(url: &str, key: &str, body: &Value, ms: u64) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(ms))
+        .build()
+        .unwrap();
+    let sent = client.post(url).bearer_auth(key).json(body).send().await;
     assert!(sent.is_err(), "the client was meant to time out");
+}
+
+/// Waits up to `secs` seconds for `done` to hold.
+async fn wait_for(secs: u64, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
-    while registry.tokens_used("alice", day()).unwrap() == charged && started.elapsed() < Duration::from_secs(5) {
+    while !done() && started.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(registry.tokens_used("alice", day()).unwrap() - charged, 1001);
 }
 
 /// A server over the double whose requests may take `timeout` in all,

@@ -104,7 +104,8 @@ export function generateStreamed(model, input, genParams) {
   return output.generateStreamed(model, input, genParams);
 }
 
-/** Sends `text` to a streaming caller now, as the next piece of the answer. */
+/** Sends `text` to a streaming caller now, as the next piece of the answer.
+ * Each write counts as one host call; an empty one sends nothing. */
 export function write(text) {
   output.write(text);
 }

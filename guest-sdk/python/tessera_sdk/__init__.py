@@ -188,7 +188,8 @@ def generate_streamed(model: str, inp, gen_params):
 
 def write(text: str) -> None:
     """Sends `text` to a streaming caller now, as the next piece of the
-    answer (the returned answer must begin with everything sent)."""
+    answer (the returned answer must begin with everything sent). Each
+    write counts as one host call; an empty one sends nothing."""
     _output.write(text)
 
 

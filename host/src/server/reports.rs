@@ -136,7 +136,7 @@ pub(crate) async fn reports_list(State(st): State<Arc<AppState>>) -> Result<Json
         find_reports(&root)
             .into_iter()
             .map(|(name, dir)| {
-                let summary = std::fs::read_to_string(dir.join("README.md")).ok();
+                let summary = read_capped(&dir.join("README.md")).ok();
                 let title = summary.as_deref().and_then(title_of).unwrap_or_else(|| name.clone());
                 let modified = std::fs::metadata(dir.join("report.md"))
                     .and_then(|m| m.modified())
@@ -159,8 +159,17 @@ pub(crate) async fn reports_get(
     UrlPath(path): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let root = root(&st)?;
+    // Reading and rendering up to 8 MiB of Markdown is blocking work: off
+    // the threads that serve every other request.
+    tokio::task::spawn_blocking(move || report_at(&root, path))
+        .await
+        .map_err(|e| ApiError::from(crate::Error::internal(format!("reports task: {e}"))))?
+}
+
+/// [`reports_get`]'s answer for `path` under `root`.
+fn report_at(root: &Path, path: String) -> Result<Response, ApiError> {
     if path.ends_with(".svg") {
-        let file = resolve_under(&root, &path)?;
+        let file = resolve_under(root, &path)?;
         let svg = read_capped(&file)?;
         return Ok((
             [
@@ -176,7 +185,7 @@ pub(crate) async fn reports_get(
         )
             .into_response());
     }
-    let dir = resolve_under(&root, &path)?;
+    let dir = resolve_under(root, &path)?;
     let report = dir.join("report.md");
     if !report.is_file() {
         return Err(ApiError::not_found(
