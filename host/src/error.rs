@@ -177,7 +177,7 @@ impl From<crate::inference::InferenceError> for Error {
             I::InvalidParams(message) => Error::InvalidParams { message },
             I::Failed(message) => Error::InferenceFailed { message },
             I::Unsupported(message) => Error::Unsupported { message },
-            I::Deadline => Error::Deadline { limit_ms: 0 },
+            I::Deadline | I::Expired => Error::Deadline { limit_ms: 0 },
         }
     }
 }

@@ -209,10 +209,15 @@ impl Models for Scripted {
     ) -> BoxFuture<'static, Result<Vec<Scored>, InferenceError>> {
         self.counts.calls.fetch_add(1, Ordering::SeqCst);
         // One prompt "token" per byte, as the embedder counts. A prompt
-        // that says "hold" is worked on until the call's deadline.
+        // that says "hold" is worked on until the call's deadline; one that
+        // says "expire" waited in the queue past it and never ran.
         let prompt_tokens = prompt.counted_bytes() as u32;
         let hold = holds(&prompt);
+        let expired = matches!(&prompt, Input::Prompt(p) if p.contains("expire"));
         Box::pin(async move {
+            if expired {
+                return Err(InferenceError::Expired);
+            }
             if hold {
                 tokio::time::sleep_until(ctx.deadline.into()).await;
                 return Err(InferenceError::Deadline);

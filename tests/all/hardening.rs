@@ -685,7 +685,8 @@ async fn a_client_that_leaves_during_a_modules_score_call_pays_for_it() {
     let (srv, registry, _, keys) = keyed("scoreleave").await;
     let question = format!("Please hold. {}\nA) yes\nB) no", "y".repeat(4000));
     let body = json!({"model": "option-fusion", "messages": [{"role": "user", "content": question}]});
-    leave_after(&srv.url("/v1/chat/completions"), &keys[1], &body, 300).await;
+    // Long enough for the module to reach its score call on a slow machine.
+    leave_after(&srv.url("/v1/chat/completions"), &keys[1], &body, 1000).await;
     let used = || {
         registry
             .tokens_used("alice", day_of(server::now_unix() as i64))
@@ -697,7 +698,7 @@ async fn a_client_that_leaves_during_a_modules_score_call_pays_for_it() {
     // The score endpoint left the same way: the handler is dropped, the
     // member's job runs on, and the input's bytes / 4 are charged.
     let body = json!({"model": "echo", "prompt": format!("hold {}", "z".repeat(3995)), "continuations": ["a"]});
-    leave_after(&srv.url("/v1/tessera/score"), &keys[1], &body, 300).await;
+    leave_after(&srv.url("/v1/tessera/score"), &keys[1], &body, 1000).await;
     wait_for(5, || used() > charged).await;
     assert_eq!(used() - charged, 1001);
 }
@@ -766,6 +767,19 @@ async fn a_modules_score_call_cut_by_the_deadline_is_charged() {
         .tokens_used("alice", day_of(server::now_unix() as i64))
         .unwrap();
     assert_eq!(now - charged, 1001, "charged {now} after {charged}");
+    // A call that expired in its member's queue never ran: a timeout, and
+    // nothing charged, from the endpoint or from a module.
+    let body = json!({"model": "echo", "prompt": format!("expire {}", "z".repeat(3993)), "continuations": ["a"]});
+    let (status, v) = post(&srv.url("/v1/tessera/score"), Some(&key), &body).await;
+    assert_eq!(status, 504, "{v}");
+    let question = format!("Let it expire. {}\nA) yes\nB) no", "y".repeat(4000));
+    let body = json!({"model": "option-fusion", "messages": [{"role": "user", "content": question}]});
+    let (status, v) = post(&srv.url("/v1/chat/completions"), Some(&key), &body).await;
+    assert_eq!(status, 504, "{v}");
+    let after = registry
+        .tokens_used("alice", day_of(server::now_unix() as i64))
+        .unwrap();
+    assert_eq!(after, now, "an expired call was charged");
 }
 
 #[tokio::test]

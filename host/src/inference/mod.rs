@@ -375,6 +375,11 @@ pub enum InferenceError {
     /// The call's deadline passed before it finished.
     #[error("deadline passed before the model finished")]
     Deadline,
+    /// The call's deadline passed while it waited in its member's queue:
+    /// it never ran, so, unlike a [`Self::Deadline`] cut, it costs its
+    /// caller nothing.
+    #[error("deadline passed while the call waited for its member")]
+    Expired,
 }
 
 /// Per-call context the sandbox hands down: when to give up, and on whose

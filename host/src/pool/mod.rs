@@ -270,7 +270,7 @@ impl Worker {
                     return;
                 }
                 let result = if Instant::now() >= ctx.deadline {
-                    Err(InferenceError::Deadline)
+                    Err(InferenceError::Expired)
                 } else {
                     // A panic inside a backend must not kill the worker.
                     std::panic::catch_unwind(AssertUnwindSafe(|| f(backend))).unwrap_or_else(|p| {

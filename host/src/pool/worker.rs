@@ -199,7 +199,7 @@ fn admit(backend: &mut Backend, engine: &mut Engine<'static, Slot>, waiting: &mu
             continue;
         }
         if Instant::now() >= job.ctx.deadline {
-            let _ = job.reply.send(Err(InferenceError::Deadline));
+            let _ = job.reply.send(Err(InferenceError::Expired));
             continue;
         }
         let slot = Slot {

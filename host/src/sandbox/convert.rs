@@ -92,7 +92,7 @@ pub fn inference_error_out(e: h::InferenceError) -> w::Error {
         h::InferenceError::InvalidParams(m) => w::Error::InvalidParams(m),
         h::InferenceError::Failed(m) => w::Error::InferenceFailed(m),
         h::InferenceError::Unsupported(m) => w::Error::Unsupported(m),
-        h::InferenceError::Deadline => w::Error::DeadlineExceeded,
+        h::InferenceError::Deadline | h::InferenceError::Expired => w::Error::DeadlineExceeded,
     }
 }
 

@@ -328,23 +328,27 @@ impl RequestState {
             started,
         };
         let stopped = Arc::new(AtomicBool::new(false));
-        let result = if streamed {
+        // A streamed generation's budget check waits until its usage is
+        // charged: one stopped at the output budget has used its tokens.
+        let (result, settled) = if streamed {
             let (sink, sent_before) = super::output::forwarder(&self.output, self.grant.output_bytes);
             let sink = self.stopping(stopped.clone(), Some(sink));
             let fut = self
                 .models
                 .generate_stream(self.stoppable_ctx(), &model, input, params, sink);
             let result = self.await_stoppable(cut, fut).await?;
-            if !stopped.load(Ordering::Relaxed) {
-                self.settle_stream(result.as_ref().ok().map(|g| g.text.as_str()), sent_before)?;
-            }
-            result
+            let settled = if stopped.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                self.settle_stream(result.as_ref().ok().map(|g| g.text.as_str()), sent_before)
+            };
+            (result, settled)
         } else {
             let sink = self.stopping(stopped.clone(), None);
             let fut = self
                 .models
                 .generate_stream(self.stoppable_ctx(), &model, input, params, sink);
-            self.await_stoppable(cut, fut).await?
+            (self.await_stoppable(cut, fut).await?, Ok(()))
         };
         let stopped = stopped.load(Ordering::Relaxed);
         let outcome = if stopped {
@@ -358,6 +362,7 @@ impl RequestState {
             .unwrap_or((0, 0, 0));
         self.account_generation(p, c);
         self.record_model_call(call, &model, (p, c, k), started.elapsed(), &outcome)?;
+        settled?;
         if stopped {
             return Err(self.deadline_trap());
         }
@@ -396,6 +401,8 @@ impl RequestState {
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
         match await_call(self.deadline, self.cancel.clone(), fut).await {
             None | Some(Err(crate::inference::InferenceError::Deadline)) => Err(self.charge_cut(&cut)),
+            // Never ran: nothing to charge.
+            Some(Err(crate::inference::InferenceError::Expired)) => Err(self.deadline_trap()),
             Some(result) => Ok(result),
         }
     }
@@ -433,6 +440,8 @@ impl RequestState {
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
         match while_wanted(self.deadline, self.cancel.clone(), fut).await {
             Some(Err(crate::inference::InferenceError::Deadline)) | None => Err(self.charge_cut(&cut)),
+            // Never ran: nothing to charge.
+            Some(Err(crate::inference::InferenceError::Expired)) => Err(self.deadline_trap()),
             Some(result) => Ok(result),
         }
     }
@@ -455,7 +464,10 @@ async fn while_wanted<F: std::future::Future>(
     cancel: Option<Arc<AtomicBool>>,
     fut: F,
 ) -> Option<F::Output> {
+    // The call first: one that is ready keeps its result (and its usage)
+    // even if the client left in the same instant.
     tokio::select! {
+        biased;
         r = tokio::time::timeout_at(deadline.into(), fut) => r.ok(),
         () = left(cancel) => None,
     }
@@ -497,6 +509,7 @@ async fn await_call<F: std::future::Future>(
 ) -> Option<F::Output> {
     tokio::pin!(fut);
     tokio::select! {
+        biased;
         r = tokio::time::timeout_at((deadline + STOP_GRACE * 2).into(), &mut fut) => return r.ok(),
         () = left(cancel) => {}
     }
@@ -603,11 +616,13 @@ impl models::Host for RequestState {
             let mut params = params_in(j.params);
             params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(share));
             let input = input_in(j.input);
-            bytes.push(if ok { input.counted_bytes() } else { 0 });
+            // What a cut costs: nothing for a job that is refused here.
+            let fits = input.check_size(0);
+            bytes.push(if ok && fits.is_ok() { input.counted_bytes() } else { 0 });
             let fut = if !ok {
                 let m = j.model.clone();
                 Box::pin(async move { Err(crate::inference::InferenceError::UnknownModel(m)) })
-            } else if let Err(e) = input.check_size(0) {
+            } else if let Err(e) = fits {
                 Box::pin(async move { Err(e) })
             } else {
                 let sink = self.stopping(stopped, None);
@@ -621,7 +636,9 @@ impl models::Host for RequestState {
         }
         let all = futures::future::join_all(futs);
         let Some(results) = await_call(self.deadline, self.cancel.clone(), all).await else {
-            // Given up with every job: each is charged as one cut.
+            // Given up with every job: each is charged as one cut (all of
+            // them, even if recording one passes the provenance budget).
+            let mut failed = None;
             for (model, &bytes) in names.iter().zip(&bytes) {
                 let cut = Cut {
                     call: "generate",
@@ -629,14 +646,19 @@ impl models::Host for RequestState {
                     bytes,
                     started,
                 };
-                self.record_cut(&cut)?;
+                if let Err(e) = self.record_cut(&cut) {
+                    failed.get_or_insert(e);
+                }
             }
-            return Err(self.deadline_trap());
+            return Err(failed.unwrap_or_else(|| self.deadline_trap()));
         };
         let stopped: Vec<bool> = stops.iter().map(|s| s.load(Ordering::Relaxed)).collect();
-        let ran_out = results
-            .iter()
-            .any(|(r, _)| matches!(r, Err(crate::inference::InferenceError::Deadline)));
+        let ran_out = results.iter().any(|(r, _)| {
+            matches!(
+                r,
+                Err(crate::inference::InferenceError::Deadline | crate::inference::InferenceError::Expired)
+            )
+        });
         // Every job's usage is charged and recorded before the request ends
         // at its deadline: the ones that finished, and the ones stopped
         // there, which came back with theirs.

@@ -377,6 +377,10 @@ pub(crate) async fn run_target(
                     let cut = ask.input.counted_bytes().div_ceil(4) as u64;
                     return (Err(ApiError::timeout(st.cfg.request_timeout)), cut);
                 }
+                // Expired in the member's queue: it never ran.
+                Err(crate::inference::InferenceError::Expired) => {
+                    return (Err(ApiError::timeout(st.cfg.request_timeout)), 0)
+                }
                 Err(e) => return (Err(ApiError::from(Error::from(e))), 0),
             };
             let ms = started.elapsed().as_millis() as u64;

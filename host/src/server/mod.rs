@@ -274,7 +274,10 @@ impl AppState {
     /// cut call, and the client gets the server's timeout.
     ///
     /// The same charge falls due if the handler is dropped while waiting
-    /// (its client left): the member's job runs to its end regardless.
+    /// (its client left): a job that has started runs to its end
+    /// regardless, and the server cannot tell one still queued from it, so
+    /// a client that leaves pays for what it asked. A call that expires in
+    /// its member's queue never ran and costs nothing.
     pub(crate) async fn until_cut<T>(
         &self,
         tenant: &Option<Tenant>,
@@ -296,6 +299,8 @@ impl AppState {
                 self.charge(tenant, unpaid.tokens);
                 Err(ApiError::timeout(self.cfg.request_timeout))
             }
+            // Expired in the member's queue: it never ran.
+            Ok(Err(crate::inference::InferenceError::Expired)) => Err(ApiError::timeout(self.cfg.request_timeout)),
             Ok(Err(e)) => Err(ApiError::from(Error::from(e))),
         }
     }
