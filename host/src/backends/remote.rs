@@ -654,7 +654,7 @@ impl RemoteMember {
         let n = continuations.len();
         // What an older node that reports no prompt tokens is charged: a
         // quarter of the prompt's bytes, as for a silent embedder.
-        let silent = prompt.counted_bytes().div_ceil(4) as u32;
+        let silent = u32::try_from(crate::inference::tokens_for_bytes(prompt.counted_bytes())).unwrap_or(u32::MAX);
         let mut body = json!({ "model": self.cfg.model, "continuations": continuations });
         match prompt {
             Input::Prompt(p) => body["prompt"] = json!(p),
@@ -700,7 +700,9 @@ impl RemoteMember {
         if out.iter().any(Vec::is_empty) {
             return Err(bad());
         }
-        let tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(bytes.div_ceil(4) as u64);
+        let tokens = v["usage"]["prompt_tokens"]
+            .as_u64()
+            .unwrap_or(crate::inference::tokens_for_bytes(bytes));
         Ok(crate::inference::Embedded { vectors: out, tokens })
     }
 }

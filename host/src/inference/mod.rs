@@ -230,6 +230,14 @@ pub struct Generation {
     pub usage: Usage,
 }
 
+/// The tokens charged for `bytes` of input whose real count is unknown (a
+/// call cut before it reported usage, a remote that reports none): a
+/// quarter of the bytes, rounded up, about one token per English word
+/// piece.
+pub fn tokens_for_bytes(bytes: usize) -> u64 {
+    bytes.div_ceil(4) as u64
+}
+
 /// Log-likelihood of one continuation.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scored {

@@ -422,7 +422,7 @@ impl RequestState {
 
     /// [`Self::charge_cut`]'s charge and record, without the trap.
     fn record_cut(&mut self, cut: &Cut<'_>) -> wasmtime::Result<()> {
-        let tokens = cut.bytes.div_ceil(4) as u64;
+        let tokens = crate::inference::tokens_for_bytes(cut.bytes);
         self.usage.prompt_tokens += tokens;
         let shown = u32::try_from(tokens).unwrap_or(u32::MAX);
         self.record_call(cut.call, cut.model, shown, 0, cut.started.elapsed(), "deadline")
@@ -668,9 +668,11 @@ impl models::Host for RequestState {
             // usage: charged its input's bytes / 4, as `charge_cut` does.
             let (p, c, k) = match &r {
                 Ok(g) => (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens),
-                Err(crate::inference::InferenceError::Deadline) => {
-                    (u32::try_from(bytes.div_ceil(4)).unwrap_or(u32::MAX), 0, 0)
-                }
+                Err(crate::inference::InferenceError::Deadline) => (
+                    u32::try_from(crate::inference::tokens_for_bytes(bytes)).unwrap_or(u32::MAX),
+                    0,
+                    0,
+                ),
                 Err(_) => (0, 0, 0),
             };
             self.account_generation(p, c);

@@ -374,7 +374,7 @@ pub(crate) async fn run_target(
             let g = match g {
                 Ok(g) => g,
                 Err(crate::inference::InferenceError::Deadline) => {
-                    let cut = ask.input.counted_bytes().div_ceil(4) as u64;
+                    let cut = crate::inference::tokens_for_bytes(ask.input.counted_bytes());
                     return (Err(ApiError::timeout(st.cfg.request_timeout)), cut);
                 }
                 // Expired in the member's queue: it never ran.

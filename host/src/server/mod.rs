@@ -288,7 +288,7 @@ impl AppState {
         let mut unpaid = Unpaid {
             st: self,
             tenant,
-            tokens: bytes.div_ceil(4) as u64,
+            tokens: crate::inference::tokens_for_bytes(bytes),
             armed: true,
         };
         let result = tokio::time::timeout_at(deadline.into(), call).await;
