@@ -753,19 +753,20 @@ async fn a_modules_score_call_cut_by_the_deadline_is_charged() {
     let (srv, _, registry, key) = timed("scorecut", Duration::from_secs(1), 4).await;
     let question = format!("Please hold. {}\nA) yes\nB) no", "y".repeat(4000));
     let body = json!({"model": "option-fusion", "messages": [{"role": "user", "content": question}]});
+    let used = || {
+        registry
+            .tokens_used("alice", day_of(server::now_unix() as i64))
+            .unwrap()
+    };
     let (status, v) = post(&srv.url("/v1/chat/completions"), Some(&key), &body).await;
     assert_eq!(status, 504, "{v}");
-    let charged = registry
-        .tokens_used("alice", day_of(server::now_unix() as i64))
-        .unwrap();
+    let charged = used();
     assert!((1000..2000).contains(&charged), "charged {charged}");
     // The same on the score endpoint: 4,000 bytes held past the timeout.
     let body = json!({"model": "echo", "prompt": format!("hold {}", "z".repeat(3995)), "continuations": ["a"]});
     let (status, v) = post(&srv.url("/v1/tessera/score"), Some(&key), &body).await;
     assert_eq!(status, 504, "{v}");
-    let now = registry
-        .tokens_used("alice", day_of(server::now_unix() as i64))
-        .unwrap();
+    let now = used();
     assert_eq!(now - charged, 1001, "charged {now} after {charged}");
     // A call that expired in its member's queue never ran: a timeout, and
     // nothing charged, from the endpoint or from a module.
@@ -776,9 +777,7 @@ async fn a_modules_score_call_cut_by_the_deadline_is_charged() {
     let body = json!({"model": "option-fusion", "messages": [{"role": "user", "content": question}]});
     let (status, v) = post(&srv.url("/v1/chat/completions"), Some(&key), &body).await;
     assert_eq!(status, 504, "{v}");
-    let after = registry
-        .tokens_used("alice", day_of(server::now_unix() as i64))
-        .unwrap();
+    let after = used();
     assert_eq!(after, now, "an expired call was charged");
 }
 
