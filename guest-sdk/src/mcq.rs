@@ -87,6 +87,15 @@ pub fn prompt(question: &str) -> String {
     format!("Question: {}\nAnswer:", question.trim().replace("\r\n", "\n"))
 }
 
+/// The domain premise for calibration: the end of [`prompt`] without the
+/// question. An option's likelihood after it measures how likely the
+/// option's text is as *an answer* at all, whatever the question; scoring
+/// by the difference (pointwise mutual information with the question, as
+/// in Holtzman et al., 2021, "Surface Form Competition") stops a member
+/// from picking an option only because its words are common, such as
+/// "yes" over "no" on every reading question.
+pub const DOMAIN_PROMPT: &str = "Answer:";
+
 /// The continuations to score: each option's text after a space.
 pub fn continuations(options: &[String]) -> Vec<String> {
     options.iter().map(|o| format!(" {}", o.trim())).collect()

@@ -387,6 +387,65 @@ async fn option_fusion_fits_weights_never_worse_than_its_members_on_dev() {
 }
 
 #[tokio::test]
+async fn option_fusion_fits_calibration_strengths_on_real_members() {
+    use tessera::ProvenanceEvent;
+    let paths = crate::common::scratch_paths("option-fusion-calibrate");
+    let rt = crate::common::fresh_runtime(&paths);
+    let m = rt.load_module("option-fusion").unwrap();
+    let dev = crate::common::arc_easy(0, 4);
+    let cfg: std::collections::BTreeMap<String, String> = [("calibrate".to_string(), "fit".to_string())].into();
+    let (fitted, steps) = rt.fit_traced(&m, dev, cfg.clone(), None).await;
+    assert!(fitted.unwrap(), "option-fusion keeps its weights and strengths");
+    let notes: Vec<&str> = steps
+        .iter()
+        .filter_map(|e| match e {
+            ProvenanceEvent::ModuleStep { note, .. } => Some(note.as_str()),
+            _ => None,
+        })
+        .collect();
+    // Each member alone, raw and fully calibrated, then what was found.
+    assert_eq!(
+        notes.iter().filter(|n| n.contains("fully calibrated")).count(),
+        3,
+        "{notes:#?}"
+    );
+    let last = notes.last().copied().unwrap_or_default();
+    assert!(last.contains("; calibration "), "{last}");
+    // Two score calls per member and dev item: after the question and
+    // after the bare answer premise.
+    let scores = steps
+        .iter()
+        .filter(|e| matches!(e, ProvenanceEvent::HostCall { call, .. } if call == "score"))
+        .count();
+    assert_eq!(scores, 2 * 3 * 4, "{steps:#?}");
+
+    // Run takes the strengths from fit when asked to, from config when one
+    // is given, and asks for the premise only where a strength is above 0.
+    let test = crate::common::arc_easy(10, 1).remove(0);
+    let ask = |calibrate: &str| tessera::RunRequest {
+        input: test.input.clone(),
+        params: Default::default(),
+        config: [("calibrate".to_string(), calibrate.to_string())].into(),
+    };
+    let out = rt.run(&m, ask("fit")).await.unwrap();
+    assert_eq!(out.annotations["calibration_from"], "fit", "{:?}", out.annotations);
+    assert_eq!(out.annotations["calibration"].split("; ").count(), 3);
+    let out = rt.run(&m, ask("1")).await.unwrap();
+    assert_eq!(out.annotations["calibration_from"], "config");
+    assert!(
+        out.annotations["calibration"]
+            .split("; ")
+            .all(|s| s.ends_with("=1.000")),
+        "{:?}",
+        out.annotations
+    );
+    let out = rt.run(&m, ask("none")).await.unwrap();
+    assert_eq!(out.annotations["calibration_from"], "none");
+    let err = rt.run(&m, ask("pmi")).await.unwrap_err();
+    assert!(err.to_string().contains("calibrate"), "{err}");
+}
+
+#[tokio::test]
 async fn diversity_compares_equal_size_pools_of_one_family_and_of_many() {
     use tessera::policy::Policy;
     use tessera::pool::PoolConfig;

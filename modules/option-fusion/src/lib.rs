@@ -1,6 +1,7 @@
 //! option-fusion: answer a multiple-choice question by pooling every
-//! member's likelihood of each option's text; `fit` searches the members'
-//! weights on dev. See README.md.
+//! member's likelihood of each option's text, optionally calibrated against
+//! how likely each option is as an answer at all; `fit` searches the
+//! members' weights (and calibration strengths) on dev. See README.md.
 
 use serde::{Deserialize, Serialize};
 use tessera_sdk::answer::{choice, letter};
@@ -12,14 +13,17 @@ use tessera_sdk::*;
 
 struct OptionFusion;
 
-/// State format version.
-const STATE: u8 = 1;
+/// State format version (2: calibration strengths added).
+const STATE: u8 = 2;
 
-/// What `fit` keeps: one weight per member, found on dev.
+/// What `fit` keeps: one weight and one calibration strength per member,
+/// found on dev.
 #[derive(Debug, Serialize, Deserialize)]
 struct Fitted {
     models: Vec<String>,
     weights: Vec<f64>,
+    /// Calibration strength per member (same order), 0 = none.
+    strengths: Vec<f64>,
     /// Each member's own dev accuracy (same order).
     member_accuracy: Vec<f64>,
     /// The fused dev accuracy with `weights`.
@@ -42,11 +46,78 @@ fn scorers(cfg: &Config) -> Result<Vec<ModelInfo>, Error> {
     Ok(picked)
 }
 
-/// One member's per-byte log-likelihood of every option of `q`.
-fn option_scores(member: &str, q: &Question) -> Result<Vec<f64>, Error> {
+/// How option scores are calibrated against the domain premise
+/// ([`mcq::DOMAIN_PROMPT`]), config `calibrate`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Calibrate {
+    /// Raw per-byte likelihoods (the default; the harness's `--mcq option`).
+    Off,
+    /// The same strength for every member.
+    Fixed(f64),
+    /// A strength per member, searched by `fit` with the weights.
+    Fit,
+}
+
+impl Calibrate {
+    fn from_config(cfg: &Config) -> Result<Self, Error> {
+        let raw = cfg.get("calibrate").map(str::trim).unwrap_or("");
+        match raw {
+            "" | "none" => Ok(Calibrate::Off),
+            "fit" => Ok(Calibrate::Fit),
+            v => match v.parse::<f64>() {
+                Ok(x) if (0.0..=1.0).contains(&x) => Ok(if x == 0.0 { Calibrate::Off } else { Calibrate::Fixed(x) }),
+                _ => Err(config::invalid(
+                    "calibrate",
+                    v,
+                    "use `none`, `fit` or one strength in [0, 1] for every member",
+                )),
+            },
+        }
+    }
+
+    /// Whether scores after the domain premise are needed.
+    fn needs_premise(self) -> bool {
+        self != Calibrate::Off
+    }
+}
+
+/// One member's per-byte scores of a question's options: after the
+/// question, and after the domain premise alone when calibration asks.
+#[derive(Debug, Clone)]
+struct MemberScores {
+    cond: Vec<f64>,
+    premise: Option<Vec<f64>>,
+}
+
+impl MemberScores {
+    /// Per option, `cond - strength * premise`: at strength 1 the pointwise
+    /// mutual information of option and question (per byte), at 0 the raw
+    /// likelihood. Without premise scores, the raw likelihood.
+    fn calibrated(&self, strength: f64) -> Vec<f64> {
+        match &self.premise {
+            Some(p) if strength > 0.0 => self.cond.iter().zip(p).map(|(c, p)| c - strength * p).collect(),
+            _ => self.cond.clone(),
+        }
+    }
+}
+
+/// One member's scores of every option of `q`; with `premise`, also after
+/// [`mcq::DOMAIN_PROMPT`].
+fn option_scores(member: &str, q: &Question, premise: bool) -> Result<MemberScores, Error> {
+    let cond = per_byte_scores(member, &mcq::prompt(&q.text), q)?;
+    let premise = if premise {
+        Some(per_byte_scores(member, mcq::DOMAIN_PROMPT, q)?)
+    } else {
+        None
+    };
+    Ok(MemberScores { cond, premise })
+}
+
+/// One member's per-byte log-likelihood of every option of `q` after `prompt`.
+fn per_byte_scores(member: &str, prompt: &str, q: &Question) -> Result<Vec<f64>, Error> {
     let scored = score(
         member,
-        &Input::Prompt(mcq::prompt(&q.text)),
+        &Input::Prompt(prompt.to_string()),
         &mcq::continuations(&q.options),
     )?;
     if scored.len() != q.options.len() {
@@ -84,14 +155,30 @@ fn fuse(scores: &[Option<Vec<f64>>], weights: &[f64]) -> Option<Vec<f64>> {
     (mass > 0.0).then(|| total.into_iter().map(|t| t / mass).collect())
 }
 
-/// Fused dev accuracy of `weights` over the scored dev set.
-fn accuracy(table: &[(Vec<Option<Vec<f64>>>, usize)], weights: &[f64]) -> f64 {
+/// Every member's calibrated scores of one question (`None` where its
+/// call failed).
+fn calibrated(scores: &[Option<MemberScores>], strengths: &[f64]) -> Vec<Option<Vec<f64>>> {
+    scores
+        .iter()
+        .zip(strengths)
+        .map(|(s, &k)| s.as_ref().map(|s| s.calibrated(k)))
+        .collect()
+}
+
+/// A scored dev set: every member's scores of each item, and its gold option.
+type Table = [(Vec<Option<MemberScores>>, usize)];
+
+/// Fused dev accuracy of `weights` and calibration `strengths` over the
+/// scored dev set.
+fn accuracy(table: &Table, weights: &[f64], strengths: &[f64]) -> f64 {
     if table.is_empty() {
         return 0.0;
     }
     let right = table
         .iter()
-        .filter(|(scores, gold)| fuse(scores, weights).and_then(|f| mcq::pick(&f)) == Some(*gold))
+        .filter(|(scores, gold)| {
+            fuse(&calibrated(scores, strengths), weights).and_then(|f| mcq::pick(&f)) == Some(*gold)
+        })
         .count();
     right as f64 / table.len() as f64
 }
@@ -137,15 +224,33 @@ impl Strategy for OptionFusion {
             )
         })?;
         let members = scorers(&cfg)?;
+        let mode = Calibrate::from_config(&cfg)?;
         let fitted: Option<Fitted> = state::load(STATE, req.state.as_deref())?;
+        // What fit found for each member of this request (0 for a member
+        // it did not see).
+        let fitted_of = |f: &Fitted, values: &[f64]| -> Vec<f64> {
+            members
+                .iter()
+                .map(|m| {
+                    f.models
+                        .iter()
+                        .position(|id| *id == m.id)
+                        .and_then(|i| values.get(i).copied())
+                        .unwrap_or(0.0)
+                })
+                .collect()
+        };
+        let (strengths, strengths_from) = match (mode, &fitted) {
+            (Calibrate::Off, _) => (vec![0.0; members.len()], "none"),
+            (Calibrate::Fixed(k), _) => (vec![k; members.len()], "config"),
+            (Calibrate::Fit, Some(f)) => (fitted_of(f, &f.strengths), "fit"),
+            (Calibrate::Fit, None) => (vec![0.0; members.len()], "none (not fitted)"),
+        };
         let (weights, from) = match configured_weights(&cfg, &members)? {
             Some(w) => (w, "config"),
             None => match &fitted {
                 Some(f) => {
-                    let w: Vec<f64> = members
-                        .iter()
-                        .map(|m| f.models.iter().position(|id| *id == m.id).map_or(0.0, |i| f.weights[i]))
-                        .collect();
+                    let w = fitted_of(f, &f.weights);
                     if w.iter().any(|x| *x > 0.0) {
                         (w, "fit")
                     } else {
@@ -157,18 +262,23 @@ impl Strategy for OptionFusion {
         };
         let mut scores: Vec<Option<Vec<f64>>> = Vec::with_capacity(members.len());
         let mut picks = Vec::new();
-        for (m, &w) in members.iter().zip(&weights) {
+        for ((m, &w), &k) in members.iter().zip(&weights).zip(&strengths) {
             if w <= 0.0 {
                 scores.push(None);
                 continue;
             }
-            match option_scores(&m.id, &q) {
+            match option_scores(&m.id, &q, k > 0.0) {
                 Ok(s) => {
+                    let s = s.calibrated(k);
                     let p = mcq::pick(&s).unwrap_or(0);
                     trace(
                         Some(&m.id),
                         "scorer",
-                        format!("weight {w:.3}; picks {} ({:.3} nats/byte)", letter(p), s[p]),
+                        format!(
+                            "weight {w:.3}, calibration {k:.3}; picks {} ({:.3} nats/byte)",
+                            letter(p),
+                            s[p]
+                        ),
                     );
                     picks.push((m.id.clone(), p));
                     scores.push(Some(s));
@@ -224,6 +334,16 @@ impl Strategy for OptionFusion {
                 ),
                 ("weights_from".into(), from.to_string()),
                 (
+                    "calibration".into(),
+                    members
+                        .iter()
+                        .zip(&strengths)
+                        .map(|(m, k)| format!("{}={k:.3}", m.id))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+                ("calibration_from".into(), strengths_from.to_string()),
+                (
                     "agreement".into(),
                     format!("{:.2}", agree as f64 / picks.len().max(1) as f64),
                 ),
@@ -238,6 +358,7 @@ impl Strategy for OptionFusion {
     /// unweighted pool or the best single member.
     fn fit(dev: Vec<Example>, cfg: Config) -> Result<Option<Vec<u8>>, Error> {
         let members = scorers(&cfg)?;
+        let mode = Calibrate::from_config(&cfg)?;
         let mut table = Vec::new();
         for (i, e) in dev.iter().enumerate() {
             if e.choices.len() < 2 {
@@ -252,9 +373,9 @@ impl Strategy for OptionFusion {
                 continue;
             };
             let q = dev_question(e);
-            let scores: Vec<Option<Vec<f64>>> = members
+            let scores: Vec<Option<MemberScores>> = members
                 .iter()
-                .map(|m| match option_scores(&m.id, &q) {
+                .map(|m| match option_scores(&m.id, &q, mode.needs_premise()) {
                     Ok(s) => Some(s),
                     Err(err) => {
                         trace(Some(&m.id), "fit", format!("dev example {i} failed: {err}"));
@@ -271,19 +392,43 @@ impl Strategy for OptionFusion {
             ));
         }
         let d = members.len();
+        let fixed = match mode {
+            Calibrate::Fixed(k) => k,
+            _ => 0.0,
+        };
+        let one_hot = |m: usize| {
+            let mut one = vec![0.0; d];
+            one[m] = 1.0;
+            one
+        };
         let member_accuracy: Vec<f64> = (0..d)
             .map(|m| {
-                let mut one = vec![0.0; d];
-                one[m] = 1.0;
-                let a = accuracy(&table, &one);
+                let a = accuracy(&table, &one_hot(m), &vec![fixed; d]);
+                let calibrated = if mode == Calibrate::Fit {
+                    format!("; fully calibrated {:.3}", accuracy(&table, &one_hot(m), &vec![1.0; d]))
+                } else {
+                    String::new()
+                };
                 trace(
                     Some(&members[m].id),
                     "fit",
-                    format!("alone: {:.3} on {} dev items", a, table.len()),
+                    format!("alone: {a:.3} on {} dev items{calibrated}", table.len()),
                 );
                 a
             })
             .collect();
+        // A particle is the weights, then (when fit searches them) one
+        // calibration strength per member.
+        let searched = if mode == Calibrate::Fit { 2 * d } else { d };
+        let split = |x: &[f64]| -> (Vec<f64>, Vec<f64>) {
+            let weights = x[..d].to_vec();
+            let strengths = if mode == Calibrate::Fit {
+                x[d..].to_vec()
+            } else {
+                vec![fixed; d]
+            };
+            (weights, strengths)
+        };
         let population: usize = cfg.parse_within("population", 8, 1..=64, "use 1..=64 particles")?;
         let swarm = Swarm {
             bounds: Some((0.0, 1.0)),
@@ -292,51 +437,63 @@ impl Strategy for OptionFusion {
         }
         .configured(&cfg, 100)?;
         let mut rng = Rng::new(cfg.parse("seed", 0u64)?);
-        let mut start = vec![vec![1.0; d]];
-        for m in 0..d {
-            let mut one = vec![0.0; d];
-            one[m] = 1.0;
-            start.push(one);
+        // Uniform weights and each member alone start the search, raw
+        // first and then fully calibrated, so that ties keep the simpler.
+        let levels: &[f64] = if mode == Calibrate::Fit { &[0.0, 1.0] } else { &[0.0] };
+        let mut start = Vec::new();
+        for &k in levels {
+            let strengths = if mode == Calibrate::Fit { vec![k; d] } else { Vec::new() };
+            start.push([vec![1.0; d], strengths.clone()].concat());
+            for m in 0..d {
+                start.push([one_hot(m), strengths.clone()].concat());
+            }
         }
-        while start.len() < population.max(d + 1) {
-            start.push((0..d).map(|_| rng.f64()).collect());
+        while start.len() < population {
+            start.push((0..searched).map(|_| rng.f64()).collect());
         }
         let velocity = start
             .iter()
-            .map(|_| (0..d).map(|_| rng.range(-0.2, 0.2)).collect())
+            .map(|_| (0..searched).map(|_| rng.range(-0.2, 0.2)).collect())
             .collect();
         let found = swarm.search(
             &mut rng,
             start,
             velocity,
-            |_, _, w| {
+            |_, _, x| {
+                let (w, k) = split(x);
                 Ok(if w.iter().all(|x| *x <= 0.0) {
                     0.0
                 } else {
-                    accuracy(&table, w)
+                    accuracy(&table, &w, &k)
                 })
             },
             |round, _, best| trace(None, "fit", format!("round {round}: best fused dev accuracy {best:.3}")),
         )?;
+        let (weights, strengths) = split(&found.position);
         let fitted = Fitted {
             models: members.iter().map(|m| m.id.clone()).collect(),
-            weights: found.position,
+            weights,
+            strengths,
             member_accuracy,
             dev_accuracy: found.fitness,
             dev_size: table.len(),
+        };
+        let show = |values: &[f64]| {
+            fitted
+                .models
+                .iter()
+                .zip(values)
+                .map(|(m, w)| format!("{m}={w:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         trace(
             None,
             "fit",
             format!(
-                "weights {}; fused dev accuracy {:.3} (best member alone {:.3})",
-                fitted
-                    .models
-                    .iter()
-                    .zip(&fitted.weights)
-                    .map(|(m, w)| format!("{m}={w:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                "weights {}; calibration {}; fused dev accuracy {:.3} (best member alone {:.3})",
+                show(&fitted.weights),
+                show(&fitted.strengths),
                 fitted.dev_accuracy,
                 fitted.member_accuracy.iter().cloned().fold(0.0, f64::max)
             ),
@@ -360,16 +517,57 @@ mod tests {
         assert_eq!(fuse(&[None], &[1.0]), None);
     }
 
+    /// Raw scores only (no premise), as the uncalibrated fit keeps them.
+    fn raw(cond: Vec<f64>) -> Option<MemberScores> {
+        Some(MemberScores { cond, premise: None })
+    }
+
     #[test]
     fn dev_accuracy_counts_fused_picks() {
         // Member 0 is right on item 0, member 1 on item 1; together (equal
         // weights) item 1 goes to member 1's stronger preference.
         let table = vec![
-            (vec![Some(vec![-1.0, -1.2]), Some(vec![-1.1, -1.0])], 0),
-            (vec![Some(vec![-1.0, -1.2]), Some(vec![-3.0, -1.0])], 1),
+            (vec![raw(vec![-1.0, -1.2]), raw(vec![-1.1, -1.0])], 0),
+            (vec![raw(vec![-1.0, -1.2]), raw(vec![-3.0, -1.0])], 1),
         ];
-        assert_eq!(accuracy(&table, &[1.0, 0.0]), 0.5);
-        assert_eq!(accuracy(&table, &[0.0, 1.0]), 0.5);
-        assert_eq!(accuracy(&table, &[1.0, 1.0]), 1.0);
+        let none = [0.0, 0.0];
+        assert_eq!(accuracy(&table, &[1.0, 0.0], &none), 0.5);
+        assert_eq!(accuracy(&table, &[0.0, 1.0], &none), 0.5);
+        assert_eq!(accuracy(&table, &[1.0, 1.0], &none), 1.0);
+    }
+
+    #[test]
+    fn calibration_subtracts_the_premise_by_strength() {
+        // "yes" is likelier than "no" after any question; after this one
+        // only by less than after the bare premise, so calibrated it loses.
+        let s = MemberScores {
+            cond: vec![-0.5, -0.7],
+            premise: Some(vec![-0.2, -0.8]),
+        };
+        assert_eq!(mcq::pick(&s.calibrated(0.0)), Some(0));
+        assert_eq!(s.calibrated(0.0), vec![-0.5, -0.7]);
+        assert_eq!(mcq::pick(&s.calibrated(1.0)), Some(1));
+        let half = s.calibrated(0.5);
+        assert!((half[0] - -0.4).abs() < 1e-12 && (half[1] - -0.3).abs() < 1e-12);
+        // Without premise scores a strength changes nothing.
+        let r = raw(vec![-0.5, -0.7]).unwrap();
+        assert_eq!(r.calibrated(1.0), vec![-0.5, -0.7]);
+        let table = vec![(vec![Some(s)], 1)];
+        assert_eq!(accuracy(&table, &[1.0], &[0.0]), 0.0);
+        assert_eq!(accuracy(&table, &[1.0], &[1.0]), 1.0);
+    }
+
+    #[test]
+    fn calibrate_config_reads_none_fit_and_a_strength() {
+        let cfg = |v: &str| Config::from_pairs(vec![("calibrate".into(), v.into())]);
+        assert_eq!(Calibrate::from_config(&Config::default()).unwrap(), Calibrate::Off);
+        assert_eq!(Calibrate::from_config(&cfg("none")).unwrap(), Calibrate::Off);
+        assert_eq!(Calibrate::from_config(&cfg("0")).unwrap(), Calibrate::Off);
+        assert_eq!(Calibrate::from_config(&cfg(" fit ")).unwrap(), Calibrate::Fit);
+        assert_eq!(Calibrate::from_config(&cfg("0.5")).unwrap(), Calibrate::Fixed(0.5));
+        for bad in ["2", "-0.1", "pmi", "NaN"] {
+            let e = Calibrate::from_config(&cfg(bad)).unwrap_err().to_string();
+            assert!(e.contains("calibrate") && e.contains("fit"), "{bad}: {e}");
+        }
     }
 }
