@@ -419,6 +419,28 @@ async fn option_fusion_fits_calibration_strengths_on_real_members() {
         .count();
     assert_eq!(scores, 2 * 3 * 4, "{steps:#?}");
 
+    // The same fit by penalised likelihood: the loss falls from uniform
+    // weights without calibration, and the state is what run reads.
+    let mut by_likelihood = cfg.clone();
+    by_likelihood.insert("objective".into(), "likelihood".into());
+    let (fitted, steps) = rt
+        .fit_traced(&m, crate::common::arc_easy(0, 4), by_likelihood, None)
+        .await;
+    assert!(fitted.unwrap());
+    let loss = steps
+        .iter()
+        .find_map(|e| match e {
+            ProvenanceEvent::ModuleStep { note, .. } if note.starts_with("likelihood:") => Some(note.clone()),
+            _ => None,
+        })
+        .expect("the likelihood fit traces its loss");
+    // "likelihood: mean loss A -> B in N steps (l2 0.01)"
+    let nums: Vec<f64> = loss
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    assert!(nums.len() >= 2 && nums[1] <= nums[0], "{loss}");
+
     // Run takes the strengths from fit when asked to, from config when one
     // is given, and asks for the premise only where a strength is above 0.
     let test = crate::common::arc_easy(10, 1).remove(0);

@@ -212,6 +212,161 @@ fn dev_question(e: &Example) -> Question {
     }
 }
 
+/// What `fit` maximises, config `objective`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Objective {
+    /// Dev accuracy, by particle swarm (the default).
+    Accuracy,
+    /// The dev likelihood of the gold options under a softmax of the fused
+    /// scores, with an L2 penalty (`l2`), by projected gradient descent.
+    Likelihood,
+}
+
+impl Objective {
+    fn from_config(cfg: &Config) -> Result<Self, Error> {
+        match cfg.get("objective").map(str::trim).unwrap_or("") {
+            "" | "accuracy" => Ok(Objective::Accuracy),
+            "likelihood" => Ok(Objective::Likelihood),
+            v => Err(config::invalid("objective", v, "use `accuracy` or `likelihood`")),
+        }
+    }
+}
+
+/// One dev item as the likelihood fit sees it: per member (`None` where its
+/// call failed) the option scores the weight multiplies and, with a fitted
+/// calibration, the premise scores its strength multiplies.
+struct Features {
+    scaled: Vec<Option<Vec<f64>>>,
+    premise: Vec<Option<Vec<f64>>>,
+    gold: usize,
+    options: usize,
+}
+
+/// Mean negative log-likelihood of the gold options (plus the L2 penalty)
+/// at `theta` = weights, then (when `fit_premise`) premise coefficients,
+/// and its gradient.
+fn nll(items: &[Features], theta: &[f64], d: usize, fit_premise: bool, l2: f64) -> (f64, Vec<f64>) {
+    let mut grad = vec![0.0; theta.len()];
+    let mut total = 0.0;
+    for it in items {
+        let mut z = vec![0.0; it.options];
+        for m in 0..d {
+            if let Some(a) = &it.scaled[m] {
+                for (zo, x) in z.iter_mut().zip(a) {
+                    *zo += theta[m] * x;
+                }
+            }
+            if fit_premise {
+                if let Some(b) = &it.premise[m] {
+                    for (zo, x) in z.iter_mut().zip(b) {
+                        *zo -= theta[d + m] * x;
+                    }
+                }
+            }
+        }
+        let top = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|x| (x - top).exp()).sum();
+        let log_norm = top + sum.ln();
+        total += log_norm - z[it.gold];
+        // d(nll)/dz_o = p_o - [o == gold].
+        let resid: Vec<f64> = z
+            .iter()
+            .enumerate()
+            .map(|(o, x)| (x - log_norm).exp() - if o == it.gold { 1.0 } else { 0.0 })
+            .collect();
+        for m in 0..d {
+            if let Some(a) = &it.scaled[m] {
+                grad[m] += resid.iter().zip(a).map(|(r, x)| r * x).sum::<f64>();
+            }
+            if fit_premise {
+                if let Some(b) = &it.premise[m] {
+                    grad[d + m] -= resid.iter().zip(b).map(|(r, x)| r * x).sum::<f64>();
+                }
+            }
+        }
+    }
+    let n = items.len().max(1) as f64;
+    let penalty: f64 = theta.iter().map(|t| t * t).sum::<f64>() * l2 / 2.0;
+    for (g, t) in grad.iter_mut().zip(theta) {
+        *g = *g / n + l2 * t;
+    }
+    (total / n + penalty, grad)
+}
+
+/// Weights >= 0, and premise coefficients between 0 and their member's
+/// weight (a calibration strength in [0, 1]).
+fn project(theta: &mut [f64], d: usize, fit_premise: bool) {
+    for m in 0..d {
+        theta[m] = theta[m].max(0.0);
+        if fit_premise {
+            theta[d + m] = theta[d + m].clamp(0.0, theta[m]);
+        }
+    }
+}
+
+/// Weights and strengths by penalised maximum likelihood on the scored dev
+/// set: projected gradient descent with a step that grows after a success
+/// and halves after a failure, from uniform weights without calibration.
+/// Returns (weights, strengths, start and end objective, steps taken).
+fn fit_likelihood(table: &Table, mode: Calibrate, l2: f64, iterations: usize) -> (Vec<f64>, Vec<f64>, f64, f64, usize) {
+    let d = table.first().map_or(0, |(s, _)| s.len());
+    let fixed = match mode {
+        Calibrate::Fixed(k) => k,
+        _ => 0.0,
+    };
+    let fit_premise = mode == Calibrate::Fit;
+    let items: Vec<Features> = table
+        .iter()
+        .map(|(scores, gold)| Features {
+            scaled: scores.iter().map(|s| s.as_ref().map(|s| s.calibrated(fixed))).collect(),
+            premise: scores
+                .iter()
+                .map(|s| s.as_ref().and_then(|s| s.premise.clone()))
+                .collect(),
+            gold: *gold,
+            options: scores.iter().flatten().map(|s| s.cond.len()).next().unwrap_or(0),
+        })
+        .filter(|f| f.options > f.gold)
+        .collect();
+    let mut theta = vec![0.0; if fit_premise { 2 * d } else { d }];
+    theta[..d].iter_mut().for_each(|w| *w = 1.0);
+    let (start, mut grad) = nll(&items, &theta, d, fit_premise, l2);
+    let mut value = start;
+    let mut step = 1.0;
+    let mut steps = 0;
+    for _ in 0..iterations {
+        let mut moved = false;
+        for _ in 0..30 {
+            let mut next: Vec<f64> = theta.iter().zip(&grad).map(|(t, g)| t - step * g).collect();
+            project(&mut next, d, fit_premise);
+            let (v, g) = nll(&items, &next, d, fit_premise, l2);
+            if v < value {
+                moved = value - v > 1e-10;
+                theta = next;
+                value = v;
+                grad = g;
+                step *= 1.5;
+                break;
+            }
+            step /= 2.0;
+        }
+        if !moved {
+            break;
+        }
+        steps += 1;
+    }
+    let weights = theta[..d].to_vec();
+    let strengths = (0..d)
+        .map(|m| match mode {
+            Calibrate::Off => 0.0,
+            Calibrate::Fixed(k) => k,
+            Calibrate::Fit if weights[m] > 0.0 => theta[d + m] / weights[m],
+            Calibrate::Fit => 0.0,
+        })
+        .collect();
+    (weights, strengths, start, value, steps)
+}
+
 impl Strategy for OptionFusion {
     fn run(req: Request) -> Result<Response, Error> {
         let cfg = Config::for_request(&req);
@@ -429,6 +584,26 @@ impl Strategy for OptionFusion {
             };
             (weights, strengths)
         };
+        let objective = Objective::from_config(&cfg)?;
+        if objective == Objective::Likelihood {
+            let l2: f64 = cfg.parse("l2", 0.01)?;
+            if !(l2.is_finite() && l2 >= 0.0) {
+                return Err(config::invalid("l2", l2, "use a penalty >= 0"));
+            }
+            let most: usize = cfg.parse_within("steps", 500, 1..=10_000, "use 1..=10000 steps")?;
+            let (weights, strengths, start, end, steps) = fit_likelihood(&table, mode, l2, most);
+            trace(
+                None,
+                "fit",
+                format!("likelihood: mean loss {start:.4} -> {end:.4} in {steps} steps (l2 {l2})"),
+            );
+            let dev_accuracy = if weights.iter().any(|w| *w > 0.0) {
+                accuracy(&table, &weights, &strengths)
+            } else {
+                0.0
+            };
+            return save_fit(&members, weights, strengths, member_accuracy, dev_accuracy, table.len());
+        }
         let population: usize = cfg.parse_within("population", 8, 1..=64, "use 1..=64 particles")?;
         let swarm = Swarm {
             bounds: Some((0.0, 1.0)),
@@ -470,36 +645,55 @@ impl Strategy for OptionFusion {
             |round, _, best| trace(None, "fit", format!("round {round}: best fused dev accuracy {best:.3}")),
         )?;
         let (weights, strengths) = split(&found.position);
-        let fitted = Fitted {
-            models: members.iter().map(|m| m.id.clone()).collect(),
+        save_fit(
+            &members,
             weights,
             strengths,
             member_accuracy,
-            dev_accuracy: found.fitness,
-            dev_size: table.len(),
-        };
-        let show = |values: &[f64]| {
-            fitted
-                .models
-                .iter()
-                .zip(values)
-                .map(|(m, w)| format!("{m}={w:.3}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        trace(
-            None,
-            "fit",
-            format!(
-                "weights {}; calibration {}; fused dev accuracy {:.3} (best member alone {:.3})",
-                show(&fitted.weights),
-                show(&fitted.strengths),
-                fitted.dev_accuracy,
-                fitted.member_accuracy.iter().cloned().fold(0.0, f64::max)
-            ),
-        );
-        state::save(STATE, &fitted).map(Some)
+            found.fitness,
+            table.len(),
+        )
     }
+}
+
+/// Traces what `fit` found and encodes it as the strategy's state.
+fn save_fit(
+    members: &[ModelInfo],
+    weights: Vec<f64>,
+    strengths: Vec<f64>,
+    member_accuracy: Vec<f64>,
+    dev_accuracy: f64,
+    dev_size: usize,
+) -> Result<Option<Vec<u8>>, Error> {
+    let fitted = Fitted {
+        models: members.iter().map(|m| m.id.clone()).collect(),
+        weights,
+        strengths,
+        member_accuracy,
+        dev_accuracy,
+        dev_size,
+    };
+    let show = |values: &[f64]| {
+        fitted
+            .models
+            .iter()
+            .zip(values)
+            .map(|(m, w)| format!("{m}={w:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    trace(
+        None,
+        "fit",
+        format!(
+            "weights {}; calibration {}; fused dev accuracy {:.3} (best member alone {:.3})",
+            show(&fitted.weights),
+            show(&fitted.strengths),
+            fitted.dev_accuracy,
+            fitted.member_accuracy.iter().cloned().fold(0.0, f64::max)
+        ),
+    );
+    state::save(STATE, &fitted).map(Some)
 }
 
 export_strategy!(OptionFusion);
@@ -555,6 +749,83 @@ mod tests {
         let table = vec![(vec![Some(s)], 1)];
         assert_eq!(accuracy(&table, &[1.0], &[0.0]), 0.0);
         assert_eq!(accuracy(&table, &[1.0], &[1.0]), 1.0);
+    }
+
+    #[test]
+    fn the_likelihood_gradient_matches_finite_differences() {
+        let items = vec![
+            Features {
+                scaled: vec![Some(vec![-0.4, -0.9, -0.7]), Some(vec![-1.0, -0.2, -0.5])],
+                premise: vec![Some(vec![-0.1, -0.8, -0.3]), None],
+                gold: 1,
+                options: 3,
+            },
+            Features {
+                scaled: vec![None, Some(vec![-0.3, -0.6])],
+                premise: vec![None, Some(vec![-0.2, -0.9])],
+                gold: 0,
+                options: 2,
+            },
+        ];
+        let theta = [0.7, 1.3, 0.2, 0.4];
+        let (v, g) = nll(&items, &theta, 2, true, 0.05);
+        for i in 0..theta.len() {
+            let mut up = theta;
+            up[i] += 1e-6;
+            let (vu, _) = nll(&items, &up, 2, true, 0.05);
+            assert!(
+                ((vu - v) / 1e-6 - g[i]).abs() < 1e-4,
+                "coordinate {i}: {} vs {}",
+                (vu - v) / 1e-6,
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn the_likelihood_fit_weights_the_informative_member_and_calibrates_a_biased_one() {
+        // Member 0 prefers the gold option on three items of five and
+        // option 2 otherwise; member 1 always prefers option 0 raw, but
+        // its preference for the gold option shows once its premise
+        // scores (a bias towards option 0) are taken out.
+        let mut table = Vec::new();
+        for i in 0..40 {
+            let gold = i % 3;
+            let mut mostly = vec![-1.0; 3];
+            mostly[if i % 5 < 3 { gold } else { 2 }] = -0.6;
+            let premise = vec![-0.3, -1.0, -1.0];
+            let mut biased = premise.clone();
+            biased[gold] += 0.3;
+            table.push((
+                vec![
+                    Some(MemberScores {
+                        cond: mostly,
+                        premise: Some(vec![-1.0; 3]),
+                    }),
+                    Some(MemberScores {
+                        cond: biased,
+                        premise: Some(premise),
+                    }),
+                ],
+                gold,
+            ));
+        }
+        assert!(accuracy(&table, &[0.0, 1.0], &[0.0, 0.0]) < 0.5);
+        let (w, k, start, end, steps) = fit_likelihood(&table, Calibrate::Off, 0.01, 500);
+        assert!(end < start && steps > 0, "{start} -> {end}");
+        assert!(w[0] > w[1], "raw, member 0 is the better one: {w:?}");
+        assert_eq!(k, vec![0.0, 0.0]);
+        let (w, k, _, end_cal, _) = fit_likelihood(&table, Calibrate::Fit, 0.01, 500);
+        assert!(end_cal < end, "calibration fits better: {end_cal} vs {end}");
+        assert!(
+            w.iter().all(|x| *x >= 0.0) && k.iter().all(|x| (0.0..=1.0).contains(x)),
+            "{w:?} {k:?}"
+        );
+        assert!(
+            k[1] > 0.5 && w[1] > w[0],
+            "the biased member is calibrated and trusted: {w:?} {k:?}"
+        );
+        assert_eq!(accuracy(&table, &w, &k), 1.0);
     }
 
     #[test]
