@@ -319,6 +319,17 @@ async fn option_mode_scores_option_texts_and_option_fusion_of_one_member_agrees(
     }
 }
 
+/// The notes of a module's trace steps, in order.
+fn step_notes(steps: &[tessera::ProvenanceEvent]) -> Vec<&str> {
+    steps
+        .iter()
+        .filter_map(|e| match e {
+            tessera::ProvenanceEvent::ModuleStep { note, .. } => Some(note.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn option_fusion_fits_weights_never_worse_than_its_members_on_dev() {
     use tessera::ProvenanceEvent;
@@ -328,13 +339,7 @@ async fn option_fusion_fits_weights_never_worse_than_its_members_on_dev() {
     let dev = crate::common::arc_easy(0, 6);
     let (fitted, steps) = rt.fit_traced(&m, dev.clone(), Default::default(), None).await;
     assert!(fitted.unwrap(), "option-fusion keeps its weights");
-    let notes: Vec<&str> = steps
-        .iter()
-        .filter_map(|e| match e {
-            ProvenanceEvent::ModuleStep { note, .. } => Some(note.as_str()),
-            _ => None,
-        })
-        .collect();
+    let notes = step_notes(&steps);
     // "weights a=..., b=...; fused dev accuracy X (best member alone Y)"
     let last = notes.last().copied().unwrap_or_default();
     let num = |key: &str| -> f64 {
@@ -396,13 +401,7 @@ async fn option_fusion_fits_calibration_strengths_on_real_members() {
     let cfg: std::collections::BTreeMap<String, String> = [("calibrate".to_string(), "fit".to_string())].into();
     let (fitted, steps) = rt.fit_traced(&m, dev, cfg.clone(), None).await;
     assert!(fitted.unwrap(), "option-fusion keeps its weights and strengths");
-    let notes: Vec<&str> = steps
-        .iter()
-        .filter_map(|e| match e {
-            ProvenanceEvent::ModuleStep { note, .. } => Some(note.as_str()),
-            _ => None,
-        })
-        .collect();
+    let notes = step_notes(&steps);
     // Each member alone, raw and fully calibrated, then what was found.
     assert_eq!(
         notes.iter().filter(|n| n.contains("fully calibrated")).count(),
