@@ -480,22 +480,12 @@ impl Strategy for OptionFusion {
                 ),
                 (
                     "weights".into(),
-                    members
-                        .iter()
-                        .zip(&weights)
-                        .map(|(m, w)| format!("{}={w:.3}", m.id))
-                        .collect::<Vec<_>>()
-                        .join("; "),
+                    per_member(members.iter().map(|m| &m.id), &weights, "; "),
                 ),
                 ("weights_from".into(), from.to_string()),
                 (
                     "calibration".into(),
-                    members
-                        .iter()
-                        .zip(&strengths)
-                        .map(|(m, k)| format!("{}={k:.3}", m.id))
-                        .collect::<Vec<_>>()
-                        .join("; "),
+                    per_member(members.iter().map(|m| &m.id), &strengths, "; "),
                 ),
                 ("calibration_from".into(), strengths_from.to_string()),
                 (
@@ -656,6 +646,16 @@ impl Strategy for OptionFusion {
     }
 }
 
+/// `id=value` per member (three decimals), joined by `sep`: how weights and
+/// strengths are shown in annotations and traces.
+fn per_member<'a>(ids: impl IntoIterator<Item = &'a String>, values: &[f64], sep: &str) -> String {
+    ids.into_iter()
+        .zip(values)
+        .map(|(m, v)| format!("{m}={v:.3}"))
+        .collect::<Vec<_>>()
+        .join(sep)
+}
+
 /// Traces what `fit` found and encodes it as the strategy's state.
 fn save_fit(
     members: &[ModelInfo],
@@ -673,15 +673,7 @@ fn save_fit(
         dev_accuracy,
         dev_size,
     };
-    let show = |values: &[f64]| {
-        fitted
-            .models
-            .iter()
-            .zip(values)
-            .map(|(m, w)| format!("{m}={w:.3}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let show = |values: &[f64]| per_member(&fitted.models, values, ", ");
     trace(
         None,
         "fit",
