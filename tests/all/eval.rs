@@ -319,6 +319,61 @@ async fn option_mode_scores_option_texts_and_option_fusion_of_one_member_agrees(
     }
 }
 
+#[tokio::test]
+async fn one_module_runs_under_two_labelled_settings_in_one_report() {
+    let mut c = config();
+    c.mcq = McqMode::Option;
+    c.strategies = vec!["option-fusion".into(), "option-fusion@smol".into()];
+    // The variant scores with SmolLM2 alone; the plain run with every member.
+    c.strategy_config = [("smol.models".to_string(), SMOL.to_string())].into();
+    let rep = tessera::eval::run(runtime(), c.clone(), &Cache::disabled())
+        .await
+        .unwrap();
+    let system = |name: &str| {
+        rep.results.iter().find(|r| r.system == name).unwrap_or_else(|| {
+            panic!(
+                "no {name} in {:?}",
+                rep.results.iter().map(|r| &r.system).collect::<Vec<_>>()
+            )
+        })
+    };
+    let (all, smol) = (system("strategy:option-fusion"), system("strategy:option-fusion@smol"));
+    let member = rep
+        .results
+        .iter()
+        .find(|r| r.member.as_deref() == Some(SMOL) && r.kind == "member")
+        .unwrap();
+    assert_eq!((all.errors, smol.errors), (0, 0), "{:?} {:?}", all.items, smol.items);
+    for ((a, s), m) in all.items.iter().zip(&smol.items).zip(&member.items) {
+        // The variant asks the member list and SmolLM2's scores, and picks
+        // what SmolLM2 picks alone...
+        assert_eq!(s.host_calls, 2, "{s:?}");
+        assert!(s.text.starts_with(&format!("{})", m.text)), "{m:?} vs {s:?}");
+        // ...while the plain run asks every member.
+        assert!(a.host_calls > s.host_calls, "{a:?} vs {s:?}");
+    }
+    // Both are paired against the same references in the one report.
+    assert!(all.vs_best.is_some() && smol.vs_best.is_some());
+
+    // Two runs under one name, or settings for a label no run has, are
+    // refused before any work.
+    let mut twice = c.clone();
+    twice.strategies = vec!["option-fusion".into(), "option-fusion".into()];
+    let err = tessera::eval::run(runtime(), twice, &Cache::disabled())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("`option-fusion` twice") && err.to_string().contains("@LABEL"),
+        "{err}"
+    );
+    let mut stray = c;
+    stray.strategies = vec!["option-fusion".into()];
+    let err = tessera::eval::run(runtime(), stray, &Cache::disabled())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("`smol` names no strategy"), "{err}");
+}
+
 /// The notes of a module's trace steps, in order.
 fn step_notes(steps: &[tessera::ProvenanceEvent]) -> Vec<&str> {
     steps

@@ -57,7 +57,9 @@ pub enum McqMode {
 pub struct EvalConfig {
     /// Task names (see [`crate::tasks::TASKS`]).
     pub tasks: Vec<String>,
-    /// Strategy modules (installed names or paths).
+    /// Strategy modules (installed names or paths), each optionally
+    /// `@label`ed to run one module under several settings (see
+    /// [`Strategy`]).
     pub strategies: Vec<String>,
     /// Test items per task (default: the whole test split).
     pub limit: Option<usize>,
@@ -79,7 +81,8 @@ pub struct EvalConfig {
     /// out to every member, so this many items in flight keep each member's
     /// running batch full (sequences join it at every decode step).
     pub concurrency: usize,
-    /// Hyperparameters for every strategy (`key=value`).
+    /// Hyperparameters (`key=value`): a plain key for every strategy,
+    /// `LABEL.key` for the strategy of that label (see [`Strategy`]).
     pub strategy_config: BTreeMap<String, String>,
     /// Also run every strategy over sub-pools of size 1..N.
     pub scaling: bool,
@@ -550,7 +553,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
         }
         None => (monolith(&members), None, None),
     };
-    let modules = load_strategies(rt, &config.strategies)?;
+    let strategies = load_strategies(rt, &config.strategies, &config.strategy_config)?;
     let tasks = load_tasks(rt, &config.tasks)?;
     let eval = Evaluation {
         rt,
@@ -561,7 +564,7 @@ pub async fn run(rt: &Runtime, config: EvalConfig, cache: &Cache) -> Result<Repo
         monolith,
         held_out,
         strategy_members,
-        modules,
+        strategies,
     };
     let mut out = Outcomes::default();
     for task in &tasks {
@@ -605,26 +608,109 @@ fn monolith(members: &[ModelCard]) -> String {
         .unwrap_or_default()
 }
 
-/// Loads the strategy modules named by `--strategies`, refusing any module
-/// of another world.
-fn load_strategies(rt: &Runtime, strategies: &[String]) -> Result<Vec<Arc<crate::sandbox::Module>>, Error> {
-    strategies
-        .iter()
-        .map(|s| {
-            let m = rt.load_module(s)?;
-            // A router, judge or aggregator is one stage of a pipeline, not
-            // a whole system: refuse it before any work rather than report
-            // it as a strategy that failed every item.
-            if m.manifest.world != crate::policy::World::Strategy {
-                return Err(Error::config(format!(
-                    "`{s}` is a {:?} module, not a strategy: --strategies takes strategy modules; \
-                     use it as a stage of a pipeline (`tessera run --pipeline`) instead",
-                    m.manifest.world
-                )));
+/// One strategy of an evaluation: a module under the name its systems carry
+/// in the report, with the settings it runs under.
+///
+/// One module may appear several times under different settings (a
+/// *variant*: `--strategies option-fusion,option-fusion@cal --set
+/// cal.calibrate=fit`), so that a report compares them on the same items,
+/// paired, instead of one report per setting compared by hand afterwards.
+pub struct Strategy {
+    /// The module.
+    pub module: Arc<crate::sandbox::Module>,
+    /// `module@label` for a labelled variant, else the module's name: the
+    /// report's system is `strategy:<name>`.
+    pub name: String,
+    /// The settings handed to `fit` and every request: the shared `--set`
+    /// keys with this strategy's own (`LABEL.KEY`) over them.
+    pub config: BTreeMap<String, String>,
+}
+
+/// Splits a `--strategies` entry into the module spec and its `@label`.
+/// Only a suffix that is a label (letters, digits, `-`, `_`) is one, so that
+/// a path with an `@` in a folder name still loads.
+fn split_label(spec: &str) -> (&str, Option<&str>) {
+    match spec.rsplit_once('@') {
+        Some((m, l))
+            if !m.is_empty()
+                && !l.is_empty()
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+        {
+            (m, Some(l))
+        }
+        _ => (spec, None),
+    }
+}
+
+/// Each strategy's settings: every key of `shared` without a scope applies
+/// to all; `SCOPE.KEY` applies only to the strategy whose scope (its label,
+/// or the module's name when it has none) is `SCOPE`, over a shared `KEY`.
+/// A scope that names no strategy is refused rather than silently dropped.
+fn scoped_configs(scopes: &[&str], shared: &BTreeMap<String, String>) -> Result<Vec<BTreeMap<String, String>>, Error> {
+    let mut out: Vec<BTreeMap<String, String>> = vec![BTreeMap::new(); scopes.len()];
+    let mut scoped: Vec<(usize, &str, &str)> = Vec::new();
+    for (k, v) in shared {
+        match k.split_once('.') {
+            Some((scope, key)) => {
+                let Some(i) = scopes.iter().position(|s| *s == scope) else {
+                    return Err(Error::config(format!(
+                        "--set {k}={v}: `{scope}` names no strategy of this run ({}); a key for one \
+                         strategy is LABEL.KEY, where LABEL is its @label or, without one, its module's name",
+                        scopes.join(", ")
+                    )));
+                };
+                scoped.push((i, key, v));
             }
-            Ok(m)
-        })
-        .collect()
+            None => {
+                for c in &mut out {
+                    c.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    for (i, k, v) in scoped {
+        out[i].insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// Loads the strategy modules named by `--strategies`, refusing any module
+/// of another world and two strategies under one name, and gives each its
+/// settings (see [`scoped_configs`]).
+fn load_strategies(rt: &Runtime, specs: &[String], shared: &BTreeMap<String, String>) -> Result<Vec<Strategy>, Error> {
+    let mut loaded = Vec::new();
+    for spec in specs {
+        let (path, label) = split_label(spec);
+        let m = rt.load_module(path)?;
+        // A router, judge or aggregator is one stage of a pipeline, not
+        // a whole system: refuse it before any work rather than report
+        // it as a strategy that failed every item.
+        if m.manifest.world != crate::policy::World::Strategy {
+            return Err(Error::config(format!(
+                "`{path}` is a {:?} module, not a strategy: --strategies takes strategy modules; \
+                 use it as a stage of a pipeline (`tessera run --pipeline`) instead",
+                m.manifest.world
+            )));
+        }
+        let (name, scope) = match label {
+            Some(l) => (format!("{}@{l}", m.manifest.name), l.to_string()),
+            None => (m.manifest.name.clone(), m.manifest.name.clone()),
+        };
+        if loaded.iter().any(|(n, _, _): &(String, String, _)| *n == name) {
+            return Err(Error::config(format!(
+                "--strategies names `{name}` twice: give each run of one module its own label \
+                 (`{path}@LABEL`) and its settings with --set LABEL.KEY=VALUE"
+            )));
+        }
+        loaded.push((name, scope, m));
+    }
+    let scopes: Vec<&str> = loaded.iter().map(|(_, s, _)| s.as_str()).collect();
+    let configs = scoped_configs(&scopes, shared)?;
+    Ok(loaded
+        .into_iter()
+        .zip(configs)
+        .map(|((name, _, module), config)| Strategy { module, name, config })
+        .collect())
 }
 
 /// Loads every task named, with its data; a task that cannot be loaded is a
@@ -787,7 +873,7 @@ struct Evaluation<'a> {
     /// member but it. `None`: the whole pool.
     strategy_members: Option<Vec<String>>,
     /// The strategies.
-    modules: Vec<Arc<crate::sandbox::Module>>,
+    strategies: Vec<Strategy>,
 }
 
 impl Evaluation<'_> {
@@ -884,13 +970,12 @@ impl Evaluation<'_> {
         let all_fail = all_fail(singles, test.len());
         let n_fail = all_fail.iter().filter(|x| **x).count();
         let mut results = Vec::new();
-        for module in &self.modules {
-            let name = module.manifest.name.clone();
+        for strategy in &self.strategies {
             let (out, fit_error) = strategy_on(
                 self.rt,
                 self.cache,
                 &self.mp,
-                module,
+                strategy,
                 task.info.name,
                 dev,
                 test,
@@ -900,7 +985,7 @@ impl Evaluation<'_> {
             .await?;
             let emergent = out.iter().zip(&all_fail).filter(|(r, f)| **f && r.score >= 0.5).count();
             let mut s = summarize(
-                format!("strategy:{name}"),
+                format!("strategy:{}", strategy.name),
                 "strategy",
                 None,
                 task.info.name,
@@ -942,12 +1027,12 @@ impl Evaluation<'_> {
             sweeps.push((subs, &mut out.diversity));
         }
         for (subs, into) in sweeps {
-            for module in &self.modules {
+            for strategy in &self.strategies {
                 let ctx = SweepCtx {
                     rt: self.rt,
                     cache: self.cache,
                     mp: &self.mp,
-                    module,
+                    strategy,
                     task: task.info.name,
                     dev,
                     test,
@@ -968,20 +1053,20 @@ async fn strategy_on(
     rt: &Runtime,
     cache: &Cache,
     mp: &MultiProgress,
-    module: &Arc<crate::sandbox::Module>,
+    strategy: &Strategy,
     task: &str,
     dev: &[crate::request::Example],
     test: &[Item],
     cfg: &EvalConfig,
     members: Option<&[String]>,
 ) -> Result<(Vec<ItemResult>, Option<String>), Error> {
-    let name = &module.manifest.name;
+    let (module, name) = (&strategy.module, &strategy.name);
     let mut fit_error = None;
     let fit_key = cache::key(&(
         "fit/3",
         &module.sha256,
         &module.manifest,
-        &cfg.strategy_config,
+        &strategy.config,
         visible_pool(rt, members),
         dev.iter().map(|e| (&e.input, &e.answer)).collect::<Vec<_>>(),
     ));
@@ -990,7 +1075,7 @@ async fn strategy_on(
         None => {
             let b = bar(mp, cfg.progress, 1, format!("{task} · fit {name}"));
             match rt
-                .fit_with_members(module, dev.to_vec(), cfg.strategy_config.clone(), members)
+                .fit_with_members(module, dev.to_vec(), strategy.config.clone(), members)
                 .await
             {
                 Ok(_) => {
@@ -1020,7 +1105,7 @@ async fn strategy_on(
             let b = b.clone();
             let state = &state;
             async move {
-                let r = strategy_answer(rt, cache, module, state, item, cfg, members).await;
+                let r = strategy_answer(rt, cache, strategy, state, item, cfg, members).await;
                 b.inc(1);
                 r
             }
@@ -1186,7 +1271,7 @@ struct SweepCtx<'a> {
     rt: &'a Runtime,
     cache: &'a Cache,
     mp: &'a MultiProgress,
-    module: &'a Arc<crate::sandbox::Module>,
+    strategy: &'a Strategy,
     task: &'a str,
     dev: &'a [crate::request::Example],
     test: &'a [Item],
@@ -1204,7 +1289,7 @@ impl SweepCtx<'_> {
                 self.rt,
                 self.cache,
                 self.mp,
-                self.module,
+                self.strategy,
                 self.task,
                 self.dev,
                 self.test,
@@ -1220,7 +1305,7 @@ impl SweepCtx<'_> {
             )
             .map_or(0.0, |s| s.accuracy);
             points.push(ScalingPoint {
-                system: format!("strategy:{}", self.module.manifest.name),
+                system: format!("strategy:{}", self.strategy.name),
                 task: self.task.to_string(),
                 diversity: diversity_of(sub, &cards),
                 members: sub.clone(),
@@ -1273,12 +1358,13 @@ fn module_own_failure(error: &str) -> bool {
 async fn strategy_answer(
     rt: &Runtime,
     cache: &Cache,
-    module: &Arc<crate::sandbox::Module>,
+    strategy: &Strategy,
     state: &Option<Vec<u8>>,
     item: &Item,
     cfg: &EvalConfig,
     members: Option<&[String]>,
 ) -> ItemResult {
+    let module = &strategy.module;
     let max_tokens = cfg.max_tokens.unwrap_or(default_max_tokens(item.metric));
     let input = Input::Chat(vec![Message::user(item.prompt())]);
     let key = cache::key(&(
@@ -1286,7 +1372,7 @@ async fn strategy_answer(
         visible_pool(rt, members),
         &module.sha256,
         &module.manifest,
-        &cfg.strategy_config,
+        &strategy.config,
         state,
         &input,
         max_tokens,
@@ -1301,7 +1387,7 @@ async fn strategy_answer(
     let mut req = RunRequest {
         input,
         params: GenParams::default(),
-        config: cfg.strategy_config.clone(),
+        config: strategy.config.clone(),
     };
     req.params.max_tokens = Some(max_tokens);
     req.params.seed = Some(cfg.seed);
@@ -1373,6 +1459,46 @@ mod tests {
         assert_eq!(best.as_deref(), Some("b"), "the earlier of two equal dev scores");
         assert_eq!(best_on_dev(&singles[2..]).map(|s| s.accuracy), Some(0.3));
         assert!(best_on_dev(&[]).is_none());
+    }
+
+    #[test]
+    fn a_label_is_a_plain_suffix_after_the_last_at() {
+        assert_eq!(split_label("option-fusion@cal"), ("option-fusion", Some("cal")));
+        assert_eq!(split_label("option-fusion"), ("option-fusion", None));
+        assert_eq!(split_label("/tmp/a@b/m.wasm@v_2"), ("/tmp/a@b/m.wasm", Some("v_2")));
+        // Not a label: a path whose folder holds an `@`, an empty label.
+        assert_eq!(split_label("/tmp/a@b/m.wasm"), ("/tmp/a@b/m.wasm", None));
+        assert_eq!(split_label("m@"), ("m@", None));
+        assert_eq!(split_label("@x"), ("@x", None));
+    }
+
+    #[test]
+    fn scoped_settings_win_over_shared_ones_for_their_strategy_only() {
+        let shared: BTreeMap<String, String> = [("calibrate", "none"), ("seed", "3"), ("cal.calibrate", "fit")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let c = scoped_configs(&["option-fusion", "cal"], &shared).expect("scopes known");
+        assert_eq!(c[0].get("calibrate").map(String::as_str), Some("none"));
+        assert_eq!(c[1].get("calibrate").map(String::as_str), Some("fit"));
+        assert_eq!(
+            c[1].get("seed").map(String::as_str),
+            Some("3"),
+            "shared keys reach every strategy"
+        );
+        assert!(
+            c.iter().all(|c| !c.contains_key("cal.calibrate")),
+            "scoped keys are not passed on raw"
+        );
+        // Without scoped keys every strategy gets the shared settings as
+        // they are: the cache keys of runs without variants do not change.
+        let plain: BTreeMap<String, String> = [("k".to_string(), "v".to_string())].into();
+        assert_eq!(
+            scoped_configs(&["a", "b"], &plain).expect("plain"),
+            vec![plain.clone(), plain]
+        );
+        let e = scoped_configs(&["a"], &shared).expect_err("`cal` names no strategy");
+        assert!(e.to_string().contains("`cal` names no strategy"), "{e}");
     }
 
     fn card(id: &str, arch: &str, contributor: &str) -> ModelCard {

@@ -104,7 +104,10 @@ struct EvalArgs {
     /// Tasks, comma-separated (see `tessera tasks list`).
     #[arg(long, value_delimiter = ',', default_value = "arc-easy")]
     tasks: Vec<String>,
-    /// Strategy modules, comma-separated (installed names or paths).
+    /// Strategy modules, comma-separated (installed names or paths). One
+    /// module may run under several settings in one report: label each run
+    /// `MODULE@LABEL` (its system is `strategy:MODULE@LABEL`) and give it
+    /// its own settings with `--set LABEL.KEY=VALUE`.
     #[arg(long, value_delimiter = ',')]
     strategies: Vec<String>,
     /// Test items per task (default: the whole test split).
@@ -133,7 +136,9 @@ struct EvalArgs {
     /// fill].
     #[arg(long)]
     concurrency: Option<usize>,
-    /// Hyperparameter for every strategy, `key=value` (repeatable).
+    /// Hyperparameter, `KEY=VALUE` for every strategy or `LABEL.KEY=VALUE`
+    /// for one (its `@label`, or its module's name when it has none),
+    /// which wins over a shared KEY (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Where to write report.json, report.md and the plots.
