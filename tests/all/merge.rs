@@ -121,6 +121,70 @@ async fn a_ties_merge_of_two_specialists_knows_what_each_learned() {
 }
 
 #[test]
+fn a_merge_told_to_stop_gives_up_between_tensors_and_writes_nothing() {
+    use tessera::merge::{MergeError, MergeSpec, Method};
+    let dir = mergekit_dir();
+    let out = scratch("merge-cancelled");
+    let _removed = crate::common::RemovedAfter(out.clone());
+    let target = out.join("linear");
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    // Stop when asked the third time: after two tensors.
+    let stop = || asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 2;
+    let models = [dir.join("m1"), dir.join("m2")];
+    let names = ["a".to_string(), "b".to_string()];
+    let err = tessera::merge::merge_until(
+        &tessera::merge::compute::Cpu,
+        &models,
+        None,
+        &names,
+        &MergeSpec::new(Method::Linear),
+        Default::default(),
+        &target,
+        &stop,
+    )
+    .unwrap_err();
+    assert_eq!(err, MergeError::Cancelled);
+    assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 3);
+    assert!(!target.exists(), "a cancelled merge leaves no folder behind");
+}
+
+/// A merge a module asked for stops when its request ends: the future is
+/// dropped (as a deadline or a client that left drops it), the blocking
+/// merge sees that between tensors and gives the merge turn back, so a
+/// merge for nobody does not hold a core and the turn to its end.
+#[tokio::test]
+async fn a_merge_whose_request_ended_stops_and_frees_the_turn() {
+    use tessera::merge::{MergeSpec, Merger, Method, PoolMerger};
+    crate::common::smol_base();
+    let merger = PoolMerger::new(PoolConfig::default_pool(), tessera::Paths::from_env().models, 1, 0);
+    let both = || vec![SMOL.to_string(), SMOL.to_string()];
+    let gone = tokio::time::timeout(
+        Duration::from_millis(20),
+        merger.merge(both(), None, MergeSpec::new(Method::Linear)),
+    )
+    .await;
+    assert!(gone.is_err(), "a merge of two SmolLM2 copies takes longer than 20 ms");
+    // The next merge waits for the turn, so once it answers the first one
+    // has ended. SLERP of three is refused as soon as it gets the turn.
+    let refused = merger.merge(
+        both().into_iter().chain([SMOL.to_string()]).collect(),
+        None,
+        MergeSpec::new(Method::Slerp { t: 0.5 }),
+    );
+    let err = tokio::time::timeout(Duration::from_secs(600), refused)
+        .await
+        .expect("the turn comes back")
+        .err()
+        .expect("three models are refused for SLERP");
+    assert!(err.to_string().contains("exactly two"), "{err}");
+    assert_eq!(
+        merger.merges_cancelled(),
+        1,
+        "the abandoned merge stopped between tensors"
+    );
+}
+
+#[test]
 fn merges_that_cannot_work_are_refused_by_name() {
     let dir = scratch("merge-bad");
     let _removed = crate::common::RemovedAfter(dir.clone());

@@ -21,12 +21,13 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
-use super::{merge_on, KeepRefused, MergeError, MergeFailed, MergeSpec, Merged, Merger, Named};
+use super::{merge_until, KeepRefused, MergeError, MergeFailed, MergeSpec, Merged, Merger, Named};
 use crate::inference::Models;
 use crate::model_folder::WEIGHTS;
 use crate::pool::{BackendKind, CardConfig, MemberConfig, Pool, PoolConfig};
@@ -67,12 +68,30 @@ struct Inner {
     /// `gate` inside a blocking task would merge for nobody later, so
     /// requests that end early could pile up merges that outlive them.
     turn: Arc<tokio::sync::Mutex<()>>,
+    /// Merges given up between tensors because their request ended.
+    cancelled: AtomicUsize,
     /// Where merges compute, and how merged members load.
     compute: super::compute::Choice,
     pool_options: crate::pool::PoolOptions,
 }
 
+/// Raises its flag when dropped: held by a merge's future, so that the
+/// blocking merge learns that nobody waits for it any more.
+struct RaiseOnDrop(Arc<AtomicBool>);
+
+impl Drop for RaiseOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 impl PoolMerger {
+    /// How many merges stopped between tensors because the request that
+    /// asked for them ended first (its deadline, its client gone).
+    pub fn merges_cancelled(&self) -> usize {
+        self.0.cancelled.load(Ordering::Relaxed)
+    }
+
     /// A merger for `config`'s members under `models_dir`; keeps up to
     /// `keep` merged members loaded for reuse, and up to `max_named` kept
     /// by name when modules ask ([`Merger::keep`]).
@@ -93,6 +112,7 @@ impl PoolMerger {
             named: Mutex::new(Vec::new()),
             gate: Mutex::new(()),
             turn: Arc::new(tokio::sync::Mutex::new(())),
+            cancelled: AtomicUsize::new(0),
             compute: super::compute::Choice::Auto,
             pool_options: crate::pool::PoolOptions::default(),
         }))
@@ -126,6 +146,7 @@ impl Inner {
         models: Vec<String>,
         base: Option<String>,
         spec: MergeSpec,
+        stop: &dyn Fn() -> bool,
     ) -> Result<(Arc<Pool>, u64), MergeFailed> {
         let host = |what: &Path, e: std::io::Error| MergeFailed::Host(format!("{}: {e}", what.display()));
         let _gate = self
@@ -170,7 +191,7 @@ impl Inner {
         let _ = std::fs::remove_dir_all(&out);
         let result = (|| {
             let compute = super::compute::shared(self.compute).map_err(|e| MergeFailed::Host(e.to_string()))?;
-            let report = merge_on(
+            let report = merge_until(
                 compute.as_ref(),
                 &dirs,
                 base_dir.as_deref(),
@@ -178,9 +199,14 @@ impl Inner {
                 &spec,
                 card.clone(),
                 &out,
+                stop,
             )
             .map_err(|e| match e {
                 MergeError::Io(_) => MergeFailed::Host(e.to_string()),
+                MergeError::Cancelled => {
+                    self.cancelled.fetch_add(1, Ordering::Relaxed);
+                    MergeFailed::Host(e.to_string())
+                }
                 _ => MergeFailed::Invalid(e.to_string()),
             })?;
             let member = MemberConfig {
@@ -301,11 +327,16 @@ impl Merger for PoolMerger {
         }
         let inner = self.0.clone();
         Box::pin(async move {
+            // Dropping this future (the request ended) raises the flag,
+            // which the blocking merge reads between tensors.
+            let abandoned = Arc::new(AtomicBool::new(false));
+            let _raise = RaiseOnDrop(abandoned.clone());
             let turn = inner.turn.clone().lock_owned().await;
             tokio::task::spawn_blocking(move || {
                 let _turn = turn;
+                let stop = || abandoned.load(Ordering::Relaxed);
                 inner
-                    .build(key, id.clone(), models, base, spec)
+                    .build(key, id.clone(), models, base, spec, &stop)
                     .map(|(p, bytes)| Merged {
                         id,
                         models: p as Arc<dyn Models>,

@@ -44,6 +44,10 @@ pub enum MergeError {
     /// Reading or writing failed.
     #[error("{0}")]
     Io(String),
+    /// Stopped between tensors because nobody waits for the result any
+    /// more (see [`merge_until`]); nothing was written.
+    #[error("the merge was cancelled: the request that asked for it has ended")]
+    Cancelled,
 }
 
 /// What [`merge`] wrote.
@@ -225,6 +229,27 @@ pub fn merge_on(
     card: CardConfig,
     out: &Path,
 ) -> Result<MergeReport, MergeError> {
+    merge_until(compute, models, base, names, spec, card, out, &|| false)
+}
+
+/// [`merge_on`] that asks `stop` before each tensor and gives up with
+/// [`MergeError::Cancelled`] when it says so: a merge a module asked for
+/// runs on a blocking thread that outlives the request, so without this a
+/// request that ended (its deadline passed, its client left) would keep a
+/// core and the one-at-a-time merge turn for the whole merge. The output
+/// folder is written only after the last tensor, so a cancelled merge
+/// leaves nothing behind.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_until(
+    compute: &dyn compute::Compute,
+    models: &[PathBuf],
+    base: Option<&Path>,
+    names: &[String],
+    spec: &MergeSpec,
+    card: CardConfig,
+    out: &Path,
+    stop: &dyn Fn() -> bool,
+) -> Result<MergeReport, MergeError> {
     let weights = check(spec, models.len(), base.is_some())?;
     let mut loaded = Vec::new();
     for m in models {
@@ -277,6 +302,9 @@ pub fn merge_on(
     let mut parameters = 0;
     let err = |e: candle_core::Error| MergeError::Io(e.to_string());
     for (name, dims) in sorted {
+        if stop() {
+            return Err(MergeError::Cancelled);
+        }
         // Present in every model: checked above.
         let xs = loaded
             .iter()
