@@ -23,6 +23,82 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// [`sha256_file`], remembered across processes: the digest of `path` is
+/// kept in `memo_dir` with the file's identity (device, inode, length,
+/// modification and change times), and a later call whose file still has
+/// that identity gets the digest back without reading the file again.
+///
+/// Loading a pool checks every member's weights against its declared
+/// digest, which on this project's members (0.1-1.1 GB) costs 0.3-2.5 s per
+/// load, paid again by every process and test that loads the pool although
+/// the files have not changed since set-up. Any write to the file changes
+/// its change time (`ctime`), which user code cannot set back, so a file
+/// altered after it was verified is read and hashed again; replacing it
+/// changes the inode. The memo is only a cache: a missing, unreadable or
+/// unwritable one means hashing the file, never an error.
+pub fn sha256_file_remembered(path: &Path, memo_dir: &Path) -> std::io::Result<String> {
+    let Some(id) = identity(path)? else {
+        return sha256_file(path);
+    };
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let key = hex::encode(Sha256::digest(abs.to_string_lossy().as_bytes()));
+    let memo = memo_dir.join(format!("{}.json", &key[..32]));
+    if let Ok(text) = std::fs::read_to_string(&memo) {
+        if let Ok(m) = serde_json::from_str::<Remembered>(&text) {
+            if m.identity == id && m.path == abs.to_string_lossy() {
+                return Ok(m.sha256);
+            }
+        }
+    }
+    let sha256 = sha256_file(path)?;
+    // Remembered only if the file did not change while it was read.
+    if identity(path)?.as_ref() == Some(&id) {
+        let record = Remembered {
+            path: abs.to_string_lossy().into_owned(),
+            identity: id,
+            sha256: sha256.clone(),
+        };
+        if let Ok(text) = serde_json::to_vec(&record) {
+            let _ = std::fs::create_dir_all(memo_dir).and_then(|_| write_atomic(&memo, &text, Durability::Cache));
+        }
+    }
+    Ok(sha256)
+}
+
+/// What [`sha256_file_remembered`] keeps per file.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Remembered {
+    path: String,
+    identity: [u64; 6],
+    sha256: String,
+}
+
+/// Device, inode, length, and modification and change times in
+/// nanoseconds: what changes when a file is written or replaced. `None`
+/// where the platform does not give them (the digest is then not
+/// remembered).
+fn identity(path: &Path) -> std::io::Result<Option<[u64; 6]>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        let ns = |s: i64, n: i64| (s as u64).wrapping_mul(1_000_000_000).wrapping_add(n as u64);
+        Ok(Some([
+            m.dev(),
+            m.ino(),
+            m.len(),
+            ns(m.mtime(), m.mtime_nsec()),
+            ns(m.ctime(), m.ctime_nsec()),
+            u64::from(m.mode()),
+        ]))
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::metadata(path)?;
+        Ok(None)
+    }
+}
+
 /// How hard [`write_atomic`] works for the new file to survive a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -131,6 +207,38 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, FileE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remembered_digest_is_reused_until_the_file_changes() {
+        let dir = std::env::temp_dir().join(format!("tessera-remembered-{}", std::process::id()));
+        let memo = dir.join("memo");
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("w.bin");
+        std::fs::write(&f, b"weights one").unwrap();
+        let first = sha256_file_remembered(&f, &memo).unwrap();
+        assert_eq!(first, sha256_file(&f).unwrap());
+        let records: Vec<_> = std::fs::read_dir(&memo).unwrap().collect();
+        assert_eq!(records.len(), 1, "one record per file");
+        // The record is what answers while the file is unchanged: plant a
+        // different digest in it and it comes back.
+        let record = records[0].as_ref().unwrap().path();
+        let planted = std::fs::read_to_string(&record)
+            .unwrap()
+            .replace(&first, &"0".repeat(64));
+        std::fs::write(&record, planted).unwrap();
+        assert_eq!(sha256_file_remembered(&f, &memo).unwrap(), "0".repeat(64));
+        // A write of the same length (a corrupted or swapped file) changes
+        // the file's change time: it is hashed again.
+        std::fs::write(&f, b"weights two").unwrap();
+        let again = sha256_file_remembered(&f, &memo).unwrap();
+        assert_eq!(again, sha256_file(&f).unwrap());
+        assert_ne!(again, first);
+        // A memo folder that cannot be written is no error.
+        let blocked = dir.join("not-a-dir");
+        std::fs::write(&blocked, b"x").unwrap();
+        assert_eq!(sha256_file_remembered(&f, &blocked).unwrap(), again);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn an_atomic_write_replaces_and_leaves_no_temporary_file() {

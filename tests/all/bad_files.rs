@@ -84,6 +84,28 @@ fn one_bad_member_does_not_stop_the_pool() {
     assert!(msg.contains("junk") && msg.contains("junk.gguf"), "{msg}");
 }
 
+/// Digests are remembered between loads (an unchanged file is not read
+/// again), but a file written after it was verified is hashed anew and
+/// refused when it no longer matches.
+#[test]
+fn a_member_file_changed_after_it_was_verified_is_refused() {
+    let dir = scratch("changed-member");
+    std::fs::write(dir.join("w.gguf"), b"junk").unwrap();
+    let toml = format!(
+        "[[member]]\nid='w'\nbackend='gguf'\npath='w.gguf'\nsha256='{}'\n[member.card]\ncontributor='c'\ndescription='d'\nlicense='l'\n",
+        hex_sha(b"junk")
+    );
+    let cfg = PoolConfig::from_toml(&toml).unwrap();
+    // The digest matches (and is remembered); the file is no GGUF.
+    let first = Pool::load(&cfg, &dir).failures[0].to_string();
+    assert!(!first.contains("sha256") && first.contains("w.gguf"), "{first}");
+    assert_eq!(std::fs::read_dir(dir.join(".verified")).unwrap().count(), 1);
+    // Same length, other bytes: caught although the memo says it matched.
+    std::fs::write(dir.join("w.gguf"), b"JUNK").unwrap();
+    let second = Pool::load(&cfg, &dir).failures[0].to_string();
+    assert!(second.contains(&hex_sha(b"JUNK")), "{second}");
+}
+
 fn hex_sha(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))

@@ -211,7 +211,7 @@ pub fn fetch_member(
         return Ok(Fetched::Remote);
     }
     let full = models_dir.join(&m.path);
-    if verify(m, &full).is_ok() {
+    if verify(m, &full, models_dir).is_ok() {
         return Ok(Fetched::AlreadyPresent);
     }
     let spec = m.fetch.as_ref().ok_or_else(|| {
@@ -281,7 +281,7 @@ pub fn fetch_member(
         std::fs::rename(&part, &dest).map_err(|e| fail(&m.id, format!("{}: {e}", dest.display())))?;
     }
     bar.finish_and_clear();
-    verify(m, &full)?;
+    verify(m, &full, models_dir)?;
     Ok(Fetched::Installed)
 }
 

@@ -376,9 +376,16 @@ pub struct Loaded {
     pub failures: Vec<PoolError>,
 }
 
-pub(crate) use crate::files::sha256_file;
+/// Where [`verify`] remembers the digests of files it has checked (see
+/// [`crate::files::sha256_file_remembered`]).
+pub(crate) fn verified_memo(models_dir: &Path) -> PathBuf {
+    models_dir.join(".verified")
+}
 
-fn verify(m: &MemberConfig, full: &Path) -> Result<(), PoolError> {
+/// Checks a member's weights against its declared digest; `models_dir`
+/// holds the memo of files verified before, so an unchanged file is not
+/// read again.
+fn verify(m: &MemberConfig, full: &Path, models_dir: &Path) -> Result<(), PoolError> {
     let hashed = match &m.sha256_file {
         Some(inner) => full.join(inner),
         None => full.to_path_buf(),
@@ -389,10 +396,11 @@ fn verify(m: &MemberConfig, full: &Path) -> Result<(), PoolError> {
             path: hashed.display().to_string(),
         });
     }
-    let actual = sha256_file(&hashed).map_err(|e| PoolError::Load {
-        id: m.id.clone(),
-        message: format!("{}: cannot read: {e}", hashed.display()),
-    })?;
+    let actual =
+        crate::files::sha256_file_remembered(&hashed, &verified_memo(models_dir)).map_err(|e| PoolError::Load {
+            id: m.id.clone(),
+            message: format!("{}: cannot read: {e}", hashed.display()),
+        })?;
     if !actual.eq_ignore_ascii_case(&m.sha256) {
         return Err(PoolError::Checksum {
             id: m.id.clone(),
@@ -420,7 +428,7 @@ fn load_member(
     memory: MemberMemory,
 ) -> Result<(Backend, ModelCard), PoolError> {
     let full = models_dir.join(&m.path);
-    verify(m, &full)?;
+    verify(m, &full, models_dir)?;
     let load_err = |e: &dyn std::fmt::Display| PoolError::Load {
         id: m.id.clone(),
         message: e.to_string(),
