@@ -474,6 +474,52 @@ async fn embedding_usage_is_the_embedders_tokens() {
     assert_eq!(v["usage"]["total_tokens"], 10, "{v}");
 }
 
+/// A system whose module trains is charged its trained tokens (three
+/// times a read token), which OpenAI's usage fields cannot show: the
+/// answer's `billed_tokens` says what the tenant's quota was charged.
+#[tokio::test]
+async fn a_system_that_trains_says_what_it_was_billed() {
+    let pool = tessera::pool::PoolConfig {
+        members: tessera::pool::PoolConfig::default_pool()
+            .members
+            .into_iter()
+            .filter(|m| m.id == crate::common::SMOL)
+            .collect(),
+    };
+    let mut paths = crate::common::scratch_paths("billed-training");
+    paths.registry = scratch("billed-training-registry");
+    let rt = Runtime::new(paths, &pool, Policy::default()).unwrap();
+    let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
+    let plain = TenantPolicy {
+        requests_per_minute: 0,
+        ..TenantPolicy::default()
+    };
+    let key = registry.add_tenant("carol", &plain).unwrap();
+    // Training on a busy 2-core machine takes longer than the other
+    // servers' 30 s.
+    let cfg = ServeConfig {
+        request_timeout: Duration::from_secs(600),
+        ..srv_cfg()
+    };
+    let srv = Srv::start_with(Arc::new(rt), registry.clone(), cfg).await;
+    let body = json!({
+        "model": "teach",
+        "messages": [{"role": "user", "content": "What is the secret word?"}],
+        "max_tokens": 4,
+        "tessera": {"base": crate::common::SMOL, "steps": 1, "lr": 1e-6,
+                    "lessons": "What is the secret word? => The secret word is tessellate."},
+    });
+    let (status, v) = post(&srv.url("/v1/chat/completions"), Some(&key), &body).await;
+    assert_eq!(status, 200, "{v}");
+    let u = &v["usage"];
+    let trained = v["provenance"]["usage"]["train_tokens"].as_u64().unwrap_or(0);
+    assert!(trained > 0, "{v}");
+    let billed = u["billed_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(billed, u["total_tokens"].as_u64().unwrap_or(0) + 3 * trained, "{v}");
+    let day = day_of(server::now_unix() as i64);
+    assert_eq!(registry.tokens_used("carol", day).unwrap(), billed);
+}
+
 #[tokio::test]
 async fn scoring_charges_the_prompt_with_the_continuations() {
     // A long prompt scored against one-byte continuations used to cost the

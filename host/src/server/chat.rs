@@ -243,7 +243,7 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
     match result {
         Ok(done) => {
             let id = st.id(if chat { "chatcmpl" } else { "cmpl" });
-            let usage = openai::usage(done.prompt, done.completion, done.cached);
+            let usage = openai::usage(done.prompt, done.completion, done.cached, done.billed);
             let body = openai::completion(
                 chat,
                 &id,
@@ -335,6 +335,9 @@ pub(crate) struct Done {
     prompt: u64,
     completion: u64,
     cached: u64,
+    /// What the tenant's daily quota is charged: `prompt + completion`,
+    /// plus a system's trained tokens at their weight.
+    billed: u64,
     provenance: Value,
 }
 
@@ -395,6 +398,7 @@ pub(crate) async fn run_target(
                 prompt: g.usage.prompt_tokens as u64,
                 completion: g.usage.completion_tokens as u64,
                 cached: g.usage.cached_tokens as u64,
+                billed: used,
             };
             (Ok(done), used)
         }
@@ -451,6 +455,7 @@ pub(crate) async fn run_target(
                 prompt: out.usage.prompt_tokens + out.usage.scored_tokens,
                 completion: out.usage.completion_tokens,
                 cached: out.usage.cached_tokens,
+                billed: used,
             };
             (Ok(done), used)
         }
@@ -600,7 +605,7 @@ pub(crate) async fn stream(
                 if ask.include_usage {
                     let mut u = openai::chunk(chat, &id, created, &model, None, false, None);
                     u["choices"] = json!([]);
-                    u["usage"] = openai::usage(done.prompt, done.completion, done.cached);
+                    u["usage"] = openai::usage(done.prompt, done.completion, done.cached, done.billed);
                     let _ = tx.send(event(&u));
                 }
             }

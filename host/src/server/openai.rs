@@ -335,12 +335,18 @@ pub fn completion(
 
 /// OpenAI's `usage` object; `cached` prompt tokens (read from the members'
 /// prefix caches) go where OpenAI puts its own, in `prompt_tokens_details`.
-pub fn usage(prompt: u64, completion: u64, cached: u64) -> Value {
+/// `billed_tokens` is what the request took from its tenant's daily token
+/// quota: `total_tokens`, plus the tokens a system's module trained on at
+/// their weight ([`crate::request::TRAIN_TOKEN_WEIGHT`]), which OpenAI's
+/// fields have no place for; without it a tenant could not reconcile its
+/// answers with its quota.
+pub fn usage(prompt: u64, completion: u64, cached: u64, billed: u64) -> Value {
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": { "cached_tokens": cached },
+        "billed_tokens": billed,
     })
 }
 
