@@ -921,6 +921,49 @@ async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
 }
 
 #[tokio::test]
+async fn a_fan_out_given_up_charges_its_ended_calls_what_they_used() {
+    // majority-vote fans out four samples; `echo` answers two at once,
+    // `slow` holds the other two silently. The client leaves, so the
+    // fan-out is given up with the held calls unfinished: those are charged
+    // as cut calls (their input's bytes / 4: 10 tokens each), and the two
+    // that ended what they reported (3 prompt and 2 completion tokens),
+    // where before every call of a given-up fan-out was charged as cut.
+    let (srv, counts, registry, key) = timed("fanout-gone", Duration::from_secs(20), 4).await;
+    let body = json!({
+        "model": "majority-vote",
+        "messages": [{"role": "user", "content": "hold"}],
+        "max_tokens": 5,
+        "tessera": {"k": 4},
+    });
+    let leaving = reqwest::Client::builder()
+        .timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let sent = leaving
+        .post(srv.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client gave up first: {sent:?}");
+    let used = || {
+        registry
+            .tokens_used("alice", day_of(server::now_unix() as i64))
+            .unwrap()
+    };
+    let started = Instant::now();
+    while used() == 0 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(used(), 2 * 5 + 2 * 10);
+    assert_eq!(
+        counts.slow_tokens.load(Ordering::SeqCst),
+        0,
+        "the held calls generated nothing"
+    );
+}
+
+#[tokio::test]
 async fn a_modules_model_calls_cut_by_the_deadline_are_charged() {
     // majority-vote's sample on `slow` wants 1,000 tokens (20 s); the
     // request may take 1 s. The call is stopped at the deadline and comes

@@ -609,6 +609,8 @@ impl models::Host for RequestState {
         let mut futs = Vec::with_capacity(jobs.len());
         let mut names = Vec::with_capacity(jobs.len());
         let mut bytes = Vec::with_capacity(jobs.len());
+        type Ended = Option<((u32, u32, u32), Duration)>;
+        let ended: Arc<std::sync::Mutex<Vec<Ended>>> = Arc::new(std::sync::Mutex::new(vec![None; jobs.len()]));
         for (j, ok) in jobs.into_iter().zip(known) {
             names.push(j.model.clone());
             let stopped = Arc::new(AtomicBool::new(false));
@@ -628,25 +630,45 @@ impl models::Host for RequestState {
                 let sink = self.stopping(stopped, None);
                 self.models.generate_stream(ctx, &j.model, input, params, sink)
             };
-            // Each job's own latency, not the whole fan-out's.
+            // Each job's own latency, not the whole fan-out's. A job that
+            // ends leaves its usage in `ended` as well, where it is found
+            // if the fan-out is given up before the other jobs end.
+            let ended = ended.clone();
+            let i = futs.len();
             futs.push(async move {
                 let r = fut.await;
-                (r, started.elapsed())
+                let took = started.elapsed();
+                if let Ok(g) = &r {
+                    let u = (g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens);
+                    if let Some(slot) = ended.lock().unwrap_or_else(|e| e.into_inner()).get_mut(i) {
+                        *slot = Some((u, took));
+                    }
+                }
+                (r, took)
             });
         }
         let all = futures::future::join_all(futs);
         let Some(results) = await_call(self.deadline, self.cancel.clone(), all).await else {
-            // Given up with every job: each is charged as one cut (all of
-            // them, even if recording one passes the provenance budget).
+            // Given up (a job did not stop in time): the jobs that ended
+            // are charged what they report, as if the fan-out had ended;
+            // the others, which report nothing, each as one cut. All of
+            // them are recorded, even if one passes the provenance budget.
+            let ended: Vec<_> = ended.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let mut failed = None;
-            for (model, &bytes) in names.iter().zip(&bytes) {
-                let cut = Cut {
-                    call: "generate",
-                    model,
-                    bytes,
-                    started,
+            for ((model, &bytes), ended) in names.iter().zip(&bytes).zip(ended) {
+                let recorded = match ended {
+                    Some(((p, c, k), took)) => {
+                        self.account_generation(p, c);
+                        self.record_model_call("generate", model, (p, c, k), took, "ok")
+                    }
+                    None => self.record_cut(&Cut {
+                        call: "generate",
+                        model,
+                        bytes,
+                        started,
+                    }),
                 };
-                if let Err(e) = self.record_cut(&cut) {
+                if let Err(e) = recorded {
                     failed.get_or_insert(e);
                 }
             }
