@@ -921,6 +921,41 @@ async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
 }
 
 #[tokio::test]
+async fn a_member_chat_stops_where_the_daily_quota_ends() {
+    // Admission lets a tenant in while it has any tokens left today; the
+    // completion may then take only what is left after the prompt, where
+    // before one request with a large max_tokens ran as far past the
+    // quota as it asked.
+    let (rt, counts) = double::runtime("quota-cap", Policy::default());
+    let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
+    let capped = TenantPolicy {
+        requests_per_minute: 0,
+        tokens_per_day: 100,
+        ..TenantPolicy::default()
+    };
+    let key = registry.add_tenant("dave", &capped).unwrap();
+    let srv = Srv::start(Arc::new(rt), registry.clone()).await;
+    let url = srv.url("/v1/chat/completions");
+    let body = json!({"model": "slow", "messages": [{"role": "user", "content": "go"}], "max_tokens": 1000});
+    let (status, v) = post(&url, Some(&key), &body).await;
+    assert_eq!(status, 200, "{v}");
+    // "go" and its turn's template count about 10 tokens; 90 are left.
+    assert_eq!(v["usage"]["completion_tokens"], 90, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(counts.slow_tokens.load(Ordering::SeqCst), 90);
+    let used = registry.tokens_used("dave", day_of(server::now_unix() as i64)).unwrap();
+    assert!(used <= 100, "charged {used} of a 100-token day");
+    // The double charged 1 prompt and 90 completion tokens, so 9 are left:
+    // the same prompt no longer fits, and is refused with the quota's 429
+    // before it reaches the member.
+    let (status, v) = post(&url, Some(&key), &body).await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["code"], "tokens_per_day", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap_or("").contains("9 tokens"), "{v}");
+    assert_eq!(counts.slow_tokens.load(Ordering::SeqCst), 90);
+}
+
+#[tokio::test]
 async fn a_fan_out_given_up_charges_its_ended_calls_what_they_used() {
     // majority-vote fans out four samples; `echo` answers two at once,
     // `slow` holds the other two silently. The client leaves, so the

@@ -376,7 +376,9 @@ async fn tenants_need_keys_and_meet_their_quotas_and_allow_lists() {
         .add_tenant(
             "thrifty",
             &TenantPolicy {
-                tokens_per_day: 10,
+                // Room for the first prompt (about 10 tokens by its bytes),
+                // which spends more (SmolLM2's chat template is ~30 tokens).
+                tokens_per_day: 20,
                 requests_per_minute: 0,
                 ..TenantPolicy::default()
             },
@@ -427,7 +429,7 @@ async fn tenants_need_keys_and_meet_their_quotas_and_allow_lists() {
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
 
-    // Tokens per day: the first call spends more than 10, the next is 429
+    // Tokens per day: the first call spends more than 20, the next is 429
     // until midnight UTC, and the count is in the registry (survives restarts).
     let (status, _, v) = post(&client, &url, Some(&thrifty), &chat(SMOL, "hi", 4)).await;
     assert_eq!(status, 200, "{v}");

@@ -45,6 +45,10 @@ pub struct Admission {
 pub struct Admitted {
     _tenant: Option<OwnedSemaphorePermit>,
     _global: OwnedSemaphorePermit,
+    /// The tokens its tenant had left today when it was let in; `None`
+    /// without a daily quota. A request is admitted while any are left, so
+    /// this is what bounds how far one request can pass the quota.
+    pub tokens_left: Option<u64>,
 }
 
 struct Waiting<'a>(&'a AtomicUsize);
@@ -55,7 +59,8 @@ impl Drop for Waiting<'_> {
     }
 }
 
-fn seconds_to_next_utc_day(now_unix: i64) -> u64 {
+/// Seconds until the daily token quota renews (UTC midnight).
+pub(crate) fn seconds_to_next_utc_day(now_unix: i64) -> u64 {
     (86_400 - now_unix.rem_euclid(86_400)).max(1) as u64
 }
 
@@ -77,8 +82,15 @@ impl Admission {
 
     /// Checks `tenant`'s quotas and takes one of its concurrent places.
     /// `None` tenant: the open (no-tenants, loopback) mode, no quotas.
-    fn tenant_gate(&self, tenant: &Tenant, registry: &Registry) -> Result<Option<OwnedSemaphorePermit>, ApiError> {
+    /// Also returns the tokens the tenant has left today (`None`: no daily
+    /// quota).
+    fn tenant_gate(
+        &self,
+        tenant: &Tenant,
+        registry: &Registry,
+    ) -> Result<(Option<OwnedSemaphorePermit>, Option<u64>), ApiError> {
         let p = &tenant.policy;
+        let mut left = None;
         if p.tokens_per_day > 0 {
             let now = super::now_unix() as i64;
             let used = registry
@@ -94,6 +106,7 @@ impl Admission {
                     seconds_to_next_utc_day(now),
                 ));
             }
+            left = Some(p.tokens_per_day - used);
         }
         let mut gates = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         let limit = if p.max_concurrent == 0 {
@@ -139,7 +152,7 @@ impl Admission {
                 ));
             }
         }
-        Ok(Some(permit))
+        Ok((Some(permit), left))
     }
 
     /// Passes both gates, waiting (bounded by `wait`) for a server-wide place.
@@ -149,14 +162,15 @@ impl Admission {
         registry: &Registry,
         wait: Duration,
     ) -> Result<Admitted, ApiError> {
-        let tenant_permit = match tenant {
+        let (tenant_permit, tokens_left) = match tenant {
             Some(t) => self.tenant_gate(t, registry)?,
-            None => None,
+            None => (None, None),
         };
         if let Ok(p) = self.inflight.clone().try_acquire_owned() {
             return Ok(Admitted {
                 _tenant: tenant_permit,
                 _global: p,
+                tokens_left,
             });
         }
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
@@ -171,6 +185,7 @@ impl Admission {
             Ok(Ok(p)) => Ok(Admitted {
                 _tenant: tenant_permit,
                 _global: p,
+                tokens_left,
             }),
             _ => Err(ApiError::overloaded(
                 "waited too long for a free place: the server is saturated, try again shortly",

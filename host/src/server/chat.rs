@@ -209,6 +209,10 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
+    let ask = match within_quota(ask, &target, admitted.tokens_left) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
     if ask.stream {
         return stream(st, caller, policy, target, ask, admitted, deadline).await;
     }
@@ -257,6 +261,35 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// A member chat sized to what its tenant has left of today's tokens
+/// (`left`, from admission): its completion may take at most what the
+/// prompt (estimated at a token per four bytes) leaves, and a prompt that
+/// alone is more than is left is refused with the quota's 429. Admission
+/// only checks that some tokens are left, so without this one request
+/// could run as far past the quota as its `max_tokens` reaches. A system's
+/// calls are not known in advance: it is admitted on the same rule and
+/// charged in full.
+fn within_quota(mut ask: Ask, target: &Target, left: Option<u64>) -> Result<Ask, ApiError> {
+    let (Some(left), Target::Member(_)) = (left, target) else {
+        return Ok(ask);
+    };
+    let prompt = crate::inference::tokens_for_bytes(ask.input.counted_bytes());
+    if prompt >= left {
+        return Err(ApiError::rate_limited(
+            "tokens_per_day",
+            &format!(
+                "this prompt is about {prompt} tokens, more than the {left} tokens its tenant has left \
+                 for today (UTC): shorten it, or try again when the quota renews"
+            ),
+            super::admission::seconds_to_next_utc_day(now_unix() as i64),
+        ));
+    }
+    let room = u32::try_from(left - prompt).unwrap_or(u32::MAX);
+    let asked = ask.params.max_tokens.unwrap_or(crate::inference::DEFAULT_MAX_TOKENS);
+    ask.params.max_tokens = Some(asked.min(room));
+    Ok(ask)
 }
 
 /// How often [`while_wanted`] looks whether the client is still there.
