@@ -40,12 +40,15 @@ pub fn sha256_file_remembered(path: &Path, memo_dir: &Path) -> std::io::Result<S
     let Some(id) = identity(path)? else {
         return sha256_file(path);
     };
-    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let key = hex::encode(Sha256::digest(abs.to_string_lossy().as_bytes()));
+    let abs = std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .to_string_lossy()
+        .into_owned();
+    let key = hex::encode(Sha256::digest(abs.as_bytes()));
     let memo = memo_dir.join(format!("{}.json", &key[..32]));
     if let Ok(text) = std::fs::read_to_string(&memo) {
         if let Ok(m) = serde_json::from_str::<Remembered>(&text) {
-            if m.identity == id && m.path == abs.to_string_lossy() {
+            if m.identity == id && m.path == abs {
                 return Ok(m.sha256);
             }
         }
@@ -54,7 +57,7 @@ pub fn sha256_file_remembered(path: &Path, memo_dir: &Path) -> std::io::Result<S
     // Remembered only if the file did not change while it was read.
     if identity(path)?.as_ref() == Some(&id) {
         let record = Remembered {
-            path: abs.to_string_lossy().into_owned(),
+            path: abs,
             identity: id,
             sha256: sha256.clone(),
         };

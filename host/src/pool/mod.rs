@@ -378,7 +378,7 @@ pub struct Loaded {
 
 /// Where [`verify`] remembers the digests of files it has checked (see
 /// [`crate::files::sha256_file_remembered`]).
-pub(crate) fn verified_memo(models_dir: &Path) -> PathBuf {
+fn verified_memo(models_dir: &Path) -> PathBuf {
     models_dir.join(".verified")
 }
 
