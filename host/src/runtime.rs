@@ -354,7 +354,17 @@ impl Runtime {
     }
 
     fn narrowed_grant(&self, module: &Module, members: Option<&[String]>) -> crate::policy::Grant {
-        let mut g = self.policy.grant(&module.manifest, &self.pool_ids());
+        self.narrowed(self.policy.grant(&module.manifest, &self.pool_ids()), module, members)
+    }
+
+    /// `g` with its members narrowed to `members` (a sub-pool), keeping the
+    /// embedder and the module's own kept members.
+    fn narrowed(
+        &self,
+        mut g: crate::policy::Grant,
+        module: &Module,
+        members: Option<&[String]>,
+    ) -> crate::policy::Grant {
         if let Some(keep) = members {
             // The embedder is infrastructure, not a contributor: sub-pools
             // keep it so that embedding-based methods still work.
@@ -545,7 +555,10 @@ impl Runtime {
         config: BTreeMap<String, String>,
         members: Option<&[String]>,
     ) -> (Result<bool, Error>, Vec<ProvenanceEvent>) {
-        let grant = Arc::new(self.narrowed_grant(module, members));
+        // A fit has its own grant (the manifest's `fit_budgets`, capped by
+        // the policy's `fit_maxima`): it runs over the whole dev set.
+        let fit_grant = self.policy.fit_grant(&module.manifest, &self.pool_ids());
+        let grant = Arc::new(self.narrowed(fit_grant, module, members));
         let mut cfg = module.manifest.config.clone();
         cfg.extend(config);
         let inv = self

@@ -1046,6 +1046,18 @@ impl Evaluation<'_> {
     }
 }
 
+/// The manifest as the cache keys see it: without its fit budgets. They
+/// bound a fit and never change what a fit that ends returns (a fit that
+/// runs out of them fails, and failures are not cached), and requests do
+/// not see them; keyed, raising them would throw away every fit and answer
+/// computed under the old ones.
+fn keyed_manifest(m: &crate::policy::Manifest) -> crate::policy::Manifest {
+    crate::policy::Manifest {
+        fit_budgets: Default::default(),
+        ..m.clone()
+    }
+}
+
 /// Fits `module` on `dev` (cached) and runs it on `test`, optionally on a
 /// sub-pool. Returns the test outcomes and, if `fit` failed, why.
 #[allow(clippy::too_many_arguments)]
@@ -1065,7 +1077,7 @@ async fn strategy_on(
     let fit_key = cache::key(&(
         "fit/3",
         &module.sha256,
-        &module.manifest,
+        keyed_manifest(&module.manifest),
         &strategy.config,
         visible_pool(rt, members),
         dev.iter().map(|e| (&e.input, &e.answer)).collect::<Vec<_>>(),
@@ -1371,7 +1383,7 @@ async fn strategy_answer(
         "strategy/3",
         visible_pool(rt, members),
         &module.sha256,
-        &module.manifest,
+        keyed_manifest(&module.manifest),
         &strategy.config,
         state,
         &input,

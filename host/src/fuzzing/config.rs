@@ -33,6 +33,14 @@ pub fn check(data: &[u8]) {
                     "host calls past the maximum"
                 );
                 assert!(grant.memory_bytes <= crate::sandbox::MAX_MEMORY_BYTES as u64);
+                let fit = policy.fit_grant(&m, &["a".to_string(), "b".to_string()]);
+                let fmax = Policy::builtin_fit_maxima();
+                assert!(fmax.fuel.is_none_or(|f| fit.fuel <= f), "fit fuel past the maximum");
+                assert!(
+                    fmax.host_calls.is_none_or(|c| fit.host_calls <= c),
+                    "fit host calls past the maximum"
+                );
+                assert!(fit.memory_bytes <= crate::sandbox::MAX_MEMORY_BYTES as u64);
             }
         }
         1 => {

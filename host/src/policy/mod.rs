@@ -107,6 +107,16 @@ pub struct Manifest {
     /// Budgets it asks for; anything unset gets the operator's default.
     #[serde(default)]
     pub budgets: Budgets,
+    /// Budgets it asks for its `fit`, where they differ from a request's:
+    /// a fit runs once, offline, over a whole dev set, so what it needs
+    /// grows with the dev set while a request's does not (a calibrated
+    /// option-fusion fit makes two calls per member and dev item). Anything
+    /// unset is the request's grant; everything is capped by the operator's
+    /// `fit_maxima`. Left out of the serialised manifest when empty, so a
+    /// manifest that does not ask serialises as it did before fits had
+    /// budgets of their own (the evaluation cache keys on it).
+    #[serde(default, skip_serializing_if = "Budgets::is_unset")]
+    pub fit_budgets: Budgets,
     /// Default hyperparameters, overridable per request.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
@@ -175,6 +185,10 @@ pub struct Policy {
     /// The most any module gets.
     #[serde(default = "Policy::builtin_maxima")]
     pub maxima: Budgets,
+    /// The most any module's `fit` gets (see [`Policy::fit_grant`]). A
+    /// budget left out keeps its built-in fit maximum.
+    #[serde(default = "Policy::builtin_fit_maxima")]
+    pub fit_maxima: Budgets,
     /// Members every module may use; `["*"]` = the whole pool.
     #[serde(default = "all_models")]
     pub models: Vec<String>,
@@ -207,6 +221,7 @@ impl Default for Policy {
         Policy {
             defaults: Self::builtin_defaults(),
             maxima: Self::builtin_maxima(),
+            fit_maxima: Self::builtin_fit_maxima(),
             models: all_models(),
             modules: BTreeMap::new(),
             keep_merged: 0,
@@ -258,6 +273,32 @@ impl Policy {
             // A method that trains every member of a 16-member pool once
             // in `fit`; steps, tokens and time bound what that costs (on
             // 2 cores SmolLM2-135M trains at roughly 400 tokens/s).
+            train_runs: Some(16),
+            train_steps: Some(4_000),
+            train_tokens: Some(8 << 20),
+            train_ms: Some(3_600_000),
+        }
+    }
+
+    /// Fit maxima: no module's `fit` gets more than this. A fit runs once
+    /// per dev set, by the operator (`tessera eval`), not per user request,
+    /// so it may take what an hour of work on a 2-core host does; a fit
+    /// that does not ask gets its request's grant, which is within these.
+    pub fn builtin_fit_maxima() -> Budgets {
+        Budgets {
+            deadline_ms: Some(3_600_000),
+            memory_mib: Some(512),
+            fuel: Some(500_000_000_000),
+            // 32 members x 400 dev items x 2 calls (score and calibrate)
+            // with room to spare; each call is still bounded by `tokens`.
+            host_calls: Some(32_768),
+            tokens: Some(1 << 20),
+            output_bytes: Some(16 << 20),
+            trace_events: Some(16_384),
+            resources: Some(1_024),
+            merges: Some(256),
+            provenance_bytes: Some(16 << 20),
+            merge_memory_mib: Some(4096),
             train_runs: Some(16),
             train_steps: Some(4_000),
             train_tokens: Some(8 << 20),
@@ -318,7 +359,49 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// The grant for `manifest`'s `fit`: each budget its `fit_budgets` asks
+    /// for, else its request grant ([`Policy::grant`]), capped by the fit
+    /// maxima. Members are the request's: a fit learns about the members
+    /// that will answer.
+    pub fn fit_grant(&self, manifest: &Manifest, pool: &[String]) -> Grant {
+        let r = self.grant(manifest, pool);
+        let m = self.fit_maxima.or(&Policy::builtin_fit_maxima());
+        let a = &manifest.fit_budgets;
+        let pick = |ask: Option<u64>, request: u64, max: Option<u64>| -> u64 {
+            let want = ask.unwrap_or(request);
+            max.map_or(want, |m| want.min(m))
+        };
+        let u = |x: Option<u32>| x.map(u64::from);
+        let ms = |d: Duration| d.as_millis().min(u128::from(u64::MAX)) as u64;
+        Grant {
+            module: r.module,
+            models: r.models,
+            deadline: Duration::from_millis(pick(a.deadline_ms, ms(r.deadline), m.deadline_ms)),
+            memory_bytes: (pick(a.memory_mib, r.memory_bytes >> 20, m.memory_mib) << 20).min(MAX_MEMORY_BYTES as u64),
+            fuel: pick(a.fuel, r.fuel, m.fuel),
+            host_calls: pick(u(a.host_calls), r.host_calls.into(), u(m.host_calls)) as u32,
+            tokens: pick(u(a.tokens), r.tokens.into(), u(m.tokens)) as u32,
+            output_bytes: pick(a.output_bytes, r.output_bytes, m.output_bytes),
+            trace_events: pick(u(a.trace_events), r.trace_events.into(), u(m.trace_events)) as u32,
+            resources: pick(u(a.resources), r.resources.into(), u(m.resources)) as u32,
+            merges: pick(u(a.merges), r.merges.into(), u(m.merges)) as u32,
+            provenance_bytes: pick(a.provenance_bytes, r.provenance_bytes, m.provenance_bytes),
+            merge_memory_bytes: pick(a.merge_memory_mib, r.merge_memory_bytes >> 20, m.merge_memory_mib) << 20,
+            train_runs: pick(u(a.train_runs), r.train_runs.into(), u(m.train_runs)) as u32,
+            train_steps: pick(u(a.train_steps), r.train_steps.into(), u(m.train_steps)) as u32,
+            train_tokens: pick(a.train_tokens, r.train_tokens, m.train_tokens),
+            train_time: Duration::from_millis(pick(a.train_ms, ms(r.train_time), m.train_ms)),
+        }
+    }
+}
+
 impl Budgets {
+    /// Whether no budget is set (a manifest that does not ask).
+    pub fn is_unset(&self) -> bool {
+        *self == Budgets::default()
+    }
+
     /// Every unset field taken from `fallback`.
     pub fn or(&self, fallback: &Budgets) -> Budgets {
         Budgets {
@@ -404,6 +487,7 @@ mod tests {
             description: "d".into(),
             models: models.iter().map(|s| s.to_string()).collect(),
             budgets,
+            fit_budgets: Budgets::default(),
             config: BTreeMap::new(),
         }
     }
@@ -451,6 +535,9 @@ mod tests {
         assert_eq!(g.models, vec!["smollm2-135m-instruct".to_string()]);
         assert_eq!(g.tokens, 32_768);
         assert_eq!(g.deadline, Duration::from_secs(60));
+        m.fit_budgets.host_calls = Some(100_000);
+        let f = policy.fit_grant(&m, &["smollm2-135m-instruct".into()]);
+        assert_eq!((f.host_calls, f.tokens), (8_192, 32_768));
     }
 
     #[test]
@@ -468,6 +555,76 @@ mod tests {
             &[],
         );
         assert_eq!(g.memory_bytes, MAX_MEMORY_BYTES as u64);
+    }
+
+    #[test]
+    fn a_fit_gets_its_request_grant_unless_it_asks() {
+        let policy = Policy::default();
+        let mut m = manifest(
+            &["*"],
+            Budgets {
+                host_calls: Some(4_096),
+                tokens: Some(1_024),
+                ..Default::default()
+            },
+        );
+        let pool = ["a".to_string()];
+        // No fit ask: the fit is granted exactly what a request is.
+        assert_eq!(policy.fit_grant(&m, &pool), policy.grant(&m, &pool));
+        // A fit ask goes past the request maxima, up to the fit maxima.
+        m.fit_budgets = Budgets {
+            host_calls: Some(16_384),
+            deadline_ms: Some(10_000_000),
+            ..Default::default()
+        };
+        let (r, f) = (policy.grant(&m, &pool), policy.fit_grant(&m, &pool));
+        assert_eq!(r.host_calls, 1_024);
+        assert_eq!(f.host_calls, 16_384);
+        assert_eq!(f.deadline, Duration::from_millis(3_600_000));
+        // What the fit does not ask stays the request's.
+        assert_eq!(
+            (f.tokens, f.fuel, f.models.clone()),
+            (r.tokens, r.fuel, r.models.clone())
+        );
+    }
+
+    #[test]
+    fn the_operator_caps_fits_too() {
+        // Fit maxima cap what a fit asks and what it inherits; a fit
+        // maximum left out stays at the built-in one.
+        let policy: Policy = toml::from_str(
+            "[fit_maxima]
+host_calls = 2000
+tokens = 100
+",
+        )
+        .unwrap();
+        let mut m = manifest(
+            &["*"],
+            Budgets {
+                tokens: Some(1_024),
+                ..Default::default()
+            },
+        );
+        m.fit_budgets = Budgets {
+            host_calls: Some(1 << 30),
+            train_steps: Some(1 << 30),
+            ..Default::default()
+        };
+        let f = policy.fit_grant(&m, &[]);
+        assert_eq!(f.host_calls, 2_000);
+        assert_eq!(f.tokens, 100);
+        assert_eq!(f.train_steps, 4_000);
+        let parsed: Manifest = toml::from_str(
+            "name='m'\nversion='0.1.0'\nauthor='a'\nworld='strategy'\ndescription='d'\n[fit_budgets]\nhost_calls=9000\n",
+        )
+        .unwrap();
+        assert_eq!(parsed.fit_budgets.host_calls, Some(9_000));
+        // A manifest that asks nothing for its fit serialises as before fit
+        // budgets existed: evaluation caches keyed on it stay valid.
+        let plain = serde_json::to_string(&manifest(&["*"], Budgets::default())).unwrap();
+        assert!(!plain.contains("fit_budgets"), "{plain}");
+        assert!(serde_json::to_string(&parsed).unwrap().contains("fit_budgets"));
     }
 
     #[test]

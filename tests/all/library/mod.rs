@@ -10,6 +10,7 @@ mod llm_blender;
 mod mixture_of_agents;
 mod multiagent_finetune;
 mod multiagent_refine;
+mod option_fusion;
 mod slm_mux;
 mod sparta;
 mod switch_generation;

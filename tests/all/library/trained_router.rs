@@ -231,9 +231,14 @@ pub(super) mod scale {
 
     /// A runtime over the scripted pool, with its own state directory.
     pub(in crate::library) fn runtime(tag: &str) -> Runtime {
+        runtime_with(tag, Policy::default())
+    }
+
+    /// [`runtime`] under the operator's `policy`.
+    pub(in crate::library) fn runtime_with(tag: &str, policy: Policy) -> Runtime {
         let mut paths = Paths::from_env();
         paths.state = crate::common::scratch(tag);
-        Runtime::with_models(paths, Arc::new(Scripted), Policy::default(), vec![]).expect("runtime starts")
+        Runtime::with_models(paths, Arc::new(Scripted), policy, vec![]).expect("runtime starts")
     }
 
     /// `n` synthetic four-option questions in the ARC prompt shape.
