@@ -41,4 +41,4 @@ pub mod tasks;
 
 pub use error::Error;
 pub use request::{ProvenanceEvent, RunOutcome, RunRequest, UsageReport};
-pub use runtime::{installed_modules, InstalledModule, Paths, Runtime, RuntimeOptions};
+pub use runtime::{installed_modules, InstalledModule, Metering, Paths, Runtime, RuntimeOptions};

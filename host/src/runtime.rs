@@ -157,6 +157,31 @@ impl RuntimeOptions {
     }
 }
 
+/// What a caller that bills controls of one run ([`Runtime::run_metered`]);
+/// every part is optional, and the default is a run bounded by its grant
+/// alone.
+#[derive(Default)]
+pub struct Metering {
+    /// Once set, stops the module as at its deadline (the caller went away).
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Where what the module streams through the `output` interface goes as
+    /// it is sent ([`crate::sandbox::output`]); the outcome's text begins
+    /// with all of it.
+    pub output: Option<crate::inference::TextSink>,
+    /// The caller's deadline (a server's request timeout): it binds the
+    /// module and every model call it makes when the module's own
+    /// wall-clock budget would go on longer, so the run stops by itself,
+    /// reports what it used, and nothing of it outlives the request. Ending
+    /// there is an [`Error::Deadline`] whose limit is the time that was left.
+    pub deadline: Option<std::time::Instant>,
+    /// The most the run may be charged ([`crate::UsageReport::charged`]):
+    /// a tenant's tokens left today. A call that would pass it ends the run
+    /// with `budget exhausted: tenant-tokens`
+    /// ([`crate::sandbox::QUOTA_BUDGET`]); a generation is cut to what is
+    /// left after its input.
+    pub charge_limit: Option<u64>,
+}
+
 /// The runtime: one per process.
 pub struct Runtime {
     sandbox: Sandbox,
@@ -444,7 +469,7 @@ impl Runtime {
         req: RunRequest,
         members: Option<&[String]>,
     ) -> Result<RunOutcome, Error> {
-        self.run_metered(module, req, members, None, None, None).await.0
+        self.run_metered(module, req, members, Metering::default()).await.0
     }
 
     /// Whose generated text reached `answer` ([`crate::attribution`]), with
@@ -462,36 +487,31 @@ impl Runtime {
 
     /// [`Runtime::run_with_members`] for a face that bills its caller: the
     /// usage comes back whether or not the run succeeded (a module that
-    /// fails after generating thousands of tokens used them), and `cancel`,
-    /// once set, stops the module as at its deadline (the caller went away).
-    /// With `output`, what the module streams through the `output`
-    /// interface goes there as it is sent ([`crate::sandbox::output`]); the
-    /// outcome's text begins with all of it.
-    ///
-    /// With `deadline`, the run ends there if the module's own wall-clock
-    /// budget would let it go on longer: a caller's deadline (a server's
-    /// request timeout) binds the module and every model call it makes, so
-    /// the run stops by itself, reports what it used, and nothing of it
-    /// outlives the request. Ending there is an [`Error::Deadline`] whose
-    /// limit is the time that was left.
+    /// fails after generating thousands of tokens used them), and the
+    /// caller's [`Metering`] bounds the run.
     pub async fn run_metered(
         &self,
         module: &Module,
         req: RunRequest,
         members: Option<&[String]>,
-        cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
-        output: Option<crate::inference::TextSink>,
-        deadline: Option<std::time::Instant>,
+        metering: Metering,
     ) -> (Result<RunOutcome, Error>, crate::UsageReport) {
         if let Err(e) = req.params.validate().and_then(|_| req.input.check_size(0)) {
             return (Err(e.into()), crate::UsageReport::default());
         }
+        let Metering {
+            cancel,
+            output,
+            deadline,
+            charge_limit,
+        } = metering;
         let mut grant = self.narrowed_grant(module, members);
         if let Some(d) = deadline {
             grant.deadline = grant
                 .deadline
                 .min(d.saturating_duration_since(std::time::Instant::now()));
         }
+        grant.charge_limit = charge_limit;
         let grant = Arc::new(grant);
         let mut config: BTreeMap<String, String> = module.manifest.config.clone();
         config.extend(req.config);

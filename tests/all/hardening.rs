@@ -956,6 +956,51 @@ async fn a_member_chat_stops_where_the_daily_quota_ends() {
 }
 
 #[tokio::test]
+async fn a_system_chat_stops_where_the_daily_quota_ends() {
+    // A system's calls are not known at admission, which only checks that
+    // some tokens are left; before, one majority-vote request with a large
+    // max_tokens ran its `slow` samples to 1,024 tokens each, ten times a
+    // 100-token day. Now the module runs metered: each sample may write
+    // only what the inputs leave of the day, and a call that would pass it
+    // ends the run with the quota's 429, not held against the module.
+    let (rt, counts) = double::runtime("quota-system", Policy::default());
+    let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
+    let capped = TenantPolicy {
+        requests_per_minute: 0,
+        tokens_per_day: 100,
+        ..TenantPolicy::default()
+    };
+    let key = registry.add_tenant("erin", &capped).unwrap();
+    let srv = Srv::start(Arc::new(rt), registry.clone()).await;
+    let url = srv.url("/v1/chat/completions");
+    let body = json!({
+        "model": "majority-vote",
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 1000,
+        "tessera": {"k": 4},
+    });
+    let used = || registry.tokens_used("erin", day_of(server::now_unix() as i64)).unwrap();
+    let (status, v) = post(&url, Some(&key), &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(used() <= 100, "charged {} of a 100-token day", used());
+    assert!(counts.slow_tokens.load(Ordering::SeqCst) < 100);
+    // Asked again until the day is spent: the run that would pass it is
+    // refused with the quota's code, and the day is never overspent.
+    let mut refused = None;
+    for _ in 0..6 {
+        let (status, v) = post(&url, Some(&key), &body).await;
+        assert!(used() <= 100, "charged {} of a 100-token day", used());
+        if status == 429 {
+            refused = Some(v);
+            break;
+        }
+        assert_eq!(status, 200, "{v}");
+    }
+    let v = refused.expect("the day's quota ends the requests");
+    assert_eq!(v["error"]["code"], "tokens_per_day", "{v}");
+}
+
+#[tokio::test]
 async fn a_fan_out_given_up_charges_its_ended_calls_what_they_used() {
     // majority-vote fans out four samples; `echo` answers two at once,
     // `slow` holds the other two silently. The client leaves, so the
@@ -1098,7 +1143,15 @@ async fn a_streamed_answer_begins_the_returned_one_and_counts_against_the_output
         true
     });
     let (out, _) = rt
-        .run_metered(&m, with(&[("case", "honest")]), None, None, Some(sink), None)
+        .run_metered(
+            &m,
+            with(&[("case", "honest")]),
+            None,
+            tessera::Metering {
+                output: Some(sink),
+                ..Default::default()
+            },
+        )
         .await;
     let out = out.expect("an honest stream answers");
     let pieces = got.lock().unwrap().clone();

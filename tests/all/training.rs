@@ -233,7 +233,7 @@ async fn hostile_trainers_are_stopped_with_typed_errors() {
     };
     let started = std::time::Instant::now();
     let (ran, usage) = rt
-        .run_metered(&load("train-forever"), RunRequest::chat("go"), None, None, None, None)
+        .run_metered(&load("train-forever"), RunRequest::chat("go"), None, Default::default())
         .await;
     let err = ran.unwrap_err();
     assert!(
@@ -247,6 +247,25 @@ async fn hostile_trainers_are_stopped_with_typed_errors() {
         "stopped late: {:?}",
         started.elapsed()
     );
+
+    // Under a caller's quota (a tenant's tokens left today), the same
+    // module is stopped where a trained token, charged three times, would
+    // pass it: the typed quota error, and charged about that much.
+    let metering = tessera::Metering {
+        charge_limit: Some(150),
+        ..Default::default()
+    };
+    let (ran, usage) = rt
+        .run_metered(&load("train-forever"), RunRequest::chat("go"), None, metering)
+        .await;
+    let err = ran.unwrap_err();
+    assert!(
+        matches!(&err, Error::Budget { budget, .. } if budget == tessera::sandbox::QUOTA_BUDGET),
+        "{err}"
+    );
+    // A run stops between steps, so its last step may pass the limit by
+    // what one step trains (a batch of short sequences here).
+    assert!(usage.train_tokens > 0 && usage.charged() < 150 + 3 * 2_048, "{usage:?}");
 
     let out = rt
         .run(&load("train-flood"), RunRequest::chat("go"))

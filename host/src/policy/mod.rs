@@ -355,6 +355,7 @@ impl Policy {
             train_steps: pick(u(a.train_steps), u(d.train_steps), u(m.train_steps)) as u32,
             train_tokens: pick(a.train_tokens, d.train_tokens, m.train_tokens),
             train_time: Duration::from_millis(pick(a.train_ms, d.train_ms, m.train_ms)),
+            charge_limit: None,
         }
     }
 }
@@ -392,6 +393,7 @@ impl Policy {
             train_steps: pick(u(a.train_steps), r.train_steps.into(), u(m.train_steps)) as u32,
             train_tokens: pick(a.train_tokens, r.train_tokens, m.train_tokens),
             train_time: Duration::from_millis(pick(a.train_ms, ms(r.train_time), m.train_ms)),
+            charge_limit: None,
         }
     }
 }
@@ -465,6 +467,14 @@ pub struct Grant {
     pub train_tokens: u64,
     /// Wall time its training may take in all.
     pub train_time: Duration,
+    /// The most the request may be charged in tokens
+    /// ([`crate::UsageReport::charged`]: read, written, scored and trained),
+    /// set by a face that bills a quota (the server: what the tenant has
+    /// left today); `None` for no such limit. Not a manifest budget: it is
+    /// the caller's, and a call that would pass it ends the request with
+    /// `budget exhausted: tenant-tokens`.
+    #[serde(default)]
+    pub charge_limit: Option<u64>,
 }
 
 impl Manifest {

@@ -53,6 +53,16 @@ pub const MAX_BATCH_ITEMS: usize = 256;
 /// memory whatever the module asks for.
 const MAX_KEPT_TEXT_BYTES: usize = 1 << 20;
 
+/// The budget [`Grant::charge_limit`] is named by in errors: the tokens
+/// the request's caller may still be charged (a tenant's daily quota).
+pub const QUOTA_BUDGET: &str = "tenant-tokens";
+
+/// What a generation may write within `room` quota tokens (all of them
+/// when there is no quota).
+fn within_room(room: Option<u64>) -> u32 {
+    room.map_or(u32::MAX, |r| u32::try_from(r).unwrap_or(u32::MAX))
+}
+
 /// `text` cut to at most `max` bytes (on a character boundary), marked
 /// with `...` when cut.
 fn clip(mut text: String, max: usize) -> String {
@@ -222,6 +232,25 @@ impl RequestState {
         Ok(false)
     }
 
+    /// What this request may still be charged after a call that reads
+    /// `input_bytes` (a token per four bytes, the rule for inputs not yet
+    /// tokenized), under its caller's [`Grant::charge_limit`]; `None` where
+    /// there is none. A call whose input alone takes all that is left ends
+    /// the request: it would be charged past its tenant's quota. Checked
+    /// before every call that runs a member, so a module can pass the
+    /// limit by at most what one call's estimate misses.
+    pub(super) fn quota_room(&mut self, input_bytes: usize) -> wasmtime::Result<Option<u64>> {
+        let Some(limit) = self.grant.charge_limit else {
+            return Ok(None);
+        };
+        let left = limit.saturating_sub(self.usage.charged());
+        let need = crate::inference::tokens_for_bytes(input_bytes);
+        if need >= left {
+            return Err(self.violate(Error::budget(QUOTA_BUDGET, limit)));
+        }
+        Ok(Some(left - need))
+    }
+
     fn remaining_tokens(&self) -> u32 {
         self.grant.tokens.saturating_sub(self.tokens_used)
     }
@@ -317,8 +346,9 @@ impl RequestState {
         if remaining == 0 {
             return Err(self.violate(Error::budget("tokens", self.grant.tokens as u64)));
         }
+        let room = within_room(self.quota_room(bytes)?);
         let mut params = params_in(params);
-        params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(remaining));
+        params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(remaining).min(room));
         let started = Instant::now();
         let call = if streamed { "generate-streamed" } else { "generate" };
         let cut = Cut {
@@ -596,12 +626,29 @@ impl models::Host for RequestState {
         for j in &jobs {
             known.push(self.check_model(&j.model)?);
         }
+        let jobs: Vec<(String, crate::inference::Input, crate::inference::GenParams)> = jobs
+            .into_iter()
+            .map(|j| (j.model, input_in(j.input), params_in(j.params)))
+            .collect();
         // Each job gets an equal share of what is left, so the jobs together
-        // can never overrun the token budget however they finish.
+        // can never overrun the token budget however they finish; under a
+        // quota, the same for what all their inputs leave of it.
         let remaining = self.remaining_tokens();
         let share = remaining / n;
         if share == 0 {
             return Err(self.violate(Error::budget("tokens", self.grant.tokens as u64)));
+        }
+        let read: usize = jobs
+            .iter()
+            .zip(&known)
+            .filter(|((_, input, _), ok)| **ok && input.check_size(0).is_ok())
+            .map(|((_, input, _), _)| input.counted_bytes())
+            .sum();
+        let room = self.quota_room(read)?;
+        let share = share.min(within_room(room) / n);
+        if share == 0 {
+            let limit = self.grant.charge_limit.unwrap_or(0);
+            return Err(self.violate(Error::budget(QUOTA_BUDGET, limit)));
         }
         let ctx = self.stoppable_ctx();
         let mut stops = Vec::with_capacity(jobs.len());
@@ -611,24 +658,22 @@ impl models::Host for RequestState {
         let mut bytes = Vec::with_capacity(jobs.len());
         type Ended = Option<((u32, u32, u32), Duration)>;
         let ended: Arc<std::sync::Mutex<Vec<Ended>>> = Arc::new(std::sync::Mutex::new(vec![None; jobs.len()]));
-        for (j, ok) in jobs.into_iter().zip(known) {
-            names.push(j.model.clone());
+        for ((model, input, mut params), ok) in jobs.into_iter().zip(known) {
+            names.push(model.clone());
             let stopped = Arc::new(AtomicBool::new(false));
             stops.push(stopped.clone());
-            let mut params = params_in(j.params);
             params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(share));
-            let input = input_in(j.input);
             // What a cut costs: nothing for a job that is refused here.
             let fits = input.check_size(0);
             bytes.push(if ok && fits.is_ok() { input.counted_bytes() } else { 0 });
             let fut = if !ok {
-                let m = j.model.clone();
+                let m = model.clone();
                 Box::pin(async move { Err(crate::inference::InferenceError::UnknownModel(m)) })
             } else if let Err(e) = fits {
                 Box::pin(async move { Err(e) })
             } else {
                 let sink = self.stopping(stopped, None);
-                self.models.generate_stream(ctx, &j.model, input, params, sink)
+                self.models.generate_stream(ctx, &model, input, params, sink)
             };
             // Each job's own latency, not the whole fan-out's. A job that
             // ends leaves its usage in `ended` as well, where it is found
@@ -726,10 +771,12 @@ impl models::Host for RequestState {
         if let Some(e) = too_many("continuations", continuations.len()).or(fits) {
             return Ok(Err(e));
         }
+        let read = prompt.counted_bytes() + continuations.iter().map(String::len).sum::<usize>();
+        self.quota_room(read)?;
         let cut = Cut {
             call: "score",
             model: &model,
-            bytes: prompt.counted_bytes() + continuations.iter().map(String::len).sum::<usize>(),
+            bytes: read,
             started: Instant::now(),
         };
         let fut = self.models.score(self.call_ctx(), &model, prompt, continuations);
@@ -780,6 +827,7 @@ impl models::Host for RequestState {
         if let Some(e) = oversized(&prompt, 0) {
             return Ok(Err(e));
         }
+        self.quota_room(prompt.counted_bytes())?;
         let cut = Cut {
             call: "next-token",
             model: &model,
@@ -817,10 +865,12 @@ impl models::Host for RequestState {
         if let Some(e) = too_many("texts", texts.len()).or(fits) {
             return Ok(Err(e));
         }
+        let read = texts.iter().map(String::len).sum();
+        self.quota_room(read)?;
         let cut = Cut {
             call: "embed",
             model: &model,
-            bytes: texts.iter().map(String::len).sum(),
+            bytes: read,
             started: Instant::now(),
         };
         let fut = self.models.embed(self.call_ctx(), &model, texts);

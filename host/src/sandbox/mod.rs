@@ -38,7 +38,7 @@ use crate::inference::{Input, Models};
 use crate::policy::{Grant, Manifest, World};
 use crate::request::{ProvenanceEvent, UsageReport};
 use crate::Error;
-pub use host::RequestState;
+pub use host::{RequestState, QUOTA_BUDGET};
 
 /// How long past its deadline a run may take before it is cut off
 /// whatever it is doing: past the time a model call stopped at the deadline

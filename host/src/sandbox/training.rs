@@ -134,8 +134,15 @@ impl t::Host for RequestState {
         let cancel = Arc::new(AtomicBool::new(false));
         let _stop_when_gone = CancelOnDrop(cancel.clone());
         let spent = Arc::new(AtomicU64::new(0));
+        // Under a quota, a trained token is charged TRAIN_TOKEN_WEIGHT times:
+        // the run may train what is left of it, divided so.
+        let budget_left = self.grant.train_tokens.saturating_sub(self.train_spent.tokens);
+        let quota_left = self
+            .quota_room(0)?
+            .map(|room| room / crate::request::TRAIN_TOKEN_WEIGHT);
+        let by_quota = quota_left.is_some_and(|q| q < budget_left);
         let limits = TrainLimits {
-            tokens: self.grant.train_tokens.saturating_sub(self.train_spent.tokens),
+            tokens: quota_left.map_or(budget_left, |q| q.min(budget_left)),
             time: self.grant.train_time.saturating_sub(self.train_spent.time),
             deadline: self.deadline,
             cancel,
@@ -191,6 +198,10 @@ impl t::Host for RequestState {
             Err(TrainFailed::Stopped(stop)) => {
                 let _ = self.record_call("train", &shown, tokens, 0, took, "budget-exhausted");
                 Err(match stop {
+                    TrainStop::Tokens if by_quota => self.violate(Error::budget(
+                        super::host::QUOTA_BUDGET,
+                        self.grant.charge_limit.unwrap_or(0),
+                    )),
                     TrainStop::Tokens => self.violate(Error::budget("train-tokens", self.grant.train_tokens)),
                     TrainStop::Time => self.violate(Error::budget(
                         "train-ms",

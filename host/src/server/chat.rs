@@ -227,12 +227,17 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
     let chat = ask.chat;
     let model = ask.model.clone();
     let st2 = st.clone();
+    let tokens_left = admitted.tokens_left;
     let work = tokio::spawn(async move {
         let _admitted = admitted;
         let flag = cancel.clone();
         let sink: crate::inference::TextSink = Box::new(move |_: &str| !flag.load(Ordering::Relaxed));
         let sink = matches!(target, Target::Member(_)).then_some(sink);
-        let until = Until { deadline, cancel };
+        let until = Until {
+            deadline,
+            cancel,
+            tokens_left,
+        };
         let run = run_target(&st2, &caller, &policy, &target, &ask, sink, &until);
         let (result, used) = while_wanted(run, &until, st2.cfg.request_timeout).await;
         st2.charge(&caller.0, used);
@@ -270,7 +275,8 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
 /// only checks that some tokens are left, so without this one request
 /// could run as far past the quota as its `max_tokens` reaches. A system's
 /// calls are not known in advance: it is admitted on the same rule and
-/// charged in full.
+/// metered as it runs ([`crate::Metering::charge_limit`]): a call that
+/// would take it past what is left ends it with the same 429.
 fn within_quota(mut ask: Ask, target: &Target, left: Option<u64>) -> Result<Ask, ApiError> {
     let (Some(left), Target::Member(_)) = (left, target) else {
         return Ok(ask);
@@ -307,11 +313,14 @@ const GONE_GRACE: Duration = Duration::from_millis(500);
 const OVERRUN: Duration = Duration::from_secs(1);
 
 /// When work on a request must stop: at its deadline (the request timeout
-/// from its arrival, the wait for admission included), or when `cancel` is
-/// raised because its client went away.
+/// from its arrival, the wait for admission included), when `cancel` is
+/// raised because its client went away, or, for a system, when it would
+/// be charged past what its tenant has left of today's tokens.
 pub(crate) struct Until {
     pub(crate) deadline: Instant,
     pub(crate) cancel: Arc<AtomicBool>,
+    /// The tenant's tokens left today at admission (`None`: no quota).
+    pub(crate) tokens_left: Option<u64>,
 }
 
 /// Runs `work` until `until`'s deadline (then [`OVERRUN`] more at most),
@@ -444,13 +453,15 @@ pub(crate) async fn run_target(
             let members: Option<Vec<String>> =
                 (!policy.members.iter().any(|m| m == "*")).then(|| policy.members.clone());
             let (rt, m) = (st.rt.clone(), module.clone());
-            let (cancel, deadline) = (until.cancel.clone(), until.deadline);
+            let metering = crate::Metering {
+                cancel: Some(until.cancel.clone()),
+                output: sink,
+                deadline: Some(until.deadline),
+                charge_limit: until.tokens_left,
+            };
             let ran = st
                 .guests
-                .run(async move {
-                    rt.run_metered(&m, req, members.as_deref(), Some(cancel), sink, Some(deadline))
-                        .await
-                })
+                .run(async move { rt.run_metered(&m, req, members.as_deref(), metering).await })
                 .await;
             let (out, usage) = match ran {
                 Ok(r) => r,
@@ -474,6 +485,23 @@ pub(crate) async fn run_target(
             // record).
             if until.cancel.load(Ordering::Relaxed) {
                 return (Err(ApiError::client_gone()), used);
+            }
+            // Stopped at its tenant's quota: the caller's limit, not the
+            // module's, so the quota's 429 and nothing held against it.
+            if matches!(&out, Err(Error::Budget { budget, .. }) if budget == crate::sandbox::QUOTA_BUDGET) {
+                let left = until.tokens_left.unwrap_or(0);
+                return (
+                    Err(ApiError::rate_limited(
+                        "tokens_per_day",
+                        &format!(
+                            "this request would use more than the {left} tokens its tenant had left for \
+                             today (UTC); it was stopped there and charged {used}: ask for less, or try \
+                             again when the quota renews"
+                        ),
+                        super::admission::seconds_to_next_utc_day(now_unix() as i64),
+                    )),
+                    used,
+                );
             }
             st.breaker
                 .record(&breaker_key(caller, &module.sha256), out.as_ref().map(|_| ()));
@@ -593,6 +621,7 @@ pub(crate) async fn stream(
     if !waits_for_first {
         open(Ok(()));
     }
+    let tokens_left = admitted.tokens_left;
     tokio::spawn(async move {
         let _admitted = admitted;
         let limit = st.cfg.request_timeout;
@@ -610,7 +639,11 @@ pub(crate) async fn stream(
             watch.closed().await;
             flag.store(true, Ordering::Relaxed);
         });
-        let until = Until { deadline, cancel };
+        let until = Until {
+            deadline,
+            cancel,
+            tokens_left,
+        };
         let work = run_target(&st, &caller, &policy, &target, &ask, streams.then_some(sink), &until);
         let (result, used) = while_wanted(work, &until, limit).await;
         watcher.abort();
