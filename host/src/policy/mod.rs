@@ -319,12 +319,6 @@ impl Policy {
         // A `[maxima]` table that names only some budgets caps the others at
         // the built-in maxima: leaving a budget out never uncaps it.
         let m = self.maxima.or(&Policy::builtin_maxima());
-        let (a, m) = (&manifest.budgets, &m);
-        let pick = |ask: Option<u64>, def: Option<u64>, max: Option<u64>| -> u64 {
-            let want = ask.or(def).unwrap_or(0);
-            max.map_or(want, |m| want.min(m))
-        };
-        let u = |x: Option<u32>| x.map(u64::from);
         let allowed = self
             .modules
             .get(&manifest.name)
@@ -336,65 +330,50 @@ impl Policy {
             .filter(|id| matches(&manifest.models, id) && matches(&allowed, id))
             .cloned()
             .collect();
-        Grant {
-            module: manifest.name.clone(),
-            models,
-            deadline: Duration::from_millis(pick(a.deadline_ms, d.deadline_ms, m.deadline_ms)),
-            // The sandbox's memory pool bounds every grant, whatever the policy says.
-            memory_bytes: (pick(a.memory_mib, d.memory_mib, m.memory_mib) << 20).min(MAX_MEMORY_BYTES as u64),
-            fuel: pick(a.fuel, d.fuel, m.fuel),
-            host_calls: pick(u(a.host_calls), u(d.host_calls), u(m.host_calls)) as u32,
-            tokens: pick(u(a.tokens), u(d.tokens), u(m.tokens)) as u32,
-            output_bytes: pick(a.output_bytes, d.output_bytes, m.output_bytes),
-            trace_events: pick(u(a.trace_events), u(d.trace_events), u(m.trace_events)) as u32,
-            resources: pick(u(a.resources), u(d.resources), u(m.resources)) as u32,
-            merges: pick(u(a.merges), u(d.merges), u(m.merges)) as u32,
-            provenance_bytes: pick(a.provenance_bytes, d.provenance_bytes, m.provenance_bytes),
-            merge_memory_bytes: pick(a.merge_memory_mib, d.merge_memory_mib, m.merge_memory_mib) << 20,
-            train_runs: pick(u(a.train_runs), u(d.train_runs), u(m.train_runs)) as u32,
-            train_steps: pick(u(a.train_steps), u(d.train_steps), u(m.train_steps)) as u32,
-            train_tokens: pick(a.train_tokens, d.train_tokens, m.train_tokens),
-            train_time: Duration::from_millis(pick(a.train_ms, d.train_ms, m.train_ms)),
-            charge_limit: None,
-        }
+        capped(&manifest.name, models, &manifest.budgets.or(&d), &m)
     }
-}
 
-impl Policy {
     /// The grant for `manifest`'s `fit`: each budget its `fit_budgets` asks
     /// for, else its request grant ([`Policy::grant`]), capped by the fit
     /// maxima. Members are the request's: a fit learns about the members
     /// that will answer.
     pub fn fit_grant(&self, manifest: &Manifest, pool: &[String]) -> Grant {
-        let r = self.grant(manifest, pool);
+        let request = self.grant(manifest, pool);
         let m = self.fit_maxima.or(&Policy::builtin_fit_maxima());
-        let a = &manifest.fit_budgets;
-        let pick = |ask: Option<u64>, request: u64, max: Option<u64>| -> u64 {
-            let want = ask.unwrap_or(request);
-            max.map_or(want, |m| want.min(m))
-        };
-        let u = |x: Option<u32>| x.map(u64::from);
-        let ms = |d: Duration| d.as_millis().min(u128::from(u64::MAX)) as u64;
-        Grant {
-            module: r.module,
-            models: r.models,
-            deadline: Duration::from_millis(pick(a.deadline_ms, ms(r.deadline), m.deadline_ms)),
-            memory_bytes: (pick(a.memory_mib, r.memory_bytes >> 20, m.memory_mib) << 20).min(MAX_MEMORY_BYTES as u64),
-            fuel: pick(a.fuel, r.fuel, m.fuel),
-            host_calls: pick(u(a.host_calls), r.host_calls.into(), u(m.host_calls)) as u32,
-            tokens: pick(u(a.tokens), r.tokens.into(), u(m.tokens)) as u32,
-            output_bytes: pick(a.output_bytes, r.output_bytes, m.output_bytes),
-            trace_events: pick(u(a.trace_events), r.trace_events.into(), u(m.trace_events)) as u32,
-            resources: pick(u(a.resources), r.resources.into(), u(m.resources)) as u32,
-            merges: pick(u(a.merges), r.merges.into(), u(m.merges)) as u32,
-            provenance_bytes: pick(a.provenance_bytes, r.provenance_bytes, m.provenance_bytes),
-            merge_memory_bytes: pick(a.merge_memory_mib, r.merge_memory_bytes >> 20, m.merge_memory_mib) << 20,
-            train_runs: pick(u(a.train_runs), r.train_runs.into(), u(m.train_runs)) as u32,
-            train_steps: pick(u(a.train_steps), r.train_steps.into(), u(m.train_steps)) as u32,
-            train_tokens: pick(a.train_tokens, r.train_tokens, m.train_tokens),
-            train_time: Duration::from_millis(pick(a.train_ms, ms(r.train_time), m.train_ms)),
-            charge_limit: None,
-        }
+        let want = manifest.fit_budgets.or(&request.budgets());
+        capped(&manifest.name, request.models, &want, &m)
+    }
+}
+
+/// The grant of `want` capped by `max`, field by field (a budget neither
+/// sets is 0, a maximum not set does not cap).
+fn capped(module: &str, models: Vec<String>, want: &Budgets, max: &Budgets) -> Grant {
+    let pick = |want: Option<u64>, max: Option<u64>| -> u64 {
+        let want = want.unwrap_or(0);
+        max.map_or(want, |m| want.min(m))
+    };
+    let u = |x: Option<u32>| x.map(u64::from);
+    let (w, m) = (want, max);
+    Grant {
+        module: module.to_string(),
+        models,
+        deadline: Duration::from_millis(pick(w.deadline_ms, m.deadline_ms)),
+        // The sandbox's memory pool bounds every grant, whatever the policy says.
+        memory_bytes: (pick(w.memory_mib, m.memory_mib) << 20).min(MAX_MEMORY_BYTES as u64),
+        fuel: pick(w.fuel, m.fuel),
+        host_calls: pick(u(w.host_calls), u(m.host_calls)) as u32,
+        tokens: pick(u(w.tokens), u(m.tokens)) as u32,
+        output_bytes: pick(w.output_bytes, m.output_bytes),
+        trace_events: pick(u(w.trace_events), u(m.trace_events)) as u32,
+        resources: pick(u(w.resources), u(m.resources)) as u32,
+        merges: pick(u(w.merges), u(m.merges)) as u32,
+        provenance_bytes: pick(w.provenance_bytes, m.provenance_bytes),
+        merge_memory_bytes: pick(w.merge_memory_mib, m.merge_memory_mib) << 20,
+        train_runs: pick(u(w.train_runs), u(m.train_runs)) as u32,
+        train_steps: pick(u(w.train_steps), u(m.train_steps)) as u32,
+        train_tokens: pick(w.train_tokens, m.train_tokens),
+        train_time: Duration::from_millis(pick(w.train_ms, m.train_ms)),
+        charge_limit: None,
     }
 }
 
@@ -475,6 +454,31 @@ pub struct Grant {
     /// `budget exhausted: tenant-tokens`.
     #[serde(default)]
     pub charge_limit: Option<u64>,
+}
+
+impl Grant {
+    /// The grant as budgets (each one set): what a fit that asks for
+    /// nothing else wants ([`Policy::fit_grant`]).
+    pub fn budgets(&self) -> Budgets {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Budgets {
+            deadline_ms: Some(ms(self.deadline)),
+            memory_mib: Some(self.memory_bytes >> 20),
+            fuel: Some(self.fuel),
+            host_calls: Some(self.host_calls),
+            tokens: Some(self.tokens),
+            output_bytes: Some(self.output_bytes),
+            trace_events: Some(self.trace_events),
+            resources: Some(self.resources),
+            merges: Some(self.merges),
+            provenance_bytes: Some(self.provenance_bytes),
+            merge_memory_mib: Some(self.merge_memory_bytes >> 20),
+            train_runs: Some(self.train_runs),
+            train_steps: Some(self.train_steps),
+            train_tokens: Some(self.train_tokens),
+            train_ms: Some(ms(self.train_time)),
+        }
+    }
 }
 
 impl Manifest {
