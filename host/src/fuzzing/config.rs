@@ -25,22 +25,19 @@ pub fn check(data: &[u8]) {
         0 => {
             if let Some(m) = round_trip::<Manifest>(&text) {
                 let policy = Policy::default();
-                let grant = policy.grant(&m, &["a".to_string(), "b".to_string()]);
-                let max = Policy::builtin_maxima();
-                assert!(max.fuel.is_none_or(|f| grant.fuel <= f), "fuel past the maximum");
-                assert!(
-                    max.host_calls.is_none_or(|c| grant.host_calls <= c),
-                    "host calls past the maximum"
-                );
-                assert!(grant.memory_bytes <= crate::sandbox::MAX_MEMORY_BYTES as u64);
-                let fit = policy.fit_grant(&m, &["a".to_string(), "b".to_string()]);
-                let fmax = Policy::builtin_fit_maxima();
-                assert!(fmax.fuel.is_none_or(|f| fit.fuel <= f), "fit fuel past the maximum");
-                assert!(
-                    fmax.host_calls.is_none_or(|c| fit.host_calls <= c),
-                    "fit host calls past the maximum"
-                );
-                assert!(fit.memory_bytes <= crate::sandbox::MAX_MEMORY_BYTES as u64);
+                let pool = ["a".to_string(), "b".to_string()];
+                let grants = [
+                    ("request", policy.grant(&m, &pool), Policy::builtin_maxima()),
+                    ("fit", policy.fit_grant(&m, &pool), Policy::builtin_fit_maxima()),
+                ];
+                for (what, grant, max) in grants {
+                    assert!(max.fuel.is_none_or(|f| grant.fuel <= f), "{what} fuel past the maximum");
+                    assert!(
+                        max.host_calls.is_none_or(|c| grant.host_calls <= c),
+                        "{what} host calls past the maximum"
+                    );
+                    assert!(grant.memory_bytes <= crate::sandbox::MAX_MEMORY_BYTES as u64);
+                }
             }
         }
         1 => {
