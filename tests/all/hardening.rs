@@ -959,8 +959,9 @@ async fn a_member_chat_stops_where_the_daily_quota_ends() {
 async fn a_system_chat_stops_where_the_daily_quota_ends() {
     // A system's calls are not known at admission, which only checks that
     // some tokens are left; before, one majority-vote request with a large
-    // max_tokens ran its `slow` samples to 1,024 tokens each, ten times a
-    // 100-token day. Now the module runs metered: each sample may write
+    // max_tokens ran its two `slow` samples to 1,000 tokens each and was
+    // charged 2,012 of a 100-token day. Now the module runs metered: each
+    // sample may write
     // only what the inputs leave of the day, and a call that would pass it
     // ends the run with the quota's 429, not held against the module.
     let (rt, counts) = double::runtime("quota-system", Policy::default());
