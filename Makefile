@@ -182,13 +182,18 @@ contributors: setup
 HEADLINE_TASKS ?= arc-easy,arc-challenge,sciq,mmlu,boolq,hellaswag
 HEADLINE_STRATEGIES ?= option-fusion
 HEADLINE_OUT ?= docs/results/headline
+# Dev items per task, and anything else for `tessera eval` (labelled
+# variants' settings, e.g. HEADLINE_STRATEGIES=option-fusion,option-fusion@cal
+# HEADLINE_ARGS='--set cal.calibrate=fit').
+HEADLINE_DEV ?= 50
+HEADLINE_ARGS ?=
 headline: contributors
 	$(CARGO_TARGET_DIR)/debug/tessera pool fetch --pool large --quiet
 	cat $(CONTRIB_POOL) host/src/pool/large-extra.toml > $(CONTRIB_DIR)/headline-pool.toml
 	$(CARGO_TARGET_DIR)/debug/tessera eval --pool $(CONTRIB_DIR)/headline-pool.toml \
-	  --monolith qwen2.5-coder-1.5b-instruct --tasks $(HEADLINE_TASKS) --limit 200 --dev-limit 50 \
+	  --monolith qwen2.5-coder-1.5b-instruct --tasks $(HEADLINE_TASKS) --limit 200 --dev-limit $(HEADLINE_DEV) \
 	  --mcq option --strategies $(HEADLINE_STRATEGIES) --scaling --diversity --concurrency 2 \
-	  --out $(HEADLINE_OUT)
+	  $(HEADLINE_ARGS) --out $(HEADLINE_OUT)
 
 # A wgpu adapter for the merge shaders' tests: where no GPU driver is
 # installed, Mesa's llvmpipe software Vulkan device (Debian package
