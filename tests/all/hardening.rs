@@ -648,6 +648,11 @@ async fn one_tenant_cannot_get_a_system_quarantined_for_the_others() {
     assert!((1..=30).contains(&left), "{mine}");
     assert!(mine["quarantine"].get("keys").is_none(), "{mine}");
     assert!(mine["budgets"]["deadline_ms"].as_u64().unwrap() > 0, "{mine}");
+    // A module that asks nothing for its fit is granted its request's.
+    assert_eq!(
+        mine["fit_budgets"]["host_calls"], mine["budgets"]["host_calls"],
+        "{mine}"
+    );
     let listed = fragile(&alice, "/v1/models").await;
     assert!(
         listed["tessera"]["quarantine"]["for_this_key_s"].as_u64().is_some(),

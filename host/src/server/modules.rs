@@ -40,7 +40,8 @@ pub(crate) async fn modules_list(
 
 /// Adds to a module's listing what an operator or user needs to see before
 /// calling it: the budgets it is granted (its manifest's ask capped by the
-/// operator's policy), and its quarantine state. Quarantine is kept per
+/// operator's policy) per request and for its `fit`, and its quarantine
+/// state. Quarantine is kept per
 /// caller ([`breaker`]): a caller sees whether the module is quarantined
 /// for its own key; an admin also sees how many keys have it quarantined.
 /// The pool's member ids, which grants are computed over.
@@ -67,6 +68,18 @@ pub(crate) fn annotate(
             "tokens": g.tokens,
             "output_bytes": g.output_bytes,
             "members": g.models.len(),
+        });
+        // What its `fit` may use (run by the operator, not per request):
+        // the manifest's fit ask capped by the policy's fit maxima.
+        let f = st.rt.policy().fit_grant(m, pool);
+        v["fit_budgets"] = json!({
+            "deadline_ms": f.deadline.as_millis() as u64,
+            "host_calls": f.host_calls,
+            "tokens": f.tokens,
+            "train_runs": f.train_runs,
+            "train_steps": f.train_steps,
+            "train_tokens": f.train_tokens,
+            "train_ms": f.train_time.as_millis() as u64,
         });
     }
     let Some(sha) = sha256 else {
