@@ -68,6 +68,33 @@ pub fn sha256_file_remembered(path: &Path, memo_dir: &Path) -> std::io::Result<S
     Ok(sha256)
 }
 
+/// Removes the records in `memo_dir` ([`sha256_file_remembered`]) of
+/// files that no longer exist, and records that cannot be read as one:
+/// each is about 200 bytes, and without this a folder whose files come and
+/// go (pools fetched and removed, members replaced) would keep them all.
+/// Returns how many it removed; a memo that cannot be listed is left as
+/// it is (it is only a cache).
+pub fn forget_missing(memo_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(memo_dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let record = entry.path();
+        if record.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let stale = match std::fs::read_to_string(&record) {
+            Ok(text) => serde_json::from_str::<Remembered>(&text).map_or(true, |m| !Path::new(&m.path).exists()),
+            Err(_) => false,
+        };
+        if stale && std::fs::remove_file(&record).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// What [`sha256_file_remembered`] keeps per file.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Remembered {
@@ -240,6 +267,39 @@ mod tests {
         let blocked = dir.join("not-a-dir");
         std::fs::write(&blocked, b"x").unwrap();
         assert_eq!(sha256_file_remembered(&f, &blocked).unwrap(), again);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn records_of_files_gone_are_forgotten() {
+        let dir = std::env::temp_dir().join(format!("tessera-forget-{}", std::process::id()));
+        let memo = dir.join("memo");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (kept, gone) = (dir.join("kept.bin"), dir.join("gone.bin"));
+        std::fs::write(&kept, b"kept").unwrap();
+        std::fs::write(&gone, b"gone").unwrap();
+        sha256_file_remembered(&kept, &memo).unwrap();
+        sha256_file_remembered(&gone, &memo).unwrap();
+        std::fs::write(memo.join("torn.json"), b"{\"path\": ").unwrap();
+        std::fs::write(memo.join("notes.txt"), b"not a record").unwrap();
+        std::fs::remove_file(&gone).unwrap();
+        // The gone file's record and the unreadable one go; the rest stays.
+        assert_eq!(forget_missing(&memo), 2);
+        let mut left: Vec<String> = std::fs::read_dir(&memo)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left.contains(&"notes.txt".to_string()), "{left:?}");
+        // The kept file is still answered from its record.
+        let record = std::fs::read_dir(&memo)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "json"))
+            .unwrap();
+        assert!(std::fs::read_to_string(record).unwrap().contains("kept.bin"));
+        assert_eq!(forget_missing(&dir.join("no-such-memo")), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -285,18 +285,22 @@ pub fn fetch_member(
     Ok(Fetched::Installed)
 }
 
-/// Fetches every member; one failure does not stop the others.
+/// Fetches every member; one failure does not stop the others. Then
+/// forgets the remembered digests of files that are gone (fetching is when
+/// members' files are replaced).
 pub fn fetch_pool(
     config: &PoolConfig,
     models_dir: &Path,
     wheels_dir: &Path,
     show_progress: bool,
 ) -> Vec<(String, Result<Fetched, PoolError>)> {
-    config
+    let fetched = config
         .members
         .iter()
         .map(|m| (m.id.clone(), fetch_member(m, models_dir, wheels_dir, show_progress)))
-        .collect()
+        .collect();
+    crate::files::forget_missing(&super::verified_memo(models_dir));
+    fetched
 }
 
 #[cfg(test)]

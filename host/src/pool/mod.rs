@@ -378,7 +378,7 @@ pub struct Loaded {
 
 /// Where [`verify`] remembers the digests of files it has checked (see
 /// [`crate::files::sha256_file_remembered`]).
-fn verified_memo(models_dir: &Path) -> PathBuf {
+pub(super) fn verified_memo(models_dir: &Path) -> PathBuf {
     models_dir.join(".verified")
 }
 
