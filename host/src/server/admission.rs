@@ -64,6 +64,13 @@ pub(crate) fn seconds_to_next_utc_day(now_unix: i64) -> u64 {
     (86_400 - now_unix.rem_euclid(86_400)).max(1) as u64
 }
 
+/// The 429 of a tenant's daily token quota (`tokens_per_day`), retried
+/// when the quota renews; `message` says what was asked and what is left.
+pub(crate) fn day_quota_spent(message: &str) -> ApiError {
+    let now = super::now_unix() as i64;
+    ApiError::rate_limited("tokens_per_day", message, seconds_to_next_utc_day(now))
+}
+
 impl Admission {
     /// `max_inflight` requests at once, `max_queue` more waiting.
     pub fn new(max_inflight: usize, max_queue: usize) -> Self {
@@ -97,14 +104,10 @@ impl Admission {
                 .tokens_used(&tenant.name, day_of(now))
                 .map_err(ApiError::from)?;
             if used >= p.tokens_per_day {
-                return Err(ApiError::rate_limited(
-                    "tokens_per_day",
-                    &format!(
-                        "tenant `{}` used {used} of its {} tokens for today (UTC)",
-                        tenant.name, p.tokens_per_day
-                    ),
-                    seconds_to_next_utc_day(now),
-                ));
+                return Err(day_quota_spent(&format!(
+                    "tenant `{}` used {used} of its {} tokens for today (UTC)",
+                    tenant.name, p.tokens_per_day
+                )));
             }
             left = Some(p.tokens_per_day - used);
         }

@@ -283,14 +283,10 @@ fn within_quota(mut ask: Ask, target: &Target, left: Option<u64>) -> Result<Ask,
     };
     let prompt = crate::inference::tokens_for_bytes(ask.input.counted_bytes());
     if prompt >= left {
-        return Err(ApiError::rate_limited(
-            "tokens_per_day",
-            &format!(
-                "this prompt is about {prompt} tokens, more than the {left} tokens its tenant has left \
-                 for today (UTC): shorten it, or try again when the quota renews"
-            ),
-            super::admission::seconds_to_next_utc_day(now_unix() as i64),
-        ));
+        return Err(super::admission::day_quota_spent(&format!(
+            "this prompt is about {prompt} tokens, more than the {left} tokens its tenant has left \
+             for today (UTC): shorten it, or try again when the quota renews"
+        )));
     }
     let room = u32::try_from(left - prompt).unwrap_or(u32::MAX);
     let asked = ask.params.max_tokens.unwrap_or(crate::inference::DEFAULT_MAX_TOKENS);
@@ -491,15 +487,11 @@ pub(crate) async fn run_target(
             if matches!(&out, Err(Error::Budget { budget, .. }) if budget == crate::sandbox::QUOTA_BUDGET) {
                 let left = until.tokens_left.unwrap_or(0);
                 return (
-                    Err(ApiError::rate_limited(
-                        "tokens_per_day",
-                        &format!(
-                            "this request would use more than the {left} tokens its tenant had left for \
-                             today (UTC); it was stopped there and charged {used}: ask for less, or try \
-                             again when the quota renews"
-                        ),
-                        super::admission::seconds_to_next_utc_day(now_unix() as i64),
-                    )),
+                    Err(super::admission::day_quota_spent(&format!(
+                        "this request would use more than the {left} tokens its tenant had left for \
+                         today (UTC); it was stopped there and charged {used}: ask for less, or try \
+                         again when the quota renews"
+                    ))),
                     used,
                 );
             }
