@@ -638,13 +638,20 @@ impl models::Host for RequestState {
         if share == 0 {
             return Err(self.violate(Error::budget("tokens", self.grant.tokens as u64)));
         }
-        let read: usize = jobs
+        // What each job reads: nothing for one refused here (an unknown
+        // member, an oversized input), which is also what a cut costs.
+        let bytes: Vec<usize> = jobs
             .iter()
             .zip(&known)
-            .filter(|((_, input, _), ok)| **ok && input.check_size(0).is_ok())
-            .map(|((_, input, _), _)| input.counted_bytes())
-            .sum();
-        let room = self.quota_room(read)?;
+            .map(|((_, input, _), ok)| {
+                if *ok && input.check_size(0).is_ok() {
+                    input.counted_bytes()
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let room = self.quota_room(bytes.iter().sum())?;
         let share = share.min(within_room(room) / n);
         if share == 0 {
             let limit = self.grant.charge_limit.unwrap_or(0);
@@ -655,7 +662,6 @@ impl models::Host for RequestState {
         let started = Instant::now();
         let mut futs = Vec::with_capacity(jobs.len());
         let mut names = Vec::with_capacity(jobs.len());
-        let mut bytes = Vec::with_capacity(jobs.len());
         type Ended = Option<((u32, u32, u32), Duration)>;
         let ended: Arc<std::sync::Mutex<Vec<Ended>>> = Arc::new(std::sync::Mutex::new(vec![None; jobs.len()]));
         for ((model, input, mut params), ok) in jobs.into_iter().zip(known) {
@@ -663,9 +669,7 @@ impl models::Host for RequestState {
             let stopped = Arc::new(AtomicBool::new(false));
             stops.push(stopped.clone());
             params.max_tokens = Some(params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(share));
-            // What a cut costs: nothing for a job that is refused here.
             let fits = input.check_size(0);
-            bytes.push(if ok && fits.is_ok() { input.counted_bytes() } else { 0 });
             let fut = if !ok {
                 let m = model.clone();
                 Box::pin(async move { Err(crate::inference::InferenceError::UnknownModel(m)) })
