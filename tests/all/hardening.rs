@@ -925,21 +925,29 @@ async fn a_system_stops_with_its_model_calls_at_the_request_timeout() {
     assert_eq!(now - charged, 10);
 }
 
-#[tokio::test]
-async fn a_member_chat_stops_where_the_daily_quota_ends() {
-    // Admission lets a tenant in while it has any tokens left today; the
-    // completion may then take only what is left after the prompt, where
-    // before one request with a large max_tokens ran as far past the
-    // quota as it asked.
-    let (rt, counts) = double::runtime("quota-cap", Policy::default());
+/// A server over the double (state under `tag`) with one tenant, `name`,
+/// allowed 100 tokens a day and any number of requests a minute: the
+/// server, the double's counters, the registry and the tenant's key.
+async fn hundred_token_day(tag: &str, name: &str) -> (Srv, Arc<double::Counts>, Arc<Registry>, String) {
+    let (rt, counts) = double::runtime(tag, Policy::default());
     let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
     let capped = TenantPolicy {
         requests_per_minute: 0,
         tokens_per_day: 100,
         ..TenantPolicy::default()
     };
-    let key = registry.add_tenant("dave", &capped).unwrap();
+    let key = registry.add_tenant(name, &capped).unwrap();
     let srv = Srv::start(Arc::new(rt), registry.clone()).await;
+    (srv, counts, registry, key)
+}
+
+#[tokio::test]
+async fn a_member_chat_stops_where_the_daily_quota_ends() {
+    // Admission lets a tenant in while it has any tokens left today; the
+    // completion may then take only what is left after the prompt, where
+    // before one request with a large max_tokens ran as far past the
+    // quota as it asked.
+    let (srv, counts, registry, key) = hundred_token_day("quota-cap", "dave").await;
     let url = srv.url("/v1/chat/completions");
     let body = json!({"model": "slow", "messages": [{"role": "user", "content": "go"}], "max_tokens": 1000});
     let (status, v) = post(&url, Some(&key), &body).await;
@@ -966,18 +974,10 @@ async fn a_system_chat_stops_where_the_daily_quota_ends() {
     // some tokens are left; before, one majority-vote request with a large
     // max_tokens ran its two `slow` samples to 1,000 tokens each and was
     // charged 2,012 of a 100-token day. Now the module runs metered: each
-    // sample may write
-    // only what the inputs leave of the day, and a call that would pass it
-    // ends the run with the quota's 429, not held against the module.
-    let (rt, counts) = double::runtime("quota-system", Policy::default());
-    let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
-    let capped = TenantPolicy {
-        requests_per_minute: 0,
-        tokens_per_day: 100,
-        ..TenantPolicy::default()
-    };
-    let key = registry.add_tenant("erin", &capped).unwrap();
-    let srv = Srv::start(Arc::new(rt), registry.clone()).await;
+    // sample may write only what the inputs leave of the day, and a call
+    // that would pass it ends the run with the quota's 429, not held
+    // against the module.
+    let (srv, counts, registry, key) = hundred_token_day("quota-system", "erin").await;
     let url = srv.url("/v1/chat/completions");
     let body = json!({
         "model": "majority-vote",
