@@ -662,3 +662,94 @@ async fn a_held_out_monolith_answers_alone_and_strategies_are_paired_against_it(
     let err = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap_err();
     assert!(err.to_string().contains("--pool large"), "{err}");
 }
+
+#[tokio::test]
+async fn dev_chosen_is_picked_by_cross_validation_and_answers_as_its_pick() {
+    let mut c = config();
+    c.mcq = McqMode::Option;
+    c.dev_limit = 6;
+    c.select_folds = 3;
+    c.strategies = vec!["option-fusion".into(), "option-fusion@smol".into()];
+    c.strategy_config = [("smol.models".to_string(), SMOL.to_string())].into();
+    let rep = tessera::eval::run(runtime(), c.clone(), &Cache::disabled())
+        .await
+        .unwrap();
+    let chosen = rep
+        .results
+        .iter()
+        .find(|r| r.kind == "dev-chosen")
+        .expect("a dev-chosen row");
+    let sel = chosen.selection.as_ref().expect("it says how it was chosen");
+    assert_eq!(sel.folds, 3);
+    let names: Vec<&str> = sel.candidates.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["best-single", "strategy:option-fusion", "strategy:option-fusion@smol"]
+    );
+    // Every candidate was scored on all six dev items, each out of fold.
+    for (n, acc) in &sel.candidates {
+        let sixths = acc * 6.0;
+        assert!(
+            (sixths - sixths.round()).abs() < 1e-9 && (0.0..=1.0).contains(acc),
+            "{n}: {acc}"
+        );
+    }
+    // The pick is the first of the best, and it answers the test items
+    // exactly as that system does in the same report.
+    let top = sel.candidates.iter().map(|(_, a)| *a).fold(f64::MIN, f64::max);
+    let first = sel.candidates.iter().find(|(_, a)| *a == top).unwrap();
+    assert_eq!(sel.chosen, first.0);
+    let picked = rep.results.iter().find(|r| r.system == sel.chosen).unwrap();
+    let scores = |r: &tessera::eval::SystemResult| r.items.iter().map(|i| i.score).collect::<Vec<_>>();
+    assert_eq!(scores(chosen), scores(picked));
+    assert_eq!(chosen.accuracy, picked.accuracy);
+    // It is paired with the references like a strategy, per task and on
+    // the macro average, and the report leads with it.
+    let d = chosen.vs_best.expect("paired with best-single");
+    let best = rep.results.iter().find(|r| r.kind == "best-single").unwrap();
+    assert!((d.diff - (chosen.accuracy - best.accuracy)).abs() < 1e-9, "{d:?}");
+    assert!(rep.paired.contains_key("dev-chosen"));
+    let lines = report::dev_chosen_verdict(&rep);
+    assert!(lines.len() == 2 && lines[0].starts_with("dev-chosen ("), "{lines:?}");
+    assert!(report::table(&rep).contains("chosen on dev: dev-chosen"));
+    let dir = scratch("eval-dev-chosen");
+    report::write(&rep, &dir, "tessera eval --select-folds 3").unwrap();
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("What `dev-chosen` picked") && md.contains("**Chosen on dev**"),
+        "{md}"
+    );
+
+    // Without --select-folds there is no such row.
+    c.select_folds = 0;
+    let plain = tessera::eval::run(runtime(), c, &Cache::disabled()).await.unwrap();
+    assert!(plain.results.iter().all(|r| r.kind != "dev-chosen"));
+    let (ok, _, err) = crate::common::tessera(&["eval", "--tasks", "arc-easy", "--select-folds", "1"]);
+    assert!(!ok && err.contains("at least 2 folds"), "{err}");
+}
+
+#[tokio::test]
+async fn skip_tests_later_items_of_the_split() {
+    let mut cfg = config();
+    cfg.strategies.clear();
+    cfg.tasks = vec!["arc-easy".into(), "sciq".into()];
+    let all = tessera::eval::run(runtime(), cfg.clone(), &Cache::disabled())
+        .await
+        .unwrap();
+    cfg.skip = 2;
+    cfg.task_skips.insert("sciq".into(), 1);
+    let later = tessera::eval::run(runtime(), cfg, &Cache::disabled()).await.unwrap();
+    let ids = |r: &tessera::eval::Report, task: &str| -> Vec<String> {
+        let m = r.results.iter().find(|x| x.kind == "member" && x.task == task).unwrap();
+        m.items.iter().map(|i| i.item.clone()).collect()
+    };
+    // --limit counts after the skip: items 3-5 and 2-4 of the splits.
+    assert_eq!(ids(&later, "arc-easy")[0], ids(&all, "arc-easy")[2]);
+    assert_eq!(ids(&later, "sciq")[..2], ids(&all, "sciq")[1..]);
+    assert_eq!(later.tasks.iter().map(|t| t.test).collect::<Vec<_>>(), vec![3, 3]);
+    let (ok, _, err) = crate::common::tessera(&["eval", "--tasks", "arc-easy", "--task-skip", "gsm8k=2"]);
+    assert!(
+        !ok && err.contains("--task-skip gsm8k=2") && err.contains("not among --tasks"),
+        "{err}"
+    );
+}

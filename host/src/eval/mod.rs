@@ -67,6 +67,16 @@ pub struct EvalConfig {
     /// task can run fewer items than the rest in the same report).
     #[serde(default)]
     pub task_limits: BTreeMap<String, usize>,
+    /// Test items left out at the start of every task's test split, before
+    /// `limit` applies: a later run can test on items that no choice of an
+    /// earlier run saw (`--skip 400 --limit 200` tests items 401-600)
+    /// without paying for the earlier items again.
+    #[serde(default)]
+    pub skip: usize,
+    /// `skip` for particular tasks, overriding it (a task with a shorter
+    /// test split runs out of items sooner).
+    #[serde(default)]
+    pub task_skips: BTreeMap<String, usize>,
     /// Dev items per task used to pick the best member and to fit strategies.
     pub dev_limit: usize,
     /// How single members answer multiple choice.
@@ -99,6 +109,10 @@ pub struct EvalConfig {
     /// parameters is the monolith and stays in the pool.
     #[serde(default)]
     pub monolith: Option<String>,
+    /// Folds of the cross-validation that picks `dev-chosen` (see
+    /// [`Selection`]); 0 (the default) or 1: no `dev-chosen` system.
+    #[serde(default)]
+    pub select_folds: usize,
     /// Draw progress bars.
     #[serde(skip)]
     pub progress: bool,
@@ -111,6 +125,8 @@ impl Default for EvalConfig {
             strategies: Vec::new(),
             limit: None,
             task_limits: BTreeMap::new(),
+            skip: 0,
+            task_skips: BTreeMap::new(),
             dev_limit: 20,
             mcq: McqMode::Generate,
             max_tokens: None,
@@ -121,6 +137,7 @@ impl Default for EvalConfig {
             subsets_per_size: 3,
             diversity: false,
             monolith: None,
+            select_folds: 0,
             progress: false,
         }
     }
@@ -197,8 +214,42 @@ pub struct SystemResult {
     /// Strategies only: the paired difference from the monolith.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_monolith: Option<metrics::Delta>,
+    /// `dev-chosen` only: which system it is on this task, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<Selection>,
     /// Per-item outcomes.
     pub items: Vec<ItemResult>,
+    /// Single members only: the per-item dev scores behind `dev_accuracy`,
+    /// which the cross-validation of `dev-chosen` re-splits. Not part of
+    /// the report.
+    #[serde(skip)]
+    pub dev_scores: Vec<f64>,
+}
+
+/// How `dev-chosen` picked its system on one task.
+///
+/// A report with several strategies (or variants of one) invites choosing
+/// the one with the best *test* score, and that choice flatters it: on the
+/// calibrated-fusion runs a variant chosen so led the best member by +2.6
+/// points on its own items and by -0.5 on items no choice saw. The
+/// `dev-chosen` system makes the choice a deployment could make: per task,
+/// among `best-single` and every strategy, the one whose accuracy on dev
+/// items it was not fitted on is highest. Each candidate is scored by
+/// K-fold cross-validation on the dev split (a strategy is fitted on K-1
+/// folds and answers the held-out one; `best-single` picks its member on
+/// K-1 folds), so a strategy's fit cannot flatter its own dev score. Ties
+/// go to `best-single`, the cheaper system. The chosen system then answers
+/// the test items as fitted on the whole dev split, so its test score is
+/// exactly that system's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Selection {
+    /// The folds.
+    pub folds: usize,
+    /// The chosen candidate's system (`best-single` or `strategy:<name>`).
+    pub chosen: String,
+    /// Every candidate with its cross-validated dev accuracy, in the order
+    /// they were considered (`best-single` first).
+    pub candidates: Vec<(String, f64)>,
 }
 
 /// A strategy's paired differences on the macro average (the report's
@@ -522,7 +573,9 @@ fn summarize(
         top_pick: None,
         vs_best: None,
         vs_monolith: None,
+        selection: None,
         items,
+        dev_scores: Vec::new(),
     }
 }
 
@@ -722,13 +775,15 @@ fn load_tasks(rt: &Runtime, names: &[String]) -> Result<Vec<Task>, Error> {
         .collect()
 }
 
-/// The dev items (at most `dev_limit`) and the test items (at most the
-/// task's own limit, else `limit`, else all) of `task`.
+/// The dev items (at most `dev_limit`) and the test items (after the
+/// task's own skip, else `skip`; at most the task's own limit, else
+/// `limit`, else all) of `task`.
 fn task_items(task: &Task, cfg: &EvalConfig) -> (Vec<Item>, Vec<Item>) {
     let dev: Vec<Item> = task.dev().iter().take(cfg.dev_limit).cloned().collect();
     let test: Vec<Item> = task
         .test()
         .iter()
+        .skip(cfg.task_skips.get(task.info.name).copied().unwrap_or(cfg.skip))
         .take(
             cfg.task_limits
                 .get(task.info.name)
@@ -781,6 +836,84 @@ fn all_fail(singles: &[SystemResult], n: usize) -> Vec<bool> {
     (0..n).map(|i| singles.iter().all(|s| s.items[i].score < 0.5)).collect()
 }
 
+/// Sets a system's emergent solves: the share of its test items that it
+/// gets right and every single member (`all_fail`) gets wrong.
+fn count_emergent(s: &mut SystemResult, all_fail: &[bool]) {
+    let solved = s
+        .items
+        .iter()
+        .zip(all_fail)
+        .filter(|(r, f)| **f && r.score >= 0.5)
+        .count();
+    s.emergent = Some(if s.items.is_empty() {
+        0.0
+    } else {
+        solved as f64 / s.items.len() as f64
+    });
+    s.all_fail = Some(all_fail.iter().filter(|x| **x).count());
+}
+
+/// The fold (in `0..k`) of each of `n` dev items: a permutation drawn with
+/// `seed` and dealt out in turn, so folds differ in size by at most one and
+/// do not follow the order of the data (MMLU's dev items come grouped by
+/// subject).
+fn folds(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed ^ 0x5eed_f01d;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    let mut fold = vec![0; n];
+    for (turn, item) in order.into_iter().enumerate() {
+        fold[item] = turn % k.max(1);
+    }
+    fold
+}
+
+/// `best-single` cross-validated: for each fold, the member with the best
+/// mean dev score on the other folds (ties to the first, as
+/// [`best_on_dev`]) answers that fold's items. `dev_scores` holds each
+/// member's per-item dev scores; returns the out-of-fold score per item.
+fn best_single_out_of_fold(dev_scores: &[&[f64]], fold: &[usize], k: usize) -> Vec<f64> {
+    let mut out = vec![0.0; fold.len()];
+    for f in 0..k {
+        let train_mean = |scores: &[f64]| {
+            let kept: Vec<f64> = scores
+                .iter()
+                .zip(fold)
+                .filter(|(_, g)| **g != f)
+                .map(|(x, _)| *x)
+                .collect();
+            metrics::mean(&kept)
+        };
+        let means: Vec<f64> = dev_scores.iter().map(|s| train_mean(s)).collect();
+        let Some(member) = dev_scores.get(first_best(&means)) else {
+            continue;
+        };
+        for (i, g) in fold.iter().enumerate() {
+            if *g == f {
+                out[i] = member.get(i).copied().unwrap_or(0.0);
+            }
+        }
+    }
+    out
+}
+
+/// The index of the highest score, the first of equals (0 when empty).
+fn first_best(scores: &[f64]) -> usize {
+    scores
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, x)| if *x > scores[best] { i } else { best })
+}
+
 /// Each strategy's paired differences from `best-single` and the monolith
 /// on one task (`references` holds those two).
 fn pair_with_references(strategies: &mut [SystemResult], references: &[SystemResult], seed: u64) {
@@ -815,7 +948,7 @@ fn paired_macro(results: &[SystemResult], tasks: &[TaskSummary], seed: u64) -> B
     let mut out = BTreeMap::new();
     let mut systems: Vec<&str> = results
         .iter()
-        .filter(|r| r.kind == "strategy")
+        .filter(|r| r.kind == "strategy" || r.kind == "dev-chosen")
         .map(|r| r.system.as_str())
         .collect();
     systems.sort();
@@ -896,6 +1029,9 @@ impl Evaluation<'_> {
         // Strategies: fit on dev, run on test.
         let dev_examples: Vec<crate::request::Example> = dev.iter().map(Item::example).collect();
         let mut strategies = self.strategies(task, &dev_examples, &test, &singles).await?;
+        if let Some(chosen) = self.dev_chosen(task, &dev, &singles, &derived, &strategies).await? {
+            strategies.push(chosen);
+        }
         pair_with_references(&mut strategies, &derived, self.cfg.seed);
         derived.extend(strategies);
         self.sweeps(task, &dev_examples, &test, &singles, out).await?;
@@ -951,7 +1087,8 @@ impl Evaluation<'_> {
             cfg.seed,
         );
         if !dev_out.is_empty() {
-            s.dev_accuracy = Some(metrics::mean(&dev_out.iter().map(|r| r.score).collect::<Vec<_>>()));
+            s.dev_scores = dev_out.iter().map(|r| r.score).collect();
+            s.dev_accuracy = Some(metrics::mean(&s.dev_scores));
         }
         s
     }
@@ -966,9 +1103,7 @@ impl Evaluation<'_> {
         test: &[Item],
         singles: &[SystemResult],
     ) -> Result<Vec<SystemResult>, Error> {
-        // Items every single member gets wrong.
         let all_fail = all_fail(singles, test.len());
-        let n_fail = all_fail.iter().filter(|x| **x).count();
         let mut results = Vec::new();
         for strategy in &self.strategies {
             let (out, fit_error) = strategy_on(
@@ -983,7 +1118,6 @@ impl Evaluation<'_> {
                 self.strategy_members.as_deref(),
             )
             .await?;
-            let emergent = out.iter().zip(&all_fail).filter(|(r, f)| **f && r.score >= 0.5).count();
             let mut s = summarize(
                 format!("strategy:{}", strategy.name),
                 "strategy",
@@ -992,16 +1126,86 @@ impl Evaluation<'_> {
                 out,
                 self.cfg.seed,
             );
-            s.emergent = Some(if test.is_empty() {
-                0.0
-            } else {
-                emergent as f64 / test.len() as f64
-            });
-            s.all_fail = Some(n_fail);
+            count_emergent(&mut s, &all_fail);
             s.fit_error = fit_error;
             results.push(s);
         }
         Ok(results)
+    }
+
+    /// The `dev-chosen` system of one task (see [`Selection`]): `None`
+    /// unless `select_folds` asks for it and the dev split has an item per
+    /// fold. `derived` holds `best-single`, `strategies` the strategies'
+    /// test results as fitted on the whole dev split.
+    async fn dev_chosen(
+        &self,
+        task: &Task,
+        dev: &[Item],
+        singles: &[SystemResult],
+        derived: &[SystemResult],
+        strategies: &[SystemResult],
+    ) -> Result<Option<SystemResult>, Error> {
+        let k = self.cfg.select_folds;
+        let Some(best) = derived.iter().find(|s| s.kind == "best-single") else {
+            return Ok(None);
+        };
+        if k < 2 || dev.len() < k {
+            return Ok(None);
+        }
+        let fold = folds(dev.len(), k, self.cfg.seed);
+        let dev_scores: Vec<&[f64]> = singles.iter().map(|s| s.dev_scores.as_slice()).collect();
+        let mut candidates = vec![(
+            best.system.clone(),
+            metrics::mean(&best_single_out_of_fold(&dev_scores, &fold, k)),
+        )];
+        for (strategy, result) in self.strategies.iter().zip(strategies) {
+            let mut oof = vec![0.0; dev.len()];
+            for f in 0..k {
+                let fitted_on: Vec<crate::request::Example> = dev
+                    .iter()
+                    .zip(&fold)
+                    .filter(|(_, g)| **g != f)
+                    .map(|(item, _)| item.example())
+                    .collect();
+                let (at, held): (Vec<usize>, Vec<Item>) = dev
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| fold[*i] == f)
+                    .map(|(i, item)| (i, item.clone()))
+                    .unzip();
+                let (out, _) = strategy_on(
+                    self.rt,
+                    self.cache,
+                    &self.mp,
+                    strategy,
+                    task.info.name,
+                    &fitted_on,
+                    &held,
+                    self.cfg,
+                    self.strategy_members.as_deref(),
+                )
+                .await?;
+                for (i, r) in at.into_iter().zip(out) {
+                    oof[i] = r.score;
+                }
+            }
+            candidates.push((result.system.clone(), metrics::mean(&oof)));
+        }
+        let pick = first_best(&candidates.iter().map(|(_, x)| *x).collect::<Vec<f64>>());
+        let chosen = if pick == 0 { best } else { &strategies[pick - 1] };
+        let mut s = chosen.clone();
+        s.system = "dev-chosen".into();
+        s.kind = "dev-chosen".into();
+        s.vs_best = None;
+        s.vs_monolith = None;
+        let fails = all_fail(singles, s.items.len());
+        count_emergent(&mut s, &fails);
+        s.selection = Some(Selection {
+            folds: k,
+            chosen: chosen.system.clone(),
+            candidates,
+        });
+        Ok(Some(s))
     }
 
     /// `--scaling` and `--diversity`: each strategy over the task's
@@ -1457,6 +1661,42 @@ fn macro_averages(results: &[SystemResult], tasks: &[TaskSummary]) -> BTreeMap<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folds_are_balanced_seeded_and_not_the_data_order() {
+        let f = folds(23, 5, 7);
+        let mut sizes = [0usize; 5];
+        for g in &f {
+            sizes[*g] += 1;
+        }
+        assert!(sizes.iter().all(|n| *n == 4 || *n == 5), "{sizes:?}");
+        assert_eq!(f, folds(23, 5, 7), "the same seed deals the same folds");
+        assert_ne!(f, folds(23, 5, 8));
+        let in_turn: Vec<usize> = (0..23).map(|i| i % 5).collect();
+        assert_ne!(f, in_turn, "items are shuffled before they are dealt");
+        assert!(folds(0, 5, 1).is_empty());
+    }
+
+    #[test]
+    fn a_member_choice_that_does_not_generalise_scores_zero_out_of_fold() {
+        // Each member is right on exactly the items of one fold: in-sample
+        // either looks like 50%, but the member chosen on the other fold is
+        // always the wrong one for the held-out items.
+        let (a, b) = ([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]);
+        let fold = [0, 1, 0, 1];
+        assert_eq!(best_single_out_of_fold(&[&a, &b], &fold, 2), vec![0.0; 4]);
+        // A member at least as good on every fold is chosen on every fold
+        // (on the fold where both are perfect, as the one listed first).
+        let c = [1.0, 1.0, 1.0, 0.0];
+        assert_eq!(best_single_out_of_fold(&[&c, &a], &fold, 2), c.to_vec());
+    }
+
+    #[test]
+    fn the_first_of_equal_scores_wins() {
+        assert_eq!(first_best(&[0.4, 0.6, 0.6]), 1);
+        assert_eq!(first_best(&[0.5, 0.5]), 0);
+        assert_eq!(first_best(&[]), 0);
+    }
 
     #[test]
     fn best_on_dev_breaks_ties_by_pool_order() {

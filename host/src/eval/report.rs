@@ -13,7 +13,7 @@ use super::{Report, SystemResult, TaskSummary};
 /// The systems in report order: members, best-single, monolith, strategies.
 fn systems(r: &Report) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for kind in ["member", "best-single", "monolith", "strategy"] {
+    for kind in ["member", "best-single", "monolith", "strategy", "dev-chosen"] {
         for x in r.results.iter().filter(|x| x.kind == kind) {
             if !out.contains(&x.system) {
                 out.push(x.system.clone());
@@ -28,11 +28,16 @@ fn find<'a>(r: &'a Report, system: &str, task: &str) -> Option<&'a SystemResult>
 }
 
 /// The system's name, with the member(s) behind `best-single` / `monolith`
-/// (the best single member is chosen per task, so it may name several).
+/// (the best single member is chosen per task, so it may name several), or
+/// the systems `dev-chosen` picked.
 fn label(r: &Report, system: &str) -> String {
-    let mut members: Vec<&str> = Vec::new();
+    let mut members: Vec<String> = Vec::new();
     for x in r.results.iter().filter(|x| x.system == system && x.kind != "member") {
-        if let Some(m) = x.member.as_deref() {
+        let behind = match &x.selection {
+            Some(sel) => Some(label_of_choice(sel, x.member.as_deref())),
+            None => x.member.clone(),
+        };
+        if let Some(m) = behind {
             if !members.contains(&m) {
                 members.push(m);
             }
@@ -69,9 +74,24 @@ fn best_strategy(r: &Report) -> Option<String> {
 /// points, its paired bootstrap 95% interval, and whether the interval
 /// clears zero. Empty when no strategy ran.
 pub fn verdict(r: &Report) -> Vec<String> {
-    let Some(best) = best_strategy(r) else {
-        return Vec::new();
-    };
+    match best_strategy(r) {
+        Some(best) => against_references(r, &best),
+        None => Vec::new(),
+    }
+}
+
+/// [`verdict`]'s lines for the `dev-chosen` system (see
+/// [`super::Selection`]), the one comparison whose choice of system no
+/// test item informed. Empty when the run did not ask for it
+/// (`--select-folds`).
+pub fn dev_chosen_verdict(r: &Report) -> Vec<String> {
+    against_references(r, "dev-chosen")
+}
+
+/// One line each for how `system` compares with `best-single` and the
+/// monolith on the macro average.
+fn against_references(r: &Report, best: &str) -> Vec<String> {
+    let best = best.to_string();
     let overall = |sys: &str| {
         r.macro_avg
             .get(sys)
@@ -92,7 +112,7 @@ pub fn verdict(r: &Report) -> Vec<String> {
         };
         out.push(format!(
             "{} {:.1} vs {} {:.1}: {:+.1} points, paired 95% CI [{:+.1}, {:+.1}] over {} items: {what}",
-            best,
+            label(r, &best),
             100.0 * overall(&best),
             label(r, reference),
             100.0 * overall(reference),
@@ -150,6 +170,49 @@ fn paired_section(s: &mut String, r: &Report) {
     }
 }
 
+/// The markdown table of what `dev-chosen` picked on each task, with every
+/// candidate's cross-validated dev accuracy.
+fn selection_section(s: &mut String, r: &Report) {
+    let chosen: Vec<(&SystemResult, &super::Selection)> = r
+        .results
+        .iter()
+        .filter_map(|x| Some((x, x.selection.as_ref()?)))
+        .collect();
+    let Some((_, first)) = chosen.first() else {
+        return;
+    };
+    let _ = writeln!(
+        s,
+        "\n## What `dev-chosen` picked\n\nPer task, each candidate's accuracy on dev items it was not fitted \
+         on ({}-fold cross-validation over the dev split); the highest is chosen, ties going to best-single, \
+         and then answers the test items as fitted on the whole dev split.\n\n| task | chosen | dev accuracy, cross-validated |\n|---|---|---|",
+        first.folds
+    );
+    for (x, sel) in chosen {
+        let candidates: Vec<String> = sel
+            .candidates
+            .iter()
+            .map(|(sys, acc)| format!("{} {:.1}", sys.trim_start_matches("strategy:"), 100.0 * acc))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            x.task,
+            label_of_choice(sel, x.member.as_deref()),
+            candidates.join(", ")
+        );
+    }
+}
+
+/// What a `dev-chosen` result is on its task: the strategy's name, or
+/// `best-single: <member>`.
+fn label_of_choice(sel: &super::Selection, member: Option<&str>) -> String {
+    match member {
+        Some(m) if sel.chosen == "best-single" => format!("best-single: {m}"),
+        _ => sel.chosen.trim_start_matches("strategy:").to_string(),
+    }
+}
+
 /// The terminal table: accuracy per task, overall macro average, cost.
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
@@ -200,6 +263,9 @@ pub fn table(r: &Report) -> String {
             tokens as f64 / n.max(1) as f64,
             ms as f64 / 1000.0 / n.max(1) as f64
         );
+    }
+    for line in dev_chosen_verdict(r) {
+        let _ = writeln!(s, "chosen on dev: {line}");
     }
     for line in verdict(r) {
         let _ = writeln!(s, "best system: {line}");
@@ -300,6 +366,18 @@ fn markdown(r: &Report, command: &str) -> String {
         r.wall_s,
         r.pool.iter().map(|c| c.id.as_str()).collect::<Vec<_>>().join(", ")
     );
+    let lines = dev_chosen_verdict(r);
+    if !lines.is_empty() {
+        let _ = writeln!(
+            s,
+            "**Chosen on dev** (per task, among best-single and every strategy, the one with the best \
+             cross-validated dev accuracy; no test item informed the choice):\n"
+        );
+        for line in lines {
+            let _ = writeln!(s, "- {line}");
+        }
+        s.push('\n');
+    }
     let lines = verdict(r);
     if !lines.is_empty() {
         let _ = writeln!(
@@ -363,6 +441,7 @@ fn markdown(r: &Report, command: &str) -> String {
         let _ = writeln!(s, " {:.1} |", 100.0 * overall);
     }
     paired_section(&mut s, r);
+    selection_section(&mut s, r);
     let _ = writeln!(
         s,
         "\n## Emergent solves and cost (test split)\n\n\"Emergent\" is the share of test items that every single member gets wrong and the system gets right.\n\n| system | task | emergent | all members wrong | host calls / item | tokens / item | s / item | errors |\n|---|---|---|---|---|---|---|---|"
@@ -607,7 +686,7 @@ fn plot_accuracy(r: &Report, path: &Path) -> Result<(), String> {
         .draw_series(overall.iter().enumerate().map(|(i, v)| {
             let kind = r.results.iter().find(|x| x.system == sys[i]).map(|x| x.kind.as_str());
             let color = match kind {
-                Some("strategy") => RGBColor(31, 119, 180),
+                Some("strategy") | Some("dev-chosen") => RGBColor(31, 119, 180),
                 Some("best-single") | Some("monolith") => RGBColor(255, 127, 14),
                 _ => RGBColor(150, 150, 150),
             };

@@ -117,6 +117,20 @@ struct EvalArgs {
     /// e.g. `--task-limit gsm8k=6` when long answers make a task costly.
     #[arg(long = "task-limit", value_name = "TASK=N")]
     task_limit: Vec<String>,
+    /// Test items left out at the start of every task's test split, before
+    /// --limit applies: `--skip 400 --limit 200` tests items 401-600, which
+    /// no choice made on an earlier run's items 1-400 saw.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// --skip for one task, overriding it: `TASK=N` (repeatable).
+    #[arg(long = "task-skip", value_name = "TASK=N")]
+    task_skip: Vec<String>,
+    /// Also report `dev-chosen`: per task, whichever of best-single and the
+    /// strategies scores best on dev items it was not fitted on, by K-fold
+    /// cross-validation (K fits per strategy and task), so the system
+    /// compared with the references is chosen without the test items.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    select_folds: usize,
     /// Dev items per task (best-member choice and strategies' fit).
     #[arg(long, default_value_t = 20)]
     dev_limit: usize,
@@ -616,6 +630,35 @@ fn rerender(path: &std::path::Path, out: &std::path::Path) -> Result<String, Err
     ))
 }
 
+/// Parses the `TASK=N` values of a per-task option (`--task-limit`,
+/// `--task-skip`); a task outside `--tasks` is refused, not ignored.
+fn per_task_counts(
+    flag: &str,
+    values: &[String],
+    tasks: &[String],
+    example: &str,
+) -> Result<std::collections::BTreeMap<String, usize>, Error> {
+    let mut out = std::collections::BTreeMap::new();
+    for kv in values {
+        let parsed = kv
+            .split_once('=')
+            .and_then(|(t, n)| Some((t.trim().to_string(), n.trim().parse::<usize>().ok()?)));
+        match parsed {
+            Some((t, n)) if tasks.contains(&t) => {
+                out.insert(t, n);
+            }
+            Some((t, _)) => {
+                return Err(Error::config(format!(
+                    "{flag} {kv}: `{t}` is not among --tasks ({})",
+                    tasks.join(",")
+                )))
+            }
+            None => return Err(Error::config(format!("{flag} {kv}: write TASK=N, e.g. {example}"))),
+        }
+    }
+    Ok(out)
+}
+
 async fn eval(args: EvalArgs) -> Result<String, Error> {
     if let Some(path) = &args.from_report {
         return rerender(path, &args.out);
@@ -655,29 +698,20 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         .collect();
     let store = tessera::eval::cache::PersistedCalls::new(cache.clone(), fingerprints);
     let memo = rt.memoize_calls(200_000, Some(std::sync::Arc::new(store)));
-    let mut task_limits = std::collections::BTreeMap::new();
-    for kv in &args.task_limit {
-        let parsed = kv
-            .split_once('=')
-            .and_then(|(t, n)| Some((t.trim().to_string(), n.trim().parse::<usize>().ok()?)));
-        match parsed {
-            Some((t, n)) if args.tasks.contains(&t) => {
-                task_limits.insert(t, n);
-            }
-            Some((t, _)) => {
-                return Err(Error::config(format!(
-                    "--task-limit {kv}: `{t}` is not among --tasks ({})",
-                    args.tasks.join(",")
-                )))
-            }
-            None => return Err(Error::config(format!("--task-limit {kv}: write TASK=N, e.g. gsm8k=6"))),
-        }
+    let task_limits = per_task_counts("--task-limit", &args.task_limit, &args.tasks, "gsm8k=6")?;
+    let task_skips = per_task_counts("--task-skip", &args.task_skip, &args.tasks, "hellaswag=200")?;
+    if args.select_folds == 1 {
+        return Err(Error::config(
+            "--select-folds 1: cross-validation needs at least 2 folds (5 is usual); 0 turns `dev-chosen` off",
+        ));
     }
     let cfg = tessera::eval::EvalConfig {
         tasks: args.tasks.clone(),
         strategies: args.strategies.clone(),
         limit: args.limit,
         task_limits,
+        skip: args.skip,
+        task_skips,
         dev_limit: args.dev_limit,
         mcq,
         max_tokens: args.max_tokens,
@@ -688,6 +722,7 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         subsets_per_size: args.subsets_per_size,
         diversity: args.diversity,
         monolith: args.monolith.clone(),
+        select_folds: args.select_folds,
         progress: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let mut report = tessera::eval::run(&rt, cfg, &cache).await?;
