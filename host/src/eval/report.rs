@@ -10,7 +10,8 @@ use plotters::prelude::*;
 
 use super::{Report, SystemResult, TaskSummary};
 
-/// The systems in report order: members, best-single, monolith, strategies.
+/// The systems in report order: members, best-single, monolith, strategies,
+/// dev-chosen.
 fn systems(r: &Report) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for kind in ["member", "best-single", "monolith", "strategy", "dev-chosen"] {
@@ -90,8 +91,7 @@ pub fn dev_chosen_verdict(r: &Report) -> Vec<String> {
 
 /// One line each for how `system` compares with `best-single` and the
 /// monolith on the macro average.
-fn against_references(r: &Report, best: &str) -> Vec<String> {
-    let best = best.to_string();
+fn against_references(r: &Report, system: &str) -> Vec<String> {
     let overall = |sys: &str| {
         r.macro_avg
             .get(sys)
@@ -99,7 +99,7 @@ fn against_references(r: &Report, best: &str) -> Vec<String> {
             .copied()
             .unwrap_or(0.0)
     };
-    let Some(paired) = r.paired.get(&best) else {
+    let Some(paired) = r.paired.get(system) else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -112,8 +112,8 @@ fn against_references(r: &Report, best: &str) -> Vec<String> {
         };
         out.push(format!(
             "{} {:.1} vs {} {:.1}: {:+.1} points, paired 95% CI [{:+.1}, {:+.1}] over {} items: {what}",
-            label(r, &best),
-            100.0 * overall(&best),
+            label(r, system),
+            100.0 * overall(system),
             label(r, reference),
             100.0 * overall(reference),
             100.0 * d.diff,
