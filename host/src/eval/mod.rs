@@ -858,14 +858,7 @@ fn count_emergent(s: &mut SystemResult, all_fail: &[bool]) {
 /// do not follow the order of the data (MMLU's dev items come grouped by
 /// subject).
 fn folds(n: usize, k: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed ^ 0x5eed_f01d;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut next = splitmix(seed ^ 0x5eed_f01d);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         order.swap(i, (next() % (i as u64 + 1)) as usize);
@@ -1337,19 +1330,26 @@ async fn strategy_on(
 /// masks) and drawn from the list; larger ones are drawn directly.
 const ENUMERATED_UP_TO: usize = 20;
 
+/// A splitmix64 stream from `seed`: the harness's seeded draws (sub-pools,
+/// folds) follow from the run's seed alone, with no RNG crate whose value
+/// stream could change between versions and move a report's samples.
+fn splitmix(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
 /// Sub-pools of every size 1..N: all of them when a size has at most
 /// `subsets_per_size`, else that many drawn with the run's seed.
 fn subsets(ids: &[String], per_size: usize, seed: u64) -> Vec<Vec<String>> {
     let n = ids.len();
     let mut out = Vec::new();
-    let mut rng = seed ^ 0x5CA1_AB1E;
-    let mut next = move || {
-        rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut next = splitmix(seed ^ 0x5CA1_AB1E);
     if n > ENUMERATED_UP_TO {
         return sampled_subsets(ids, per_size, &mut next);
     }
