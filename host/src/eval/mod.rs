@@ -536,13 +536,9 @@ fn failed(item: &Item, error: String, started: Instant) -> ItemResult {
 /// single in `--scaling` / `--diversity` use this one rule, so the full
 /// pool's sub-pool point agrees with the report.
 fn best_on_dev<'a>(singles: impl IntoIterator<Item = &'a SystemResult>) -> Option<&'a SystemResult> {
-    let dev = |s: &SystemResult| s.dev_accuracy.unwrap_or(0.0);
-    singles
-        .into_iter()
-        .fold(None, |best: Option<&SystemResult>, s| match best {
-            Some(b) if dev(b) >= dev(s) => Some(b),
-            _ => Some(s),
-        })
+    let singles: Vec<&SystemResult> = singles.into_iter().collect();
+    let dev: Vec<f64> = singles.iter().map(|s| s.dev_accuracy.unwrap_or(0.0)).collect();
+    singles.get(first_best(&dev)).copied()
 }
 
 fn summarize(
