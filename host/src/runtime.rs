@@ -180,6 +180,13 @@ pub struct Metering {
     /// ([`crate::sandbox::QUOTA_BUDGET`]); a generation is cut to what is
     /// left after its input.
     pub charge_limit: Option<u64>,
+    /// The `fit` state the module receives, in place of the one stored for
+    /// it: `Some(None)` runs it as unfitted. The evaluation harness answers
+    /// with the state of its own fit this way, so that another fit of the
+    /// same module in this process (another evaluation, a variant with other
+    /// settings) cannot change the state it answers with between its fit
+    /// and its answers.
+    pub state: Option<Option<Vec<u8>>>,
 }
 
 /// The runtime: one per process.
@@ -504,6 +511,7 @@ impl Runtime {
             output,
             deadline,
             charge_limit,
+            state: given_state,
         } = metering;
         let mut grant = self.narrowed_grant(module, members);
         if let Some(d) = deadline {
@@ -515,7 +523,10 @@ impl Runtime {
         let grant = Arc::new(grant);
         let mut config: BTreeMap<String, String> = module.manifest.config.clone();
         config.extend(req.config);
-        let state = self.state(module).map(|s| s.as_ref().clone());
+        let state = match given_state {
+            Some(given) => given,
+            None => self.state(module).map(|s| s.as_ref().clone()),
+        };
         let question = crate::attribution::input_text(&req.input);
         let sreq = StrategyRequest {
             input: req.input,
@@ -575,6 +586,26 @@ impl Runtime {
         config: BTreeMap<String, String>,
         members: Option<&[String]>,
     ) -> (Result<bool, Error>, Vec<ProvenanceEvent>) {
+        let (state, steps) = self.fit_state(module, dev, config, members).await;
+        let fitted = match state {
+            Err(e) => Err(e),
+            Ok(None) => Ok(false),
+            Ok(Some(bytes)) => self.install_state(module, Some(bytes)).map(|_| true),
+        };
+        (fitted, steps)
+    }
+
+    /// Runs the module's `fit` like [`Runtime::fit_traced`] and returns the
+    /// state it produced instead of storing it: the caller hands it to the
+    /// runs it means it for ([`Metering::state`]). The state is held to the
+    /// same size limit as a stored one.
+    pub async fn fit_state(
+        &self,
+        module: &Module,
+        dev: Vec<Example>,
+        config: BTreeMap<String, String>,
+        members: Option<&[String]>,
+    ) -> (Result<Option<Vec<u8>>, Error>, Vec<ProvenanceEvent>) {
         // A fit has its own grant (the manifest's `fit_budgets`, capped by
         // the policy's `fit_maxima`): it runs over the whole dev set.
         let fit_grant = self.policy.fit_grant(&module.manifest, &self.pool_ids());
@@ -585,12 +616,13 @@ impl Runtime {
             .sandbox
             .fit_strategy(module, self.models_arc(), grant, dev, cfg)
             .await;
-        let fitted = match inv.result {
-            Err(e) => Err(e),
-            Ok(None) => Ok(false),
-            Ok(Some(bytes)) => self.install_state(module, Some(bytes)).map(|_| true),
+        let state = match inv.result {
+            Ok(Some(b)) if b.len() > crate::policy::MAX_STATE_BYTES => {
+                Err(Error::budget("state-bytes", crate::policy::MAX_STATE_BYTES as u64))
+            }
+            other => other,
         };
-        (fitted, inv.provenance)
+        (state, inv.provenance)
     }
 
     /// The module's current `fit` state, as `run` would receive it.

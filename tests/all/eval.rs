@@ -374,6 +374,46 @@ async fn one_module_runs_under_two_labelled_settings_in_one_report() {
     assert!(err.to_string().contains("`smol` names no strategy"), "{err}");
 }
 
+#[tokio::test]
+async fn an_evaluation_answers_with_its_own_fit_and_leaves_the_stored_state_alone() {
+    // The harness hands each strategy the state of its own fit. Before, it
+    // stored the fit's state in the runtime and answered with whatever was
+    // stored when each answer ran, so a concurrent fit of the same module
+    // (another evaluation in the process; in `make test`, another test on
+    // the shared runtime) could change the state between fit and answers.
+    let paths = crate::common::scratch_paths("eval-own-fit");
+    let _removed = crate::common::RemovedAfter(paths.state.clone());
+    let rt = crate::common::fresh_runtime(&paths);
+    let m = rt.load_module("option-fusion").unwrap();
+    // A state no option-fusion fit writes: a run handed it fails.
+    let junk = b"not option-fusion's state".to_vec();
+    rt.install_state(&m, Some(junk.clone())).unwrap();
+    let err = rt
+        .run(
+            &m,
+            tessera::RunRequest {
+                input: crate::common::arc_easy(0, 1).remove(0).input,
+                params: Default::default(),
+                config: Default::default(),
+            },
+        )
+        .await;
+    assert!(err.is_err(), "the junk state is read by a plain run: {err:?}");
+
+    let mut c = config();
+    c.mcq = McqMode::Option;
+    c.strategies = vec!["option-fusion".into()];
+    let rep = tessera::eval::run(&rt, c, &Cache::disabled()).await.unwrap();
+    let fusion = rep
+        .results
+        .iter()
+        .find(|r| r.system == "strategy:option-fusion")
+        .unwrap();
+    assert_eq!(fusion.errors, 0, "answered with its own fit: {:?}", fusion.items);
+    assert!(fusion.fit_error.is_none(), "{:?}", fusion.fit_error);
+    assert_eq!(rt.stored_state(&m), Some(junk), "the evaluation wrote the stored state");
+}
+
 /// The notes of a module's trace steps, in order.
 fn step_notes(steps: &[tessera::ProvenanceEvent]) -> Vec<&str> {
     steps

@@ -1275,31 +1275,33 @@ async fn strategy_on(
         visible_pool(rt, members),
         dev.iter().map(|e| (&e.input, &e.answer)).collect::<Vec<_>>(),
     ));
-    match cache.get::<Option<Vec<u8>>>(&fit_key) {
-        Some(state) => rt.install_state(module, state)?,
+    // The state goes from this fit to these answers by hand, never through
+    // the runtime's stored state: another fit of the same module (a variant,
+    // another evaluation in this process) would replace that in between.
+    let state: Option<Vec<u8>> = match cache.get::<Option<Vec<u8>>>(&fit_key) {
+        Some(state) => state,
         None => {
             let b = bar(mp, cfg.progress, 1, format!("{task} · fit {name}"));
-            match rt
-                .fit_with_members(module, dev.to_vec(), strategy.config.clone(), members)
-                .await
-            {
-                Ok(_) => {
-                    let state = rt.stored_state(module);
+            let (fitted, _) = rt
+                .fit_state(module, dev.to_vec(), strategy.config.clone(), members)
+                .await;
+            b.finish_and_clear();
+            match fitted {
+                Ok(state) => {
                     if let Err(e) = cache.put(&fit_key, &state) {
                         tracing::warn!("{e}");
                     }
+                    state
                 }
                 Err(e) => {
                     // A failed fit leaves the strategy on its defaults.
                     tracing::warn!("fit of {name} on {task} failed: {e}");
                     fit_error = Some(e.to_string());
-                    rt.install_state(module, None)?;
+                    None
                 }
             }
-            b.finish_and_clear();
         }
-    }
-    let state = rt.stored_state(module);
+    };
     let label = match members {
         Some(m) => format!("{task} · {name} [{}]", m.len()),
         None => format!("{task} · {name}"),
@@ -1603,7 +1605,11 @@ async fn strategy_answer(
     };
     req.params.max_tokens = Some(max_tokens);
     req.params.seed = Some(cfg.seed);
-    let r = match rt.run_with_members(module, req, members).await {
+    let metering = crate::Metering {
+        state: Some(state.clone()),
+        ..Default::default()
+    };
+    let r = match rt.run_metered(module, req, members, metering).await.0 {
         Ok(out) => ItemResult {
             item: item.id.clone(),
             score: metrics::grade(item, &out.text),

@@ -454,6 +454,7 @@ pub(crate) async fn run_target(
                 output: sink,
                 deadline: Some(until.deadline),
                 charge_limit: until.tokens_left,
+                state: None,
             };
             let ran = st
                 .guests
