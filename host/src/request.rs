@@ -101,15 +101,32 @@ pub struct UsageReport {
 
 impl UsageReport {
     /// What a tenant's daily token quota is charged for this usage: every
-    /// token a member read or wrote, and each trained token
-    /// [`TRAIN_TOKEN_WEIGHT`] times.
+    /// token a member read or wrote, each trained token
+    /// [`TRAIN_TOKEN_WEIGHT`] times, and the module's own computing at a
+    /// token per [`FUEL_PER_CHARGED_TOKEN`] of fuel.
     pub fn charged(&self) -> u64 {
         self.prompt_tokens
             .saturating_add(self.scored_tokens)
             .saturating_add(self.completion_tokens)
             .saturating_add(self.train_tokens.saturating_mul(TRAIN_TOKEN_WEIGHT))
+            .saturating_add(self.fuel / FUEL_PER_CHARGED_TOKEN)
     }
 }
+
+/// How much of a module's fuel (roughly, WebAssembly instructions) is
+/// charged as one token. Without it a module that computes instead of
+/// calling members (a long search, a spin up to its fuel budget) would cost
+/// its tenant nothing, and one tenant could keep the host's cores busy
+/// within its token quota. The rate prices a module's CPU time near a
+/// member's: on the 2-core reference machine a tight wasm loop burns 5-10
+/// billion fuel a second (the hostile spin: 2.7-5.2 billion in its 500 ms),
+/// so a token's worth is 1-2 ms of computing, about what the smallest
+/// member (SmolLM2-135M) takes to read one prompt token. A request at the
+/// default fuel budget (2 billion) can be charged 200 tokens for its
+/// computing; the library's strategies burn 30,000-300,000 fuel per
+/// request (measured: first-responder to slm-mux), so their bills do not
+/// change.
+pub const FUEL_PER_CHARGED_TOKEN: u64 = 10_000_000;
 
 /// How many read tokens' worth one trained token is charged: a training
 /// pass runs the forward pass and a backward pass of about twice its

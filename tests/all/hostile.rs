@@ -60,6 +60,44 @@ async fn infinite_loop_runs_out_of_fuel_under_a_small_fuel_grant() {
 }
 
 #[tokio::test]
+async fn a_module_that_only_computes_is_charged_and_stopped_at_its_callers_quota() {
+    use tessera::request::FUEL_PER_CHARGED_TOKEN;
+    // It calls no member, so before its bill was 0 tokens however long it
+    // spun. Its fuel is charged now: unmetered it spins to its deadline
+    // and is charged for that.
+    let m = hostile("infinite-loop");
+    let (ran, free) = runtime()
+        .run_metered(&m, RunRequest::chat("go"), None, Default::default())
+        .await;
+    assert!(matches!(ran, Err(Error::Deadline { .. })), "{ran:?}");
+    assert_eq!(free.charged(), free.fuel / FUEL_PER_CHARGED_TOKEN, "{free:?}");
+    // Before the store wrote a spinning module's fuel back, this one
+    // reported 1,584 fuel for half a second of computing (0 tokens); it
+    // burns billions of fuel a second.
+    assert!(free.charged() > 10, "{free:?}");
+
+    // Under a caller's quota of 2 tokens it is stopped where its computing
+    // reaches the quota (checked every tick), with the quota's typed error
+    // rather than at its deadline.
+    let metering = tessera::Metering {
+        charge_limit: Some(2),
+        ..Default::default()
+    };
+    let (ran, capped) = runtime().run_metered(&m, RunRequest::chat("go"), None, metering).await;
+    let err = ran.unwrap_err();
+    assert!(
+        matches!(&err, Error::Budget { budget, limit: 2 } if budget == tessera::sandbox::QUOTA_BUDGET),
+        "{err:?}"
+    );
+    assert!(capped.charged() >= 2, "{capped:?}");
+    assert!(
+        capped.fuel < free.fuel,
+        "stopped before the deadline: {capped:?} vs {free:?}"
+    );
+    benign().await;
+}
+
+#[tokio::test]
 async fn memory_bomb_hits_the_memory_cap() {
     let err = contained("memory-bomb").await;
     assert!(

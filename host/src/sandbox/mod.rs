@@ -47,6 +47,10 @@ const OVERRUN: Duration = Duration::from_millis(500);
 
 /// How often the epoch advances; the deadline is checked at this grain.
 pub const TICK: Duration = Duration::from_millis(5);
+
+/// Fuel burned between the writes of a run's fuel back to its store (see
+/// [`Sandbox`]'s store set-up): a charged token's worth.
+const FUEL_TANK: u64 = crate::request::FUEL_PER_CHARGED_TOKEN;
 /// Wasm stack cap for every module.
 pub const MAX_WASM_STACK: usize = 512 << 10;
 /// Requests that can hold a live instance at the same time.
@@ -306,16 +310,39 @@ impl Sandbox {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.set_fuel(fuel).map_err(|e| Error::config(wasm_err(e)))?;
+        // Compiled wasm keeps the fuel it burns in a register and writes it
+        // back to the store only at calls and returns, so a module stopped
+        // inside a loop (at its deadline, at its caller's quota) would look
+        // as if it had burned almost nothing. Yielding every `FUEL_TANK`
+        // writes it back that often: fuel read during and after a run is
+        // exact to one tank, at the cost of a yield per few milliseconds of
+        // pure computing (strategies of the library burn less than a tank
+        // per request, so they never yield for it).
+        store
+            .fuel_async_yield_interval(Some(FUEL_TANK))
+            .map_err(|e| Error::config(wasm_err(e)))?;
         // Check the wall clock every tick; yield to the executor in between so
         // a spinning module never starves other requests on this thread.
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |ctx| {
+        store.epoch_deadline_callback(move |mut ctx| {
             let cancelled = ctx.data().cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed));
             if cancelled || Instant::now() >= ctx.data().deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
+                return Ok(UpdateDeadline::Interrupt);
             }
+            // The module's own computing is charged to its caller's quota
+            // too (`FUEL_PER_CHARGED_TOKEN`): brought up to date every tick,
+            // so a module that only computes stops within a tick of the
+            // quota, and the quota check before each model call sees it.
+            if let Some(limit) = ctx.data().grant.charge_limit {
+                let burned = fuel.saturating_sub(ctx.get_fuel().unwrap_or(0));
+                let state = ctx.data_mut();
+                state.usage.fuel = burned;
+                if state.usage.charged() >= limit {
+                    let _ = state.violate(Error::budget(host::QUOTA_BUDGET, limit));
+                    return Ok(UpdateDeadline::Interrupt);
+                }
+            }
+            Ok(UpdateDeadline::Yield(1))
         });
         Ok(store)
     }
