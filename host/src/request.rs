@@ -125,7 +125,8 @@ impl UsageReport {
 /// default fuel budget (2 billion) can be charged 200 tokens for its
 /// computing; the library's strategies burn 30,000-300,000 fuel per
 /// request (measured: first-responder to slm-mux), so their bills do not
-/// change.
+/// change. Interpreted guests cost more: majority vote in Python burned
+/// 2 million, in JavaScript 15 million (a token) per request.
 pub const FUEL_PER_CHARGED_TOKEN: u64 = 10_000_000;
 
 /// How many read tokens' worth one trained token is charged: a training

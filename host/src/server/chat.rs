@@ -374,7 +374,8 @@ pub(crate) struct Done {
     completion: u64,
     cached: u64,
     /// What the tenant's daily quota is charged: `prompt + completion`,
-    /// plus a system's trained tokens at their weight.
+    /// plus a system's trained tokens at their weight and its module's
+    /// fuel ([`crate::UsageReport::charged`]).
     billed: u64,
     provenance: Value,
 }
