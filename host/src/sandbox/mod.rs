@@ -51,6 +51,7 @@ pub const TICK: Duration = Duration::from_millis(5);
 /// Fuel burned between the writes of a run's fuel back to its store (see
 /// [`Sandbox`]'s store set-up): a charged token's worth.
 const FUEL_TANK: u64 = crate::request::FUEL_PER_CHARGED_TOKEN;
+
 /// Wasm stack cap for every module.
 pub const MAX_WASM_STACK: usize = 512 << 10;
 /// Requests that can hold a live instance at the same time.
