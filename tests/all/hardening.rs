@@ -1007,6 +1007,51 @@ async fn a_system_chat_stops_where_the_daily_quota_ends() {
 }
 
 #[tokio::test]
+async fn a_system_that_only_computes_is_charged_and_stopped_at_the_daily_quota() {
+    // A module that spins instead of calling members used to cost its
+    // tenant nothing: a 100-token day let it run to its 20 s deadline as
+    // often as the rate limit allowed. Its fuel is charged now (a token per
+    // 10M), so it is stopped where that reaches the day, with the quota's
+    // 429, and the day is charged about 100 tokens.
+    let mut paths = tessera::Paths::from_env();
+    paths.state = scratch("quota-spin-state");
+    paths.registry = scratch("quota-spin-registry");
+    paths.modules = scratch("quota-spin-modules");
+    std::fs::copy(hostile_path("infinite-loop"), paths.modules.join("spin.wasm")).unwrap();
+    std::fs::write(
+        paths.modules.join("spin.toml"),
+        "name='spin'\nversion='0.1.0'\nauthor='t'\nworld='strategy'\ndescription='spins'\n\
+         [budgets]\nfuel=50000000000\ndeadline_ms=20000\n",
+    )
+    .unwrap();
+    let rt = Runtime::with_models(paths, Arc::new(Scripted::new()), Policy::default(), Vec::new()).unwrap();
+    let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
+    let day = TenantPolicy {
+        requests_per_minute: 0,
+        tokens_per_day: 100,
+        ..TenantPolicy::default()
+    };
+    let key = registry.add_tenant("spinner", &day).unwrap();
+    let srv = Srv::start(Arc::new(rt), registry.clone()).await;
+    let started = Instant::now();
+    let (status, v) = post(&srv.url("/v1/chat/completions"), Some(&key), &chat("spin", "go")).await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["code"], "tokens_per_day", "{v}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "stopped at the quota, not the deadline"
+    );
+    // Checked every 5 ms tick: the day is passed by what a tick computes.
+    let used = registry
+        .tokens_used("spinner", day_of(server::now_unix() as i64))
+        .unwrap();
+    assert!((100..150).contains(&used), "charged {used} of a 100-token day");
+    // The day is spent: the next request is refused at admission.
+    let (status, v) = post(&srv.url("/v1/chat/completions"), Some(&key), &chat("spin", "go")).await;
+    assert_eq!(status, 429, "{v}");
+}
+
+#[tokio::test]
 async fn a_fan_out_given_up_charges_its_ended_calls_what_they_used() {
     // majority-vote fans out four samples; `echo` answers two at once,
     // `slow` holds the other two silently. The client leaves, so the
