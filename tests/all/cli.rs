@@ -118,3 +118,57 @@ fn a_device_is_chosen_and_unusable_ones_are_named() {
         assert!(!ok && err.contains("--features cuda"), "{err}");
     }
 }
+
+#[test]
+fn fit_stores_the_state_that_run_then_hands_the_module() {
+    // A copy of option-fusion with a custom section of its own, so that its
+    // sha256, and with it its state file, belongs to this test alone.
+    use sha2::Digest;
+    let dir = crate::common::scratch("cli-fit");
+    let home = tessera::Paths::from_env();
+    let mut wasm = std::fs::read(home.modules.join("option-fusion.wasm")).unwrap();
+    let (name, payload) = (b"tessera-test", b"cli-fit");
+    wasm.extend([0u8, (1 + name.len() + payload.len()) as u8, name.len() as u8]);
+    wasm.extend(name);
+    wasm.extend(payload);
+    let path = dir.join("option-fusion.wasm");
+    std::fs::write(&path, &wasm).unwrap();
+    std::fs::copy(home.modules.join("option-fusion.toml"), dir.join("option-fusion.toml")).unwrap();
+    let state = home
+        .state
+        .join(format!("{}.state", hex::encode(sha2::Sha256::digest(&wasm))));
+    let _ = std::fs::remove_file(&state);
+    let path = path.display().to_string();
+    let task = crate::common::arc_easy(10, 1).remove(0);
+    let Some(tessera::inference::Message { content: question, .. }) = (match &task.input {
+        tessera::inference::Input::Chat(m) => m.last().cloned(),
+        _ => None,
+    }) else {
+        panic!("an ARC item is a chat: {:?}", task.input)
+    };
+    let weights_from = || {
+        let (ok, out, err) = tessera(&["run", "--strategy", &path, "--prompt", &question, "--json"]);
+        assert!(ok, "stderr: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["annotations"]["weights_from"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(weights_from(), "uniform");
+
+    let (ok, out, err) = tessera(&["fit", "--strategy", &path, "--task", "arc-easy", "--dev-limit", "3"]);
+    assert!(ok, "stderr: {err}");
+    assert!(
+        out.contains("on 3 dev items of arc-easy") && out.contains("bytes) is stored"),
+        "{out}"
+    );
+    assert!(state.exists(), "{out}");
+    assert_eq!(weights_from(), "fit");
+    std::fs::remove_file(&state).unwrap();
+
+    // A task without the items asked for is refused, naming the fix.
+    let (ok, _, err) = tessera(&["fit", "--strategy", &path, "--task", "arc-easy", "--dev-limit", "0"]);
+    assert!(!ok && err.contains("--dev-limit 0"), "{err}");
+    assert!(!state.exists());
+}

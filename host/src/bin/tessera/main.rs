@@ -68,6 +68,9 @@ enum Command {
         #[command(subcommand)]
         command: StrategiesCommand,
     },
+    /// Fit a strategy on a task's dev items and store the state it keeps,
+    /// which `tessera run` and `tessera serve` then hand it.
+    Fit(FitArgs),
     /// Compare every member, the best single member, the monolith and
     /// strategies on real tasks; write JSON + Markdown reports with plots.
     Eval(EvalArgs),
@@ -97,6 +100,25 @@ enum Command {
         #[command(subcommand)]
         command: contribute::ContributeCommand,
     },
+}
+
+#[derive(Args)]
+struct FitArgs {
+    /// Installed module name (e.g. `option-fusion`) or path to a `.wasm`.
+    #[arg(long)]
+    strategy: String,
+    /// The task whose dev split it is fitted on (see `tessera tasks list`).
+    #[arg(long)]
+    task: String,
+    /// Dev items to fit on: the first N of the task's dev split, the items
+    /// `tessera eval --dev-limit N` fits on.
+    #[arg(long, default_value_t = 50)]
+    dev_limit: usize,
+    /// Module setting KEY=VALUE for the fit (repeatable).
+    #[arg(long)]
+    set: Vec<String>,
+    #[command(flatten)]
+    setup: Setup,
 }
 
 #[derive(Args)]
@@ -383,14 +405,51 @@ fn fail(json: bool, e: &Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn run(args: RunArgs) -> Result<String, Error> {
+/// `--set KEY=VALUE` arguments as module settings.
+fn settings(set: &[String]) -> Result<BTreeMap<String, String>, Error> {
     let mut config = BTreeMap::new();
-    for kv in &args.set {
+    for kv in set {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| Error::config(format!("--set `{kv}` is not KEY=VALUE")))?;
         config.insert(k.trim().to_string(), v.trim().to_string());
     }
+    Ok(config)
+}
+
+/// `tessera fit`: the one place an operator fits a module for serving (an
+/// evaluation fits each strategy for its own answers and stores nothing).
+async fn fit(args: FitArgs) -> Result<String, Error> {
+    let config = settings(&args.set)?;
+    let rt = runtime(&args.setup)?;
+    let module = rt.load_module(&args.strategy)?;
+    let task = tessera::tasks::Task::load(rt.paths(), &args.task).map_err(|e| Error::config(e.to_string()))?;
+    let dev: Vec<tessera::sandbox::Example> = task.dev().iter().take(args.dev_limit).map(|i| i.example()).collect();
+    if dev.is_empty() {
+        return Err(Error::config(format!(
+            "--task {}: no dev items to fit on (--dev-limit {}); give a task with a dev split and a limit above 0",
+            args.task, args.dev_limit
+        )));
+    }
+    let n = dev.len();
+    let name = &module.manifest.name;
+    if !rt.fit(&module, dev, config).await? {
+        return Ok(format!(
+            "fitted `{name}` on {n} dev items of {}: it keeps no state, so its runs are unchanged",
+            args.task
+        ));
+    }
+    let bytes = rt.stored_state(&module).map(|s| s.len()).unwrap_or(0);
+    Ok(format!(
+        "fitted `{name}` on {n} dev items of {}: its state ({bytes} bytes) is stored under {} \
+         (by the module's sha256), and `tessera run` and `tessera serve` hand it to the module",
+        args.task,
+        rt.paths().state.display()
+    ))
+}
+
+async fn run(args: RunArgs) -> Result<String, Error> {
+    let config = settings(&args.set)?;
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
         messages.push(Message {
@@ -673,13 +732,7 @@ async fn eval(args: EvalArgs) -> Result<String, Error> {
         )))
         }
     };
-    let mut strategy_config = BTreeMap::new();
-    for kv in &args.set {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| Error::config(format!("--set `{kv}` is not KEY=VALUE")))?;
-        strategy_config.insert(k.trim().to_string(), v.trim().to_string());
-    }
+    let strategy_config = settings(&args.set)?;
     let mut rt = runtime(&args.setup)?;
     let cache = std::sync::Arc::new(if args.no_cache {
         tessera::eval::cache::Cache::disabled()
@@ -902,6 +955,7 @@ fn main() -> ExitCode {
                     out,
                 },
         } => (false, pool_synth(&setup, &like, &quant, seed, &out)),
+        Command::Fit(args) => (false, rt.block_on(fit(args))),
         Command::Eval(args) => {
             let json = args.json;
             (json, rt.block_on(eval(args)))
