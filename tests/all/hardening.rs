@@ -1041,11 +1041,13 @@ async fn a_system_that_only_computes_is_charged_and_stopped_at_the_daily_quota()
         started.elapsed() < Duration::from_secs(15),
         "stopped at the quota, not the deadline"
     );
-    // Checked every 5 ms tick: the day is passed by what a tick computes.
+    // Checked every 5 ms tick: the day is passed by what a tick computes
+    // (a few tokens here; room for a ticker a busy machine runs late). To
+    // its deadline the spin would have been charged thousands.
     let used = registry
         .tokens_used("spinner", day_of(server::now_unix() as i64))
         .unwrap();
-    assert!((100..150).contains(&used), "charged {used} of a 100-token day");
+    assert!((100..400).contains(&used), "charged {used} of a 100-token day");
     // The day is spent: the next request is refused at admission.
     let (status, v) = post(&srv.url("/v1/chat/completions"), Some(&key), &chat("spin", "go")).await;
     assert_eq!(status, 429, "{v}");
