@@ -616,12 +616,7 @@ impl Runtime {
             .sandbox
             .fit_strategy(module, self.models_arc(), grant, dev, cfg)
             .await;
-        let state = match inv.result {
-            Ok(Some(b)) if b.len() > crate::policy::MAX_STATE_BYTES => {
-                Err(Error::budget("state-bytes", crate::policy::MAX_STATE_BYTES as u64))
-            }
-            other => other,
-        };
+        let state = inv.result.and_then(|s| s.map(within_state_limit).transpose());
         (state, inv.provenance)
     }
 
@@ -636,11 +631,9 @@ impl Runtime {
     pub fn install_state(&self, module: &Module, bytes: Option<Vec<u8>>) -> Result<(), Error> {
         let path = self.state_path(module);
         match &bytes {
-            // Persisted and handed to every later run: bounded on its own.
-            Some(b) if b.len() > crate::policy::MAX_STATE_BYTES => {
-                return Err(Error::budget("state-bytes", crate::policy::MAX_STATE_BYTES as u64));
-            }
             Some(b) => {
+                // Persisted and handed to every later run: bounded on its own.
+                within_state_limit(b)?;
                 std::fs::create_dir_all(&self.paths.state)
                     .map_err(|e| Error::internal(format!("state directory {}: {e}", self.paths.state.display())))?;
                 crate::files::write_atomic(&path, b, crate::files::Durability::Durable)
@@ -657,4 +650,13 @@ impl Runtime {
         states.insert(module.sha256.clone(), bytes.map(Arc::new));
         Ok(())
     }
+}
+
+/// `state` if it is within [`crate::policy::MAX_STATE_BYTES`], the limit on
+/// a `fit` state whether it is stored or handed to runs directly.
+fn within_state_limit<S: AsRef<[u8]>>(state: S) -> Result<S, Error> {
+    if state.as_ref().len() > crate::policy::MAX_STATE_BYTES {
+        return Err(Error::budget("state-bytes", crate::policy::MAX_STATE_BYTES as u64));
+    }
+    Ok(state)
 }
