@@ -57,6 +57,22 @@ pub fn hostile(name: &str) -> Arc<Module> {
         .expect("hostile module loads")
 }
 
+/// The hostile infinite loop installed in `dir` as the strategy `name`
+/// under the given `[budgets]` lines (TOML): a module that only computes,
+/// under budgets of the test's choosing. Returns the `.wasm` path.
+pub fn spin_module(dir: &std::path::Path, name: &str, budgets: &str) -> PathBuf {
+    let wasm = dir.join(format!("{name}.wasm"));
+    std::fs::copy(hostile_path("infinite-loop"), &wasm).expect("the hostile loop is installed");
+    std::fs::write(
+        dir.join(format!("{name}.toml")),
+        format!(
+            "name='{name}'\nversion='0.1.0'\nauthor='t'\nworld='strategy'\ndescription='spins'\n[budgets]\n{budgets}\n"
+        ),
+    )
+    .expect("manifest written");
+    wasm
+}
+
 /// Loads an installed standard module or example by name.
 pub fn module(name: &str) -> Arc<Module> {
     runtime().load_module(name).expect("module loads (run `make setup`)")

@@ -1017,13 +1017,7 @@ async fn a_system_that_only_computes_is_charged_and_stopped_at_the_daily_quota()
     paths.state = scratch("quota-spin-state");
     paths.registry = scratch("quota-spin-registry");
     paths.modules = scratch("quota-spin-modules");
-    std::fs::copy(hostile_path("infinite-loop"), paths.modules.join("spin.wasm")).unwrap();
-    std::fs::write(
-        paths.modules.join("spin.toml"),
-        "name='spin'\nversion='0.1.0'\nauthor='t'\nworld='strategy'\ndescription='spins'\n\
-         [budgets]\nfuel=50000000000\ndeadline_ms=20000\n",
-    )
-    .unwrap();
+    crate::common::spin_module(&paths.modules, "spin", "fuel=50000000000\ndeadline_ms=20000");
     let rt = Runtime::with_models(paths, Arc::new(Scripted::new()), Policy::default(), Vec::new()).unwrap();
     let registry = Arc::new(Registry::open(&rt.paths().registry).unwrap());
     let day = TenantPolicy {

@@ -45,16 +45,8 @@ async fn infinite_loop_is_stopped_at_the_deadline() {
 
 #[tokio::test]
 async fn infinite_loop_runs_out_of_fuel_under_a_small_fuel_grant() {
-    let dir = scratch("fuel");
-    std::fs::copy(hostile_path("infinite-loop"), dir.join("spin.wasm")).unwrap();
-    std::fs::write(
-        dir.join("spin.toml"),
-        "name='spin'\nversion='0.1.0'\nauthor='t'\nworld='strategy'\ndescription='loop'\n[budgets]\nfuel=5000000\ndeadline_ms=10000\n",
-    )
-    .unwrap();
-    let m = runtime()
-        .load_module(&dir.join("spin.wasm").display().to_string())
-        .unwrap();
+    let spin = crate::common::spin_module(&scratch("fuel"), "spin", "fuel=5000000\ndeadline_ms=10000");
+    let m = runtime().load_module(&spin.display().to_string()).unwrap();
     let err = runtime().run(&m, RunRequest::chat("go")).await.unwrap_err();
     assert!(matches!(err, Error::Fuel { limit: 5_000_000 }), "{err:?}");
 }
