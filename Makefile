@@ -19,7 +19,7 @@ EXAMPLES := first-responder teach
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: cluster-deps vllm-deps test-vllm setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw console-deps console-test fuzz-smoke fuzz
+.PHONY: cluster-deps vllm-deps test-vllm setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw cuda-dist console-deps console-test fuzz-smoke fuzz
 
 setup: target pool tasks modules pyclient pymodules jsmodules
 
@@ -208,6 +208,14 @@ gpu-sw:
 
 # The many-node tests (tests/all/multinode.rs) start Debian's PostgreSQL
 # and HAProxy themselves: installed here when missing, as root.
+# The CUDA build, made here (no GPU, no driver, no system toolkit) to be
+# carried to a GPU machine: nvcc 13.0 from PyPI, candle's CUDA libraries
+# opened at run time. Writes $(CARGO_TARGET_DIR)/cuda-dist{,.tar.xz}
+# (tessera, device_check, libcudart.so.13) for scripts/gpu-check.sh. A cold
+# build takes about 40 minutes on 2 cores; not part of `make test`.
+cuda-dist:
+	scripts/cuda-build.sh
+
 cluster-deps:
 	@{ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v haproxy >/dev/null; } || { \
 	  echo "installing postgresql and haproxy for the many-node tests"; \

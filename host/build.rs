@@ -14,6 +14,12 @@ use std::process::Command;
 const GUEST_TARGET: &str = "wasm32-unknown-unknown";
 
 fn main() {
+    // The CUDA build links candle's kernels against the CUDA runtime
+    // (libcudart.so.13); scripts/cuda-build.sh ships that library beside the
+    // binary, which therefore looks in its own folder first.
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN");
+    }
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let guest = manifest_dir.join("template-guest");

@@ -95,12 +95,65 @@ impl DeviceSpec {
                 if !cfg!(feature = "cuda") {
                     return Err(DeviceError::NotBuilt(n));
                 }
-                Device::new_cuda(n).map_err(|e| DeviceError::Unavailable {
-                    ordinal: n,
-                    reason: e.to_string(),
-                })
+                let unavailable = |reason: String| DeviceError::Unavailable { ordinal: n, reason };
+                #[cfg(feature = "cuda")]
+                if let Some(missing) = cuda_libraries::first_missing() {
+                    return Err(unavailable(missing));
+                }
+                // A library that loads but lacks a symbol the build expects
+                // (a driver older than the toolkit) still panics inside
+                // candle's bindings: that is a typed error here too.
+                match std::panic::catch_unwind(|| Device::new_cuda(n)) {
+                    Ok(opened) => opened.map_err(|e| unavailable(e.to_string())),
+                    Err(panic) => Err(unavailable(super::panic_message(panic))),
+                }
             }
         }
+    }
+}
+
+/// The shared libraries a CUDA build opens when a GPU is first used.
+///
+/// The carried build (`scripts/cuda-build.sh`) opens the driver and cuBLAS
+/// with `dlopen` on first use, where a missing library is a panic deep in
+/// the bindings. Looking for them first turns that into an error that says
+/// which library is missing and what provides it. The names are the
+/// libraries' sonames, which the bindings also try.
+#[cfg(feature = "cuda")]
+mod cuda_libraries {
+    /// Each library: the names to try, and what to install or point to.
+    const NEEDED: [(&[&str], &str); 4] = [
+        (
+            &["libcuda.so.1", "libcuda.so"],
+            "the NVIDIA driver is not installed (libcuda.so.1 cannot be loaded)",
+        ),
+        (
+            &["libcublas.so.13", "libcublas.so.12", "libcublas.so"],
+            "cuBLAS (libcublas.so.13) cannot be loaded: install the CUDA toolkit's \
+             libraries or put their folder (for example PyTorch's nvidia/cu13/lib) on LD_LIBRARY_PATH",
+        ),
+        (
+            &["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"],
+            "cuBLASLt (libcublasLt.so.13) cannot be loaded: put cuBLAS's folder on LD_LIBRARY_PATH",
+        ),
+        (
+            &["libcurand.so.10", "libcurand.so"],
+            "cuRAND (libcurand.so.10) cannot be loaded: put its folder on LD_LIBRARY_PATH",
+        ),
+    ];
+
+    /// The first library that none of its names opens, as the reason to
+    /// give; `None` when every one opens.
+    pub(super) fn first_missing() -> Option<String> {
+        NEEDED.iter().find_map(|(names, reason)| {
+            // SAFETY: loading a library runs its initialisers. These are
+            // NVIDIA's own libraries, which the CUDA build opens anyway on
+            // first use; the handles are dropped at once.
+            let found = names
+                .iter()
+                .any(|name| unsafe { libloading::Library::new(*name) }.is_ok());
+            (!found).then(|| (*reason).to_string())
+        })
     }
 }
 

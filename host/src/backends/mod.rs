@@ -167,3 +167,11 @@ impl Backend {
         }
     }
 }
+
+/// The message of a caught panic (a backend's, or a library's under it).
+pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}

@@ -27,13 +27,14 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::backends::gguf::prefix::{PrefixSnapshot, PrefixStats};
+use crate::backends::panic_message;
 use crate::backends::remote::{RemoteConfig, RemoteMember};
 use crate::backends::{bert::BertEmbedder, gguf::GgufModel, Backend};
 use crate::inference::{
     CallCtx, Capability, Embedded, GenParams, Generation, InferenceError, Input, ModelCard, Models, Scored, TextSink,
     TokenLogprob,
 };
-use worker::{panic_message, GenerateJob, Job};
+use worker::{GenerateJob, Job};
 
 /// The default pool's declaration, embedded in the binary.
 pub const DEFAULT_POOL_TOML: &str = include_str!("default-pool.toml");
@@ -544,7 +545,7 @@ fn spawn_local(
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&m))).unwrap_or_else(|p| {
             Err(PoolError::Load {
                 id: m.id.clone(),
-                message: format!("the loader panicked: {}", worker::panic_message(p)),
+                message: format!("the loader panicked: {}", panic_message(p)),
             })
         });
         let backend = match loaded {

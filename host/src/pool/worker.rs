@@ -23,7 +23,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use crate::backends::gguf::decode::{Engine, GenRequest, Sink};
-use crate::backends::Backend;
+use crate::backends::{panic_message, Backend};
 use crate::inference::{CallCtx, GenParams, Generation, InferenceError, Input, TextSink};
 
 /// A call other than a generation, run on the worker's backend.
@@ -139,14 +139,6 @@ struct Slot {
     reply: tokio::sync::oneshot::Sender<Result<Generation, InferenceError>>,
     requester: u64,
     long: bool,
-}
-
-/// The message of a caught panic.
-pub(super) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic".into())
 }
 
 /// Serves `jobs` on `backend` until the queue's senders are all gone (the
