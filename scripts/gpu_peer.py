@@ -1,7 +1,9 @@
 """The peer of scripts/gpu-check.sh: transformers on the shapes Tessera's
 synthetic models have, random-initialised from the same configuration,
-bf16 on CUDA, greedy `generate` of 32 tokens after a 128-token prompt.
-One JSON line per shape: prefill seconds and decode tokens per second."""
+bf16 on CUDA, greedy `generate` of 32 tokens after a 128-token prompt,
+alone and for 16 prompts at once. One JSON line per shape: prefill
+seconds, decode tokens per second, and the 16 sequences' aggregate decode
+tokens per second."""
 import json
 import time
 
@@ -39,9 +41,25 @@ def main() -> None:
             if dev == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.time() - t
-        new = out.shape[1] - ids.shape[1] - 1
+            new = out.shape[1] - ids.shape[1] - 1
+            # 16 sequences at once, timed as device_check times Tessera's:
+            # the run with one token each is taken away, so the figure is
+            # decoding alone.
+            batch = torch.randint(0, vocab, (16, 128), device=dev)
+            t = time.time()
+            model.generate(batch, max_new_tokens=1, do_sample=False)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            first = time.time() - t
+            t = time.time()
+            many = model.generate(batch, max_new_tokens=33, min_new_tokens=33, do_sample=False)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            batched = time.time() - t
+        decoded = 16 * (many.shape[1] - batch.shape[1] - 1)
         print(json.dumps({"shape": name, "engine": "transformers", "device": dev,
-                          "prefill_s": prefill, "decode_tok_s": new / max(elapsed - prefill, 1e-9)}))
+                          "prefill_s": prefill, "decode_tok_s": new / max(elapsed - prefill, 1e-9),
+                          "batch16_tok_s": decoded / max(batched - first, 1e-9)}))
         del model
         if dev == "cuda":
             torch.cuda.empty_cache()
