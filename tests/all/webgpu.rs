@@ -121,6 +121,85 @@ fn a_cache_continued_token_by_token_matches_one_pass() {
         .contains("vocabulary"));
 }
 
+/// Sequences taking turns on one model (the decode engine's batch on a
+/// backend that steps them one after another) keep their caches on the
+/// device: each turn hands the host its state, reading back only the new
+/// positions, and the state coming back takes its buffers again. The
+/// logits are those of each sequence run alone, nothing is uploaded while
+/// the turns go round, and a state the device does not hold (rebuilt on
+/// the host) is uploaded and continues the same.
+#[test]
+fn sequences_taking_turns_keep_their_caches_on_the_device() {
+    let dir = scratch("webgpu-turns");
+    let path = dir.join("tiny-llama.gguf");
+    synth::synthesize(synth::named("tiny-llama").unwrap(), "tiny-llama", Quant::Q8_0, 5, &path).unwrap();
+    let mut gpu = WgpuLlama::load(&path, 64).unwrap();
+    let prompts: [Vec<u32>; 3] = [vec![5, 9, 14, 3], vec![7, 7, 21], vec![30, 2, 11, 8, 19]];
+    let steps: [u32; 4] = [40, 3, 17, 25];
+    // Alone: each prompt, then the same four tokens one at a time.
+    let mut alone = Vec::new();
+    for p in &prompts {
+        gpu.truncate(0);
+        let mut rows = vec![gpu.forward(p, Logits::Last).unwrap()];
+        for &t in &steps {
+            rows.push(gpu.forward(&[t], Logits::Last).unwrap());
+        }
+        alone.push(rows);
+    }
+    gpu.truncate(0);
+    // Taking turns: prompts first, then one token each per round.
+    let mut states = Vec::new();
+    let mut turns: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
+    for (i, p) in prompts.iter().enumerate() {
+        gpu.put_state(Vec::new()).unwrap();
+        turns[i].push(gpu.forward(p, Logits::Last).unwrap());
+        states.push(gpu.take_state().unwrap());
+    }
+    let before = gpu.state_uploads();
+    for &t in &steps {
+        for (i, state) in states.iter_mut().enumerate() {
+            gpu.put_state(std::mem::take(state)).unwrap();
+            assert_eq!(gpu.len(), prompts[i].len() + turns[i].len() - 1);
+            turns[i].push(gpu.forward(&[t], Logits::Last).unwrap());
+            *state = gpu.take_state().unwrap();
+        }
+    }
+    assert_eq!(
+        gpu.state_uploads(),
+        before,
+        "a state the device held was uploaded again"
+    );
+    for (i, (a, b)) in alone.iter().zip(&turns).enumerate() {
+        let gap = a
+            .iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(gap < 1e-4, "sequence {i}: logits differ by {gap}");
+    }
+    // The host's copy is the whole cache: rebuilt as new tensors (so the
+    // device cannot know it), it is uploaded and continues the same.
+    let rebuilt: Vec<_> = states[0]
+        .iter()
+        .map(|l| {
+            let l = l.as_ref().unwrap();
+            Some(tessera::backends::gguf::llama::LayerKv::new(l.keys().unwrap(), l.values().unwrap()).unwrap())
+        })
+        .collect();
+    gpu.put_state(rebuilt).unwrap();
+    assert_eq!(gpu.state_uploads(), before + 1);
+    let next = gpu.forward(&[12], Logits::Last).unwrap();
+    gpu.put_state(std::mem::take(&mut states[0])).unwrap();
+    let again = gpu.forward(&[12], Logits::Last).unwrap();
+    let gap = next
+        .iter()
+        .zip(&again)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(gap < 1e-4, "an uploaded state continues differently, by {gap}");
+}
+
 #[test]
 fn smollm2_gives_the_cpu_next_token_on_wgpu() {
     let path = tessera::Paths::from_env()

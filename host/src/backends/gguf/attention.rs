@@ -428,6 +428,22 @@ impl LayerKv {
         }
     }
 
+    /// What identifies the keys and values this holder reads: its own
+    /// buffer, the shared one if any, and how many positions it holds. Two
+    /// holders with the same identity hold the same keys and values, since
+    /// positions below a buffer's high-water mark are never written again
+    /// (see the type's docs). A device that keeps a copy of a sequence's
+    /// cache between its turns ([`crate::backends::webgpu`]) knows it by this.
+    pub(crate) fn identity(&self) -> (candle_core::TensorId, Option<candle_core::TensorId>, usize) {
+        (self.k.id(), self.shared.as_ref().map(|s| s.k.id()), self.len)
+    }
+
+    /// This cache followed by `k`, `v` (`[b, kv_heads, t, d]`): a decode
+    /// step's append, in place where this holder may write.
+    pub(crate) fn extended(&self, k: &Tensor, v: &Tensor) -> Result<Self> {
+        self.append(&k.contiguous()?, &v.contiguous()?, true)
+    }
+
     /// Positions read from shared buffers.
     fn shared_len(&self) -> usize {
         self.shared.as_ref().map_or(0, |s| s.len)

@@ -201,16 +201,62 @@ struct Weights {
     positions: usize,
 }
 
+/// Device memory kept for the caches of sequences between their turns
+/// ([`Parked`]); at least one is always kept.
+const PARKED_BYTES: usize = 1 << 30;
+
+/// Each layer's keys and values for every position served
+/// (`[positions, kv_heads * head_dim]`).
+type Caches = Vec<(wgpu::Buffer, wgpu::Buffer)>;
+
+/// What identifies a state handed out by [`WgpuLlama::take_state`]: each
+/// layer's [`LayerKv::identity`].
+type StateId = Vec<Option<(candle_core::TensorId, Option<candle_core::TensorId>, usize)>>;
+
+fn state_id(state: &KvState) -> StateId {
+    state.iter().map(|l| l.as_ref().map(LayerKv::identity)).collect()
+}
+
+/// A sequence's caches left on the device when its turn ended, known by
+/// the state [`WgpuLlama::take_state`] handed out for them: when that
+/// state comes back ([`WgpuLlama::put_state`]) these buffers become the
+/// model's again, and nothing is uploaded.
+struct Parked {
+    caches: Caches,
+    id: StateId,
+    len: usize,
+    /// When it was parked: past [`PARKED_BYTES`] the oldest goes first.
+    used: u64,
+}
+
 /// A llama-family model on a wgpu device with one sequence's KV cache.
 /// A clone shares the weights and copies the cache (on the device).
+///
+/// Several sequences take turns on one model (the decode engine's batch):
+/// each turn ends with [`Self::take_state`], which hands the sequence its
+/// cache as host tensors, and the next begins with [`Self::put_state`].
+/// Copying whole caches each way at every token would cost more than the
+/// token itself, so the device keeps each sequence's buffers between its
+/// turns ([`Parked`], up to [`PARKED_BYTES`]), a returning state that is
+/// the one handed out is matched to them by identity, and a turn reads back
+/// only the positions it added, appended to the host copy. A state the
+/// device does not hold (a prefix-cache hit, a fork, one evicted) is
+/// uploaded whole, as before.
 pub struct WgpuLlama {
     gpu: Arc<Kernels>,
     w: Arc<Weights>,
-    /// Each layer's keys and values for every position served
-    /// (`[positions, kv_heads * head_dim]`).
-    caches: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    caches: Caches,
     /// Tokens in the cache.
     len: usize,
+    /// The host copy of the cache's first positions, as last handed out or
+    /// put back (empty when there is none): a turn reads back only what
+    /// follows it.
+    mirror: KvState,
+    parked: Vec<Parked>,
+    /// Buffers free for the next parking.
+    spare: Option<Caches>,
+    clock: u64,
+    uploads: u64,
 }
 
 impl Clone for WgpuLlama {
@@ -240,6 +286,11 @@ impl Clone for WgpuLlama {
             w: self.w.clone(),
             caches,
             len: self.len,
+            mirror: self.mirror.clone(),
+            parked: Vec::new(),
+            spare: None,
+            clock: 0,
+            uploads: 0,
         }
     }
 }
@@ -251,6 +302,20 @@ pub enum Logits {
     Last,
     /// Every row's (scoring a continuation).
     All,
+}
+
+/// Empty caches of `layers` layers, `floats` per buffer.
+fn new_caches(gpu: &Kernels, layers: usize, floats: usize) -> Caches {
+    (0..layers)
+        .map(|_| (gpu.scratch("k_cache", floats), gpu.scratch("v_cache", floats)))
+        .collect()
+}
+
+/// Positions every layer of `state` holds, if it has layers and they agree.
+fn mirror_len(state: &KvState) -> Option<usize> {
+    let mut lens = state.iter().map(|l| l.as_ref().map(LayerKv::len));
+    let first = lens.next()??;
+    lens.all(|l| l == Some(first)).then_some(first)
 }
 
 fn vector(qt: QTensor, label: &str) -> Result<Vec<f32>, String> {
@@ -398,14 +463,7 @@ impl WgpuLlama {
                 rope: if local { 1 } else { 0 },
             });
         }
-        let caches = (0..layers_n)
-            .map(|_| {
-                (
-                    gpu.scratch("k_cache", positions * kvw),
-                    gpu.scratch("v_cache", positions * kvw),
-                )
-            })
-            .collect();
+        let caches = new_caches(&gpu, layers_n, positions * kvw);
         let mut ropes = vec![RopeTable::new(&gpu, head_dim, theta, positions)?];
         if gemma {
             ropes.push(RopeTable::new(&gpu, head_dim, 10_000.0, positions)?);
@@ -433,6 +491,11 @@ impl WgpuLlama {
             w: Arc::new(w),
             caches,
             len: 0,
+            mirror: Vec::new(),
+            parked: Vec::new(),
+            spare: None,
+            clock: 0,
+            uploads: 0,
         })
     }
 
@@ -441,44 +504,125 @@ impl WgpuLlama {
         self.caches.len() * 2 * self.w.kv_heads * self.w.head_dim * 4
     }
 
-    /// The cache read back to the host as per-layer `[1, kv_heads, len,
+    /// The cache handed to the host as per-layer `[1, kv_heads, len,
     /// head_dim]` key and value tensors (the CPU path's layout), leaving
     /// the model empty: how a sequence's state leaves the model while
-    /// others run.
+    /// others run. Only the positions past the host copy it already has
+    /// are read back; the device keeps the buffers until the state returns
+    /// (see the type's docs).
     pub fn take_state(&mut self) -> Result<KvState, String> {
         let len = std::mem::take(&mut self.len);
+        let mirror = std::mem::take(&mut self.mirror);
         if len == 0 {
             return Ok(Vec::new());
         }
-        let (kvh, hd) = (self.w.kv_heads, self.w.head_dim);
-        let g = self.gpu.as_ref();
-        let mut out = Vec::with_capacity(self.caches.len());
-        for (k, v) in &self.caches {
-            let mut pair = Vec::with_capacity(2);
-            for buf in [k, v] {
-                let enc = g.device.create_command_encoder(&Default::default());
-                let data = g.finish_and_read(enc, buf, len * kvh * hd)?;
-                let t = candle_core::Tensor::from_vec(data, (len, kvh, hd), &Device::Cpu)
+        let from = mirror_len(&mirror).filter(|&m| m <= len && mirror.len() == self.caches.len());
+        let (from, mirror) = match from {
+            Some(m) => (m, mirror),
+            None => (0, Vec::new()),
+        };
+        let out = if from == len {
+            mirror
+        } else {
+            let (kvh, hd) = (self.w.kv_heads, self.w.head_dim);
+            let rows = len - from;
+            let data = self.read_rows(from, rows)?;
+            let per = rows * kvh * hd;
+            let tensor = |i: usize| {
+                let part = data.get(i * per..(i + 1) * per).ok_or("a short read-back")?.to_vec();
+                candle_core::Tensor::from_vec(part, (rows, kvh, hd), &Device::Cpu)
                     .and_then(|t| t.transpose(0, 1))
                     .and_then(|t| t.contiguous())
                     .and_then(|t| t.unsqueeze(0))
-                    .map_err(|e| e.to_string())?;
-                pair.push(t);
+                    .map_err(|e| e.to_string())
+            };
+            let mut out = Vec::with_capacity(self.caches.len());
+            for l in 0..self.caches.len() {
+                let (k, v) = (tensor(2 * l)?, tensor(2 * l + 1)?);
+                let layer = match mirror.get(l).and_then(Option::as_ref) {
+                    Some(m) => m.extended(&k, &v),
+                    None => LayerKv::new(k, v),
+                };
+                out.push(Some(layer.map_err(|e| e.to_string())?));
             }
-            let v = pair.pop();
-            let k = pair.pop();
-            match k.zip(v) {
-                Some((k, v)) => out.push(Some(LayerKv::new(k, v).map_err(|e| e.to_string())?)),
-                None => out.push(None),
+            out
+        };
+        self.park(&out, len);
+        Ok(out)
+    }
+
+    /// Rows `from..from + rows` of every layer's keys and values, in one
+    /// read-back where they fit one buffer: keys then values, layer by layer.
+    fn read_rows(&self, from: usize, rows: usize) -> Result<Vec<f32>, String> {
+        let g = self.gpu.as_ref();
+        let kvw = self.w.kv_heads * self.w.head_dim;
+        let part = (rows * kvw * 4) as u64;
+        let at = (from * kvw * 4) as u64;
+        let parts: Vec<&wgpu::Buffer> = self.caches.iter().flat_map(|(k, v)| [k, v]).collect();
+        let per_read = ((g.max_binding / part.max(1)) as usize).max(1);
+        let mut out = Vec::with_capacity(parts.len() * rows * kvw);
+        for group in parts.chunks(per_read) {
+            let bytes = part * group.len() as u64;
+            let staging = g.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kv read-back"),
+                size: bytes.max(4),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = g.device.create_command_encoder(&Default::default());
+            for (i, buf) in group.iter().enumerate() {
+                enc.copy_buffer_to_buffer(buf, at, &staging, part * i as u64, part);
             }
+            g.queue.submit([enc.finish()]);
+            out.extend(super::read_mapped(&g.device, &staging, bytes)?);
         }
         Ok(out)
     }
 
+    /// Leaves the current buffers on the device for the sequence `state`
+    /// (of `len` tokens) and takes free ones, evicting the longest unused
+    /// sequence's past [`PARKED_BYTES`].
+    fn park(&mut self, state: &KvState, len: usize) {
+        let per_sequence = self.kv_bytes_per_token() * self.w.positions;
+        let room = (PARKED_BYTES / per_sequence.max(1)).max(1);
+        let free = match self.spare.take() {
+            Some(c) => c,
+            None if self.parked.len() >= room => {
+                let oldest = (0..self.parked.len()).min_by_key(|&i| self.parked[i].used).unwrap_or(0);
+                self.parked.swap_remove(oldest).caches
+            }
+            None => new_caches(
+                &self.gpu,
+                self.caches.len(),
+                self.w.positions * self.w.kv_heads * self.w.head_dim,
+            ),
+        };
+        self.clock += 1;
+        self.parked.push(Parked {
+            caches: std::mem::replace(&mut self.caches, free),
+            id: state_id(state),
+            len,
+            used: self.clock,
+        });
+    }
+
     /// Puts a state from [`Self::take_state`] (or the CPU path's) back on
-    /// the device; an empty state leaves the cache empty.
+    /// the device; an empty state leaves the cache empty. A state the
+    /// device still holds takes its buffers back; any other is uploaded.
     pub fn put_state(&mut self, state: KvState) -> Result<(), String> {
         self.len = 0;
+        self.mirror = Vec::new();
+        if state.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let id = state_id(&state);
+        if let Some(i) = self.parked.iter().position(|p| p.id == id) {
+            let p = self.parked.swap_remove(i);
+            self.spare = Some(std::mem::replace(&mut self.caches, p.caches));
+            self.len = p.len;
+            self.mirror = state;
+            return Ok(());
+        }
         let mut len = None;
         for ((kc, vc), layer) in self.caches.iter().zip(&state) {
             let Some(kv) = layer else { continue };
@@ -505,8 +649,18 @@ impl WgpuLlama {
                 len = Some(rows);
             }
         }
+        self.uploads += 1;
         self.len = len.unwrap_or(0);
+        if mirror_len(&state) == Some(self.len) {
+            self.mirror = state;
+        }
         Ok(())
+    }
+
+    /// States [`Self::put_state`] had to upload whole (not held on the
+    /// device): how a test sees that sequences taking turns stay on it.
+    pub fn state_uploads(&self) -> u64 {
+        self.uploads
     }
 
     /// Tokens in the KV cache.
@@ -526,12 +680,32 @@ impl WgpuLlama {
             return Err(format!("position {pos} is past the {} cached tokens", self.len));
         }
         self.len = pos;
+        self.cut_mirror();
         Ok(())
     }
 
     /// Forgets all but the first `len` cached tokens (a new sequence: 0).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        self.cut_mirror();
+    }
+
+    /// Keeps the host copy within the cache's positions: those past it are
+    /// about to be written again.
+    fn cut_mirror(&mut self) {
+        if self.len == 0 {
+            self.mirror = Vec::new();
+        } else if mirror_len(&self.mirror).is_some_and(|m| m > self.len) {
+            let len = self.len;
+            self.mirror = self
+                .mirror
+                .iter()
+                .map(|l| l.as_ref().and_then(|l| l.truncated(len).ok()))
+                .collect();
+            if self.mirror.iter().any(Option::is_none) {
+                self.mirror = Vec::new();
+            }
+        }
     }
 
     /// Vocabulary size (the width of a row of logits).
