@@ -6,6 +6,13 @@
 #                                           #    tessera, device_check, libcudart.so.13
 #   there:  scripts/gpu-check.sh BIN_DIR    # results go to $OUT (default ./gpu-check-out)
 #
+# With the session's device tool, which carries ignored paths of the
+# checkout (64 MiB at most) and brings back what lands under $OUT:
+#
+#   mkdir -p gpu-carry && cp "$CARGO_TARGET_DIR/cuda-dist.tar.xz" gpu-carry/
+#   run  carry=["gpu-carry"]  timeout_s=540  command=
+#     "tar -xJf gpu-carry/cuda-dist.tar.xz -C /tmp && scripts/gpu-check.sh /tmp/cuda-dist"
+#
 # BIN_DIR may also hold a CPU-only build (`cargo build --release -p tessera
 # --bin tessera --example device_check`): the CUDA entries then say so and
 # the rest still runs.
@@ -38,7 +45,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
-export TESSERA_HOME="$OUT/home"
+# Models, training runs and merges (gigabytes) go to a scratch folder, so
+# that $OUT holds only the results: a device call brings back $OUT.
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+export TESSERA_HOME="$WORK/home"
 
 # 1. The machine, and the CUDA libraries where they are.
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
@@ -63,22 +74,22 @@ python3 -c 'import json,sys; print(json.dumps({"gpu": sys.argv[1], "cuda_library
 # 2. Agreement and speed per shape.
 SHAPES=${SHAPES:-smollm2-135m qwen2.5-0.5b qwen2.5-1.5b}
 for shape in $SHAPES; do
-  "$BIN/tessera" pool synth --like "$shape" --quant q8_0 --seed 1 --out "$OUT/$shape.gguf" >&2
+  "$BIN/tessera" pool synth --like "$shape" --quant q8_0 --seed 1 --out "$WORK/$shape.gguf" >&2
   # One line per device as it finishes; a time limit loses only the rest.
-  timeout "${CHECK_TIMEOUT:-150}" "$BIN/device_check" --devices "${DEVICES:-cuda,wgpu}" "$OUT/$shape.gguf" |
+  timeout "${CHECK_TIMEOUT:-150}" "$BIN/device_check" --devices "${DEVICES:-cuda,wgpu}" "$WORK/$shape.gguf" |
     sed "s/^{/{\"shape\":\"$shape\",/" >> "$RESULTS"
   [ "${PIPESTATUS[0]}" = 124 ] && echo "{\"shape\":\"$shape\",\"error\":\"device_check passed its ${CHECK_TIMEOUT:-150} s\"}" >> "$RESULTS"
-  [ "$shape" = "${SHAPES%% *}" ] || rm -f "$OUT/$shape.gguf"
+  [ "$shape" = "${SHAPES%% *}" ] || rm -f "$WORK/$shape.gguf"
 done
 
 # 3. Training on the GPU and a merge there, on the first shape.
 first=${SHAPES%% *}
-sha=$(sha256sum "$OUT/$first.gguf" | cut -d' ' -f1)
-cat > "$OUT/pool.toml" <<EOF
+sha=$(sha256sum "$WORK/$first.gguf" | cut -d' ' -f1)
+cat > "$WORK/pool.toml" <<EOF
 [[member]]
 id = "synth"
 backend = "gguf"
-path = "$OUT/$first.gguf"
+path = "$WORK/$first.gguf"
 sha256 = "$sha"
 [member.card]
 contributor = "scripts/gpu-check.sh"
@@ -89,13 +100,13 @@ source = "tessera pool synth --like $first --seed 1"
 EOF
 for i in $(seq 1 32); do
   echo "{\"prompt\":\"Question $i: what is $i plus $i? Explain the steps briefly.\",\"completion\":\" $i plus $i is $((i + i)): add the two numbers.\"}"
-done > "$OUT/train.jsonl"
+done > "$WORK/train.jsonl"
 for device in cuda cpu; do
-  rm -rf "$OUT/trained-$device"
+  rm -rf "$WORK/trained-$device"
   t0=$(date +%s.%N)
-  if err=$(TESSERA_POOL="$OUT/pool.toml" timeout 180 "$BIN/tessera" contribute train --device "$device" \
-        --base synth --data "$OUT/train.jsonl" --out "$OUT/trained-$device" --steps 4 --batch 8 2>&1 >/dev/null); then
-    python3 - "$device" "$OUT/trained-$device/train-log.jsonl" "$t0" "$(date +%s.%N)" >> "$RESULTS" <<'PY'
+  if err=$(TESSERA_POOL="$WORK/pool.toml" timeout 180 "$BIN/tessera" contribute train --device "$device" \
+        --base synth --data "$WORK/train.jsonl" --out "$WORK/trained-$device" --steps 4 --batch 8 2>&1 >/dev/null); then
+    python3 - "$device" "$WORK/trained-$device/train-log.jsonl" "$t0" "$(date +%s.%N)" >> "$RESULTS" <<'PY'
 import json, sys
 steps = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 print(json.dumps({"train": sys.argv[1], "shape_steps": len(steps), "last_loss": steps[-1]["loss"],
@@ -105,10 +116,10 @@ PY
     python3 -c 'import json,sys; print(json.dumps({"train": sys.argv[1], "error": sys.argv[2][-600:]}))' "$device" "$err" >> "$RESULTS"
   fi
 done
-if [ -d "$OUT/trained-cuda" ] && [ -d "$OUT/trained-cpu" ]; then
+if [ -d "$WORK/trained-cuda" ] && [ -d "$WORK/trained-cpu" ]; then
   t0=$(date +%s.%N)
   if msg=$("$BIN/tessera" merge --merge-device gpu --method linear \
-        --model "$OUT/trained-cuda" --model "$OUT/trained-cpu" --out "$OUT/merged" 2>&1); then
+        --model "$WORK/trained-cuda" --model "$WORK/trained-cpu" --out "$WORK/merged" 2>&1); then
     python3 -c 'import json,sys; print(json.dumps({"merge": sys.argv[1].strip()[:300], "wall_s": float(sys.argv[3]) - float(sys.argv[2])}))' \
       "$msg" "$t0" "$(date +%s.%N)" >> "$RESULTS"
   else
@@ -117,7 +128,7 @@ if [ -d "$OUT/trained-cuda" ] && [ -d "$OUT/trained-cpu" ]; then
 else
   echo '{"merge":"skipped: a training run failed"}' >> "$RESULTS"
 fi
-rm -f "$OUT/$first.gguf"
+rm -f "$WORK/$first.gguf"
 
 # 4. The peer.
 if python3 -c 'import torch, transformers' 2>/dev/null; then

@@ -19,6 +19,18 @@ SHAPES = {
 }
 
 
+def timed(model, ids, tokens, dev):
+    """Seconds for a greedy `generate` of exactly `tokens` new tokens after
+    `ids` (the device synchronised before and after), and its output."""
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t = time.time()
+    out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return time.time() - t, out
+
+
 def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for name, (arch, (h, layers, heads, kvh, hd, ffn, vocab, base)) in SHAPES.items():
@@ -28,34 +40,18 @@ def main() -> None:
         cfg, cls = (LlamaConfig(**kw), LlamaForCausalLM) if arch == "llama" else (Qwen2Config(**kw), Qwen2ForCausalLM)
         torch.manual_seed(1)
         model = cls(cfg).to(dev, dtype=torch.bfloat16).eval()
-        ids = torch.randint(0, vocab, (1, 128), device=dev)
         with torch.no_grad():
+            ids = torch.randint(0, vocab, (1, 128), device=dev)
             model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            t = time.time()
-            model.generate(ids, max_new_tokens=1, do_sample=False)
-            prefill = time.time() - t
-            t = time.time()
-            out = model.generate(ids, max_new_tokens=33, min_new_tokens=33, do_sample=False)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.time() - t
+            prefill, _ = timed(model, ids, 1, dev)
+            elapsed, out = timed(model, ids, 33, dev)
             new = out.shape[1] - ids.shape[1] - 1
             # 16 sequences at once, timed as device_check times Tessera's:
             # the run with one token each is taken away, so the figure is
             # decoding alone.
             batch = torch.randint(0, vocab, (16, 128), device=dev)
-            t = time.time()
-            model.generate(batch, max_new_tokens=1, do_sample=False)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            first = time.time() - t
-            t = time.time()
-            many = model.generate(batch, max_new_tokens=33, min_new_tokens=33, do_sample=False)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            batched = time.time() - t
+            first, _ = timed(model, batch, 1, dev)
+            batched, many = timed(model, batch, 33, dev)
         decoded = 16 * (many.shape[1] - batch.shape[1] - 1)
         print(json.dumps({"shape": name, "engine": "transformers", "device": dev,
                           "prefill_s": prefill, "decode_tok_s": new / max(elapsed - prefill, 1e-9),
