@@ -28,11 +28,11 @@
 #    `device_check` on each: CPU against CUDA and against wgpu (Vulkan):
 #    top-5 log-prob gap, prefill, greedy decode, 16 sequences decoded
 #    together.
-# 3. One LoRA training run of a few steps on the SmolLM2 shape on CUDA and
+# 3. The peer: transformers on the same shapes, random-initialised from the
+#    same configuration, bf16 on CUDA, `generate` (scripts/gpu_peer.py).
+# 4. One LoRA training run of a few steps on the SmolLM2 shape on CUDA and
 #    the same on the CPU (tokens per second from each run's train-log), and
 #    a merge of the two results on the GPU through wgpu.
-# 4. The peer: transformers on the same shapes, random-initialised from the
-#    same configuration, bf16 on CUDA, `generate` (scripts/gpu_peer.py).
 # Everything lands in $OUT as JSON lines (results.jsonl) and one table.
 #
 # SHAPES and CHECK_TIMEOUT (seconds per shape) may be set; a tiny shape
@@ -76,13 +76,21 @@ SHAPES=${SHAPES:-smollm2-135m qwen2.5-0.5b qwen2.5-1.5b}
 for shape in $SHAPES; do
   "$BIN/tessera" pool synth --like "$shape" --quant q8_0 --seed 1 --out "$WORK/$shape.gguf" >&2
   # One line per device as it finishes; a time limit loses only the rest.
-  timeout "${CHECK_TIMEOUT:-150}" "$BIN/device_check" --devices "${DEVICES:-cuda,wgpu}" "$WORK/$shape.gguf" |
+  timeout "${CHECK_TIMEOUT:-120}" "$BIN/device_check" --devices "${DEVICES:-cuda,wgpu}" "$WORK/$shape.gguf" |
     sed "s/^{/{\"shape\":\"$shape\",/" >> "$RESULTS"
-  [ "${PIPESTATUS[0]}" = 124 ] && echo "{\"shape\":\"$shape\",\"error\":\"device_check passed its ${CHECK_TIMEOUT:-150} s\"}" >> "$RESULTS"
+  [ "${PIPESTATUS[0]}" = 124 ] && echo "{\"shape\":\"$shape\",\"error\":\"device_check passed its ${CHECK_TIMEOUT:-120} s\"}" >> "$RESULTS"
   [ "$shape" = "${SHAPES%% *}" ] || rm -f "$WORK/$shape.gguf"
 done
 
-# 3. Training on the GPU and a merge there, on the first shape.
+# 3. The peer, before training: a time limit that stops the script short
+# keeps the comparison.
+if python3 -c 'import torch, transformers' 2>/dev/null; then
+  timeout 240 python3 "$HERE/gpu_peer.py" >> "$RESULTS" || echo '{"peer":"failed"}' >> "$RESULTS"
+else
+  echo '{"peer":"no torch/transformers here"}' >> "$RESULTS"
+fi
+
+# 4. Training on the GPU and a merge there, on the first shape.
 first=${SHAPES%% *}
 sha=$(sha256sum "$WORK/$first.gguf" | cut -d' ' -f1)
 cat > "$WORK/pool.toml" <<EOF
@@ -104,7 +112,7 @@ done > "$WORK/train.jsonl"
 for device in cuda cpu; do
   rm -rf "$WORK/trained-$device"
   t0=$(date +%s.%N)
-  if err=$(TESSERA_POOL="$WORK/pool.toml" timeout 180 "$BIN/tessera" contribute train --device "$device" \
+  if err=$(TESSERA_POOL="$WORK/pool.toml" timeout 120 "$BIN/tessera" contribute train --device "$device" \
         --base synth --data "$WORK/train.jsonl" --out "$WORK/trained-$device" --steps 4 --batch 8 2>&1 >/dev/null); then
     python3 - "$device" "$WORK/trained-$device/train-log.jsonl" "$t0" "$(date +%s.%N)" >> "$RESULTS" <<'PY'
 import json, sys
@@ -129,13 +137,6 @@ else
   echo '{"merge":"skipped: a training run failed"}' >> "$RESULTS"
 fi
 rm -f "$WORK/$first.gguf"
-
-# 4. The peer.
-if python3 -c 'import torch, transformers' 2>/dev/null; then
-  timeout 240 python3 "$HERE/gpu_peer.py" >> "$RESULTS" || echo '{"peer":"failed"}' >> "$RESULTS"
-else
-  echo '{"peer":"no torch/transformers here"}' >> "$RESULTS"
-fi
 
 python3 - "$RESULTS" > "$OUT/table.md" <<'PY'
 import json, sys
