@@ -121,15 +121,16 @@ fn a_cache_continued_token_by_token_matches_one_pass() {
         .contains("vocabulary"));
 }
 
-/// Sequences taking turns on one model (the decode engine's batch on a
-/// backend that steps them one after another) keep their caches on the
-/// device: each turn hands the host its state, reading back only the new
-/// positions, and the state coming back takes its buffers again. The
-/// logits are those of each sequence run alone, nothing is uploaded while
-/// the turns go round, and a state the device does not hold (rebuilt on
-/// the host) is uploaded and continues the same.
+/// Sequences taking turns on one model keep their caches on the device:
+/// each turn hands the host its state, reading back only the new
+/// positions, and the state coming back takes its buffers again. Decode
+/// steps of all of them in one pass (`forward_batch`, the engine's batch)
+/// run on the same caches. The logits are those of each sequence run
+/// alone, nothing is uploaded while the turns and batches go round, and a
+/// state the device does not hold (rebuilt on the host) is uploaded and
+/// continues the same.
 #[test]
-fn sequences_taking_turns_keep_their_caches_on_the_device() {
+fn sequences_in_turns_and_in_one_pass_keep_their_caches_on_the_device() {
     let dir = scratch("webgpu-turns");
     let path = dir.join("tiny-llama.gguf");
     synth::synthesize(synth::named("tiny-llama").unwrap(), "tiny-llama", Quant::Q8_0, 5, &path).unwrap();
@@ -156,12 +157,24 @@ fn sequences_taking_turns_keep_their_caches_on_the_device() {
         states.push(gpu.take_state().unwrap());
     }
     let before = gpu.state_uploads();
-    for &t in &steps {
+    for &t in &steps[..2] {
         for (i, state) in states.iter_mut().enumerate() {
             gpu.put_state(std::mem::take(state)).unwrap();
             assert_eq!(gpu.len(), prompts[i].len() + turns[i].len() - 1);
             turns[i].push(gpu.forward(&[t], Logits::Last).unwrap());
             *state = gpu.take_state().unwrap();
+        }
+    }
+    // Then one forward pass for all three per step, on the same caches.
+    for &t in &steps[2..] {
+        let rows = gpu.forward_batch(&[t; 3], &mut states).unwrap();
+        let v = gpu.vocab();
+        for (i, row) in rows.chunks(v).enumerate() {
+            turns[i].push(row.to_vec());
+            assert_eq!(
+                states[i][0].as_ref().unwrap().len(),
+                prompts[i].len() + turns[i].len() - 1
+            );
         }
     }
     assert_eq!(
@@ -198,6 +211,52 @@ fn sequences_taking_turns_keep_their_caches_on_the_device() {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max);
     assert!(gap < 1e-4, "an uploaded state continues differently, by {gap}");
+}
+
+/// The decode engine batches a member's sequences on wgpu as on the CPU:
+/// greedy generations run together give the texts each gives alone, and
+/// they took batched steps.
+#[test]
+fn a_wgpu_member_decodes_its_sequences_in_one_pass_each_step() {
+    let dir = scratch("webgpu-batch");
+    let path = dir.join("tiny-qwen2.gguf");
+    synth::synthesize(synth::named("tiny-qwen2").unwrap(), "tiny-qwen2", Quant::Q8_0, 3, &path).unwrap();
+    let mut gpu = GgufModel::load_wgpu("tiny", &path).unwrap();
+    gpu.set_prefix_cache(0);
+    let greedy = GenParams {
+        max_tokens: Some(8),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    let inputs: Vec<Input> = ["one two three", "a different opening, longer than the first", "x"]
+        .iter()
+        .map(|t| Input::Prompt(t.to_string()))
+        .collect();
+    let alone: Vec<String> = inputs
+        .iter()
+        .map(|i| gpu.generate(ctx(), i, &greedy).unwrap().text)
+        .collect();
+    eprintln!("alone: {alone:?}");
+    assert!(
+        alone.iter().all(|t| !t.is_empty()),
+        "a generation ended at once: nothing to compare"
+    );
+    let before = tessera::backends::gguf::decode::batched_steps();
+    let jobs = inputs
+        .iter()
+        .map(|input| tessera::backends::gguf::decode::GenJob {
+            ctx: ctx(),
+            input,
+            params: &greedy,
+            sink: None,
+        })
+        .collect();
+    let together: Vec<String> = gpu.generate_batch(jobs).into_iter().map(|g| g.unwrap().text).collect();
+    assert_eq!(together, alone);
+    assert!(
+        tessera::backends::gguf::decode::batched_steps() > before,
+        "no step ran the sequences together"
+    );
 }
 
 #[test]

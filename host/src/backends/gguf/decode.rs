@@ -751,16 +751,15 @@ impl GgufModel {
     }
 
     /// One decode step for every sequence in `seqs`, setting their logits:
-    /// one forward pass over all of them where the architecture batches,
-    /// else one sequence after another. Returns each sequence's outcome: a
+    /// one forward pass over all of them (on the CPU architectures and on
+    /// wgpu alike). Returns each sequence's outcome: a
     /// sequence that fails alone (the unbatched path, or its row of the
     /// batch's logits) fails alone, and the others go on; a failed batched
     /// pass fails every sequence in it.
     fn decode_step<T>(&mut self, seqs: &mut [(T, Seq<'_>)]) -> Vec<Result<(), InferenceError>> {
-        let batched = seqs.len() > 1 && self.weights.batches();
+        let batched = seqs.len() > 1;
         if !batched {
-            // One sequence (or a backend that does not batch) runs the
-            // plain path: the same numbers as a batched row (both use the
+            // One sequence runs the plain path: the same numbers as a batched row (both use the
             // decode kernels), without the batch's bookkeeping.
             return seqs
                 .iter_mut()

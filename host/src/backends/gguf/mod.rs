@@ -169,14 +169,16 @@ impl Weights {
         }
     }
 
-    /// Whether [`Self::forward_batch`] runs here: the CPU architectures
-    /// batch; the wgpu backend steps its sequences one after another.
+    /// Whether [`Self::forward_chunks`] runs here: the CPU architectures
+    /// batch prompt chunks; the wgpu backend runs them one after another.
+    /// Decode steps batch on every backend ([`Self::forward_batch`]).
     fn batches(&self) -> bool {
         !matches!(self, Weights::Wgpu(_))
     }
 
     /// One decode step of several sequences in one forward pass (see
-    /// [`llama::Llama::forward_batch`]), where [`Self::batches`].
+    /// [`llama::Llama::forward_batch`] and
+    /// [`crate::backends::webgpu::WgpuLlama::forward_batch`]).
     fn forward_batch(
         &mut self,
         ids: &[u32],
@@ -188,7 +190,17 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.forward_batch(ids, pos, states, device),
             Weights::Gemma3(m) => m.forward_batch(ids, pos, states, device),
-            Weights::Wgpu(_) => candle_core::bail!("the wgpu backend does not batch decode steps"),
+            Weights::Wgpu(m) => {
+                // The device continues each state from its own length.
+                for (state, &p) in states.iter().zip(pos) {
+                    let len = state.first().and_then(Option::as_ref).map(|l| l.len());
+                    if len != Some(p) {
+                        candle_core::bail!("a decoding sequence at position {p} holds a cache of {len:?} tokens");
+                    }
+                }
+                let rows = m.forward_batch(ids, states).map_err(gpu_msg)?;
+                gpu_logits(m, rows)
+            }
         }
     }
 

@@ -295,6 +295,14 @@ impl Clone for WgpuLlama {
     }
 }
 
+/// One sequence's rows in a forward pass ([`WgpuLlama::run`]): its
+/// caches, the position of its first row, and how many rows it has.
+struct Part<'a> {
+    caches: &'a Caches,
+    pos: usize,
+    rows: usize,
+}
+
 /// Which rows' logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -524,41 +532,164 @@ impl WgpuLlama {
         let out = if from == len {
             mirror
         } else {
-            let (kvh, hd) = (self.w.kv_heads, self.w.head_dim);
-            let rows = len - from;
-            let data = self.read_rows(from, rows)?;
-            let per = rows * kvh * hd;
-            let tensor = |i: usize| {
-                let part = data.get(i * per..(i + 1) * per).ok_or("a short read-back")?.to_vec();
-                candle_core::Tensor::from_vec(part, (rows, kvh, hd), &Device::Cpu)
-                    .and_then(|t| t.transpose(0, 1))
-                    .and_then(|t| t.contiguous())
-                    .and_then(|t| t.unsqueeze(0))
-                    .map_err(|e| e.to_string())
-            };
-            let mut out = Vec::with_capacity(self.caches.len());
-            for l in 0..self.caches.len() {
-                let (k, v) = (tensor(2 * l)?, tensor(2 * l + 1)?);
-                let layer = match mirror.get(l).and_then(Option::as_ref) {
-                    Some(m) => m.extended(&k, &v),
-                    None => LayerKv::new(k, v),
-                };
-                out.push(Some(layer.map_err(|e| e.to_string())?));
-            }
-            out
+            let data = self.read_rows(from, len - from)?;
+            self.appended(&mirror, &data, len - from)?
         };
         self.park(&out, len);
         Ok(out)
     }
 
+    /// `mirror` (empty: nothing) followed by `rows` positions read back
+    /// by [`Self::read_rows`] as `data`: the host state of the cache.
+    fn appended(&self, mirror: &KvState, data: &[f32], rows: usize) -> Result<KvState, String> {
+        let (kvh, hd) = (self.w.kv_heads, self.w.head_dim);
+        let per = rows * kvh * hd;
+        let tensor = |i: usize| {
+            let part = data.get(i * per..(i + 1) * per).ok_or("a short read-back")?.to_vec();
+            candle_core::Tensor::from_vec(part, (rows, kvh, hd), &Device::Cpu)
+                .and_then(|t| t.transpose(0, 1))
+                .and_then(|t| t.contiguous())
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(|e| e.to_string())
+        };
+        let mut out = Vec::with_capacity(self.caches.len());
+        for l in 0..self.caches.len() {
+            let (k, v) = (tensor(2 * l)?, tensor(2 * l + 1)?);
+            let layer = match mirror.get(l).and_then(Option::as_ref) {
+                Some(m) => m.extended(&k, &v),
+                None => LayerKv::new(k, v),
+            };
+            out.push(Some(layer.map_err(|e| e.to_string())?));
+        }
+        Ok(out)
+    }
+
+    /// How many sequences' caches the device keeps besides the current
+    /// one ([`PARKED_BYTES`]).
+    fn room(&self) -> usize {
+        let per_sequence = self.kv_bytes_per_token() * self.w.positions;
+        (PARKED_BYTES / per_sequence.max(1)).max(1)
+    }
+
+    /// Free caches for one more sequence: the spare ones, else the oldest
+    /// parked sequence's once [`Self::room`] is full, else new ones.
+    fn free_caches(&mut self) -> Caches {
+        if let Some(c) = self.spare.take() {
+            return c;
+        }
+        if self.parked.len() >= self.room() {
+            let oldest = (0..self.parked.len()).min_by_key(|&i| self.parked[i].used).unwrap_or(0);
+            return self.parked.swap_remove(oldest).caches;
+        }
+        new_caches(
+            &self.gpu,
+            self.caches.len(),
+            self.w.positions * self.w.kv_heads * self.w.head_dim,
+        )
+    }
+
+    /// One decode step of several sequences in one forward pass: token
+    /// `ids[i]` continues `states[i]` (as handed out by [`Self::take_state`]),
+    /// which becomes the state one token longer. Each sequence's caches are
+    /// those the device keeps for it, or its state uploaded; products and
+    /// norms run once for all rows. Returns the logits, a row per sequence.
+    /// The model's own current sequence is left as it was.
+    pub fn forward_batch(&mut self, ids: &[u32], states: &mut [KvState]) -> Result<Vec<f32>, String> {
+        if ids.len() != states.len() || ids.is_empty() {
+            return Err(format!("{} tokens for {} sequences", ids.len(), states.len()));
+        }
+        // Each sequence's caches on the device, and its length.
+        let mut held: Vec<(Caches, usize)> = Vec::with_capacity(states.len());
+        for state in states.iter() {
+            let id = state_id(state);
+            let slot = match self.parked.iter().position(|p| p.id == id) {
+                Some(i) => {
+                    let p = self.parked.swap_remove(i);
+                    Ok((p.caches, p.len))
+                }
+                None => {
+                    let caches = self.free_caches();
+                    self.uploads += 1;
+                    self.upload(&caches, state).map(|len| (caches, len))
+                }
+            };
+            match slot {
+                Ok(slot) => held.push(slot),
+                Err(e) => {
+                    self.park_all(held, states);
+                    return Err(e);
+                }
+            }
+        }
+        let ran = held
+            .iter()
+            .try_for_each(|(_, len)| self.fits(len + 1))
+            .and_then(|()| {
+                let parts: Vec<Part<'_>> = held
+                    .iter()
+                    .map(|(caches, len)| Part {
+                        caches,
+                        pos: *len,
+                        rows: 1,
+                    })
+                    .collect();
+                self.run(ids, &parts, Logits::Last)
+            })
+            .and_then(|logits| {
+                let mut next = Vec::with_capacity(states.len());
+                for ((caches, len), state) in held.iter().zip(states.iter()) {
+                    let data = self.read_rows_of(caches, *len, 1)?;
+                    next.push(self.appended(state, &data, 1)?);
+                }
+                Ok((logits, next))
+            });
+        match ran {
+            Ok((logits, next)) => {
+                for (state, n) in states.iter_mut().zip(next) {
+                    *state = n;
+                }
+                let held = held.into_iter().map(|(c, len)| (c, len + 1)).collect();
+                self.park_all(held, states);
+                Ok(logits)
+            }
+            Err(e) => {
+                // The states are unchanged: their caches go back as they were.
+                self.park_all(held, states);
+                Err(e)
+            }
+        }
+    }
+
+    /// Parks each sequence's caches under its state (see [`Parked`]).
+    fn park_all(&mut self, held: Vec<(Caches, usize)>, states: &[KvState]) {
+        for ((caches, len), state) in held.into_iter().zip(states) {
+            self.clock += 1;
+            self.parked.push(Parked {
+                caches,
+                id: state_id(state),
+                len,
+                used: self.clock,
+            });
+        }
+        while self.parked.len() > self.room() {
+            let oldest = (0..self.parked.len()).min_by_key(|&i| self.parked[i].used).unwrap_or(0);
+            self.parked.swap_remove(oldest);
+        }
+    }
+
     /// Rows `from..from + rows` of every layer's keys and values, in one
     /// read-back where they fit one buffer: keys then values, layer by layer.
     fn read_rows(&self, from: usize, rows: usize) -> Result<Vec<f32>, String> {
+        self.read_rows_of(&self.caches, from, rows)
+    }
+
+    /// [`Self::read_rows`] of `caches`.
+    fn read_rows_of(&self, caches: &Caches, from: usize, rows: usize) -> Result<Vec<f32>, String> {
         let g = self.gpu.as_ref();
         let kvw = self.w.kv_heads * self.w.head_dim;
         let part = (rows * kvw * 4) as u64;
         let at = (from * kvw * 4) as u64;
-        let parts: Vec<&wgpu::Buffer> = self.caches.iter().flat_map(|(k, v)| [k, v]).collect();
+        let parts: Vec<&wgpu::Buffer> = caches.iter().flat_map(|(k, v)| [k, v]).collect();
         let per_read = ((g.max_binding / part.max(1)) as usize).max(1);
         let mut out = Vec::with_capacity(parts.len() * rows * kvw);
         for group in parts.chunks(per_read) {
@@ -583,20 +714,7 @@ impl WgpuLlama {
     /// (of `len` tokens) and takes free ones, evicting the longest unused
     /// sequence's past [`PARKED_BYTES`].
     fn park(&mut self, state: &KvState, len: usize) {
-        let per_sequence = self.kv_bytes_per_token() * self.w.positions;
-        let room = (PARKED_BYTES / per_sequence.max(1)).max(1);
-        let free = match self.spare.take() {
-            Some(c) => c,
-            None if self.parked.len() >= room => {
-                let oldest = (0..self.parked.len()).min_by_key(|&i| self.parked[i].used).unwrap_or(0);
-                self.parked.swap_remove(oldest).caches
-            }
-            None => new_caches(
-                &self.gpu,
-                self.caches.len(),
-                self.w.positions * self.w.kv_heads * self.w.head_dim,
-            ),
-        };
+        let free = self.free_caches();
         self.clock += 1;
         self.parked.push(Parked {
             caches: std::mem::replace(&mut self.caches, free),
@@ -623,8 +741,19 @@ impl WgpuLlama {
             self.mirror = state;
             return Ok(());
         }
+        self.len = self.upload(&self.caches, &state)?;
+        self.uploads += 1;
+        if mirror_len(&state) == Some(self.len) {
+            self.mirror = state;
+        }
+        Ok(())
+    }
+
+    /// Writes `state` into `caches` (the callers count it in
+    /// [`Self::state_uploads`]); returns its length.
+    fn upload(&self, caches: &Caches, state: &KvState) -> Result<usize, String> {
         let mut len = None;
-        for ((kc, vc), layer) in self.caches.iter().zip(&state) {
+        for ((kc, vc), layer) in caches.iter().zip(state) {
             let Some(kv) = layer else { continue };
             let (k, v) = (
                 kv.keys().map_err(|e| e.to_string())?,
@@ -649,12 +778,7 @@ impl WgpuLlama {
                 len = Some(rows);
             }
         }
-        self.uploads += 1;
-        self.len = len.unwrap_or(0);
-        if mirror_len(&state) == Some(self.len) {
-            self.mirror = state;
-        }
-        Ok(())
+        Ok(len.unwrap_or(0))
     }
 
     /// States [`Self::put_state`] had to upload whole (not held on the
@@ -721,13 +845,35 @@ impl WgpuLlama {
             return Err("no tokens to run".into());
         }
         let pos = self.len;
-        if pos + rows > self.w.positions {
+        self.fits(pos + rows)?;
+        let part = Part {
+            caches: &self.caches,
+            pos,
+            rows,
+        };
+        let out = self.run(ids, &[part], which)?;
+        self.len = pos + rows;
+        Ok(out)
+    }
+
+    /// Refuses a cache of `len` tokens past the positions loaded for.
+    fn fits(&self, len: usize) -> Result<(), String> {
+        if len > self.w.positions {
             return Err(format!(
-                "{} tokens is more than the {} positions this member was loaded for",
-                pos + rows,
+                "{len} tokens is more than the {} positions this member was loaded for",
                 self.w.positions
             ));
         }
+        Ok(())
+    }
+
+    /// One forward pass over `ids`, the rows of `parts` one after another,
+    /// each part a sequence continuing its own caches from its position;
+    /// the products and norms run once over every row, rotary embeddings,
+    /// cache writes and attention once per part. Returns the logits of
+    /// every row (`All`) or of each part's last row (`Last`).
+    fn run(&self, ids: &[u32], parts: &[Part<'_>], which: Logits) -> Result<Vec<f32>, String> {
+        let rows = ids.len();
         let (h, hd, heads, kvh) = (self.w.hidden, self.w.head_dim, self.w.heads, self.w.kv_heads);
         let (qw, kvw) = (heads * hd, kvh * hd);
         let mut x0 = Vec::with_capacity(rows * h);
@@ -764,24 +910,39 @@ impl WgpuLlama {
             ..Params::default()
         };
         let norm_groups = |rows: usize| ((rows.min(65_535)) as u32, rows.div_ceil(65_535) as u32);
+        // Where each part's rows begin in the pass's buffers.
+        let starts: Vec<usize> = parts
+            .iter()
+            .scan(0, |at, p| {
+                let start = *at;
+                *at += p.rows;
+                Some(start)
+            })
+            .collect();
+        if parts.iter().map(|p| p.rows).sum::<usize>() != rows {
+            return Err("a batch's parts do not add up to its rows".into());
+        }
         let rope = |enc: &mut wgpu::CommandEncoder, buf: &wgpu::Buffer, nheads: usize, table: usize| {
             let t = &self.w.ropes[table.min(self.w.ropes.len() - 1)];
-            let params = Params {
-                rows: rows as u32,
-                pos: pos as u32,
-                heads: nheads as u32,
-                hd: hd as u32,
-                flags: self.w.interleaved as u32,
-                ..Params::default()
-            };
-            g.dispatch(
-                enc,
-                "rope",
-                params,
-                [Some(&t.cos), Some(&t.sin), None],
-                buf,
-                ((hd / 2).div_ceil(64) as u32, (rows * nheads) as u32),
-            );
+            for (part, &row0) in parts.iter().zip(&starts) {
+                let params = Params {
+                    rows: part.rows as u32,
+                    pos: part.pos as u32,
+                    row0: row0 as u32,
+                    heads: nheads as u32,
+                    hd: hd as u32,
+                    flags: self.w.interleaved as u32,
+                    ..Params::default()
+                };
+                g.dispatch(
+                    enc,
+                    "rope",
+                    params,
+                    [Some(&t.cos), Some(&t.sin), None],
+                    buf,
+                    ((hd / 2).div_ceil(64) as u32, (part.rows * nheads) as u32),
+                );
+            }
         };
         let elementwise = |enc: &mut wgpu::CommandEncoder,
                            kernel: &str,
@@ -803,7 +964,7 @@ impl WgpuLlama {
                 Kernels::flat_groups(n * rows),
             );
         };
-        for (l, (k_cache, v_cache)) in self.w.layers.iter().zip(&self.caches) {
+        for (li, l) in self.w.layers.iter().enumerate() {
             g.dispatch(
                 &mut enc,
                 "rmsnorm",
@@ -846,28 +1007,33 @@ impl WgpuLlama {
             };
             rope(&mut enc, q, heads, l.rope);
             rope(&mut enc, k, kvh, l.rope);
-            let at = (pos * kvw * 4) as u64;
-            let bytes = (rows * kvw * 4) as u64;
-            enc.copy_buffer_to_buffer(k, 0, k_cache, at, bytes);
-            enc.copy_buffer_to_buffer(&v, 0, v_cache, at, bytes);
-            let params = Params {
-                rows: rows as u32,
-                pos: pos as u32,
-                heads: heads as u32,
-                kv_heads: kvh as u32,
-                hd: hd as u32,
-                scale: 1.0 / (hd as f32).sqrt(),
-                window: l.window,
-                ..Params::default()
-            };
-            g.dispatch(
-                &mut enc,
-                "attention",
-                params,
-                [Some(q), Some(k_cache), Some(v_cache)],
-                &att,
-                (heads as u32, rows as u32),
-            );
+            for (part, &row0) in parts.iter().zip(&starts) {
+                let (k_cache, v_cache) = part.caches.get(li).ok_or("a sequence's caches lack a layer")?;
+                let at = (part.pos * kvw * 4) as u64;
+                let from = (row0 * kvw * 4) as u64;
+                let bytes = (part.rows * kvw * 4) as u64;
+                enc.copy_buffer_to_buffer(k, from, k_cache, at, bytes);
+                enc.copy_buffer_to_buffer(&v, from, v_cache, at, bytes);
+                let params = Params {
+                    rows: part.rows as u32,
+                    pos: part.pos as u32,
+                    row0: row0 as u32,
+                    heads: heads as u32,
+                    kv_heads: kvh as u32,
+                    hd: hd as u32,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    window: l.window,
+                    ..Params::default()
+                };
+                g.dispatch(
+                    &mut enc,
+                    "attention",
+                    params,
+                    [Some(q), Some(k_cache), Some(v_cache)],
+                    &att,
+                    (heads as u32, part.rows as u32),
+                );
+            }
             l.o.record(g, &mut enc, &att, rows, &proj);
             let post = |enc: &mut wgpu::CommandEncoder, norm: &Option<wgpu::Buffer>| match norm {
                 Some(n) => {
@@ -917,9 +1083,12 @@ impl WgpuLlama {
         let (out_rows, src) = match which {
             Logits::All => (rows, x),
             Logits::Last => {
-                let last = g.scratch("last", h);
-                enc.copy_buffer_to_buffer(&x, ((rows - 1) * h * 4) as u64, &last, 0, (h * 4) as u64);
-                (1, last)
+                let last = g.scratch("last", parts.len() * h);
+                for (i, (part, &row0)) in parts.iter().zip(&starts).enumerate() {
+                    let row = row0 + part.rows - 1;
+                    enc.copy_buffer_to_buffer(&x, (row * h * 4) as u64, &last, (i * h * 4) as u64, (h * 4) as u64);
+                }
+                (parts.len(), last)
             }
         };
         let normed = g.scratch("normed", out_rows * h);
@@ -940,7 +1109,6 @@ impl WgpuLlama {
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(super::gpu_err("kernels", e));
         }
-        self.len = pos + rows;
         Ok(out)
     }
 }

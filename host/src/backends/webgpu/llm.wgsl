@@ -18,7 +18,7 @@ struct Params {
     window: u32,   // sliding-window length (0 = none)
     col0: u32,     // products: first output column of this slice of rows of b
     ldo: u32,      // products: output row stride (the whole matrix's n)
-    pad0: u32,
+    row0: u32,     // rope, attention: first row of the buffers this dispatch works on
     pad1: u32,
 };
 
@@ -155,7 +155,7 @@ fn rope(@builtin(global_invocation_id) id: vec3<u32>) {
     let t = (p.pos + r) * half + pair;
     let cs = a[t];
     let sn = b[t];
-    let base = (r * p.heads + h) * p.hd;
+    let base = ((p.row0 + r) * p.heads + h) * p.hd;
     var i0: u32;
     var i1: u32;
     if (p.flags == 1u) {
@@ -190,7 +190,7 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     let group = p.heads / p.kv_heads;
     let kvh = h / group;
     let kvw = p.kv_heads * p.hd;
-    let qb = (r * p.heads + h) * p.hd;
+    let qb = ((p.row0 + r) * p.heads + h) * p.hd;
     let last = p.pos + r;
     var first = 0u;
     if (p.window > 0u && last + 1u > p.window) {

@@ -163,7 +163,10 @@ pub(crate) struct Params {
     pub window: u32,
     pub col0: u32,
     pub ldo: u32,
-    pub pad: [u32; 2],
+    /// Rope and attention: the first row of the buffers they work on (a
+    /// batch runs them once per sequence, each on its own rows).
+    pub row0: u32,
+    pub pad: u32,
 }
 
 /// The kernels of llm.wgsl on one device.
