@@ -578,8 +578,9 @@ impl WgpuLlama {
             return c;
         }
         if self.parked.len() >= self.room() {
-            let oldest = (0..self.parked.len()).min_by_key(|&i| self.parked[i].used).unwrap_or(0);
-            return self.parked.swap_remove(oldest).caches;
+            if let Some(oldest) = self.evict_oldest() {
+                return oldest;
+            }
         }
         new_caches(
             &self.gpu,
@@ -672,9 +673,14 @@ impl WgpuLlama {
             });
         }
         while self.parked.len() > self.room() {
-            let oldest = (0..self.parked.len()).min_by_key(|&i| self.parked[i].used).unwrap_or(0);
-            self.parked.swap_remove(oldest);
+            self.evict_oldest();
         }
+    }
+
+    /// Removes the sequence parked longest ago, handing back its caches.
+    fn evict_oldest(&mut self) -> Option<Caches> {
+        let oldest = (0..self.parked.len()).min_by_key(|&i| self.parked[i].used)?;
+        Some(self.parked.swap_remove(oldest).caches)
     }
 
     /// Rows `from..from + rows` of every layer's keys and values, in one
