@@ -532,7 +532,7 @@ impl WgpuLlama {
         let out = if from == len {
             mirror
         } else {
-            let data = self.read_rows(from, len - from)?;
+            let data = self.read_rows(&self.caches, from, len - from)?;
             self.appended(&mirror, &data, len - from)?
         };
         self.park(&out, len);
@@ -639,7 +639,7 @@ impl WgpuLlama {
             .and_then(|logits| {
                 let mut next = Vec::with_capacity(states.len());
                 for ((caches, len), state) in held.iter().zip(states.iter()) {
-                    let data = self.read_rows_of(caches, *len, 1)?;
+                    let data = self.read_rows(caches, *len, 1)?;
                     next.push(self.appended(state, &data, 1)?);
                 }
                 Ok((logits, next))
@@ -683,14 +683,9 @@ impl WgpuLlama {
         Some(self.parked.swap_remove(oldest).caches)
     }
 
-    /// Rows `from..from + rows` of every layer's keys and values, in one
+    /// Rows `from..from + rows` of every layer's keys and values in `caches`, in one
     /// read-back where they fit one buffer: keys then values, layer by layer.
-    fn read_rows(&self, from: usize, rows: usize) -> Result<Vec<f32>, String> {
-        self.read_rows_of(&self.caches, from, rows)
-    }
-
-    /// [`Self::read_rows`] of `caches`.
-    fn read_rows_of(&self, caches: &Caches, from: usize, rows: usize) -> Result<Vec<f32>, String> {
+    fn read_rows(&self, caches: &Caches, from: usize, rows: usize) -> Result<Vec<f32>, String> {
         let g = self.gpu.as_ref();
         let kvw = self.w.kv_heads * self.w.head_dim;
         let part = (rows * kvw * 4) as u64;
@@ -721,13 +716,8 @@ impl WgpuLlama {
     /// sequence's past [`PARKED_BYTES`].
     fn park(&mut self, state: &KvState, len: usize) {
         let free = self.free_caches();
-        self.clock += 1;
-        self.parked.push(Parked {
-            caches: std::mem::replace(&mut self.caches, free),
-            id: state_id(state),
-            len,
-            used: self.clock,
-        });
+        let caches = std::mem::replace(&mut self.caches, free);
+        self.park_all(vec![(caches, len)], std::slice::from_ref(state));
     }
 
     /// Puts a state from [`Self::take_state`] (or the CPU path's) back on
