@@ -19,7 +19,7 @@ EXAMPLES := first-responder teach
 HOSTILE := $(notdir $(wildcard tests/hostile/*))
 GUEST_PKGS := $(STD_MODULES) $(EXAMPLES) $(addprefix hostile-,$(HOSTILE)) bench-ping
 
-.PHONY: cluster-deps vllm-deps test-vllm setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw cuda-dist console-deps console-test fuzz-smoke fuzz
+.PHONY: cluster-deps vllm-deps test-vllm setup target pool tasks modules pyclient pymodules jsmodules demo test test-fast bench lint clean-cache contributors headline gpu-sw cuda-dist cuda-build console-deps console-test fuzz-smoke fuzz
 
 setup: target pool tasks modules pyclient pymodules jsmodules
 
@@ -215,6 +215,17 @@ gpu-sw:
 # build takes about 40 minutes on 2 cores; not part of `make test`.
 cuda-dist:
 	scripts/cuda-build.sh
+
+# The plain `cargo build --release --features cuda`, with the same nvcc: on a
+# machine without the driver or CUDA's libraries it links against stubs
+# host/build_cuda_stubs.rs writes, and the binary needs the real libraries
+# where it runs (cuda-dist's does not). CUDA_COMPUTE_CAP is the GPU the
+# static kernels are compiled for (90: H100/H200); no GPU here to ask.
+# Binaries: $(CARGO_TARGET_DIR)/cuda/release.
+cuda-build:
+	@cuda_home=$$(scripts/cuda-build.sh --toolkit-only) && \
+	  PATH="$$cuda_home/bin:$$PATH" CUDA_HOME="$$cuda_home" LIBRARY_PATH="$$cuda_home/lib$${LIBRARY_PATH:+:$$LIBRARY_PATH}" \
+	  CUDA_COMPUTE_CAP=$${CUDA_COMPUTE_CAP:-90} cargo build --release -p tessera --features cuda --target-dir $(CARGO_TARGET_DIR)/cuda
 
 cluster-deps:
 	@{ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v haproxy >/dev/null; } || { \

@@ -11,17 +11,23 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[cfg(feature = "cuda")]
+#[path = "build_cuda_stubs.rs"]
+mod cuda_stubs;
+
 const GUEST_TARGET: &str = "wasm32-unknown-unknown";
 
 fn main() {
-    // The CUDA build links candle's kernels against the CUDA runtime
-    // (libcudart.so.13); scripts/cuda-build.sh ships that library beside the
-    // binary, which therefore looks in its own folder first.
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN");
-    }
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    #[cfg(feature = "cuda")]
+    {
+        // The CUDA build links candle's kernels against the CUDA runtime
+        // (libcudart.so.13); scripts/cuda-build.sh ships that library beside
+        // the binary, which therefore looks in its own folder first.
+        println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN");
+        cuda_stubs::emit(&out_dir);
+    }
     let guest = manifest_dir.join("template-guest");
     for p in [
         "template-guest/src",

@@ -4,6 +4,7 @@
 # can be carried to a GPU machine and run there (issue 23, item 1).
 #
 #   scripts/cuda-build.sh [OUT_DIR]      # default: $CARGO_TARGET_DIR/cuda-dist
+#   scripts/cuda-build.sh --toolkit-only # install nvcc, print its CUDA_HOME
 #
 # What it takes, and why:
 #
@@ -46,7 +47,7 @@ TARGET="$CARGO_TARGET_DIR/cuda"
 PY="${PYTHON:-$TESSERA_HOME/venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 if [ ! -x "$TOOLKIT/nvidia/cu13/bin/nvcc" ]; then
-    echo "installing nvcc $CUDA_VERSION_PIN from PyPI into $TOOLKIT"
+    echo "installing nvcc $CUDA_VERSION_PIN from PyPI into $TOOLKIT" >&2
     "$PY" -m pip install -q --target "$TOOLKIT" \
         "nvidia-cuda-nvcc==$CUDA_VERSION_PIN" "nvidia-cuda-crt==$CUDA_VERSION_PIN" \
         "nvidia-nvvm==$CUDA_VERSION_PIN" "nvidia-cuda-runtime==13.0.96" \
@@ -55,6 +56,10 @@ fi
 CUDA_HOME="$TOOLKIT/nvidia/cu13"
 # The linker looks for the unversioned name; the wheel has only the soname.
 ln -sf libcudart.so.13 "$CUDA_HOME/lib/libcudart.so"
+if [ "${1:-}" = "--toolkit-only" ]; then
+    echo "$CUDA_HOME"
+    exit 0
+fi
 
 # cudarc, made to load its libraries at run time.
 CUDARC_VERSION=$(awk '/^name = "cudarc"/ { getline; gsub(/[^0-9.]/, "", $0); print; exit }' Cargo.lock)
@@ -94,6 +99,8 @@ git ls-files -z --cached --others --exclude-standard |
 
 export CUDA_HOME CUDA_COMPUTE_CAP
 export CUDARC_CUDA_VERSION=13000
+# Nothing is linked at build time here, so host/build.rs writes no stubs.
+export TESSERA_CUDA_LINK_STUBS=off
 export PATH="$CUDA_HOME/bin:$PATH"
 export LIBRARY_PATH="$CUDA_HOME/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 (cd "$SRC_COPY" && cargo build --release -p tessera --features cuda --bin tessera --example device_check \

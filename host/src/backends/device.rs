@@ -104,7 +104,20 @@ impl DeviceSpec {
                 // (a driver older than the toolkit) still panics inside
                 // candle's bindings: that is a typed error here too.
                 match std::panic::catch_unwind(|| Device::new_cuda(n)) {
-                    Ok(opened) => opened.map_err(|e| unavailable(e.to_string())),
+                    Ok(opened) => opened.map_err(|e| {
+                        let e = e.to_string();
+                        // A build linked without the driver (build_cuda_stubs.rs)
+                        // run where only the stubs are found.
+                        if e.contains("CUDA_ERROR_STUB_LIBRARY") {
+                            unavailable(
+                                "the libcuda.so.1 that loaded is a link stub, not the NVIDIA driver \
+                                 (install the driver, or take the stubs' folder off LD_LIBRARY_PATH)"
+                                    .into(),
+                            )
+                        } else {
+                            unavailable(e)
+                        }
+                    }),
                     Err(panic) => Err(unavailable(super::panic_message(panic))),
                 }
             }
