@@ -217,7 +217,59 @@ fn sequences_in_turns_and_in_one_pass_keep_their_caches_on_the_device() {
 /// greedy generations run together give the texts each gives alone, and
 /// they took batched steps.
 #[test]
-fn a_wgpu_member_decodes_its_sequences_in_one_pass_each_step() {
+fn prompt_chunks_of_several_sequences_run_in_one_pass() {
+    let dir = scratch("webgpu-chunks");
+    let path = dir.join("tiny-llama.gguf");
+    synth::synthesize(synth::named("tiny-llama").unwrap(), "tiny-llama", Quant::Q8_0, 7, &path).unwrap();
+    let mut gpu = WgpuLlama::load(&path, 64).unwrap();
+    // Two passes per sequence, of different lengths each: the second pass
+    // mixes a prompt's next chunk with another's one-token step.
+    let passes: [[Vec<u32>; 3]; 2] = [
+        [vec![5, 9, 14], vec![7, 7, 21, 4, 4], vec![30]],
+        [vec![2, 11], vec![8], vec![19, 6, 6, 1]],
+    ];
+    let mut alone: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
+    for (i, rows) in alone.iter_mut().enumerate() {
+        gpu.truncate(0);
+        for pass in &passes {
+            rows.push(gpu.forward(&pass[i], Logits::Last).unwrap());
+        }
+    }
+    gpu.truncate(0);
+    let mut states = vec![Vec::new(); 3];
+    let before = gpu.state_uploads();
+    let mut together: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
+    for (n, pass) in passes.iter().enumerate() {
+        let chunks: Vec<&[u32]> = pass.iter().map(Vec::as_slice).collect();
+        let rows = gpu.forward_chunks(&chunks, &mut states).unwrap();
+        for (i, row) in rows.chunks(gpu.vocab()).enumerate() {
+            together[i].push(row.to_vec());
+            let held: usize = passes[..=n].iter().map(|p| p[i].len()).sum();
+            assert_eq!(
+                states[i][0].as_ref().unwrap().len(),
+                held,
+                "sequence {i}'s state after pass {n}"
+            );
+        }
+    }
+    assert_eq!(gpu.state_uploads(), before, "a state was uploaded");
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        let gap = a
+            .iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(gap < 1e-4, "sequence {i}: logits differ by {gap}");
+    }
+    // An empty chunk is refused, and leaves the states as they were.
+    let kept = states[0][0].as_ref().unwrap().len();
+    assert!(gpu.forward_chunks(&[&[3], &[], &[4]], &mut states).is_err());
+    assert_eq!(states[0][0].as_ref().unwrap().len(), kept);
+}
+
+#[test]
+fn a_wgpu_member_prefills_and_decodes_its_sequences_together() {
     let dir = scratch("webgpu-batch");
     let path = dir.join("tiny-qwen2.gguf");
     synth::synthesize(synth::named("tiny-qwen2").unwrap(), "tiny-qwen2", Quant::Q8_0, 3, &path).unwrap();
@@ -242,6 +294,7 @@ fn a_wgpu_member_decodes_its_sequences_in_one_pass_each_step() {
         "a generation ended at once: nothing to compare"
     );
     let before = tessera::backends::gguf::decode::batched_steps();
+    let prefills = tessera::backends::gguf::decode::batched_prefills();
     let jobs = inputs
         .iter()
         .map(|input| tessera::backends::gguf::decode::GenJob {
@@ -256,6 +309,10 @@ fn a_wgpu_member_decodes_its_sequences_in_one_pass_each_step() {
     assert!(
         tessera::backends::gguf::decode::batched_steps() > before,
         "no step ran the sequences together"
+    );
+    assert!(
+        tessera::backends::gguf::decode::batched_prefills() > prefills,
+        "no pass prefilled the prompts together"
     );
 }
 

@@ -673,8 +673,8 @@ impl GgufModel {
 
     /// Runs the next chunk of every prompt in `seqs` (chunk `i` ends at
     /// `at[i].0` and has `at[i].1` rows, from [`Self::prefill_group`]):
-    /// one after another's forward pass for one prompt or a backend that
-    /// does not batch, else one pass for all ([`super::llama::Llama::forward_chunks`]),
+    /// a forward pass of its own for one prompt, else one pass for all
+    /// ([`super::llama::Llama::forward_chunks`]),
     /// which gives each prompt the logits of its chunk run alone. Returns,
     /// per prompt, whether it is now wholly in the cache.
     fn prefill_chunks(
@@ -682,7 +682,7 @@ impl GgufModel {
         seqs: &mut [&mut Seq<'_>],
         at: &[(usize, usize)],
     ) -> Vec<Result<bool, InferenceError>> {
-        if seqs.len() > 1 && self.weights.batches() {
+        if seqs.len() > 1 {
             let chunk_rows = at.iter().map(|a| a.1).min().unwrap_or(0);
             let mut states: Vec<KvState> = seqs.iter_mut().map(|s| std::mem::take(&mut s.state)).collect();
             let chunks: Vec<(&[u32], usize)> = seqs

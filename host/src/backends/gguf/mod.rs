@@ -92,6 +92,18 @@ fn gpu_msg(e: String) -> candle_core::Error {
     candle_core::Error::Msg(e)
 }
 
+/// Checks that each state's cache holds `pos[i]` tokens (none for a prompt
+/// starting at 0): the wgpu device continues a state from its own length.
+fn continues_at(states: &[llama::KvState], pos: &[usize]) -> candle_core::Result<()> {
+    for (state, &p) in states.iter().zip(pos) {
+        let len = state.first().and_then(Option::as_ref).map_or(0, |l| l.len());
+        if len != p {
+            candle_core::bail!("a sequence at position {p} holds a cache of {len} tokens");
+        }
+    }
+    Ok(())
+}
+
 /// Rows of logits from the wgpu model as a `[rows, vocab]` host tensor.
 fn gpu_logits(m: &crate::backends::webgpu::WgpuLlama, rows: Vec<f32>) -> candle_core::Result<Tensor> {
     let vocab = m.vocab();
@@ -169,13 +181,6 @@ impl Weights {
         }
     }
 
-    /// Whether [`Self::forward_chunks`] runs here: the CPU architectures
-    /// batch prompt chunks; the wgpu backend runs them one after another.
-    /// Decode steps batch on every backend ([`Self::forward_batch`]).
-    fn batches(&self) -> bool {
-        !matches!(self, Weights::Wgpu(_))
-    }
-
     /// One decode step of several sequences in one forward pass (see
     /// [`llama::Llama::forward_batch`] and
     /// [`crate::backends::webgpu::WgpuLlama::forward_batch`]).
@@ -191,13 +196,7 @@ impl Weights {
             Weights::Llama(m) => m.forward_batch(ids, pos, states, device),
             Weights::Gemma3(m) => m.forward_batch(ids, pos, states, device),
             Weights::Wgpu(m) => {
-                // The device continues each state from its own length.
-                for (state, &p) in states.iter().zip(pos) {
-                    let len = state.first().and_then(Option::as_ref).map(|l| l.len());
-                    if len != Some(p) {
-                        candle_core::bail!("a decoding sequence at position {p} holds a cache of {len:?} tokens");
-                    }
-                }
+                continues_at(states, pos)?;
                 let rows = m.forward_batch(ids, states).map_err(gpu_msg)?;
                 gpu_logits(m, rows)
             }
@@ -205,7 +204,8 @@ impl Weights {
     }
 
     /// Prompt chunks of several sequences in one forward pass (see
-    /// [`llama::Llama::forward_chunks`]), where [`Self::batches`].
+    /// [`llama::Llama::forward_chunks`] and
+    /// [`crate::backends::webgpu::WgpuLlama::forward_chunks`]).
     fn forward_chunks(
         &mut self,
         chunks: &[(&[u32], usize)],
@@ -217,7 +217,13 @@ impl Weights {
         match self {
             Weights::Llama(m) => m.forward_chunks(chunks, chunk_rows, states, device),
             Weights::Gemma3(m) => m.forward_chunks(chunks, chunk_rows, states, device),
-            Weights::Wgpu(_) => candle_core::bail!("the wgpu backend does not batch prompt chunks"),
+            Weights::Wgpu(m) => {
+                let pos: Vec<usize> = chunks.iter().map(|c| c.1).collect();
+                continues_at(states, &pos)?;
+                let ids: Vec<&[u32]> = chunks.iter().map(|c| c.0).collect();
+                let rows = m.forward_chunks(&ids, states).map_err(gpu_msg)?;
+                gpu_logits(m, rows)
+            }
         }
     }
 

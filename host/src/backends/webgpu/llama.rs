@@ -532,7 +532,10 @@ impl WgpuLlama {
         let out = if from == len {
             mirror
         } else {
-            let data = self.read_rows(&self.caches, from, len - from)?;
+            let data = self
+                .read_rows(&[(&self.caches, from, len - from)])?
+                .pop()
+                .unwrap_or_default();
             self.appended(&mirror, &data, len - from)?
         };
         self.park(&out, len);
@@ -590,14 +593,28 @@ impl WgpuLlama {
     }
 
     /// One decode step of several sequences in one forward pass: token
-    /// `ids[i]` continues `states[i]` (as handed out by [`Self::take_state`]),
-    /// which becomes the state one token longer. Each sequence's caches are
-    /// those the device keeps for it, or its state uploaded; products and
-    /// norms run once for all rows. Returns the logits, a row per sequence.
-    /// The model's own current sequence is left as it was.
+    /// `ids[i]` continues `states[i]` (see [`Self::forward_chunks`]).
+    /// Returns the logits, a row per sequence.
     pub fn forward_batch(&mut self, ids: &[u32], states: &mut [KvState]) -> Result<Vec<f32>, String> {
-        if ids.len() != states.len() || ids.is_empty() {
-            return Err(format!("{} tokens for {} sequences", ids.len(), states.len()));
+        let chunks: Vec<&[u32]> = ids.chunks(1).collect();
+        self.forward_chunks(&chunks, states)
+    }
+
+    /// Several sequences' next tokens in one forward pass: `chunks[i]` (a
+    /// prompt chunk, or one token of a decode step) continues `states[i]`
+    /// (as handed out by [`Self::take_state`]; empty for a prompt that has
+    /// not started), which becomes the state that many tokens longer. Each
+    /// sequence's caches are those the device keeps for it, or its state
+    /// uploaded; products and norms run once for all rows, attention per
+    /// sequence. Returns the logits of each chunk's last row, a row per
+    /// sequence. The model's own current sequence is left as it was.
+    pub fn forward_chunks(&mut self, chunks: &[&[u32]], states: &mut [KvState]) -> Result<Vec<f32>, String> {
+        if chunks.len() != states.len() || chunks.is_empty() || chunks.iter().any(|c| c.is_empty()) {
+            return Err(format!(
+                "{} chunks (none may be empty) for {} sequences",
+                chunks.len(),
+                states.len()
+            ));
         }
         // Each sequence's caches on the device, and its length.
         let mut held: Vec<(Caches, usize)> = Vec::with_capacity(states.len());
@@ -608,6 +625,7 @@ impl WgpuLlama {
                     let p = self.parked.swap_remove(i);
                     Ok((p.caches, p.len))
                 }
+                None if state.iter().all(Option::is_none) => Ok((self.free_caches(), 0)),
                 None => {
                     let caches = self.free_caches();
                     self.uploads += 1;
@@ -624,23 +642,30 @@ impl WgpuLlama {
         }
         let ran = held
             .iter()
-            .try_for_each(|(_, len)| self.fits(len + 1))
+            .zip(chunks)
+            .try_for_each(|((_, len), chunk)| self.fits(len + chunk.len()))
             .and_then(|()| {
                 let parts: Vec<Part<'_>> = held
                     .iter()
-                    .map(|(caches, len)| Part {
+                    .zip(chunks)
+                    .map(|((caches, len), chunk)| Part {
                         caches,
                         pos: *len,
-                        rows: 1,
+                        rows: chunk.len(),
                     })
                     .collect();
-                self.run(ids, &parts, Logits::Last)
+                self.run(&chunks.concat(), &parts, Logits::Last)
             })
             .and_then(|logits| {
+                let reads: Vec<(&Caches, usize, usize)> = held
+                    .iter()
+                    .zip(chunks)
+                    .map(|((caches, len), chunk)| (caches, *len, chunk.len()))
+                    .collect();
+                let data = self.read_rows(&reads)?;
                 let mut next = Vec::with_capacity(states.len());
-                for ((caches, len), state) in held.iter().zip(states.iter()) {
-                    let data = self.read_rows(caches, *len, 1)?;
-                    next.push(self.appended(state, &data, 1)?);
+                for ((state, chunk), data) in states.iter().zip(chunks).zip(data) {
+                    next.push(self.appended(state, &data, chunk.len())?);
                 }
                 Ok((logits, next))
             });
@@ -649,7 +674,11 @@ impl WgpuLlama {
                 for (state, n) in states.iter_mut().zip(next) {
                     *state = n;
                 }
-                let held = held.into_iter().map(|(c, len)| (c, len + 1)).collect();
+                let held = held
+                    .into_iter()
+                    .zip(chunks)
+                    .map(|((c, len), chunk)| (c, len + chunk.len()))
+                    .collect();
                 self.park_all(held, states);
                 Ok(logits)
             }
@@ -664,6 +693,11 @@ impl WgpuLlama {
     /// Parks each sequence's caches under its state (see [`Parked`]).
     fn park_all(&mut self, held: Vec<(Caches, usize)>, states: &[KvState]) {
         for ((caches, len), state) in held.into_iter().zip(states) {
+            // A prompt that failed before its first pass has nothing to keep.
+            if state.iter().all(Option::is_none) {
+                self.spare.get_or_insert(caches);
+                continue;
+            }
             self.clock += 1;
             self.parked.push(Parked {
                 caches,
@@ -683,18 +717,38 @@ impl WgpuLlama {
         Some(self.parked.swap_remove(oldest).caches)
     }
 
-    /// Rows `from..from + rows` of every layer's keys and values in `caches`, in one
-    /// read-back where they fit one buffer: keys then values, layer by layer.
-    fn read_rows(&self, caches: &Caches, from: usize, rows: usize) -> Result<Vec<f32>, String> {
+    /// For each `(caches, from, rows)` of `reads`, rows `from..from + rows`
+    /// of every layer's keys and values: keys then values, layer by layer.
+    /// Every read shares one staging buffer and one wait for the device,
+    /// as far as the binding limit allows, so a batched step of sixteen
+    /// sequences waits once rather than sixteen times.
+    fn read_rows(&self, reads: &[(&Caches, usize, usize)]) -> Result<Vec<Vec<f32>>, String> {
         let g = self.gpu.as_ref();
-        let kvw = self.w.kv_heads * self.w.head_dim;
-        let part = (rows * kvw * 4) as u64;
-        let at = (from * kvw * 4) as u64;
-        let parts: Vec<&wgpu::Buffer> = caches.iter().flat_map(|(k, v)| [k, v]).collect();
-        let per_read = ((g.max_binding / part.max(1)) as usize).max(1);
-        let mut out = Vec::with_capacity(parts.len() * rows * kvw);
-        for group in parts.chunks(per_read) {
-            let bytes = part * group.len() as u64;
+        let kvw = (self.w.kv_heads * self.w.head_dim * 4) as u64;
+        // Each buffer's rows to copy: (which read, buffer, offset, bytes).
+        let pieces: Vec<(usize, &wgpu::Buffer, u64, u64)> = reads
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(caches, from, rows))| {
+                caches
+                    .iter()
+                    .flat_map(|(k, v)| [k, v])
+                    .map(move |b| (i, b, from as u64 * kvw, rows as u64 * kvw))
+            })
+            .collect();
+        let mut out: Vec<Vec<f32>> = reads
+            .iter()
+            .map(|(caches, _, rows)| Vec::with_capacity(caches.len() * 2 * rows * kvw as usize / 4))
+            .collect();
+        let mut start = 0;
+        while start < pieces.len() {
+            // As many pieces as one staging buffer may hold (at least one).
+            let mut end = start;
+            let mut bytes = 0;
+            while end < pieces.len() && (end == start || bytes + pieces[end].3 <= g.max_binding) {
+                bytes += pieces[end].3;
+                end += 1;
+            }
             let staging = g.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("kv read-back"),
                 size: bytes.max(4),
@@ -702,11 +756,20 @@ impl WgpuLlama {
                 mapped_at_creation: false,
             });
             let mut enc = g.device.create_command_encoder(&Default::default());
-            for (i, buf) in group.iter().enumerate() {
-                enc.copy_buffer_to_buffer(buf, at, &staging, part * i as u64, part);
+            let mut at = 0;
+            for &(_, buf, from, len) in &pieces[start..end] {
+                enc.copy_buffer_to_buffer(buf, from, &staging, at, len);
+                at += len;
             }
             g.queue.submit([enc.finish()]);
-            out.extend(super::read_mapped(&g.device, &staging, bytes)?);
+            let data = super::read_mapped(&g.device, &staging, bytes)?;
+            let mut at = 0;
+            for &(i, _, _, len) in &pieces[start..end] {
+                let n = len as usize / 4;
+                out[i].extend_from_slice(data.get(at..at + n).ok_or("a short read-back")?);
+                at += n;
+            }
+            start = end;
         }
         Ok(out)
     }
