@@ -25,14 +25,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The libraries candle's cudarc links: cudarc's module, the `-l` name, and
-/// the soname by CUDA major version (the driver's is 1 whatever the
-/// toolkit; cuRAND's has been 10 since CUDA 10).
-const LIBRARIES: &[(&str, &str, fn(u32) -> String)] = &[
-    ("driver", "cuda", |_| "libcuda.so.1".into()),
-    ("cublas", "cublas", |major| format!("libcublas.so.{major}")),
-    ("cublaslt", "cublasLt", |major| format!("libcublasLt.so.{major}")),
-    ("curand", "curand", |_| "libcurand.so.10".into()),
-    ("nvrtc", "nvrtc", |major| format!("libnvrtc.so.{major}")),
+/// the soname, where `{major}` is the CUDA major version (the driver's is 1
+/// whatever the toolkit; cuRAND's has been 10 since CUDA 10).
+const LIBRARIES: &[(&str, &str, &str)] = &[
+    ("driver", "cuda", "libcuda.so.1"),
+    ("cublas", "cublas", "libcublas.so.{major}"),
+    ("cublaslt", "cublasLt", "libcublasLt.so.{major}"),
+    ("curand", "curand", "libcurand.so.10"),
+    ("nvrtc", "nvrtc", "libnvrtc.so.{major}"),
 ];
 
 /// The variables cudarc reads for the toolkit's root, in its order.
@@ -82,7 +82,7 @@ pub fn emit(out_dir: &Path) {
     }
     let mut made = Vec::new();
     for (module, name, soname) in missing {
-        let soname = soname(major);
+        let soname = soname.replace("{major}", &major.to_string());
         let declared = sources.join(module).join("sys").join("mod.rs");
         println!("cargo:rerun-if-changed={}", declared.display());
         match stub(&declared, &stubs, name, &soname) {
