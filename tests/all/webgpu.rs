@@ -221,12 +221,16 @@ fn prompt_chunks_of_several_sequences_run_in_one_pass() {
     let dir = scratch("webgpu-chunks");
     let path = dir.join("tiny-llama.gguf");
     synth::synthesize(synth::named("tiny-llama").unwrap(), "tiny-llama", Quant::Q8_0, 7, &path).unwrap();
-    let mut gpu = WgpuLlama::load(&path, 64).unwrap();
-    // Two passes per sequence, of different lengths each: the second pass
-    // mixes a prompt's next chunk with another's one-token step.
-    let passes: [[Vec<u32>; 3]; 2] = [
+    let mut gpu = WgpuLlama::load(&path, 512).unwrap();
+    // Three passes per sequence, of different lengths each: the second
+    // pass mixes a prompt's next chunk with another's one-token step, and
+    // the third takes the first sequence past the 64 positions its caches
+    // are first made for (they grow on the device, keeping what they hold).
+    let long: Vec<u32> = (0..70).map(|i| (i * 7 % 40) as u32).collect();
+    let passes: [[Vec<u32>; 3]; 3] = [
         [vec![5, 9, 14], vec![7, 7, 21, 4, 4], vec![30]],
         [vec![2, 11], vec![8], vec![19, 6, 6, 1]],
+        [long, vec![3], vec![9, 9]],
     ];
     let mut alone: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
     for (i, rows) in alone.iter_mut().enumerate() {
@@ -253,6 +257,15 @@ fn prompt_chunks_of_several_sequences_run_in_one_pass() {
         }
     }
     assert_eq!(gpu.state_uploads(), before, "a state was uploaded");
+    // The caches hold what the sequences need, not the 512 positions
+    // loaded for: the three sequences' and the model's own (128, 64, 64
+    // and 128 positions) take less than one set made for 512 would.
+    let full_set = (gpu.kv_bytes_per_token() * 512) as u64;
+    assert!(
+        gpu.cache_bytes() < full_set,
+        "the caches take {} bytes; one set for every position takes {full_set}",
+        gpu.cache_bytes()
+    );
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
         let gap = a
             .iter()

@@ -203,11 +203,22 @@ struct Weights {
 
 /// Device memory kept for the caches of sequences between their turns
 /// ([`Parked`]); at least one is always kept.
-const PARKED_BYTES: usize = 1 << 30;
+const PARKED_BYTES: u64 = 1 << 30;
 
-/// Each layer's keys and values for every position served
-/// (`[positions, kv_heads * head_dim]`).
+/// Positions a sequence's caches are first made for. They grow as the
+/// sequence does (doubling, up to the positions the model was loaded for):
+/// made for every position at once, the caches of a SmolLM2 loaded for
+/// 8,192 took 377 MB per sequence whatever its length.
+const FIRST_POSITIONS: usize = 64;
+
+/// Each layer's keys and values for the positions the buffers have room
+/// for (`[capacity, kv_heads * head_dim]`; see [`WgpuLlama::grow`]).
 type Caches = Vec<(wgpu::Buffer, wgpu::Buffer)>;
+
+/// Device bytes of `caches`.
+fn cache_bytes(caches: &Caches) -> u64 {
+    caches.iter().map(|(k, v)| k.size() + v.size()).sum()
+}
 
 /// What identifies a state handed out by [`WgpuLlama::take_state`]: each
 /// layer's [`LayerKv::identity`].
@@ -269,10 +280,8 @@ impl Clone for WgpuLlama {
             .caches
             .iter()
             .map(|(k, v)| {
-                let (k2, v2) = (
-                    g.scratch("k_cache", self.w.positions * kvw),
-                    g.scratch("v_cache", self.w.positions * kvw),
-                );
+                let floats = k.size() as usize / 4;
+                let (k2, v2) = (g.scratch("k_cache", floats), g.scratch("v_cache", floats));
                 if bytes > 0 {
                     enc.copy_buffer_to_buffer(k, 0, &k2, 0, bytes);
                     enc.copy_buffer_to_buffer(v, 0, &v2, 0, bytes);
@@ -471,7 +480,7 @@ impl WgpuLlama {
                 rope: if local { 1 } else { 0 },
             });
         }
-        let caches = new_caches(&gpu, layers_n, positions * kvw);
+        let caches = new_caches(&gpu, layers_n, FIRST_POSITIONS.min(positions) * kvw);
         let mut ropes = vec![RopeTable::new(&gpu, head_dim, theta, positions)?];
         if gemma {
             ropes.push(RopeTable::new(&gpu, head_dim, 10_000.0, positions)?);
@@ -567,20 +576,19 @@ impl WgpuLlama {
         Ok(out)
     }
 
-    /// How many sequences' caches the device keeps besides the current
-    /// one ([`PARKED_BYTES`]).
-    fn room(&self) -> usize {
-        let per_sequence = self.kv_bytes_per_token() * self.w.positions;
-        (PARKED_BYTES / per_sequence.max(1)).max(1)
+    /// Whether the parked caches fill [`PARKED_BYTES`].
+    fn parked_full(&self) -> bool {
+        self.parked.iter().map(|p| cache_bytes(&p.caches)).sum::<u64>() >= PARKED_BYTES
     }
 
     /// Free caches for one more sequence: the spare ones, else the oldest
-    /// parked sequence's once [`Self::room`] is full, else new ones.
+    /// parked sequence's once [`PARKED_BYTES`] are taken, else new ones
+    /// (made small: see [`Self::grow`]).
     fn free_caches(&mut self) -> Caches {
         if let Some(c) = self.spare.take() {
             return c;
         }
-        if self.parked.len() >= self.room() {
+        if self.parked_full() {
             if let Some(oldest) = self.evict_oldest() {
                 return oldest;
             }
@@ -588,8 +596,42 @@ impl WgpuLlama {
         new_caches(
             &self.gpu,
             self.caches.len(),
-            self.w.positions * self.w.kv_heads * self.w.head_dim,
+            FIRST_POSITIONS.min(self.w.positions) * self.w.kv_heads * self.w.head_dim,
         )
+    }
+
+    /// Makes `caches` hold at least `need` positions, keeping their first
+    /// `keep`: larger buffers (twice the old, at least `need`, at most the
+    /// positions loaded for) with those rows copied on the device. The
+    /// copy is queued before any later pass, so nothing waits for it.
+    fn grow(&self, caches: &mut Caches, keep: usize, need: usize) {
+        let kvw = self.w.kv_heads * self.w.head_dim;
+        let capacity = caches.first().map_or(0, |(k, _)| k.size() as usize / (kvw * 4));
+        if capacity >= need {
+            return;
+        }
+        let floats = need.max(capacity * 2).min(self.w.positions).max(need) * kvw;
+        let g = self.gpu.as_ref();
+        let mut enc = g.device.create_command_encoder(&Default::default());
+        let bytes = (keep.min(capacity) * kvw * 4) as u64;
+        for (k, v) in caches.iter_mut() {
+            let (k2, v2) = (g.scratch("k_cache", floats), g.scratch("v_cache", floats));
+            if bytes > 0 {
+                enc.copy_buffer_to_buffer(k, 0, &k2, 0, bytes);
+                enc.copy_buffer_to_buffer(v, 0, &v2, 0, bytes);
+            }
+            *k = k2;
+            *v = v2;
+        }
+        g.queue.submit([enc.finish()]);
+    }
+
+    /// Device memory the KV caches take: the current sequence's, the
+    /// parked ones' and the spare set.
+    pub fn cache_bytes(&self) -> u64 {
+        cache_bytes(&self.caches)
+            + self.parked.iter().map(|p| cache_bytes(&p.caches)).sum::<u64>()
+            + self.spare.as_ref().map_or(0, cache_bytes)
     }
 
     /// One decode step of several sequences in one forward pass: token
@@ -627,9 +669,9 @@ impl WgpuLlama {
                 }
                 None if state.iter().all(Option::is_none) => Ok((self.free_caches(), 0)),
                 None => {
-                    let caches = self.free_caches();
+                    let mut caches = self.free_caches();
                     self.uploads += 1;
-                    self.upload(&caches, state).map(|len| (caches, len))
+                    self.upload(&mut caches, state).map(|len| (caches, len))
                 }
             };
             match slot {
@@ -640,10 +682,16 @@ impl WgpuLlama {
                 }
             }
         }
-        let ran = held
+        let fit = held
             .iter()
             .zip(chunks)
-            .try_for_each(|((_, len), chunk)| self.fits(len + chunk.len()))
+            .try_for_each(|((_, len), chunk)| self.fits(len + chunk.len()));
+        if fit.is_ok() {
+            for ((caches, len), chunk) in held.iter_mut().zip(chunks) {
+                self.grow(caches, *len, *len + chunk.len());
+            }
+        }
+        let ran = fit
             .and_then(|()| {
                 let parts: Vec<Part<'_>> = held
                     .iter()
@@ -706,7 +754,7 @@ impl WgpuLlama {
                 used: self.clock,
             });
         }
-        while self.parked.len() > self.room() {
+        while self.parked.len() > 1 && self.parked_full() {
             self.evict_oldest();
         }
     }
@@ -800,7 +848,10 @@ impl WgpuLlama {
             self.mirror = state;
             return Ok(());
         }
-        self.len = self.upload(&self.caches, &state)?;
+        let mut caches = std::mem::take(&mut self.caches);
+        let uploaded = self.upload(&mut caches, &state);
+        self.caches = caches;
+        self.len = uploaded?;
         self.uploads += 1;
         if mirror_len(&state) == Some(self.len) {
             self.mirror = state;
@@ -808,16 +859,30 @@ impl WgpuLlama {
         Ok(())
     }
 
-    /// Writes `state` into `caches` (the callers count it in
-    /// [`Self::state_uploads`]); returns its length.
-    fn upload(&self, caches: &Caches, state: &KvState) -> Result<usize, String> {
-        let mut len = None;
-        for ((kc, vc), layer) in caches.iter().zip(state) {
+    /// Writes `state` into `caches`, grown to hold it (the callers count it
+    /// in [`Self::state_uploads`]); returns its length.
+    fn upload(&self, caches: &mut Caches, state: &KvState) -> Result<usize, String> {
+        let mut layers = Vec::with_capacity(state.len());
+        for (i, layer) in state.iter().enumerate() {
             let Some(kv) = layer else { continue };
             let (k, v) = (
                 kv.keys().map_err(|e| e.to_string())?,
                 kv.values().map_err(|e| e.to_string())?,
             );
+            let rows = k.dim(2).map_err(|e| e.to_string())?;
+            if rows > self.w.positions {
+                return Err(format!(
+                    "a state of {rows} tokens is longer than the {} positions",
+                    self.w.positions
+                ));
+            }
+            layers.push((i, k, v, rows));
+        }
+        let longest = layers.iter().map(|l| l.3).max().unwrap_or(0);
+        self.grow(caches, 0, longest);
+        let mut len = None;
+        for (i, k, v, rows) in layers {
+            let (kc, vc) = caches.get(i).ok_or("a state has more layers than the model")?;
             for (buf, t) in [(kc, &k), (vc, &v)] {
                 // [1, kv_heads, len, hd] -> [len, kv_heads * hd].
                 let data: Vec<f32> = t
@@ -826,16 +891,9 @@ impl WgpuLlama {
                     .and_then(|t| t.flatten_all())
                     .and_then(|t| t.to_vec1())
                     .map_err(|e| e.to_string())?;
-                let rows = t.dim(2).map_err(|e| e.to_string())?;
-                if rows > self.w.positions {
-                    return Err(format!(
-                        "a state of {rows} tokens is longer than the {} positions",
-                        self.w.positions
-                    ));
-                }
                 self.gpu.queue.write_buffer(buf, 0, bytemuck::cast_slice(&data));
-                len = Some(rows);
             }
+            len = Some(rows);
         }
         Ok(len.unwrap_or(0))
     }
@@ -905,6 +963,9 @@ impl WgpuLlama {
         }
         let pos = self.len;
         self.fits(pos + rows)?;
+        let mut caches = std::mem::take(&mut self.caches);
+        self.grow(&mut caches, pos, pos + rows);
+        self.caches = caches;
         let part = Part {
             caches: &self.caches,
             pos,
