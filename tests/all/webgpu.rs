@@ -46,6 +46,22 @@ fn compare(cpu: &mut GgufModel, gpu: &mut WgpuLlama, prompt: &str, k: u32) -> (f
     (gap, best == top[0].token)
 }
 
+/// Each sequence's rows of logits in `alone` and `other` agree within
+/// 1e-4: the same device, the same kernels, only the batching differs.
+fn assert_same_logits(alone: &[Vec<Vec<f32>>], other: &[Vec<Vec<f32>>]) {
+    assert_eq!(alone.len(), other.len());
+    for (i, (a, b)) in alone.iter().zip(other).enumerate() {
+        assert_eq!(a.len(), b.len(), "sequence {i}: rows");
+        let gap = a
+            .iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(gap < 1e-4, "sequence {i}: logits differ by {gap}");
+    }
+}
+
 /// Tolerance in nats between the CPU and the GPU on synthetic models
 /// (measured: at most 0.005).
 const TOLERANCE: f64 = 0.05;
@@ -182,15 +198,7 @@ fn sequences_in_turns_and_in_one_pass_keep_their_caches_on_the_device() {
         before,
         "a state the device held was uploaded again"
     );
-    for (i, (a, b)) in alone.iter().zip(&turns).enumerate() {
-        let gap = a
-            .iter()
-            .flatten()
-            .zip(b.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        assert!(gap < 1e-4, "sequence {i}: logits differ by {gap}");
-    }
+    assert_same_logits(&alone, &turns);
     // The host's copy is the whole cache: rebuilt as new tensors (so the
     // device cannot know it), it is uploaded and continues the same.
     let rebuilt: Vec<_> = states[0]
@@ -266,15 +274,7 @@ fn prompt_chunks_of_several_sequences_run_in_one_pass() {
         "the caches take {} bytes; one set for every position takes {full_set}",
         gpu.cache_bytes()
     );
-    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
-        let gap = a
-            .iter()
-            .flatten()
-            .zip(b.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        assert!(gap < 1e-4, "sequence {i}: logits differ by {gap}");
-    }
+    assert_same_logits(&alone, &together);
     // An empty chunk is refused, and leaves the states as they were.
     let kept = states[0][0].as_ref().unwrap().len();
     assert!(gpu.forward_chunks(&[&[3], &[], &[4]], &mut states).is_err());
