@@ -44,6 +44,47 @@ async fn infinite_loop_is_stopped_at_the_deadline() {
 }
 
 #[tokio::test]
+async fn a_module_asleep_is_ended_at_its_deadline_and_when_its_client_leaves() {
+    // An hour's WASI sleep burns no fuel and is no wasm for the epoch to
+    // interrupt. Before the sandbox watched for it, it held its place until
+    // the outer timeout (deadline + 500 ms), and a client leaving did not
+    // end it sooner.
+    let m = hostile("sleeper");
+    let start = Instant::now();
+    let err = runtime().run(&m, RunRequest::chat("go")).await.unwrap_err();
+    let took = start.elapsed();
+    eprintln!("asleep: ended {took:?} after the start, deadline 500 ms");
+    assert!(matches!(err, Error::Deadline { limit_ms: 500 }), "{err:?}");
+    assert!(
+        took < Duration::from_millis(800),
+        "stopped after {took:?}, deadline 500 ms"
+    );
+
+    // Its client leaves 100 ms in: the run ends then, not at the deadline.
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let raise = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        raise.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let metering = tessera::Metering {
+        cancel: Some(cancel),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let (ran, usage) = runtime().run_metered(&m, RunRequest::chat("go"), None, metering).await;
+    let took = start.elapsed();
+    eprintln!("asleep: ended {took:?} after the start, its client left at 100 ms");
+    assert!(ran.is_err(), "{ran:?}");
+    assert!(
+        took < Duration::from_millis(400),
+        "ended {took:?} after the start, its client left at 100 ms"
+    );
+    assert_eq!(usage.charged(), 0, "{usage:?}");
+    benign().await;
+}
+
+#[tokio::test]
 async fn infinite_loop_runs_out_of_fuel_under_a_small_fuel_grant() {
     let spin = crate::common::spin_module(&scratch("fuel"), "spin", "fuel=5000000\ndeadline_ms=10000");
     let m = runtime().load_module(&spin.display().to_string()).unwrap();

@@ -9,7 +9,7 @@
 //! are returned to the guest as WIT errors so that it can fall back.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -148,6 +148,32 @@ pub struct RequestState {
     pub(super) trained: Vec<crate::inference::train::Trained>,
     /// What this request's training has spent so far.
     pub(super) train_spent: TrainSpent,
+    /// The host's own calls of this request now awaited (model calls,
+    /// fan-outs, training, merges): see [`InHostCall`].
+    pub(super) host_calls: Arc<AtomicUsize>,
+}
+
+/// Counts a host call in [`RequestState::host_calls`] while it is awaited.
+///
+/// Each such call ends on its own soon after the request's deadline (or
+/// its client leaving) and reports what it used, so a run in one is left
+/// to finish. A run past its deadline that is in none of them and not
+/// computing either (the epoch would have stopped that) waits on something
+/// of its own, such as a WASI sleep, that nothing else ends: the sandbox
+/// cuts it there (`sandbox::stuck_past`).
+struct InHostCall(Arc<AtomicUsize>);
+
+impl InHostCall {
+    fn new(calls: &Arc<AtomicUsize>) -> Self {
+        calls.fetch_add(1, Ordering::SeqCst);
+        InHostCall(calls.clone())
+    }
+}
+
+impl Drop for InHostCall {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What a request's training has spent: runs, steps, tokens, time.
@@ -196,6 +222,7 @@ impl RequestState {
             trace_events: 0,
             requester: CallCtx::next_requester(),
             violation: None,
+            host_calls: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -429,7 +456,10 @@ impl RequestState {
         cut: Cut<'_>,
         fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
-        match await_call(self.deadline, self.cancel.clone(), fut).await {
+        let in_call = InHostCall::new(&self.host_calls);
+        let awaited = await_call(self.deadline, self.cancel.clone(), fut).await;
+        drop(in_call);
+        match awaited {
             None | Some(Err(crate::inference::InferenceError::Deadline)) => Err(self.charge_cut(&cut)),
             // Never ran: nothing to charge.
             Some(Err(crate::inference::InferenceError::Expired)) => Err(self.deadline_trap()),
@@ -468,7 +498,10 @@ impl RequestState {
         cut: Cut<'_>,
         fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
-        match while_wanted(self.deadline, self.cancel.clone(), fut).await {
+        let in_call = InHostCall::new(&self.host_calls);
+        let awaited = while_wanted(self.deadline, self.cancel.clone(), fut).await;
+        drop(in_call);
+        match awaited {
             Some(Err(crate::inference::InferenceError::Deadline)) | None => Err(self.charge_cut(&cut)),
             // Never ran: nothing to charge.
             Some(Err(crate::inference::InferenceError::Expired)) => Err(self.deadline_trap()),
@@ -480,7 +513,10 @@ impl RequestState {
     /// its client has left: the server gives up on a run soon after that,
     /// and a run that ends first returns what it used, which is charged.
     pub(super) async fn until_deadline<T>(&mut self, fut: impl std::future::Future<Output = T>) -> wasmtime::Result<T> {
-        match while_wanted(self.deadline, self.cancel.clone(), fut).await {
+        let in_call = InHostCall::new(&self.host_calls);
+        let awaited = while_wanted(self.deadline, self.cancel.clone(), fut).await;
+        drop(in_call);
+        match awaited {
             Some(v) => Ok(v),
             None => Err(self.deadline_trap()),
         }
@@ -697,7 +733,10 @@ impl models::Host for RequestState {
             });
         }
         let all = futures::future::join_all(futs);
-        let Some(results) = await_call(self.deadline, self.cancel.clone(), all).await else {
+        let in_call = InHostCall::new(&self.host_calls);
+        let awaited = await_call(self.deadline, self.cancel.clone(), all).await;
+        drop(in_call);
+        let Some(results) = awaited else {
             // Given up (a job did not stop in time): the jobs that ended
             // are charged what they report, as if the fan-out had ended;
             // the others, which report nothing, each as one cut. All of

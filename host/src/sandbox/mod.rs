@@ -23,7 +23,7 @@ mod training;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,43 @@ const OVERRUN: Duration = Duration::from_millis(500);
 
 /// How often the epoch advances; the deadline is checked at this grain.
 pub const TICK: Duration = Duration::from_millis(5);
+
+/// How often [`stuck_past`] looks for a client that left before the
+/// deadline.
+const CLIENT_POLL: Duration = Duration::from_millis(20);
+
+/// Ends when a run has been past its deadline, or its client gone, for
+/// three ticks in a row with none of its host calls awaited
+/// ([`host::RequestState::host_calls`]). A guest computing then would have
+/// been stopped by the epoch within a tick, and a host call ends on its
+/// own and reports its usage; what is left is a guest waiting on its own,
+/// such as a WASI sleep, which nothing else would end before [`OVERRUN`]
+/// (or, for a client that left, before the deadline). Such a run held its
+/// place, unbilled, for that long.
+async fn stuck_past(deadline: Instant, cancel: Option<Arc<AtomicBool>>, host_calls: Arc<AtomicUsize>) {
+    // Before the deadline, only a client leaving counts.
+    match cancel {
+        None => tokio::time::sleep_until(deadline.into()).await,
+        Some(c) => {
+            while !c.load(Ordering::Relaxed) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                tokio::time::sleep(left.min(CLIENT_POLL)).await;
+            }
+        }
+    }
+    let mut idle = 0;
+    while idle < 3 {
+        tokio::time::sleep(TICK).await;
+        if host_calls.load(Ordering::SeqCst) == 0 {
+            idle += 1;
+        } else {
+            idle = 0;
+        }
+    }
+}
 
 /// Fuel burned between the writes of a run's fuel back to its store (see
 /// [`Sandbox`]'s store set-up): a charged token's worth.
@@ -378,9 +415,16 @@ impl Sandbox {
             }
         };
         let deadline = store.data().deadline;
-        // Belt and braces: the epoch callback stops wasm and host calls carry
-        // their own timeouts; this outer timeout bounds anything else.
-        let outcome = tokio::time::timeout_at((deadline + OVERRUN).into(), f(&module.pre, &mut store)).await;
+        let (cancel, host_calls) = (store.data().cancel.clone(), store.data().host_calls.clone());
+        // The epoch callback stops wasm and host calls carry their own
+        // timeouts; a guest in a wait of its own (a WASI sleep) is cut once
+        // it is past its deadline or its client has left, and this outer
+        // timeout bounds anything else.
+        let outcome = tokio::select! {
+            biased;
+            r = tokio::time::timeout_at((deadline + OVERRUN).into(), f(&module.pre, &mut store)) => r.ok(),
+            () = stuck_past(deadline, cancel, host_calls) => None,
+        };
         let fuel_left = store.get_fuel().unwrap_or(0);
         let state = store.data_mut();
         let mut usage = std::mem::take(&mut state.usage);
@@ -389,12 +433,12 @@ impl Sandbox {
         let provenance = std::mem::take(&mut state.provenance);
         let generated = std::mem::take(&mut state.generated);
         let result = match outcome {
-            Err(_) => Err(Error::Deadline {
+            None => Err(Error::Deadline {
                 limit_ms: grant.deadline.as_millis() as u64,
             }),
-            Ok(Ok(Ok(v))) => Ok(v),
-            Ok(Ok(Err(guest))) => Err(convert::module_error_in(guest)),
-            Ok(Err(trap)) => Err(classify(trap, state, &grant)),
+            Some(Ok(Ok(v))) => Ok(v),
+            Some(Ok(Err(guest))) => Err(convert::module_error_in(guest)),
+            Some(Err(trap)) => Err(classify(trap, state, &grant)),
         };
         let result = result.map_err(|e| match e {
             Error::Deadline { .. } => Error::Deadline {
