@@ -456,10 +456,7 @@ impl RequestState {
         cut: Cut<'_>,
         fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
-        let in_call = InHostCall::new(&self.host_calls);
-        let awaited = await_call(self.deadline, self.cancel.clone(), fut).await;
-        drop(in_call);
-        match awaited {
+        match await_call(self.deadline, self.cancel.clone(), &self.host_calls, fut).await {
             None | Some(Err(crate::inference::InferenceError::Deadline)) => Err(self.charge_cut(&cut)),
             // Never ran: nothing to charge.
             Some(Err(crate::inference::InferenceError::Expired)) => Err(self.deadline_trap()),
@@ -498,10 +495,7 @@ impl RequestState {
         cut: Cut<'_>,
         fut: impl std::future::Future<Output = Result<T, crate::inference::InferenceError>>,
     ) -> wasmtime::Result<Result<T, crate::inference::InferenceError>> {
-        let in_call = InHostCall::new(&self.host_calls);
-        let awaited = while_wanted(self.deadline, self.cancel.clone(), fut).await;
-        drop(in_call);
-        match awaited {
+        match while_wanted(self.deadline, self.cancel.clone(), &self.host_calls, fut).await {
             Some(Err(crate::inference::InferenceError::Deadline)) | None => Err(self.charge_cut(&cut)),
             // Never ran: nothing to charge.
             Some(Err(crate::inference::InferenceError::Expired)) => Err(self.deadline_trap()),
@@ -513,10 +507,7 @@ impl RequestState {
     /// its client has left: the server gives up on a run soon after that,
     /// and a run that ends first returns what it used, which is charged.
     pub(super) async fn until_deadline<T>(&mut self, fut: impl std::future::Future<Output = T>) -> wasmtime::Result<T> {
-        let in_call = InHostCall::new(&self.host_calls);
-        let awaited = while_wanted(self.deadline, self.cancel.clone(), fut).await;
-        drop(in_call);
-        match awaited {
+        match while_wanted(self.deadline, self.cancel.clone(), &self.host_calls, fut).await {
             Some(v) => Ok(v),
             None => Err(self.deadline_trap()),
         }
@@ -524,12 +515,14 @@ impl RequestState {
 }
 
 /// `fut`'s output, unless `deadline` passes or `cancel` is raised first
-/// (`None`).
+/// (`None`); counted in `calls` while awaited ([`InHostCall`]).
 async fn while_wanted<F: std::future::Future>(
     deadline: Instant,
     cancel: Option<Arc<AtomicBool>>,
+    calls: &Arc<AtomicUsize>,
     fut: F,
 ) -> Option<F::Output> {
+    let _in_call = InHostCall::new(calls);
     // The call first: one that is ready keeps its result (and its usage)
     // even if the client left in the same instant.
     tokio::select! {
@@ -541,7 +534,7 @@ async fn while_wanted<F: std::future::Future>(
 
 /// Ends once `cancel` is raised (polled every [`CANCEL_POLL`]); never
 /// without one.
-async fn left(cancel: Option<Arc<AtomicBool>>) {
+pub(super) async fn left(cancel: Option<Arc<AtomicBool>>) {
     match cancel {
         Some(c) => {
             while !c.load(Ordering::Relaxed) {
@@ -567,12 +560,14 @@ struct Cut<'a> {
 /// and once `cancel` is raised (the client left) at most [`STOP_GRACE`]
 /// more, since a call in its prompt reads no sink and the run must end,
 /// with what the earlier calls used, before the server drops it. `None`:
-/// given up.
+/// given up. Counted in `calls` while awaited ([`InHostCall`]).
 async fn await_call<F: std::future::Future>(
     deadline: Instant,
     cancel: Option<Arc<AtomicBool>>,
+    calls: &Arc<AtomicUsize>,
     fut: F,
 ) -> Option<F::Output> {
+    let _in_call = InHostCall::new(calls);
     tokio::pin!(fut);
     tokio::select! {
         biased;
@@ -733,10 +728,7 @@ impl models::Host for RequestState {
             });
         }
         let all = futures::future::join_all(futs);
-        let in_call = InHostCall::new(&self.host_calls);
-        let awaited = await_call(self.deadline, self.cancel.clone(), all).await;
-        drop(in_call);
-        let Some(results) = awaited else {
+        let Some(results) = await_call(self.deadline, self.cancel.clone(), &self.host_calls, all).await else {
             // Given up (a job did not stop in time): the jobs that ended
             // are charged what they report, as if the fan-out had ended;
             // the others, which report nothing, each as one cut. All of

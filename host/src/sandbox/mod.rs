@@ -48,10 +48,6 @@ const OVERRUN: Duration = Duration::from_millis(500);
 /// How often the epoch advances; the deadline is checked at this grain.
 pub const TICK: Duration = Duration::from_millis(5);
 
-/// How often [`stuck_past`] looks for a client that left before the
-/// deadline.
-const CLIENT_POLL: Duration = Duration::from_millis(20);
-
 /// Ends when a run has been past its deadline, or its client gone, for
 /// three ticks in a row with none of its host calls awaited
 /// ([`host::RequestState::host_calls`]). A guest computing then would have
@@ -62,17 +58,9 @@ const CLIENT_POLL: Duration = Duration::from_millis(20);
 /// place, unbilled, for that long.
 async fn stuck_past(deadline: Instant, cancel: Option<Arc<AtomicBool>>, host_calls: Arc<AtomicUsize>) {
     // Before the deadline, only a client leaving counts.
-    match cancel {
-        None => tokio::time::sleep_until(deadline.into()).await,
-        Some(c) => {
-            while !c.load(Ordering::Relaxed) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                tokio::time::sleep(left.min(CLIENT_POLL)).await;
-            }
-        }
+    tokio::select! {
+        () = tokio::time::sleep_until(deadline.into()) => {}
+        () = host::left(cancel) => {}
     }
     let mut idle = 0;
     while idle < 3 {

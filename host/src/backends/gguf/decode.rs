@@ -757,10 +757,10 @@ impl GgufModel {
     /// batch's logits) fails alone, and the others go on; a failed batched
     /// pass fails every sequence in it.
     fn decode_step<T>(&mut self, seqs: &mut [(T, Seq<'_>)]) -> Vec<Result<(), InferenceError>> {
-        let batched = seqs.len() > 1;
-        if !batched {
-            // One sequence runs the plain path: the same numbers as a batched row (both use the
-            // decode kernels), without the batch's bookkeeping.
+        if seqs.len() < 2 {
+            // One sequence runs the plain path: the same numbers as a
+            // batched row (both use the decode kernels), without the
+            // batch's bookkeeping.
             return seqs
                 .iter_mut()
                 .map(|(_, seq)| {

@@ -1042,17 +1042,22 @@ impl WgpuLlama {
         if parts.iter().map(|p| p.rows).sum::<usize>() != rows {
             return Err("a batch's parts do not add up to its rows".into());
         }
+        // Where a part's rows lie in the pass and in its sequence, for the
+        // kernels that run once per part (rotary embeddings, attention).
+        let part_params = |part: &Part<'_>, row0: usize, nheads: usize| Params {
+            rows: part.rows as u32,
+            pos: part.pos as u32,
+            row0: row0 as u32,
+            heads: nheads as u32,
+            hd: hd as u32,
+            ..Params::default()
+        };
         let rope = |enc: &mut wgpu::CommandEncoder, buf: &wgpu::Buffer, nheads: usize, table: usize| {
             let t = &self.w.ropes[table.min(self.w.ropes.len() - 1)];
             for (part, &row0) in parts.iter().zip(&starts) {
                 let params = Params {
-                    rows: part.rows as u32,
-                    pos: part.pos as u32,
-                    row0: row0 as u32,
-                    heads: nheads as u32,
-                    hd: hd as u32,
                     flags: self.w.interleaved as u32,
-                    ..Params::default()
+                    ..part_params(part, row0, nheads)
                 };
                 g.dispatch(
                     enc,
@@ -1135,15 +1140,10 @@ impl WgpuLlama {
                 enc.copy_buffer_to_buffer(k, from, k_cache, at, bytes);
                 enc.copy_buffer_to_buffer(&v, from, v_cache, at, bytes);
                 let params = Params {
-                    rows: part.rows as u32,
-                    pos: part.pos as u32,
-                    row0: row0 as u32,
-                    heads: heads as u32,
                     kv_heads: kvh as u32,
-                    hd: hd as u32,
                     scale: 1.0 / (hd as f32).sqrt(),
                     window: l.window,
-                    ..Params::default()
+                    ..part_params(part, row0, heads)
                 };
                 g.dispatch(
                     &mut enc,
