@@ -555,7 +555,19 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
         let (client, url) = (client.clone(), url.clone());
         tokio::spawn(async move { post(&client, &url, None, &chat(QWEN, "Tell me about the sea.", 24)).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stop only once the server has the request: one still on its way when
+    // the listener closes is refused, which is not what this test is about.
+    // A fixed sleep was not enough on a loaded 2-core CI machine.
+    let metrics = srv.url("/metrics");
+    let started = Instant::now();
+    loop {
+        let text = client.get(&metrics).send().await.unwrap().text().await.unwrap();
+        if text.contains("tessera_running_requests 1\n") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the request never ran: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let base = srv.base.clone();
     let stopping = tokio::spawn(srv.stop());
     let (status, _, v) = in_flight.await.unwrap();

@@ -36,6 +36,8 @@ struct TenantGate {
 /// The two gates.
 pub struct Admission {
     inflight: Arc<Semaphore>,
+    /// The places `inflight` was made with, to count the ones taken.
+    places: usize,
     waiting: AtomicUsize,
     max_queue: usize,
     tenants: Mutex<HashMap<String, TenantGate>>,
@@ -76,6 +78,7 @@ impl Admission {
     pub fn new(max_inflight: usize, max_queue: usize) -> Self {
         Admission {
             inflight: Arc::new(Semaphore::new(max_inflight.max(1))),
+            places: max_inflight.max(1),
             waiting: AtomicUsize::new(0),
             max_queue,
             tenants: Mutex::new(HashMap::new()),
@@ -85,6 +88,11 @@ impl Admission {
     /// Requests waiting for a place right now.
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Requests admitted and running right now.
+    pub fn running(&self) -> usize {
+        self.places.saturating_sub(self.inflight.available_permits())
     }
 
     /// Checks `tenant`'s quotas and takes one of its concurrent places.

@@ -27,11 +27,14 @@ fn escape(s: &str) -> String {
 }
 
 /// The text the scraper reads (split out for tests).
-pub(crate) fn render(queued: usize, prefix: &[(String, crate::backends::gguf::prefix::PrefixSnapshot)]) -> String {
+pub(crate) fn render(queued: usize, running: usize, prefix: &[(String, crate::backends::gguf::prefix::PrefixSnapshot)]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# HELP tessera_queued_requests Requests waiting for admission.");
     let _ = writeln!(out, "# TYPE tessera_queued_requests gauge");
     let _ = writeln!(out, "tessera_queued_requests {queued}");
+    let _ = writeln!(out, "# HELP tessera_running_requests Requests admitted and running.");
+    let _ = writeln!(out, "# TYPE tessera_running_requests gauge");
+    let _ = writeln!(out, "tessera_running_requests {running}");
     type Pick = fn(&crate::backends::gguf::prefix::PrefixSnapshot) -> u64;
     let families: [(&str, &str, &str, Pick); 8] = [
         (
@@ -85,7 +88,7 @@ pub(crate) async fn metrics(
     Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
     require_admin(&caller)?;
-    let body = render(st.admission.queued(), &st.rt.models().prefix_stats());
+    let body = render(st.admission.queued(), st.admission.running(), &st.rt.models().prefix_stats());
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
@@ -102,8 +105,9 @@ mod tests {
             reused_tokens: 48,
             ..Default::default()
         };
-        let text = render(1, &[("smol\"lm".into(), s)]);
+        let text = render(1, 2, &[("smol\"lm".into(), s)]);
         assert!(text.contains("tessera_queued_requests 1\n"));
+        assert!(text.contains("tessera_running_requests 2\n"));
         assert!(text.contains("tessera_prefix_cache_hits_total{member=\"smol\\\"lm\"} 2\n"));
         assert!(text.contains("tessera_prefix_cache_reused_tokens_total{member=\"smol\\\"lm\"} 48\n"));
         assert!(text.contains("# TYPE tessera_prefix_cache_bytes gauge"));
