@@ -1,13 +1,15 @@
 //! Decode-shaped products (1-4 rows) on a matrix stored as Q4_1 / Q5_0:
 //! at its own width ([`tessera_kernels::lowbit`]) against the Q8_0 copy
-//! the VNNI kernel reads. `cargo run --release -p tessera-kernels --example
-//! lowbit [n k]`. Prints microseconds per product and the weight bytes read
-//! per second.
+//! the VNNI kernel reads; then Q4_K / Q5_K on the same kernel against
+//! candle's own K-quant kernels, for 1, 4 and 64 rows (a prompt chunk).
+//! `cargo run --release -p tessera-kernels --example lowbit [n k]`. Prints
+//! microseconds per product and the weight bytes read per second.
 
 use std::time::Instant;
 
+use candle_core::quantized::QMatMul;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Module, Tensor};
 use tessera_kernels::{lowbit, vnni};
 
 fn time(reps: usize, f: impl Fn() -> Vec<f32>) -> f64 {
@@ -54,6 +56,44 @@ fn main() {
                 b * 1e6,
                 wide_bytes as f64 / b / 1e9,
                 wide_bytes >> 20,
+                b / a
+            );
+        }
+    }
+    if !k.is_multiple_of(256) {
+        println!("(K-quants need a width of whole 256-value super-blocks: {k} is not)");
+        return;
+    }
+    for (dtype, format) in [
+        (GgmlDType::Q4K, lowbit::Format::Q4K),
+        (GgmlDType::Q5K, lowbit::Format::Q5K),
+    ] {
+        let qt = QTensor::quantize(&w, dtype).expect("quantizes");
+        let stored = qt.storage_size_in_bytes();
+        let low = lowbit::Packed::new(format, &qt.data().expect("data"), n, k).expect("packs");
+        let candle = QMatMul::from_qtensor(qt).expect("qmatmul");
+        for m in [1, 4, 64] {
+            let xt = Tensor::randn(0f32, 1.0, (m, k), &dev).expect("randn");
+            let x: Vec<f32> = xt.flatten_all().expect("flat").to_vec1().expect("vec");
+            let reps = if m == 64 { 20 } else { 200 };
+            let a = time(reps, || lowbit::matmul(&low, &x, m));
+            let b = time(reps, || {
+                candle
+                    .forward(&xt)
+                    .expect("forward")
+                    .flatten_all()
+                    .expect("flat")
+                    .to_vec1()
+                    .expect("vec")
+            });
+            println!(
+                "{format:?} {n}x{k} m={m}: lowbit {:.1} us ({:.1} GB/s of {} MB), candle {:.1} us ({:.1} GB/s of {} MB): {:.2}x",
+                a * 1e6,
+                low.bytes() as f64 / a / 1e9,
+                low.bytes() >> 20,
+                b * 1e6,
+                stored as f64 / b / 1e9,
+                stored >> 20,
                 b / a
             );
         }

@@ -1,4 +1,5 @@
-//! Q4_1, Q5_0 and Q5_1 matrix products at their own width, for decoding.
+//! Q4_1, Q5_0, Q5_1, Q4_K and Q5_K matrix products at (nearly) their own
+//! width, for decoding and, without AMX, for prompts.
 //!
 //! Decoding one token reads every weight once and does little arithmetic
 //! with it, so its speed is the memory's: bytes per weight are what count.
@@ -27,6 +28,13 @@
 //!   spread over candle's thread pool. Without AVX-512 VNNI the same
 //!   arithmetic runs on AVX2 (`vpmaddubsw`, 8 outputs per register), and
 //!   without that in plain Rust ([`portable`]), all with the same results.
+//! * Q4_K and Q5_K (Gemma's and the 1.5B monolith's files) are Q4_1 and
+//!   Q5_1 blocks with extra steps: every 32-value sub-block of a
+//!   256-value super-block has its own 6-bit scale and min under the
+//!   super-block's two f16 factors. They are rewritten once, at packing,
+//!   as those blocks (the products' f16 rounded once), so they take the
+//!   same tiles and paths; candle's kernels for them quantize activations
+//!   per 256 and walk the weights once per activation row.
 //! * On AVX2, a prompt's product (more than four rows) unpacks each tile
 //!   column's quants to bytes once and runs every row group over them
 //!   ([`predecoded_avx2`]): unpacking nibbles and fifth bits was a third
@@ -43,20 +51,99 @@ pub enum Format {
     Q5_0,
     /// `d q + m`, 5-bit `q`: 24 bytes (f16 d, f16 m, 4, 16).
     Q5_1,
+    /// GGML's Q4_K: super-blocks of 256 values in 144 bytes (f16 `d` and
+    /// `dmin`, twelve bytes of 6-bit scales and mins for the eight 32-value
+    /// sub-blocks, 128 bytes of nibbles), value `d sc q - dmin m`. Each
+    /// sub-block is Q4_1's `d' q + m'` with `d' = d sc` and `m' = -dmin m`,
+    /// both kept in f32 (exact). Not f16: a K-quant's offsets are large
+    /// against its values (`m'` up to about 0.9 where weights are about
+    /// 0.05 in Gemma-3-270M), and f16's rounding of them moved one of
+    /// Gemma's next-token log-probs by 0.5 nats. 7 bits per weight read
+    /// instead of 4.5.
+    Q4K,
+    /// GGML's Q5_K: as [`Format::Q4K`] with 32 bytes of fifth bits (176
+    /// bytes per 256 values), each sub-block a Q5_1 block the same way.
+    Q5K,
 }
 
+/// Values in a K-quant super-block.
+const SUPER: usize = 256;
+
 impl Format {
+    /// Bytes of one 32-value block as the tiles are made from it: the
+    /// file's own for Q4_1/Q5_x, and the Q4_1/Q5_1 block a K-quant's
+    /// sub-block is rewritten as ([`k_quant_blocks`]).
     fn block_bytes(self) -> usize {
         match self {
-            Format::Q4_1 => 20,
+            Format::Q4_1 | Format::Q4K => 20,
             Format::Q5_0 => 22,
-            Format::Q5_1 => 24,
+            Format::Q5_1 | Format::Q5K => 24,
+        }
+    }
+
+    /// Bytes of a K-quant's 256-value super-block; `None` for the others.
+    fn super_bytes(self) -> Option<usize> {
+        match self {
+            Format::Q4K => Some(144),
+            Format::Q5K => Some(176),
+            _ => None,
         }
     }
 
     fn five(self) -> bool {
-        self != Format::Q4_1
+        !matches!(self, Format::Q4_1 | Format::Q4K)
     }
+}
+
+/// Sub-block `j`'s 6-bit scale and min from a K-quant's twelve scale bytes
+/// (GGML's packing: the first four of each in the low six bits of bytes
+/// 0-3 and 4-7, the last four split between bytes 8-11 and the top bits
+/// of bytes 0-7).
+fn scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// A Q4_K/Q5_K matrix's super-blocks rewritten as the Q4_1/Q5_1 blocks of
+/// their sub-blocks, in order (see [`Format::Q4K`]). In a super-block,
+/// sub-blocks `2c` and `2c + 1` share 32 bytes of quants (low and high
+/// nibbles), and Q5_K's fifth bit of value `i` of sub-block `j` is bit `j`
+/// of `qh[i]`.
+fn k_quant_blocks(format: Format, bytes: &[u8], super_bytes: usize) -> (Vec<u8>, Vec<(f32, f32)>) {
+    let five = format.five();
+    let mut out = Vec::with_capacity(bytes.len() / super_bytes * 8 * format.block_bytes());
+    let mut exact = Vec::with_capacity(bytes.len() / super_bytes * 8);
+    for block in bytes.chunks_exact(super_bytes) {
+        let f16_at = |i: usize| half::f16::from_bits(u16::from_le_bytes([block[i], block[i + 1]])).to_f32();
+        let (d, dmin, scales) = (f16_at(0), f16_at(2), &block[4..16]);
+        let (qh, qs) = if five {
+            (&block[16..48], &block[48..176])
+        } else {
+            (&block[..0], &block[16..144])
+        };
+        for sub in 0..8 {
+            let (sc, m) = scale_min(sub, scales);
+            let chunk = &qs[32 * (sub / 2)..32 * (sub / 2) + 32];
+            let q = |i: usize| if sub % 2 == 0 { chunk[i] & 0x0F } else { chunk[i] >> 4 };
+            let (scale, offset) = (d * f32::from(sc), -(dmin * f32::from(m)));
+            exact.push((scale, offset));
+            // The f16 copies in the block are not read: see `Packed::exact`.
+            out.extend_from_slice(&half::f16::from_f32(scale).to_bits().to_le_bytes());
+            out.extend_from_slice(&half::f16::from_f32(offset).to_bits().to_le_bytes());
+            if five {
+                let bits = (0..BLOCK).fold(0u32, |acc, i| acc | (u32::from((qh[i] >> sub) & 1) << i));
+                out.extend_from_slice(&bits.to_le_bytes());
+            }
+            out.extend((0..16).map(|i| q(i) | (q(i + 16) << 4)));
+        }
+    }
+    (out, exact)
 }
 
 /// One 32-input block of 16 output rows (320 bytes).
@@ -77,14 +164,14 @@ pub(crate) struct Tile {
 fn block_parts(format: Format, block: &[u8]) -> (u16, u16, u32, &[u8]) {
     let d = u16::from_le_bytes([block[0], block[1]]);
     match format {
-        Format::Q4_1 => (d, u16::from_le_bytes([block[2], block[3]]), 0, &block[4..20]),
+        Format::Q4_1 | Format::Q4K => (d, u16::from_le_bytes([block[2], block[3]]), 0, &block[4..20]),
         Format::Q5_0 => (
             d,
             minus_16_times(d),
             u32::from_le_bytes([block[2], block[3], block[4], block[5]]),
             &block[6..22],
         ),
-        Format::Q5_1 => (
+        Format::Q5_1 | Format::Q5K => (
             d,
             u16::from_le_bytes([block[2], block[3]]),
             u32::from_le_bytes([block[4], block[5], block[6], block[7]]),
@@ -117,6 +204,10 @@ pub struct Packed {
     /// Q5 formats: per tile, per group of 4 inputs, bit `row * 4 + input`
     /// is the fifth bit of that quant. Empty for Q4_1.
     fifth: Vec<[u64; 8]>,
+    /// K-quants: per tile, the 16 rows' block scales then their offsets,
+    /// in f32, read instead of the tile's f16 ones (see [`Format::Q4K`]).
+    /// Empty for the other formats.
+    exact: Vec<[f32; 2 * TILE]>,
 }
 
 impl std::fmt::Debug for Packed {
@@ -126,16 +217,32 @@ impl std::fmt::Debug for Packed {
 }
 
 impl Packed {
-    /// Repacks GGML data of `format` (`n * k / 32` blocks, row-major) into
-    /// tiles. `None` if the shape does not fit the tiles
-    /// ([`vnni::fits`]) or the data is not that many blocks.
+    /// Repacks GGML data of `format` (`n * k / 32` blocks, or `n * k / 256`
+    /// super-blocks for the K-quants, row-major) into tiles. `None` if the
+    /// shape does not fit the tiles ([`vnni::fits`], and a width of whole
+    /// super-blocks for the K-quants) or the data is not that many blocks.
     pub fn new(format: Format, bytes: &[u8], n: usize, k: usize) -> Option<Packed> {
+        let (rewritten, scales);
+        let bytes = match format.super_bytes() {
+            Some(sb) => {
+                if !k.is_multiple_of(SUPER) || bytes.len() != n * (k / SUPER) * sb {
+                    return None;
+                }
+                (rewritten, scales) = k_quant_blocks(format, bytes, sb);
+                &rewritten[..]
+            }
+            None => {
+                scales = Vec::new();
+                bytes
+            }
+        };
         let (bb, kb) = (format.block_bytes(), k / BLOCK);
         if !vnni::fits(n, k) || bytes.len() != n * kb * bb {
             return None;
         }
         let mut tiles = Vec::with_capacity(n / TILE * kb);
         let mut fifth = Vec::with_capacity(if format.five() { n / TILE * kb } else { 0 });
+        let mut exact = Vec::with_capacity(if scales.is_empty() { 0 } else { n / TILE * kb });
         for t in 0..n / TILE {
             for b in 0..kb {
                 let mut tile = Tile {
@@ -168,6 +275,13 @@ impl Packed {
                 if format.five() {
                     fifth.push(bits);
                 }
+                if !scales.is_empty() {
+                    let mut both = [0f32; 2 * TILE];
+                    for r in 0..TILE {
+                        (both[r], both[TILE + r]) = scales[(t * TILE + r) * kb + b];
+                    }
+                    exact.push(both);
+                }
             }
         }
         Some(Packed {
@@ -176,6 +290,7 @@ impl Packed {
             format,
             tiles,
             fifth,
+            exact,
         })
     }
 
@@ -196,7 +311,19 @@ impl Packed {
 
     /// Bytes the packed weights take (what a decode step reads).
     pub fn bytes(&self) -> usize {
-        self.tiles.len() * std::mem::size_of::<Tile>() + self.fifth.len() * 64
+        self.tiles.len() * std::mem::size_of::<Tile>() + self.fifth.len() * 64 + self.exact.len() * 4 * 2 * TILE
+    }
+
+    /// Row `r`'s scale and offset in tile-block `tb`, as the kernels read
+    /// them.
+    fn scale(&self, tb: usize, r: usize) -> (f32, f32) {
+        match self.exact.get(tb) {
+            Some(e) => (e[r], e[TILE + r]),
+            None => (
+                half::f16::from_bits(self.tiles[tb].d[r]).to_f32(),
+                half::f16::from_bits(self.tiles[tb].m[r]).to_f32(),
+            ),
+        }
     }
 
     /// Quant `i` (0..32) of row `r` of tile `t`, block `b`.
@@ -230,7 +357,7 @@ pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
 /// If `x` is not `m` rows of the matrix's input width.
 pub fn matmul_on(simd: Simd, w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k, "lowbit::matmul: expected {m} rows of {} values", w.k);
-    let acts = vnni::quantize(x);
+    let acts = activations(w.format, x);
     let simd = simd.or_portable();
     if simd == Simd::Portable {
         return portable(w, &acts, m);
@@ -271,6 +398,16 @@ pub fn matmul_on(simd: Simd, w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
             }
         }
     })
+}
+
+/// `x` quantized as llama.cpp quantizes what it multiplies `format` by:
+/// per 32 values (Q8_0/Q8_1) for Q4_1/Q5_x, per 256 (Q8_K) for the
+/// K-quants ([`vnni::quantize_grouped`]).
+pub(crate) fn activations(format: Format, x: &[f32]) -> Vec<Act> {
+    match format.super_bytes() {
+        Some(_) => vnni::quantize_grouped(x, SUPER),
+        None => vnni::quantize(x),
+    }
 }
 
 /// Above this many rows the AVX2 path unpacks each tile column's quants
@@ -395,12 +532,23 @@ impl Unpack {
     }
 }
 
-/// Outputs `8h..8h + 8`'s block scales and offsets of `tile`, as f32.
+/// Outputs `8h..8h + 8`'s block scales and offsets in tile-block `tb`, as
+/// f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
-fn scales_avx2(tile: &Tile, h: usize) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+fn scales_avx2(w: &Packed, tb: usize, h: usize) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
     use std::arch::x86_64::*;
+    if let Some(e) = w.exact.get(tb) {
+        // SAFETY: 16 scales then 16 offsets; 8 of each from `8h`.
+        return unsafe {
+            (
+                _mm256_loadu_ps(e.as_ptr().add(h * 8)),
+                _mm256_loadu_ps(e.as_ptr().add(TILE + h * 8)),
+            )
+        };
+    }
+    let tile = &w.tiles[tb];
     // SAFETY: `d` and `m` hold 16 f16 each; 8 of them are 16 bytes.
     unsafe {
         (
@@ -516,7 +664,6 @@ impl Unpacked<'_> {
         for h in 0..2 {
             let mut sums = [_mm256_setzero_ps(); R];
             for b in 0..kb {
-                let tile = &w.tiles[self.t * kb + b];
                 let mut acc = [_mm256_setzero_si256(); R];
                 for (p, pair) in [0, 2].into_iter().enumerate() {
                     // SAFETY: block b's unpacked bytes are
@@ -529,7 +676,7 @@ impl Unpacked<'_> {
                         *acc = dot4_avx2(*acc, &q, &self.acts[(self.row + r) * kb + b].qs, pair);
                     }
                 }
-                let scales = scales_avx2(tile, h);
+                let scales = scales_avx2(w, self.t * kb + b, h);
                 for (r, acc) in acc.iter().enumerate() {
                     sums[r] = add_block_avx2(sums[r], *acc, scales, &self.acts[(self.row + r) * kb + b]);
                 }
@@ -558,11 +705,9 @@ pub(crate) fn portable(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
             for b in 0..kb {
                 let tb = t * kb + b;
                 let a = &acts[i * kb + b];
-                let tile = &w.tiles[tb];
                 for (r, y) in cols.iter_mut().enumerate() {
                     let dot: i32 = (0..BLOCK).map(|j| w.quant(tb, r, j) as i32 * a.qs[j] as i32).sum();
-                    let d = half::f16::from_bits(tile.d[r]).to_f32();
-                    let m = half::f16::from_bits(tile.m[r]).to_f32();
+                    let (d, m) = w.scale(tb, r);
                     *y = (dot as f32).mul_add(d * a.d, *y);
                     *y = m.mul_add(a.d * a.sum as f32, *y);
                 }
@@ -620,12 +765,16 @@ impl Rows<'_> {
                     *acc = _mm512_dpbusd_epi32(*acc, high, _mm512_set1_epi32(a_high));
                 }
             }
-            // SAFETY: `d` and `m` hold 16 f16 each (32 bytes).
+            // SAFETY: `d` and `m` hold 16 f16 each (32 bytes); an exact
+            // entry holds 16 scales, then 16 offsets.
             let (dw, mw) = unsafe {
-                (
-                    _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _)),
-                    _mm512_cvtph_ps(_mm256_loadu_si256(tile.m.as_ptr() as *const _)),
-                )
+                match w.exact.get(tb) {
+                    Some(e) => (_mm512_loadu_ps(e.as_ptr()), _mm512_loadu_ps(e.as_ptr().add(TILE))),
+                    None => (
+                        _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _)),
+                        _mm512_cvtph_ps(_mm256_loadu_si256(tile.m.as_ptr() as *const _)),
+                    ),
+                }
             };
             for (r, acc) in acc.iter().enumerate() {
                 let a = &self.acts[(self.row + r) * kb + b];
@@ -659,7 +808,6 @@ impl Rows<'_> {
         let mut sums = [[_mm256_setzero_ps(); 2]; R];
         for b in 0..kb {
             let tb = self.t * kb + b;
-            let tile = &w.tiles[tb];
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for h in 0..2 {
                 for pair in [0, 2] {
@@ -674,7 +822,7 @@ impl Rows<'_> {
                 }
             }
             for h in 0..2 {
-                let scales = scales_avx2(tile, h);
+                let scales = scales_avx2(w, tb, h);
                 for (r, acc) in acc.iter().enumerate() {
                     sums[r][h] = add_block_avx2(sums[r][h], acc[h], scales, &self.acts[(self.row + r) * kb + b]);
                 }
@@ -783,6 +931,77 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Q4_K and Q5_K: every value read back from the tiles is candle's
+    /// dequantization (to f32 rounding); products agree with candle's K-quant kernels; every path
+    /// gives the portable numbers.
+    #[test]
+    fn k_quants_are_read_as_their_sub_blocks() {
+        let dev = Device::Cpu;
+        for (dtype, format) in [(GgmlDType::Q4K, Format::Q4K), (GgmlDType::Q5K, Format::Q5K)] {
+            for (n, k) in [(16, 256), (48, 768)] {
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
+                let qt = QTensor::quantize(&w, dtype).expect("quantizes");
+                let packed = Packed::new(format, &qt.data().expect("data"), n, k).expect("packs");
+                assert_eq!(packed.format(), format);
+                let exact: Vec<f32> = qt
+                    .dequantize(&dev)
+                    .expect("dequantizes")
+                    .flatten_all()
+                    .expect("flat")
+                    .to_vec1()
+                    .expect("vec");
+                let kb = k / BLOCK;
+                for row in 0..n {
+                    for b in 0..kb {
+                        let (t, r) = (row / TILE, row % TILE);
+                        let (d, m) = packed.scale(t * kb + b, r);
+                        // f32 products of the same factors as candle's.
+                        let bound = (d.abs() * 31.0 + m.abs()) * 1e-6;
+                        for j in 0..BLOCK {
+                            let v = d * packed.quant(t * kb + b, r, j) as f32 + m;
+                            let want = exact[row * k + b * BLOCK + j];
+                            assert!(
+                                (v - want).abs() <= bound,
+                                "{dtype:?} [{row},{}]: {v} vs {want}",
+                                b * BLOCK + j
+                            );
+                        }
+                    }
+                }
+                let reference = QMatMul::from_qtensor(qt).expect("qmatmul");
+                for m in [1, 3, 4, 7] {
+                    let x = rows(m, k);
+                    let xt = Tensor::from_vec(x.clone(), (m, k), &dev).expect("tensor");
+                    let want: Vec<f32> = reference
+                        .forward(&xt)
+                        .expect("forward")
+                        .flatten_all()
+                        .expect("flat")
+                        .to_vec1()
+                        .expect("vec");
+                    let got = matmul(&packed, &x, m);
+                    let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        // Activations per 256 on both sides (Q8_K in
+                        // candle): only the summation order differs.
+                        assert!(
+                            (g - w).abs() <= 2e-3 * scale,
+                            "{dtype:?} {n}x{k} m={m} [{i}]: {g} vs {w}"
+                        );
+                    }
+                    let slow = portable(&packed, &activations(format, &x), m);
+                    for simd in Simd::here() {
+                        assert_eq!(slow, matmul_on(simd, &packed, &x, m), "{simd:?} {dtype:?} m={m}");
+                    }
+                }
+            }
+            // A width of part of a super-block, or short data, is refused.
+            assert!(Packed::new(format, &[0; 176 * 2 * 16], 16, 288).is_none());
+            let sb = if format == Format::Q4K { 144 } else { 176 };
+            assert!(Packed::new(format, &vec![0; sb * 16 - 1], 16, 256).is_none());
         }
     }
 

@@ -220,21 +220,39 @@ impl Act {
 /// its input, and in plain Rust this took a tenth of a SmolLM2 prompt on
 /// a CPU without AVX-512, on one core while the other waited.
 pub(crate) fn quantize(x: &[f32]) -> Vec<Act> {
-    /// Blocks per job: below two jobs' worth one thread does it all.
+    quantize_grouped(x, BLOCK)
+}
+
+/// [`quantize`] with every `group` values (a multiple of 32 that divides
+/// the rows' width) sharing one scale, `max |x| / 127` over the group: 256
+/// is llama.cpp's Q8_K, the activations it multiplies K-quant weights by,
+/// so that our K-quant products follow the arithmetic of the engine the
+/// parity fixtures come from.
+pub(crate) fn quantize_grouped(x: &[f32], group: usize) -> Vec<Act> {
+    /// Blocks per job: below two jobs' worth one thread does it all. A
+    /// multiple of every group's blocks, so that no group spans two jobs.
     const CHUNK: usize = 512;
     let blocks = x.len() / BLOCK;
     let avx2 = Simd::best() != Simd::Portable;
     let mut acts = vec![Act::ZERO; blocks];
-    let run = |xs: &[f32], out: &mut [Act]| {
+    let one = |xs: &[f32], out: &mut [Act], amax: Option<f32>| {
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: `Simd::best` found AVX2 (it is not `Portable` on an
             // x86 CPU without it); `out` has a block for each 32 values.
-            unsafe { quantize_avx2(xs, out) };
+            unsafe { quantize_avx2(xs, out, amax) };
             return;
         }
         let _ = avx2;
-        quantize_portable(xs, out);
+        quantize_portable(xs, out, amax);
+    };
+    let run = |xs: &[f32], out: &mut [Act]| {
+        if group <= BLOCK {
+            return one(xs, out, None);
+        }
+        for (xs, out) in xs.chunks(group).zip(out.chunks_mut(group / BLOCK)) {
+            one(xs, out, Some(xs.iter().fold(0f32, |a, v| a.max(v.abs()))));
+        }
     };
     if blocks < 2 * CHUNK {
         run(&x[..blocks * BLOCK], &mut acts);
@@ -254,11 +272,11 @@ pub(crate) fn quantize(x: &[f32]) -> Vec<Act> {
 }
 
 /// One block's quantization in plain Rust, the definition the vector path
-/// follows: `d = max |x| / 127`, quants `round(x / d)` (halves away from
-/// zero) within +-127.
-fn quantize_portable(x: &[f32], out: &mut [Act]) {
+/// follows: `d = max |x| / 127` (over the block, or `shared_amax`, its
+/// group's), quants `round(x / d)` (halves away from zero) within +-127.
+fn quantize_portable(x: &[f32], out: &mut [Act], shared_amax: Option<f32>) {
     for (xs, act) in x.chunks_exact(BLOCK).zip(out) {
-        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let amax = shared_amax.unwrap_or_else(|| xs.iter().fold(0f32, |a, v| a.max(v.abs())));
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut qs = [0i8; BLOCK];
@@ -277,7 +295,7 @@ fn quantize_portable(x: &[f32], out: &mut [Act]) {
 /// half. A NaN becomes 0, as Rust's cast makes it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_avx2(x: &[f32], out: &mut [Act]) {
+unsafe fn quantize_avx2(x: &[f32], out: &mut [Act], shared_amax: Option<f32>) {
     use std::arch::x86_64::*;
     let sign = _mm256_set1_ps(-0.0);
     let (half, one, top) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0), _mm256_set1_ps(127.0));
@@ -292,7 +310,7 @@ unsafe fn quantize_avx2(x: &[f32], out: &mut [Act]) {
         });
         let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+        let amax = shared_amax.unwrap_or_else(|| _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m))));
         let d = amax / 127.0;
         let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
         let q: [__m256i; 4] = v.map(|x| {
@@ -557,7 +575,7 @@ mod tests {
         x[100] = f32::INFINITY;
         x[130] = f32::NAN;
         let mut want = vec![Act::ZERO; x.len() / BLOCK];
-        quantize_portable(&x, &mut want);
+        quantize_portable(&x, &mut want, None);
         let same = |a: &[Act], b: &[Act]| {
             a.iter()
                 .zip(b)
@@ -568,7 +586,7 @@ mod tests {
         if Simd::best() != Simd::Portable {
             let mut got = vec![Act::ZERO; want.len()];
             // SAFETY: AVX2 checked just above.
-            unsafe { quantize_avx2(&x, &mut got) };
+            unsafe { quantize_avx2(&x, &mut got, None) };
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     same(&[*g], &[*w]),
@@ -582,8 +600,22 @@ mod tests {
         }
         let big: Vec<f32> = x.iter().cycle().take(x.len() * 40).copied().collect();
         let mut one_by_one = vec![Act::ZERO; big.len() / BLOCK];
-        quantize_portable(&big, &mut one_by_one);
+        quantize_portable(&big, &mut one_by_one, None);
         assert!(same(&quantize(&big), &one_by_one));
+        // Groups of 256 share the group's scale; the big input is 40 of
+        // them, so both the threaded and the single-thread paths run.
+        let grouped = quantize_grouped(&big, 256);
+        for (g, (xs, acts)) in big.chunks(256).zip(grouped.chunks(8)).enumerate() {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let mut want = vec![Act::ZERO; 8];
+            quantize_portable(xs, &mut want, Some(amax));
+            assert!(same(acts, &want), "group {g}");
+            assert!(
+                acts.iter().all(|a| a.d.to_bits() == (amax / 127.0).to_bits()),
+                "group {g}"
+            );
+        }
+        assert!(same(&quantize_grouped(&big, BLOCK), &one_by_one));
     }
 
     /// The same product through candle's own Q8_0 kernels and through ours,

@@ -21,7 +21,11 @@
 //!   hidden sizes are not, and its one-row-at-a-time AVX2 path was 70% of
 //!   all inference time. Ours shares each weight load among up to four
 //!   activation rows, so without AMX it also carries prompt passes.
-//!   K-quants, other CPUs and other devices stay on candle's `QMatMul`.
+//!   Q4_K and Q5_K go to the low-bit kernel too, as the Q4_1/Q5_1 blocks
+//!   their sub-blocks are (5-6 bits per weight for their 4.5-5.5): candle
+//!   multiplies them one activation row at a time per weight walk, which
+//!   made Gemma's prompts the slowest of the pool's. Q6_K, other CPUs and
+//!   other devices stay on candle's `QMatMul`.
 //! * **Prompts on tiles.** A prompt pass of 16 or more rows goes to the AMX
 //!   bf16 tile kernel ([`tessera_kernels::amx::matmul_bf16`]) where the CPU
 //!   and OS allow it, on a bf16 copy of the weights made at load (2 bytes
@@ -71,7 +75,8 @@ pub enum Linear {
     },
     /// Q8_0 weights repacked for the VNNI kernel.
     Vnni { w: Arc<vnni::Packed>, prompt: Prompt },
-    /// Q4_1/Q5_0/Q5_1 weights repacked at their own width.
+    /// Q4_1/Q5_0/Q5_1 weights repacked at their own width, Q4_K/Q5_K as
+    /// the Q4_1/Q5_1 blocks of their sub-blocks.
     LowBit { w: Arc<lowbit::Packed>, prompt: Prompt },
 }
 
@@ -81,6 +86,8 @@ fn low_bit(dtype: GgmlDType) -> Option<lowbit::Format> {
         GgmlDType::Q4_1 => Some(lowbit::Format::Q4_1),
         GgmlDType::Q5_0 => Some(lowbit::Format::Q5_0),
         GgmlDType::Q5_1 => Some(lowbit::Format::Q5_1),
+        GgmlDType::Q4K => Some(lowbit::Format::Q4K),
+        GgmlDType::Q5K => Some(lowbit::Format::Q5K),
         _ => None,
     }
 }
@@ -259,6 +266,8 @@ mod tests {
             (64, 576, GgmlDType::Q8_0),
             (32, 640, GgmlDType::Q4_1),
             (48, 896, GgmlDType::Q5_0),
+            (64, 512, GgmlDType::Q4K),
+            (32, 768, GgmlDType::Q5K),
         ] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).expect("randn");
             let q = || QTensor::quantize(&w, dtype).expect("quantizes");
@@ -343,9 +352,13 @@ mod tests {
     }
 
     #[test]
-    fn k_quants_and_odd_shapes_stay_on_candle() {
+    fn q6_k_and_odd_shapes_stay_on_candle() {
         let dev = Device::Cpu;
-        for (rows, cols, dtype) in [(64, 512, GgmlDType::Q4K), (8, 576, GgmlDType::Q8_0)] {
+        for (rows, cols, dtype) in [
+            (64, 512, GgmlDType::Q6K),
+            (8, 576, GgmlDType::Q8_0),
+            (8, 512, GgmlDType::Q4K),
+        ] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).expect("randn");
             let l = Linear::new(QTensor::quantize(&w, dtype).expect("quantizes"), &dev).expect("linear");
             assert!(matches!(l, Linear::Candle { .. }), "{rows}x{cols} {dtype:?}");
