@@ -565,7 +565,10 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_refuses_new_ones() {
         if text.contains("tessera_running_requests 1\n") {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "the request never ran: {text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the request never ran: {text}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let base = srv.base.clone();

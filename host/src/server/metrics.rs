@@ -27,7 +27,11 @@ fn escape(s: &str) -> String {
 }
 
 /// The text the scraper reads (split out for tests).
-pub(crate) fn render(queued: usize, running: usize, prefix: &[(String, crate::backends::gguf::prefix::PrefixSnapshot)]) -> String {
+pub(crate) fn render(
+    queued: usize,
+    running: usize,
+    prefix: &[(String, crate::backends::gguf::prefix::PrefixSnapshot)],
+) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# HELP tessera_queued_requests Requests waiting for admission.");
     let _ = writeln!(out, "# TYPE tessera_queued_requests gauge");
@@ -88,7 +92,11 @@ pub(crate) async fn metrics(
     Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
     require_admin(&caller)?;
-    let body = render(st.admission.queued(), st.admission.running(), &st.rt.models().prefix_stats());
+    let body = render(
+        st.admission.queued(),
+        st.admission.running(),
+        &st.rt.models().prefix_stats(),
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
