@@ -55,10 +55,13 @@ pub enum Format {
     /// `dmin`, twelve bytes of 6-bit scales and mins for the eight 32-value
     /// sub-blocks, 128 bytes of nibbles), value `d sc q - dmin m`. Each
     /// sub-block is Q4_1's `d' q + m'` with `d' = d sc` and `m' = -dmin m`,
-    /// both kept in f32 (exact). Not f16: a K-quant's offsets are large
-    /// against its values (`m'` up to about 0.9 where weights are about
-    /// 0.05 in Gemma-3-270M), and f16's rounding of them moved one of
-    /// Gemma's next-token log-probs by 0.5 nats. 7 bits per weight read
+    /// both made exactly in f32 as the kernels run: a tile keeps each row's
+    /// 6-bit `sc` and `m` where the other formats keep their f16 scale, and
+    /// each row's `d` and `-dmin` sit beside the tiles, once per super-block
+    /// ([`Packed`]'s `k_factors`). Not f16 products: a K-quant's offsets
+    /// are large against its values (`m'` up to about 0.9 where weights are
+    /// about 0.05 in Gemma-3-270M), and f16's rounding of them moved one of
+    /// Gemma's next-token log-probs by 0.5 nats. 5.25 bits per weight read
     /// instead of 4.5.
     Q4K,
     /// GGML's Q5_K: as [`Format::Q4K`] with 32 bytes of fifth bits (176
@@ -68,6 +71,8 @@ pub enum Format {
 
 /// Values in a K-quant super-block.
 const SUPER: usize = 256;
+/// 32-value blocks in a super-block.
+const SUBS: usize = SUPER / BLOCK;
 
 impl Format {
     /// Bytes of one 32-value block as the tiles are made from it: the
@@ -111,31 +116,30 @@ fn scale_min(j: usize, s: &[u8]) -> (u8, u8) {
 }
 
 /// A Q4_K/Q5_K matrix's super-blocks rewritten as the Q4_1/Q5_1 blocks of
-/// their sub-blocks, in order (see [`Format::Q4K`]). In a super-block,
-/// sub-blocks `2c` and `2c + 1` share 32 bytes of quants (low and high
-/// nibbles), and Q5_K's fifth bit of value `i` of sub-block `j` is bit `j`
-/// of `qh[i]`.
+/// their sub-blocks, in order (see [`Format::Q4K`]), with the sub-block's
+/// `sc | m << 8` where those blocks keep their f16 scale (and 0 for the
+/// offset); and each super-block's `(d, -dmin)`, in order. In a
+/// super-block, sub-blocks `2c` and `2c + 1` share 32 bytes of quants (low
+/// and high nibbles), and Q5_K's fifth bit of value `i` of sub-block `j`
+/// is bit `j` of `qh[i]`.
 fn k_quant_blocks(format: Format, bytes: &[u8], super_bytes: usize) -> (Vec<u8>, Vec<(f32, f32)>) {
     let five = format.five();
-    let mut out = Vec::with_capacity(bytes.len() / super_bytes * 8 * format.block_bytes());
-    let mut exact = Vec::with_capacity(bytes.len() / super_bytes * 8);
+    let mut out = Vec::with_capacity(bytes.len() / super_bytes * SUBS * format.block_bytes());
+    let mut factors = Vec::with_capacity(bytes.len() / super_bytes);
     for block in bytes.chunks_exact(super_bytes) {
         let f16_at = |i: usize| half::f16::from_bits(u16::from_le_bytes([block[i], block[i + 1]])).to_f32();
         let (d, dmin, scales) = (f16_at(0), f16_at(2), &block[4..16]);
+        factors.push((d, -dmin));
         let (qh, qs) = if five {
             (&block[16..48], &block[48..176])
         } else {
             (&block[..0], &block[16..144])
         };
-        for sub in 0..8 {
+        for sub in 0..SUBS {
             let (sc, m) = scale_min(sub, scales);
             let chunk = &qs[32 * (sub / 2)..32 * (sub / 2) + 32];
             let q = |i: usize| if sub % 2 == 0 { chunk[i] & 0x0F } else { chunk[i] >> 4 };
-            let (scale, offset) = (d * f32::from(sc), -(dmin * f32::from(m)));
-            exact.push((scale, offset));
-            // The f16 copies in the block are not read: see `Packed::exact`.
-            out.extend_from_slice(&half::f16::from_f32(scale).to_bits().to_le_bytes());
-            out.extend_from_slice(&half::f16::from_f32(offset).to_bits().to_le_bytes());
+            out.extend_from_slice(&[sc, m, 0, 0]);
             if five {
                 let bits = (0..BLOCK).fold(0u32, |acc, i| acc | (u32::from((qh[i] >> sub) & 1) << i));
                 out.extend_from_slice(&bits.to_le_bytes());
@@ -143,7 +147,7 @@ fn k_quant_blocks(format: Format, bytes: &[u8], super_bytes: usize) -> (Vec<u8>,
             out.extend((0..16).map(|i| q(i) | (q(i + 16) << 4)));
         }
     }
-    (out, exact)
+    (out, factors)
 }
 
 /// One 32-input block of 16 output rows (320 bytes).
@@ -204,10 +208,10 @@ pub struct Packed {
     /// Q5 formats: per tile, per group of 4 inputs, bit `row * 4 + input`
     /// is the fifth bit of that quant. Empty for Q4_1.
     fifth: Vec<[u64; 8]>,
-    /// K-quants: per tile, the 16 rows' block scales then their offsets,
-    /// in f32, read instead of the tile's f16 ones (see [`Format::Q4K`]).
-    /// Empty for the other formats.
-    exact: Vec<[f32; 2 * TILE]>,
+    /// K-quants: per tile, per super-block (`[tile][k / 256]`), the 16
+    /// rows' `d` then their `-dmin`; the tiles' `d` hold each row's
+    /// `sc | m << 8` (see [`Format::Q4K`]). Empty for the other formats.
+    k_factors: Vec<[f32; 2 * TILE]>,
 }
 
 impl std::fmt::Debug for Packed {
@@ -222,17 +226,17 @@ impl Packed {
     /// shape does not fit the tiles ([`vnni::fits`], and a width of whole
     /// super-blocks for the K-quants) or the data is not that many blocks.
     pub fn new(format: Format, bytes: &[u8], n: usize, k: usize) -> Option<Packed> {
-        let (rewritten, scales);
+        let (rewritten, factors);
         let bytes = match format.super_bytes() {
             Some(sb) => {
                 if !k.is_multiple_of(SUPER) || bytes.len() != n * (k / SUPER) * sb {
                     return None;
                 }
-                (rewritten, scales) = k_quant_blocks(format, bytes, sb);
+                (rewritten, factors) = k_quant_blocks(format, bytes, sb);
                 &rewritten[..]
             }
             None => {
-                scales = Vec::new();
+                factors = Vec::new();
                 bytes
             }
         };
@@ -242,7 +246,7 @@ impl Packed {
         }
         let mut tiles = Vec::with_capacity(n / TILE * kb);
         let mut fifth = Vec::with_capacity(if format.five() { n / TILE * kb } else { 0 });
-        let mut exact = Vec::with_capacity(if scales.is_empty() { 0 } else { n / TILE * kb });
+        let mut k_factors = Vec::with_capacity(if factors.is_empty() { 0 } else { n / TILE * kb / SUBS });
         for t in 0..n / TILE {
             for b in 0..kb {
                 let mut tile = Tile {
@@ -275,12 +279,12 @@ impl Packed {
                 if format.five() {
                     fifth.push(bits);
                 }
-                if !scales.is_empty() {
+                if !factors.is_empty() && b.is_multiple_of(SUBS) {
                     let mut both = [0f32; 2 * TILE];
                     for r in 0..TILE {
-                        (both[r], both[TILE + r]) = scales[(t * TILE + r) * kb + b];
+                        (both[r], both[TILE + r]) = factors[((t * TILE + r) * kb + b) / SUBS];
                     }
-                    exact.push(both);
+                    k_factors.push(both);
                 }
             }
         }
@@ -290,7 +294,7 @@ impl Packed {
             format,
             tiles,
             fifth,
-            exact,
+            k_factors,
         })
     }
 
@@ -311,14 +315,27 @@ impl Packed {
 
     /// Bytes the packed weights take (what a decode step reads).
     pub fn bytes(&self) -> usize {
-        self.tiles.len() * std::mem::size_of::<Tile>() + self.fifth.len() * 64 + self.exact.len() * 4 * 2 * TILE
+        self.tiles.len() * std::mem::size_of::<Tile>() + self.fifth.len() * 64 + self.k_factors.len() * 4 * 2 * TILE
     }
 
-    /// Row `r`'s scale and offset in tile-block `tb`, as the kernels read
+    /// A K-quant's `d` and `-dmin` of every row of tile `t` for its block
+    /// `b`; `None` for the other formats. (Taken as `t` and `b`, not as
+    /// their tile-block: dividing that by the width in the kernels' inner
+    /// loop cost a third of a prompt's speed.)
+    #[inline]
+    fn k_factors(&self, t: usize, b: usize) -> Option<&[f32; 2 * TILE]> {
+        self.k_factors.get(t * (self.k / SUPER) + b / SUBS)
+    }
+
+    /// Row `r`'s scale and offset in tile-block `tb`, as the kernels make
     /// them.
     fn scale(&self, tb: usize, r: usize) -> (f32, f32) {
-        match self.exact.get(tb) {
-            Some(e) => (e[r], e[TILE + r]),
+        let kb = self.k / BLOCK;
+        match self.k_factors(tb / kb, tb % kb) {
+            Some(f) => {
+                let [sc, m] = self.tiles[tb].d[r].to_le_bytes();
+                (f[r] * f32::from(sc), f[TILE + r] * f32::from(m))
+            }
             None => (
                 half::f16::from_bits(self.tiles[tb].d[r]).to_f32(),
                 half::f16::from_bits(self.tiles[tb].m[r]).to_f32(),
@@ -532,23 +549,27 @@ impl Unpack {
     }
 }
 
-/// Outputs `8h..8h + 8`'s block scales and offsets in tile-block `tb`, as
-/// f32.
+/// Outputs `8h..8h + 8`'s block scales and offsets in tile `t`, block `b`,
+/// as f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
-fn scales_avx2(w: &Packed, tb: usize, h: usize) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+fn scales_avx2(w: &Packed, t: usize, b: usize, h: usize) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
     use std::arch::x86_64::*;
-    if let Some(e) = w.exact.get(tb) {
-        // SAFETY: 16 scales then 16 offsets; 8 of each from `8h`.
+    let tile = &w.tiles[t * (w.k / BLOCK) + b];
+    if let Some(f) = w.k_factors(t, b) {
+        // SAFETY: `d` holds 16 u16 (`sc | m << 8`), 8 of them from `8h`;
+        // `f` 16 `d` then 16 `-dmin`.
         return unsafe {
+            let both = _mm256_cvtepu16_epi32(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _));
+            let sc = _mm256_cvtepi32_ps(_mm256_and_si256(both, _mm256_set1_epi32(0xFF)));
+            let m = _mm256_cvtepi32_ps(_mm256_srli_epi32::<8>(both));
             (
-                _mm256_loadu_ps(e.as_ptr().add(h * 8)),
-                _mm256_loadu_ps(e.as_ptr().add(TILE + h * 8)),
+                _mm256_mul_ps(_mm256_loadu_ps(f.as_ptr().add(h * 8)), sc),
+                _mm256_mul_ps(_mm256_loadu_ps(f.as_ptr().add(TILE + h * 8)), m),
             )
         };
     }
-    let tile = &w.tiles[tb];
     // SAFETY: `d` and `m` hold 16 f16 each; 8 of them are 16 bytes.
     unsafe {
         (
@@ -676,7 +697,7 @@ impl Unpacked<'_> {
                         *acc = dot4_avx2(*acc, &q, &self.acts[(self.row + r) * kb + b].qs, pair);
                     }
                 }
-                let scales = scales_avx2(w, self.t * kb + b, h);
+                let scales = scales_avx2(w, self.t, b, h);
                 for (r, acc) in acc.iter().enumerate() {
                     sums[r] = add_block_avx2(sums[r], *acc, scales, &self.acts[(self.row + r) * kb + b]);
                 }
@@ -765,11 +786,20 @@ impl Rows<'_> {
                     *acc = _mm512_dpbusd_epi32(*acc, high, _mm512_set1_epi32(a_high));
                 }
             }
-            // SAFETY: `d` and `m` hold 16 f16 each (32 bytes); an exact
-            // entry holds 16 scales, then 16 offsets.
+            // SAFETY: `d` and `m` hold 16 u16 each (32 bytes): f16 scales
+            // and offsets, or a K-quant's `sc | m << 8`, whose factors hold
+            // 16 `d` then 16 `-dmin`.
             let (dw, mw) = unsafe {
-                match w.exact.get(tb) {
-                    Some(e) => (_mm512_loadu_ps(e.as_ptr()), _mm512_loadu_ps(e.as_ptr().add(TILE))),
+                match w.k_factors(self.t, b) {
+                    Some(f) => {
+                        let both = _mm512_cvtepu16_epi32(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
+                        let sc = _mm512_cvtepi32_ps(_mm512_and_si512(both, _mm512_set1_epi32(0xFF)));
+                        let m = _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(both));
+                        (
+                            _mm512_mul_ps(_mm512_loadu_ps(f.as_ptr()), sc),
+                            _mm512_mul_ps(_mm512_loadu_ps(f.as_ptr().add(TILE)), m),
+                        )
+                    }
                     None => (
                         _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _)),
                         _mm512_cvtph_ps(_mm256_loadu_si256(tile.m.as_ptr() as *const _)),
@@ -822,7 +852,7 @@ impl Rows<'_> {
                 }
             }
             for h in 0..2 {
-                let scales = scales_avx2(w, tb, h);
+                let scales = scales_avx2(w, self.t, b, h);
                 for (r, acc) in acc.iter().enumerate() {
                     sums[r][h] = add_block_avx2(sums[r][h], acc[h], scales, &self.acts[(self.row + r) * kb + b]);
                 }
