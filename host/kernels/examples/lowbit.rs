@@ -21,6 +21,25 @@ fn time(reps: usize, f: impl Fn() -> Vec<f32>) -> f64 {
     t.elapsed().as_secs_f64() / reps as f64
 }
 
+/// One line: each side's time per product, the weight bytes it read per
+/// second, and the second's time over the first's.
+fn report(what: &str, (a_name, a, a_bytes): (&str, f64, usize), (b_name, b, b_bytes): (&str, f64, usize)) {
+    let side = |name: &str, secs: f64, bytes: usize| {
+        format!(
+            "{name} {:.1} us ({:.1} GB/s of {} MB)",
+            secs * 1e6,
+            bytes as f64 / secs / 1e9,
+            bytes >> 20
+        )
+    };
+    println!(
+        "{what}: {}, {}: {:.2}x",
+        side(a_name, a, a_bytes),
+        side(b_name, b, b_bytes),
+        b / a
+    );
+}
+
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let (n, k) = match args[..] {
@@ -48,15 +67,10 @@ fn main() {
             let reps = 200;
             let a = time(reps, || lowbit::matmul(&low, &x, m));
             let b = time(reps, || vnni::matmul(&wide, &x, m));
-            println!(
-                "{format:?} {n}x{k} m={m}: own width {:.1} us ({:.1} GB/s of {} MB), Q8_0 copy {:.1} us ({:.1} GB/s of {} MB): {:.2}x",
-                a * 1e6,
-                low.bytes() as f64 / a / 1e9,
-                low.bytes() >> 20,
-                b * 1e6,
-                wide_bytes as f64 / b / 1e9,
-                wide_bytes >> 20,
-                b / a
+            report(
+                &format!("{format:?} {n}x{k} m={m}"),
+                ("own width", a, low.bytes()),
+                ("Q8_0 copy", b, wide_bytes),
             );
         }
     }
@@ -86,15 +100,10 @@ fn main() {
                     .to_vec1()
                     .expect("vec")
             });
-            println!(
-                "{format:?} {n}x{k} m={m}: lowbit {:.1} us ({:.1} GB/s of {} MB), candle {:.1} us ({:.1} GB/s of {} MB): {:.2}x",
-                a * 1e6,
-                low.bytes() as f64 / a / 1e9,
-                low.bytes() >> 20,
-                b * 1e6,
-                stored as f64 / b / 1e9,
-                stored >> 20,
-                b / a
+            report(
+                &format!("{format:?} {n}x{k} m={m}"),
+                ("lowbit", a, low.bytes()),
+                ("candle", b, stored),
             );
         }
     }

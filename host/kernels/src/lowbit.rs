@@ -934,39 +934,47 @@ mod tests {
                         );
                     }
                 }
-                let reference = QMatMul::from_qtensor(qt).expect("qmatmul");
-                for m in [1, 2, 3, 4, 5, 9, 18] {
-                    let x = rows(m, k);
-                    let xt = Tensor::from_vec(x.clone(), (m, k), &dev).expect("tensor");
-                    let want: Vec<f32> = reference
-                        .forward(&xt)
-                        .expect("forward")
-                        .flatten_all()
-                        .expect("flat")
-                        .to_vec1()
-                        .expect("vec");
-                    let got = matmul(&packed, &x, m);
-                    let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                        // Activations as Q8_0 here, Q8_1 in candle: ~1e-3.
-                        assert!(
-                            (g - w).abs() <= 3e-3 * scale,
-                            "{dtype:?} {n}x{k} m={m} [{i}]: {g} vs {w}"
-                        );
-                    }
-                    // Every path gives the portable numbers, to the bit.
-                    let slow = portable(&packed, &vnni::quantize(&x), m);
-                    for simd in Simd::here() {
-                        assert_eq!(slow, matmul_on(simd, &packed, &x, m), "{simd:?} {dtype:?} m={m}");
-                    }
-                }
+                // Activations as Q8_0 here, Q8_1 in candle: ~1e-3.
+                agrees_with_candle(&packed, qt, &[1, 2, 3, 4, 5, 9, 18], 3e-3);
+            }
+        }
+    }
+
+    /// `packed`'s products against candle's kernel for `qt` (the same
+    /// matrix) within `tol` of the largest output, for each row count in
+    /// `ms`; and every path's products equal the portable one's, to the
+    /// bit.
+    fn agrees_with_candle(packed: &Packed, qt: QTensor, ms: &[usize], tol: f32) {
+        let (dev, (n, k), format) = (Device::Cpu, (packed.n, packed.k), packed.format);
+        let reference = QMatMul::from_qtensor(qt).expect("qmatmul");
+        for &m in ms {
+            let x = rows(m, k);
+            let xt = Tensor::from_vec(x.clone(), (m, k), &dev).expect("tensor");
+            let want: Vec<f32> = reference
+                .forward(&xt)
+                .expect("forward")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1()
+                .expect("vec");
+            let got = matmul(packed, &x, m);
+            let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= tol * scale,
+                    "{format:?} {n}x{k} m={m} [{i}]: {g} vs {w}"
+                );
+            }
+            let slow = portable(packed, &activations(format, &x), m);
+            for simd in Simd::here() {
+                assert_eq!(slow, matmul_on(simd, packed, &x, m), "{simd:?} {format:?} m={m}");
             }
         }
     }
 
     /// Q4_K and Q5_K: every value read back from the tiles is candle's
-    /// dequantization (to f32 rounding); products agree with candle's K-quant kernels; every path
-    /// gives the portable numbers.
+    /// dequantization (to f32 rounding); products agree with candle's
+    /// K-quant kernels; every path gives the portable numbers.
     #[test]
     fn k_quants_are_read_as_their_sub_blocks() {
         let dev = Device::Cpu;
@@ -1001,32 +1009,9 @@ mod tests {
                         }
                     }
                 }
-                let reference = QMatMul::from_qtensor(qt).expect("qmatmul");
-                for m in [1, 3, 4, 7] {
-                    let x = rows(m, k);
-                    let xt = Tensor::from_vec(x.clone(), (m, k), &dev).expect("tensor");
-                    let want: Vec<f32> = reference
-                        .forward(&xt)
-                        .expect("forward")
-                        .flatten_all()
-                        .expect("flat")
-                        .to_vec1()
-                        .expect("vec");
-                    let got = matmul(&packed, &x, m);
-                    let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                        // Activations per 256 on both sides (Q8_K in
-                        // candle): only the summation order differs.
-                        assert!(
-                            (g - w).abs() <= 2e-3 * scale,
-                            "{dtype:?} {n}x{k} m={m} [{i}]: {g} vs {w}"
-                        );
-                    }
-                    let slow = portable(&packed, &activations(format, &x), m);
-                    for simd in Simd::here() {
-                        assert_eq!(slow, matmul_on(simd, &packed, &x, m), "{simd:?} {dtype:?} m={m}");
-                    }
-                }
+                // Activations per 256 on both sides (Q8_K in candle): only
+                // the summation order differs.
+                agrees_with_candle(&packed, qt, &[1, 3, 4, 7], 2e-3);
             }
             // A width of part of a super-block, or short data, is refused.
             assert!(Packed::new(format, &[0; 176 * 2 * 16], 16, 288).is_none());
