@@ -905,20 +905,10 @@ mod tests {
     /// and 1-9 rows; and the packing reads back every quant of the file.
     #[test]
     fn matches_candle_for_every_format_and_row_count() {
-        let dev = Device::Cpu;
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1] {
             for (n, k) in [(48, 576), (16, 32), (32, 896)] {
-                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
-                let qt = QTensor::quantize(&w, dtype).expect("quantizes");
-                let packed = Packed::new(format_of(dtype), &qt.data().expect("data"), n, k).expect("packs");
+                let (qt, packed, exact) = random_packed(dtype, format_of(dtype), n, k);
                 // Dequantized from the tiles equals candle's dequantization.
-                let exact: Vec<f32> = qt
-                    .dequantize(&dev)
-                    .expect("dequantizes")
-                    .flatten_all()
-                    .expect("flat")
-                    .to_vec1()
-                    .expect("vec");
                 let kb = k / BLOCK;
                 for row in 0..n {
                     for i in 0..k {
@@ -938,6 +928,23 @@ mod tests {
                 agrees_with_candle(&packed, qt, &[1, 2, 3, 4, 5, 9, 18], 3e-3);
             }
         }
+    }
+
+    /// A random `n x k` matrix quantized as `dtype`, packed as `format`, and
+    /// candle's dequantization of it.
+    fn random_packed(dtype: GgmlDType, format: Format, n: usize, k: usize) -> (QTensor, Packed, Vec<f32>) {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
+        let qt = QTensor::quantize(&w, dtype).expect("quantizes");
+        let packed = Packed::new(format, &qt.data().expect("data"), n, k).expect("packs");
+        let exact = qt
+            .dequantize(&dev)
+            .expect("dequantizes")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        (qt, packed, exact)
     }
 
     /// `packed`'s products against candle's kernel for `qt` (the same
@@ -977,20 +984,10 @@ mod tests {
     /// K-quant kernels; every path gives the portable numbers.
     #[test]
     fn k_quants_are_read_as_their_sub_blocks() {
-        let dev = Device::Cpu;
         for (dtype, format) in [(GgmlDType::Q4K, Format::Q4K), (GgmlDType::Q5K, Format::Q5K)] {
             for (n, k) in [(16, 256), (48, 768)] {
-                let w = Tensor::randn(0f32, 1.0, (n, k), &dev).expect("randn");
-                let qt = QTensor::quantize(&w, dtype).expect("quantizes");
-                let packed = Packed::new(format, &qt.data().expect("data"), n, k).expect("packs");
+                let (qt, packed, exact) = random_packed(dtype, format, n, k);
                 assert_eq!(packed.format(), format);
-                let exact: Vec<f32> = qt
-                    .dequantize(&dev)
-                    .expect("dequantizes")
-                    .flatten_all()
-                    .expect("flat")
-                    .to_vec1()
-                    .expect("vec");
                 let kb = k / BLOCK;
                 for row in 0..n {
                     for b in 0..kb {
