@@ -32,9 +32,10 @@
 //!   Q5_1 blocks with extra steps: every 32-value sub-block of a
 //!   256-value super-block has its own 6-bit scale and min under the
 //!   super-block's two f16 factors. They are rewritten once, at packing,
-//!   as those blocks (the products' f16 rounded once), so they take the
-//!   same tiles and paths; candle's kernels for them quantize activations
-//!   per 256 and walk the weights once per activation row.
+//!   as those blocks, so they take the same tiles and paths; each block's
+//!   scale and offset are made exactly in f32 from the file's factors as
+//!   the kernel runs (see [`Format::Q4K`]), and activations are quantized
+//!   per 256 as llama.cpp does for these formats ([`activations`]).
 //! * On AVX2, a prompt's product (more than four rows) unpacks each tile
 //!   column's quants to bytes once and runs every row group over them
 //!   ([`predecoded_avx2`]): unpacking nibbles and fifth bits was a third

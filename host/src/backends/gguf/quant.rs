@@ -22,10 +22,10 @@
 //!   all inference time. Ours shares each weight load among up to four
 //!   activation rows, so without AMX it also carries prompt passes.
 //!   Q4_K and Q5_K go to the low-bit kernel too, as the Q4_1/Q5_1 blocks
-//!   their sub-blocks are (5-6 bits per weight for their 4.5-5.5): candle
-//!   multiplies them one activation row at a time per weight walk, which
-//!   made Gemma's prompts the slowest of the pool's. Q6_K, other CPUs and
-//!   other devices stay on candle's `QMatMul`.
+//!   their sub-blocks are (5.25-6.25 bits per weight read for their
+//!   4.5-5.5 stored): the 1.5B monolith's prompts ran about 1.35x as fast
+//!   as on candle's kernel without AMX (benches/RESULTS.md). Q6_K, other
+//!   CPUs and other devices stay on candle's `QMatMul`.
 //! * **Prompts on tiles.** A prompt pass of 16 or more rows goes to the AMX
 //!   bf16 tile kernel ([`tessera_kernels::amx::matmul_bf16`]) where the CPU
 //!   and OS allow it, on a bf16 copy of the weights made at load (2 bytes
