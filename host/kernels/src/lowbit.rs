@@ -316,7 +316,9 @@ impl Packed {
 
     /// Bytes the packed weights take (what a decode step reads).
     pub fn bytes(&self) -> usize {
-        self.tiles.len() * std::mem::size_of::<Tile>() + self.fifth.len() * 64 + self.k_factors.len() * 4 * 2 * TILE
+        self.tiles.len() * std::mem::size_of::<Tile>()
+            + self.fifth.len() * 64
+            + self.k_factors.len() * std::mem::size_of::<[f32; 2 * TILE]>()
     }
 
     /// A K-quant's `d` and `-dmin` of every row of tile `t` for its block

@@ -76,9 +76,10 @@ pub(crate) fn day_quota_spent(message: &str) -> ApiError {
 impl Admission {
     /// `max_inflight` requests at once, `max_queue` more waiting.
     pub fn new(max_inflight: usize, max_queue: usize) -> Self {
+        let places = max_inflight.max(1);
         Admission {
-            inflight: Arc::new(Semaphore::new(max_inflight.max(1))),
-            places: max_inflight.max(1),
+            inflight: Arc::new(Semaphore::new(places)),
+            places,
             waiting: AtomicUsize::new(0),
             max_queue,
             tenants: Mutex::new(HashMap::new()),

@@ -21,6 +21,13 @@ fn family(out: &mut String, name: &str, help: &str, kind: &str, rows: &[(String,
     }
 }
 
+/// One unlabelled gauge.
+fn gauge(out: &mut String, name: &str, help: &str, value: usize) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    let _ = writeln!(out, "{name} {value}");
+}
+
 /// A label value as the text format wants it.
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
@@ -33,12 +40,18 @@ pub(crate) fn render(
     prefix: &[(String, crate::backends::gguf::prefix::PrefixSnapshot)],
 ) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP tessera_queued_requests Requests waiting for admission.");
-    let _ = writeln!(out, "# TYPE tessera_queued_requests gauge");
-    let _ = writeln!(out, "tessera_queued_requests {queued}");
-    let _ = writeln!(out, "# HELP tessera_running_requests Requests admitted and running.");
-    let _ = writeln!(out, "# TYPE tessera_running_requests gauge");
-    let _ = writeln!(out, "tessera_running_requests {running}");
+    gauge(
+        &mut out,
+        "tessera_queued_requests",
+        "Requests waiting for admission.",
+        queued,
+    );
+    gauge(
+        &mut out,
+        "tessera_running_requests",
+        "Requests admitted and running.",
+        running,
+    );
     type Pick = fn(&crate::backends::gguf::prefix::PrefixSnapshot) -> u64;
     let families: [(&str, &str, &str, Pick); 8] = [
         (
