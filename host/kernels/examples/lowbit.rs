@@ -1,6 +1,6 @@
 //! Decode-shaped products (1-4 rows) on a matrix stored as Q4_1 / Q5_0:
 //! at its own width ([`tessera_kernels::lowbit`]) against the Q8_0 copy
-//! the VNNI kernel reads; then Q4_K / Q5_K on the same kernel against
+//! the VNNI kernel reads; then Q4_K / Q5_K / Q6_K on the same kernel against
 //! candle's own K-quant kernels, for 1, 4 and 64 rows (a prompt chunk).
 //! `cargo run --release -p tessera-kernels --example lowbit [n k]`. Prints
 //! microseconds per product and the weight bytes read per second.
@@ -81,6 +81,7 @@ fn main() {
     for (dtype, format) in [
         (GgmlDType::Q4K, lowbit::Format::Q4K),
         (GgmlDType::Q5K, lowbit::Format::Q5K),
+        (GgmlDType::Q6K, lowbit::Format::Q6K),
     ] {
         let qt = QTensor::quantize(&w, dtype).expect("quantizes");
         let stored = qt.storage_size_in_bytes();

@@ -1,5 +1,5 @@
-//! Q4_1, Q5_0, Q5_1, Q4_K and Q5_K matrix products at (nearly) their own
-//! width, for decoding and, without AMX, for prompts.
+//! Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K matrix products at (nearly)
+//! their own width, for decoding and, without AMX, for prompts.
 //!
 //! Decoding one token reads every weight once and does little arithmetic
 //! with it, so its speed is the memory's: bytes per weight are what count.
@@ -15,8 +15,9 @@
 //!   groups 0-3 sit in the low nibbles and those of groups 4-7 in the high
 //!   nibbles of the same 256 bytes; a Q5 format's fifth bits are 64 more
 //!   bytes, one bit per byte lane of a group (loaded as a mask and spread
-//!   with `vpmovm2b`); the rows' block scale and offset stay f16 (5 bits
-//!   per weight for Q4_1, 6 for Q5_x, against 8.5 for the Q8_0 copy).
+//!   with `vpmovm2b`); the rows' block scale and offset stay f16, beside
+//!   the tiles (5 bits per weight for Q4_1, 6 for Q5_x, against 8.5 for
+//!   the Q8_0 copy).
 //! * Every format is read as `w = d q + m` with `q` in 0..32: Q5_0's
 //!   `d (q - 16)` is `m = -16 d`, exact in f16.
 //! * Activations are quantized per 32 values as [`crate::vnni`] does (Q8_0
@@ -62,12 +63,27 @@ pub enum Format {
     /// ([`Packed`]'s `k_factors`). Not f16 products: a K-quant's offsets
     /// are large against its values (`m'` up to about 0.9 where weights are
     /// about 0.05 in Gemma-3-270M), and f16's rounding of them moved one of
-    /// Gemma's next-token log-probs by 0.5 nats. 5.25 bits per weight read
-    /// instead of 4.5.
+    /// Gemma's next-token log-probs by 0.5 nats. 4.75 bits per weight read
+    /// instead of 4.5 (no offsets are kept: they are made from `sc|m`).
     Q4K,
     /// GGML's Q5_K: as [`Format::Q4K`] with 32 bytes of fifth bits (176
     /// bytes per 256 values), each sub-block a Q5_1 block the same way.
     Q5K,
+    /// GGML's Q6_K: super-blocks of 256 values in 210 bytes (128 bytes of
+    /// low nibbles, 64 of high bit pairs, sixteen signed 8-bit scales, one
+    /// f16 `d`), value `d sc (q - 32)` with 6-bit `q` and a scale `sc` per
+    /// 16 values. Each 32 values become one tile block: the nibbles and a
+    /// fifth-bit plane as Q5's, a sixth-bit plane beside them, and the
+    /// block's two scales where the other formats keep their f16 scale;
+    /// each row's `d` sits beside the tiles once per super-block. The
+    /// kernels keep a separate integer sum for each half of a block (its
+    /// low and high nibbles are inputs 0-15 and 16-31), subtract `32` times
+    /// the activations' half sums, weigh the halves by their scales in
+    /// integers and apply `d` once per super-block, as llama.cpp does
+    /// against Q8_K activations. 6.75 bits per weight read for 6.5625
+    /// stored; candle multiplied these in a loop per activation row (and
+    /// one row as two, see `quant.rs`), so a decode step read them twice.
+    Q6K,
 }
 
 /// Values in a K-quant super-block.
@@ -84,6 +100,7 @@ impl Format {
             Format::Q4_1 | Format::Q4K => 20,
             Format::Q5_0 => 22,
             Format::Q5_1 | Format::Q5K => 24,
+            Format::Q6K => 28,
         }
     }
 
@@ -92,12 +109,19 @@ impl Format {
         match self {
             Format::Q4K => Some(144),
             Format::Q5K => Some(176),
+            Format::Q6K => Some(210),
             _ => None,
         }
     }
 
+    /// Whether the quants have a fifth bit (a plane beside the nibbles).
     fn five(self) -> bool {
         !matches!(self, Format::Q4_1 | Format::Q4K)
+    }
+
+    /// Whether they have a sixth (Q6_K's second plane).
+    fn six(self) -> bool {
+        self == Format::Q6K
     }
 }
 
@@ -124,6 +148,9 @@ fn scale_min(j: usize, s: &[u8]) -> (u8, u8) {
 /// and high nibbles), and Q5_K's fifth bit of value `i` of sub-block `j`
 /// is bit `j` of `qh[i]`.
 fn k_quant_blocks(format: Format, bytes: &[u8], super_bytes: usize) -> (Vec<u8>, Vec<(f32, f32)>) {
+    if format == Format::Q6K {
+        return q6_k_blocks(bytes);
+    }
     let five = format.five();
     let mut out = Vec::with_capacity(bytes.len() / super_bytes * SUBS * format.block_bytes());
     let mut factors = Vec::with_capacity(bytes.len() / super_bytes);
@@ -151,37 +178,60 @@ fn k_quant_blocks(format: Format, bytes: &[u8], super_bytes: usize) -> (Vec<u8>,
     (out, factors)
 }
 
-/// One 32-input block of 16 output rows (320 bytes).
+/// A Q6_K matrix's super-blocks as 28-byte blocks of 32 values, in order:
+/// the two 16-value scales (as bytes), two zero bytes, the fifth and the
+/// sixth bits of the 32 quants (bit `i` for value `i`, four bytes each)
+/// and their nibbles as GGML's other formats keep them (byte `i` holds
+/// values `i` and `i + 16`); and each super-block's `(d, 0)`. GGML's
+/// layout: a super-block is two halves of 128 values; value `32 j + l` of
+/// half `n` (`j` < 4, `l` < 32) has its low four bits in the low (`j` < 2)
+/// or high nibble of `ql[64 n + 32 (j % 2) + l]`, its top two in bits
+/// `2 j, 2 j + 1` of `qh[32 n + l]`, and its scale is `scales[v / 16]`.
+fn q6_k_blocks(bytes: &[u8]) -> (Vec<u8>, Vec<(f32, f32)>) {
+    let mut out = Vec::with_capacity(bytes.len() / 210 * SUBS * Format::Q6K.block_bytes());
+    let mut factors = Vec::with_capacity(bytes.len() / 210);
+    for block in bytes.chunks_exact(210) {
+        let (ql, qh, scales) = (&block[..128], &block[128..192], &block[192..208]);
+        let d = half::f16::from_bits(u16::from_le_bytes([block[208], block[209]])).to_f32();
+        factors.push((d, 0.0));
+        let quant = |v: usize| {
+            let (n, j, l) = (v / 128, (v % 128) / 32, v % 32);
+            let byte = ql[64 * n + 32 * (j % 2) + l];
+            let low = if j < 2 { byte & 0x0F } else { byte >> 4 };
+            low | (((qh[32 * n + l] >> (2 * j)) & 3) << 4)
+        };
+        for sub in 0..SUBS {
+            let q: [u8; BLOCK] = std::array::from_fn(|i| quant(sub * BLOCK + i));
+            let plane = |bit: u8| (0..BLOCK).fold(0u32, |acc, i| acc | (u32::from((q[i] >> bit) & 1) << i));
+            out.extend_from_slice(&[scales[2 * sub], scales[2 * sub + 1], 0, 0]);
+            out.extend_from_slice(&plane(4).to_le_bytes());
+            out.extend_from_slice(&plane(5).to_le_bytes());
+            out.extend((0..16).map(|i| (q[i] & 0x0F) | (q[i + 16] << 4)));
+        }
+    }
+    (out, factors)
+}
+
+/// The nibbles of one 32-input block of 16 output rows (256 bytes, four
+/// cache lines): `[group 0-3][row][input in group]`, low nibble the quant
+/// of that input, high nibble that of the same place in group `+ 4`.
 #[repr(C, align(64))]
 #[derive(Clone)]
 pub(crate) struct Tile {
-    /// `[group 0-3][row][input in group]`: low nibble the quant of that
-    /// input, high nibble that of the same place in group `+ 4`.
     lo: [u8; 256],
-    /// Each row's block scale, f16 bits.
-    d: [u16; TILE],
-    /// Each row's block offset, f16 bits.
-    m: [u16; TILE],
 }
 
-/// One GGML block of `format`: its scale and offset (f16 bits), its
-/// fifth bits (0 for Q4_1) and its 16 bytes of nibbles.
-fn block_parts(format: Format, block: &[u8]) -> (u16, u16, u32, &[u8]) {
+/// One block of `format` as the tiles are made from it: its scale and
+/// offset (f16 bits; a K-quant's 8-bit scales), its fifth and sixth bits
+/// (0 where the format has none) and its 16 bytes of nibbles.
+fn block_parts(format: Format, block: &[u8]) -> (u16, u16, u32, u32, &[u8]) {
     let d = u16::from_le_bytes([block[0], block[1]]);
+    let word = |i: usize| u32::from_le_bytes([block[i], block[i + 1], block[i + 2], block[i + 3]]);
     match format {
-        Format::Q4_1 | Format::Q4K => (d, u16::from_le_bytes([block[2], block[3]]), 0, &block[4..20]),
-        Format::Q5_0 => (
-            d,
-            minus_16_times(d),
-            u32::from_le_bytes([block[2], block[3], block[4], block[5]]),
-            &block[6..22],
-        ),
-        Format::Q5_1 | Format::Q5K => (
-            d,
-            u16::from_le_bytes([block[2], block[3]]),
-            u32::from_le_bytes([block[4], block[5], block[6], block[7]]),
-            &block[8..24],
-        ),
+        Format::Q4_1 | Format::Q4K => (d, u16::from_le_bytes([block[2], block[3]]), 0, 0, &block[4..20]),
+        Format::Q5_0 => (d, minus_16_times(d), word(2), 0, &block[6..22]),
+        Format::Q5_1 | Format::Q5K => (d, u16::from_le_bytes([block[2], block[3]]), word(4), 0, &block[8..24]),
+        Format::Q6K => (d, 0, word(4), word(8), &block[12..28]),
     }
 }
 
@@ -206,12 +256,23 @@ pub struct Packed {
     format: Format,
     /// `[tile (n / 16)][block (k / 32)]`.
     tiles: Vec<Tile>,
+    /// Per tile-block, each row's block scale (f16 bits; a K-quant's
+    /// 8-bit scales, see `k_factors`). Beside the tiles rather than in
+    /// them so that a format without `offsets` reads no bytes for them.
+    scales: Vec<[u16; TILE]>,
+    /// Per tile-block, each row's block offset (f16 bits). Empty for the
+    /// K-quants, whose offsets are made from `scales` and `k_factors`.
+    offsets: Vec<[u16; TILE]>,
     /// Q5 formats: per tile, per group of 4 inputs, bit `row * 4 + input`
     /// is the fifth bit of that quant. Empty for Q4_1.
     fifth: Vec<[u64; 8]>,
+    /// Q6_K: the sixth bits, laid out as `fifth`. Empty for the others.
+    sixth: Vec<[u64; 8]>,
     /// K-quants: per tile, per super-block (`[tile][k / 256]`), the 16
     /// rows' `d` then their `-dmin`; the tiles' `d` hold each row's
-    /// `sc | m << 8` (see [`Format::Q4K`]). Empty for the other formats.
+    /// `sc | m << 8` in `scales` (see [`Format::Q4K`]). Q6_K holds the
+    /// two signed scales of the block's halves there, and its factors'
+    /// second half is zero. Empty for the other formats.
     k_factors: Vec<[f32; 2 * TILE]>,
 }
 
@@ -246,21 +307,21 @@ impl Packed {
             return None;
         }
         let mut tiles = Vec::with_capacity(n / TILE * kb);
+        let mut scales = Vec::with_capacity(n / TILE * kb);
+        let k_quant = format.super_bytes().is_some();
+        let mut offsets = Vec::with_capacity(if k_quant { 0 } else { n / TILE * kb });
         let mut fifth = Vec::with_capacity(if format.five() { n / TILE * kb } else { 0 });
+        let mut sixth = Vec::with_capacity(if format.six() { n / TILE * kb } else { 0 });
         let mut k_factors = Vec::with_capacity(if factors.is_empty() { 0 } else { n / TILE * kb / SUBS });
         for t in 0..n / TILE {
             for b in 0..kb {
-                let mut tile = Tile {
-                    lo: [0; 256],
-                    d: [0; TILE],
-                    m: [0; TILE],
-                };
-                let mut bits = [0u64; 8];
+                let mut tile = Tile { lo: [0; 256] };
+                let (mut d_rows, mut m_rows) = ([0u16; TILE], [0u16; TILE]);
+                let (mut bits, mut bits6) = ([0u64; 8], [0u64; 8]);
                 for r in 0..TILE {
                     let at = ((t * TILE + r) * kb + b) * bb;
-                    let (d, m, qh, qs) = block_parts(format, &bytes[at..at + bb]);
-                    tile.d[r] = d;
-                    tile.m[r] = m;
+                    let (d, m, qh, qh6, qs) = block_parts(format, &bytes[at..at + bb]);
+                    (d_rows[r], m_rows[r]) = (d, m);
                     // GGML: byte j holds input j (low nibble) and input
                     // j + 16 (high nibble), and the tile's byte for input j
                     // of a row holds the same two nibbles: group j / 4 in
@@ -272,13 +333,21 @@ impl Packed {
                     }
                     // Bit i of qh is input i's fifth; group g's four lanes
                     // go to bits 4r..4r + 4 of its word.
-                    for (g, word) in bits.iter_mut().enumerate() {
-                        *word |= u64::from((qh >> (g * 4)) & 0xF) << (r * 4);
+                    for (g, (five, six)) in bits.iter_mut().zip(&mut bits6).enumerate() {
+                        *five |= u64::from((qh >> (g * 4)) & 0xF) << (r * 4);
+                        *six |= u64::from((qh6 >> (g * 4)) & 0xF) << (r * 4);
                     }
                 }
                 tiles.push(tile);
+                scales.push(d_rows);
+                if !k_quant {
+                    offsets.push(m_rows);
+                }
                 if format.five() {
                     fifth.push(bits);
+                }
+                if format.six() {
+                    sixth.push(bits6);
                 }
                 if !factors.is_empty() && b.is_multiple_of(SUBS) {
                     let mut both = [0f32; 2 * TILE];
@@ -294,7 +363,10 @@ impl Packed {
             k,
             format,
             tiles,
+            scales,
+            offsets,
             fifth,
+            sixth,
             k_factors,
         })
     }
@@ -317,7 +389,8 @@ impl Packed {
     /// Bytes the packed weights take (what a decode step reads).
     pub fn bytes(&self) -> usize {
         self.tiles.len() * std::mem::size_of::<Tile>()
-            + self.fifth.len() * 64
+            + (self.scales.len() + self.offsets.len()) * std::mem::size_of::<[u16; TILE]>()
+            + (self.fifth.len() + self.sixth.len()) * 64
             + self.k_factors.len() * std::mem::size_of::<[f32; 2 * TILE]>()
     }
 
@@ -336,12 +409,12 @@ impl Packed {
         let kb = self.k / BLOCK;
         match self.k_factors(tb / kb, tb % kb) {
             Some(f) => {
-                let [sc, m] = self.tiles[tb].d[r].to_le_bytes();
+                let [sc, m] = self.scales[tb][r].to_le_bytes();
                 (f[r] * f32::from(sc), f[TILE + r] * f32::from(m))
             }
             None => (
-                half::f16::from_bits(self.tiles[tb].d[r]).to_f32(),
-                half::f16::from_bits(self.tiles[tb].m[r]).to_f32(),
+                half::f16::from_bits(self.scales[tb][r]).to_f32(),
+                half::f16::from_bits(self.offsets[tb][r]).to_f32(),
             ),
         }
     }
@@ -351,11 +424,17 @@ impl Packed {
         let (group, lane) = (i / 4, i % 4);
         let byte = self.tiles[tb].lo[((group % 4) * TILE + r) * 4 + lane];
         let low = if group < 4 { byte & 0x0F } else { byte >> 4 };
-        let high = match self.fifth.get(tb) {
-            Some(bits) => (((bits[group] >> (r * 4 + lane)) & 1) as u8) << 4,
+        let bit = |plane: &[[u64; 8]]| match plane.get(tb) {
+            Some(bits) => ((bits[group] >> (r * 4 + lane)) & 1) as u8,
             None => 0,
         };
-        low | high
+        low | bit(&self.fifth) << 4 | bit(&self.sixth) << 5
+    }
+
+    /// Q6_K: row `r`'s signed scales of the two halves of tile-block `tb`.
+    fn half_scales(&self, tb: usize, r: usize) -> (i32, i32) {
+        let [lo, hi] = self.scales[tb][r].to_le_bytes();
+        (i32::from(lo as i8), i32::from(hi as i8))
     }
 }
 
@@ -378,23 +457,51 @@ pub fn matmul(w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
 pub fn matmul_on(simd: Simd, w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * w.k, "lowbit::matmul: expected {m} rows of {} values", w.k);
     let acts = activations(w.format, x);
+    let halves = match w.format {
+        Format::Q6K => half_sums(&acts),
+        _ => Vec::new(),
+    };
     let simd = simd.or_portable();
     if simd == Simd::Portable {
-        return portable(w, &acts, m);
+        return match w.format {
+            Format::Q6K => portable_q6(w, &acts, &halves, m),
+            _ => portable(w, &acts, m),
+        };
     }
-    let (kb, acts) = (w.k / BLOCK, &acts);
-    if simd == Simd::Avx2 && m > PREDECODE_ROWS {
+    let (kb, acts, halves) = (w.k / BLOCK, &acts, &halves[..]);
+    if simd == Simd::Avx2 && m > PREDECODE_ROWS && w.format != Format::Q6K {
         return predecoded_avx2(w, acts, m);
+    }
+    if simd == Simd::Avx512Vnni && m > PREDECODE_ROWS && w.format == Format::Q6K {
+        return predecoded_q6(w, acts, halves, m);
     }
     vnni::by_tiles(m, w.n, |t, row, take, dst| {
         let at = Rows {
             w,
             acts,
+            halves,
+            unpacked: &[],
             kb,
             t,
             row,
             dst,
         };
+        if w.format == Format::Q6K {
+            // SAFETY: as below.
+            unsafe {
+                match (simd, take) {
+                    (Simd::Avx512Vnni, 4) => at.run_q6::<4, false>(),
+                    (Simd::Avx512Vnni, 3) => at.run_q6::<3, false>(),
+                    (Simd::Avx512Vnni, 2) => at.run_q6::<2, false>(),
+                    (Simd::Avx512Vnni, _) => at.run_q6::<1, false>(),
+                    (_, 4) => at.run_q6_avx2::<4>(),
+                    (_, 3) => at.run_q6_avx2::<3>(),
+                    (_, 2) => at.run_q6_avx2::<2>(),
+                    (_, _) => at.run_q6_avx2::<1>(),
+                }
+            }
+            return;
+        }
         // SAFETY: `or_portable` left only a set this CPU has; `by_tiles`
         // gives rows < m and this tile's columns of its m x n output.
         unsafe {
@@ -428,6 +535,115 @@ pub(crate) fn activations(format: Format, x: &[f32]) -> Vec<Act> {
         Some(_) => vnni::quantize_grouped(x, SUPER),
         None => vnni::quantize(x),
     }
+}
+
+/// Q6_K: each activation block's sums over its two halves (inputs 0-15
+/// and 16-31) times 32, what the weights' `- 32` takes off a half's
+/// product (kept multiplied so that the kernels broadcast it from memory).
+fn half_sums(acts: &[Act]) -> Vec<[i32; 2]> {
+    let sum = |qs: &[i8]| 32 * qs.iter().map(|&q| i32::from(q)).sum::<i32>();
+    acts.iter().map(|a| [sum(&a.qs[..16]), sum(&a.qs[16..])]).collect()
+}
+
+/// Q6_K's quants of group `g` (low nibbles: inputs `4g..4g + 4`) and `g +
+/// 4` (high nibbles) of tile-block `tb` as bytes of 16 rows: the nibbles,
+/// plus 16 and 32 under the fifth- and sixth-bit masks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn q6_quants(
+    w: &Packed,
+    tb: usize,
+    g: usize,
+    (nibble, bit4, bit5): (
+        std::arch::x86_64::__m512i,
+        std::arch::x86_64::__m512i,
+        std::arch::x86_64::__m512i,
+    ),
+) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
+    use std::arch::x86_64::*;
+    let (five, six) = (&w.fifth[tb], &w.sixth[tb]);
+    // SAFETY: `lo` holds 4 groups of 64 bytes.
+    let raw = unsafe { _mm512_loadu_si512(w.tiles[tb].lo.as_ptr().add(g * 64) as *const _) };
+    let low = _mm512_and_si512(raw, nibble);
+    let low = _mm512_mask_add_epi8(low, five[g], low, bit4);
+    let low = _mm512_mask_add_epi8(low, six[g], low, bit5);
+    let high = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
+    let high = _mm512_mask_add_epi8(high, five[g + 4], high, bit4);
+    let high = _mm512_mask_add_epi8(high, six[g + 4], high, bit5);
+    (low, high)
+}
+
+/// Tile column `t`'s Q6_K quants as bytes, two tiles per block: the four
+/// low registers [`q6_quants`] makes, then the four high ones.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn unpack_q6(w: &Packed, t: usize, into: &mut [Tile]) {
+    use std::arch::x86_64::*;
+    let kb = w.k / BLOCK;
+    let consts = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x10), _mm512_set1_epi8(0x20));
+    for b in 0..kb {
+        for g in 0..4 {
+            let (low, high) = q6_quants(w, t * kb + b, g, consts);
+            // SAFETY: `into` holds two 64-byte-aligned tiles per block.
+            unsafe {
+                _mm512_store_si512(into[2 * b].lo.as_mut_ptr().add(g * 64) as *mut _, low);
+                _mm512_store_si512(into[2 * b + 1].lo.as_mut_ptr().add(g * 64) as *mut _, high);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn unpack_q6(_: &Packed, _: usize, _: &mut [Tile]) {
+    unreachable!("lowbit::matmul runs SIMD only where Simd::runs_here holds")
+}
+
+/// Q6_K prompts on AVX-512: each worker unpacks a tile column's quants
+/// once ([`unpack_q6`], `k` bytes per 16 outputs) and runs every 4-row
+/// group over them ([`Rows::run_q6`] reading bytes): unpacking six-bit
+/// quants is a third of the kernel's instructions per row group, which a
+/// prompt's many groups would otherwise repeat. The same sums in the same
+/// order, so the same numbers.
+fn predecoded_q6(w: &Packed, acts: &[Act], halves: &[[i32; 2]], m: usize) -> Vec<f32> {
+    let kb = w.k / BLOCK;
+    let mut out = vec![0f32; m * w.n];
+    let out_at = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(w.n / TILE, |range| {
+        let mut unpacked = vec![Tile { lo: [0; 256] }; 2 * kb];
+        for t in range {
+            // SAFETY: only called where `Simd::Avx512Vnni` runs here; the
+            // buffer holds two tiles per block.
+            unsafe { unpack_q6(w, t, &mut unpacked) };
+            let mut row = 0;
+            while row < m {
+                let take = (m - row).min(4);
+                let at = Rows {
+                    w,
+                    acts,
+                    halves,
+                    unpacked: &unpacked,
+                    kb,
+                    t,
+                    row,
+                    // `out` outlives the pool call; tile columns are the
+                    // workers' own.
+                    dst: out_at as *mut f32,
+                };
+                // SAFETY: as above; rows < m and this tile's columns.
+                unsafe {
+                    match take {
+                        4 => at.run_q6::<4, true>(),
+                        3 => at.run_q6::<3, true>(),
+                        2 => at.run_q6::<2, true>(),
+                        _ => at.run_q6::<1, true>(),
+                    }
+                }
+                row += take;
+            }
+        }
+    });
+    out
 }
 
 /// Above this many rows the AVX2 path unpacks each tile column's quants
@@ -550,6 +766,31 @@ impl Unpack {
             _mm256_or_si256(high, fifth(bits[g + 4] >> (32 * h))),
         )
     }
+
+    /// [`Unpack::quants`] for Q6_K: with the fifth bits and the sixth,
+    /// spread the same way.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn quants6(
+        &self,
+        w: &Packed,
+        tb: usize,
+        g: usize,
+        h: usize,
+    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+        use std::arch::x86_64::*;
+        let (low, high) = self.quants(w, tb, g, h, true);
+        let sixth = |mask: u64| {
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask as u32 as i32), self.spread);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, self.select), self.select);
+            _mm256_and_si256(set, _mm256_add_epi8(self.bit4, self.bit4))
+        };
+        let bits = &w.sixth[tb];
+        (
+            _mm256_or_si256(low, sixth(bits[g] >> (32 * h))),
+            _mm256_or_si256(high, sixth(bits[g + 4] >> (32 * h))),
+        )
+    }
 }
 
 /// Outputs `8h..8h + 8`'s block scales and offsets in tile `t`, block `b`,
@@ -559,12 +800,13 @@ impl Unpack {
 #[inline]
 fn scales_avx2(w: &Packed, t: usize, b: usize, h: usize) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
     use std::arch::x86_64::*;
-    let tile = &w.tiles[t * (w.k / BLOCK) + b];
+    let tb = t * (w.k / BLOCK) + b;
+    let d = &w.scales[tb];
     if let Some(f) = w.k_factors(t, b) {
         // SAFETY: `d` holds 16 u16 (`sc | m << 8`), 8 of them from `8h`;
         // `f` 16 `d` then 16 `-dmin`.
         return unsafe {
-            let both = _mm256_cvtepu16_epi32(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _));
+            let both = _mm256_cvtepu16_epi32(_mm_loadu_si128(d.as_ptr().add(h * 8) as *const _));
             let sc = _mm256_cvtepi32_ps(_mm256_and_si256(both, _mm256_set1_epi32(0xFF)));
             let m = _mm256_cvtepi32_ps(_mm256_srli_epi32::<8>(both));
             (
@@ -576,8 +818,8 @@ fn scales_avx2(w: &Packed, t: usize, b: usize, h: usize) -> (std::arch::x86_64::
     // SAFETY: `d` and `m` hold 16 f16 each; 8 of them are 16 bytes.
     unsafe {
         (
-            _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _)),
-            _mm256_cvtph_ps(_mm_loadu_si128(tile.m.as_ptr().add(h * 8) as *const _)),
+            _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(h * 8) as *const _)),
+            _mm256_cvtph_ps(_mm_loadu_si128(w.offsets[tb].as_ptr().add(h * 8) as *const _)),
         )
     }
 }
@@ -741,10 +983,45 @@ pub(crate) fn portable(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
     out
 }
 
+/// Q6_K's arithmetic without SIMD (see [`Format::Q6K`]): per super-block
+/// an exact integer sum, each half of each block weighed by its scale,
+/// then one fused multiply-add by the row's `d` times the activations'
+/// scale; the SIMD paths make the same sums and the same float operations.
+pub(crate) fn portable_q6(w: &Packed, acts: &[Act], halves: &[[i32; 2]], m: usize) -> Vec<f32> {
+    let kb = w.k / BLOCK;
+    let mut out = vec![0f32; m * w.n];
+    for (i, row) in out.chunks_exact_mut(w.n).enumerate() {
+        for (t, cols) in row.chunks_exact_mut(TILE).enumerate() {
+            for (r, y) in cols.iter_mut().enumerate() {
+                for s in (0..kb).step_by(SUBS) {
+                    let mut sum = 0i32;
+                    for b in s..s + SUBS {
+                        let (tb, a, [h0, h1]) = (t * kb + b, &acts[i * kb + b], halves[i * kb + b]);
+                        let dot = |js: std::ops::Range<usize>| -> i32 {
+                            js.map(|j| i32::from(w.quant(tb, r, j)) * i32::from(a.qs[j])).sum()
+                        };
+                        let (s0, s1) = w.half_scales(tb, r);
+                        sum += s0 * (dot(0..16) - h0) + s1 * (dot(16..32) - h1);
+                    }
+                    let d = w.k_factors(t, s).map_or(0.0, |f| f[r]);
+                    *y = (sum as f32).mul_add(d * acts[i * kb + s].d, *y);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Up to four activation rows from `row` against tile column `t`.
 struct Rows<'a> {
     w: &'a Packed,
     acts: &'a [Act],
+    /// Q6_K: [`half_sums`] of `acts`; empty for the other formats.
+    halves: &'a [[i32; 2]],
+    /// Q6_K prompts on AVX-512: tile column `t`'s quants as bytes, two
+    /// tiles per block (its low then its high registers; [`unpack_q6`]);
+    /// empty where [`Rows::run_q6`] unpacks them itself.
+    unpacked: &'a [Tile],
     kb: usize,
     t: usize,
     row: usize,
@@ -795,7 +1072,7 @@ impl Rows<'_> {
             let (dw, mw) = unsafe {
                 match w.k_factors(self.t, b) {
                     Some(f) => {
-                        let both = _mm512_cvtepu16_epi32(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
+                        let both = _mm512_cvtepu16_epi32(_mm256_loadu_si256(w.scales[tb].as_ptr() as *const _));
                         let sc = _mm512_cvtepi32_ps(_mm512_and_si512(both, _mm512_set1_epi32(0xFF)));
                         let m = _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(both));
                         (
@@ -804,8 +1081,8 @@ impl Rows<'_> {
                         )
                     }
                     None => (
-                        _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _)),
-                        _mm512_cvtph_ps(_mm256_loadu_si256(tile.m.as_ptr() as *const _)),
+                        _mm512_cvtph_ps(_mm256_loadu_si256(w.scales[tb].as_ptr() as *const _)),
+                        _mm512_cvtph_ps(_mm256_loadu_si256(w.offsets[tb].as_ptr() as *const _)),
                     ),
                 }
             };
@@ -870,6 +1147,171 @@ impl Rows<'_> {
         }
     }
 
+    /// Q6_K's product for `R` rows (see [`Format::Q6K`] and
+    /// [`portable_q6`]): each block's low and high nibbles (inputs 0-15 and
+    /// 16-31) go to their own `vpdpbusd` sums, the fifth and sixth bits
+    /// added to their bytes under their masks. The sums stay exact: a
+    /// half's `sum((q - 32) a)` is at most 16 x 32 x 127 in size, times a
+    /// scale below 128, sixteen halves a super-block: under 2^28.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn run_q6<const R: usize, const PRE: bool>(&self) {
+        use std::arch::x86_64::*;
+        let (w, kb) = (self.w, self.kb);
+        let (nibble, bit4, bit5) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x10), _mm512_set1_epi8(0x20));
+        let mut sums = [_mm512_setzero_ps(); R];
+        let mut exact = [_mm512_setzero_si512(); R];
+        for b in 0..kb {
+            let tb = self.t * kb + b;
+            let mut lo = [_mm512_setzero_si512(); R];
+            let mut hi = [_mm512_setzero_si512(); R];
+            for g in 0..4 {
+                let (low, high) = if PRE {
+                    // SAFETY: two tiles per block, each 4 groups of 64 bytes.
+                    unsafe {
+                        (
+                            _mm512_load_si512(self.unpacked[2 * b].lo.as_ptr().add(g * 64) as *const _),
+                            _mm512_load_si512(self.unpacked[2 * b + 1].lo.as_ptr().add(g * 64) as *const _),
+                        )
+                    }
+                } else {
+                    q6_quants(w, tb, g, (nibble, bit4, bit5))
+                };
+                for r in 0..R {
+                    let a = &self.acts[(self.row + r) * kb + b].qs;
+                    // SAFETY: (g + 4) * 4 + 4 <= 32; 4 quants read as one lane.
+                    let (a_low, a_high) = unsafe {
+                        (
+                            std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32),
+                            std::ptr::read_unaligned(a.as_ptr().add((g + 4) * 4) as *const i32),
+                        )
+                    };
+                    lo[r] = _mm512_dpbusd_epi32(lo[r], low, _mm512_set1_epi32(a_low));
+                    hi[r] = _mm512_dpbusd_epi32(hi[r], high, _mm512_set1_epi32(a_high));
+                }
+            }
+            // SAFETY: `d` holds 16 u16: each row's two signed scales.
+            let both = unsafe { _mm512_cvtepi16_epi32(_mm256_loadu_si256(w.scales[tb].as_ptr() as *const _)) };
+            let (s0, s1) = (
+                _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(both)),
+                _mm512_srai_epi32::<8>(both),
+            );
+            for r in 0..R {
+                let [h0, h1] = self.halves[(self.row + r) * kb + b];
+                let lo = _mm512_mullo_epi32(_mm512_sub_epi32(lo[r], _mm512_set1_epi32(h0)), s0);
+                let hi = _mm512_mullo_epi32(_mm512_sub_epi32(hi[r], _mm512_set1_epi32(h1)), s1);
+                exact[r] = _mm512_add_epi32(exact[r], _mm512_add_epi32(lo, hi));
+            }
+            if (b + 1) % SUBS == 0 {
+                if let Some(f) = w.k_factors(self.t, b) {
+                    // SAFETY: `f` holds 16 `d` first.
+                    let d = unsafe { _mm512_loadu_ps(f.as_ptr()) };
+                    for r in 0..R {
+                        let a = &self.acts[(self.row + r) * kb + b + 1 - SUBS];
+                        let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d));
+                        sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact[r]), scale, sums[r]);
+                        exact[r] = _mm512_setzero_si512();
+                    }
+                }
+            }
+        }
+        for (r, s) in sums.iter().enumerate() {
+            // SAFETY: the caller gives rows < m and 16 t + 16 <= n of an
+            // m x n buffer.
+            unsafe { _mm512_storeu_ps(self.dst.add((self.row + r) * w.n + self.t * TILE), *s) };
+        }
+    }
+
+    /// [`Rows::run_q6`] with AVX2, 8 outputs per register. Six-bit quants
+    /// against activations up to 127 make `vpmaddubsw` pair sums up to
+    /// 16,002, so only two of them add up in 16 bits before `vpmaddwd`
+    /// widens them (the Q4/Q5 kernel adds four).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_q6_avx2<const R: usize>(&self) {
+        use std::arch::x86_64::*;
+        let (w, kb) = (self.w, self.kb);
+        let unpack = Unpack::new();
+        let ones = _mm256_set1_epi16(1);
+        // [row][half of the tile's 16 outputs]
+        let mut sums = [[_mm256_setzero_ps(); 2]; R];
+        // [half of the outputs][row]
+        let mut exact = [[_mm256_setzero_si256(); R]; 2];
+        for b in 0..kb {
+            let tb = self.t * kb + b;
+            for (h, exact) in exact.iter_mut().enumerate() {
+                let mut lo = [_mm256_setzero_si256(); R];
+                let mut hi = [_mm256_setzero_si256(); R];
+                for pair in [0, 2] {
+                    let (q0, q1) = unpack.quants6(w, tb, pair, h);
+                    let (q2, q3) = unpack.quants6(w, tb, pair + 1, h);
+                    for r in 0..R {
+                        let a = &self.acts[(self.row + r) * kb + b].qs;
+                        // SAFETY: g < 8, so g * 4 + 4 <= 32; 4 quants read
+                        // as one lane.
+                        let act = |g: usize| {
+                            _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(a.as_ptr().add(g * 4) as *const i32) })
+                        };
+                        let l = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(q0, act(pair)),
+                            _mm256_maddubs_epi16(q2, act(pair + 1)),
+                        );
+                        let u = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(q1, act(pair + 4)),
+                            _mm256_maddubs_epi16(q3, act(pair + 5)),
+                        );
+                        lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(l, ones));
+                        hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(u, ones));
+                    }
+                }
+                // SAFETY: `d` holds 16 u16, 8 of them from `8h`.
+                let both =
+                    unsafe { _mm256_cvtepi16_epi32(_mm_loadu_si128(w.scales[tb].as_ptr().add(h * 8) as *const _)) };
+                let (s0, s1) = (
+                    _mm256_srai_epi32::<24>(_mm256_slli_epi32::<24>(both)),
+                    _mm256_srai_epi32::<8>(both),
+                );
+                for r in 0..R {
+                    let [h0, h1] = self.halves[(self.row + r) * kb + b];
+                    let lo = _mm256_mullo_epi32(_mm256_sub_epi32(lo[r], _mm256_set1_epi32(h0)), s0);
+                    let hi = _mm256_mullo_epi32(_mm256_sub_epi32(hi[r], _mm256_set1_epi32(h1)), s1);
+                    exact[r] = _mm256_add_epi32(exact[r], _mm256_add_epi32(lo, hi));
+                }
+            }
+            if (b + 1) % SUBS == 0 {
+                if let Some(f) = w.k_factors(self.t, b) {
+                    for (h, exact) in exact.iter_mut().enumerate() {
+                        // SAFETY: `f` holds 16 `d` first.
+                        let d = unsafe { _mm256_loadu_ps(f.as_ptr().add(h * 8)) };
+                        for r in 0..R {
+                            let a = &self.acts[(self.row + r) * kb + b + 1 - SUBS];
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
+                            sums[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact[r]), scale, sums[r][h]);
+                            exact[r] = _mm256_setzero_si256();
+                        }
+                    }
+                }
+            }
+        }
+        for (r, s) in sums.iter().enumerate() {
+            for (h, s) in s.iter().enumerate() {
+                // SAFETY: the caller gives rows < m and 16 t + 16 <= n of an
+                // m x n buffer.
+                unsafe { _mm256_storeu_ps(self.dst.add((self.row + r) * w.n + self.t * TILE + h * 8), *s) };
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run_q6<const R: usize, const PRE: bool>(&self) {
+        unreachable!("lowbit::matmul runs SIMD only where Simd::runs_here holds")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run_q6_avx2<const R: usize>(&self) {
+        unreachable!("lowbit::matmul runs SIMD only where Simd::runs_here holds")
+    }
+
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn run<const R: usize, const FIVE: bool>(&self) {
         unreachable!("lowbit::matmul runs SIMD only where Simd::runs_here holds")
@@ -916,9 +1358,8 @@ mod tests {
                 for row in 0..n {
                     for i in 0..k {
                         let (t, r, b, j) = (row / TILE, row % TILE, i / BLOCK, i % BLOCK);
-                        let tile = &packed.tiles[t * kb + b];
-                        let d = half::f16::from_bits(tile.d[r]).to_f32();
-                        let m = half::f16::from_bits(tile.m[r]).to_f32();
+                        let d = half::f16::from_bits(packed.scales[t * kb + b][r]).to_f32();
+                        let m = half::f16::from_bits(packed.offsets[t * kb + b][r]).to_f32();
                         let v = d * packed.quant(t * kb + b, r, j) as f32 + m;
                         let want = exact[row * k + i];
                         assert!(
@@ -975,7 +1416,11 @@ mod tests {
                     "{format:?} {n}x{k} m={m} [{i}]: {g} vs {w}"
                 );
             }
-            let slow = portable(packed, &activations(format, &x), m);
+            let acts = activations(format, &x);
+            let slow = match format {
+                Format::Q6K => portable_q6(packed, &acts, &half_sums(&acts), m),
+                _ => portable(packed, &acts, m),
+            };
             for simd in Simd::here() {
                 assert_eq!(slow, matmul_on(simd, packed, &x, m), "{simd:?} {format:?} m={m}");
             }
@@ -1017,6 +1462,73 @@ mod tests {
             assert!(Packed::new(format, &[0; 176 * 2 * 16], 16, 288).is_none());
             let sb = if format == Format::Q4K { 144 } else { 176 };
             assert!(Packed::new(format, &vec![0; sb * 16 - 1], 16, 256).is_none());
+        }
+    }
+
+    /// Q6_K: every value read back from the tiles (`d sc (q - 32)`) is
+    /// candle's dequantization; products agree with candle's Q6_K kernel
+    /// for 1-7 rows; every path gives the portable numbers; short data and
+    /// partial super-blocks are refused.
+    #[test]
+    fn q6_k_is_read_as_its_halves() {
+        for (n, k) in [(16, 256), (48, 768)] {
+            let (qt, packed, exact) = random_packed(GgmlDType::Q6K, Format::Q6K, n, k);
+            let kb = k / BLOCK;
+            for row in 0..n {
+                let (t, r) = (row / TILE, row % TILE);
+                for b in 0..kb {
+                    let d = packed.k_factors(t, b).expect("factors")[r];
+                    let (s0, s1) = packed.half_scales(t * kb + b, r);
+                    for j in 0..BLOCK {
+                        let sc = if j < 16 { s0 } else { s1 };
+                        let q = i32::from(packed.quant(t * kb + b, r, j)) - 32;
+                        let v = d * (sc * q) as f32;
+                        let want = exact[row * k + b * BLOCK + j];
+                        assert!(
+                            (v - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                            "[{row},{}]: {v} vs {want}",
+                            b * BLOCK + j
+                        );
+                    }
+                }
+            }
+            agrees_with_candle(&packed, qt, &[1, 2, 3, 4, 5, 7], 2e-3);
+        }
+        assert!(Packed::new(Format::Q6K, &[0; 210 * 2 * 16], 16, 288).is_none());
+        assert!(Packed::new(Format::Q6K, &vec![0; 210 * 16 - 1], 16, 256).is_none());
+        let ok = Packed::new(Format::Q6K, &vec![0; 210 * 16], 16, 256).expect("fits");
+        assert_eq!(ok.bytes(), 8 * (256 + 32 + 128) + 128);
+    }
+
+    /// Q6_K's largest quants (63) against +-127 in every lane, where the
+    /// AVX2 path's 16-bit sums are at their bound, and its smallest (0,
+    /// that is -32), under the largest scales of both signs: every path
+    /// gives the portable numbers.
+    #[test]
+    fn extreme_q6_k_quants_give_the_same_numbers_on_every_path() {
+        let (n, k) = (32, 512);
+        // Even rows' quants all 63, odd rows' all 0; scales -128 and 127 in
+        // turn; d about 1e-3.
+        let mut bytes = Vec::with_capacity(n * k / SUPER * 210);
+        for row in 0..n {
+            let fill = if row % 2 == 0 { 0xFF } else { 0x00 };
+            for _ in 0..k / SUPER {
+                bytes.extend_from_slice(&[fill; 192]);
+                bytes.extend((0..16).map(|i| if i % 2 == 0 { 0x80 } else { 0x7F }));
+                bytes.extend_from_slice(&0x1400u16.to_le_bytes());
+            }
+        }
+        let packed = Packed::new(Format::Q6K, &bytes, n, k).expect("packs");
+        assert_eq!(packed.quant(0, 0, 5), 63);
+        assert_eq!(packed.half_scales(0, 1), (-128, 127));
+        let x: Vec<f32> = (0..6 * k).map(|i| if (i / 16) % 3 == 0 { 1.0 } else { -1.0 }).collect();
+        for m in 1..=6 {
+            let x = &x[..m * k];
+            let acts = activations(Format::Q6K, x);
+            let slow = portable_q6(&packed, &acts, &half_sums(&acts), m);
+            for simd in Simd::here() {
+                assert_eq!(slow, matmul_on(simd, &packed, x, m), "{simd:?} m={m}");
+            }
         }
     }
 
@@ -1102,7 +1614,7 @@ mod tests {
             for row in 0..n {
                 for b in 0..kb {
                     let block = &bytes[(row * kb + b) * bb..(row * kb + b + 1) * bb];
-                    let (_, _, qh, qs) = block_parts(format, block);
+                    let (_, _, qh, _, qs) = block_parts(format, block);
                     for i in 0..BLOCK {
                         let nibble = if i < 16 { qs[i] & 0x0F } else { qs[i - 16] >> 4 };
                         let fifth = if format.five() { ((qh >> i) & 1) as u8 } else { 0 };

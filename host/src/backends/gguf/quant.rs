@@ -22,9 +22,11 @@
 //!   all inference time. Ours shares each weight load among up to four
 //!   activation rows, so without AMX it also carries prompt passes.
 //!   Q4_K and Q5_K go to the low-bit kernel too, as the Q4_1/Q5_1 blocks
-//!   their sub-blocks are (5.25-6.25 bits per weight read for their
+//!   their sub-blocks are (4.75-5.75 bits per weight read for their
 //!   4.5-5.5 stored): the 1.5B monolith's prompts ran about 1.35x as fast
-//!   as on candle's kernel without AMX (benches/RESULTS.md). Q6_K, other
+//!   as on candle's kernel without AMX (benches/RESULTS.md). So does
+//!   Q6_K, at 6.75 bits for its 6.5625, where candle walked the weights
+//!   once per activation row (twice for one row, padded as above). Other
 //!   CPUs and other devices stay on candle's `QMatMul`.
 //! * **Prompts on tiles.** A prompt pass of 16 or more rows goes to the AMX
 //!   bf16 tile kernel ([`tessera_kernels::amx::matmul_bf16`]) where the CPU
@@ -88,6 +90,7 @@ fn low_bit(dtype: GgmlDType) -> Option<lowbit::Format> {
         GgmlDType::Q5_1 => Some(lowbit::Format::Q5_1),
         GgmlDType::Q4K => Some(lowbit::Format::Q4K),
         GgmlDType::Q5K => Some(lowbit::Format::Q5K),
+        GgmlDType::Q6K => Some(lowbit::Format::Q6K),
         _ => None,
     }
 }
@@ -268,6 +271,7 @@ mod tests {
             (48, 896, GgmlDType::Q5_0),
             (64, 512, GgmlDType::Q4K),
             (32, 768, GgmlDType::Q5K),
+            (48, 512, GgmlDType::Q6K),
         ] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).expect("randn");
             let q = || QTensor::quantize(&w, dtype).expect("quantizes");
@@ -352,10 +356,10 @@ mod tests {
     }
 
     #[test]
-    fn q6_k_and_odd_shapes_stay_on_candle() {
+    fn odd_shapes_stay_on_candle() {
         let dev = Device::Cpu;
         for (rows, cols, dtype) in [
-            (64, 512, GgmlDType::Q6K),
+            (8, 512, GgmlDType::Q6K),
             (8, 576, GgmlDType::Q8_0),
             (8, 512, GgmlDType::Q4K),
         ] {
