@@ -117,7 +117,7 @@ fn main() {
     println!("threads: {threads} (candle's pool and llama.cpp's n_threads)");
     println!("AMX bf16 tiles: {}", tessera_kernels::amx::bf16_available());
     println!(
-        "packed kernels (Q8_0, Q4_1/Q5_x, Q4_K/Q5_K): {:?}; the fallback columns: {}",
+        "packed kernels (Q8_0, Q4_1/Q5_x, Q4_K/Q5_K/Q6_K): {:?}; the fallback columns: {}",
         tessera_kernels::vnni::Simd::best(),
         match tessera_kernels::amx::bf16_available() {
             true => "without the tiles",
