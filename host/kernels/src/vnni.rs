@@ -304,13 +304,16 @@ unsafe fn quantize_avx2(x: &[f32], out: &mut [Act], shared_amax: Option<f32>) {
     for (xs, act) in x.chunks_exact(BLOCK).zip(out) {
         // SAFETY: `xs` holds 32 values.
         let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * i)) });
-        // `max(|x|, acc)` keeps `acc` where `x` is NaN, as `f32::max` does.
-        let m = v.iter().fold(_mm256_setzero_ps(), |acc, &x| {
-            _mm256_max_ps(_mm256_andnot_ps(sign, x), acc)
+        // A group's shared maximum makes the block's own unneeded.
+        let amax = shared_amax.unwrap_or_else(|| {
+            // `max(|x|, acc)` keeps `acc` where `x` is NaN, as `f32::max` does.
+            let m = v.iter().fold(_mm256_setzero_ps(), |acc, &x| {
+                _mm256_max_ps(_mm256_andnot_ps(sign, x), acc)
+            });
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
         });
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let amax = shared_amax.unwrap_or_else(|| _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m))));
         let d = amax / 127.0;
         let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
         let q: [__m256i; 4] = v.map(|x| {
