@@ -37,6 +37,11 @@
 //!   scale and offset are made exactly in f32 from the file's factors as
 //!   the kernel runs (see [`Format::Q4K`]), and activations are quantized
 //!   per 256 as llama.cpp does for these formats ([`activations`]).
+//! * Q6_K (the 1.5B's output matrix and some `ffn_down`) has a scale per
+//!   16 values and 6-bit quants: each 32 values are one tile block with a
+//!   second bit plane, and the kernels sum each half of a block apart and
+//!   weigh the halves in integers, once per super-block in floats
+//!   ([`Format::Q6K`]).
 //! * On AVX2, a prompt's product (more than four rows) unpacks each tile
 //!   column's quants to bytes once and runs every row group over them
 //!   ([`predecoded_avx2`]): unpacking nibbles and fifth bits was a third
@@ -1150,9 +1155,10 @@ impl Rows<'_> {
     /// Q6_K's product for `R` rows (see [`Format::Q6K`] and
     /// [`portable_q6`]): each block's low and high nibbles (inputs 0-15 and
     /// 16-31) go to their own `vpdpbusd` sums, the fifth and sixth bits
-    /// added to their bytes under their masks. The sums stay exact: a
+    /// added to their bytes under their masks (with `PRE`, read as bytes
+    /// from `unpacked` instead, [`predecoded_q6`]). The sums stay exact: a
     /// half's `sum((q - 32) a)` is at most 16 x 32 x 127 in size, times a
-    /// scale below 128, sixteen halves a super-block: under 2^28.
+    /// scale of at most 128, sixteen halves a super-block: under 2^28.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn run_q6<const R: usize, const PRE: bool>(&self) {
