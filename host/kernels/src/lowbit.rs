@@ -717,6 +717,8 @@ fn predecoded_avx2(w: &Packed, acts: &[Act], m: usize) -> Vec<f32> {
 struct Unpack {
     nibble: std::arch::x86_64::__m256i,
     bit4: std::arch::x86_64::__m256i,
+    /// Q6_K's sixth bit, 32 in every byte.
+    bit5: std::arch::x86_64::__m256i,
     /// Byte i of a half takes byte i / 8 of a fifth-bit mask...
     spread: std::arch::x86_64::__m256i,
     /// ...then its bit i % 8.
@@ -731,6 +733,7 @@ impl Unpack {
         Unpack {
             nibble: _mm256_set1_epi8(0x0F),
             bit4: _mm256_set1_epi8(0x10),
+            bit5: _mm256_set1_epi8(0x20),
             spread: _mm256_setr_epi8(
                 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
             ),
@@ -760,20 +763,36 @@ impl Unpack {
         if !five {
             return (low, high);
         }
-        let fifth = |mask: u64| {
+        self.add_plane((low, high), &w.fifth[tb], g, h, self.bit4)
+    }
+
+    /// `(low, high)` with a bit plane's bits of groups `g` and `g + 4`
+    /// (outputs `8h..8h + 8`) set as `bit` in their bytes: each 32-bit
+    /// mask spread to 32 bytes by a byte shuffle and a compare against
+    /// each byte's bit.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn add_plane(
+        &self,
+        (low, high): (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i),
+        plane: &[u64; 8],
+        g: usize,
+        h: usize,
+        bit: std::arch::x86_64::__m256i,
+    ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+        use std::arch::x86_64::*;
+        let spread = |mask: u64| {
             let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask as u32 as i32), self.spread);
             let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, self.select), self.select);
-            _mm256_and_si256(set, self.bit4)
+            _mm256_and_si256(set, bit)
         };
-        let bits = &w.fifth[tb];
         (
-            _mm256_or_si256(low, fifth(bits[g] >> (32 * h))),
-            _mm256_or_si256(high, fifth(bits[g + 4] >> (32 * h))),
+            _mm256_or_si256(low, spread(plane[g] >> (32 * h))),
+            _mm256_or_si256(high, spread(plane[g + 4] >> (32 * h))),
         )
     }
 
-    /// [`Unpack::quants`] for Q6_K: with the fifth bits and the sixth,
-    /// spread the same way.
+    /// [`Unpack::quants`] for Q6_K: with the fifth bits and the sixth.
     #[target_feature(enable = "avx2")]
     #[inline]
     fn quants6(
@@ -783,18 +802,7 @@ impl Unpack {
         g: usize,
         h: usize,
     ) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
-        use std::arch::x86_64::*;
-        let (low, high) = self.quants(w, tb, g, h, true);
-        let sixth = |mask: u64| {
-            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask as u32 as i32), self.spread);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, self.select), self.select);
-            _mm256_and_si256(set, _mm256_add_epi8(self.bit4, self.bit4))
-        };
-        let bits = &w.sixth[tb];
-        (
-            _mm256_or_si256(low, sixth(bits[g] >> (32 * h))),
-            _mm256_or_si256(high, sixth(bits[g + 4] >> (32 * h))),
-        )
+        self.add_plane(self.quants(w, tb, g, h, true), &w.sixth[tb], g, h, self.bit5)
     }
 }
 

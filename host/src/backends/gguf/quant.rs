@@ -78,7 +78,8 @@ pub enum Linear {
     /// Q8_0 weights repacked for the VNNI kernel.
     Vnni { w: Arc<vnni::Packed>, prompt: Prompt },
     /// Q4_1/Q5_0/Q5_1 weights repacked at their own width, Q4_K/Q5_K as
-    /// the Q4_1/Q5_1 blocks of their sub-blocks.
+    /// the Q4_1/Q5_1 blocks of their sub-blocks, Q6_K as blocks of two
+    /// 16-value halves.
     LowBit { w: Arc<lowbit::Packed>, prompt: Prompt },
 }
 
