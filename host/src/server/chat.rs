@@ -241,18 +241,21 @@ pub(crate) async fn answer(st: Arc<AppState>, caller: Caller, ask: Ask) -> Respo
         let run = run_target(&st2, &caller, &policy, &target, &ask, sink, &until);
         let (result, used) = while_wanted(run, &until, st2.cfg.request_timeout).await;
         st2.charge(&caller.0, used);
-        result
+        (result, used)
     });
-    let result = match work.await {
+    let (result, billed) = match work.await {
         Ok(r) => r,
-        Err(e) => Err(ApiError::from(Error::internal(format!(
-            "the request's task failed: {e}"
-        )))),
+        Err(e) => (
+            Err(ApiError::from(Error::internal(format!(
+                "the request's task failed: {e}"
+            )))),
+            0,
+        ),
     };
     match result {
         Ok(done) => {
             let id = st.id(if chat { "chatcmpl" } else { "cmpl" });
-            let usage = openai::usage(done.prompt, done.completion, done.cached, done.billed);
+            let usage = openai::usage(done.prompt, done.completion, done.cached, billed);
             let body = openai::completion(
                 chat,
                 &id,
@@ -373,15 +376,13 @@ pub(crate) struct Done {
     prompt: u64,
     completion: u64,
     cached: u64,
-    /// What the tenant's daily quota is charged: `prompt + completion`,
-    /// plus a system's trained tokens at their weight and its module's
-    /// fuel ([`crate::UsageReport::charged`]).
-    billed: u64,
     provenance: Value,
 }
 
-/// Runs the member or system, and says how many tokens it used (billed
-/// whether or not it succeeded). With `sink`, a member's text is streamed
+/// Runs the member or system, and says how many tokens it used: what the
+/// tenant's daily quota is charged whether or not it succeeded (`prompt +
+/// completion`, plus a system's trained tokens at their weight and its
+/// module's fuel, [`crate::UsageReport::charged`]). With `sink`, a member's text is streamed
 /// into it as it is decoded (returning `false` stops it). The member, or
 /// the system's module and every call it makes, stops at `until`'s
 /// deadline; the module also stops when `until.cancel` is raised.
@@ -437,7 +438,6 @@ pub(crate) async fn run_target(
                 prompt: g.usage.prompt_tokens as u64,
                 completion: g.usage.completion_tokens as u64,
                 cached: g.usage.cached_tokens as u64,
-                billed: used,
             };
             (Ok(done), used)
         }
@@ -510,7 +510,6 @@ pub(crate) async fn run_target(
                 prompt: out.usage.prompt_tokens + out.usage.scored_tokens,
                 completion: out.usage.completion_tokens,
                 cached: out.usage.cached_tokens,
-                billed: used,
             };
             (Ok(done), used)
         }
@@ -665,7 +664,7 @@ pub(crate) async fn stream(
                 if ask.include_usage {
                     let mut u = openai::chunk(chat, &id, created, &model, None, false, None);
                     u["choices"] = json!([]);
-                    u["usage"] = openai::usage(done.prompt, done.completion, done.cached, done.billed);
+                    u["usage"] = openai::usage(done.prompt, done.completion, done.cached, used);
                     let _ = tx.send(event(&u));
                 }
             }
