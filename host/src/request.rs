@@ -97,19 +97,29 @@ pub struct UsageReport {
     pub fuel: u64,
     /// Wall time of the whole request.
     pub wall_ms: u64,
+    /// Wall time the module held its instance (and its caller's place)
+    /// outside host calls: computing, or waiting on its own, such as in a
+    /// WASI sleep. Host calls are charged by their tokens; this is the
+    /// rest, charged as [`UsageReport::charged`] says.
+    #[serde(default)]
+    pub held_ms: u64,
 }
 
 impl UsageReport {
     /// What a tenant's daily token quota is charged for this usage: every
     /// token a member read or wrote, each trained token
-    /// [`TRAIN_TOKEN_WEIGHT`] times, and the module's own computing at a
-    /// token per [`FUEL_PER_CHARGED_TOKEN`] of fuel.
+    /// [`TRAIN_TOKEN_WEIGHT`] times, and the module's own time: its
+    /// computing at a token per [`FUEL_PER_CHARGED_TOKEN`] of fuel, or the
+    /// time it held its place outside host calls at a token per
+    /// [`HELD_MS_PER_CHARGED_TOKEN`], whichever is more (computing is
+    /// held time too, so the two are not added).
     pub fn charged(&self) -> u64 {
+        let own = (self.fuel / FUEL_PER_CHARGED_TOKEN).max(self.held_ms / HELD_MS_PER_CHARGED_TOKEN);
         self.prompt_tokens
             .saturating_add(self.scored_tokens)
             .saturating_add(self.completion_tokens)
             .saturating_add(self.train_tokens.saturating_mul(TRAIN_TOKEN_WEIGHT))
-            .saturating_add(self.fuel / FUEL_PER_CHARGED_TOKEN)
+            .saturating_add(own)
     }
 }
 
@@ -128,6 +138,18 @@ impl UsageReport {
 /// change. Interpreted guests cost more: majority vote in Python burned
 /// 2 million, in JavaScript 15 million (a token) per request.
 pub const FUEL_PER_CHARGED_TOKEN: u64 = 10_000_000;
+
+/// How many milliseconds of a module holding its place outside host calls
+/// are charged as one token ([`UsageReport::held_ms`]). A module that
+/// waits on its own (a WASI sleep until its deadline) burns no fuel and
+/// calls no member, so before this it held an instance and its caller's
+/// admission place for free, for as long as its deadline allowed. Waiting
+/// uses no core, so it is priced well below computing (a token per 1-2
+/// ms, [`FUEL_PER_CHARGED_TOKEN`]) and below a member decoding in the same
+/// place (a token every 5-30 ms here): a sleep to a 30 s deadline costs
+/// 300 tokens. The library's strategies hold their instances a few
+/// milliseconds outside their model calls, which rounds to nothing.
+pub const HELD_MS_PER_CHARGED_TOKEN: u64 = 100;
 
 /// How many read tokens' worth one trained token is charged: a training
 /// pass runs the forward pass and a backward pass of about twice its
@@ -198,5 +220,37 @@ mod tests {
         );
         assert!(shown.starts_with("ok\\u{1b}]0;pwned"), "{shown}");
         assert!(shown.ends_with("\nline\ttab"), "{shown}");
+    }
+
+    #[test]
+    fn a_modules_own_time_is_charged_once_as_fuel_or_as_held_time() {
+        use super::{UsageReport, FUEL_PER_CHARGED_TOKEN, HELD_MS_PER_CHARGED_TOKEN};
+        let tokens = UsageReport {
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            ..Default::default()
+        };
+        assert_eq!(tokens.charged(), 15);
+        // Computing for 30 ms is held time too: charged as fuel alone.
+        let computing = UsageReport {
+            fuel: 30 * FUEL_PER_CHARGED_TOKEN,
+            held_ms: 30,
+            ..tokens.clone()
+        };
+        assert_eq!(computing.charged(), 45);
+        // Asleep for 10 s: no fuel, charged for the place it held.
+        let asleep = UsageReport {
+            fuel: 1_000,
+            held_ms: 10_000,
+            ..tokens.clone()
+        };
+        assert_eq!(asleep.charged(), 15 + 10_000 / HELD_MS_PER_CHARGED_TOKEN);
+        // A few milliseconds outside its calls, as the library's
+        // strategies take, round to nothing.
+        let quick = UsageReport {
+            held_ms: HELD_MS_PER_CHARGED_TOKEN - 1,
+            ..tokens
+        };
+        assert_eq!(quick.charged(), 15);
     }
 }

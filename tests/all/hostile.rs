@@ -48,17 +48,23 @@ async fn a_module_asleep_is_ended_at_its_deadline_and_when_its_client_leaves() {
     // An hour's WASI sleep burns no fuel and is no wasm for the epoch to
     // interrupt. Before the sandbox watched for it, it held its place until
     // the outer timeout (deadline + 500 ms), and a client leaving did not
-    // end it sooner.
+    // end it sooner. It held its place for free, too: it is charged for
+    // that time now (a token per `HELD_MS_PER_CHARGED_TOKEN`).
+    use tessera::request::HELD_MS_PER_CHARGED_TOKEN;
     let m = hostile("sleeper");
     let start = Instant::now();
-    let err = runtime().run(&m, RunRequest::chat("go")).await.unwrap_err();
+    let (ran, usage) = runtime()
+        .run_metered(&m, RunRequest::chat("go"), None, Default::default())
+        .await;
     let took = start.elapsed();
-    eprintln!("asleep: ended {took:?} after the start, deadline 500 ms");
-    assert!(matches!(err, Error::Deadline { limit_ms: 500 }), "{err:?}");
+    eprintln!("asleep: ended {took:?} after the start, deadline 500 ms; {usage:?}");
+    assert!(matches!(ran, Err(Error::Deadline { limit_ms: 500 })), "{ran:?}");
     assert!(
         took < Duration::from_millis(800),
         "stopped after {took:?}, deadline 500 ms"
     );
+    assert!(usage.held_ms >= 500 && usage.held_ms <= usage.wall_ms, "{usage:?}");
+    assert_eq!(usage.charged(), usage.held_ms / HELD_MS_PER_CHARGED_TOKEN, "{usage:?}");
 
     // Its client leaves 100 ms in: the run ends then, not at the deadline.
     let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -80,7 +86,8 @@ async fn a_module_asleep_is_ended_at_its_deadline_and_when_its_client_leaves() {
         took < Duration::from_millis(400),
         "ended {took:?} after the start, its client left at 100 ms"
     );
-    assert_eq!(usage.charged(), 0, "{usage:?}");
+    assert!((100..400).contains(&usage.held_ms), "{usage:?}");
+    assert_eq!(usage.charged(), usage.held_ms / HELD_MS_PER_CHARGED_TOKEN, "{usage:?}");
     benign().await;
 }
 

@@ -96,7 +96,8 @@ async fn sft_teaches_a_member_a_fact_and_the_operator_decides_what_is_kept() {
     assert!(u.train_tokens >= 16, "{u:?}");
     assert_eq!(
         u.charged(),
-        u.prompt_tokens + u.scored_tokens + u.completion_tokens + 3 * u.train_tokens
+        u.prompt_tokens + u.scored_tokens + u.completion_tokens + 3 * u.train_tokens,
+        "{u:?}"
     );
     assert!(loss(a, "last_loss") < loss(a, "first_loss") * 0.5, "{a:?}");
     assert!(

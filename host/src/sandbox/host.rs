@@ -9,7 +9,7 @@
 //! are returned to the guest as WIT errors so that it can fall back.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -149,11 +149,17 @@ pub struct RequestState {
     /// What this request's training has spent so far.
     pub(super) train_spent: TrainSpent,
     /// The host's own calls of this request now awaited (model calls,
-    /// fan-outs, training, merges): see [`InHostCall`].
-    pub(super) host_calls: Arc<AtomicUsize>,
+    /// fan-outs, training, merges), and how long one was: see
+    /// [`HostCalls`].
+    pub(super) host_calls: Arc<HostCalls>,
 }
 
-/// Counts a host call in [`RequestState::host_calls`] while it is awaited.
+/// The host calls of a request now under way, and the time during which
+/// at least one was. Each function of Tessera's interfaces counts from
+/// entry to return (its own work before and after a model call, such as
+/// loading a trained member, is the host's time, not the module's), and
+/// each model call, fan-out, training run or merge it awaits counts again
+/// inside it ([`InHostCall`]). WASI's functions do not count.
 ///
 /// Each such call ends on its own soon after the request's deadline (or
 /// its client leaving) and reports what it used, so a run in one is left
@@ -161,18 +167,63 @@ pub struct RequestState {
 /// computing either (the epoch would have stopped that) waits on something
 /// of its own, such as a WASI sleep, that nothing else ends: the sandbox
 /// cuts it there (`sandbox::stuck_past`).
-struct InHostCall(Arc<AtomicUsize>);
+///
+/// The rest of a run's wall time the module held its instance and its
+/// caller's place on its own, computing or waiting: [`RequestState::held`],
+/// charged as [`UsageReport::held_ms`] says. Model calls are charged by
+/// their tokens instead, whatever they take.
+#[derive(Debug, Default)]
+pub(crate) struct HostCalls(std::sync::Mutex<CallClock>);
 
-impl InHostCall {
-    fn new(calls: &Arc<AtomicUsize>) -> Self {
-        calls.fetch_add(1, Ordering::SeqCst);
-        InHostCall(calls.clone())
+#[derive(Debug, Default)]
+struct CallClock {
+    active: usize,
+    /// When `active` last rose from 0.
+    since: Option<Instant>,
+    /// Closed stretches with at least one call awaited.
+    awaited: Duration,
+}
+
+impl HostCalls {
+    fn clock(&self) -> std::sync::MutexGuard<'_, CallClock> {
+        // The clock is a count and two times, updated whole under the
+        // lock: a panic elsewhere leaves nothing half-written.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn enter(self: &Arc<Self>) -> InHostCall {
+        let mut c = self.clock();
+        if c.active == 0 {
+            c.since = Some(Instant::now());
+        }
+        c.active += 1;
+        InHostCall(self.clone())
+    }
+
+    /// Host calls awaited now.
+    pub(crate) fn active(&self) -> usize {
+        self.clock().active
+    }
+
+    /// Wall time so far with at least one host call awaited.
+    pub(crate) fn awaited(&self) -> Duration {
+        let c = self.clock();
+        c.awaited + c.since.map_or(Duration::ZERO, |t| t.elapsed())
     }
 }
 
+/// A host call counted in [`HostCalls`] while it is awaited.
+pub(super) struct InHostCall(Arc<HostCalls>);
+
 impl Drop for InHostCall {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let mut c = self.0.clock();
+        c.active = c.active.saturating_sub(1);
+        if c.active == 0 {
+            if let Some(t) = c.since.take() {
+                c.awaited += t.elapsed();
+            }
+        }
     }
 }
 
@@ -222,7 +273,7 @@ impl RequestState {
             trace_events: 0,
             requester: CallCtx::next_requester(),
             violation: None,
-            host_calls: Arc::new(AtomicUsize::new(0)),
+            host_calls: Arc::new(HostCalls::default()),
         }
     }
 
@@ -270,12 +321,20 @@ impl RequestState {
         let Some(limit) = self.grant.charge_limit else {
             return Ok(None);
         };
+        self.usage.held_ms = self.held_ms();
         let left = limit.saturating_sub(self.usage.charged());
         let need = crate::inference::tokens_for_bytes(input_bytes);
         if need >= left {
             return Err(self.violate(Error::budget(QUOTA_BUDGET, limit)));
         }
         Ok(Some(left - need))
+    }
+
+    /// How long this run has held its instance outside host calls
+    /// ([`HostCalls`]), in milliseconds.
+    pub(super) fn held_ms(&self) -> u64 {
+        let held = self.started.elapsed().saturating_sub(self.host_calls.awaited());
+        u64::try_from(held.as_millis()).unwrap_or(u64::MAX)
     }
 
     fn remaining_tokens(&self) -> u32 {
@@ -519,10 +578,10 @@ impl RequestState {
 async fn while_wanted<F: std::future::Future>(
     deadline: Instant,
     cancel: Option<Arc<AtomicBool>>,
-    calls: &Arc<AtomicUsize>,
+    calls: &Arc<HostCalls>,
     fut: F,
 ) -> Option<F::Output> {
-    let _in_call = InHostCall::new(calls);
+    let _in_call = calls.enter();
     // The call first: one that is ready keeps its result (and its usage)
     // even if the client left in the same instant.
     tokio::select! {
@@ -564,10 +623,10 @@ struct Cut<'a> {
 async fn await_call<F: std::future::Future>(
     deadline: Instant,
     cancel: Option<Arc<AtomicBool>>,
-    calls: &Arc<AtomicUsize>,
+    calls: &Arc<HostCalls>,
     fut: F,
 ) -> Option<F::Output> {
-    let _in_call = InHostCall::new(calls);
+    let _in_call = calls.enter();
     tokio::pin!(fut);
     tokio::select! {
         biased;
@@ -629,6 +688,7 @@ impl w::Host for RequestState {}
 
 impl models::Host for RequestState {
     async fn list_models(&mut self) -> wasmtime::Result<Vec<w::ModelInfo>> {
+        let _busy = self.host_calls.enter();
         self.charge_calls(1)?;
         let cards = self.models.cards();
         Ok(cards
@@ -644,10 +704,12 @@ impl models::Host for RequestState {
         input: w::Input,
         params: w::GenParams,
     ) -> wasmtime::Result<Result<w::Generation, w::Error>> {
+        let _busy = self.host_calls.enter();
         self.generate_on(model, input, params, false).await
     }
 
     async fn fan_out(&mut self, jobs: Vec<w::Job>) -> wasmtime::Result<Vec<Result<w::Generation, w::Error>>> {
+        let _busy = self.host_calls.enter();
         let n = jobs.len() as u32;
         if n == 0 {
             return Ok(Vec::new());
@@ -797,6 +859,7 @@ impl models::Host for RequestState {
         prompt: w::Input,
         continuations: Vec<String>,
     ) -> wasmtime::Result<Result<Vec<w::Scored>, w::Error>> {
+        let _busy = self.host_calls.enter();
         self.charge_calls(1)?;
         if !self.check_model(&model)? {
             return Ok(Err(w::Error::UnknownModel(model)));
@@ -849,6 +912,7 @@ impl models::Host for RequestState {
         prompt: w::Input,
         top_k: u32,
     ) -> wasmtime::Result<Result<Vec<w::TokenLogprob>, w::Error>> {
+        let _busy = self.host_calls.enter();
         self.charge_calls(1)?;
         if !self.check_model(&model)? {
             return Ok(Err(w::Error::UnknownModel(model)));
@@ -890,6 +954,7 @@ impl models::Host for RequestState {
     }
 
     async fn embed(&mut self, model: String, texts: Vec<String>) -> wasmtime::Result<Result<Vec<Vec<f32>>, w::Error>> {
+        let _busy = self.host_calls.enter();
         self.charge_calls(1)?;
         if !self.check_model(&model)? {
             return Ok(Err(w::Error::UnknownModel(model)));
@@ -950,6 +1015,7 @@ impl RequestState {
 
 impl weights::Host for RequestState {
     async fn merge(&mut self, spec: weights::MergeSpec) -> wasmtime::Result<Result<String, w::Error>> {
+        let _busy = self.host_calls.enter();
         self.charge_calls(1)?;
         if self.merges_made >= self.grant.merges {
             return Err(self.violate(Error::budget("merges", self.grant.merges as u64)));
@@ -1030,6 +1096,7 @@ impl weights::Host for RequestState {
     }
 
     async fn release(&mut self, model: String) -> wasmtime::Result<Result<(), w::Error>> {
+        let _busy = self.host_calls.enter();
         self.charge_calls(1)?;
         let Some(at) = self.merged.iter().position(|m| m.id == model) else {
             return Ok(Err(w::Error::UnknownModel(model)));
@@ -1045,6 +1112,7 @@ impl weights::Host for RequestState {
     }
 
     async fn keep(&mut self, model: String, name: String) -> wasmtime::Result<Result<(), w::Error>> {
+        let _busy = self.host_calls.enter();
         self.charge_calls(1)?;
         let Some(served) = self.merged.iter().find(|m| m.id == model).map(|m| m.models.clone()) else {
             return Ok(Err(w::Error::UnknownModel(model)));
@@ -1072,6 +1140,7 @@ impl weights::Host for RequestState {
 
 impl trace::Host for RequestState {
     async fn emit(&mut self, step: trace::Step) -> wasmtime::Result<()> {
+        let _busy = self.host_calls.enter();
         if self.trace_events >= self.grant.trace_events {
             return Err(self.violate(Error::budget("trace-events", self.grant.trace_events as u64)));
         }
@@ -1083,5 +1152,36 @@ impl trace::Host for RequestState {
             role: clip(step.role, MAX_ROLE_BYTES),
             note: clip(step.note, MAX_NOTE_BYTES),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn awaited_time_is_the_union_of_overlapping_calls() {
+        let calls = Arc::new(HostCalls::default());
+        assert_eq!((calls.active(), calls.awaited()), (0, Duration::ZERO));
+        let started = Instant::now();
+        let first = calls.enter();
+        std::thread::sleep(Duration::from_millis(30));
+        let second = calls.enter();
+        std::thread::sleep(Duration::from_millis(30));
+        drop(first);
+        assert_eq!(calls.active(), 1);
+        std::thread::sleep(Duration::from_millis(30));
+        drop(second);
+        let (awaited, elapsed) = (calls.awaited(), started.elapsed());
+        assert_eq!(calls.active(), 0);
+        // 90 ms or more with a call awaited, counted once where two
+        // overlapped: counted twice, it would pass the time that went by.
+        assert!(
+            awaited >= Duration::from_millis(90) && awaited <= elapsed,
+            "{awaited:?} of {elapsed:?}"
+        );
+        // Time with none awaited is not counted.
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(calls.awaited(), awaited);
     }
 }

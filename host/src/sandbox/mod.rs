@@ -23,7 +23,7 @@ mod training;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,8 +55,8 @@ pub const TICK: Duration = Duration::from_millis(5);
 /// own and reports its usage; what is left is a guest waiting on its own,
 /// such as a WASI sleep, which nothing else would end before [`OVERRUN`]
 /// (or, for a client that left, before the deadline). Such a run held its
-/// place, unbilled, for that long.
-async fn stuck_past(deadline: Instant, cancel: Option<Arc<AtomicBool>>, host_calls: Arc<AtomicUsize>) {
+/// place for that long, and is charged for it ([`UsageReport::held_ms`]).
+async fn stuck_past(deadline: Instant, cancel: Option<Arc<AtomicBool>>, host_calls: Arc<host::HostCalls>) {
     // Before the deadline, only a client leaving counts.
     tokio::select! {
         () = tokio::time::sleep_until(deadline.into()) => {}
@@ -65,7 +65,7 @@ async fn stuck_past(deadline: Instant, cancel: Option<Arc<AtomicBool>>, host_cal
     let mut idle = 0;
     while idle < 3 {
         tokio::time::sleep(TICK).await;
-        if host_calls.load(Ordering::SeqCst) == 0 {
+        if host_calls.active() == 0 {
             idle += 1;
         } else {
             idle = 0;
@@ -363,6 +363,7 @@ impl Sandbox {
                 let burned = fuel.saturating_sub(ctx.get_fuel().unwrap_or(0));
                 let state = ctx.data_mut();
                 state.usage.fuel = burned;
+                state.usage.held_ms = state.held_ms();
                 if state.usage.charged() >= limit {
                     let _ = state.violate(Error::budget(host::QUOTA_BUDGET, limit));
                     return Ok(UpdateDeadline::Interrupt);
@@ -418,6 +419,7 @@ impl Sandbox {
         let mut usage = std::mem::take(&mut state.usage);
         usage.fuel = grant.fuel.saturating_sub(fuel_left);
         usage.wall_ms = started.elapsed().as_millis() as u64;
+        usage.held_ms = state.held_ms();
         let provenance = std::mem::take(&mut state.provenance);
         let generated = std::mem::take(&mut state.generated);
         let result = match outcome {

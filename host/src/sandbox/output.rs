@@ -121,10 +121,12 @@ impl output::Host for RequestState {
         input: w::Input,
         params: w::GenParams,
     ) -> wasmtime::Result<Result<w::Generation, w::Error>> {
+        let _busy = self.host_calls.enter();
         self.generate_on(model, input, params, true).await
     }
 
     async fn write(&mut self, text: String) -> wasmtime::Result<()> {
+        let _busy = self.host_calls.enter();
         // Each piece becomes an event of its own on the caller's stream,
         // worth a couple of hundred bytes whatever its text: were pieces
         // free, a module writing empty or one-byte pieces would queue

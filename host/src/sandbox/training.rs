@@ -78,6 +78,7 @@ impl t::Host for RequestState {
         objective: t::Objective,
         params: t::TrainParams,
     ) -> wasmtime::Result<Result<t::TrainReport, w::Error>> {
+        let _busy = self.host_calls.enter();
         self.charge_calls(1)?;
         if self.train_spent.runs >= self.grant.train_runs {
             return Err(self.violate(Error::budget("train-runs", self.grant.train_runs as u64)));
@@ -214,6 +215,7 @@ impl t::Host for RequestState {
     }
 
     async fn release(&mut self, model: String) -> wasmtime::Result<Result<(), w::Error>> {
+        let _busy = self.host_calls.enter();
         self.charge_calls(1)?;
         let Some(at) = self.trained.iter().position(|m| m.member.id == model) else {
             return Ok(Err(w::Error::UnknownModel(model)));
@@ -227,6 +229,7 @@ impl t::Host for RequestState {
     }
 
     async fn keep(&mut self, model: String, name: String) -> wasmtime::Result<Result<(), w::Error>> {
+        let _busy = self.host_calls.enter();
         self.charge_calls(1)?;
         let Some(held) = self.trained.iter().find(|m| m.member.id == model).cloned() else {
             return Ok(Err(w::Error::UnknownModel(model)));

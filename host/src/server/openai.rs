@@ -337,7 +337,8 @@ pub fn completion(
 /// prefix caches) go where OpenAI puts its own, in `prompt_tokens_details`.
 /// `billed_tokens` is what the request took from its tenant's daily token
 /// quota: `total_tokens`, plus the tokens a system's module trained on at
-/// their weight ([`crate::request::TRAIN_TOKEN_WEIGHT`]), which OpenAI's
+/// their weight ([`crate::request::TRAIN_TOKEN_WEIGHT`]) and the module's
+/// own time ([`crate::request::UsageReport::charged`]), which OpenAI's
 /// fields have no place for; without it a tenant could not reconcile its
 /// answers with its quota.
 pub fn usage(prompt: u64, completion: u64, cached: u64, billed: u64) -> Value {
