@@ -42,7 +42,10 @@ fn main() {
         (h, ff, true),
     ];
     let q4: Vec<_> = shapes.iter().map(|&(n, k, _)| pack(&dev, n, k, false)).collect();
-    let q6: Vec<_> = shapes.iter().map(|&(n, k, six)| six.then(|| pack(&dev, n, k, true))).collect();
+    let q6: Vec<_> = shapes
+        .iter()
+        .map(|&(n, k, six)| six.then(|| pack(&dev, n, k, true)))
+        .collect();
     let mut stack = Vec::new();
     for l in 0..layers {
         for (i, &(n, k, _)) in shapes.iter().enumerate() {
