@@ -148,9 +148,9 @@ pub struct RequestState {
     pub(super) trained: Vec<crate::inference::train::Trained>,
     /// What this request's training has spent so far.
     pub(super) train_spent: TrainSpent,
-    /// The host's own calls of this request now awaited (model calls,
-    /// fan-outs, training, merges), and how long one was: see
-    /// [`HostCalls`].
+    /// The host's own calls of this request now under way (model calls,
+    /// fan-outs, training, merges, and every other function of Tessera's
+    /// interfaces), and how long one was: see [`HostCalls`].
     pub(super) host_calls: Arc<HostCalls>,
 }
 
@@ -169,7 +169,7 @@ pub struct RequestState {
 /// cuts it there (`sandbox::stuck_past`).
 ///
 /// The rest of a run's wall time the module held its instance and its
-/// caller's place on its own, computing or waiting: [`RequestState::held`],
+/// caller's place on its own, computing or waiting: [`RequestState::held_ms`],
 /// charged as [`UsageReport::held_ms`] says. Model calls are charged by
 /// their tokens instead, whatever they take.
 #[derive(Debug, Default)]
@@ -180,7 +180,7 @@ struct CallClock {
     active: usize,
     /// When `active` last rose from 0.
     since: Option<Instant>,
-    /// Closed stretches with at least one call awaited.
+    /// Closed stretches with at least one call under way.
     awaited: Duration,
 }
 
@@ -200,19 +200,19 @@ impl HostCalls {
         InHostCall(self.clone())
     }
 
-    /// Host calls awaited now.
+    /// Host calls under way now.
     pub(crate) fn active(&self) -> usize {
         self.clock().active
     }
 
-    /// Wall time so far with at least one host call awaited.
+    /// Wall time so far with at least one host call under way.
     pub(crate) fn awaited(&self) -> Duration {
         let c = self.clock();
         c.awaited + c.since.map_or(Duration::ZERO, |t| t.elapsed())
     }
 }
 
-/// A host call counted in [`HostCalls`] while it is awaited.
+/// A host call counted in [`HostCalls`] while it is under way.
 pub(super) struct InHostCall(Arc<HostCalls>);
 
 impl Drop for InHostCall {
