@@ -115,11 +115,16 @@ impl UsageReport {
     /// held time too, so the two are not added).
     pub fn charged(&self) -> u64 {
         let own = (self.fuel / FUEL_PER_CHARGED_TOKEN).max(self.held_ms / HELD_MS_PER_CHARGED_TOKEN);
+        self.charged_for_members().saturating_add(own)
+    }
+
+    /// [`UsageReport::charged`] without the module's own time: what its
+    /// members read, wrote and trained.
+    pub fn charged_for_members(&self) -> u64 {
         self.prompt_tokens
             .saturating_add(self.scored_tokens)
             .saturating_add(self.completion_tokens)
             .saturating_add(self.train_tokens.saturating_mul(TRAIN_TOKEN_WEIGHT))
-            .saturating_add(own)
     }
 }
 

@@ -61,12 +61,18 @@ pub fn hostile(name: &str) -> Arc<Module> {
 /// under the given `[budgets]` lines (TOML): a module that only computes,
 /// under budgets of the test's choosing. Returns the `.wasm` path.
 pub fn spin_module(dir: &std::path::Path, name: &str, budgets: &str) -> PathBuf {
+    hostile_under(dir, "infinite-loop", name, budgets)
+}
+
+/// The installed hostile module `hostile` copied into `dir` as `name`,
+/// with a manifest granting `budgets` (TOML lines).
+pub fn hostile_under(dir: &std::path::Path, hostile: &str, name: &str, budgets: &str) -> PathBuf {
     let wasm = dir.join(format!("{name}.wasm"));
-    std::fs::copy(hostile_path("infinite-loop"), &wasm).expect("the hostile loop is installed");
+    std::fs::copy(hostile_path(hostile), &wasm).expect("the hostile module is installed");
     std::fs::write(
         dir.join(format!("{name}.toml")),
         format!(
-            "name='{name}'\nversion='0.1.0'\nauthor='t'\nworld='strategy'\ndescription='spins'\n[budgets]\n{budgets}\n"
+            "name='{name}'\nversion='0.1.0'\nauthor='t'\nworld='strategy'\ndescription='{hostile}'\n[budgets]\n{budgets}\n"
         ),
     )
     .expect("manifest written");

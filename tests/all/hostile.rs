@@ -88,6 +88,31 @@ async fn a_module_asleep_is_ended_at_its_deadline_and_when_its_client_leaves() {
     );
     assert!((100..400).contains(&usage.held_ms), "{usage:?}");
     assert_eq!(usage.charged(), usage.held_ms / HELD_MS_PER_CHARGED_TOKEN, "{usage:?}");
+
+    // Under a caller's quota of 2 tokens (200 ms held) with a 10 s
+    // deadline, it is stopped where the place it held passes the quota,
+    // with the quota's error: it runs no wasm for the epoch callback's
+    // check, so the sandbox watches its held time.
+    let slow = crate::common::hostile_under(&scratch("held-quota"), "sleeper", "sleeper10s", "deadline_ms=10000");
+    let m = runtime().load_module(&slow.display().to_string()).expect("loads");
+    let metering = tessera::Metering {
+        charge_limit: Some(2),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let (ran, usage) = runtime().run_metered(&m, RunRequest::chat("go"), None, metering).await;
+    let took = start.elapsed();
+    eprintln!("asleep under a quota of 2 tokens: ended {took:?} after the start; {usage:?}");
+    let err = ran.unwrap_err();
+    assert!(
+        matches!(&err, Error::Budget { budget, limit: 2 } if budget == tessera::sandbox::QUOTA_BUDGET),
+        "{err:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "stopped after {took:?}, not near the quota"
+    );
+    assert!((2..5).contains(&usage.charged()), "{usage:?}");
     benign().await;
 }
 

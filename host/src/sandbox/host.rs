@@ -115,7 +115,7 @@ pub struct RequestState {
     pub(super) granted: HashSet<String>,
     pub(crate) deadline: Instant,
     /// When the request began: host calls are placed on a timeline from it.
-    started: Instant,
+    pub(super) started: Instant,
     pub(crate) usage: UsageReport,
     tokens_used: u32,
     pub(crate) provenance: Vec<ProvenanceEvent>,
@@ -152,6 +152,11 @@ pub struct RequestState {
     /// fan-outs, training, merges, and every other function of Tessera's
     /// interfaces), and how long one was: see [`HostCalls`].
     pub(super) host_calls: Arc<HostCalls>,
+    /// What the request's members were charged
+    /// ([`UsageReport::charged_for_members`]) when last checked against
+    /// its caller's quota, for the sandbox's watch on a module that waits
+    /// on its own (`sandbox::held_past_quota`).
+    pub(super) members_charged: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The host calls of a request now under way, and the time during which
@@ -210,6 +215,13 @@ impl HostCalls {
         let c = self.clock();
         c.awaited + c.since.map_or(Duration::ZERO, |t| t.elapsed())
     }
+}
+
+/// How long a run that started at `started` has held its instance outside
+/// `calls`, in milliseconds.
+pub(super) fn held_ms_since(started: Instant, calls: &HostCalls) -> u64 {
+    let held = started.elapsed().saturating_sub(calls.awaited());
+    u64::try_from(held.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A host call counted in [`HostCalls`] while it is under way.
@@ -274,6 +286,7 @@ impl RequestState {
             requester: CallCtx::next_requester(),
             violation: None,
             host_calls: Arc::new(HostCalls::default()),
+            members_charged: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
@@ -322,6 +335,8 @@ impl RequestState {
             return Ok(None);
         };
         self.usage.held_ms = self.held_ms();
+        self.members_charged
+            .store(self.usage.charged_for_members(), Ordering::Relaxed);
         let left = limit.saturating_sub(self.usage.charged());
         let need = crate::inference::tokens_for_bytes(input_bytes);
         if need >= left {
@@ -333,8 +348,7 @@ impl RequestState {
     /// How long this run has held its instance outside host calls
     /// ([`HostCalls`]), in milliseconds.
     pub(super) fn held_ms(&self) -> u64 {
-        let held = self.started.elapsed().saturating_sub(self.host_calls.awaited());
-        u64::try_from(held.as_millis()).unwrap_or(u64::MAX)
+        held_ms_since(self.started, &self.host_calls)
     }
 
     fn remaining_tokens(&self) -> u32 {

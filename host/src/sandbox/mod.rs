@@ -73,6 +73,36 @@ async fn stuck_past(deadline: Instant, cancel: Option<Arc<AtomicBool>>, host_cal
     }
 }
 
+/// Ends when a run under its caller's quota has held its place, with no
+/// host call under way, for longer than what its quota has left pays for
+/// ([`crate::request::HELD_MS_PER_CHARGED_TOKEN`]), counting what its
+/// members were charged when last checked (`members_charged`, brought up
+/// to date before every model call and every epoch tick). A module that
+/// computes is stopped by the epoch callback; one waiting on its own,
+/// such as in a WASI sleep, runs no wasm for the epoch to stop, and would
+/// otherwise pass its quota by what it held until its deadline. Never
+/// ends without a quota.
+async fn held_past_quota(
+    limit: Option<u64>,
+    started: Instant,
+    calls: Arc<host::HostCalls>,
+    members_charged: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(TICK).await;
+        if calls.active() > 0 {
+            continue;
+        }
+        let held = host::held_ms_since(started, &calls) / crate::request::HELD_MS_PER_CHARGED_TOKEN;
+        if members_charged.load(Ordering::Relaxed).saturating_add(held) >= limit {
+            return;
+        }
+    }
+}
+
 /// Fuel burned between the writes of a run's fuel back to its store (see
 /// [`Sandbox`]'s store set-up): a charged token's worth.
 const FUEL_TANK: u64 = crate::request::FUEL_PER_CHARGED_TOKEN;
@@ -364,6 +394,9 @@ impl Sandbox {
                 let state = ctx.data_mut();
                 state.usage.fuel = burned;
                 state.usage.held_ms = state.held_ms();
+                state
+                    .members_charged
+                    .store(state.usage.charged_for_members(), Ordering::Relaxed);
                 if state.usage.charged() >= limit {
                     let _ = state.violate(Error::budget(host::QUOTA_BUDGET, limit));
                     return Ok(UpdateDeadline::Interrupt);
@@ -405,14 +438,26 @@ impl Sandbox {
         };
         let deadline = store.data().deadline;
         let (cancel, host_calls) = (store.data().cancel.clone(), store.data().host_calls.clone());
+        let held_watch = held_past_quota(
+            grant.charge_limit,
+            store.data().started,
+            host_calls.clone(),
+            store.data().members_charged.clone(),
+        );
         // The epoch callback stops wasm and host calls carry their own
         // timeouts; a guest in a wait of its own (a WASI sleep) is cut once
-        // it is past its deadline or its client has left, and this outer
-        // timeout bounds anything else.
+        // it is past its deadline or its client has left, or once the place
+        // it held passes its caller's quota, and this outer timeout bounds
+        // anything else.
+        let mut past_quota = false;
         let outcome = tokio::select! {
             biased;
             r = tokio::time::timeout_at((deadline + OVERRUN).into(), f(&module.pre, &mut store)) => r.ok(),
             () = stuck_past(deadline, cancel, host_calls) => None,
+            () = held_watch => {
+                past_quota = true;
+                None
+            }
         };
         let fuel_left = store.get_fuel().unwrap_or(0);
         let state = store.data_mut();
@@ -423,6 +468,7 @@ impl Sandbox {
         let provenance = std::mem::take(&mut state.provenance);
         let generated = std::mem::take(&mut state.generated);
         let result = match outcome {
+            None if past_quota => Err(Error::budget(QUOTA_BUDGET, grant.charge_limit.unwrap_or(0))),
             None => Err(Error::Deadline {
                 limit_ms: grant.deadline.as_millis() as u64,
             }),
