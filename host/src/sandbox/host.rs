@@ -334,15 +334,23 @@ impl RequestState {
         let Some(limit) = self.grant.charge_limit else {
             return Ok(None);
         };
-        self.usage.held_ms = self.held_ms();
-        self.members_charged
-            .store(self.usage.charged_for_members(), Ordering::Relaxed);
+        self.bring_held_up_to_date();
         let left = limit.saturating_sub(self.usage.charged());
         let need = crate::inference::tokens_for_bytes(input_bytes);
         if need >= left {
             return Err(self.violate(Error::budget(QUOTA_BUDGET, limit)));
         }
         Ok(Some(left - need))
+    }
+
+    /// Brings the held time in `usage` up to date and publishes what the
+    /// members were charged for the sandbox's quota watch
+    /// ([`RequestState::members_charged`]): before each check against the
+    /// caller's quota.
+    pub(super) fn bring_held_up_to_date(&mut self) {
+        self.usage.held_ms = self.held_ms();
+        self.members_charged
+            .store(self.usage.charged_for_members(), Ordering::Relaxed);
     }
 
     /// How long this run has held its instance outside host calls

@@ -393,10 +393,7 @@ impl Sandbox {
                 let burned = fuel.saturating_sub(ctx.get_fuel().unwrap_or(0));
                 let state = ctx.data_mut();
                 state.usage.fuel = burned;
-                state.usage.held_ms = state.held_ms();
-                state
-                    .members_charged
-                    .store(state.usage.charged_for_members(), Ordering::Relaxed);
+                state.bring_held_up_to_date();
                 if state.usage.charged() >= limit {
                     let _ = state.violate(Error::budget(host::QUOTA_BUDGET, limit));
                     return Ok(UpdateDeadline::Interrupt);

@@ -382,8 +382,9 @@ pub(crate) struct Done {
 /// Runs the member or system, and says how many tokens it used: what the
 /// tenant's daily quota is charged whether or not it succeeded (`prompt +
 /// completion`, plus a system's trained tokens at their weight and its
-/// module's fuel, [`crate::UsageReport::charged`]). With `sink`, a member's text is streamed
-/// into it as it is decoded (returning `false` stops it). The member, or
+/// module's own time, [`crate::UsageReport::charged`]). With `sink`, a
+/// member's text is streamed into it as it is decoded (returning `false`
+/// stops it). The member, or
 /// the system's module and every call it makes, stops at `until`'s
 /// deadline; the module also stops when `until.cancel` is raised.
 pub(crate) async fn run_target(
